@@ -1,0 +1,70 @@
+# clinicsync: every set-up step lives here, so a fresh machine needs only `make demo` / `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Lambda runs python3.13; find a real 3.13 interpreter (PATH first, then pyenv's install dir) without help.
+PYENV_DIR ?= $(or $(PYENV_ROOT),$(HOME)/.pyenv)
+PY313 := $(shell for p in $$(command -v python3.13 2>/dev/null) $$(ls -d $(PYENV_DIR)/versions/3.13*/bin/python3.13 2>/dev/null); do \
+	"$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' >/dev/null 2>&1 && echo "$$p" && break; done)
+PY313_BIN := $(dir $(PY313))
+
+VENV := .venv
+PY := $(VENV)/bin/python
+SAM_VENV := .venv-sam
+SAM := $(SAM_VENV)/bin/sam
+MIS ?= medods
+CRM ?= bitrix24
+
+.PHONY: help venv sam-venv lint typecheck pytest validate build test demo bench clean check-python
+
+help:
+	@echo "make demo   - local runtime against the emulators (MIS=$(MIS) CRM=$(CRM))"
+	@echo "make test   - ruff, mypy --strict, pytest, sam validate --lint, sam build"
+	@echo "make bench  - benchmarks, writes bench/report.json"
+
+check-python:
+	@test -n "$(PY313)" || { echo "python3.13 not found on PATH or under $(PYENV_DIR)/versions" >&2; exit 1; }
+
+$(VENV)/.installed: requirements-dev.txt layers/shared/requirements.txt | check-python
+	test -x $(PY) || $(PY313) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+$(SAM_VENV)/.installed: | check-python
+	test -x $(SAM_VENV)/bin/python || $(PY313) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/pip install -q --upgrade pip
+	$(SAM_VENV)/bin/pip install -q aws-sam-cli==1.170.0
+	touch $@
+
+venv: $(VENV)/.installed
+sam-venv: $(SAM_VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check layers functions sandbox tests
+	$(VENV)/bin/ruff format --check layers functions sandbox tests
+
+typecheck: venv
+	$(VENV)/bin/mypy --strict
+
+pytest: venv
+	$(PY) -m pytest
+
+# sam validate --lint needs a region; nothing here talks to AWS.
+validate: sam-venv
+	AWS_DEFAULT_REGION=eu-central-1 $(SAM) validate --lint --template template.yaml
+
+# sam build resolves the python3.13 workflow from PATH, so put our interpreter first.
+build: sam-venv
+	PATH="$(PY313_BIN):$$PATH" AWS_DEFAULT_REGION=eu-central-1 $(SAM) build --template template.yaml
+
+test: lint typecheck pytest validate build
+
+demo: venv
+	$(PY) -m sandbox.demo --mis $(MIS) --crm $(CRM)
+
+bench: venv
+	$(PY) -m sandbox.bench
+
+clean:
+	rm -rf .aws-sam .demo

@@ -55,7 +55,8 @@ class ServedApp:
         return f"http://{self._server.host}:{self._server.port}"
 
     def start(self) -> ServedApp:
-        self._thread.start()
+        if not self._thread.is_alive():  # idempotent, so `with serve(app):` works too
+            self._thread.start()
         return self
 
     def stop(self) -> None:

@@ -1,0 +1,38 @@
+"""CRM webhook receiver: HTTP API v2 -> verify the sender -> enqueue -> 200 within milliseconds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from clinicsync.observability import logger, metrics, tracer
+
+app = APIGatewayHttpResolver()
+
+
+def _not_yet(what: str) -> Response[Any]:
+    return Response(
+        status_code=501,
+        content_type=content_types.APPLICATION_JSON,
+        body={"error": "not_implemented", "detail": f"{what} webhooks are not enabled in this release"},
+    )
+
+
+@app.post("/webhooks/bitrix24")
+def bitrix24() -> Response[Any]:
+    return _not_yet("Bitrix24")
+
+
+@app.post("/webhooks/amocrm/<secret>")
+def amocrm(secret: str) -> Response[Any]:  # noqa: ARG001 - issue #4
+    return _not_yet("amoCRM")
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True)
+@tracer.capture_lambda_handler(capture_response=False)
+@metrics.log_metrics
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return app.resolve(event, context)

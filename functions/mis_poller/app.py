@@ -1,0 +1,42 @@
+"""MIS poller: EventBridge Scheduler -> read the MIS feed -> enqueue per-patient change sets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Literal
+
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.parser import event_parser
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import BaseModel, ConfigDict
+
+from clinicsync import wiring
+from clinicsync.observability import logger, metrics, tracer
+
+
+class ScheduledRun(BaseModel):
+    """EventBridge Scheduler (ScheduleV2) sends the schedule's Input verbatim, not an EventBridge envelope."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    scheduled_time: str | None = None
+    execution_id: str | None = None
+    job: Literal["poll", "resync"] = "poll"
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler(capture_response=False)
+@metrics.log_metrics(capture_cold_start_metric=True)
+@event_parser(model=ScheduledRun)
+def lambda_handler(event: ScheduledRun, context: LambdaContext) -> dict[str, Any]:
+    logger.append_keys(execution_id=event.execution_id, job=event.job)
+    poller = wiring.poller()
+    report = (
+        poller.resync(context.get_remaining_time_in_millis)
+        if event.job == "resync"
+        else poller.poll(context.get_remaining_time_in_millis)
+    )
+    metrics.add_metric(name="PatientsEnqueued", unit=MetricUnit.Count, value=report.patients)
+    metrics.add_metric(name="MisRecordsRejected", unit=MetricUnit.Count, value=report.rejected)
+    logger.info("poll finished", extra=asdict(report))
+    return asdict(report)

@@ -1,0 +1,1 @@
+"""clinicsync: MIS <-> CRM sync for private clinics (the shared Lambda layer)."""

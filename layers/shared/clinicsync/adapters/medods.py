@@ -1,0 +1,245 @@
+"""MEDODS API v2 as a ``MisSource``: an updated-since cursor feed with offset paging and HS512 JWTs.
+
+Offset paging over a set that changes while we read it can skip or repeat rows, so every poll
+re-reads ``overlap_seconds`` of history and drops the (id, updatedAt) pairs it has already sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import httpx
+import jwt
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from clinicsync.config import ClinicConfig
+from clinicsync.models import Appointment, Consent, Patient, PatientChanges
+from clinicsync.observability import logger
+from clinicsync.phones import normalise_phone
+from clinicsync.ports import ChangePage, Cursor
+from clinicsync.statuses import UnknownStatus, canonical_status
+
+JWT_LIFETIME = 60
+JWT_BACKDATE = 10  # MIS clocks drift; an iat slightly in the past is accepted, one in the future is not
+
+
+class MedodsClient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: int | str
+    name: str | None = None
+    surname: str | None = None
+    secondName: str | None = None
+    sex: str | int | None = None
+    birthdate: str | None = None
+    phone: str | None = None
+    email: str | None = None
+    denyCalls: bool = False
+    denyEmail: bool = False
+    denySmsNotifications: bool = False
+    denySmsDispatches: bool = False
+    denyWhatsappMessages: bool = False
+    denyDataProcessing: bool = False
+    archived: bool = False
+    updatedAt: int = 0
+
+
+class MedodsAppointment(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: int | str
+    clientId: int | str
+    userId: int | str | None = None
+    clinicId: int | str | None = None
+    date: str
+    time: str
+    duration: int = 30
+    status: str
+    price: str | None = None
+    insurancePolicyNumber: str | None = None
+    anonymous: bool = False
+    updatedAt: int
+    deletedAt: int | str | None = None
+
+
+class MedodsError(Exception):
+    pass
+
+
+class MedodsApi:
+    """HTTP access with a fresh short-lived JWT per request and retries on 5xx and timeouts."""
+
+    def __init__(
+        self,
+        base_url: str,
+        identity_key: str,
+        secret: str,
+        http: httpx.Client | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        max_attempts: int = 4,
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self._iss = identity_key
+        self._secret = secret
+        self._http = http or httpx.Client(timeout=httpx.Timeout(20.0, connect=5.0))
+        self._clock = clock
+        self._sleep = sleep
+        self._max_attempts = max_attempts
+        self.requests = 0
+
+    def _token(self) -> str:
+        now = int(self._clock())
+        payload = {"iss": self._iss, "iat": now - JWT_BACKDATE, "exp": now + JWT_LIFETIME}
+        return jwt.encode(payload, self._secret, algorithm="HS512")
+
+    def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        for attempt in range(1, self._max_attempts + 1):
+            self.requests += 1
+            headers = {"Authorization": f"Bearer {self._token()}"}
+            try:
+                response = self._http.get(self._base + path, params=params, headers=headers)
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                logger.warning("medods transport error", extra={"path": path, "error": type(exc).__name__})
+            else:
+                if response.status_code < 500:
+                    if response.status_code != 200:
+                        raise MedodsError(f"GET {path}: HTTP {response.status_code}")
+                    return response.json()
+                logger.warning("medods server error", extra={"path": path, "status": response.status_code})
+            self._sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
+        raise MedodsError(f"GET {path}: retries exhausted")
+
+    def pages(self, path: str, params: dict[str, Any], limit: int) -> Iterator[list[dict[str, Any]]]:
+        offset = 0
+        while True:
+            body = self.get(path, {**params, "limit": limit, "offset": offset})
+            rows = body.get("data", []) if isinstance(body, dict) else []
+            yield rows
+            if len(rows) < limit:
+                return
+            offset += limit
+
+
+class MedodsSource:
+    kind = "medods"
+
+    def __init__(self, api: MedodsApi, config: ClinicConfig, max_records: int = 5000) -> None:
+        self._api = api
+        self._config = config
+        self._max_records = max_records
+
+    def acknowledge(self, page: ChangePage) -> None:
+        """A cursor feed has nothing to confirm: the stored cursor is the acknowledgement."""
+
+    def resync_cursor(self, window_seconds: int, now: float) -> Cursor:
+        start = int(now) - window_seconds + self._config.mis.overlap_seconds
+        return {"appointments": start, "clients": start, "seen": {}}
+
+    def fetch_changes(self, cursor: Cursor | None) -> ChangePage:
+        # Each feed keeps its own watermark, so a capped read of one never skips rows of the other.
+        state = dict(cursor or {})
+        seen: dict[str, int] = {k: int(v) for k, v in dict(state.get("seen", {})).items()}
+        marks: dict[str, int] = {kind: int(state.get(kind, 0)) for kind in ("appointments", "clients")}
+        overlap = self._config.mis.overlap_seconds
+        limit = self._config.mis.page_size
+
+        appointments: list[MedodsAppointment] = []
+        clients: dict[str, MedodsClient] = {}
+        rejected = 0
+        more = False
+        for kind in ("appointments", "clients"):
+            if more:
+                break  # the other feed resumes from its own watermark next time
+            model: type[MedodsAppointment] | type[MedodsClient] = (
+                MedodsAppointment if kind == "appointments" else MedodsClient
+            )
+            since = max(0, marks[kind] - overlap)
+            for rows in self._api.pages(f"/{kind}", {"updatedAtAfter": since}, limit):
+                for row in rows:
+                    try:
+                        record = model.model_validate(row)
+                    except ValidationError:
+                        rejected += 1
+                        continue
+                    key = f"{kind[0]}{record.id}"
+                    if seen.get(key) == record.updatedAt:
+                        continue  # already sent by an earlier, overlapping read
+                    seen[key] = record.updatedAt
+                    marks[kind] = max(marks[kind], record.updatedAt)
+                    if isinstance(record, MedodsAppointment):
+                        appointments.append(record)
+                    else:
+                        clients[str(record.id)] = record
+                if len(appointments) + len(clients) >= self._max_records:
+                    more = True
+                    break
+
+        for client_id in {str(a.clientId) for a in appointments} - clients.keys():
+            body = self._api.get(f"/clients/{client_id}")
+            clients[client_id] = MedodsClient.model_validate(body.get("data", body) if isinstance(body, dict) else {})
+
+        by_patient: dict[str, list[Appointment]] = {}
+        for raw in appointments:
+            try:
+                appointment = self._appointment(raw)
+            except (UnknownStatus, ValueError) as exc:
+                rejected += 1
+                logger.warning("appointment rejected", extra={"appointment_id": str(raw.id), "reason": str(exc)})
+                continue
+            by_patient.setdefault(appointment.patient_id, []).append(appointment)
+
+        changes = [
+            PatientChanges(patient=self._patient(client), appointments=tuple(by_patient.get(pid, ())))
+            for pid, client in clients.items()
+        ]
+        floor = min(marks.values()) - overlap
+        new_cursor = {**marks, "seen": {k: v for k, v in seen.items() if v >= floor}}
+        return ChangePage(changes=changes, cursor=new_cursor, more=more, rejected=rejected)
+
+    def _patient(self, raw: MedodsClient) -> Patient:
+        sex = {"male": "m", "female": "f", "m": "m", "f": "f", "1": "m", "2": "f"}.get(str(raw.sex).lower())
+        return Patient(
+            mis_id=str(raw.id),
+            last_name=raw.surname or "",
+            first_name=raw.name or "",
+            middle_name=raw.secondName or "",
+            phone=normalise_phone(raw.phone, self._config.matching.default_region),
+            email=(raw.email or "").strip().lower() or None,
+            birth_date=raw.birthdate or None,
+            sex=sex,
+            consent=Consent(
+                email_opt_out=raw.denyEmail,
+                sms_opt_out=raw.denySmsNotifications or raw.denySmsDispatches,
+                call_opt_out=raw.denyCalls,
+                marketing_opt_out=raw.denySmsDispatches or raw.denyWhatsappMessages,
+            ),
+            refused_data_processing=raw.denyDataProcessing,
+            archived=raw.archived,
+            version=raw.updatedAt,
+        )
+
+    def _appointment(self, raw: MedodsAppointment) -> Appointment:
+        status = canonical_status(self.kind, raw.status, self._config.mis.statuses)
+        starts_at = datetime.fromisoformat(f"{raw.date}T{raw.time}").replace(tzinfo=self._config.tz)
+        try:
+            price = Decimal(raw.price) if raw.price not in (None, "") else None
+        except InvalidOperation:
+            price = None
+        return Appointment(
+            mis_id=str(raw.id),
+            patient_id=str(raw.clientId),
+            status=status,
+            starts_at=starts_at,
+            duration_min=raw.duration,
+            doctor_id=str(raw.userId) if raw.userId is not None else None,
+            branch_id=str(raw.clinicId) if raw.clinicId is not None else None,
+            price=price,
+            insurance_policy=raw.insurancePolicyNumber or None,
+            anonymous=raw.anonymous,
+            version=raw.updatedAt,
+        )

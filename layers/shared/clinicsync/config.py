@@ -1,0 +1,195 @@
+"""The clinic's configuration: one YAML file per clinic, validated here, stored in SSM when deployed.
+
+Secrets never appear in it; connections name a secret by reference (an ARN or a local name).
+``clinic_config_json_schema()`` exports the JSON Schema that editors and the docs use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from clinicsync.models import AppointmentStatus
+
+SecretRef = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+StageId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+# Canonical field names the field map may send. Diagnoses are not in this list on purpose:
+# no configuration can make clinicsync send them.
+CONTACT_FIELDS = frozenset(
+    {
+        "full_name",
+        "phone",
+        "email",
+        "birth_date",
+        "sex",
+        "mis_patient_id",
+        "opt_outs",
+        "representative",
+        "age",
+        "residence",
+        "card_comment",
+        "patient_status",
+        "guarantee_letter",
+        "policy_number",
+        "policy_valid_until",
+        "cancellation_date",
+    }
+)
+DEAL_FIELDS = frozenset(
+    {
+        "visit_at",
+        "mis_appointment_id",
+        "status",
+        "doctor",
+        "branch",
+        "is_dms",
+        "price",
+        "booked_by",
+        "booked_at",
+        "service_codes",
+        "comment",
+        "assignment_id",
+        "patient_status",
+        "visit_category",
+        "charged",
+        "discount",
+        "paid",
+    }
+)
+MINIMAL_CONTACT_FIELDS = ("full_name", "phone", "email", "mis_patient_id")
+MINIMAL_DEAL_FIELDS = ("visit_at", "mis_appointment_id", "status", "is_dms")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MisConnection(Section):
+    kind: Literal["medods", "infoclinica", "renovatio", "ident", "lis"]
+    base_url: str = Field(description="API root of the MIS, e.g. https://clinic.medods.ru/api/v2")
+    secret_ref: SecretRef = Field(description="Secrets Manager ARN/name holding the MIS credentials")
+    statuses: dict[str, AppointmentStatus] = Field(
+        default_factory=dict,
+        description="MIS status -> canonical status. Merged over the MIS kind's documented defaults.",
+    )
+    page_size: int = Field(default=100, ge=1, le=500)
+    overlap_seconds: int = Field(default=120, ge=0, description="Cursor feeds re-read this much history")
+
+
+class Pipeline(Section):
+    category_id: str = Field(description="CRM pipeline id (Bitrix24 CATEGORY_ID, amoCRM pipeline_id)")
+    stages: dict[AppointmentStatus, StageId]
+    closed_stages: frozenset[StageId] = Field(
+        default_factory=frozenset, description="Won and lost stages: a deal there is never moved again"
+    )
+
+    @model_validator(mode="after")
+    def _every_status_mapped(self) -> Pipeline:
+        missing = set(AppointmentStatus) - set(self.stages)
+        if missing:
+            names = ", ".join(sorted(s.value for s in missing))
+            raise ValueError(f"stage map has no stage for: {names}")
+        return self
+
+
+class FieldMap(Section):
+    contact: tuple[str, ...] = MINIMAL_CONTACT_FIELDS
+    deal: tuple[str, ...] = MINIMAL_DEAL_FIELDS
+    crm_names: dict[str, str] = Field(
+        default_factory=dict,
+        description="Canonical field -> CRM field name for custom fields, e.g. is_dms: UF_CRM_DMS",
+    )
+
+    @field_validator("contact")
+    @classmethod
+    def _known_contact_fields(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = set(value) - CONTACT_FIELDS
+        if unknown:
+            raise ValueError(f"unknown contact fields: {sorted(unknown)}")
+        return value
+
+    @field_validator("deal")
+    @classmethod
+    def _known_deal_fields(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = set(value) - DEAL_FIELDS
+        if unknown:
+            raise ValueError(f"unknown deal fields: {sorted(unknown)}")
+        return value
+
+
+class Matching(Section):
+    default_region: str = Field(default="RU", pattern=r"^[A-Z]{2}$", description="Region for national numbers")
+    adopt_open_leads: bool = True
+    adopt_lead_statuses: tuple[str, ...] = ("NEW", "IN_PROCESS")
+
+
+class Filters(Section):
+    branches: frozenset[str] | None = Field(default=None, description="Only these branch ids; null = all")
+    doctors: frozenset[str] | None = None
+    skip_refused_data_processing: bool = True
+    skip_anonymous: bool = True
+
+
+class CrmConnection(Section):
+    kind: Literal["bitrix24", "amocrm", "vtiger"]
+    secret_ref: SecretRef = Field(description="Secrets Manager ARN/name holding the webhook URL or OAuth pair")
+    originator_id: str = Field(default="clinicsync", description="Marks records we own (ORIGINATOR_ID)")
+    pipelines: dict[Literal["primary", "repeat"], Pipeline]
+
+    @model_validator(mode="after")
+    def _primary_pipeline(self) -> CrmConnection:
+        if "primary" not in self.pipelines:
+            raise ValueError("crm.pipelines needs a 'primary' pipeline")
+        return self
+
+
+class ClinicConfig(Section):
+    clinic_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,40}$")
+    timezone: str = "Europe/Moscow"
+    mis: MisConnection
+    crm: CrmConnection
+    fields: FieldMap = FieldMap()
+    matching: Matching = Matching()
+    filters: Filters = Filters()
+    shards: int = Field(default=4, ge=1, le=256, description="FIFO message groups; a patient stays in one")
+    patients_per_message: int = Field(default=50, ge=1, le=200)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def pipeline(self, repeat: bool) -> Pipeline:
+        return (
+            self.crm.pipelines.get("repeat", self.crm.pipelines["primary"])
+            if repeat
+            else (self.crm.pipelines["primary"])
+        )
+
+
+def parse_clinic_config(text: str) -> ClinicConfig:
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError("clinic config must be a YAML mapping")
+    return ClinicConfig.model_validate(data)
+
+
+def load_clinic_config(path: str | Path) -> ClinicConfig:
+    return parse_clinic_config(Path(path).read_text(encoding="utf-8"))
+
+
+def clinic_config_json_schema() -> dict[str, object]:
+    return ClinicConfig.model_json_schema()

@@ -1,0 +1,109 @@
+"""Canonical domain models: what every MIS is translated into and every CRM is written from.
+
+Models are strict (no silent coercion) and frozen: adapters build them once at the boundary,
+rules only read them. Anything a MIS sends that we do not understand is rejected by the adapter,
+not guessed here.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+MisId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
+class AppointmentStatus(StrEnum):
+    """The canonical appointment lifecycle; every MIS vocabulary maps onto it via the clinic config."""
+
+    BOOKED = "booked"
+    CONFIRMED = "confirmed"
+    ARRIVED = "arrived"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    NO_SHOW = "no_show"
+    RESCHEDULED = "rescheduled"
+
+
+class Channel(StrEnum):
+    EMAIL = "email"
+    SMS = "sms"
+    CALL = "call"
+    MARKETING = "marketing"
+
+
+class Consent(Strict):
+    """Opt-outs as the source states them. ``True`` means the person refused that channel."""
+
+    email_opt_out: bool = False
+    sms_opt_out: bool = False
+    call_opt_out: bool = False
+    marketing_opt_out: bool = False
+
+    def opted_out(self) -> frozenset[Channel]:
+        flags = {
+            Channel.EMAIL: self.email_opt_out,
+            Channel.SMS: self.sms_opt_out,
+            Channel.CALL: self.call_opt_out,
+            Channel.MARKETING: self.marketing_opt_out,
+        }
+        return frozenset(channel for channel, refused in flags.items() if refused)
+
+
+class Patient(Strict):
+    mis_id: MisId
+    last_name: str = ""
+    first_name: str = ""
+    middle_name: str = ""
+    phone: str | None = Field(default=None, description="E.164, normalised by the adapter")
+    email: str | None = None
+    birth_date: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}$")
+    sex: str | None = Field(default=None, pattern=r"^[mf]$")
+    consent: Consent = Consent()
+    refused_data_processing: bool = False
+    archived: bool = False
+    version: int = Field(ge=0, description="Monotonic per record, e.g. the MIS updatedAt in unix seconds")
+
+
+class Appointment(Strict):
+    mis_id: MisId
+    patient_id: MisId
+    status: AppointmentStatus
+    starts_at: AwareDatetime
+    duration_min: int = Field(default=30, ge=0, le=24 * 60)
+    doctor_id: str | None = None
+    branch_id: str | None = None
+    price: Decimal | None = None
+    insurance_policy: str | None = None
+    anonymous: bool = False
+    version: int = Field(ge=0)
+
+    @property
+    def is_dms(self) -> bool:
+        """Voluntary-insurance visit: zero price plus a policy number (the dental case's rule)."""
+        return self.price is not None and self.price == 0 and bool(self.insurance_policy)
+
+
+class PatientChanges(Strict):
+    """Everything that changed for one patient in one poll: the unit the syncer plans CRM writes for."""
+
+    patient: Patient
+    appointments: tuple[Appointment, ...] = ()
+
+
+class SyncMessage(Strict):
+    """One SQS message: many patients' change sets from one shard, so one Lambda batch fills CRM batches."""
+
+    kind: str = Field(default="mis_changes", pattern=r"^mis_changes$")
+    clinic_id: str
+    shard: int = Field(ge=0)
+    produced_at: datetime
+    changes: tuple[PatientChanges, ...] = Field(min_length=1)

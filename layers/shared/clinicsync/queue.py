@@ -1,0 +1,55 @@
+"""The sync queue (SQS FIFO). Messages are grouped by patient shard, so one patient's changes are
+never processed by two syncer invocations at once, while different shards run in parallel."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from clinicsync.models import SyncMessage
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs.client import SQSClient
+
+SQS_BATCH = 10
+MAX_BODY_BYTES = 240_000  # SQS caps a message at 256 KiB; keep a margin for attributes
+
+
+def shard_of(patient_id: str, shards: int) -> int:
+    """Stable across processes and deploys (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(patient_id.encode()).digest()[:4], "big") % shards
+
+
+class SqsChangeQueue:
+    def __init__(self, sqs: SQSClient, queue_url: str) -> None:
+        self._sqs = sqs
+        self._url = queue_url
+        self.sent = 0
+
+    def send(self, messages: Sequence[SyncMessage]) -> None:
+        """Send all messages or raise; the caller advances its cursor only after this returns."""
+        entries = []
+        for index, message in enumerate(messages):
+            body = message.model_dump_json()
+            if len(body.encode()) > MAX_BODY_BYTES:
+                raise ValueError("sync message too large; lower patients_per_message")
+            entries.append(
+                {
+                    "Id": str(index),
+                    "MessageBody": body,
+                    "MessageGroupId": f"shard-{message.shard}",
+                    # Same content, same id: a poller retry inside 5 minutes is dropped by SQS itself.
+                    "MessageDeduplicationId": hashlib.sha256(body.encode()).hexdigest(),
+                }
+            )
+        for start in range(0, len(entries), SQS_BATCH):
+            chunk = entries[start : start + SQS_BATCH]
+            response = self._sqs.send_message_batch(QueueUrl=self._url, Entries=chunk)  # type: ignore[arg-type]
+            failed = response.get("Failed", [])
+            if failed:
+                retry = [e for e in chunk if e["Id"] in {f["Id"] for f in failed}]
+                again = self._sqs.send_message_batch(QueueUrl=self._url, Entries=retry)  # type: ignore[arg-type]
+                if again.get("Failed"):
+                    raise RuntimeError(f"{len(again['Failed'])} sync messages could not be enqueued")
+            self.sent += len(chunk)

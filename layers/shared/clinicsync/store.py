@@ -1,0 +1,229 @@
+"""The single DynamoDB table: id mappings, cursors, the phone index and the consent ledger.
+
+Key design (documented in docs/storage.md):
+
+    pk                      sk                    what
+    PAT#<patient id>        STATE                 contact id, version, content hash, phone HMAC, first visit
+    PAT#<patient id>        APPT#<appt id>        deal id, version, content hash, status, stage, closed
+    CRM#contact#<id>        MAP                   reverse map for webhooks: patient id
+    CRM#deal#<id>           MAP                   reverse map: patient id, appointment id
+    CURSOR                  <source>              the poller's opaque cursor for a MIS feed
+    PHONE#<hmac>            PAT#<patient id>      phone index (keyed HMAC, never the number)
+    CONSENT#<subject>       CH#<channel>          current opt-out per channel (sticky)
+    CONSENT#<subject>       AUDIT#<ts>#<channel>  audit trail, expires via TTL
+
+One query on ``PAT#<id>`` returns everything about a patient. Nothing here holds a name, a phone
+or an e-mail: subjects and phone keys are HMACs under the clinic's key.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from boto3.dynamodb.conditions import Key
+from botocore.exceptions import ClientError
+
+from clinicsync.ports import ConsentSource, Cursor
+from clinicsync.state import AppointmentState, PatientState
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.service_resource import Table
+
+AUDIT_TTL_SECONDS = 400 * 24 * 3600  # keep the opt-out audit trail for 400 days
+
+
+def _patient_pk(patient_id: str) -> str:
+    return f"PAT#{patient_id}"
+
+
+def _opt_dt(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) and value else None
+
+
+class DynamoStore:
+    def __init__(self, table: Table) -> None:
+        self._table = table
+
+    # --- patients ----------------------------------------------------------------------------------
+
+    def load_patients(self, patient_ids: Sequence[str]) -> dict[str, PatientState]:
+        return {pid: self._load_patient(pid) for pid in dict.fromkeys(patient_ids)}
+
+    def _load_patient(self, patient_id: str) -> PatientState:
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(_patient_pk(patient_id))}
+        while True:
+            page = self._table.query(**kwargs)
+            items.extend(page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                break
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        state = PatientState(patient_id=patient_id)
+        for item in items:
+            sk = str(item["sk"])
+            if sk == "STATE":
+                state.contact_id = item.get("contact_id")
+                state.version = int(item.get("version", -1))
+                state.content_hash = item.get("content_hash")
+                state.phone_key = item.get("phone_key")
+                state.first_visit_at = _opt_dt(item.get("first_visit_at"))
+            elif sk.startswith("APPT#"):
+                aid = sk.removeprefix("APPT#")
+                state.appointments[aid] = AppointmentState(
+                    appointment_id=aid,
+                    deal_id=item.get("deal_id"),
+                    version=int(item.get("version", -1)),
+                    content_hash=item.get("content_hash"),
+                    status=item.get("status"),
+                    category_id=item.get("category_id"),
+                    stage=item.get("stage"),
+                    closed=bool(item.get("closed", False)),
+                    starts_at=_opt_dt(item.get("starts_at")),
+                )
+        return state
+
+    def save_patient(self, state: PatientState, changed_appointments: Sequence[str]) -> None:
+        """Persist after the CRM accepted the writes. Versions never go backwards."""
+        pk = _patient_pk(state.patient_id)
+        items: list[dict[str, Any]] = [
+            {
+                "pk": pk,
+                "sk": "STATE",
+                "contact_id": state.contact_id,
+                "version": state.version,
+                "content_hash": state.content_hash,
+                "phone_key": state.phone_key,
+                "first_visit_at": state.first_visit_at.isoformat() if state.first_visit_at else None,
+            }
+        ]
+        for aid in dict.fromkeys(changed_appointments):
+            appt = state.appointments[aid]
+            items.append(
+                {
+                    "pk": pk,
+                    "sk": f"APPT#{aid}",
+                    "deal_id": appt.deal_id,
+                    "version": appt.version,
+                    "content_hash": appt.content_hash,
+                    "status": appt.status.value if appt.status else None,
+                    "category_id": appt.category_id,
+                    "stage": appt.stage,
+                    "closed": appt.closed,
+                    "starts_at": appt.starts_at.isoformat() if appt.starts_at else None,
+                }
+            )
+            if appt.deal_id:
+                items.append(
+                    {
+                        "pk": f"CRM#deal#{appt.deal_id}",
+                        "sk": "MAP",
+                        "patient_id": state.patient_id,
+                        "appointment_id": aid,
+                    }
+                )
+        if state.contact_id:
+            items.append({"pk": f"CRM#contact#{state.contact_id}", "sk": "MAP", "patient_id": state.patient_id})
+        for item in items:
+            clean = {k: v for k, v in item.items() if v is not None}
+            if "version" in clean:
+                self._put_if_not_older(clean)
+            else:
+                self._table.put_item(Item=clean)
+
+    def _put_if_not_older(self, item: dict[str, Any]) -> None:
+        try:
+            self._table.put_item(
+                Item=item,
+                ConditionExpression="attribute_not_exists(pk) OR version <= :v",
+                ExpressionAttributeValues={":v": item["version"]},
+            )
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
+            # A newer version is already stored: the older write is dropped on purpose.
+
+    def delete_patient(self, patient_id: str) -> None:
+        state = self._load_patient(patient_id)
+        keys: list[dict[str, str]] = [{"pk": _patient_pk(patient_id), "sk": "STATE"}]
+        for aid, appt in state.appointments.items():
+            keys.append({"pk": _patient_pk(patient_id), "sk": f"APPT#{aid}"})
+            if appt.deal_id:
+                keys.append({"pk": f"CRM#deal#{appt.deal_id}", "sk": "MAP"})
+        if state.contact_id:
+            keys.append({"pk": f"CRM#contact#{state.contact_id}", "sk": "MAP"})
+        if state.phone_key:
+            keys.append({"pk": f"PHONE#{state.phone_key}", "sk": _patient_pk(patient_id)})
+        with self._table.batch_writer() as batch:
+            for key in keys:
+                batch.delete_item(Key=key)
+
+    def patient_for_crm(self, entity: str, crm_id: str) -> dict[str, str] | None:
+        item = self._table.get_item(Key={"pk": f"CRM#{entity}#{crm_id}", "sk": "MAP"}).get("Item")
+        return {k: str(v) for k, v in item.items() if k not in ("pk", "sk")} if item else None
+
+    # --- cursors -----------------------------------------------------------------------------------
+
+    def get_cursor(self, source: str) -> Cursor | None:
+        item = self._table.get_item(Key={"pk": "CURSOR", "sk": source}).get("Item")
+        return json.loads(str(item["cursor"])) if item else None
+
+    def put_cursor(self, source: str, cursor: Cursor) -> None:
+        self._table.put_item(
+            Item={
+                "pk": "CURSOR",
+                "sk": source,
+                "cursor": json.dumps(dict(cursor)),
+                "updated_at": int(time.time()),
+            }
+        )
+
+    # --- phone index -------------------------------------------------------------------------------
+
+    def index_phone(self, phone_key: str, patient_id: str, previous_key: str | None) -> None:
+        if previous_key and previous_key != phone_key:
+            self._table.delete_item(Key={"pk": f"PHONE#{previous_key}", "sk": _patient_pk(patient_id)})
+        self._table.put_item(Item={"pk": f"PHONE#{phone_key}", "sk": _patient_pk(patient_id)})
+
+    def patients_by_phone(self, phone_key: str) -> list[str]:
+        page = self._table.query(KeyConditionExpression=Key("pk").eq(f"PHONE#{phone_key}"))
+        return [str(item["sk"]).removeprefix("PAT#") for item in page.get("Items", [])]
+
+    # --- consent ledger ----------------------------------------------------------------------------
+
+    def record_opt_outs(self, subject: str, channels: Sequence[str], source: ConsentSource, at: int) -> None:
+        """Opt-outs are sticky: recording one again is a no-op, and nothing here ever opts back in."""
+        for channel in channels:
+            try:
+                self._table.put_item(
+                    Item={
+                        "pk": f"CONSENT#{subject}",
+                        "sk": f"CH#{channel}",
+                        "opted_out": True,
+                        "source": source,
+                        "at": at,
+                    },
+                    ConditionExpression="attribute_not_exists(pk)",
+                )
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                    raise
+                continue
+            self._table.put_item(
+                Item={
+                    "pk": f"CONSENT#{subject}",
+                    "sk": f"AUDIT#{at:012d}#{channel}",
+                    "event": "opt_out",
+                    "source": source,
+                    "expires_at": at + AUDIT_TTL_SECONDS,
+                }
+            )
+
+    def opted_out(self, subject: str) -> set[str]:
+        page = self._table.query(
+            KeyConditionExpression=Key("pk").eq(f"CONSENT#{subject}") & Key("sk").begins_with("CH#")
+        )
+        return {str(i["sk"]).removeprefix("CH#") for i in page.get("Items", []) if i.get("opted_out")}

@@ -1,0 +1,238 @@
+"""Use cases: poll a MIS into the queue, and sync queued change sets into the CRM.
+
+Handlers call these; these call the rules, the ports and the store. Nothing here knows a vendor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from clinicsync.config import ClinicConfig
+from clinicsync.crypto import KeyedHasher
+from clinicsync.models import PatientChanges, SyncMessage
+from clinicsync.observability import logger
+from clinicsync.ports import ChangePage, ContactWrite, CrmGateway, CrmMatches, DealWrite, MisSource
+from clinicsync.queue import shard_of
+from clinicsync.rules import PatientPlan, plan_patient
+from clinicsync.store import DynamoStore
+
+
+class SyncIncomplete(Exception):
+    """Some patients could not be written; the message is retried and finished patients are skipped."""
+
+    def __init__(self, failed: dict[str, str]) -> None:
+        super().__init__(f"{len(failed)} patient(s) failed: {sorted(set(failed.values()))}")
+        self.failed = failed
+
+
+@dataclass
+class SyncReport:
+    patients: int = 0
+    contacts_created: int = 0
+    contacts_updated: int = 0
+    deals_created: int = 0
+    deals_updated: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    removed: int = 0
+    crm_requests: int = 0
+
+
+def _mis_subject(patient_id: str) -> str:
+    return f"pat:{patient_id}"
+
+
+class Syncer:
+    def __init__(self, config: ClinicConfig, store: DynamoStore, gateway: CrmGateway, hasher: KeyedHasher) -> None:
+        self._config = config
+        self._store = store
+        self._gateway = gateway
+        self._hasher = hasher
+
+    def sync(self, changes: Sequence[PatientChanges]) -> SyncReport:
+        report = SyncReport(patients=len(changes))
+        requests_before = self._gateway.requests_made()
+        merged = _merge_by_patient(changes)
+        live: list[PatientChanges] = []
+        for item in merged:
+            if item.patient.archived:
+                # A patient deleted or archived in the MIS leaves no state behind in our store.
+                self._store.delete_patient(item.patient.mis_id)
+                report.removed += 1
+            else:
+                live.append(item)
+
+        now = int(time.time())
+        ledger: dict[str, set[str]] = {}
+        for item in live:
+            subject = _mis_subject(item.patient.mis_id)
+            refused = sorted(c.value for c in item.patient.consent.opted_out())
+            if refused:
+                self._store.record_opt_outs(subject, refused, "mis", now)
+            ledger[item.patient.mis_id] = self._store.opted_out(subject)
+
+        states = self._store.load_patients([c.patient.mis_id for c in live])
+        unknown_patients = [pid for pid, s in states.items() if s.contact_id is None]
+        unknown_appointments = [
+            a.mis_id
+            for c in live
+            for a in c.appointments
+            if states[c.patient.mis_id].appointment(a.mis_id).deal_id is None
+        ]
+        # Always look up by MIS id before creating: a create whose response was lost must not repeat.
+        matches = (
+            self._gateway.find_by_mis_ids(unknown_patients, unknown_appointments)
+            if (unknown_patients or unknown_appointments)
+            else None
+        )
+
+        plans: list[PatientPlan] = [
+            plan_patient(
+                item,
+                states[item.patient.mis_id],
+                matches or CrmMatches(),
+                self._config,
+                self._hasher,
+                ledger.get(item.patient.mis_id, set()),
+            )
+            for item in live
+        ]
+        writes = [w for plan in plans for w in plan.writes]
+        outcome = self._gateway.apply(writes) if writes else None
+
+        for plan, item in zip(plans, live, strict=True):
+            for reason in plan.skipped.values():
+                report.skipped[reason] = report.skipped.get(reason, 0) + 1
+            if plan.next_state is None or (outcome and plan.patient_id in outcome.failed):
+                continue
+            state = plan.next_state
+            for write in plan.writes:
+                if outcome is None:
+                    break
+                if isinstance(write, DealWrite):
+                    state.appointments[write.appointment_id].deal_id = outcome.deal_ids.get(write.appointment_id)
+                    created = write.deal_id is None
+                    report.deals_created += created
+                    report.deals_updated += not created
+                elif isinstance(write, ContactWrite):
+                    state.contact_id = outcome.contact_ids.get(plan.patient_id, state.contact_id)
+                    created = write.contact_id is None
+                    report.contacts_created += created
+                    report.contacts_updated += not created
+            phone = item.patient.phone
+            new_key = self._hasher.phone_key(phone) if phone else None
+            if new_key and new_key != states[plan.patient_id].phone_key:
+                self._store.index_phone(new_key, plan.patient_id, states[plan.patient_id].phone_key)
+            state.phone_key = new_key
+            self._store.save_patient(state, plan.changed_appointments)
+
+        report.crm_requests = self._gateway.requests_made() - requests_before
+        if outcome and outcome.failed:
+            raise SyncIncomplete(outcome.failed)
+        return report
+
+
+def _merge_by_patient(changes: Sequence[PatientChanges]) -> list[PatientChanges]:
+    """Several messages may carry the same patient; keep the newest patient record and every visit."""
+    merged: dict[str, PatientChanges] = {}
+    for item in changes:
+        pid = item.patient.mis_id
+        current = merged.get(pid)
+        if current is None:
+            merged[pid] = item
+            continue
+        patient = item.patient if item.patient.version >= current.patient.version else current.patient
+        visits = {a.mis_id: a for a in current.appointments}
+        for appt in item.appointments:
+            if appt.mis_id not in visits or appt.version >= visits[appt.mis_id].version:
+                visits[appt.mis_id] = appt
+        merged[pid] = PatientChanges(patient=patient, appointments=tuple(visits.values()))
+    return list(merged.values())
+
+
+class ChangeQueue(Protocol):
+    def send(self, messages: Sequence[SyncMessage]) -> None: ...
+
+
+@dataclass
+class PollReport:
+    pages: int = 0
+    patients: int = 0
+    appointments: int = 0
+    messages: int = 0
+    rejected: int = 0
+    stopped_early: bool = False
+
+
+class Poller:
+    """Reads a MIS feed page by page; each page is enqueued before its cursor is stored."""
+
+    SAFETY_MS = 20_000  # stop this long before the Lambda deadline; the next run resumes
+
+    def __init__(self, config: ClinicConfig, source: MisSource, store: DynamoStore, queue: ChangeQueue) -> None:
+        self._config = config
+        self._source = source
+        self._store = store
+        self._queue = queue
+
+    def poll(self, remaining_ms: Callable[[], int], max_pages: int = 1000) -> PollReport:
+        report = PollReport()
+        cursor = self._store.get_cursor(self._source.kind)
+        for _ in range(max_pages):
+            page = self._source.fetch_changes(cursor)
+            self._enqueue(page, report)  # raises if SQS refuses: the cursor then stays where it was
+            self._source.acknowledge(page)
+            self._store.put_cursor(self._source.kind, page.cursor)
+            cursor = page.cursor
+            if not page.more:
+                break
+            if remaining_ms() < self.SAFETY_MS:
+                report.stopped_early = True
+                logger.info("poll stopped before the deadline", extra={"pages": report.pages})
+                break
+        return report
+
+    def resync(self, remaining_ms: Callable[[], int], window_seconds: int = 3 * 24 * 3600) -> PollReport:
+        """Re-read a whole recent window, whatever the feed style; unchanged records cost no CRM write.
+
+        The regular cursor is left alone, so a resync never makes the incremental feed skip anything.
+        """
+        report = PollReport()
+        cursor = self._source.resync_cursor(window_seconds, time.time())
+        while True:
+            page = self._source.fetch_changes(cursor)
+            self._enqueue(page, report)
+            cursor = page.cursor
+            if not page.more or remaining_ms() < self.SAFETY_MS:
+                report.stopped_early = page.more
+                return report
+
+    def _enqueue(self, page: ChangePage, report: PollReport) -> None:
+        report.pages += 1
+        report.rejected += page.rejected
+        messages = self._pack(page.changes)
+        if messages:
+            self._queue.send(messages)
+        report.messages += len(messages)
+        report.patients += len(page.changes)
+        report.appointments += sum(len(c.appointments) for c in page.changes)
+
+    def _pack(self, changes: Sequence[PatientChanges]) -> list[SyncMessage]:
+        by_shard: dict[int, list[PatientChanges]] = {}
+        for item in changes:
+            by_shard.setdefault(shard_of(item.patient.mis_id, self._config.shards), []).append(item)
+        now = datetime.now(UTC)
+        size = self._config.patients_per_message
+        return [
+            SyncMessage(
+                clinic_id=self._config.clinic_id,
+                shard=shard,
+                produced_at=now,
+                changes=tuple(group[i : i + size]),
+            )
+            for shard, group in sorted(by_shard.items())
+            for i in range(0, len(group), size)
+        ]

@@ -1,0 +1,139 @@
+"""Composition root: builds the domain's collaborators from the Lambda environment, once per container.
+
+Secrets come only from Secrets Manager and the clinic config only from SSM (Powertools Parameters,
+cached for 5 minutes); environment variables carry names and ARNs, never values. AWS clients are
+created lazily so that tests and the local runtime can point them at moto first.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import httpx
+from aws_lambda_powertools.utilities import parameters
+from pydantic import BaseModel, ConfigDict, Field
+
+from clinicsync.adapters.bitrix24 import Bitrix24Client, Bitrix24Gateway
+from clinicsync.adapters.medods import MedodsApi, MedodsSource
+from clinicsync.config import ClinicConfig, parse_clinic_config
+from clinicsync.crypto import KeyedHasher
+from clinicsync.ports import CrmGateway, MisSource
+from clinicsync.queue import SqsChangeQueue
+from clinicsync.store import DynamoStore
+from clinicsync.sync import Poller, Syncer
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.service_resource import DynamoDBServiceResource
+    from mypy_boto3_sqs.client import SQSClient
+
+CACHE_SECONDS = 300
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    clinic_id: str = Field(min_length=1)
+    table_name: str = Field(min_length=1)
+    sync_queue_url: str = Field(min_length=1)
+    config_parameter_name: str = Field(min_length=1)
+    mis_secret_arn: str = Field(min_length=1)
+    crm_secret_arn: str = Field(min_length=1)
+    clinic_secret_arn: str = Field(min_length=1)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        keys = cls.model_fields
+        return cls.model_validate({k: os.environ.get(k.upper(), "") for k in keys})
+
+
+@functools.cache
+def settings() -> Settings:
+    return Settings.from_env()
+
+
+@functools.cache
+def http_client() -> httpx.Client:
+    """One pooled client per container, shared by every MIS and CRM caller."""
+    return httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), limits=httpx.Limits(max_connections=10))
+
+
+@functools.cache
+def dynamodb() -> DynamoDBServiceResource:
+    return boto3.resource("dynamodb")
+
+
+@functools.cache
+def sqs() -> SQSClient:
+    return boto3.client("sqs")
+
+
+def secret(arn: str) -> dict[str, Any]:
+    value = parameters.get_secret(arn, transform="json", max_age=CACHE_SECONDS)
+    if not isinstance(value, dict):
+        raise ValueError("secret must be a JSON object")
+    return value
+
+
+@functools.cache
+def _parse_config(text: str) -> ClinicConfig:
+    return parse_clinic_config(text)
+
+
+def clinic_config() -> ClinicConfig:
+    text = parameters.get_parameter(settings().config_parameter_name, max_age=CACHE_SECONDS)
+    return _parse_config(str(text))
+
+
+def hasher() -> KeyedHasher:
+    return KeyedHasher(str(secret(settings().clinic_secret_arn)["hash_key"]).encode())
+
+
+def store() -> DynamoStore:
+    return DynamoStore(dynamodb().Table(settings().table_name))
+
+
+def change_queue() -> SqsChangeQueue:
+    return SqsChangeQueue(sqs(), settings().sync_queue_url)
+
+
+def mis_source(config: ClinicConfig) -> MisSource:
+    creds = secret(settings().mis_secret_arn)
+    if config.mis.kind == "medods":
+        api = MedodsApi(config.mis.base_url, str(creds["identity_key"]), str(creds["secret"]), http=http_client())
+        return MedodsSource(api, config)
+    raise NotImplementedError(f"MIS kind {config.mis.kind!r} is not available yet")
+
+
+@functools.cache
+def _bitrix_client(webhook_url: str) -> Bitrix24Client:
+    # Cached per URL so the pacer's state survives across warm invocations.
+    return Bitrix24Client(webhook_url, http=http_client())
+
+
+def crm_gateway(config: ClinicConfig) -> CrmGateway:
+    creds = secret(settings().crm_secret_arn)
+    if config.crm.kind == "bitrix24":
+        return Bitrix24Gateway(
+            _bitrix_client(str(creds["webhook_url"])), config.crm.originator_id, config.fields.crm_names
+        )
+    raise NotImplementedError(f"CRM kind {config.crm.kind!r} is not available yet")
+
+
+def syncer() -> Syncer:
+    config = clinic_config()
+    return Syncer(config, store(), crm_gateway(config), hasher())
+
+
+def poller() -> Poller:
+    config = clinic_config()
+    return Poller(config, mis_source(config), store(), change_queue())
+
+
+def reset() -> None:
+    """Forget every cached client and value (tests switch clinics and endpoints)."""
+    for cached in (settings, http_client, dynamodb, sqs, _parse_config, _bitrix_client):
+        cached.cache_clear()
+    parameters.clear_caches()  # type: ignore[no-untyped-call]

@@ -48,7 +48,7 @@ typecheck: venv
 	$(VENV)/bin/mypy --strict
 
 pytest: venv
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 # sam validate --lint needs a region; nothing here talks to AWS.
 validate: sam-venv

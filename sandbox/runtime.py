@@ -1,0 +1,385 @@
+"""The local runtime: stands in for Lambda, SQS event source mappings, EventBridge Scheduler and the
+HTTP API, so the real handlers run on this machine against moto and the vendor emulators.
+
+- AWS is moto in server mode. A clinic's queue and table are created by moto's CloudFormation from
+  ``template.yaml``'s own resource definitions (one source of truth, no second list here).
+- Handler environments are resolved from the template's ``Globals.Function.Environment`` too.
+- Events are real-shaped: the Scheduler ``Input``, SQS batches (with ``batchItemFailures`` honoured
+  like the event source mapping does), and HTTP API v2 requests from a loopback HTTP server.
+
+It drives the handlers; it never re-implements what they do.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import importlib.util
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from urllib.parse import parse_qsl
+
+import boto3
+from moto.server import ThreadedMotoServer
+from werkzeug.wrappers import Request, Response
+
+from sandbox.cfn_yaml import evaluate_conditions, function_properties, load_template, resolve, resources_of_type
+from sandbox.emulators.base import ServedApp
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "template.yaml"
+REGION = "eu-central-1"
+ACCOUNT = "123456789012"
+LOCAL_RESOURCES = ("Table", "SyncQueue", "SyncDLQ")
+_env_lock = threading.RLock()
+
+if str(ROOT / "layers" / "shared") not in sys.path:
+    sys.path.insert(0, str(ROOT / "layers" / "shared"))
+
+
+class LocalAws:
+    """moto in server mode on loopback; boto3 anywhere in this process talks to it via AWS_ENDPOINT_URL."""
+
+    def __init__(self) -> None:
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.endpoint = ""
+
+    def start(self) -> LocalAws:
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        os.environ.update(
+            {
+                "AWS_ENDPOINT_URL": self.endpoint,
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": REGION,
+                "AWS_REGION": REGION,
+                "POWERTOOLS_TRACE_DISABLED": "1",
+                "POWERTOOLS_METRICS_NAMESPACE": "clinicsync",
+            }
+        )
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def client(self, service: str) -> Any:
+        return boto3.client(service, endpoint_url=self.endpoint, region_name=REGION)
+
+
+@dataclass
+class FakeContext:
+    """The parts of LambdaContext that Powertools and our handlers read."""
+
+    function_name: str
+    timeout_s: int
+    memory_limit_in_mb: int = 512
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def invoked_function_arn(self) -> str:
+        return f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{self.function_name}"
+
+    @property
+    def function_version(self) -> str:
+        return "$LATEST"
+
+    @property
+    def log_group_name(self) -> str:
+        return f"/aws/lambda/{self.function_name}"
+
+    @property
+    def log_stream_name(self) -> str:
+        return "local"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self.timeout_s - (time.monotonic() - self.started)) * 1000))
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # API Gateway template, e.g. /webhooks/amocrm/{secret}
+    function: str
+
+    def match(self, method: str, path: str) -> dict[str, str] | None:
+        if method != self.method:
+            return None
+        want, got = self.path.strip("/").split("/"), path.strip("/").split("/")
+        if len(want) != len(got):
+            return None
+        params: dict[str, str] = {}
+        for w, g in zip(want, got, strict=True):
+            if w.startswith("{") and w.endswith("}"):
+                if not g:
+                    return None
+                params[w[1:-1]] = g
+            elif w != g:
+                return None
+        return params
+
+
+class ClinicStack:
+    """One clinic's stack in the local runtime: the template's table and queues, its secrets and config."""
+
+    def __init__(
+        self,
+        aws: LocalAws,
+        clinic_id: str,
+        config_yaml: str,
+        secrets: Mapping[str, Mapping[str, Any]],
+        mis_kind: str = "medods",
+        crm_kind: str = "bitrix24",
+    ) -> None:
+        self.aws = aws
+        self.clinic_id = clinic_id
+        self.stack_name = f"clinicsync-{clinic_id}"
+        self.template = load_template(TEMPLATE)
+        self._modules: dict[str, ModuleType] = {}
+        ssm, sm = aws.client("ssm"), aws.client("secretsmanager")
+        config_name = f"/clinicsync/{clinic_id}/config"
+        ssm.put_parameter(Name=config_name, Value=config_yaml, Type="String", Overwrite=True)
+        arns = {}
+        for key in ("mis", "crm", "clinic"):
+            name = f"clinicsync/{clinic_id}/{key}"
+            arns[key] = sm.create_secret(Name=name, SecretString=json.dumps(dict(secrets[key])))["ARN"]
+        self.parameters = {
+            "ClinicId": clinic_id,
+            "MisKind": mis_kind,
+            "CrmKind": crm_kind,
+            "ConfigParameterName": config_name,
+            "MisSecretArn": arns["mis"],
+            "CrmSecretArn": arns["crm"],
+            "ClinicSecretArn": arns["clinic"],
+        }
+        self.physical = self._create_resources()
+        self.queue_url = self.physical["SyncQueue"]
+        self.dlq_url = self.physical["SyncDLQ"]
+        self.table_name = self.physical["Table"]
+        self.env = self._function_env()
+
+    # --- resources from the template ---------------------------------------------------------------
+
+    def _create_resources(self) -> dict[str, str]:
+        resources = {name: self.template["Resources"][name] for name in LOCAL_RESOURCES}
+        params = self.template.get("Parameters", {})
+        body = {
+            "AWSTemplateFormatVersion": "2010-09-09",
+            "Parameters": params,
+            "Resources": resources,
+        }
+        values = [{"ParameterKey": k, "ParameterValue": str(v)} for k, v in self.parameters.items() if k in params]
+        cfn = self.aws.client("cloudformation")
+        cfn.create_stack(StackName=self.stack_name, TemplateBody=json.dumps(body), Parameters=values)
+        listed = cfn.describe_stack_resources(StackName=self.stack_name)["StackResources"]
+        return {r["LogicalResourceId"]: r["PhysicalResourceId"] for r in listed}
+
+    def _refs(self) -> dict[str, Any]:
+        defaults = {k: v.get("Default") for k, v in self.template.get("Parameters", {}).items()}
+        return {
+            **defaults,
+            **self.parameters,
+            **self.physical,
+            "AWS::StackName": self.stack_name,
+            "AWS::Region": REGION,
+            "AWS::AccountId": ACCOUNT,
+            "AWS::Partition": "aws",
+        }
+
+    def _function_env(self) -> dict[str, str]:
+        refs = self._refs()
+        variables = self.template["Globals"]["Function"]["Environment"]["Variables"]
+        conditions = evaluate_conditions(self.template, refs)
+        resolved = resolve(variables, refs=refs, conditions=conditions)
+        return {k: str(v) for k, v in resolved.items()}
+
+    def function_ids(self) -> list[str]:
+        return list(resources_of_type(self.template, "AWS::Serverless::Function"))
+
+    # --- invoking handlers -------------------------------------------------------------------------
+
+    def _module(self, function_id: str) -> ModuleType:
+        if function_id not in self._modules:
+            code_uri = function_properties(self.template, function_id)["CodeUri"]
+            path = ROOT / code_uri / "app.py"
+            spec = importlib.util.spec_from_file_location(f"clinicsync_fn_{function_id}", path)
+            if spec is None or spec.loader is None:
+                raise RuntimeError(f"cannot load {path}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            self._modules[function_id] = module
+        return self._modules[function_id]
+
+    @contextlib.contextmanager
+    def environment(self) -> Iterator[None]:
+        """Handlers read their settings from env vars, as on Lambda. Switching to another clinic's
+        env drops cached clients (a cold start); invoking the same clinic again stays warm."""
+        from clinicsync import wiring
+
+        with _env_lock:
+            if any(os.environ.get(k) != v for k, v in self.env.items()):
+                os.environ.update(self.env)
+                wiring.reset()
+            yield
+
+    def invoke(self, function_id: str, event: Mapping[str, Any]) -> Any:
+        props = function_properties(self.template, function_id)
+        context = FakeContext(function_name=f"{self.stack_name}-{function_id}", timeout_s=int(props["Timeout"]))
+        with self.environment():
+            return self._module(function_id).lambda_handler(dict(event), context)
+
+    # --- EventBridge Scheduler ---------------------------------------------------------------------
+
+    def scheduled_event(self, function_id: str = "MisPollerFunction", name: str | None = None) -> dict[str, Any]:
+        events = function_properties(self.template, function_id)["Events"]
+        schedule = next(e for n, e in events.items() if e["Type"] == "ScheduleV2" and (name is None or n == name))
+        text = str(schedule["Properties"]["Input"])
+        text = text.replace("<aws.scheduler.scheduled-time>", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        text = text.replace("<aws.scheduler.execution-id>", str(uuid.uuid4()))
+        return dict(json.loads(text))
+
+    def run_schedule(self, name: str | None = None) -> Any:
+        return self.invoke("MisPollerFunction", self.scheduled_event(name=name))
+
+    # --- SQS event source mapping ------------------------------------------------------------------
+
+    def _sqs_event(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:{self.queue_url.rsplit('/', 1)[-1]}"
+        records = [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m.get("Attributes", {}),
+                "messageAttributes": {},
+                "md5OfBody": m["MD5OfBody"],
+                "eventSource": "aws:sqs",
+                "eventSourceARN": arn,
+                "awsRegion": REGION,
+            }
+            for m in messages
+        ]
+        return {"Records": records}
+
+    def drain_queue(self, max_rounds: int = 10_000, on_batch: Any = None) -> dict[str, int]:
+        """Deliver queued messages to the syncer in batches of up to 10, as the event source mapping does.
+
+        Failed items are made visible again at once (standing in for the visibility timeout), and
+        SQS moves a message to the DLQ after maxReceiveCount receives.
+        """
+        sqs = self.aws.client("sqs")
+        batch_size = int(
+            function_properties(self.template, "StageSyncerFunction")["Events"]["SyncQueue"]["Properties"]["BatchSize"]
+        )
+        totals = {"batches": 0, "messages": 0, "failed": 0}
+        for _ in range(max_rounds):
+            received = sqs.receive_message(
+                QueueUrl=self.queue_url,
+                MaxNumberOfMessages=batch_size,
+                AttributeNames=["All"],
+                WaitTimeSeconds=0,
+            ).get("Messages", [])
+            if not received:
+                break
+            response = self.invoke("StageSyncerFunction", self._sqs_event(received))
+            failed = {f["itemIdentifier"] for f in (response or {}).get("batchItemFailures", [])}
+            for message in received:
+                if message["MessageId"] in failed:
+                    sqs.change_message_visibility(
+                        QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+                    )
+                else:
+                    sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
+            totals["batches"] += 1
+            totals["messages"] += len(received)
+            totals["failed"] += len(failed)
+            if on_batch is not None:
+                on_batch(len(received))
+        return totals
+
+    def queue_depth(self, dlq: bool = False) -> int:
+        attrs = self.aws.client("sqs").get_queue_attributes(
+            QueueUrl=self.dlq_url if dlq else self.queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+    # --- HTTP API ----------------------------------------------------------------------------------
+
+    def routes(self) -> list[Route]:
+        routes = []
+        for function_id in self.function_ids():
+            for event in function_properties(self.template, function_id).get("Events", {}).values():
+                if event["Type"] == "HttpApi":
+                    props = event["Properties"]
+                    routes.append(Route(props["Method"].upper(), props["Path"], function_id))
+        return routes
+
+    def http_event(self, request: Request, route: Route, path_params: dict[str, str]) -> dict[str, Any]:
+        body = request.get_data()
+        text_types = ("application/json", "application/x-www-form-urlencoded", "text/")
+        is_text = any(t in (request.content_type or "") for t in text_types) or not body
+        try:
+            decoded = body.decode("utf-8") if is_text else None
+        except UnicodeDecodeError:
+            decoded = None
+        now = datetime.now(UTC)
+        return {
+            "version": "2.0",
+            "routeKey": f"{route.method} {route.path}",
+            "rawPath": request.path,
+            "rawQueryString": request.query_string.decode("latin-1"),
+            "cookies": [f"{k}={v}" for k, v in request.cookies.items()] or None,
+            "headers": {k.lower(): v for k, v in request.headers.items()},
+            "queryStringParameters": dict(parse_qsl(request.query_string.decode("latin-1"))) or None,
+            "pathParameters": path_params or None,
+            "requestContext": {
+                "accountId": ACCOUNT,
+                "apiId": "local",
+                "domainName": request.host,
+                "domainPrefix": "local",
+                "http": {
+                    "method": request.method,
+                    "path": request.path,
+                    "protocol": "HTTP/1.1",
+                    "sourceIp": request.remote_addr or "127.0.0.1",
+                    "userAgent": request.user_agent.string,
+                },
+                "requestId": str(uuid.uuid4()),
+                "routeKey": f"{route.method} {route.path}",
+                "stage": "$default",
+                "time": now.strftime("%d/%b/%Y:%H:%M:%S +0000"),
+                "timeEpoch": int(now.timestamp() * 1000),
+            },
+            "body": decoded if decoded is not None else base64.b64encode(body).decode(),
+            "isBase64Encoded": decoded is None,
+        }
+
+    def wsgi(self, environ: dict[str, Any], start_response: Any) -> Any:
+        request = Request(environ)
+        for route in self.routes():
+            params = route.match(request.method, request.path)
+            if params is not None:
+                result = self.invoke(route.function, self.http_event(request, route, params))
+                body = result.get("body") or ""
+                raw = base64.b64decode(body) if result.get("isBase64Encoded") else str(body).encode()
+                response = Response(raw, status=int(result.get("statusCode", 200)), headers=result.get("headers"))
+                return response(environ, start_response)
+        return Response(json.dumps({"message": "Not Found"}), 404, content_type="application/json")(
+            environ, start_response
+        )
+
+    def serve_http(self) -> ServedApp:
+        return ServedApp(self.wsgi).start()

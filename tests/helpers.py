@@ -1,0 +1,52 @@
+"""Small builders shared by the tests (not fixtures, so they stay explicit at the call site)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from clinicsync.config import ClinicConfig, parse_clinic_config
+from clinicsync.models import Appointment, AppointmentStatus, Consent, Patient
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = ROOT / "sandbox" / "clinics" / "demo-dental.yaml"
+MSK = ZoneInfo("Europe/Moscow")
+T0 = datetime(2026, 11, 20, 10, 0, tzinfo=MSK)
+
+
+def demo_config(**overrides: Any) -> ClinicConfig:
+    config = parse_clinic_config(DEMO_CONFIG.read_text(encoding="utf-8"))
+    return config.model_copy(update=overrides) if overrides else config
+
+
+def patient(pid: str = "p1", version: int = 1, **kw: Any) -> Patient:
+    defaults: dict[str, Any] = {
+        "last_name": "Иванова",
+        "first_name": "Мария",
+        "middle_name": "Петровна",
+        "phone": "+79161234567",
+        "email": "maria@example.org",
+        "consent": Consent(),
+    }
+    return Patient(mis_id=pid, version=version, **{**defaults, **kw})
+
+
+def appointment(
+    aid: str = "a1",
+    pid: str = "p1",
+    status: AppointmentStatus = AppointmentStatus.BOOKED,
+    version: int = 1,
+    start: datetime = T0,
+    **kw: Any,
+) -> Appointment:
+    defaults: dict[str, Any] = {"doctor_id": "d1", "branch_id": "b1", "price": Decimal("2500.00")}
+    return Appointment(
+        mis_id=aid, patient_id=pid, status=status, starts_at=start, version=version, **{**defaults, **kw}
+    )
+
+
+def days(n: int) -> timedelta:
+    return timedelta(days=n)

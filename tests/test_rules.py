@@ -1,0 +1,179 @@
+"""The funnel rules, tested directly: they are pure, so every case is one call."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from clinicsync.crypto import KeyedHasher
+from clinicsync.models import AppointmentStatus as S
+from clinicsync.models import PatientChanges
+from clinicsync.ports import ContactWrite, CrmMatches, DealMatch, DealWrite
+from clinicsync.rules import plan_patient
+from clinicsync.state import AppointmentState, PatientState
+from tests.helpers import T0, appointment, days, demo_config, patient
+
+HASHER = KeyedHasher(b"k" * 32)
+CONFIG = demo_config()
+
+
+def plan(changes: PatientChanges, state: PatientState | None = None, matches: CrmMatches | None = None, **kw):
+    return plan_patient(
+        changes, state or PatientState(patient_id=changes.patient.mis_id), matches or CrmMatches(), CONFIG, HASHER, **kw
+    )
+
+
+def deals(p) -> list[DealWrite]:
+    return [w for w in p.writes if isinstance(w, DealWrite)]
+
+
+def test_new_patient_creates_contact_and_deal_in_mapped_stage() -> None:
+    p = plan(PatientChanges(patient=patient(), appointments=(appointment(),)))
+    contact = p.contact_write
+    assert isinstance(contact, ContactWrite) and contact.contact_id is None
+    assert contact.fields["phone"] == "+79161234567"
+    [deal] = deals(p)
+    assert deal.deal_id is None and deal.category_id == "0" and deal.stage == "PREPARATION"
+    assert p.next_state is not None and p.next_state.appointments["a1"].stage == "PREPARATION"
+
+
+def test_each_status_lands_in_its_stage() -> None:
+    expected = {
+        S.BOOKED: "PREPARATION",
+        S.CONFIRMED: "PREPAYMENT_INVOICE",
+        S.ARRIVED: "EXECUTING",
+        S.COMPLETED: "FINAL_INVOICE",
+        S.CANCELLED: "LOSE",
+        S.NO_SHOW: "NEW",
+        S.RESCHEDULED: "PREPARATION",
+    }
+    for status, stage in expected.items():
+        [deal] = deals(plan(PatientChanges(patient=patient(), appointments=(appointment(status=status),))))
+        assert deal.stage == stage, status
+
+
+def test_unchanged_patient_and_visit_make_no_write() -> None:
+    first = plan(PatientChanges(patient=patient(), appointments=(appointment(),)))
+    state = first.next_state
+    assert state is not None
+    state.contact_id = "10"
+    state.appointments["a1"].deal_id = "20"
+    again = plan(PatientChanges(patient=patient(), appointments=(appointment(),)), state)
+    assert again.writes == []
+    assert set(again.skipped.values()) == {"unchanged"}
+
+
+def test_status_change_updates_the_known_deal_only() -> None:
+    state = PatientState(patient_id="p1", contact_id="10", version=1)
+    first = plan(PatientChanges(patient=patient(), appointments=(appointment(),)), state)
+    state = first.next_state
+    assert state is not None
+    state.content_hash = first.next_state.content_hash
+    state.appointments["a1"].deal_id = "20"
+    confirmed = plan(
+        PatientChanges(patient=patient(), appointments=(appointment(status=S.CONFIRMED, version=2),)), state
+    )
+    [deal] = deals(confirmed)
+    assert deal.deal_id == "20" and deal.stage == "PREPAYMENT_INVOICE"
+    assert confirmed.contact_write is None  # the contact did not change
+
+
+def test_stale_event_never_regresses_a_stage() -> None:
+    state = PatientState(patient_id="p1", contact_id="10", version=5)
+    state.appointments["a1"] = AppointmentState(appointment_id="a1", deal_id="20", version=5, stage="EXECUTING")
+    p = plan(PatientChanges(patient=patient(version=4), appointments=(appointment(version=3),)), state)
+    assert p.writes == []
+    assert p.skipped == {"p1": "stale_patient", "a1": "stale"}
+
+
+def test_closed_deal_is_never_reopened() -> None:
+    state = PatientState(patient_id="p1", contact_id="10", version=1)
+    state.appointments["a1"] = AppointmentState(appointment_id="a1", deal_id="20", version=1, stage="LOSE", closed=True)
+    p = plan(PatientChanges(patient=patient(), appointments=(appointment(status=S.BOOKED, version=2),)), state)
+    assert deals(p) == []
+    assert p.skipped["a1"] == "deal_closed"
+
+
+def test_closed_deal_found_in_crm_is_never_reopened() -> None:
+    matches = CrmMatches(deals={"a1": DealMatch(deal_id="20", category_id="0", stage="WON", closed=True)})
+    p = plan(PatientChanges(patient=patient(), appointments=(appointment(),)), matches=matches)
+    assert deals(p) == []
+
+
+def test_lost_create_response_is_found_by_mis_id_and_updated_not_duplicated() -> None:
+    matches = CrmMatches(
+        contacts={"p1": "10"}, deals={"a1": DealMatch(deal_id="20", category_id="0", stage="NEW", closed=False)}
+    )
+    p = plan(PatientChanges(patient=patient(), appointments=(appointment(),)), matches=matches)
+    assert p.contact_write is not None and p.contact_write.contact_id == "10"
+    [deal] = deals(p)
+    assert deal.deal_id == "20"
+
+
+def test_reschedule_keeps_the_deal_and_moves_the_date() -> None:
+    state = PatientState(patient_id="p1", contact_id="10", version=1)
+    first = plan(PatientChanges(patient=patient(), appointments=(appointment(),)), state)
+    state = first.next_state
+    assert state is not None
+    state.appointments["a1"].deal_id = "20"
+    moved = plan(PatientChanges(patient=patient(), appointments=(appointment(start=T0 + days(2), version=2),)), state)
+    [deal] = deals(moved)
+    assert deal.deal_id == "20"
+    assert deal.fields["status"] == "rescheduled"
+    assert deal.fields["visit_at"].startswith((T0 + days(2)).date().isoformat())
+
+
+def test_repeat_visit_after_a_completed_one_goes_to_the_repeat_funnel() -> None:
+    visits = (
+        appointment("a1", status=S.COMPLETED, start=T0 - days(30)),
+        appointment("a2", status=S.BOOKED, start=T0),
+    )
+    p = plan(PatientChanges(patient=patient(), appointments=visits))
+    by_id = {d.appointment_id: d for d in deals(p)}
+    assert by_id["a1"].category_id == "0" and by_id["a1"].stage == "FINAL_INVOICE"
+    assert by_id["a2"].category_id == "1" and by_id["a2"].stage == "C1:PREPARATION"
+
+
+def test_dms_visit_is_flagged() -> None:
+    dms = appointment(price=Decimal("0.00"), insurance_policy="ДМС-123")
+    paid = appointment("a2", price=Decimal("0.00"))
+    [d1, d2] = deals(plan(PatientChanges(patient=patient(), appointments=(dms, paid))))
+    flags = {d1.appointment_id: d1.fields["is_dms"], d2.appointment_id: d2.fields["is_dms"]}
+    assert flags == {"a1": True, "a2": False}
+
+
+def test_refused_data_processing_sends_nothing() -> None:
+    p = plan(PatientChanges(patient=patient(refused_data_processing=True), appointments=(appointment(),)))
+    assert p.writes == [] and p.next_state is None
+    assert p.skipped == {"p1": "refused_data_processing"}
+
+
+def test_anonymous_and_filtered_visits_are_skipped() -> None:
+    config = CONFIG.model_copy(update={"filters": CONFIG.filters.model_copy(update={"branches": frozenset({"b2"})})})
+    changes = PatientChanges(patient=patient(), appointments=(appointment(anonymous=True), appointment("a2")))
+    p = plan_patient(changes, PatientState(patient_id="p1"), CrmMatches(), config, HASHER)
+    assert deals(p) == []
+    assert p.skipped == {"a1": "anonymous", "a2": "branch_filtered"}
+
+
+def test_minimal_payload_never_carries_more_than_configured() -> None:
+    p = plan(PatientChanges(patient=patient(birth_date="1990-01-01"), appointments=(appointment(),)))
+    assert p.contact_write is not None
+    assert set(p.contact_write.fields) == {"full_name", "phone", "email", "mis_patient_id"}
+    [deal] = deals(p)
+    assert set(deal.fields) == {"visit_at", "status", "is_dms", "mis_appointment_id", "title"}
+    assert "Иванова" not in deal.fields["title"]
+
+
+def test_ledger_opt_outs_are_sticky_in_the_contact_payload() -> None:
+    config = CONFIG.model_copy(
+        update={"fields": CONFIG.fields.model_copy(update={"contact": ("full_name", "opt_outs")})}
+    )
+    p = plan_patient(
+        PatientChanges(patient=patient(), appointments=()),
+        PatientState(patient_id="p1"),
+        CrmMatches(),
+        config,
+        HASHER,
+        ledger_opt_outs={"email"},
+    )
+    assert p.contact_write is not None and p.contact_write.fields["opt_outs"] == ["email"]

@@ -131,9 +131,7 @@ def test_appointment_shape_and_statuses(emu: MedodsEmulator, clinic: SampleClini
     assert isinstance(row["updatedAt"], int) and row["deletedAt"] is None
     everything = read_all(emu, "/api/v2/appointments")
     assert {r["status"] for r in everything} <= set(STATUSES)
-    assert {"serviced", "paid", "canceled", "failed", "approved", "need_approval"} <= {
-        r["status"] for r in everything
-    }
+    assert {"serviced", "paid", "canceled", "failed", "approved", "need_approval"} <= {r["status"] for r in everything}
 
 
 def test_updated_at_after_is_strict_and_ordered(emu: MedodsEmulator) -> None:
@@ -248,9 +246,7 @@ def test_users_and_clinics(emu: MedodsEmulator, clinic: SampleClinic) -> None:
 # --- mutations --------------------------------------------------------------------------------
 
 
-def test_mutations_bump_updated_at_and_reach_the_feed(
-    emu: MedodsEmulator, clock: Clock, clinic: SampleClinic
-) -> None:
+def test_mutations_bump_updated_at_and_reach_the_feed(emu: MedodsEmulator, clock: Clock, clinic: SampleClinic) -> None:
     cursor = int(clock.now())
     assert call(emu, "/api/v2/appointments", updatedAtAfter=cursor).json["total"] == 0
     clock.advance(1)  # updatedAtAfter is strict: a change in the cursor's own second is not "after"
@@ -258,9 +254,7 @@ def test_mutations_bump_updated_at_and_reach_the_feed(
     clock.advance(5)
     appt = emu.book(client_id, clinic.doctors[0].id, 1, emu.at(2, "10:30"), duration=60)
     feed = call(emu, "/api/v2/appointments", updatedAtAfter=cursor).json["data"]
-    assert [(r["id"], r["status"], r["time"], r["clientId"]) for r in feed] == [
-        (appt, "approved", "10:30", client_id)
-    ]
+    assert [(r["id"], r["status"], r["time"], r["clientId"]) for r in feed] == [(appt, "approved", "10:30", client_id)]
     assert [r["id"] for r in call(emu, "/api/v2/clients", updatedAtAfter=cursor).json["data"]] == [client_id]
 
     # Frozen clock: several changes in the same second still move updatedAt strictly forward.
@@ -303,9 +297,7 @@ def test_client_mutations(emu: MedodsEmulator, clock: Clock, clinic: SampleClini
 
 
 def test_book_dms_and_soft_delete(emu: MedodsEmulator, clinic: SampleClinic) -> None:
-    appt = emu.book(
-        clinic.patients[1].id, clinic.doctors[1].id, 2, emu.at(1, "09:00"), insurance_policy="ДМС-1"
-    )
+    appt = emu.book(clinic.patients[1].id, clinic.doctors[1].id, 2, emu.at(1, "09:00"), insurance_policy="ДМС-1")
     row = emu.appointment(appt)
     assert (row["price"], row["insurancePolicyNumber"]) == ("0.00", "ДМС-1")
     emu.delete_appointment(appt)

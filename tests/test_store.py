@@ -1,0 +1,105 @@
+"""The DynamoDB store on moto, with the table created from template.yaml's own definition."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from clinicsync.models import AppointmentStatus
+from clinicsync.state import AppointmentState, PatientState
+from clinicsync.store import DynamoStore
+from sandbox.cfn_yaml import load_template
+from tests.helpers import MSK, ROOT
+
+
+def _table_from_template() -> dict[str, Any]:
+    props = load_template(ROOT / "template.yaml")["Resources"]["Table"]["Properties"]
+    return {
+        "TableName": "clinic-table",
+        "AttributeDefinitions": props["AttributeDefinitions"],
+        "KeySchema": props["KeySchema"],
+        "BillingMode": props["BillingMode"],
+    }
+
+
+@pytest.fixture
+def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[DynamoStore]:
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        resource = boto3.resource("dynamodb", region_name="eu-central-1")
+        table = resource.create_table(**_table_from_template())
+        yield DynamoStore(table)
+
+
+def _state(version: int = 3) -> PatientState:
+    state = PatientState(patient_id="p1", contact_id="10", version=version, content_hash="h1", phone_key="k1")
+    state.first_visit_at = datetime(2026, 10, 1, 9, 0, tzinfo=MSK)
+    state.appointments["a1"] = AppointmentState(
+        appointment_id="a1",
+        deal_id="20",
+        version=version,
+        content_hash="h2",
+        status=AppointmentStatus.CONFIRMED,
+        category_id="0",
+        stage="PREPAYMENT_INVOICE",
+        starts_at=datetime(2026, 11, 25, 10, 0, tzinfo=MSK),
+    )
+    return state
+
+
+def test_patient_state_round_trips(store: DynamoStore) -> None:
+    store.save_patient(_state(), ["a1"])
+    loaded = store.load_patients(["p1", "p2"])
+    assert loaded["p1"] == _state()
+    assert loaded["p2"] == PatientState(patient_id="p2")
+    assert store.patient_for_crm("deal", "20") == {"patient_id": "p1", "appointment_id": "a1"}
+    assert store.patient_for_crm("contact", "10") == {"patient_id": "p1"}
+
+
+def test_older_versions_never_overwrite_newer_ones(store: DynamoStore) -> None:
+    store.save_patient(_state(version=5), ["a1"])
+    older = _state(version=4)
+    older.appointments["a1"].stage = "PREPARATION"
+    store.save_patient(older, ["a1"])
+    loaded = store.load_patients(["p1"])["p1"]
+    assert loaded.version == 5
+    assert loaded.appointments["a1"].stage == "PREPAYMENT_INVOICE"
+
+
+def test_delete_patient_removes_every_trace(store: DynamoStore) -> None:
+    store.save_patient(_state(), ["a1"])
+    store.index_phone("k1", "p1", None)
+    store.delete_patient("p1")
+    assert store.load_patients(["p1"])["p1"] == PatientState(patient_id="p1")
+    assert store.patients_by_phone("k1") == []
+    assert store.patient_for_crm("deal", "20") is None
+
+
+def test_phone_index_moves_with_the_phone(store: DynamoStore) -> None:
+    store.index_phone("k1", "p1", None)
+    store.index_phone("k1", "p2", None)  # a family sharing one phone: two patients, one key
+    assert sorted(store.patients_by_phone("k1")) == ["p1", "p2"]
+    store.index_phone("k2", "p1", "k1")
+    assert store.patients_by_phone("k1") == ["p2"]
+    assert store.patients_by_phone("k2") == ["p1"]
+
+
+def test_cursor_round_trip(store: DynamoStore) -> None:
+    assert store.get_cursor("medods") is None
+    store.put_cursor("medods", {"appointments": 17, "seen": {"a1": 17}})
+    assert store.get_cursor("medods") == {"appointments": 17, "seen": {"a1": 17}}
+
+
+def test_opt_outs_are_sticky_and_audited(store: DynamoStore) -> None:
+    store.record_opt_outs("pat:p1", ["email", "sms"], "mis", 1000)
+    store.record_opt_outs("pat:p1", ["email"], "crm", 2000)  # a repeat changes nothing
+    assert store.opted_out("pat:p1") == {"email", "sms"}
+    table = boto3.resource("dynamodb", region_name="eu-central-1").Table("clinic-table")
+    audit = [i for i in table.scan()["Items"] if str(i["sk"]).startswith("AUDIT#")]
+    assert len(audit) == 2 and all(i["source"] == "mis" and "expires_at" in i for i in audit)

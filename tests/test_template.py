@@ -1,0 +1,929 @@
+"""Static checks on template.yaml (no AWS, no SAM CLI needed for the fast part).
+
+Every check is a plain function over the parsed template. ``test_template_passes`` runs each on the real
+template; ``test_check_catches_regression`` runs each against a deliberately broken copy (``MUTATIONS``) and
+expects it to fail, so no check can silently pass on anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox.cfn_yaml import (
+    IntrinsicError,
+    evaluate_conditions,
+    function_properties,
+    load_template,
+    loads,
+    resolve,
+    resources_of_type,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE_PATH = ROOT / "template.yaml"
+
+Template = dict[str, Any]
+
+# logical id -> (CodeUri, Timeout)
+FUNCTIONS: dict[str, tuple[str, int]] = {
+    "MisPollerFunction": ("functions/mis_poller/", 300),
+    "StageSyncerFunction": ("functions/stage_syncer/", 120),
+    "CrmWebhookFunction": ("functions/crm_webhook/", 10),
+    "UnsubscribeFunction": ("functions/unsubscribe/", 10),
+}
+
+REQUIRED_RESOURCES = {
+    "SharedLayer": "AWS::Serverless::LayerVersion",
+    "MisPollerFunction": "AWS::Serverless::Function",
+    "StageSyncerFunction": "AWS::Serverless::Function",
+    "CrmWebhookFunction": "AWS::Serverless::Function",
+    "UnsubscribeFunction": "AWS::Serverless::Function",
+    "HttpApi": "AWS::Serverless::HttpApi",
+    "SyncQueue": "AWS::SQS::Queue",
+    "SyncDLQ": "AWS::SQS::Queue",
+    "SchedulerDLQ": "AWS::SQS::Queue",
+    "Table": "AWS::DynamoDB::Table",
+}
+
+REQUIRED_ENV = {
+    "POWERTOOLS_SERVICE_NAME",
+    "POWERTOOLS_METRICS_NAMESPACE",
+    "POWERTOOLS_LOG_LEVEL",
+    "CLINIC_ID",
+    "MIS_KIND",
+    "CRM_KIND",
+    "TABLE_NAME",
+    "SYNC_QUEUE_URL",
+    "CONFIG_PARAMETER_NAME",
+    "MIS_SECRET_ARN",
+    "CRM_SECRET_ARN",
+    "CLINIC_SECRET_ARN",
+}
+
+REQUIRED_ROUTES = {
+    ("POST", "/webhooks/bitrix24"): "CrmWebhookFunction",
+    ("POST", "/webhooks/amocrm/{secret}"): "CrmWebhookFunction",
+    ("GET", "/webhooks/mailchimp/{secret}"): "UnsubscribeFunction",
+    ("POST", "/webhooks/mailchimp/{secret}"): "UnsubscribeFunction",
+    ("GET", "/unsubscribe/{token}"): "UnsubscribeFunction",
+    ("POST", "/unsubscribe/{token}"): "UnsubscribeFunction",
+}
+
+# CloudWatch Logs accepts only these retention values.
+CLOUDWATCH_RETENTION_DAYS = {
+    1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653,
+}  # fmt: skip
+
+# The exact grants each function must have: (action, target) where target is the logical id / parameter.
+_COMMON = {
+    ("dynamodb:CRUD", "Table"),
+    ("sqs:SendMessage", "SyncQueue"),
+    ("ssm:GetParameter", "ConfigParameterName"),
+    ("ssm:GetParameters", "ConfigParameterName"),
+    ("secretsmanager:GetSecretValue", "ClinicSecretArn"),
+}
+EXPECTED_GRANTS: dict[str, set[tuple[str, str]]] = {
+    "MisPollerFunction": _COMMON | {("secretsmanager:GetSecretValue", "MisSecretArn")},
+    "StageSyncerFunction": _COMMON
+    | {("secretsmanager:GetSecretValue", "CrmSecretArn"), ("secretsmanager:PutSecretValue", "CrmSecretArn")},
+    "CrmWebhookFunction": _COMMON | {("secretsmanager:GetSecretValue", "CrmSecretArn")},
+    "UnsubscribeFunction": set(_COMMON),
+}
+
+# SAM policy templates we allow (their expansions use no wildcard action and no "*" resource) and the
+# argument each must take. SQSSendMessagePolicy (sqs:SendMessage*) and SSMParameterReadPolicy
+# (ssm:DescribeParameters on "*") are deliberately absent.
+POLICY_TEMPLATES: dict[str, tuple[str, str, set[str]]] = {
+    "DynamoDBCrudPolicy": ("TableName", "dynamodb:CRUD", {"Table"}),
+    "AWSSecretsManagerGetSecretValuePolicy": (
+        "SecretArn",
+        "secretsmanager:GetSecretValue",
+        {"MisSecretArn", "CrmSecretArn", "ClinicSecretArn"},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def template() -> Template:
+    return load_template(TEMPLATE_PATH)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _functions(t: Template) -> dict[str, dict[str, Any]]:
+    return {name: function_properties(t, name) for name in resources_of_type(t, "AWS::Serverless::Function")}
+
+
+def _events(t: Template, event_type: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for fn_name, props in _functions(t).items():
+        for event_name, event in (props.get("Events") or {}).items():
+            if event.get("Type") == event_type:
+                yield fn_name, event_name, event.get("Properties", {})
+
+
+def _target(value: Any) -> str:
+    """Normalise a policy resource / argument to the logical id or parameter it points at."""
+    if isinstance(value, dict) and len(value) == 1:
+        (fn, arg), *_ = value.items()
+        if fn == "Ref":
+            return str(arg)
+        if fn == "Fn::GetAtt":
+            return str(_as_list(arg)[0]).split(".")[0]
+        if fn == "Fn::Sub":
+            text = arg[0] if isinstance(arg, list) else arg
+            names = [n for n in re.findall(r"\$\{([^}]+)\}", text) if not n.startswith("AWS::")]
+            if len(names) == 1 and "*" not in text:
+                return str(names[0]).split(".")[0]
+    return f"<unscoped:{json.dumps(value)}>"
+
+
+def _statements(node: Any) -> Iterator[dict[str, Any]]:
+    """Every IAM statement anywhere in the template (function Policies, roles, queue policies ...)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "Statement":
+                yield from (s for s in _as_list(value) if isinstance(s, dict))
+            else:
+                yield from _statements(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _statements(item)
+
+
+def _alarm_actions_are_conditional(props: dict[str, Any]) -> bool:
+    actions = props.get("AlarmActions")
+    return actions == {"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
+
+
+def _find_alarm(t: Template, namespace: str, metric: str, dimension_value: Any) -> dict[str, Any] | None:
+    for alarm in resources_of_type(t, "AWS::CloudWatch::Alarm").values():
+        props = alarm["Properties"]
+        if (
+            props.get("Namespace") == namespace
+            and props.get("MetricName") == metric
+            and any(d.get("Value") == dimension_value for d in props.get("Dimensions", []))
+        ):
+            return dict(props)
+    return None
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_required_resources(t: Template) -> None:
+    resources = t["Resources"]
+    for logical_id, resource_type in REQUIRED_RESOURCES.items():
+        assert logical_id in resources, f"missing resource {logical_id}"
+        assert resources[logical_id]["Type"] == resource_type, logical_id
+    assert t["Transform"] == "AWS::Serverless-2016-10-31"
+    assert t["AWSTemplateFormatVersion"] == "2010-09-09"
+
+
+def check_parameters(t: Template) -> None:
+    params = t["Parameters"]
+    for name in (
+        "ClinicId",
+        "MisKind",
+        "CrmKind",
+        "PollSchedule",
+        "PollTimezone",
+        "ConfigParameterName",
+        "MisSecretArn",
+        "CrmSecretArn",
+        "ClinicSecretArn",
+        "LogRetentionDays",
+        "AlarmTopicArn",
+        "SyncerMaxConcurrency",
+    ):
+        assert name in params, f"missing parameter {name}"
+    assert set(params["MisKind"]["AllowedValues"]) == {"medods", "infoclinica", "renovatio", "ident", "lis"}
+    assert set(params["CrmKind"]["AllowedValues"]) == {"bitrix24", "amocrm", "vtiger"}
+    assert params["PollSchedule"]["Default"] == "rate(1 minute)"
+    assert params["PollTimezone"]["Default"] == "Europe/Moscow"
+    assert params["AlarmTopicArn"]["Default"] == ""
+    assert int(params["SyncerMaxConcurrency"]["Default"]) == 2
+    retention = params["LogRetentionDays"]
+    assert int(retention["Default"]) == 30
+    assert {int(v) for v in retention["AllowedValues"]} <= CLOUDWATCH_RETENTION_DAYS
+    slug = re.compile(params["ClinicId"]["AllowedPattern"])
+    assert slug.fullmatch("smile-dental") and slug.fullmatch("c1")
+    assert not slug.fullmatch("Smile_Dental") and not slug.fullmatch("-x") and not slug.fullmatch("")
+    config = re.compile(params["ConfigParameterName"]["AllowedPattern"])
+    assert config.fullmatch("/clinicsync/smile-dental/config") and not config.fullmatch("clinicsync/x")
+    arn = "arn:aws:secretsmanager:eu-central-1:123456789012:secret:clinicsync/x/crm-AbC123"
+    for name in ("MisSecretArn", "CrmSecretArn", "ClinicSecretArn"):
+        pattern = re.compile(params[name]["AllowedPattern"])
+        assert pattern.fullmatch(arn), name
+        assert not pattern.fullmatch("my-plaintext-password"), name
+    assert t["Conditions"]["HasAlarmTopic"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "AlarmTopicArn"}, ""]}]}
+
+
+def check_functions_runtime(t: Template) -> None:
+    functions = _functions(t)
+    assert set(functions) == set(FUNCTIONS)
+    for name, props in functions.items():
+        code_uri, timeout = FUNCTIONS[name]
+        assert props.get("Runtime") == "python3.13", name
+        assert props.get("Architectures") == ["arm64"], name
+        assert props.get("Tracing") == "Active", name
+        assert isinstance(props.get("MemorySize"), int), name
+        assert props.get("LoggingConfig", {}).get("LogFormat") == "JSON", name
+        assert {"Ref": "SharedLayer"} in props.get("Layers", []), name
+        assert props.get("CodeUri") == code_uri, name
+        assert props.get("Handler") == "app.lambda_handler", name
+        # each function sets its own timeout (not inherited from Globals / the 3 s default)
+        assert t["Resources"][name]["Properties"].get("Timeout") == timeout, name
+
+
+def check_environment(t: Template) -> None:
+    expected_refs = {
+        "CLINIC_ID": {"Ref": "ClinicId"},
+        "MIS_KIND": {"Ref": "MisKind"},
+        "CRM_KIND": {"Ref": "CrmKind"},
+        "TABLE_NAME": {"Ref": "Table"},
+        "SYNC_QUEUE_URL": {"Ref": "SyncQueue"},
+        "CONFIG_PARAMETER_NAME": {"Ref": "ConfigParameterName"},
+        "MIS_SECRET_ARN": {"Ref": "MisSecretArn"},
+        "CRM_SECRET_ARN": {"Ref": "CrmSecretArn"},
+        "CLINIC_SECRET_ARN": {"Ref": "ClinicSecretArn"},
+    }
+    for name, props in _functions(t).items():
+        env = props.get("Environment", {}).get("Variables", {})
+        assert set(env) >= REQUIRED_ENV, f"{name} lacks {REQUIRED_ENV - set(env)}"
+        assert env["POWERTOOLS_SERVICE_NAME"] == "clinicsync"
+        assert env["POWERTOOLS_METRICS_NAMESPACE"] == "clinicsync"
+        assert env["POWERTOOLS_LOG_LEVEL"] == "INFO"
+        for key, value in expected_refs.items():
+            assert env[key] == value, f"{name}: {key}={env[key]!r}"
+
+
+_SECRETISH_NAME = re.compile(r"SECRET|TOKEN|PASSW|API_?KEY|PRIVATE|CREDENTIAL|HMAC", re.IGNORECASE)
+_SAFE_LITERAL = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,23}")
+
+
+def _check_env_value(t: Template, fn: str, key: str, value: Any) -> None:
+    params = t.get("Parameters", {})
+    where = f"{fn}.{key}"
+    if isinstance(value, bool | int | float):
+        return
+    if isinstance(value, str):
+        assert "{{resolve:" not in value, f"{where}: dynamic reference puts a secret into the config"
+        assert _SAFE_LITERAL.fullmatch(value), f"{where}: literal {value!r} looks like a secret value"
+        assert not _SECRETISH_NAME.search(key), f"{where}: secret-ish variable holds a literal"
+        return
+    assert isinstance(value, dict) and len(value) == 1, f"{where}: unexpected value {value!r}"
+    (intrinsic, arg), *_ = value.items()
+    if intrinsic == "Ref":
+        assert arg in params or arg in t["Resources"] or arg.startswith("AWS::"), f"{where}: Ref {arg}"
+        if arg in params:
+            assert not params[arg].get("NoEcho"), f"{where}: NoEcho parameter {arg} exposed in env"
+            if _SECRETISH_NAME.search(key):
+                assert key.endswith(("_ARN", "_NAME")), f"{where}: secret-ish env must carry an ARN/name"
+                assert "secretsmanager" in params[arg].get("AllowedPattern", ""), f"{where}: not an ARN"
+        return
+    if intrinsic == "Fn::GetAtt":
+        return
+    assert "{{resolve:" not in json.dumps(value), f"{where}: dynamic reference in env"
+    assert not _SECRETISH_NAME.search(key), f"{where}: secret-ish variable built from {intrinsic}"
+
+
+def check_no_secret_values_in_env(t: Template) -> None:
+    text = json.dumps(t)
+    for marker in ("{{resolve:secretsmanager", "{{resolve:ssm-secure"):
+        assert marker not in text, f"dynamic secret reference {marker} in the template"
+    for name, props in _functions(t).items():
+        for key, value in props.get("Environment", {}).get("Variables", {}).items():
+            _check_env_value(t, name, key, value)
+
+
+def check_layer(t: Template) -> None:
+    layer = t["Resources"]["SharedLayer"]
+    assert layer["Metadata"]["BuildMethod"] == "python3.13"
+    assert layer["Metadata"]["BuildArchitecture"] == "arm64"
+    props = layer["Properties"]
+    assert props["ContentUri"] == "layers/shared/"
+    assert props["CompatibleRuntimes"] == ["python3.13"]
+    assert props["CompatibleArchitectures"] == ["arm64"]
+
+
+def check_sqs_events(t: Template) -> None:
+    events = list(_events(t, "SQS"))
+    assert events, "no SQS event source"
+    for fn, event_name, props in events:
+        where = f"{fn}.{event_name}"
+        assert "ReportBatchItemFailures" in props.get("FunctionResponseTypes", []), where
+        assert props.get("ScalingConfig", {}).get("MaximumConcurrency") is not None, where
+        queue = _target(props["Queue"])
+        assert queue in t["Resources"], where
+        if t["Resources"][queue]["Properties"].get("FifoQueue"):
+            assert int(props.get("BatchSize", 10)) <= 10, f"{where}: FIFO batch size > 10"
+            assert "MaximumBatchingWindowInSeconds" not in props, f"{where}: no batching window on FIFO"
+    syncer = [p for fn, _, p in events if fn == "StageSyncerFunction"]
+    assert len(syncer) == 1
+    assert syncer[0]["Queue"] == {"Fn::GetAtt": ["SyncQueue", "Arn"]}
+    assert syncer[0]["BatchSize"] == 10
+    assert syncer[0]["ScalingConfig"]["MaximumConcurrency"] == {"Ref": "SyncerMaxConcurrency"}
+
+
+def check_sync_queue(t: Template) -> None:
+    queue = t["Resources"]["SyncQueue"]["Properties"]
+    assert queue["FifoQueue"] is True
+    assert queue["ContentBasedDeduplication"] is False
+    assert queue["DeduplicationScope"] == "messageGroup"
+    assert queue["FifoThroughputLimit"] == "perMessageGroupId"
+    assert queue["SqsManagedSseEnabled"] is True
+    name = queue.get("QueueName")
+    if isinstance(name, dict):  # !Sub "${AWS::StackName}-sync.fifo"
+        name = _as_list(name.get("Fn::Sub"))[0]
+    assert name is None or str(name).endswith(".fifo"), f"FIFO queue name {name!r} must end in .fifo"
+    redrive = queue["RedrivePolicy"]
+    assert redrive["deadLetterTargetArn"] == {"Fn::GetAtt": ["SyncDLQ", "Arn"]}
+    assert int(redrive["maxReceiveCount"]) == 5
+    # every queue feeding a Lambda has a DLQ, and its visibility timeout covers 6 x the consumer timeout
+    for fn, event_name, props in _events(t, "SQS"):
+        source = t["Resources"][_target(props["Queue"])]["Properties"]
+        assert "RedrivePolicy" in source, f"{fn}.{event_name}: source queue without DLQ"
+        timeout = int(function_properties(t, fn).get("Timeout", 3))
+        assert int(source.get("VisibilityTimeout", 30)) >= 6 * timeout, f"{fn}: visibility < 6x timeout"
+
+
+def check_dlqs(t: Template) -> None:
+    dlq = t["Resources"]["SyncDLQ"]["Properties"]
+    assert dlq["FifoQueue"] is True, "the DLQ of a FIFO queue must be FIFO"
+    assert int(dlq["MessageRetentionPeriod"]) == 1209600
+    assert dlq["SqsManagedSseEnabled"] is True
+    scheduler_dlq = t["Resources"]["SchedulerDLQ"]["Properties"]
+    assert not scheduler_dlq.get("FifoQueue"), "EventBridge Scheduler DLQs must be standard queues"
+    assert scheduler_dlq["SqsManagedSseEnabled"] is True
+    assert int(scheduler_dlq["MessageRetentionPeriod"]) == 1209600
+
+
+def check_table(t: Template) -> None:
+    table = t["Resources"]["Table"]
+    assert table["DeletionPolicy"] == "Retain"
+    assert table["UpdateReplacePolicy"] == "Retain"
+    props = table["Properties"]
+    assert props["BillingMode"] == "PAY_PER_REQUEST"
+    assert props["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}
+    assert props["SSESpecification"]["SSEEnabled"] is True
+    assert props["TimeToLiveSpecification"] == {"AttributeName": "expires_at", "Enabled": True}
+    assert props["KeySchema"] == [
+        {"AttributeName": "pk", "KeyType": "HASH"},
+        {"AttributeName": "sk", "KeyType": "RANGE"},
+    ]
+    assert {(a["AttributeName"], a["AttributeType"]) for a in props["AttributeDefinitions"]} == {
+        ("pk", "S"),
+        ("sk", "S"),
+    }
+    assert "GlobalSecondaryIndexes" not in props
+
+
+def check_schedules(t: Template) -> None:
+    schedules = {(fn, name): props for fn, name, props in _events(t, "ScheduleV2")}
+    assert set(schedules) == {("MisPollerFunction", "Poll"), ("MisPollerFunction", "DeepResync")}
+    for (_, name), props in schedules.items():
+        assert props.get("ScheduleExpressionTimezone") == {"Ref": "PollTimezone"}, name
+        assert props.get("RetryPolicy"), name
+        assert props.get("DeadLetterConfig") == {"Arn": {"Fn::GetAtt": ["SchedulerDLQ", "Arn"]}}, name
+        payload = json.loads(props["Input"])
+        assert payload["scheduled_time"] == "<aws.scheduler.scheduled-time>", name
+        assert payload["execution_id"] == "<aws.scheduler.execution-id>", name
+    poll = schedules[("MisPollerFunction", "Poll")]
+    assert poll["ScheduleExpression"] == {"Ref": "PollSchedule"}
+    assert json.loads(poll["Input"])["job"] == "poll"
+    resync = schedules[("MisPollerFunction", "DeepResync")]
+    assert resync["ScheduleExpression"] == "cron(0 3,15 * * ? *)"
+    assert json.loads(resync["Input"])["job"] == "resync"
+
+
+def check_routes(t: Template) -> None:
+    routes: dict[tuple[str, str], str] = {}
+    for fn, event_name, props in _events(t, "HttpApi"):
+        assert props.get("ApiId") == {"Ref": "HttpApi"}, f"{fn}.{event_name} is not on the HttpApi"
+        key = (str(props.get("Method", "")).upper(), str(props.get("Path")))
+        assert key not in routes, f"duplicate route {key}"
+        routes[key] = fn
+    assert routes == REQUIRED_ROUTES
+    for fn, name, _ in _events(t, "Api"):
+        pytest.fail(f"{fn}.{name}: REST Api events are not used, route through HttpApi")
+    api = t["Resources"]["HttpApi"]["Properties"]
+    throttling = api.get("DefaultRouteSettings", {})
+    assert int(throttling.get("ThrottlingBurstLimit", 0)) > 0
+    assert float(throttling.get("ThrottlingRateLimit", 0)) > 0
+    access_log = api.get("AccessLogSettings")
+    if access_log:  # secrets/tokens live in paths: never log the raw path
+        assert "$context.path" not in access_log["Format"]
+
+
+def check_log_groups(t: Template) -> None:
+    log_groups = resources_of_type(t, "AWS::Logs::LogGroup")
+    assert log_groups
+    for name, group in log_groups.items():
+        assert group["Properties"].get("RetentionInDays") == {"Ref": "LogRetentionDays"}, name
+    wired: set[str] = set()
+    for name, props in _functions(t).items():
+        target = props.get("LoggingConfig", {}).get("LogGroup")
+        assert isinstance(target, dict) and "Ref" in target, f"{name}: no dedicated log group"
+        assert target["Ref"] in log_groups, f"{name}: LogGroup {target['Ref']} is not a LogGroup resource"
+        assert target["Ref"] not in wired, f"{name}: log group shared with another function"
+        wired.add(target["Ref"])
+
+
+def check_iam_no_wildcards(t: Template) -> None:
+    statements = list(_statements(t))
+    assert statements
+    for statement in statements:
+        assert "NotAction" not in statement and "NotResource" not in statement, statement
+        for action in _as_list(statement.get("Action")):
+            assert isinstance(action, str) and "*" not in action, f"wildcard action {action!r}"
+        for resource in _as_list(statement.get("Resource")):
+            assert resource != "*", f"resource '*' in {statement}"
+            if isinstance(resource, str):
+                assert "*" not in resource, f"wildcard resource {resource!r}"
+            assert not _target(resource).startswith("<unscoped"), f"resource not scoped: {resource!r}"
+    for name, props in _functions(t).items():
+        for policy in _as_list(props.get("Policies", [])):
+            assert isinstance(policy, dict), f"{name}: managed policy {policy!r} (not least privilege)"
+            if "Statement" in policy:
+                continue
+            (template_name, args), *_ = policy.items()
+            assert template_name in POLICY_TEMPLATES, f"{name}: policy template {template_name} not vetted"
+            arg_name, _, allowed = POLICY_TEMPLATES[template_name]
+            assert _target(args.get(arg_name)) in allowed, f"{name}: {template_name} on {args}"
+
+
+def _grants(props: dict[str, Any]) -> set[tuple[str, str]]:
+    grants: set[tuple[str, str]] = set()
+    for policy in _as_list(props.get("Policies", [])):
+        if not isinstance(policy, dict):
+            grants.add(("managed", str(policy)))
+            continue
+        if "Statement" in policy:
+            for statement in _as_list(policy["Statement"]):
+                if statement.get("Effect") != "Allow":
+                    continue
+                for action in _as_list(statement.get("Action")):
+                    for resource in _as_list(statement.get("Resource")):
+                        grants.add((action, _target(resource)))
+            continue
+        for template_name, args in policy.items():
+            arg_name, action, _ = POLICY_TEMPLATES.get(template_name, ("", template_name, set()))
+            grants.add((action, _target((args or {}).get(arg_name))))
+    return grants
+
+
+def check_least_privilege_per_function(t: Template) -> None:
+    for name, props in _functions(t).items():
+        assert _grants(props) == EXPECTED_GRANTS[name], f"{name}: {_grants(props) ^ EXPECTED_GRANTS[name]}"
+
+
+def check_alarms(t: Template) -> None:
+    dlq = _find_alarm(t, "AWS/SQS", "ApproximateNumberOfMessagesVisible", {"Fn::GetAtt": ["SyncDLQ", "QueueName"]})
+    assert dlq is not None, "no SyncDLQ depth alarm"
+    assert dlq["Statistic"] == "Maximum"
+    assert int(dlq["Period"]) == 60
+    assert int(dlq["Threshold"]) == 0
+    assert dlq["ComparisonOperator"] == "GreaterThanThreshold"
+    assert dlq["TreatMissingData"] == "notBreaching"
+    assert _alarm_actions_are_conditional(dlq)
+    scheduler = _find_alarm(
+        t, "AWS/SQS", "ApproximateNumberOfMessagesVisible", {"Fn::GetAtt": ["SchedulerDLQ", "QueueName"]}
+    )
+    assert scheduler is not None, "no SchedulerDLQ depth alarm"
+    assert _alarm_actions_are_conditional(scheduler)
+    errors = _find_alarm(t, "AWS/Lambda", "Errors", {"Ref": "StageSyncerFunction"})
+    assert errors is not None, "no StageSyncer Errors alarm"
+    assert _alarm_actions_are_conditional(errors)
+    for name, alarm in resources_of_type(t, "AWS::CloudWatch::Alarm").items():
+        actions = alarm["Properties"].get("AlarmActions")
+        assert actions is None or _alarm_actions_are_conditional(alarm["Properties"]), name
+
+
+def check_outputs(t: Template) -> None:
+    outputs = t["Outputs"]
+    for name in (
+        "ApiUrl",
+        "SyncQueueUrl",
+        "TableName",
+        "MisPollerFunctionName",
+        "StageSyncerFunctionName",
+        "CrmWebhookFunctionName",
+        "UnsubscribeFunctionName",
+    ):
+        assert name in outputs, f"missing output {name}"
+    assert "${HttpApi}" in outputs["ApiUrl"]["Value"]["Fn::Sub"]
+    assert outputs["SyncQueueUrl"]["Value"] == {"Ref": "SyncQueue"}
+    assert outputs["TableName"]["Value"] == {"Ref": "Table"}
+    for fn in FUNCTIONS:
+        assert outputs[f"{fn}Name"]["Value"] == {"Ref": fn}
+
+
+CHECKS: list[Callable[[Template], None]] = [
+    check_required_resources,
+    check_parameters,
+    check_functions_runtime,
+    check_environment,
+    check_no_secret_values_in_env,
+    check_layer,
+    check_sqs_events,
+    check_sync_queue,
+    check_dlqs,
+    check_table,
+    check_schedules,
+    check_routes,
+    check_log_groups,
+    check_iam_no_wildcards,
+    check_least_privilege_per_function,
+    check_alarms,
+    check_outputs,
+]
+
+
+# ----------------------------------------------------------------------------- mutations
+
+
+def _props(t: Template, name: str) -> dict[str, Any]:
+    props: dict[str, Any] = t["Resources"][name]["Properties"]
+    return props
+
+
+def _set(path: str, value: Any) -> Callable[[Template], None]:
+    """Mutation that sets a nested key ("Resources.Table.Properties.BillingMode")."""
+
+    def mutate(t: Template) -> None:
+        *parents, leaf = path.split(".")
+        node: Any = t
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        if value is _DELETE:
+            del node[leaf]
+        else:
+            node[leaf] = value
+
+    return mutate
+
+
+_DELETE = object()
+_SYNCER_EVENT = "Resources.StageSyncerFunction.Properties.Events.SyncQueueEvent.Properties"
+_POLLER = "Resources.MisPollerFunction.Properties"
+_UNSUB = "Resources.UnsubscribeFunction.Properties"
+
+
+def _add_policy(function: str, policy: Any) -> Callable[[Template], None]:
+    def mutate(t: Template) -> None:
+        _props(t, function)["Policies"].append(policy)
+
+    return mutate
+
+
+def _add_env(key: str, value: Any) -> Callable[[Template], None]:
+    def mutate(t: Template) -> None:
+        t["Globals"]["Function"]["Environment"]["Variables"][key] = value
+
+    return mutate
+
+
+def _override(function: str, key: str, value: Any) -> Callable[[Template], None]:
+    def mutate(t: Template) -> None:
+        _props(t, function)[key] = value
+
+    return mutate
+
+
+def _drop_alarm(dimension: Any) -> Callable[[Template], None]:
+    def mutate(t: Template) -> None:
+        for name, alarm in list(resources_of_type(t, "AWS::CloudWatch::Alarm").items()):
+            if any(d.get("Value") == dimension for d in alarm["Properties"].get("Dimensions", [])):
+                del t["Resources"][name]
+
+    return mutate
+
+
+MUTATIONS: list[tuple[Callable[[Template], None], str, Callable[[Template], None]]] = [
+    (check_required_resources, "no SchedulerDLQ", _set("Resources.SchedulerDLQ", _DELETE)),
+    (check_required_resources, "table renamed", lambda t: t["Resources"].update(State=t["Resources"].pop("Table"))),
+    (check_required_resources, "wrong type", _set("Resources.HttpApi.Type", "AWS::Serverless::Api")),
+    (check_parameters, "no PollTimezone", _set("Parameters.PollTimezone", _DELETE)),
+    (check_parameters, "MisKind extra", _set("Parameters.MisKind.AllowedValues", ["medods", "x"])),
+    (check_parameters, "bad retention", _set("Parameters.LogRetentionDays.AllowedValues", [30, 31])),
+    (check_parameters, "loose slug", _set("Parameters.ClinicId.AllowedPattern", ".*")),
+    (check_parameters, "loose secret arn", _set("Parameters.CrmSecretArn.AllowedPattern", ".+")),
+    (check_functions_runtime, "python3.12 global", _set("Globals.Function.Runtime", "python3.12")),
+    (check_functions_runtime, "x86 override", _override("StageSyncerFunction", "Architectures", ["x86_64"])),
+    (check_functions_runtime, "no tracing", _set("Globals.Function.Tracing", "PassThrough")),
+    (check_functions_runtime, "no layer", _set("Globals.Function.Layers", [])),
+    (check_functions_runtime, "text logs", _set("Globals.Function.LoggingConfig.LogFormat", "Text")),
+    (check_functions_runtime, "default timeout", _set("Resources.CrmWebhookFunction.Properties.Timeout", _DELETE)),
+    (check_functions_runtime, "wrong codeuri", _override("UnsubscribeFunction", "CodeUri", "functions/x/")),
+    (check_environment, "no TABLE_NAME", _set("Globals.Function.Environment.Variables.TABLE_NAME", _DELETE)),
+    (check_environment, "wrong queue ref", _add_env("SYNC_QUEUE_URL", {"Ref": "SyncDLQ"})),
+    (check_no_secret_values_in_env, "resolve ref", _add_env("CRM_TOKEN", "{{resolve:secretsmanager:x}}")),
+    (check_no_secret_values_in_env, "literal key", _add_env("HMAC_KEY", "s3cr3t")),
+    (check_no_secret_values_in_env, "long literal", _add_env("FOO", "9f8e7d6c5b4a39281706f5e4d3c2b1a0")),
+    (check_no_secret_values_in_env, "secret param", _add_env("CRM_PASSWORD", {"Ref": "ClinicId"})),
+    (check_layer, "x86 layer", _set("Resources.SharedLayer.Metadata.BuildArchitecture", "x86_64")),
+    (check_layer, "no build method", _set("Resources.SharedLayer.Metadata.BuildMethod", _DELETE)),
+    (check_sqs_events, "no partial batch", _set(f"{_SYNCER_EVENT}.FunctionResponseTypes", [])),
+    (check_sqs_events, "no max concurrency", _set(f"{_SYNCER_EVENT}.ScalingConfig", _DELETE)),
+    (check_sqs_events, "fifo batch 100", _set(f"{_SYNCER_EVENT}.BatchSize", 100)),
+    (check_sync_queue, "not fifo", _set("Resources.SyncQueue.Properties.FifoQueue", False)),
+    (
+        check_sync_queue,
+        "bad name",
+        _set("Resources.SyncQueue.Properties.QueueName", {"Fn::Sub": "${AWS::StackName}-q"}),
+    ),
+    (check_sync_queue, "maxReceive 3", _set("Resources.SyncQueue.Properties.RedrivePolicy.maxReceiveCount", 3)),
+    (check_sync_queue, "no redrive", _set("Resources.SyncQueue.Properties.RedrivePolicy", _DELETE)),
+    (check_sync_queue, "visibility 700", _set("Resources.SyncQueue.Properties.VisibilityTimeout", 700)),
+    (check_sync_queue, "syncer 200 s", _set("Resources.StageSyncerFunction.Properties.Timeout", 200)),
+    (check_sync_queue, "no SSE", _set("Resources.SyncQueue.Properties.SqsManagedSseEnabled", False)),
+    (check_dlqs, "standard DLQ", _set("Resources.SyncDLQ.Properties.FifoQueue", _DELETE)),
+    (check_dlqs, "short retention", _set("Resources.SyncDLQ.Properties.MessageRetentionPeriod", 345600)),
+    (check_table, "no PITR", _set("Resources.Table.Properties.PointInTimeRecoverySpecification", _DELETE)),
+    (check_table, "no SSE", _set("Resources.Table.Properties.SSESpecification.SSEEnabled", False)),
+    (check_table, "no TTL", _set("Resources.Table.Properties.TimeToLiveSpecification", _DELETE)),
+    (check_table, "provisioned", _set("Resources.Table.Properties.BillingMode", "PROVISIONED")),
+    (check_table, "delete policy", _set("Resources.Table.DeletionPolicy", "Delete")),
+    (check_table, "no replace policy", _set("Resources.Table.UpdateReplacePolicy", _DELETE)),
+    (check_schedules, "no timezone", _set(f"{_POLLER}.Events.Poll.Properties.ScheduleExpressionTimezone", _DELETE)),
+    (check_schedules, "no DLQ", _set(f"{_POLLER}.Events.DeepResync.Properties.DeadLetterConfig", _DELETE)),
+    (check_schedules, "wrong job", _set(f"{_POLLER}.Events.DeepResync.Properties.Input", '{"job":"poll"}')),
+    (check_schedules, "classic schedule", _set(f"{_POLLER}.Events.Poll.Type", "Schedule")),
+    (
+        check_routes,
+        "GET amocrm",
+        _set("Resources.CrmWebhookFunction.Properties.Events.AmoCrmWebhook.Properties.Method", "GET"),
+    ),
+    (check_routes, "no one-click", _set(f"{_UNSUB}.Events.UnsubscribeOneClick", _DELETE)),
+    (check_routes, "implicit api", _set(f"{_UNSUB}.Events.UnsubscribePage.Properties.ApiId", _DELETE)),
+    (check_routes, "no throttling", _set("Resources.HttpApi.Properties.DefaultRouteSettings", _DELETE)),
+    (check_routes, "logs raw path", _set("Resources.HttpApi.Properties.AccessLogSettings.Format", "$context.path")),
+    (check_log_groups, "no retention", _set("Resources.MisPollerLogGroup.Properties.RetentionInDays", _DELETE)),
+    (check_log_groups, "default group", _set(f"{_POLLER}.LoggingConfig", _DELETE)),
+    (
+        check_log_groups,
+        "shared group",
+        _override("UnsubscribeFunction", "LoggingConfig", {"LogGroup": {"Ref": "MisPollerLogGroup"}}),
+    ),
+    (
+        check_iam_no_wildcards,
+        "sqs:*",
+        _add_policy(
+            "StageSyncerFunction",
+            {"Statement": [{"Effect": "Allow", "Action": "sqs:*", "Resource": {"Fn::GetAtt": ["SyncQueue", "Arn"]}}]},
+        ),
+    ),
+    (
+        check_iam_no_wildcards,
+        "resource *",
+        _add_policy(
+            "MisPollerFunction",
+            {"Statement": [{"Effect": "Allow", "Action": "ssm:DescribeParameters", "Resource": "*"}]},
+        ),
+    ),
+    (
+        check_iam_no_wildcards,
+        "action *",
+        _add_policy(
+            "MisPollerFunction",
+            {"Statement": [{"Effect": "Allow", "Action": ["*"], "Resource": {"Ref": "MisSecretArn"}}]},
+        ),
+    ),
+    (
+        check_iam_no_wildcards,
+        "SendMessage*",
+        _add_policy(
+            "CrmWebhookFunction", {"SQSSendMessagePolicy": {"QueueName": {"Fn::GetAtt": ["SyncQueue", "QueueName"]}}}
+        ),
+    ),
+    (check_iam_no_wildcards, "managed", _add_policy("CrmWebhookFunction", "AmazonSQSFullAccess")),
+    (
+        check_iam_no_wildcards,
+        "any secret",
+        _add_policy(
+            "UnsubscribeFunction", {"AWSSecretsManagerGetSecretValuePolicy": {"SecretArn": "arn:aws:secretsmanager:*"}}
+        ),
+    ),
+    (
+        check_least_privilege_per_function,
+        "crm secret to unsubscribe",
+        _add_policy(
+            "UnsubscribeFunction", {"AWSSecretsManagerGetSecretValuePolicy": {"SecretArn": {"Ref": "CrmSecretArn"}}}
+        ),
+    ),
+    (
+        check_least_privilege_per_function,
+        "poller lost sqs",
+        lambda t: _props(t, "MisPollerFunction")["Policies"][-1]["Statement"].pop(0),
+    ),
+    (
+        check_least_privilege_per_function,
+        "webhook rotates",
+        _add_policy(
+            "CrmWebhookFunction",
+            {
+                "Statement": [
+                    {"Effect": "Allow", "Action": "secretsmanager:PutSecretValue", "Resource": {"Ref": "CrmSecretArn"}}
+                ]
+            },
+        ),
+    ),
+    (check_alarms, "no DLQ alarm", _drop_alarm({"Fn::GetAtt": ["SyncDLQ", "QueueName"]})),
+    (check_alarms, "no scheduler alarm", _drop_alarm({"Fn::GetAtt": ["SchedulerDLQ", "QueueName"]})),
+    (check_alarms, "no errors alarm", _drop_alarm({"Ref": "StageSyncerFunction"})),
+    (
+        check_alarms,
+        "unconditional topic",
+        _set("Resources.SyncDLQDepthAlarm.Properties.AlarmActions", [{"Ref": "AlarmTopicArn"}]),
+    ),
+    (
+        check_alarms,
+        "missing data breaches",
+        _set("Resources.SyncDLQDepthAlarm.Properties.TreatMissingData", "breaching"),
+    ),
+    (check_outputs, "no ApiUrl", _set("Outputs.ApiUrl", _DELETE)),
+    (check_outputs, "no fn name", _set("Outputs.StageSyncerFunctionName", _DELETE)),
+]
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def test_template_passes(check: Callable[[Template], None], template: Template) -> None:
+    check(copy.deepcopy(template))
+
+
+@pytest.mark.parametrize(
+    ("check", "mutate"),
+    [(c, m) for c, _, m in MUTATIONS],
+    ids=[f"{c.__name__}-{label}" for c, label, _ in MUTATIONS],
+)
+def test_check_catches_regression(
+    check: Callable[[Template], None], mutate: Callable[[Template], None], template: Template
+) -> None:
+    broken = copy.deepcopy(template)
+    mutate(broken)
+    assert broken != template, "mutation changed nothing"
+    with pytest.raises((AssertionError, KeyError, pytest.fail.Exception)):
+        check(broken)
+
+
+def test_every_check_has_a_mutation() -> None:
+    covered = {c for c, _, _ in MUTATIONS}
+    assert [c.__name__ for c in CHECKS if c not in covered] == []
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+def test_loader_expands_short_tags() -> None:
+    text = """
+AWSTemplateFormatVersion: 2010-09-09
+Conditions:
+  C: !Not [!Equals [!Ref P, ""]]
+Resources:
+  R:
+    Type: X
+    Properties:
+      A: !GetAtt Q.Arn
+      B: !Sub "${AWS::StackName}-x"
+      C: !If [C, !Join ["-", [a, !Select [0, !Split [",", "b,c"]]]], !Ref AWS::NoValue]
+      D: !GetAtt [Q, QueueName]
+      E: !Base64 abc
+      F: !Condition C
+"""
+    t = loads(text)
+    assert t["AWSTemplateFormatVersion"] == "2010-09-09"
+    props = t["Resources"]["R"]["Properties"]
+    assert props["A"] == {"Fn::GetAtt": ["Q", "Arn"]}
+    assert props["B"] == {"Fn::Sub": "${AWS::StackName}-x"}
+    assert props["C"]["Fn::If"][0] == "C"
+    assert props["D"] == {"Fn::GetAtt": ["Q", "QueueName"]}
+    assert props["E"] == {"Fn::Base64": "abc"}
+    assert props["F"] == {"Condition": "C"}
+    assert t["Conditions"]["C"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "P"}, ""]}]}
+
+    def get_att(logical_id: str, attribute: str) -> str:
+        return f"{logical_id}/{attribute}"
+
+    refs = {"P": "v", "AWS::StackName": "stack"}
+    conditions = evaluate_conditions(t, refs)
+    assert conditions == {"C": True}
+    supported = {k: v for k, v in props.items() if k != "E"}
+    resolved = resolve(supported, refs=refs, get_att=get_att, conditions=conditions)
+    assert resolved == {"A": "Q/Arn", "B": "stack-x", "C": "a-b", "D": "Q/QueueName", "F": True}
+    assert "C" not in resolve(supported, refs=refs, get_att=get_att, conditions={"C": False})
+    assert evaluate_conditions(t, {"P": ""}) == {"C": False}
+    with pytest.raises(IntrinsicError):
+        resolve({"Ref": "Missing"}, refs=refs)
+    with pytest.raises(IntrinsicError):
+        resolve(props["E"])
+
+
+def test_resolve_sub_forms() -> None:
+    refs = {"AWS::Region": "eu-central-1", "Name": "n"}
+    assert resolve({"Fn::Sub": "${AWS::Region}/${Name}/${!Literal}"}, refs=refs) == "eu-central-1/n/${Literal}"
+    assert resolve({"Fn::Sub": ["${a}-${Name}", {"a": {"Ref": "Name"}}]}, refs=refs) == "n-n"
+    assert resolve({"Fn::Sub": "${Q.Arn}"}, refs=refs, get_att=lambda r, a: f"{r}:{a}") == "Q:Arn"
+
+
+def test_function_properties_merges_globals(template: Template) -> None:
+    props = function_properties(template, "StageSyncerFunction")
+    assert props["LoggingConfig"] == {"LogFormat": "JSON", "LogGroup": {"Ref": "StageSyncerLogGroup"}}
+    assert props["Runtime"] == "python3.13"
+    with pytest.raises(ValueError, match="not AWS::Serverless::Function"):
+        function_properties(template, "Table")
+
+
+# ----------------------------------------------------------------------------- runtime compatibility
+
+
+def test_state_resources_create_in_moto(template: Template, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local runtime creates SyncQueue, SyncDLQ and Table in moto straight from these Properties."""
+    moto = pytest.importorskip("moto")
+    boto3 = pytest.importorskip("boto3")
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "eu-central-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    subset = {"Resources": {k: template["Resources"][k] for k in ("SyncQueue", "SyncDLQ", "Table")}}
+    with moto.mock_aws():
+        cloudformation = boto3.client("cloudformation")
+        cloudformation.create_stack(StackName="clinicsync-test", TemplateBody=json.dumps(subset))
+        physical = {
+            r["LogicalResourceId"]: r["PhysicalResourceId"]
+            for r in cloudformation.describe_stack_resources(StackName="clinicsync-test")["StackResources"]
+        }
+        sqs = boto3.client("sqs")
+        attrs = sqs.get_queue_attributes(QueueUrl=physical["SyncQueue"], AttributeNames=["All"])["Attributes"]
+        assert attrs["FifoQueue"] == "true"
+        assert physical["SyncQueue"].endswith(".fifo")
+        assert int(attrs["VisibilityTimeout"]) == 720
+        redrive = json.loads(attrs["RedrivePolicy"])
+        assert int(redrive["maxReceiveCount"]) == 5
+        assert redrive["deadLetterTargetArn"].endswith(physical["SyncDLQ"].rsplit("/", 1)[-1])
+        table = boto3.client("dynamodb").describe_table(TableName=physical["Table"])["Table"]
+        assert [k["AttributeName"] for k in table["KeySchema"]] == ["pk", "sk"]
+
+
+_TRANSLATE_AND_LINT = r"""
+import json, sys
+from samtranslator.translator.transform import transform
+from samtranslator.yaml_helper import yaml_parse
+from cfnlint.api import ManualArgs, lint
+
+class NoManagedPolicies:
+    def load(self):
+        return {}
+
+template = yaml_parse(open(sys.argv[1]).read())
+for resource in template["Resources"].values():
+    props = resource.get("Properties", {})
+    for key in ("CodeUri", "ContentUri"):
+        if key in props:
+            props[key] = "s3://bucket/key"
+arn = "arn:aws:secretsmanager:eu-central-1:123456789012:secret:x-AbCdEf"
+params = {"ClinicId": "demo", "MisKind": "medods", "CrmKind": "bitrix24",
+          "ConfigParameterName": "/clinicsync/demo/config",
+          "MisSecretArn": arn, "CrmSecretArn": arn, "ClinicSecretArn": arn}
+out = transform(template, params, NoManagedPolicies())
+for match in lint(json.dumps(out), config=ManualArgs(regions=["eu-central-1"])):
+    print(match)
+"""
+
+
+@pytest.mark.slow
+def test_transformed_template_lints_clean() -> None:
+    """cfn-lint >= 1.4x lints SAM templates WITHOUT running the SAM transform, so rules on the generated
+    resources (E3505 visibility vs timeout, runtime enums, ESM rules ...) never fire in `sam validate --lint`.
+    Translate with the SAM translator from .venv-sam and lint the CloudFormation output as well."""
+    sam_python = ROOT / ".venv-sam" / "bin" / "python"
+    if not sam_python.exists():
+        pytest.skip(".venv-sam not installed (make sam-venv)")
+    result = subprocess.run(
+        [str(sam_python), "-c", _TRANSLATE_AND_LINT, str(TEMPLATE_PATH)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"AWS_DEFAULT_REGION": "eu-central-1", "PATH": "/usr/bin:/bin", "SAM_CLI_TELEMETRY": "0"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "", result.stdout

@@ -47,7 +47,7 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy --strict
 
-pytest: venv
+pytest: venv sam-venv
 	$(PY) -m pytest -q
 
 # sam validate --lint needs a region; nothing here talks to AWS.

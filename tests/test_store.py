@@ -103,3 +103,14 @@ def test_opt_outs_are_sticky_and_audited(store: DynamoStore) -> None:
     table = boto3.resource("dynamodb", region_name="eu-central-1").Table("clinic-table")
     audit = [i for i in table.scan()["Items"] if str(i["sk"]).startswith("AUDIT#")]
     assert len(audit) == 2 and all(i["source"] == "mis" and "expires_at" in i for i in audit)
+
+
+def test_lease_admits_one_holder_until_released_or_expired(store: DynamoStore) -> None:
+    assert store.acquire_lease("poll:medods", "run-1", 300, now=1000)
+    assert not store.acquire_lease("poll:medods", "run-2", 300, now=1100)
+    assert store.acquire_lease("poll:medods", "run-1", 300, now=1100)  # the holder may renew
+    assert store.acquire_lease("poll:medods", "run-2", 300, now=1401)  # expired: taken over
+    store.release_lease("poll:medods", "run-1")  # not the holder any more: no effect
+    assert not store.acquire_lease("poll:medods", "run-3", 300, now=1402)
+    store.release_lease("poll:medods", "run-2")
+    assert store.acquire_lease("poll:medods", "run-3", 300, now=1403)

@@ -8,6 +8,7 @@ Key design (documented in docs/storage.md):
     CRM#contact#<id>        MAP                   reverse map for webhooks: patient id
     CRM#deal#<id>           MAP                   reverse map: patient id, appointment id
     CURSOR                  <source>              the poller's opaque cursor for a MIS feed
+    LEASE                   <name>                single-runner lease (overlapping scheduled polls)
     PHONE#<hmac>            PAT#<patient id>      phone index (keyed HMAC, never the number)
     CONSENT#<subject>       CH#<channel>          current opt-out per channel (sticky)
     CONSENT#<subject>       AUDIT#<ts>#<channel>  audit trail, expires via TTL
@@ -180,6 +181,35 @@ class DynamoStore:
                 "updated_at": int(time.time()),
             }
         )
+
+    # --- leases ------------------------------------------------------------------------------------
+
+    def acquire_lease(self, name: str, owner: str, seconds: int, now: int) -> bool:
+        """At most one holder at a time (polls may overlap when one runs long); expired leases are taken over."""
+        try:
+            self._table.put_item(
+                Item={"pk": "LEASE", "sk": name, "owner": owner, "expires_at": now + seconds},
+                ConditionExpression="attribute_not_exists(pk) OR expires_at < :now OR #o = :owner",
+                ExpressionAttributeNames={"#o": "owner"},
+                ExpressionAttributeValues={":now": now, ":owner": owner},
+            )
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                return False
+            raise
+        return True
+
+    def release_lease(self, name: str, owner: str) -> None:
+        try:
+            self._table.delete_item(
+                Key={"pk": "LEASE", "sk": name},
+                ConditionExpression="#o = :owner",
+                ExpressionAttributeNames={"#o": "owner"},
+                ExpressionAttributeValues={":owner": owner},
+            )
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
 
     # --- phone index -------------------------------------------------------------------------------
 

@@ -165,6 +165,7 @@ class PollReport:
     messages: int = 0
     rejected: int = 0
     stopped_early: bool = False
+    skipped_busy: bool = False  # another poll still holds the lease
 
 
 class Poller:
@@ -178,7 +179,17 @@ class Poller:
         self._store = store
         self._queue = queue
 
-    def poll(self, remaining_ms: Callable[[], int], max_pages: int = 1000) -> PollReport:
+    def poll(self, remaining_ms: Callable[[], int], owner: str = "poller", max_pages: int = 1000) -> PollReport:
+        lease = f"poll:{self._source.kind}"
+        if not self._store.acquire_lease(lease, owner, remaining_ms() // 1000 + 1, int(time.time())):
+            logger.info("previous poll still running; skipping this run")
+            return PollReport(skipped_busy=True)
+        try:
+            return self._poll(remaining_ms, max_pages)
+        finally:
+            self._store.release_lease(lease, owner)
+
+    def _poll(self, remaining_ms: Callable[[], int], max_pages: int) -> PollReport:
         report = PollReport()
         cursor = self._store.get_cursor(self._source.kind)
         for _ in range(max_pages):

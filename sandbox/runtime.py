@@ -218,6 +218,7 @@ class ClinicStack:
             if spec is None or spec.loader is None:
                 raise RuntimeError(f"cannot load {path}")
             module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # pydantic resolves postponed annotations through it
             spec.loader.exec_module(module)
             self._modules[function_id] = module
         return self._modules[function_id]
@@ -280,9 +281,8 @@ class ClinicStack:
         SQS moves a message to the DLQ after maxReceiveCount receives.
         """
         sqs = self.aws.client("sqs")
-        batch_size = int(
-            function_properties(self.template, "StageSyncerFunction")["Events"]["SyncQueue"]["Properties"]["BatchSize"]
-        )
+        events = function_properties(self.template, "StageSyncerFunction")["Events"].values()
+        batch_size = int(next(e for e in events if e["Type"] == "SQS")["Properties"]["BatchSize"])
         totals = {"batches": 0, "messages": 0, "failed": 0}
         for _ in range(max_rounds):
             received = sqs.receive_message(

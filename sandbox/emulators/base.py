@@ -6,6 +6,7 @@ in-process (werkzeug's test client) or on a real loopback port (``serve``) for r
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -41,6 +42,9 @@ class Clock:
 
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no per-request access lines: paths can carry PII
 
 
 class ServedApp:

@@ -195,9 +195,7 @@ _REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Temp
 class MedodsEmulator:
     """In-memory MEDODS v2 API. Tests drive state through the mutation helpers below."""
 
-    def __init__(
-        self, clinic: SampleClinic, identity_key: str, secret: str, clock: Clock | None = None
-    ) -> None:
+    def __init__(self, clinic: SampleClinic, identity_key: str, secret: str, clock: Clock | None = None) -> None:
         self.identity_key = identity_key
         self.secret = secret
         self.clock = clock or Clock()
@@ -384,9 +382,7 @@ class MedodsEmulator:
         rows = sorted(rows, key=lambda r: (r.get("updatedAt", 0), r["id"]))
         return _json({"data": [dict(r) for r in rows[offset : offset + limit]], "total": len(rows)})
 
-    def _changed_since(
-        self, request: Request, rows: Iterable[Json], errors: dict[str, list[str]]
-    ) -> list[Json]:
+    def _changed_since(self, request: Request, rows: Iterable[Json], errors: dict[str, list[str]]) -> list[Json]:
         after = self._int_arg(request, "updatedAtAfter", errors)
         return [r for r in rows if after is None or r["updatedAt"] > after]
 
@@ -442,6 +438,14 @@ class MedodsEmulator:
     def client(self, client_id: int) -> Json:
         with self._lock:
             return dict(self._clients[client_id])
+
+    def all_appointments(self) -> list[Json]:
+        with self._lock:
+            return [dict(row) for row in self._appointments.values()]
+
+    def all_clients(self) -> list[Json]:
+        with self._lock:
+            return [dict(row) for row in self._clients.values()]
 
     def _touch(self, row: Json) -> None:
         # Whole seconds like the real API, yet strictly increasing per record even on a frozen clock.

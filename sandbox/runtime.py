@@ -293,8 +293,11 @@ class ClinicStack:
             ).get("Messages", [])
             if not received:
                 break
-            response = self.invoke("StageSyncerFunction", self._sqs_event(received))
-            failed = {f["itemIdentifier"] for f in (response or {}).get("batchItemFailures", [])}
+            try:
+                response = self.invoke("StageSyncerFunction", self._sqs_event(received))
+                failed = {f["itemIdentifier"] for f in (response or {}).get("batchItemFailures", [])}
+            except Exception:
+                failed = {m["MessageId"] for m in received}
             for message in received:
                 if message["MessageId"] in failed:
                     sqs.change_message_visibility(

@@ -43,7 +43,7 @@ def test_each_status_lands_in_its_stage() -> None:
         S.ARRIVED: "EXECUTING",
         S.COMPLETED: "FINAL_INVOICE",
         S.CANCELLED: "LOSE",
-        S.NO_SHOW: "NEW",
+        S.NO_SHOW: "UC_NOSHOW",
         S.RESCHEDULED: "PREPARATION",
     }
     for status, stage in expected.items():

@@ -139,6 +139,8 @@ class CrmConnection(Section):
     kind: Literal["bitrix24", "amocrm", "vtiger"]
     secret_ref: SecretRef = Field(description="Secrets Manager ARN/name holding the webhook URL or OAuth pair")
     originator_id: str = Field(default="clinicsync", description="Marks records we own (ORIGINATOR_ID)")
+    requests_per_second: float = Field(default=2.0, gt=0, le=50, description="The CRM's sustained request budget")
+    burst: int = Field(default=40, ge=1, le=250, description="Requests allowed back to back (under the CRM's burst)")
     pipelines: dict[Literal["primary", "repeat"], Pipeline]
 
     @model_validator(mode="after")

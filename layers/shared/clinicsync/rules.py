@@ -148,6 +148,13 @@ def _plan_deal(
     contact_id: str | None,
 ) -> None:
     aid = appointment.mis_id
+    # Visit history counts every completed visit, also those that are never sent (anonymous, filtered).
+    repeat = _is_repeat(next_state.first_visit_at, appointment)
+    if appointment.status is AppointmentStatus.COMPLETED and (
+        next_state.first_visit_at is None or appointment.starts_at < next_state.first_visit_at
+    ):
+        next_state.first_visit_at = appointment.starts_at
+
     reason = appointment_excluded(appointment, config)
     if reason:
         plan.skipped[aid] = reason
@@ -162,15 +169,6 @@ def _plan_deal(
     category_id = known.category_id or (match.category_id if match else None)
     closed = known.closed or (match.closed if match else False)
     status = effective_status(appointment, known)
-
-    if status is AppointmentStatus.COMPLETED and (
-        next_state.first_visit_at is None or appointment.starts_at < next_state.first_visit_at
-    ):
-        first_before = next_state.first_visit_at
-        next_state.first_visit_at = appointment.starts_at
-        repeat = _is_repeat(first_before, appointment)
-    else:
-        repeat = _is_repeat(next_state.first_visit_at, appointment)
 
     pipeline = _pipeline_by_category(config, category_id) if category_id else None
     pipeline = pipeline or config.pipeline(repeat=repeat)

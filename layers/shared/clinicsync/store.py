@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -45,95 +45,148 @@ def _opt_dt(value: Any) -> datetime | None:
     return datetime.fromisoformat(value) if isinstance(value, str) and value else None
 
 
+def _apply_item(state: PatientState, item: Mapping[str, Any]) -> None:
+    sk = str(item["sk"])
+    if sk == "STATE":
+        state.contact_id = item.get("contact_id")
+        state.version = int(item.get("version", -1))
+        state.content_hash = item.get("content_hash")
+        state.phone_key = item.get("phone_key")
+        state.first_visit_at = _opt_dt(item.get("first_visit_at"))
+    elif sk.startswith("APPT#"):
+        aid = sk.removeprefix("APPT#")
+        state.appointments[aid] = AppointmentState(
+            appointment_id=aid,
+            deal_id=item.get("deal_id"),
+            version=int(item.get("version", -1)),
+            content_hash=item.get("content_hash"),
+            status=item.get("status"),
+            category_id=item.get("category_id"),
+            stage=item.get("stage"),
+            closed=bool(item.get("closed", False)),
+            starts_at=_opt_dt(item.get("starts_at")),
+        )
+
+
+def _items_for(state: PatientState, changed_appointments: Sequence[str]) -> list[dict[str, Any]]:
+    pk = _patient_pk(state.patient_id)
+    items: list[dict[str, Any]] = [
+        {
+            "pk": pk,
+            "sk": "STATE",
+            "contact_id": state.contact_id,
+            "version": state.version,
+            "content_hash": state.content_hash,
+            "phone_key": state.phone_key,
+            "first_visit_at": state.first_visit_at.isoformat() if state.first_visit_at else None,
+        }
+    ]
+    for aid in dict.fromkeys(changed_appointments):
+        appt = state.appointments[aid]
+        items.append(
+            {
+                "pk": pk,
+                "sk": f"APPT#{aid}",
+                "deal_id": appt.deal_id,
+                "version": appt.version,
+                "content_hash": appt.content_hash,
+                "status": appt.status.value if appt.status else None,
+                "category_id": appt.category_id,
+                "stage": appt.stage,
+                "closed": appt.closed,
+                "starts_at": appt.starts_at.isoformat() if appt.starts_at else None,
+            }
+        )
+        if appt.deal_id:
+            items.append(
+                {"pk": f"CRM#deal#{appt.deal_id}", "sk": "MAP", "patient_id": state.patient_id, "appointment_id": aid}
+            )
+    if state.contact_id:
+        items.append({"pk": f"CRM#contact#{state.contact_id}", "sk": "MAP", "patient_id": state.patient_id})
+    return [{k: v for k, v in item.items() if v is not None} for item in items]
+
+
 class DynamoStore:
     def __init__(self, table: Table) -> None:
         self._table = table
 
     # --- patients ----------------------------------------------------------------------------------
 
-    def load_patients(self, patient_ids: Sequence[str]) -> dict[str, PatientState]:
-        return {pid: self._load_patient(pid) for pid in dict.fromkeys(patient_ids)}
+    def load_patients(self, wanted: Mapping[str, Sequence[str]] | Sequence[str]) -> dict[str, PatientState]:
+        """Each patient's STATE plus the named appointments, in BatchGetItem calls of 100 keys.
+
+        ``wanted`` maps a patient id to the appointment ids the caller is about to touch; a plain
+        sequence of patient ids loads every appointment (one Query per patient, for rare paths).
+        """
+        if not isinstance(wanted, Mapping):
+            return {pid: self._load_patient(pid) for pid in dict.fromkeys(wanted)}
+        keys = []
+        for pid, appointment_ids in wanted.items():
+            keys.append({"pk": _patient_pk(pid), "sk": "STATE"})
+            keys.extend({"pk": _patient_pk(pid), "sk": f"APPT#{aid}"} for aid in dict.fromkeys(appointment_ids))
+        states = {pid: PatientState(patient_id=pid) for pid in wanted}
+        for item in self._batch_get(keys):
+            _apply_item(states[str(item["pk"]).removeprefix("PAT#")], item)
+        return states
+
+    def _batch_get(self, keys: Sequence[dict[str, str]]) -> list[dict[str, Any]]:
+        resource = self._table.meta.client
+        items: list[dict[str, Any]] = []
+        for start in range(0, len(keys), 100):
+            request: dict[str, Any] = {self._table.name: {"Keys": list(keys[start : start + 100])}}
+            for attempt in range(8):
+                response = resource.batch_get_item(RequestItems=request)
+                # The resource's client (de)serialises DynamoDB types itself: items come back plain.
+                items.extend(response.get("Responses", {}).get(self._table.name, []))
+                request = dict(response.get("UnprocessedKeys") or {})
+                if not request:
+                    break
+                time.sleep(0.05 * 2**attempt)  # throttled keys come back unprocessed: back off
+            else:
+                raise RuntimeError("DynamoDB kept keys unprocessed")
+        return items
 
     def _load_patient(self, patient_id: str) -> PatientState:
-        items: list[dict[str, Any]] = []
+        state = PatientState(patient_id=patient_id)
         kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(_patient_pk(patient_id))}
         while True:
             page = self._table.query(**kwargs)
-            items.extend(page.get("Items", []))
+            for item in page.get("Items", []):
+                _apply_item(state, item)
             if "LastEvaluatedKey" not in page:
-                break
+                return state
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-        state = PatientState(patient_id=patient_id)
-        for item in items:
-            sk = str(item["sk"])
-            if sk == "STATE":
-                state.contact_id = item.get("contact_id")
-                state.version = int(item.get("version", -1))
-                state.content_hash = item.get("content_hash")
-                state.phone_key = item.get("phone_key")
-                state.first_visit_at = _opt_dt(item.get("first_visit_at"))
-            elif sk.startswith("APPT#"):
-                aid = sk.removeprefix("APPT#")
-                state.appointments[aid] = AppointmentState(
-                    appointment_id=aid,
-                    deal_id=item.get("deal_id"),
-                    version=int(item.get("version", -1)),
-                    content_hash=item.get("content_hash"),
-                    status=item.get("status"),
-                    category_id=item.get("category_id"),
-                    stage=item.get("stage"),
-                    closed=bool(item.get("closed", False)),
-                    starts_at=_opt_dt(item.get("starts_at")),
+
+    def save_patients(
+        self, saves: Sequence[tuple[PatientState, Sequence[str]]], loaded: Mapping[str, PatientState]
+    ) -> None:
+        """Persist after the CRM accepted the writes.
+
+        Items that already existed when ``loaded`` was read are replaced with a condition on their
+        version (never older over newer). New items and reverse maps go in BatchWriteItem calls:
+        nobody else can be creating them, since a patient's shard is a FIFO group served by one
+        invocation at a time.
+        """
+        fresh: list[dict[str, Any]] = []
+        for state, changed in saves:
+            before = loaded.get(state.patient_id, PatientState(patient_id=state.patient_id))
+            for item in _items_for(state, changed):
+                sk = str(item["sk"])
+                existed = (sk == "STATE" and before.version >= 0) or (
+                    sk.startswith("APPT#") and before.appointment(sk.removeprefix("APPT#")).version >= 0
                 )
-        return state
+                if existed and "version" in item:
+                    self._put_if_not_older(item)
+                else:
+                    fresh.append(item)
+        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+            for item in fresh:
+                batch.put_item(Item=item)
 
     def save_patient(self, state: PatientState, changed_appointments: Sequence[str]) -> None:
-        """Persist after the CRM accepted the writes. Versions never go backwards."""
-        pk = _patient_pk(state.patient_id)
-        items: list[dict[str, Any]] = [
-            {
-                "pk": pk,
-                "sk": "STATE",
-                "contact_id": state.contact_id,
-                "version": state.version,
-                "content_hash": state.content_hash,
-                "phone_key": state.phone_key,
-                "first_visit_at": state.first_visit_at.isoformat() if state.first_visit_at else None,
-            }
-        ]
-        for aid in dict.fromkeys(changed_appointments):
-            appt = state.appointments[aid]
-            items.append(
-                {
-                    "pk": pk,
-                    "sk": f"APPT#{aid}",
-                    "deal_id": appt.deal_id,
-                    "version": appt.version,
-                    "content_hash": appt.content_hash,
-                    "status": appt.status.value if appt.status else None,
-                    "category_id": appt.category_id,
-                    "stage": appt.stage,
-                    "closed": appt.closed,
-                    "starts_at": appt.starts_at.isoformat() if appt.starts_at else None,
-                }
-            )
-            if appt.deal_id:
-                items.append(
-                    {
-                        "pk": f"CRM#deal#{appt.deal_id}",
-                        "sk": "MAP",
-                        "patient_id": state.patient_id,
-                        "appointment_id": aid,
-                    }
-                )
-        if state.contact_id:
-            items.append({"pk": f"CRM#contact#{state.contact_id}", "sk": "MAP", "patient_id": state.patient_id})
-        for item in items:
-            clean = {k: v for k, v in item.items() if v is not None}
-            if "version" in clean:
-                self._put_if_not_older(clean)
-            else:
-                self._table.put_item(Item=clean)
+        """Single-patient save with every versioned item conditional (tests, repairs)."""
+        for item in _items_for(state, changed_appointments):
+            self._put_if_not_older(item) if "version" in item else self._table.put_item(Item=item)
 
     def _put_if_not_older(self, item: dict[str, Any]) -> None:
         try:
@@ -251,6 +304,14 @@ class DynamoStore:
                     "expires_at": at + AUDIT_TTL_SECONDS,
                 }
             )
+
+    def opted_out_many(self, subjects: Sequence[str], channels: Sequence[str]) -> dict[str, set[str]]:
+        keys = [{"pk": f"CONSENT#{s}", "sk": f"CH#{c}"} for s in dict.fromkeys(subjects) for c in channels]
+        found: dict[str, set[str]] = {s: set() for s in subjects}
+        for item in self._batch_get(keys):
+            if item.get("opted_out"):
+                found[str(item["pk"]).removeprefix("CONSENT#")].add(str(item["sk"]).removeprefix("CH#"))
+        return found
 
     def opted_out(self, subject: str) -> set[str]:
         page = self._table.query(

@@ -13,11 +13,12 @@ from typing import Protocol
 
 from clinicsync.config import ClinicConfig
 from clinicsync.crypto import KeyedHasher
-from clinicsync.models import PatientChanges, SyncMessage
+from clinicsync.models import Channel, PatientChanges, SyncMessage
 from clinicsync.observability import logger
-from clinicsync.ports import ChangePage, ContactWrite, CrmGateway, CrmMatches, DealWrite, MisSource
+from clinicsync.ports import ChangePage, CrmGateway, CrmMatches, DealWrite, MisSource, WriteOutcome
 from clinicsync.queue import shard_of
 from clinicsync.rules import PatientPlan, plan_patient
+from clinicsync.state import PatientState
 from clinicsync.store import DynamoStore
 
 
@@ -55,26 +56,9 @@ class Syncer:
     def sync(self, changes: Sequence[PatientChanges]) -> SyncReport:
         report = SyncReport(patients=len(changes))
         requests_before = self._gateway.requests_made()
-        merged = _merge_by_patient(changes)
-        live: list[PatientChanges] = []
-        for item in merged:
-            if item.patient.archived:
-                # A patient deleted or archived in the MIS leaves no state behind in our store.
-                self._store.delete_patient(item.patient.mis_id)
-                report.removed += 1
-            else:
-                live.append(item)
-
-        now = int(time.time())
-        ledger: dict[str, set[str]] = {}
-        for item in live:
-            subject = _mis_subject(item.patient.mis_id)
-            refused = sorted(c.value for c in item.patient.consent.opted_out())
-            if refused:
-                self._store.record_opt_outs(subject, refused, "mis", now)
-            ledger[item.patient.mis_id] = self._store.opted_out(subject)
-
-        states = self._store.load_patients([c.patient.mis_id for c in live])
+        live = self._drop_archived(_merge_by_patient(changes), report)
+        ledger = self._consent_ledger(live)
+        states = self._store.load_patients({c.patient.mis_id: [a.mis_id for a in c.appointments] for c in live})
         unknown_patients = [pid for pid, s in states.items() if s.contact_id is None]
         unknown_appointments = [
             a.mis_id
@@ -83,56 +67,83 @@ class Syncer:
             if states[c.patient.mis_id].appointment(a.mis_id).deal_id is None
         ]
         # Always look up by MIS id before creating: a create whose response was lost must not repeat.
-        matches = (
-            self._gateway.find_by_mis_ids(unknown_patients, unknown_appointments)
-            if (unknown_patients or unknown_appointments)
-            else None
-        )
+        matches = CrmMatches()
+        if unknown_patients or unknown_appointments:
+            matches = self._gateway.find_by_mis_ids(unknown_patients, unknown_appointments)
 
-        plans: list[PatientPlan] = [
+        plans = [
             plan_patient(
-                item,
-                states[item.patient.mis_id],
-                matches or CrmMatches(),
-                self._config,
-                self._hasher,
-                ledger.get(item.patient.mis_id, set()),
+                item, states[item.patient.mis_id], matches, self._config, self._hasher, ledger[item.patient.mis_id]
             )
             for item in live
         ]
         writes = [w for plan in plans for w in plan.writes]
-        outcome = self._gateway.apply(writes) if writes else None
+        outcome = self._gateway.apply(writes) if writes else WriteOutcome()
+        self._persist(plans, live, states, outcome, report)
+        report.crm_requests = self._gateway.requests_made() - requests_before
+        if outcome.failed:
+            raise SyncIncomplete(outcome.failed)
+        return report
 
+    def _drop_archived(self, changes: list[PatientChanges], report: SyncReport) -> list[PatientChanges]:
+        live = []
+        for item in changes:
+            if item.patient.archived:
+                # A patient deleted or archived in the MIS leaves no state behind in our store.
+                self._store.delete_patient(item.patient.mis_id)
+                report.removed += 1
+            else:
+                live.append(item)
+        return live
+
+    def _consent_ledger(self, live: Sequence[PatientChanges]) -> dict[str, set[str]]:
+        """Record the MIS's refusal flags; return every patient's opt-outs. The ledger is sticky:
+        an opt-out once recorded stays, whatever the MIS says later."""
+        now = int(time.time())
+        subjects = {item.patient.mis_id: _mis_subject(item.patient.mis_id) for item in live}
+        ledger = self._store.opted_out_many(list(subjects.values()), [c.value for c in Channel])
+        for item in live:
+            subject = subjects[item.patient.mis_id]
+            new = sorted({c.value for c in item.patient.consent.opted_out()} - ledger[subject])
+            if new:
+                self._store.record_opt_outs(subject, new, "mis", now)
+                ledger[subject] |= set(new)
+        return {pid: ledger[subject] for pid, subject in subjects.items()}
+
+    def _persist(
+        self,
+        plans: Sequence[PatientPlan],
+        live: Sequence[PatientChanges],
+        states: dict[str, PatientState],
+        outcome: WriteOutcome,
+        report: SyncReport,
+    ) -> None:
+        saves: list[tuple[PatientState, list[str]]] = []
         for plan, item in zip(plans, live, strict=True):
             for reason in plan.skipped.values():
                 report.skipped[reason] = report.skipped.get(reason, 0) + 1
-            if plan.next_state is None or (outcome and plan.patient_id in outcome.failed):
-                continue
+            if plan.next_state is None or plan.patient_id in outcome.failed:
+                continue  # failed patients are retried with the message; nothing half-applied is stored
             state = plan.next_state
             for write in plan.writes:
-                if outcome is None:
-                    break
+                created = (write.deal_id if isinstance(write, DealWrite) else write.contact_id) is None
                 if isinstance(write, DealWrite):
                     state.appointments[write.appointment_id].deal_id = outcome.deal_ids.get(write.appointment_id)
-                    created = write.deal_id is None
                     report.deals_created += created
                     report.deals_updated += not created
-                elif isinstance(write, ContactWrite):
+                else:
                     state.contact_id = outcome.contact_ids.get(plan.patient_id, state.contact_id)
-                    created = write.contact_id is None
                     report.contacts_created += created
                     report.contacts_updated += not created
             phone = item.patient.phone
             new_key = self._hasher.phone_key(phone) if phone else None
-            if new_key and new_key != states[plan.patient_id].phone_key:
-                self._store.index_phone(new_key, plan.patient_id, states[plan.patient_id].phone_key)
+            previous_key = states[plan.patient_id].phone_key
+            if new_key and new_key != previous_key:
+                self._store.index_phone(new_key, plan.patient_id, previous_key)
             state.phone_key = new_key
-            self._store.save_patient(state, plan.changed_appointments)
-
-        report.crm_requests = self._gateway.requests_made() - requests_before
-        if outcome and outcome.failed:
-            raise SyncIncomplete(outcome.failed)
-        return report
+            saves.append((state, plan.changed_appointments))
+        if saves:
+            self._store.save_patients(saves, states)
 
 
 def _merge_by_patient(changes: Sequence[PatientChanges]) -> list[PatientChanges]:

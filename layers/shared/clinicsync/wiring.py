@@ -16,7 +16,7 @@ import httpx
 from aws_lambda_powertools.utilities import parameters
 from pydantic import BaseModel, ConfigDict, Field
 
-from clinicsync.adapters.bitrix24 import Bitrix24Client, Bitrix24Gateway
+from clinicsync.adapters.bitrix24 import Bitrix24Client, Bitrix24Gateway, Pacer
 from clinicsync.adapters.medods import MedodsApi, MedodsSource
 from clinicsync.config import ClinicConfig, parse_clinic_config
 from clinicsync.crypto import KeyedHasher
@@ -108,16 +108,18 @@ def mis_source(config: ClinicConfig) -> MisSource:
 
 
 @functools.cache
-def _bitrix_client(webhook_url: str) -> Bitrix24Client:
+def _bitrix_client(webhook_url: str, rate: float, burst: int) -> Bitrix24Client:
     # Cached per URL so the pacer's state survives across warm invocations.
-    return Bitrix24Client(webhook_url, http=http_client())
+    return Bitrix24Client(webhook_url, http=http_client(), pacer=Pacer(rate, burst))
 
 
 def crm_gateway(config: ClinicConfig) -> CrmGateway:
     creds = secret(settings().crm_secret_arn)
     if config.crm.kind == "bitrix24":
         return Bitrix24Gateway(
-            _bitrix_client(str(creds["webhook_url"])), config.crm.originator_id, config.fields.crm_names
+            _bitrix_client(str(creds["webhook_url"]), config.crm.requests_per_second, config.crm.burst),
+            config.crm.originator_id,
+            config.fields.crm_names,
         )
     raise NotImplementedError(f"CRM kind {config.crm.kind!r} is not available yet")
 

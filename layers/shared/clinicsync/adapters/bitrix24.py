@@ -45,6 +45,14 @@ class Bitrix24Unavailable(Exception):
     """Retries are exhausted for a transient condition (limits, 5xx, timeouts)."""
 
 
+class Bitrix24OutcomeUnknown(Exception):
+    """A write was sent but its response was lost: it may or may not have been applied."""
+
+
+# Errors that mean the portal refused the request before running it, so a resend is safe.
+NOT_EXECUTED = frozenset({"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT"})
+
+
 def php_query(params: Mapping[str, Any]) -> str:
     """PHP ``http_build_query``: nested keys in brackets, every value URL-encoded (``+`` must survive)."""
     pairs: list[str] = []
@@ -87,27 +95,44 @@ def _as_dict(value: Any) -> dict[str, Any]:
 
 
 class Pacer:
-    """Keeps requests under the portal's leaky bucket (drains 2/s): at most one request per interval."""
+    """Mirrors the portal's leaky bucket locally: each request adds 1, the level drains at ``rate``/s.
+
+    Requests go out at once while the level is under ``burst`` and are spaced at 1/rate beyond it,
+    so a burst of work uses the bucket's headroom and steady state never meets a 503.
+    """
 
     def __init__(
         self,
-        interval: float,
+        rate: float = 2.0,
+        burst: int = 40,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self._interval = interval
+        self._rate = rate
+        self._burst = burst
         self._clock = clock
         self._sleep = sleep
-        self._next_at = 0.0
+        self._level = 0.0
+        self._at = clock()
         self._lock = threading.Lock()
 
     def wait(self) -> None:
         with self._lock:
             now = self._clock()
-            if self._next_at > now:
-                self._sleep(self._next_at - now)
-                now = self._next_at
-            self._next_at = now + self._interval
+            self._level = max(0.0, self._level - (now - self._at) * self._rate)
+            self._at = now
+            excess = self._level + 1 - self._burst
+            if excess > 0:
+                delay = excess / self._rate
+                self._sleep(delay)
+                self._level = max(0.0, self._level - delay * self._rate)
+                self._at = now + delay
+            self._level += 1
+
+    def penalise(self) -> None:
+        """The portal said 503: assume its bucket is full and let it drain before the next call."""
+        with self._lock:
+            self._level = float(self._burst)
 
 
 class Bitrix24Client:
@@ -124,42 +149,51 @@ class Bitrix24Client:
     ) -> None:
         self._base = webhook_url.rstrip("/") + "/"
         self._http = http or httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0))
-        self._pacer = pacer or Pacer(0.5)
+        self._pacer = pacer or Pacer()
         self._max_attempts = max_attempts
         self._backoff = backoff
         self._sleep = sleep
         self.requests = 0
         self.throttled = 0
 
-    def call(self, method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def call(self, method: str, params: Mapping[str, Any] | None = None, *, writes: bool = False) -> dict[str, Any]:
+        """POST one method. Requests that never ran (limits, refused connections) are retried with
+        backoff. A write whose response is lost (timeout, 5xx, HTML) may have been applied, so it is
+        never resent blindly: ``Bitrix24OutcomeUnknown`` sends the caller back to look up by MIS id."""
         for attempt in range(1, self._max_attempts + 1):
             self._pacer.wait()
             self.requests += 1
             try:
                 response = self._http.post(self._base + method + ".json", json=dict(params or {}))
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                self._retry_later(method, type(exc).__name__, attempt)
+                continue
             except (httpx.TimeoutException, httpx.TransportError) as exc:
-                logger.warning("bitrix24 transport error", extra={"method": method, "error": type(exc).__name__})
-                self._sleep(self._backoff * 2 ** (attempt - 1))
+                if writes:
+                    raise Bitrix24OutcomeUnknown(method) from exc
+                self._retry_later(method, type(exc).__name__, attempt)
                 continue
             body = self._json(response)
             if response.status_code == 200 and body is not None and "error" not in body:
                 return body
             code = str((body or {}).get("error", "")) or f"HTTP_{response.status_code}"
-            if response.status_code in (429, 503) or response.status_code >= 500 or body is None:
-                self.throttled += response.status_code in (429, 503)
-                logger.warning(
-                    "bitrix24 retryable",
-                    extra={
-                        "method": method,
-                        "status": response.status_code,
-                        "code": code,
-                        "attempt": attempt,
-                    },
-                )
-                self._sleep(self._backoff * 2 ** (attempt - 1))
+            if code in NOT_EXECUTED:
+                self.throttled += 1
+                if code == "QUERY_LIMIT_EXCEEDED":
+                    self._pacer.penalise()
+                self._retry_later(method, code, attempt)
+                continue
+            if response.status_code >= 500 or body is None:
+                if writes:
+                    raise Bitrix24OutcomeUnknown(method)
+                self._retry_later(method, code, attempt)
                 continue
             raise Bitrix24Error(code, str((body or {}).get("error_description", "")), response.status_code)
         raise Bitrix24Unavailable(f"{method}: retries exhausted")
+
+    def _retry_later(self, method: str, reason: str, attempt: int) -> None:
+        logger.warning("bitrix24 retry", extra={"method": method, "reason": reason, "attempt": attempt})
+        self._sleep(self._backoff * 2 ** (attempt - 1))
 
     @staticmethod
     def _json(response: httpx.Response) -> dict[str, Any] | None:
@@ -170,11 +204,13 @@ class Bitrix24Client:
             return None
         return body if isinstance(body, dict) else None
 
-    def batch(self, commands: Mapping[str, tuple[str, Mapping[str, Any]]], halt: bool = False) -> BatchResult:
+    def batch(
+        self, commands: Mapping[str, tuple[str, Mapping[str, Any]]], halt: bool = False, *, writes: bool = False
+    ) -> BatchResult:
         if len(commands) > BATCH_LIMIT:
             raise ValueError(f"batch takes at most {BATCH_LIMIT} commands")
         cmd = {key: f"{method}?{php_query(params)}" for key, (method, params) in commands.items()}
-        body = self.call("batch", {"halt": 1 if halt else 0, "cmd": cmd})
+        body = self.call("batch", {"halt": 1 if halt else 0, "cmd": cmd}, writes=writes)
         inner = _as_dict(body.get("result"))
         return BatchResult(
             result=_as_dict(inner.get("result")),
@@ -290,7 +326,13 @@ class Bitrix24Gateway:
                 ref_key = command.params["fields"]["CONTACT_ID"][len("$result[") : -1]
                 if ref_key not in keys and known:
                     command.params["fields"]["CONTACT_ID"] = known
-        result = self._client.batch({c.key: (c.method, c.params) for c in chunk}, halt=True)
+        try:
+            result = self._client.batch({c.key: (c.method, c.params) for c in chunk}, halt=True, writes=True)
+        except Bitrix24OutcomeUnknown:
+            # Some of these may exist now; the retry looks them up by MIS id before writing again.
+            for command in chunk:
+                outcome.failed.setdefault(command.patient_id, "outcome_unknown")
+            return []
         failed_at: int | None = None
         for index, command in enumerate(chunk):
             if command.key in result.errors:

@@ -15,7 +15,7 @@ SAM := $(SAM_VENV)/bin/sam
 MIS ?= medods
 CRM ?= bitrix24
 
-.PHONY: help venv sam-venv lint typecheck pytest validate build test demo bench clean check-python
+.PHONY: help venv sam-venv lint typecheck pytest validate build test demo bench schema clean check-python
 
 help:
 	@echo "make demo   - local runtime against the emulators (MIS=$(MIS) CRM=$(CRM))"
@@ -65,6 +65,11 @@ demo: venv
 
 bench: venv
 	$(PY) -m sandbox.bench
+
+# The clinic config's JSON Schema, for editors and the docs (a test keeps the committed copy current).
+schema: venv
+	$(PY) -c 'import json, sandbox; from clinicsync.config import clinic_config_json_schema as s; \
+		print(json.dumps(s(), indent=2, ensure_ascii=False))' > docs/clinic-config.schema.json
 
 clean:
 	rm -rf .aws-sam .demo

@@ -78,3 +78,8 @@ def test_status_vocabulary_defaults_overrides_and_unknowns() -> None:
     assert canonical_status("medods", "paid", {"paid": AppointmentStatus.ARRIVED}) is AppointmentStatus.ARRIVED
     with pytest.raises(UnknownStatus, match=r"mis\.statuses"):
         canonical_status("medods", "teleported")
+
+
+def test_committed_json_schema_is_current() -> None:
+    committed = json.loads((DEMO_CONFIG.parents[2] / "docs" / "clinic-config.schema.json").read_text(encoding="utf-8"))
+    assert committed == clinic_config_json_schema(), "run `make schema` and commit docs/clinic-config.schema.json"

@@ -125,7 +125,13 @@ class FieldMap(Section):
 class Matching(Section):
     default_region: str = Field(default="RU", pattern=r"^[A-Z]{2}$", description="Region for national numbers")
     adopt_open_leads: bool = True
-    adopt_lead_statuses: tuple[str, ...] = ("NEW", "IN_PROCESS")
+    adopt_lead_statuses: tuple[str, ...] = Field(
+        default=("NEW", "IN_PROCESS"), description="Lead statuses a booking may adopt (Bitrix24 STATUS_ID)"
+    )
+    adopt_deal_stages: tuple[str, ...] = Field(
+        default=("NEW", "C1:NEW"), description="Open deal stages a booking may adopt when found by phone"
+    )
+    converted_lead_status: str = Field(default="CONVERTED", description="Status an adopted lead is closed with")
 
 
 class Filters(Section):

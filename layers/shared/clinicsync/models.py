@@ -10,9 +10,9 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 MisId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
@@ -71,6 +71,15 @@ class Patient(Strict):
     refused_data_processing: bool = False
     archived: bool = False
     version: int = Field(ge=0, description="Monotonic per record, e.g. the MIS updatedAt in unix seconds")
+    # Optional card fields of the InfoClinica->amoCRM case; sent only if the clinic's field map asks.
+    representative: str | None = None
+    residence: str | None = None
+    card_comment: str | None = None
+    patient_status: str | None = None
+    guarantee_letter: bool | None = None
+    policy_number: str | None = None
+    policy_valid_until: str | None = None
+    cancellation_date: str | None = None
 
 
 class Appointment(Strict):
@@ -85,6 +94,19 @@ class Appointment(Strict):
     insurance_policy: str | None = None
     anonymous: bool = False
     version: int = Field(ge=0)
+    # Optional visit fields of the InfoClinica->amoCRM case; sent only if the clinic's field map asks.
+    doctor_name: str | None = None
+    branch_name: str | None = None
+    booked_by: str | None = None
+    booked_at: AwareDatetime | None = None
+    service_codes: tuple[str, ...] = ()
+    comment: str | None = None
+    assignment_id: str | None = None
+    patient_status: str | None = None
+    visit_category: str | None = None
+    charged: Decimal | None = None
+    discount: Decimal | None = None
+    paid: Decimal | None = None
 
     @property
     def is_dms(self) -> bool:
@@ -99,6 +121,18 @@ class PatientChanges(Strict):
     appointments: tuple[Appointment, ...] = ()
 
 
+class CrmObservation(Strict):
+    """Something a manager did in the CRM that the patient's state must learn (from a webhook or the
+    catch-up). It travels in the patient's shard group, so only one writer ever touches a patient."""
+
+    kind: Literal["deal_stage", "lead_for_patient"]
+    patient_id: MisId
+    appointment_id: MisId | None = None
+    crm_id: str
+    stage: str | None = None
+    closed: bool = False
+
+
 class SyncMessage(Strict):
     """One SQS message: many patients' change sets from one shard, so one Lambda batch fills CRM batches."""
 
@@ -106,4 +140,27 @@ class SyncMessage(Strict):
     clinic_id: str
     shard: int = Field(ge=0)
     produced_at: datetime
-    changes: tuple[PatientChanges, ...] = Field(min_length=1)
+    changes: tuple[PatientChanges, ...] = ()
+    observations: tuple[CrmObservation, ...] = ()
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SyncMessage:
+        if not self.changes and not self.observations:
+            raise ValueError("a sync message carries changes or observations")
+        return self
+
+
+class CrmEvent(Strict):
+    """A CRM entity that changed, as the webhook receiver or the catch-up saw it: ids only, no PII.
+
+    ``snapshot`` holds the entity's non-PII fields when the reader already fetched them (catch-up),
+    so the syncer does not fetch them again.
+    """
+
+    crm: Literal["bitrix24", "amocrm"]
+    event: str = Field(max_length=64)
+    entity: Literal["deal", "lead", "contact"]
+    crm_id: str = Field(pattern=r"^[0-9]{1,18}$")
+    source: Literal["webhook", "catchup"] = "webhook"
+    received_at: int = Field(ge=0)
+    snapshot: dict[str, str] | None = None

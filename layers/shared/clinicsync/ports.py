@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from clinicsync.config import Pipeline
 from clinicsync.models import PatientChanges
 from clinicsync.state import PatientState
 
@@ -59,11 +60,25 @@ class DealMatch:
 
 
 @dataclass(frozen=True)
+class PhoneCandidates:
+    """Open CRM records that carry a phone, found before creating a new patient's contact.
+
+    Ids only; a contact's ``owner`` is the MIS id it already belongs to (ORIGIN_ID), if any.
+    """
+
+    leads: tuple[str, ...] = ()  # open leads in an adoptable status, oldest first
+    contacts: tuple[tuple[str, str | None], ...] = ()  # (contact id, owner)
+    deals: tuple[tuple[str, str, str], ...] = ()  # (deal id, category id, stage): open, unowned, adoptable
+
+
+@dataclass(frozen=True)
 class CrmMatches:
-    """What the CRM already holds for the MIS ids we asked about."""
+    """What the CRM already holds for the MIS ids, phones and contacts we asked about."""
 
     contacts: Mapping[str, str] = field(default_factory=dict)  # patient mis id -> contact id
     deals: Mapping[str, DealMatch] = field(default_factory=dict)  # appointment mis id -> deal
+    phones: Mapping[str, PhoneCandidates] = field(default_factory=dict)  # E.164 -> candidates
+    multifields: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # contact -> {PHONE: entry id}
 
 
 @dataclass(frozen=True)
@@ -71,7 +86,9 @@ class ContactWrite:
     patient_id: str
     contact_id: str | None  # None: create
     fields: Mapping[str, Any]
-    previous_phone: str | None = None  # lets an adapter replace, not append, a changed phone
+    # On update, PHONE/EMAIL are multifields: a changed value edits our entry by its id (or is appended).
+    changed_multifields: frozenset[str] = frozenset()  # {"phone", "email"}
+    multifield_ids: Mapping[str, str] = field(default_factory=dict)  # {"phone": entry id}
 
 
 @dataclass(frozen=True)
@@ -83,9 +100,29 @@ class DealWrite:
     stage: str | None  # None: leave the stage as it is
     fields: Mapping[str, Any]
     contact_id: str | None = None  # known contact; None means "the contact written in this plan"
+    lead_id: str | None = None  # the lead this deal grew from (adoption keeps the lead's origin)
+    link_contact: bool = False  # an adopted deal is linked to the patient's contact
 
 
-CrmWrite = ContactWrite | DealWrite
+@dataclass(frozen=True)
+class LeadWrite:
+    """Attach an open lead to the patient's contact (and close it as converted, when adopted)."""
+
+    lead_id: str
+    patient_id: str
+    contact_id: str | None  # None means "the contact written in this plan"
+    convert: bool
+
+
+CrmWrite = ContactWrite | DealWrite | LeadWrite
+
+
+class PipelineMismatch(Exception):
+    """The clinic config names stages the CRM does not have (checked at start-up)."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
 
 
 @dataclass
@@ -98,11 +135,36 @@ class WriteOutcome:
 class CrmGateway(Protocol):
     kind: str
 
-    def find_by_mis_ids(self, patient_ids: Sequence[str], appointment_ids: Sequence[str]) -> CrmMatches: ...
+    def find(
+        self,
+        patient_ids: Sequence[str],
+        appointment_ids: Sequence[str],
+        phones: Sequence[str] = (),
+        multifield_contacts: Sequence[str] = (),
+    ) -> CrmMatches:
+        """One look-up for a whole plan: records by MIS id, open records by phone (for adoption),
+        and the PHONE/EMAIL entry ids of contacts whose phone or e-mail changed."""
+        ...
 
     def apply(self, writes: Sequence[CrmWrite]) -> WriteOutcome: ...
 
     def requests_made(self) -> int: ...
+
+    def verify_pipelines(self, pipelines: Mapping[Any, Pipeline]) -> frozenset[str]:
+        """Raise PipelineMismatch for stages the CRM lacks; return the CRM's closed (won/lost) stages."""
+        ...
+
+    def fetch(self, entity: str, crm_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        """Current non-PII fields of CRM records (re-fetch after a webhook), with the phone normalised."""
+        ...
+
+    def changed_since(self, entity: str, since: str, limit: int) -> list[dict[str, str]]:
+        """Records changed after ``since`` by anyone but us (the catch-up for missed webhooks)."""
+        ...
+
+    def integration_user(self) -> str:
+        """The CRM user our writes are made as: a change by this user is an echo of our own write."""
+        ...
 
 
 # --- Store -----------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from clinicsync.models import SyncMessage
+from clinicsync.models import CrmEvent, SyncMessage
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs.client import SQSClient
@@ -53,3 +53,19 @@ class SqsChangeQueue:
                 if again.get("Failed"):
                     raise RuntimeError(f"{len(again['Failed'])} sync messages could not be enqueued")
             self.sent += len(chunk)
+
+
+class SqsEventQueue:
+    """The CRM event queue (SQS standard): order does not matter, because the syncer re-fetches the
+    entity's current state; the event source batches up to 100 events so re-fetches are batched too."""
+
+    def __init__(self, sqs: SQSClient, queue_url: str) -> None:
+        self._sqs = sqs
+        self._url = queue_url
+
+    def send(self, events: Sequence[CrmEvent]) -> None:
+        entries = [{"Id": str(i), "MessageBody": e.model_dump_json()} for i, e in enumerate(events)]
+        for start in range(0, len(entries), SQS_BATCH):
+            response = self._sqs.send_message_batch(QueueUrl=self._url, Entries=entries[start : start + SQS_BATCH])  # type: ignore[arg-type]
+            if response.get("Failed"):
+                raise RuntimeError(f"{len(response['Failed'])} CRM events could not be enqueued")

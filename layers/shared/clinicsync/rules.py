@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
+from decimal import Decimal
 from typing import Any
 
 from clinicsync.config import ClinicConfig, Pipeline
 from clinicsync.crypto import KeyedHasher
-from clinicsync.models import Appointment, AppointmentStatus, Patient, PatientChanges
-from clinicsync.ports import ContactWrite, CrmMatches, CrmWrite, DealWrite
+from clinicsync.models import Appointment, AppointmentStatus, CrmObservation, Patient, PatientChanges
+from clinicsync.ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, LeadWrite, PhoneCandidates
 from clinicsync.state import AppointmentState, PatientState
 
 ACTIVE_STATUSES = frozenset({AppointmentStatus.BOOKED, AppointmentStatus.CONFIRMED})
@@ -51,14 +52,39 @@ def appointment_excluded(appointment: Appointment, config: ClinicConfig) -> str 
     return None
 
 
-def contact_fields(patient: Patient, config: ClinicConfig, opt_outs: Iterable[str]) -> dict[str, Any]:
-    """The contact payload in canonical names, cut to the clinic's field map (minimal by default)."""
+def _money(value: Decimal | None) -> str | None:
+    return str(value) if value is not None else None
+
+
+def _age(birth_date: str | None, today: date) -> int | None:
+    if not birth_date:
+        return None
+    born = date.fromisoformat(birth_date)
+    return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+
+
+def contact_fields(
+    patient: Patient, config: ClinicConfig, opt_outs: Iterable[str], today: date | None = None
+) -> dict[str, Any]:
+    """The contact payload in canonical names, cut to the clinic's field map (minimal by default).
+
+    The 16 contact fields of the InfoClinica->amoCRM case are all available; none is a diagnosis.
+    """
     available: dict[str, Any] = {
         "full_name": {"last": patient.last_name, "first": patient.first_name, "middle": patient.middle_name},
         "phone": patient.phone,
         "email": patient.email,
         "birth_date": patient.birth_date,
+        "age": _age(patient.birth_date, today or datetime.now(config.tz).date()),
         "sex": patient.sex,
+        "representative": patient.representative,
+        "residence": patient.residence,
+        "card_comment": patient.card_comment,
+        "patient_status": patient.patient_status,
+        "guarantee_letter": patient.guarantee_letter,
+        "policy_number": patient.policy_number,
+        "policy_valid_until": patient.policy_valid_until,
+        "cancellation_date": patient.cancellation_date,
         "opt_outs": sorted(set(opt_outs) | {c.value for c in patient.consent.opted_out()}),
     }
     fields = {name: available[name] for name in config.fields.contact if name in available}
@@ -67,19 +93,46 @@ def contact_fields(patient: Patient, config: ClinicConfig, opt_outs: Iterable[st
 
 
 def deal_fields(appointment: Appointment, status: AppointmentStatus, config: ClinicConfig) -> dict[str, Any]:
+    """The deal payload in canonical names, cut to the clinic's field map (the case's 16 fields at most)."""
     local_start = appointment.starts_at.astimezone(config.tz)
     available: dict[str, Any] = {
         "visit_at": local_start.isoformat(),
         "status": status.value,
         "is_dms": appointment.is_dms,
-        "doctor": appointment.doctor_id,
-        "branch": appointment.branch_id,
-        "price": str(appointment.price) if appointment.price is not None else None,
+        "doctor": appointment.doctor_name or appointment.doctor_id,
+        "branch": appointment.branch_name or appointment.branch_id,
+        "price": _money(appointment.price),
+        "booked_by": appointment.booked_by,
+        "booked_at": appointment.booked_at.astimezone(config.tz).isoformat() if appointment.booked_at else None,
+        "service_codes": ",".join(appointment.service_codes) or None,
+        "comment": appointment.comment,
+        "assignment_id": appointment.assignment_id,
+        "patient_status": appointment.patient_status,
+        "visit_category": appointment.visit_category,
+        "charged": _money(appointment.charged),
+        "discount": _money(appointment.discount),
+        "paid": _money(appointment.paid),
     }
     fields = {name: available[name] for name in config.fields.deal if name in available}
     fields["mis_appointment_id"] = appointment.mis_id
     fields["title"] = f"Приём {local_start:%d.%m.%Y %H:%M}"  # no patient name in a deal title
     return fields
+
+
+# How far a visit has progressed: a manager's manual stage holds until the MIS moves past it.
+_PROGRESS = {
+    AppointmentStatus.BOOKED: 0,
+    AppointmentStatus.RESCHEDULED: 0,
+    AppointmentStatus.CONFIRMED: 1,
+    AppointmentStatus.ARRIVED: 2,
+    AppointmentStatus.COMPLETED: 3,
+    AppointmentStatus.NO_SHOW: 3,
+    AppointmentStatus.CANCELLED: 3,
+}
+
+
+def mis_moved_forward(status: AppointmentStatus, at_manual_move: AppointmentStatus | None) -> bool:
+    return at_manual_move is None or _PROGRESS[status] > _PROGRESS[at_manual_move]
 
 
 def effective_status(appointment: Appointment, known: AppointmentState) -> AppointmentStatus:
@@ -100,6 +153,53 @@ def _pipeline_by_category(config: ClinicConfig, category_id: str | None) -> Pipe
     return next((p for p in config.crm.pipelines.values() if p.category_id == category_id), None)
 
 
+@dataclass
+class Adoption:
+    """Open CRM records found by a new patient's phone, and what this sync already claimed.
+
+    ``claimed`` is shared by every patient planned in one sync, so one lead, deal or contact is
+    adopted by one patient only. ``phone_shared`` is set when another patient has the same phone
+    (a family): contacts are then never adopted, so two patients are never merged into one contact.
+    """
+
+    candidates: PhoneCandidates
+    claimed: set[str]
+    phone_shared: bool = False
+    lead_id: str | None = None
+    deal: tuple[str, str, str] | None = None  # (deal id, category, stage)
+
+    def claim_contact(self) -> str | None:
+        if self.phone_shared:
+            return None
+        for contact_id, owner in self.candidates.contacts:
+            if owner is None and f"C{contact_id}" not in self.claimed:
+                self.claimed.add(f"C{contact_id}")
+                return contact_id
+        return None
+
+    def claim_lead_and_deal(self, config: ClinicConfig) -> None:
+        if config.matching.adopt_open_leads:
+            self.lead_id = next((lid for lid in self.candidates.leads if f"L{lid}" not in self.claimed), None)
+            if self.lead_id:
+                self.claimed.add(f"L{self.lead_id}")
+        categories = {p.category_id for p in config.crm.pipelines.values()}
+        for deal in self.candidates.deals:
+            if f"D{deal[0]}" not in self.claimed and deal[1] in categories:
+                self.deal = deal
+                self.claimed.add(f"D{deal[0]}")
+                return
+
+
+def changed_multifields(patient: Patient, state: PatientState, hasher: KeyedHasher) -> frozenset[str]:
+    """Phone or e-mail that differs from what we last wrote (known only by its keyed hash)."""
+    changed = set()
+    if patient.phone and state.phone_key and hasher.phone_key(patient.phone) != state.phone_key:
+        changed.add("phone")
+    if patient.email and state.email_key and hasher.email_key(patient.email) != state.email_key:
+        changed.add("email")
+    return frozenset(changed)
+
+
 def plan_patient(
     changes: PatientChanges,
     state: PatientState,
@@ -107,6 +207,7 @@ def plan_patient(
     config: ClinicConfig,
     hasher: KeyedHasher,
     ledger_opt_outs: Iterable[str] = (),
+    adoption: Adoption | None = None,
 ) -> PatientPlan:
     patient = changes.patient
     plan = PatientPlan(patient_id=patient.mis_id)
@@ -117,6 +218,12 @@ def plan_patient(
 
     next_state = state.model_copy(deep=True)
     contact_id = state.contact_id or matches.contacts.get(patient.mis_id)
+    if contact_id is None and adoption is not None:
+        # Look-up order: MIS appointment id, MIS patient id, then the phone (adopt, never duplicate).
+        contact_id = adoption.claim_contact()
+        adoption.claim_lead_and_deal(config)
+        if contact_id:
+            plan.skipped[f"contact:{contact_id}"] = "adopted_contact"
     next_state.contact_id = contact_id
 
     if patient.version < state.version:
@@ -127,12 +234,14 @@ def plan_patient(
         if contact_id is not None and digest == state.content_hash:
             plan.skipped[patient.mis_id] = "unchanged"
         else:
-            plan.writes.append(ContactWrite(patient.mis_id, contact_id, fields))
+            changed = changed_multifields(patient, state, hasher)
+            ids = matches.multifields.get(contact_id, {}) if contact_id else {}
+            plan.writes.append(ContactWrite(patient.mis_id, contact_id, fields, changed, ids))
         next_state.version = patient.version
         next_state.content_hash = digest
 
     for appointment in sorted(changes.appointments, key=lambda a: (a.starts_at, a.mis_id)):
-        _plan_deal(appointment, plan, next_state, matches, config, hasher, contact_id)
+        _plan_deal(appointment, plan, next_state, matches, config, hasher, contact_id, adoption)
 
     plan.next_state = next_state
     return plan
@@ -146,6 +255,7 @@ def _plan_deal(
     config: ClinicConfig,
     hasher: KeyedHasher,
     contact_id: str | None,
+    adoption: Adoption | None,
 ) -> None:
     aid = appointment.mis_id
     # Visit history counts every completed visit, also those that are never sent (anonymous, filtered).
@@ -168,12 +278,22 @@ def _plan_deal(
     deal_id = known.deal_id or (match.deal_id if match else None)
     category_id = known.category_id or (match.category_id if match else None)
     closed = known.closed or (match.closed if match else False)
+    lead_id = None
+    adopted_deal = False
+    if deal_id is None and adoption is not None:
+        # The patient's first new visit takes over the open deal and lead found by phone.
+        if adoption.deal is not None:
+            deal_id, category_id, _ = adoption.deal
+            adoption.deal = None
+            adopted_deal = True
+            plan.skipped[f"deal:{deal_id}"] = "adopted_deal"
+        lead_id, adoption.lead_id = adoption.lead_id, None
     status = effective_status(appointment, known)
 
     pipeline = _pipeline_by_category(config, category_id) if category_id else None
     pipeline = pipeline or config.pipeline(repeat=repeat)
     category_id = category_id or pipeline.category_id
-    stage = pipeline.stages[status]
+    stage: str | None = pipeline.stages[status]
 
     updated = known.model_copy(
         update={"version": appointment.version, "status": status, "starts_at": appointment.starts_at}
@@ -184,20 +304,52 @@ def _plan_deal(
         next_state.appointments[aid] = updated.model_copy(update={"deal_id": deal_id, "closed": True})
         plan.changed_appointments.append(aid)
         return
+    if known.manual_stage is not None:
+        if mis_moved_forward(status, known.manual_status):
+            updated = updated.model_copy(update={"manual_stage": None, "manual_status": None})
+        else:
+            stage = None  # a manager's stage holds until the MIS status moves forward
+            plan.skipped[f"stage:{aid}"] = "manual_stage_kept"
 
     fields = deal_fields(appointment, status, config)
     digest = hasher.content_hash({"fields": fields, "stage": stage, "category": category_id})
     if deal_id is not None and digest == known.content_hash:
         plan.skipped[aid] = "unchanged"
         return
-    plan.writes.append(DealWrite(aid, next_state.patient_id, deal_id, category_id, stage, fields, contact_id))
+    plan.writes.append(
+        DealWrite(aid, next_state.patient_id, deal_id, category_id, stage, fields, contact_id, lead_id, adopted_deal)
+    )
+    if lead_id is not None:
+        plan.writes.append(LeadWrite(lead_id, next_state.patient_id, contact_id, convert=True))
+    current = stage if stage is not None else known.manual_stage
     next_state.appointments[aid] = updated.model_copy(
         update={
             "deal_id": deal_id,
             "content_hash": digest,
             "category_id": category_id,
-            "stage": stage,
-            "closed": stage in pipeline.closed_stages,
+            "stage": current,
+            "closed": current in pipeline.closed_stages,
         }
     )
     plan.changed_appointments.append(aid)
+
+
+def apply_observation(state: PatientState, observation: CrmObservation, config: ClinicConfig) -> list[str]:
+    """Teach the patient's state what a manager did in the CRM. Returns the appointments changed."""
+    if observation.kind != "deal_stage" or observation.appointment_id is None or observation.stage is None:
+        return []
+    known = state.appointment(observation.appointment_id)
+    if known.deal_id not in (None, observation.crm_id) or known.stage == observation.stage:
+        return []  # not our deal, or nothing moved (our own write echoed back)
+    pipeline = _pipeline_by_category(config, known.category_id)
+    closed = observation.closed or (pipeline is not None and observation.stage in pipeline.closed_stages)
+    state.appointments[observation.appointment_id] = known.model_copy(
+        update={
+            "deal_id": observation.crm_id,
+            "stage": observation.stage,
+            "closed": known.closed or closed,
+            "manual_stage": observation.stage,
+            "manual_status": known.status,
+        }
+    )
+    return [observation.appointment_id]

@@ -21,6 +21,10 @@ class AppointmentState(BaseModel):
     stage: str | None = None
     closed: bool = False
     starts_at: datetime | None = None
+    # A manager moved the deal by hand while the MIS said ``manual_status``; the sync leaves that
+    # stage alone until the MIS status moves forward.
+    manual_stage: str | None = None
+    manual_status: AppointmentStatus | None = None
 
 
 class PatientState(BaseModel):
@@ -31,6 +35,7 @@ class PatientState(BaseModel):
     version: int = -1
     content_hash: str | None = None
     phone_key: str | None = Field(default=None, description="HMAC of the E.164 phone, for the phone index")
+    email_key: str | None = Field(default=None, description="HMAC of the e-mail: tells a changed e-mail")
     first_visit_at: datetime | None = Field(default=None, description="Earliest completed visit: repeat funnel")
     appointments: dict[str, AppointmentState] = Field(default_factory=dict)
 

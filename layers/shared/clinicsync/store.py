@@ -4,7 +4,7 @@ Key design (documented in docs/storage.md):
 
     pk                      sk                    what
     PAT#<patient id>        STATE                 contact id, version, content hash, phone HMAC, first visit
-    PAT#<patient id>        APPT#<appt id>        deal id, version, content hash, status, stage, closed
+    PAT#<patient id>        APPT#<appt id>        deal id, version, content hash, status, stage, closed, manual move
     CRM#contact#<id>        MAP                   reverse map for webhooks: patient id
     CRM#deal#<id>           MAP                   reverse map: patient id, appointment id
     CURSOR                  <source>              the poller's opaque cursor for a MIS feed
@@ -52,6 +52,7 @@ def _apply_item(state: PatientState, item: Mapping[str, Any]) -> None:
         state.version = int(item.get("version", -1))
         state.content_hash = item.get("content_hash")
         state.phone_key = item.get("phone_key")
+        state.email_key = item.get("email_key")
         state.first_visit_at = _opt_dt(item.get("first_visit_at"))
     elif sk.startswith("APPT#"):
         aid = sk.removeprefix("APPT#")
@@ -65,6 +66,8 @@ def _apply_item(state: PatientState, item: Mapping[str, Any]) -> None:
             stage=item.get("stage"),
             closed=bool(item.get("closed", False)),
             starts_at=_opt_dt(item.get("starts_at")),
+            manual_stage=item.get("manual_stage"),
+            manual_status=item.get("manual_status"),
         )
 
 
@@ -78,6 +81,7 @@ def _items_for(state: PatientState, changed_appointments: Sequence[str]) -> list
             "version": state.version,
             "content_hash": state.content_hash,
             "phone_key": state.phone_key,
+            "email_key": state.email_key,
             "first_visit_at": state.first_visit_at.isoformat() if state.first_visit_at else None,
         }
     ]
@@ -95,6 +99,8 @@ def _items_for(state: PatientState, changed_appointments: Sequence[str]) -> list
                 "stage": appt.stage,
                 "closed": appt.closed,
                 "starts_at": appt.starts_at.isoformat() if appt.starts_at else None,
+                "manual_stage": appt.manual_stage,
+                "manual_status": appt.manual_status.value if appt.manual_status else None,
             }
         )
         if appt.deal_id:

@@ -13,11 +13,21 @@ from typing import Protocol
 
 from clinicsync.config import ClinicConfig
 from clinicsync.crypto import KeyedHasher
-from clinicsync.models import Channel, PatientChanges, SyncMessage
+from clinicsync.models import Channel, CrmObservation, PatientChanges, SyncMessage
 from clinicsync.observability import logger
-from clinicsync.ports import ChangePage, CrmGateway, CrmMatches, DealWrite, MisSource, WriteOutcome
+from clinicsync.ports import (
+    ChangePage,
+    ContactWrite,
+    CrmGateway,
+    CrmMatches,
+    CrmWrite,
+    DealWrite,
+    LeadWrite,
+    MisSource,
+    WriteOutcome,
+)
 from clinicsync.queue import shard_of
-from clinicsync.rules import PatientPlan, plan_patient
+from clinicsync.rules import Adoption, PatientPlan, apply_observation, changed_multifields, plan_patient
 from clinicsync.state import PatientState
 from clinicsync.store import DynamoStore
 
@@ -37,6 +47,7 @@ class SyncReport:
     contacts_updated: int = 0
     deals_created: int = 0
     deals_updated: int = 0
+    leads_adopted: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     removed: int = 0
     crm_requests: int = 0
@@ -53,37 +64,107 @@ class Syncer:
         self._gateway = gateway
         self._hasher = hasher
 
-    def sync(self, changes: Sequence[PatientChanges]) -> SyncReport:
+    def sync(self, changes: Sequence[PatientChanges], observations: Sequence[CrmObservation] = ()) -> SyncReport:
         report = SyncReport(patients=len(changes))
         requests_before = self._gateway.requests_made()
         live = self._drop_archived(_merge_by_patient(changes), report)
         ledger = self._consent_ledger(live)
-        states = self._store.load_patients({c.patient.mis_id: [a.mis_id for a in c.appointments] for c in live})
-        unknown_patients = [pid for pid, s in states.items() if s.contact_id is None]
+        wanted: dict[str, list[str]] = {c.patient.mis_id: [a.mis_id for a in c.appointments] for c in live}
+        for obs in observations:
+            wanted.setdefault(obs.patient_id, []).extend([obs.appointment_id] if obs.appointment_id else [])
+        states = self._store.load_patients(wanted)
+        observed = self._observe(observations, states, report)
+
+        matches = self._look_up(live, states)
+        claimed: set[str] = set()
+        phone_owners = self._phones_in_batch(live)
+        plans = [
+            plan_patient(
+                item,
+                states[item.patient.mis_id],
+                matches,
+                self._config,
+                self._hasher,
+                ledger[item.patient.mis_id],
+                self._adoption(item, states, matches, claimed, phone_owners),
+            )
+            for item in live
+        ]
+        writes = [w for plan in plans for w in plan.writes] + self._lead_links(observations, states)
+        outcome = self._gateway.apply(writes) if writes else WriteOutcome()
+        self._persist(plans, live, states, outcome, report, observed)
+        report.crm_requests = self._gateway.requests_made() - requests_before
+        if outcome.failed:
+            raise SyncIncomplete(outcome.failed)
+        return report
+
+    def _look_up(self, live: Sequence[PatientChanges], states: dict[str, PatientState]) -> CrmMatches:
+        """One look-up per message. Always by MIS id before creating (a create whose response was lost
+        must not repeat), by phone for new patients (adopt open leads and deals, never duplicate), and
+        the phone/e-mail entry ids of contacts whose phone or e-mail changed."""
+        unknown_patients = [c.patient.mis_id for c in live if states[c.patient.mis_id].contact_id is None]
         unknown_appointments = [
             a.mis_id
             for c in live
             for a in c.appointments
             if states[c.patient.mis_id].appointment(a.mis_id).deal_id is None
         ]
-        # Always look up by MIS id before creating: a create whose response was lost must not repeat.
-        matches = CrmMatches()
-        if unknown_patients or unknown_appointments:
-            matches = self._gateway.find_by_mis_ids(unknown_patients, unknown_appointments)
-
-        plans = [
-            plan_patient(
-                item, states[item.patient.mis_id], matches, self._config, self._hasher, ledger[item.patient.mis_id]
-            )
-            for item in live
+        phones = [
+            c.patient.phone
+            for c in live
+            if c.patient.phone and states[c.patient.mis_id].contact_id is None and c.appointments
         ]
-        writes = [w for plan in plans for w in plan.writes]
-        outcome = self._gateway.apply(writes) if writes else WriteOutcome()
-        self._persist(plans, live, states, outcome, report)
-        report.crm_requests = self._gateway.requests_made() - requests_before
-        if outcome.failed:
-            raise SyncIncomplete(outcome.failed)
-        return report
+        changed_contacts = [
+            str(states[c.patient.mis_id].contact_id)
+            for c in live
+            if states[c.patient.mis_id].contact_id
+            and changed_multifields(c.patient, states[c.patient.mis_id], self._hasher)
+        ]
+        if not (unknown_patients or unknown_appointments or changed_contacts):
+            return CrmMatches()
+        return self._gateway.find(unknown_patients, unknown_appointments, phones, changed_contacts)
+
+    def _phones_in_batch(self, live: Sequence[PatientChanges]) -> dict[str, set[str]]:
+        owners: dict[str, set[str]] = {}
+        for item in live:
+            if item.patient.phone:
+                owners.setdefault(item.patient.phone, set()).add(item.patient.mis_id)
+        return owners
+
+    def _adoption(
+        self,
+        item: PatientChanges,
+        states: dict[str, PatientState],
+        matches: CrmMatches,
+        claimed: set[str],
+        phone_owners: dict[str, set[str]],
+    ) -> Adoption | None:
+        phone = item.patient.phone
+        if not phone or phone not in matches.phones or states[item.patient.mis_id].contact_id:
+            return None
+        pid = item.patient.mis_id
+        # A family shares one phone: then no contact is adopted, so two patients never merge.
+        others = phone_owners.get(phone, set()) | set(self._store.patients_by_phone(self._hasher.phone_key(phone)))
+        return Adoption(matches.phones[phone], claimed, phone_shared=bool(others - {pid}))
+
+    def _observe(
+        self, observations: Sequence[CrmObservation], states: dict[str, PatientState], report: SyncReport
+    ) -> dict[str, list[str]]:
+        changed: dict[str, list[str]] = {}
+        for obs in observations:
+            touched = apply_observation(states[obs.patient_id], obs, self._config)
+            if touched:
+                changed.setdefault(obs.patient_id, []).extend(touched)
+                report.skipped["manual_move_recorded"] = report.skipped.get("manual_move_recorded", 0) + 1
+        return changed
+
+    def _lead_links(self, observations: Sequence[CrmObservation], states: dict[str, PatientState]) -> list[CrmWrite]:
+        """A new lead from a known patient's phone is attached to that patient's contact."""
+        return [
+            LeadWrite(obs.crm_id, obs.patient_id, states[obs.patient_id].contact_id, convert=False)
+            for obs in observations
+            if obs.kind == "lead_for_patient" and states[obs.patient_id].contact_id
+        ]
 
     def _drop_archived(self, changes: list[PatientChanges], report: SyncReport) -> list[PatientChanges]:
         live = []
@@ -117,8 +198,13 @@ class Syncer:
         states: dict[str, PatientState],
         outcome: WriteOutcome,
         report: SyncReport,
+        observed: dict[str, list[str]],
     ) -> None:
         saves: list[tuple[PatientState, list[str]]] = []
+        planned = {plan.patient_id for plan in plans}
+        for pid, appointment_ids in observed.items():
+            if pid not in planned and pid not in outcome.failed:
+                saves.append((states[pid], appointment_ids))
         for plan, item in zip(plans, live, strict=True):
             for reason in plan.skipped.values():
                 report.skipped[reason] = report.skipped.get(reason, 0) + 1
@@ -126,22 +212,26 @@ class Syncer:
                 continue  # failed patients are retried with the message; nothing half-applied is stored
             state = plan.next_state
             for write in plan.writes:
-                created = (write.deal_id if isinstance(write, DealWrite) else write.contact_id) is None
                 if isinstance(write, DealWrite):
+                    created = write.deal_id is None
                     state.appointments[write.appointment_id].deal_id = outcome.deal_ids.get(write.appointment_id)
                     report.deals_created += created
                     report.deals_updated += not created
-                else:
+                elif isinstance(write, ContactWrite):
+                    created = write.contact_id is None
                     state.contact_id = outcome.contact_ids.get(plan.patient_id, state.contact_id)
                     report.contacts_created += created
                     report.contacts_updated += not created
+                else:
+                    report.leads_adopted += write.convert
             phone = item.patient.phone
             new_key = self._hasher.phone_key(phone) if phone else None
             previous_key = states[plan.patient_id].phone_key
             if new_key and new_key != previous_key:
                 self._store.index_phone(new_key, plan.patient_id, previous_key)
             state.phone_key = new_key
-            saves.append((state, plan.changed_appointments))
+            state.email_key = self._hasher.email_key(item.patient.email) if item.patient.email else None
+            saves.append((state, plan.changed_appointments + observed.get(plan.patient_id, [])))
         if saves:
             self._store.save_patients(saves, states)
 

@@ -16,12 +16,14 @@ import httpx
 from aws_lambda_powertools.utilities import parameters
 from pydantic import BaseModel, ConfigDict, Field
 
-from clinicsync.adapters.bitrix24 import Bitrix24Client, Bitrix24Gateway, Pacer
+from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer
+from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
 from clinicsync.adapters.medods import MedodsApi, MedodsSource
 from clinicsync.config import ClinicConfig, parse_clinic_config
+from clinicsync.crm_events import CrmCatchUp, CrmEventProcessor
 from clinicsync.crypto import KeyedHasher
 from clinicsync.ports import CrmGateway, MisSource
-from clinicsync.queue import SqsChangeQueue
+from clinicsync.queue import SqsChangeQueue, SqsEventQueue
 from clinicsync.store import DynamoStore
 from clinicsync.sync import Poller, Syncer
 
@@ -38,6 +40,7 @@ class Settings(BaseModel):
     clinic_id: str = Field(min_length=1)
     table_name: str = Field(min_length=1)
     sync_queue_url: str = Field(min_length=1)
+    crm_event_queue_url: str = Field(min_length=1)
     config_parameter_name: str = Field(min_length=1)
     mis_secret_arn: str = Field(min_length=1)
     crm_secret_arn: str = Field(min_length=1)
@@ -116,17 +119,44 @@ def _bitrix_client(webhook_url: str, rate: float, burst: int) -> Bitrix24Client:
 def crm_gateway(config: ClinicConfig) -> CrmGateway:
     creds = secret(settings().crm_secret_arn)
     if config.crm.kind == "bitrix24":
-        return Bitrix24Gateway(
-            _bitrix_client(str(creds["webhook_url"]), config.crm.requests_per_second, config.crm.burst),
-            config.crm.originator_id,
-            config.fields.crm_names,
-        )
+        client = _bitrix_client(str(creds["webhook_url"]), config.crm.requests_per_second, config.crm.burst)
+        return Bitrix24Gateway(client, config)
     raise NotImplementedError(f"CRM kind {config.crm.kind!r} is not available yet")
 
 
+@functools.cache
+def _verified(config: ClinicConfig) -> ClinicConfig:
+    """Stages are checked against the CRM once per container; its won/lost stages count as closed."""
+    closed = crm_gateway(config).verify_pipelines(config.crm.pipelines)
+    pipelines = {
+        name: p.model_copy(update={"closed_stages": p.closed_stages | closed})
+        for name, p in config.crm.pipelines.items()
+    }
+    return config.model_copy(update={"crm": config.crm.model_copy(update={"pipelines": pipelines})})
+
+
 def syncer() -> Syncer:
-    config = clinic_config()
+    config = _verified(clinic_config())
     return Syncer(config, store(), crm_gateway(config), hasher())
+
+
+def event_queue() -> SqsEventQueue:
+    return SqsEventQueue(sqs(), settings().crm_event_queue_url)
+
+
+def crm_events() -> CrmEventProcessor:
+    config = _verified(clinic_config())
+    return CrmEventProcessor(config, store(), crm_gateway(config), hasher(), change_queue())
+
+
+def crm_catch_up() -> CrmCatchUp:
+    config = _verified(clinic_config())
+    return CrmCatchUp(store(), crm_gateway(config), crm_events())
+
+
+def crm_credentials() -> dict[str, Any]:
+    """What the webhook receiver checks inbound events against (application_token, member_id)."""
+    return secret(settings().crm_secret_arn)
 
 
 def poller() -> Poller:
@@ -136,6 +166,6 @@ def poller() -> Poller:
 
 def reset() -> None:
     """Forget every cached client and value (tests switch clinics and endpoints)."""
-    for cached in (settings, http_client, dynamodb, sqs, _parse_config, _bitrix_client):
+    for cached in (settings, http_client, dynamodb, sqs, _parse_config, _bitrix_client, _verified):
         cached.cache_clear()
     parameters.clear_caches()  # type: ignore[no-untyped-call]

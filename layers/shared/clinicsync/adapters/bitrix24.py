@@ -8,27 +8,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
 from clinicsync.observability import logger
-from clinicsync.ports import ContactWrite, CrmMatches, CrmWrite, DealMatch, DealWrite, WriteOutcome
 
 BATCH_LIMIT = 50
 PAGE_SIZE = 50
-
-# Canonical deal/contact fields that have a native Bitrix24 field; the rest need a UF_CRM_* name.
-DEFAULT_CUSTOM_FIELDS: Mapping[str, str] = {
-    "status": "UF_CRM_CS_STATUS",
-    "is_dms": "UF_CRM_CS_DMS",
-    "doctor": "UF_CRM_CS_DOCTOR",
-    "branch": "UF_CRM_CS_BRANCH",
-    "opt_outs": "UF_CRM_CS_OPT_OUT",
-}
 
 
 class Bitrix24Error(Exception):
@@ -49,8 +39,23 @@ class Bitrix24OutcomeUnknown(Exception):
     """A write was sent but its response was lost: it may or may not have been applied."""
 
 
+class Bitrix24MethodBlocked(Exception):
+    """The portal's operating-time budget blocks this method until ``until``; other methods still work."""
+
+    def __init__(self, method: str, until: float) -> None:
+        super().__init__(f"{method} is blocked by the operating-time limit for {until - time.time():.0f} s")
+        self.method = method
+        self.until = until
+
+
 # Errors that mean the portal refused the request before running it, so a resend is safe.
-NOT_EXECUTED = frozenset({"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT"})
+NOT_EXECUTED = frozenset({"QUERY_LIMIT_EXCEEDED", "OVERLOAD_LIMIT"})
+OPERATING_PAUSE = 60.0  # when the portal does not say when the method's budget resets
+
+
+def _operating_reset(body: Mapping[str, Any] | None) -> float | None:
+    reset = ((body or {}).get("time") or {}).get("operating_reset_at")
+    return float(reset) if isinstance(reset, int | float) else None
 
 
 def php_query(params: Mapping[str, Any]) -> str:
@@ -148,6 +153,11 @@ class Bitrix24Client:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._base = webhook_url.rstrip("/") + "/"
+        # Incoming-webhook URLs are /rest/<user id>/<secret>/: every write we make is made as that user.
+        parts = [p for p in urlsplit(self._base).path.split("/") if p]
+        self.user_id = parts[1] if len(parts) >= 3 and parts[0] == "rest" else ""
+        self._blocked: dict[str, float] = {}
+        self._clock = time.time
         self._http = http or httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0))
         self._pacer = pacer or Pacer()
         self._max_attempts = max_attempts
@@ -155,6 +165,18 @@ class Bitrix24Client:
         self._sleep = sleep
         self.requests = 0
         self.throttled = 0
+
+    def note_blocked(self, method: str, error: Mapping[str, Any], reset_at: float | None = None) -> None:
+        """Remember a 429 OPERATION_TIME_LIMIT for one method; the others keep going."""
+        if error.get("error") == "OPERATION_TIME_LIMIT":
+            self._blocked[method] = reset_at or self._clock() + OPERATING_PAUSE
+
+    def blocked_until(self, method: str) -> float | None:
+        until = self._blocked.get(method)
+        if until is not None and until <= self._clock():
+            del self._blocked[method]
+            return None
+        return until
 
     def call(self, method: str, params: Mapping[str, Any] | None = None, *, writes: bool = False) -> dict[str, Any]:
         """POST one method. Requests that never ran (limits, refused connections) are retried with
@@ -177,6 +199,11 @@ class Bitrix24Client:
             if response.status_code == 200 and body is not None and "error" not in body:
                 return body
             code = str((body or {}).get("error", "")) or f"HTTP_{response.status_code}"
+            if code == "OPERATION_TIME_LIMIT":
+                reset = _operating_reset(body)
+                self.note_blocked(method, {"error": code}, reset)
+                self.throttled += 1
+                raise Bitrix24MethodBlocked(method, self._blocked[method])
             if code in NOT_EXECUTED:
                 self.throttled += 1
                 if code == "QUERY_LIMIT_EXCEEDED":
@@ -218,217 +245,3 @@ class Bitrix24Client:
             total={k: int(v) for k, v in _as_dict(inner.get("result_total")).items()},
             next={k: int(v) for k, v in _as_dict(inner.get("result_next")).items()},
         )
-
-
-def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-@dataclass
-class _Command:
-    key: str
-    method: str
-    params: dict[str, Any]
-    patient_id: str
-    write: CrmWrite
-
-
-class Bitrix24Gateway:
-    kind = "bitrix24"
-
-    def __init__(
-        self,
-        client: Bitrix24Client,
-        originator_id: str = "clinicsync",
-        custom_fields: Mapping[str, str] | None = None,
-    ) -> None:
-        self._client = client
-        self._originator = originator_id
-        self._custom = {**DEFAULT_CUSTOM_FIELDS, **(custom_fields or {})}
-
-    def requests_made(self) -> int:
-        return self._client.requests
-
-    # --- look-ups ----------------------------------------------------------------------------------
-
-    def find_by_mis_ids(self, patient_ids: Sequence[str], appointment_ids: Sequence[str]) -> CrmMatches:
-        commands: dict[str, tuple[str, Mapping[str, Any]]] = {}
-        for n, ids in enumerate(_chunks(list(dict.fromkeys(patient_ids)), PAGE_SIZE)):
-            commands[f"c{n}"] = ("crm.contact.list", self._origin_filter(ids, ["ID", "ORIGIN_ID"]))
-        for n, ids in enumerate(_chunks(list(dict.fromkeys(appointment_ids)), PAGE_SIZE)):
-            select = ["ID", "ORIGIN_ID", "CATEGORY_ID", "STAGE_ID", "CLOSED"]
-            commands[f"d{n}"] = ("crm.deal.list", self._origin_filter(ids, select))
-        contacts: dict[str, str] = {}
-        deals: dict[str, DealMatch] = {}
-        keys = list(commands)
-        for chunk in _chunks(keys, BATCH_LIMIT):
-            result = self._client.batch({k: commands[k] for k in chunk})
-            if result.errors:
-                raise Bitrix24Error("LOOKUP_FAILED", ",".join(sorted(result.errors)), 400)
-            for key, rows in result.result.items():
-                for row in rows if isinstance(rows, list) else []:
-                    origin = str(row.get("ORIGIN_ID", ""))
-                    if key.startswith("c"):
-                        # Oldest id wins, so a duplicate made by hand never replaces our mapping.
-                        contacts.setdefault(origin, str(row["ID"]))
-                    else:
-                        deals.setdefault(
-                            origin,
-                            DealMatch(
-                                deal_id=str(row["ID"]),
-                                category_id=str(row.get("CATEGORY_ID", "0")),
-                                stage=str(row.get("STAGE_ID", "")),
-                                closed=row.get("CLOSED") == "Y",
-                            ),
-                        )
-        return CrmMatches(contacts=contacts, deals=deals)
-
-    def _origin_filter(self, ids: Sequence[str], select: list[str]) -> dict[str, Any]:
-        return {
-            "filter": {"ORIGINATOR_ID": self._originator, "@ORIGIN_ID": list(ids)},
-            "select": select,
-            "order": {"ID": "ASC"},
-        }
-
-    # --- writes ------------------------------------------------------------------------------------
-
-    def apply(self, writes: Sequence[CrmWrite]) -> WriteOutcome:
-        outcome = WriteOutcome()
-        groups: dict[str, list[CrmWrite]] = {}
-        for write in writes:
-            groups.setdefault(write.patient_id, []).append(write)
-        pending = [self._commands(pid, group) for pid, group in groups.items()]
-        # Pack whole patients into batches; commands run in order with halt=1, so a deal never
-        # references a contact whose creation failed.
-        queue: list[list[_Command]] = [g for g in pending if g]
-        while queue:
-            chunk: list[_Command] = []
-            while queue and len(chunk) + len(queue[0]) <= BATCH_LIMIT:
-                chunk.extend(queue.pop(0))
-            if not chunk:  # one patient with more than 50 commands: send its head now
-                head = queue[0][:BATCH_LIMIT]
-                queue[0] = queue[0][BATCH_LIMIT:]
-                chunk = head
-            leftovers = self._run_chunk(chunk, outcome)
-            if leftovers:
-                queue.insert(0, leftovers)
-        return outcome
-
-    def _run_chunk(self, chunk: list[_Command], outcome: WriteOutcome) -> list[_Command]:
-        # Resolve references to contacts created by earlier chunks.
-        for command in chunk:
-            if isinstance(command.write, DealWrite) and command.params["fields"].get("CONTACT_ID", "").startswith(
-                "$result["
-            ):
-                known = outcome.contact_ids.get(command.patient_id)
-                keys = {c.key for c in chunk}
-                ref_key = command.params["fields"]["CONTACT_ID"][len("$result[") : -1]
-                if ref_key not in keys and known:
-                    command.params["fields"]["CONTACT_ID"] = known
-        try:
-            result = self._client.batch({c.key: (c.method, c.params) for c in chunk}, halt=True, writes=True)
-        except Bitrix24OutcomeUnknown:
-            # Some of these may exist now; the retry looks them up by MIS id before writing again.
-            for command in chunk:
-                outcome.failed.setdefault(command.patient_id, "outcome_unknown")
-            return []
-        failed_at: int | None = None
-        for index, command in enumerate(chunk):
-            if command.key in result.errors:
-                error = result.errors[command.key]
-                outcome.failed[command.patient_id] = str(error.get("error") or error.get("error_description", "error"))
-                failed_at = index
-                break
-            if command.key not in result.result:
-                failed_at = index
-                break
-            value = result.result[command.key]
-            if command.method == "crm.contact.add":
-                outcome.contact_ids[command.patient_id] = str(value)
-            elif command.method == "crm.deal.add":
-                outcome.deal_ids[command.write.appointment_id] = str(value)  # type: ignore[union-attr]
-            elif command.method == "crm.contact.update" and isinstance(command.write, ContactWrite):
-                outcome.contact_ids[command.patient_id] = str(command.write.contact_id)
-            elif command.method == "crm.deal.update" and isinstance(command.write, DealWrite):
-                outcome.deal_ids[command.write.appointment_id] = str(command.write.deal_id)
-        if failed_at is None:
-            return []
-        # halt=1 skipped everything after the failure: resend what belongs to other patients.
-        failed_patient = chunk[failed_at].patient_id
-        return [c for c in chunk[failed_at:] if c.patient_id != failed_patient and c.patient_id not in outcome.failed]
-
-    def _commands(self, patient_id: str, writes: Sequence[CrmWrite]) -> list[_Command]:
-        commands: list[_Command] = []
-        contact_ref: str | None = None
-        for write in writes:
-            if isinstance(write, ContactWrite):
-                key = f"c_{patient_id}"
-                params: dict[str, Any]
-                if write.contact_id is None:
-                    params = {
-                        "fields": self._contact_fields(write, create=True),
-                        "params": {"REGISTER_SONET_EVENT": "N"},
-                    }
-                    commands.append(_Command(key, "crm.contact.add", params, patient_id, write))
-                    contact_ref = f"$result[{key}]"
-                else:
-                    params = {
-                        "id": write.contact_id,
-                        "fields": self._contact_fields(write, create=False),
-                        "params": {"REGISTER_SONET_EVENT": "N"},
-                    }
-                    commands.append(_Command(key, "crm.contact.update", params, patient_id, write))
-        for write in writes:
-            if isinstance(write, DealWrite):
-                key = f"d_{write.appointment_id}"
-                fields = self._deal_fields(write)
-                if write.deal_id is None:
-                    contact = write.contact_id or contact_ref
-                    if contact:
-                        fields["CONTACT_ID"] = contact
-                    fields["CATEGORY_ID"] = write.category_id
-                    commands.append(_Command(key, "crm.deal.add", {"fields": fields}, patient_id, write))
-                else:
-                    commands.append(
-                        _Command(key, "crm.deal.update", {"id": write.deal_id, "fields": fields}, patient_id, write)
-                    )
-        return commands
-
-    def _contact_fields(self, write: ContactWrite, create: bool) -> dict[str, Any]:
-        src = write.fields
-        out: dict[str, Any] = {"ORIGINATOR_ID": self._originator, "ORIGIN_ID": write.patient_id}
-        if "full_name" in src:
-            name = src["full_name"]
-            out.update(LAST_NAME=name["last"], NAME=name["first"], SECOND_NAME=name["middle"])
-        if "birth_date" in src:
-            out["BIRTHDATE"] = src["birth_date"] or ""
-        if create:
-            # On update a PHONE list would append duplicates (multifield semantics); phones and
-            # e-mails are written on create and changed through edit-by-ID by the consent/contact flows.
-            if src.get("phone"):
-                out["PHONE"] = [{"VALUE": src["phone"], "VALUE_TYPE": "MOBILE"}]
-            if src.get("email"):
-                out["EMAIL"] = [{"VALUE": src["email"], "VALUE_TYPE": "HOME"}]
-        for name in ("sex", "opt_outs"):
-            if name in src and name in self._custom:
-                value = src[name]
-                out[self._custom[name]] = ",".join(value) if isinstance(value, list) else (value or "")
-        return out
-
-    def _deal_fields(self, write: DealWrite) -> dict[str, Any]:
-        src = write.fields
-        out: dict[str, Any] = {"ORIGINATOR_ID": self._originator, "ORIGIN_ID": write.appointment_id}
-        if "title" in src:
-            out["TITLE"] = src["title"]
-        if "visit_at" in src:
-            out["BEGINDATE"] = src["visit_at"]
-        if src.get("price") is not None:
-            out["OPPORTUNITY"] = src["price"]
-        if write.stage is not None:
-            out["STAGE_ID"] = write.stage
-        for name in ("status", "is_dms", "doctor", "branch"):
-            if name in src and name in self._custom:
-                value = src[name]
-                out[self._custom[name]] = ("Y" if value else "N") if isinstance(value, bool) else (value or "")
-        return out

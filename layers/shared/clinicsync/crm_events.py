@@ -1,0 +1,203 @@
+"""What the CRM tells us: webhook events and the catch-up for the ones that never arrived.
+
+Events carry only an entity and an id. The processor re-fetches them in batches, ignores echoes of
+our own writes, and turns what managers did into observations for the patient's shard (so the
+patient's state keeps a single writer), or into consent-ledger entries. Only records that carry our
+MIS id flow back; everything else in the CRM is left alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from clinicsync.config import ClinicConfig
+from clinicsync.crypto import KeyedHasher
+from clinicsync.models import Channel, CrmEvent, CrmObservation, SyncMessage
+from clinicsync.observability import logger
+from clinicsync.ports import CrmGateway
+from clinicsync.queue import shard_of
+from clinicsync.store import DynamoStore
+from clinicsync.sync import ChangeQueue
+
+ENTITY_OF_EVENT = {
+    "ONCRMDEALADD": "deal",
+    "ONCRMDEALUPDATE": "deal",
+    "ONCRMLEADADD": "lead",
+    "ONCRMLEADUPDATE": "lead",
+    "ONCRMCONTACTADD": "contact",
+    "ONCRMCONTACTUPDATE": "contact",
+}
+CATCHUP_CURSOR = "crm-catchup"
+CATCHUP_OVERLAP = timedelta(seconds=120)  # DATE_MODIFY has one-second resolution and lags a little
+CATCHUP_LIMIT = 2000  # per entity and run; the next run continues from the cursor
+
+
+@dataclass
+class EventReport:
+    events: int = 0
+    echoes: int = 0
+    not_ours: int = 0
+    manual_moves: int = 0
+    leads_for_patients: int = 0
+    ambiguous_leads: int = 0
+    opt_outs: int = 0
+    observations: list[CrmObservation] = field(default_factory=list)
+
+
+class CrmEventProcessor:
+    def __init__(
+        self,
+        config: ClinicConfig,
+        store: DynamoStore,
+        gateway: CrmGateway,
+        hasher: KeyedHasher,
+        queue: ChangeQueue,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._gateway = gateway
+        self._hasher = hasher
+        self._queue = queue
+        self._clock = clock
+        self._snapshots: dict[tuple[str, str], dict[str, str]] = {}
+
+    def prefetch(self, events: Sequence[CrmEvent]) -> None:
+        """Fetch every entity the batch mentions in as few CRM requests as the batch size allows.
+
+        A bulk edit of 10 000 deals becomes 10 000 events; duplicates in a batch are fetched once.
+        """
+        for event in events:
+            if event.snapshot is not None:
+                self._snapshots[(event.entity, event.crm_id)] = event.snapshot
+        for entity in ("deal", "lead", "contact"):
+            ids = sorted({e.crm_id for e in events if e.entity == entity and (entity, e.crm_id) not in self._snapshots})
+            if ids:
+                for crm_id, snapshot in self._gateway.fetch(entity, ids).items():
+                    self._snapshots[(entity, crm_id)] = snapshot
+
+    def handle(self, event: CrmEvent, report: EventReport) -> None:
+        """Decide what one event means. Observations are collected and sent by ``flush``."""
+        report.events += 1
+        snapshot = self._snapshots.get((event.entity, event.crm_id))
+        if snapshot is None:
+            if (event.entity, event.crm_id) not in self._snapshots:
+                self.prefetch([event])
+            snapshot = self._snapshots.get((event.entity, event.crm_id))
+        if snapshot is None:
+            report.not_ours += 1  # deleted since, or never visible to the integration user
+            return
+        if snapshot.get("modified_by") and snapshot["modified_by"] == self._gateway.integration_user():
+            report.echoes += 1  # our own write came back as a webhook
+            return
+        if event.entity == "deal":
+            self._deal(snapshot, report)
+        elif event.entity == "lead":
+            self._lead(snapshot, report)
+        else:
+            self._contact(snapshot, report)
+
+    def _deal(self, snapshot: dict[str, str], report: EventReport) -> None:
+        mapping = self._store.patient_for_crm("deal", snapshot["id"]) if snapshot.get("owner") else None
+        if mapping is None:
+            report.not_ours += 1
+            return
+        report.manual_moves += 1
+        report.observations.append(
+            CrmObservation(
+                kind="deal_stage",
+                patient_id=mapping["patient_id"],
+                appointment_id=mapping.get("appointment_id"),
+                crm_id=snapshot["id"],
+                stage=snapshot.get("stage") or None,
+                closed=snapshot.get("closed") == "Y",
+            )
+        )
+
+    def _lead(self, snapshot: dict[str, str], report: EventReport) -> None:
+        if snapshot.get("contact_id") or not snapshot.get("phone"):
+            report.not_ours += 1
+            return
+        if snapshot.get("status") not in self._config.matching.adopt_lead_statuses:
+            report.not_ours += 1
+            return
+        patients = self._store.patients_by_phone(self._hasher.phone_key(snapshot["phone"]))
+        if len(patients) != 1:
+            # Nobody, or a family sharing the phone: the booking in the MIS will adopt it instead.
+            report.ambiguous_leads += len(patients) > 1
+            return
+        report.leads_for_patients += 1
+        report.observations.append(
+            CrmObservation(kind="lead_for_patient", patient_id=patients[0], crm_id=snapshot["id"])
+        )
+
+    def _contact(self, snapshot: dict[str, str], report: EventReport) -> None:
+        owner = snapshot.get("owner")
+        if not owner:
+            report.not_ours += 1  # only contacts that carry a MIS id flow back
+            return
+        known = {c.value for c in Channel}
+        channels = sorted({c.strip() for c in snapshot.get("opt_outs", "").split(",")} & known)
+        if channels:
+            self._store.record_opt_outs(f"pat:{owner}", channels, "crm", int(self._clock()))
+            report.opt_outs += len(channels)
+
+    def flush(self, report: EventReport) -> None:
+        """Send the observations to each patient's shard; the syncer applies them there."""
+        by_shard: dict[int, list[CrmObservation]] = {}
+        for obs in report.observations:
+            by_shard.setdefault(shard_of(obs.patient_id, self._config.shards), []).append(obs)
+        now = datetime.now(UTC)
+        messages = [
+            SyncMessage(clinic_id=self._config.clinic_id, shard=shard, produced_at=now, observations=tuple(group))
+            for shard, group in sorted(by_shard.items())
+        ]
+        if messages:
+            self._queue.send(messages)
+        report.observations.clear()
+
+
+class CrmCatchUp:
+    """The CRM never retries an event, so a schedule reads what changed since the last run."""
+
+    def __init__(self, store: DynamoStore, gateway: CrmGateway, processor: CrmEventProcessor) -> None:
+        self._store = store
+        self._gateway = gateway
+        self._processor = processor
+
+    def run(self, now: datetime | None = None) -> EventReport:
+        now = now or datetime.now(UTC)
+        cursor = self._store.get_cursor(CATCHUP_CURSOR)
+        since = datetime.fromisoformat(str(cursor["since"])) if cursor else now - timedelta(hours=1)
+        report = EventReport()
+        newest = since
+        received = int(now.timestamp())
+        for entity in ("deal", "lead", "contact"):
+            rows = self._gateway.changed_since(entity, (since - CATCHUP_OVERLAP).isoformat(), CATCHUP_LIMIT)
+            events = [
+                CrmEvent.model_validate(
+                    {
+                        "crm": self._gateway.kind,
+                        "event": "CATCHUP",
+                        "entity": entity,
+                        "crm_id": row["id"],
+                        "source": "catchup",
+                        "received_at": received,
+                        "snapshot": row,
+                    }
+                )
+                for row in rows
+            ]
+            self._processor.prefetch(events)
+            for event in events:
+                self._processor.handle(event, report)
+            for row in rows:
+                if row.get("modified_at"):
+                    newest = max(newest, datetime.fromisoformat(row["modified_at"]))
+        self._processor.flush(report)
+        self._store.put_cursor(CATCHUP_CURSOR, {"since": newest.isoformat()})
+        logger.info("crm catch-up finished", extra={"events": report.events, "manual_moves": report.manual_moves})
+        return report

@@ -20,6 +20,7 @@ from sandbox.runtime import ClinicStack, LocalAws
 from sandbox.seed import SampleClinic, build_sample_clinic
 
 CLINICS = Path(__file__).resolve().parent / "clinics"
+WEBHOOK_EVENTS = ("ONCRMDEALADD", "ONCRMDEALUPDATE", "ONCRMLEADADD", "ONCRMLEADUPDATE", "ONCRMCONTACTUPDATE")
 
 
 @dataclass
@@ -43,12 +44,14 @@ class LocalClinic:
     owns_aws: bool = True
 
     def sync(self, on_batch: Any = None, on_polled: Any = None) -> RunSummary:
-        """One scheduled poll, then the queue drained through the syncer, as on AWS."""
+        """One scheduled poll, then the queues drained through the syncer, as on AWS."""
         before = self.bitrix.stats()
         poll = self.stack.run_schedule(name="Poll")
         if on_polled is not None:
             on_polled(self.stack.queue_depth())
         drain = self.stack.drain_queue(on_batch=on_batch)
+        for key, value in self.stack.drain_all().items():
+            drain[key] += value
         after = self.bitrix.stats()
         return RunSummary(
             poll=poll,
@@ -60,6 +63,17 @@ class LocalClinic:
         )
 
     # --- what the CRM holds, for checks and the demo summary ---------------------------------------
+
+    def deliver_webhooks(self) -> int:
+        """Bitrix24 posts its queued events to our HTTP API; then the syncer handles them."""
+        delivered = self.bitrix.deliver_events()
+        self.stack.drain_all()
+        return len(delivered)
+
+    def catch_up(self) -> Any:
+        result = self.stack.run_schedule(name="CrmCatchUp")
+        self.stack.drain_all()
+        return result
 
     def expected_deals(self) -> dict[str, ExpectedDeal]:
         return expected_deals(self.medods.all_clients(), self.medods.all_appointments(), self.config)
@@ -167,4 +181,7 @@ def start_local_clinic(
         },
     )
     config = parse_clinic_config(config_yaml)
-    return LocalClinic(aws, stack, config, sample, medods, bitrix, [medods_server, bitrix_server], owns_aws)
+    api = stack.serve_http()
+    for event in WEBHOOK_EVENTS:
+        bitrix.bind_event(event, f"{api.base_url}/webhooks/bitrix24")
+    return LocalClinic(aws, stack, config, sample, medods, bitrix, [medods_server, bitrix_server, api], owns_aws)

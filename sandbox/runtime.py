@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "template.yaml"
 REGION = "eu-central-1"
 ACCOUNT = "123456789012"
-LOCAL_RESOURCES = ("Table", "SyncQueue", "SyncDLQ")
+LOCAL_RESOURCES = ("Table", "SyncQueue", "SyncDLQ", "CrmEventQueue", "CrmEventDLQ")
 _env_lock = threading.RLock()
 
 if str(ROOT / "layers" / "shared") not in sys.path:
@@ -256,8 +256,8 @@ class ClinicStack:
 
     # --- SQS event source mapping ------------------------------------------------------------------
 
-    def _sqs_event(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
-        arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:{self.queue_url.rsplit('/', 1)[-1]}"
+    def _sqs_event(self, queue_url: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:{queue_url.rsplit('/', 1)[-1]}"
         records = [
             {
                 "messageId": m["MessageId"],
@@ -274,37 +274,58 @@ class ClinicStack:
         ]
         return {"Records": records}
 
-    def drain_queue(self, max_rounds: int = 10_000, on_batch: Any = None) -> dict[str, int]:
-        """Deliver queued messages to the syncer in batches of up to 10, as the event source mapping does.
+    def _event_source(self, queue_id: str) -> tuple[str, int]:
+        """(function, batch size) of the SQS event source mapping that reads ``queue_id``."""
+        for function_id in self.function_ids():
+            for event in function_properties(self.template, function_id).get("Events", {}).values():
+                if event["Type"] == "SQS" and event["Properties"]["Queue"] == {"Fn::GetAtt": [queue_id, "Arn"]}:
+                    return function_id, int(event["Properties"].get("BatchSize", 10))
+        raise KeyError(f"no SQS event source reads {queue_id}")
 
-        Failed items are made visible again at once (standing in for the visibility timeout), and
-        SQS moves a message to the DLQ after maxReceiveCount receives.
-        """
+    def _receive(self, queue_url: str, batch_size: int) -> list[dict[str, Any]]:
+        # SQS hands out at most 10 per call; the event source mapping gathers up to its batch size.
         sqs = self.aws.client("sqs")
-        events = function_properties(self.template, "StageSyncerFunction")["Events"].values()
-        batch_size = int(next(e for e in events if e["Type"] == "SQS")["Properties"]["BatchSize"])
-        totals = {"batches": 0, "messages": 0, "failed": 0}
-        for _ in range(max_rounds):
-            received = sqs.receive_message(
-                QueueUrl=self.queue_url,
-                MaxNumberOfMessages=batch_size,
+        received: list[dict[str, Any]] = []
+        while len(received) < batch_size:
+            page = sqs.receive_message(
+                QueueUrl=queue_url,
+                MaxNumberOfMessages=min(10, batch_size - len(received)),
                 AttributeNames=["All"],
                 WaitTimeSeconds=0,
             ).get("Messages", [])
+            if not page:
+                break
+            received.extend(page)
+        return received
+
+    def drain_queue(
+        self, queue_id: str = "SyncQueue", max_rounds: int = 10_000, on_batch: Any = None
+    ) -> dict[str, int]:
+        """Deliver queued messages to their function in batches, as the event source mapping does.
+
+        Failed items are made visible again at once (standing in for the visibility timeout); an
+        invocation error returns the whole batch; SQS moves a message to the DLQ after maxReceiveCount.
+        """
+        sqs = self.aws.client("sqs")
+        queue_url = self.physical[queue_id]
+        function_id, batch_size = self._event_source(queue_id)
+        totals = {"batches": 0, "messages": 0, "failed": 0}
+        for _ in range(max_rounds):
+            received = self._receive(queue_url, batch_size)
             if not received:
                 break
             try:
-                response = self.invoke("StageSyncerFunction", self._sqs_event(received))
+                response = self.invoke(function_id, self._sqs_event(queue_url, received))
                 failed = {f["itemIdentifier"] for f in (response or {}).get("batchItemFailures", [])}
             except Exception:
                 failed = {m["MessageId"] for m in received}
             for message in received:
                 if message["MessageId"] in failed:
                     sqs.change_message_visibility(
-                        QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+                        QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
                     )
                 else:
-                    sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
+                    sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
             totals["batches"] += 1
             totals["messages"] += len(received)
             totals["failed"] += len(failed)
@@ -312,9 +333,20 @@ class ClinicStack:
                 on_batch(len(received))
         return totals
 
-    def queue_depth(self, dlq: bool = False) -> int:
+    def drain_all(self) -> dict[str, int]:
+        """CRM events become patient observations on the sync queue: drain until both are empty."""
+        totals = {"batches": 0, "messages": 0, "failed": 0}
+        while True:
+            for queue_id in ("CrmEventQueue", "SyncQueue"):
+                for key, value in self.drain_queue(queue_id).items():
+                    totals[key] += value
+            if self.queue_depth() == 0 and self.queue_depth("CrmEventQueue") == 0:
+                return totals
+
+    def queue_depth(self, queue_id: str = "SyncQueue", dlq: bool = False) -> int:
+        url = self.physical[{"SyncQueue": "SyncDLQ", "CrmEventQueue": "CrmEventDLQ"}[queue_id] if dlq else queue_id]
         attrs = self.aws.client("sqs").get_queue_attributes(
-            QueueUrl=self.dlq_url if dlq else self.queue_url,
+            QueueUrl=url,
             AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
         )["Attributes"]
         return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])

@@ -1,4 +1,8 @@
-"""MIS poller: EventBridge Scheduler -> read the MIS feed -> enqueue per-patient change sets."""
+"""MIS poller: EventBridge Scheduler -> read the MIS feed -> enqueue per-patient change sets.
+
+Three scheduled jobs share it: ``poll`` (incremental), ``resync`` (re-read a window, repair drift)
+and ``catchup`` (read what changed in the CRM since the last run: its webhooks are never retried).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ class ScheduledRun(BaseModel):
 
     scheduled_time: str | None = None
     execution_id: str | None = None
-    job: Literal["poll", "resync"] = "poll"
+    job: Literal["poll", "resync", "catchup"] = "poll"
 
 
 @logger.inject_lambda_context(clear_state=True)

@@ -1,17 +1,30 @@
-"""Stage syncer: SQS FIFO batch -> plan and apply CRM writes per message, report partial failures."""
+"""Stage syncer: two SQS event sources.
+
+- The FIFO sync queue carries patients' change sets and CRM observations, grouped by patient shard:
+  CRM writes are planned and applied per message; failures are reported per record.
+- The CRM event queue carries webhook events: the whole batch is re-fetched at once, then each event
+  is judged on its own (echo, manual move, new lead, opt-out).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.utilities.batch import SqsFifoPartialProcessor, process_partial_response
+from aws_lambda_powertools.utilities.batch import (
+    BatchProcessor,
+    EventType,
+    SqsFifoPartialProcessor,
+    process_partial_response,
+)
 from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
 from aws_lambda_powertools.utilities.parser.types import Json
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import ValidationError
 
 from clinicsync import wiring
-from clinicsync.models import SyncMessage
+from clinicsync.crm_events import EventReport
+from clinicsync.models import CrmEvent, SyncMessage
 from clinicsync.observability import logger, metrics, tracer
 
 
@@ -19,13 +32,19 @@ class SyncRecord(SqsRecordModel):
     body: Json[SyncMessage]  # type: ignore[assignment]
 
 
+class CrmEventRecord(SqsRecordModel):
+    body: Json[CrmEvent]  # type: ignore[assignment]
+
+
 # FIFO: after a failure, the rest of that message group is returned too, so order per shard holds.
-processor = SqsFifoPartialProcessor(model=SyncRecord, skip_group_on_error=True)
+sync_processor = SqsFifoPartialProcessor(model=SyncRecord, skip_group_on_error=True)
+event_processor = BatchProcessor(event_type=EventType.SQS, model=CrmEventRecord)
 
 
 @tracer.capture_method(capture_response=False)
-def record_handler(record: SyncRecord) -> None:
-    report = wiring.syncer().sync(record.body.changes)
+def sync_record(record: SyncRecord) -> None:
+    message = record.body
+    report = wiring.syncer().sync(message.changes, message.observations)
     metrics.add_metric(
         name="ContactsWritten", unit=MetricUnit.Count, value=report.contacts_created + report.contacts_updated
     )
@@ -35,16 +54,52 @@ def record_handler(record: SyncRecord) -> None:
         "message synced",
         extra={
             "message_id": record.messageId,
-            "shard": record.body.shard,
+            "shard": message.shard,
             "patients": report.patients,
+            "observations": len(message.observations),
             "crm_requests": report.crm_requests,
             "skipped": report.skipped,
         },
     )
 
 
+def _crm_events(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    processor = wiring.crm_events()
+    valid = []
+    for raw in event.get("Records", []):
+        try:
+            valid.append(CrmEvent.model_validate_json(raw.get("body", "")))
+        except ValidationError:
+            continue  # reported as a failed item by the batch processor below
+    processor.prefetch(valid)  # one batched re-fetch for the whole SQS batch
+    report = EventReport()
+
+    def handle(record: CrmEventRecord) -> None:
+        processor.handle(record.body, report)
+
+    response = process_partial_response(event=event, record_handler=handle, processor=event_processor, context=context)
+    processor.flush(report)
+    metrics.add_metric(name="CrmEchoesIgnored", unit=MetricUnit.Count, value=report.echoes)
+    metrics.add_metric(name="CrmManualMoves", unit=MetricUnit.Count, value=report.manual_moves)
+    logger.info(
+        "crm events handled",
+        extra={
+            "events": report.events,
+            "echoes": report.echoes,
+            "not_ours": report.not_ours,
+            "manual_moves": report.manual_moves,
+            "leads": report.leads_for_patients,
+            "opt_outs": report.opt_outs,
+        },
+    )
+    return response
+
+
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler(capture_response=False)
 @metrics.log_metrics(capture_cold_start_metric=True)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)
+    records = event.get("Records") or [{}]
+    if not str(records[0].get("eventSourceARN", "")).endswith(".fifo"):
+        return _crm_events(event, context)
+    return process_partial_response(event=event, record_handler=sync_record, processor=sync_processor, context=context)

@@ -85,9 +85,12 @@ def _parse_config(text: str) -> ClinicConfig:
     return parse_clinic_config(text)
 
 
+def _config_text() -> str:
+    return str(parameters.get_parameter(settings().config_parameter_name, max_age=CACHE_SECONDS))
+
+
 def clinic_config() -> ClinicConfig:
-    text = parameters.get_parameter(settings().config_parameter_name, max_age=CACHE_SECONDS)
-    return _parse_config(str(text))
+    return _parse_config(_config_text())
 
 
 def hasher() -> KeyedHasher:
@@ -125,8 +128,10 @@ def crm_gateway(config: ClinicConfig) -> CrmGateway:
 
 
 @functools.cache
-def _verified(config: ClinicConfig) -> ClinicConfig:
-    """Stages are checked against the CRM once per container; its won/lost stages count as closed."""
+def _verified(config_text: str) -> ClinicConfig:
+    """Stages are checked against the CRM once per container and config version; the CRM's won and
+    lost stages count as closed, whatever the config lists."""
+    config = _parse_config(config_text)
     closed = crm_gateway(config).verify_pipelines(config.crm.pipelines)
     pipelines = {
         name: p.model_copy(update={"closed_stages": p.closed_stages | closed})
@@ -136,7 +141,7 @@ def _verified(config: ClinicConfig) -> ClinicConfig:
 
 
 def syncer() -> Syncer:
-    config = _verified(clinic_config())
+    config = _verified(_config_text())
     return Syncer(config, store(), crm_gateway(config), hasher())
 
 
@@ -145,12 +150,12 @@ def event_queue() -> SqsEventQueue:
 
 
 def crm_events() -> CrmEventProcessor:
-    config = _verified(clinic_config())
+    config = _verified(_config_text())
     return CrmEventProcessor(config, store(), crm_gateway(config), hasher(), change_queue())
 
 
 def crm_catch_up() -> CrmCatchUp:
-    config = _verified(clinic_config())
+    config = _verified(_config_text())
     return CrmCatchUp(store(), crm_gateway(config), crm_events())
 
 

@@ -344,6 +344,30 @@ def test_lease_lock_waits_for_the_holder_and_times_out(monkeypatch: pytest.Monke
     assert timed_out.value.retryable
     assert 1.0 <= now[0] < 3.0
 
+    # The lease is re-entrant for its owner, so threads of one container queue on a local lock first.
+    leases.holder = None
+    shared = lease_lock(leases, owner="me", timeout=2.0)
+    entered, release, second_in = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with shared():
+            entered.set()
+            release.wait(2)
+
+    def second() -> None:
+        with shared():
+            second_in.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    assert entered.wait(2)
+    threads[1].start()
+    assert not second_in.wait(0.2)
+    release.set()
+    assert second_in.wait(2)
+    for thread in threads:
+        thread.join(2)
+
 
 def test_the_access_token_is_cached_and_reread_once_after_it_expires() -> None:
     now = [1_000.0]

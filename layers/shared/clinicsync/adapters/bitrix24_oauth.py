@@ -182,7 +182,10 @@ def lease_lock(
             try:
                 yield
             finally:
-                store.release_lease(name, me)
+                try:
+                    store.release_lease(name, me)
+                except Exception as exc:  # never mask the body's outcome; the lease expires by itself
+                    logger.warning("bitrix24 oauth lease not released", extra={"error": type(exc).__name__})
 
     return hold
 
@@ -262,15 +265,14 @@ class Bitrix24OAuth:
             try:
                 fresh = self._grant(stored)
             except Bitrix24AuthError as exc:
-                if exc.code != "invalid_grant":
-                    raise
-                # The refresh token was spent by someone who did not hold our lock (an expired lease,
-                # an operator run): if the store moved on meanwhile, take its pair.
-                again = self._store.load()
-                if again.refresh_token.get_secret_value() != stored.refresh_token.get_secret_value():
-                    logger.warning("bitrix24 oauth refresh token was rotated concurrently; using the stored pair")
-                    self._remember(again)
-                    return again.access_token.get_secret_value()
+                if exc.code == "invalid_grant":
+                    # The refresh token was spent by someone who did not hold our lock (an expired
+                    # lease, an operator run): if the store moved on meanwhile, take its pair.
+                    again = self._store.load()
+                    if again.refresh_token.get_secret_value() != stored.refresh_token.get_secret_value():
+                        logger.warning("bitrix24 oauth refresh token was rotated concurrently; using the stored pair")
+                        self._remember(again)
+                        return again.access_token.get_secret_value()
                 logger.error("bitrix24 oauth refresh refused", extra={"code": exc.code, "status": exc.status})
                 raise
             with self._mutex:
@@ -371,4 +373,4 @@ class _RedactQuerySecrets(logging.Filter):
 
 _httpx_logger = logging.getLogger("httpx")
 if not any(isinstance(f, _RedactQuerySecrets) for f in _httpx_logger.filters):
-    pass
+    _httpx_logger.addFilter(_RedactQuerySecrets())

@@ -91,10 +91,14 @@ _COMMON = {
     ("secretsmanager:GetSecretValue", "ClinicSecretArn"),
 }
 EXPECTED_GRANTS: dict[str, set[tuple[str, str]]] = {
-    "MisPollerFunction": _COMMON | {("secretsmanager:GetSecretValue", "MisSecretArn")},
+    # The poller also runs the CRM catch-up job, which reads the CRM.
+    "MisPollerFunction": _COMMON
+    | {("secretsmanager:GetSecretValue", "MisSecretArn"), ("secretsmanager:GetSecretValue", "CrmSecretArn")},
     "StageSyncerFunction": _COMMON
     | {("secretsmanager:GetSecretValue", "CrmSecretArn"), ("secretsmanager:PutSecretValue", "CrmSecretArn")},
-    "CrmWebhookFunction": _COMMON | {("secretsmanager:GetSecretValue", "CrmSecretArn")},
+    # The webhook receiver only queues CRM events; it never touches the per-patient sync queue.
+    "CrmWebhookFunction": (_COMMON - {("sqs:SendMessage", "SyncQueue")})
+    | {("secretsmanager:GetSecretValue", "CrmSecretArn"), ("sqs:SendMessage", "CrmEventQueue")},
     "UnsubscribeFunction": set(_COMMON),
 }
 
@@ -331,11 +335,15 @@ def check_sqs_events(t: Template) -> None:
         if t["Resources"][queue]["Properties"].get("FifoQueue"):
             assert int(props.get("BatchSize", 10)) <= 10, f"{where}: FIFO batch size > 10"
             assert "MaximumBatchingWindowInSeconds" not in props, f"{where}: no batching window on FIFO"
-    syncer = [p for fn, _, p in events if fn == "StageSyncerFunction"]
-    assert len(syncer) == 1
-    assert syncer[0]["Queue"] == {"Fn::GetAtt": ["SyncQueue", "Arn"]}
-    assert syncer[0]["BatchSize"] == 10
-    assert syncer[0]["ScalingConfig"]["MaximumConcurrency"] == {"Ref": "SyncerMaxConcurrency"}
+    syncer = {_target(p["Queue"]): p for fn, _, p in events if fn == "StageSyncerFunction"}
+    assert set(syncer) == {"SyncQueue", "CrmEventQueue"}
+    assert syncer["SyncQueue"]["BatchSize"] == 10
+    # CRM events are re-fetched in batches: a standard queue with a batching window feeds up to 100.
+    assert t["Resources"]["CrmEventQueue"]["Properties"].get("FifoQueue") is not True
+    assert syncer["CrmEventQueue"]["BatchSize"] == 100
+    assert syncer["CrmEventQueue"]["MaximumBatchingWindowInSeconds"] > 0
+    for props in syncer.values():
+        assert props["ScalingConfig"]["MaximumConcurrency"] == {"Ref": "SyncerMaxConcurrency"}
 
 
 def check_sync_queue(t: Template) -> None:
@@ -393,7 +401,11 @@ def check_table(t: Template) -> None:
 
 def check_schedules(t: Template) -> None:
     schedules = {(fn, name): props for fn, name, props in _events(t, "ScheduleV2")}
-    assert set(schedules) == {("MisPollerFunction", "Poll"), ("MisPollerFunction", "DeepResync")}
+    assert set(schedules) == {
+        ("MisPollerFunction", "Poll"),
+        ("MisPollerFunction", "DeepResync"),
+        ("MisPollerFunction", "CrmCatchUp"),
+    }
     for (_, name), props in schedules.items():
         assert props.get("ScheduleExpressionTimezone") == {"Ref": "PollTimezone"}, name
         assert props.get("RetryPolicy"), name
@@ -407,6 +419,8 @@ def check_schedules(t: Template) -> None:
     resync = schedules[("MisPollerFunction", "DeepResync")]
     assert resync["ScheduleExpression"] == "cron(0 3,15 * * ? *)"
     assert json.loads(resync["Input"])["job"] == "resync"
+    catchup = schedules[("MisPollerFunction", "CrmCatchUp")]
+    assert json.loads(catchup["Input"])["job"] == "catchup"
 
 
 def check_routes(t: Template) -> None:

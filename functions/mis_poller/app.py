@@ -34,12 +34,16 @@ class ScheduledRun(BaseModel):
 @event_parser(model=ScheduledRun)
 def lambda_handler(event: ScheduledRun, context: LambdaContext) -> dict[str, Any]:
     logger.append_keys(execution_id=event.execution_id, job=event.job)
+    if event.job == "catchup":
+        caught = wiring.crm_catch_up().run()
+        metrics.add_metric(name="CrmCatchUpEvents", unit=MetricUnit.Count, value=caught.events)
+        return {"events": caught.events, "manual_moves": caught.manual_moves, "echoes": caught.echoes}
     poller = wiring.poller()
-    report = (
-        poller.resync(context.get_remaining_time_in_millis)
-        if event.job == "resync"
-        else poller.poll(context.get_remaining_time_in_millis)
-    )
+    remaining = context.get_remaining_time_in_millis
+    if event.job == "resync":
+        report = poller.resync(remaining)
+    else:
+        report = poller.poll(remaining, owner=context.aws_request_id)
     metrics.add_metric(name="PatientsEnqueued", unit=MetricUnit.Count, value=report.patients)
     metrics.add_metric(name="MisRecordsRejected", unit=MetricUnit.Count, value=report.rejected)
     logger.info("poll finished", extra=asdict(report))

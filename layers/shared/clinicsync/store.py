@@ -277,6 +277,12 @@ class DynamoStore:
             self._table.delete_item(Key={"pk": f"PHONE#{previous_key}", "sk": _patient_pk(patient_id)})
         self._table.put_item(Item={"pk": f"PHONE#{phone_key}", "sk": _patient_pk(patient_id)})
 
+    def index_phones(self, entries: Sequence[tuple[str, str]]) -> None:
+        """(phone key, patient id) pairs, written in batches; stale keys are removed by ``index_phone``."""
+        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+            for phone_key, patient_id in dict.fromkeys(entries):
+                batch.put_item(Item={"pk": f"PHONE#{phone_key}", "sk": _patient_pk(patient_id)})
+
     def patients_by_phone(self, phone_key: str) -> list[str]:
         page = self._table.query(KeyConditionExpression=Key("pk").eq(f"PHONE#{phone_key}"))
         return [str(item["sk"]).removeprefix("PAT#") for item in page.get("Items", [])]

@@ -274,11 +274,14 @@ class Poller:
 
     SAFETY_MS = 20_000  # stop this long before the Lambda deadline; the next run resumes
 
-    def __init__(self, config: ClinicConfig, source: MisSource, store: DynamoStore, queue: ChangeQueue) -> None:
+    def __init__(
+        self, config: ClinicConfig, source: MisSource, store: DynamoStore, queue: ChangeQueue, hasher: KeyedHasher
+    ) -> None:
         self._config = config
         self._source = source
         self._store = store
         self._queue = queue
+        self._hasher = hasher
 
     def poll(self, remaining_ms: Callable[[], int], owner: str = "poller", max_pages: int = 1000) -> PollReport:
         lease = f"poll:{self._source.kind}"
@@ -326,6 +329,11 @@ class Poller:
         report.pages += 1
         report.rejected += page.rejected
         messages = self._pack(page.changes)
+        # Index phones before anyone syncs: family members in different shards then see each other,
+        # so neither adopts a contact found by their shared phone.
+        self._store.index_phones(
+            [(self._hasher.phone_key(c.patient.phone), c.patient.mis_id) for c in page.changes if c.patient.phone]
+        )
         if messages:
             self._queue.send(messages)
         report.messages += len(messages)

@@ -166,7 +166,7 @@ def crm_credentials() -> dict[str, Any]:
 
 def poller() -> Poller:
     config = clinic_config()
-    return Poller(config, mis_source(config), store(), change_queue())
+    return Poller(config, mis_source(config), store(), change_queue(), hasher())
 
 
 def reset() -> None:

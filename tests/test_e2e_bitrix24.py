@@ -4,6 +4,7 @@ the Bitrix24 emulator (whose outbound webhooks really POST to the local HTTP end
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import date
 from decimal import Decimal
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from sandbox.local import LocalClinic
+from tests.helpers import ROOT
 
 
 @pytest.fixture
@@ -286,8 +288,5 @@ def test_stages_are_checked_against_the_crm_at_start_up(make_clinic: Callable[..
 
 
 def _fifo_record(clinic: LocalClinic) -> dict[str, Any]:
-    import json
-    from pathlib import Path
-
-    event = json.loads((Path(__file__).parent.parent / "events" / "stage_syncer_sqs_batch.json").read_text())
+    event = json.loads((ROOT / "events" / "stage_syncer_sqs_batch.json").read_text(encoding="utf-8"))
     return event["Records"][0]

@@ -40,10 +40,8 @@ def lambda_handler(event: ScheduledRun, context: LambdaContext) -> dict[str, Any
         return {"events": caught.events, "manual_moves": caught.manual_moves, "echoes": caught.echoes}
     poller = wiring.poller()
     remaining = context.get_remaining_time_in_millis
-    if event.job == "resync":
-        report = poller.resync(remaining)
-    else:
-        report = poller.poll(remaining, owner=context.aws_request_id)
+    resync = event.job == "resync"
+    report = poller.resync(remaining) if resync else poller.poll(remaining, owner=context.aws_request_id)
     metrics.add_metric(name="PatientsEnqueued", unit=MetricUnit.Count, value=report.patients)
     metrics.add_metric(name="MisRecordsRejected", unit=MetricUnit.Count, value=report.rejected)
     logger.info("poll finished", extra=asdict(report))

@@ -147,6 +147,9 @@ class CrmConnection(Section):
     originator_id: str = Field(default="clinicsync", description="Marks records we own (ORIGINATOR_ID)")
     requests_per_second: float = Field(default=2.0, gt=0, le=50, description="The CRM's sustained request budget")
     burst: int = Field(default=40, ge=1, le=250, description="Requests allowed back to back (under the CRM's burst)")
+    shared_budget: bool = Field(
+        default=True, description="Pace all concurrent syncers together through a DynamoDB leaky bucket"
+    )
     pipelines: dict[Literal["primary", "repeat"], Pipeline]
 
     @model_validator(mode="after")

@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer
 from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
+from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth, SecretsManagerTokenStore, lease_lock
 from clinicsync.adapters.medods import MedodsApi, MedodsSource
+from clinicsync.budget import RequestPacer, SharedLeakyBucket
 from clinicsync.config import ClinicConfig, parse_clinic_config
 from clinicsync.crm_events import CrmCatchUp, CrmEventProcessor
 from clinicsync.crypto import KeyedHasher
@@ -114,15 +116,30 @@ def mis_source(config: ClinicConfig) -> MisSource:
 
 
 @functools.cache
-def _bitrix_client(webhook_url: str, rate: float, burst: int) -> Bitrix24Client:
-    # Cached per URL so the pacer's state survives across warm invocations.
-    return Bitrix24Client(webhook_url, http=http_client(), pacer=Pacer(rate, burst))
+def _bitrix_client(secret_arn: str, rate: float, burst: int, shared_budget: bool) -> Bitrix24Client:
+    """One client per container, so its pacer and OAuth session survive warm invocations.
+
+    The pacer is a leaky bucket in DynamoDB shared by every concurrent syncer, keyed by the portal,
+    so together they stay under the portal's 2 req/s; ``shared_budget: false`` paces in-process.
+    """
+    creds = secret(secret_arn)
+    portal = str(creds.get("member_id") or creds.get("webhook_url") or "portal")
+    table = dynamodb().Table(settings().table_name)
+    pacer: RequestPacer = (
+        SharedLeakyBucket(table, f"bitrix24:{portal}", rate, burst) if shared_budget else Pacer(rate, burst)
+    )
+    if creds.get("webhook_url"):
+        return Bitrix24Client(str(creds["webhook_url"]), http=http_client(), pacer=pacer)
+    # An OAuth app: tokens live in the same secret, are rotated there, and refreshed under a lease.
+    tokens = SecretsManagerTokenStore(boto3.client("secretsmanager"), secret_arn)
+    oauth = Bitrix24OAuth(tokens, http_client(), lock=lease_lock(store()))
+    return Bitrix24Client(http=http_client(), pacer=pacer, oauth=oauth, user_id=str(creds.get("user_id", "")))
 
 
 def crm_gateway(config: ClinicConfig) -> CrmGateway:
-    creds = secret(settings().crm_secret_arn)
     if config.crm.kind == "bitrix24":
-        client = _bitrix_client(str(creds["webhook_url"]), config.crm.requests_per_second, config.crm.burst)
+        crm = config.crm
+        client = _bitrix_client(settings().crm_secret_arn, crm.requests_per_second, crm.burst, crm.shared_budget)
         return Bitrix24Gateway(client, config)
     raise NotImplementedError(f"CRM kind {config.crm.kind!r} is not available yet")
 

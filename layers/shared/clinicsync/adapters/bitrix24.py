@@ -15,6 +15,8 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth
+from clinicsync.budget import BudgetTimeout, RequestPacer
 from clinicsync.observability import logger
 
 BATCH_LIMIT = 50
@@ -145,17 +147,24 @@ class Bitrix24Client:
 
     def __init__(
         self,
-        webhook_url: str,
+        webhook_url: str | None = None,
         http: httpx.Client | None = None,
-        pacer: Pacer | None = None,
+        pacer: RequestPacer | None = None,
         max_attempts: int = 6,
         backoff: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
+        *,
+        oauth: Bitrix24OAuth | None = None,
+        user_id: str = "",
     ) -> None:
-        self._base = webhook_url.rstrip("/") + "/"
+        """Incoming webhook (``webhook_url``) or OAuth app (``oauth``): exactly one of them."""
+        if (webhook_url is None) == (oauth is None):
+            raise ValueError("give either an incoming-webhook URL or an OAuth session")
+        self._oauth = oauth
+        self._webhook = webhook_url.rstrip("/") + "/" if webhook_url else None
         # Incoming-webhook URLs are /rest/<user id>/<secret>/: every write we make is made as that user.
-        parts = [p for p in urlsplit(self._base).path.split("/") if p]
-        self.user_id = parts[1] if len(parts) >= 3 and parts[0] == "rest" else ""
+        parts = [p for p in urlsplit(self._webhook or "").path.split("/") if p]
+        self.user_id = user_id or (parts[1] if len(parts) >= 3 and parts[0] == "rest" else "")
         self._blocked: dict[str, float] = {}
         self._clock = time.time
         self._http = http or httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0))
@@ -182,11 +191,16 @@ class Bitrix24Client:
         """POST one method. Requests that never ran (limits, refused connections) are retried with
         backoff. A write whose response is lost (timeout, 5xx, HTML) may have been applied, so it is
         never resent blindly: ``Bitrix24OutcomeUnknown`` sends the caller back to look up by MIS id."""
+        refreshed = False
         for attempt in range(1, self._max_attempts + 1):
-            self._pacer.wait()
-            self.requests += 1
             try:
-                response = self._http.post(self._base + method + ".json", json=dict(params or {}))
+                self._pacer.wait()
+            except BudgetTimeout as exc:
+                raise Bitrix24Unavailable(f"{method}: the shared request budget is exhausted") from exc
+            self.requests += 1
+            url, body_params, token = self._target(method, params)
+            try:
+                response = self._http.post(url, json=body_params)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 self._retry_later(method, type(exc).__name__, attempt)
                 continue
@@ -199,6 +213,11 @@ class Bitrix24Client:
             if response.status_code == 200 and body is not None and "error" not in body:
                 return body
             code = str((body or {}).get("error", "")) or f"HTTP_{response.status_code}"
+            if code == "expired_token" and self._oauth is not None and token and not refreshed:
+                # Refresh once and replay; the new refresh token replaces the old one before first use.
+                self._oauth.refresh(token)
+                refreshed = True
+                continue
             if code == "OPERATION_TIME_LIMIT":
                 reset = _operating_reset(body)
                 self.note_blocked(method, {"error": code}, reset)
@@ -217,6 +236,14 @@ class Bitrix24Client:
                 continue
             raise Bitrix24Error(code, str((body or {}).get("error_description", "")), response.status_code)
         raise Bitrix24Unavailable(f"{method}: retries exhausted")
+
+    def _target(self, method: str, params: Mapping[str, Any] | None) -> tuple[str, dict[str, Any], str | None]:
+        body = dict(params or {})
+        if self._oauth is None:
+            return f"{self._webhook}{method}.json", body, None
+        token = self._oauth.access_token()
+        body["auth"] = token  # in the body, never the URL: URLs end up in access logs
+        return f"{self._oauth.client_endpoint()}{method}.json", body, token
 
     def _retry_later(self, method: str, reason: str, attempt: int) -> None:
         logger.warning("bitrix24 retry", extra={"method": method, "reason": reason, "attempt": attempt})

@@ -1,0 +1,180 @@
+"""The Bitrix24 client and gateway against the emulator on loopback: batching, retries, HTML bodies,
+per-method pauses, lost responses, OAuth and the start-up stage check."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+
+from clinicsync.adapters.bitrix24 import Bitrix24Client, Bitrix24MethodBlocked, Pacer, php_query
+from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
+from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth, Bitrix24Tokens
+from clinicsync.ports import ContactWrite, DealWrite, PipelineMismatch
+from sandbox.emulators.base import ServedApp
+from sandbox.emulators.bitrix24 import Bitrix24Emulator
+from tests.helpers import demo_config
+
+CONFIG = demo_config()
+
+
+@pytest.fixture
+def emu() -> Iterator[tuple[Bitrix24Emulator, str]]:
+    emulator = Bitrix24Emulator()
+    server = ServedApp(emulator).start()
+    yield emulator, server.base_url
+    server.stop()
+
+
+def _client(emulator: Bitrix24Emulator, base: str, **kw: Any) -> Bitrix24Client:
+    return Bitrix24Client(emulator.webhook_url(base), pacer=Pacer(rate=1000, burst=1000), backoff=0.0, **kw)
+
+
+def _writes(n: int, start: int = 0) -> list[ContactWrite | DealWrite]:
+    writes: list[ContactWrite | DealWrite] = []
+    visit = datetime(2026, 12, 1, 10, 0, tzinfo=ZoneInfo("Europe/Moscow")).isoformat()
+    for i in range(start, start + n):
+        pid = f"p{i}"
+        writes.append(ContactWrite(pid, None, {"full_name": {"last": "Тест", "first": "Т", "middle": ""}}))
+        writes.append(DealWrite(f"a{i}", pid, None, "0", "PREPARATION", {"visit_at": visit, "title": "Приём"}))
+    return writes
+
+
+def test_php_query_encodes_plus_and_keeps_references() -> None:
+    query = php_query({"fields": {"PHONE": [{"VALUE": "+79161234567"}], "CONTACT_ID": "$result[c_1]"}})
+    assert "fields[PHONE][0][VALUE]=%2B79161234567" in query
+    assert "fields[CONTACT_ID]=$result[c_1]" in query
+
+
+def test_sixty_new_patients_take_three_batch_requests(emu: tuple[Bitrix24Emulator, str]) -> None:
+    emulator, base = emu
+    gateway = Bitrix24Gateway(_client(emulator, base), CONFIG)
+    outcome = gateway.apply(_writes(60))
+    assert outcome.failed == {}
+    assert len(outcome.contact_ids) == 60 and len(outcome.deal_ids) == 60
+    assert emulator.stats()["requests"] == 3  # 120 commands, 50 per batch, patients never split
+    for appointment, deal_id in outcome.deal_ids.items():
+        deal = emulator.deals[int(deal_id)]
+        assert deal["ORIGIN_ID"] == appointment
+        assert deal["CONTACT_ID"] == outcome.contact_ids[appointment.replace("a", "p")]
+
+
+def test_find_uses_one_request_for_mis_ids_and_phones(emu: tuple[Bitrix24Emulator, str]) -> None:
+    emulator, base = emu
+    gateway = Bitrix24Gateway(_client(emulator, base), CONFIG)
+    gateway.apply(_writes(3))
+    emulator.reset_stats()
+    matches = gateway.find(["p0", "p1", "p9"], ["a0", "a9"], phones=["+79990000000"])
+    assert set(matches.contacts) == {"p0", "p1"} and set(matches.deals) == {"a0"}
+    assert emulator.stats()["requests"] == 1
+
+
+def test_html_error_pages_on_reads_are_retried(emu: tuple[Bitrix24Emulator, str]) -> None:
+    emulator, base = emu
+    gateway = Bitrix24Gateway(_client(emulator, base), CONFIG)
+    gateway.apply(_writes(1))
+    emulator.faults.add(method="batch", status=502, html=True, times=2)
+    matches = gateway.find(["p0"], [])
+    assert matches.contacts.keys() == {"p0"}
+
+
+def test_a_lost_write_response_is_reported_not_resent(emu: tuple[Bitrix24Emulator, str]) -> None:
+    emulator, base = emu
+    gateway = Bitrix24Gateway(_client(emulator, base), CONFIG)
+    emulator.faults.add(method="batch", status=504, html=True, times=1, after_apply=True)
+    outcome = gateway.apply(_writes(2))
+    assert outcome.failed == {"p0": "outcome_unknown", "p1": "outcome_unknown"}
+    assert len(emulator.contacts) == 2  # applied once, never sent again
+    assert set(gateway.find(["p0", "p1"], []).contacts) == {"p0", "p1"}  # the retry finds them
+
+
+def test_limit_exceeded_is_retried_until_the_portal_drains(emu: tuple[Bitrix24Emulator, str]) -> None:
+    emulator, base = emu
+    client = _client(emulator, base)
+    emulator.faults.add(
+        method="batch", status=503, error="QUERY_LIMIT_EXCEEDED", description="Too many requests", times=2
+    )
+    outcome = Bitrix24Gateway(client, CONFIG).apply(_writes(1))
+    assert outcome.failed == {}
+    assert client.throttled == 2 and len(emulator.contacts) == 1
+
+
+def test_operating_time_limit_pauses_only_the_blocked_method(emu: tuple[Bitrix24Emulator, str]) -> None:
+    emulator, base = emu
+    client = _client(emulator, base)
+    with pytest.raises(Bitrix24MethodBlocked):
+        emulator.limits.method_costs["crm.deal.list"] = 1000.0  # one call exhausts the 480 s budget
+        client.call("crm.deal.list", {})
+        client.call("crm.deal.list", {})
+    assert client.blocked_until("crm.deal.list") is not None
+    assert client.blocked_until("crm.contact.list") is None
+    assert "result" in client.call("crm.contact.list", {})  # other methods keep working
+
+
+def test_writes_for_a_paused_method_wait_while_others_go_through(emu: tuple[Bitrix24Emulator, str]) -> None:
+    emulator, base = emu
+    client = _client(emulator, base)
+    gateway = Bitrix24Gateway(client, CONFIG)
+    client.note_blocked("crm.deal.add", {"error": "OPERATION_TIME_LIMIT"})
+    contact_only = ContactWrite("p9", None, {"full_name": {"last": "А", "first": "Б", "middle": ""}})
+    outcome = gateway.apply([*_writes(1), contact_only])
+    assert outcome.failed == {"p0": "method_blocked"}
+    assert set(outcome.contact_ids) == {"p9"}
+
+
+def test_stage_check_names_every_missing_stage(emu: tuple[Bitrix24Emulator, str]) -> None:
+    emulator, base = emu
+    gateway = Bitrix24Gateway(_client(emulator, base), CONFIG)
+    emulator.add_stage(0, "Неявка", status_id="UC_NOSHOW")
+    emulator.add_stage(1, "Неявка", status_id="UC_NOSHOW")
+    closed = gateway.verify_pipelines(CONFIG.crm.pipelines)
+    assert {"WON", "LOSE", "APOLOGY", "C1:WON"} <= closed
+    broken = CONFIG.crm.pipelines["primary"].model_copy(
+        update={"stages": {**CONFIG.crm.pipelines["primary"].stages, "confirmed": "UC_MISSING"}}
+    )
+    with pytest.raises(PipelineMismatch, match="UC_MISSING"):
+        gateway.verify_pipelines({"primary": broken, "repeat": CONFIG.crm.pipelines["repeat"]})
+
+
+class MemoryTokens:
+    def __init__(self, tokens: Bitrix24Tokens) -> None:
+        self.tokens = tokens
+        self.saves = 0
+
+    def load(self) -> Bitrix24Tokens:
+        return self.tokens
+
+    def save(self, tokens: Bitrix24Tokens) -> None:
+        self.tokens = tokens
+        self.saves += 1
+
+
+def test_oauth_client_refreshes_once_on_expiry_and_keeps_writing(emu: tuple[Bitrix24Emulator, str]) -> None:
+    emulator, base = emu
+    emulator.base_url = base
+    issued = emulator.issue_tokens()
+    store = MemoryTokens(
+        Bitrix24Tokens.model_validate(
+            {
+                **issued,
+                "client_id": emulator.client_id,
+                "client_secret": emulator.client_secret,
+                "oauth_url": base,
+                "client_endpoint": emulator.oauth_endpoint(base),
+            }
+        )
+    )
+    oauth = Bitrix24OAuth(store, httpx.Client())
+    client = Bitrix24Client(pacer=Pacer(rate=1000, burst=1000), backoff=0.0, oauth=oauth, user_id="1")
+    gateway = Bitrix24Gateway(client, CONFIG)
+    gateway.apply(_writes(1))
+    old_refresh = store.tokens.refresh_token.get_secret_value()
+    emulator.expire_access_tokens()
+    outcome = gateway.apply(_writes(1, start=1))
+    assert outcome.failed == {} and len(emulator.contacts) == 2  # no write lost across the refresh
+    assert store.saves == 1
+    assert store.tokens.refresh_token.get_secret_value() != old_refresh  # rotated and persisted

@@ -177,3 +177,35 @@ def test_ledger_opt_outs_are_sticky_in_the_contact_payload() -> None:
         ledger_opt_outs={"email"},
     )
     assert p.contact_write is not None and p.contact_write.fields["opt_outs"] == ["email"]
+
+
+def test_the_cases_sixteen_plus_sixteen_fields_are_available_when_configured() -> None:
+    from clinicsync.config import CONTACT_FIELDS, DEAL_FIELDS
+
+    everything = CONFIG.model_copy(
+        update={
+            "fields": CONFIG.fields.model_copy(
+                update={
+                    "contact": tuple(sorted(CONTACT_FIELDS - {"mis_patient_id"})),
+                    "deal": tuple(sorted(DEAL_FIELDS - {"mis_appointment_id"})),
+                }
+            )
+        }
+    )
+    rich = patient(birth_date="1990-05-17", representative="мать", policy_number="ДМС-1", guarantee_letter=True)
+    visit = appointment(doctor_name="Петров П. П.", service_codes=("A01", "B02"), charged=Decimal("2500"))
+    p = plan_patient(
+        PatientChanges(patient=rich, appointments=(visit,)),
+        PatientState(patient_id="p1"),
+        CrmMatches(),
+        everything,
+        HASHER,
+    )
+    assert p.contact_write is not None
+    assert len(CONTACT_FIELDS) == 16 and len(DEAL_FIELDS) == 17  # the case's 16 + our DMS flag
+    assert set(p.contact_write.fields) == CONTACT_FIELDS
+    assert p.contact_write.fields["representative"] == "мать" and p.contact_write.fields["age"] >= 36
+    [deal] = deals(p)
+    assert set(deal.fields) == DEAL_FIELDS | {"title"}
+    assert deal.fields["service_codes"] == "A01,B02" and deal.fields["doctor"] == "Петров П. П."
+    assert not any("diagnos" in name for name in (*deal.fields, *p.contact_write.fields))

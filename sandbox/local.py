@@ -81,6 +81,14 @@ class LocalClinic:
     def mismatches(self) -> list[str]:
         return mismatches(self.expected_deals(), self.deals_by_origin())
 
+    def open_booking(self) -> int:
+        """An appointment that is synced and still only booked: the start of most scenarios."""
+        expected = self.expected_deals()
+        for row in self.medods.all_appointments():
+            if str(row["id"]) in expected and row["status"] in ("approved", "need_approval"):
+                return int(row["id"])
+        raise LookupError("the sample clinic has no open booking")
+
     def deals_by_origin(self) -> dict[str, dict[str, Any]]:
         return {str(d.get("ORIGIN_ID")): d for d in self.bitrix.deals.values() if d.get("ORIGIN_ID")}
 

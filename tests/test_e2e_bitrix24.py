@@ -27,14 +27,6 @@ def clinic(make_clinic: Callable[..., LocalClinic]) -> LocalClinic:
     return clinic
 
 
-def _open_booking(clinic: LocalClinic) -> int:
-    expected = clinic.expected_deals()
-    for row in clinic.medods.all_appointments():
-        if str(row["id"]) in expected and row["status"] in ("approved", "need_approval"):
-            return int(row["id"])
-    raise AssertionError("sample has no open booking")
-
-
 def _deal(clinic: LocalClinic, appointment_id: int) -> dict[str, Any]:
     return clinic.deals_by_origin()[str(appointment_id)]
 
@@ -164,7 +156,7 @@ def test_our_own_writes_come_back_as_webhooks_and_are_ignored(make_clinic: Calla
 
 
 def test_manual_stage_move_is_respected_until_the_mis_moves_forward(clinic: LocalClinic) -> None:
-    appointment = _open_booking(clinic)
+    appointment = clinic.open_booking()
     deal = _deal(clinic, appointment)
     prefix = "C1:" if deal["CATEGORY_ID"] == "1" else ""
     clinic.bitrix.manager_update_deal(int(deal["ID"]), STAGE_ID=f"{prefix}EXECUTING")
@@ -183,7 +175,7 @@ def test_manual_stage_move_is_respected_until_the_mis_moves_forward(clinic: Loca
 
 
 def test_repeat_visit_after_a_won_deal(clinic: LocalClinic) -> None:
-    appointment = _open_booking(clinic)
+    appointment = clinic.open_booking()
     clinic.medods.complete(appointment)
     clinic.sync()
     deal = _deal(clinic, appointment)
@@ -202,7 +194,7 @@ def test_repeat_visit_after_a_won_deal(clinic: LocalClinic) -> None:
 
 
 def test_missed_webhook_is_caught_up(clinic: LocalClinic) -> None:
-    appointment = _open_booking(clinic)
+    appointment = clinic.open_booking()
     deal = _deal(clinic, appointment)
     prefix = "C1:" if deal["CATEGORY_ID"] == "1" else ""
     clinic.bitrix.drop_next_events(1, "ONCRMDEALUPDATE")  # Bitrix24 lost it and never retries
@@ -219,7 +211,7 @@ def test_missed_webhook_is_caught_up(clinic: LocalClinic) -> None:
 
 
 def test_crm_opt_out_on_a_contact_with_a_mis_id_reaches_the_ledger(clinic: LocalClinic) -> None:
-    appointment = _open_booking(clinic)
+    appointment = clinic.open_booking()
     deal = _deal(clinic, appointment)
     client = clinic.medods.appointment(appointment)["clientId"]
     foreign = clinic.bitrix.manager_create_contact(NAME="Партнёр", UF_CRM_CS_OPT_OUTS="email")

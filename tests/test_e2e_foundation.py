@@ -127,16 +127,8 @@ def small(make_clinic: Callable[..., LocalClinic]) -> LocalClinic:
     return clinic
 
 
-def _visible_patient_appointment(clinic: LocalClinic) -> int:
-    expected = clinic.expected_deals()
-    for row in clinic.medods.all_appointments():
-        if str(row["id"]) in expected and row["status"] in ("approved", "need_approval"):
-            return int(row["id"])
-    raise AssertionError("sample has no open booking")
-
-
 def test_status_lifecycle_moves_the_same_deal(small: LocalClinic) -> None:
-    aid = _visible_patient_appointment(small)
+    aid = small.open_booking()
     deal_id = small.deals_by_origin()[str(aid)]["ID"]
     for change, stage_key in [
         (small.medods.confirm, "confirmed"),
@@ -155,7 +147,7 @@ def test_status_lifecycle_moves_the_same_deal(small: LocalClinic) -> None:
 
 @pytest.mark.parametrize("change", ["cancel", "no_show"])
 def test_cancel_and_no_show(small: LocalClinic, change: str) -> None:
-    aid = _visible_patient_appointment(small)
+    aid = small.open_booking()
     getattr(small.medods, change)(aid)
     small.sync()
     stage = small.deals_by_origin()[str(aid)]["STAGE_ID"]
@@ -164,7 +156,7 @@ def test_cancel_and_no_show(small: LocalClinic, change: str) -> None:
 
 
 def test_reschedule_keeps_the_deal_and_updates_its_date(small: LocalClinic) -> None:
-    aid = _visible_patient_appointment(small)
+    aid = small.open_booking()
     before = small.deals_by_origin()[str(aid)]
     row = small.medods.appointment(aid)
     new_start = small.medods.at(5, "16:30")
@@ -178,7 +170,7 @@ def test_reschedule_keeps_the_deal_and_updates_its_date(small: LocalClinic) -> N
 
 
 def test_closed_deal_is_not_reopened_and_a_new_visit_opens_a_new_deal(small: LocalClinic) -> None:
-    aid = _visible_patient_appointment(small)
+    aid = small.open_booking()
     deal = small.deals_by_origin()[str(aid)]
     small.medods.cancel(aid)
     small.sync()
@@ -196,7 +188,7 @@ def test_closed_deal_is_not_reopened_and_a_new_visit_opens_a_new_deal(small: Loc
 
 
 def test_a_visit_after_a_completed_one_opens_a_deal_in_the_repeat_funnel(small: LocalClinic) -> None:
-    aid = _visible_patient_appointment(small)
+    aid = small.open_booking()
     small.medods.complete(aid)
     row = small.medods.appointment(aid)
     later = small.medods.book(row["clientId"], row["userId"], row["clinicId"], small.medods.at(30, "11:00"))
@@ -218,7 +210,7 @@ def test_lost_create_response_does_not_duplicate(make_clinic: Callable[..., Loca
 
 
 def test_archived_patient_leaves_no_state(small: LocalClinic) -> None:
-    aid = _visible_patient_appointment(small)
+    aid = small.open_booking()
     pid = int(small.medods.appointment(aid)["clientId"])
     table = boto3.resource("dynamodb").Table(small.stack.table_name)
     assert table.get_item(Key={"pk": f"PAT#{pid}", "sk": "STATE"}).get("Item")
@@ -229,7 +221,7 @@ def test_archived_patient_leaves_no_state(small: LocalClinic) -> None:
 
 
 def test_refused_processing_is_never_sent(small: LocalClinic) -> None:
-    aid = _visible_patient_appointment(small)
+    aid = small.open_booking()
     row = small.medods.appointment(aid)
     client = small.medods.add_client(
         "Орлова",

@@ -302,3 +302,16 @@ def test_routes_of_later_issues_answer_501_not_a_crash(small: LocalClinic, funct
     response = small.stack.invoke(function, _event(name))
     assert response["statusCode"] == 501
     assert json.loads(response["body"])["error"] == "not_implemented"
+
+
+def test_syncer_handles_the_sample_crm_event_batch(small: LocalClinic) -> None:
+    # The sample's ids do not exist in this portal: each event is judged and dropped, none fails.
+    response = small.stack.invoke("StageSyncerFunction", _event("stage_syncer_crm_events"))
+    assert response == {"batchItemFailures": []}
+    assert small.stack.queue_depth() == 0  # nothing was sent on to a patient's shard
+
+
+def test_webhook_sample_with_a_foreign_token_is_refused_and_not_queued(small: LocalClinic) -> None:
+    response = small.stack.invoke("CrmWebhookFunction", _event("crm_webhook_bitrix24"))
+    assert response["statusCode"] == 401
+    assert small.stack.queue_depth("CrmEventQueue") == 0

@@ -134,6 +134,9 @@ class WriteOutcome:
 
 class CrmGateway(Protocol):
     kind: str
+    # True when a look-up by MIS id costs a request per id (amoCRM): the syncer then records create
+    # intents, and only ids with an intent (an earlier attempt whose response may be lost) are looked up.
+    lookups_need_intents: bool
 
     def find(
         self,
@@ -141,9 +144,11 @@ class CrmGateway(Protocol):
         appointment_ids: Sequence[str],
         phones: Sequence[str] = (),
         multifield_contacts: Sequence[str] = (),
+        intended_since: int | None = None,
     ) -> CrmMatches:
         """One look-up for a whole plan: records by MIS id, open records by phone (for adoption),
-        and the PHONE/EMAIL entry ids of contacts whose phone or e-mail changed."""
+        and the PHONE/EMAIL entry ids of contacts whose phone or e-mail changed. ``intended_since`` is
+        the earliest recorded create intent among the ids (None: no create was ever attempted)."""
         ...
 
     def apply(self, writes: Sequence[CrmWrite]) -> WriteOutcome: ...

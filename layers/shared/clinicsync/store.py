@@ -9,6 +9,7 @@ Key design (documented in docs/storage.md):
     CRM#deal#<id>           MAP                   reverse map: patient id, appointment id
     CURSOR                  <source>              the poller's opaque cursor for a MIS feed
     LEASE                   <name>                single-runner lease (overlapping scheduled polls)
+    INTENT#<P|A>#<id>       I                     a create about to be sent (lost-response recovery)
     PHONE#<hmac>            PAT#<patient id>      phone index (keyed HMAC, never the number)
     CONSENT#<subject>       CH#<channel>          current opt-out per channel (sticky)
     CONSENT#<subject>       AUDIT#<ts>#<channel>  audit trail, expires via TTL
@@ -240,6 +241,23 @@ class DynamoStore:
                 "updated_at": int(time.time()),
             }
         )
+
+    # --- create intents -----------------------------------------------------------------------------
+
+    def write_intents(self, keys: Sequence[str], at: int) -> None:
+        """Recorded before a create is sent: if its response is lost, the retry knows to look it up."""
+        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+            for key in dict.fromkeys(keys):
+                batch.put_item(Item={"pk": f"INTENT#{key}", "sk": "I", "at": at, "expires_at": at + 2 * 86400})
+
+    def load_intents(self, keys: Sequence[str]) -> dict[str, int]:
+        found = self._batch_get([{"pk": f"INTENT#{k}", "sk": "I"} for k in dict.fromkeys(keys)])
+        return {str(i["pk"]).removeprefix("INTENT#"): int(i["at"]) for i in found}
+
+    def clear_intents(self, keys: Sequence[str]) -> None:
+        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+            for key in dict.fromkeys(keys):
+                batch.delete_item(Key={"pk": f"INTENT#{key}", "sk": "I"})
 
     # --- leases ------------------------------------------------------------------------------------
 

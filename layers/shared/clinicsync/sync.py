@@ -91,8 +91,12 @@ class Syncer:
             for item in live
         ]
         writes = [w for plan in plans for w in plan.writes] + self._lead_links(observations, states)
+        intents = self._record_intents(writes)
         outcome = self._gateway.apply(writes) if writes else WriteOutcome()
         self._persist(plans, live, states, outcome, report, observed)
+        if intents:
+            created = {f"P#{pid}" for pid in outcome.contact_ids} | {f"A#{aid}" for aid in outcome.deal_ids}
+            self._store.clear_intents([k for k in intents if k in created])
         report.crm_requests = self._gateway.requests_made() - requests_before
         if outcome.failed:
             raise SyncIncomplete(outcome.failed)
@@ -120,9 +124,24 @@ class Syncer:
             if states[c.patient.mis_id].contact_id
             and changed_multifields(c.patient, states[c.patient.mis_id], self._hasher)
         ]
-        if not (unknown_patients or unknown_appointments or changed_contacts):
+        if not (unknown_patients or unknown_appointments or changed_contacts or phones):
             return CrmMatches()
-        return self._gateway.find(unknown_patients, unknown_appointments, phones, changed_contacts)
+        since = None
+        if self._gateway.lookups_need_intents:
+            keys = [f"P#{p}" for p in unknown_patients] + [f"A#{a}" for a in unknown_appointments]
+            intents = self._store.load_intents(keys) if keys else {}
+            since = min(intents.values()) if intents else None
+        return self._gateway.find(unknown_patients, unknown_appointments, phones, changed_contacts, since)
+
+    def _record_intents(self, writes: Sequence[CrmWrite]) -> list[str]:
+        """Before any create is sent, note it; a lost response is then found by MIS id on the retry."""
+        if not self._gateway.lookups_need_intents:
+            return []
+        keys = [f"P#{w.patient_id}" for w in writes if isinstance(w, ContactWrite) and w.contact_id is None]
+        keys += [f"A#{w.appointment_id}" for w in writes if isinstance(w, DealWrite) and w.deal_id is None]
+        if keys:
+            self._store.write_intents(keys, int(time.time()))
+        return keys
 
     def _phones_in_batch(self, live: Sequence[PatientChanges]) -> dict[str, set[str]]:
         owners: dict[str, set[str]] = {}

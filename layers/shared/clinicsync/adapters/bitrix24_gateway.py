@@ -72,6 +72,7 @@ class _Command:
 
 class Bitrix24Gateway:
     kind = "bitrix24"
+    lookups_need_intents = False  # a batch looks up 50 MIS ids per command: always look up
 
     def __init__(self, client: Bitrix24Client, config: ClinicConfig) -> None:
         self._client = client
@@ -128,6 +129,7 @@ class Bitrix24Gateway:
         appointment_ids: Sequence[str],
         phones: Sequence[str] = (),
         multifield_contacts: Sequence[str] = (),
+        intended_since: int | None = None,  # noqa: ARG002 - Bitrix24 always looks up, it is cheap
     ) -> CrmMatches:
         commands: dict[str, tuple[str, Mapping[str, Any]]] = {}
         for n, ids in enumerate(_chunks(list(dict.fromkeys(patient_ids)), PAGE_SIZE)):

@@ -1,0 +1,205 @@
+"""amoCRM API v4 client: paced under the integration's 7 rps, a circuit breaker on 403, one token
+refresh per expiry, 204 as "nothing", and writes that are never resent blindly.
+
+amoCRM answers 429 with an HTML page and no Retry-After, and blocks the account with 403 when the
+limit is hit again and again; so the pacer stays under it (a shared DynamoDB bucket at 6 rps) and a
+403 stops every caller until an operator looks (the ``AmoCrmCircuitOpen`` metric alarms).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import httpx
+
+from clinicsync.budget import BudgetTimeout, RequestPacer
+from clinicsync.observability import logger
+
+READ_METHODS = frozenset({"GET"})
+
+
+class AmoCrmAuth(Protocol):
+    """What the client needs from an OAuth session or a long-lived token."""
+
+    def access_token(self) -> str: ...
+
+    def refresh(self, stale: str) -> str: ...
+
+    def base_url(self) -> str: ...
+
+
+class CircuitBreaker(Protocol):
+    def is_open(self) -> bool: ...
+
+    def trip(self, reason: str) -> None: ...
+
+
+class AmoCrmError(Exception):
+    """A request amoCRM understood and refused (400 validation, 404 …); ``invalid`` maps request_id -> codes."""
+
+    def __init__(self, status: int, detail: str, invalid: Mapping[str, list[str]] | None = None) -> None:
+        super().__init__(f"amoCRM {status}: {detail}")
+        self.status = status
+        self.detail = detail
+        self.invalid = dict(invalid or {})
+
+
+class AmoCrmBlocked(Exception):
+    """403: amoCRM blocked the integration (repeated limit violations). Every call stops until reset."""
+
+
+class AmoCrmUnavailable(Exception):
+    """Retries are exhausted for a transient condition (429, 5xx, timeouts on reads)."""
+
+
+class AmoCrmOutcomeUnknown(Exception):
+    """A write was sent and its response lost (timeout, 5xx, 504): it may have been applied."""
+
+
+class MemoryCircuitBreaker:
+    """In-process breaker (tests, the local runtime); the Lambda wiring uses the DynamoDB one."""
+
+    def __init__(self) -> None:
+        self.open_reason: str | None = None
+
+    def is_open(self) -> bool:
+        return self.open_reason is not None
+
+    def trip(self, reason: str) -> None:
+        self.open_reason = reason
+
+
+class StoreCircuitBreaker:
+    """A breaker shared by every container: ``CIRCUIT/<name>`` in the table, open until ``cooldown``."""
+
+    def __init__(self, table: Any, name: str, cooldown: int = 3600, clock: Callable[[], float] = time.time) -> None:
+        self._table = table
+        self._key = {"pk": "CIRCUIT", "sk": name}
+        self._cooldown = cooldown
+        self._clock = clock
+        self._checked_at = -1e9
+        self._open_until = 0.0
+        self._lock = threading.Lock()
+
+    def is_open(self) -> bool:
+        with self._lock:
+            now = self._clock()
+            if now - self._checked_at > 10:  # one read per 10 s per container, not one per request
+                item = self._table.get_item(Key=self._key).get("Item") or {}
+                self._open_until = float(item.get("open_until", 0))
+                self._checked_at = now
+            return self._open_until > now
+
+    def trip(self, reason: str) -> None:
+        until = int(self._clock()) + self._cooldown
+        self._table.put_item(Item={**self._key, "open_until": until, "reason": reason, "expires_at": until + 86400})
+        with self._lock:
+            self._open_until = until
+            self._checked_at = self._clock()
+
+
+class AmoCrmClient:
+    def __init__(
+        self,
+        auth: AmoCrmAuth,
+        http: httpx.Client,
+        pacer: RequestPacer,
+        breaker: CircuitBreaker | None = None,
+        *,
+        max_attempts: int = 6,
+        backoff: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._auth = auth
+        self._http = http
+        self._pacer = pacer
+        self._breaker = breaker or MemoryCircuitBreaker()
+        self._max_attempts = max_attempts
+        self._backoff = backoff
+        self._sleep = sleep
+        self.requests = 0
+        self.throttled = 0
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | list[tuple[str, Any]] | None = None,
+        json: Any = None,
+    ) -> Any:
+        """One API call; returns the decoded JSON, or None for 204 (amoCRM's "no results")."""
+        writes = method not in READ_METHODS
+        refreshed = False
+        for attempt in range(1, self._max_attempts + 1):
+            if self._breaker.is_open():
+                raise AmoCrmBlocked("the amoCRM circuit is open after a 403; see the runbook")
+            try:
+                self._pacer.wait()
+            except BudgetTimeout as exc:
+                raise AmoCrmUnavailable(f"{method} {path}: request budget exhausted") from exc
+            self.requests += 1
+            token = self._auth.access_token()
+            try:
+                response = self._http.request(
+                    method,
+                    self._auth.base_url().rstrip("/") + path,
+                    params=params,
+                    json=json,
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                self._wait(method, path, type(exc).__name__, attempt)
+                continue
+            except httpx.HTTPError as exc:
+                if writes:
+                    raise AmoCrmOutcomeUnknown(f"{method} {path}") from exc
+                self._wait(method, path, type(exc).__name__, attempt)
+                continue
+            status = response.status_code
+            if status == 204:
+                return None
+            if status in (200, 201, 202):
+                return response.json() if response.content else None
+            if status == 401 and not refreshed:
+                self._auth.refresh(token)  # once; the new pair is persisted before we use it
+                refreshed = True
+                continue
+            if status == 429:
+                # HTML body, no Retry-After: back off with jitter and let the shared bucket cool down.
+                self.throttled += 1
+                self._pacer.penalise()
+                self._wait(method, path, "429", attempt)
+                continue
+            if status == 403:
+                self._breaker.trip(f"403 on {method} {path}")
+                logger.error("amoCRM blocked the integration; circuit opened", extra={"path": path})
+                raise AmoCrmBlocked(f"{method} {path}: 403")
+            if status >= 500:
+                if writes:
+                    raise AmoCrmOutcomeUnknown(f"{method} {path}: HTTP {status}")
+                self._wait(method, path, str(status), attempt)
+                continue
+            raise self._refused(response)
+        raise AmoCrmUnavailable(f"{method} {path}: retries exhausted")
+
+    def _wait(self, method: str, path: str, reason: str, attempt: int) -> None:
+        logger.warning("amocrm retry", extra={"method": method, "path": path, "reason": reason, "attempt": attempt})
+        self._sleep(self._backoff * 2 ** (attempt - 1) * (0.5 + random.random() / 2))  # noqa: S311 - jitter
+
+    @staticmethod
+    def _refused(response: httpx.Response) -> AmoCrmError:
+        try:
+            body = response.json()
+        except ValueError:
+            return AmoCrmError(response.status_code, "non-JSON error body")
+        invalid: dict[str, list[str]] = {}
+        for item in body.get("validation-errors", []) if isinstance(body, dict) else []:
+            codes = [f"{e.get('code')}:{e.get('path')}" for e in item.get("errors", [])]
+            invalid[str(item.get("request_id"))] = codes
+        detail = str(body.get("detail", "")) if isinstance(body, dict) else ""
+        return AmoCrmError(response.status_code, detail[:200], invalid)

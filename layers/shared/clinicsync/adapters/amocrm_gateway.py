@@ -1,0 +1,400 @@
+"""amoCRM gateway: the domain's look-ups and writes in amoCRM API v4 terms.
+
+- A new patient with a new visit is one item of ``POST /api/v4/leads/complex`` (≤50 per request).
+- Other creates and all updates are bulk ``POST``/``PATCH`` of up to 50 leads or contacts.
+- The MIS ids live in custom fields (``fields.crm_names.mis_patient_id`` on contacts and
+  ``mis_appointment_id`` on leads). amoCRM cannot filter by them in bulk, so a look-up by MIS id scans
+  what changed since the earliest recorded create intent (see ``lookups_need_intents``).
+- Phones are searched with ``query`` on the last 10 digits, and every hit's PHONE values are checked
+  after normalising, because ``query`` matches raw strings (``+7…`` does not find ``8…``).
+
+No rule lives here: stages, funnels and adoption are decided by ``clinicsync.rules``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from clinicsync.adapters.amocrm import AmoCrmClient, AmoCrmError, AmoCrmOutcomeUnknown
+from clinicsync.config import ClinicConfig, Pipeline
+from clinicsync.phones import normalise_phone
+from clinicsync.ports import (
+    ContactWrite,
+    CrmMatches,
+    CrmWrite,
+    DealMatch,
+    DealWrite,
+    LeadWrite,
+    PhoneCandidates,
+    PipelineMismatch,
+    WriteOutcome,
+)
+
+WON, LOST = "142", "143"  # the same in every pipeline
+BULK = 50  # amoCRM accepts up to 250 per write, recommends 50, and answers 504 to what it cannot handle
+PAGE = 250
+SCAN_OVERLAP = 120  # seconds before the earliest intent that the MIS-id scan starts from
+NATIVE = {"title": "name", "price": "price"}
+NOT_WRITTEN = {"full_name", "phone", "email", "mis_patient_id", "mis_appointment_id"}
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _embedded(body: Any, key: str) -> list[dict[str, Any]]:
+    if not isinstance(body, dict):
+        return []
+    rows = (body.get("_embedded") or {}).get(key) or []
+    return [row for row in rows if isinstance(row, dict)]
+
+
+class AmoCrmGateway:
+    kind = "amocrm"
+    lookups_need_intents = True
+
+    def __init__(self, client: AmoCrmClient, config: ClinicConfig, user_id: str = "") -> None:
+        self._client = client
+        self._config = config
+        self._names = dict(config.fields.crm_names)
+        self._user = user_id
+        missing = [n for n in ("mis_patient_id", "mis_appointment_id") if not self._names.get(n, "").isdigit()]
+        if missing:
+            raise ValueError(f"amoCRM needs custom field ids in fields.crm_names for: {', '.join(missing)}")
+
+    def requests_made(self) -> int:
+        return self._client.requests
+
+    def integration_user(self) -> str:
+        return self._user
+
+    def _field(self, name: str) -> int | None:
+        value = self._names.get(name, "")
+        return int(value) if value.isdigit() else None
+
+    # --- start-up check ----------------------------------------------------------------------------
+
+    def verify_pipelines(self, pipelines: Mapping[Any, Pipeline]) -> frozenset[str]:
+        body = self._client.request("GET", "/api/v4/leads/pipelines")
+        known = {str(p["id"]): {str(s["id"]) for s in _embedded(p, "statuses")} for p in _embedded(body, "pipelines")}
+        problems = []
+        for name, pipeline in pipelines.items():
+            statuses = known.get(pipeline.category_id)
+            if statuses is None:
+                problems.append(f"pipeline {name!r}: amoCRM has no pipeline {pipeline.category_id}")
+                continue
+            for status, stage in sorted(pipeline.stages.items()):
+                if stage not in statuses:
+                    problems.append(
+                        f"pipeline {name!r} maps {status.value} to status {stage}, which pipeline "
+                        f"{pipeline.category_id} does not have (known: {', '.join(sorted(statuses))})"
+                    )
+        if problems:
+            raise PipelineMismatch(problems)
+        return frozenset({WON, LOST})
+
+    # --- look-ups ----------------------------------------------------------------------------------
+
+    def find(
+        self,
+        patient_ids: Sequence[str],
+        appointment_ids: Sequence[str],
+        phones: Sequence[str] = (),
+        multifield_contacts: Sequence[str] = (),  # noqa: ARG002 - amoCRM replaces PHONE per field, no entry ids
+        intended_since: int | None = None,
+    ) -> CrmMatches:
+        contacts: dict[str, str] = {}
+        deals: dict[str, DealMatch] = {}
+        if intended_since is not None:
+            # An earlier create may have landed with its response lost: find it by its MIS id.
+            since = intended_since - SCAN_OVERLAP
+            wanted_patients, wanted_visits = set(patient_ids), set(appointment_ids)
+            for row in self._scan("contacts", since):
+                owner = self._value(row, self._field("mis_patient_id"))
+                if owner in wanted_patients:
+                    contacts.setdefault(owner, str(row["id"]))
+            for row in self._scan("leads", since):
+                owner = self._value(row, self._field("mis_appointment_id"))
+                if owner in wanted_visits:
+                    deals.setdefault(owner, _deal_match(row))
+        candidates = {phone: c for phone in dict.fromkeys(phones) if (c := self._by_phone(phone))}
+        return CrmMatches(contacts=contacts, deals=deals, phones=candidates)
+
+    def _scan(self, entity: str, since: int) -> Iterator[dict[str, Any]]:
+        page = 1
+        while True:
+            params = [
+                ("filter[updated_at][from]", since),
+                ("order[updated_at]", "asc"),
+                ("limit", PAGE),
+                ("page", page),
+            ]
+            body = self._client.request("GET", f"/api/v4/{entity}", params=params)
+            rows = _embedded(body, entity)
+            yield from rows
+            if not rows or "next" not in ((body or {}).get("_links") or {}):
+                return
+            page += 1
+
+    def _by_phone(self, phone: str) -> PhoneCandidates | None:
+        digits = "".join(ch for ch in phone if ch.isdigit())[-10:]
+        body = self._client.request("GET", "/api/v4/contacts", params=[("query", digits), ("with", "leads")])
+        region = self._config.matching.default_region
+        contacts: list[tuple[str, str | None]] = []
+        lead_ids: list[str] = []
+        for row in _embedded(body, "contacts"):
+            numbers = {normalise_phone(v, region) for v in self._values(row, code="PHONE")}
+            if phone not in numbers:
+                continue  # query matched some other field, or another number: never trust the first hit
+            owner = self._value(row, self._field("mis_patient_id")) or None
+            contacts.append((str(row["id"]), owner))
+            lead_ids += [str(lead["id"]) for lead in _embedded(row, "leads")]
+        deals: list[tuple[str, str, str]] = []
+        if lead_ids:
+            params = [("filter[id][]", lead_id) for lead_id in lead_ids[:PAGE]]
+            adoptable = set(self._config.matching.adopt_deal_stages)
+            for row in _embedded(self._client.request("GET", "/api/v4/leads", params=params), "leads"):
+                status = str(row.get("status_id"))
+                if status in (WON, LOST) or self._value(row, self._field("mis_appointment_id")):
+                    continue
+                if status in adoptable:
+                    deals.append((str(row["id"]), str(row.get("pipeline_id")), status))
+        if not contacts and not deals:
+            return None
+        return PhoneCandidates(contacts=tuple(contacts), deals=tuple(deals))
+
+    # --- reading back what managers changed --------------------------------------------------------
+
+    def fetch(self, entity: str, crm_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        path = "contacts" if entity == "contact" else "leads"
+        for chunk in _chunks(list(dict.fromkeys(crm_ids)), PAGE):
+            params = [("filter[id][]", crm_id) for crm_id in chunk] + [("with", "contacts")]
+            for row in _embedded(self._client.request("GET", f"/api/v4/{path}", params=params), path):
+                out[str(row["id"])] = self._canonical(entity, row)
+        if entity == "lead":
+            self._add_lead_phones(out)
+        return out
+
+    def _add_lead_phones(self, leads: dict[str, dict[str, str]]) -> None:
+        """A new amoCRM lead's phone is on its contact: read those contacts in one request."""
+        wanted = {row["contact_id"]: lead_id for lead_id, row in leads.items() if row.get("contact_id")}
+        if not wanted:
+            return
+        params = [("filter[id][]", contact_id) for contact_id in wanted]
+        region = self._config.matching.default_region
+        for row in _embedded(self._client.request("GET", "/api/v4/contacts", params=params), "contacts"):
+            numbers = [n for v in self._values(row, code="PHONE") if (n := normalise_phone(v, region))]
+            lead = leads[wanted[str(row["id"])]]
+            lead["phone"] = numbers[0] if numbers else ""
+            # The lead's contact is not a patient's contact yet: the processor may attach it.
+            lead["contact_id"] = "" if not self._value(row, self._field("mis_patient_id")) else lead["contact_id"]
+
+    def changed_since(self, entity: str, since: str, limit: int) -> list[dict[str, str]]:
+        from datetime import datetime
+
+        path = "contacts" if entity == "contact" else "leads"
+        start = int(datetime.fromisoformat(since).timestamp())
+        out = []
+        for row in self._scan(path, start):
+            if str(row.get("updated_by", "")) == self._user:
+                continue  # our own writes
+            out.append(self._canonical(entity, row))
+            if len(out) >= limit:
+                break
+        return out
+
+    def _canonical(self, entity: str, row: Mapping[str, Any]) -> dict[str, str]:
+        from datetime import UTC, datetime
+
+        owner_field = self._field("mis_patient_id" if entity == "contact" else "mis_appointment_id")
+        updated = row.get("updated_at")
+        out = {
+            "entity": entity,
+            "id": str(row["id"]),
+            "owner": self._value(row, owner_field),
+            "modified_by": str(row.get("updated_by") or ""),
+            "modified_at": datetime.fromtimestamp(int(updated), UTC).isoformat() if updated else "",
+        }
+        if entity == "contact":
+            opt = self._field("opt_outs")
+            out["opt_outs"] = ",".join(self._values(row, field_id=opt)) if opt else ""
+        else:
+            status = str(row.get("status_id") or "")
+            contacts = _embedded(row, "contacts")
+            out |= {
+                "stage": status,
+                "category": str(row.get("pipeline_id") or ""),
+                "closed": "Y" if status in (WON, LOST) else "N",
+                "status": status,
+                "contact_id": str(contacts[0]["id"]) if contacts else "",
+            }
+        return out
+
+    @staticmethod
+    def _values(row: Mapping[str, Any], *, code: str | None = None, field_id: int | None = None) -> list[str]:
+        out = []
+        for field in row.get("custom_fields_values") or []:
+            if (code and field.get("field_code") == code) or (field_id and field.get("field_id") == field_id):
+                out += [str(v.get("value")) for v in field.get("values") or [] if v.get("value") is not None]
+        return out
+
+    def _value(self, row: Mapping[str, Any], field_id: int | None) -> str:
+        values = self._values(row, field_id=field_id) if field_id else []
+        return values[0] if values else ""
+
+    # --- writes ------------------------------------------------------------------------------------
+
+    def apply(self, writes: Sequence[CrmWrite]) -> WriteOutcome:
+        outcome = WriteOutcome()
+        contacts = {w.patient_id: w for w in writes if isinstance(w, ContactWrite)}
+        deals = [w for w in writes if isinstance(w, DealWrite)]
+        # A new patient's first new visit goes with its contact in one complex item.
+        complex_items: list[tuple[ContactWrite, DealWrite]] = []
+        paired: set[str] = set()
+        for deal in deals:
+            contact = contacts.get(deal.patient_id)
+            if deal.deal_id is None and contact and contact.contact_id is None and deal.patient_id not in paired:
+                complex_items.append((contact, deal))
+                paired.add(deal.patient_id)
+        self._complex(complex_items, outcome)
+        self._contacts([c for pid, c in contacts.items() if pid not in paired], outcome)
+        done = {d.appointment_id for _, d in complex_items}
+        remaining = [d for d in deals if d.appointment_id not in done and d.patient_id not in outcome.failed]
+        self._leads([d for d in remaining if d.deal_id is None], outcome, create=True)
+        self._leads([d for d in remaining if d.deal_id is not None], outcome, create=False)
+        self._link_leads([w for w in writes if isinstance(w, LeadWrite)], outcome)
+        return outcome
+
+    def _send(self, method: str, path: str, items: list[tuple[str, str, dict[str, Any]]], outcome: WriteOutcome) -> Any:
+        """items: (request_id, patient_id, body). Returns the reply, or None when the batch failed."""
+        if not items:
+            return None
+        try:
+            return self._client.request(method, path, json=[body for _, _, body in items])
+        except AmoCrmOutcomeUnknown:
+            for _, pid, _ in items:
+                outcome.failed.setdefault(pid, "outcome_unknown")  # the retry looks them up first
+        except AmoCrmError as exc:
+            by_request = {rid: pid for rid, pid, _ in items}
+            blamed = {by_request[r] for r in exc.invalid if r in by_request}
+            for _, pid, _ in items:
+                # amoCRM rejects the whole request: blame the invalid items, retry the others later.
+                outcome.failed.setdefault(pid, "invalid" if pid in blamed or not blamed else "batch_rejected")
+        return None
+
+    def _complex(self, pairs: list[tuple[ContactWrite, DealWrite]], outcome: WriteOutcome) -> None:
+        for chunk in _chunks(pairs, BULK):
+            items = []
+            for contact, deal in chunk:
+                body = self._lead_body(deal)
+                body["_embedded"] = {"contacts": [self._contact_body(contact)]}
+                items.append(
+                    (f"d:{deal.appointment_id}", deal.patient_id, {**body, "request_id": f"d:{deal.appointment_id}"})
+                )
+            reply = self._send("POST", "/api/v4/leads/complex", items, outcome)
+            for row, (_, pid, body) in zip(reply if isinstance(reply, list) else [], items, strict=False):
+                appointment = str(body["request_id"]).removeprefix("d:")
+                outcome.deal_ids[appointment] = str(row["id"])
+                outcome.contact_ids[pid] = str(row["contact_id"])
+
+    def _contacts(self, writes: list[ContactWrite], outcome: WriteOutcome) -> None:
+        for create in (True, False):
+            chosen = [w for w in writes if (w.contact_id is None) == create]
+            for chunk in _chunks(chosen, BULK):
+                items = []
+                for w in chunk:
+                    body = self._contact_body(w)
+                    if create:
+                        body["request_id"] = f"c:{w.patient_id}"
+                    else:
+                        body["id"] = int(str(w.contact_id))
+                    items.append((f"c:{w.patient_id}", w.patient_id, body))
+                reply = self._send("POST" if create else "PATCH", "/api/v4/contacts", items, outcome)
+                if reply is None:
+                    continue
+                if create:
+                    for row in _embedded(reply, "contacts"):
+                        outcome.contact_ids[str(row.get("request_id", "")).removeprefix("c:")] = str(row["id"])
+                else:
+                    for w in chunk:
+                        outcome.contact_ids[w.patient_id] = str(w.contact_id)
+
+    def _leads(self, writes: list[DealWrite], outcome: WriteOutcome, create: bool) -> None:
+        for chunk in _chunks(writes, BULK):
+            items = []
+            for w in chunk:
+                body = self._lead_body(w)
+                contact = w.contact_id or outcome.contact_ids.get(w.patient_id)
+                if (create or w.link_contact) and contact:
+                    body["_embedded"] = {"contacts": [{"id": int(contact), "is_main": True}]}
+                if create:
+                    body["request_id"] = f"d:{w.appointment_id}"
+                else:
+                    body["id"] = int(str(w.deal_id))
+                items.append((f"d:{w.appointment_id}", w.patient_id, body))
+            reply = self._send("POST" if create else "PATCH", "/api/v4/leads", items, outcome)
+            if reply is None:
+                continue
+            if create:
+                for row in _embedded(reply, "leads"):
+                    outcome.deal_ids[str(row.get("request_id", "")).removeprefix("d:")] = str(row["id"])
+            else:
+                for w in chunk:
+                    outcome.deal_ids[w.appointment_id] = str(w.deal_id)
+
+    def _link_leads(self, writes: list[LeadWrite], outcome: WriteOutcome) -> None:
+        items = []
+        for w in writes:
+            contact = w.contact_id or outcome.contact_ids.get(w.patient_id)
+            if contact:
+                body = {"id": int(w.lead_id), "_embedded": {"contacts": [{"id": int(contact), "is_main": True}]}}
+                items.append((f"l:{w.lead_id}", w.patient_id, body))
+        for chunk in _chunks(items, BULK):
+            self._send("PATCH", "/api/v4/leads", list(chunk), outcome)
+
+    def _contact_body(self, write: ContactWrite) -> dict[str, Any]:
+        src = write.fields
+        body: dict[str, Any] = {}
+        if "full_name" in src:
+            name = src["full_name"]
+            body.update(
+                first_name=name["first"],
+                last_name=name["last"],
+                name=" ".join(p for p in (name["last"], name["first"], name["middle"]) if p),
+            )
+        fields: list[dict[str, Any]] = [self._cf("mis_patient_id", write.patient_id)]
+        creating = write.contact_id is None
+        for kind, code, enum in (("phone", "PHONE", "MOB"), ("email", "EMAIL", "PRIV")):
+            if src.get(kind) and (creating or kind in write.changed_multifields):
+                fields.append({"field_code": code, "values": [{"value": src[kind], "enum_code": enum}]})
+        fields += [self._cf(n, v) for n, v in src.items() if n not in NOT_WRITTEN and self._field(n)]
+        body["custom_fields_values"] = fields
+        return body
+
+    def _lead_body(self, write: DealWrite) -> dict[str, Any]:
+        src = write.fields
+        body: dict[str, Any] = {"pipeline_id": int(write.category_id)}
+        if write.stage is not None:
+            body["status_id"] = int(write.stage)
+        for name, key in NATIVE.items():
+            if src.get(name) is not None:
+                body[key] = int(float(src[name])) if key == "price" else src[name]
+        fields = [self._cf("mis_appointment_id", write.appointment_id)]
+        fields += [self._cf(n, v) for n, v in src.items() if n not in NOT_WRITTEN | set(NATIVE) and self._field(n)]
+        body["custom_fields_values"] = fields
+        return body
+
+    def _cf(self, name: str, value: Any) -> dict[str, Any]:
+        if value is None:
+            return {"field_id": self._field(name), "values": None}  # clears the field
+        if isinstance(value, list | tuple):
+            value = ",".join(str(v) for v in value)
+        return {"field_id": self._field(name), "values": [{"value": value}]}  # booleans stay true/false
+
+
+def _deal_match(row: Mapping[str, Any]) -> DealMatch:
+    status = str(row.get("status_id"))
+    return DealMatch(str(row["id"]), str(row.get("pipeline_id")), status, status in (WON, LOST))

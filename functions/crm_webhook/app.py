@@ -88,9 +88,63 @@ def bitrix24() -> Response[Any]:
     return _reply(200, {"status": "queued"})
 
 
+# amoCRM actions we sync, by entity; a new lead may belong to a known patient (adoption by phone).
+AMOCRM_ACTIONS = {
+    ("leads", "add"): "lead",
+    ("leads", "update"): "deal",
+    ("leads", "status"): "deal",
+    ("contacts", "add"): "contact",
+    ("contacts", "update"): "contact",
+}
+
+
 @app.post("/webhooks/amocrm/<secret>")
-def amocrm(secret: str) -> Response[Any]:  # noqa: ARG001 - issue #4
-    return _reply(501, {"error": "not_implemented", "detail": "amoCRM webhooks are not enabled in this release"})
+def amocrm(secret: str) -> Response[Any]:
+    """amoCRM signs nothing: the unguessable path secret and the account id are the whole check."""
+    expected = wiring.crm_credentials()
+    if not constant_time_equals(secret, str(expected.get("webhook_secret", ""))):
+        metrics.add_metric(name="WebhooksRefused", unit=MetricUnit.Count, value=1)
+        return _reply(401, {"error": "bad_secret"})
+    try:
+        form = parse_php_form(app.current_event.decoded_body or "")
+    except FormError as exc:
+        return _reply(400, {"error": "malformed_body", "detail": str(exc)})
+    account = form.get("account")
+    account_id = account.get("id") if isinstance(account, dict) else None
+    if not constant_time_equals(str(account_id or ""), str(expected.get("account_id", ""))):
+        metrics.add_metric(name="WebhooksRefused", unit=MetricUnit.Count, value=1)
+        return _reply(403, {"error": "unknown_account"})
+    try:
+        events = _amocrm_events(form)
+    except ValueError as exc:
+        return _reply(400, {"error": "invalid_event", "detail": str(exc)})
+    if events:
+        wiring.event_queue().send(events)  # every event of the POST; amoCRM batches several
+    metrics.add_metric(name="WebhooksQueued", unit=MetricUnit.Count, value=len(events))
+    return _reply(200, {"status": "queued", "events": len(events)})
+
+
+def _amocrm_events(form: dict[str, Any]) -> list[CrmEvent]:
+    now = int(time.time())
+    events: list[CrmEvent] = []
+    for (group, action), entity in AMOCRM_ACTIONS.items():
+        items = form.get(group, {}).get(action, {}) if isinstance(form.get(group), dict) else {}
+        if not isinstance(items, dict):
+            raise ValueError(f"{group}[{action}] is not a list of entities")
+        for item in items.values():
+            crm_id = item.get("id") if isinstance(item, dict) else None
+            if not isinstance(crm_id, str) or not crm_id.isdigit():
+                raise ValueError(f"{group}[{action}] item without a numeric id")
+            events.append(
+                CrmEvent(
+                    crm="amocrm",
+                    event=f"{action}_{group.rstrip('s')}",
+                    entity=entity,  # type: ignore[arg-type]
+                    crm_id=crm_id,
+                    received_at=now,
+                )
+            )
+    return events
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True)

@@ -121,7 +121,8 @@ class CrmEventProcessor:
         if snapshot.get("contact_id") or not snapshot.get("phone"):
             report.not_ours += 1
             return
-        if snapshot.get("status") not in self._config.matching.adopt_lead_statuses:
+        adoptable = {*self._config.matching.adopt_lead_statuses, *self._config.matching.adopt_deal_stages}
+        if snapshot.get("status") not in adoptable:
             report.not_ours += 1
             return
         patients = self._store.patients_by_phone(self._hasher.phone_key(snapshot["phone"]))

@@ -23,6 +23,30 @@ DEFAULT_STATUSES: Mapping[str, Mapping[str, S]] = {
         "canceled": S.CANCELLED,
         "failed": S.NO_SHOW,
     },
+    # InfoClinica's public fixtures show no status enum: these are the SCHEDSTATUS words our emulator
+    # and adapter assume (docs/statuses.md); a clinic whose installation spells them differently maps
+    # its own words in mis.statuses.
+    "infoclinica": {
+        "reserved": S.BOOKED,
+        "booked": S.BOOKED,
+        "confirmed": S.CONFIRMED,
+        "arrived": S.ARRIVED,
+        "visited": S.COMPLETED,
+        "paid": S.COMPLETED,
+        "cancelled": S.CANCELLED,
+        "removed": S.CANCELLED,
+        "noshow": S.NO_SHOW,
+    },
+    # Renovatio: upcoming/completed/refused are seen in integrators' code (refused = no-show there);
+    # confirmed/arrived/canceled are inferred from the API's confirm and cancel methods.
+    "renovatio": {
+        "upcoming": S.BOOKED,
+        "confirmed": S.CONFIRMED,
+        "arrived": S.ARRIVED,
+        "completed": S.COMPLETED,
+        "canceled": S.CANCELLED,
+        "refused": S.NO_SHOW,
+    },
 }
 
 

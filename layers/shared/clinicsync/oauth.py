@@ -126,8 +126,12 @@ def parse_model[M: BaseModel](model: type[M], data: Mapping[str, Any], vendor: s
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
-        fields = sorted({".".join(str(p) for p in e["loc"]) or "secret" for e in exc.errors(include_input=False)})
-        raise OAuthError("invalid_secret", f"bad or missing fields: {', '.join(fields)}", vendor=vendor) from None
+        errors = exc.errors(include_input=False, include_context=False, include_url=False)
+        fields = sorted({".".join(str(p) for p in e["loc"]) for e in errors if e["loc"]})
+        # A model-level check has no location; its message is the model's own text, never the input.
+        checks = sorted({e["msg"].removeprefix("Value error, ") for e in errors if not e["loc"]})
+        described = [f"bad or missing fields: {', '.join(fields)}"] if fields else []
+        raise OAuthError("invalid_secret", "; ".join(described + checks), vendor=vendor) from None
 
 
 def rotated_values(tokens: object, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -365,9 +369,7 @@ def send_token_request(http: httpx.Client, request: httpx.Request, vendor: str) 
     except httpx.HTTPError as exc:
         # The stored refresh token may be dead now. Nothing can recover that but a re-authorisation,
         # so say so plainly rather than retry.
-        raise OAuthError(
-            "outcome_unknown", f"refresh response lost ({type(exc).__name__})", vendor=vendor
-        ) from None
+        raise OAuthError("outcome_unknown", f"refresh response lost ({type(exc).__name__})", vendor=vendor) from None
 
 
 def json_object(response: httpx.Response, vendor: str) -> dict[str, Any]:

@@ -51,16 +51,15 @@ def expected_deals(clients: list[Json], appointments: list[Json], config: Clinic
 
 
 def mismatches(expected: dict[str, ExpectedDeal], crm_deals_by_origin: dict[str, Json]) -> list[str]:
-    """Human-readable differences (ids only, never PII)."""
+    """Human-readable differences (ids only, never PII). Deals come from ``sandbox.crm_views``."""
     problems = []
     for aid, want in expected.items():
         got = crm_deals_by_origin.get(aid)
         if got is None:
             problems.append(f"appointment {aid}: no deal")
-        elif (str(got.get("CATEGORY_ID")), str(got.get("STAGE_ID"))) != (want.category_id, want.stage):
+        elif (got["category"], got["stage"]) != (want.category_id, want.stage):
             problems.append(
-                f"appointment {aid}: deal in {got.get('CATEGORY_ID')}/{got.get('STAGE_ID')}, "
-                f"expected {want.category_id}/{want.stage}"
+                f"appointment {aid}: deal in {got['category']}/{got['stage']}, expected {want.category_id}/{want.stage}"
             )
     extra = set(crm_deals_by_origin) - set(expected)
     problems.extend(f"appointment {aid}: deal exists but must not" for aid in sorted(extra))

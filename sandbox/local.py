@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,20 @@ from typing import Any
 import yaml
 
 from clinicsync.config import ClinicConfig, parse_clinic_config
+from sandbox.crm_views import AmoCrmView, Bitrix24View, CrmView
+from sandbox.emulators.amocrm import (
+    CONTACT_FIELD_MIS_PATIENT_ID,
+    LEAD_FIELD_APPOINTMENT_AT,
+    LEAD_FIELD_MIS_APPOINTMENT_ID,
+    LOST_STATUS_ID,
+    MAIN_PIPELINE_ID,
+    STATUS_BOOKED,
+    STATUS_IN_WORK,
+    STATUS_NEW_REQUEST,
+    STATUS_VISITED,
+    WON_STATUS_ID,
+    AmoCrmEmulator,
+)
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
 from sandbox.emulators.medods import MedodsEmulator
@@ -39,36 +54,42 @@ class LocalClinic:
     config: ClinicConfig
     sample: SampleClinic
     medods: MedodsEmulator
-    bitrix: Bitrix24Emulator
+    crm: CrmView
     servers: list[ServedApp] = field(default_factory=list)
     owns_aws: bool = True
+    bitrix: Bitrix24Emulator | None = None
+    amocrm: AmoCrmEmulator | None = None
 
     def sync(self, on_batch: Any = None, on_polled: Any = None) -> RunSummary:
         """One scheduled poll, then the queues drained through the syncer, as on AWS."""
-        before = self.bitrix.stats()
+        before = self.crm.stats()
         poll = self.stack.run_schedule(name="Poll")
         if on_polled is not None:
             on_polled(self.stack.queue_depth())
         drain = self.stack.drain_queue(on_batch=on_batch)
         for key, value in self.stack.drain_all().items():
             drain[key] += value
-        after = self.bitrix.stats()
+        after = self.crm.stats()
         return RunSummary(
             poll=poll,
             drain=drain,
             crm_requests=after["requests"] - before["requests"],
             crm_writes=after["writes"] - before["writes"],
-            throttled=(after["rate_limited_503"] + after["rate_limited_429"])
-            - (before["rate_limited_503"] + before["rate_limited_429"]),
+            throttled=after["throttled"] - before["throttled"],
         )
 
     # --- what the CRM holds, for checks and the demo summary ---------------------------------------
 
     def deliver_webhooks(self) -> int:
-        """Bitrix24 posts its queued events to our HTTP API; then the syncer handles them."""
-        delivered = self.bitrix.deliver_events()
+        """The CRM posts its queued events to our HTTP API; then the syncer handles them.
+        Returns the number of events delivered (amoCRM packs several into one POST)."""
+        if self.bitrix is not None:
+            delivered = len(self.bitrix.deliver_events())
+        else:
+            assert self.amocrm is not None
+            delivered = sum(len(d.events) for d in self.amocrm.deliver_webhooks() if d.ok)
         self.stack.drain_all()
-        return len(delivered)
+        return delivered
 
     def catch_up(self) -> Any:
         result = self.stack.run_schedule(name="CrmCatchUp")
@@ -79,7 +100,7 @@ class LocalClinic:
         return expected_deals(self.medods.all_clients(), self.medods.all_appointments(), self.config)
 
     def mismatches(self) -> list[str]:
-        return mismatches(self.expected_deals(), self.deals_by_origin())
+        return mismatches(self.expected_deals(), self.crm.deals())
 
     def open_booking(self) -> int:
         """An appointment that is synced and still only booked: the start of most scenarios."""
@@ -90,21 +111,15 @@ class LocalClinic:
         raise LookupError("the sample clinic has no open booking")
 
     def deals_by_origin(self) -> dict[str, dict[str, Any]]:
-        return {str(d.get("ORIGIN_ID")): d for d in self.bitrix.deals.values() if d.get("ORIGIN_ID")}
+        return self.crm.deals()
 
     def contacts_by_origin(self) -> Counter[str]:
-        return Counter(str(c.get("ORIGIN_ID")) for c in self.bitrix.contacts.values() if c.get("ORIGIN_ID"))
+        return self.crm.contacts_by_origin()
 
     def stage_distribution(self) -> Counter[tuple[str, str]]:
-        names = {s["STATUS_ID"]: s["NAME"] for s in self._stages() if str(s["ENTITY_ID"]).startswith("DEAL_STAGE")}
         return Counter(
-            (str(d.get("CATEGORY_ID")), f"{d['STAGE_ID']} «{names.get(str(d['STAGE_ID']), '?')}»")
-            for d in self.bitrix.deals.values()
+            (d["category"], f"{d['stage']} «{self.crm.stage_name(d['stage'])}»") for d in self.crm.deals().values()
         )
-
-    def _stages(self) -> list[dict[str, Any]]:
-        with self.bitrix._lock:  # sandbox-only peek at the emulator's stage table
-            return list(self.bitrix._statuses)
 
     def close(self) -> None:
         for server in self.servers:
@@ -159,12 +174,63 @@ def start_local_clinic(
     aws: LocalAws | None = None,
     config_overrides: dict[str, Any] | None = None,
     rate_limit: bool = True,
+    crm: str = "bitrix24",
 ) -> LocalClinic:
     owns_aws = aws is None
     aws = aws or LocalAws().start()
     sample = build_sample_clinic(seed=seed, patients=patients, appointments=appointments)
     identity, mis_secret = f"{clinic_id}-integration", secrets.token_urlsafe(64)  # HS512 wants a 64-byte key
     medods = MedodsEmulator(sample, identity_key=identity, secret=mis_secret)
+    medods_server = ServedApp(medods).start()
+    if crm == "bitrix24":
+        portal = _bitrix24_portal(rate_limit)
+    elif crm == "amocrm":
+        portal = _amocrm_account(rate_limit)
+    else:
+        raise ValueError(f"no emulator for CRM {crm!r}")
+    overrides = {**portal.config_overrides, **(config_overrides or {})}
+    config_yaml = demo_config_yaml(clinic_id, medods_server.base_url, overrides)
+    stack = ClinicStack(
+        aws,
+        clinic_id,
+        config_yaml,
+        secrets={
+            "mis": {"identity_key": identity, "secret": mis_secret},
+            "crm": portal.secret,
+            "clinic": {"hash_key": secrets.token_hex(32)},
+        },
+        crm_kind=crm,
+    )
+    api = stack.serve_http()
+    portal.subscribe(api.base_url)
+    return LocalClinic(
+        aws,
+        stack,
+        parse_clinic_config(config_yaml),
+        sample,
+        medods,
+        portal.view,
+        [medods_server, portal.server, api],
+        owns_aws,
+        bitrix=portal.bitrix,
+        amocrm=portal.amocrm,
+    )
+
+
+@dataclass
+class _Portal:
+    """A CRM emulator served on loopback, with what the clinic's config and secret need to reach it."""
+
+    view: CrmView
+    server: ServedApp
+    secret: dict[str, Any]
+    config_overrides: dict[str, Any]
+    subscribe: Callable[[str], None]
+    bitrix: Bitrix24Emulator | None = None
+    amocrm: AmoCrmEmulator | None = None
+
+
+def _bitrix24_portal(rate_limit: bool) -> _Portal:
     bitrix = Bitrix24Emulator(
         webhook_secret=secrets.token_hex(8),
         application_token=secrets.token_hex(16),
@@ -172,24 +238,71 @@ def start_local_clinic(
         rate_limit=rate_limit,
     )
     setup_demo_portal(bitrix)
-    medods_server, bitrix_server = ServedApp(medods).start(), ServedApp(bitrix).start()
-    config_yaml = demo_config_yaml(clinic_id, medods_server.base_url, config_overrides)
-    stack = ClinicStack(
-        aws,
-        clinic_id,
-        config_yaml,
-        secrets={
-            "mis": {"identity_key": identity, "secret": mis_secret},
-            "crm": {
-                "webhook_url": bitrix.webhook_url(bitrix_server.base_url),
-                "application_token": bitrix.application_token,
-                "member_id": bitrix.member_id,
-            },
-            "clinic": {"hash_key": secrets.token_hex(32)},
-        },
-    )
-    config = parse_clinic_config(config_yaml)
-    api = stack.serve_http()
-    for event in WEBHOOK_EVENTS:
-        bitrix.bind_event(event, f"{api.base_url}/webhooks/bitrix24")
-    return LocalClinic(aws, stack, config, sample, medods, bitrix, [medods_server, bitrix_server, api], owns_aws)
+    server = ServedApp(bitrix).start()
+    secret = {
+        "webhook_url": bitrix.webhook_url(server.base_url),
+        "application_token": bitrix.application_token,
+        "member_id": bitrix.member_id,
+    }
+
+    def subscribe(api: str) -> None:
+        for event in WEBHOOK_EVENTS:
+            bitrix.bind_event(event, f"{api}/webhooks/bitrix24")
+
+    return _Portal(Bitrix24View(bitrix), server, secret, {}, subscribe, bitrix=bitrix)
+
+
+def _amocrm_account(rate_limit: bool) -> _Portal:
+    """The InfoClinica->amoCRM case's funnel: «Новая заявка» → «Взяли в работу» → «Записан на прием» →
+    «Посетил» → 142, cancellation to 143, one pipeline for first and repeat visits."""
+    amo = AmoCrmEmulator(rate_limit=rate_limit)
+    fields = {
+        "mis_patient_id": CONTACT_FIELD_MIS_PATIENT_ID,
+        "mis_appointment_id": LEAD_FIELD_MIS_APPOINTMENT_ID,
+        "visit_at": LEAD_FIELD_APPOINTMENT_AT,
+        # Fields the clinic's admin adds for the sync, as in the case's field list.
+        "status": amo.add_custom_field("leads", "Статус записи", "text"),
+        "is_dms": amo.add_custom_field("leads", "ДМС", "checkbox"),
+        "opt_outs": amo.add_custom_field("contacts", "Отказ от рассылок", "text"),
+    }
+    server = ServedApp(amo).start()
+    webhook_secret = secrets.token_urlsafe(24)
+    secret = {
+        **amo.issue_tokens(),
+        "base_url": server.base_url,
+        "client_id": amo.client_id,
+        "client_secret": amo.client_secret,
+        "redirect_uri": amo.redirect_uri,
+        "account_id": str(amo.account_id),
+        "user_id": str(amo.api_user_id),
+        "webhook_secret": webhook_secret,
+    }
+    booked, visited = str(STATUS_BOOKED), str(STATUS_VISITED)
+    stages = {
+        "booked": booked,
+        "rescheduled": booked,
+        "confirmed": booked,
+        "arrived": visited,
+        "completed": visited,
+        "no_show": str(STATUS_IN_WORK),
+        "cancelled": str(LOST_STATUS_ID),
+    }
+    pipeline = {
+        "category_id": str(MAIN_PIPELINE_ID),
+        "stages": stages,
+        "closed_stages": [str(WON_STATUS_ID), str(LOST_STATUS_ID)],
+    }
+    overrides: dict[str, Any] = {
+        "crm.kind": "amocrm",
+        "crm.requests_per_second": 6,
+        "crm.burst": 1,  # a sliding 1 s window of 7: rate + burst must stay at or under it
+        "crm.pipelines": {"primary": pipeline, "repeat": pipeline},
+        "fields.crm_names": {name: str(fid) for name, fid in fields.items()},
+        "matching.adopt_deal_stages": [str(STATUS_NEW_REQUEST), str(STATUS_IN_WORK)],
+    }
+    events = ("add_lead", "update_lead", "status_lead", "add_contact", "update_contact")
+
+    def subscribe(api: str) -> None:
+        amo.add_webhook(f"{api}/webhooks/amocrm/{webhook_secret}", events)
+
+    return _Portal(AmoCrmView(amo, fields), server, secret, overrides, subscribe, amocrm=amo)

@@ -129,7 +129,7 @@ def small(make_clinic: Callable[..., LocalClinic]) -> LocalClinic:
 
 def test_status_lifecycle_moves_the_same_deal(small: LocalClinic) -> None:
     aid = small.open_booking()
-    deal_id = small.deals_by_origin()[str(aid)]["ID"]
+    deal_id = small.deals_by_origin()[str(aid)]["id"]
     for change, stage_key in [
         (small.medods.confirm, "confirmed"),
         (small.medods.arrive, "arrived"),
@@ -138,9 +138,9 @@ def test_status_lifecycle_moves_the_same_deal(small: LocalClinic) -> None:
         change(aid)
         run = small.sync()
         deal = small.deals_by_origin()[str(aid)]
-        assert deal["ID"] == deal_id
+        assert deal["id"] == deal_id
         want = small.expected_deals()[str(aid)]
-        assert (deal["CATEGORY_ID"], deal["STAGE_ID"]) == (want.category_id, want.stage), stage_key
+        assert (deal["category"], deal["stage"]) == (want.category_id, want.stage), stage_key
         assert run.crm_requests == 1  # a known appointment whose status changed: one request
     assert small.mismatches() == []
 
@@ -150,7 +150,7 @@ def test_cancel_and_no_show(small: LocalClinic, change: str) -> None:
     aid = small.open_booking()
     getattr(small.medods, change)(aid)
     small.sync()
-    stage = small.deals_by_origin()[str(aid)]["STAGE_ID"]
+    stage = small.deals_by_origin()[str(aid)]["stage"]
     assert stage.endswith("LOSE" if change == "cancel" else "UC_NOSHOW")
     assert small.mismatches() == []
 
@@ -163,9 +163,9 @@ def test_reschedule_keeps_the_deal_and_updates_its_date(small: LocalClinic) -> N
     small.medods.reschedule(aid, new_start)
     small.sync()
     after = small.deals_by_origin()[str(aid)]
-    assert after["ID"] == before["ID"]
-    assert after["BEGINDATE"][:10] == new_start.date().isoformat() != row["date"]
-    assert after["UF_CRM_CS_STATUS"] == "rescheduled"
+    assert after["id"] == before["id"]
+    assert after["visit_at"][:10] == new_start.date().isoformat() != row["date"]
+    assert after["status"] == "rescheduled"
     assert len(small.bitrix.deals) == len(small.expected_deals())
 
 
@@ -175,15 +175,15 @@ def test_closed_deal_is_not_reopened_and_a_new_visit_opens_a_new_deal(small: Loc
     small.medods.cancel(aid)
     small.sync()
     lost = small.deals_by_origin()[str(aid)]
-    assert lost["STAGE_ID"].endswith("LOSE") and lost["CLOSED"] == "Y"
+    assert lost["stage"].endswith("LOSE") and lost["closed"] is True
     small.medods.set_status(aid, "approved")  # the MIS flips back; the lost deal must stay lost
     row = small.medods.appointment(aid)
     new_aid = small.medods.book(row["clientId"], row["userId"], row["clinicId"], small.medods.at(14, "11:00"))
     run = small.sync()
     deals = small.deals_by_origin()
-    assert deals[str(aid)]["STAGE_ID"] == lost["STAGE_ID"]
-    assert deals[str(aid)]["DATE_MODIFY"] == lost["DATE_MODIFY"]  # not touched at all
-    assert deals[str(new_aid)]["ID"] != deal["ID"]
+    assert deals[str(aid)]["stage"] == lost["stage"]
+    assert deals[str(aid)]["modified"] == lost["modified"]  # not touched at all
+    assert deals[str(new_aid)]["id"] != deal["id"]
     assert run.crm_writes == 1  # only the new deal
 
 
@@ -194,7 +194,7 @@ def test_a_visit_after_a_completed_one_opens_a_deal_in_the_repeat_funnel(small: 
     later = small.medods.book(row["clientId"], row["userId"], row["clinicId"], small.medods.at(30, "11:00"))
     small.sync()
     deals = small.deals_by_origin()
-    assert (deals[str(later)]["CATEGORY_ID"], deals[str(later)]["STAGE_ID"]) == ("1", "C1:PREPARATION")
+    assert (deals[str(later)]["category"], deals[str(later)]["stage"]) == ("1", "C1:PREPARATION")
     assert small.mismatches() == []
 
 
@@ -262,8 +262,8 @@ def test_syncer_handles_the_sample_sqs_batch(small: LocalClinic) -> None:
     response = small.stack.invoke("StageSyncerFunction", _event("stage_syncer_sqs_batch"))
     assert response == {"batchItemFailures": []}
     deals = small.deals_by_origin()
-    assert deals["70001"]["STAGE_ID"] == "PREPARATION"
-    assert deals["70002"]["UF_CRM_CS_DMS"] == "Y"  # zero price plus a policy: a DMS visit
+    assert deals["70001"]["stage"] == "PREPARATION"
+    assert deals["70002"]["is_dms"] is True  # zero price plus a policy: a DMS visit
     # Redelivery of the same message is harmless: nothing is created twice.
     small.stack.invoke("StageSyncerFunction", _event("stage_syncer_sqs_batch"))
     assert small.contacts_by_origin()["90001"] == 1

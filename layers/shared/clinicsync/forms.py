@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_FIELDS = 500
-MAX_DEPTH = 6
+MAX_DEPTH = 10  # amoCRM: leads[status][0][custom_fields][0][values][0][value] is 8 deep
 _KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 
 

@@ -16,6 +16,11 @@ import httpx
 from aws_lambda_powertools.utilities import parameters
 from pydantic import BaseModel, ConfigDict, Field
 
+from clinicsync.adapters.amocrm import AmoCrmClient, StoreCircuitBreaker
+from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
+from clinicsync.adapters.amocrm_oauth import AmoCrmOAuth
+from clinicsync.adapters.amocrm_oauth import SecretsManagerTokenStore as AmoCrmTokenStore
+from clinicsync.adapters.amocrm_oauth import lease_lock as amocrm_lease_lock
 from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer
 from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
 from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth, SecretsManagerTokenStore, lease_lock
@@ -136,12 +141,29 @@ def _bitrix_client(secret_arn: str, rate: float, burst: int, shared_budget: bool
     return Bitrix24Client(http=http_client(), pacer=pacer, oauth=oauth, user_id=str(creds.get("user_id", "")))
 
 
+@functools.cache
+def _amocrm_client(secret_arn: str, rate: float, burst: int, shared_budget: bool) -> AmoCrmClient:
+    """One client per container. Pacing is a DynamoDB bucket shared by every syncer (amoCRM allows 7
+    rps per integration; we run at the configured budget, 6 by default); a 403 opens a breaker that
+    every container honours; tokens rotate in the secret under a lease, or a long-lived token is used."""
+    creds = secret(secret_arn)
+    table = dynamodb().Table(settings().table_name)
+    key = f"amocrm:{creds.get('account_id') or creds.get('base_url') or 'account'}"
+    pacer: RequestPacer = SharedLeakyBucket(table, key, rate, burst) if shared_budget else Pacer(rate, burst)
+    tokens = AmoCrmTokenStore(boto3.client("secretsmanager"), secret_arn)
+    auth = AmoCrmOAuth(tokens, http_client(), lock=amocrm_lease_lock(store()))
+    return AmoCrmClient(auth, http_client(), pacer, StoreCircuitBreaker(table, key))
+
+
 def crm_gateway(config: ClinicConfig) -> CrmGateway:
-    if config.crm.kind == "bitrix24":
-        crm = config.crm
+    crm = config.crm
+    if crm.kind == "bitrix24":
         client = _bitrix_client(settings().crm_secret_arn, crm.requests_per_second, crm.burst, crm.shared_budget)
         return Bitrix24Gateway(client, config)
-    raise NotImplementedError(f"CRM kind {config.crm.kind!r} is not available yet")
+    if crm.kind == "amocrm":
+        amo = _amocrm_client(settings().crm_secret_arn, crm.requests_per_second, crm.burst, crm.shared_budget)
+        return AmoCrmGateway(amo, config, str(secret(settings().crm_secret_arn).get("user_id", "")))
+    raise NotImplementedError(f"CRM kind {crm.kind!r} is not available yet")
 
 
 @functools.cache
@@ -188,6 +210,6 @@ def poller() -> Poller:
 
 def reset() -> None:
     """Forget every cached client and value (tests switch clinics and endpoints)."""
-    for cached in (settings, http_client, dynamodb, sqs, _parse_config, _bitrix_client, _verified):
+    for cached in (settings, http_client, dynamodb, sqs, _parse_config, _bitrix_client, _amocrm_client, _verified):
         cached.cache_clear()
     parameters.clear_caches()  # type: ignore[no-untyped-call]

@@ -139,15 +139,18 @@ class AmoCrmGateway:
             page += 1
 
     def _by_phone(self, phone: str) -> PhoneCandidates | None:
+        # ``query`` matches the raw stored string: the last 10 digits find "89161234567" and
+        # "+79161234567", the dashed subscriber part finds "+7 916 123-45-67". Stop at the first hit.
         digits = "".join(ch for ch in phone if ch.isdigit())[-10:]
-        body = self._client.request("GET", "/api/v4/contacts", params=[("query", digits), ("with", "leads")])
-        region = self._config.matching.default_region
+        rows: list[dict[str, Any]] = []
+        for variant in (digits, f"{digits[3:6]}-{digits[6:8]}-{digits[8:]}"):
+            body = self._client.request("GET", "/api/v4/contacts", params=[("query", variant), ("with", "leads")])
+            rows = [r for r in _embedded(body, "contacts") if self._has_phone(r, phone)]
+            if rows:
+                break
         contacts: list[tuple[str, str | None]] = []
         lead_ids: list[str] = []
-        for row in _embedded(body, "contacts"):
-            numbers = {normalise_phone(v, region) for v in self._values(row, code="PHONE")}
-            if phone not in numbers:
-                continue  # query matched some other field, or another number: never trust the first hit
+        for row in rows:
             owner = self._value(row, self._field("mis_patient_id")) or None
             contacts.append((str(row["id"]), owner))
             lead_ids += [str(lead["id"]) for lead in _embedded(row, "leads")]
@@ -164,6 +167,11 @@ class AmoCrmGateway:
         if not contacts and not deals:
             return None
         return PhoneCandidates(contacts=tuple(contacts), deals=tuple(deals))
+
+    def _has_phone(self, row: Mapping[str, Any], phone: str) -> bool:
+        """``query`` also hits other fields and other numbers: never trust a hit before normalising."""
+        region = self._config.matching.default_region
+        return phone in {normalise_phone(v, region) for v in self._values(row, code="PHONE")}
 
     # --- reading back what managers changed --------------------------------------------------------
 

@@ -1,0 +1,246 @@
+"""One view over either CRM emulator, so the end-to-end scenarios are written once and run for both.
+
+A deal is ``{"id", "origin", "category", "stage", "closed", "contact_id", "visit_at", "status",
+"is_dms", "lead_id"}``; a contact is ``{"id", "origin", "phones"}``. Manager actions go through the
+emulator's own manager helpers, so they fire the CRM's webhooks like a person in the UI would.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from sandbox.emulators.amocrm import (
+    LOST_STATUS_ID,
+    MAIN_PIPELINE_ID,
+    STATUS_NEW_REQUEST,
+    WON_STATUS_ID,
+    AmoCrmEmulator,
+)
+from sandbox.emulators.bitrix24 import Bitrix24Emulator
+
+Deal = dict[str, Any]
+
+
+class CrmView(Protocol):
+    kind: str
+
+    def deals(self) -> dict[str, Deal]: ...  # by MIS appointment id (ORIGIN)
+    def contacts(self) -> dict[str, dict[str, Any]]: ...  # by CRM id
+    def contacts_by_origin(self) -> Counter[str]: ...
+    def stats(self) -> dict[str, int]: ...
+    def won_stage(self, category: str) -> str: ...
+    def manager_move(self, deal_id: str, stage: str) -> None: ...
+    def manager_create_inquiry(self, phone: str) -> str: ...  # an open lead/deal for a phone, as a call makes
+    def manager_create_contact(self, phone: str) -> str: ...
+    def manager_create_deal(self, contact_id: str, stage: str | None = None) -> str: ...
+    def manager_set_opt_outs(self, contact_id: str, channels: str) -> None: ...
+    def adopted(self, inquiry_id: str, deal: Deal) -> bool: ...
+    def pending_events(self) -> int: ...
+    def drop_next_stage_event(self) -> None: ...
+    def stage_name(self, stage: str) -> str: ...
+    def lose_next_create_response(self) -> None: ...  # applied, but the response never arrives
+    def manual_stage(self, category: str) -> str: ...  # an open stage the sync would not pick itself
+
+
+class Bitrix24View:
+    kind = "bitrix24"
+
+    def __init__(self, emulator: Bitrix24Emulator) -> None:
+        self.emu = emulator
+
+    def deals(self) -> dict[str, Deal]:
+        return {
+            str(d["ORIGIN_ID"]): {
+                "id": str(d["ID"]),
+                "origin": str(d["ORIGIN_ID"]),
+                "category": str(d.get("CATEGORY_ID")),
+                "stage": str(d.get("STAGE_ID")),
+                "closed": d.get("CLOSED") == "Y",
+                "contact_id": str(d.get("CONTACT_ID") or ""),
+                "visit_at": str(d.get("BEGINDATE") or ""),
+                "status": d.get("UF_CRM_CS_STATUS"),
+                "is_dms": {"Y": True, "N": False}.get(str(d.get("UF_CRM_CS_DMS"))),
+                "lead_id": str(d.get("LEAD_ID") or ""),
+                "modified": str(d.get("DATE_MODIFY")),
+            }
+            for d in self.emu.deals.values()
+            if d.get("ORIGIN_ID")
+        }
+
+    def contacts(self) -> dict[str, dict[str, Any]]:
+        return {
+            str(cid): {
+                "id": str(cid),
+                "origin": str(c.get("ORIGIN_ID") or ""),
+                "phones": [p["VALUE"] for p in c.get("PHONE") or []],
+            }
+            for cid, c in self.emu.contacts.items()
+        }
+
+    def contacts_by_origin(self) -> Counter[str]:
+        return Counter(c["origin"] for c in self.contacts().values() if c["origin"])
+
+    def stats(self) -> dict[str, int]:
+        s = self.emu.stats()
+        return {
+            "requests": s["requests"],
+            "writes": s["writes"],
+            "throttled": s["rate_limited_503"] + s["rate_limited_429"],
+        }
+
+    def won_stage(self, category: str) -> str:
+        return "WON" if category == "0" else f"C{category}:WON"
+
+    def manager_move(self, deal_id: str, stage: str) -> None:
+        self.emu.manager_update_deal(int(deal_id), STAGE_ID=stage)
+
+    def manager_create_inquiry(self, phone: str) -> str:
+        return str(
+            self.emu.manager_create_lead(
+                TITLE="Заявка с сайта", NAME="Анна", SOURCE_ID="WEB", PHONE=[{"VALUE": phone, "VALUE_TYPE": "MOBILE"}]
+            )
+        )
+
+    def manager_create_contact(self, phone: str) -> str:
+        return str(self.emu.manager_create_contact(NAME="Анна", PHONE=[{"VALUE": phone}]))
+
+    def manager_create_deal(self, contact_id: str, stage: str | None = None) -> str:
+        return str(self.emu.manager_create_deal(TITLE="Обращение", CONTACT_ID=int(contact_id), STAGE_ID=stage or "NEW"))
+
+    def manager_set_opt_outs(self, contact_id: str, channels: str) -> None:
+        self.emu.manager_update_contact(int(contact_id), UF_CRM_CS_OPT_OUTS=channels)
+
+    def adopted(self, inquiry_id: str, deal: Deal) -> bool:
+        lead = self.emu.leads[int(inquiry_id)]
+        return (
+            deal["lead_id"] == inquiry_id
+            and lead["STATUS_ID"] == "CONVERTED"
+            and (str(lead.get("CONTACT_ID")) == deal["contact_id"])
+        )
+
+    def pending_events(self) -> int:
+        return len(self.emu.pending_events())
+
+    def drop_next_stage_event(self) -> None:
+        self.emu.drop_next_events(1, "ONCRMDEALUPDATE")
+
+    def lose_next_create_response(self) -> None:
+        self.emu.faults.add(method="crm.contact.add", status=502, html=True, times=1, after_apply=True)
+
+    def manual_stage(self, category: str) -> str:
+        return "EXECUTING" if category == "0" else f"C{category}:EXECUTING"
+
+    def stage_name(self, stage: str) -> str:
+        with self.emu._lock:  # sandbox-only peek at the emulator's stage table
+            names = {s["STATUS_ID"]: s["NAME"] for s in self.emu._statuses if s["ENTITY_ID"].startswith("DEAL_STAGE")}
+        return str(names.get(stage, "?"))
+
+
+class AmoCrmView:
+    kind = "amocrm"
+
+    def __init__(self, emulator: AmoCrmEmulator, fields: dict[str, int]) -> None:
+        self.emu = emulator
+        self.fields = fields  # canonical name -> custom field id
+
+    def _cf(self, record: dict[str, Any], name: str) -> Any:
+        for field in record.get("custom_fields_values") or []:
+            if field.get("field_id") == self.fields.get(name):
+                values = field.get("values") or []
+                return values[0].get("value") if values else None
+        return None
+
+    def deals(self) -> dict[str, Deal]:
+        out = {}
+        for lead_id, lead in self.emu.leads.items():
+            origin = self._cf(lead, "mis_appointment_id")
+            if not origin:
+                continue
+            contacts = self.emu.lead_contact_ids(lead_id)
+            visit = self._cf(lead, "visit_at")
+            out[str(origin)] = {
+                "id": str(lead_id),
+                "origin": str(origin),
+                "category": str(lead.get("pipeline_id")),
+                "stage": str(lead.get("status_id")),
+                "closed": lead.get("status_id") in (WON_STATUS_ID, LOST_STATUS_ID),
+                "contact_id": str(contacts[0]) if contacts else "",
+                "visit_at": datetime.fromtimestamp(visit, UTC).isoformat() if isinstance(visit, int) else str(visit),
+                "status": self._cf(lead, "status"),
+                "is_dms": self._cf(lead, "is_dms"),
+                "lead_id": str(lead_id),
+                "modified": str(lead.get("updated_at")),
+            }
+        return out
+
+    def contacts(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for cid, contact in self.emu.contacts.items():
+            phones = [
+                v["value"]
+                for f in contact.get("custom_fields_values") or []
+                if f.get("field_code") == "PHONE"
+                for v in f.get("values") or []
+            ]
+            out[str(cid)] = {"id": str(cid), "origin": str(self._cf(contact, "mis_patient_id") or ""), "phones": phones}
+        return out
+
+    def contacts_by_origin(self) -> Counter[str]:
+        return Counter(c["origin"] for c in self.contacts().values() if c["origin"])
+
+    def stats(self) -> dict[str, int]:
+        s = self.emu.stats()
+        return {"requests": s["requests"], "writes": s["writes"], "throttled": s.get("rate_limited_429", 0)}
+
+    def won_stage(self, category: str) -> str:
+        return str(WON_STATUS_ID)
+
+    def manager_move(self, deal_id: str, stage: str) -> None:
+        self.emu.manager_move_lead(int(deal_id), int(stage))
+
+    def manager_create_inquiry(self, phone: str) -> str:
+        # In amoCRM an inquiry is a lead at «Новая заявка» with the caller's contact.
+        contact = self.manager_create_contact(phone)
+        return self.manager_create_deal(contact)
+
+    def manager_create_contact(self, phone: str) -> str:
+        return str(
+            self.emu.manager_create_contact(
+                name="Анна",
+                custom_fields_values=[{"field_code": "PHONE", "values": [{"value": phone, "enum_code": "MOB"}]}],
+            )
+        )
+
+    def manager_create_deal(self, contact_id: str, stage: str | None = None) -> str:
+        status = int(stage) if stage else STATUS_NEW_REQUEST
+        return str(
+            self.emu.manager_create_lead(
+                "Обращение из WhatsApp", contact_ids=[int(contact_id)], status_id=status, pipeline_id=MAIN_PIPELINE_ID
+            )
+        )
+
+    def manager_set_opt_outs(self, contact_id: str, channels: str) -> None:
+        field = {"field_id": self.fields["opt_outs"], "values": [{"value": channels}]}
+        self.emu.manager_update_contact(int(contact_id), custom_fields_values=[field])
+
+    def adopted(self, inquiry_id: str, deal: Deal) -> bool:
+        return deal["id"] == inquiry_id  # the open lead itself moves; nothing new is created
+
+    def pending_events(self) -> int:
+        return len(self.emu.pending_webhook_events())
+
+    def drop_next_stage_event(self) -> None:
+        self.emu.drop_next_events(1, "status_lead")
+        self.emu.drop_next_events(1, "update_lead")
+
+    def lose_next_create_response(self) -> None:
+        self.emu.faults.add(path_prefix="/api/v4/leads/complex", status=504, html=True, times=1, after_apply=True)
+
+    def manual_stage(self, category: str) -> str:
+        return str(STATUS_NEW_REQUEST)
+
+    def stage_name(self, stage: str) -> str:
+        names = {str(s["id"]): s["name"] for s in self.emu.statuses(MAIN_PIPELINE_ID)}
+        return str(names.get(stage, "?"))

@@ -40,8 +40,11 @@ def main(
     appointments: Annotated[int, typer.Option(min=1, max=10000)] = 400,
     seed: int = 7,
 ) -> None:
-    if (mis, crm) != ("medods", "bitrix24"):
-        console.print(f"[red]MIS={mis} CRM={crm} is not available yet[/red]: this release ships MEDODS → Bitrix24.")
+    if mis != "medods" or crm not in ("bitrix24", "amocrm"):
+        console.print(
+            f"[red]MIS={mis} CRM={crm} is not available in the demo yet[/red]: "
+            "try MIS=medods with CRM=bitrix24 or CRM=amocrm."
+        )
         raise typer.Exit(2)
     log_path = _quiet_handlers()
     from clinicsync.observability import logger
@@ -52,9 +55,10 @@ def main(
     for handler in logger.handlers:
         handler.setStream(log_file)  # type: ignore[attr-defined]
 
-    console.rule("[bold]clinicsync demo[/bold] — MEDODS → Bitrix24, local runtime on moto")
-    with console.status("Starting moto, the MEDODS and Bitrix24 emulators and the clinic's stack…"):
-        clinic = start_local_clinic(seed=seed, patients=patients, appointments=appointments)
+    crm_name = {"bitrix24": "Bitrix24", "amocrm": "amoCRM"}[crm]
+    console.rule(f"[bold]clinicsync demo[/bold] — MEDODS → {crm_name}, local runtime on moto")
+    with console.status(f"Starting moto, the MEDODS and {crm_name} emulators and the clinic's stack…"):
+        clinic = start_local_clinic(seed=seed, patients=patients, appointments=appointments, crm=crm)
     try:
         console.print(
             f"Sample clinic: {len(clinic.sample.patients)} patients, {len(clinic.sample.appointments)} appointments, "
@@ -116,9 +120,9 @@ def _summary(clinic: LocalClinic, run: RunSummary) -> None:
     synced.add_row("Patients read from MEDODS", str(run.poll["patients"]))
     synced.add_row("Appointments read", str(run.poll["appointments"]))
     synced.add_row("SQS messages (patients grouped per shard)", str(run.drain["messages"]))
-    synced.add_row("Contacts in Bitrix24", str(len(clinic.bitrix.contacts)))
-    synced.add_row("Deals in Bitrix24 (expected)", f"{len(clinic.bitrix.deals)} ({len(expected)})")
-    synced.add_row("CRM requests used (batch = 1)", str(run.crm_requests))
+    synced.add_row("Contacts in the CRM", str(len(clinic.crm.contacts())))
+    synced.add_row("Deals in the CRM (expected)", f"{len(clinic.crm.deals())} ({len(expected)})")
+    synced.add_row("CRM requests used", str(run.crm_requests))
     synced.add_row("CRM write commands", str(run.crm_writes))
     synced.add_row("Appointments per CRM request", f"{len(expected) / max(1, run.crm_requests):.1f}")
     synced.add_row("503/429 from the CRM", str(run.throttled))
@@ -128,7 +132,11 @@ def _summary(clinic: LocalClinic, run: RunSummary) -> None:
     stages.add_column("Funnel")
     stages.add_column("Stage")
     stages.add_column("Deals", justify="right")
-    funnels = {p.category_id: name for name, p in clinic.config.crm.pipelines.items()}
+    funnels: dict[str, str] = {}
+    for name, pipeline in clinic.config.crm.pipelines.items():  # one pipeline may serve both funnels
+        funnels[pipeline.category_id] = (
+            f"{funnels[pipeline.category_id]}+{name}" if pipeline.category_id in funnels else name
+        )
     distribution: Counter[tuple[str, str]] = clinic.stage_distribution()
     for (category, stage), count in sorted(distribution.items()):
         stages.add_row(funnels.get(category, category), stage, str(count))

@@ -24,7 +24,9 @@ from clinicsync.adapters.amocrm_oauth import lease_lock as amocrm_lease_lock
 from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer
 from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
 from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth, SecretsManagerTokenStore, lease_lock
+from clinicsync.adapters.infoclinica import InfoClinicaApi, InfoClinicaSource
 from clinicsync.adapters.medods import MedodsApi, MedodsSource
+from clinicsync.adapters.renovatio import RenovatioApi, RenovatioSource
 from clinicsync.budget import RequestPacer, SharedLeakyBucket
 from clinicsync.config import ClinicConfig, parse_clinic_config
 from clinicsync.crm_events import CrmCatchUp, CrmEventProcessor
@@ -117,6 +119,11 @@ def mis_source(config: ClinicConfig) -> MisSource:
     if config.mis.kind == "medods":
         api = MedodsApi(config.mis.base_url, str(creds["identity_key"]), str(creds["secret"]), http=http_client())
         return MedodsSource(api, config)
+    if config.mis.kind == "infoclinica":
+        # Its own HTTP client: it carries the clinic's client certificate from the secret.
+        return InfoClinicaSource(InfoClinicaApi.from_secret(config.mis.base_url, creds, tz=config.tz), config)
+    if config.mis.kind == "renovatio":
+        return RenovatioSource(RenovatioApi.from_secret(config.mis.base_url, creds, http=http_client()), config)
     raise NotImplementedError(f"MIS kind {config.mis.kind!r} is not available yet")
 
 

@@ -1,0 +1,170 @@
+"""The amoCRM client and gateway against the emulator on loopback: token rotation without losing a
+write, pacing under the 7 rps limit with no 403, the circuit breaker, 204s and lost responses."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+
+from clinicsync.adapters.amocrm import AmoCrmBlocked, AmoCrmClient, MemoryCircuitBreaker
+from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
+from clinicsync.adapters.amocrm_oauth import AmoCrmOAuth, AmoCrmTokens, parse_tokens
+from clinicsync.adapters.bitrix24 import Pacer
+from clinicsync.ports import ContactWrite, DealWrite
+from sandbox.emulators.amocrm import (
+    CONTACT_FIELD_MIS_PATIENT_ID,
+    LEAD_FIELD_MIS_APPOINTMENT_ID,
+    MAIN_PIPELINE_ID,
+    STATUS_BOOKED,
+    AmoCrmEmulator,
+)
+from sandbox.emulators.base import Clock, ServedApp
+from tests.helpers import demo_config
+
+FAST = Pacer(rate=1000, burst=1000)
+
+
+class MemoryTokens:
+    """The clinic's CRM secret, shared by every 'container' of a test."""
+
+    def __init__(self, tokens: AmoCrmTokens) -> None:
+        self.tokens = tokens
+        self.lock = threading.Lock()
+
+    def load(self) -> AmoCrmTokens:
+        return self.tokens
+
+    def save(self, tokens: AmoCrmTokens) -> None:
+        self.tokens = tokens
+
+
+@pytest.fixture
+def amo() -> Iterator[tuple[AmoCrmEmulator, str]]:
+    emulator = AmoCrmEmulator()
+    server = ServedApp(emulator).start()
+    yield emulator, server.base_url
+    server.stop()
+
+
+def _config() -> Any:
+    base = demo_config()
+    names = {
+        "mis_patient_id": str(CONTACT_FIELD_MIS_PATIENT_ID),
+        "mis_appointment_id": str(LEAD_FIELD_MIS_APPOINTMENT_ID),
+    }
+    return base.model_copy(update={"fields": base.fields.model_copy(update={"crm_names": names})})
+
+
+def _store(emulator: AmoCrmEmulator, base: str) -> MemoryTokens:
+    secret = {
+        **emulator.issue_tokens(),
+        "base_url": base,
+        "client_id": emulator.client_id,
+        "client_secret": emulator.client_secret,
+        "redirect_uri": emulator.redirect_uri,
+    }
+    return MemoryTokens(parse_tokens(secret))
+
+
+def _session(store: MemoryTokens) -> AmoCrmOAuth:
+    return AmoCrmOAuth(store, httpx.Client(), lock=lambda: store.lock)  # one lock: the shared lease
+
+
+def _writes(start: int, n: int) -> list[ContactWrite | DealWrite]:
+    visit = datetime(2026, 12, 1, 10, 0, tzinfo=ZoneInfo("Europe/Moscow")).isoformat()
+    out: list[ContactWrite | DealWrite] = []
+    for i in range(start, start + n):
+        out.append(ContactWrite(f"p{i}", None, {"full_name": {"last": "Тест", "first": "Т", "middle": ""}}))
+        out.append(
+            DealWrite(
+                f"a{i}", f"p{i}", None, str(MAIN_PIPELINE_ID), str(STATUS_BOOKED), {"visit_at": visit, "title": "Приём"}
+            )
+        )
+    return out
+
+
+def test_a_new_patient_and_visit_is_one_complex_item(amo: tuple[AmoCrmEmulator, str]) -> None:
+    emulator, base = amo
+    gateway = AmoCrmGateway(AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST), _config())
+    outcome = gateway.apply(_writes(0, 60))
+    assert outcome.failed == {}
+    assert emulator.stats()["endpoints"].get("POST /api/v4/leads/complex") == 2  # 60 items, 50 per request
+    for appointment, lead_id in outcome.deal_ids.items():
+        assert emulator.lead_contact_ids(int(lead_id)) == [int(outcome.contact_ids[appointment.replace("a", "p")])]
+
+
+def test_a_reused_refresh_token_is_recovered_without_losing_a_write(amo: tuple[AmoCrmEmulator, str]) -> None:
+    emulator, base = amo
+    store = _store(emulator, base)
+    first, second = _session(store), _session(store)  # two containers sharing one secret
+    gateway_a = AmoCrmGateway(AmoCrmClient(first, httpx.Client(), FAST), _config())
+    gateway_b = AmoCrmGateway(AmoCrmClient(second, httpx.Client(), FAST), _config())
+    gateway_a.apply(_writes(0, 1))
+    gateway_b.apply(_writes(1, 1))  # both have the pair cached now
+    emulator.expire_access_tokens()
+    assert gateway_a.apply(_writes(2, 1)).failed == {}  # A refreshes: the old refresh token is now spent
+    # B still holds the spent pair. Its 401 leads it to the store (A's new pair), not to a reuse.
+    outcome = gateway_b.apply(_writes(3, 1))
+    assert outcome.failed == {}
+    assert set(emulator.contacts) and len(emulator.leads) == 4  # every write landed, none twice
+    assert first.refreshes + second.refreshes == 1
+    assert emulator.stats()["token_refreshes"] == 1
+
+
+def test_the_pacer_keeps_two_containers_under_the_limit_with_no_403(amo: tuple[AmoCrmEmulator, str]) -> None:
+    emulator, base = amo
+    store = _store(emulator, base)
+    shared = Pacer(rate=6, burst=1)  # what the shared DynamoDB bucket gives every container together
+    clients = [AmoCrmClient(_session(store), httpx.Client(), shared) for _ in range(2)]
+
+    def work(client: AmoCrmClient) -> None:
+        for _ in range(9):
+            client.request("GET", "/api/v4/leads/pipelines")
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stats = emulator.stats()
+    assert stats["requests"] >= 18
+    assert stats["rate_limited_429"] == 0 and stats["blocked_403"] == 0
+
+
+def test_unpaced_bursts_get_429_then_the_breaker_stops_everything(amo: tuple[AmoCrmEmulator, str]) -> None:
+    emulator, base = amo
+    emulator.clock = Clock()
+    breaker = MemoryCircuitBreaker()
+    client = AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST, breaker, backoff=0.0, max_attempts=50)
+    with pytest.raises(AmoCrmBlocked):
+        for _ in range(200):
+            client.request("GET", "/api/v4/leads/pipelines")
+    assert emulator.stats()["rate_limited_429"] >= 5 and breaker.is_open()
+    before = emulator.stats()["requests"]
+    with pytest.raises(AmoCrmBlocked):
+        client.request("GET", "/api/v4/leads")
+    assert emulator.stats()["requests"] == before  # an open breaker sends nothing at all
+
+
+def test_204_is_an_empty_answer_not_an_error(amo: tuple[AmoCrmEmulator, str]) -> None:
+    emulator, base = amo
+    client = AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST)
+    assert client.request("GET", "/api/v4/leads", params=[("query", "nobody")]) is None
+
+
+def test_a_lost_complex_response_is_reported_and_found_by_the_intent_scan(amo: tuple[AmoCrmEmulator, str]) -> None:
+    emulator, base = amo
+    gateway = AmoCrmGateway(AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST), _config())
+    emulator.faults.add(path_prefix="/api/v4/leads/complex", status=504, html=True, times=1, after_apply=True)
+    since = int(emulator.clock.now())
+    outcome = gateway.apply(_writes(0, 2))
+    assert outcome.failed == {"p0": "outcome_unknown", "p1": "outcome_unknown"}
+    assert len(emulator.leads) == 2  # applied once, never resent
+    found = gateway.find(["p0", "p1"], ["a0", "a1"], intended_since=since)
+    assert set(found.contacts) == {"p0", "p1"} and set(found.deals) == {"a0", "a1"}

@@ -294,8 +294,6 @@ def _amocrm_account(rate_limit: bool) -> _Portal:
     }
     overrides: dict[str, Any] = {
         "crm.kind": "amocrm",
-        "crm.requests_per_second": 6,
-        "crm.burst": 1,  # a sliding 1 s window of 7: rate + burst must stay at or under it
         "crm.pipelines": {"primary": pipeline, "repeat": pipeline},
         "fields.crm_names": {name: str(fid) for name, fid in fields.items()},
         "matching.adopt_deal_stages": [str(STATUS_NEW_REQUEST), str(STATUS_IN_WORK)],

@@ -83,3 +83,12 @@ def test_status_vocabulary_defaults_overrides_and_unknowns() -> None:
 def test_committed_json_schema_is_current() -> None:
     committed = json.loads((DEMO_CONFIG.parents[2] / "docs" / "clinic-config.schema.json").read_text(encoding="utf-8"))
     assert committed == clinic_config_json_schema(), "run `make schema` and commit docs/clinic-config.schema.json"
+
+
+def test_each_crm_gets_its_own_request_budget_unless_set() -> None:
+    text = DEMO_CONFIG.read_text(encoding="utf-8")
+    assert parse_clinic_config(text).crm.requests_per_second == 2.0
+    amo = parse_clinic_config(_mutated(text, "kind: bitrix24", "kind: amocrm")).crm
+    assert (amo.requests_per_second, amo.burst) == (6.0, 1)  # 6 + 1 stays under amoCRM's 7 per second
+    custom = parse_clinic_config(_mutated(text, "kind: bitrix24", "kind: amocrm\n  burst: 3")).crm
+    assert custom.burst == 3

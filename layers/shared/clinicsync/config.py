@@ -7,7 +7,7 @@ Secrets never appear in it; connections name a secret by reference (an ARN or a 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -141,16 +141,31 @@ class Filters(Section):
     skip_anonymous: bool = True
 
 
+CRM_BUDGETS: dict[str, tuple[float, int]] = {"bitrix24": (2.0, 40), "amocrm": (6.0, 1), "vtiger": (5.0, 5)}
+
+
 class CrmConnection(Section):
     kind: Literal["bitrix24", "amocrm", "vtiger"]
     secret_ref: SecretRef = Field(description="Secrets Manager ARN/name holding the webhook URL or OAuth pair")
     originator_id: str = Field(default="clinicsync", description="Marks records we own (ORIGINATOR_ID)")
-    requests_per_second: float = Field(default=2.0, gt=0, le=50, description="The CRM's sustained request budget")
-    burst: int = Field(default=40, ge=1, le=250, description="Requests allowed back to back (under the CRM's burst)")
+    requests_per_second: float = Field(
+        default=2.0, gt=0, le=50, description="The CRM's sustained request budget (default per CRM kind)"
+    )
+    burst: int = Field(default=40, ge=1, le=250, description="Requests allowed back to back (default per CRM kind)")
     shared_budget: bool = Field(
         default=True, description="Pace all concurrent syncers together through a DynamoDB leaky bucket"
     )
     pipelines: dict[Literal["primary", "repeat"], Pipeline]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_defaults(cls, data: Any) -> Any:
+        """Each CRM's own limits: Bitrix24 drains 2 req/s from a bucket of 50; amoCRM allows 7 in any
+        sliding second, so rate + burst must stay at or under 7."""
+        if isinstance(data, dict):
+            rate, burst = CRM_BUDGETS.get(str(data.get("kind")), (2.0, 40))
+            data = {"requests_per_second": rate, "burst": burst, **data}
+        return data
 
     @model_validator(mode="after")
     def _primary_pipeline(self) -> CrmConnection:

@@ -15,9 +15,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import httpx
+from aws_lambda_powertools.metrics import MetricUnit
 
 from clinicsync.budget import BudgetTimeout, RequestPacer
-from clinicsync.observability import logger
+from clinicsync.observability import logger, metrics
 
 READ_METHODS = frozenset({"GET"})
 
@@ -177,6 +178,7 @@ class AmoCrmClient:
                 continue
             if status == 403:
                 self._breaker.trip(f"403 on {method} {path}")
+                metrics.add_metric(name="CrmCircuitOpen", unit=MetricUnit.Count, value=1)  # alarmed in the template
                 logger.error("amoCRM blocked the integration; circuit opened", extra={"path": path})
                 raise AmoCrmBlocked(f"{method} {path}: 403")
             if status >= 500:

@@ -13,6 +13,7 @@ from typing import Any
 from clinicsync.config import ClinicConfig
 from clinicsync.models import AppointmentStatus
 from clinicsync.statuses import canonical_status
+from sandbox.mis_views import MisView
 
 Json = dict[str, Any]
 
@@ -25,28 +26,30 @@ class ExpectedDeal:
     stage: str
 
 
-def _start(row: Json) -> datetime:
-    return datetime.fromisoformat(f"{row['date']}T{row['time']}")
+def expected_deals(view: MisView, config: ClinicConfig) -> dict[str, ExpectedDeal]:
+    """Every visit the MIS feed covers, of a patient who may be sent, in the stage its raw status maps to;
+    the funnel is 'repeat' when the patient had a completed visit before it."""
+    clients = {c["id"]: c for c in view.clients()}
+    visits = view.visits()
+    kind = view.kind
 
+    def status(row: Json) -> AppointmentStatus:
+        return canonical_status(kind, row["status"], config.mis.statuses)
 
-def expected_deals(clients: list[Json], appointments: list[Json], config: ClinicConfig) -> dict[str, ExpectedDeal]:
-    by_id = {str(c["id"]): c for c in clients}
-    live = [a for a in appointments if a.get("deletedAt") is None]
     completed: dict[str, list[datetime]] = {}
-    for row in live:
-        status = canonical_status("medods", row["status"], config.mis.statuses)
-        if status is AppointmentStatus.COMPLETED:
-            completed.setdefault(str(row["clientId"]), []).append(_start(row))
+    for row in visits:
+        if status(row) is AppointmentStatus.COMPLETED and view.in_feed(row["start"]):
+            completed.setdefault(row["client_id"], []).append(row["start"])
     expected = {}
-    for row in live:
-        client = by_id[str(row["clientId"])]
-        if client.get("denyDataProcessing") or client.get("archived") or row.get("anonymous"):
+    for row in visits:
+        client = clients[row["client_id"]]
+        if client["refused_processing"] or client["archived"] or row["anonymous"] or not view.in_feed(row["start"]):
             continue
-        pid = str(row["clientId"])
-        repeat = any(start < _start(row) for start in completed.get(pid, []))
+        repeat = any(start < row["start"] for start in completed.get(row["client_id"], []))
         pipeline = config.pipeline(repeat=repeat)
-        status = canonical_status("medods", row["status"], config.mis.statuses)
-        expected[str(row["id"])] = ExpectedDeal(str(row["id"]), pid, pipeline.category_id, pipeline.stages[status])
+        expected[row["id"]] = ExpectedDeal(
+            row["id"], row["client_id"], pipeline.category_id, pipeline.stages[status(row)]
+        )
     return expected
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 
 from clinicsync.config import ClinicConfig, parse_clinic_config
+from clinicsync.models import AppointmentStatus
+from clinicsync.statuses import canonical_status
 from sandbox.crm_views import AmoCrmView, Bitrix24View, CrmView
 from sandbox.emulators.amocrm import (
     CONTACT_FIELD_MIS_PATIENT_ID,
@@ -29,10 +31,14 @@ from sandbox.emulators.amocrm import (
 )
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
+from sandbox.emulators.infoclinica import InfoClinicaEmulator, serve_tls
 from sandbox.emulators.medods import MedodsEmulator
+from sandbox.emulators.renovatio import RenovatioEmulator
 from sandbox.expect import ExpectedDeal, expected_deals, mismatches
+from sandbox.mis_views import InfoClinicaView, MedodsView, MisView, RenovatioView
 from sandbox.runtime import ClinicStack, LocalAws
 from sandbox.seed import SampleClinic, build_sample_clinic
+from sandbox.tls import loopback_pki
 
 CLINICS = Path(__file__).resolve().parent / "clinics"
 WEBHOOK_EVENTS = ("ONCRMDEALADD", "ONCRMDEALUPDATE", "ONCRMLEADADD", "ONCRMLEADUPDATE", "ONCRMCONTACTUPDATE")
@@ -53,12 +59,34 @@ class LocalClinic:
     stack: ClinicStack
     config: ClinicConfig
     sample: SampleClinic
-    medods: MedodsEmulator
+    mis: MisView
     crm: CrmView
     servers: list[ServedApp] = field(default_factory=list)
     owns_aws: bool = True
     bitrix: Bitrix24Emulator | None = None
     amocrm: AmoCrmEmulator | None = None
+
+    @property
+    def medods(self) -> MedodsEmulator:
+        """The MEDODS emulator (the default MIS), for tests that use its own helpers."""
+        assert isinstance(self.mis.emulator, MedodsEmulator), "this clinic does not run MEDODS"
+        return self.mis.emulator
+
+    def backfill(self, days: int = 90) -> RunSummary:
+        """A first import from scratch: the resync job over a long window, through the same path."""
+        before = self.crm.stats()
+        poll = self.stack.invoke(
+            "MisPollerFunction", {**self.stack.scheduled_event(name="DeepResync"), "window_days": days}
+        )
+        drain = self.stack.drain_all()
+        after = self.crm.stats()
+        return RunSummary(
+            poll,
+            drain,
+            after["requests"] - before["requests"],
+            after["writes"] - before["writes"],
+            after["throttled"] - before["throttled"],
+        )
 
     def sync(self, on_batch: Any = None, on_polled: Any = None) -> RunSummary:
         """One scheduled poll, then the queues drained through the syncer, as on AWS."""
@@ -97,7 +125,7 @@ class LocalClinic:
         return result
 
     def expected_deals(self) -> dict[str, ExpectedDeal]:
-        return expected_deals(self.medods.all_clients(), self.medods.all_appointments(), self.config)
+        return expected_deals(self.mis, self.config)
 
     def mismatches(self) -> list[str]:
         return mismatches(self.expected_deals(), self.crm.deals())
@@ -105,8 +133,9 @@ class LocalClinic:
     def open_booking(self) -> int:
         """An appointment that is synced and still only booked: the start of most scenarios."""
         expected = self.expected_deals()
-        for row in self.medods.all_appointments():
-            if str(row["id"]) in expected and row["status"] in ("approved", "need_approval"):
+        booked = AppointmentStatus.BOOKED
+        for row in self.mis.visits():
+            if row["id"] in expected and canonical_status(self.mis.kind, row["status"]) is booked:
                 return int(row["id"])
         raise LookupError("the sample clinic has no open booking")
 
@@ -150,10 +179,10 @@ def setup_demo_portal(bitrix: Bitrix24Emulator) -> None:
         bitrix.add_stage(category, "Неявка — перезвонить", status_id="UC_NOSHOW")
 
 
-def demo_config_yaml(clinic_id: str, medods_url: str, overrides: dict[str, Any] | None = None) -> str:
+def demo_config_yaml(clinic_id: str, mis_url: str, overrides: dict[str, Any] | None = None) -> str:
     data = yaml.safe_load((CLINICS / "demo-dental.yaml").read_text(encoding="utf-8"))
     data["clinic_id"] = clinic_id
-    data["mis"]["base_url"] = f"{medods_url}/api/v2"
+    data["mis"]["base_url"] = mis_url
     data["mis"]["secret_ref"] = f"clinicsync/{clinic_id}/mis"
     data["crm"]["secret_ref"] = f"clinicsync/{clinic_id}/crm"
     for dotted, value in (overrides or {}).items():
@@ -175,31 +204,31 @@ def start_local_clinic(
     config_overrides: dict[str, Any] | None = None,
     rate_limit: bool = True,
     crm: str = "bitrix24",
+    mis: str = "medods",
 ) -> LocalClinic:
     owns_aws = aws is None
     aws = aws or LocalAws().start()
     sample = build_sample_clinic(seed=seed, patients=patients, appointments=appointments)
-    identity, mis_secret = f"{clinic_id}-integration", secrets.token_urlsafe(64)  # HS512 wants a 64-byte key
-    medods = MedodsEmulator(sample, identity_key=identity, secret=mis_secret)
-    medods_server = ServedApp(medods).start()
+    source = _mis(mis, sample)
     if crm == "bitrix24":
         portal = _bitrix24_portal(rate_limit)
     elif crm == "amocrm":
         portal = _amocrm_account(rate_limit)
     else:
         raise ValueError(f"no emulator for CRM {crm!r}")
-    overrides = {**portal.config_overrides, **(config_overrides or {})}
-    config_yaml = demo_config_yaml(clinic_id, medods_server.base_url, overrides)
+    overrides = {**source.config_overrides, **portal.config_overrides, **(config_overrides or {})}
+    config_yaml = demo_config_yaml(clinic_id, source.base_url, overrides)
     stack = ClinicStack(
         aws,
         clinic_id,
         config_yaml,
         secrets={
-            "mis": {"identity_key": identity, "secret": mis_secret},
+            "mis": source.secret,
             "crm": portal.secret,
             "clinic": {"hash_key": secrets.token_hex(32)},
         },
         crm_kind=crm,
+        mis_kind=mis,
     )
     api = stack.serve_http()
     portal.subscribe(api.base_url)
@@ -208,13 +237,55 @@ def start_local_clinic(
         stack,
         parse_clinic_config(config_yaml),
         sample,
-        medods,
+        source.view,
         portal.view,
-        [medods_server, portal.server, api],
+        [source.server, portal.server, api],
         owns_aws,
         bitrix=portal.bitrix,
         amocrm=portal.amocrm,
     )
+
+
+@dataclass
+class _Source:
+    """A MIS emulator served on loopback, with the clinic's MIS secret and config for it."""
+
+    view: MisView
+    server: Any
+    base_url: str
+    secret: dict[str, Any]
+    config_overrides: dict[str, Any]
+
+
+def _mis(kind: str, sample: SampleClinic) -> _Source:
+    if kind == "medods":
+        identity, key = "demo-integration", secrets.token_urlsafe(64)  # HS512 wants a 64-byte key
+        medods = MedodsEmulator(sample, identity_key=identity, secret=key)
+        server = ServedApp(medods).start()
+        return _Source(
+            MedodsView(medods), server, f"{server.base_url}/api/v2", {"identity_key": identity, "secret": key}, {}
+        )
+    if kind == "renovatio":
+        api_key = secrets.token_hex(16)
+        renovatio = RenovatioEmulator(sample, api_key)
+        server = ServedApp(renovatio).start()
+        return _Source(
+            RenovatioView(renovatio),
+            server,
+            f"{server.base_url}/api/public",
+            {"api_key": api_key},
+            {"mis.kind": "renovatio"},
+        )
+    if kind == "infoclinica":
+        # XML over mutual TLS: a throwaway CA issues the emulator's server and our client certificate.
+        pki = loopback_pki()
+        infoclinica = InfoClinicaEmulator(sample)
+        server = serve_tls(infoclinica, pki.server_context())
+        secret = {"client_cert": pki.client.cert_pem, "client_key": pki.client.key_pem, "ca_cert": pki.ca.cert_pem}
+        return _Source(
+            InfoClinicaView(infoclinica), server, f"{server.base_url}/api/xml", secret, {"mis.kind": "infoclinica"}
+        )
+    raise ValueError(f"no emulator for MIS {kind!r}")
 
 
 @dataclass

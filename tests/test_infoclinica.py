@@ -39,7 +39,7 @@ from sandbox.emulators.base import Clock
 from sandbox.emulators.infoclinica import NS, STATUSES, InfoClinicaEmulator, serve_tls
 from sandbox.seed import CLINIC_TZ, SampleClinic, build_sample_clinic
 from tests.helpers import demo_config
-from tests.tls import LoopbackPki, loopback_pki
+from sandbox.tls import LoopbackPki, loopback_pki
 
 NOW = datetime(2025, 6, 10, 13, 0, tzinfo=CLINIC_TZ)
 URL = "https://ic.test/api/xml"

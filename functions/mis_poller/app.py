@@ -12,7 +12,7 @@ from typing import Any, Literal
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.parser import event_parser
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from clinicsync import wiring
 from clinicsync.observability import logger, metrics, tracer
@@ -26,6 +26,7 @@ class ScheduledRun(BaseModel):
     scheduled_time: str | None = None
     execution_id: str | None = None
     job: Literal["poll", "resync", "catchup"] = "poll"
+    window_days: int = Field(default=3, ge=1, le=730, description="resync: how far back to re-read (a backfill: more)")
 
 
 @logger.inject_lambda_context(clear_state=True)
@@ -41,7 +42,8 @@ def lambda_handler(event: ScheduledRun, context: LambdaContext) -> dict[str, Any
     poller = wiring.poller()
     remaining = context.get_remaining_time_in_millis
     resync = event.job == "resync"
-    report = poller.resync(remaining) if resync else poller.poll(remaining, owner=context.aws_request_id)
+    window = event.window_days * 86400
+    report = poller.resync(remaining, window) if resync else poller.poll(remaining, owner=context.aws_request_id)
     metrics.add_metric(name="PatientsEnqueued", unit=MetricUnit.Count, value=report.patients)
     metrics.add_metric(name="MisRecordsRejected", unit=MetricUnit.Count, value=report.rejected)
     logger.info("poll finished", extra=asdict(report))

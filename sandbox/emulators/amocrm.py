@@ -91,7 +91,7 @@ from urllib.parse import parse_qsl, urlencode
 import httpx
 from werkzeug.wrappers import Request, Response
 
-from sandbox.emulators.base import Clock
+from sandbox.emulators.base import Clock, FaultQueue
 from sandbox.emulators.bitrix24 import PhpQueryError, parse_php_query
 
 log = logging.getLogger(__name__)
@@ -333,12 +333,8 @@ class Fault:
     hits: int = 0
 
 
-class FaultInjector:
+class FaultInjector(FaultQueue[Fault]):
     """Deterministic, test-controlled failures, consumed in the order they were added."""
-
-    def __init__(self) -> None:
-        self._faults: list[Fault] = []
-        self._lock = threading.Lock()
 
     def add(
         self,
@@ -360,44 +356,29 @@ class FaultInjector:
         ``after_apply=True`` runs the request first (the write happens, webhooks queue) and then replaces the
         response: the "lost response" case. ``status=0`` with ``delay`` only adds latency (real seconds).
         """
-        fault = Fault(
-            path_prefix=path_prefix,
-            method=method.upper() if method else None,
-            status=status,
-            html=html,
-            times=times,
-            after_apply=after_apply,
-            detail=detail,
-            body=body,
-            delay=delay,
+        return self.push(
+            Fault(
+                path_prefix=path_prefix,
+                method=method.upper() if method else None,
+                status=status,
+                html=html,
+                times=times,
+                after_apply=after_apply,
+                detail=detail,
+                body=body,
+                delay=delay,
+            )
         )
-        with self._lock:
-            self._faults.append(fault)
-        return fault
-
-    def clear(self) -> None:
-        with self._lock:
-            self._faults.clear()
-
-    @property
-    def active(self) -> list[Fault]:
-        with self._lock:
-            return list(self._faults)
 
     def take(self, method: str, path: str, *, after_apply: bool) -> Fault | None:
-        with self._lock:
-            for fault in self._faults:
-                if fault.after_apply != after_apply:
-                    continue
-                if fault.method is not None and fault.method != method.upper():
-                    continue
-                if fault.path_prefix is not None and not path.startswith(fault.path_prefix):
-                    continue
-                fault.hits += 1
-                if fault.times is not None and fault.hits >= fault.times:
-                    self._faults.remove(fault)
-                return fault
-        return None
+        verb = method.upper()
+
+        def matches(fault: Fault) -> bool:
+            return (fault.method is None or fault.method == verb) and (
+                fault.path_prefix is None or path.startswith(fault.path_prefix)
+            )
+
+        return self.take_matching(matches, after_apply=after_apply)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Shared plumbing for the vendor emulators: a controllable clock and a loopback WSGI server.
+"""Shared plumbing for the vendor emulators: a controllable clock, a loopback WSGI server and fault queues.
 
 Every emulator is a plain WSGI app (werkzeug) holding its state in memory, so tests can run it
 in-process (werkzeug's test client) or on a real loopback port (``serve``) for real HTTP clients.
@@ -10,7 +10,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from werkzeug.serving import BaseWSGIServer, make_server
 
@@ -76,3 +77,120 @@ class ServedApp:
 
 def serve(app: WsgiApp) -> ServedApp:
     return ServedApp(app).start()
+
+
+# --- fault injection --------------------------------------------------------------------------
+#
+# Two mechanisms, because the emulators grew two test vocabularies: the CRM emulators return a ``Fault``
+# object that tests inspect (``hits``, ``times``, ``after_apply``), the MIS emulators take "fail the next
+# n requests" commands and report only how many are ``pending``. Each vendor keeps its own fault fields
+# and matching rule; only the queue mechanics live here.
+
+
+class QueuedFault(Protocol):
+    """What :class:`FaultQueue` needs from a vendor's fault record."""
+
+    times: int | None  # None = until cleared
+    after_apply: bool
+    hits: int
+
+
+class FaultQueue[F: QueuedFault]:
+    """Ordered, thread-safe queue of CRM faults; the first matching fault wins, so tests stay deterministic."""
+
+    def __init__(self) -> None:
+        self._faults: list[F] = []
+        self._lock = threading.Lock()
+
+    def push(self, fault: F) -> F:
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    @property
+    def active(self) -> list[F]:
+        with self._lock:
+            return list(self._faults)
+
+    def take_matching(self, predicate: Callable[[F], bool], *, after_apply: bool) -> F | None:
+        """Consume one hit of the first fault for this phase that ``predicate`` accepts.
+
+        Faults with ``after_apply`` set fire only after the request was served ("lost response"), the
+        others only before it, so one request can meet one fault of each kind.
+        """
+        with self._lock:
+            for index, fault in enumerate(self._faults):
+                if fault.after_apply != after_apply or not predicate(fault):
+                    continue
+                fault.hits += 1
+                if fault.times is not None and fault.hits >= fault.times:
+                    del self._faults[index]  # by position: equal-looking faults are still distinct entries
+                return fault
+        return None
+
+
+@dataclass
+class FaultRule:
+    """One MIS fault command: ``remaining`` matching requests still to hit, then it stays inert.
+
+    ``target`` is what the vendor matches on (a path prefix or an API method; None = any request). A
+    failure rule carries ``status`` and at most one vendor payload; a delay rule carries ``seconds``.
+    """
+
+    remaining: int
+    target: str | None
+    status: int = 0
+    seconds: float = 0.0
+    retry_after: int | None = None  # MEDODS / InfoClinica: ``Retry-After`` header on the failure
+    body: bytes | None = None  # InfoClinica: raw answer instead of the canned error page
+    error: tuple[int, str] | None = None  # Renovatio: ``{"error": 1, "data": {code, desc}}`` answer
+
+
+class RuleFaults:
+    """Deterministic MIS fault queues: failures and delays, each consumed in the order they were added.
+
+    A request meets at most one failure and one delay (both can hit the same request, so a test can make
+    a slow failure). Subclasses add the vendor's ``fail_next``/``timeout_next`` commands and may
+    override :meth:`matches`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failures: list[FaultRule] = []
+        self._delays: list[FaultRule] = []
+
+    def _add_failure(self, rule: FaultRule) -> None:
+        with self._lock:
+            self._failures.append(rule)
+
+    def _add_delay(self, rule: FaultRule) -> None:
+        with self._lock:
+            self._delays.append(rule)
+
+    def matches(self, rule: FaultRule, key: str | None) -> bool:
+        """Whether ``rule`` applies to a request identified by ``key``: equality by default, None = any."""
+        return rule.target is None or rule.target == key
+
+    def clear(self) -> None:
+        with self._lock:
+            self._failures.clear()
+            self._delays.clear()
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return sum(r.remaining for r in (*self._failures, *self._delays))
+
+    def take(self, key: str | None) -> tuple[FaultRule | None, float]:
+        """The failure to answer with (if any) and the seconds to sleep first, consuming one hit of each."""
+        with self._lock:
+            failure = next((r for r in self._failures if r.remaining > 0 and self.matches(r, key)), None)
+            delay = next((r for r in self._delays if r.remaining > 0 and self.matches(r, key)), None)
+            for rule in (failure, delay):
+                if rule is not None:
+                    rule.remaining -= 1
+            return failure, delay.seconds if delay else 0.0

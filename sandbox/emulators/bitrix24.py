@@ -58,7 +58,7 @@ import httpx
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Request, Response
 
-from sandbox.emulators.base import Clock
+from sandbox.emulators.base import Clock, FaultQueue
 
 log = logging.getLogger(__name__)
 
@@ -515,12 +515,8 @@ _DEFAULT_FAULT_ERRORS: dict[int, tuple[str, str]] = {
 }
 
 
-class FaultInjector:
+class FaultInjector(FaultQueue[Fault]):
     """Deterministic, test-controlled failures. Faults are consumed in the order they were added."""
-
-    def __init__(self) -> None:
-        self._faults: list[Fault] = []
-        self._lock = threading.Lock()
 
     def add(
         self,
@@ -541,42 +537,23 @@ class FaultInjector:
         (the write happens, events fire) and then replaces the response: the "lost response" case.
         """
         default_code, default_text = _DEFAULT_FAULT_ERRORS.get(status, ("INTERNAL_SERVER_ERROR", "Error"))
-        fault = Fault(
-            method=method.lower() if method else None,
-            status=status,
-            html=html,
-            times=times,
-            after_apply=after_apply,
-            error=default_code if error is None else error,
-            description=default_text if description is None else description,
-            body=body,
+        return self.push(
+            Fault(
+                method=method.lower() if method else None,
+                status=status,
+                html=html,
+                times=times,
+                after_apply=after_apply,
+                error=default_code if error is None else error,
+                description=default_text if description is None else description,
+                body=body,
+            )
         )
-        with self._lock:
-            self._faults.append(fault)
-        return fault
-
-    def clear(self) -> None:
-        with self._lock:
-            self._faults.clear()
-
-    @property
-    def active(self) -> list[Fault]:
-        with self._lock:
-            return list(self._faults)
 
     def take(self, methods: Iterable[str], *, after_apply: bool) -> Fault | None:
+        # ``methods`` is the call's method plus, for ``batch``, every sub-command's method.
         names = set(methods)
-        with self._lock:
-            for fault in self._faults:
-                if fault.after_apply != after_apply:
-                    continue
-                if fault.method is not None and fault.method not in names:
-                    continue
-                fault.hits += 1
-                if fault.times is not None and fault.hits >= fault.times:
-                    self._faults.remove(fault)
-                return fault
-        return None
+        return self.take_matching(lambda f: f.method is None or f.method in names, after_apply=after_apply)
 
 
 @dataclass

@@ -69,7 +69,7 @@ from defusedxml.ElementTree import fromstring as safe_fromstring
 from werkzeug.serving import BaseWSGIServer, make_server
 from werkzeug.wrappers import Request, Response
 
-from sandbox.emulators.base import Clock, WsgiApp
+from sandbox.emulators.base import Clock, FaultRule, RuleFaults, WsgiApp
 from sandbox.seed import CLINIC_TZ, SampleClinic, VisitStatus
 
 NS = "http://sdsys.ru/"
@@ -172,62 +172,25 @@ def _add(parent: Element, tag: str, value: object = None) -> Element:
 # --- fault injection --------------------------------------------------------------------------
 
 
-@dataclass
-class _Rule:
-    remaining: int
-    method: str | None
-    status: int = 0
-    seconds: float = 0.0
-    retry_after: int | None = None
-    body: bytes | None = None
+class Faults(RuleFaults):
+    """Deterministic fault queue, per InfoClinica method (all requests share one path).
 
-    def matches(self, method: str | None) -> bool:
-        return self.remaining > 0 and (self.method is None or self.method == method)
-
-
-class Faults:
-    """Deterministic fault queue, per InfoClinica method (all requests share one path)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._failures: list[_Rule] = []
-        self._delays: list[_Rule] = []
+    ``take(None)`` (an envelope that did not parse, so no method is known) meets only rules for any method.
+    """
 
     def fail_next(
         self, n: int = 1, status: int = 503, method: str | None = None, retry_after: int | None = None
     ) -> None:
         """Answer the next ``n`` matching requests with HTTP ``status`` instead of serving them."""
-        with self._lock:
-            self._failures.append(_Rule(n, method, status=status, retry_after=retry_after))
+        self._add_failure(FaultRule(n, method, status=status, retry_after=retry_after))
 
     def respond_next(self, body: bytes, n: int = 1, method: str | None = None, status: int = 200) -> None:
         """Answer the next ``n`` matching requests with this raw body (e.g. a hostile XML document)."""
-        with self._lock:
-            self._failures.append(_Rule(n, method, status=status, body=body))
+        self._add_failure(FaultRule(n, method, status=status, body=body))
 
     def timeout_next(self, n: int = 1, seconds: float = 5.0, method: str | None = None) -> None:
         """Sleep ``seconds`` (real time) before answering the next ``n`` matching requests."""
-        with self._lock:
-            self._delays.append(_Rule(n, method, seconds=seconds))
-
-    def clear(self) -> None:
-        with self._lock:
-            self._failures.clear()
-            self._delays.clear()
-
-    @property
-    def pending(self) -> int:
-        with self._lock:
-            return sum(r.remaining for r in (*self._failures, *self._delays))
-
-    def take(self, method: str | None) -> tuple[_Rule | None, float]:
-        with self._lock:
-            failure = next((r for r in self._failures if r.matches(method)), None)
-            delay = next((r for r in self._delays if r.matches(method)), None)
-            for rule in (failure, delay):
-                if rule is not None:
-                    rule.remaining -= 1
-            return failure, delay.seconds if delay else 0.0
+        self._add_delay(FaultRule(n, method, seconds=seconds))
 
 
 _NGINX_PAGE = (
@@ -448,7 +411,7 @@ class InfoClinicaEmulator:
         body = tostring(root, encoding="utf-8", xml_declaration=True)
         return Response(body, http_status, mimetype="text/xml", content_type="text/xml; charset=utf-8")
 
-    def _fault_response(self, rule: _Rule) -> Response:
+    def _fault_response(self, rule: FaultRule) -> Response:
         if rule.body is not None:
             return Response(rule.body, rule.status, content_type="text/xml; charset=utf-8")
         reason = _REASONS.get(rule.status, "Error")

@@ -35,7 +35,6 @@ import re
 import threading
 import time as _time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
@@ -44,7 +43,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
-from sandbox.emulators.base import Clock
+from sandbox.emulators.base import Clock, FaultRule, RuleFaults
 from sandbox.seed import CLINIC_TZ, SampleClinic, VisitStatus
 
 STATUSES: tuple[str, ...] = (
@@ -111,56 +110,22 @@ def phone_digits(phone: str) -> str:
 # --- fault injection --------------------------------------------------------------------------
 
 
-@dataclass
-class _Rule:
-    remaining: int
-    path_prefix: str | None
-    status: int = 0
-    seconds: float = 0.0
-    retry_after: int | None = None
-
-    def matches(self, path: str) -> bool:
-        return self.remaining > 0 and (self.path_prefix is None or path.startswith(self.path_prefix))
-
-
-class Faults:
+class Faults(RuleFaults):
     """Deterministic fault queue: rules are consumed in the order they were added, per matching request."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._failures: list[_Rule] = []
-        self._delays: list[_Rule] = []
 
     def fail_next(
         self, n: int = 1, status: int = 503, path_prefix: str | None = None, retry_after: int | None = None
     ) -> None:
         """Answer the next ``n`` matching requests with ``status`` instead of serving them."""
-        with self._lock:
-            self._failures.append(_Rule(n, path_prefix, status=status, retry_after=retry_after))
+        self._add_failure(FaultRule(n, path_prefix, status=status, retry_after=retry_after))
 
     def timeout_next(self, n: int = 1, seconds: float = 5.0, path_prefix: str | None = None) -> None:
         """Sleep ``seconds`` (real time) before answering the next ``n`` matching requests."""
-        with self._lock:
-            self._delays.append(_Rule(n, path_prefix, seconds=seconds))
+        self._add_delay(FaultRule(n, path_prefix, seconds=seconds))
 
-    def clear(self) -> None:
-        with self._lock:
-            self._failures.clear()
-            self._delays.clear()
-
-    @property
-    def pending(self) -> int:
-        with self._lock:
-            return sum(r.remaining for r in (*self._failures, *self._delays))
-
-    def take(self, path: str) -> tuple[_Rule | None, float]:
-        with self._lock:
-            failure = next((r for r in self._failures if r.matches(path)), None)
-            delay = next((r for r in self._delays if r.matches(path)), None)
-            for rule in (failure, delay):
-                if rule is not None:
-                    rule.remaining -= 1
-            return failure, delay.seconds if delay else 0.0
+    def matches(self, rule: FaultRule, key: str | None) -> bool:
+        # MEDODS is REST, so a rule targets a path prefix (``/api/v2/appointments``), not one method.
+        return rule.target is None or (key is not None and key.startswith(rule.target))
 
 
 # --- the emulator -----------------------------------------------------------------------------
@@ -309,7 +274,7 @@ class MedodsEmulator:
         except _ValidationError as exc:
             return _json({"errors": exc.errors}, 422)
 
-    def _fault_response(self, rule: _Rule) -> Response:
+    def _fault_response(self, rule: FaultRule) -> Response:
         reason = _REASONS.get(rule.status, "Error")
         headers = {"Retry-After": str(rule.retry_after)} if rule.retry_after is not None else None
         if rule.status in (502, 503, 504):

@@ -41,13 +41,12 @@ import threading
 import time as _time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
 from werkzeug.wrappers import Request, Response
 
-from sandbox.emulators.base import Clock
+from sandbox.emulators.base import Clock, FaultRule, RuleFaults
 from sandbox.seed import CLINIC_TZ, SampleClinic, VisitStatus
 
 STATUSES: tuple[str, ...] = ("upcoming", "confirmed", "arrived", "completed", "canceled", "refused")
@@ -94,60 +93,21 @@ class _ApiError(Exception):
 # --- fault injection --------------------------------------------------------------------------
 
 
-@dataclass
-class _Rule:
-    remaining: int
-    method: str | None
-    status: int = 0
-    seconds: float = 0.0
-    error: tuple[int, str] | None = None
-
-    def matches(self, method: str) -> bool:
-        return self.remaining > 0 and (self.method is None or self.method == method)
-
-
-class Faults:
+class Faults(RuleFaults):
     """Deterministic fault queue per API method: HTTP failures, ``error: 1`` answers and delays."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._failures: list[_Rule] = []
-        self._delays: list[_Rule] = []
 
     def fail_next(self, n: int = 1, status: int = 503, method: str | None = None) -> None:
         """Answer the next ``n`` matching requests with HTTP ``status`` instead of serving them."""
-        with self._lock:
-            self._failures.append(_Rule(n, method, status=status))
+        self._add_failure(FaultRule(n, method, status=status))
 
     def error_next(
         self, n: int = 1, code: int = 500, desc: str = "Внутренняя ошибка", method: str | None = None
     ) -> None:
         """Answer the next ``n`` matching requests with ``{"error": 1, "data": {code, desc}}``."""
-        with self._lock:
-            self._failures.append(_Rule(n, method, error=(code, desc)))
+        self._add_failure(FaultRule(n, method, error=(code, desc)))
 
     def timeout_next(self, n: int = 1, seconds: float = 5.0, method: str | None = None) -> None:
-        with self._lock:
-            self._delays.append(_Rule(n, method, seconds=seconds))
-
-    def clear(self) -> None:
-        with self._lock:
-            self._failures.clear()
-            self._delays.clear()
-
-    @property
-    def pending(self) -> int:
-        with self._lock:
-            return sum(r.remaining for r in (*self._failures, *self._delays))
-
-    def take(self, method: str) -> tuple[_Rule | None, float]:
-        with self._lock:
-            failure = next((r for r in self._failures if r.matches(method)), None)
-            delay = next((r for r in self._delays if r.matches(method)), None)
-            for rule in (failure, delay):
-                if rule is not None:
-                    rule.remaining -= 1
-            return failure, delay.seconds if delay else 0.0
+        self._add_delay(FaultRule(n, method, seconds=seconds))
 
 
 _NGINX_PAGE = (

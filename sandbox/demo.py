@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # imported lazily at run time: Powertools reads its env vars 
 app = typer.Typer(add_completion=False, help=__doc__)
 console = Console()
 LOG_DIR = Path(".demo")
+MIS_NAMES = {"medods": "MEDODS", "infoclinica": "InfoClinica", "renovatio": "Renovatio"}
+CRM_NAMES = {"bitrix24": "Bitrix24", "amocrm": "amoCRM"}
 _LOG_SINK: list[TextIO] = []
 
 
@@ -40,10 +42,10 @@ def main(
     appointments: Annotated[int, typer.Option(min=1, max=10000)] = 400,
     seed: int = 7,
 ) -> None:
-    if mis != "medods" or crm not in ("bitrix24", "amocrm"):
+    if mis not in MIS_NAMES or crm not in CRM_NAMES:
         console.print(
-            f"[red]MIS={mis} CRM={crm} is not available in the demo yet[/red]: "
-            "try MIS=medods with CRM=bitrix24 or CRM=amocrm."
+            f"[red]MIS={mis} CRM={crm} is not available in the demo[/red]: "
+            f"MIS is one of {', '.join(MIS_NAMES)}, CRM one of {', '.join(CRM_NAMES)}."
         )
         raise typer.Exit(2)
     log_path = _quiet_handlers()
@@ -55,17 +57,17 @@ def main(
     for handler in logger.handlers:
         handler.setStream(log_file)  # type: ignore[attr-defined]
 
-    crm_name = {"bitrix24": "Bitrix24", "amocrm": "amoCRM"}[crm]
-    console.rule(f"[bold]clinicsync demo[/bold] — MEDODS → {crm_name}, local runtime on moto")
-    with console.status(f"Starting moto, the MEDODS and {crm_name} emulators and the clinic's stack…"):
-        clinic = start_local_clinic(seed=seed, patients=patients, appointments=appointments, crm=crm)
+    mis_name, crm_name = MIS_NAMES[mis], CRM_NAMES[crm]
+    console.rule(f"[bold]clinicsync demo[/bold] — {mis_name} → {crm_name}, local runtime on moto")
+    with console.status(f"Starting moto, the {mis_name} and {crm_name} emulators and the clinic's stack…"):
+        clinic = start_local_clinic(seed=seed, patients=patients, appointments=appointments, crm=crm, mis=mis)
     try:
         console.print(
             f"Sample clinic: {len(clinic.sample.patients)} patients, {len(clinic.sample.appointments)} appointments, "
             f"{len(clinic.sample.branches)} branches. Stack [cyan]{clinic.stack.stack_name}[/cyan], "
             f"queue and table created from template.yaml."
         )
-        first = _run("First sync (backfill)", clinic)
+        first = _run("First sync (backfill)", clinic, first_import=True)
         problems = clinic.mismatches()
         duplicates = {k: n for k, n in clinic.contacts_by_origin().items() if n > 1}
         _summary(clinic, first)
@@ -90,7 +92,7 @@ def main(
     raise typer.Exit(0 if ok else 1)
 
 
-def _run(title: str, clinic: LocalClinic) -> RunSummary:
+def _run(title: str, clinic: LocalClinic, first_import: bool = False) -> RunSummary:
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -99,7 +101,7 @@ def _run(title: str, clinic: LocalClinic) -> RunSummary:
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(f"{title}: polling MEDODS", total=None)
+        task = progress.add_task(f"{title}: polling the MIS", total=None)
 
         def polled(depth: int) -> None:
             progress.update(task, description=f"{title}: syncing messages", total=depth, completed=0)
@@ -109,7 +111,8 @@ def _run(title: str, clinic: LocalClinic) -> RunSummary:
 
         # Handlers print EMF metrics and JSON logs to stdout, as on Lambda; keep them in the log file.
         with contextlib.redirect_stdout(_LOG_SINK[0]):
-            summary = clinic.sync(on_batch=batch, on_polled=polled)
+            run = clinic.first_import if first_import else clinic.sync
+            summary = run(on_batch=batch, on_polled=polled)
         progress.update(task, total=max(1, summary.drain["messages"]), completed=max(1, summary.drain["messages"]))
     return summary
 
@@ -117,7 +120,7 @@ def _run(title: str, clinic: LocalClinic) -> RunSummary:
 def _summary(clinic: LocalClinic, run: RunSummary) -> None:
     expected = clinic.expected_deals()
     synced = Table(title="First sync", show_header=False)
-    synced.add_row("Patients read from MEDODS", str(run.poll["patients"]))
+    synced.add_row(f"Patients read from {MIS_NAMES[clinic.mis.kind]}", str(run.poll["patients"]))
     synced.add_row("Appointments read", str(run.poll["appointments"]))
     synced.add_row("SQS messages (patients grouped per shard)", str(run.drain["messages"]))
     synced.add_row("Contacts in the CRM", str(len(clinic.crm.contacts())))

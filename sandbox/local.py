@@ -88,6 +88,13 @@ class LocalClinic:
             after["throttled"] - before["throttled"],
         )
 
+    def first_import(self, on_batch: Any = None, on_polled: Any = None) -> RunSummary:
+        """A change queue (InfoClinica) only carries changes made from now on: its first import is the
+        resync job over a long window. Cursor and window feeds read everything on their first poll."""
+        if self.mis.kind == "infoclinica":
+            return self.backfill()
+        return self.sync(on_batch=on_batch, on_polled=on_polled)
+
     def sync(self, on_batch: Any = None, on_polled: Any = None) -> RunSummary:
         """One scheduled poll, then the queues drained through the syncer, as on AWS."""
         before = self.crm.stats()

@@ -1,0 +1,70 @@
+"""Every MIS, end to end in the local runtime: booking, confirm, visit, cancel, no-show and reschedule
+made at the MIS's front desk end with the right deal stages in the CRM emulator.
+
+InfoClinica is read through its acknowledged change queue over mutual TLS (the first import is the
+resync job over a long window), MEDODS through its updated-since cursor, Renovatio through a date
+window diffed by content hash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from clinicsync.models import AppointmentStatus as S
+from sandbox.local import LocalClinic
+from sandbox.mis_views import action
+
+MIS = ["medods", "infoclinica", "renovatio"]
+
+
+@pytest.fixture(params=MIS)
+def clinic(request: pytest.FixtureRequest, make_clinic: Callable[..., LocalClinic]) -> LocalClinic:
+    clinic = make_clinic(mis=request.param, patients=10, appointments=12)
+    first = clinic.first_import()
+    assert first.poll["appointments"] > 0
+    assert clinic.mismatches() == []
+    return clinic
+
+
+def test_first_import_matches_the_mis_and_a_second_poll_writes_nothing(clinic: LocalClinic) -> None:
+    assert len(clinic.crm.deals()) == len(clinic.expected_deals()) > 0
+    again = clinic.sync()
+    assert (again.crm_requests, again.crm_writes) == (0, 0)
+
+
+def test_a_booking_then_every_front_desk_step_moves_the_deal(clinic: LocalClinic) -> None:
+    client = clinic.mis.add_client("Белова", "+7 903 555-66-77")
+    visit = clinic.mis.book(client, clinic.mis.at(6, "11:00"))
+    clinic.sync()
+    deal = clinic.crm.deals()[str(visit)]
+    assert deal["stage"] == clinic.config.pipeline(repeat=False).stages[S.BOOKED]
+    for step in ("confirm", "arrive", "complete"):
+        action(clinic.mis, step)(visit)
+        clinic.sync()
+        assert clinic.mismatches() == [], step
+        assert clinic.crm.deals()[str(visit)]["id"] == deal["id"]  # the same deal all along
+
+
+@pytest.mark.parametrize("step", ["cancel", "no_show"])
+def test_cancel_and_no_show(clinic: LocalClinic, step: str) -> None:
+    visit = clinic.open_booking()
+    action(clinic.mis, step)(visit)
+    clinic.sync()
+    assert clinic.mismatches() == []
+    expected = S.CANCELLED if step == "cancel" else S.NO_SHOW
+    deal = clinic.crm.deals()[str(visit)]
+    assert deal["stage"] == clinic.config.pipeline(repeat=deal["category"] == "1").stages[expected]
+
+
+def test_a_reschedule_is_the_same_appointment_with_a_new_time(clinic: LocalClinic) -> None:
+    visit = clinic.open_booking()
+    before = clinic.crm.deals()[str(visit)]
+    new_start = clinic.mis.at(8, "17:30")
+    clinic.mis.emulator.reschedule(visit, new_start)
+    clinic.sync()
+    after = clinic.crm.deals()[str(visit)]
+    assert after["id"] == before["id"]
+    assert after["visit_at"][:10] == new_start.date().isoformat() != before["visit_at"][:10]
+    assert after["status"] == "rescheduled"

@@ -38,8 +38,8 @@ from clinicsync.sync import Poller
 from sandbox.emulators.base import Clock
 from sandbox.emulators.infoclinica import NS, STATUSES, InfoClinicaEmulator, serve_tls
 from sandbox.seed import CLINIC_TZ, SampleClinic, build_sample_clinic
-from tests.helpers import demo_config
 from sandbox.tls import LoopbackPki, loopback_pki
+from tests.helpers import demo_config
 
 NOW = datetime(2025, 6, 10, 13, 0, tzinfo=CLINIC_TZ)
 URL = "https://ic.test/api/xml"

@@ -92,3 +92,34 @@ def test_each_crm_gets_its_own_request_budget_unless_set() -> None:
     assert (amo.requests_per_second, amo.burst) == (6.0, 1)  # 6 + 1 stays under amoCRM's 7 per second
     custom = parse_clinic_config(_mutated(text, "kind: bitrix24", "kind: amocrm\n  burst: 3")).crm
     assert custom.burst == 3
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("25.11.2026", "2026-11-25T00:00:00+03:00"),
+        ("25.11.2026 10:30", "2026-11-25T10:30:00+03:00"),
+        ("20261125", "2026-11-25T00:00:00+03:00"),
+        ("202611251030", "2026-11-25T10:30:00+03:00"),
+        ("2026-11-25T10:30:00+05:00", "2026-11-25T08:30:00+03:00"),  # another offset, same instant
+        ("2026-11-25T10:30", "2026-11-25T10:30:00+03:00"),  # no offset: the clinic's wall time
+        ("1795584600", "2026-11-25T08:30:00+03:00"),  # unix seconds
+        (1795584600, "2026-11-25T08:30:00+03:00"),
+    ],
+)
+def test_mis_dates_in_four_shapes_land_in_the_clinic_time_zone(raw: str | int, expected: str) -> None:
+    from zoneinfo import ZoneInfo
+
+    from clinicsync.dates import parse_mis_datetime
+
+    assert parse_mis_datetime(raw, ZoneInfo("Europe/Moscow")).isoformat() == expected
+
+
+@pytest.mark.parametrize("raw", ["", "31.02.2026", "2026/11/25", "tomorrow", "123"])
+def test_unknown_date_shapes_are_refused_not_guessed(raw: str) -> None:
+    from zoneinfo import ZoneInfo
+
+    from clinicsync.dates import parse_mis_datetime
+
+    with pytest.raises(ValueError, match="date|day|month"):
+        parse_mis_datetime(raw, ZoneInfo("Europe/Moscow"))

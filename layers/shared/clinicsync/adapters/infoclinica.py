@@ -67,6 +67,7 @@ from defusedxml.ElementTree import ParseError
 from defusedxml.ElementTree import fromstring as _defused_fromstring
 
 from clinicsync.config import ClinicConfig
+from clinicsync.dates import parse_mis_date, parse_mis_datetime
 from clinicsync.models import Appointment, Consent, Patient, PatientChanges
 from clinicsync.observability import logger
 from clinicsync.phones import normalise_phone
@@ -117,33 +118,24 @@ class InfoClinicaRefused(InfoClinicaError):
 
 # --- formats ----------------------------------------------------------------------------------
 
-_DATE_FORMATS = (("%Y%m%d", r"\d{8}"), ("%d.%m.%Y", r"\d{2}\.\d{2}\.\d{4}"))
-_DATETIME_FORMATS = (
-    ("%Y%m%d%H%M%S", r"\d{14}"),
-    ("%Y%m%d%H%M", r"\d{12}"),
-    ("%Y%m%d", r"\d{8}"),
-    ("%d.%m.%Y %H:%M:%S", r"\d{2}\.\d{2}\.\d{4} \d{1,2}:\d{2}:\d{2}"),
-    ("%d.%m.%Y %H:%M", r"\d{2}\.\d{2}\.\d{4} \d{1,2}:\d{2}"),
-    ("%d.%m.%Y", r"\d{2}\.\d{2}\.\d{4}"),
-)
+
+_IC_DATE = re.compile(r"\d{8}|\d{2}\.\d{2}\.\d{4}")
+_IC_DATETIME = re.compile(r"\d{8}(\d{4}(\d{2})?)?|\d{2}\.\d{2}\.\d{4}( \d{1,2}:\d{2}(:\d{2})?)?")
 
 
 def parse_ic_date(text: str) -> date:
-    """``yyyymmdd`` or ``dd.mm.yyyy``."""
-    value = text.strip()
-    for fmt, shape in _DATE_FORMATS:
-        if re.fullmatch(shape, value):
-            return datetime.strptime(value, fmt).date()
-    raise ValueError(f"not an InfoClinica date: {value!r}")
+    """``yyyymmdd`` or ``dd.mm.yyyy`` (InfoClinica's shapes only; the parsing is clinicsync.dates')."""
+    if not _IC_DATE.fullmatch(text.strip()):
+        raise ValueError(f"not an InfoClinica date: {text.strip()[:20]!r}")
+    return parse_mis_date(text, UTC)
 
 
 def parse_ic_datetime(text: str, tz: tzinfo) -> datetime:
     """``yyyymmdd[HHMM[SS]]`` or ``dd.mm.yyyy[ HH:MM[:SS]]``, a wall time in the clinic's zone."""
     value = " ".join(text.split())
-    for fmt, shape in _DATETIME_FORMATS:
-        if re.fullmatch(shape, value):
-            return datetime.strptime(value, fmt).replace(tzinfo=tz)
-    raise ValueError(f"not an InfoClinica timestamp: {value!r}")
+    if not _IC_DATETIME.fullmatch(value):
+        raise ValueError(f"not an InfoClinica timestamp: {value[:30]!r}")
+    return parse_mis_datetime(value, tz)
 
 
 def ic_date(day: date) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -17,6 +16,7 @@ import jwt
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from clinicsync.config import ClinicConfig
+from clinicsync.dates import parse_mis_datetime
 from clinicsync.models import Appointment, Consent, Patient, PatientChanges
 from clinicsync.observability import logger
 from clinicsync.phones import normalise_phone
@@ -225,7 +225,7 @@ class MedodsSource:
 
     def _appointment(self, raw: MedodsAppointment) -> Appointment:
         status = canonical_status(self.kind, raw.status, self._config.mis.statuses)
-        starts_at = datetime.fromisoformat(f"{raw.date}T{raw.time}").replace(tzinfo=self._config.tz)
+        starts_at = parse_mis_datetime(f"{raw.date}T{raw.time}", self._config.tz)
         try:
             price = Decimal(raw.price) if raw.price not in (None, "") else None
         except InvalidOperation:

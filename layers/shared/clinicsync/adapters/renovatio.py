@@ -47,15 +47,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Callable, Mapping
-from datetime import date, datetime, timedelta, tzinfo
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import httpx
 
 from clinicsync.config import ClinicConfig
+from clinicsync.dates import parse_mis_date, parse_mis_datetime
 from clinicsync.models import Appointment, Consent, Patient, PatientChanges
 from clinicsync.observability import logger
 from clinicsync.phones import normalise_phone
@@ -88,15 +90,23 @@ def rn_date(day: date) -> str:
     return day.strftime("%d.%m.%Y")
 
 
+_RN_DATE = re.compile(r"\d{2}\.\d{2}\.\d{4}")
+_RN_TIME = re.compile(r"\d{2}\.\d{2}\.\d{4} \d{1,2}:\d{2}(:\d{2})?")
+
+
 def parse_rn_date(text: str) -> date:
-    return datetime.strptime(text.strip(), "%d.%m.%Y").date()
+    """``dd.mm.yyyy`` (Renovatio's shape only; the parsing is clinicsync.dates')."""
+    if not _RN_DATE.fullmatch(text.strip()):
+        raise ValueError(f"not a Renovatio date: {text.strip()[:20]!r}")
+    return parse_mis_date(text, UTC)
 
 
 def parse_rn_time(text: str, tz: tzinfo) -> datetime:
     """``dd.mm.yyyy hh:mm`` (seconds optional), a wall time in the clinic's zone."""
     value = " ".join(text.split())
-    fmt = "%d.%m.%Y %H:%M:%S" if value.count(":") == 2 else "%d.%m.%Y %H:%M"
-    return datetime.strptime(value, fmt).replace(tzinfo=tz)
+    if not _RN_TIME.fullmatch(value):
+        raise ValueError(f"not a Renovatio time: {value[:30]!r}")
+    return parse_mis_datetime(value, tz)
 
 
 class RenovatioApi:

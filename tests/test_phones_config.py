@@ -121,5 +121,5 @@ def test_unknown_date_shapes_are_refused_not_guessed(raw: str) -> None:
 
     from clinicsync.dates import parse_mis_datetime
 
-    with pytest.raises(ValueError, match="date|day|month"):
+    with pytest.raises(ValueError, match=r"date|day|month"):
         parse_mis_datetime(raw, ZoneInfo("Europe/Moscow"))

@@ -209,3 +209,23 @@ def test_the_cases_sixteen_plus_sixteen_fields_are_available_when_configured() -
     assert set(deal.fields) == DEAL_FIELDS | {"title"}
     assert deal.fields["service_codes"] == "A01,B02" and deal.fields["doctor"] == "Петров П. П."
     assert not any("diagnos" in name for name in (*deal.fields, *p.contact_write.fields))
+
+
+def test_a_refusal_can_be_sent_without_any_marketing_when_the_clinic_says_so() -> None:
+    config = CONFIG.model_copy(
+        update={
+            "filters": CONFIG.filters.model_copy(update={"refused_processing": "send_without_marketing"}),
+            "fields": CONFIG.fields.model_copy(update={"contact": ("full_name", "opt_outs")}),
+        }
+    )
+    refused = patient(refused_data_processing=True)
+    p = plan_patient(
+        PatientChanges(patient=refused, appointments=(appointment(),)),
+        PatientState(patient_id="p1"),
+        CrmMatches(),
+        config,
+        HASHER,
+    )
+    assert p.contact_write is not None
+    assert p.contact_write.fields["opt_outs"] == ["call", "email", "marketing", "sms"]
+    assert len(deals(p)) == 1

@@ -137,7 +137,11 @@ class Matching(Section):
 class Filters(Section):
     branches: frozenset[str] | None = Field(default=None, description="Only these branch ids; null = all")
     doctors: frozenset[str] | None = None
-    skip_refused_data_processing: bool = True
+    refused_processing: Literal["skip", "send_without_marketing"] = Field(
+        default="skip",
+        description="Patients who refused data processing in the MIS: never sent (default), or sent with "
+        "every marketing channel opted out",
+    )
     skip_anonymous: bool = True
 
 

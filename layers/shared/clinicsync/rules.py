@@ -14,7 +14,7 @@ from typing import Any
 
 from clinicsync.config import ClinicConfig, Pipeline
 from clinicsync.crypto import KeyedHasher
-from clinicsync.models import Appointment, AppointmentStatus, CrmObservation, Patient, PatientChanges
+from clinicsync.models import Appointment, AppointmentStatus, Channel, CrmObservation, Patient, PatientChanges
 from clinicsync.ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, LeadWrite, PhoneCandidates
 from clinicsync.state import AppointmentState, PatientState
 
@@ -36,7 +36,7 @@ class PatientPlan:
 
 def patient_excluded(patient: Patient, config: ClinicConfig) -> str | None:
     """Why a patient must not reach the CRM at all (152-FZ: refused processing), or None."""
-    if patient.refused_data_processing and config.filters.skip_refused_data_processing:
+    if patient.refused_data_processing and config.filters.refused_processing == "skip":
         return "refused_data_processing"
     return None
 
@@ -63,6 +63,11 @@ def _age(birth_date: str | None, today: date) -> int | None:
     return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
 
 
+def _refusal(patient: Patient) -> set[str]:
+    """A patient who refused processing but is sent (as the clinic chose) gets no marketing at all."""
+    return {c.value for c in Channel} if patient.refused_data_processing else set()
+
+
 def contact_fields(
     patient: Patient, config: ClinicConfig, opt_outs: Iterable[str], today: date | None = None
 ) -> dict[str, Any]:
@@ -85,7 +90,7 @@ def contact_fields(
         "policy_number": patient.policy_number,
         "policy_valid_until": patient.policy_valid_until,
         "cancellation_date": patient.cancellation_date,
-        "opt_outs": sorted(set(opt_outs) | {c.value for c in patient.consent.opted_out()}),
+        "opt_outs": sorted(set(opt_outs) | {c.value for c in patient.consent.opted_out()} | _refusal(patient)),
     }
     fields = {name: available[name] for name in config.fields.contact if name in available}
     fields["mis_patient_id"] = patient.mis_id  # always: it is how we find the contact again

@@ -68,3 +68,38 @@ def test_a_reschedule_is_the_same_appointment_with_a_new_time(clinic: LocalClini
     assert after["id"] == before["id"]
     assert after["visit_at"][:10] == new_start.date().isoformat() != before["visit_at"][:10]
     assert after["status"] == "rescheduled"
+
+
+def test_mis_refusal_flags_reach_the_consent_ledger(make_clinic: Callable[..., LocalClinic]) -> None:
+    import boto3
+
+    clinic = make_clinic(patients=5, appointments=5)
+    client = clinic.medods.add_client(
+        "Зайцева",
+        "Ольга",
+        second_name="Ивановна",
+        sex="female",
+        phone="+7 903 444-55-66",
+        denyEmail=True,
+        denySmsDispatches=True,
+    )
+    clinic.mis.book(client, clinic.mis.at(4, "12:00"))
+    clinic.sync()
+    table = boto3.resource("dynamodb").Table(clinic.stack.table_name)
+    channels = {i["sk"] for i in table.scan()["Items"] if i["pk"] == f"CONSENT#pat:{client}"}
+    assert {"CH#email", "CH#sms", "CH#marketing"} <= channels
+    clinic.medods.update_client(client, denyEmail=False, denySmsDispatches=False)  # the MIS "re-subscribes"
+    clinic.sync()
+    after = {i["sk"] for i in table.scan()["Items"] if i["pk"] == f"CONSENT#pat:{client}"}
+    assert channels <= after  # an opt-out is sticky
+
+
+def test_a_cursor_feed_rereads_its_overlap_and_drops_what_it_already_sent(
+    make_clinic: Callable[..., LocalClinic],
+) -> None:
+    clinic = make_clinic(patients=6, appointments=6)
+    clinic.sync()
+    requests_before = clinic.medods.request_count
+    again = clinic.sync()  # the overlap window re-reads the last two minutes: all of the sample
+    assert clinic.medods.request_count > requests_before  # the MIS was really read again
+    assert (again.poll["patients"], again.poll["appointments"], again.drain["messages"]) == (0, 0, 0)

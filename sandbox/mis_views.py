@@ -23,7 +23,7 @@ class MisView(Protocol):
 
     def visits(self) -> list[Row]: ...  # {id, client_id, start (naive local), status (raw), anonymous}
     def clients(self) -> list[Row]: ...  # {id, refused_processing, archived}
-    def book(self, client_id: int, start: datetime) -> int: ...
+    def book(self, client_id: int, start: datetime, **details: Any) -> int: ...  # price=, insurance_policy=
     def add_client(self, surname: str, phone: str) -> int: ...
     def at(self, days: int, hh_mm: str) -> datetime: ...
     def in_feed(self, start: datetime) -> bool: ...  # does the MIS feed cover a visit at this time?
@@ -58,9 +58,9 @@ class MedodsView:
             for c in self.emulator.all_clients()
         ]
 
-    def book(self, client_id: int, start: datetime) -> int:
+    def book(self, client_id: int, start: datetime, **details: Any) -> int:
         doctor = self.emulator._users[0]  # sandbox-only peek: the first doctor and branch
-        return self.emulator.book(client_id, doctor["id"], self.emulator._clinics[0]["id"], start)
+        return self.emulator.book(client_id, doctor["id"], self.emulator._clinics[0]["id"], start, **details)
 
     def add_client(self, surname: str, phone: str) -> int:
         return self.emulator.add_client(surname, "Анна", second_name="Игоревна", sex="female", phone=phone)
@@ -98,11 +98,11 @@ class InfoClinicaView:
             for c in cards
         ]
 
-    def book(self, client_id: int, start: datetime) -> int:
+    def book(self, client_id: int, start: datetime, **details: Any) -> int:
         with self.emulator._lock:
             doctor = next(iter(self.emulator._doctors))
             branch = next(iter(self.emulator._branches))
-        return self.emulator.book(client_id, doctor, branch, start)
+        return self.emulator.book(client_id, doctor, branch, start, **details)
 
     def add_client(self, surname: str, phone: str) -> int:
         return self.emulator.add_client(surname, "Анна", midname="Игоревна", phone=phone)
@@ -143,11 +143,11 @@ class RenovatioView:
             for p in rows
         ]
 
-    def book(self, client_id: int, start: datetime) -> int:
+    def book(self, client_id: int, start: datetime, **details: Any) -> int:
         with self.emulator._lock:
             doctor = next(iter(self.emulator._doctors))
             branch = self.emulator._clinics[0]["id"]
-        return self.emulator.book(client_id, doctor, branch, start)
+        return self.emulator.book(client_id, doctor, branch, start, **details)
 
     def add_client(self, surname: str, phone: str) -> int:
         return self.emulator.add_client(surname, "Анна", third_name="Игоревна", mobile=phone)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import date
 from typing import Any
 
 import boto3
@@ -30,23 +29,12 @@ def _deal(clinic: LocalClinic, appointment_id: int) -> dict[str, Any]:
     return clinic.deals_by_origin()[str(appointment_id)]
 
 
-def _new_patient(clinic: LocalClinic, phone: str, surname: str = "Белова") -> int:
-    return clinic.medods.add_client(
-        surname, "Анна", second_name="Игоревна", sex="female", birthdate=date(1991, 6, 1), phone=phone
-    )
-
-
-def _book(clinic: LocalClinic, client_id: int, days: int = 7, **kw: Any) -> int:
-    doctor = clinic.sample.doctors[0]
-    return clinic.medods.book(client_id, doctor.id, doctor.branch_ids[0], clinic.medods.at(days, "10:00"), **kw)
-
-
 # --- bookings and the funnel --------------------------------------------------------------------------
 
 
 def test_changed_phone_edits_the_entry_instead_of_appending(clinic: LocalClinic) -> None:
-    client = _new_patient(clinic, "+7 903 111-22-35")
-    appointment = _book(clinic, client)
+    client = clinic.mis.add_client("Белова", "+7 903 111-22-35")
+    appointment = clinic.mis.book(client, clinic.mis.at(7, "10:00"))
     clinic.sync()
     contact_id = int(_deal(clinic, appointment)["contact_id"])
     clinic.medods.update_client(client, phone="8 (926) 000-11-22")
@@ -63,8 +51,8 @@ def test_open_deal_found_by_phone_moves_by_itself(clinic: LocalClinic) -> None:
     contact = clinic.bitrix.manager_create_contact(NAME="Анна", PHONE=[{"VALUE": "8 916 765-43-21"}])
     inquiry = clinic.bitrix.manager_create_deal(TITLE="Обращение из WhatsApp", CONTACT_ID=contact, STAGE_ID="NEW")
     deals_before = len(clinic.bitrix.deals)
-    client = _new_patient(clinic, "+79167654321")
-    appointment = _book(clinic, client)
+    client = clinic.mis.add_client("Белова", "+79167654321")
+    appointment = clinic.mis.book(client, clinic.mis.at(7, "10:00"))
     clinic.sync()
     deal = _deal(clinic, appointment)
     assert deal["id"] == str(inquiry) and deal["stage"] == "PREPARATION"

@@ -8,7 +8,6 @@ Everything goes through the real handlers in the local runtime, the CRM emulator
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import date
 from typing import Any
 
 import boto3
@@ -37,17 +36,6 @@ def _deal(clinic: LocalClinic, appointment: int) -> dict[str, Any]:
     return clinic.crm.deals()[str(appointment)]
 
 
-def _new_patient(clinic: LocalClinic, phone: str, surname: str = "Белова") -> int:
-    return clinic.medods.add_client(
-        surname, "Анна", second_name="Игоревна", sex="female", birthdate=date(1991, 6, 1), phone=phone
-    )
-
-
-def _book(clinic: LocalClinic, client: int, days: int = 7, **kw: Any) -> int:
-    doctor = clinic.sample.doctors[0]
-    return clinic.medods.book(client, doctor.id, doctor.branch_ids[0], clinic.medods.at(days, "10:00"), **kw)
-
-
 def _state(clinic: LocalClinic, appointment: int) -> dict[str, Any]:
     row = clinic.medods.appointment(appointment)
     table = boto3.resource("dynamodb").Table(clinic.stack.table_name)
@@ -55,8 +43,8 @@ def _state(clinic: LocalClinic, appointment: int) -> dict[str, Any]:
 
 
 def test_new_booking(clinic: LocalClinic) -> None:
-    client = _new_patient(clinic, "+7 903 111-22-33")
-    appointment = _book(clinic, client)
+    client = clinic.mis.add_client("Белова", "+7 903 111-22-33")
+    appointment = clinic.mis.book(client, clinic.mis.at(7, "10:00"))
     clinic.sync()
     deal = _deal(clinic, appointment)
     assert deal["stage"] == _stage(clinic, S.BOOKED)
@@ -129,8 +117,8 @@ def test_lead_adoption_by_phone(clinic: LocalClinic, inquiry_phone: str, mis_pho
     inquiry = clinic.crm.manager_create_inquiry(inquiry_phone)
     clinic.deliver_webhooks()  # a new lead nobody knows yet: nothing to do
     deals_before = len(clinic.crm.deals())
-    client = _new_patient(clinic, mis_phone)
-    appointment = _book(clinic, client)
+    client = clinic.mis.add_client("Белова", mis_phone)
+    appointment = clinic.mis.book(client, clinic.mis.at(7, "10:00"))
     clinic.sync()
     deal = _deal(clinic, appointment)
     assert clinic.crm.adopted(inquiry, deal)
@@ -141,9 +129,10 @@ def test_lead_adoption_by_phone(clinic: LocalClinic, inquiry_phone: str, mis_pho
 
 def test_two_family_members_sharing_a_phone_stay_two_contacts(clinic: LocalClinic) -> None:
     inquiry = clinic.crm.manager_create_inquiry("+7 925 000-00-07")
-    mother = _new_patient(clinic, "89250000007", surname="Соколова")
-    child = _new_patient(clinic, "+7 (925) 000-00-07", surname="Соколов")
-    first, second = _book(clinic, mother), _book(clinic, child, days=8)
+    mother = clinic.mis.add_client("Соколова", "89250000007")
+    child = clinic.mis.add_client("Соколов", "+7 (925) 000-00-07")
+    first = clinic.mis.book(mother, clinic.mis.at(7, "10:00"))
+    second = clinic.mis.book(child, clinic.mis.at(8, "10:00"))
     clinic.sync()
     contacts = clinic.crm.contacts_by_origin()
     assert contacts[str(mother)] == 1 and contacts[str(child)] == 1
@@ -153,9 +142,9 @@ def test_two_family_members_sharing_a_phone_stay_two_contacts(clinic: LocalClini
 
 
 def test_dms_visit_is_flagged(clinic: LocalClinic) -> None:
-    client = _new_patient(clinic, "+7 903 111-22-34")
-    dms = _book(clinic, client, price="0.00", insurance_policy="ДМС 7700 000123")
-    paid = _book(clinic, client, days=9, price="3500.00")
+    client = clinic.mis.add_client("Белова", "+7 903 111-22-34")
+    dms = clinic.mis.book(client, clinic.mis.at(7, "10:00"), price="0.00", insurance_policy="ДМС 7700 000123")
+    paid = clinic.mis.book(client, clinic.mis.at(9, "10:00"), price="3500.00")
     clinic.sync()
     assert _deal(clinic, dms)["is_dms"] is True
     assert _deal(clinic, paid)["is_dms"] is False
@@ -224,8 +213,8 @@ def test_crm_opt_out_on_a_contact_with_a_mis_id_reaches_the_ledger(clinic: Local
 
 
 def test_a_lost_create_response_never_duplicates(clinic: LocalClinic) -> None:
-    client = _new_patient(clinic, "+7 903 222-33-44")
-    appointment = _book(clinic, client)
+    client = clinic.mis.add_client("Белова", "+7 903 222-33-44")
+    appointment = clinic.mis.book(client, clinic.mis.at(7, "10:00"))
     clinic.crm.lose_next_create_response()
     run = clinic.sync()
     assert run.drain["failed"] >= 1  # the message came back and was retried

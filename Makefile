@@ -48,7 +48,7 @@ typecheck: venv
 	$(VENV)/bin/mypy --strict
 
 pytest: venv sam-venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2  # two cores: the suites wait on loopback I/O more than they compute
 
 # sam validate --lint needs a region; nothing here talks to AWS.
 validate: sam-venv

@@ -15,12 +15,11 @@ SAM := $(SAM_VENV)/bin/sam
 MIS ?= medods
 CRM ?= bitrix24
 
-.PHONY: help venv sam-venv lint typecheck pytest validate build test demo bench schema clean check-python
+.PHONY: help venv sam-venv lint typecheck pytest validate build test demo schema clean check-python
 
 help:
 	@echo "make demo   - local runtime against the emulators (MIS=$(MIS) CRM=$(CRM))"
 	@echo "make test   - ruff, mypy --strict, pytest, sam validate --lint, sam build"
-	@echo "make bench  - benchmarks, writes bench/report.json"
 
 check-python:
 	@test -n "$(PY313)" || { echo "python3.13 not found on PATH or under $(PYENV_DIR)/versions" >&2; exit 1; }
@@ -62,9 +61,6 @@ test: lint typecheck pytest validate build
 
 demo: venv
 	$(PY) -m sandbox.demo --mis $(MIS) --crm $(CRM)
-
-bench: venv
-	$(PY) -m sandbox.bench
 
 # The clinic config's JSON Schema, for editors and the docs (a test keeps the committed copy current).
 schema: venv

@@ -3,6 +3,7 @@ write, pacing under the 7 rps limit with no 403, the circuit breaker, 204s and l
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from datetime import datetime
@@ -168,3 +169,16 @@ def test_a_lost_complex_response_is_reported_and_found_by_the_intent_scan(amo: t
     assert len(emulator.leads) == 2  # applied once, never resent
     found = gateway.find(["p0", "p1"], ["a0", "a1"], intended_since=since)
     assert set(found.contacts) == {"p0", "p1"} and set(found.deals) == {"a0", "a1"}
+
+
+def test_a_phone_search_never_reaches_the_http_log(
+    amo: tuple[AmoCrmEmulator, str], caplog: pytest.LogCaptureFixture
+) -> None:
+
+    emulator, base = amo
+    gateway = AmoCrmGateway(AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST), _config())
+    with caplog.at_level(logging.INFO, logger="httpx"):
+        gateway.find([], [], phones=["+79161234567"])
+    urls = [r.getMessage() for r in caplog.records if r.name == "httpx"]
+    assert any("query=" in u for u in urls)  # the search really was logged by httpx
+    assert not any("9161234567" in u or "123-45-67" in u for u in urls)

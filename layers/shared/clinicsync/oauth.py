@@ -45,7 +45,10 @@ from clinicsync.observability import logger
 if TYPE_CHECKING:
     from mypy_boto3_secretsmanager import SecretsManagerClient
 
-SENSITIVE_PARAMS = frozenset({"auth", "access_token", "refresh_token", "client_secret", "code", "long_lived_token"})
+# Secrets, and PII that search URLs carry (amoCRM's ``query`` holds a phone's digits): httpx logs URLs at INFO.
+SENSITIVE_PARAMS = frozenset(
+    {"auth", "access_token", "refresh_token", "client_secret", "code", "long_lived_token", "query", "phone", "email"}
+)
 
 LockFactory = Callable[[], AbstractContextManager[object]]
 

@@ -303,55 +303,58 @@ class AmoCrmGateway:
                     (f"d:{deal.appointment_id}", deal.patient_id, {**body, "request_id": f"d:{deal.appointment_id}"})
                 )
             reply = self._send("POST", "/api/v4/leads/complex", items, outcome)
-            for row, (_, pid, body) in zip(reply if isinstance(reply, list) else [], items, strict=False):
-                appointment = str(body["request_id"]).removeprefix("d:")
-                outcome.deal_ids[appointment] = str(row["id"])
-                outcome.contact_ids[pid] = str(row["contact_id"])
+            patients = {rid: pid for rid, pid, _ in items}
+            for row in reply if isinstance(reply, list) else []:
+                # A plain array; request_id is a list when duplicate control merged several items.
+                request_ids = row.get("request_id")
+                for request_id in request_ids if isinstance(request_ids, list) else [request_ids]:
+                    if request_id in patients:
+                        outcome.deal_ids[str(request_id).removeprefix("d:")] = str(row["id"])
+                        outcome.contact_ids[patients[request_id]] = str(row["contact_id"])
 
     def _contacts(self, writes: list[ContactWrite], outcome: WriteOutcome) -> None:
         for create in (True, False):
-            chosen = [w for w in writes if (w.contact_id is None) == create]
-            for chunk in _chunks(chosen, BULK):
-                items = []
-                for w in chunk:
-                    body = self._contact_body(w)
-                    if create:
-                        body["request_id"] = f"c:{w.patient_id}"
-                    else:
-                        body["id"] = int(str(w.contact_id))
-                    items.append((f"c:{w.patient_id}", w.patient_id, body))
-                reply = self._send("POST" if create else "PATCH", "/api/v4/contacts", items, outcome)
-                if reply is None:
-                    continue
-                if create:
-                    for row in _embedded(reply, "contacts"):
-                        outcome.contact_ids[str(row.get("request_id", "")).removeprefix("c:")] = str(row["id"])
-                else:
-                    for w in chunk:
-                        outcome.contact_ids[w.patient_id] = str(w.contact_id)
+            items = [
+                (f"c:{w.patient_id}", w.patient_id, self._contact_body(w), w.contact_id)
+                for w in writes
+                if (w.contact_id is None) == create
+            ]
+            self._bulk("contacts", items, outcome.contact_ids, create, outcome)
 
     def _leads(self, writes: list[DealWrite], outcome: WriteOutcome, create: bool) -> None:
-        for chunk in _chunks(writes, BULK):
-            items = []
-            for w in chunk:
-                body = self._lead_body(w)
-                contact = w.contact_id or outcome.contact_ids.get(w.patient_id)
-                if (create or w.link_contact) and contact:
-                    body["_embedded"] = {"contacts": [{"id": int(contact), "is_main": True}]}
-                if create:
-                    body["request_id"] = f"d:{w.appointment_id}"
-                else:
-                    body["id"] = int(str(w.deal_id))
-                items.append((f"d:{w.appointment_id}", w.patient_id, body))
-            reply = self._send("POST" if create else "PATCH", "/api/v4/leads", items, outcome)
+        items = []
+        for w in writes:
+            body = self._lead_body(w)
+            contact = w.contact_id or outcome.contact_ids.get(w.patient_id)
+            if (create or w.link_contact) and contact:
+                body["_embedded"] = {"contacts": [{"id": int(contact), "is_main": True}]}
+            items.append((f"d:{w.appointment_id}", w.patient_id, body, w.deal_id))
+        self._bulk("leads", items, outcome.deal_ids, create, outcome)
+
+    def _bulk(
+        self,
+        entity: str,
+        items: list[tuple[str, str, dict[str, Any], str | None]],
+        ids: dict[str, str],
+        create: bool,
+        outcome: WriteOutcome,
+    ) -> None:
+        """Bulk POST (create, matched back by request_id) or PATCH (by id) of ``(key, patient, body, id)``
+        items, 50 per request; ``ids`` receives key-without-prefix -> CRM id."""
+        for chunk in _chunks(items, BULK):
+            payload = [
+                (key, pid, {**body, "request_id": key} if create else {**body, "id": int(str(crm_id))})
+                for key, pid, body, crm_id in chunk
+            ]
+            reply = self._send("POST" if create else "PATCH", f"/api/v4/{entity}", payload, outcome)
             if reply is None:
                 continue
             if create:
-                for row in _embedded(reply, "leads"):
-                    outcome.deal_ids[str(row.get("request_id", "")).removeprefix("d:")] = str(row["id"])
+                for row in _embedded(reply, entity):
+                    ids[str(row.get("request_id", "")).split(":", 1)[-1]] = str(row["id"])
             else:
-                for w in chunk:
-                    outcome.deal_ids[w.appointment_id] = str(w.deal_id)
+                for key, _, _, crm_id in chunk:
+                    ids[key.split(":", 1)[1]] = str(crm_id)
 
     def _link_leads(self, writes: list[LeadWrite], outcome: WriteOutcome) -> None:
         items = []

@@ -53,9 +53,14 @@ def _state(version: int = 3) -> PatientState:
     return state
 
 
+def _save(store: DynamoStore, state: PatientState) -> None:
+    """As the syncer does: versioned items that already exist are replaced only if not newer."""
+    store.save_patients([(state, ["a1"])], store.load_patients({state.patient_id: ["a1"]}))
+
+
 def test_patient_state_round_trips(store: DynamoStore) -> None:
-    store.save_patient(_state(), ["a1"])
-    loaded = store.load_patients(["p1", "p2"])
+    _save(store, _state())
+    loaded = store.load_patients({"p1": ["a1"], "p2": []})
     assert loaded["p1"] == _state()
     assert loaded["p2"] == PatientState(patient_id="p2")
     assert store.patient_for_crm("deal", "20") == {"patient_id": "p1", "appointment_id": "a1"}
@@ -63,20 +68,20 @@ def test_patient_state_round_trips(store: DynamoStore) -> None:
 
 
 def test_older_versions_never_overwrite_newer_ones(store: DynamoStore) -> None:
-    store.save_patient(_state(version=5), ["a1"])
+    _save(store, _state(version=5))
     older = _state(version=4)
     older.appointments["a1"].stage = "PREPARATION"
-    store.save_patient(older, ["a1"])
-    loaded = store.load_patients(["p1"])["p1"]
+    _save(store, older)
+    loaded = store.load_patients({"p1": ["a1"]})["p1"]
     assert loaded.version == 5
     assert loaded.appointments["a1"].stage == "PREPAYMENT_INVOICE"
 
 
 def test_delete_patient_removes_every_trace(store: DynamoStore) -> None:
-    store.save_patient(_state(), ["a1"])
+    _save(store, _state())
     store.index_phone("k1", "p1", None)
     store.delete_patient("p1")
-    assert store.load_patients(["p1"])["p1"] == PatientState(patient_id="p1")
+    assert store.load_patients({"p1": ["a1"]})["p1"] == PatientState(patient_id="p1")
     assert store.patients_by_phone("k1") == []
     assert store.patient_for_crm("deal", "20") is None
 
@@ -99,7 +104,10 @@ def test_cursor_round_trip(store: DynamoStore) -> None:
 def test_opt_outs_are_sticky_and_audited(store: DynamoStore) -> None:
     store.record_opt_outs("pat:p1", ["email", "sms"], "mis", 1000)
     store.record_opt_outs("pat:p1", ["email"], "crm", 2000)  # a repeat changes nothing
-    assert store.opted_out("pat:p1") == {"email", "sms"}
+    assert store.opted_out_many(["pat:p1", "pat:p2"], ["email", "sms", "call"]) == {
+        "pat:p1": {"email", "sms"},
+        "pat:p2": set(),
+    }
     table = boto3.resource("dynamodb", region_name="eu-central-1").Table("clinic-table")
     audit = [i for i in table.scan()["Items"] if str(i["sk"]).startswith("AUDIT#")]
     assert len(audit) == 2 and all(i["source"] == "mis" and "expires_at" in i for i in audit)

@@ -12,7 +12,6 @@ from typing import Any, Literal, Protocol
 
 from clinicsync.config import Pipeline
 from clinicsync.models import PatientChanges
-from clinicsync.state import PatientState
 
 Cursor = Mapping[str, Any]
 
@@ -175,23 +174,3 @@ class CrmGateway(Protocol):
 # --- Store -----------------------------------------------------------------------------------------
 
 ConsentSource = Literal["mis", "crm", "link", "mailchimp"]
-
-
-class StateStore(Protocol):
-    def load_patients(self, patient_ids: Sequence[str]) -> dict[str, PatientState]: ...
-
-    def save_patient(self, state: PatientState, changed_appointments: Sequence[str]) -> None: ...
-
-    def delete_patient(self, patient_id: str) -> None: ...
-
-    def get_cursor(self, source: str) -> Cursor | None: ...
-
-    def put_cursor(self, source: str, cursor: Cursor) -> None: ...
-
-    def index_phone(self, phone_key: str, patient_id: str, previous_key: str | None) -> None: ...
-
-    def patients_by_phone(self, phone_key: str) -> list[str]: ...
-
-    def record_opt_outs(self, subject: str, channels: Sequence[str], source: ConsentSource, at: int) -> None: ...
-
-    def opted_out(self, subject: str) -> set[str]: ...

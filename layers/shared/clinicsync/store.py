@@ -119,14 +119,11 @@ class DynamoStore:
 
     # --- patients ----------------------------------------------------------------------------------
 
-    def load_patients(self, wanted: Mapping[str, Sequence[str]] | Sequence[str]) -> dict[str, PatientState]:
+    def load_patients(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, PatientState]:
         """Each patient's STATE plus the named appointments, in BatchGetItem calls of 100 keys.
 
-        ``wanted`` maps a patient id to the appointment ids the caller is about to touch; a plain
-        sequence of patient ids loads every appointment (one Query per patient, for rare paths).
+        ``wanted`` maps a patient id to the appointment ids the caller is about to touch.
         """
-        if not isinstance(wanted, Mapping):
-            return {pid: self._load_patient(pid) for pid in dict.fromkeys(wanted)}
         keys = []
         for pid, appointment_ids in wanted.items():
             keys.append({"pk": _patient_pk(pid), "sk": "STATE"})
@@ -189,11 +186,6 @@ class DynamoStore:
         with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
             for item in fresh:
                 batch.put_item(Item=item)
-
-    def save_patient(self, state: PatientState, changed_appointments: Sequence[str]) -> None:
-        """Single-patient save with every versioned item conditional (tests, repairs)."""
-        for item in _items_for(state, changed_appointments):
-            self._put_if_not_older(item) if "version" in item else self._table.put_item(Item=item)
 
     def _put_if_not_older(self, item: dict[str, Any]) -> None:
         try:
@@ -342,9 +334,3 @@ class DynamoStore:
             if item.get("opted_out"):
                 found[str(item["pk"]).removeprefix("CONSENT#")].add(str(item["sk"]).removeprefix("CH#"))
         return found
-
-    def opted_out(self, subject: str) -> set[str]:
-        page = self._table.query(
-            KeyConditionExpression=Key("pk").eq(f"CONSENT#{subject}") & Key("sk").begins_with("CH#")
-        )
-        return {str(i["sk"]).removeprefix("CH#") for i in page.get("Items", []) if i.get("opted_out")}

@@ -24,15 +24,22 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
 _UNIX = re.compile(r"\d{9,10}")  # seconds since 1970: 2001-09-09 .. 2286; never 8, 12 or 14 digits
 
 
-def parse_mis_datetime(value: str | int, tz: tzinfo) -> datetime:
-    """An aware datetime in ``tz``; raises ValueError naming the shape, never guessing."""
+def parse_mis_datetime(
+    value: str | int, tz: tzinfo, shape: re.Pattern[str] | None = None, what: str = "a MIS date"
+) -> datetime:
+    """An aware datetime in ``tz``; raises ValueError naming the shape, never guessing.
+
+    ``shape`` narrows the accepted text to one vendor's formats (``what`` names them in the error).
+    """
     if isinstance(value, int):
         return datetime.fromtimestamp(value, UTC).astimezone(tz)
     text = " ".join(str(value).split())
+    if shape is not None and not shape.fullmatch(text):
+        raise ValueError(f"not {what}: {text[:30]!r}")
     if _UNIX.fullmatch(text):
         return datetime.fromtimestamp(int(text), UTC).astimezone(tz)
-    for shape, fmt in _PATTERNS:
-        if re.fullmatch(shape, text):
+    for pattern, fmt in _PATTERNS:
+        if re.fullmatch(pattern, text):
             return datetime.strptime(text, fmt).replace(tzinfo=tz)
     try:
         parsed = datetime.fromisoformat(text)
@@ -41,5 +48,6 @@ def parse_mis_datetime(value: str | int, tz: tzinfo) -> datetime:
     return parsed.astimezone(tz) if parsed.tzinfo else parsed.replace(tzinfo=tz)
 
 
-def parse_mis_date(value: str, tz: tzinfo) -> date:
-    return parse_mis_datetime(value, tz).date()
+def parse_mis_date(value: str, shape: re.Pattern[str] | None = None, what: str = "a MIS date") -> date:
+    """A calendar date (no zone involved: only the wall-clock day is read)."""
+    return parse_mis_datetime(value, UTC, shape, what).date()

@@ -124,18 +124,13 @@ _IC_DATETIME = re.compile(r"\d{8}(\d{4}(\d{2})?)?|\d{2}\.\d{2}\.\d{4}( \d{1,2}:\
 
 
 def parse_ic_date(text: str) -> date:
-    """``yyyymmdd`` or ``dd.mm.yyyy`` (InfoClinica's shapes only; the parsing is clinicsync.dates')."""
-    if not _IC_DATE.fullmatch(text.strip()):
-        raise ValueError(f"not an InfoClinica date: {text.strip()[:20]!r}")
-    return parse_mis_date(text, UTC)
+    """``yyyymmdd`` or ``dd.mm.yyyy``."""
+    return parse_mis_date(text, _IC_DATE, "an InfoClinica date")
 
 
 def parse_ic_datetime(text: str, tz: tzinfo) -> datetime:
     """``yyyymmdd[HHMM[SS]]`` or ``dd.mm.yyyy[ HH:MM[:SS]]``, a wall time in the clinic's zone."""
-    value = " ".join(text.split())
-    if not _IC_DATETIME.fullmatch(value):
-        raise ValueError(f"not an InfoClinica timestamp: {value[:30]!r}")
-    return parse_mis_datetime(value, tz)
+    return parse_mis_datetime(text, tz, _IC_DATETIME, "an InfoClinica timestamp")
 
 
 def ic_date(day: date) -> str:

@@ -50,7 +50,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, date, datetime, timedelta, tzinfo
+from datetime import date, datetime, timedelta, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -95,18 +95,13 @@ _RN_TIME = re.compile(r"\d{2}\.\d{2}\.\d{4} \d{1,2}:\d{2}(:\d{2})?")
 
 
 def parse_rn_date(text: str) -> date:
-    """``dd.mm.yyyy`` (Renovatio's shape only; the parsing is clinicsync.dates')."""
-    if not _RN_DATE.fullmatch(text.strip()):
-        raise ValueError(f"not a Renovatio date: {text.strip()[:20]!r}")
-    return parse_mis_date(text, UTC)
+    """``dd.mm.yyyy``."""
+    return parse_mis_date(text, _RN_DATE, "a Renovatio date")
 
 
 def parse_rn_time(text: str, tz: tzinfo) -> datetime:
     """``dd.mm.yyyy hh:mm`` (seconds optional), a wall time in the clinic's zone."""
-    value = " ".join(text.split())
-    if not _RN_TIME.fullmatch(value):
-        raise ValueError(f"not a Renovatio time: {value[:30]!r}")
-    return parse_mis_datetime(value, tz)
+    return parse_mis_datetime(text, tz, _RN_TIME, "a Renovatio time")
 
 
 class RenovatioApi:

@@ -69,7 +69,7 @@ def main(
         )
         first = _run("First sync (backfill)", clinic, first_import=True)
         problems = clinic.mismatches()
-        duplicates = {k: n for k, n in clinic.contacts_by_origin().items() if n > 1}
+        duplicates = {k: n for k, n in clinic.crm.contacts_by_origin().items() if n > 1}
         _summary(clinic, first)
         second = _run("Second sync (nothing changed in the MIS)", clinic)
         console.print(

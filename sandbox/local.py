@@ -146,12 +146,6 @@ class LocalClinic:
                 return int(row["id"])
         raise LookupError("the sample clinic has no open booking")
 
-    def deals_by_origin(self) -> dict[str, dict[str, Any]]:
-        return self.crm.deals()
-
-    def contacts_by_origin(self) -> Counter[str]:
-        return self.crm.contacts_by_origin()
-
     def stage_distribution(self) -> Counter[tuple[str, str]]:
         return Counter(
             (d["category"], f"{d['stage']} «{self.crm.stage_name(d['stage'])}»") for d in self.crm.deals().values()

@@ -26,7 +26,7 @@ def clinic(make_clinic: Callable[..., LocalClinic]) -> LocalClinic:
 
 
 def _deal(clinic: LocalClinic, appointment_id: int) -> dict[str, Any]:
-    return clinic.deals_by_origin()[str(appointment_id)]
+    return clinic.crm.deals()[str(appointment_id)]
 
 
 # --- bookings and the funnel --------------------------------------------------------------------------

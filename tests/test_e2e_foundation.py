@@ -59,7 +59,7 @@ def test_every_appointment_lands_in_its_mapped_stage(demo_run: DemoRun) -> None:
 
 
 def test_no_duplicate_contacts_and_one_per_synced_patient(demo_run: DemoRun) -> None:
-    contacts = demo_run.clinic.contacts_by_origin()
+    contacts = demo_run.clinic.crm.contacts_by_origin()
     assert max(contacts.values()) == 1
     patients_with_deals = {d.patient_id for d in demo_run.clinic.expected_deals().values()}
     assert patients_with_deals <= set(contacts)
@@ -129,7 +129,7 @@ def small(make_clinic: Callable[..., LocalClinic]) -> LocalClinic:
 
 def test_status_lifecycle_moves_the_same_deal(small: LocalClinic) -> None:
     aid = small.open_booking()
-    deal_id = small.deals_by_origin()[str(aid)]["id"]
+    deal_id = small.crm.deals()[str(aid)]["id"]
     for change, stage_key in [
         (small.medods.confirm, "confirmed"),
         (small.medods.arrive, "arrived"),
@@ -137,7 +137,7 @@ def test_status_lifecycle_moves_the_same_deal(small: LocalClinic) -> None:
     ]:
         change(aid)
         run = small.sync()
-        deal = small.deals_by_origin()[str(aid)]
+        deal = small.crm.deals()[str(aid)]
         assert deal["id"] == deal_id
         want = small.expected_deals()[str(aid)]
         assert (deal["category"], deal["stage"]) == (want.category_id, want.stage), stage_key
@@ -150,19 +150,19 @@ def test_cancel_and_no_show(small: LocalClinic, change: str) -> None:
     aid = small.open_booking()
     getattr(small.medods, change)(aid)
     small.sync()
-    stage = small.deals_by_origin()[str(aid)]["stage"]
+    stage = small.crm.deals()[str(aid)]["stage"]
     assert stage.endswith("LOSE" if change == "cancel" else "UC_NOSHOW")
     assert small.mismatches() == []
 
 
 def test_reschedule_keeps_the_deal_and_updates_its_date(small: LocalClinic) -> None:
     aid = small.open_booking()
-    before = small.deals_by_origin()[str(aid)]
+    before = small.crm.deals()[str(aid)]
     row = small.medods.appointment(aid)
     new_start = small.medods.at(5, "16:30")
     small.medods.reschedule(aid, new_start)
     small.sync()
-    after = small.deals_by_origin()[str(aid)]
+    after = small.crm.deals()[str(aid)]
     assert after["id"] == before["id"]
     assert after["visit_at"][:10] == new_start.date().isoformat() != row["date"]
     assert after["status"] == "rescheduled"
@@ -171,16 +171,16 @@ def test_reschedule_keeps_the_deal_and_updates_its_date(small: LocalClinic) -> N
 
 def test_closed_deal_is_not_reopened_and_a_new_visit_opens_a_new_deal(small: LocalClinic) -> None:
     aid = small.open_booking()
-    deal = small.deals_by_origin()[str(aid)]
+    deal = small.crm.deals()[str(aid)]
     small.medods.cancel(aid)
     small.sync()
-    lost = small.deals_by_origin()[str(aid)]
+    lost = small.crm.deals()[str(aid)]
     assert lost["stage"].endswith("LOSE") and lost["closed"] is True
     small.medods.set_status(aid, "approved")  # the MIS flips back; the lost deal must stay lost
     row = small.medods.appointment(aid)
     new_aid = small.medods.book(row["clientId"], row["userId"], row["clinicId"], small.medods.at(14, "11:00"))
     run = small.sync()
-    deals = small.deals_by_origin()
+    deals = small.crm.deals()
     assert deals[str(aid)]["stage"] == lost["stage"]
     assert deals[str(aid)]["modified"] == lost["modified"]  # not touched at all
     assert deals[str(new_aid)]["id"] != deal["id"]
@@ -193,7 +193,7 @@ def test_a_visit_after_a_completed_one_opens_a_deal_in_the_repeat_funnel(small: 
     row = small.medods.appointment(aid)
     later = small.medods.book(row["clientId"], row["userId"], row["clinicId"], small.medods.at(30, "11:00"))
     small.sync()
-    deals = small.deals_by_origin()
+    deals = small.crm.deals()
     assert (deals[str(later)]["category"], deals[str(later)]["stage"]) == ("1", "C1:PREPARATION")
     assert small.mismatches() == []
 
@@ -205,7 +205,7 @@ def test_lost_create_response_does_not_duplicate(make_clinic: Callable[..., Loca
     run = clinic.sync()
     assert run.drain["failed"] >= 1  # the message was retried
     assert clinic.mismatches() == []
-    assert max(clinic.contacts_by_origin().values()) == 1
+    assert max(clinic.crm.contacts_by_origin().values()) == 1
     assert len(clinic.bitrix.deals) == len(clinic.expected_deals())
 
 
@@ -234,8 +234,8 @@ def test_refused_processing_is_never_sent(small: LocalClinic) -> None:
     )
     hidden = small.medods.book(client, row["userId"], row["clinicId"], small.medods.at(3, "09:00"))
     small.sync()
-    assert str(hidden) not in small.deals_by_origin()
-    assert str(client) not in small.contacts_by_origin()
+    assert str(hidden) not in small.crm.deals()
+    assert str(client) not in small.crm.contacts_by_origin()
 
 
 def test_unchanged_poll_costs_no_crm_request(small: LocalClinic) -> None:
@@ -261,12 +261,12 @@ def test_poller_handles_the_sample_schedule_events(small: LocalClinic) -> None:
 def test_syncer_handles_the_sample_sqs_batch(small: LocalClinic) -> None:
     response = small.stack.invoke("StageSyncerFunction", _event("stage_syncer_sqs_batch"))
     assert response == {"batchItemFailures": []}
-    deals = small.deals_by_origin()
+    deals = small.crm.deals()
     assert deals["70001"]["stage"] == "PREPARATION"
     assert deals["70002"]["is_dms"] is True  # zero price plus a policy: a DMS visit
     # Redelivery of the same message is harmless: nothing is created twice.
     small.stack.invoke("StageSyncerFunction", _event("stage_syncer_sqs_batch"))
-    assert small.contacts_by_origin()["90001"] == 1
+    assert small.crm.contacts_by_origin()["90001"] == 1
 
 
 def test_a_malformed_message_ends_in_the_dlq_and_good_ones_still_sync(small: LocalClinic) -> None:
@@ -274,7 +274,7 @@ def test_a_malformed_message_ends_in_the_dlq_and_good_ones_still_sync(small: Loc
     good, bad = event["Records"][0], dict(event["Records"][0], messageId="bad-1", body='{"changes":"nope"}')
     response = small.stack.invoke("StageSyncerFunction", {"Records": [good, bad]})
     assert response == {"batchItemFailures": [{"itemIdentifier": "bad-1"}]}
-    assert "70001" in small.deals_by_origin()
+    assert "70001" in small.crm.deals()
 
     sqs = boto3.client("sqs")
     sqs.send_message(

@@ -71,6 +71,11 @@ REQUIRED_ENV = {
 REQUIRED_ROUTES = {
     ("POST", "/webhooks/bitrix24"): "CrmWebhookFunction",
     ("POST", "/webhooks/amocrm/{secret}"): "CrmWebhookFunction",
+    # IDENT calls us (tickets, timetable); its connector pushes signed change batches.
+    ("GET", "/ident/GetTickets"): "CrmWebhookFunction",
+    ("POST", "/ident/PostTimeTable"): "CrmWebhookFunction",
+    ("GET", "/ident/connector/settings"): "CrmWebhookFunction",
+    ("POST", "/ident/connector/batches"): "CrmWebhookFunction",
     ("GET", "/webhooks/mailchimp/{secret}"): "UnsubscribeFunction",
     ("POST", "/webhooks/mailchimp/{secret}"): "UnsubscribeFunction",
     ("GET", "/unsubscribe/{token}"): "UnsubscribeFunction",
@@ -93,12 +98,17 @@ _COMMON = {
 EXPECTED_GRANTS: dict[str, set[tuple[str, str]]] = {
     # The poller also runs the CRM catch-up job, which reads the CRM.
     "MisPollerFunction": _COMMON
-    | {("secretsmanager:GetSecretValue", "MisSecretArn"), ("secretsmanager:GetSecretValue", "CrmSecretArn")},
+    | {("secretsmanager:GetSecretValue", "MisSecretArn"), ("secretsmanager:GetSecretValue", "CrmSecretArn")}
+    | {(action, "IdentInboxQueue") for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage")}
+    | {("sqs:ChangeMessageVisibility", "IdentInboxQueue")},
     "StageSyncerFunction": _COMMON
     | {("secretsmanager:GetSecretValue", "CrmSecretArn"), ("secretsmanager:PutSecretValue", "CrmSecretArn")},
-    # The webhook receiver only queues CRM events; it never touches the per-patient sync queue.
+    # The receiver only queues CRM events and IDENT batches; it never touches the per-patient sync queue.
+    # GetTickets reads leads from the CRM, so it may rotate the CRM's OAuth pair like the syncer does.
     "CrmWebhookFunction": (_COMMON - {("sqs:SendMessage", "SyncQueue")})
-    | {("secretsmanager:GetSecretValue", "CrmSecretArn"), ("sqs:SendMessage", "CrmEventQueue")},
+    | {("secretsmanager:GetSecretValue", "CrmSecretArn"), ("sqs:SendMessage", "CrmEventQueue")}
+    | {("secretsmanager:GetSecretValue", "MisSecretArn"), ("sqs:SendMessage", "IdentInboxQueue")}
+    | {("secretsmanager:PutSecretValue", "CrmSecretArn")},
     "UnsubscribeFunction": set(_COMMON),
 }
 
@@ -745,12 +755,12 @@ MUTATIONS: list[tuple[Callable[[Template], None], str, Callable[[Template], None
     ),
     (
         check_least_privilege_per_function,
-        "webhook rotates",
+        "webhook writes the MIS secret",
         _add_policy(
             "CrmWebhookFunction",
             {
                 "Statement": [
-                    {"Effect": "Allow", "Action": "secretsmanager:PutSecretValue", "Resource": {"Ref": "CrmSecretArn"}}
+                    {"Effect": "Allow", "Action": "secretsmanager:PutSecretValue", "Resource": {"Ref": "MisSecretArn"}}
                 ]
             },
         ),

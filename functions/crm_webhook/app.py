@@ -1,11 +1,16 @@
-"""CRM webhook receiver: HTTP API v2 -> verify the sender -> enqueue -> 200 within milliseconds.
+"""Inbound receiver: HTTP API v2 -> verify the sender -> enqueue -> answer within milliseconds.
 
-Bitrix24 never retries an event and slows down handlers that answer slowly, so nothing here calls
-the CRM: the event is checked, queued, and re-fetched later by the syncer in batches.
+- CRM webhooks (Bitrix24, amoCRM): Bitrix24 never retries an event and slows down handlers that answer
+  slowly, so nothing here calls the CRM: the event is checked, queued, and re-fetched later in batches.
+- IDENT's calls (``/ident/GetTickets``, ``/ident/PostTimeTable``), checked by ``IDENT-Integration-Key``,
+  and the IDENT connector's signed change batches (``/ident/connector/*``). Refusals are plain text,
+  because IDENT writes the body into its exchange log.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from typing import Any
 
@@ -15,12 +20,14 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from clinicsync import wiring
+from clinicsync import ident, wiring
+from clinicsync.adapters.ident import KEY_HEADER, TicketQuery, TimeTable
 from clinicsync.crm_events import ENTITY_OF_EVENT
 from clinicsync.crypto import constant_time_equals
 from clinicsync.forms import FormError, parse_php_form
 from clinicsync.models import CrmEvent
 from clinicsync.observability import logger, metrics, tracer
+from clinicsync.signing import verify_request
 
 app = APIGatewayHttpResolver()
 
@@ -145,6 +152,103 @@ def _amocrm_events(form: dict[str, Any]) -> list[CrmEvent]:
                 )
             )
     return events
+
+
+# --- IDENT ---------------------------------------------------------------------------------------
+
+
+def _text(status: int, reason: str) -> Response[Any]:
+    return Response(status_code=status, content_type=content_types.TEXT_PLAIN, body=reason)
+
+
+def _raw_body() -> bytes:
+    """The body exactly as sent (signatures are over bytes, not over a re-decoded string)."""
+    event = app.current_event
+    body = event.get("body") or ""
+    return base64.b64decode(body) if event.get("isBase64Encoded") else str(body).encode()
+
+
+def _ident_refusal() -> Response[Any] | None:
+    """IDENT authenticates with a shared key header; a refusal is plain text for IDENT's log."""
+    if wiring.clinic_config().mis.kind != "ident":
+        return _text(404, "IDENT is not this clinic's MIS")
+    given = app.current_event.headers.get(KEY_HEADER.lower()) or app.current_event.headers.get(KEY_HEADER)
+    if not given:
+        metrics.add_metric(name="IdentCallsRefused", unit=MetricUnit.Count, value=1)
+        return _text(401, f"missing {KEY_HEADER} header")
+    if not constant_time_equals(given, str(wiring.mis_credentials().get("integration_key", ""))):
+        metrics.add_metric(name="IdentCallsRefused", unit=MetricUnit.Count, value=1)
+        return _text(403, f"{KEY_HEADER} is not valid for this clinic")
+    return None
+
+
+@app.get("/ident/GetTickets")
+def ident_get_tickets() -> Response[Any]:
+    refusal = _ident_refusal()
+    if refusal is not None:
+        return refusal
+    try:
+        query = TicketQuery.model_validate(app.current_event.query_string_parameters or {})
+    except ValidationError as exc:
+        fields = ", ".join(sorted({str(e["loc"][0]) for e in exc.errors() if e["loc"]}))
+        return _text(400, f"invalid query parameters: {fields} (dates are ISO 8601 with a UTC offset)")
+    found = ident.tickets(wiring.crm_gateway(wiring.clinic_config()), query)
+    metrics.add_metric(name="IdentTicketsServed", unit=MetricUnit.Count, value=len(found))
+    body = json.dumps([t.model_dump(mode="json", exclude_none=True) for t in found], ensure_ascii=False)
+    return Response(status_code=200, content_type=content_types.APPLICATION_JSON, body=body)
+
+
+@app.post("/ident/PostTimeTable")
+def ident_post_timetable() -> Response[Any]:
+    refusal = _ident_refusal()
+    if refusal is not None:
+        return refusal
+    try:
+        timetable = TimeTable.model_validate_json(_raw_body() or b"{}")
+    except ValidationError as exc:
+        where = sorted({".".join(str(p) for p in e["loc"][:2]) for e in exc.errors()})[:5]
+        return _text(400, f"timetable is not valid JSON of Doctors, Branches and Intervals: {', '.join(where)}")
+    counts = wiring.ident_directory().save(timetable, int(time.time()))
+    logger.info("IDENT timetable stored", extra=counts)
+    return _text(200, "OK")
+
+
+def _connector_refusal(body: bytes) -> Response[Any] | None:
+    if wiring.clinic_config().mis.kind != "ident":
+        return _text(404, "IDENT is not this clinic's MIS")
+    key = str(wiring.mis_credentials().get("connector_key", "")).encode()
+    event = app.current_event
+    refusal = verify_request(key, dict(event.headers), event.http_method, event.path, body, time.time())
+    if refusal is None and len(key) >= 32:
+        return None
+    metrics.add_metric(name="ConnectorCallsRefused", unit=MetricUnit.Count, value=1)
+    return _text(401, refusal.reason if refusal else "connector key is not configured for this clinic")
+
+
+@app.get("/ident/connector/settings")
+def ident_connector_settings() -> Response[Any]:
+    refusal = _connector_refusal(b"")
+    if refusal is not None:
+        return refusal
+    return _reply(200, ident.connector_settings(wiring.clinic_config()))
+
+
+@app.post("/ident/connector/batches")
+def ident_connector_batch() -> Response[Any]:
+    body = _raw_body()
+    refusal = _connector_refusal(body)
+    if refusal is not None:
+        return refusal
+    try:
+        batch = wiring.ident_inbox().accept(body)
+    except ident.BatchTooLarge as exc:
+        return _text(413, str(exc))
+    except ValidationError as exc:
+        where = sorted({".".join(str(p) for p in e["loc"][:3]) for e in exc.errors()})[:5]
+        return _text(400, f"not a valid change batch: {', '.join(where)}")
+    metrics.add_metric(name="ConnectorBatchesQueued", unit=MetricUnit.Count, value=1)
+    logger.info("connector batch queued", extra={"batch_id": batch.batch_id, "patients": len(batch.changes)})
+    return _reply(202, {"status": "queued", "batch_id": batch.batch_id, "patients": len(batch.changes)})
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True)

@@ -79,6 +79,12 @@ class MisConnection(Section):
     )
     page_size: int = Field(default=100, ge=1, le=500)
     overlap_seconds: int = Field(default=120, ge=0, description="Cursor feeds re-read this much history")
+    no_show_grace_minutes: int = Field(
+        default=120,
+        ge=0,
+        le=7 * 24 * 60,
+        description="IDENT: a booked visit with no reception this long after its end counts as a no-show",
+    )
 
 
 class Pipeline(Section):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from clinicsync.config import Pipeline
@@ -131,6 +132,24 @@ class WriteOutcome:
     failed: dict[str, str] = field(default_factory=dict)  # patient id -> reason (no PII)
 
 
+@dataclass(frozen=True)
+class OpenLead:
+    """A CRM lead that has no appointment yet, as an IDENT ticket shows it to the front desk.
+
+    It carries PII on purpose (IDENT needs it to book the visit); it is served, never logged or stored.
+    """
+
+    crm_id: str
+    created_at: datetime
+    phone: str | None = None
+    email: str | None = None
+    full_name: str | None = None
+    form_name: str | None = None
+    comment: str | None = None
+    utm: Mapping[str, str] = field(default_factory=dict)  # source, medium, campaign, term, content
+    referer: str | None = None
+
+
 class CrmGateway(Protocol):
     kind: str
     # True when a look-up by MIS id costs a request per id (amoCRM): the syncer then records create
@@ -168,6 +187,10 @@ class CrmGateway(Protocol):
 
     def integration_user(self) -> str:
         """The CRM user our writes are made as: a change by this user is an echo of our own write."""
+        ...
+
+    def open_leads(self, created_from: datetime, created_to: datetime, limit: int, offset: int) -> list[OpenLead]:
+        """Open leads (in an adoptable status, not ours) created in the window, oldest first, one page."""
         ...
 
 

@@ -24,6 +24,7 @@ from clinicsync.adapters.amocrm_oauth import lease_lock as amocrm_lease_lock
 from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer
 from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
 from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth, SecretsManagerTokenStore, lease_lock
+from clinicsync.adapters.ident import IdentSource
 from clinicsync.adapters.infoclinica import InfoClinicaApi, InfoClinicaSource
 from clinicsync.adapters.medods import MedodsApi, MedodsSource
 from clinicsync.adapters.renovatio import RenovatioApi, RenovatioSource
@@ -31,6 +32,7 @@ from clinicsync.budget import RequestPacer, SharedLeakyBucket
 from clinicsync.config import ClinicConfig, parse_clinic_config
 from clinicsync.crm_events import CrmCatchUp, CrmEventProcessor
 from clinicsync.crypto import KeyedHasher
+from clinicsync.ident import ConnectorInbox, IdentDirectory
 from clinicsync.ports import CrmGateway, MisSource
 from clinicsync.queue import SqsChangeQueue, SqsEventQueue
 from clinicsync.store import DynamoStore
@@ -54,6 +56,7 @@ class Settings(BaseModel):
     mis_secret_arn: str = Field(min_length=1)
     crm_secret_arn: str = Field(min_length=1)
     clinic_secret_arn: str = Field(min_length=1)
+    ident_inbox_queue_url: str = Field(min_length=1)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -114,7 +117,23 @@ def change_queue() -> SqsChangeQueue:
     return SqsChangeQueue(sqs(), settings().sync_queue_url)
 
 
+def mis_credentials() -> dict[str, Any]:
+    """IDENT's calls are checked against it: ``integration_key`` (IDENT) and ``connector_key`` (connector)."""
+    return secret(settings().mis_secret_arn)
+
+
+def ident_directory() -> IdentDirectory:
+    return IdentDirectory(dynamodb().Table(settings().table_name))
+
+
+def ident_inbox() -> ConnectorInbox:
+    return ConnectorInbox(sqs(), settings().ident_inbox_queue_url)
+
+
 def mis_source(config: ClinicConfig) -> MisSource:
+    if config.mis.kind == "ident":
+        # IDENT's connector pushes to us; nothing to call out with, only its inbox to read.
+        return IdentSource(sqs(), settings().ident_inbox_queue_url, enrich=ident_directory().enrich)
     creds = secret(settings().mis_secret_arn)
     if config.mis.kind == "medods":
         api = MedodsApi(config.mis.base_url, str(creds["identity_key"]), str(creds["secret"]), http=http_client())

@@ -14,6 +14,8 @@ No rule lives here: stages, funnels and adoption are decided by ``clinicsync.rul
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from clinicsync.adapters.amocrm import AmoCrmClient, AmoCrmError, AmoCrmOutcomeUnknown
@@ -26,17 +28,26 @@ from clinicsync.ports import (
     DealMatch,
     DealWrite,
     LeadWrite,
+    OpenLead,
     PhoneCandidates,
     PipelineMismatch,
     WriteOutcome,
 )
 
+UTM_CODES = ("SOURCE", "MEDIUM", "CAMPAIGN", "TERM", "CONTENT")  # amoCRM tracking fields UTM_<code>
 WON, LOST = "142", "143"  # the same in every pipeline
 BULK = 50  # amoCRM accepts up to 250 per write, recommends 50, and answers 504 to what it cannot handle
 PAGE = 250
 SCAN_OVERLAP = 120  # seconds before the earliest intent that the MIS-id scan starts from
 NATIVE = {"title": "name", "price": "price"}
 NOT_WRITTEN = {"full_name", "phone", "email", "mis_patient_id", "mis_appointment_id"}
+
+
+@dataclass(frozen=True)
+class _Person:
+    phone: str | None
+    email: str | None
+    full_name: str | None
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -252,6 +263,79 @@ class AmoCrmGateway:
     def _value(self, row: Mapping[str, Any], field_id: int | None) -> str:
         values = self._values(row, field_id=field_id) if field_id else []
         return values[0] if values else ""
+
+    # --- IDENT tickets -----------------------------------------------------------------------------
+
+    def open_leads(self, created_from: datetime, created_to: datetime, limit: int, offset: int) -> list[OpenLead]:
+        """Leads of the primary pipeline in an adoptable status created in the window and not ours, then
+        their main contacts (name, phone, e-mail) in one more request per 250."""
+        pipeline = self._config.pipeline(repeat=False).category_id
+        statuses = [
+            param
+            for n, status in enumerate(self._config.matching.adopt_deal_stages)
+            for param in (
+                (f"filter[statuses][{n}][pipeline_id]", pipeline),
+                (f"filter[statuses][{n}][status_id]", status),
+            )
+        ]
+        params: list[tuple[str, Any]] = [
+            ("filter[created_at][from]", int(created_from.timestamp())),
+            ("filter[created_at][to]", int(created_to.timestamp())),
+            *statuses,
+            ("order[created_at]", "asc"),
+            ("with", "contacts"),
+            ("limit", PAGE),
+        ]
+        rows: list[dict[str, Any]] = []
+        page = offset // PAGE + 1
+        skip = offset % PAGE
+        while len(rows) < skip + limit:
+            body = self._client.request("GET", "/api/v4/leads", params=[*params, ("page", page)])
+            rows += _embedded(body, "leads")
+            if "next" not in ((body or {}).get("_links") or {}):
+                break
+            page += 1
+        owned = self._field("mis_appointment_id")
+        leads = [r for r in rows[skip:] if not self._value(r, owned)][:limit]
+        contacts = self._ticket_contacts(leads)
+        out = []
+        for row in leads:
+            linked = _embedded(row, "contacts")
+            contact = contacts.get(str(linked[0]["id"])) if linked else None
+            out.append(
+                OpenLead(
+                    crm_id=str(row["id"]),
+                    created_at=datetime.fromtimestamp(int(row["created_at"]), UTC),
+                    phone=contact.phone if contact else None,
+                    email=contact.email if contact else None,
+                    full_name=contact.full_name if contact else None,
+                    form_name=self._first(row, "FORMNAME") or str(row.get("name") or "") or None,
+                    comment=None,
+                    utm={key.lower(): v for key in UTM_CODES if (v := self._first(row, f"UTM_{key}"))},
+                    referer=self._first(row, "REFERRER"),
+                )
+            )
+        return out
+
+    def _ticket_contacts(self, leads: Sequence[Mapping[str, Any]]) -> dict[str, _Person]:
+        ids = list(dict.fromkeys(str(c["id"]) for row in leads for c in _embedded(row, "contacts")[:1]))
+        region = self._config.matching.default_region
+        found: dict[str, _Person] = {}
+        for chunk in _chunks(ids, PAGE):
+            params = [("filter[id][]", contact_id) for contact_id in chunk] + [("limit", PAGE)]
+            for row in _embedded(self._client.request("GET", "/api/v4/contacts", params=params), "contacts"):
+                phones = [n for v in self._values(row, code="PHONE") if (n := normalise_phone(v, region))]
+                emails = [v.strip() for v in self._values(row, code="EMAIL") if v.strip()]
+                found[str(row["id"])] = _Person(
+                    phone=phones[0] if phones else None,
+                    email=emails[0] if emails else None,
+                    full_name=str(row.get("name") or "") or None,
+                )
+        return found
+
+    def _first(self, row: Mapping[str, Any], code: str) -> str | None:
+        values = self._values(row, code=code)
+        return values[0] if values else None
 
     # --- writes ------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from clinicsync.adapters.bitrix24 import BATCH_LIMIT, Bitrix24Client, Bitrix24Error, Bitrix24OutcomeUnknown
@@ -20,6 +21,7 @@ from clinicsync.ports import (
     DealMatch,
     DealWrite,
     LeadWrite,
+    OpenLead,
     PhoneCandidates,
     PipelineMismatch,
     WriteOutcome,
@@ -34,6 +36,11 @@ NATIVE_DEAL_FIELDS = {"title": "TITLE", "visit_at": "BEGINDATE", "price": "OPPOR
 NATIVE_CONTACT_FIELDS = {"birth_date": "BIRTHDATE"}
 NOT_WRITTEN = {"full_name", "phone", "email", "mis_patient_id", "mis_appointment_id"}  # handled explicitly
 
+UTM_FIELDS = ("UTM_SOURCE", "UTM_MEDIUM", "UTM_CAMPAIGN", "UTM_TERM", "UTM_CONTENT")
+TICKET_SELECT = [
+    "ID", "DATE_CREATE", "TITLE", "NAME", "LAST_NAME", "SECOND_NAME", "PHONE", "EMAIL", "COMMENTS",
+    "SOURCE_DESCRIPTION", *UTM_FIELDS,
+]  # fmt: skip
 SELECT = {
     "deal": [
         "ID",
@@ -309,6 +316,44 @@ class Bitrix24Gateway:
             value = row.get(self._custom("opt_outs")) or ""
             out["opt_outs"] = ",".join(value) if isinstance(value, list) else str(value)
         return out
+
+    # --- IDENT tickets -----------------------------------------------------------------------------
+
+    def open_leads(self, created_from: datetime, created_to: datetime, limit: int, offset: int) -> list[OpenLead]:
+        """One ``batch`` request: the window's pages of 50 from ``offset`` on, up to ``limit`` leads."""
+        params: dict[str, Any] = {
+            "filter": {
+                ">=DATE_CREATE": created_from.isoformat(),
+                "<=DATE_CREATE": created_to.isoformat(),
+                "@STATUS_ID": list(self._config.matching.adopt_lead_statuses),
+            },
+            "select": TICKET_SELECT,
+            "order": {"DATE_CREATE": "ASC", "ID": "ASC"},
+        }
+        pages = -(-limit // PAGE_SIZE)
+        commands = {f"t{n}": ("crm.lead.list", {**params, "start": offset + n * PAGE_SIZE}) for n in range(pages)}
+        results = self._run_reads(commands)
+        rows = [row for n in range(pages) for row in _rows(results.get(f"t{n}"))]
+        region = self._config.matching.default_region
+        leads: list[OpenLead] = []
+        for row in rows[:limit]:
+            phones = [normalise_phone(str(p.get("VALUE", "")), region) for p in row.get("PHONE") or []]
+            emails = [str(e.get("VALUE", "")).strip() for e in row.get("EMAIL") or []]
+            name = " ".join(str(row.get(k) or "").strip() for k in ("LAST_NAME", "NAME", "SECOND_NAME")).strip()
+            leads.append(
+                OpenLead(
+                    crm_id=str(row["ID"]),
+                    created_at=datetime.fromisoformat(str(row["DATE_CREATE"])),
+                    phone=next((p for p in phones if p), None),
+                    email=next((e for e in emails if e), None),
+                    full_name=name or None,
+                    # A CRM form's lead carries the form in SOURCE_DESCRIPTION; otherwise the lead's title.
+                    form_name=str(row.get("SOURCE_DESCRIPTION") or row.get("TITLE") or "") or None,
+                    comment=str(row.get("COMMENTS") or "") or None,
+                    utm={k.removeprefix("UTM_").lower(): str(row[k]) for k in UTM_FIELDS if row.get(k)},
+                )
+            )
+        return leads
 
     # --- writes ------------------------------------------------------------------------------------
 

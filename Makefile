@@ -40,8 +40,8 @@ venv: $(VENV)/.installed
 sam-venv: $(SAM_VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check layers functions sandbox tests
-	$(VENV)/bin/ruff format --check layers functions sandbox tests
+	$(VENV)/bin/ruff check layers functions sandbox tests connector
+	$(VENV)/bin/ruff format --check layers functions sandbox tests connector
 
 typecheck: venv
 	$(VENV)/bin/mypy --strict

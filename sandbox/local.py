@@ -4,12 +4,14 @@ stack in the local runtime. Used by ``make demo`` and the end-to-end tests."""
 from __future__ import annotations
 
 import secrets
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from clinicsync.config import ClinicConfig, parse_clinic_config
@@ -31,11 +33,12 @@ from sandbox.emulators.amocrm import (
 )
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
+from sandbox.emulators.ident import IdentEmulator, IdentHttpClient
 from sandbox.emulators.infoclinica import InfoClinicaEmulator, serve_tls
 from sandbox.emulators.medods import MedodsEmulator
 from sandbox.emulators.renovatio import RenovatioEmulator
 from sandbox.expect import ExpectedDeal, expected_deals, mismatches
-from sandbox.mis_views import InfoClinicaView, MedodsView, MisView, RenovatioView
+from sandbox.mis_views import IdentView, InfoClinicaView, MedodsView, MisView, RenovatioView
 from sandbox.runtime import ClinicStack, LocalAws
 from sandbox.seed import SampleClinic, build_sample_clinic
 from sandbox.tls import loopback_pki
@@ -65,6 +68,18 @@ class LocalClinic:
     owns_aws: bool = True
     bitrix: Bitrix24Emulator | None = None
     amocrm: AmoCrmEmulator | None = None
+    ident_connector: Any = None  # clinicsync_ident.runner.Connector, when the MIS is IDENT
+    ident_client: IdentHttpClient | None = None  # IDENT's own calls to the stack
+
+    @property
+    def ident(self) -> IdentEmulator:
+        assert isinstance(self.mis.emulator, IdentEmulator), "this clinic does not run IDENT"
+        return self.mis.emulator
+
+    def run_connector(self, resync_days: int | None = None) -> Any:
+        """The connector at the clinic: one run against the emulated IDENT database, pushing to our API."""
+        assert self.ident_connector is not None, "this clinic does not run IDENT"
+        return self.ident_connector.run_once(resync_days=resync_days)
 
     @property
     def medods(self) -> MedodsEmulator:
@@ -73,11 +88,16 @@ class LocalClinic:
         return self.mis.emulator
 
     def backfill(self, days: int = 90) -> RunSummary:
-        """A first import from scratch: the resync job over a long window, through the same path."""
+        """A first import from scratch: the resync job over a long window, through the same path.
+        IDENT's database is out of the cloud's reach: its connector re-sends the window instead."""
         before = self.crm.stats()
-        poll = self.stack.invoke(
-            "MisPollerFunction", {**self.stack.scheduled_event(name="DeepResync"), "window_days": days}
-        )
+        if self.ident_connector is not None:
+            self.run_connector(resync_days=days)
+            poll = self.stack.run_schedule(name="Poll")
+        else:
+            poll = self.stack.invoke(
+                "MisPollerFunction", {**self.stack.scheduled_event(name="DeepResync"), "window_days": days}
+            )
         drain = self.stack.drain_all()
         after = self.crm.stats()
         return RunSummary(
@@ -96,8 +116,11 @@ class LocalClinic:
         return self.sync(on_batch=on_batch, on_polled=on_polled)
 
     def sync(self, on_batch: Any = None, on_polled: Any = None) -> RunSummary:
-        """One scheduled poll, then the queues drained through the syncer, as on AWS."""
+        """One scheduled poll, then the queues drained through the syncer, as on AWS (with IDENT, the
+        connector at the clinic runs first and pushes what changed)."""
         before = self.crm.stats()
+        if self.ident_connector is not None:
+            self.run_connector()
         poll = self.stack.run_schedule(name="Poll")
         if on_polled is not None:
             on_polled(self.stack.queue_depth())
@@ -152,6 +175,8 @@ class LocalClinic:
         )
 
     def close(self) -> None:
+        if self.ident_connector is not None:
+            self.ident_connector.close()
         for server in self.servers:
             server.stop()
         if self.owns_aws:
@@ -233,17 +258,43 @@ def start_local_clinic(
     )
     api = stack.serve_http()
     portal.subscribe(api.base_url)
-    return LocalClinic(
+    config = parse_clinic_config(config_yaml)
+    clinic = LocalClinic(
         aws,
         stack,
-        parse_clinic_config(config_yaml),
+        config,
         sample,
         source.view,
         portal.view,
-        [source.server, portal.server, api],
+        [s for s in (source.server, portal.server, api) if s is not None],
         owns_aws,
         bitrix=portal.bitrix,
         amocrm=portal.amocrm,
+    )
+    if isinstance(source.view, IdentView):
+        clinic.ident_connector = _ident_connector(source.view.emulator, source.secret, api.base_url)
+        clinic.ident_client = IdentHttpClient(api.base_url, source.secret["integration_key"])
+    return clinic
+
+
+def _ident_connector(ident: IdentEmulator, secret: dict[str, Any], api_url: str) -> Any:
+    """The connector as a clinic installs it: its own state file, the database, the stack's URL and key."""
+    from clinicsync_ident.db import IdentDatabase
+    from clinicsync_ident.push import StackClient
+    from clinicsync_ident.runner import Connector
+    from clinicsync_ident.state import load_state, save_state
+
+    state_file = ident.path.with_name("ident-state.json")
+    database = IdentDatabase.connect("sqlite", str(ident.path))
+    stack = StackClient(api_url, secret["connector_key"].encode(), httpx.Client(timeout=30.0))
+    return Connector(
+        "sandbox-ident",
+        database,
+        stack,
+        load_state(state_file),
+        lambda state: save_state(state_file, state),
+        clock=ident.clock.now,
+        first_sync_days=120,
     )
 
 
@@ -286,6 +337,11 @@ def _mis(kind: str, sample: SampleClinic) -> _Source:
         return _Source(
             InfoClinicaView(infoclinica), server, f"{server.base_url}/api/xml", secret, {"mis.kind": "infoclinica"}
         )
+    if kind == "ident":
+        # No server: IDENT's data leaves the clinic through the connector, which pushes to our API.
+        ident = IdentEmulator(sample, Path(tempfile.mkdtemp(prefix="clinicsync-ident-")) / "ident.sqlite3")
+        secret = {"integration_key": secrets.token_urlsafe(24), "connector_key": secrets.token_urlsafe(48)}
+        return _Source(IdentView(ident), None, "connector", secret, {"mis.kind": "ident"})
     raise ValueError(f"no emulator for MIS {kind!r}")
 
 

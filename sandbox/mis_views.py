@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from sandbox.emulators.ident import IdentEmulator
 from sandbox.emulators.infoclinica import InfoClinicaEmulator
 from sandbox.emulators.medods import MedodsEmulator
 from sandbox.emulators.renovatio import RenovatioEmulator
@@ -159,6 +160,71 @@ class RenovatioView:
         """Renovatio has only a date window: visits outside the rolling window are never read."""
         today = self.emulator.at(0, "00:00").replace(tzinfo=None)
         return today - timedelta(days=self._past) <= start < today + timedelta(days=self._ahead + 1)
+
+
+class IdentView:
+    """IDENT states derived from the tables, independently of the connector: a reception row is a visit,
+    a cancel reason a cancellation, a booking past its end plus the grace period a no-show."""
+
+    kind = "ident"
+
+    def __init__(self, emulator: IdentEmulator, grace_minutes: int = 120) -> None:
+        self.emulator = emulator
+        self._grace = timedelta(minutes=grace_minutes)
+
+    def visits(self) -> list[Row]:
+        now = self.emulator.now_local()
+        rows = self.emulator.rows(
+            "SELECT sr.ID_Receptions AS id, sr.ID_Patients AS client_id, sr.PlanStart AS start, sr.Length AS length, "
+            "sr.ID_ReceptionCancelReasons AS cancel, r.ID AS visit FROM ScheduledReceptions sr "
+            "LEFT JOIN Receptions r ON r.ID = sr.ID_Receptions"
+        )
+        out = []
+        for row in rows:
+            start = datetime.fromisoformat(row["start"])
+            if row["visit"] is not None:
+                status = "visited"
+            elif row["cancel"] is not None:
+                status = "cancelled"
+            elif start + timedelta(minutes=row["length"]) + self._grace <= now:
+                status = "no_show"
+            else:
+                status = "scheduled"
+            out.append(
+                {"id": str(row["id"]), "client_id": str(row["client_id"]), "status": status, "start": start}
+                | {"anonymous": False}
+            )
+        walk_ins = self.emulator.rows(
+            "SELECT r.ID AS id, r.ID_Patients AS client_id, r.DateTimeChanged AS start FROM Receptions r "
+            "LEFT JOIN ScheduledReceptions sr ON sr.ID_Receptions = r.ID WHERE sr.ID_Receptions IS NULL"
+        )
+        out += [
+            {
+                "id": str(r["id"]),
+                "client_id": str(r["client_id"]),
+                "status": "visited",
+                "start": datetime.fromisoformat(r["start"]),
+                "anonymous": False,
+            }
+            for r in walk_ins
+        ]
+        return out
+
+    def clients(self) -> list[Row]:
+        rows = self.emulator.rows("SELECT ID_Patients AS id, Status AS status FROM Patients")
+        return [{"id": str(r["id"]), "refused_processing": False, "archived": r["status"] == 3} for r in rows]
+
+    def book(self, client_id: int, start: datetime, **details: Any) -> int:
+        return self.emulator.book(client_id, start)
+
+    def add_client(self, surname: str, phone: str) -> int:
+        return self.emulator.add_client(surname, phone)
+
+    def at(self, days: int, hh_mm: str) -> datetime:
+        return self.emulator.at(days, hh_mm)
+
+    def in_feed(self, start: datetime) -> bool:
+        return True
 
 
 # Front-desk actions every emulator offers under the same names.

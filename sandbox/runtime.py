@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "template.yaml"
 REGION = "eu-central-1"
 ACCOUNT = "123456789012"
-LOCAL_RESOURCES = ("Table", "SyncQueue", "SyncDLQ", "CrmEventQueue", "CrmEventDLQ")
+LOCAL_RESOURCES = ("Table", "SyncQueue", "SyncDLQ", "CrmEventQueue", "CrmEventDLQ", "IdentInboxQueue", "IdentInboxDLQ")
 _env_lock = threading.RLock()
 
 if str(ROOT / "layers" / "shared") not in sys.path:

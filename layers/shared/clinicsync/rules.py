@@ -12,7 +12,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from clinicsync.config import ClinicConfig, Pipeline
+from clinicsync.config import ClinicConfig, Filters, Pipeline
 from clinicsync.crypto import KeyedHasher
 from clinicsync.models import Appointment, AppointmentStatus, Channel, CrmObservation, Patient, PatientChanges
 from clinicsync.ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, LeadWrite, PhoneCandidates
@@ -34,15 +34,16 @@ class PatientPlan:
         return next((w for w in self.writes if isinstance(w, ContactWrite)), None)
 
 
-def patient_excluded(patient: Patient, config: ClinicConfig) -> str | None:
-    """Why a patient must not reach the CRM at all (152-FZ: refused processing), or None."""
-    if patient.refused_data_processing and config.filters.refused_processing == "skip":
+def patient_excluded(patient: Patient, filters: Filters) -> str | None:
+    """Why a patient must not reach the CRM at all (152-FZ: refused processing), or None.
+
+    The IDENT connector applies the same filters at the clinic, so excluded records never leave it."""
+    if patient.refused_data_processing and filters.refused_processing == "skip":
         return "refused_data_processing"
     return None
 
 
-def appointment_excluded(appointment: Appointment, config: ClinicConfig) -> str | None:
-    filters = config.filters
+def appointment_excluded(appointment: Appointment, filters: Filters) -> str | None:
     if appointment.anonymous and filters.skip_anonymous:
         return "anonymous"
     if filters.branches is not None and appointment.branch_id not in filters.branches:
@@ -216,7 +217,7 @@ def plan_patient(
 ) -> PatientPlan:
     patient = changes.patient
     plan = PatientPlan(patient_id=patient.mis_id)
-    excluded = patient_excluded(patient, config)
+    excluded = patient_excluded(patient, config.filters)
     if excluded:
         plan.skipped[patient.mis_id] = excluded
         return plan
@@ -270,7 +271,7 @@ def _plan_deal(
     ):
         next_state.first_visit_at = appointment.starts_at
 
-    reason = appointment_excluded(appointment, config)
+    reason = appointment_excluded(appointment, config.filters)
     if reason:
         plan.skipped[aid] = reason
         return

@@ -47,6 +47,14 @@ DEFAULT_STATUSES: Mapping[str, Mapping[str, S]] = {
         "canceled": S.CANCELLED,
         "refused": S.NO_SHOW,
     },
+    # IDENT has no status column: its connector derives these words from the tables (a booking, a cancel
+    # reason, a reception row, or a booking left past its end plus the clinic's grace period).
+    "ident": {
+        "scheduled": S.BOOKED,
+        "cancelled": S.CANCELLED,
+        "visited": S.COMPLETED,
+        "no_show": S.NO_SHOW,
+    },
 }
 
 

@@ -23,7 +23,7 @@ SELECT r.ID, r.ID_Patients FROM Receptions r WHERE r.DateTimeChanged >= ?
 
 # Bookings whose start passed in a window without a visit or a cancellation: candidates for no-show.
 DUE_BOOKINGS = """
-SELECT sr.ID_Receptions, sr.ID_Patients FROM ScheduledReceptions sr
+SELECT sr.ID_Receptions, sr.ID_Patients, sr.PlanStart, sr.Length FROM ScheduledReceptions sr
 LEFT JOIN Receptions r ON r.ID = sr.ID_Receptions
 WHERE sr.PlanStart >= ? AND sr.PlanStart < ? AND sr.ID_ReceptionCancelReasons IS NULL AND r.ID IS NULL
 """

@@ -320,7 +320,7 @@ class Bitrix24Gateway:
     # --- IDENT tickets -----------------------------------------------------------------------------
 
     def open_leads(self, created_from: datetime, created_to: datetime, limit: int, offset: int) -> list[OpenLead]:
-        """One ``batch`` request: the window's pages of 50 from ``offset`` on, up to ``limit`` leads."""
+        """One ``batch`` request (up to 11 pages of 50): the window's leads from ``offset``, ``limit`` of them."""
         params: dict[str, Any] = {
             "filter": {
                 ">=DATE_CREATE": created_from.isoformat(),
@@ -330,10 +330,13 @@ class Bitrix24Gateway:
             "select": TICKET_SELECT,
             "order": {"DATE_CREATE": "ASC", "ID": "ASC"},
         }
-        pages = -(-limit // PAGE_SIZE)
-        commands = {f"t{n}": ("crm.lead.list", {**params, "start": offset + n * PAGE_SIZE}) for n in range(pages)}
+        # Bitrix24 rounds ``start`` down to a multiple of 50: read from that page and skip the rest.
+        first = offset // PAGE_SIZE * PAGE_SIZE
+        skip = offset - first
+        pages = -(-(skip + limit) // PAGE_SIZE)
+        commands = {f"t{n}": ("crm.lead.list", {**params, "start": first + n * PAGE_SIZE}) for n in range(pages)}
         results = self._run_reads(commands)
-        rows = [row for n in range(pages) for row in _rows(results.get(f"t{n}"))]
+        rows = [row for n in range(pages) for row in _rows(results.get(f"t{n}"))][skip:]
         region = self._config.matching.default_region
         leads: list[OpenLead] = []
         for row in rows[:limit]:

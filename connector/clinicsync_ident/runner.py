@@ -129,14 +129,34 @@ class Connector:
                 patients.add(int(row["ID_Patients"]))
                 report.no_shows += 1
         sets = self._change_sets(patients, bookings, changed.receptions, clinic, now_local, report)
+        if resync_days is None:
+            sets = self._not_sent_yet(sets)
         for batch in self._batches(sets, now_local, report):
             self._stack.push(batch)
             report.batches += 1
+        self._remember(sets, int((now_local - self._overlap).replace(tzinfo=clinic.tz).timestamp()))
         self._state.changed_since = now_local
         self._state.no_show_checked_until = sweep_to
         self._state.batches_sent += report.batches
         self._save(self._state)
         return report
+
+    def _not_sent_yet(self, sets: Sequence[PatientChanges]) -> list[PatientChanges]:
+        """The overlap re-reads the last minutes before the cursor; what was sent then is not sent again."""
+        recent = self._state.recent
+        out = []
+        for item in sets:
+            visits = tuple(a for a in item.appointments if recent.get(f"A#{a.mis_id}") != a.version)
+            if visits or recent.get(f"P#{item.patient.mis_id}") != item.patient.version:
+                out.append(item.model_copy(update={"appointments": visits}))
+        return out
+
+    def _remember(self, sent: Sequence[PatientChanges], horizon: int) -> None:
+        recent = {k: v for k, v in self._state.recent.items() if v >= horizon}
+        for item in sent:
+            recent[f"P#{item.patient.mis_id}"] = item.patient.version
+            recent.update({f"A#{a.mis_id}": a.version for a in item.appointments})
+        self._state.recent = {k: v for k, v in recent.items() if v >= horizon}
 
     def _change_sets(
         self,

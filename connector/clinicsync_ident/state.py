@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ConnectorState(BaseModel):
@@ -19,6 +19,8 @@ class ConnectorState(BaseModel):
     changed_since: datetime | None = None  # clinic-local, as IDENT stores DateTimeChanged
     no_show_checked_until: datetime | None = None  # bookings due before this were swept
     settings: dict[str, Any] | None = None  # the stack's last answer, used when it is unreachable
+    # Versions sent inside the overlap window ("P#id"/"A#id" -> version): a re-read is not re-sent.
+    recent: dict[str, int] = Field(default_factory=dict)
     batches_sent: int = 0
 
 

@@ -1,0 +1,234 @@
+"""The IDENT connector on its own: its SQL against the SQLite stand-in of IDENT's schema, the derived
+statuses, the clinic's filters applied before anything leaves, the cursor across restarts and failures,
+batch sizes; plus IDENT's date parsing and the request signatures."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clinicsync.adapters.ident import MAX_BATCH_BYTES, ConnectorBatch, parse_ident_datetime
+from clinicsync.models import AppointmentStatus as S
+from clinicsync.models import PatientChanges
+from clinicsync.signing import sign_request, verify_request
+from clinicsync_ident.db import IdentDatabase
+from clinicsync_ident.push import StackUnavailable
+from clinicsync_ident.runner import Connector
+from clinicsync_ident.state import ConnectorState, load_state, save_state
+from sandbox.emulators.ident import IdentEmulator
+from sandbox.seed import CLINIC_TZ, build_sample_clinic
+
+SETTINGS: dict[str, Any] = {
+    "clinic_id": "test",
+    "timezone": "Europe/Moscow",
+    "default_region": "RU",
+    "no_show_grace_minutes": 60,
+    "filters": {"branches": None, "doctors": None, "refused_processing": "skip", "skip_anonymous": True},
+}
+
+
+class FakeStack:
+    """Stands in for the stack's two connector routes; can be taken down to test the cursor."""
+
+    def __init__(self, settings: dict[str, Any] | None = None) -> None:
+        self.settings_reply = settings or SETTINGS
+        self.batches: list[ConnectorBatch] = []
+        self.down = False
+        self.fail_after: int | None = None
+
+    def settings(self) -> dict[str, Any]:
+        if self.down:
+            raise StackUnavailable("down")
+        return self.settings_reply
+
+    def push(self, body: bytes) -> dict[str, Any]:
+        if self.down or (self.fail_after is not None and len(self.batches) >= self.fail_after):
+            raise StackUnavailable("down")
+        assert len(body) <= MAX_BATCH_BYTES
+        self.batches.append(ConnectorBatch.model_validate_json(body))
+        return {"status": "queued"}
+
+    def changes(self) -> dict[str, PatientChanges]:
+        return {c.patient.mis_id: c for b in self.batches for c in b.changes}
+
+    def visit(self, visit_id: int) -> Any:
+        return next(a for b in self.batches for c in b.changes for a in c.appointments if a.mis_id == str(visit_id))
+
+
+@pytest.fixture
+def ident(tmp_path: Path) -> IdentEmulator:
+    return IdentEmulator(build_sample_clinic(seed=3, patients=40, appointments=60), tmp_path / "ident.sqlite3")
+
+
+def _connector(ident: IdentEmulator, stack: FakeStack, state_file: Path, **kwargs: Any) -> Connector:
+    return Connector(
+        "test",
+        IdentDatabase.connect("sqlite", str(ident.path)),
+        stack,  # type: ignore[arg-type]
+        load_state(state_file),
+        lambda state: save_state(state_file, state),
+        clock=ident.clock.now,
+        **kwargs,
+    )
+
+
+# --- statuses ----------------------------------------------------------------------------------------
+
+
+def test_statuses_are_derived_from_the_tables(ident: IdentEmulator, tmp_path: Path) -> None:
+    stack = FakeStack()
+    connector = _connector(ident, stack, tmp_path / "state.json")
+    patient = ident.add_client("Лебедева", "89161112233")
+    booked = ident.book(patient, ident.at(2, "10:00"))
+    cancelled = ident.book(patient, ident.at(3, "10:00"))
+    visited = ident.book(patient, ident.at(4, "10:00"))
+    ident.cancel(cancelled)
+    ident.complete(visited)
+    past = ident.book(patient, (ident.now_local() - timedelta(hours=3)).replace(tzinfo=CLINIC_TZ))
+    connector.run_once()
+    assert stack.visit(booked).status is S.BOOKED
+    assert stack.visit(cancelled).status is S.CANCELLED
+    assert stack.visit(visited).status is S.COMPLETED
+    assert stack.visit(past).status is S.NO_SHOW  # 30 min visit + 60 min grace: long gone
+    sent = stack.changes()[str(patient)].patient
+    assert sent.phone == "+79161112233" and sent.last_name == "Лебедева"
+
+
+def test_no_show_sweep_sends_a_booking_once_when_it_becomes_due(ident: IdentEmulator, tmp_path: Path) -> None:
+    stack = FakeStack()
+    connector = _connector(ident, stack, tmp_path / "state.json")
+    patient = ident.add_client("Смирнова", "89160000001")
+    visit = ident.book(patient, (ident.now_local() + timedelta(minutes=30)).replace(tzinfo=CLINIC_TZ), length=30)
+    connector.run_once()
+    booked_version = stack.visit(visit).version
+    stack.batches.clear()
+    ident.clock.advance((30 + 30 + 60) * 60 - 1)  # one second before it is due
+    assert connector.run_once().no_shows == 0 and stack.batches == []
+    ident.clock.advance(2)
+    report = connector.run_once()
+    assert report.no_shows == 1
+    assert stack.visit(visit).status is S.NO_SHOW
+    assert stack.visit(visit).version > booked_version  # newer than the booking, so it wins in the store
+    stack.batches.clear()
+    assert connector.run_once().batches == 0  # never swept twice
+
+
+# --- filters, cursor, batches ---------------------------------------------------------------------------
+
+
+def test_clinic_filters_apply_before_anything_leaves(ident: IdentEmulator, tmp_path: Path) -> None:
+    settings = {**SETTINGS, "filters": {**SETTINGS["filters"], "doctors": ["11"]}}
+    stack = FakeStack(settings)
+    report = _connector(ident, stack, tmp_path / "state.json").run_once()
+    doctors = {a.doctor_id for c in stack.changes().values() for a in c.appointments}
+    assert doctors == {"11"}
+    assert report.excluded.get("doctor_filtered", 0) > 0
+
+
+def test_cursor_survives_a_restart_and_only_changes_are_sent_again(ident: IdentEmulator, tmp_path: Path) -> None:
+    state_file = tmp_path / "state.json"
+    first = FakeStack()
+    _connector(ident, first, state_file).run_once()
+    assert len(first.changes()) > 10
+    ident.clock.advance(600)
+    restarted = FakeStack()
+    connector = _connector(ident, restarted, state_file)  # a new process reading the same state file
+    assert connector.run_once().batches == 0
+    patient = int(next(iter(first.changes())))
+    ident.clock.advance(60)
+    ident.edit_phone(patient, "+7 999 000-11-22")
+    connector.run_once()
+    assert set(restarted.changes()) == {str(patient)}
+    assert restarted.changes()[str(patient)].patient.phone == "+79990001122"
+    saved = json.loads(state_file.read_text(encoding="utf-8"))
+    assert saved["changed_since"] == ident.now_local().isoformat()
+
+
+def test_a_failed_push_keeps_the_cursor_and_the_next_run_resends(ident: IdentEmulator, tmp_path: Path) -> None:
+    state_file = tmp_path / "state.json"
+    stack = FakeStack()
+    stack.fail_after = 1  # the first batch lands, the second does not
+    connector = _connector(ident, stack, state_file, patients_per_batch=5)
+    with pytest.raises(StackUnavailable):
+        connector.run_once()
+    assert load_state(state_file).changed_since is None  # nothing moved
+    stack.fail_after = None
+    connector = _connector(ident, stack, state_file, patients_per_batch=5)
+    connector.run_once()
+    assert load_state(state_file).changed_since is not None
+    ids = [c.patient.mis_id for b in stack.batches[1:] for c in b.changes]
+    assert len(ids) == len(set(ids))  # the retry run sent everything once
+    assert all(len(b.changes) <= 5 for b in stack.batches)
+
+
+def test_without_the_clinics_settings_nothing_is_sent(ident: IdentEmulator, tmp_path: Path) -> None:
+    stack = FakeStack()
+    stack.down = True
+    with pytest.raises(StackUnavailable):
+        _connector(ident, stack, tmp_path / "state.json").run_once()
+    assert stack.batches == []
+
+
+def test_cached_settings_are_used_while_the_stack_is_unreachable(ident: IdentEmulator, tmp_path: Path) -> None:
+    state_file = tmp_path / "state.json"
+    save_state(state_file, ConnectorState(settings=SETTINGS))
+    stack = FakeStack()
+    stack.settings_reply = {}  # would fail if asked
+    stack.down = True
+    connector = _connector(ident, stack, state_file)
+    with pytest.raises(StackUnavailable):  # settings come from the cache, then the push fails
+        connector.run_once()
+    assert load_state(state_file).changed_since is None
+
+
+def test_deleted_patients_are_sent_as_archived(ident: IdentEmulator, tmp_path: Path) -> None:
+    stack = FakeStack()
+    patient = ident.add_client("Удалова", "89160000077")
+    ident.book(patient, ident.at(2, "12:00"))
+    with ident._connect() as db:  # IDENT marks a deleted card with Status = 3
+        db.execute("UPDATE Patients SET Status = 3 WHERE ID_Patients = ?", (patient,))
+    _connector(ident, stack, tmp_path / "state.json").run_once()
+    assert stack.changes()[str(patient)].patient.archived
+
+
+# --- IDENT's dates and our signatures ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("2026-11-23T10:00:00+03:00", "2026-11-23T10:00:00+03:00"),
+        ("2026-11-23T10:00:00+0300", "2026-11-23T10:00:00+03:00"),
+        ("2026-11-23T10:00:00 03:00", "2026-11-23T10:00:00+03:00"),  # '+' decoded to a space
+        ("2026-11-23T07:00:00Z", "2026-11-23T07:00:00+00:00"),
+        ("2026-11-23T10:00+03:00", "2026-11-23T10:00:00+03:00"),
+        ("2026-11-23T10:00:00.1234567-05:00", "2026-11-23T10:00:00.123456-05:00"),
+        ("2026-11-23 10:00:00+03:00", "2026-11-23T10:00:00+03:00"),
+    ],
+)
+def test_ident_datetimes(raw: str, expected: str) -> None:
+    assert parse_ident_datetime(raw) == datetime.fromisoformat(expected)
+
+
+@pytest.mark.parametrize(
+    "raw", ["2026-11-23T10:00:00", "2026-11-23", "tomorrow", "2026-02-30T10:00:00+03:00", "9" * 100, ""]
+)
+def test_ident_datetimes_without_offset_or_invalid_are_refused(raw: str) -> None:
+    with pytest.raises(ValueError):
+        parse_ident_datetime(raw)
+
+
+def test_signature_binds_time_method_path_and_body() -> None:
+    key = b"k" * 48
+    headers = sign_request(key, 1_000_000, "POST", "/ident/connector/batches", b"{}")
+    assert verify_request(key, headers, "POST", "/ident/connector/batches", b"{}", 1_000_100) is None
+    assert verify_request(key, headers, "POST", "/ident/connector/batches", b"{ }", 1_000_100) is not None
+    assert verify_request(key, headers, "GET", "/ident/connector/batches", b"{}", 1_000_100) is not None
+    assert verify_request(key, headers, "POST", "/ident/connector/settings", b"{}", 1_000_100) is not None
+    assert verify_request(b"x" * 48, headers, "POST", "/ident/connector/batches", b"{}", 1_000_100) is not None
+    late = verify_request(key, headers, "POST", "/ident/connector/batches", b"{}", 1_000_000 + 301)
+    assert late is not None and late.status == 401 and "window" in late.reason

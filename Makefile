@@ -15,11 +15,12 @@ SAM := $(SAM_VENV)/bin/sam
 MIS ?= medods
 CRM ?= bitrix24
 
-.PHONY: help venv sam-venv lint typecheck pytest validate build test demo schema clean check-python
+.PHONY: help venv sam-venv lint typecheck pytest validate build test demo schema clean check-python connector
 
 help:
 	@echo "make demo   - local runtime against the emulators (MIS=$(MIS) CRM=$(CRM))"
 	@echo "make test   - ruff, mypy --strict, pytest, sam validate --lint, sam build"
+	@echo "make connector - build the IDENT connector wheel for clinics (dist/connector/) and smoke-test it"
 
 check-python:
 	@test -n "$(PY313)" || { echo "python3.13 not found on PATH or under $(PYENV_DIR)/versions" >&2; exit 1; }
@@ -67,5 +68,16 @@ schema: venv
 	$(PY) -c 'import json, sandbox; from clinicsync.config import clinic_config_json_schema as s; \
 		print(json.dumps(s(), indent=2, ensure_ascii=False))' > docs/clinic-config.schema.json
 
+# The IDENT connector wheel (it carries the clinicsync package), installed into a throwaway venv with
+# only its declared dependencies and started once, so a missing dependency shows up here, not at a clinic.
+connector: venv
+	rm -rf dist/connector .connector-smoke
+	$(PY) -m pip wheel -q --no-deps -w dist/connector ./connector
+	$(PY313) -m venv .connector-smoke
+	.connector-smoke/bin/pip install -q dist/connector/*.whl
+	.connector-smoke/bin/clinicsync-ident --help >/dev/null
+	rm -rf .connector-smoke
+	@echo "built $$(ls dist/connector/*.whl)"
+
 clean:
-	rm -rf .aws-sam .demo
+	rm -rf .aws-sam .demo dist .connector-smoke

@@ -385,3 +385,36 @@ def test_connector_command_runs_once_from_its_config_file(bitrix_clinic: LocalCl
     assert _inbox_depth(clinic) >= 1
     for pii in ("Белова", "+7", "@"):
         assert pii not in ran.output
+
+
+# --- the sample events in events/ -------------------------------------------------------------------
+
+
+def _sample(name: str) -> dict[str, Any]:
+    return dict(json.loads((Path(__file__).resolve().parent.parent / "events" / f"{name}.json").read_text("utf-8")))
+
+
+def test_sample_events_are_refused_with_foreign_keys_and_served_with_the_clinics_own(
+    bitrix_clinic: LocalClinic,
+) -> None:
+    clinic = bitrix_clinic
+    tickets, timetable = _sample("crm_webhook_ident_get_tickets"), _sample("crm_webhook_ident_post_timetable")
+    batch = _sample("crm_webhook_ident_connector_batch")
+    assert clinic.stack.invoke("CrmWebhookFunction", tickets)["statusCode"] == 403  # the sample's key is not ours
+    assert clinic.stack.invoke("CrmWebhookFunction", timetable)["statusCode"] == 403
+    stale = clinic.stack.invoke("CrmWebhookFunction", batch)
+    assert stale["statusCode"] == 401 and _inbox_depth(clinic) == 0
+
+    for event in (tickets, timetable):
+        event["headers"]["ident-integration-key"] = _key(clinic)
+    served = clinic.stack.invoke("CrmWebhookFunction", tickets)
+    assert served["statusCode"] == 200 and isinstance(json.loads(served["body"]), list)
+    stored = clinic.stack.invoke("CrmWebhookFunction", timetable)
+    assert (stored["statusCode"], stored["body"]) == (200, "OK")
+    key = str(_mis_secret(clinic)["connector_key"]).encode()
+    batch["headers"] |= {
+        k.lower(): v
+        for k, v in sign_request(key, int(time.time()), "POST", batch["rawPath"], batch["body"].encode()).items()
+    }
+    queued = clinic.stack.invoke("CrmWebhookFunction", batch)
+    assert queued["statusCode"] == 202 and _inbox_depth(clinic) == 1

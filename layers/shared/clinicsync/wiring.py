@@ -24,7 +24,7 @@ from clinicsync.adapters.amocrm_oauth import lease_lock as amocrm_lease_lock
 from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer
 from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
 from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth, SecretsManagerTokenStore, lease_lock
-from clinicsync.adapters.ident import IdentSource
+from clinicsync.adapters.ident_source import IdentSource
 from clinicsync.adapters.infoclinica import InfoClinicaApi, InfoClinicaSource
 from clinicsync.adapters.medods import MedodsApi, MedodsSource
 from clinicsync.adapters.renovatio import RenovatioApi, RenovatioSource

@@ -4,7 +4,8 @@ IDENT exports no appointments over HTTP. It is the HTTP *client*: it pulls ticke
 appointment) from us with ``GET /GetTickets`` and pushes its timetable with ``POST /PostTimeTable``,
 sending the ``IDENT-Integration-Key`` header. Appointments reach us from a connector at the clinic that
 reads IDENT's SQL Server tables and pushes signed batches of canonical change sets; the receiver puts
-each batch on the IDENT inbox queue, and :class:`IdentSource` (the poller's ``MisSource``) reads it.
+each batch on the IDENT inbox queue, and ``ident_source.IdentSource`` (the poller's ``MisSource``) reads
+it. This module is the wire contract only (pydantic, no AWS), so the connector at the clinic shares it.
 
 Shapes follow the public servers that implement IDENT's contract (``../shared/reference`` §1.1):
 tickets ``Id, DateAndTime, ClientPhone, ClientEmail, ClientFullName, FormName, Comment, PlanStart,
@@ -15,19 +16,13 @@ BranchId, StartDateTime, LengthInMinutes, IsBusy}]``.
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
 from clinicsync.models import PatientChanges
-from clinicsync.observability import logger
-from clinicsync.ports import ChangePage, Cursor
-
-if TYPE_CHECKING:
-    from mypy_boto3_sqs.client import SQSClient
 
 KEY_HEADER = "IDENT-Integration-Key"
 MAX_TICKETS_PER_CALL = 500  # IDENT asks for 500; public servers cap at 500-1000
@@ -146,80 +141,6 @@ class ConnectorBatch(BaseModel):
 
 
 MAX_BATCH_BYTES = 240_000  # one SQS message (256 KiB) with room for attributes
-
-
-class IdentSource:
-    """The poller's ``MisSource`` for IDENT: drains the inbox queue the receiver fills.
-
-    Messages are deleted only in :meth:`acknowledge`, after their changes are on the sync queue; a
-    poll that dies before that leaves them to reappear when their visibility timeout ends.
-    """
-
-    kind = "ident"
-
-    def __init__(
-        self,
-        sqs: SQSClient,
-        queue_url: str,
-        enrich: Callable[[Sequence[PatientChanges]], Sequence[PatientChanges]] | None = None,
-        max_patients: int = 500,
-        visibility_seconds: int = 300,
-    ) -> None:
-        self._sqs = sqs
-        self._queue_url = queue_url
-        self._enrich = enrich
-        self._max_patients = max_patients
-        self._visibility = visibility_seconds
-        self._unacknowledged: list[str] = []
-
-    def fetch_changes(self, cursor: Cursor | None) -> ChangePage:
-        if cursor and cursor.get("resync"):
-            # A resync cannot reach a database inside the clinic's LAN: the connector re-sends a window
-            # itself (``clinicsync-ident run --resync-days N``), which arrives here as ordinary batches.
-            return ChangePage(changes=(), cursor=dict(cursor), more=False)
-        changes: list[PatientChanges] = []
-        rejected = 0
-        batches = 0
-        drained = False
-        while len(changes) < self._max_patients:
-            reply = self._sqs.receive_message(
-                QueueUrl=self._queue_url,
-                MaxNumberOfMessages=10,
-                VisibilityTimeout=self._visibility,
-                WaitTimeSeconds=0,
-            )
-            messages = reply.get("Messages", [])
-            if not messages:
-                drained = True
-                break
-            for message in messages:
-                self._unacknowledged.append(message["ReceiptHandle"])
-                try:
-                    batch = ConnectorBatch.model_validate_json(message.get("Body", ""))
-                except ValidationError:
-                    # The receiver validated it; a bad message here is a bug. Count it, never guess.
-                    rejected += 1
-                    logger.error("inbox message is not a connector batch", extra={"message_id": message["MessageId"]})
-                    continue
-                batches += 1
-                rejected += batch.rejected
-                changes.extend(batch.changes)
-        if self._enrich is not None and changes:
-            changes = list(self._enrich(changes))
-        position = {"batches_read": int((cursor or {}).get("batches_read", 0)) + batches, "at": int(time.time())}
-        return ChangePage(changes=tuple(changes), cursor=position, more=not drained, rejected=rejected)
-
-    def resync_cursor(self, window_seconds: int, now: float) -> Cursor:
-        return {"resync": True, "window_seconds": window_seconds, "requested_at": int(now)}
-
-    def acknowledge(self, page: ChangePage) -> None:  # noqa: ARG002 - the handles of every page read so far
-        handles, self._unacknowledged = self._unacknowledged, []
-        for start in range(0, len(handles), 10):
-            entries = [{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(handles[start : start + 10])]
-            reply = self._sqs.delete_message_batch(QueueUrl=self._queue_url, Entries=entries)  # type: ignore[arg-type]
-            if reply.get("Failed"):
-                # Not fatal: an undeleted batch comes back and is re-applied, which changes nothing.
-                logger.warning("some inbox messages were not deleted", extra={"failed": len(reply["Failed"])})
 
 
 def directory_names(items: Sequence[NamedItem]) -> dict[str, str]:

@@ -21,7 +21,12 @@ if TYPE_CHECKING:  # imported lazily at run time: Powertools reads its env vars 
 app = typer.Typer(add_completion=False, help=__doc__)
 console = Console()
 LOG_DIR = Path(".demo")
-MIS_NAMES = {"medods": "MEDODS", "infoclinica": "InfoClinica", "renovatio": "Renovatio", "ident": "IDENT (via its connector)"}
+MIS_NAMES = {
+    "medods": "MEDODS",
+    "infoclinica": "InfoClinica",
+    "renovatio": "Renovatio",
+    "ident": "IDENT (via its connector)",
+}
 CRM_NAMES = {"bitrix24": "Bitrix24", "amocrm": "amoCRM"}
 _LOG_SINK: list[TextIO] = []
 

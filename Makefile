@@ -41,8 +41,8 @@ venv: $(VENV)/.installed
 sam-venv: $(SAM_VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check layers functions sandbox tests connector
-	$(VENV)/bin/ruff format --check layers functions sandbox tests connector
+	$(VENV)/bin/ruff check layers functions sandbox tests connector cli
+	$(VENV)/bin/ruff format --check layers functions sandbox tests connector cli
 
 typecheck: venv
 	$(VENV)/bin/mypy --strict

@@ -5,6 +5,6 @@ import sys
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
-for _path in (str(_ROOT / "layers" / "shared"), str(_ROOT / "connector")):
+for _path in (str(_ROOT / "layers" / "shared"), str(_ROOT / "connector"), str(_ROOT / "cli")):
     if _path not in sys.path:
         sys.path.insert(0, _path)

@@ -29,6 +29,7 @@ class CrmView(Protocol):
     def deals(self) -> dict[str, Deal]: ...  # by MIS appointment id (ORIGIN)
     def contacts(self) -> dict[str, dict[str, Any]]: ...  # by CRM id
     def contacts_by_origin(self) -> Counter[str]: ...
+    def deals_by_origin(self) -> Counter[str]: ...  # raw count per MIS appointment id: >1 is a duplicate
     def stats(self) -> dict[str, int]: ...
     def won_stage(self, category: str) -> str: ...
     def manager_move(self, deal_id: str, stage: str) -> None: ...
@@ -81,6 +82,9 @@ class Bitrix24View:
 
     def contacts_by_origin(self) -> Counter[str]:
         return Counter(c["origin"] for c in self.contacts().values() if c["origin"])
+
+    def deals_by_origin(self) -> Counter[str]:
+        return Counter(str(d["ORIGIN_ID"]) for d in self.emu.deals.values() if d.get("ORIGIN_ID"))
 
     def stats(self) -> dict[str, int]:
         s = self.emu.stats()
@@ -189,6 +193,10 @@ class AmoCrmView:
 
     def contacts_by_origin(self) -> Counter[str]:
         return Counter(c["origin"] for c in self.contacts().values() if c["origin"])
+
+    def deals_by_origin(self) -> Counter[str]:
+        origins = (self._cf(lead, "mis_appointment_id") for lead in self.emu.leads.values())
+        return Counter(str(o) for o in origins if o)
 
     def stats(self) -> dict[str, int]:
         s = self.emu.stats()

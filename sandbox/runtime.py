@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +45,11 @@ _env_lock = threading.RLock()
 
 if str(ROOT / "layers" / "shared") not in sys.path:
     sys.path.insert(0, str(ROOT / "layers" / "shared"))
+
+
+class InvocationCrash(BaseException):
+    """The function's process died mid-invocation (chaos runs raise it from inside a handler). A
+    BaseException, so no ``except Exception`` in the handler or in Powertools can swallow it."""
 
 
 class LocalAws:
@@ -164,6 +169,7 @@ class ClinicStack:
             "CrmSecretArn": arns["crm"],
             "ClinicSecretArn": arns["clinic"],
         }
+        self.redeliver: Callable[[], bool] | None = None  # chaos: skip a delete after success
         self.physical = self._create_resources()
         self.queue_url = self.physical["SyncQueue"]
         self.dlq_url = self.physical["SyncDLQ"]
@@ -317,10 +323,12 @@ class ClinicStack:
             try:
                 response = self.invoke(function_id, self._sqs_event(queue_url, received))
                 failed = {f["itemIdentifier"] for f in (response or {}).get("batchItemFailures", [])}
-            except Exception:
+            except (Exception, InvocationCrash):
                 failed = {m["MessageId"] for m in received}
             for message in received:
-                if message["MessageId"] in failed:
+                # A delete that never happened (chaos): SQS delivers the message again.
+                redelivered = self.redeliver is not None and self.redeliver()
+                if message["MessageId"] in failed or redelivered:
                     sqs.change_message_visibility(
                         QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
                     )

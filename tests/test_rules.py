@@ -122,6 +122,29 @@ def test_reschedule_keeps_the_deal_and_moves_the_date() -> None:
     assert deal.fields["visit_at"].startswith((T0 + days(2)).date().isoformat())
 
 
+def test_a_rescheduled_visit_stays_rescheduled_until_the_mis_confirms_it() -> None:
+    # Found by the chaos run: a confirmation after a reschedule was held at "rescheduled" for good.
+    state = PatientState(patient_id="p1", contact_id="10", version=1)
+    state = plan(PatientChanges(patient=patient(), appointments=(appointment(),)), state).next_state
+    assert state is not None
+    state.appointments["a1"].deal_id = "20"
+    moved = plan(PatientChanges(patient=patient(), appointments=(appointment(start=T0 + days(2), version=2),)), state)
+    assert moved.next_state is not None
+    again = plan(
+        PatientChanges(patient=patient(), appointments=(appointment(start=T0 + days(2), version=3),)),
+        moved.next_state,
+    )
+    assert again.next_state is None or again.next_state.appointments["a1"].status is S.RESCHEDULED
+    confirmed = plan(
+        PatientChanges(
+            patient=patient(), appointments=(appointment(start=T0 + days(2), status=S.CONFIRMED, version=4),)
+        ),
+        moved.next_state,
+    )
+    [deal] = deals(confirmed)
+    assert deal.stage == "PREPAYMENT_INVOICE" and deal.fields["status"] == "confirmed"
+
+
 def test_repeat_visit_after_a_completed_one_goes_to_the_repeat_funnel() -> None:
     visits = (
         appointment("a1", status=S.COMPLETED, start=T0 - days(30)),

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -24,6 +25,7 @@ from pydantic import ValidationError
 
 from clinicsync import wiring
 from clinicsync.crm_events import EventReport
+from clinicsync.failures import describe
 from clinicsync.models import CrmEvent, SyncMessage
 from clinicsync.observability import logger, metrics, tracer
 
@@ -41,10 +43,22 @@ sync_processor = SqsFifoPartialProcessor(model=SyncRecord, skip_group_on_error=T
 event_processor = BatchProcessor(event_type=EventType.SQS, model=CrmEventRecord)
 
 
+def _remember_failure(queue: str, message_id: str, error: Exception) -> None:
+    """Keep why it failed under the message id: if it ends in the DLQ, `clinicsync dlq list` shows it."""
+    try:
+        wiring.failure_log().record(queue, message_id, describe(error), int(time.time()))
+    except Exception:  # never let the bookkeeping hide the real failure
+        logger.exception("could not record a failure reason", extra={"message_id": message_id})
+
+
 @tracer.capture_method(capture_response=False)
 def sync_record(record: SyncRecord) -> None:
     message = record.body
-    report = wiring.syncer().sync(message.changes, message.observations)
+    try:
+        report = wiring.syncer().sync(message.changes, message.observations)
+    except Exception as exc:
+        _remember_failure("sync", record.messageId, exc)
+        raise
     metrics.add_metric(
         name="ContactsWritten", unit=MetricUnit.Count, value=report.contacts_created + report.contacts_updated
     )
@@ -75,7 +89,11 @@ def _crm_events(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]
     report = EventReport()
 
     def handle(record: CrmEventRecord) -> None:
-        processor.handle(record.body, report)
+        try:
+            processor.handle(record.body, report)
+        except Exception as exc:
+            _remember_failure("crm-events", record.messageId, exc)
+            raise
 
     response = process_partial_response(event=event, record_handler=handle, processor=event_processor, context=context)
     processor.flush(report)

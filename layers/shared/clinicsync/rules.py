@@ -146,8 +146,10 @@ def effective_status(appointment: Appointment, known: AppointmentState) -> Appoi
     moved = known.starts_at is not None and known.starts_at != appointment.starts_at
     if appointment.status in ACTIVE_STATUSES and moved:
         return AppointmentStatus.RESCHEDULED
-    if appointment.status in ACTIVE_STATUSES and known.status is AppointmentStatus.RESCHEDULED and not moved:
-        return AppointmentStatus.RESCHEDULED  # stays rescheduled until the visit moves on
+    if appointment.status is AppointmentStatus.BOOKED and known.status is AppointmentStatus.RESCHEDULED and not moved:
+        # Stays rescheduled while the MIS only says "booked" again; a confirmation moves it on, as does
+        # any later status (the dental case: "so does confirmation of attendance").
+        return AppointmentStatus.RESCHEDULED
     return appointment.status
 
 

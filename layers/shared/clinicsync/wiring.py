@@ -32,6 +32,7 @@ from clinicsync.budget import RequestPacer, SharedLeakyBucket
 from clinicsync.config import ClinicConfig, parse_clinic_config
 from clinicsync.crm_events import CrmCatchUp, CrmEventProcessor
 from clinicsync.crypto import KeyedHasher
+from clinicsync.failures import FailureLog
 from clinicsync.ident import ConnectorInbox, IdentDirectory
 from clinicsync.ports import CrmGateway, MisSource
 from clinicsync.queue import SqsChangeQueue, SqsEventQueue
@@ -111,6 +112,10 @@ def hasher() -> KeyedHasher:
 
 def store() -> DynamoStore:
     return DynamoStore(dynamodb().Table(settings().table_name))
+
+
+def failure_log() -> FailureLog:
+    return FailureLog(dynamodb().Table(settings().table_name))
 
 
 def change_queue() -> SqsChangeQueue:

@@ -1,11 +1,15 @@
 """MEDODS API v2 as a ``MisSource``: an updated-since cursor feed with offset paging and HS512 JWTs.
 
 Offset paging over a set that changes while we read it can skip or repeat rows, so every poll
-re-reads ``overlap_seconds`` of history and drops the (id, updatedAt) pairs it has already sent.
+re-reads ``overlap_seconds`` of history and drops the rows it has already sent. A row counts as sent
+when its id, ``updatedAt`` and content all match: ``updatedAt`` has one-second resolution, and two
+edits in the same second must not look like one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal, InvalidOperation
@@ -25,6 +29,17 @@ from clinicsync.statuses import UnknownStatus, canonical_status
 
 JWT_LIFETIME = 60
 JWT_BACKDATE = 10  # MIS clocks drift; an iat slightly in the past is accepted, one in the future is not
+
+
+def _sent_marker(updated_at: int, row: Any) -> str:
+    """``updatedAt`` plus a short digest of the row: not reversible to the row, and it changes with it."""
+    digest = hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{updated_at}:{digest}"
+
+
+def _marker_time(marker: str) -> int:
+    head = marker.split(":", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 class MedodsClient(BaseModel):
@@ -143,7 +158,7 @@ class MedodsSource:
     def fetch_changes(self, cursor: Cursor | None) -> ChangePage:
         # Each feed keeps its own watermark, so a capped read of one never skips rows of the other.
         state = dict(cursor or {})
-        seen: dict[str, int] = {k: int(v) for k, v in dict(state.get("seen", {})).items()}
+        seen: dict[str, str] = {k: str(v) for k, v in dict(state.get("seen", {})).items()}
         marks: dict[str, int] = {kind: int(state.get(kind, 0)) for kind in ("appointments", "clients")}
         overlap = self._config.mis.overlap_seconds
         limit = self._config.mis.page_size
@@ -167,9 +182,10 @@ class MedodsSource:
                         rejected += 1
                         continue
                     key = f"{kind[0]}{record.id}"
-                    if seen.get(key) == record.updatedAt:
+                    marker = _sent_marker(record.updatedAt, row)
+                    if seen.get(key) == marker:
                         continue  # already sent by an earlier, overlapping read
-                    seen[key] = record.updatedAt
+                    seen[key] = marker
                     marks[kind] = max(marks[kind], record.updatedAt)
                     if isinstance(record, MedodsAppointment):
                         appointments.append(record)
@@ -198,7 +214,7 @@ class MedodsSource:
             for pid, client in clients.items()
         ]
         floor = min(marks.values()) - overlap
-        new_cursor = {**marks, "seen": {k: v for k, v in seen.items() if v >= floor}}
+        new_cursor = {**marks, "seen": {k: v for k, v in seen.items() if _marker_time(v) >= floor}}
         return ChangePage(changes=changes, cursor=new_cursor, more=more, rejected=rejected)
 
     def _patient(self, raw: MedodsClient) -> Patient:

@@ -1,0 +1,3 @@
+from clinicsync_cli.app import app
+
+app(prog_name="clinicsync")

@@ -289,6 +289,10 @@ class ConsentOutputs:
         patients = {s: pid for s in subjects if (pid := subject_patient(s))}
         states = self._store.load_patients({pid: [] for pid in patients.values()}) if patients else {}
         contacts = {s: states[pid].contact_id for s, pid in patients.items() if states[pid].contact_id}
+        for s, pid in patients.items():
+            state = states[pid]  # who the subject is, for the audit: ids and keyed hashes only
+            keys = {"mis_id": pid, "crm_contact_id": state.contact_id}
+            self._store.note_identity(s, keys | {"phone_key": state.phone_key, "email_key": state.email_key})
         self._crm(subjects, ledger, done, digests, contacts, report)
         self._mis_flags(patients, ledger, done, digests, report)
         emails = {s: [e for j in js for e in j.emails] for s, js in by_subject.items()}

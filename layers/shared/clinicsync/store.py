@@ -11,8 +11,11 @@ Key design (documented in docs/storage.md):
     LEASE                   <name>                single-runner lease (overlapping scheduled polls)
     INTENT#<P|A>#<id>       I                     a create about to be sent (lost-response recovery)
     PHONE#<hmac>            PAT#<patient id>      phone index (keyed HMAC, never the number)
-    CONSENT#<subject>       CH#<channel>          current opt-out per channel (sticky)
-    CONSENT#<subject>       AUDIT#<ts>#<channel>  audit trail, expires via TTL
+    CONSENT#<subject>       CH#<channel>          current state per channel: opted_out, source, at (sticky)
+    CONSENT#<subject>       AUDIT#<ts>#<ch>#<ev>  audit trail (event, source, detail), expires via TTL
+    CONSENT#<subject>       ID                    keyed hashes and system ids the subject is known by
+    CONSENT#<subject>       OUT                   per output (crm, mis, mailchimp): the ledger digest it reached
+    EMAIL#<hmac>            SUBJ#<subject>        e-mail index: a Mailchimp event's address -> the subject
 
 One query on ``PAT#<id>`` returns everything about a patient. Nothing here holds a name, a phone
 or an e-mail: subjects and phone keys are HMACs under the clinic's key.

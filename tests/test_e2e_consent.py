@@ -234,3 +234,21 @@ def _replay(clinic: LocalClinic, body: str) -> None:
     boto3.client("sqs").send_message(
         QueueUrl=clinic.stack.queue_url, MessageBody=body, MessageGroupId=group, MessageDeduplicationId="replay"
     )
+
+
+def test_only_an_explicit_newer_crm_opt_in_lifts_an_opt_out(make_clinic: Callable[..., LocalClinic]) -> None:
+    clinic = make_clinic(patients=6, appointments=6, mailchimp=True, rate_limit=False)
+    clinic.sync()
+    patient_id, contact, _ = _member(clinic)
+    assert clinic.one_click(clinic.unsubscribe_token(patient_id)).status_code == 200
+    clinic.stack.drain_all()
+    clinic.deliver_webhooks()
+    assert clinic.bitrix is not None
+    clinic.bitrix.manager_update_contact(int(contact), UF_CRM_CS_OPT_OUTS="")  # cleared, but no opt-in
+    clinic.deliver_webhooks()
+    assert _ledger(clinic, patient_id)["CH#email"]["opted_out"] is True
+    clinic.bitrix.manager_update_contact(int(contact), UF_CRM_CS_OPT_INS="email")  # the explicit opt-in
+    clinic.deliver_webhooks()
+    ledger = _ledger(clinic, patient_id)
+    assert ledger["CH#email"]["opted_out"] is False and ledger["CH#email"]["source"] == "crm"
+    assert any(i.get("event") == "opt_in" for i in ledger.values())

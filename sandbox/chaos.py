@@ -209,7 +209,7 @@ class ChaosRun:
             aws=aws,
             config_overrides=overrides,
         )
-        crm_url = httpx.URL(self.clinic.servers[1].base_url)
+        crm_url = httpx.URL(self.clinic.crm_url)
         self.transport = ChaosTransport(
             httpx.HTTPTransport(),
             crm_url.netloc,

@@ -37,6 +37,8 @@ class CrmView(Protocol):
     def manager_create_contact(self, phone: str) -> str: ...
     def manager_create_deal(self, contact_id: str, stage: str | None = None) -> str: ...
     def manager_set_opt_outs(self, contact_id: str, channels: str) -> None: ...
+    def contact_of_patient(self, patient_id: str) -> str | None: ...
+    def contact_opt_outs(self, contact_id: str) -> set[str]: ...
     def adopted(self, inquiry_id: str, deal: Deal) -> bool: ...
     def pending_events(self) -> int: ...
     def drop_next_stage_event(self) -> None: ...
@@ -115,6 +117,16 @@ class Bitrix24View:
 
     def manager_set_opt_outs(self, contact_id: str, channels: str) -> None:
         self.emu.manager_update_contact(int(contact_id), UF_CRM_CS_OPT_OUTS=channels)
+
+    def contact_of_patient(self, patient_id: str) -> str | None:
+        for cid, c in list(self.emu.contacts.items()):
+            if str(c.get("ORIGIN_ID") or "") == patient_id:
+                return str(cid)
+        return None
+
+    def contact_opt_outs(self, contact_id: str) -> set[str]:
+        value = (self.emu.record("contact", int(contact_id)) or {}).get("UF_CRM_CS_OPT_OUTS") or ""
+        return {v.strip() for v in str(value).split(",") if v.strip()}
 
     def adopted(self, inquiry_id: str, deal: Deal) -> bool:
         lead = self.emu.leads[int(inquiry_id)]
@@ -232,6 +244,16 @@ class AmoCrmView:
     def manager_set_opt_outs(self, contact_id: str, channels: str) -> None:
         field = {"field_id": self.fields["opt_outs"], "values": [{"value": channels}]}
         self.emu.manager_update_contact(int(contact_id), custom_fields_values=[field])
+
+    def contact_of_patient(self, patient_id: str) -> str | None:
+        for cid, contact in list(self.emu.contacts.items()):
+            if str(self._cf(contact, "mis_patient_id") or "") == patient_id:
+                return str(cid)
+        return None
+
+    def contact_opt_outs(self, contact_id: str) -> set[str]:
+        value = self._cf(self.emu.contacts.get(int(contact_id)) or {}, "opt_outs") or ""
+        return {v.strip() for v in str(value).split(",") if v.strip()}
 
     def adopted(self, inquiry_id: str, deal: Deal) -> bool:
         return deal["id"] == inquiry_id  # the open lead itself moves; nothing new is created

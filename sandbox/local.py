@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ import httpx
 import yaml
 
 from clinicsync.config import ClinicConfig, parse_clinic_config
-from clinicsync.models import AppointmentStatus
+from clinicsync.consent import UnsubscribeTokens
+from clinicsync.models import AppointmentStatus, Channel
 from clinicsync.statuses import canonical_status
 from sandbox.crm_views import AmoCrmView, Bitrix24View, CrmView
 from sandbox.emulators.amocrm import (
@@ -35,6 +37,7 @@ from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
 from sandbox.emulators.ident import IdentEmulator, IdentHttpClient
 from sandbox.emulators.infoclinica import InfoClinicaEmulator, serve_tls
+from sandbox.emulators.mailchimp import MailchimpEmulator
 from sandbox.emulators.medods import MedodsEmulator
 from sandbox.emulators.renovatio import RenovatioEmulator
 from sandbox.expect import ExpectedDeal, expected_deals, mismatches
@@ -80,6 +83,11 @@ class LocalClinic:
         """The connector at the clinic: one run against the emulated IDENT database, pushing to our API."""
         assert self.ident_connector is not None, "this clinic does not run IDENT"
         return self.ident_connector.run_once(resync_days=resync_days)
+
+    mailchimp: MailchimpEmulator | None = None
+    api_url: str = ""
+    crm_url: str = ""  # the CRM emulator's base URL (chaos runs disturb calls to it)
+    clinic_secret: dict[str, str] = field(default_factory=dict)
 
     @property
     def medods(self) -> MedodsEmulator:
@@ -153,6 +161,47 @@ class LocalClinic:
         result = self.stack.run_schedule(name="CrmCatchUp")
         self.stack.drain_all()
         return result
+
+    # --- consent --------------------------------------------------------------------------------------
+
+    def unsubscribe_token(self, patient_id: str | int, channel: Channel = Channel.EMAIL, ttl: int | None = None) -> str:
+        """A link token as the clinic's mailer would put in List-Unsubscribe (same key as the stack)."""
+        return UnsubscribeTokens(self.clinic_secret["unsubscribe_key"].encode(), ttl).issue(str(patient_id), channel)
+
+    def one_click(self, token: str, body: str = "List-Unsubscribe=One-Click") -> httpx.Response:
+        """The mailbox provider's RFC 8058 POST: form body, no cookies, no auth."""
+        return httpx.post(
+            f"{self.api_url}/unsubscribe/{token}",
+            content=body,
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+
+    def deliver_mailchimp(self) -> int:
+        """Mailchimp posts its queued audience events to our webhook; then the queues drain."""
+        assert self.mailchimp is not None, "this clinic runs without Mailchimp"
+        delivered = self.mailchimp.deliver_webhooks()
+        self.stack.drain_all()
+        return len(delivered)
+
+    def unsubscribe_to_crm_seconds(self, patient_id: str | int, timeout: float = 60.0) -> float:
+        """Seconds from a one-click POST until the CRM emulator shows the contact's e-mail opt-out.
+
+        The queues are served the way AWS does, concurrently with the click: the consent queue's event
+        source mapping (batch size and batching window from template.yaml) runs in the background,
+        nothing is drained by hand. For the benchmark; tests assert behaviour, never this number.
+        """
+        contact = self.crm.contact_of_patient(str(patient_id))
+        if contact is None:
+            raise LookupError("the patient has no CRM contact yet: sync first")
+        with self.stack.event_sources("ConsentQueue", "CrmEventQueue", "SyncQueue"):
+            started = time.perf_counter()
+            response = self.one_click(self.unsubscribe_token(patient_id))
+            response.raise_for_status()
+            while time.perf_counter() - started < timeout:
+                if "email" in self.crm.contact_opt_outs(contact):
+                    return time.perf_counter() - started
+                time.sleep(0.02)
+        raise TimeoutError(f"the CRM showed no opt-out within {timeout} s")
 
     def expected_deals(self) -> dict[str, ExpectedDeal]:
         return expected_deals(self.mis, self.config)
@@ -231,6 +280,7 @@ def start_local_clinic(
     rate_limit: bool = True,
     crm: str = "bitrix24",
     mis: str = "medods",
+    mailchimp: bool = False,
 ) -> LocalClinic:
     owns_aws = aws is None
     aws = aws or LocalAws().start()
@@ -242,7 +292,20 @@ def start_local_clinic(
         portal = _amocrm_account(rate_limit)
     else:
         raise ValueError(f"no emulator for CRM {crm!r}")
-    overrides = {**source.config_overrides, **portal.config_overrides, **(config_overrides or {})}
+    clinic_secret = {"hash_key": secrets.token_hex(32), "unsubscribe_key": secrets.token_hex(32)}
+    chimp = None
+    chimp_overrides: dict[str, Any] = {}
+    if mailchimp:
+        chimp = MailchimpEmulator(
+            api_key=f"{secrets.token_hex(16)}-us21",
+            merge_tags=("FNAME", "LNAME", "CITY", "VISITTYPE", "LASTVISIT", "SPECIALTY", "BRANCH"),
+            batch_seconds=0.0,
+        )
+        chimp_server = ServedApp(chimp).start()
+        chimp.base_url = chimp_server.base_url
+        clinic_secret |= {"mailchimp_api_key": chimp.api_key, "mailchimp_webhook_secret": secrets.token_urlsafe(24)}
+        chimp_overrides = {"mailchimp": {"list_id": chimp.list_id, "base_url": f"{chimp_server.base_url}/3.0"}}
+    overrides = {**source.config_overrides, **portal.config_overrides, **chimp_overrides, **(config_overrides or {})}
     config_yaml = demo_config_yaml(clinic_id, source.base_url, overrides)
     stack = ClinicStack(
         aws,
@@ -251,7 +314,7 @@ def start_local_clinic(
         secrets={
             "mis": source.secret,
             "crm": portal.secret,
-            "clinic": {"hash_key": secrets.token_hex(32)},
+            "clinic": clinic_secret,
         },
         crm_kind=crm,
         mis_kind=mis,
@@ -259,6 +322,12 @@ def start_local_clinic(
     api = stack.serve_http()
     portal.subscribe(api.base_url)
     config = parse_clinic_config(config_yaml)
+    servers = [s for s in (source.server, portal.server, api) if s is not None]
+    if chimp is not None:
+        # As the clinic's admin would: audience events from people and admins, never from the API (ours).
+        hook = f"{api.base_url}/webhooks/mailchimp/{clinic_secret['mailchimp_webhook_secret']}"
+        chimp.add_webhook(hook, ("unsubscribe", "cleaned", "upemail", "profile"), sources=("user", "admin"))
+        servers.insert(0, chimp_server)
     clinic = LocalClinic(
         aws,
         stack,
@@ -266,10 +335,14 @@ def start_local_clinic(
         sample,
         source.view,
         portal.view,
-        [s for s in (source.server, portal.server, api) if s is not None],
+        servers,
         owns_aws,
         bitrix=portal.bitrix,
         amocrm=portal.amocrm,
+        mailchimp=chimp,
+        api_url=api.base_url,
+        crm_url=portal.server.base_url,
+        clinic_secret=clinic_secret,
     )
     if isinstance(source.view, IdentView):
         clinic.ident_connector = _ident_connector(source.view.emulator, source.secret, api.base_url)

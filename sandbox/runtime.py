@@ -40,7 +40,17 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "template.yaml"
 REGION = "eu-central-1"
 ACCOUNT = "123456789012"
-LOCAL_RESOURCES = ("Table", "SyncQueue", "SyncDLQ", "CrmEventQueue", "CrmEventDLQ", "IdentInboxQueue", "IdentInboxDLQ")
+LOCAL_RESOURCES = (
+    "Table",
+    "SyncQueue",
+    "SyncDLQ",
+    "CrmEventQueue",
+    "CrmEventDLQ",
+    "ConsentQueue",
+    "ConsentDLQ",
+    "IdentInboxQueue",
+    "IdentInboxDLQ",
+)
 _env_lock = threading.RLock()
 
 if str(ROOT / "layers" / "shared") not in sys.path:
@@ -312,7 +322,6 @@ class ClinicStack:
         Failed items are made visible again at once (standing in for the visibility timeout); an
         invocation error returns the whole batch; SQS moves a message to the DLQ after maxReceiveCount.
         """
-        sqs = self.aws.client("sqs")
         queue_url = self.physical[queue_id]
         function_id, batch_size = self._event_source(queue_id)
         totals = {"batches": 0, "messages": 0, "failed": 0}
@@ -320,20 +329,7 @@ class ClinicStack:
             received = self._receive(queue_url, batch_size)
             if not received:
                 break
-            try:
-                response = self.invoke(function_id, self._sqs_event(queue_url, received))
-                failed = {f["itemIdentifier"] for f in (response or {}).get("batchItemFailures", [])}
-            except (Exception, InvocationCrash):
-                failed = {m["MessageId"] for m in received}
-            for message in received:
-                # A delete that never happened (chaos): SQS delivers the message again.
-                redelivered = self.redeliver is not None and self.redeliver()
-                if message["MessageId"] in failed or redelivered:
-                    sqs.change_message_visibility(
-                        QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
-                    )
-                else:
-                    sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+            failed = self._deliver(queue_id, function_id, received)
             totals["batches"] += 1
             totals["messages"] += len(received)
             totals["failed"] += len(failed)
@@ -341,18 +337,79 @@ class ClinicStack:
                 on_batch(len(received))
         return totals
 
+    @contextlib.contextmanager
+    def event_sources(self, *queue_ids: str) -> Iterator[None]:
+        """Serve queues in the background the way Lambda's event source mappings do while the block
+        runs: poll, gather up to the batch size or until the template's batching window closes, invoke."""
+        stop = threading.Event()
+
+        def serve(queue_id: str) -> None:
+            function_id, batch_size = self._event_source(queue_id)
+            window = self._batching_window(queue_id)
+            url = self.physical[queue_id]
+            while not stop.is_set():
+                received = self._receive(url, batch_size)
+                if not received:
+                    stop.wait(0.02)  # the mapping long-polls; a short nap stands in for it
+                    continue
+                deadline = time.monotonic() + window
+                while len(received) < batch_size and time.monotonic() < deadline and not stop.is_set():
+                    more = self._receive(url, batch_size - len(received))
+                    received.extend(more)
+                    if not more:
+                        stop.wait(0.02)
+                self._deliver(queue_id, function_id, received)
+
+        threads = [threading.Thread(target=serve, args=(q,), daemon=True) for q in queue_ids]
+        for thread in threads:
+            thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+
+    def _batching_window(self, queue_id: str) -> float:
+        for function_id in self.function_ids():
+            for event in function_properties(self.template, function_id).get("Events", {}).values():
+                props = event.get("Properties", {})
+                if event["Type"] == "SQS" and props.get("Queue") == {"Fn::GetAtt": [queue_id, "Arn"]}:
+                    return float(props.get("MaximumBatchingWindowInSeconds", 0))
+        return 0.0
+
+    def _deliver(self, queue_id: str, function_id: str, received: list[dict[str, Any]]) -> set[str]:
+        sqs = self.aws.client("sqs")
+        queue_url = self.physical[queue_id]
+        try:
+            response = self.invoke(function_id, self._sqs_event(queue_url, received))
+            failed = {f["itemIdentifier"] for f in (response or {}).get("batchItemFailures", [])}
+        except (Exception, InvocationCrash):
+            failed = {m["MessageId"] for m in received}
+        for message in received:
+            # A delete that never happened (chaos): SQS delivers the message again.
+            redelivered = self.redeliver is not None and self.redeliver()
+            if message["MessageId"] in failed or redelivered:
+                sqs.change_message_visibility(
+                    QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+                )
+            else:
+                sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+        return failed
+
     def drain_all(self) -> dict[str, int]:
         """CRM events become patient observations on the sync queue: drain until both are empty."""
         totals = {"batches": 0, "messages": 0, "failed": 0}
         while True:
-            for queue_id in ("CrmEventQueue", "SyncQueue"):
+            for queue_id in ("CrmEventQueue", "SyncQueue", "ConsentQueue"):
                 for key, value in self.drain_queue(queue_id).items():
                     totals[key] += value
-            if self.queue_depth() == 0 and self.queue_depth("CrmEventQueue") == 0:
+            if all(self.queue_depth(q) == 0 for q in ("SyncQueue", "CrmEventQueue", "ConsentQueue")):
                 return totals
 
     def queue_depth(self, queue_id: str = "SyncQueue", dlq: bool = False) -> int:
-        url = self.physical[{"SyncQueue": "SyncDLQ", "CrmEventQueue": "CrmEventDLQ"}[queue_id] if dlq else queue_id]
+        dlqs = {"SyncQueue": "SyncDLQ", "CrmEventQueue": "CrmEventDLQ", "ConsentQueue": "ConsentDLQ"}
+        url = self.physical[dlqs[queue_id] if dlq else queue_id]
         attrs = self.aws.client("sqs").get_queue_attributes(
             QueueUrl=url,
             AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],

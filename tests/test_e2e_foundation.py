@@ -289,18 +289,24 @@ def test_a_malformed_message_ends_in_the_dlq_and_good_ones_still_sync(small: Loc
 
 
 @pytest.mark.parametrize(
-    ("function", "name"),
+    ("name", "status"),
     [
-        ("UnsubscribeFunction", "unsubscribe_mailchimp_validate"),
-        ("UnsubscribeFunction", "unsubscribe_mailchimp_event"),
-        ("UnsubscribeFunction", "unsubscribe_link_get"),
-        ("UnsubscribeFunction", "unsubscribe_link_post"),
+        ("unsubscribe_mailchimp_validate", 200),  # Mailchimp's GET check needs no secret
+        ("unsubscribe_mailchimp_event", 401),  # the sample's path secret is not this clinic's
+        ("unsubscribe_link_get", 403),  # the sample token is signed with another key
+        ("unsubscribe_link_post", 403),
     ],
 )
-def test_routes_of_later_issues_answer_501_not_a_crash(small: LocalClinic, function: str, name: str) -> None:
-    response = small.stack.invoke(function, _event(name))
-    assert response["statusCode"] == 501
-    assert json.loads(response["body"])["error"] == "not_implemented"
+def test_unsubscribe_samples_are_answered_and_foreign_ones_refused(small: LocalClinic, name: str, status: int) -> None:
+    response = small.stack.invoke("UnsubscribeFunction", _event(name))
+    assert response["statusCode"] == status
+    assert small.stack.queue_depth("ConsentQueue") == 0
+
+
+def test_syncer_handles_the_sample_consent_job_batch(small: LocalClinic) -> None:
+    # An unknown patient: nothing to write anywhere, the job is done (not retried forever).
+    response = small.stack.invoke("StageSyncerFunction", _event("stage_syncer_consent_jobs"))
+    assert response == {"batchItemFailures": []}
 
 
 def test_syncer_handles_the_sample_crm_event_batch(small: LocalClinic) -> None:

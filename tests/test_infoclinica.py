@@ -411,6 +411,9 @@ class FakeStore:
     def index_phones(self, entries: list[tuple[str, str]]) -> None:
         self.phones.extend(entries)
 
+    def index_emails(self, entries: list[tuple[str, str]]) -> None:
+        pass
+
 
 class FakeQueue:
     def __init__(self, fail: bool = False) -> None:

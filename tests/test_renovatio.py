@@ -409,6 +409,9 @@ class FakeStore:
     def index_phones(self, entries: list[tuple[str, str]]) -> None:
         pass
 
+    def index_emails(self, entries: list[tuple[str, str]]) -> None:
+        pass
+
 
 class FakeQueue:
     def __init__(self) -> None:

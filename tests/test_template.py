@@ -101,15 +101,22 @@ EXPECTED_GRANTS: dict[str, set[tuple[str, str]]] = {
     | {("secretsmanager:GetSecretValue", "MisSecretArn"), ("secretsmanager:GetSecretValue", "CrmSecretArn")}
     | {(action, "IdentInboxQueue") for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage")}
     | {("sqs:ChangeMessageVisibility", "IdentInboxQueue")},
+    # Consent outputs write the MIS's "do not send" flags; MIS flags and CRM fields become consent jobs.
     "StageSyncerFunction": _COMMON
-    | {("secretsmanager:GetSecretValue", "CrmSecretArn"), ("secretsmanager:PutSecretValue", "CrmSecretArn")},
+    | {
+        ("secretsmanager:GetSecretValue", "CrmSecretArn"),
+        ("secretsmanager:PutSecretValue", "CrmSecretArn"),
+        ("secretsmanager:GetSecretValue", "MisSecretArn"),
+        ("sqs:SendMessage", "ConsentQueue"),
+    },
     # The receiver only queues CRM events and IDENT batches; it never touches the per-patient sync queue.
     # GetTickets reads leads from the CRM, so it may rotate the CRM's OAuth pair like the syncer does.
     "CrmWebhookFunction": (_COMMON - {("sqs:SendMessage", "SyncQueue")})
     | {("secretsmanager:GetSecretValue", "CrmSecretArn"), ("sqs:SendMessage", "CrmEventQueue")}
     | {("secretsmanager:GetSecretValue", "MisSecretArn"), ("sqs:SendMessage", "IdentInboxQueue")}
     | {("secretsmanager:PutSecretValue", "CrmSecretArn")},
-    "UnsubscribeFunction": set(_COMMON),
+    # Links and Mailchimp events only record the opt-out and queue a consent job.
+    "UnsubscribeFunction": (_COMMON - {("sqs:SendMessage", "SyncQueue")}) | {("sqs:SendMessage", "ConsentQueue")},
 }
 
 # SAM policy templates we allow (their expansions use no wildcard action and no "*" resource) and the
@@ -346,7 +353,12 @@ def check_sqs_events(t: Template) -> None:
             assert int(props.get("BatchSize", 10)) <= 10, f"{where}: FIFO batch size > 10"
             assert "MaximumBatchingWindowInSeconds" not in props, f"{where}: no batching window on FIFO"
     syncer = {_target(p["Queue"]): p for fn, _, p in events if fn == "StageSyncerFunction"}
-    assert set(syncer) == {"SyncQueue", "CrmEventQueue"}
+    assert set(syncer) == {"SyncQueue", "CrmEventQueue", "ConsentQueue"}
+    # Consent jobs: a standard queue with a DLQ, a short batching window (the one-minute target).
+    consent = t["Resources"]["ConsentQueue"]["Properties"]
+    assert consent.get("FifoQueue") is not True and consent["RedrivePolicy"]["maxReceiveCount"] >= 10
+    assert 0 < syncer["ConsentQueue"]["MaximumBatchingWindowInSeconds"] <= 5
+    assert "ConsentDLQDepthAlarm" in t["Resources"]
     assert syncer["SyncQueue"]["BatchSize"] == 10
     # CRM events are re-fetched in batches: a standard queue with a batching window feeds up to 100.
     assert t["Resources"]["CrmEventQueue"]["Properties"].get("FifoQueue") is not True

@@ -1,9 +1,12 @@
-"""Stage syncer: two SQS event sources.
+"""Stage syncer: three SQS event sources.
 
 - The FIFO sync queue carries patients' change sets and CRM observations, grouped by patient shard:
   CRM writes are planned and applied per message; failures are reported per record.
 - The CRM event queue carries webhook events: the whole batch is re-fetched at once, then each event
   is judged on its own (echo, manual move, new lead, opt-out).
+- The consent queue carries consent jobs: the whole batch's outputs (CRM opt-out fields, MIS flags,
+  Mailchimp members) are pushed at once; a job whose outputs are not all done is reported failed and
+  comes back after the visibility timeout, until done (then the DLQ alarm).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pydantic import ValidationError
 from clinicsync import wiring
 from clinicsync.crm_events import EventReport
 from clinicsync.failures import describe
-from clinicsync.models import CrmEvent, SyncMessage
+from clinicsync.models import ConsentJob, CrmEvent, SyncMessage
 from clinicsync.observability import logger, metrics, tracer
 
 
@@ -38,9 +41,14 @@ class CrmEventRecord(SqsRecordModel):
     body: Json[CrmEvent]  # type: ignore[assignment]
 
 
+class ConsentRecord(SqsRecordModel):
+    body: Json[ConsentJob]  # type: ignore[assignment]
+
+
 # FIFO: after a failure, the rest of that message group is returned too, so order per shard holds.
 sync_processor = SqsFifoPartialProcessor(model=SyncRecord, skip_group_on_error=True)
 event_processor = BatchProcessor(event_type=EventType.SQS, model=CrmEventRecord)
+consent_processor = BatchProcessor(event_type=EventType.SQS, model=ConsentRecord)
 
 
 def _remember_failure(queue: str, message_id: str, error: Exception) -> None:
@@ -113,11 +121,39 @@ def _crm_events(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]
     return response
 
 
+def _consent_jobs(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    jobs = []
+    for raw in event.get("Records", []):
+        try:
+            jobs.append(ConsentJob.model_validate_json(raw.get("body", "")))
+        except ValidationError:
+            continue  # reported as a failed item by the batch processor below
+    report = wiring.consent_outputs().push(jobs)  # one CRM write and one e-mail read for the batch
+
+    def check(record: ConsentRecord) -> None:
+        if record.body.subject in report.failed:
+            raise RuntimeError(f"consent outputs incomplete: {report.failed[record.body.subject]}")
+
+    response = process_partial_response(event=event, record_handler=check, processor=consent_processor, context=context)
+    metrics.add_metric(name="ConsentCrmWrites", unit=MetricUnit.Count, value=report.crm_written)
+    metrics.add_metric(name="ConsentMisWrites", unit=MetricUnit.Count, value=report.mis_written)
+    metrics.add_metric(name="ConsentMailchimpUnsubscribes", unit=MetricUnit.Count, value=report.mailchimp_unsubscribed)
+    metrics.add_metric(name="ConsentJobsFailed", unit=MetricUnit.Count, value=len(report.failed))
+    logger.info(
+        "consent outputs pushed",
+        extra={"jobs": report.jobs, "skipped": report.skipped, "failed": sorted(set(report.failed.values()))},
+    )
+    return response
+
+
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler(capture_response=False)
 @metrics.log_metrics(capture_cold_start_metric=True)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     records = event.get("Records") or [{}]
-    if not str(records[0].get("eventSourceARN", "")).endswith(".fifo"):
+    source = str(records[0].get("eventSourceARN", ""))
+    if source.endswith("-consent"):
+        return _consent_jobs(event, context)
+    if not source.endswith(".fifo"):
         return _crm_events(event, context)
     return process_partial_response(event=event, record_handler=sync_record, processor=sync_processor, context=context)

@@ -225,6 +225,7 @@ class MedodsEmulator:
             "appointment": self._get_appointment,
             "clients": self._list_clients,
             "client": self._get_client,
+            "client_update": self._update_client,
             "users": self._list_users,
             "clinics": self._list_clinics,
         }
@@ -234,6 +235,7 @@ class MedodsEmulator:
                 Rule("/api/v2/appointments/<int:item_id>", endpoint="appointment", methods=["GET"]),
                 Rule("/api/v2/clients", endpoint="clients", methods=["GET"]),
                 Rule("/api/v2/clients/<int:item_id>", endpoint="client", methods=["GET"]),
+                Rule("/api/v2/clients/<int:item_id>", endpoint="client_update", methods=["PUT", "PATCH"]),
                 Rule("/api/v2/users", endpoint="users", methods=["GET"]),
                 Rule("/api/v2/clinics", endpoint="clinics", methods=["GET"]),
             ],
@@ -385,6 +387,23 @@ class MedodsEmulator:
     def _get_client(self, request: Request, item_id: int) -> Response:
         row = self._clients.get(item_id)
         return _json(dict(row)) if row else _json({"error": "client not found"}, 404)
+
+    def _update_client(self, request: Request, item_id: int) -> Response:
+        """Update a client's fields (public clients send partial bodies with deny* flags); the answer
+        is ``{"data": [client]}`` like the create call's. The HTTP verb is inferred (PUT and PATCH)."""
+        row = self._clients.get(item_id)
+        if row is None:
+            return _json({"error": "client not found"}, 404)
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not body:
+            raise _ValidationError({"base": ["body must be a JSON object"]})
+        errors = {k: ["is not a client field"] for k in body if k not in CLIENT_FIELDS - {"archived"}}
+        errors |= {k: ["must be true or false"] for k in body if k in DENY_FLAGS and not isinstance(body[k], bool)}
+        if errors:
+            raise _ValidationError(errors)
+        row.update(body)
+        self._touch(row)
+        return _json({"data": [dict(row)]})
 
     def _list_users(self, request: Request) -> Response:
         group = request.args.get("userGroup")

@@ -184,6 +184,38 @@ class CrmConnection(Section):
         return self
 
 
+AudienceField = Literal["city", "visit_type", "last_visit", "specialty", "branch"]
+DEFAULT_MERGE_TAGS: dict[AudienceField, str] = {
+    "city": "CITY",
+    "visit_type": "VISITTYPE",
+    "last_visit": "LASTVISIT",
+    "specialty": "SPECIALTY",
+    "branch": "BRANCH",
+}
+
+
+class MailchimpConnection(Section):
+    """The clinic's Mailchimp audience. The API key and the webhook secret are in the clinic secret
+    (``mailchimp_api_key``, ``mailchimp_webhook_secret``); the key's ``-usNN`` suffix names the host."""
+
+    list_id: str = Field(pattern=r"^[A-Za-z0-9]{1,32}$", description="Audience (list) id")
+    base_url: str | None = Field(default=None, description="API root override (tests); default from the key")
+    merge_fields: dict[AudienceField, str] = Field(
+        default_factory=lambda: dict(DEFAULT_MERGE_TAGS),
+        description="Segmentation field -> Mailchimp merge tag; leave one out to not send it",
+    )
+
+
+class ConsentSettings(Section):
+    link_base_url: str | None = Field(
+        default=None, description="Public HTTPS root of the stack's HTTP API, for List-Unsubscribe links"
+    )
+    link_ttl_days: int | None = Field(
+        default=None, ge=1, le=3650, description="One-click links expire after this many days; null = never"
+    )
+    mailto: str | None = Field(default=None, description="Optional mailto: address in List-Unsubscribe")
+
+
 class ClinicConfig(Section):
     clinic_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,40}$")
     timezone: str = "Europe/Moscow"
@@ -192,6 +224,8 @@ class ClinicConfig(Section):
     fields: FieldMap = FieldMap()
     matching: Matching = Matching()
     filters: Filters = Filters()
+    mailchimp: MailchimpConnection | None = Field(default=None, description="Mailchimp audience sync; null = off")
+    consent: ConsentSettings = ConsentSettings()
     shards: int = Field(default=4, ge=1, le=256, description="FIFO message groups; a patient stays in one")
     patients_per_message: int = Field(default=50, ge=1, le=200)
 

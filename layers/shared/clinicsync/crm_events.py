@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from clinicsync.config import ClinicConfig
+from clinicsync.consent import ConsentLedger, patient_subject
 from clinicsync.crypto import KeyedHasher
 from clinicsync.models import Channel, CrmEvent, CrmObservation, SyncMessage
 from clinicsync.observability import logger
@@ -55,8 +56,10 @@ class CrmEventProcessor:
         gateway: CrmGateway,
         hasher: KeyedHasher,
         queue: ChangeQueue,
+        ledger: ConsentLedger,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._ledger = ledger
         self._config = config
         self._store = store
         self._gateway = gateway
@@ -141,10 +144,16 @@ class CrmEventProcessor:
             report.not_ours += 1  # only contacts that carry a MIS id flow back
             return
         known = {c.value for c in Channel}
+        subject = patient_subject(owner)
         channels = sorted({c.strip() for c in snapshot.get("opt_outs", "").split(",")} & known)
-        if channels:
-            self._store.record_opt_outs(f"pat:{owner}", channels, "crm", int(self._clock()))
+        if channels and self._ledger.opt_out([subject], channels, "crm", "crm:opt_out_field"):
             report.opt_outs += len(channels)
+        # An explicit opt-in field set by a manager lifts an opt-out only if it is newer than it.
+        opt_ins = sorted({c.strip() for c in snapshot.get("opt_ins", "").split(",")} & known - set(channels))
+        modified = snapshot.get("modified_at")
+        if opt_ins and modified:
+            at = int(datetime.fromisoformat(modified).timestamp())
+            self._ledger.opt_in(subject, opt_ins, "crm", at, "crm:opt_in_field")
 
     def flush(self, report: EventReport) -> None:
         """Send the observations to each patient's shard; the syncer applies them there."""

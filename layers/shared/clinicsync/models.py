@@ -68,6 +68,7 @@ class Patient(Strict):
     birth_date: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}$")
     sex: str | None = Field(default=None, pattern=r"^[mf]$")
     consent: Consent = Consent()
+    city: str | None = None
     refused_data_processing: bool = False
     archived: bool = False
     version: int = Field(ge=0, description="Monotonic per record, e.g. the MIS updatedAt in unix seconds")
@@ -96,6 +97,7 @@ class Appointment(Strict):
     version: int = Field(ge=0)
     # Optional visit fields of the InfoClinica->amoCRM case; sent only if the clinic's field map asks.
     doctor_name: str | None = None
+    doctor_specialty: str | None = None
     branch_name: str | None = None
     booked_by: str | None = None
     booked_at: AwareDatetime | None = None
@@ -164,3 +166,22 @@ class CrmEvent(Strict):
     source: Literal["webhook", "catchup"] = "webhook"
     received_at: int = Field(ge=0)
     snapshot: dict[str, str] | None = None
+
+
+ConsentTarget = Literal["crm", "mis", "mailchimp"]
+
+
+class ConsentJob(Strict):
+    """A subject's consent changed: push the ledger's current state to every output.
+
+    ``emails`` travel only in this (encrypted, short-lived) message, for Mailchimp; ``skip`` names the
+    system the change came from, which already shows it (no write back to the source, no loop).
+    """
+
+    kind: Literal["consent"] = "consent"
+    clinic_id: str
+    subject: str = Field(pattern=r"^(pat:[A-Za-z0-9_.:-]{1,64}|email:[0-9a-f]{40})$")
+    reason: str = Field(max_length=64)
+    emails: tuple[str, ...] = Field(default=(), max_length=5)
+    skip: tuple[ConsentTarget, ...] = ()
+    produced_at: int = Field(ge=0)

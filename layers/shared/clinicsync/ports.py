@@ -193,6 +193,18 @@ class CrmGateway(Protocol):
         """Open leads (in an adoptable status, not ours) created in the window, oldest first, one page."""
         ...
 
+    def contact_emails(self, contact_ids: Sequence[str]) -> dict[str, list[str]]:
+        """The e-mail addresses of contacts, read in bulk, used in memory only (Mailchimp opt-outs)."""
+        ...
+
+
+class MisConsentWriter(Protocol):
+    """Writes a patient's "do not send" flags into the MIS, where its API allows it."""
+
+    writable_channels: frozenset[str]
+
+    def write_opt_outs(self, patient_id: str, channels: Sequence[str]) -> None: ...
+
 
 # --- Store -----------------------------------------------------------------------------------------
 

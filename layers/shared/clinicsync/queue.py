@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from clinicsync.models import CrmEvent, SyncMessage
+from clinicsync.models import ConsentJob, CrmEvent, SyncMessage
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs.client import SQSClient
@@ -69,3 +69,23 @@ class SqsEventQueue:
             response = self._sqs.send_message_batch(QueueUrl=self._url, Entries=entries[start : start + SQS_BATCH])  # type: ignore[arg-type]
             if response.get("Failed"):
                 raise RuntimeError(f"{len(response['Failed'])} CRM events could not be enqueued")
+
+
+class SqsConsentQueue:
+    """Consent jobs (SQS standard): each carries one subject; the consumer pushes the ledger's current
+    state, so order and duplicates do not matter, and a failed job comes back until every output is done."""
+
+    def __init__(self, sqs: SQSClient, queue_url: str) -> None:
+        self._sqs = sqs
+        self._url = queue_url
+
+    def send(self, jobs: Sequence[ConsentJob]) -> None:
+        entries = [{"Id": str(i), "MessageBody": j.model_dump_json()} for i, j in enumerate(jobs)]
+        for start in range(0, len(entries), SQS_BATCH):
+            chunk = entries[start : start + SQS_BATCH]
+            response = self._sqs.send_message_batch(QueueUrl=self._url, Entries=chunk)  # type: ignore[arg-type]
+            if response.get("Failed"):
+                retry = [e for e in chunk if e["Id"] in {f["Id"] for f in response["Failed"]}]
+                again = self._sqs.send_message_batch(QueueUrl=self._url, Entries=retry)  # type: ignore[arg-type]
+                if again.get("Failed"):
+                    raise RuntimeError(f"{len(again['Failed'])} consent jobs could not be enqueued")

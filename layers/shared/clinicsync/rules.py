@@ -94,6 +94,8 @@ def contact_fields(
         "opt_outs": sorted(set(opt_outs) | {c.value for c in patient.consent.opted_out()} | _refusal(patient)),
     }
     fields = {name: available[name] for name in config.fields.contact if name in available}
+    if available["opt_outs"]:
+        fields["opt_outs"] = available["opt_outs"]  # consent always reaches the CRM, whatever the field map
     fields["mis_patient_id"] = patient.mis_id  # always: it is how we find the contact again
     return fields
 
@@ -255,6 +257,16 @@ def plan_patient(
     return plan
 
 
+def _note_visit(appointment: Appointment, state: PatientState) -> None:
+    """Visit history: the first completed visit picks the funnel, the latest feeds the audience."""
+    if appointment.status is not AppointmentStatus.COMPLETED:
+        return
+    if state.first_visit_at is None or appointment.starts_at < state.first_visit_at:
+        state.first_visit_at = appointment.starts_at
+    if state.last_visit_at is None or appointment.starts_at > state.last_visit_at:
+        state.last_visit_at = appointment.starts_at
+
+
 def _plan_deal(
     appointment: Appointment,
     plan: PatientPlan,
@@ -268,10 +280,7 @@ def _plan_deal(
     aid = appointment.mis_id
     # Visit history counts every completed visit, also those that are never sent (anonymous, filtered).
     repeat = _is_repeat(next_state.first_visit_at, appointment)
-    if appointment.status is AppointmentStatus.COMPLETED and (
-        next_state.first_visit_at is None or appointment.starts_at < next_state.first_visit_at
-    ):
-        next_state.first_visit_at = appointment.starts_at
+    _note_visit(appointment, next_state)
 
     reason = appointment_excluded(appointment, config.filters)
     if reason:
@@ -361,3 +370,32 @@ def apply_observation(state: PatientState, observation: CrmObservation, config: 
         }
     )
     return [observation.appointment_id]
+
+
+AUDIENCE_REFUSALS = frozenset({Channel.EMAIL.value, Channel.MARKETING.value})
+
+
+def audience_merge_fields(changes: PatientChanges, state: PatientState, config: ClinicConfig) -> dict[str, str] | None:
+    """The Mailchimp member for a patient who may get marketing e-mail, or None (never added).
+
+    Segmentation fields of the lab case: city, first or repeat patient, last visit date, the doctor's
+    specialty and the branch; a field without a value is left out (never blanked).
+    """
+    if config.mailchimp is None:
+        return None
+    patient = changes.patient
+    latest = max(changes.appointments, key=lambda a: a.starts_at, default=None)
+    values = {
+        "city": patient.city,
+        "visit_type": "repeat" if state.first_visit_at is not None else "first",
+        "last_visit": state.last_visit_at.astimezone(config.tz).date().isoformat() if state.last_visit_at else None,
+        "specialty": latest.doctor_specialty if latest else None,
+        "branch": (latest.branch_name or latest.branch_id) if latest else None,
+    }
+    return {tag: str(values[name]) for name, tag in config.mailchimp.merge_fields.items() if values.get(name)}
+
+
+def may_join_audience(patient: Patient, config: ClinicConfig, opted_out: Iterable[str]) -> bool:
+    """Only patients with an e-mail who refused neither e-mail nor marketing, anywhere, ever."""
+    refused = set(opted_out) | {c.value for c in patient.consent.opted_out()} | _refusal(patient)
+    return bool(patient.email) and patient_excluded(patient, config.filters) is None and not refused & AUDIENCE_REFUSALS

@@ -37,6 +37,8 @@ class PatientState(BaseModel):
     phone_key: str | None = Field(default=None, description="HMAC of the E.164 phone, for the phone index")
     email_key: str | None = Field(default=None, description="HMAC of the e-mail: tells a changed e-mail")
     first_visit_at: datetime | None = Field(default=None, description="Earliest completed visit: repeat funnel")
+    last_visit_at: datetime | None = Field(default=None, description="Latest completed visit (audience field)")
+    audience_hash: str | None = Field(default=None, description="HMAC of the Mailchimp member we last sent")
     appointments: dict[str, AppointmentState] = Field(default_factory=dict)
 
     def appointment(self, appointment_id: str) -> AppointmentState:

@@ -11,8 +11,11 @@ Key design (documented in docs/storage.md):
     LEASE                   <name>                single-runner lease (overlapping scheduled polls)
     INTENT#<P|A>#<id>       I                     a create about to be sent (lost-response recovery)
     PHONE#<hmac>            PAT#<patient id>      phone index (keyed HMAC, never the number)
-    CONSENT#<subject>       CH#<channel>          current opt-out per channel (sticky)
-    CONSENT#<subject>       AUDIT#<ts>#<channel>  audit trail, expires via TTL
+    CONSENT#<subject>       CH#<channel>          current state per channel: opted_out, source, at (sticky)
+    CONSENT#<subject>       AUDIT#<ts>#<ch>#<ev>  audit trail (event, source, detail), expires via TTL
+    CONSENT#<subject>       ID                    keyed hashes and system ids the subject is known by
+    CONSENT#<subject>       OUT                   per output (crm, mis, mailchimp): the ledger digest it reached
+    EMAIL#<hmac>            SUBJ#<subject>        e-mail index: a Mailchimp event's address -> the subject
 
 One query on ``PAT#<id>`` returns everything about a patient. Nothing here holds a name, a phone
 or an e-mail: subjects and phone keys are HMACs under the clinic's key.
@@ -55,6 +58,8 @@ def _apply_item(state: PatientState, item: Mapping[str, Any]) -> None:
         state.phone_key = item.get("phone_key")
         state.email_key = item.get("email_key")
         state.first_visit_at = _opt_dt(item.get("first_visit_at"))
+        state.last_visit_at = _opt_dt(item.get("last_visit_at"))
+        state.audience_hash = item.get("audience_hash")
     elif sk.startswith("APPT#"):
         aid = sk.removeprefix("APPT#")
         state.appointments[aid] = AppointmentState(
@@ -84,6 +89,8 @@ def _items_for(state: PatientState, changed_appointments: Sequence[str]) -> list
             "phone_key": state.phone_key,
             "email_key": state.email_key,
             "first_visit_at": state.first_visit_at.isoformat() if state.first_visit_at else None,
+            "last_visit_at": state.last_visit_at.isoformat() if state.last_visit_at else None,
+            "audience_hash": state.audience_hash,
         }
     ]
     for aid in dict.fromkeys(changed_appointments):
@@ -299,8 +306,12 @@ class DynamoStore:
 
     # --- consent ledger ----------------------------------------------------------------------------
 
-    def record_opt_outs(self, subject: str, channels: Sequence[str], source: ConsentSource, at: int) -> None:
-        """Opt-outs are sticky: recording one again is a no-op, and nothing here ever opts back in."""
+    def record_opt_outs(
+        self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str = ""
+    ) -> list[str]:
+        """Opt-outs are sticky: recording one again is a no-op, and only a newer explicit opt-in (see
+        ``record_opt_ins``) ever lifts one. Returns the channels that changed (they need outputs)."""
+        changed = []
         for channel in channels:
             try:
                 self._table.put_item(
@@ -311,21 +322,61 @@ class DynamoStore:
                         "source": source,
                         "at": at,
                     },
-                    ConditionExpression="attribute_not_exists(pk)",
+                    # New, or an earlier opt-in that this later opt-out overrides.
+                    ConditionExpression="attribute_not_exists(pk) OR (opted_out = :no AND #at <= :at)",
+                    ExpressionAttributeNames={"#at": "at"},
+                    ExpressionAttributeValues={":no": False, ":at": at},
                 )
             except ClientError as exc:
                 if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                     raise
                 continue
-            self._table.put_item(
-                Item={
-                    "pk": f"CONSENT#{subject}",
-                    "sk": f"AUDIT#{at:012d}#{channel}",
-                    "event": "opt_out",
-                    "source": source,
-                    "expires_at": at + AUDIT_TTL_SECONDS,
-                }
-            )
+            self._audit(subject, channel, "opt_out", source, at, detail)
+            changed.append(channel)
+        return changed
+
+    def record_opt_ins(
+        self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str = ""
+    ) -> list[str]:
+        """An explicit opt-in from the MIS or the CRM lifts an opt-out only if it is newer than it."""
+        if source not in ("mis", "crm"):
+            raise ValueError("only the MIS or the CRM can record an opt-in")
+        changed = []
+        for channel in channels:
+            try:
+                self._table.put_item(
+                    Item={
+                        "pk": f"CONSENT#{subject}",
+                        "sk": f"CH#{channel}",
+                        "opted_out": False,
+                        "source": source,
+                        "at": at,
+                    },
+                    ConditionExpression="opted_out = :yes AND #at < :at",
+                    ExpressionAttributeNames={"#at": "at"},
+                    ExpressionAttributeValues={":yes": True, ":at": at},
+                )
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                    raise
+                continue
+            self._audit(subject, channel, "opt_in", source, at, detail)
+            changed.append(channel)
+        return changed
+
+    def _audit(self, subject: str, channel: str, event: str, source: str, at: int, detail: str) -> None:
+        self._table.put_item(
+            Item={
+                "pk": f"CONSENT#{subject}",
+                "sk": f"AUDIT#{at:012d}#{channel}#{event}",
+                "event": event,
+                "channel": channel,
+                "source": source,
+                "detail": detail,
+                "at": at,
+                "expires_at": at + AUDIT_TTL_SECONDS,
+            }
+        )
 
     def opted_out_many(self, subjects: Sequence[str], channels: Sequence[str]) -> dict[str, set[str]]:
         keys = [{"pk": f"CONSENT#{s}", "sk": f"CH#{c}"} for s in dict.fromkeys(subjects) for c in channels]
@@ -334,3 +385,53 @@ class DynamoStore:
             if item.get("opted_out"):
                 found[str(item["pk"]).removeprefix("CONSENT#")].add(str(item["sk"]).removeprefix("CH#"))
         return found
+
+    def consent_items(self, subject: str) -> list[dict[str, Any]]:
+        """Everything the ledger holds for one subject: channels, audit trail, identity, outputs."""
+        kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(f"CONSENT#{subject}")}
+        items: list[dict[str, Any]] = []
+        while True:
+            page = self._table.query(**kwargs)
+            items.extend(page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                return items
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def note_identity(self, subject: str, keys: Mapping[str, str | None]) -> None:
+        """Which keyed hashes and system ids a subject is known by (never the values themselves)."""
+        values = {k: v for k, v in keys.items() if v}
+        if not values:
+            return
+        names = {f"#k{i}": k for i, k in enumerate(values)}
+        sets = ", ".join(f"#k{i} = :v{i}" for i in range(len(values)))
+        self._table.update_item(
+            Key={"pk": f"CONSENT#{subject}", "sk": "ID"},
+            UpdateExpression=f"SET {sets}",
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues={f":v{i}": v for i, v in enumerate(values.values())},
+        )
+
+    def output_done(self, subject: str) -> dict[str, str]:
+        """Per output target, the ledger digest it last reached (a retried job skips finished targets)."""
+        item = self._table.get_item(Key={"pk": f"CONSENT#{subject}", "sk": "OUT"}).get("Item") or {}
+        return {str(k): str(v) for k, v in item.items() if k not in ("pk", "sk")}
+
+    def mark_output(self, subject: str, target: str, digest: str) -> None:
+        self._table.update_item(
+            Key={"pk": f"CONSENT#{subject}", "sk": "OUT"},
+            UpdateExpression="SET #t = :d",
+            ExpressionAttributeNames={"#t": target},
+            ExpressionAttributeValues={":d": digest},
+        )
+
+    # --- e-mail index ------------------------------------------------------------------------------
+
+    def index_emails(self, entries: Sequence[tuple[str, str]]) -> None:
+        """(e-mail key, subject) pairs: a Mailchimp event names an e-mail, the ledger needs the person."""
+        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+            for email_key, subject in dict.fromkeys(entries):
+                batch.put_item(Item={"pk": f"EMAIL#{email_key}", "sk": f"SUBJ#{subject}"})
+
+    def subjects_by_email(self, email_key: str) -> list[str]:
+        page = self._table.query(KeyConditionExpression=Key("pk").eq(f"EMAIL#{email_key}"))
+        return [str(item["sk"]).removeprefix("SUBJ#") for item in page.get("Items", [])]

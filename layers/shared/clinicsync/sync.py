@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
+from clinicsync.adapters.mailchimp import AudienceMember, MailchimpAudience
 from clinicsync.config import ClinicConfig
+from clinicsync.consent import ConsentLedger, email_subject
 from clinicsync.crypto import KeyedHasher
 from clinicsync.models import Channel, CrmObservation, PatientChanges, SyncMessage
 from clinicsync.observability import logger
@@ -27,7 +29,15 @@ from clinicsync.ports import (
     WriteOutcome,
 )
 from clinicsync.queue import shard_of
-from clinicsync.rules import Adoption, PatientPlan, apply_observation, changed_multifields, plan_patient
+from clinicsync.rules import (
+    Adoption,
+    PatientPlan,
+    apply_observation,
+    audience_merge_fields,
+    changed_multifields,
+    may_join_audience,
+    plan_patient,
+)
 from clinicsync.state import PatientState
 from clinicsync.store import DynamoStore
 
@@ -51,6 +61,7 @@ class SyncReport:
     skipped: dict[str, int] = field(default_factory=dict)
     removed: int = 0
     crm_requests: int = 0
+    audience_members: int = 0
 
 
 def _mis_subject(patient_id: str) -> str:
@@ -58,11 +69,21 @@ def _mis_subject(patient_id: str) -> str:
 
 
 class Syncer:
-    def __init__(self, config: ClinicConfig, store: DynamoStore, gateway: CrmGateway, hasher: KeyedHasher) -> None:
+    def __init__(
+        self,
+        config: ClinicConfig,
+        store: DynamoStore,
+        gateway: CrmGateway,
+        hasher: KeyedHasher,
+        ledger: ConsentLedger | None = None,
+        audience: MailchimpAudience | None = None,
+    ) -> None:
         self._config = config
         self._store = store
         self._gateway = gateway
         self._hasher = hasher
+        self._ledger = ledger
+        self._audience = audience
 
     def sync(self, changes: Sequence[PatientChanges], observations: Sequence[CrmObservation] = ()) -> SyncReport:
         report = SyncReport(patients=len(changes))
@@ -93,6 +114,7 @@ class Syncer:
         writes = [w for plan in plans for w in plan.writes] + self._lead_links(observations, states)
         intents = self._record_intents(writes)
         outcome = self._gateway.apply(writes) if writes else WriteOutcome()
+        self._sync_audience(plans, live, ledger, outcome, report)
         self._persist(plans, live, states, outcome, report, observed)
         if intents:
             created = {f"P#{pid}" for pid in outcome.contact_ids} | {f"A#{aid}" for aid in outcome.deal_ids}
@@ -198,17 +220,70 @@ class Syncer:
 
     def _consent_ledger(self, live: Sequence[PatientChanges]) -> dict[str, set[str]]:
         """Record the MIS's refusal flags; return every patient's opt-outs. The ledger is sticky:
-        an opt-out once recorded stays, whatever the MIS says later."""
+        an opt-out once recorded stays, whatever the MIS says later. An address unsubscribed before we
+        knew whose it was (``email:<HMAC>``) counts for the patient who has it now."""
         now = int(time.time())
         subjects = {item.patient.mis_id: _mis_subject(item.patient.mis_id) for item in live}
-        ledger = self._store.opted_out_many(list(subjects.values()), [c.value for c in Channel])
+        by_email = {
+            item.patient.mis_id: email_subject(self._hasher.email_key(item.patient.email))
+            for item in live
+            if item.patient.email
+        }
+        channels = [c.value for c in Channel]
+        ledger = self._store.opted_out_many([*subjects.values(), *by_email.values()], channels)
         for item in live:
             subject = subjects[item.patient.mis_id]
             new = sorted({c.value for c in item.patient.consent.opted_out()} - ledger[subject])
-            if new:
-                self._store.record_opt_outs(subject, new, "mis", now)
-                ledger[subject] |= set(new)
-        return {pid: ledger[subject] for pid, subject in subjects.items()}
+            if not new:
+                continue
+            emails = (item.patient.email,) if item.patient.email else ()
+            if self._ledger is not None:
+                self._ledger.opt_out([subject], new, "mis", "mis:refusal_flag", now, emails, skip=("mis",))
+            else:
+                self._store.record_opt_outs(subject, new, "mis", now, "mis:refusal_flag")
+            ledger[subject] |= set(new)
+        return {
+            pid: ledger[subject] | (ledger[by_email[pid]] if pid in by_email else set())
+            for pid, subject in subjects.items()
+        }
+
+    def _sync_audience(
+        self,
+        plans: Sequence[PatientPlan],
+        live: Sequence[PatientChanges],
+        ledger: dict[str, set[str]],
+        outcome: WriteOutcome,
+        report: SyncReport,
+    ) -> None:
+        """Keep consenting patients in the Mailchimp audience: one batch per message, unchanged members
+        skipped by hash. A Mailchimp failure never fails the CRM sync; those members are sent next time."""
+        if self._audience is None:
+            return
+        members: list[AudienceMember] = []
+        digests: dict[str, str] = {}
+        for plan, item in zip(plans, live, strict=True):
+            state = plan.next_state
+            patient = item.patient
+            if state is None or plan.patient_id in outcome.failed or not patient.email:
+                continue
+            if not may_join_audience(patient, self._config, ledger[plan.patient_id]):
+                continue
+            merges = audience_merge_fields(item, state, self._config) or {}
+            digest = self._hasher.content_hash({"email": patient.email, "merges": merges})
+            if digest != state.audience_hash:
+                members.append(AudienceMember(plan.patient_id, patient.email, merges))
+                digests[plan.patient_id] = digest
+        if not members:
+            return
+        try:
+            accepted = self._audience.upsert(members)
+        except Exception as exc:  # Mailchimp down: the CRM side is done, members go next time
+            logger.warning("mailchimp audience sync failed", extra={"error": type(exc).__name__})
+            accepted = set()
+        for plan in plans:
+            if plan.patient_id in accepted and plan.next_state is not None:
+                plan.next_state.audience_hash = digests[plan.patient_id]
+        report.audience_members += len(accepted)
 
     def _persist(
         self,
@@ -352,6 +427,14 @@ class Poller:
         # so neither adopts a contact found by their shared phone.
         self._store.index_phones(
             [(self._hasher.phone_key(c.patient.phone), c.patient.mis_id) for c in page.changes if c.patient.phone]
+        )
+        # A Mailchimp event names an address: the ledger must find the patient behind it.
+        self._store.index_emails(
+            [
+                (self._hasher.email_key(c.patient.email), f"pat:{c.patient.mis_id}")
+                for c in page.changes
+                if c.patient.email
+            ]
         )
         if messages:
             self._queue.send(messages)

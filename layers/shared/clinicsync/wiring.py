@@ -26,16 +26,18 @@ from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
 from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth, SecretsManagerTokenStore, lease_lock
 from clinicsync.adapters.ident_source import IdentSource
 from clinicsync.adapters.infoclinica import InfoClinicaApi, InfoClinicaSource
-from clinicsync.adapters.medods import MedodsApi, MedodsSource
+from clinicsync.adapters.mailchimp import MailchimpAudience, MailchimpClient
+from clinicsync.adapters.medods import MedodsApi, MedodsConsentWriter, MedodsSource
 from clinicsync.adapters.renovatio import RenovatioApi, RenovatioSource
 from clinicsync.budget import RequestPacer, SharedLeakyBucket
 from clinicsync.config import ClinicConfig, parse_clinic_config
+from clinicsync.consent import ConsentLedger, ConsentOutputs, UnsubscribeTokens
 from clinicsync.crm_events import CrmCatchUp, CrmEventProcessor
 from clinicsync.crypto import KeyedHasher
 from clinicsync.failures import FailureLog
 from clinicsync.ident import ConnectorInbox, IdentDirectory
-from clinicsync.ports import CrmGateway, MisSource
-from clinicsync.queue import SqsChangeQueue, SqsEventQueue
+from clinicsync.ports import CrmGateway, MisConsentWriter, MisSource
+from clinicsync.queue import SqsChangeQueue, SqsConsentQueue, SqsEventQueue
 from clinicsync.store import DynamoStore
 from clinicsync.sync import Poller, Syncer
 
@@ -53,6 +55,7 @@ class Settings(BaseModel):
     table_name: str = Field(min_length=1)
     sync_queue_url: str = Field(min_length=1)
     crm_event_queue_url: str = Field(min_length=1)
+    consent_queue_url: str = Field(min_length=1)
     config_parameter_name: str = Field(min_length=1)
     mis_secret_arn: str = Field(min_length=1)
     crm_secret_arn: str = Field(min_length=1)
@@ -106,8 +109,47 @@ def clinic_config() -> ClinicConfig:
     return _parse_config(_config_text())
 
 
+def clinic_secret() -> dict[str, Any]:
+    """hash_key, unsubscribe_key, mailchimp_api_key, mailchimp_webhook_secret."""
+    return secret(settings().clinic_secret_arn)
+
+
 def hasher() -> KeyedHasher:
-    return KeyedHasher(str(secret(settings().clinic_secret_arn)["hash_key"]).encode())
+    return KeyedHasher(str(clinic_secret()["hash_key"]).encode())
+
+
+def unsubscribe_tokens() -> UnsubscribeTokens:
+    ttl = clinic_config().consent.link_ttl_days
+    return UnsubscribeTokens(str(clinic_secret()["unsubscribe_key"]).encode(), ttl * 86400 if ttl else None)
+
+
+def consent_queue() -> SqsConsentQueue:
+    return SqsConsentQueue(sqs(), settings().consent_queue_url)
+
+
+def consent_ledger() -> ConsentLedger:
+    return ConsentLedger(store(), consent_queue(), settings().clinic_id, hasher())
+
+
+def mailchimp_audience(config: ClinicConfig) -> MailchimpAudience | None:
+    if config.mailchimp is None:
+        return None
+    client = MailchimpClient(str(clinic_secret()["mailchimp_api_key"]), http_client(), config.mailchimp.base_url)
+    return MailchimpAudience(client, config.mailchimp.list_id)
+
+
+def mis_consent_writer(config: ClinicConfig) -> MisConsentWriter | None:
+    """Where the MIS API can hold "do not send" flags; None where it cannot (the flag stays ours)."""
+    if config.mis.kind == "medods":
+        creds = secret(settings().mis_secret_arn)
+        api = MedodsApi(config.mis.base_url, str(creds["identity_key"]), str(creds["secret"]), http=http_client())
+        return MedodsConsentWriter(api)
+    return None
+
+
+def consent_outputs() -> ConsentOutputs:
+    config = _verified(_config_text())
+    return ConsentOutputs(config, store(), crm_gateway(config), mis_consent_writer(config), mailchimp_audience(config))
 
 
 def store() -> DynamoStore:
@@ -212,7 +254,7 @@ def _verified(config_text: str) -> ClinicConfig:
 
 def syncer() -> Syncer:
     config = _verified(_config_text())
-    return Syncer(config, store(), crm_gateway(config), hasher())
+    return Syncer(config, store(), crm_gateway(config), hasher(), consent_ledger(), mailchimp_audience(config))
 
 
 def event_queue() -> SqsEventQueue:
@@ -221,7 +263,7 @@ def event_queue() -> SqsEventQueue:
 
 def crm_events() -> CrmEventProcessor:
     config = _verified(_config_text())
-    return CrmEventProcessor(config, store(), crm_gateway(config), hasher(), change_queue())
+    return CrmEventProcessor(config, store(), crm_gateway(config), hasher(), change_queue(), consent_ledger())
 
 
 def crm_catch_up() -> CrmCatchUp:

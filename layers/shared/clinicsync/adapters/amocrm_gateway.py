@@ -197,6 +197,14 @@ class AmoCrmGateway:
             self._add_lead_phones(out)
         return out
 
+    def contact_emails(self, contact_ids: Sequence[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for chunk in _chunks(list(dict.fromkeys(contact_ids)), PAGE):
+            params = [("filter[id][]", contact_id) for contact_id in chunk]
+            for row in _embedded(self._client.request("GET", "/api/v4/contacts", params=params), "contacts"):
+                out[str(row["id"])] = self._values(row, code="EMAIL")
+        return out
+
     def _add_lead_phones(self, leads: dict[str, dict[str, str]]) -> None:
         """A new amoCRM lead's phone is on its contact: read those contacts in one request."""
         wanted = {row["contact_id"]: lead_id for lead_id, row in leads.items() if row.get("contact_id")}
@@ -238,8 +246,9 @@ class AmoCrmGateway:
             "modified_at": datetime.fromtimestamp(int(updated), UTC).isoformat() if updated else "",
         }
         if entity == "contact":
-            opt = self._field("opt_outs")
-            out["opt_outs"] = ",".join(self._values(row, field_id=opt)) if opt else ""
+            for name in ("opt_outs", "opt_ins"):
+                fid = self._field(name)
+                out[name] = ",".join(self._values(row, field_id=fid)) if fid else ""
         else:
             status = str(row.get("status_id") or "")
             contacts = _embedded(row, "contacts")

@@ -265,6 +265,19 @@ class Bitrix24Gateway:
         rows = [row for value in self._run_reads(commands).values() for row in _rows(value)]
         return {str(row["ID"]): self._canonical(entity, row) for row in rows}
 
+    def contact_emails(self, contact_ids: Sequence[str]) -> dict[str, list[str]]:
+        commands = {
+            f"e{n}": ("crm.contact.list", {"filter": {"@ID": list(ids)}, "select": ["ID", "EMAIL"]})
+            for n, ids in enumerate(_chunks(list(dict.fromkeys(contact_ids)), PAGE_SIZE))
+        }
+        rows = [row for value in self._run_reads(commands).values() for row in _rows(value)]
+        return {
+            str(row["ID"]): [
+                str(e.get("VALUE")) for e in row.get("EMAIL") or [] if isinstance(e, dict) and e.get("VALUE")
+            ]
+            for row in rows
+        }
+
     def changed_since(self, entity: str, since: str, limit: int) -> list[dict[str, str]]:
         """Records changed after ``since`` (ISO time) by anyone but our integration user, oldest first."""
         out: list[dict[str, str]] = []
@@ -284,7 +297,7 @@ class Bitrix24Gateway:
         return out[:limit]
 
     def _select(self, entity: str) -> list[str]:
-        return SELECT[entity] + ([self._custom("opt_outs")] if entity == "contact" else [])
+        return SELECT[entity] + ([self._custom("opt_outs"), self._custom("opt_ins")] if entity == "contact" else [])
 
     def _canonical(self, entity: str, row: Mapping[str, Any]) -> dict[str, str]:
         """Ids, stages and flags only; a lead's phone is normalised for the phone index, never stored."""
@@ -313,8 +326,9 @@ class Bitrix24Gateway:
                 "phone": next((n for n in numbers if n), ""),
             }
         else:
-            value = row.get(self._custom("opt_outs")) or ""
-            out["opt_outs"] = ",".join(value) if isinstance(value, list) else str(value)
+            for name in ("opt_outs", "opt_ins"):
+                value = row.get(self._custom(name)) or ""
+                out[name] = ",".join(value) if isinstance(value, list) else str(value)
         return out
 
     # --- IDENT tickets -----------------------------------------------------------------------------

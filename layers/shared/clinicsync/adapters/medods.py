@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -128,6 +128,24 @@ class MedodsApi:
                 logger.warning("medods server error", extra={"path": path, "status": response.status_code})
             self._sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
         raise MedodsError(f"GET {path}: retries exhausted")
+
+    def put(self, path: str, body: dict[str, Any]) -> Any:
+        """An idempotent update (the same flags written twice change nothing), so it is retried too."""
+        for attempt in range(1, self._max_attempts + 1):
+            self.requests += 1
+            headers = {"Authorization": f"Bearer {self._token()}"}
+            try:
+                response = self._http.put(self._base + path, json=body, headers=headers)
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                logger.warning("medods transport error", extra={"path": path, "error": type(exc).__name__})
+            else:
+                if response.status_code < 500:
+                    if response.status_code != 200:
+                        raise MedodsError(f"PUT {path}: HTTP {response.status_code}")
+                    return response.json()
+                logger.warning("medods server error", extra={"path": path, "status": response.status_code})
+            self._sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
+        raise MedodsError(f"PUT {path}: retries exhausted")
 
     def pages(self, path: str, params: dict[str, Any], limit: int) -> Iterator[list[dict[str, Any]]]:
         offset = 0
@@ -259,3 +277,27 @@ class MedodsSource:
             anonymous=raw.anonymous,
             version=raw.updatedAt,
         )
+
+
+# Ledger channel -> the MEDODS flag that says "do not send" for it. Each maps back to the same channel
+# when the poller reads the client again (denySmsDispatches would also read as marketing: not used).
+MEDODS_FLAGS = {
+    "email": "denyEmail",
+    "sms": "denySmsNotifications",
+    "call": "denyCalls",
+    "marketing": "denyWhatsappMessages",
+}
+
+
+class MedodsConsentWriter:
+    """``PUT /clients/{id}`` with the deny flags (public clients update a client's deny* fields)."""
+
+    writable_channels = frozenset(MEDODS_FLAGS)
+
+    def __init__(self, api: MedodsApi) -> None:
+        self._api = api
+
+    def write_opt_outs(self, patient_id: str, channels: Sequence[str]) -> None:
+        flags = {MEDODS_FLAGS[c]: True for c in channels if c in MEDODS_FLAGS}
+        if flags:
+            self._api.put(f"/clients/{patient_id}", flags)

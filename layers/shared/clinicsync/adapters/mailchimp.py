@@ -1,0 +1,176 @@
+"""Mailchimp Marketing API v3: member unsubscribes and the audience sync. It only translates.
+
+Facts relied on (looked up, see docs/consent.md): the API key ends in ``-<dc>`` which names the host
+``https://<dc>.api.mailchimp.com/3.0``; HTTP Basic auth with any user name and the key; a member is
+``/lists/{list_id}/members/{subscriber_hash}`` (MD5 of the trimmed, lower-cased e-mail), PATCH updates an
+existing member, PUT upserts with ``status_if_new``; at most 10 simultaneous connections per account
+(429 beyond); bulk writes go through ``POST /batches`` (asynchronous: pending → started → finished, the
+per-operation results in a gzipped tar at ``response_body_url``). Errors are problem+json documents.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from clinicsync.consent import subscriber_hash
+from clinicsync.observability import logger
+
+BATCH_OPERATIONS = 500  # operations per POST /batches; we stay well under the documented ceiling
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class MailchimpError(Exception):
+    def __init__(self, status: int, title: str) -> None:
+        super().__init__(f"Mailchimp HTTP {status}: {title}")
+        self.status = status
+        self.title = title
+
+
+def api_root(api_key: str, base_url: str | None = None) -> str:
+    if base_url:
+        return base_url.rstrip("/")
+    _, _, dc = api_key.rpartition("-")
+    if not dc.isalnum():
+        raise ValueError("Mailchimp API key has no data-centre suffix")
+    return f"https://{dc}.api.mailchimp.com/3.0"
+
+
+class MailchimpClient:
+    """One request at a time per container (the account allows 10 at once across all callers)."""
+
+    def __init__(
+        self,
+        api_key: str,
+        http: httpx.Client,
+        base_url: str | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        attempts: int = 4,
+    ) -> None:
+        self._root = api_root(api_key, base_url)
+        self._auth = httpx.BasicAuth("clinicsync", api_key)
+        self._http = http
+        self._sleep = sleep
+        self._attempts = attempts
+        self.requests = 0
+
+    def call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> tuple[int, Any]:
+        """(status, JSON body). 429 and 5xx are retried with backoff; 4xx come back to the caller."""
+        for attempt in range(self._attempts):
+            self.requests += 1
+            try:
+                response = self._http.request(method, self._root + path, json=body, auth=self._auth)
+            except httpx.TransportError as exc:
+                if method == "POST" and path == "/batches":
+                    raise MailchimpError(0, "batch outcome unknown") from exc  # never submit a batch twice
+                logger.warning("mailchimp transport error", extra={"error": type(exc).__name__})
+            else:
+                if response.status_code not in RETRY_STATUSES:
+                    return response.status_code, response.json() if response.content else None
+                logger.warning("mailchimp busy", extra={"status": response.status_code})
+            self._sleep(min(8.0, 0.5 * 2**attempt))
+        raise MailchimpError(503, "retries exhausted")
+
+    def download(self, url: str) -> bytes:
+        self.requests += 1
+        response = self._http.get(url)
+        response.raise_for_status()
+        return response.content
+
+
+@dataclass(frozen=True)
+class AudienceMember:
+    """One patient for the audience; the e-mail lives only in memory and in the request."""
+
+    patient_id: str
+    email: str
+    merge_fields: Mapping[str, str]
+
+
+class MailchimpAudience:
+    def __init__(
+        self,
+        client: MailchimpClient,
+        list_id: str,
+        sleep: Callable[[float], None] = time.sleep,
+        wait_seconds: float = 20.0,
+    ) -> None:
+        self._client = client
+        self._list = list_id
+        self._sleep = sleep
+        self._wait = wait_seconds
+
+    def _member_path(self, email: str) -> str:
+        return f"/lists/{self._list}/members/{subscriber_hash(email)}"
+
+    def unsubscribe(self, email: str) -> bool:
+        status, body = self._client.call("PATCH", self._member_path(email), {"status": "unsubscribed"})
+        if status == 404:
+            return False  # not in the audience: nothing to stop
+        if status >= 400:
+            raise MailchimpError(status, str((body or {}).get("title", "")))
+        return True
+
+    def upsert(self, members: Sequence[AudienceMember]) -> set[str]:
+        """PUT every member with ``status_if_new: subscribed`` (an existing member's status is never
+        changed, so nobody unsubscribed is ever re-subscribed), in batches of at most 500 operations.
+        Returns the patient ids Mailchimp accepted; the rest are retried on their next sync."""
+        accepted: set[str] = set()
+        for start in range(0, len(members), BATCH_OPERATIONS):
+            chunk = members[start : start + BATCH_OPERATIONS]
+            operations = [
+                {
+                    "method": "PUT",
+                    "path": self._member_path(m.email),
+                    "operation_id": m.patient_id,
+                    "body": json.dumps(
+                        {
+                            "email_address": m.email.strip(),
+                            "status_if_new": "subscribed",
+                            "merge_fields": dict(m.merge_fields),
+                        },
+                        ensure_ascii=False,
+                    ),
+                }
+                for m in chunk
+            ]
+            status, body = self._client.call("POST", "/batches", {"operations": operations})
+            if status >= 400 or not isinstance(body, dict):
+                raise MailchimpError(status, str((body or {}).get("title", "")))
+            accepted |= self._results(str(body["id"]))
+        return accepted
+
+    def _results(self, batch_id: str) -> set[str]:
+        deadline = time.monotonic() + self._wait
+        delay = 0.2
+        while True:
+            status, body = self._client.call("GET", f"/batches/{batch_id}")
+            if status >= 400 or not isinstance(body, dict):
+                raise MailchimpError(status, "batch status unavailable")
+            if body.get("status") == "finished":
+                break
+            if time.monotonic() > deadline:
+                logger.info("mailchimp batch still running; members are retried on their next sync")
+                return set()
+            self._sleep(delay)
+            delay = min(2.0, delay * 2)
+        url = body.get("response_body_url")
+        if not url:
+            return set()
+        ok: set[str] = set()
+        with tarfile.open(fileobj=io.BytesIO(self._client.download(str(url))), mode="r:gz") as archive:
+            for entry in archive.getmembers():
+                handle = archive.extractfile(entry) if entry.isfile() else None
+                if handle is None:
+                    continue
+                for result in json.loads(handle.read() or b"[]"):
+                    if int(result.get("status_code", 0)) < 300:
+                        ok.add(str(result.get("operation_id")))
+        return ok

@@ -1,0 +1,386 @@
+"""Consent: the ledger's use cases, one-click unsubscribe tokens and the outputs every opt-out must reach.
+
+Every input (a one-click link, a Mailchimp event, a CRM opt-out field, a MIS refusal flag) goes through
+``ConsentLedger``: the opt-out is recorded under the person's subject and, only if it changed something,
+a ``ConsentJob`` is queued. ``ConsentOutputs`` then pushes the ledger's *current* state to the CRM
+contact, the MIS and Mailchimp, marking each target done per ledger digest, so a retried job skips
+finished targets and a repeated input changes nothing (that is also what stops loops).
+
+Subjects: ``pat:<MIS id>`` for a known patient, ``email:<HMAC>`` for an address we cannot tie to one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import struct
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from clinicsync.config import ClinicConfig
+from clinicsync.crypto import KeyedHasher
+from clinicsync.models import Channel, ConsentJob, ConsentTarget
+from clinicsync.observability import logger
+from clinicsync.ports import ConsentSource, ContactWrite, CrmGateway, MisConsentWriter
+from clinicsync.store import DynamoStore
+
+ALL_CHANNELS = tuple(c.value for c in Channel)
+# What an e-mail unsubscribe (link or Mailchimp) refuses: e-mail, the channel the person clicked in.
+EMAIL_UNSUBSCRIBE = (Channel.EMAIL.value,)
+# Mailchimp must stop mailing anyone who refused e-mail or marketing.
+MAILCHIMP_CHANNELS = frozenset({Channel.EMAIL.value, Channel.MARKETING.value})
+
+
+def patient_subject(patient_id: str) -> str:
+    return f"pat:{patient_id}"
+
+
+def email_subject(email_key: str) -> str:
+    return f"email:{email_key}"
+
+
+def subject_patient(subject: str) -> str | None:
+    return subject.removeprefix("pat:") if subject.startswith("pat:") else None
+
+
+def subscriber_hash(email: str) -> str:
+    """Mailchimp's member id: MD5 of the trimmed, lower-cased address (never stored by us)."""
+    return hashlib.md5(email.strip().lower().encode(), usedforsecurity=False).hexdigest()
+
+
+def ledger_digest(opted_out: Sequence[str]) -> str:
+    return ",".join(sorted(set(opted_out))) or "-"
+
+
+# --- one-click links (RFC 8058) --------------------------------------------------------------------------
+
+
+class TokenError(ValueError):
+    """A link we refuse; ``reason`` is plain text safe to show, ``status`` the HTTP answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class LinkClaim:
+    patient_id: str
+    channel: Channel
+    expires_at: int  # 0: never
+
+
+_TOKEN_VERSION = 1
+_CHANNEL_CODES = {c: i for i, c in enumerate(Channel)}
+_MAC_BYTES = 16
+MAX_TOKEN_CHARS = 160
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    if not text or any(c not in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_" for c in text):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class UnsubscribeTokens:
+    """``<payload>.<mac>``, both base64url. The payload is version, list (channel), expiry and the MIS
+    patient id: no name, phone or e-mail. The MAC is HMAC-SHA256 under the clinic's link key, cut to
+    128 bits, so a forged or edited token fails and nothing needs storing to check one."""
+
+    def __init__(self, key: bytes, ttl_seconds: int | None = None, clock: Callable[[], float] = time.time) -> None:
+        if len(key) < 16:
+            raise ValueError("link key must be at least 16 bytes")
+        self._key = key
+        self._ttl = ttl_seconds
+        self._clock = clock
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(self._key, b"unsubscribe-link\x00" + payload, hashlib.sha256).digest()[:_MAC_BYTES]
+
+    def issue(self, patient_id: str, channel: Channel = Channel.EMAIL) -> str:
+        expires = int(self._clock()) + self._ttl if self._ttl else 0
+        pid = patient_id.encode()
+        if not 0 < len(pid) <= 64:
+            raise ValueError("patient id must be 1..64 bytes")
+        payload = struct.pack(">BBI", _TOKEN_VERSION, _CHANNEL_CODES[channel], expires) + pid
+        return f"{_b64(payload)}.{_b64(self._mac(payload))}"
+
+    def verify(self, token: str) -> LinkClaim:
+        if len(token) > MAX_TOKEN_CHARS or token.count(".") != 1:
+            raise TokenError(400, "malformed link")
+        head, tail = token.split(".")
+        try:
+            payload, mac = _unb64(head), _unb64(tail)
+        except ValueError as exc:
+            raise TokenError(400, "malformed link") from exc
+        if len(payload) < 7 or len(mac) != _MAC_BYTES:
+            raise TokenError(400, "malformed link")
+        if not hmac.compare_digest(mac, self._mac(payload)):
+            raise TokenError(403, "this link was not issued by us or has been altered")
+        version, code, expires = struct.unpack(">BBI", payload[:6])
+        channels = list(Channel)
+        if version != _TOKEN_VERSION or code >= len(channels):
+            raise TokenError(400, "unsupported link version")
+        if expires and expires < self._clock():
+            raise TokenError(410, "this link has expired")
+        try:
+            patient_id = payload[6:].decode()
+        except UnicodeDecodeError as exc:
+            raise TokenError(400, "malformed link") from exc
+        return LinkClaim(patient_id, channels[code], expires)
+
+
+def list_unsubscribe_headers(base_url: str, token: str, mailto: str | None = None) -> dict[str, str]:
+    """The two RFC 8058 headers for one recipient. The URL must be HTTPS (loopback HTTP only for the
+    local runtime); keep the header on one line: folding it broke DKIM checks for some senders."""
+    parts = urlsplit(base_url)
+    loopback = parts.hostname in ("127.0.0.1", "localhost")
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+        raise ValueError("List-Unsubscribe needs an https URL")
+    targets = [f"<{base_url.rstrip('/')}/unsubscribe/{token}>"]
+    if mailto:
+        targets.append(f"<mailto:{mailto}?subject=unsubscribe>")
+    return {"List-Unsubscribe": ", ".join(targets), "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+
+
+# --- recording -----------------------------------------------------------------------------------------------
+
+
+class ConsentQueue(Protocol):
+    def send(self, jobs: Sequence[ConsentJob]) -> None: ...
+
+
+class ConsentLedger:
+    """Records what an input says and queues the outputs, once per real change."""
+
+    def __init__(
+        self,
+        store: DynamoStore,
+        queue: ConsentQueue,
+        clinic_id: str,
+        hasher: KeyedHasher,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._queue = queue
+        self._clinic_id = clinic_id
+        self._hasher = hasher
+        self._clock = clock
+
+    def subjects_for_email(self, email: str) -> list[str]:
+        key = self._hasher.email_key(email)
+        return self._store.subjects_by_email(key) or [email_subject(key)]
+
+    def opt_out(
+        self,
+        subjects: Sequence[str],
+        channels: Sequence[str],
+        source: ConsentSource,
+        detail: str,
+        at: int | None = None,
+        emails: Sequence[str] = (),
+        skip: Sequence[ConsentTarget] = (),
+    ) -> list[str]:
+        """Returns the subjects whose state changed; only those get a job."""
+        when = int(at if at is not None else self._clock())
+        changed = [s for s in dict.fromkeys(subjects) if self._store.record_opt_outs(s, channels, source, when, detail)]
+        self._enqueue(changed, detail, emails, skip)
+        return changed
+
+    def opt_in(self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str) -> bool:
+        changed = bool(self._store.record_opt_ins(subject, channels, source, at, detail))
+        self._enqueue([subject] if changed else [], detail, (), ())
+        return changed
+
+    def _enqueue(
+        self, subjects: Sequence[str], reason: str, emails: Sequence[str], skip: Sequence[ConsentTarget]
+    ) -> None:
+        if not subjects:
+            return
+        now = int(self._clock())
+        self._queue.send(
+            [
+                ConsentJob(
+                    clinic_id=self._clinic_id,
+                    subject=s,
+                    reason=reason,
+                    emails=tuple(emails),
+                    skip=tuple(skip),
+                    produced_at=now,
+                )
+                for s in subjects
+            ]
+        )
+
+
+# --- outputs -------------------------------------------------------------------------------------------------
+
+
+class MailchimpMembers(Protocol):
+    def unsubscribe(self, email: str) -> bool:
+        """PATCH the member to ``unsubscribed``; False when the address is not in the audience."""
+        ...
+
+
+def consent_contact_write(patient_id: str, contact_id: str, opted_out: Sequence[str]) -> ContactWrite:
+    """The one rule for every CRM: the contact's opt-out field holds exactly the ledger's opt-outs."""
+    channels = sorted(set(opted_out))
+    return ContactWrite(patient_id, contact_id, {"mis_patient_id": patient_id, "opt_outs": channels or None})
+
+
+@dataclass
+class ConsentReport:
+    jobs: int = 0
+    crm_written: int = 0
+    mis_written: int = 0
+    mailchimp_unsubscribed: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # subject -> reason (no PII)
+
+    def skip(self, why: str) -> None:
+        self.skipped[why] = self.skipped.get(why, 0) + 1
+
+
+class ConsentOutputs:
+    """Pushes the ledger's state for a batch of subjects to every configured system.
+
+    CRM writes for the whole batch go in one ``apply`` (one Bitrix24 ``batch`` / amoCRM bulk PATCH);
+    e-mails for Mailchimp come from the job (in transit) or from the CRM contacts in one read.
+    """
+
+    def __init__(
+        self,
+        config: ClinicConfig,
+        store: DynamoStore,
+        gateway: CrmGateway | None,
+        mis: MisConsentWriter | None,
+        mailchimp: MailchimpMembers | None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._gateway = gateway
+        self._mis = mis
+        self._mailchimp = mailchimp
+
+    def push(self, jobs: Sequence[ConsentJob]) -> ConsentReport:
+        report = ConsentReport(jobs=len(jobs))
+        by_subject: dict[str, list[ConsentJob]] = {}
+        for job in jobs:
+            by_subject.setdefault(job.subject, []).append(job)
+        subjects = list(by_subject)
+        ledger = self._store.opted_out_many(subjects, ALL_CHANNELS)
+        done = {s: self._store.output_done(s) for s in subjects}
+        digests = {s: ledger_digest(sorted(ledger[s])) for s in subjects}
+        skips = {s: set.intersection(*(set(j.skip) for j in js)) for s, js in by_subject.items()}
+        for s in subjects:
+            for target in skips[s]:
+                if done[s].get(target) != digests[s]:
+                    self._store.mark_output(s, target, digests[s])  # the source already shows it
+                    done[s][target] = digests[s]
+        patients = {s: pid for s in subjects if (pid := subject_patient(s))}
+        states = self._store.load_patients({pid: [] for pid in patients.values()}) if patients else {}
+        contacts = {s: states[pid].contact_id for s, pid in patients.items() if states[pid].contact_id}
+        for s, pid in patients.items():
+            state = states[pid]  # who the subject is, for the audit: ids and keyed hashes only
+            keys = {"mis_id": pid, "crm_contact_id": state.contact_id}
+            self._store.note_identity(s, keys | {"phone_key": state.phone_key, "email_key": state.email_key})
+        self._crm(subjects, ledger, done, digests, contacts, report)
+        self._mis_flags(patients, ledger, done, digests, report)
+        emails = {s: [e for j in js for e in j.emails] for s, js in by_subject.items()}
+        self._mailchimp_members(subjects, ledger, done, digests, contacts, emails, report)
+        return report
+
+    def _crm(
+        self,
+        subjects: Sequence[str],
+        ledger: Mapping[str, set[str]],
+        done: Mapping[str, Mapping[str, str]],
+        digests: Mapping[str, str],
+        contacts: Mapping[str, str | None],
+        report: ConsentReport,
+    ) -> None:
+        if self._gateway is None:
+            return
+        writes: dict[str, ContactWrite] = {}
+        for s in subjects:
+            if done[s].get("crm") == digests[s]:
+                continue
+            contact = contacts.get(s)
+            if contact is None:
+                # No contact yet: the sync that creates it sends the ledger's opt-outs with it.
+                report.skip("crm_no_contact")
+                continue
+            pid = str(subject_patient(s))
+            writes[s] = consent_contact_write(pid, contact, sorted(ledger[s]))
+        if not writes:
+            return
+        outcome = self._gateway.apply(list(writes.values()))
+        for s, write in writes.items():
+            if write.patient_id in outcome.failed:
+                report.failed[s] = f"crm:{outcome.failed[write.patient_id]}"
+            else:
+                self._store.mark_output(s, "crm", digests[s])
+                report.crm_written += 1
+
+    def _mis_flags(
+        self,
+        patients: Mapping[str, str],
+        ledger: Mapping[str, set[str]],
+        done: Mapping[str, Mapping[str, str]],
+        digests: Mapping[str, str],
+        report: ConsentReport,
+    ) -> None:
+        for s, pid in patients.items():
+            if done[s].get("mis") == digests[s]:
+                continue
+            if self._mis is None:
+                report.skip("mis_not_writable")
+                continue
+            writable = self._mis.writable_channels & ledger[s]
+            try:
+                if writable:
+                    self._mis.write_opt_outs(pid, sorted(writable))
+                    report.mis_written += 1
+            except Exception as exc:  # retried with the job; the other subjects go on
+                report.failed[s] = f"mis:{type(exc).__name__}"
+                continue
+            self._store.mark_output(s, "mis", digests[s])
+
+    def _mailchimp_members(
+        self,
+        subjects: Sequence[str],
+        ledger: Mapping[str, set[str]],
+        done: Mapping[str, Mapping[str, str]],
+        digests: Mapping[str, str],
+        contacts: Mapping[str, str | None],
+        emails: Mapping[str, list[str]],
+        report: ConsentReport,
+    ) -> None:
+        if self._mailchimp is None:
+            return
+        todo = [s for s in subjects if done[s].get("mailchimp") != digests[s]]
+        refusing = [s for s in todo if ledger[s] & MAILCHIMP_CHANNELS]
+        lookup = [str(contacts[s]) for s in refusing if not emails.get(s) and contacts.get(s)]
+        from_crm = self._gateway.contact_emails(lookup) if lookup and self._gateway is not None else {}
+        for s in todo:
+            if s in refusing:
+                addresses = emails.get(s) or from_crm.get(str(contacts.get(s)), [])
+                try:
+                    report.mailchimp_unsubscribed += sum(self._mailchimp.unsubscribe(a) for a in addresses)
+                except Exception as exc:
+                    report.failed[s] = f"mailchimp:{type(exc).__name__}"
+                    continue
+                if not addresses:
+                    report.skip("mailchimp_no_address")
+            self._store.mark_output(s, "mailchimp", digests[s])
+        if report.failed:
+            logger.warning("consent outputs failed", extra={"failed": sorted(set(report.failed.values()))})

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import httpx
+
 from clinicsync.config import ClinicConfig, parse_clinic_config
 from clinicsync.models import Appointment, AppointmentStatus, Consent, Patient
 
@@ -50,3 +52,8 @@ def appointment(
 
 def days(n: int) -> timedelta:
     return timedelta(days=n)
+
+
+# Calls to the local HTTP API: the first one imports a handler (a cold start), which takes seconds on a
+# loaded two-core machine, so allow more than httpx's default 5 s.
+HTTP = httpx.Client(timeout=30.0)

@@ -14,6 +14,7 @@ import boto3
 import pytest
 
 from sandbox.local import LocalClinic
+from tests.helpers import HTTP
 
 
 @pytest.fixture(params=["bitrix24", "amocrm"])
@@ -132,21 +133,20 @@ def test_mis_refusal_flag(clinic: LocalClinic) -> None:
 
 
 def test_mailchimp_webhook_answers_fast_even_for_unknown_addresses(clinic: LocalClinic) -> None:
-    import httpx
 
     secret = clinic.clinic_secret["mailchimp_webhook_secret"]
     url = f"{clinic.api_url}/webhooks/mailchimp/{secret}"
-    assert httpx.get(url).status_code == 200  # Mailchimp's validation check
+    assert HTTP.get(url).status_code == 200  # Mailchimp's validation check
     assert clinic.mailchimp is not None
     body = (
         f"type=unsubscribe&fired_at=2026-01-01+10%3A00%3A00&data%5Baction%5D=unsub&data%5Breason%5D=manual"
         f"&data%5Bemail%5D=stranger%40example.org&data%5Blist_id%5D={clinic.mailchimp.list_id}"
     )
     form = {"content-type": "application/x-www-form-urlencoded"}
-    answer = httpx.post(url, content=body, headers=form)
+    answer = HTTP.post(url, content=body, headers=form)
     assert (answer.status_code, answer.json()["status"]) == (200, "recorded_unknown")
-    assert httpx.post(url.replace(secret, secret[:-1] + "x"), content=body, headers=form).status_code == 401
-    assert httpx.post(url, content="type=unsubscribe&data[email]=x", headers=form).status_code == 400
+    assert HTTP.post(url.replace(secret, secret[:-1] + "x"), content=body, headers=form).status_code == 401
+    assert HTTP.post(url, content="type=unsubscribe&data[email]=x", headers=form).status_code == 400
 
 
 @pytest.mark.parametrize("kind", ["forged", "expired", "tampered", "garbage"])
@@ -196,9 +196,8 @@ def test_unsubscribe_to_crm_latency_is_measured_through_the_event_sources(clinic
 
 
 def _get(clinic: LocalClinic, token: str) -> Any:
-    import httpx
 
-    return httpx.get(f"{clinic.api_url}/unsubscribe/{token}")
+    return HTTP.get(f"{clinic.api_url}/unsubscribe/{token}")
 
 
 def _tamper(token: str) -> str:

@@ -15,7 +15,6 @@ from typing import Any
 from urllib.parse import quote
 
 import boto3
-import httpx
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -26,6 +25,7 @@ from clinicsync.signing import sign_request
 from clinicsync_ident.cli import app as connector_cli
 from sandbox.local import LocalClinic
 from sandbox.seed import CLINIC_TZ
+from tests.helpers import HTTP
 
 MSK = CLINIC_TZ
 
@@ -139,9 +139,9 @@ def test_wrong_or_missing_key_is_refused_in_plain_text_and_reads_nothing(bitrix_
     query = f"dateTimeFrom={quote(start.isoformat(), safe='')}&dateTimeTo={quote(end.isoformat(), safe='')}"
     assert clinic.bitrix is not None
     requests_before = clinic.crm.stats()["requests"]
-    wrong = httpx.get(f"{base}/ident/GetTickets?{query}", headers={"IDENT-Integration-Key": "guess"})
-    missing = httpx.get(f"{base}/ident/GetTickets?{query}")
-    timetable = httpx.post(f"{base}/ident/PostTimeTable", json={"Doctors": []}, headers={"IDENT-Integration-Key": ""})
+    wrong = HTTP.get(f"{base}/ident/GetTickets?{query}", headers={"IDENT-Integration-Key": "guess"})
+    missing = HTTP.get(f"{base}/ident/GetTickets?{query}")
+    timetable = HTTP.post(f"{base}/ident/PostTimeTable", json={"Doctors": []}, headers={"IDENT-Integration-Key": ""})
     assert (wrong.status_code, missing.status_code, timetable.status_code) == (403, 401, 401)
     for response in (wrong, missing, timetable):
         assert response.headers["content-type"].startswith("text/plain")
@@ -170,11 +170,11 @@ def test_date_offsets_are_parsed_in_every_shape_ident_sends(
         start, end = start.astimezone(tz=None), end.astimezone(tz=None)
     url = f"{base}/ident/GetTickets?dateTimeFrom={encode(start)}&dateTimeTo={encode(end)}&limit=500&offset=0"
     assert clinic.ident_client is not None
-    response = httpx.get(url, headers={"IDENT-Integration-Key": _key(clinic)})
+    response = HTTP.get(url, headers={"IDENT-Integration-Key": _key(clinic)})
     assert response.status_code == 200, response.text
     assert inquiry in {t["Id"] for t in response.json()}
     # A window that ended before the lead was created does not list it: the offset was honoured.
-    earlier = httpx.get(
+    earlier = HTTP.get(
         f"{base}/ident/GetTickets?dateTimeFrom={encode(start - timedelta(days=2))}"
         f"&dateTimeTo={encode(start - timedelta(days=1))}",
         headers={"IDENT-Integration-Key": _key(clinic)},
@@ -195,7 +195,7 @@ def test_date_offsets_are_parsed_in_every_shape_ident_sends(
 )
 def test_bad_ticket_queries_get_a_plain_400(bitrix_clinic: LocalClinic, query: str) -> None:
     base = bitrix_clinic.servers[-1].base_url
-    response = httpx.get(f"{base}/ident/GetTickets?{query}", headers={"IDENT-Integration-Key": _key(bitrix_clinic)})
+    response = HTTP.get(f"{base}/ident/GetTickets?{query}", headers={"IDENT-Integration-Key": _key(bitrix_clinic)})
     assert response.status_code == 400
     assert response.headers["content-type"].startswith("text/plain")
     assert "invalid query parameters" in response.text
@@ -253,7 +253,7 @@ def test_timetable_keeps_doctor_and_branch_names_for_the_sync(bitrix_clinic: Loc
     assert names[f"BRANCH#{clinic.ident.branches()[0]['ID']}"] == clinic.ident.branches()[0]["Name"]
     timetable = next(i for i in items["Items"] if i["sk"] == "TIMETABLE")
     assert int(timetable["intervals"]) == len(clinic.ident.doctors()) * 3 * 8
-    bad = httpx.post(
+    bad = HTTP.post(
         f"{clinic.servers[-1].base_url}/ident/PostTimeTable",
         content=b'{"Doctors": [{"Name": "no id"}]}',
         headers={"IDENT-Integration-Key": _key(clinic), "Content-Type": "application/json"},
@@ -263,7 +263,7 @@ def test_timetable_keeps_doctor_and_branch_names_for_the_sync(bitrix_clinic: Loc
 
 def test_ident_routes_answer_404_for_a_clinic_on_another_mis(make_clinic: Callable[..., LocalClinic]) -> None:
     clinic = make_clinic(patients=3, appointments=3)  # MEDODS
-    response = httpx.get(
+    response = HTTP.get(
         f"{clinic.servers[-1].base_url}/ident/GetTickets?dateTimeFrom=x&dateTimeTo=y",
         headers={"IDENT-Integration-Key": "anything"},
     )
@@ -330,7 +330,7 @@ def test_connector_batches_need_a_fresh_valid_signature(bitrix_clinic: LocalClin
         headers = sign_request(key, now, "GET", "/ident/connector/settings", body)
     elif tamper == "expired":
         headers = sign_request(key, now - 3600, "POST", "/ident/connector/batches", body)
-    response = httpx.post(url, content=body, headers=headers)
+    response = HTTP.post(url, content=body, headers=headers)
     assert response.status_code == 401
     assert response.headers["content-type"].startswith("text/plain") and reason in response.text
     assert _inbox_depth(clinic) == 0
@@ -341,14 +341,14 @@ def test_a_signed_batch_is_queued_and_a_signed_bad_one_is_refused_whole(bitrix_c
     url = f"{clinic.servers[-1].base_url}/ident/connector/batches"
     key = str(_mis_secret(clinic)["connector_key"]).encode()
     good = _batch()
-    accepted = httpx.post(
+    accepted = HTTP.post(
         url, content=good, headers=sign_request(key, int(time.time()), "POST", "/ident/connector/batches", good)
     )
     assert accepted.status_code == 202 and accepted.json()["patients"] == 1
     assert _inbox_depth(clinic) == 1
     ConnectorBatch.model_validate_json(good)  # the shape the poller reads
     bad = json.dumps({"batch_id": "x", "connector_id": "test", "produced_at": "now", "changes": []}).encode()
-    refused = httpx.post(
+    refused = HTTP.post(
         url, content=bad, headers=sign_request(key, int(time.time()), "POST", "/ident/connector/batches", bad)
     )
     assert refused.status_code == 400 and "not a valid change batch" in refused.text

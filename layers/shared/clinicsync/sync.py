@@ -117,8 +117,7 @@ class Syncer:
         self._sync_audience(plans, live, ledger, outcome, report)
         self._persist(plans, live, states, outcome, report, observed)
         if intents:
-            created = {f"P#{pid}" for pid in outcome.contact_ids} | {f"A#{aid}" for aid in outcome.deal_ids}
-            self._store.clear_intents([k for k in intents if k in created])
+            self._store.clear_intents(_settled_intents(intents, writes, outcome))
         report.crm_requests = self._gateway.requests_made() - requests_before
         if outcome.failed:
             raise SyncIncomplete(outcome.failed)
@@ -328,6 +327,21 @@ class Syncer:
             saves.append((state, plan.changed_appointments + observed.get(plan.patient_id, [])))
         if saves:
             self._store.save_patients(saves, states)
+
+
+def _settled_intents(intents: Sequence[str], writes: Sequence[CrmWrite], outcome: WriteOutcome) -> list[str]:
+    """Create intents that may be forgotten: the record exists and its patient's state was stored.
+
+    A patient who failed is retried from an unknown state, so the creates that did land for them must
+    stay findable by MIS id: their intents are kept (the chaos suite found the duplicate otherwise)."""
+    done = {w.patient_id for w in writes if w.patient_id not in outcome.failed}
+    created = {f"P#{pid}" for pid in outcome.contact_ids if pid in done}
+    created |= {
+        f"A#{w.appointment_id}"
+        for w in writes
+        if isinstance(w, DealWrite) and w.appointment_id in outcome.deal_ids and w.patient_id in done
+    }
+    return [k for k in intents if k in created]
 
 
 def _merge_by_patient(changes: Sequence[PatientChanges]) -> list[PatientChanges]:

@@ -102,6 +102,19 @@ def test_a_confirmation_after_a_reschedule_moves_the_deal(make_clinic: Any) -> N
     assert clinic.mismatches() == []
 
 
+def test_a_visit_moved_and_confirmed_between_two_polls_is_confirmed(make_clinic: Any) -> None:
+    clinic: LocalClinic = make_clinic(patients=4, appointments=4, rate_limit=False)
+    client = clinic.mis.add_client("Лаврова", "+7 916 400-00-03")
+    visit = clinic.mis.book(client, clinic.mis.at(5, "10:00"))
+    clinic.sync()
+    clinic.medods.reschedule(visit, clinic.mis.at(8, "11:00"))
+    clinic.medods.confirm(visit)  # the patient confirms the new time before the next poll
+    clinic.sync()
+    stages = clinic.config.pipeline(repeat=False).stages
+    assert clinic.crm.deals()[str(visit)]["stage"] == stages["confirmed"]  # type: ignore[index]
+    assert clinic.crm.deals()[str(visit)]["visit_at"].startswith(clinic.mis.at(8, "11:00").date().isoformat())
+
+
 def test_two_edits_in_the_same_second_are_both_read_from_medods(make_clinic: Any) -> None:
     clinic: LocalClinic = make_clinic(patients=4, appointments=4, rate_limit=False)
     client = clinic.mis.add_client("Орехова", "+7 916 400-00-02")

@@ -144,13 +144,13 @@ def mis_moved_forward(status: AppointmentStatus, at_manual_move: AppointmentStat
 
 
 def effective_status(appointment: Appointment, known: AppointmentState) -> AppointmentStatus:
-    """A booked visit whose start time moved is a reschedule: same appointment id, new time."""
+    """A booked visit whose start time moved is a reschedule: same appointment id, new time.
+
+    It stays rescheduled while the MIS only says "booked" again. A visit the MIS reports as confirmed is
+    confirmed, moved or not (the dental case: "so does confirmation of attendance"); the chaos suite found
+    the earlier rule holding such a visit at rescheduled."""
     moved = known.starts_at is not None and known.starts_at != appointment.starts_at
-    if appointment.status in ACTIVE_STATUSES and moved:
-        return AppointmentStatus.RESCHEDULED
-    if appointment.status is AppointmentStatus.BOOKED and known.status is AppointmentStatus.RESCHEDULED and not moved:
-        # Stays rescheduled while the MIS only says "booked" again; a confirmation moves it on, as does
-        # any later status (the dental case: "so does confirmation of attendance").
+    if appointment.status is AppointmentStatus.BOOKED and (moved or known.status is AppointmentStatus.RESCHEDULED):
         return AppointmentStatus.RESCHEDULED
     return appointment.status
 

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 # Set before any handler module imports Powertools: no X-Ray, metrics still flushed to stdout as EMF.
 os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
@@ -16,6 +18,14 @@ from sandbox.local import LocalClinic, start_local_clinic
 from sandbox.runtime import LocalAws
 
 _ids = itertools.count(1)
+
+# Property-based tests: a small profile keeps `make test` fast; CLINICSYNC_HYPOTHESIS=large digs deeper.
+_QUIET = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large]
+for _name, _examples in (("small", 30), ("large", 600)):
+    hypothesis_settings.register_profile(
+        _name, max_examples=_examples, deadline=None, database=None, suppress_health_check=_QUIET
+    )
+hypothesis_settings.load_profile(os.environ.get("CLINICSYNC_HYPOTHESIS", "small"))
 
 
 @pytest.fixture(scope="session")

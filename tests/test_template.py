@@ -501,6 +501,27 @@ def check_iam_no_wildcards(t: Template) -> None:
             assert _target(args.get(arg_name)) in allowed, f"{name}: {template_name} on {args}"
 
 
+# Parameters that name the stack's own external resources: its secrets and its config parameter.
+STACK_OWN_PARAMETERS = {"MisSecretArn", "CrmSecretArn", "ClinicSecretArn", "ConfigParameterName"}
+
+
+def check_policy_resources_are_the_stacks_own(t: Template) -> None:
+    """Tenant isolation by IAM: every statement names a resource this stack creates, or one of its own
+    secrets / its config parameter. Nothing addresses another clinic's table, queue or secret."""
+    for statement in _statements(t):
+        for resource in _as_list(statement.get("Resource")):
+            target = _target(resource)
+            owned = target in t["Resources"] or target in STACK_OWN_PARAMETERS
+            assert owned, f"resource outside the stack: {resource!r} in {statement}"
+    for name, props in _functions(t).items():
+        for policy in _as_list(props.get("Policies", [])):
+            if isinstance(policy, dict) and "Statement" not in policy:
+                for template_name, args in policy.items():
+                    arg_name = POLICY_TEMPLATES.get(template_name, ("",))[0]
+                    target = _target((args or {}).get(arg_name))
+                    assert target in t["Resources"] or target in STACK_OWN_PARAMETERS, f"{name}: {policy}"
+
+
 def _grants(props: dict[str, Any]) -> set[tuple[str, str]]:
     grants: set[tuple[str, str]] = set()
     for policy in _as_list(props.get("Policies", [])):
@@ -582,6 +603,7 @@ CHECKS: list[Callable[[Template], None]] = [
     check_routes,
     check_log_groups,
     check_iam_no_wildcards,
+    check_policy_resources_are_the_stacks_own,
     check_least_privilege_per_function,
     check_alarms,
     check_outputs,
@@ -746,6 +768,35 @@ MUTATIONS: list[tuple[Callable[[Template], None], str, Callable[[Template], None
         ),
     ),
     (check_iam_no_wildcards, "managed", _add_policy("CrmWebhookFunction", "AmazonSQSFullAccess")),
+    (
+        check_policy_resources_are_the_stacks_own,
+        "alarm topic",
+        _add_policy(
+            "StageSyncerFunction",
+            {"Statement": [{"Effect": "Allow", "Action": "sns:Publish", "Resource": {"Ref": "AlarmTopicArn"}}]},
+        ),
+    ),
+    (
+        check_policy_resources_are_the_stacks_own,
+        "another clinic's table",
+        _add_policy(
+            "MisPollerFunction",
+            {
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Action": "dynamodb:GetItem",
+                        "Resource": {"Fn::Sub": "arn:aws:dynamodb:${AWS::Region}:${AWS::AccountId}:table/${ClinicId}"},
+                    }
+                ]
+            },
+        ),
+    ),
+    (
+        check_policy_resources_are_the_stacks_own,
+        "table by name",
+        _add_policy("UnsubscribeFunction", {"DynamoDBCrudPolicy": {"TableName": {"Ref": "ClinicId"}}}),
+    ),
     (
         check_iam_no_wildcards,
         "any secret",

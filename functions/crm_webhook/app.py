@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import time
 from typing import Any
@@ -61,11 +62,30 @@ def _reply(status: int, body: dict[str, Any]) -> Response[Any]:
     return Response(status_code=status, content_type=content_types.APPLICATION_JSON, body=body)
 
 
+class MalformedBody(ValueError):
+    """The body cannot even be read as bytes (bad base64, unencodable text): a 400 on every route."""
+
+
+@app.exception_handler(MalformedBody)
+def _malformed(exc: MalformedBody) -> Response[Any]:
+    return Response(status_code=400, content_type=content_types.TEXT_PLAIN, body=str(exc))
+
+
+def _raw_body() -> bytes:
+    """The body exactly as sent (signatures are over bytes, not over a re-decoded string). Never
+    Powertools' ``decoded_body``: it decodes base64 bodies as UTF-8 and raises on anything else."""
+    event = app.current_event
+    body = event.get("body") or ""
+    try:
+        return base64.b64decode(body, validate=True) if event.get("isBase64Encoded") else str(body).encode()
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise MalformedBody("the body is not valid base64 or text") from None
+
+
 @app.post("/webhooks/bitrix24")
 def bitrix24() -> Response[Any]:
-    event = app.current_event
     try:
-        form = parse_php_form(event.decoded_body or "")
+        form = parse_php_form(_raw_body())
         parsed = Bitrix24Event.model_validate(form)
     except FormError as exc:
         return _reply(400, {"error": "malformed_body", "detail": str(exc)})
@@ -113,7 +133,7 @@ def amocrm(secret: str) -> Response[Any]:
         metrics.add_metric(name="WebhooksRefused", unit=MetricUnit.Count, value=1)
         return _reply(401, {"error": "bad_secret"})
     try:
-        form = parse_php_form(app.current_event.decoded_body or "")
+        form = parse_php_form(_raw_body())
     except FormError as exc:
         return _reply(400, {"error": "malformed_body", "detail": str(exc)})
     account = form.get("account")
@@ -140,7 +160,7 @@ def _amocrm_events(form: dict[str, Any]) -> list[CrmEvent]:
             raise ValueError(f"{group}[{action}] is not a list of entities")
         for item in items.values():
             crm_id = item.get("id") if isinstance(item, dict) else None
-            if not isinstance(crm_id, str) or not crm_id.isdigit():
+            if not isinstance(crm_id, str) or not (crm_id.isascii() and crm_id.isdigit()):
                 raise ValueError(f"{group}[{action}] item without a numeric id")
             events.append(
                 CrmEvent(
@@ -159,13 +179,6 @@ def _amocrm_events(form: dict[str, Any]) -> list[CrmEvent]:
 
 def _text(status: int, reason: str) -> Response[Any]:
     return Response(status_code=status, content_type=content_types.TEXT_PLAIN, body=reason)
-
-
-def _raw_body() -> bytes:
-    """The body exactly as sent (signatures are over bytes, not over a re-decoded string)."""
-    event = app.current_event
-    body = event.get("body") or ""
-    return base64.b64decode(body) if event.get("isBase64Encoded") else str(body).encode()
 
 
 def _ident_refusal() -> Response[Any] | None:

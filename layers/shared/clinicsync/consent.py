@@ -75,7 +75,7 @@ class LinkClaim:
     expires_at: int  # 0: never
 
 
-_TOKEN_VERSION = 1
+_LINK_FORMAT_VERSION = 1
 _CHANNEL_CODES = {c: i for i, c in enumerate(Channel)}
 _MAC_BYTES = 16
 MAX_TOKEN_CHARS = 160
@@ -111,7 +111,7 @@ class UnsubscribeTokens:
         pid = patient_id.encode()
         if not 0 < len(pid) <= 64:
             raise ValueError("patient id must be 1..64 bytes")
-        payload = struct.pack(">BBI", _TOKEN_VERSION, _CHANNEL_CODES[channel], expires) + pid
+        payload = struct.pack(">BBI", _LINK_FORMAT_VERSION, _CHANNEL_CODES[channel], expires) + pid
         return f"{_b64(payload)}.{_b64(self._mac(payload))}"
 
     def verify(self, token: str) -> LinkClaim:
@@ -128,7 +128,7 @@ class UnsubscribeTokens:
             raise TokenError(403, "this link was not issued by us or has been altered")
         version, code, expires = struct.unpack(">BBI", payload[:6])
         channels = list(Channel)
-        if version != _TOKEN_VERSION or code >= len(channels):
+        if version != _LINK_FORMAT_VERSION or code >= len(channels):
             raise TokenError(400, "unsupported link version")
         if expires and expires < self._clock():
             raise TokenError(410, "this link has expired")

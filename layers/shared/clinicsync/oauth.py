@@ -40,6 +40,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 from pydantic import BaseModel, SecretStr, ValidationError
 
+from clinicsync.crypto import constant_time_equals
 from clinicsync.observability import logger
 
 if TYPE_CHECKING:
@@ -312,7 +313,7 @@ class OAuthSession[T: OAuthTokens]:
                     # The refresh token was spent by someone who did not hold our lock (an expired
                     # lease, an operator run): if the store moved on meanwhile, take its pair.
                     again = self._store.load()
-                    if _secret(again.refresh_token) != _secret(stored.refresh_token):
+                    if not constant_time_equals(_secret(again.refresh_token), _secret(stored.refresh_token)):
                         logger.warning(f"{name} oauth refresh token was rotated concurrently; using the stored pair")
                         self._remember(again)
                         return again.access_token.get_secret_value()
@@ -327,7 +328,7 @@ class OAuthSession[T: OAuthTokens]:
     def _moved_on(self, stored: T, stale_access_token: str) -> bool:
         """The store holds an access token other than the stale one that is not known to be expired
         (``expires == 0`` means unknown: trust a token that differs and let the next 401 tell)."""
-        return stored.access_token.get_secret_value() != stale_access_token and (
+        return not constant_time_equals(stored.access_token.get_secret_value(), stale_access_token) and (
             not stored.expires or stored.expires > self._clock()
         )
 

@@ -44,7 +44,7 @@ def verify_request(
     given = lowered.get(SIGNATURE_HEADER.lower(), "")
     if not stamp or not given:
         return Refusal(401, "missing signature headers")
-    if not stamp.isdigit() or len(stamp) > 12:
+    if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:  # "²".isdigit() is True
         return Refusal(401, "malformed timestamp")
     if abs(now - int(stamp)) > MAX_SKEW_SECONDS:
         return Refusal(401, "timestamp outside the allowed window; check the connector's clock")

@@ -9,6 +9,7 @@ Key design (documented in docs/storage.md):
     CRM#deal#<id>           MAP                   reverse map: patient id, appointment id
     CURSOR                  <source>              the poller's opaque cursor for a MIS feed
     LEASE                   <name>                single-runner lease (overlapping scheduled polls)
+    CLAIM#<patient id>      C                     the syncer invocation writing this patient right now
     INTENT#<P|A>#<id>       I                     a create about to be sent (lost-response recovery)
     PHONE#<hmac>            PAT#<patient id>      phone index (keyed HMAC, never the number)
     CONSENT#<subject>       CH#<channel>          current state per channel: opted_out, source, at (sticky)
@@ -286,6 +287,56 @@ class DynamoStore:
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                 raise
+
+    # --- per-patient claims ---------------------------------------------------------------------------
+
+    def claim_patients(self, patient_ids: Sequence[str], owner: str, now: int, seconds: int) -> set[str]:
+        """Claim patients for one syncer invocation; returns those claimed (the rest are held by another).
+
+        Conditional puts in TransactWriteItems of 100: one request per message in the normal case. A
+        cancelled transaction names the held items; the others are claimed again without them.
+        """
+        claimed: set[str] = set()
+        pending = list(dict.fromkeys(patient_ids))
+        client = self._table.meta.client
+        while pending:
+            chunk, pending = pending[:100], pending[100:]
+            while chunk:
+                items = [
+                    {
+                        "Put": {
+                            "TableName": self._table.name,
+                            "Item": {"pk": f"CLAIM#{pid}", "sk": "C", "owner": owner, "expires_at": now + seconds},
+                            "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now OR #o = :owner",
+                            "ExpressionAttributeNames": {"#o": "owner"},
+                            "ExpressionAttributeValues": {":now": now, ":owner": owner},
+                        }
+                    }
+                    for pid in chunk
+                ]
+                try:
+                    client.transact_write_items(TransactItems=items)  # type: ignore[arg-type]
+                except ClientError as exc:
+                    if exc.response["Error"]["Code"] != "TransactionCanceledException":
+                        raise
+                    reasons = exc.response.get("CancellationReasons", [])
+                    # A live claim fails its condition; two claims racing for one item conflict instead.
+                    busy = ("ConditionalCheckFailed", "TransactionConflict")
+                    held = {pid for pid, r in zip(chunk, reasons, strict=False) if r.get("Code") in busy}
+                    if not held:
+                        raise  # cancelled for another reason (a conflicting transaction): the caller retries
+                    chunk = [pid for pid in chunk if pid not in held]
+                    continue
+                claimed.update(chunk)
+                break
+        return claimed
+
+    def release_claims(self, patient_ids: Sequence[str]) -> None:
+        """Unconditional deletes in batches: a claim outlives the syncer's timeout, so while its owner
+        runs nobody else can have taken it over."""
+        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+            for pid in dict.fromkeys(patient_ids):
+                batch.delete_item(Key={"pk": f"CLAIM#{pid}", "sk": "C"})
 
     # --- phone index -------------------------------------------------------------------------------
 

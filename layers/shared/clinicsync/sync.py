@@ -6,6 +6,7 @@ Handlers call these; these call the rules, the ports and the store. Nothing here
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +41,12 @@ from clinicsync.rules import (
 )
 from clinicsync.state import PatientState
 from clinicsync.store import DynamoStore
+
+# A claim outlives the syncer's Lambda timeout (120 s), so a live invocation never loses it, and ends
+# before the sync queue's visibility timeout (720 s), so a killed invocation's retry finds it expired.
+CLAIM_SECONDS = 300
+CLAIM_WAIT_SECONDS = 3.0  # how long to wait for another invocation to finish a patient before deferring it
+BUSY = "patient_busy"
 
 
 class SyncIncomplete(Exception):
@@ -77,6 +84,8 @@ class Syncer:
         hasher: KeyedHasher,
         ledger: ConsentLedger | None = None,
         audience: MailchimpAudience | None = None,
+        claim_wait: float = CLAIM_WAIT_SECONDS,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._config = config
         self._store = store
@@ -84,11 +93,50 @@ class Syncer:
         self._hasher = hasher
         self._ledger = ledger
         self._audience = audience
+        self._claim_wait = claim_wait
+        self._sleep = sleep
 
     def sync(self, changes: Sequence[PatientChanges], observations: Sequence[CrmObservation] = ()) -> SyncReport:
+        """Sync one message. Each patient is claimed first (single writer, whatever delivered the
+        message); a patient another invocation holds is deferred: the message is retried for it."""
+        merged = _merge_by_patient(changes)
+        wanted = list(dict.fromkeys([c.patient.mis_id for c in merged] + [o.patient_id for o in observations]))
+        owner = uuid.uuid4().hex
+        claimed = self._claim(wanted, owner)
+        try:
+            busy = {pid: BUSY for pid in wanted if pid not in claimed}
+            if busy:
+                logger.warning("patients held by another sync; deferred", extra={"patients": len(busy)})
+            report = self._sync(
+                [c for c in merged if c.patient.mis_id in claimed],
+                [o for o in observations if o.patient_id in claimed],
+                busy,
+            )
+        finally:
+            if claimed:
+                self._store.release_claims(sorted(claimed))
+        report.patients = len(changes)
+        return report
+
+    def _claim(self, patient_ids: list[str], owner: str) -> set[str]:
+        claimed: set[str] = set()
+        delay, waited = 0.1, 0.0
+        while True:
+            pending = [pid for pid in patient_ids if pid not in claimed]
+            if pending:
+                claimed |= self._store.claim_patients(pending, owner, int(time.time()), CLAIM_SECONDS)
+            if len(claimed) == len(patient_ids) or waited >= self._claim_wait:
+                return claimed
+            self._sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 1.0)
+
+    def _sync(
+        self, changes: Sequence[PatientChanges], observations: Sequence[CrmObservation], busy: dict[str, str]
+    ) -> SyncReport:
         report = SyncReport(patients=len(changes))
         requests_before = self._gateway.requests_made()
-        live = self._drop_archived(_merge_by_patient(changes), report)
+        live = self._drop_archived(list(changes), report)
         ledger = self._consent_ledger(live)
         wanted: dict[str, list[str]] = {c.patient.mis_id: [a.mis_id for a in c.appointments] for c in live}
         for obs in observations:
@@ -119,8 +167,8 @@ class Syncer:
         if intents:
             self._store.clear_intents(_settled_intents(intents, writes, outcome))
         report.crm_requests = self._gateway.requests_made() - requests_before
-        if outcome.failed:
-            raise SyncIncomplete(outcome.failed)
+        if outcome.failed or busy:
+            raise SyncIncomplete({**busy, **outcome.failed})
         return report
 
     def _look_up(self, live: Sequence[PatientChanges], states: dict[str, PatientState]) -> CrmMatches:

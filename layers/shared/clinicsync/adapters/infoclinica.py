@@ -365,9 +365,14 @@ class InfoClinicaApi:
         return out
 
 
+def _is_number(text: str | None) -> bool:
+    """ASCII digits only: str.isdigit() also accepts "²" and other digits int() refuses."""
+    return bool(text) and re.fullmatch(r"[0-9]{1,18}", text or "") is not None
+
+
 def _items_total(out: Element, returned: int) -> int:
     text = text_at(out, "RECORDSDATA", "ITEMSNUMBER")
-    return int(text) if text and text.isdigit() else returned
+    return int(text) if text and _is_number(text) else returned
 
 
 def _flag(value: str | None) -> bool:
@@ -435,7 +440,7 @@ class InfoClinicaSource:
             entries[feed] = [record(el) for el in children(out, block)]
             more = more or _items_total(out, len(entries[feed])) > len(entries[feed])
         ack = {
-            feed: [int(e["CHANGEID"]) for e in items if e.get("CHANGEID", "").isdigit()]
+            feed: [int(e["CHANGEID"]) for e in items if _is_number(e.get("CHANGEID"))]
             for feed, items in entries.items()
         }
 
@@ -472,7 +477,7 @@ class InfoClinicaSource:
         return ChangePage(changes=changes, cursor=cursor, more=bool(visits) and next_row <= total, rejected=rejected)
 
     def _schedule_info(self, sched_id: str) -> Record | None:
-        if not sched_id.isdigit():
+        if not _is_number(sched_id):
             logger.warning("change entry rejected", extra={"reason": "no SCHEDID"})
             return None
         try:
@@ -515,7 +520,7 @@ class InfoClinicaSource:
     # --- translation --------------------------------------------------------------------------
 
     def _client_info(self, pcode: str) -> Patient:
-        if not pcode.isdigit():
+        if not _is_number(pcode):
             raise ValueError("no PCODE")
         out = self._api.call("CLIENT_INFO", [("PCODE", pcode)])
         info = child(out, "CLIENT_MAININFO")

@@ -13,11 +13,11 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import jwt
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, ValidationError
 
 from clinicsync.config import ClinicConfig
 from clinicsync.dates import parse_mis_datetime
@@ -42,10 +42,20 @@ def _marker_time(marker: str) -> int:
     return int(head) if head.isdigit() else 0
 
 
+def _id_text(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# Ids become our MIS ids and URL path segments (/clients/{id}): only the MisId alphabet gets through.
+MedodsId = Annotated[
+    str, BeforeValidator(_id_text), StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+]
+
+
 class MedodsClient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    id: int | str
+    id: MedodsId
     name: str | None = None
     surname: str | None = None
     secondName: str | None = None
@@ -66,8 +76,8 @@ class MedodsClient(BaseModel):
 class MedodsAppointment(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    id: int | str
-    clientId: int | str
+    id: MedodsId
+    clientId: MedodsId
     userId: int | str | None = None
     clinicId: int | str | None = None
     date: str
@@ -124,7 +134,10 @@ class MedodsApi:
                 if response.status_code < 500:
                     if response.status_code != 200:
                         raise MedodsError(f"GET {path}: HTTP {response.status_code}")
-                    return response.json()
+                    try:
+                        return response.json()
+                    except ValueError:  # an HTML error page, a cut-off body, not UTF-8
+                        raise MedodsError(f"GET {path}: the answer is not JSON") from None
                 logger.warning("medods server error", extra={"path": path, "status": response.status_code})
             self._sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
         raise MedodsError(f"GET {path}: retries exhausted")
@@ -151,7 +164,9 @@ class MedodsApi:
         offset = 0
         while True:
             body = self.get(path, {**params, "limit": limit, "offset": offset})
-            rows = body.get("data", []) if isinstance(body, dict) else []
+            rows = body.get("data", []) if isinstance(body, dict) else None
+            if not isinstance(rows, list):
+                raise MedodsError(f"GET {path}: the answer is not a page of records")
             yield rows
             if len(rows) < limit:
                 return
@@ -213,10 +228,31 @@ class MedodsSource:
                     more = True
                     break
 
-        for client_id in {str(a.clientId) for a in appointments} - clients.keys():
-            body = self._api.get(f"/clients/{client_id}")
-            clients[client_id] = MedodsClient.model_validate(body.get("data", body) if isinstance(body, dict) else {})
+        unreadable = self._fetch_missing_clients(appointments, clients)
+        changes, more_rejected = self._changes(appointments, clients, unreadable)
+        floor = min(marks.values()) - overlap
+        new_cursor = {**marks, "seen": {k: v for k, v in seen.items() if _marker_time(v) >= floor}}
+        return ChangePage(changes=changes, cursor=new_cursor, more=more, rejected=rejected + more_rejected)
 
+    def _fetch_missing_clients(
+        self, appointments: list[MedodsAppointment], clients: dict[str, MedodsClient]
+    ) -> set[str]:
+        """Cards of visits whose client did not change; the ids of cards that cannot be read."""
+        unreadable: set[str] = set()
+        for client_id in sorted({str(a.clientId) for a in appointments} - clients.keys()):
+            body = self._api.get(f"/clients/{client_id}")
+            try:
+                clients[client_id] = MedodsClient.model_validate(
+                    body.get("data", body) if isinstance(body, dict) else {}
+                )
+            except ValidationError:
+                unreadable.add(client_id)  # its visits are rejected; one bad card never blocks the feed
+        return unreadable
+
+    def _changes(
+        self, appointments: list[MedodsAppointment], clients: dict[str, MedodsClient], unreadable: set[str]
+    ) -> tuple[list[PatientChanges], int]:
+        rejected = 0
         by_patient: dict[str, list[Appointment]] = {}
         for raw in appointments:
             try:
@@ -226,14 +262,22 @@ class MedodsSource:
                 logger.warning("appointment rejected", extra={"appointment_id": str(raw.id), "reason": str(exc)})
                 continue
             by_patient.setdefault(appointment.patient_id, []).append(appointment)
-
-        changes = [
-            PatientChanges(patient=self._patient(client), appointments=tuple(by_patient.get(pid, ())))
-            for pid, client in clients.items()
-        ]
-        floor = min(marks.values()) - overlap
-        new_cursor = {**marks, "seen": {k: v for k, v in seen.items() if _marker_time(v) >= floor}}
-        return ChangePage(changes=changes, cursor=new_cursor, more=more, rejected=rejected)
+        changes = []
+        for pid, client in clients.items():
+            visits = tuple(by_patient.get(pid, ()))
+            try:
+                patient = self._patient(client)
+            except ValidationError as exc:
+                rejected += 1 + len(visits)
+                fields = sorted({str(e["loc"][0]) for e in exc.errors() if e["loc"]})
+                logger.warning("patient rejected", extra={"patient_id": pid, "fields": fields})
+                continue
+            if patient.mis_id != pid:
+                rejected += 1 + len(visits)  # the card answered for another id than was asked
+                continue
+            changes.append(PatientChanges(patient=patient, appointments=visits))
+        rejected += sum(len(by_patient.get(pid, ())) for pid in unreadable)
+        return changes, rejected
 
     def _patient(self, raw: MedodsClient) -> Patient:
         sex = {"male": "m", "female": "f", "m": "m", "f": "f", "1": "m", "2": "f"}.get(str(raw.sex).lower())

@@ -9,7 +9,12 @@ import boto3
 
 from clinicsync.failures import FailureLog
 
-QUEUES = {"sync": ("SyncQueue", "SyncDLQ"), "crm-events": ("CrmEventQueue", "CrmEventDLQ")}
+QUEUES = {
+    "sync": ("SyncQueue", "SyncDLQ"),
+    "crm-events": ("CrmEventQueue", "CrmEventDLQ"),
+    "consent": ("ConsentQueue", "ConsentDLQ"),
+    "ident-inbox": ("IdentInboxQueue", "IdentInboxDLQ"),
+}
 
 
 class StackNotFound(Exception):

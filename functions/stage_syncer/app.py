@@ -132,7 +132,9 @@ def _consent_jobs(event: dict[str, Any], context: LambdaContext) -> dict[str, An
 
     def check(record: ConsentRecord) -> None:
         if record.body.subject in report.failed:
-            raise RuntimeError(f"consent outputs incomplete: {report.failed[record.body.subject]}")
+            error = RuntimeError(f"consent outputs incomplete: {report.failed[record.body.subject]}")
+            _remember_failure("consent", record.messageId, error)
+            raise error
 
     response = process_partial_response(event=event, record_handler=check, processor=consent_processor, context=context)
     metrics.add_metric(name="ConsentCrmWrites", unit=MetricUnit.Count, value=report.crm_written)

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from clinicsync.adapters.ident import ConnectorBatch
 from clinicsync.failures import FailureLog
-from clinicsync.models import CrmEvent, SyncMessage
+from clinicsync.models import ConsentJob, CrmEvent, SyncMessage
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs.client import SQSClient
@@ -50,6 +51,10 @@ class DeadLetter:
                 "patients": len(body.get("changes") or []),
                 "observations": len(body.get("observations") or []),
             }
+        if "batch_id" in body:
+            return {"kind": "ident_batch", "batch": body.get("batch_id"), "patients": len(body.get("changes") or [])}
+        if "subject" in body:
+            return {"kind": "consent", "subject": str(body.get("subject", ""))[:24]}
         return {"kind": "crm_event", "entity": body.get("entity"), "crm_id": body.get("crm_id")}
 
 
@@ -97,7 +102,8 @@ def dead_letters(sqs: SQSClient, dlq_url: str, failures: FailureLog, queue: str,
 
 def _unreadable(body: str, queue: str) -> str | None:
     """A message the handler could not even parse never reached the code that records reasons."""
-    model = SyncMessage if queue == "sync" else CrmEvent
+    models: dict[str, type[BaseModel]] = {"sync": SyncMessage, "crm-events": CrmEvent, "consent": ConsentJob}
+    model = models.get(queue, ConnectorBatch)
     try:
         model.model_validate_json(body)
     except ValidationError as exc:

@@ -6,6 +6,7 @@ from the clinic config, so a rule that drifts shows up as a difference.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,9 +27,16 @@ class ExpectedDeal:
     stage: str
 
 
-def expected_deals(view: MisView, config: ClinicConfig) -> dict[str, ExpectedDeal]:
+def expected_deals(
+    view: MisView, config: ClinicConfig, created_in: Mapping[str, str] | None = None
+) -> dict[str, ExpectedDeal]:
     """Every visit the MIS feed covers, of a patient who may be sent, in the stage its raw status maps to;
-    the funnel is 'repeat' when the patient had a completed visit before it."""
+    the funnel is 'repeat' when the patient had a completed visit before it.
+
+    A deal keeps the funnel it was created in (docs/statuses.md): ``created_in`` maps appointment ids to
+    the funnel (category id) this oracle expected when their deal first appeared, and those stay put."""
+    pipelines = {p.category_id: p for p in config.crm.pipelines.values()}
+    created_in = created_in or {}
     clients = {c["id"]: c for c in view.clients()}
     visits = view.visits()
     kind = view.kind
@@ -46,7 +54,7 @@ def expected_deals(view: MisView, config: ClinicConfig) -> dict[str, ExpectedDea
         if client["refused_processing"] or client["archived"] or row["anonymous"] or not view.in_feed(row["start"]):
             continue
         repeat = any(start < row["start"] for start in completed.get(row["client_id"], []))
-        pipeline = config.pipeline(repeat=repeat)
+        pipeline = pipelines.get(created_in.get(row["id"], ""), config.pipeline(repeat=repeat))
         expected[row["id"]] = ExpectedDeal(
             row["id"], row["client_id"], pipeline.category_id, pipeline.stages[status(row)]
         )

@@ -88,6 +88,7 @@ class LocalClinic:
     api_url: str = ""
     crm_url: str = ""  # the CRM emulator's base URL (chaos runs disturb calls to it)
     clinic_secret: dict[str, str] = field(default_factory=dict)
+    funnel_at_creation: dict[str, str] = field(default_factory=dict)  # appointment id → category id
 
     @property
     def medods(self) -> MedodsEmulator:
@@ -108,6 +109,7 @@ class LocalClinic:
             )
         drain = self.stack.drain_all()
         after = self.crm.stats()
+        self.note_created_deals()
         return RunSummary(
             poll,
             drain,
@@ -136,6 +138,7 @@ class LocalClinic:
         for key, value in self.stack.drain_all().items():
             drain[key] += value
         after = self.crm.stats()
+        self.note_created_deals()
         return RunSummary(
             poll=poll,
             drain=drain,
@@ -204,7 +207,15 @@ class LocalClinic:
         raise TimeoutError(f"the CRM showed no opt-out within {timeout} s")
 
     def expected_deals(self) -> dict[str, ExpectedDeal]:
-        return expected_deals(self.mis, self.config)
+        return expected_deals(self.mis, self.config, self.funnel_at_creation)
+
+    def note_created_deals(self) -> None:
+        """Remember the funnel the oracle expected for each deal when it first appeared: a deal keeps the
+        funnel it was created in, even when an earlier visit is completed later (docs/statuses.md)."""
+        new = set(self.crm.deals()) - set(self.funnel_at_creation)
+        if new:
+            expected = expected_deals(self.mis, self.config, self.funnel_at_creation)
+            self.funnel_at_creation.update({aid: expected[aid].category_id for aid in new if aid in expected})
 
     def mismatches(self) -> list[str]:
         return mismatches(self.expected_deals(), self.crm.deals())

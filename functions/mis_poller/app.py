@@ -52,10 +52,11 @@ def lambda_handler(event: ScheduledRun, context: LambdaContext) -> dict[str, Any
     return asdict(report)
 
 
-def _directory(event: ScheduledRun) -> dict[str, Any]:  # noqa: ARG001 - every job is the same poll
-    """The lab case: the LIS's registers two-way with vTiger. vTiger has no webhooks, so every job is the
-    same poll of both sides (``modifiedtime`` in vTiger, ``updated_since`` in the LIS)."""
-    report = wiring.directory_sync().run()
+def _directory(event: ScheduledRun) -> dict[str, Any]:
+    """The lab case: the LIS's registers two-way with vTiger. vTiger has no webhooks, so ``poll`` and
+    ``catchup`` are the same poll of both sides (``modifiedtime`` in vTiger, ``updated_since`` in the
+    LIS); ``resync`` reads both registers in full (unchanged records cost no write)."""
+    report = wiring.directory_sync().run(full=event.job == "resync")
     metrics.add_metric(name="DirectoryConflicts", unit=MetricUnit.Count, value=report.conflicts)
     metrics.add_metric(name="DirectoryFailures", unit=MetricUnit.Count, value=len(report.failed))
     result = asdict(report)

@@ -310,18 +310,21 @@ class DirectorySync:
     def _digest(self, value: str | None) -> str:
         return self._hasher.content_hash(["directory-field", value])
 
-    def run(self) -> DirectoryReport:
+    def run(self, full: bool = False) -> DirectoryReport:
+        """``full``: read both sides from the start (the deep resync); unchanged records cost no write."""
         report = DirectoryReport()
         for kind in KINDS:
-            self._run_kind(kind, report)
+            self._run_kind(kind, report, full)
         if report.conflicts or report.failed:
             logger.info(
                 "directory sync finished", extra={"conflicts": report.conflicts, "failed": sorted(report.failed)}
             )
         return report
 
-    def _read_lis(self, kind: Kind, report: DirectoryReport) -> tuple[dict[str, DirectoryRecord], Cursor | None]:
-        cursor = self._cursors.get_cursor(f"lis:{kind}")
+    def _read_lis(
+        self, kind: Kind, report: DirectoryReport, full: bool
+    ) -> tuple[dict[str, DirectoryRecord], Cursor | None]:
+        cursor = None if full else self._cursors.get_cursor(f"lis:{kind}")
         records: dict[str, DirectoryRecord] = {}
         for _ in range(self._max_pages):
             page = self._lis.changed(kind, cursor)
@@ -332,9 +335,9 @@ class DirectorySync:
                 break
         return records, cursor
 
-    def _run_kind(self, kind: Kind, report: DirectoryReport) -> None:
-        lis_changed, lis_cursor = self._read_lis(kind, report)
-        crm_cursor_in = self._cursors.get_cursor(f"vtiger:{kind}")
+    def _run_kind(self, kind: Kind, report: DirectoryReport, full: bool) -> None:
+        lis_changed, lis_cursor = self._read_lis(kind, report, full)
+        crm_cursor_in = None if full else self._cursors.get_cursor(f"vtiger:{kind}")
         since = str(crm_cursor_in["modifiedtime"]) if crm_cursor_in else None
         crm_rows, crm_cursor = self._crm.changed_since(kind, since)
         crm_changed: dict[str, CrmRecord] = {}

@@ -167,6 +167,7 @@ class LisSource:
         and the offset within it, so a page boundary never skips a record; re-reads are harmless."""
         since = int((cursor or {}).get("since", 0))
         offset = int((cursor or {}).get("offset", 0))
+        seen = set((cursor or {}).get("seen", ()))  # ids already read at exactly ``since``
         params = {"updated_since": max(0, since - self._overlap), "limit": self._page, "offset": offset}
         body = self._api.call("GET", f"/api/v1/{PATHS[kind]}", params=params)
         items = body.get("items") if isinstance(body, dict) else None
@@ -181,10 +182,17 @@ class LisSource:
                 rid = raw.get("id") if isinstance(raw, dict) else None
                 logger.warning("lis record rejected", extra={"kind": kind, "lis_id": str(rid)[:16]})
                 continue
-            records.append(record)
             newest = max(newest, record.version)
+            if not (record.version == since and record.lis_id in seen):
+                records.append(record)
         more = len(items) == self._page
-        next_cursor = {"since": since, "offset": offset + len(items)} if more else {"since": newest, "offset": 0}
+        if more:
+            next_cursor: dict[str, Any] = {"since": since, "offset": offset + len(items), "seen": sorted(seen)}
+        else:
+            # The watermark is inclusive; the ids read at it are skipped next time unless edited again
+            # (a same-second re-edit waits for the twice-daily full read, the deep resync).
+            at_newest = {r.lis_id for r in records if r.version == newest} | (seen if newest == since else set())
+            next_cursor = {"since": newest, "offset": 0, "seen": sorted(at_newest)}
         return DirectoryPage(records, next_cursor, more, rejected)
 
     def get(self, kind: Kind, lis_ids: Sequence[str]) -> dict[str, DirectoryRecord]:

@@ -165,15 +165,17 @@ class LisSource:
     def changed(self, kind: Kind, cursor: Cursor | None) -> DirectoryPage:
         """One page of records updated at or after the cursor's watermark. The cursor keeps the watermark
         and the offset within it, so a page boundary never skips a record; re-reads are harmless."""
-        since = int((cursor or {}).get("since", 0))
-        offset = int((cursor or {}).get("offset", 0))
-        seen = set((cursor or {}).get("seen", ()))  # ids already read at exactly ``since``
+        state = dict(cursor or {})
+        since, offset = int(state.get("since", 0)), int(state.get("offset", 0))
+        seen = set(state.get("seen", ()))  # ids already read at exactly ``since`` by the last pass
+        newest = int(state.get("newest", since))  # this pass so far: the newest version and its ids
+        at_newest = set(state.get("at_newest", seen if newest == since else ()))
         params = {"updated_since": max(0, since - self._overlap), "limit": self._page, "offset": offset}
         body = self._api.call("GET", f"/api/v1/{PATHS[kind]}", params=params)
         items = body.get("items") if isinstance(body, dict) else None
         if not isinstance(items, list):
             raise LisError(200, "bad_page")
-        records, rejected, newest = [], 0, since
+        records, rejected = [], 0
         for raw in items:
             try:
                 record = to_record(kind, raw, self._region)
@@ -182,17 +184,21 @@ class LisSource:
                 rid = raw.get("id") if isinstance(raw, dict) else None
                 logger.warning("lis record rejected", extra={"kind": kind, "lis_id": str(rid)[:16]})
                 continue
-            newest = max(newest, record.version)
+            if record.version > newest:
+                newest, at_newest = record.version, set()
+            if record.version == newest:
+                at_newest.add(record.lis_id)
             if not (record.version == since and record.lis_id in seen):
                 records.append(record)
         more = len(items) == self._page
-        if more:
-            next_cursor: dict[str, Any] = {"since": since, "offset": offset + len(items), "seen": sorted(seen)}
-        else:
-            # The watermark is inclusive; the ids read at it are skipped next time unless edited again
-            # (a same-second re-edit waits for the twice-daily full read, the deep resync).
-            at_newest = {r.lis_id for r in records if r.version == newest} | (seen if newest == since else set())
-            next_cursor = {"since": newest, "offset": 0, "seen": sorted(at_newest)}
+        # The watermark is inclusive; the ids read at it are skipped next time unless edited again (a
+        # same-second re-edit of such a record waits for the twice-daily full read, the deep resync).
+        next_cursor: dict[str, Any] = (
+            {"since": since, "offset": offset + len(items), "seen": sorted(seen), "newest": newest,
+             "at_newest": sorted(at_newest)}
+            if more
+            else {"since": newest, "offset": 0, "seen": sorted(at_newest)}
+        )  # fmt: skip
         return DirectoryPage(records, next_cursor, more, rejected)
 
     def get(self, kind: Kind, lis_ids: Sequence[str]) -> dict[str, DirectoryRecord]:

@@ -8,6 +8,7 @@ Every step goes through the real handlers: the scheduled poll (MisPollerFunction
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -207,3 +208,39 @@ def test_an_expired_vtiger_session_is_renewed_once(lab: LocalLab) -> None:
     assert lab.vtiger.stats()["logins"] == logins + 1
     contact = lab.crm_record("Contacts", doctor["id"])
     assert contact is not None and contact["cf_specialty"] == "Кардиолог"
+
+
+def test_no_name_phone_email_or_secret_in_our_table_or_logs(lab: LocalLab, captured_logs: LogCapture) -> None:
+    doctor = _mailable_doctor(lab)
+    contact = lab.crm_record("Contacts", doctor["id"])
+    assert contact is not None
+    lab.vtiger.manager_update(contact["id"], mobile="+359 87 765 4321")
+    lab.sync()
+    lab.doctors_audience.member_unsubscribes(doctor["email"])
+    lab.deliver_mailchimp()
+    lab.sync()
+    pii: set[str] = {"+359877654321", "765 4321"}
+    for kind, names in (("doctor", ("first_name", "last_name", "email", "phone")), ("organisation", ("name", "email"))):
+        for row in lab.lis.all(kind):
+            pii |= {str(row[n]) for n in names if row.get(n)}
+            if row.get("phone"):
+                pii.add("".join(c for c in str(row["phone"]) if c.isdigit())[-9:])  # any format of the number
+    crm = json.loads(
+        boto3.client("secretsmanager").get_secret_value(SecretId=lab.stack.parameters["CrmSecretArn"])["SecretString"]
+    )
+    secrets = {lab.clinic_secret["mailchimp_api_key"], lab.clinic_secret["hash_key"], lab.lis.api_key}
+    secrets.add(crm["access_key"])
+    table = boto3.resource("dynamodb").Table(lab.stack.table_name)
+    items, kwargs = [], {}
+    while True:
+        page = table.scan(**kwargs)
+        items += page["Items"]
+        if "LastEvaluatedKey" not in page:
+            break
+        kwargs = {"ExclusiveStartKey": page["LastEvaluatedKey"]}
+    stored = repr(items)
+    assert any(str(i["pk"]).startswith("DIR#doctor#") for i in items)  # the directory state is there
+    leaked = sorted(s for s in pii | secrets if s in stored)
+    assert leaked == [], f"in clear in DynamoDB: {len(leaked)} values"
+    logged = sorted(s for s in pii | secrets if s in captured_logs.text)
+    assert "directory sync" in captured_logs.text and logged == [], f"in the logs: {len(logged)} values"

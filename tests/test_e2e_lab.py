@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import boto3
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from sandbox.lab import LocalLab, start_local_lab
 from sandbox.runtime import LocalAws
 from tests.conftest import LogCapture
+from tests.helpers import ROOT
 
 _ids = iter(range(1, 10**6))
 
@@ -244,3 +246,18 @@ def test_no_name_phone_email_or_secret_in_our_table_or_logs(lab: LocalLab, captu
     assert leaked == [], f"in clear in DynamoDB: {len(leaked)} values"
     logged = sorted(s for s in pii | secrets if s in captured_logs.text)
     assert "directory sync" in captured_logs.text and logged == [], f"in the logs: {len(logged)} values"
+
+
+def test_the_sample_directory_unsubscribe_event_through_the_real_handler(lab: LocalLab) -> None:
+    sample = json.loads((ROOT / "events" / "unsubscribe_mailchimp_directory_event.json").read_text(encoding="utf-8"))
+    assert lab.stack.invoke("UnsubscribeFunction", sample)["statusCode"] == 401  # not this lab's path secret
+    doctor = _mailable_doctor(lab)
+    secret = lab.clinic_secret["mailchimp_webhook_secret"]
+    body = sample["body"].replace("ivan.dimitrov3%40example.bg", quote(doctor["email"], safe=""))
+    event = json.loads(json.dumps(sample).replace("local-demo-mailchimp-secret", secret)) | {"body": body}
+    answer = lab.stack.invoke("UnsubscribeFunction", event)
+    assert answer["statusCode"] == 200 and json.loads(answer["body"])["status"] == "recorded"
+    lab.stack.drain_all()
+    assert lab.lis.get("doctor", doctor["id"])["do_not_send_marketing"] is True
+    other = json.loads(json.dumps(event).replace("d0c7025", "a6b5da1054"))  # an audience that is not the lab's
+    assert json.loads(lab.stack.invoke("UnsubscribeFunction", other)["body"])["status"] == "other_audience"

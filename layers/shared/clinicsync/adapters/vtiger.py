@@ -23,7 +23,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -233,13 +233,15 @@ class VtigerDirectory:
         changed = [self._record(kind, r) for r in rows if str(r.get("modifiedby") or "") != ours and r.get("id")]
         return changed, newest
 
-    def find(self, kind: Kind, lis_ids: list[str] | Any) -> dict[str, CrmRecord]:
+    def find(self, kind: Kind, lis_ids: Sequence[str]) -> dict[str, CrmRecord]:
         found: dict[str, CrmRecord] = {}
         ids = [i for i in dict.fromkeys(lis_ids) if _SAFE_VALUE.fullmatch(i)]
         for start in range(0, len(ids), PAGE_ROWS):
             chunk = ", ".join(quote(i) for i in ids[start : start + PAGE_ROWS])
             select = f"SELECT * FROM {MODULES[kind]} WHERE {self._lis_field} IN ({chunk})"  # noqa: S608 - quoted
             for row in self._client.query_all(select, self._max_pages):
+                if not row.get("id"):
+                    continue
                 record = self._record(kind, row)
                 if record.lis_id and record.lis_id not in found:
                     found[record.lis_id] = record

@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 
 from clinicsync.adapters.lis import LisApi, LisSource
 from clinicsync.adapters.vtiger import VtigerClient, VtigerDirectory, VtigerError, quote
-from clinicsync.config import DirectorySettings
-from clinicsync.directory import CrmRecord, CrmWriteSpec, DirectoryRecord, merge_fields
+from clinicsync.config import DirectorySettings, parse_clinic_config
+from clinicsync.crypto import KeyedHasher
+from clinicsync.directory import (
+    CrmRecord,
+    CrmWriteSpec,
+    DirectoryPage,
+    DirectoryRecord,
+    DirectoryState,
+    DirectorySync,
+    merge_fields,
+)
 from clinicsync.ports import Cursor
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.lis import LisEmulator
@@ -182,3 +192,78 @@ def test_lis_adapter_rejects_bad_rows_and_keeps_the_rest() -> None:
             f"{server.base_url}/api/v1/doctors/D1004", json={"id": "X"}, headers={"X-Api-Key": lis.api_key}
         )
         assert bad.status_code == 400 and bad.json()["error"] == "not_writable"
+
+
+class _Fakes:
+    """In-memory LIS, CRM, state store and cursors for the use case alone."""
+
+    def __init__(self) -> None:
+        self.lis = {"D1": _lis()}
+        self.crm: dict[str, CrmRecord] = {}
+        self.states: dict[str, Any] = {}
+        self.cursors: dict[str, Any] = {}
+        self.mailchimp_down = True
+        self.members: list[str] = []
+
+    # DirectorySource
+    def changed(self, kind: str, cursor: Any) -> DirectoryPage:
+        records = list(self.lis.values()) if kind == "doctor" else []  # always re-read: hashes decide
+        return DirectoryPage(records, {"done": True})
+
+    def get(self, kind: str, ids: Any) -> dict[str, DirectoryRecord]:
+        return {i: self.lis[i] for i in ids if i in self.lis}
+
+    def update(self, kind: str, lis_id: str, fields: Any) -> None:
+        raise AssertionError("nothing flows back here")
+
+    # DirectoryCrm
+    def changed_since(self, kind: str, since: Any) -> tuple[list[CrmRecord], str | None]:
+        return [], since
+
+    def find(self, kind: str, ids: Any) -> dict[str, CrmRecord]:
+        return {i: self.crm[i] for i in ids if i in self.crm}
+
+    def write(self, spec: CrmWriteSpec) -> str:
+        self.crm[spec.lis_id] = CrmRecord(spec.kind, "12x1", spec.lis_id, dict(spec.fields), spec.do_not_mail)
+        return "12x1"
+
+    # DirectoryStore
+    def load(self, kind: str, ids: Any) -> dict[str, DirectoryState]:
+        return {i: self.states.get(i) or DirectoryState(kind, i) for i in ids}  # type: ignore[arg-type]
+
+    def save(self, states: Any, now: int) -> None:
+        self.states |= {s.lis_id: s for s in states}
+
+    # Cursors
+    def get_cursor(self, source: str) -> Any:
+        return self.cursors.get(source)
+
+    def put_cursor(self, source: str, cursor: Any) -> None:
+        self.cursors[source] = cursor
+
+    # AudienceSink
+    def upsert(self, kind: str, members: Any) -> set[str]:
+        if self.mailchimp_down:
+            raise RuntimeError("Mailchimp is down")
+        self.members += [m[0] for m in members]
+        return {m[0] for m in members}
+
+
+def test_mailchimp_down_keeps_the_cursor_and_the_next_run_converges() -> None:
+    fakes = _Fakes()
+    settings = DirectorySettings(mailchimp={"doctors_list_id": "d1", "organisations_list_id": "o1"})
+    config = parse_clinic_config(
+        "clinic_id: lab-unit\nmis: {kind: lis, base_url: x, secret_ref: s}\ncrm: {kind: vtiger, secret_ref: s}\n"
+    )
+    hasher = KeyedHasher(b"k" * 32)
+    sync = DirectorySync(config, settings, fakes, fakes, fakes, fakes, hasher, audiences=fakes)  # type: ignore[arg-type]
+    first = sync.run()
+    assert first.crm_created == 1 and first.failed == {"doctor:audience": "RuntimeError"}
+    assert "lis:doctor" not in fakes.cursors  # read again next run
+    assert fakes.states["D1"].crm_id == "12x1"  # the CRM write stands
+    fakes.mailchimp_down = False
+    second = sync.run()
+    assert second.failed == {} and second.crm_created == 0 and second.crm_updated == 0
+    assert fakes.members == ["D1"] and fakes.cursors["lis:doctor"] == {"done": True}
+    third = sync.run()  # the same record read again, nothing changed: no write, not sent again
+    assert (third.crm_updated, third.audience_upserted, fakes.members) == (0, 0, ["D1"])

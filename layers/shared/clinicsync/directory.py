@@ -364,7 +364,10 @@ class DirectorySync:
                     )
                 except Exception as exc:  # one bad record never blocks the register; retried next run
                     report.failed[f"{kind}:{lis_id}"] = type(exc).__name__
-            self._audience(kind, [lis_now[k] for k in states], states, report)
+            try:
+                self._audience(kind, [lis_now[k] for k in states], states, report)
+            except Exception as exc:  # Mailchimp down: the CRM and LIS writes stand; the run is read again
+                report.failed[f"{kind}:audience"] = type(exc).__name__
             self._states.save(list(states.values()), int(self._clock()))
         if any(k.startswith(f"{kind}:") for k in report.failed):
             return  # cursors stay: the failed records are read again next run

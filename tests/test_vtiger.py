@@ -4,13 +4,17 @@ the directory merge rule, and the LIS adapter's handling of bad rows."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from clinicsync.adapters.lis import LisApi, LisSource
+from clinicsync.adapters.lis import LisApi, LisSource, to_record
 from clinicsync.adapters.vtiger import VtigerClient, VtigerDirectory, VtigerError, quote
 from clinicsync.config import DirectorySettings, parse_clinic_config
 from clinicsync.crypto import KeyedHasher
@@ -267,3 +271,39 @@ def test_mailchimp_down_keeps_the_cursor_and_the_next_run_converges() -> None:
     assert fakes.members == ["D1"] and fakes.cursors["lis:doctor"] == {"done": True}
     third = sync.run()  # the same record read again, nothing changed: no write, not sent again
     assert (third.crm_updated, third.audience_upserted, fakes.members) == (0, 0, ["D1"])
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+_row_keys = st.sampled_from(
+    ["id", "first_name", "last_name", "name", "type", "phone", "email", "organisation_id", "updated_at"]
+)
+
+
+@given(st.dictionaries(_row_keys, _json, max_size=9) | _json)
+def test_hostile_lis_rows_are_refused_cleanly(raw: Any) -> None:
+    for kind in ("doctor", "organisation"):
+        try:
+            record = to_record(kind, raw, "BG")  # type: ignore[arg-type]
+        except ValidationError:
+            continue
+        assert record.lis_id == raw["id"] and record.version >= 0
+
+
+@given(st.binary(max_size=200) | _json.map(lambda v: json.dumps(v).encode()), st.sampled_from([200, 400, 500]))
+@example(b'{"success": true, "result": {}}', 200)
+@example(b'{"success": true, "result": null}', 200)
+@example(b'{"success": true, "result": {"token": 5}}', 200)
+@example(b'{"success": false, "error": "text"}', 200)
+def test_hostile_vtiger_answers_raise_only_vtiger_errors(body: bytes, status: int) -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, content=body))
+    client = VtigerClient("http://vtiger.invalid", "u", "k", httpx.Client(transport=transport), sleep=lambda s: None)
+    try:
+        client.login()
+    except VtigerError:
+        return
+    except (KeyError, TypeError) as exc:  # a "success" envelope whose result lacks token/sessionName
+        raise AssertionError(f"unhandled {type(exc).__name__}") from exc

@@ -118,10 +118,15 @@ class VtigerClient:
 
     def login(self) -> None:
         challenge = self._send("GET", {"operation": "getchallenge", "username": self._username}, True)
-        token = str(challenge["token"])
-        key = hashlib.md5((token + self._access_key).encode(), usedforsecurity=False).hexdigest()
+        if not isinstance(challenge, dict) or not isinstance(challenge.get("token"), str):
+            raise VtigerError("BAD_RESULT", "getchallenge gave no token")
+        key = hashlib.md5((challenge["token"] + self._access_key).encode(), usedforsecurity=False).hexdigest()
         result = self._send("POST", {"operation": "login", "username": self._username, "accessKey": key}, True)
-        self._session = str(result["sessionName"])
+        # Some forks name the session ``sessionId``.
+        session = result.get("sessionName") or result.get("sessionId") if isinstance(result, dict) else None
+        if not isinstance(session, str) or not session or not isinstance(result.get("userId"), str):
+            raise VtigerError("BAD_RESULT", "login gave no session")
+        self._session = session
         self._user_id = str(result["userId"])
         self.logins += 1
 

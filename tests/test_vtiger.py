@@ -307,3 +307,26 @@ def test_hostile_vtiger_answers_raise_only_vtiger_errors(body: bytes, status: in
         return
     except (KeyError, TypeError) as exc:  # a "success" envelope whose result lacks token/sessionName
         raise AssertionError(f"unhandled {type(exc).__name__}") from exc
+
+
+def test_an_odd_modifiedtime_never_becomes_the_cursor() -> None:
+    rows = [
+        {"id": "12x1", "modifiedtime": "2026-12-03 07:55:17", "modifiedby": "19x1", "lastname": "A"},
+        {"id": "12x2", "modifiedtime": "2026-12-04T07:55:17+02:00' OR 1", "modifiedby": "19x1", "lastname": "B"},
+        {"id": "12x3", "modifiedtime": None, "modifiedby": "19x1", "lastname": "C"},
+    ]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        operation = request.url.params.get("operation") or dict(
+            p.split("=", 1) for p in request.content.decode().split("&")
+        ).get("operation")
+        result: Any = {
+            "getchallenge": {"token": "t"},
+            "login": {"sessionName": "s", "userId": "19x9"},
+            "query": rows,
+        }[str(operation)]
+        return httpx.Response(200, json={"success": True, "result": result})
+
+    client = VtigerClient("http://vtiger.invalid", "u", "k", httpx.Client(transport=httpx.MockTransport(answer)))
+    changed, cursor = VtigerDirectory(client, DirectorySettings(), "BG").changed_since("doctor", None)
+    assert cursor == "2026-12-03 07:55:17" and len(changed) == 3

@@ -37,6 +37,7 @@ MODULES: dict[Kind, str] = {"doctor": "Contacts", "organisation": "Accounts"}
 PAGE_ROWS = 100  # vTiger's ceiling per query
 SESSION_ERRORS = frozenset({"INVALID_SESSIONID", "SESSION_EXPIRED", "AUTHENTICATION_REQUIRED"})
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_MODIFIED = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")  # only such stamps become the cursor
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.: -]{0,64}$")
 
 
@@ -233,7 +234,8 @@ class VtigerDirectory:
         where = f" WHERE modifiedtime >= {quote(since)}" if since else ""
         select = f"SELECT * FROM {MODULES[kind]}{where} ORDER BY modifiedtime"  # noqa: S608 - quote() checks values
         rows = self._client.query_all(select, self._max_pages)
-        newest = max((str(r.get("modifiedtime") or "") for r in rows), default="") or since
+        stamps = (str(r.get("modifiedtime") or "") for r in rows)
+        newest = max((t for t in stamps if _MODIFIED.fullmatch(t)), default="") or since
         ours = self._client.user_id
         changed = [self._record(kind, r) for r in rows if str(r.get("modifiedby") or "") != ours and r.get("id")]
         return changed, newest

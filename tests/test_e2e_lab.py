@@ -261,3 +261,19 @@ def test_the_sample_directory_unsubscribe_event_through_the_real_handler(lab: Lo
     assert lab.lis.get("doctor", doctor["id"])["do_not_send_marketing"] is True
     other = json.loads(json.dumps(event).replace("d0c7025", "a6b5da1054"))  # an audience that is not the lab's
     assert json.loads(lab.stack.invoke("UnsubscribeFunction", other)["body"])["status"] == "other_audience"
+
+
+def test_an_opt_out_ticked_in_vtiger_reaches_the_lis_and_mailchimp(lab: LocalLab) -> None:
+    doctor = _mailable_doctor(lab)
+    contact = lab.crm_record("Contacts", doctor["id"])
+    assert contact is not None and contact["emailoptout"] == "0"
+    lab.vtiger.manager_update(contact["id"], emailoptout="1")
+    report = lab.sync()  # the poll records it in the ledger; the consent job ticks the LIS flag
+    assert report["opt_outs_recorded"] == 1 and report["failed"] == {}
+    assert lab.lis.get("doctor", doctor["id"])["do_not_send_marketing"] is True
+    assert lab.doctors_audience.member(doctor["email"])["status"] == "unsubscribed"
+    assert (lab.vtiger.record(contact["id"]) or {})["emailoptout"] == "1"  # not reverted by our write
+    writes = lab.vtiger.stats()["writes"]
+    again = lab.sync()
+    assert (again["opt_outs_recorded"], again["crm_updated"]) == (0, 0)
+    assert lab.vtiger.stats()["writes"] == writes

@@ -40,6 +40,7 @@ TWO_WAY: dict[Kind, tuple[str, ...]] = {
     "organisation": ("name", "org_type", "region", "city", "phone", "email"),
 }
 Owner = Literal["lis", "crm"]
+OPT_OUT_KEY = "do_not_mail"  # its base hash sits with the fields' (vTiger emailoptout <-> LIS flag)
 
 
 class DirectoryRecord(BaseModel):
@@ -401,6 +402,7 @@ class DirectorySync:
         if merge.to_lis:
             self._lis.update(kind, lis.lis_id, merge.to_lis)
             report.lis_updated += 1
+        opted_out = lis.do_not_mail or self._crm_opt_out(kind, lis, crm, state, report)
         account = None
         if kind == "doctor" and lis.organisation_id:
             org = orgs.get(lis.organisation_id)
@@ -409,11 +411,11 @@ class DirectorySync:
             crm is None
             or any(crm.fields.get(n) != merge.values[n] for n in TWO_WAY[kind] if n not in crm.invalid)
             or any(merge.values[n] is not None for n in crm.invalid)
-            or crm.do_not_mail != lis.do_not_mail
+            or crm.do_not_mail != opted_out
             or (kind == "doctor" and (crm.account_id or None) != account)
         )
         if needs_write:
-            spec = CrmWriteSpec(kind, lis.lis_id, crm.crm_id if crm else None, merge.values, lis.do_not_mail, account)
+            spec = CrmWriteSpec(kind, lis.lis_id, crm.crm_id if crm else None, merge.values, opted_out, account)
             state.crm_id = self._crm.write(spec)
             if crm is None:
                 report.crm_created += 1
@@ -422,8 +424,31 @@ class DirectorySync:
         else:
             state.crm_id = crm.crm_id if crm else state.crm_id
         state.hashes = {n: self._digest(v) for n, v in merge.values.items()}
+        state.hashes[OPT_OUT_KEY] = self._digest("1" if opted_out else "0")
         # The LIS now holds the merged values: the audience sees the CRM's fix too.
         return lis.model_copy(update={"fields": {**lis.fields, **merge.values}}) if merge.to_lis else lis
+
+    def _crm_opt_out(
+        self, kind: Kind, lis: DirectoryRecord, crm: CrmRecord | None, state: DirectoryState, report: DirectoryReport
+    ) -> bool:
+        """A manager ticked the e-mail opt-out in vTiger (it is set there and was not at the last sync): an
+        opt-out like any other, recorded in the ledger, whose outputs tick the LIS flag and unsubscribe the
+        Mailchimp member. Unticking it in vTiger lifts nothing (the ledger is sticky)."""
+        if crm is None or not crm.do_not_mail or state.hashes.get(OPT_OUT_KEY) == self._digest("1"):
+            return False
+        if self._ledger is None:
+            return False  # nowhere to record it: the LIS's flag stays the truth
+        email = lis.fields.get("email")
+        changed = self._ledger.opt_out(
+            [directory_subject(kind, lis.lis_id)],
+            ["marketing"],
+            "crm",
+            "vtiger:emailoptout",
+            emails=[email] if email else [],
+            skip=("crm",),
+        )
+        report.opt_outs_recorded += len(changed)
+        return True
 
     # --- Mailchimp ---------------------------------------------------------------------------------------
 

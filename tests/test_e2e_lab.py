@@ -9,6 +9,7 @@ Every step goes through the real handlers: the scheduled poll (MisPollerFunction
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
@@ -16,6 +17,7 @@ from urllib.parse import quote
 import boto3
 import pytest
 
+from clinicsync.store import DynamoStore
 from sandbox.lab import LocalLab, start_local_lab
 from sandbox.runtime import LocalAws
 from tests.conftest import LogCapture
@@ -277,3 +279,14 @@ def test_an_opt_out_ticked_in_vtiger_reaches_the_lis_and_mailchimp(lab: LocalLab
     again = lab.sync()
     assert (again["opt_outs_recorded"], again["crm_updated"]) == (0, 0)
     assert lab.vtiger.stats()["writes"] == writes
+
+
+def test_one_run_at_a_time(lab: LocalLab) -> None:
+    store = DynamoStore(boto3.resource("dynamodb").Table(lab.stack.table_name))
+    assert store.acquire_lease("directory", "a-long-run", 300, int(time.time()))
+    new = lab.lis.add_doctor(first_name="Калина", last_name="Янева")
+    busy = lab.sync()
+    assert busy["skipped_busy"] is True and lab.crm_record("Contacts", new) is None
+    store.release_lease("directory", "a-long-run")
+    done = lab.sync()
+    assert done["skipped_busy"] is False and lab.crm_record("Contacts", new) is not None

@@ -36,7 +36,7 @@ class ScheduledRun(BaseModel):
 def lambda_handler(event: ScheduledRun, context: LambdaContext) -> dict[str, Any]:
     logger.append_keys(execution_id=event.execution_id, job=event.job)
     if wiring.clinic_config().directory is not None:
-        return _directory(event)
+        return _directory(event, context)
     if event.job == "catchup":
         caught = wiring.crm_catch_up().run()
         metrics.add_metric(name="CrmCatchUpEvents", unit=MetricUnit.Count, value=caught.events)
@@ -52,11 +52,12 @@ def lambda_handler(event: ScheduledRun, context: LambdaContext) -> dict[str, Any
     return asdict(report)
 
 
-def _directory(event: ScheduledRun) -> dict[str, Any]:
+def _directory(event: ScheduledRun, context: LambdaContext) -> dict[str, Any]:
     """The lab case: the LIS's registers two-way with vTiger. vTiger has no webhooks, so ``poll`` and
     ``catchup`` are the same poll of both sides (``modifiedtime`` in vTiger, ``updated_since`` in the
     LIS); ``resync`` reads both registers in full (unchanged records cost no write)."""
-    report = wiring.directory_sync().run(full=event.job == "resync")
+    lease = context.get_remaining_time_in_millis() // 1000 + 1  # held at most until this invocation ends
+    report = wiring.directory_sync().run(full=event.job == "resync", owner=context.aws_request_id, lease_seconds=lease)
     metrics.add_metric(name="DirectoryConflicts", unit=MetricUnit.Count, value=report.conflicts)
     metrics.add_metric(name="DirectoryFailures", unit=MetricUnit.Count, value=len(report.failed))
     result = asdict(report)

@@ -266,6 +266,7 @@ class DirectoryReport:
     rejected: int = 0
     audience_upserted: int = 0
     opt_outs_recorded: int = 0
+    skipped_busy: bool = False  # another run still holds the lease
     failed: dict[str, str] = field(default_factory=dict)  # "<kind>:<lis id>" -> reason (no PII)
 
 
@@ -273,6 +274,15 @@ class Cursors(Protocol):
     def get_cursor(self, source: str) -> Cursor | None: ...
 
     def put_cursor(self, source: str, cursor: Cursor) -> None: ...
+
+
+class Leases(Protocol):
+    def acquire_lease(self, name: str, owner: str, seconds: int, now: int) -> bool: ...
+
+    def release_lease(self, name: str, owner: str) -> None: ...
+
+
+LEASE = "directory"
 
 
 class DirectorySync:
@@ -293,7 +303,9 @@ class DirectorySync:
         index_emails: Callable[[Sequence[tuple[str, str]]], None] | None = None,
         clock: Callable[[], float] = time.time,
         max_pages: int = 50,
+        leases: Leases | None = None,
     ) -> None:
+        self._leases = leases
         self._config = config
         self._settings = settings
         self._lis = lis
@@ -311,11 +323,20 @@ class DirectorySync:
     def _digest(self, value: str | None) -> str:
         return self._hasher.content_hash(["directory-field", value])
 
-    def run(self, full: bool = False) -> DirectoryReport:
-        """``full``: read both sides from the start (the deep resync); unchanged records cost no write."""
+    def run(self, full: bool = False, owner: str = "run", lease_seconds: int = 900) -> DirectoryReport:
+        """``full``: read both sides from the start (the deep resync); unchanged records cost no write.
+        One run at a time (a long run and the next schedule must not both create the same Contact)."""
         report = DirectoryReport()
-        for kind in KINDS:
-            self._run_kind(kind, report, full)
+        now = int(self._clock())
+        if self._leases is not None and not self._leases.acquire_lease(LEASE, owner, lease_seconds, now):
+            report.skipped_busy = True
+            return report
+        try:
+            for kind in KINDS:
+                self._run_kind(kind, report, full)
+        finally:
+            if self._leases is not None:
+                self._leases.release_lease(LEASE, owner)
         if report.conflicts or report.failed:
             logger.info(
                 "directory sync finished", extra={"conflicts": report.conflicts, "failed": sorted(report.failed)}

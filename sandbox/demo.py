@@ -47,6 +47,10 @@ def main(
     appointments: Annotated[int, typer.Option(min=1, max=10000)] = 400,
     seed: int = 7,
 ) -> None:
+    if mis == "lis" or crm == "vtiger":  # the lab case: its directory, not patients (sandbox/lab_demo.py)
+        from sandbox.lab_demo import lab_demo
+
+        raise typer.Exit(lab_demo(console, mis, crm, _quiet_handlers()))
     if mis not in MIS_NAMES or crm not in CRM_NAMES:
         console.print(
             f"[red]MIS={mis} CRM={crm} is not available in the demo[/red]: "

@@ -100,7 +100,8 @@ EXPECTED_GRANTS: dict[str, set[tuple[str, str]]] = {
     "MisPollerFunction": _COMMON
     | {("secretsmanager:GetSecretValue", "MisSecretArn"), ("secretsmanager:GetSecretValue", "CrmSecretArn")}
     | {(action, "IdentInboxQueue") for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage")}
-    | {("sqs:ChangeMessageVisibility", "IdentInboxQueue")},
+    | {("sqs:ChangeMessageVisibility", "IdentInboxQueue")}
+    | {("sqs:SendMessage", "ConsentQueue")},  # the lab's directory sync records LIS opt-out flags
     # Consent outputs write the MIS's "do not send" flags; MIS flags and CRM fields become consent jobs.
     "StageSyncerFunction": _COMMON
     | {

@@ -35,6 +35,8 @@ class ScheduledRun(BaseModel):
 @event_parser(model=ScheduledRun)
 def lambda_handler(event: ScheduledRun, context: LambdaContext) -> dict[str, Any]:
     logger.append_keys(execution_id=event.execution_id, job=event.job)
+    if wiring.clinic_config().directory is not None:
+        return _directory(event, context)
     if event.job == "catchup":
         caught = wiring.crm_catch_up().run()
         metrics.add_metric(name="CrmCatchUpEvents", unit=MetricUnit.Count, value=caught.events)
@@ -48,3 +50,18 @@ def lambda_handler(event: ScheduledRun, context: LambdaContext) -> dict[str, Any
     metrics.add_metric(name="MisRecordsRejected", unit=MetricUnit.Count, value=report.rejected)
     logger.info("poll finished", extra=asdict(report))
     return asdict(report)
+
+
+def _directory(event: ScheduledRun, context: LambdaContext) -> dict[str, Any]:
+    """The lab case: the LIS's registers two-way with vTiger. vTiger has no webhooks, so ``poll`` and
+    ``catchup`` are the same poll of both sides (``modifiedtime`` in vTiger, ``updated_since`` in the
+    LIS); ``resync`` reads both registers in full (unchanged records cost no write)."""
+    lease = context.get_remaining_time_in_millis() // 1000 + 1  # held at most until this invocation ends
+    report = wiring.directory_sync().run(full=event.job == "resync", owner=context.aws_request_id, lease_seconds=lease)
+    metrics.add_metric(name="DirectoryConflicts", unit=MetricUnit.Count, value=report.conflicts)
+    metrics.add_metric(name="DirectoryFailures", unit=MetricUnit.Count, value=len(report.failed))
+    result = asdict(report)
+    logger.info(
+        "directory sync", extra={k: v for k, v in result.items() if k != "failed"} | {"failed": len(report.failed)}
+    )
+    return result

@@ -167,7 +167,10 @@ def _handle(event: MailchimpEvent) -> str:
         return "ignored"  # a subscribe in Mailchimp never lifts an opt-out (only the MIS or the CRM can)
     model = {"unsubscribe": UnsubscribeData, "cleaned": CleanedData, "upemail": UpemailData, "profile": ProfileData}
     data = model[event.type].model_validate(event.data)
-    if config.mailchimp is None or data.list_id != config.mailchimp.list_id:
+    audiences = {config.mailchimp.list_id} if config.mailchimp is not None else set()
+    if config.directory is not None and config.directory.mailchimp is not None:  # the lab's two audiences
+        audiences |= {config.directory.mailchimp.doctors_list_id, config.directory.mailchimp.organisations_list_id}
+    if data.list_id not in audiences:
         return "other_audience"
     ledger = wiring.consent_ledger()
     if isinstance(data, UnsubscribeData | CleanedData):

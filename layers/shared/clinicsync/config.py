@@ -165,7 +165,9 @@ class CrmConnection(Section):
     shared_budget: bool = Field(
         default=True, description="Pace all concurrent syncers together through a DynamoDB leaky bucket"
     )
-    pipelines: dict[Literal["primary", "repeat"], Pipeline]
+    pipelines: dict[Literal["primary", "repeat"], Pipeline] = Field(
+        default_factory=dict, description="Deal pipelines; vTiger (the lab's directory) has none"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -179,7 +181,7 @@ class CrmConnection(Section):
 
     @model_validator(mode="after")
     def _primary_pipeline(self) -> CrmConnection:
-        if "primary" not in self.pipelines:
+        if "primary" not in self.pipelines and self.kind != "vtiger":
             raise ValueError("crm.pipelines needs a 'primary' pipeline")
         return self
 
@@ -216,6 +218,58 @@ class ConsentSettings(Section):
     mailto: str | None = Field(default=None, description="Optional mailto: address in List-Unsubscribe")
 
 
+DirectoryField = Literal["first_name", "last_name", "specialty", "region", "city", "phone", "email", "name", "org_type"]
+DOCTOR_MERGE_TAGS: dict[str, str] = {
+    "first_name": "FNAME",
+    "last_name": "LNAME",
+    "specialty": "SPECIALTY",
+    "region": "REGION",
+    "city": "CITY",
+}
+ORGANISATION_MERGE_TAGS: dict[str, str] = {"name": "ORGNAME", "org_type": "ORGTYPE", "region": "REGION", "city": "CITY"}
+
+
+VtigerCustomField = Literal["lis_id", "specialty", "org_type"]
+
+
+def _vtiger_custom_fields() -> dict[VtigerCustomField, str]:
+    return {"lis_id": "cf_lis_id", "specialty": "cf_specialty", "org_type": "cf_org_type"}
+
+
+class DirectoryAudiences(Section):
+    """The lab's two Mailchimp audiences (the API key is ``mailchimp_api_key`` in the clinic secret)."""
+
+    doctors_list_id: str = Field(pattern=r"^[A-Za-z0-9]{1,32}$", description="Audience of referring doctors")
+    organisations_list_id: str = Field(pattern=r"^[A-Za-z0-9]{1,32}$", description="Audience of funds and clinics")
+    doctors_base_url: str | None = Field(default=None, description="API root override (tests)")
+    organisations_base_url: str | None = Field(default=None, description="API root override (tests)")
+    doctor_merge_fields: dict[str, str] = Field(
+        default_factory=lambda: dict(DOCTOR_MERGE_TAGS), description="Directory field -> merge tag"
+    )
+    organisation_merge_fields: dict[str, str] = Field(
+        default_factory=lambda: dict(ORGANISATION_MERGE_TAGS), description="Directory field -> merge tag"
+    )
+
+
+class DirectorySettings(Section):
+    """The lab case: the LIS's registers of referring doctors and of funds/clinics, two-way with vTiger
+    (only records with a LIS id flow back), one-way into Mailchimp audiences."""
+
+    field_owners: dict[DirectoryField, Literal["lis", "crm"]] = Field(
+        default_factory=dict,
+        description="Who wins when both sides changed a field since the last sync; unlisted fields: the LIS",
+    )
+    vtiger_fields: dict[VtigerCustomField, str] = Field(
+        default_factory=_vtiger_custom_fields,
+        description="vTiger custom fields (cf_NNN) holding the LIS id, the specialty and the fund/clinic type",
+    )
+    page_size: int = Field(default=100, ge=1, le=100, description="VTQL returns at most 100 rows per query")
+    mailchimp: DirectoryAudiences | None = None
+
+    def owner(self, field: str) -> Literal["lis", "crm"]:
+        return self.field_owners.get(field, "lis")  # type: ignore[call-overload, no-any-return]
+
+
 class ClinicConfig(Section):
     clinic_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,40}$")
     timezone: str = "Europe/Moscow"
@@ -226,6 +280,9 @@ class ClinicConfig(Section):
     filters: Filters = Filters()
     mailchimp: MailchimpConnection | None = Field(default=None, description="Mailchimp audience sync; null = off")
     consent: ConsentSettings = ConsentSettings()
+    directory: DirectorySettings | None = Field(
+        default=None, description="Lab directory sync (LIS doctors and organisations with vTiger); null = off"
+    )
     shards: int = Field(default=4, ge=1, le=256, description="FIFO message groups; a patient stays in one")
     patients_per_message: int = Field(default=50, ge=1, le=200)
 

@@ -26,14 +26,18 @@ from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
 from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth, SecretsManagerTokenStore, lease_lock
 from clinicsync.adapters.ident_source import IdentSource
 from clinicsync.adapters.infoclinica import InfoClinicaApi, InfoClinicaSource
+from clinicsync.adapters.lis import LisApi, LisSource
 from clinicsync.adapters.mailchimp import MailchimpAudience, MailchimpClient
+from clinicsync.adapters.mailchimp_directory import DirectoryAudiences
 from clinicsync.adapters.medods import MedodsApi, MedodsConsentWriter, MedodsSource
 from clinicsync.adapters.renovatio import RenovatioApi, RenovatioSource
+from clinicsync.adapters.vtiger import VtigerClient, VtigerDirectory
 from clinicsync.budget import RequestPacer, SharedLeakyBucket
 from clinicsync.config import ClinicConfig, parse_clinic_config
-from clinicsync.consent import ConsentLedger, ConsentOutputs, UnsubscribeTokens
+from clinicsync.consent import ConsentLedger, ConsentOutputs, MailchimpMembers, UnsubscribeTokens
 from clinicsync.crm_events import CrmCatchUp, CrmEventProcessor
 from clinicsync.crypto import KeyedHasher
+from clinicsync.directory import DirectoryStore, DirectorySync
 from clinicsync.failures import FailureLog
 from clinicsync.ident import ConnectorInbox, IdentDirectory
 from clinicsync.ports import CrmGateway, MisConsentWriter, MisSource
@@ -144,12 +148,72 @@ def mis_consent_writer(config: ClinicConfig) -> MisConsentWriter | None:
         creds = secret(settings().mis_secret_arn)
         api = MedodsApi(config.mis.base_url, str(creds["identity_key"]), str(creds["secret"]), http=http_client())
         return MedodsConsentWriter(api)
+    if config.mis.kind == "lis":
+        return lis_source(config)  # "do not send marketing letters" on the doctor or organisation
     return None
 
 
 def consent_outputs() -> ConsentOutputs:
+    if clinic_config().crm.kind == "vtiger":
+        # The lab case: the directory sync carries opt-outs to vTiger (emailoptout); no patient contacts.
+        config = clinic_config()
+        members: MailchimpMembers | None = directory_audiences(config) or mailchimp_audience(config)
+        return ConsentOutputs(config, store(), None, mis_consent_writer(config), members)
     config = _verified(_config_text())
     return ConsentOutputs(config, store(), crm_gateway(config), mis_consent_writer(config), mailchimp_audience(config))
+
+
+# --- the lab's directory (LIS <-> vTiger, Mailchimp audiences) -------------------------------------------
+
+
+def lis_source(config: ClinicConfig) -> LisSource:
+    api = LisApi.from_secret(config.mis.base_url, secret(settings().mis_secret_arn), http_client())
+    return LisSource(api, config.matching.default_region, config.mis.page_size, config.mis.overlap_seconds)
+
+
+@functools.cache
+def _vtiger_client(secret_arn: str, rate: float, burst: int) -> VtigerClient:
+    """One client per container: its session survives warm invocations (renewed when vTiger expires it)."""
+    creds = secret(secret_arn)
+    return VtigerClient(
+        str(creds["base_url"]), str(creds["username"]), str(creds["access_key"]), http_client(), Pacer(rate, burst)
+    )
+
+
+def directory_audiences(config: ClinicConfig) -> DirectoryAudiences | None:
+    if config.directory is None or config.directory.mailchimp is None:
+        return None
+    lists = config.directory.mailchimp
+    key = str(clinic_secret()["mailchimp_api_key"])
+    doctors = MailchimpClient(key, http_client(), lists.doctors_base_url)
+    organisations = MailchimpClient(key, http_client(), lists.organisations_base_url)
+    return DirectoryAudiences(
+        MailchimpAudience(doctors, lists.doctors_list_id),
+        MailchimpAudience(organisations, lists.organisations_list_id),
+    )
+
+
+def directory_sync() -> DirectorySync:
+    config = clinic_config()
+    if config.directory is None or config.crm.kind != "vtiger" or config.mis.kind != "lis":
+        raise NotImplementedError("the directory sync needs mis.kind lis, crm.kind vtiger and a directory section")
+    crm = config.crm
+    client = _vtiger_client(settings().crm_secret_arn, crm.requests_per_second, crm.burst)
+    the_store = store()
+    return DirectorySync(
+        config,
+        config.directory,
+        lis_source(config),
+        VtigerDirectory(client, config.directory, config.matching.default_region, config.directory.page_size),
+        DirectoryStore(dynamodb().Table(settings().table_name)),
+        the_store,
+        hasher(),
+        ledger=consent_ledger(),
+        audiences=directory_audiences(config),
+        opted_out=lambda subjects: the_store.opted_out_many(subjects, ("email", "marketing")),
+        index_emails=the_store.index_emails,
+        leases=the_store,
+    )
 
 
 def store() -> DynamoStore:
@@ -178,6 +242,8 @@ def ident_inbox() -> ConnectorInbox:
 
 
 def mis_source(config: ClinicConfig) -> MisSource:
+    if config.mis.kind == "lis":
+        return lis_source(config)
     if config.mis.kind == "ident":
         # IDENT's connector pushes to us; nothing to call out with, only its inbox to read.
         return IdentSource(sqs(), settings().ident_inbox_queue_url, enrich=ident_directory().enrich)
@@ -283,6 +349,7 @@ def poller() -> Poller:
 
 def reset() -> None:
     """Forget every cached client and value (tests switch clinics and endpoints)."""
-    for cached in (settings, http_client, dynamodb, sqs, _parse_config, _bitrix_client, _amocrm_client, _verified):
+    cached_values = (settings, http_client, dynamodb, sqs, _parse_config, _bitrix_client, _amocrm_client, _verified)
+    for cached in (*cached_values, _vtiger_client):
         cached.cache_clear()
     parameters.clear_caches()  # type: ignore[no-untyped-call]

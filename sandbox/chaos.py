@@ -102,6 +102,9 @@ class ChaosFigures:
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        for name, value in vars(self).items():  # asdict rebuilds a Counter from (key, value) pairs as keys
+            if isinstance(value, Counter):
+                out[name] = dict(value)
         out["converged"] = self.converged
         out["mismatches"] = self.mismatches[:20]
         return out

@@ -62,10 +62,26 @@ class InvocationCrash(BaseException):
     BaseException, so no ``except Exception`` in the handler or in Powertools can swallow it."""
 
 
+def _stop_moto_instance_tracking() -> None:
+    """moto keeps every model object it ever built in a class-level list (for its dashboard, which we
+    never use), and ``copy.deepcopy`` builds objects through that path too. Each DynamoDB transaction
+    deep-copies the whole table as its rollback copy, so every claim (``CLAIM#`` transaction) leaked a
+    full table: the full chaos run grew past 23 GB and was killed. The local runtime does not track."""
+    from moto.core import common_models
+    from moto.core.model_instances import reset_model_data
+
+    def untracked_new(cls: type, *args: Any, **kwargs: Any) -> Any:
+        return object.__new__(cls)
+
+    common_models.BaseModel.__new__ = untracked_new  # type: ignore[assignment,method-assign]
+    reset_model_data()
+
+
 class LocalAws:
     """moto in server mode on loopback; boto3 anywhere in this process talks to it via AWS_ENDPOINT_URL."""
 
     def __init__(self) -> None:
+        _stop_moto_instance_tracking()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.endpoint = ""
 

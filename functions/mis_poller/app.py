@@ -25,8 +25,10 @@ class ScheduledRun(BaseModel):
 
     scheduled_time: str | None = None
     execution_id: str | None = None
-    job: Literal["poll", "resync", "catchup"] = "poll"
+    job: Literal["poll", "resync", "catchup", "backfill"] = "poll"
     window_days: int = Field(default=3, ge=1, le=730, description="resync: how far back to re-read (a backfill: more)")
+    restart: bool = Field(default=False, description="backfill: start over instead of resuming the checkpoint")
+    max_pages: int = Field(default=1000, ge=1, le=1000, description="backfill: pages to read in this invocation")
 
 
 @logger.inject_lambda_context(clear_state=True)
@@ -41,10 +43,21 @@ def lambda_handler(event: ScheduledRun, context: LambdaContext) -> dict[str, Any
         return {"events": caught.events, "manual_moves": caught.manual_moves, "echoes": caught.echoes}
     poller = wiring.poller()
     remaining = context.get_remaining_time_in_millis
+    if event.job == "backfill":
+        # The operator's first import (`clinicsync backfill`): checkpointed, resumable, invoked until done.
+        state = poller.backfill(
+            remaining, wiring.backfill_checkpoint(), event.window_days, event.restart, event.max_pages
+        )
+        metrics.add_metric(name="PatientsEnqueued", unit=MetricUnit.Count, value=state.patients)
+        wiring.health().record_poll(state.patients, 0)
+        logger.info("backfill step", extra=state.as_dict())
+        return state.as_dict()
     resync = event.job == "resync"
     window = event.window_days * 86400
     report = poller.resync(remaining, window) if resync else poller.poll(remaining, owner=context.aws_request_id)
     metrics.add_metric(name="PatientsEnqueued", unit=MetricUnit.Count, value=report.patients)
     metrics.add_metric(name="MisRecordsRejected", unit=MetricUnit.Count, value=report.rejected)
+    if not report.skipped_busy:
+        wiring.health().record_poll(report.patients, report.rejected)
     logger.info("poll finished", extra=asdict(report))
     return asdict(report)

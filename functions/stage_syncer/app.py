@@ -55,6 +55,7 @@ def _remember_failure(queue: str, message_id: str, error: Exception) -> None:
     """Keep why it failed under the message id: if it ends in the DLQ, `clinicsync dlq list` shows it."""
     try:
         wiring.failure_log().record(queue, message_id, describe(error), int(time.time()))
+        wiring.health().record_error()
     except Exception:  # never let the bookkeeping hide the real failure
         logger.exception("could not record a failure reason", extra={"message_id": message_id})
 
@@ -62,11 +63,24 @@ def _remember_failure(queue: str, message_id: str, error: Exception) -> None:
 @tracer.capture_method(capture_response=False)
 def sync_record(record: SyncRecord) -> None:
     message = record.body
+    throttled_before = wiring.crm_throttles()
     try:
         report = wiring.syncer().sync(message.changes, message.observations)
     except Exception as exc:
         _remember_failure("sync", record.messageId, exc)
         raise
+    throttles = wiring.crm_throttles() - throttled_before
+    lag = time.time() - message.produced_at.timestamp()  # from the poll that read the change to the CRM write
+    metrics.add_metric(name="SyncLagSeconds", unit=MetricUnit.Seconds, value=max(0.0, lag))
+    metrics.add_metric(name="CrmThrottles", unit=MetricUnit.Count, value=throttles)
+    wiring.health().record_sync(
+        patients=report.patients,
+        contacts=report.contacts_created + report.contacts_updated,
+        deals=report.deals_created + report.deals_updated,
+        crm_requests=report.crm_requests,
+        crm_throttles=throttles,
+        lag_seconds=lag,
+    )
     metrics.add_metric(
         name="ContactsWritten", unit=MetricUnit.Count, value=report.contacts_created + report.contacts_updated
     )
@@ -137,6 +151,12 @@ def _consent_jobs(event: dict[str, Any], context: LambdaContext) -> dict[str, An
             raise error
 
     response = process_partial_response(event=event, record_handler=check, processor=consent_processor, context=context)
+    # Unsubscribe latency: from the opt-out being recorded to every output showing it.
+    now = time.time()
+    latencies = [now - job.produced_at for job in jobs if job.subject not in report.failed]
+    for latency in latencies:
+        metrics.add_metric(name="UnsubscribeLatencySeconds", unit=MetricUnit.Seconds, value=max(0.0, latency))
+    wiring.health().record_unsubscribes(latencies)
     metrics.add_metric(name="ConsentCrmWrites", unit=MetricUnit.Count, value=report.crm_written)
     metrics.add_metric(name="ConsentMisWrites", unit=MetricUnit.Count, value=report.mis_written)
     metrics.add_metric(name="ConsentMailchimpUnsubscribes", unit=MetricUnit.Count, value=report.mailchimp_unsubscribed)

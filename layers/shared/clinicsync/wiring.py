@@ -29,12 +29,14 @@ from clinicsync.adapters.infoclinica import InfoClinicaApi, InfoClinicaSource
 from clinicsync.adapters.mailchimp import MailchimpAudience, MailchimpClient
 from clinicsync.adapters.medods import MedodsApi, MedodsConsentWriter, MedodsSource
 from clinicsync.adapters.renovatio import RenovatioApi, RenovatioSource
+from clinicsync.backfill import BackfillCheckpoint
 from clinicsync.budget import RequestPacer, SharedLeakyBucket
 from clinicsync.config import ClinicConfig, parse_clinic_config
 from clinicsync.consent import ConsentLedger, ConsentOutputs, UnsubscribeTokens
 from clinicsync.crm_events import CrmCatchUp, CrmEventProcessor
 from clinicsync.crypto import KeyedHasher
 from clinicsync.failures import FailureLog
+from clinicsync.health import HealthLog
 from clinicsync.ident import ConnectorInbox, IdentDirectory
 from clinicsync.ports import CrmGateway, MisConsentWriter, MisSource
 from clinicsync.queue import SqsChangeQueue, SqsConsentQueue, SqsEventQueue
@@ -158,6 +160,27 @@ def store() -> DynamoStore:
 
 def failure_log() -> FailureLog:
     return FailureLog(dynamodb().Table(settings().table_name))
+
+
+def health() -> HealthLog:
+    """Counters per 10-minute bucket for `clinicsync status` and the report (the dashboard has the metrics)."""
+    return HealthLog(dynamodb().Table(settings().table_name))
+
+
+def backfill_checkpoint() -> BackfillCheckpoint:
+    return BackfillCheckpoint(dynamodb().Table(settings().table_name), clinic_config().mis.kind)
+
+
+def crm_throttles() -> int:
+    """Throttled CRM answers (503/429) this container's client has seen so far (0 before its first call)."""
+    crm = clinic_config().crm
+    if crm.kind == "bitrix24":
+        args = (settings().crm_secret_arn, crm.requests_per_second, crm.burst, crm.shared_budget)
+        return _bitrix_client(*args).throttled if _bitrix_client.cache_info().currsize else 0
+    if crm.kind == "amocrm":
+        args = (settings().crm_secret_arn, crm.requests_per_second, crm.burst, crm.shared_budget)
+        return _amocrm_client(*args).throttled if _amocrm_client.cache_info().currsize else 0
+    return 0
 
 
 def change_queue() -> SqsChangeQueue:

@@ -70,8 +70,13 @@ def _health_svg(health: HealthSummary, since: datetime, until: datetime) -> str:
             parts.append(
                 f'<rect x="{x:.1f}" y="{pad - 12}" width="{max(step - 1, 2):.1f}" height="8" fill="{ERROR_COLOUR}"/>'
             )
-        points.append(f"{x + step / 2:.1f},{height - pad - (height - 2 * pad) * lags[i] / top_lag:.1f}")
-    parts.append(f'<polyline points="{" ".join(points)}" fill="none" stroke="#333" stroke-width="1.5"/>')
+        if synced[i]:  # the lag line joins the slots that synced something
+            points.append(f"{x + step / 2:.1f},{height - pad - (height - 2 * pad) * lags[i] / top_lag:.1f}")
+    if len(points) > 1:
+        parts.append(f'<polyline points="{" ".join(points)}" fill="none" stroke="#333" stroke-width="1.5"/>')
+    for point in points:
+        cx, cy = point.split(",")
+        parts.append(f'<circle cx="{cx}" cy="{cy}" r="2.5" fill="#333"/>')
     parts.append(f'<text x="{pad}" y="{height - 8}" font-size="11">{since:%d.%m}</text>')
     parts.append(f'<text x="{width - pad - 40}" y="{height - 8}" font-size="11">{until:%d.%m}</text>')
     parts.append("</svg>")

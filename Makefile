@@ -77,7 +77,8 @@ schema: venv
 
 # The config reference, generated from the JSON Schema (a test keeps the committed copy current).
 docs: schema
-	$(PY) -m clinicsync_cli.docs docs/clinic-config.schema.json > docs/config-reference.md
+	$(PY) -c 'import sandbox; from clinicsync_cli.docs import main; main(["docs/clinic-config.schema.json"])' \
+		> docs/config-reference.md
 
 # Faults at random (20 % of CRM calls, 10 % crashed syncer invocations, redelivered messages), then the
 # check that the CRM equals the MIS: no duplicate, no lost update, no PII anywhere. The reduced run is in

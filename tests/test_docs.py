@@ -35,5 +35,11 @@ def test_the_runbook_and_the_deploy_guide_cover_the_cases() -> None:
     for case in ("dlq", "throttling", "revoked token", "rotated secret", "mis outage"):
         assert any(case in h for h in headings), case
     deploy = (DOCS / "deploy.md").read_text(encoding="utf-8")
-    for command in ("clinicsync init", "clinicsync check", "clinicsync deploy", "clinicsync backfill", "clinicsync status"):
+    for command in (
+        "clinicsync init",
+        "clinicsync check",
+        "clinicsync deploy",
+        "clinicsync backfill",
+        "clinicsync status",
+    ):
         assert command in deploy

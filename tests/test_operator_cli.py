@@ -100,7 +100,7 @@ def test_init_check_backfill_status_plan_against_the_emulators(
     assert code == 0, out
     assert "created" in out and "check out" in out
     assert clinic.bitrix is not None
-    assert {"UF_CRM_CS_STATUS", "UF_CRM_CS_IS_DMS"} <= {uf for uf in clinic.bitrix._uf["deal"]}
+    assert {"UF_CRM_CS_STATUS", "UF_CRM_CS_IS_DMS"} <= set(clinic.bitrix._uf["deal"])
 
     # backfill: a failed step says how to resume; an interrupted wait resumes; then it completes.
     clinic.medods.faults.fail_next(1, status=401, path_prefix="/api/v2/appointments")
@@ -176,14 +176,21 @@ def test_deploy_builds_the_template_and_passes_the_clinic_parameters(
     """Up to the call to AWS: the real `sam build`, and the `sam deploy` command line recorded instead of run."""
     clinic = make_clinic(patients=3, appointments=3, rate_limit=False, crm="amocrm")
     cid = "fresh-clinic"
-    config = yaml.safe_load(clinic.stack.aws.client("ssm").get_parameter(Name=f"/clinicsync/{clinic.config.clinic_id}/config")["Parameter"]["Value"])
+    config = yaml.safe_load(
+        clinic.stack.aws.client("ssm").get_parameter(Name=f"/clinicsync/{clinic.config.clinic_id}/config")["Parameter"][
+            "Value"
+        ]
+    )
     config["clinic_id"] = cid
     config["mis"]["secret_ref"] = f"clinicsync/{cid}/mis"
     config["crm"]["secret_ref"] = f"clinicsync/{cid}/crm"
     config_path = tmp_path / "clinic.yaml"
     config_path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
     sm = clinic.stack.aws.client("secretsmanager")
-    values = {k: json.loads(sm.get_secret_value(SecretId=f"clinicsync/{clinic.config.clinic_id}/{k}")["SecretString"]) for k in ("mis", "crm")}
+    values = {
+        k: json.loads(sm.get_secret_value(SecretId=f"clinicsync/{clinic.config.clinic_id}/{k}")["SecretString"])
+        for k in ("mis", "crm")
+    }
     secrets_path = tmp_path / "clinic.secrets.json"
     secrets_path.write_text(json.dumps(values), encoding="utf-8")
     record = tmp_path / "deploy-args.json"
@@ -220,7 +227,8 @@ def test_deploy_builds_the_template_and_passes_the_clinic_parameters(
     assert overrides == {
         "ClinicId": cid, "MisKind": "medods", "CrmKind": "amocrm",
         "ConfigParameterName": f"/clinicsync/{cid}/config",
-        "MisSecretArn": secret_arns["mis"], "CrmSecretArn": secret_arns["crm"], "ClinicSecretArn": secret_arns["clinic"],
+        "MisSecretArn": secret_arns["mis"], "CrmSecretArn": secret_arns["crm"],
+        "ClinicSecretArn": secret_arns["clinic"],
         "PollTimezone": "Europe/Moscow", "AlarmTopicArn": "arn:aws:sns:eu-central-1:123456789012:clinic-alarms",
     }  # fmt: skip
     for arn in secret_arns.values():
@@ -230,12 +238,16 @@ def test_deploy_builds_the_template_and_passes_the_clinic_parameters(
     clinic_secret = json.loads(sm.get_secret_value(SecretId=f"clinicsync/{cid}/clinic")["SecretString"])
     assert len(clinic_secret["hash_key"]) == 64  # generated once ...
     assert clinic.amocrm is not None
-    hooks = [h for h in clinic.amocrm._webhooks.values() if h.destination.startswith(f"{clinic.api_url}/webhooks/amocrm/")]
+    hooks = [
+        h for h in clinic.amocrm._webhooks.values() if h.destination.startswith(f"{clinic.api_url}/webhooks/amocrm/")
+    ]
     assert hooks and {"add_lead", "status_lead", "update_contact"} <= set(hooks[0].settings)
     assert "webhook registered" in out
 
-    code, out = run("deploy", "-c", str(config_path), "--secrets", str(secrets_path), "--sam", str(sam),
-                    "--template", str(ROOT / "template.yaml"), "--build-dir", str(build_dir), "--no-webhooks")  # fmt: skip
+    code, out = run(
+        "deploy", "-c", str(config_path), "--secrets", str(secrets_path), "--sam", str(sam),
+        "--template", str(ROOT / "template.yaml"), "--build-dir", str(build_dir), "--no-webhooks",
+    )  # fmt: skip
     assert code == 0, out
     again = json.loads(sm.get_secret_value(SecretId=f"clinicsync/{cid}/clinic")["SecretString"])
     assert again["hash_key"] == clinic_secret["hash_key"]  # ... and never replaced by a later deploy

@@ -51,7 +51,9 @@ def test_the_report_shows_the_funnel_by_source_and_renders_in_chromium(
     result = CliRunner().invoke(cli, ["report", "--stack", clinic.stack.stack_name, "--out", str(out)])
     assert result.exit_code == 0, result.output
     html = out.read_text(encoding="utf-8")
-    assert "<script" not in html and "http" not in html.split("</style>", 1)[1].replace("http://www.w3.org/2000/svg", "")
+    assert "<script" not in html and "http" not in html.split("</style>", 1)[1].replace(
+        "http://www.w3.org/2000/svg", ""
+    )
 
     deals = clinic.bitrix.deals
     ours = [d for d in deals.values() if d.get("ORIGINATOR_ID") == "clinicsync"]

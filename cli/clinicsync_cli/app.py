@@ -390,7 +390,8 @@ def backfill(
                     progress.stop()
                     fail(
                         f"the import step failed: {exc}",
-                        f"fix the cause (docs/runbook.md: MIS outage), then `clinicsync backfill --stack {stack}` resumes",
+                        f"fix the cause (docs/runbook.md: MIS outage), then "
+                        f"`clinicsync backfill --stack {stack}` resumes",
                     )
                 if first and state.get("resumed"):
                     progress.console.print(f"resuming the import started {_ago(float(state['started_at']))}")

@@ -75,7 +75,14 @@ def render(schema: dict[str, Any]) -> str:
         if "properties" in spec:
             lines += _table(name, spec, defs)
         elif "enum" in spec:
-            lines += [f"## {name}", "", spec.get("description", ""), "", "Values: " + ", ".join(f"`{v}`" for v in spec["enum"]), ""]
+            lines += [
+                f"## {name}",
+                "",
+                spec.get("description", ""),
+                "",
+                "Values: " + ", ".join(f"`{v}`" for v in spec["enum"]),
+                "",
+            ]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -50,11 +50,12 @@ def _health_svg(health: HealthSummary, since: datetime, until: datetime) -> str:
             lag_sum[index] += bucket.get("lag_sum")
     width, height, pad = 900, 220, 30
     step = (width - 2 * pad) / slots
-    top = max(synced + [1.0])
+    top = max([*synced, 1.0])
     lags = [lag_sum[i] / synced[i] if synced[i] else 0.0 for i in range(slots)]
-    top_lag = max(lags + [1.0])
+    top_lag = max([*lags, 1.0])
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="sync health">'
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        'aria-label="sync health">'
     ]
     parts.append(f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#999"/>')
     points = []
@@ -110,10 +111,12 @@ h1{{font-size:22px;margin:0 0 4px}} h2{{font-size:17px;margin:28px 0 8px}}
 .track{{flex:1;max-width:640px;height:16px;background:#f1f1f1;border-radius:3px;overflow:hidden}}
 .bar{{display:block;height:16px}}
 .value{{width:110px;padding-left:8px;font-size:12px}} .conv{{color:#888}}
-.key{{margin-right:14px;font-size:12px}} .key i{{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:-1px}}
+.key{{margin-right:14px;font-size:12px}}
+.key i{{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:-1px}}
 </style></head><body>
 <h1>clinicsync · {escape(clinic_id)}</h1>
-<div class=muted>generated {now:%Y-%m-%d %H:%M} UTC · funnel {funnel.since:%d.%m.%Y}–{funnel.until:%d.%m.%Y} (last 30 days)</div>
+<div class=muted>generated {now:%Y-%m-%d %H:%M} UTC ·
+funnel {funnel.since:%d.%m.%Y}–{funnel.until:%d.%m.%Y} ({(funnel.until - funnel.since).days} days)</div>
 <div class=tiles>
 <div class=tile>messages synced<b>{messages}</b></div>
 <div class=tile>average sync lag<b>{lag:.1f} s</b></div>
@@ -124,7 +127,8 @@ h1{{font-size:22px;margin:0 0 4px}} h2{{font-size:17px;margin:28px 0 8px}}
 <div class=muted>bars: messages synced per 6 hours · line: average lag from poll to CRM · marks on top: errors</div>
 {_health_svg(health, since, funnel.until)}
 <h2>Funnel: lead → booked → visited → won</h2>
-<div class=muted>by lead source · DMS (insurance) visits excluded: {funnel.dms_excluded} · percentages of each source's leads</div>
+<div class=muted>by lead source · DMS (insurance) visits excluded: {funnel.dms_excluded} ·
+percentages of each source's leads</div>
 <div>{legend}</div>
 {_funnel_row(total, scale, strong=True)}
 {rows}

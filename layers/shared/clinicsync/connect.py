@@ -69,7 +69,7 @@ class _MemoryTokens[T]:
         return parsed
 
     def save(self, tokens: T) -> None:
-        self._creds.values.update(rotated_values(tokens, self._vendor.rotated_keys))  # type: ignore[arg-type]
+        self._creds.values.update(rotated_values(tokens, self._vendor.rotated_keys))
 
 
 def http_client() -> httpx.Client:

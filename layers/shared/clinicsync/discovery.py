@@ -432,7 +432,8 @@ def check_stages(config: ClinicConfig, crm: CrmDiscovery) -> list[Problem]:
                 problems.append(
                     Problem(
                         "stages",
-                        f"pipeline {role!r} maps {status.value} to stage {stage!r}, which pipeline {live.id} does not have",
+                        f"pipeline {role!r} maps {status.value} to stage {stage!r}, "
+                        f"which pipeline {live.id} does not have",
                         f"use one of: {', '.join(f'{s.id} «{s.name}»' for s in live.stages)}",
                     )
                 )
@@ -461,8 +462,10 @@ def check_fields(config: ClinicConfig, crm: CrmDiscovery) -> list[Problem]:
                     problems.append(
                         Problem(
                             "fields",
-                            f"{entity} field {key} (for {name}) does not exist in Bitrix24: its values would be dropped",
-                            "run `clinicsync check --create-fields`, or map it to an existing field in fields.crm_names",
+                            f"{entity} field {key} (for {name}) does not exist in Bitrix24: "
+                            "its values would be dropped",
+                            "run `clinicsync check --create-fields`, or map it to an existing field "
+                            "in fields.crm_names",
                         )
                     )
             else:
@@ -512,7 +515,8 @@ def check_webhooks(
             Problem(
                 "webhooks",
                 "an incoming-webhook credential cannot list Bitrix24 event handlers",
-                f"check in the portal that an outgoing webhook posts {', '.join(events)} to {api_url.rstrip('/')}/webhooks/bitrix24",
+                f"check in the portal that an outgoing webhook posts {', '.join(events)} "
+                f"to {api_url.rstrip('/')}/webhooks/bitrix24",
                 "warning",
             )
         ]

@@ -9,7 +9,7 @@ copy of them. Values shown are masked: names by initials, phones and e-mails by 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -150,8 +150,8 @@ class DryRunGateway:
     def open_leads(self, created_from: datetime, created_to: datetime, limit: int, offset: int) -> list[OpenLead]:
         return self._inner.open_leads(created_from, created_to, limit, offset)
 
-    def contact_emails(self, contact_ids: Sequence[str]) -> dict[str, list[str]]:
-        return {}  # e-mails are never needed for a plan
+    def contact_emails(self, contact_ids: Sequence[str]) -> dict[str, list[str]]:  # noqa: ARG002
+        return {}  # e-mails are never read for a plan
 
 
 # --- masking -------------------------------------------------------------------------------------------
@@ -173,14 +173,14 @@ def mask_email(value: str) -> str:
     return f"{local[:1]}…@…{('.' + tld) if tld else ''}"
 
 
-MASKS = {"full_name": mask_name, "phone": mask_phone, "email": mask_email}
+MASKS: dict[str, Callable[[Any], str]] = {"full_name": mask_name, "phone": mask_phone, "email": mask_email}
 HIDDEN = {"representative", "residence", "card_comment", "comment", "policy_number", "birth_date"}
 
 
 def masked_fields(fields: Mapping[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in fields.items():
-        if value is None or value == "" or value == []:
+        if value is None or value in ("", [], ()):
             continue
         if name in MASKS:
             out[name] = MASKS[name](value)

@@ -176,16 +176,6 @@ def test_deploy_builds_the_template_and_passes_the_clinic_parameters(
     """Up to the call to AWS: the real `sam build`, and the `sam deploy` command line recorded instead of run."""
     clinic = make_clinic(patients=3, appointments=3, rate_limit=False, crm="amocrm")
     cid = "fresh-clinic"
-    config = yaml.safe_load(
-        clinic.stack.aws.client("ssm").get_parameter(Name=f"/clinicsync/{clinic.config.clinic_id}/config")["Parameter"][
-            "Value"
-        ]
-    )
-    config["clinic_id"] = cid
-    config["mis"]["secret_ref"] = f"clinicsync/{cid}/mis"
-    config["crm"]["secret_ref"] = f"clinicsync/{cid}/crm"
-    config_path = tmp_path / "clinic.yaml"
-    config_path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
     sm = clinic.stack.aws.client("secretsmanager")
     values = {
         k: json.loads(sm.get_secret_value(SecretId=f"clinicsync/{clinic.config.clinic_id}/{k}")["SecretString"])
@@ -193,6 +183,16 @@ def test_deploy_builds_the_template_and_passes_the_clinic_parameters(
     }
     secrets_path = tmp_path / "clinic.secrets.json"
     secrets_path.write_text(json.dumps(values), encoding="utf-8")
+    # A new clinic: init from the secrets file (nothing in AWS yet) finds the amoCRM funnel and field ids.
+    config_path = tmp_path / "clinic.yaml"
+    code, out = run(
+        "init", "--clinic-id", cid, "--mis", "medods", "--mis-url", clinic.config.mis.base_url, "--crm", "amocrm",
+        "--secrets", str(secrets_path), "--out", str(config_path),
+    )  # fmt: skip
+    assert code == 0, out
+    proposed = load_clinic_config(config_path)
+    assert proposed.crm.pipelines["primary"].stages == clinic.config.crm.pipelines["primary"].stages
+    assert proposed.fields.crm_names == dict(clinic.config.fields.crm_names)  # the field ids, found by name
     record = tmp_path / "deploy-args.json"
     sam = tmp_path / "sam"
     real_sam = ROOT / ".venv-sam" / "bin" / "sam"
@@ -243,6 +243,8 @@ def test_deploy_builds_the_template_and_passes_the_clinic_parameters(
     ]
     assert hooks and {"add_lead", "status_lead", "update_contact"} <= set(hooks[0].settings)
     assert "webhook registered" in out
+    code, out = run("check", "-c", str(config_path), "--secrets", str(secrets_path), "--api-url", clinic.api_url)
+    assert code == 0 and "webhooks" not in out, out  # the registration is found by check
 
     code, out = run(
         "deploy", "-c", str(config_path), "--secrets", str(secrets_path), "--sam", str(sam),

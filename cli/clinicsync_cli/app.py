@@ -189,7 +189,10 @@ def init(
     if proposal.notes:
         header.append("to review:")
         header += [f"  - {n}" for n in proposal.notes]
-    body = yaml.safe_dump(config.model_dump(mode="json", exclude_defaults=False), allow_unicode=True, sort_keys=False)
+    dumped = config.model_dump(mode="json")
+    for pipeline in dumped["crm"]["pipelines"].values():
+        pipeline["closed_stages"] = sorted(pipeline["closed_stages"])
+    body = yaml.safe_dump(dumped, allow_unicode=True, sort_keys=False)
     out.write_text(_yaml_comment(header) + "\n" + body, encoding="utf-8")
     table = Table(title=f"proposed status -> stage map ({crm})")
     table.add_column("status")

@@ -399,7 +399,7 @@ def propose_config(
             "kind": mis.kind,
             "base_url": mis_url,
             "secret_ref": secret_refs["mis"],
-            "statuses": dict.fromkeys(unknown, "booked"),  # placeholders: review every one
+            "statuses": {},  # unknown statuses are in the notes; `check` reports them until they are mapped
         },
         "crm": {"kind": crm.kind, "secret_ref": secret_refs["crm"], "pipelines": pipelines},
         "fields": {"contact": list(contact), "deal": list(deal), "crm_names": crm_names},

@@ -253,3 +253,35 @@ def test_deploy_builds_the_template_and_passes_the_clinic_parameters(
     assert code == 0, out
     again = json.loads(sm.get_secret_value(SecretId=f"clinicsync/{cid}/clinic")["SecretString"])
     assert again["hash_key"] == clinic_secret["hash_key"]  # ... and never replaced by a later deploy
+
+    # The report reads amoCRM's funnel too (the clinic's own stack, after a sync).
+    clinic.sync()
+    code, out = run("report", "--stack", clinic.stack.stack_name, "--out", str(tmp_path / "report.html"))
+    assert code == 0, out
+    ours = clinic.crm.deals()
+    booked = int(re.search(r"→ (\d+) booked", out).group(1))  # type: ignore[union-attr]
+    excluded = int(re.search(r"\((\d+) DMS", out).group(1))  # type: ignore[union-attr]
+    assert booked + excluded == len(ours) > 0
+
+
+def test_check_reads_other_mis_kinds_through_the_stacks_adapter_and_reports_both_sides(
+    make_clinic: Callable[..., LocalClinic], tmp_path: Path
+) -> None:
+    clinic = make_clinic(patients=4, appointments=4, rate_limit=False, mis="renovatio")
+    aws = clinic.stack.aws
+    text = aws.client("ssm").get_parameter(Name=f"/clinicsync/{clinic.config.clinic_id}/config")["Parameter"]["Value"]
+    config_path = tmp_path / "clinic.yaml"
+    config_path.write_text(text, encoding="utf-8")
+    sm = aws.client("secretsmanager")
+    values = {
+        k: json.loads(sm.get_secret_value(SecretId=f"clinicsync/{clinic.config.clinic_id}/{k}")["SecretString"])
+        for k in ("mis", "crm")
+    }
+    values["mis"]["api_key"] = "key-0f9a8b7c6d"
+    values["crm"]["webhook_url"] = values["crm"]["webhook_url"].replace("/rest/", "/rest/9")  # a wrong user
+    secrets_path = tmp_path / "clinic.secrets.json"
+    secrets_path.write_text(json.dumps(values), encoding="utf-8")
+    code, out = run("check", "-c", str(config_path), "--secrets", str(secrets_path))
+    assert code == 1
+    assert "renovatio at" in out and "bitrix24 credentials" in out  # both systems, one pass
+    assert "key-0f9a8b7c6d" not in out and values["crm"]["webhook_url"] not in out  # credentials never printed

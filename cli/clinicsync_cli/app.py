@@ -35,6 +35,7 @@ from clinicsync.discovery import (
     discover_crm,
     discover_medods,
     guarded,
+    probe_mis,
     propose_config,
     register_webhooks,
 )
@@ -260,6 +261,14 @@ def check(
             )
         else:
             mis_found, failed = default_mis_discovery(config.mis.kind), []
+            if config.mis.kind != "ident":  # IDENT pushes through its connector: nothing to call
+                probe, failed = guarded(
+                    "credentials",
+                    f"{config.mis.kind} at {config.mis.base_url}",
+                    "check mis.base_url and the MIS credentials (certificates, API key) in the secret",
+                    lambda: probe_mis(connect.mis_source(config, mis_creds, connect.http_client())),
+                )
+                problems.extend(probe or [])
     problems += failed
     if mis_found is not None:
         problems += check_statuses(config, mis_found) + check_filters(config, mis_found)

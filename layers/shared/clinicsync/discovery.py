@@ -21,6 +21,7 @@ from clinicsync.adapters.bitrix24 import Bitrix24Client
 from clinicsync.adapters.medods import MedodsApi
 from clinicsync.config import ClinicConfig
 from clinicsync.models import AppointmentStatus as S
+from clinicsync.ports import MisSource
 from clinicsync.statuses import DEFAULT_STATUSES
 
 Semantics = Literal["open", "won", "lost"]
@@ -537,6 +538,21 @@ def check_webhooks(
                 "webhooks",
                 f"the webhook lacks events: {', '.join(missing)}",
                 "run `clinicsync deploy` again to re-register it",
+            )
+        ]
+    return []
+
+
+def probe_mis(source: MisSource, now: float | None = None) -> list[Problem]:
+    """One read of the last day through the stack's own adapter (credentials, TLS, the API root); records
+    it could not translate (unmapped statuses, missing fields) are reported, never guessed."""
+    page = source.fetch_changes(source.resync_cursor(86400, now or time.time()))
+    if page.rejected:
+        return [
+            Problem(
+                "statuses",
+                f"{page.rejected} record(s) of the last day could not be translated (an unmapped status?)",
+                "map the MIS's statuses in mis.statuses (docs/statuses.md)",
             )
         ]
     return []

@@ -137,6 +137,7 @@ def test_init_check_backfill_status_plan_against_the_emulators(
     assert figures["queues"]["sync"] == {"queued": 0, "dead": 0}
     assert figures["crm_budget"]["requests_last_hour"] > 0
     assert figures["opt_outs_pending"] == 0
+    assert figures["errors_last_hour"] >= 1  # the import step the MIS refused
     code, out = run("status", "--stack", stack)
     assert code == 0 and "sync lag" in out and "CRM budget" in out and "opt-outs pending" in out
 

@@ -37,6 +37,14 @@ class ScheduledRun(BaseModel):
 @event_parser(model=ScheduledRun)
 def lambda_handler(event: ScheduledRun, context: LambdaContext) -> dict[str, Any]:
     logger.append_keys(execution_id=event.execution_id, job=event.job)
+    try:
+        return _run(event, context)
+    except Exception:
+        wiring.health().record_error()  # a MIS outage shows in `clinicsync status` (errors in the last hour)
+        raise
+
+
+def _run(event: ScheduledRun, context: LambdaContext) -> dict[str, Any]:
     if event.job == "catchup":
         caught = wiring.crm_catch_up().run()
         metrics.add_metric(name="CrmCatchUpEvents", unit=MetricUnit.Count, value=caught.events)
@@ -48,8 +56,8 @@ def lambda_handler(event: ScheduledRun, context: LambdaContext) -> dict[str, Any
         state = poller.backfill(
             remaining, wiring.backfill_checkpoint(), event.window_days, event.restart, event.max_pages
         )
-        metrics.add_metric(name="PatientsEnqueued", unit=MetricUnit.Count, value=state.patients)
-        wiring.health().record_poll(state.patients, 0)
+        metrics.add_metric(name="PatientsEnqueued", unit=MetricUnit.Count, value=state.step_patients)
+        wiring.health().record_poll(state.step_patients, 0)
         logger.info("backfill step", extra=state.as_dict())
         return state.as_dict()
     resync = event.job == "resync"

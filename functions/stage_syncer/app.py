@@ -63,8 +63,8 @@ def _remember_failure(queue: str, message_id: str, error: Exception) -> None:
 @tracer.capture_method(capture_response=False)
 def sync_record(record: SyncRecord) -> None:
     message = record.body
-    throttled_before = wiring.crm_throttles()
     try:
+        throttled_before = wiring.crm_throttles()
         report = wiring.syncer().sync(message.changes, message.observations)
     except Exception as exc:
         _remember_failure("sync", record.messageId, exc)

@@ -37,6 +37,7 @@ class BackfillState:
     done: bool = False
     updated_at: int = 0
     resumed: bool = field(default=False, compare=False)
+    step_patients: int = field(default=0, compare=False)  # enqueued by this invocation
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -23,6 +23,9 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from boto3.dynamodb.conditions import Key
+from botocore.exceptions import BotoCoreError, ClientError
+
+from clinicsync.observability import logger
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -86,6 +89,13 @@ class HealthLog:
         self._clock = clock
 
     def _add(self, counts: Mapping[str, float], last: Mapping[str, float] | None = None) -> None:
+        """Best effort: the bookkeeping never fails the work it describes (a message synced stays synced)."""
+        try:
+            self._write(counts, last)
+        except (ClientError, BotoCoreError) as exc:
+            logger.warning("health counters not recorded", extra={"error": type(exc).__name__})
+
+    def _write(self, counts: Mapping[str, float], last: Mapping[str, float] | None) -> None:
         now = self._clock()
         values = {k: v for k, v in counts.items() if v}
         if values:

@@ -508,6 +508,7 @@ class Poller:
             state.cursor = dict(page.cursor)
             state.pages += 1
             state.patients += report.patients
+            state.step_patients += report.patients
             state.appointments += report.appointments
             state.messages += report.messages
             state.done = not page.more

@@ -64,12 +64,12 @@ def _remember_failure(queue: str, message_id: str, error: Exception) -> None:
 def sync_record(record: SyncRecord) -> None:
     message = record.body
     try:
-        throttled_before = wiring.crm_throttles()
+        _, throttled_before = wiring.crm_counters()
         report = wiring.syncer().sync(message.changes, message.observations)
     except Exception as exc:
         _remember_failure("sync", record.messageId, exc)
         raise
-    throttles = wiring.crm_throttles() - throttled_before
+    throttles = wiring.crm_counters()[1] - throttled_before
     lag = time.time() - message.produced_at.timestamp()  # from the poll that read the change to the CRM write
     metrics.add_metric(name="SyncLagSeconds", unit=MetricUnit.Seconds, value=max(0.0, lag))
     metrics.add_metric(name="CrmThrottles", unit=MetricUnit.Count, value=throttles)
@@ -99,8 +99,17 @@ def sync_record(record: SyncRecord) -> None:
     )
 
 
+def _crm_use(before: tuple[int, int]) -> None:
+    """CRM requests and throttles of a webhook or consent batch (sync messages report theirs per message)."""
+    requests, throttles = (now - then for now, then in zip(wiring.crm_counters(), before, strict=True))
+    metrics.add_metric(name="CrmRequests", unit=MetricUnit.Count, value=requests)
+    metrics.add_metric(name="CrmThrottles", unit=MetricUnit.Count, value=throttles)
+    wiring.health().record_crm_calls(requests, throttles)
+
+
 def _crm_events(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     processor = wiring.crm_events()
+    before = wiring.crm_counters()
     valid = []
     for raw in event.get("Records", []):
         try:
@@ -119,6 +128,7 @@ def _crm_events(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]
 
     response = process_partial_response(event=event, record_handler=handle, processor=event_processor, context=context)
     processor.flush(report)
+    _crm_use(before)
     metrics.add_metric(name="CrmEchoesIgnored", unit=MetricUnit.Count, value=report.echoes)
     metrics.add_metric(name="CrmManualMoves", unit=MetricUnit.Count, value=report.manual_moves)
     logger.info(
@@ -142,7 +152,10 @@ def _consent_jobs(event: dict[str, Any], context: LambdaContext) -> dict[str, An
             jobs.append(ConsentJob.model_validate_json(raw.get("body", "")))
         except ValidationError:
             continue  # reported as a failed item by the batch processor below
-    report = wiring.consent_outputs().push(jobs)  # one CRM write and one e-mail read for the batch
+    outputs = wiring.consent_outputs()
+    before = wiring.crm_counters()
+    report = outputs.push(jobs)  # one CRM write and one e-mail read for the batch
+    _crm_use(before)
 
     def check(record: ConsentRecord) -> None:
         if record.body.subject in report.failed:

@@ -171,16 +171,18 @@ def backfill_checkpoint() -> BackfillCheckpoint:
     return BackfillCheckpoint(dynamodb().Table(settings().table_name), clinic_config().mis.kind)
 
 
-def crm_throttles() -> int:
-    """Throttled CRM answers (503/429) this container's client has seen so far (0 before its first call)."""
+def crm_counters() -> tuple[int, int]:
+    """(requests, throttled answers) this container's CRM client has made so far; (0, 0) before its first
+    use. Handlers difference two readings to report one invocation's CRM use."""
     crm = clinic_config().crm
-    if crm.kind == "bitrix24":
-        args = (settings().crm_secret_arn, crm.requests_per_second, crm.burst, crm.shared_budget)
-        return _bitrix_client(*args).throttled if _bitrix_client.cache_info().currsize else 0
-    if crm.kind == "amocrm":
-        args = (settings().crm_secret_arn, crm.requests_per_second, crm.burst, crm.shared_budget)
-        return _amocrm_client(*args).throttled if _amocrm_client.cache_info().currsize else 0
-    return 0
+    args = (settings().crm_secret_arn, crm.requests_per_second, crm.burst, crm.shared_budget)
+    if crm.kind == "bitrix24" and _bitrix_client.cache_info().currsize:
+        bitrix = _bitrix_client(*args)
+        return bitrix.requests, bitrix.throttled
+    if crm.kind == "amocrm" and _amocrm_client.cache_info().currsize:
+        amo = _amocrm_client(*args)
+        return amo.requests, amo.throttled
+    return 0, 0
 
 
 def change_queue() -> SqsChangeQueue:

@@ -576,6 +576,8 @@ def plan(
             result = plan_sync(config, changes, table, gateway, KeyedHasher(str(clinic.values["hash_key"]).encode()))
         except PipelineMismatch as exc:
             fail(f"the config does not match the CRM: {exc}", "run `clinicsync check` and fix the stage map")
+        except Exception as exc:  # a refused look-up: say which system and what to do
+            fail(f"{config.crm.kind} refused a look-up: {exc}", "run `clinicsync check` (credentials, fields)")
     summary = Table(title=f"{stack}: plan for {result.patients} patient(s), {result.appointments} visit(s)")
     for column in ("", "create", "update", "move", "adopt"):
         summary.add_column(column)

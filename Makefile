@@ -15,12 +15,13 @@ SAM := $(SAM_VENV)/bin/sam
 MIS ?= medods
 CRM ?= bitrix24
 
-.PHONY: help venv sam-venv lint typecheck pytest validate build test demo schema clean check-python connector chaos
+.PHONY: help venv sam-venv lint typecheck pytest validate build test demo schema docs clean check-python connector chaos browser
 
 help:
 	@echo "make demo   - local runtime against the emulators (MIS=$(MIS) CRM=$(CRM))"
 	@echo "make test   - ruff, mypy --strict, pytest, sam validate --lint, sam build"
 	@echo "make chaos  - the full chaos-convergence run (800 patients, 2,000 MIS events, both CRMs); figures in chaos-report.json"
+	@echo "make docs   - regenerate docs/clinic-config.schema.json and docs/config-reference.md"
 	@echo "make connector - build the IDENT connector wheel for clinics (dist/connector/) and smoke-test it"
 
 check-python:
@@ -48,7 +49,12 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy --strict
 
-pytest: venv sam-venv
+# Headless Chromium for the report's screenshot test: the system's, or Debian's debs from the apt cache
+# unpacked into .chromium/ (no root, no network); fails loudly if its libraries do not resolve.
+browser:
+	@sandbox/browser.sh >/dev/null
+
+pytest: venv sam-venv browser
 	$(PY) -m pytest -q -n 2  # two cores: the suites wait on loopback I/O more than they compute
 
 # sam validate --lint needs a region; nothing here talks to AWS.
@@ -69,6 +75,11 @@ schema: venv
 	$(PY) -c 'import json, sandbox; from clinicsync.config import clinic_config_json_schema as s; \
 		print(json.dumps(s(), indent=2, ensure_ascii=False))' > docs/clinic-config.schema.json
 
+# The config reference, generated from the JSON Schema (a test keeps the committed copy current).
+docs: schema
+	$(PY) -c 'import sandbox; from clinicsync_cli.docs import main; main(["docs/clinic-config.schema.json"])' \
+		> docs/config-reference.md
+
 # Faults at random (20 % of CRM calls, 10 % crashed syncer invocations, redelivered messages), then the
 # check that the CRM equals the MIS: no duplicate, no lost update, no PII anywhere. The reduced run is in
 # make test (tests/test_chaos.py).
@@ -87,4 +98,4 @@ connector: venv
 	@echo "built $$(ls dist/connector/*.whl)"
 
 clean:
-	rm -rf .aws-sam .demo dist .connector-smoke
+	rm -rf .aws-sam .demo dist .connector-smoke .chromium

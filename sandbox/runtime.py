@@ -499,3 +499,33 @@ class ClinicStack:
 
     def serve_http(self) -> ServedApp:
         return ServedApp(self.wsgi).start()
+
+    # --- Lambda Invoke API (for the operator CLI: AWS_ENDPOINT_URL_LAMBDA points here) --------------
+
+    def lambda_wsgi(self, environ: dict[str, Any], start_response: Any) -> Any:
+        """``POST /2015-03-31/functions/<stack>-<FunctionId>/invocations``, as boto3's ``lambda.invoke``
+        sends it: the real handler runs with the event, its result is the payload; an exception becomes
+        a ``X-Amz-Function-Error: Unhandled`` answer, as Lambda reports it."""
+        request = Request(environ)
+        parts = request.path.strip("/").split("/")
+        if len(parts) != 4 or parts[:2] != ["2015-03-31", "functions"] or parts[3] != "invocations":
+            return Response(json.dumps({"message": "Not Found"}), 404)(environ, start_response)
+        name = parts[2].rsplit(":", 1)[-1]
+        function_id = name.removeprefix(f"{self.stack_name}-")
+        if function_id not in self.function_ids():
+            body = {"Type": "User", "message": f"Function not found: {name}"}
+            return Response(json.dumps(body), 404, headers={"x-amzn-ErrorType": "ResourceNotFoundException"})(
+                environ, start_response
+            )
+        event = json.loads(request.get_data() or b"{}")
+        try:
+            result = self.invoke(function_id, event)
+        except Exception as exc:
+            error = {"errorMessage": str(exc), "errorType": type(exc).__name__}
+            return Response(json.dumps(error), 200, headers={"X-Amz-Function-Error": "Unhandled"})(
+                environ, start_response
+            )
+        return Response(json.dumps(result, default=str), 200, content_type="application/json")(environ, start_response)
+
+    def serve_lambda(self) -> ServedApp:
+        return ServedApp(self.lambda_wsgi).start()

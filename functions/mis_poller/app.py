@@ -25,8 +25,10 @@ class ScheduledRun(BaseModel):
 
     scheduled_time: str | None = None
     execution_id: str | None = None
-    job: Literal["poll", "resync", "catchup"] = "poll"
+    job: Literal["poll", "resync", "catchup", "backfill"] = "poll"
     window_days: int = Field(default=3, ge=1, le=730, description="resync: how far back to re-read (a backfill: more)")
+    restart: bool = Field(default=False, description="backfill: start over instead of resuming the checkpoint")
+    max_pages: int = Field(default=1000, ge=1, le=1000, description="backfill: pages to read in this invocation")
 
 
 @logger.inject_lambda_context(clear_state=True)
@@ -35,6 +37,14 @@ class ScheduledRun(BaseModel):
 @event_parser(model=ScheduledRun)
 def lambda_handler(event: ScheduledRun, context: LambdaContext) -> dict[str, Any]:
     logger.append_keys(execution_id=event.execution_id, job=event.job)
+    try:
+        return _run(event, context)
+    except Exception:
+        wiring.health().record_error()  # a MIS outage shows in `clinicsync status` (errors in the last hour)
+        raise
+
+
+def _run(event: ScheduledRun, context: LambdaContext) -> dict[str, Any]:
     if wiring.clinic_config().directory is not None:
         return _directory(event, context)
     if event.job == "catchup":
@@ -43,11 +53,22 @@ def lambda_handler(event: ScheduledRun, context: LambdaContext) -> dict[str, Any
         return {"events": caught.events, "manual_moves": caught.manual_moves, "echoes": caught.echoes}
     poller = wiring.poller()
     remaining = context.get_remaining_time_in_millis
+    if event.job == "backfill":
+        # The operator's first import (`clinicsync backfill`): checkpointed, resumable, invoked until done.
+        state = poller.backfill(
+            remaining, wiring.backfill_checkpoint(), event.window_days, event.restart, event.max_pages
+        )
+        metrics.add_metric(name="PatientsEnqueued", unit=MetricUnit.Count, value=state.step_patients)
+        wiring.health().record_poll(state.step_patients, 0)
+        logger.info("backfill step", extra=state.as_dict())
+        return state.as_dict()
     resync = event.job == "resync"
     window = event.window_days * 86400
     report = poller.resync(remaining, window) if resync else poller.poll(remaining, owner=context.aws_request_id)
     metrics.add_metric(name="PatientsEnqueued", unit=MetricUnit.Count, value=report.patients)
     metrics.add_metric(name="MisRecordsRejected", unit=MetricUnit.Count, value=report.rejected)
+    if not report.skipped_busy:
+        wiring.health().record_poll(report.patients, report.rejected)
     logger.info("poll finished", extra=asdict(report))
     return asdict(report)
 

@@ -55,6 +55,7 @@ def _remember_failure(queue: str, message_id: str, error: Exception) -> None:
     """Keep why it failed under the message id: if it ends in the DLQ, `clinicsync dlq list` shows it."""
     try:
         wiring.failure_log().record(queue, message_id, describe(error), int(time.time()))
+        wiring.health().record_error()
     except Exception:  # never let the bookkeeping hide the real failure
         logger.exception("could not record a failure reason", extra={"message_id": message_id})
 
@@ -63,10 +64,23 @@ def _remember_failure(queue: str, message_id: str, error: Exception) -> None:
 def sync_record(record: SyncRecord) -> None:
     message = record.body
     try:
+        _, throttled_before = wiring.crm_counters()
         report = wiring.syncer().sync(message.changes, message.observations)
     except Exception as exc:
         _remember_failure("sync", record.messageId, exc)
         raise
+    throttles = wiring.crm_counters()[1] - throttled_before
+    lag = time.time() - message.produced_at.timestamp()  # from the poll that read the change to the CRM write
+    metrics.add_metric(name="SyncLagSeconds", unit=MetricUnit.Seconds, value=max(0.0, lag))
+    metrics.add_metric(name="CrmThrottles", unit=MetricUnit.Count, value=throttles)
+    wiring.health().record_sync(
+        patients=report.patients,
+        contacts=report.contacts_created + report.contacts_updated,
+        deals=report.deals_created + report.deals_updated,
+        crm_requests=report.crm_requests,
+        crm_throttles=throttles,
+        lag_seconds=lag,
+    )
     metrics.add_metric(
         name="ContactsWritten", unit=MetricUnit.Count, value=report.contacts_created + report.contacts_updated
     )
@@ -85,8 +99,17 @@ def sync_record(record: SyncRecord) -> None:
     )
 
 
+def _crm_use(before: tuple[int, int]) -> None:
+    """CRM requests and throttles of a webhook or consent batch (sync messages report theirs per message)."""
+    requests, throttles = (now - then for now, then in zip(wiring.crm_counters(), before, strict=True))
+    metrics.add_metric(name="CrmRequests", unit=MetricUnit.Count, value=requests)
+    metrics.add_metric(name="CrmThrottles", unit=MetricUnit.Count, value=throttles)
+    wiring.health().record_crm_calls(requests, throttles)
+
+
 def _crm_events(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     processor = wiring.crm_events()
+    before = wiring.crm_counters()
     valid = []
     for raw in event.get("Records", []):
         try:
@@ -105,6 +128,7 @@ def _crm_events(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]
 
     response = process_partial_response(event=event, record_handler=handle, processor=event_processor, context=context)
     processor.flush(report)
+    _crm_use(before)
     metrics.add_metric(name="CrmEchoesIgnored", unit=MetricUnit.Count, value=report.echoes)
     metrics.add_metric(name="CrmManualMoves", unit=MetricUnit.Count, value=report.manual_moves)
     logger.info(
@@ -128,7 +152,10 @@ def _consent_jobs(event: dict[str, Any], context: LambdaContext) -> dict[str, An
             jobs.append(ConsentJob.model_validate_json(raw.get("body", "")))
         except ValidationError:
             continue  # reported as a failed item by the batch processor below
-    report = wiring.consent_outputs().push(jobs)  # one CRM write and one e-mail read for the batch
+    outputs = wiring.consent_outputs()
+    before = wiring.crm_counters()
+    report = outputs.push(jobs)  # one CRM write and one e-mail read for the batch
+    _crm_use(before)
 
     def check(record: ConsentRecord) -> None:
         if record.body.subject in report.failed:
@@ -137,6 +164,12 @@ def _consent_jobs(event: dict[str, Any], context: LambdaContext) -> dict[str, An
             raise error
 
     response = process_partial_response(event=event, record_handler=check, processor=consent_processor, context=context)
+    # Unsubscribe latency: from the opt-out being recorded to every output showing it.
+    now = time.time()
+    latencies = [now - job.produced_at for job in jobs if job.subject not in report.failed]
+    for latency in latencies:
+        metrics.add_metric(name="UnsubscribeLatencySeconds", unit=MetricUnit.Seconds, value=max(0.0, latency))
+    wiring.health().record_unsubscribes(latencies)
     metrics.add_metric(name="ConsentCrmWrites", unit=MetricUnit.Count, value=report.crm_written)
     metrics.add_metric(name="ConsentMisWrites", unit=MetricUnit.Count, value=report.mis_written)
     metrics.add_metric(name="ConsentMailchimpUnsubscribes", unit=MetricUnit.Count, value=report.mailchimp_unsubscribed)

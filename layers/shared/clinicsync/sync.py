@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from clinicsync.adapters.mailchimp import AudienceMember, MailchimpAudience
+from clinicsync.backfill import BackfillCheckpoint, BackfillState
 from clinicsync.config import ClinicConfig
 from clinicsync.consent import ConsentLedger, email_subject
 from clinicsync.crypto import KeyedHasher
@@ -480,6 +481,41 @@ class Poller:
             if not page.more or remaining_ms() < self.SAFETY_MS:
                 report.stopped_early = page.more
                 return report
+
+    def backfill(
+        self,
+        remaining_ms: Callable[[], int],
+        checkpoint: BackfillCheckpoint,
+        window_days: int,
+        restart: bool = False,
+        max_pages: int = 1000,
+    ) -> BackfillState:
+        """The first full import: the resync read over ``window_days``, its cursor checkpointed after each
+        enqueued page, so an interrupted import (deadline, crash, operator) resumes where it stopped."""
+        state = None if restart else checkpoint.load()
+        if state is None:
+            state = BackfillState(window_days=window_days, started_at=int(time.time()))
+            state.cursor = dict(self._source.resync_cursor(window_days * 86400, time.time()))
+            checkpoint.save(state)
+        elif not state.done:
+            state.resumed = state.pages > 0
+        for _ in range(max_pages):
+            if state.done:
+                break
+            report = PollReport()
+            page = self._source.fetch_changes(state.cursor)
+            self._enqueue(page, report)
+            state.cursor = dict(page.cursor)
+            state.pages += 1
+            state.patients += report.patients
+            state.step_patients += report.patients
+            state.appointments += report.appointments
+            state.messages += report.messages
+            state.done = not page.more
+            checkpoint.save(state)
+            if remaining_ms() < self.SAFETY_MS:
+                break
+        return state
 
     def _enqueue(self, page: ChangePage, report: PollReport) -> None:
         report.pages += 1

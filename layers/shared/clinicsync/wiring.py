@@ -32,6 +32,7 @@ from clinicsync.adapters.mailchimp_directory import DirectoryAudiences
 from clinicsync.adapters.medods import MedodsApi, MedodsConsentWriter, MedodsSource
 from clinicsync.adapters.renovatio import RenovatioApi, RenovatioSource
 from clinicsync.adapters.vtiger import VtigerClient, VtigerDirectory
+from clinicsync.backfill import BackfillCheckpoint
 from clinicsync.budget import RequestPacer, SharedLeakyBucket
 from clinicsync.config import ClinicConfig, parse_clinic_config
 from clinicsync.consent import ConsentLedger, ConsentOutputs, MailchimpMembers, UnsubscribeTokens
@@ -39,6 +40,7 @@ from clinicsync.crm_events import CrmCatchUp, CrmEventProcessor
 from clinicsync.crypto import KeyedHasher
 from clinicsync.directory import DirectoryStore, DirectorySync
 from clinicsync.failures import FailureLog
+from clinicsync.health import HealthLog
 from clinicsync.ident import ConnectorInbox, IdentDirectory
 from clinicsync.ports import CrmGateway, MisConsentWriter, MisSource
 from clinicsync.queue import SqsChangeQueue, SqsConsentQueue, SqsEventQueue
@@ -222,6 +224,29 @@ def store() -> DynamoStore:
 
 def failure_log() -> FailureLog:
     return FailureLog(dynamodb().Table(settings().table_name))
+
+
+def health() -> HealthLog:
+    """Counters per 10-minute bucket for `clinicsync status` and the report (the dashboard has the metrics)."""
+    return HealthLog(dynamodb().Table(settings().table_name))
+
+
+def backfill_checkpoint() -> BackfillCheckpoint:
+    return BackfillCheckpoint(dynamodb().Table(settings().table_name), clinic_config().mis.kind)
+
+
+def crm_counters() -> tuple[int, int]:
+    """(requests, throttled answers) this container's CRM client has made so far; (0, 0) before its first
+    use. Handlers difference two readings to report one invocation's CRM use."""
+    crm = clinic_config().crm
+    args = (settings().crm_secret_arn, crm.requests_per_second, crm.burst, crm.shared_budget)
+    if crm.kind == "bitrix24" and _bitrix_client.cache_info().currsize:
+        bitrix = _bitrix_client(*args)
+        return bitrix.requests, bitrix.throttled
+    if crm.kind == "amocrm" and _amocrm_client.cache_info().currsize:
+        amo = _amocrm_client(*args)
+        return amo.requests, amo.throttled
+    return 0, 0
 
 
 def change_queue() -> SqsChangeQueue:

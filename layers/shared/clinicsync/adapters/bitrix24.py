@@ -175,6 +175,11 @@ class Bitrix24Client:
         self.requests = 0
         self.throttled = 0
 
+    @property
+    def is_oauth(self) -> bool:
+        """An OAuth app (event.* methods allowed), not an incoming webhook."""
+        return self._oauth is not None
+
     def note_blocked(self, method: str, error: Mapping[str, Any], reset_at: float | None = None) -> None:
         """Remember a 429 OPERATION_TIME_LIMIT for one method; the others keep going."""
         if error.get("error") == "OPERATION_TIME_LIMIT":

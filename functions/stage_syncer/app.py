@@ -1,7 +1,9 @@
 """Stage syncer: three SQS event sources.
 
 - The FIFO sync queue carries patients' change sets and CRM observations, grouped by patient shard:
-  CRM writes are planned and applied per message; failures are reported per record.
+  the whole SQS batch (up to 10 messages of 50 patients) is planned and applied as one sync, so CRM
+  batches and bulk writes go out full; a message fails if any of its patients failed (then the rest
+  of its group comes back too, and the finished patients cost nothing on the retry).
 - The CRM event queue carries webhook events: the whole batch is re-fetched at once, then each event
   is judged on its own (echo, manual move, new lead, opt-out).
 - The consent queue carries consent jobs: the whole batch's outputs (CRM opt-out fields, MIS flags,
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -31,6 +34,7 @@ from clinicsync.crm_events import EventReport
 from clinicsync.failures import describe
 from clinicsync.models import ConsentJob, CrmEvent, SyncMessage
 from clinicsync.observability import logger, metrics, tracer
+from clinicsync.sync import SyncIncomplete, SyncReport
 
 
 class SyncRecord(SqsRecordModel):
@@ -59,30 +63,74 @@ def _remember_failure(queue: str, message_id: str, error: Exception) -> None:
         logger.exception("could not record a failure reason", extra={"message_id": message_id})
 
 
-@tracer.capture_method(capture_response=False)
-def sync_record(record: SyncRecord) -> None:
-    message = record.body
+@dataclass
+class _BatchSync:
+    """The outcome of syncing a whole SQS batch at once, judged per record afterwards."""
+
+    report: SyncReport | None = None
+    failed: dict[str, str] = field(default_factory=dict)  # patient id -> reason
+    error: Exception | None = None  # the whole sync failed
+
+
+def _sync_batch(event: dict[str, Any]) -> _BatchSync:
+    messages: list[SyncMessage] = []
+    for raw in event.get("Records", []):
+        try:
+            messages.append(SyncMessage.model_validate_json(raw.get("body", "")))
+        except ValidationError:
+            continue  # reported as a failed item by the batch processor below
+    changes = [c for m in messages for c in m.changes]
+    observations = [o for m in messages for o in m.observations]
+    if not changes and not observations:
+        return _BatchSync()
     try:
-        report = wiring.syncer().sync(message.changes, message.observations)
-    except Exception as exc:
-        _remember_failure("sync", record.messageId, exc)
-        raise
-    metrics.add_metric(
-        name="ContactsWritten", unit=MetricUnit.Count, value=report.contacts_created + report.contacts_updated
-    )
-    metrics.add_metric(name="DealsWritten", unit=MetricUnit.Count, value=report.deals_created + report.deals_updated)
-    metrics.add_metric(name="CrmRequests", unit=MetricUnit.Count, value=report.crm_requests)
-    logger.info(
-        "message synced",
-        extra={
-            "message_id": record.messageId,
-            "shard": message.shard,
-            "patients": report.patients,
-            "observations": len(message.observations),
-            "crm_requests": report.crm_requests,
-            "skipped": report.skipped,
-        },
-    )
+        return _BatchSync(report=wiring.syncer().sync(changes, observations))
+    except SyncIncomplete as exc:
+        return _BatchSync(failed=exc.failed)
+    except Exception as exc:  # every record of the batch fails with it
+        logger.exception("batch sync failed")
+        return _BatchSync(error=exc)
+
+
+def _message_patients(message: SyncMessage) -> set[str]:
+    return {c.patient.mis_id for c in message.changes} | {o.patient_id for o in message.observations}
+
+
+def _sync_messages(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    outcome = _sync_batch(event)
+
+    def judge(record: SyncRecord) -> None:
+        message = record.body
+        failed = {pid: outcome.failed[pid] for pid in _message_patients(message) if pid in outcome.failed}
+        error: Exception | None = outcome.error or (SyncIncomplete(failed) if failed else None)
+        if error is not None:
+            _remember_failure("sync", record.messageId, error)
+            raise error
+        logger.info(
+            "message synced",
+            extra={
+                "message_id": record.messageId,
+                "shard": message.shard,
+                "patients": len(message.changes),
+                "observations": len(message.observations),
+            },
+        )
+
+    response = process_partial_response(event=event, record_handler=judge, processor=sync_processor, context=context)
+    report = outcome.report
+    if report is not None:
+        metrics.add_metric(
+            name="ContactsWritten", unit=MetricUnit.Count, value=report.contacts_created + report.contacts_updated
+        )
+        metrics.add_metric(
+            name="DealsWritten", unit=MetricUnit.Count, value=report.deals_created + report.deals_updated
+        )
+        metrics.add_metric(name="CrmRequests", unit=MetricUnit.Count, value=report.crm_requests)
+        logger.info(
+            "batch synced",
+            extra={"patients": report.patients, "crm_requests": report.crm_requests, "skipped": report.skipped},
+        )
+    return response
 
 
 def _crm_events(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
@@ -158,4 +206,4 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         return _consent_jobs(event, context)
     if not source.endswith(".fifo"):
         return _crm_events(event, context)
-    return process_partial_response(event=event, record_handler=sync_record, processor=sync_processor, context=context)
+    return _sync_messages(event, context)

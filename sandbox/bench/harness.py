@@ -83,6 +83,47 @@ def simulated(clock: SimClock) -> Iterator[Wired]:
         wiring._amocrm_client.cache_clear()
 
 
+# --- moto, made to scale to a 3,000-patient table ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def moto_transactions_copy_once() -> Iterator[None]:
+    """moto backs up the *whole table* before *each item* of a TransactWriteItems (a deepcopy per item,
+    so 100 claims copy a 20,000-item table 100 times): an emulator cost that made the backfill take
+    minutes. Here each table is copied once per transaction; the rollback it allows is unchanged."""
+    import moto.dynamodb.models as models
+    from moto.dynamodb.models.table import Table
+
+    real_copy = models.copy
+    real_transact = models.DynamoDBBackend.transact_write_items
+    memo: dict[int, Any] | None = None
+
+    class CopyOnce:
+        @staticmethod
+        def deepcopy(obj: Any, memo_arg: Any = None) -> Any:
+            if memo is not None and isinstance(obj, Table):
+                if id(obj) not in memo:
+                    memo[id(obj)] = real_copy.deepcopy(obj)
+                return memo[id(obj)]
+            return real_copy.deepcopy(obj, memo_arg)
+
+    def transact(backend: Any, transact_items: Any) -> None:
+        nonlocal memo
+        memo = {}
+        try:
+            real_transact(backend, transact_items)
+        finally:
+            memo = None
+
+    models.copy = CopyOnce  # type: ignore[assignment]
+    models.DynamoDBBackend.transact_write_items = transact  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        models.copy = real_copy
+        models.DynamoDBBackend.transact_write_items = real_transact  # type: ignore[method-assign]
+
+
 # --- what our code costs: CPU of the invoking thread, AWS calls, memory ------------------------------
 
 
@@ -97,6 +138,7 @@ class Meter:
     aws: Counter[str] = field(default_factory=Counter)  # "dynamodb.PutItem" -> calls; "+items" for batches
     peak_bytes: int = 0
     trace_memory: bool = False
+    progress: Any = None  # callable(str) for long runs, or None
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -129,6 +171,8 @@ def metered(stack: Any) -> Iterator[Meter]:
             meter.cpu += time.thread_time() - cpu
             meter.invocations[function_id] += 1
             meter.seconds[function_id] += time.perf_counter() - wall
+            if meter.progress is not None:
+                meter.progress(f"{function_id} #{meter.invocations[function_id]}: {time.perf_counter() - wall:.1f} s")
 
     def make_api_call(client: Any, operation: str, params: dict[str, Any]) -> Any:
         service = client.meta.service_model.service_name

@@ -21,7 +21,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sandbox.bench.harness import HANDLERS, ChangeMaker, Meter, diff, import_ms, metered, simulated, visits_now
+from sandbox.bench.harness import (
+    HANDLERS,
+    ChangeMaker,
+    Meter,
+    diff,
+    import_ms,
+    metered,
+    moto_transactions_copy_once,
+    simulated,
+    visits_now,
+)
 from sandbox.bench.peers import AmoApiPeer, BitrixLoopPeer, FastBitrixPeer, Visit, virtualise_fast_bitrix24
 from sandbox.bench.simclock import (
     LATENCY,
@@ -147,7 +157,7 @@ def _segment(clock: SimClock, app: ClockedApp, step: Callable[[], Any]) -> tuple
     return result, clock.now() - t0, sum(spent.values()), app.refused - refused
 
 
-def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None]) -> CrmRun:
+def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None], verbose: bool = False) -> CrmRun:
     from sandbox.local import _amocrm_account, _bitrix24_portal, start_local_clinic
 
     out = CrmRun(crm)
@@ -160,8 +170,10 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None])
         backfill_visits = visits_now(clinic.medods)
         with metered(clinic.stack) as meter, simulated(clock), _quiet():
             meter.trace_memory = True
+            meter.progress = log if verbose else None
             snap = meter.snapshot()
             summary, secs, reqs, refused = _segment(clock, app, clinic.backfill)
+            meter.progress = None
             backfill_cost = diff(meter.snapshot(), snap)
             meter.trace_memory = False
             backfill_peak = meter.peak_bytes
@@ -176,6 +188,9 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None])
                 f"{crm}: clinicsync backfill {reqs} requests (floor {floor}), {secs:.0f} s simulated, {refused} refused"
             )
 
+            # The incremental feed's first poll: its cursor starts where the backfill's window ended.
+            clock.advance(POLL_INTERVAL)
+            clinic.sync()
             # A poll with no changes.
             clock.advance(POLL_INTERVAL)
             _, secs, reqs, refused = _segment(clock, app, clinic.sync)
@@ -504,10 +519,11 @@ def _cost(day: dict[str, Any], changes: int, empty: dict[str, Any]) -> dict[str,
     }
 
 
-def run(sizes: Sizes, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(sizes: Sizes, log: Callable[[str], None] = print, verbose: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     clock = SimClock()
-    runs = [run_crm(crm, sizes, clock, log) for crm in sizes.crms]
+    with moto_transactions_copy_once():
+        runs = [run_crm(crm, sizes, clock, log, verbose) for crm in sizes.crms]
     imports = {h: import_ms(h) for h in HANDLERS}
     return {
         "sizes": sizes.__dict__ | {"crms": list(sizes.crms)},

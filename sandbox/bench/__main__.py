@@ -11,14 +11,15 @@ from sandbox.bench.report import print_report
 from sandbox.bench.run import Sizes, run
 
 SMOKE = Sizes(
-    patients=60,
-    appointments=100,
-    day_changes=20,
-    day_cycles=4,
+    patients=24,
+    appointments=40,
+    day_changes=6,
+    day_cycles=2,
     loop_sample=2,
-    webhooks=40,
-    webhook_seconds=1.0,
-    unsubscribe_samples=2,
+    webhooks=20,
+    webhook_seconds=0.5,
+    unsubscribe_samples=1,
+    import_runs=1,
 )
 
 

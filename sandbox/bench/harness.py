@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -90,26 +90,37 @@ def simulated(clock: SimClock) -> Iterator[Wired]:
 def moto_transactions_copy_once() -> Iterator[None]:
     """moto backs up the *whole table* before *each item* of a TransactWriteItems (a deepcopy per item,
     so 100 claims copy a 20,000-item table 100 times): an emulator cost that made the backfill take
-    minutes. Here each table is copied once per transaction; the rollback it allows is unchanged."""
+    many minutes. Here each table is backed up once per transaction, and for transactions of puts,
+    deletes and condition checks only (our claims) the backup copies the item maps, not the items:
+    those operations replace items rather than change them, so the rollback is exactly as before."""
     import moto.dynamodb.models as models
     from moto.dynamodb.models.table import Table
 
     real_copy = models.copy
     real_transact = models.DynamoDBBackend.transact_write_items
     memo: dict[int, Any] | None = None
+    replaces_only = False
+
+    def backup(table: Any) -> Any:
+        if not replaces_only:
+            return real_copy.deepcopy(table)
+        clone = real_copy.copy(table)
+        clone.items = defaultdict(dict, {k: dict(v) if isinstance(v, dict) else v for k, v in table.items.items()})
+        return clone
 
     class CopyOnce:
         @staticmethod
         def deepcopy(obj: Any, memo_arg: Any = None) -> Any:
             if memo is not None and isinstance(obj, Table):
                 if id(obj) not in memo:
-                    memo[id(obj)] = real_copy.deepcopy(obj)
+                    memo[id(obj)] = backup(obj)
                 return memo[id(obj)]
             return real_copy.deepcopy(obj, memo_arg)
 
     def transact(backend: Any, transact_items: Any) -> None:
-        nonlocal memo
+        nonlocal memo, replaces_only
         memo = {}
+        replaces_only = all(set(item) <= {"Put", "Delete", "ConditionCheck"} for item in transact_items)
         try:
             real_transact(backend, transact_items)
         finally:

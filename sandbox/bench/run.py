@@ -64,6 +64,7 @@ class Sizes:
     webhooks: int = 1000
     webhook_seconds: float = 10.0
     unsubscribe_samples: int = 8
+    import_runs: int = 3  # best of n imports per handler
     crms: tuple[str, ...] = ("bitrix24", "amocrm")
 
 
@@ -524,7 +525,7 @@ def run(sizes: Sizes, log: Callable[[str], None] = print, verbose: bool = False)
     clock = SimClock()
     with moto_transactions_copy_once():
         runs = [run_crm(crm, sizes, clock, log, verbose) for crm in sizes.crms]
-    imports = {h: import_ms(h) for h in HANDLERS}
+    imports = {h: import_ms(h, sizes.import_runs) for h in HANDLERS}
     return {
         "sizes": sizes.__dict__ | {"crms": list(sizes.crms)},
         "clock": {"kind": "simulated, shared by all contestants", "latency_per_request_s": LATENCY},

@@ -144,6 +144,7 @@ class Meter:
     their own threads, so their time is excluded), invocation counts and durations, AWS calls."""
 
     cpu: float = 0.0
+    sdk_cpu: float = 0.0  # of which inside boto3/botocore calls (client side: serialising, signing, parsing)
     invocations: Counter[str] = field(default_factory=Counter)
     seconds: Counter[str] = field(default_factory=Counter)
     aws: Counter[str] = field(default_factory=Counter)  # "dynamodb.PutItem" -> calls; "+items" for batches
@@ -154,6 +155,7 @@ class Meter:
     def snapshot(self) -> dict[str, Any]:
         return {
             "cpu": self.cpu,
+            "sdk_cpu": self.sdk_cpu,
             "invocations": Counter(self.invocations),
             "seconds": Counter(self.seconds),
             "aws": Counter(self.aws),
@@ -198,7 +200,11 @@ def metered(stack: Any) -> Iterator[Meter]:
             meter.aws["dynamodb.items_transacted"] += len(params.get("TransactItems", []))
         elif operation in ("SendMessageBatch", "DeleteMessageBatch"):
             meter.aws[f"sqs.{operation}.entries"] += len(params.get("Entries", []))
-        return real_call(client, operation, params)
+        started = time.thread_time()
+        try:
+            return real_call(client, operation, params)
+        finally:
+            meter.sdk_cpu += time.thread_time() - started
 
     stack.invoke = invoke
     botocore.client.BaseClient._make_api_call = make_api_call  # type: ignore[method-assign]
@@ -212,6 +218,7 @@ def metered(stack: Any) -> Iterator[Meter]:
 def diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     return {
         "cpu": after["cpu"] - before["cpu"],
+        "sdk_cpu": after["sdk_cpu"] - before["sdk_cpu"],
         "invocations": after["invocations"] - before["invocations"],
         "seconds": after["seconds"] - before["seconds"],
         "aws": after["aws"] - before["aws"],

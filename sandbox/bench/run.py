@@ -32,6 +32,7 @@ from sandbox.bench.harness import (
     simulated,
     visits_now,
 )
+from sandbox.bench.moto_process import ProcessAws
 from sandbox.bench.peers import AmoApiPeer, BitrixLoopPeer, FastBitrixPeer, Visit, virtualise_fast_bitrix24
 from sandbox.bench.simclock import (
     LATENCY,
@@ -59,11 +60,11 @@ class Sizes:
     patients: int = 3000
     appointments: int = 5000
     day_changes: int = 600
-    day_cycles: int = 60  # our poll cycles the day's changes arrive in (10 per minute at the busy hours)
+    day_cycles: int = 30  # our poll cycles the day's changes arrive in (20 a minute: the busy half-hours)
     loop_sample: int = 5  # the per-record peers run on 1/loop_sample of the backfill, scaled back linearly
     webhooks: int = 1000
     webhook_seconds: float = 10.0
-    unsubscribe_samples: int = 8
+    unsubscribe_samples: int = 6
     import_runs: int = 3  # best of n imports per handler
     crms: tuple[str, ...] = ("bitrix24", "amocrm")
 
@@ -162,9 +163,15 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
     from sandbox.local import _amocrm_account, _bitrix24_portal, start_local_clinic
 
     out = CrmRun(crm)
+    aws = ProcessAws().start()
     with simulated(clock) as wired, _quiet():
         clinic = start_local_clinic(
-            patients=sizes.patients, appointments=sizes.appointments, crm=crm, rate_limit=True, clinic_id=f"bench-{crm}"
+            patients=sizes.patients,
+            appointments=sizes.appointments,
+            crm=crm,
+            rate_limit=True,
+            clinic_id=f"bench-{crm}",
+            aws=aws,
         )
     try:
         app = wired.crm
@@ -262,6 +269,17 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
             "cpu_ms_per_event": {
                 "backfill": round(backfill_cost["cpu"] * 1000 / max(1, len(backfill_visits)), 3),
                 "steady_day": round(day_cost["cpu"] * 1000 / max(1, day_appts), 3),
+                "backfill_in_aws_sdk": round(backfill_cost["sdk_cpu"] * 1000 / max(1, len(backfill_visits)), 3),
+                "steady_day_in_aws_sdk": round(day_cost["sdk_cpu"] * 1000 / max(1, day_appts), 3),
+                "aws_calls_per_event_backfill": round(
+                    sum(
+                        v
+                        for k, v in backfill_cost["aws"].items()
+                        if k.count(".") == 1 and k.split(".")[1][:1].isupper()
+                    )
+                    / max(1, len(backfill_visits)),
+                    2,
+                ),
             },
             "syncer_peak_mib": round(max(backfill_peak, meter.peak_bytes) / 2**20, 1),
             "mis_to_crm_seconds": _latency(processing),
@@ -273,6 +291,7 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
     finally:
         with _quiet():
             clinic.close()
+        aws.stop()
 
     # --- the peers, replaying the same MIS changes against fresh emulators on the same clock --------------
     with simulated(clock) as wired, _quiet():

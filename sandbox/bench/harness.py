@@ -185,7 +185,12 @@ def metered(stack: Any) -> Iterator[Meter]:
             meter.invocations[function_id] += 1
             meter.seconds[function_id] += time.perf_counter() - wall
             if meter.progress is not None:
-                meter.progress(f"{function_id} #{meter.invocations[function_id]}: {time.perf_counter() - wall:.1f} s")
+                records = event.get("Records") or [{}]
+                queue = str(records[0].get("eventSourceARN", "schedule")).rsplit(":", 1)[-1]
+                meter.progress(
+                    f"{function_id} #{meter.invocations[function_id]} ({queue}, {len(records)} records): "
+                    f"{time.perf_counter() - wall:.1f} s"
+                )
 
     def make_api_call(client: Any, operation: str, params: dict[str, Any]) -> Any:
         service = client.meta.service_model.service_name

@@ -186,8 +186,8 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
             meter.trace_memory = False
             backfill_peak = meter.peak_bytes
             stats = clinic.crm.stats()
-            contacts, deals = _crm_counts(clinic)
-            floor = backfill_floor(crm, contacts, deals)
+            # One floor per workload, the same for every contestant: the eligible visits and their patients.
+            floor = backfill_floor(crm, len({v.client["id"] for v in backfill_visits}), len(backfill_visits))
             appts = len(backfill_visits)
             out.figures.append(
                 Figure(crm, "clinicsync", "backfill", reqs, appts, floor, secs, _floor_seconds(crm, floor), refused)
@@ -346,13 +346,6 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
     return out
 
 
-def _crm_counts(clinic: Any) -> tuple[int, int]:
-    if clinic.bitrix is not None:
-        return len(clinic.bitrix.contacts), len(clinic.bitrix.deals)
-    amo = clinic.amocrm
-    return len(amo.contacts), len(amo.leads)
-
-
 def _peer_runs(
     crm: str,
     name: str,
@@ -371,14 +364,13 @@ def _peer_runs(
         keep = set(patients)
         part = [v for v in backfill if int(v.client["id"]) in keep]
     scale = len(backfill) / len(part) if part else 1.0
-    contacts = len({v.client["id"] for v in part})
     with _quiet():
         _, secs, reqs, refused = _segment(clock, app, lambda: sync(part))
-    floor = backfill_floor(crm, contacts, len(part))
+    floor = backfill_floor(crm, len({v.client["id"] for v in backfill}), len(backfill))  # the whole workload's
     figures.append(
         Figure(
-            crm, name, "backfill", reqs * scale, len(backfill), floor * scale, secs * scale,
-            _floor_seconds(crm, floor) * scale, refused * scale, sample,
+            crm, name, "backfill", reqs * scale, len(backfill), floor, secs * scale,
+            _floor_seconds(crm, floor), refused * scale, sample,
             f"measured on {len(part)} of {len(backfill)} appointments, scaled ×{scale:.2f}" if sample > 1 else "",
         )
     )  # fmt: skip

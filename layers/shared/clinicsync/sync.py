@@ -124,7 +124,12 @@ class Syncer:
         while True:
             pending = [pid for pid in patient_ids if pid not in claimed]
             if pending:
-                claimed |= self._store.claim_patients(pending, owner, int(time.time()), CLAIM_SECONDS)
+                try:
+                    claimed |= self._store.claim_patients(pending, owner, int(time.time()), CLAIM_SECONDS)
+                except Exception:
+                    if claimed:  # ours from an earlier round: they must not stay held for CLAIM_SECONDS
+                        self._store.release_claims(sorted(claimed))
+                    raise
             if len(claimed) == len(patient_ids) or waited >= self._claim_wait:
                 return claimed
             self._sleep(delay)

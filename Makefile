@@ -15,13 +15,14 @@ SAM := $(SAM_VENV)/bin/sam
 MIS ?= medods
 CRM ?= bitrix24
 
-.PHONY: help venv sam-venv lint typecheck pytest validate build test demo schema docs clean check-python connector chaos browser
+.PHONY: help venv sam-venv lint typecheck pytest validate build test demo schema docs clean check-python connector chaos browser bench
 
 help:
 	@echo "make demo   - local runtime against the emulators (MIS=$(MIS) CRM=$(CRM))"
 	@echo "make test   - ruff, mypy --strict, pytest, sam validate --lint, sam build"
 	@echo "make chaos  - the full chaos-convergence run (800 patients, 2,000 MIS events, both CRMs); figures in chaos-report.json"
 	@echo "make docs   - regenerate docs/clinic-config.schema.json and docs/config-reference.md"
+	@echo "make bench  - clinicsync vs fast_bitrix24, the per-record loop and amocrm-api at the CRMs' rate limits; bench/report.json"
 	@echo "make connector - build the IDENT connector wheel for clinics (dist/connector/) and smoke-test it"
 
 check-python:
@@ -85,6 +86,11 @@ docs: schema
 # make test (tests/test_chaos.py).
 chaos: venv
 	$(PY) -m sandbox.chaos --report chaos-report.json
+
+# Requests, time at the rate limit (one simulated clock for every contestant), CPU, imports, latency and
+# AWS cost, side by side in one run for both CRMs; the reduced run is in make test (tests/test_bench_smoke.py).
+bench: venv
+	$(PY) -m sandbox.bench --report bench/report.json
 
 # The IDENT connector wheel (it carries the clinicsync package), installed into a throwaway venv with
 # only its declared dependencies and started once, so a missing dependency shows up here, not at a clinic.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -62,13 +64,25 @@ class InvocationCrash(BaseException):
     BaseException, so no ``except Exception`` in the handler or in Powertools can swallow it."""
 
 
-def _stop_moto_instance_tracking() -> None:
-    """moto keeps every model object it ever built in a class-level list (for its dashboard, which we
-    never use), and ``copy.deepcopy`` builds objects through that path too. Each DynamoDB transaction
-    deep-copies the whole table as its rollback copy, so every claim (``CLAIM#`` transaction) leaked a
-    full table: the full chaos run grew past 23 GB and was killed. The local runtime does not track."""
+@functools.cache
+def tune_moto() -> None:
+    """Make moto affordable for clinic-sized tables, once per process (the local runtime, chaos, bench).
+
+    - moto keeps every model object it ever built in a class-level list (for its dashboard, which we
+      never use), and ``copy.deepcopy`` builds objects through that path too. Each DynamoDB transaction
+      deep-copies the table as its rollback copy, so every claim (``CLAIM#`` transaction) leaked a full
+      table: the full chaos run grew past 23 GB and was killed. Nothing is tracked here.
+    - moto backs up the *whole table* before *each item* of a TransactWriteItems (a deepcopy per item).
+      Here each table is backed up once per transaction, and for transactions of puts, deletes and
+      condition checks only (our claims) the backup copies the item maps, not the items: those
+      operations replace items rather than change them, so the rollback is exactly as before. The
+      bookkeeping is per thread: the server handles requests on several threads."""
+    import copy as real_copy
+
+    import moto.dynamodb.models as models
     from moto.core import common_models
     from moto.core.model_instances import reset_model_data
+    from moto.dynamodb.models.table import Table
 
     def untracked_new(cls: type, *args: Any, **kwargs: Any) -> Any:
         return object.__new__(cls)
@@ -76,12 +90,43 @@ def _stop_moto_instance_tracking() -> None:
     common_models.BaseModel.__new__ = untracked_new  # type: ignore[assignment,method-assign]
     reset_model_data()
 
+    real_transact = models.DynamoDBBackend.transact_write_items
+    local = threading.local()
+
+    def backup(table: Any) -> Any:
+        if not getattr(local, "replaces_only", False):
+            return real_copy.deepcopy(table)
+        clone = real_copy.copy(table)
+        clone.items = defaultdict(dict, {k: dict(v) if isinstance(v, dict) else v for k, v in table.items.items()})
+        return clone
+
+    class CopyOnce:
+        @staticmethod
+        def deepcopy(obj: Any, memo_arg: Any = None) -> Any:
+            memo: dict[int, Any] | None = getattr(local, "memo", None)
+            if memo is not None and isinstance(obj, Table):
+                if id(obj) not in memo:
+                    memo[id(obj)] = backup(obj)
+                return memo[id(obj)]
+            return real_copy.deepcopy(obj, memo_arg)
+
+    def transact(backend: Any, transact_items: Any) -> None:
+        local.memo = {}
+        local.replaces_only = all(set(item) <= {"Put", "Delete", "ConditionCheck"} for item in transact_items)
+        try:
+            real_transact(backend, transact_items)
+        finally:
+            local.memo = None
+
+    models.copy = CopyOnce  # type: ignore[assignment]
+    models.DynamoDBBackend.transact_write_items = transact  # type: ignore[method-assign]
+
 
 class LocalAws:
     """moto in server mode on loopback; boto3 anywhere in this process talks to it via AWS_ENDPOINT_URL."""
 
     def __init__(self) -> None:
-        _stop_moto_instance_tracking()
+        tune_moto()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.endpoint = ""
 

@@ -23,6 +23,7 @@ from sandbox.emulators.amocrm import (
     LEAD_FIELD_MIS_APPOINTMENT_ID,
     MAIN_PIPELINE_ID,
     STATUS_BOOKED,
+    STATUS_NEW_REQUEST,
     AmoCrmEmulator,
 )
 from sandbox.emulators.base import Clock, ServedApp
@@ -182,3 +183,51 @@ def test_a_phone_search_never_reaches_the_http_log(
     urls = [r.getMessage() for r in caplog.records if r.name == "httpx"]
     assert any("query=" in u for u in urls)  # the search really was logged by httpx
     assert not any("9161234567" in u or "123-45-67" in u for u in urls)
+
+
+def test_many_phones_are_matched_against_the_contacts_read_once_then_only_what_changed(
+    amo: tuple[AmoCrmEmulator, str],
+) -> None:
+    """A backfill's phones are not searched one ``query`` each: the account's contacts are read in pages
+    of 250 and matched after normalising; the next look-up reads only contacts changed since."""
+    emulator, base = amo
+    config = _config()
+    config = config.model_copy(
+        update={"matching": config.matching.model_copy(update={"adopt_deal_stages": [str(STATUS_NEW_REQUEST)]})}
+    )
+    for n in range(300):  # other people's contacts: two pages
+        emulator.manager_create_contact(first_name=f"Другой {n}")
+    emulator.clock.advance(5)
+    typed = emulator.manager_create_contact(
+        first_name="Анна", custom_fields_values=[{"field_code": "PHONE", "values": [{"value": "8 (916) 123-45-67"}]}]
+    )
+    lead = emulator.manager_create_lead("Заявка с сайта", contact_ids=[typed], status_id=STATUS_NEW_REQUEST)
+    gateway = AmoCrmGateway(AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST), config)
+    phones = [f"+7916000000{n}" for n in range(5)] + ["+79161234567"]
+
+    before = emulator.stats()["requests"]
+    matches = gateway.find([], [], phones=phones)
+    assert set(matches.phones) == {"+79161234567"}
+    assert matches.phones["+79161234567"].contacts == ((str(typed), None),)
+    assert matches.phones["+79161234567"].deals == ((str(lead), str(MAIN_PIPELINE_ID), str(STATUS_NEW_REQUEST)),)
+    assert emulator.stats()["requests"] - before == 3  # two pages of contacts, one read of their leads
+
+    emulator.clock.advance(5)
+    later = emulator.manager_create_contact(
+        first_name="Ольга", custom_fields_values=[{"field_code": "PHONE", "values": [{"value": "+7 916 000-00-03"}]}]
+    )
+    before = emulator.stats()["requests"]
+    matches = gateway.find([], [], phones=phones)
+    assert matches.phones["+79160000003"].contacts == ((str(later), None),)
+    assert emulator.stats()["requests"] - before == 2  # what changed since (one page), and the leads again
+
+
+def test_a_few_phones_are_searched_one_query_each(amo: tuple[AmoCrmEmulator, str]) -> None:
+    emulator, base = amo
+    typed = emulator.manager_create_contact(
+        first_name="Анна", custom_fields_values=[{"field_code": "PHONE", "values": [{"value": "8 (916) 123-45-67"}]}]
+    )
+    gateway = AmoCrmGateway(AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST), _config())
+    matches = gateway.find([], [], phones=["+79161234567"])
+    assert matches.phones["+79161234567"].contacts == ((str(typed), None),)
+    assert emulator.stats()["requests"] == 2  # the bare digits miss "8 (916) …"; the dashed tail finds it

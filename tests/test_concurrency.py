@@ -15,6 +15,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from clinicsync import wiring
 from clinicsync.models import SyncMessage
@@ -180,3 +181,30 @@ def test_claims_are_exclusive_expire_and_are_released(make_clinic: Callable[...,
     assert store.claim_patients(["p1"], "c", now=1402, seconds=300) == {"p1"}
     many = [f"m{i}" for i in range(130)]  # more than one transaction's 100 items
     assert store.claim_patients([*many, "p2"], "d", now=1402, seconds=300) == set(many)
+
+
+def test_a_claim_that_fails_half_way_releases_what_it_took(make_clinic: Callable[..., LocalClinic]) -> None:
+    """200 patients are claimed in two transactions; if the second fails (not as a cancellation), the
+    first hundred must not stay held for CLAIM_SECONDS by a sync that never ran."""
+    clinic = make_clinic(patients=1, appointments=1, rate_limit=False)
+    table = boto3.resource("dynamodb").Table(clinic.stack.table_name)
+    store = DynamoStore(table)
+    client = table.meta.client
+    real = client.transact_write_items
+    calls = 0
+
+    def second_fails(**kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ClientError({"Error": {"Code": "InternalServerError", "Message": "boom"}}, "TransactWriteItems")
+        return real(**kwargs)
+
+    client.transact_write_items = second_fails  # type: ignore[method-assign]
+    many = [f"h{i}" for i in range(200)]
+    try:
+        with pytest.raises(ClientError):
+            store.claim_patients(many, "a", now=1000, seconds=300)
+    finally:
+        client.transact_write_items = real  # type: ignore[method-assign]
+    assert store.claim_patients(many, "b", now=1001, seconds=300) == set(many)

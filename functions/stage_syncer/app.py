@@ -1,7 +1,9 @@
 """Stage syncer: three SQS event sources.
 
 - The FIFO sync queue carries patients' change sets and CRM observations, grouped by patient shard:
-  CRM writes are planned and applied per message; failures are reported per record.
+  the whole SQS batch (up to 10 messages of 50 patients) is planned and applied as one sync, so CRM
+  batches and bulk writes go out full; a message fails if any of its patients failed (then the rest
+  of its group comes back too, and the finished patients cost nothing on the retry).
 - The CRM event queue carries webhook events: the whole batch is re-fetched at once, then each event
   is judged on its own (echo, manual move, new lead, opt-out).
 - The consent queue carries consent jobs: the whole batch's outputs (CRM opt-out fields, MIS flags,
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -31,6 +34,7 @@ from clinicsync.crm_events import EventReport
 from clinicsync.failures import describe
 from clinicsync.models import ConsentJob, CrmEvent, SyncMessage
 from clinicsync.observability import logger, metrics, tracer
+from clinicsync.sync import SyncIncomplete, SyncReport
 
 
 class SyncRecord(SqsRecordModel):
@@ -60,47 +64,93 @@ def _remember_failure(queue: str, message_id: str, error: Exception) -> None:
         logger.exception("could not record a failure reason", extra={"message_id": message_id})
 
 
-@tracer.capture_method(capture_response=False)
-def sync_record(record: SyncRecord) -> None:
-    message = record.body
+@dataclass
+class _BatchSync:
+    """The outcome of syncing a whole SQS batch at once, judged per record afterwards."""
+
+    report: SyncReport | None = None
+    failed: dict[str, str] = field(default_factory=dict)  # patient id -> reason
+    error: Exception | None = None  # the whole sync failed
+    oldest_change: float | None = None  # when the poll read the batch's oldest change (epoch seconds)
+
+
+def _sync_batch(event: dict[str, Any]) -> _BatchSync:
+    messages: list[SyncMessage] = []
+    for raw in event.get("Records", []):
+        try:
+            messages.append(SyncMessage.model_validate_json(raw.get("body", "")))
+        except ValidationError:
+            continue  # reported as a failed item by the batch processor below
+    changes = [c for m in messages for c in m.changes]
+    observations = [o for m in messages for o in m.observations]
+    if not changes and not observations:
+        return _BatchSync()
+    oldest = min(m.produced_at.timestamp() for m in messages)
     try:
-        _, throttled_before = wiring.crm_counters()
-        report = wiring.syncer().sync(message.changes, message.observations)
-    except Exception as exc:
-        _remember_failure("sync", record.messageId, exc)
-        raise
-    throttles = wiring.crm_counters()[1] - throttled_before
-    lag = time.time() - message.produced_at.timestamp()  # from the poll that read the change to the CRM write
-    metrics.add_metric(name="SyncLagSeconds", unit=MetricUnit.Seconds, value=max(0.0, lag))
+        return _BatchSync(report=wiring.syncer().sync(changes, observations), oldest_change=oldest)
+    except SyncIncomplete as exc:
+        return _BatchSync(failed=exc.failed)
+    except Exception as exc:  # every record of the batch fails with it
+        logger.exception("batch sync failed")
+        return _BatchSync(error=exc)
+
+
+def _message_patients(message: SyncMessage) -> set[str]:
+    return {c.patient.mis_id for c in message.changes} | {o.patient_id for o in message.observations}
+
+
+def _sync_messages(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    before = wiring.crm_counters()
+    outcome = _sync_batch(event)
+    throttles = wiring.crm_counters()[1] - before[1]
     metrics.add_metric(name="CrmThrottles", unit=MetricUnit.Count, value=throttles)
-    wiring.health().record_sync(
-        patients=report.patients,
-        contacts=report.contacts_created + report.contacts_updated,
-        deals=report.deals_created + report.deals_updated,
-        crm_requests=report.crm_requests,
-        crm_throttles=throttles,
-        lag_seconds=lag,
-    )
-    metrics.add_metric(
-        name="ContactsWritten", unit=MetricUnit.Count, value=report.contacts_created + report.contacts_updated
-    )
-    metrics.add_metric(name="DealsWritten", unit=MetricUnit.Count, value=report.deals_created + report.deals_updated)
-    metrics.add_metric(name="CrmRequests", unit=MetricUnit.Count, value=report.crm_requests)
-    logger.info(
-        "message synced",
-        extra={
-            "message_id": record.messageId,
-            "shard": message.shard,
-            "patients": report.patients,
-            "observations": len(message.observations),
-            "crm_requests": report.crm_requests,
-            "skipped": report.skipped,
-        },
-    )
+
+    def judge(record: SyncRecord) -> None:
+        message = record.body
+        failed = {pid: outcome.failed[pid] for pid in _message_patients(message) if pid in outcome.failed}
+        error: Exception | None = outcome.error or (SyncIncomplete(failed) if failed else None)
+        if error is not None:
+            _remember_failure("sync", record.messageId, error)
+            raise error
+        logger.info(
+            "message synced",
+            extra={
+                "message_id": record.messageId,
+                "shard": message.shard,
+                "patients": len(message.changes),
+                "observations": len(message.observations),
+            },
+        )
+
+    response = process_partial_response(event=event, record_handler=judge, processor=sync_processor, context=context)
+    report = outcome.report
+    if report is not None:
+        metrics.add_metric(
+            name="ContactsWritten", unit=MetricUnit.Count, value=report.contacts_created + report.contacts_updated
+        )
+        metrics.add_metric(
+            name="DealsWritten", unit=MetricUnit.Count, value=report.deals_created + report.deals_updated
+        )
+        metrics.add_metric(name="CrmRequests", unit=MetricUnit.Count, value=report.crm_requests)
+        lag = time.time() - (outcome.oldest_change or time.time())  # from the poll that read it to the CRM
+        metrics.add_metric(name="SyncLagSeconds", unit=MetricUnit.Seconds, value=max(0.0, lag))
+        wiring.health().record_sync(
+            patients=report.patients,
+            contacts=report.contacts_created + report.contacts_updated,
+            deals=report.deals_created + report.deals_updated,
+            crm_requests=report.crm_requests,
+            crm_throttles=throttles,
+            lag_seconds=lag,
+        )
+        logger.info(
+            "batch synced",
+            extra={"patients": report.patients, "crm_requests": report.crm_requests, "skipped": report.skipped},
+        )
+    return response
 
 
 def _crm_use(before: tuple[int, int]) -> None:
-    """CRM requests and throttles of a webhook or consent batch (sync messages report theirs per message)."""
+    """CRM requests and throttles of a webhook or consent batch (sync batches report theirs with their report)."""
     requests, throttles = (now - then for now, then in zip(wiring.crm_counters(), before, strict=True))
     metrics.add_metric(name="CrmRequests", unit=MetricUnit.Count, value=requests)
     metrics.add_metric(name="CrmThrottles", unit=MetricUnit.Count, value=throttles)
@@ -191,4 +241,4 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         return _consent_jobs(event, context)
     if not source.endswith(".fifo"):
         return _crm_events(event, context)
-    return process_partial_response(event=event, record_handler=sync_record, processor=sync_processor, context=context)
+    return _sync_messages(event, context)

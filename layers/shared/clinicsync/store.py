@@ -294,10 +294,19 @@ class DynamoStore:
         """Claim patients for one syncer invocation; returns those claimed (the rest are held by another).
 
         Conditional puts in TransactWriteItems of 100: one request per message in the normal case. A
-        cancelled transaction names the held items; the others are claimed again without them.
+        cancelled transaction names the held items; the others are claimed again without them. If a
+        request fails otherwise half-way, the claims already taken are released before the error goes
+        up: nobody may stay locked out for ``seconds`` by a sync that never ran.
         """
         claimed: set[str] = set()
-        pending = list(dict.fromkeys(patient_ids))
+        try:
+            return self._claim_chunks(list(dict.fromkeys(patient_ids)), owner, now, seconds, claimed)
+        except Exception:
+            if claimed:
+                self.release_claims(sorted(claimed))
+            raise
+
+    def _claim_chunks(self, pending: list[str], owner: str, now: int, seconds: int, claimed: set[str]) -> set[str]:
         client = self._table.meta.client
         while pending:
             chunk, pending = pending[:100], pending[100:]

@@ -125,7 +125,12 @@ class Syncer:
         while True:
             pending = [pid for pid in patient_ids if pid not in claimed]
             if pending:
-                claimed |= self._store.claim_patients(pending, owner, int(time.time()), CLAIM_SECONDS)
+                try:
+                    claimed |= self._store.claim_patients(pending, owner, int(time.time()), CLAIM_SECONDS)
+                except Exception:
+                    if claimed:  # ours from an earlier round: they must not stay held for CLAIM_SECONDS
+                        self._store.release_claims(sorted(claimed))
+                    raise
             if len(claimed) == len(patient_ids) or waited >= self._claim_wait:
                 return claimed
             self._sleep(delay)
@@ -343,6 +348,7 @@ class Syncer:
         observed: dict[str, list[str]],
     ) -> None:
         saves: list[tuple[PatientState, list[str]]] = []
+        first_keys: list[tuple[str, str]] = []
         planned = {plan.patient_id for plan in plans}
         for pid, appointment_ids in observed.items():
             if pid not in planned and pid not in outcome.failed:
@@ -370,10 +376,15 @@ class Syncer:
             new_key = self._hasher.phone_key(phone) if phone else None
             previous_key = states[plan.patient_id].phone_key
             if new_key and new_key != previous_key:
-                self._store.index_phone(new_key, plan.patient_id, previous_key)
+                if previous_key:
+                    self._store.index_phone(new_key, plan.patient_id, previous_key)  # the old key goes too
+                else:
+                    first_keys.append((new_key, plan.patient_id))
             state.phone_key = new_key
             state.email_key = self._hasher.email_key(item.patient.email) if item.patient.email else None
             saves.append((state, plan.changed_appointments + observed.get(plan.patient_id, [])))
+        if first_keys:
+            self._store.index_phones(first_keys)  # a patient's first phone: batched, nothing to remove
         if saves:
             self._store.save_patients(saves, states)
 

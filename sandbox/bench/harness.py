@@ -1,0 +1,297 @@
+"""Plumbing for the benchmark: the simulated clock wired into clinicsync and the emulators, counters for
+AWS calls and our own CPU, handler import times, and the MIS change generator every contestant replays."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sandbox.bench.peers import Visit, eligible
+from sandbox.bench.simclock import ClockedApp, SimClock
+from sandbox.runtime import tune_moto
+
+ROOT = Path(__file__).resolve().parents[2]
+HANDLERS = ("mis_poller", "stage_syncer", "crm_webhook", "unsubscribe")
+
+
+# --- the simulated clock, wired in ----------------------------------------------------------------
+
+
+@dataclass
+class Wired:
+    clock: SimClock
+    crm_apps: list[ClockedApp] = field(default_factory=list)
+
+    @property
+    def crm(self) -> ClockedApp:
+        return self.crm_apps[-1]
+
+
+@contextlib.contextmanager
+def simulated(clock: SimClock) -> Iterator[Wired]:
+    """CRM emulators built in here run on ``clock`` behind a :class:`ClockedApp`; clinicsync's pacers,
+    shared budget and back-off sleeps wait in simulated time. Everything else is untouched."""
+    import sandbox.local as local
+    from clinicsync import wiring
+    from clinicsync.adapters.amocrm import AmoCrmClient
+    from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer
+    from clinicsync.budget import SharedLeakyBucket
+    from sandbox.emulators.amocrm import AmoCrmEmulator
+    from sandbox.emulators.bitrix24 import Bitrix24Emulator
+
+    wired = Wired(clock)
+    real_served = local.ServedApp
+
+    def served(app: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(app, Bitrix24Emulator | AmoCrmEmulator):
+            app = ClockedApp(app, clock)
+            wired.crm_apps.append(app)
+        return real_served(app, *args, **kwargs)
+
+    saved_local = (local.ServedApp, local.Bitrix24Emulator, local.AmoCrmEmulator)
+    saved_wiring = (wiring.Pacer, wiring.SharedLeakyBucket, wiring.Bitrix24Client, wiring.AmoCrmClient)
+    local.ServedApp = served  # type: ignore[assignment,misc]
+    local.Bitrix24Emulator = functools.partial(Bitrix24Emulator, clock=clock)  # type: ignore[assignment,misc]
+    local.AmoCrmEmulator = functools.partial(AmoCrmEmulator, clock=clock)  # type: ignore[assignment,misc]
+    wiring.Pacer = functools.partial(Pacer, clock=clock.monotonic, sleep=clock.sleep)  # type: ignore[misc]
+    wiring.SharedLeakyBucket = functools.partial(  # type: ignore[misc]
+        SharedLeakyBucket, clock=clock.now, sleep=clock.sleep
+    )
+    wiring.Bitrix24Client = functools.partial(Bitrix24Client, sleep=clock.sleep)  # type: ignore[misc]
+    wiring.AmoCrmClient = functools.partial(AmoCrmClient, sleep=clock.sleep)  # type: ignore[misc]
+    wiring._bitrix_client.cache_clear()
+    wiring._amocrm_client.cache_clear()
+    try:
+        yield wired
+    finally:
+        local.ServedApp, local.Bitrix24Emulator, local.AmoCrmEmulator = saved_local  # type: ignore[misc]
+        wiring.Pacer, wiring.SharedLeakyBucket, wiring.Bitrix24Client, wiring.AmoCrmClient = saved_wiring  # type: ignore[misc]
+        wiring._bitrix_client.cache_clear()
+        wiring._amocrm_client.cache_clear()
+
+
+# --- moto, made to scale to a 3,000-patient table ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def moto_transactions_copy_once() -> Iterator[None]:
+    """moto made to scale to a 3,000-patient table: see :func:`sandbox.runtime.tune_moto` (permanent)."""
+    tune_moto()
+    yield
+
+
+# --- what our code costs: CPU of the invoking thread, AWS calls, memory ------------------------------
+
+
+@dataclass
+class Meter:
+    """Wraps a ClinicStack's invocations: our CPU (this thread only: the emulators and moto serve from
+    their own threads, so their time is excluded), invocation counts and durations, AWS calls."""
+
+    cpu: float = 0.0
+    sdk_cpu: float = 0.0  # of which inside boto3/botocore calls (client side: serialising, signing, parsing)
+    invocations: Counter[str] = field(default_factory=Counter)
+    seconds: Counter[str] = field(default_factory=Counter)
+    aws: Counter[str] = field(default_factory=Counter)  # "dynamodb.PutItem" -> calls; "+items" for batches
+    peak_bytes: int = 0
+    trace_memory: bool = False
+    progress: Any = None  # callable(str) for long runs, or None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "cpu": self.cpu,
+            "sdk_cpu": self.sdk_cpu,
+            "invocations": Counter(self.invocations),
+            "seconds": Counter(self.seconds),
+            "aws": Counter(self.aws),
+        }
+
+
+@contextlib.contextmanager
+def metered(stack: Any) -> Iterator[Meter]:
+    import botocore.client
+
+    meter = Meter()
+    real_invoke = stack.invoke
+    real_call = botocore.client.BaseClient._make_api_call
+
+    def invoke(function_id: str, event: Any) -> Any:
+        cpu, wall = time.thread_time(), time.perf_counter()
+        tracing = meter.trace_memory and function_id == "StageSyncerFunction"
+        if tracing:
+            tracemalloc.start()
+        try:
+            return real_invoke(function_id, event)
+        finally:
+            if tracing:
+                meter.peak_bytes = max(meter.peak_bytes, tracemalloc.get_traced_memory()[1])
+                tracemalloc.stop()
+            meter.cpu += time.thread_time() - cpu
+            meter.invocations[function_id] += 1
+            meter.seconds[function_id] += time.perf_counter() - wall
+            if meter.progress is not None:
+                records = event.get("Records") or [{}]
+                queue = str(records[0].get("eventSourceARN", "schedule")).rsplit(":", 1)[-1]
+                meter.progress(
+                    f"{function_id} #{meter.invocations[function_id]} ({queue}, {len(records)} records): "
+                    f"{time.perf_counter() - wall:.1f} s"
+                )
+
+    def make_api_call(client: Any, operation: str, params: dict[str, Any]) -> Any:
+        service = client.meta.service_model.service_name
+        meter.aws[f"{service}.{operation}"] += 1
+        if operation == "BatchWriteItem":
+            meter.aws["dynamodb.items_written"] += sum(len(v) for v in params.get("RequestItems", {}).values())
+        elif operation == "BatchGetItem":
+            meter.aws["dynamodb.items_read"] += sum(
+                len(v.get("Keys", [])) for v in params.get("RequestItems", {}).values()
+            )
+        elif operation == "TransactWriteItems":
+            meter.aws["dynamodb.items_transacted"] += len(params.get("TransactItems", []))
+        elif operation in ("SendMessageBatch", "DeleteMessageBatch"):
+            meter.aws[f"sqs.{operation}.entries"] += len(params.get("Entries", []))
+        started = time.thread_time()
+        try:
+            return real_call(client, operation, params)
+        finally:
+            meter.sdk_cpu += time.thread_time() - started
+
+    stack.invoke = invoke
+    botocore.client.BaseClient._make_api_call = make_api_call  # type: ignore[method-assign]
+    try:
+        yield meter
+    finally:
+        stack.invoke = real_invoke
+        botocore.client.BaseClient._make_api_call = real_call  # type: ignore[method-assign]
+
+
+def diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "cpu": after["cpu"] - before["cpu"],
+        "sdk_cpu": after["sdk_cpu"] - before["sdk_cpu"],
+        "invocations": after["invocations"] - before["invocations"],
+        "seconds": after["seconds"] - before["seconds"],
+        "aws": after["aws"] - before["aws"],
+    }
+
+
+# --- import time of each handler, in a fresh interpreter -----------------------------------------------
+
+
+def import_ms(handler: str, runs: int = 3) -> float:
+    """``python -X importtime``: the handler module's cumulative import time, best of ``runs`` (the
+    machine is shared, so the minimum is the least disturbed measurement)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "functions" / handler), str(ROOT / "layers" / "shared")]),
+        "AWS_DEFAULT_REGION": "eu-central-1",
+        "POWERTOOLS_TRACE_DISABLED": "1",
+    }
+    best = float("inf")
+    for _ in range(runs):
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", "import app"],
+            env=env,
+            cwd=str(ROOT / "functions" / handler),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        for line in done.stderr.splitlines():
+            match = re.match(r"import time:\s+(\d+)\s+\|\s+(\d+)\s+\|\s*app$", line)
+            if match:
+                best = min(best, int(match.group(2)) / 1000)
+    return round(best, 1)
+
+
+# --- MIS changes: applied to the MEDODS emulator, recorded so every peer replays the same ones ------------
+
+
+def visits_now(medods: Any, appointment_ids: Any = None) -> list[Visit]:
+    """Snapshots (copies) of eligible visits, with their patients, as the MIS shows them now."""
+    clients = {int(c["id"]): c for c in medods.all_clients()}
+    rows = medods.all_appointments()
+    if appointment_ids is not None:
+        wanted = set(appointment_ids)
+        rows = [r for r in rows if int(r["id"]) in wanted]
+    out = []
+    for row in rows:
+        client = clients.get(int(row["clientId"]))
+        if client is not None and eligible(client, row):
+            out.append(Visit(copy.deepcopy(client), copy.deepcopy(row)))
+    return out
+
+
+MOVES = {
+    "need_approval": ("confirm", "cancel"),
+    "approved": ("confirm", "arrive", "cancel", "no_show"),
+    "confirmed_by_administrator": ("arrive", "cancel", "no_show"),
+    "arrived": ("complete",),
+    "serviced": ("bill",),
+    "billed": ("pay",),
+}
+
+
+class ChangeMaker:
+    """A front desk's day: mostly status moves of booked visits, some bookings, a few new patients."""
+
+    def __init__(self, clinic: Any, seed: int = 9) -> None:
+        self.clinic = clinic
+        self.medods = clinic.medods
+        self.rng = random.Random(seed)
+        self.new_patients = 0
+
+    def _slot(self) -> Any:
+        day = self.rng.randrange(1, 30)
+        minute = self.rng.randrange(9 * 4, 20 * 4) * 15
+        at = self.clinic.mis.at(day, f"{minute // 60:02d}:{minute % 60:02d}")
+        return at + timedelta(seconds=self.rng.randrange(60))
+
+    def _eligible_clients(self) -> list[dict[str, Any]]:
+        return [c for c in self.medods.all_clients() if not (c.get("archived") or c.get("denyDataProcessing"))]
+
+    def status_move(self) -> int | None:
+        clients = {int(c["id"]): c for c in self._eligible_clients()}
+        rows = [
+            r
+            for r in self.medods.all_appointments()
+            if r["status"] in MOVES
+            and not r.get("anonymous")
+            and not r.get("deletedAt")
+            and int(r["clientId"]) in clients
+        ]
+        if not rows:
+            return None
+        row = self.rng.choice(rows)
+        getattr(self.medods, self.rng.choice(MOVES[row["status"]]))(int(row["id"]))
+        return int(row["id"])
+
+    def one(self) -> int | None:
+        roll = self.rng.random()
+        if roll < 0.10:
+            client = self.rng.choice(self._eligible_clients())
+            return int(self.clinic.mis.book(int(client["id"]), self._slot()))
+        if roll < 0.15:
+            self.new_patients += 1
+            phone = f"+7 9{self.rng.randrange(10**8, 10**9)}"
+            client_id = self.clinic.mis.add_client(f"Новикова{self.rng.randrange(10**6)}", phone)
+            return int(self.clinic.mis.book(client_id, self._slot()))
+        return self.status_move()
+
+    def cycle(self, changes: int) -> list[int]:
+        done = [a for a in (self.one() for _ in range(changes)) if a is not None]
+        return list(dict.fromkeys(done))

@@ -1,0 +1,63 @@
+"""The bench report as rich tables (the JSON in bench/report.json is the record)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    console = Console(width=200)
+    table = Table(title="CRM requests and time at the rate limit (simulated clock, one run)")
+    for column in (
+        "CRM", "contestant", "workload", "req/appt", "requests", "floor", "× floor", "sim s", "floor s", "× floor time",
+        "503/429", "note",
+    ):  # fmt: skip
+        table.add_column(column)
+    for f in report["figures"]:
+        table.add_row(
+            f["crm"], f["contestant"], f["workload"], _fmt(f["requests_per_appointment"], 3),
+            _fmt(f["crm_requests"], 0),
+            _fmt(f["floor_requests"], 0), _fmt(f["ratio_to_floor"]), _fmt(f["sim_seconds_at_rate_limit"], 0),
+            _fmt(f["floor_seconds"], 0), _fmt(f["time_ratio_to_floor"]), _fmt(f["refused_503_429"]), f["note"],
+        )  # fmt: skip
+    console.print(table)
+    ours = Table(title="clinicsync only")
+    ours.add_column("figure")
+    for crm in report["ours"]:
+        ours.add_column(crm)
+    rows = {
+        "CPU ms/event, backfill": lambda o: o["cpu_ms_per_event"]["backfill"],
+        "CPU ms/event, steady day": lambda o: o["cpu_ms_per_event"]["steady_day"],
+        "  of which in boto3 (backfill)": lambda o: o["cpu_ms_per_event"]["backfill_in_aws_sdk"],
+        "  of which in boto3 (day)": lambda o: o["cpu_ms_per_event"]["steady_day_in_aws_sdk"],
+        "AWS calls per event (backfill)": lambda o: o["cpu_ms_per_event"]["aws_calls_per_event_backfill"],
+        "syncer peak MiB (traced)": lambda o: o["syncer_peak_mib"],
+        "MIS→CRM p95 s (target ≤ 65)": lambda o: o["mis_to_crm_seconds"]["p95"],
+        "  processing p95 s": lambda o: o["mis_to_crm_seconds"]["processing_p95"],
+        "unsubscribe→CRM p95 s (< 60)": lambda o: o["unsubscribe_to_crm_seconds"]["p95"],
+        "webhook burst ack p99 ms": lambda o: (o["webhook_burst"] or {}).get("ack_p99_ms"),
+        "webhook burst none lost": lambda o: (o["webhook_burst"] or {}).get("none_lost"),
+        "AWS USD / 10k appts / month": lambda o: o["aws_cost_per_10k_appointments_month"]["total_usd"],
+        "CRM mismatches after the day": lambda o: o["crm_mismatches_after_day"],
+    }
+    for label, pick in rows.items():
+        ours.add_row(label, *[_fmt(pick(report["ours"][crm])) for crm in report["ours"]])
+    console.print(ours)
+    imports = Table(title="handler import time (python -X importtime, best of 3), target ≤ 300 ms")
+    imports.add_column("handler")
+    imports.add_column("ms")
+    for handler, ms in report["handler_import_ms"].items():
+        imports.add_row(handler, _fmt(ms, 1))
+    console.print(imports)
+    console.print(f"wall time: {report['wall_seconds']} s")

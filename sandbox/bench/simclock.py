@@ -1,0 +1,130 @@
+"""One simulated clock shared by every contestant, so "time at the rate limit" is exact and free.
+
+The CRM emulators take their time from a :class:`~sandbox.emulators.base.Clock`; here it is frozen and
+moves only when someone waits: a client's pacer or back-off sleeps advance it, and every HTTP request
+to the emulator takes a fixed network latency (``latency``) of simulated time. The emulators enforce
+their real limits (Bitrix24: leaky bucket of 50 draining at 2/s, 503 beyond; amoCRM: 7 requests in
+any second, 429 beyond, blocked after five 429s) against that clock, so a contestant that sends too
+fast is refused exactly as a real portal would refuse it, and no benchmark second is spent sleeping.
+
+Waiting is "until" rather than "for": concurrent waiters (fast_bitrix24's coroutines) that each sleep
+until a slot move the clock to the latest of their slots, not to the sum of their sleeps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sandbox.emulators.base import Clock
+
+LATENCY = 0.05  # seconds of simulated network + server time per CRM request (same region, small bodies)
+
+
+class SimClock(Clock):
+    """A frozen clock that only moves forward, by waits and by request latency."""
+
+    def __init__(self, start: float | None = None) -> None:
+        super().__init__()
+        self._now = time.time() if start is None else start
+        self._mutex = threading.Lock()
+        self.started = self._now
+
+    def now(self) -> float:
+        with self._mutex:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._mutex:
+            self._now += max(0.0, seconds)
+
+    def advance_to(self, at: float) -> None:
+        with self._mutex:
+            self._now = max(self._now, at)
+
+    def freeze(self, at: float | None = None) -> None:  # already frozen; kept for the Clock interface
+        if at is not None:
+            self.advance_to(at)
+
+    def unfreeze(self) -> None:
+        pass
+
+    def sleep(self, seconds: float) -> None:
+        """A blocking wait in simulated time: returns at once, the clock is at least ``now + seconds``."""
+        self.advance_to(self.now() + max(0.0, seconds))
+
+    def monotonic(self) -> float:
+        return self.now()
+
+    def elapsed(self) -> float:
+        return self.now() - self.started
+
+
+class ClockedApp:
+    """WSGI wrapper: each request takes ``latency`` of simulated time; counts requests and refusals."""
+
+    def __init__(self, app: Any, clock: SimClock, latency: float = LATENCY) -> None:
+        self.app = app
+        self.clock = clock
+        self.latency = latency
+        self.statuses: Counter[int] = Counter()
+        self.paths: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        started = self.clock.now()
+        seen: list[int] = []
+        self.paths[environ.get("PATH_INFO", "")] += 1
+
+        def recording_start(status: str, headers: Any, exc_info: Any = None) -> Any:
+            seen.append(int(status.split(" ", 1)[0]))
+            return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
+
+        body = list(self.app(environ, recording_start))
+        self.clock.advance_to(started + self.latency)
+        with self._lock:
+            self.statuses.update(seen)
+        return body
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.app, name)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def refused(self) -> int:
+        return self.statuses[503] + self.statuses[429] + self.statuses[403]
+
+
+def leaky_bucket_floor_seconds(requests: int, rate: float = 2.0, burst: int = 50, latency: float = LATENCY) -> float:
+    """The least time ``requests`` sequential requests take under a leaky bucket (Bitrix24): a perfect
+    client sends while the bucket has room and waits exactly for the next drained slot otherwise."""
+    now, level = 0.0, 0.0
+    for _ in range(requests):
+        if level + 1 > burst:
+            wait = (level + 1 - burst) / rate
+            now += wait
+            level -= wait * rate
+        level += 1
+        now += latency
+        level = max(0.0, level - latency * rate)
+    return now
+
+
+def sliding_window_floor_seconds(
+    requests: int, per_window: int = 7, window: float = 1.0, latency: float = LATENCY
+) -> float:
+    """The least time under "at most ``per_window`` requests in any ``window`` seconds" (amoCRM)."""
+    sent: list[float] = []
+    now = 0.0
+    for _ in range(requests):
+        if len(sent) >= per_window:
+            now = max(now, sent[-per_window] + window)
+        sent.append(now)
+        now += latency
+    return now

@@ -59,6 +59,10 @@ class FakeStack:
         return next(a for b in self.batches for c in b.changes for a in c.appointments if a.mis_id == str(visit_id))
 
 
+def _sent_visit_ids(stack: FakeStack) -> list[str]:
+    return [a.mis_id for b in stack.batches for c in b.changes for a in c.appointments]
+
+
 @pytest.fixture
 def ident(tmp_path: Path) -> IdentEmulator:
     return IdentEmulator(build_sample_clinic(seed=3, patients=40, appointments=60), tmp_path / "ident.sqlite3")
@@ -106,11 +110,14 @@ def test_no_show_sweep_sends_a_booking_once_when_it_becomes_due(ident: IdentEmul
     connector.run_once()
     booked_version = stack.visit(visit).version
     stack.batches.clear()
+    # The sample clinic's own bookings fall due too, depending on the time of day the test runs:
+    # only this visit is judged.
     ident.clock.advance((30 + 30 + 60) * 60 - 1)  # one second before it is due
-    assert connector.run_once().no_shows == 0 and stack.batches == []
+    connector.run_once()
+    assert str(visit) not in _sent_visit_ids(stack)
     ident.clock.advance(2)
-    report = connector.run_once()
-    assert report.no_shows == 1
+    connector.run_once()
+    assert _sent_visit_ids(stack).count(str(visit)) == 1
     assert stack.visit(visit).status is S.NO_SHOW
     assert stack.visit(visit).version > booked_version  # newer than the booking, so it wins in the store
     stack.batches.clear()

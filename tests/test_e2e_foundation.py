@@ -258,6 +258,18 @@ def test_poller_handles_the_sample_schedule_events(small: LocalClinic) -> None:
     assert small.mismatches() == []
 
 
+def test_poller_handles_the_sample_backfill_event_and_resumes_to_done(small: LocalClinic) -> None:
+    """`clinicsync backfill` invokes the poller with this event until the checkpoint says done."""
+    step = small.stack.invoke("MisPollerFunction", _event("mis_poller_backfill"))
+    for _ in range(20):
+        if step["done"]:
+            break
+        step = small.stack.invoke("MisPollerFunction", _event("mis_poller_backfill"))
+    assert step["done"] is True and step["window_days"] == 365 and step["pages"] >= 1
+    small.stack.drain_all()
+    assert small.mismatches() == []
+
+
 def test_syncer_handles_the_sample_sqs_batch(small: LocalClinic) -> None:
     response = small.stack.invoke("StageSyncerFunction", _event("stage_syncer_sqs_batch"))
     assert response == {"batchItemFailures": []}

@@ -290,3 +290,37 @@ def test_connector_timestamps_that_only_look_numeric_are_refused(clinics: list[L
         "_route": route,
     }
     _invoke_and_check(clinic.stack, event)
+
+
+@pytest.mark.parametrize("body", ["%%%", "YQ", "====", "\u00e9"])
+def test_the_one_click_route_answers_400_to_a_body_that_is_not_base64(
+    make_clinic: Callable[..., LocalClinic], body: str
+) -> None:
+    """Regression: Powertools' ``decoded_body`` raised on these and the route answered 500 (found by the
+    hypothesis run above)."""
+    clinic = make_clinic(patients=2, appointments=2)
+    path = "/unsubscribe/anytoken"
+    event = {
+        "version": "2.0",
+        "routeKey": f"POST {path}",
+        "rawPath": path,
+        "rawQueryString": "",
+        "headers": {"content-type": "application/x-www-form-urlencoded"},
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "local",
+            "domainName": "local",
+            "domainPrefix": "local",
+            "http": {"method": "POST", "path": path, "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1", "userAgent": "t"},
+            "requestId": str(uuid.uuid4()),
+            "routeKey": "$default",
+            "stage": "$default",
+            "time": "03/Dec/2026:10:00:00 +0000",
+            "timeEpoch": 1796292000000,
+        },
+        "body": body,
+        "isBase64Encoded": True,
+    }
+    result = clinic.stack.invoke("UnsubscribeFunction", event)
+    assert result["statusCode"] == 400
+    assert clinic.stack.queue_depth() == 0

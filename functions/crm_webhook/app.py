@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import time
 from typing import Any
@@ -25,7 +23,7 @@ from clinicsync import ident, wiring
 from clinicsync.adapters.ident import KEY_HEADER, TicketQuery, TimeTable
 from clinicsync.crm_events import ENTITY_OF_EVENT
 from clinicsync.crypto import constant_time_equals
-from clinicsync.forms import FormError, parse_php_form
+from clinicsync.forms import FormError, http_body, parse_php_form
 from clinicsync.models import CrmEvent
 from clinicsync.observability import logger, metrics, tracer
 from clinicsync.signing import verify_request
@@ -72,14 +70,12 @@ def _malformed(exc: MalformedBody) -> Response[Any]:
 
 
 def _raw_body() -> bytes:
-    """The body exactly as sent (signatures are over bytes, not over a re-decoded string). Never
-    Powertools' ``decoded_body``: it decodes base64 bodies as UTF-8 and raises on anything else."""
+    """The body exactly as sent (signatures are over bytes, not over a re-decoded string)."""
     event = app.current_event
-    body = event.get("body") or ""
     try:
-        return base64.b64decode(body, validate=True) if event.get("isBase64Encoded") else str(body).encode()
-    except (binascii.Error, ValueError, UnicodeEncodeError):
-        raise MalformedBody("the body is not valid base64 or text") from None
+        return http_body(event.get("body"), bool(event.get("isBase64Encoded")))
+    except FormError as exc:
+        raise MalformedBody(str(exc)) from None
 
 
 @app.post("/webhooks/bitrix24")

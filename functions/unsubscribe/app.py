@@ -6,8 +6,6 @@ every answer is fast (Mailchimp retries slow or failing webhooks; mailbox provid
 
 from __future__ import annotations
 
-import base64
-import binascii
 import html
 from typing import Any, Literal
 
@@ -20,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from clinicsync import wiring
 from clinicsync.consent import EMAIL_UNSUBSCRIBE, TokenError
 from clinicsync.crypto import constant_time_equals
-from clinicsync.forms import FormError, parse_php_form
+from clinicsync.forms import FormError, http_body, parse_php_form
 from clinicsync.observability import logger, metrics, tracer
 
 app = APIGatewayHttpResolver()
@@ -84,14 +82,8 @@ def confirm_page(token: str) -> Response[Any]:
 
 
 def _form_body() -> bytes:
-    """The body as sent. Never Powertools' ``decoded_body``: it decodes a base64 body as UTF-8 and raises
-    on anything else (the hostile-route suite found a 500 here)."""
     event = app.current_event
-    body = event.get("body") or ""
-    try:
-        return base64.b64decode(body, validate=True) if event.get("isBase64Encoded") else str(body).encode()
-    except (binascii.Error, ValueError, UnicodeEncodeError):
-        raise FormError("the body is not valid base64 or text") from None
+    return http_body(event.get("body"), bool(event.get("isBase64Encoded")))
 
 
 @app.post("/unsubscribe/<token>")

@@ -134,6 +134,11 @@ class LocalAws:
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"
+        self.export_env()
+        return self
+
+    def export_env(self) -> None:
+        """boto3 anywhere in this process (handlers, CLI, tests) talks to this moto from now on."""
         os.environ.update(
             {
                 "AWS_ENDPOINT_URL": self.endpoint,
@@ -145,7 +150,6 @@ class LocalAws:
                 "POWERTOOLS_METRICS_NAMESPACE": "clinicsync",
             }
         )
-        return self
 
     def stop(self) -> None:
         self._server.stop()

@@ -5,14 +5,13 @@ transaction backup made affordable, see :func:`sandbox.bench.harness.moto_transa
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
-from sandbox.runtime import REGION, LocalAws
+from sandbox.runtime import LocalAws
 
 
 def _free_port() -> int:
@@ -45,17 +44,7 @@ class ProcessAws(LocalAws):
                 time.sleep(0.1)
         else:
             raise RuntimeError("moto did not start")
-        os.environ.update(
-            {
-                "AWS_ENDPOINT_URL": self.endpoint,
-                "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": REGION,
-                "AWS_REGION": REGION,
-                "POWERTOOLS_TRACE_DISABLED": "1",
-                "POWERTOOLS_METRICS_NAMESPACE": "clinicsync",
-            }
-        )
+        self.export_env()
         return self
 
     def stop(self) -> None:

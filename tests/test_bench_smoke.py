@@ -4,7 +4,10 @@ report. It proves nothing about speed and asserts no timing (the figures live in
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from sandbox.bench.__main__ import main
 
@@ -23,6 +26,14 @@ FIGURE_KEYS = {
     "time_ratio_to_floor",
     "refused_503_429",
 }
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench points boto3 at its own moto process through os.environ and stops it at the end; the
+    next test in this worker must find the session's moto again."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
 
 
 def test_a_reduced_bench_run_writes_a_well_formed_report(tmp_path: Path) -> None:

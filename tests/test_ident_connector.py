@@ -19,6 +19,7 @@ from clinicsync_ident.db import IdentDatabase
 from clinicsync_ident.push import StackUnavailable
 from clinicsync_ident.runner import Connector
 from clinicsync_ident.state import ConnectorState, load_state, save_state
+from sandbox.emulators.base import Clock
 from sandbox.emulators.ident import IdentEmulator
 from sandbox.seed import CLINIC_TZ, build_sample_clinic
 
@@ -63,9 +64,16 @@ def _sent_visit_ids(stack: FakeStack) -> list[str]:
     return [a.mis_id for b in stack.batches for c in b.changes for a in c.appointments]
 
 
+# Pinned, and at 05:00 before the 09:00-20:00 day: whether a sample booking falls due during a test must
+# not depend on the hour CI runs it (a 10-minute advance once swept a real-time booking to no-show).
+SAMPLE_DAY = datetime(2026, 6, 2, tzinfo=CLINIC_TZ)
+
+
 @pytest.fixture
 def ident(tmp_path: Path) -> IdentEmulator:
-    return IdentEmulator(build_sample_clinic(seed=3, patients=40, appointments=60), tmp_path / "ident.sqlite3")
+    sample = build_sample_clinic(seed=3, patients=40, appointments=60, now=SAMPLE_DAY)
+    clock = Clock((SAMPLE_DAY + timedelta(hours=5)).timestamp())
+    return IdentEmulator(sample, tmp_path / "ident.sqlite3", clock)
 
 
 def _connector(ident: IdentEmulator, stack: FakeStack, state_file: Path, **kwargs: Any) -> Connector:

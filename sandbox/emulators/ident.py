@@ -69,7 +69,7 @@ class IdentEmulator:
     def __init__(self, sample: SampleClinic, path: Path, clock: Clock | None = None) -> None:
         self.path = Path(path)
         self.clock = clock or Clock()
-        self.clock.freeze()
+        self.clock.freeze(self.clock.now())  # a clock handed in frozen keeps its instant
         self._lock = threading.Lock()
         self._next_id = 900_001
         with self._connect() as db:

@@ -146,7 +146,9 @@ class SampleClinic:
                     out.update({digits[1:], "+7" + digits[1:]})
                 elif len(digits) == 10:
                     out.add("+7" + digits)
-        return out
+        # A mistyped short phone's bare digits ("+7 916 12" -> "791612") identify no one and turn up by
+        # chance inside timestamps and versions; its typed form is still scanned for.
+        return {s for s in out if not (s.isdigit() and len(s) < 10)}
 
 
 # --- name material ---------------------------------------------------------------------------

@@ -11,11 +11,12 @@ PY313_BIN := $(dir $(PY313))
 VENV := .venv
 PY := $(VENV)/bin/python
 SAM_VENV := .venv-sam
+LAYER_VENV := .venv-layer
 SAM := $(SAM_VENV)/bin/sam
 MIS ?= medods
 CRM ?= bitrix24
 
-.PHONY: help venv sam-venv lint typecheck pytest validate build test demo schema docs clean check-python connector chaos browser bench
+.PHONY: help venv sam-venv layer-venv lint typecheck pytest validate build test demo schema docs clean check-python connector chaos browser bench
 
 help:
 	@echo "make demo   - local runtime against the emulators (MIS=$(MIS) CRM=$(CRM))"
@@ -40,8 +41,15 @@ $(SAM_VENV)/.installed: | check-python
 	$(SAM_VENV)/bin/pip install -q aws-sam-cli==1.170.0
 	touch $@
 
+# Only the layer's requirements, as deployed: the bench measures the handlers' import time with it.
+$(LAYER_VENV)/.installed: layers/shared/requirements.txt | check-python
+	test -x $(LAYER_VENV)/bin/python || $(PY313) -m venv $(LAYER_VENV)
+	$(LAYER_VENV)/bin/pip install -q -r layers/shared/requirements.txt
+	touch $@
+
 venv: $(VENV)/.installed
 sam-venv: $(SAM_VENV)/.installed
+layer-venv: $(LAYER_VENV)/.installed
 
 lint: venv
 	$(VENV)/bin/ruff check layers functions sandbox tests connector cli
@@ -89,7 +97,7 @@ chaos: venv
 
 # Requests, time at the rate limit (one simulated clock for every contestant), CPU, imports, latency and
 # AWS cost, side by side in one run for both CRMs; the reduced run is in make test (tests/test_bench_smoke.py).
-bench: venv
+bench: venv layer-venv
 	$(PY) -m sandbox.bench --report bench/report.json
 
 # The IDENT connector wheel (it carries the clinicsync package), installed into a throwaway venv with

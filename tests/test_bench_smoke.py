@@ -58,3 +58,8 @@ def test_a_reduced_bench_run_writes_a_well_formed_report(tmp_path: Path) -> None
     assert burst["sent"] == burst["acknowledged"] and burst["none_lost"] is True
     assert set(report["handler_import_ms"]) == {"mis_poller", "stage_syncer", "crm_webhook", "unsubscribe"}
     assert all(ms > 0 for ms in report["handler_import_ms"].values())
+    parts = report["handler_import_by_package_ms"]
+    assert set(parts) == set(report["handler_import_ms"])
+    # self times per package add up to no more than the handler's whole import
+    assert all(0 < sum(parts[h].values()) <= report["handler_import_ms"][h] for h in parts)
+    assert report["handler_import_interpreter"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from sandbox.bench.peers import Visit, eligible
 from sandbox.bench.simclock import ClockedApp, SimClock
@@ -46,10 +47,8 @@ def simulated(clock: SimClock) -> Iterator[Wired]:
     """CRM emulators built in here run on ``clock`` behind a :class:`ClockedApp`; clinicsync's pacers,
     shared budget and back-off sleeps wait in simulated time. Everything else is untouched."""
     import sandbox.local as local
-    from clinicsync import wiring
-    from clinicsync.adapters.amocrm import AmoCrmClient
-    from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer
-    from clinicsync.budget import SharedLeakyBucket
+    from clinicsync import budget, wiring
+    from clinicsync.adapters import amocrm, bitrix24
     from sandbox.emulators.amocrm import AmoCrmEmulator
     from sandbox.emulators.bitrix24 import Bitrix24Emulator
 
@@ -62,26 +61,25 @@ def simulated(clock: SimClock) -> Iterator[Wired]:
             wired.crm_apps.append(app)
         return real_served(app, *args, **kwargs)
 
-    saved_local = (local.ServedApp, local.Bitrix24Emulator, local.AmoCrmEmulator)
-    saved_wiring = (wiring.Pacer, wiring.SharedLeakyBucket, wiring.Bitrix24Client, wiring.AmoCrmClient)
-    local.ServedApp = served  # type: ignore[assignment,misc]
-    local.Bitrix24Emulator = functools.partial(Bitrix24Emulator, clock=clock)  # type: ignore[assignment,misc]
-    local.AmoCrmEmulator = functools.partial(AmoCrmEmulator, clock=clock)  # type: ignore[assignment,misc]
-    wiring.Pacer = functools.partial(Pacer, clock=clock.monotonic, sleep=clock.sleep)  # type: ignore[misc]
-    wiring.SharedLeakyBucket = functools.partial(  # type: ignore[misc]
-        SharedLeakyBucket, clock=clock.now, sleep=clock.sleep
-    )
-    wiring.Bitrix24Client = functools.partial(Bitrix24Client, sleep=clock.sleep)  # type: ignore[misc]
-    wiring.AmoCrmClient = functools.partial(AmoCrmClient, sleep=clock.sleep)  # type: ignore[misc]
-    wiring._bitrix_client.cache_clear()
-    wiring._amocrm_client.cache_clear()
-    try:
-        yield wired
-    finally:
-        local.ServedApp, local.Bitrix24Emulator, local.AmoCrmEmulator = saved_local  # type: ignore[misc]
-        wiring.Pacer, wiring.SharedLeakyBucket, wiring.Bitrix24Client, wiring.AmoCrmClient = saved_wiring  # type: ignore[misc]
+    # wiring imports the adapters where it builds them, so patching the modules reaches it.
+    patches = [
+        (local, "ServedApp", served),
+        (local, "Bitrix24Emulator", functools.partial(Bitrix24Emulator, clock=clock)),
+        (local, "AmoCrmEmulator", functools.partial(AmoCrmEmulator, clock=clock)),
+        (bitrix24, "Pacer", functools.partial(bitrix24.Pacer, clock=clock.monotonic, sleep=clock.sleep)),
+        (budget, "SharedLeakyBucket", functools.partial(budget.SharedLeakyBucket, clock=clock.now, sleep=clock.sleep)),
+        (wiring, "SharedLeakyBucket", functools.partial(budget.SharedLeakyBucket, clock=clock.now, sleep=clock.sleep)),
+        (bitrix24, "Bitrix24Client", functools.partial(bitrix24.Bitrix24Client, sleep=clock.sleep)),
+        (amocrm, "AmoCrmClient", functools.partial(amocrm.AmoCrmClient, sleep=clock.sleep)),
+    ]
+    with contextlib.ExitStack() as stack:
+        for module, name, replacement in patches:
+            stack.enter_context(mock.patch.object(module, name, replacement))
+        stack.callback(wiring._amocrm_client.cache_clear)
+        stack.callback(wiring._bitrix_client.cache_clear)
         wiring._bitrix_client.cache_clear()
         wiring._amocrm_client.cache_clear()
+        yield wired
 
 
 # --- moto, made to scale to a 3,000-patient table ------------------------------------------------------
@@ -192,30 +190,57 @@ def diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
 # --- import time of each handler, in a fresh interpreter -----------------------------------------------
 
 
-def import_ms(handler: str, runs: int = 3) -> float:
+LAYER_PYTHON = ROOT / ".venv-layer" / "bin" / "python"
+
+
+def import_python() -> Path:
+    """The interpreter that imports like the deployed function: ``.venv-layer`` (made by ``make bench``)
+    holds only the layer's requirements. The dev venv also has the CLI's rich/click/pygments, which
+    httpx imports when present, so it would overstate a handler's import."""
+    return LAYER_PYTHON if LAYER_PYTHON.exists() else Path(sys.executable)
+
+
+@dataclass
+class ImportTiming:
+    ms: float
+    by_package_ms: dict[str, float]  # self time summed per top-level package, the largest first
+
+
+def import_ms(handler: str, runs: int = 3, top: int = 6) -> ImportTiming:
     """``python -X importtime``: the handler module's cumulative import time, best of ``runs`` (the
-    machine is shared, so the minimum is the least disturbed measurement)."""
+    machine is shared, so the minimum is the least disturbed measurement), and where that best run
+    spent it: self times summed per top-level package, so the parts add up to the whole."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "functions" / handler), str(ROOT / "layers" / "shared")]),
         "AWS_DEFAULT_REGION": "eu-central-1",
         "POWERTOOLS_TRACE_DISABLED": "1",
     }
-    best = float("inf")
+    best: ImportTiming | None = None
     for _ in range(runs):
         done = subprocess.run(
-            [sys.executable, "-X", "importtime", "-c", "import app"],
+            [str(import_python()), "-X", "importtime", "-c", "import app"],
             env=env,
             cwd=str(ROOT / "functions" / handler),
             capture_output=True,
             text=True,
             check=True,
         )
+        total = 0.0
+        by_package: Counter[str] = Counter()
         for line in done.stderr.splitlines():
-            match = re.match(r"import time:\s+(\d+)\s+\|\s+(\d+)\s+\|\s*app$", line)
-            if match:
-                best = min(best, int(match.group(2)) / 1000)
-    return round(best, 1)
+            match = re.match(r"import time:\s+(\d+)\s+\|\s+(\d+)\s+\|(\s*)(\S+)$", line)
+            if not match:
+                continue
+            self_us, cumulative_us, module = int(match.group(1)), int(match.group(2)), match.group(4)
+            by_package[module.split(".")[0]] += self_us
+            if module == "app":
+                total = cumulative_us / 1000
+        if best is None or total < best.ms:
+            parts = {name: round(us / 1000, 1) for name, us in by_package.most_common(top)}
+            best = ImportTiming(round(total, 1), parts)
+    assert best is not None and best.ms > 0, f"no import time line for {handler}"
+    return best
 
 
 # --- MIS changes: applied to the MEDODS emulator, recorded so every peer replays the same ones ------------

@@ -57,7 +57,11 @@ def print_report(report: dict[str, Any]) -> None:
     imports = Table(title="handler import time (python -X importtime, best of 3), target ≤ 300 ms")
     imports.add_column("handler")
     imports.add_column("ms")
+    imports.add_column("largest parts (self time per package, ms)")
+    parts = report.get("handler_import_by_package_ms", {})
     for handler, ms in report["handler_import_ms"].items():
-        imports.add_row(handler, _fmt(ms, 1))
+        where = ", ".join(f"{name} {part:g}" for name, part in parts.get(handler, {}).items())
+        imports.add_row(handler, _fmt(ms, 1), where)
     console.print(imports)
+    console.print(f"imported with: {report.get('handler_import_interpreter', 'the running interpreter')}")
     console.print(f"wall time: {report['wall_seconds']} s")

@@ -23,10 +23,12 @@ from typing import Any
 
 from sandbox.bench.harness import (
     HANDLERS,
+    LAYER_PYTHON,
     ChangeMaker,
     Meter,
     diff,
     import_ms,
+    import_python,
     metered,
     moto_transactions_copy_once,
     simulated,
@@ -564,11 +566,16 @@ def run(sizes: Sizes, log: Callable[[str], None] = print, verbose: bool = False)
     with moto_transactions_copy_once():
         runs = [run_crm(crm, sizes, clock, log, verbose) for crm in sizes.crms]
     imports = {h: import_ms(h, sizes.import_runs) for h in HANDLERS}
+    interpreter = import_python()
     return {
         "sizes": sizes.__dict__ | {"crms": list(sizes.crms)},
         "clock": {"kind": "simulated, shared by all contestants", "latency_per_request_s": LATENCY},
         "figures": [f.as_dict() for r in runs for f in r.figures],
         "ours": {r.crm: r.ours for r in runs},
-        "handler_import_ms": imports,
+        "handler_import_ms": {h: t.ms for h, t in imports.items()},
+        "handler_import_by_package_ms": {h: t.by_package_ms for h, t in imports.items()},
+        "handler_import_interpreter": "layer requirements only (.venv-layer)"
+        if interpreter == LAYER_PYTHON
+        else "dev venv (no .venv-layer: overstates httpx, which imports the CLI's rich when present)",
         "wall_seconds": round(time.perf_counter() - started, 1),
     }

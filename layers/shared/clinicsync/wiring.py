@@ -16,40 +16,34 @@ import httpx
 from aws_lambda_powertools.utilities import parameters
 from pydantic import BaseModel, ConfigDict, Field
 
-from clinicsync.adapters.amocrm import AmoCrmClient, StoreCircuitBreaker
-from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
-from clinicsync.adapters.amocrm_oauth import AmoCrmOAuth
-from clinicsync.adapters.amocrm_oauth import SecretsManagerTokenStore as AmoCrmTokenStore
-from clinicsync.adapters.amocrm_oauth import lease_lock as amocrm_lease_lock
-from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer
-from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
-from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth, SecretsManagerTokenStore, lease_lock
-from clinicsync.adapters.ident_source import IdentSource
-from clinicsync.adapters.infoclinica import InfoClinicaApi, InfoClinicaSource
-from clinicsync.adapters.lis import LisApi, LisSource
-from clinicsync.adapters.mailchimp import MailchimpAudience, MailchimpClient
-from clinicsync.adapters.mailchimp_directory import DirectoryAudiences
-from clinicsync.adapters.medods import MedodsApi, MedodsConsentWriter, MedodsSource
-from clinicsync.adapters.renovatio import RenovatioApi, RenovatioSource
-from clinicsync.adapters.vtiger import VtigerClient, VtigerDirectory
-from clinicsync.backfill import BackfillCheckpoint
 from clinicsync.budget import RequestPacer, SharedLeakyBucket
 from clinicsync.config import ClinicConfig, parse_clinic_config
 from clinicsync.consent import ConsentLedger, ConsentOutputs, MailchimpMembers, UnsubscribeTokens
 from clinicsync.crm_events import CrmCatchUp, CrmEventProcessor
 from clinicsync.crypto import KeyedHasher
-from clinicsync.directory import DirectoryStore, DirectorySync
 from clinicsync.failures import FailureLog
 from clinicsync.health import HealthLog
-from clinicsync.ident import ConnectorInbox, IdentDirectory
 from clinicsync.ports import CrmGateway, MisConsentWriter, MisSource
 from clinicsync.queue import SqsChangeQueue, SqsConsentQueue, SqsEventQueue
 from clinicsync.store import DynamoStore
 from clinicsync.sync import Poller, Syncer
 
+# Adapters are imported where they are built, not here: a container loads only its clinic's MIS and
+# CRM (and the lab's directory), so a cold start does not pay for the five MIS and three CRMs it never calls.
+
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import DynamoDBServiceResource
     from mypy_boto3_sqs.client import SQSClient
+
+    from clinicsync.adapters.amocrm import AmoCrmClient
+    from clinicsync.adapters.bitrix24 import Bitrix24Client
+    from clinicsync.adapters.lis import LisSource
+    from clinicsync.adapters.mailchimp import MailchimpAudience
+    from clinicsync.adapters.mailchimp_directory import DirectoryAudiences
+    from clinicsync.adapters.vtiger import VtigerClient
+    from clinicsync.backfill import BackfillCheckpoint
+    from clinicsync.directory import DirectorySync
+    from clinicsync.ident import ConnectorInbox, IdentDirectory
 
 CACHE_SECONDS = 300
 
@@ -138,6 +132,8 @@ def consent_ledger() -> ConsentLedger:
 
 
 def mailchimp_audience(config: ClinicConfig) -> MailchimpAudience | None:
+    from clinicsync.adapters.mailchimp import MailchimpAudience, MailchimpClient
+
     if config.mailchimp is None:
         return None
     client = MailchimpClient(str(clinic_secret()["mailchimp_api_key"]), http_client(), config.mailchimp.base_url)
@@ -147,6 +143,8 @@ def mailchimp_audience(config: ClinicConfig) -> MailchimpAudience | None:
 def mis_consent_writer(config: ClinicConfig) -> MisConsentWriter | None:
     """Where the MIS API can hold "do not send" flags; None where it cannot (the flag stays ours)."""
     if config.mis.kind == "medods":
+        from clinicsync.adapters.medods import MedodsApi, MedodsConsentWriter
+
         creds = secret(settings().mis_secret_arn)
         api = MedodsApi(config.mis.base_url, str(creds["identity_key"]), str(creds["secret"]), http=http_client())
         return MedodsConsentWriter(api)
@@ -169,6 +167,8 @@ def consent_outputs() -> ConsentOutputs:
 
 
 def lis_source(config: ClinicConfig) -> LisSource:
+    from clinicsync.adapters.lis import LisApi, LisSource
+
     api = LisApi.from_secret(config.mis.base_url, secret(settings().mis_secret_arn), http_client())
     return LisSource(api, config.matching.default_region, config.mis.page_size, config.mis.overlap_seconds)
 
@@ -176,6 +176,9 @@ def lis_source(config: ClinicConfig) -> LisSource:
 @functools.cache
 def _vtiger_client(secret_arn: str, rate: float, burst: int) -> VtigerClient:
     """One client per container: its session survives warm invocations (renewed when vTiger expires it)."""
+    from clinicsync.adapters.bitrix24 import Pacer
+    from clinicsync.adapters.vtiger import VtigerClient
+
     creds = secret(secret_arn)
     return VtigerClient(
         str(creds["base_url"]), str(creds["username"]), str(creds["access_key"]), http_client(), Pacer(rate, burst)
@@ -183,6 +186,9 @@ def _vtiger_client(secret_arn: str, rate: float, burst: int) -> VtigerClient:
 
 
 def directory_audiences(config: ClinicConfig) -> DirectoryAudiences | None:
+    from clinicsync.adapters.mailchimp import MailchimpAudience, MailchimpClient
+    from clinicsync.adapters.mailchimp_directory import DirectoryAudiences
+
     if config.directory is None or config.directory.mailchimp is None:
         return None
     lists = config.directory.mailchimp
@@ -196,6 +202,9 @@ def directory_audiences(config: ClinicConfig) -> DirectoryAudiences | None:
 
 
 def directory_sync() -> DirectorySync:
+    from clinicsync.adapters.vtiger import VtigerDirectory
+    from clinicsync.directory import DirectoryStore, DirectorySync
+
     config = clinic_config()
     if config.directory is None or config.crm.kind != "vtiger" or config.mis.kind != "lis":
         raise NotImplementedError("the directory sync needs mis.kind lis, crm.kind vtiger and a directory section")
@@ -232,6 +241,8 @@ def health() -> HealthLog:
 
 
 def backfill_checkpoint() -> BackfillCheckpoint:
+    from clinicsync.backfill import BackfillCheckpoint
+
     return BackfillCheckpoint(dynamodb().Table(settings().table_name), clinic_config().mis.kind)
 
 
@@ -259,10 +270,14 @@ def mis_credentials() -> dict[str, Any]:
 
 
 def ident_directory() -> IdentDirectory:
+    from clinicsync.ident import IdentDirectory
+
     return IdentDirectory(dynamodb().Table(settings().table_name))
 
 
 def ident_inbox() -> ConnectorInbox:
+    from clinicsync.ident import ConnectorInbox
+
     return ConnectorInbox(sqs(), settings().ident_inbox_queue_url)
 
 
@@ -270,16 +285,24 @@ def mis_source(config: ClinicConfig) -> MisSource:
     if config.mis.kind == "lis":
         return lis_source(config)
     if config.mis.kind == "ident":
+        from clinicsync.adapters.ident_source import IdentSource
+
         # IDENT's connector pushes to us; nothing to call out with, only its inbox to read.
         return IdentSource(sqs(), settings().ident_inbox_queue_url, enrich=ident_directory().enrich)
     creds = secret(settings().mis_secret_arn)
     if config.mis.kind == "medods":
+        from clinicsync.adapters.medods import MedodsApi, MedodsSource
+
         api = MedodsApi(config.mis.base_url, str(creds["identity_key"]), str(creds["secret"]), http=http_client())
         return MedodsSource(api, config)
     if config.mis.kind == "infoclinica":
+        from clinicsync.adapters.infoclinica import InfoClinicaApi, InfoClinicaSource
+
         # Its own HTTP client: it carries the clinic's client certificate from the secret.
         return InfoClinicaSource(InfoClinicaApi.from_secret(config.mis.base_url, creds, tz=config.tz), config)
     if config.mis.kind == "renovatio":
+        from clinicsync.adapters.renovatio import RenovatioApi, RenovatioSource
+
         return RenovatioSource(RenovatioApi.from_secret(config.mis.base_url, creds, http=http_client()), config)
     raise NotImplementedError(f"MIS kind {config.mis.kind!r} is not available yet")
 
@@ -291,6 +314,9 @@ def _bitrix_client(secret_arn: str, rate: float, burst: int, shared_budget: bool
     The pacer is a leaky bucket in DynamoDB shared by every concurrent syncer, keyed by the portal,
     so together they stay under the portal's 2 req/s; ``shared_budget: false`` paces in-process.
     """
+    from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer
+    from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth, SecretsManagerTokenStore, lease_lock
+
     creds = secret(secret_arn)
     portal = str(creds.get("member_id") or creds.get("webhook_url") or "portal")
     table = dynamodb().Table(settings().table_name)
@@ -310,21 +336,30 @@ def _amocrm_client(secret_arn: str, rate: float, burst: int, shared_budget: bool
     """One client per container. Pacing is a DynamoDB bucket shared by every syncer (amoCRM allows 7
     rps per integration; we run at the configured budget, 6 by default); a 403 opens a breaker that
     every container honours; tokens rotate in the secret under a lease, or a long-lived token is used."""
+    from clinicsync.adapters.amocrm import AmoCrmClient, StoreCircuitBreaker
+    from clinicsync.adapters.amocrm_oauth import AmoCrmOAuth, lease_lock
+    from clinicsync.adapters.amocrm_oauth import SecretsManagerTokenStore as AmoCrmTokenStore
+    from clinicsync.adapters.bitrix24 import Pacer
+
     creds = secret(secret_arn)
     table = dynamodb().Table(settings().table_name)
     key = f"amocrm:{creds.get('account_id') or creds.get('base_url') or 'account'}"
     pacer: RequestPacer = SharedLeakyBucket(table, key, rate, burst) if shared_budget else Pacer(rate, burst)
     tokens = AmoCrmTokenStore(boto3.client("secretsmanager"), secret_arn)
-    auth = AmoCrmOAuth(tokens, http_client(), lock=amocrm_lease_lock(store()))
+    auth = AmoCrmOAuth(tokens, http_client(), lock=lease_lock(store()))
     return AmoCrmClient(auth, http_client(), pacer, StoreCircuitBreaker(table, key))
 
 
 def crm_gateway(config: ClinicConfig) -> CrmGateway:
     crm = config.crm
     if crm.kind == "bitrix24":
+        from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
+
         client = _bitrix_client(settings().crm_secret_arn, crm.requests_per_second, crm.burst, crm.shared_budget)
         return Bitrix24Gateway(client, config)
     if crm.kind == "amocrm":
+        from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
+
         amo = _amocrm_client(settings().crm_secret_arn, crm.requests_per_second, crm.burst, crm.shared_budget)
         return AmoCrmGateway(amo, config, str(secret(settings().crm_secret_arn).get("user_id", "")))
     raise NotImplementedError(f"CRM kind {crm.kind!r} is not available yet")

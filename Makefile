@@ -70,11 +70,12 @@ pytest: venv sam-venv browser
 validate: sam-venv
 	AWS_DEFAULT_REGION=eu-central-1 $(SAM) validate --lint --template template.yaml
 
-# sam build resolves the python3.13 workflow from PATH, so put our interpreter first.
+# sam build resolves the python3.13 workflow from PATH, so put our interpreter first. --cached: the
+# deploy test's own real `sam build` reuses .aws-sam/cache instead of building everything again.
 build: sam-venv
-	PATH="$(PY313_BIN):$$PATH" AWS_DEFAULT_REGION=eu-central-1 $(SAM) build --template template.yaml
+	PATH="$(PY313_BIN):$$PATH" AWS_DEFAULT_REGION=eu-central-1 $(SAM) build --template template.yaml --cached
 
-test: lint typecheck pytest validate build
+test: lint typecheck validate build pytest
 
 demo: venv
 	$(PY) -m sandbox.demo --mis $(MIS) --crm $(CRM)

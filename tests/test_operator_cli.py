@@ -203,11 +203,14 @@ def test_deploy_builds_the_template_and_passes_the_clinic_parameters(
         "if sys.argv[1] == 'deploy':\n"
         f"    open({str(record)!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
         "    sys.exit(0)\n"
-        f"sys.exit(subprocess.call([{str(real_sam)!r}, *sys.argv[1:]]))\n",
+        # the same cache as `make build`, which runs first in `make test`: a rebuild only of what changed
+        f"cache = ['--cached', '--cache-dir', {str(ROOT / '.aws-sam' / 'cache')!r}] if sys.argv[1] == 'build' else []\n"
+        f"sys.exit(subprocess.call([{str(real_sam)!r}, *sys.argv[1:], *cache]))\n",
         encoding="utf-8",
     )
     sam.chmod(sam.stat().st_mode | stat.S_IEXEC)
-    build_dir = tmp_path / "build"
+    # sam keeps its cache's index (build.toml) beside the build dir: under .aws-sam, next to `make build`'s.
+    build_dir = ROOT / ".aws-sam" / "deploy-test-build"
     env_path = f"{Path(sys.executable).resolve().parent}:{os.environ['PATH']}"
     os.environ["PATH"] = env_path
     code, out = run(

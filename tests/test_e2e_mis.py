@@ -103,3 +103,24 @@ def test_a_cursor_feed_rereads_its_overlap_and_drops_what_it_already_sent(
     again = clinic.sync()  # the overlap window re-reads the last two minutes: all of the sample
     assert clinic.medods.request_count > requests_before  # the MIS was really read again
     assert (again.poll["patients"], again.poll["appointments"], again.drain["messages"]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(("crm", "creates"), [("bitrix24", 2), ("amocrm", 1)])  # amoCRM: one leads/complex item
+def test_a_new_patients_refusal_flags_ride_on_the_contact_create_with_no_second_write(
+    make_clinic: Callable[..., LocalClinic], crm: str, creates: int
+) -> None:
+    """The sync's contact create carries the ledger's opt-outs, so the consent job queued for the new
+    refusal flags has nothing left to write in the CRM (it used to update every such contact again)."""
+    clinic = make_clinic(patients=5, appointments=5, crm=crm)
+    clinic.sync()
+    client = clinic.medods.add_client(
+        "Зайцева", "Ольга", sex="female", phone="+7 903 444-55-67", denyEmail=True, denySmsDispatches=True
+    )
+    clinic.mis.book(client, clinic.mis.at(4, "12:00"))
+    writes_before = clinic.crm.stats()["writes"]
+    clinic.sync()
+    contact = clinic.crm.contact_of_patient(str(client))
+    assert contact is not None
+    assert {"email", "sms"} <= clinic.crm.contact_opt_outs(contact)
+    assert clinic.crm.stats()["writes"] - writes_before == creates  # the contact and its deal, nothing more
+    assert clinic.stack.queue_depth("ConsentQueue") == 0 and clinic.stack.queue_depth("ConsentQueue", dlq=True) == 0

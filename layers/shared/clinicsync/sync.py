@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -15,7 +15,7 @@ from typing import Protocol
 from clinicsync.adapters.mailchimp import AudienceMember, MailchimpAudience
 from clinicsync.backfill import BackfillCheckpoint, BackfillState
 from clinicsync.config import ClinicConfig
-from clinicsync.consent import ConsentLedger, email_subject
+from clinicsync.consent import ConsentLedger, email_subject, ledger_digest
 from clinicsync.crypto import KeyedHasher
 from clinicsync.models import Channel, CrmObservation, PatientChanges, SyncMessage
 from clinicsync.observability import logger
@@ -143,7 +143,7 @@ class Syncer:
         report = SyncReport(patients=len(changes))
         requests_before = self._gateway.requests_made()
         live = self._drop_archived(list(changes), report)
-        ledger = self._consent_ledger(live)
+        ledger, own_opt_outs = self._consent_ledger(live)
         wanted: dict[str, list[str]] = {c.patient.mis_id: [a.mis_id for a in c.appointments] for c in live}
         for obs in observations:
             wanted.setdefault(obs.patient_id, []).extend([obs.appointment_id] if obs.appointment_id else [])
@@ -170,6 +170,7 @@ class Syncer:
         outcome = self._gateway.apply(writes) if writes else WriteOutcome()
         self._sync_audience(plans, live, ledger, outcome, report)
         self._persist(plans, live, states, outcome, report, observed)
+        self._note_crm_consent(plans, outcome, own_opt_outs)
         if intents:
             self._store.clear_intents(_settled_intents(intents, writes, outcome))
         report.crm_requests = self._gateway.requests_made() - requests_before
@@ -271,10 +272,11 @@ class Syncer:
                 live.append(item)
         return live
 
-    def _consent_ledger(self, live: Sequence[PatientChanges]) -> dict[str, set[str]]:
-        """Record the MIS's refusal flags; return every patient's opt-outs. The ledger is sticky:
-        an opt-out once recorded stays, whatever the MIS says later. An address unsubscribed before we
-        knew whose it was (``email:<HMAC>``) counts for the patient who has it now."""
+    def _consent_ledger(self, live: Sequence[PatientChanges]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+        """Record the MIS's refusal flags; return every patient's opt-outs, and the patient's own
+        subject's (without the address's). The ledger is sticky: an opt-out once recorded stays,
+        whatever the MIS says later. An address unsubscribed before we knew whose it was
+        (``email:<HMAC>``) counts for the patient who has it now."""
         now = int(time.time())
         subjects = {item.patient.mis_id: _mis_subject(item.patient.mis_id) for item in live}
         by_email = {
@@ -295,10 +297,25 @@ class Syncer:
             else:
                 self._store.record_opt_outs(subject, new, "mis", now, "mis:refusal_flag")
             ledger[subject] |= set(new)
-        return {
+        merged = {
             pid: ledger[subject] | (ledger[by_email[pid]] if pid in by_email else set())
             for pid, subject in subjects.items()
         }
+        return merged, {pid: ledger[subject] for pid, subject in subjects.items()}
+
+    def _note_crm_consent(
+        self, plans: Sequence[PatientPlan], outcome: WriteOutcome, own_opt_outs: Mapping[str, set[str]]
+    ) -> None:
+        """A contact write that carried exactly the patient's ledger has done the consent job's CRM part:
+        note it, so the job queued for a new MIS refusal flag does not write the same fields again (a
+        backfill's refusing patients cost a second round of contact updates otherwise)."""
+        for plan in plans:
+            own = own_opt_outs.get(plan.patient_id)
+            if not own or plan.next_state is None or plan.patient_id in outcome.failed:
+                continue
+            for write in plan.writes:
+                if isinstance(write, ContactWrite) and set(write.fields.get("opt_outs") or ()) == own:
+                    self._store.mark_output(_mis_subject(plan.patient_id), "crm", ledger_digest(sorted(own)))
 
     def _sync_audience(
         self,

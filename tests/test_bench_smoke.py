@@ -51,6 +51,8 @@ def test_a_reduced_bench_run_writes_a_well_formed_report(tmp_path: Path) -> None
         ours = report["ours"][crm]
         assert {"backfill", "steady_day"} <= set(ours["cpu_ms_per_event"])
         assert ours["syncer_peak_mib"] > 0
+        extra = ours["backfill_contacts_without_visits"]
+        assert extra["contacts"] >= 0 and extra["ratio_to_that_floor"] > 0
         assert {"p95", "processing_p95", "poll_interval"} <= set(ours["mis_to_crm_seconds"])
         assert ours["unsubscribe_to_crm_seconds"]["samples"] >= 1
         assert ours["aws_cost_per_10k_appointments_month"]["total_usd"] >= 0

@@ -37,6 +37,9 @@ def print_report(report: dict[str, Any]) -> None:
     for crm in report["ours"]:
         ours.add_column(crm)
     rows = {
+        "backfill: contacts of patients without visits": lambda o: o["backfill_contacts_without_visits"]["contacts"],
+        "  request ratio counting them": lambda o: o["backfill_contacts_without_visits"]["ratio_to_that_floor"],
+        "  time ratio counting them": lambda o: o["backfill_contacts_without_visits"]["time_ratio_to_that_floor"],
         "CPU ms/event, backfill": lambda o: o["cpu_ms_per_event"]["backfill"],
         "CPU ms/event, steady day": lambda o: o["cpu_ms_per_event"]["steady_day"],
         "  of which in boto3 (backfill)": lambda o: o["cpu_ms_per_event"]["backfill_in_aws_sdk"],

@@ -145,7 +145,12 @@ def virtualise_fast_bitrix24(clock: SimClock) -> Callable[[], None]:
     real_sleep = asyncio.sleep
 
     async def vsleep(seconds: float, result: Any = None) -> Any:
-        clock.sleep(float(seconds or 0.0))
+        # "Until", not "for": the target is taken now, and the clock moves only after every coroutine
+        # that is ready has had its turn to take its own; concurrent back-offs then overlap instead of
+        # adding up (they added up to 12 simulated hours once fast_bitrix24 backed off on 503s).
+        target = clock.now() + max(0.0, float(seconds or 0.0))
+        await real_sleep(0)
+        clock.advance_to(target)
         return await real_sleep(0, result)
 
     saved = (throttle.time, throttle.asyncio, srh.sleep)

@@ -64,7 +64,7 @@ class Sizes:
     appointments: int = 5000
     day_changes: int = 600
     day_cycles: int = 30  # our poll cycles the day's changes arrive in (20 a minute: the busy half-hours)
-    loop_sample: int = 5  # the per-record peers run on 1/loop_sample of the backfill, scaled back linearly
+    loop_sample: int = 10  # the per-record peers run on 1/loop_sample of the backfill, scaled back linearly
     webhooks: int = 1000
     webhook_seconds: float = 10.0
     unsubscribe_samples: int = 6
@@ -166,6 +166,11 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
     from sandbox.local import _amocrm_account, _bitrix24_portal, start_local_clinic
 
     out = CrmRun(crm)
+    started = time.perf_counter()
+
+    def log_phase(line: str) -> None:
+        log(f"{line} [{time.perf_counter() - started:.0f} s wall]")
+
     aws = ProcessAws().start()
     with simulated(clock) as wired, _quiet():
         clinic = start_local_clinic(
@@ -213,7 +218,7 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
                 "ratio_to_that_floor": round(reqs / extra_floor, 3),
                 "time_ratio_to_that_floor": round(secs / _floor_seconds(crm, extra_floor), 3),
             }
-            log(
+            log_phase(
                 f"{crm}: clinicsync backfill {reqs} requests (floor {floor}), {secs:.0f} s simulated, {refused} refused"
             )
 
@@ -275,11 +280,12 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
             )
             empty = _empty_poll_cost(clinic, meter)
             mismatched = len(clinic.mismatches())
-        log(f"{crm}: clinicsync day {day_requests} requests (floor {day_floor:.0f}); CRM mismatches {mismatched}")
+        log_phase(f"{crm}: clinicsync day {day_requests} requests (floor {day_floor:.0f}); CRM mismatches {mismatched}")
 
         # Unsubscribe → CRM flag, queues served concurrently as on AWS (wall clock: it is a latency).
         unsubscribe = _unsubscribe_latencies(clinic, sizes.unsubscribe_samples, clock)
         burst = _burst(clinic, sizes) if crm == "bitrix24" else None
+        log_phase(f"{crm}: unsubscribe and burst done")
         out.ours |= {
             "backfill_summary": {
                 "crm_requests": summary.crm_requests,
@@ -329,6 +335,7 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
                 )
             finally:
                 undo()
+            log_phase(f"{crm}: fast_bitrix24 done")
             with simulated(clock) as wired2, _quiet():
                 portal2 = _bitrix24_portal(True)
             loop = BitrixLoopPeer(portal2.secret["webhook_url"], config, clock)
@@ -362,6 +369,7 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
                     cycles,
                     sizes.loop_sample,
                 )
+        log_phase(f"{crm}: peers done")
     finally:
         portal.server.stop()
     return out

@@ -20,6 +20,7 @@ SMOKE = Sizes(
     webhook_seconds=0.5,
     unsubscribe_samples=1,
     import_runs=1,
+    parallel=False,
 )
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import os
 import random
 import re
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from collections import Counter
@@ -106,13 +108,23 @@ class Meter:
     seconds: Counter[str] = field(default_factory=Counter)
     aws: Counter[str] = field(default_factory=Counter)  # "dynamodb.PutItem" -> calls; "+items" for batches
     peak_bytes: int = 0
-    trace_memory: bool = False
+    # tracemalloc slows the traced code several times over: only the first ``trace_left`` syncer
+    # invocations are traced, and their CPU and events are kept apart so they do not count in CPU/event.
+    trace_left: int = 0
+    events: int = 0  # appointments delivered to the syncer in SQS messages
+    traced_cpu: float = 0.0
+    traced_sdk_cpu: float = 0.0
+    traced_events: int = 0
     progress: Any = None  # callable(str) for long runs, or None
 
     def snapshot(self) -> dict[str, Any]:
         return {
             "cpu": self.cpu,
             "sdk_cpu": self.sdk_cpu,
+            "events": self.events,
+            "traced_cpu": self.traced_cpu,
+            "traced_sdk_cpu": self.traced_sdk_cpu,
+            "traced_events": self.traced_events,
             "invocations": Counter(self.invocations),
             "seconds": Counter(self.seconds),
             "aws": Counter(self.aws),
@@ -124,21 +136,31 @@ def metered(stack: Any) -> Iterator[Meter]:
     import botocore.client
 
     meter = Meter()
+    inside = threading.local()  # set on the thread running a handler: its boto3 calls are our CPU
     real_invoke = stack.invoke
     real_call = botocore.client.BaseClient._make_api_call
 
     def invoke(function_id: str, event: Any) -> Any:
-        cpu, wall = time.thread_time(), time.perf_counter()
-        tracing = meter.trace_memory and function_id == "StageSyncerFunction"
+        cpu, wall, sdk = time.thread_time(), time.perf_counter(), meter.sdk_cpu
+        tracing = meter.trace_left > 0 and function_id == "StageSyncerFunction"
+        events = _appointments_in(event)
         if tracing:
+            meter.trace_left -= 1
             tracemalloc.start()
+        inside.invocation = True
         try:
             return real_invoke(function_id, event)
         finally:
+            inside.invocation = False
+            spent = time.thread_time() - cpu
             if tracing:
                 meter.peak_bytes = max(meter.peak_bytes, tracemalloc.get_traced_memory()[1])
                 tracemalloc.stop()
-            meter.cpu += time.thread_time() - cpu
+                meter.traced_cpu += spent
+                meter.traced_sdk_cpu += meter.sdk_cpu - sdk
+                meter.traced_events += events
+            meter.events += events
+            meter.cpu += spent
             meter.invocations[function_id] += 1
             meter.seconds[function_id] += time.perf_counter() - wall
             if meter.progress is not None:
@@ -162,6 +184,8 @@ def metered(stack: Any) -> Iterator[Meter]:
             meter.aws["dynamodb.items_transacted"] += len(params.get("TransactItems", []))
         elif operation in ("SendMessageBatch", "DeleteMessageBatch"):
             meter.aws[f"sqs.{operation}.entries"] += len(params.get("Entries", []))
+        if getattr(inside, "invocation", False) is not True:
+            return real_call(client, operation, params)  # the runtime's own polling, not our code's CPU
         started = time.thread_time()
         try:
             return real_call(client, operation, params)
@@ -177,10 +201,34 @@ def metered(stack: Any) -> Iterator[Meter]:
         botocore.client.BaseClient._make_api_call = real_call  # type: ignore[method-assign]
 
 
+def _appointments_in(event: Any) -> int:
+    """Appointments carried by a sync-queue batch (the events the CPU is divided by); 0 for others."""
+    count = 0
+    for record in (event.get("Records") or []) if isinstance(event, dict) else []:
+        try:
+            body = json.loads(record.get("body") or "{}")
+        except ValueError:
+            continue
+        if isinstance(body, dict) and body.get("kind") == "mis_changes":
+            count += sum(len(change.get("appointments", [])) for change in body.get("changes", []))
+    return count
+
+
+def cpu_ms_per_event(cost: dict[str, Any], sdk: bool = False) -> float | None:
+    """Our CPU per appointment delivered to the syncer, over the invocations that were not traced."""
+    cpu = cost["sdk_cpu"] - cost["traced_sdk_cpu"] if sdk else cost["cpu"] - cost["traced_cpu"]
+    events = cost["events"] - cost["traced_events"]
+    return round(cpu * 1000 / events, 3) if events > 0 else None
+
+
 def diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     return {
         "cpu": after["cpu"] - before["cpu"],
         "sdk_cpu": after["sdk_cpu"] - before["sdk_cpu"],
+        "events": after["events"] - before["events"],
+        "traced_cpu": after["traced_cpu"] - before["traced_cpu"],
+        "traced_sdk_cpu": after["traced_sdk_cpu"] - before["traced_sdk_cpu"],
+        "traced_events": after["traced_events"] - before["traced_events"],
         "invocations": after["invocations"] - before["invocations"],
         "seconds": after["seconds"] - before["seconds"],
         "aws": after["aws"] - before["aws"],
@@ -289,9 +337,9 @@ class ChangeMaker:
     def _eligible_clients(self) -> list[dict[str, Any]]:
         return [c for c in self.medods.all_clients() if not (c.get("archived") or c.get("denyDataProcessing"))]
 
-    def status_move(self) -> int | None:
-        clients = {int(c["id"]): c for c in self._eligible_clients()}
-        rows = [
+    def _movable(self) -> list[dict[str, Any]]:
+        clients = {int(c["id"]) for c in self._eligible_clients()}
+        return [
             r
             for r in self.medods.all_appointments()
             if r["status"] in MOVES
@@ -299,13 +347,18 @@ class ChangeMaker:
             and not r.get("deletedAt")
             and int(r["clientId"]) in clients
         ]
+
+    def status_move(self, movable: list[dict[str, Any]] | None = None) -> int | None:
+        """Move one booked visit on; ``movable`` (a cycle's candidates) loses the visit it moved, so a
+        visit moves at most once a cycle and the MIS is scanned once a cycle, not once a change."""
+        rows = self._movable() if movable is None else movable
         if not rows:
             return None
-        row = self.rng.choice(rows)
+        row = rows.pop(self.rng.randrange(len(rows)))
         getattr(self.medods, self.rng.choice(MOVES[row["status"]]))(int(row["id"]))
         return int(row["id"])
 
-    def one(self) -> int | None:
+    def one(self, movable: list[dict[str, Any]] | None = None) -> int | None:
         roll = self.rng.random()
         if roll < 0.10:
             client = self.rng.choice(self._eligible_clients())
@@ -315,8 +368,9 @@ class ChangeMaker:
             phone = f"+7 9{self.rng.randrange(10**8, 10**9)}"
             client_id = self.clinic.mis.add_client(f"Новикова{self.rng.randrange(10**6)}", phone)
             return int(self.clinic.mis.book(client_id, self._slot()))
-        return self.status_move()
+        return self.status_move(movable)
 
     def cycle(self, changes: int) -> list[int]:
-        done = [a for a in (self.one() for _ in range(changes)) if a is not None]
+        movable = self._movable()
+        done = [a for a in (self.one(movable) for _ in range(changes)) if a is not None]
         return list(dict.fromkeys(done))

@@ -4,6 +4,7 @@ change exactly once in effect."""
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -12,6 +13,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
+from clinicsync.adapters import medods
 from clinicsync.crypto import KeyedHasher
 from clinicsync.models import PatientChanges, SyncMessage
 from clinicsync.ports import ChangePage, Cursor
@@ -125,6 +127,10 @@ def test_random_mis_and_sqs_failures_still_deliver_every_change_once(
         real_send(self, messages)
 
     monkeypatch.setattr(SqsChangeQueue, "send", flaky_send)
+    # The MEDODS client's back-offs (0.5 s doubling to 8 s) are recorded, not slept: the retries still
+    # happen, the test does not spend half a minute waiting for them.
+    backoffs: list[float] = []
+    monkeypatch.setattr(medods, "MedodsApi", functools.partial(medods.MedodsApi, sleep=backoffs.append))
     for round_no in range(8):
         if rng.random() < 0.5:
             clinic.medods.faults.fail_next(rng.randint(1, 6), status=rng.choice([500, 502, 503]))
@@ -142,3 +148,4 @@ def test_random_mis_and_sqs_failures_still_deliver_every_change_once(
     assert clinic.mismatches() == []
     assert max(clinic.crm.contacts_by_origin().values()) == 1
     assert len(clinic.crm.deals()) == len(clinic.expected_deals())
+    assert backoffs  # the injected MIS failures were really retried

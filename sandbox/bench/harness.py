@@ -64,13 +64,14 @@ def simulated(clock: SimClock) -> Iterator[Wired]:
         return real_served(app, *args, **kwargs)
 
     # wiring imports the adapters where it builds them, so patching the modules reaches it.
+    bucket = functools.partial(budget.SharedLeakyBucket, clock=clock.now, sleep=clock.sleep)
     patches = [
         (local, "ServedApp", served),
         (local, "Bitrix24Emulator", functools.partial(Bitrix24Emulator, clock=clock)),
         (local, "AmoCrmEmulator", functools.partial(AmoCrmEmulator, clock=clock)),
         (bitrix24, "Pacer", functools.partial(bitrix24.Pacer, clock=clock.monotonic, sleep=clock.sleep)),
-        (budget, "SharedLeakyBucket", functools.partial(budget.SharedLeakyBucket, clock=clock.now, sleep=clock.sleep)),
-        (wiring, "SharedLeakyBucket", functools.partial(budget.SharedLeakyBucket, clock=clock.now, sleep=clock.sleep)),
+        (budget, "SharedLeakyBucket", bucket),
+        (wiring, "SharedLeakyBucket", bucket),  # wiring imports it at the top
         (bitrix24, "Bitrix24Client", functools.partial(bitrix24.Bitrix24Client, sleep=clock.sleep)),
         (amocrm, "AmoCrmClient", functools.partial(amocrm.AmoCrmClient, sleep=clock.sleep)),
     ]
@@ -184,7 +185,7 @@ def metered(stack: Any) -> Iterator[Meter]:
             meter.aws["dynamodb.items_transacted"] += len(params.get("TransactItems", []))
         elif operation in ("SendMessageBatch", "DeleteMessageBatch"):
             meter.aws[f"sqs.{operation}.entries"] += len(params.get("Entries", []))
-        if getattr(inside, "invocation", False) is not True:
+        if not getattr(inside, "invocation", False):
             return real_call(client, operation, params)  # the runtime's own polling, not our code's CPU
         started = time.thread_time()
         try:

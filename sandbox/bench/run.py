@@ -208,22 +208,22 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
             # peer) counts only patients with visits, so those creates are stated beside the ratio.
             extra = len(set(clinic.crm.contacts_by_origin()) - visit_patients)
             extra_floor = floor + math.ceil(extra / 50)
-            note = (
-                f"also created {extra} contacts of patients with no eligible visit, outside the floor's workload; "
-                f"counting them the floor is {extra_floor} and the ratio {reqs / extra_floor:.2f}"
-                if extra
-                else ""
-            )
-            floor_secs = _floor_seconds(crm, floor)
-            figure = Figure(crm, "clinicsync", "backfill", reqs, appts, floor, secs, floor_secs, refused)
-            figure.note = note
-            out.figures.append(figure)
-            out.ours["backfill_contacts_without_visits"] = {
+            with_extra = out.ours["backfill_contacts_without_visits"] = {
                 "contacts": extra,
                 "floor_with_them": extra_floor,
                 "ratio_to_that_floor": round(reqs / extra_floor, 3),
                 "time_ratio_to_that_floor": round(secs / _floor_seconds(crm, extra_floor), 3),
             }
+            note = (
+                f"also created {extra} contacts of patients with no eligible visit, outside the floor's workload; "
+                f"counting them the floor is {extra_floor} and the ratio {with_extra['ratio_to_that_floor']:.2f}"
+                if extra
+                else ""
+            )
+            floor_secs = _floor_seconds(crm, floor)
+            out.figures.append(
+                Figure(crm, "clinicsync", "backfill", reqs, appts, floor, secs, floor_secs, refused, note=note)
+            )
             log_phase(
                 f"{crm}: clinicsync backfill {reqs} requests (floor {floor}), {secs:.0f} s simulated, {refused} refused"
             )

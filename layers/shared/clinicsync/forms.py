@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -58,10 +59,11 @@ def _insert(tree: dict[str, Any], path: list[str], value: str) -> None:
         node = child
 
 
-def http_body(body: str | None, is_base64: bool) -> bytes:
+def http_body(event: Mapping[str, Any]) -> bytes:
     """An HTTP API event's body exactly as sent. Never Powertools' ``decoded_body``: it decodes a base64
     body as UTF-8 and raises on anything else (a 500 where a 400 is due)."""
+    body = str(event.get("body") or "")
     try:
-        return base64.b64decode(body or "", validate=True) if is_base64 else (body or "").encode()
+        return base64.b64decode(body, validate=True) if event.get("isBase64Encoded") else body.encode()
     except (binascii.Error, ValueError, UnicodeEncodeError):
         raise FormError("the body is not valid base64 or text") from None

@@ -4,8 +4,8 @@ never processed by two syncer invocations at once, while different shards run in
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from clinicsync.models import ConsentJob, CrmEvent, SyncMessage
 
@@ -14,6 +14,23 @@ if TYPE_CHECKING:
 
 SQS_BATCH = 10
 MAX_BODY_BYTES = 240_000  # SQS caps a message at 256 KiB; keep a margin for attributes
+MAX_BATCH_BYTES = 1_000_000  # SQS caps a whole SendMessageBatch at 1 MiB; keep a margin for attributes
+
+
+def batches(entries: Sequence[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """SendMessageBatch chunks, in order: at most 10 entries and MAX_BATCH_BYTES of bodies each (ten
+    messages near MAX_BODY_BYTES would be refused whole)."""
+    chunk: list[dict[str, Any]] = []
+    size = 0
+    for entry in entries:
+        body = len(str(entry["MessageBody"]).encode())
+        if chunk and (len(chunk) == SQS_BATCH or size + body > MAX_BATCH_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(entry)
+        size += body
+    if chunk:
+        yield chunk
 
 
 def shard_of(patient_id: str, shards: int) -> int:
@@ -29,7 +46,7 @@ class SqsChangeQueue:
 
     def send(self, messages: Sequence[SyncMessage]) -> None:
         """Send all messages or raise; the caller advances its cursor only after this returns."""
-        entries = []
+        entries: list[dict[str, Any]] = []
         for index, message in enumerate(messages):
             body = message.model_dump_json()
             if len(body.encode()) > MAX_BODY_BYTES:
@@ -43,8 +60,7 @@ class SqsChangeQueue:
                     "MessageDeduplicationId": hashlib.sha256(body.encode()).hexdigest(),
                 }
             )
-        for start in range(0, len(entries), SQS_BATCH):
-            chunk = entries[start : start + SQS_BATCH]
+        for chunk in batches(entries):
             response = self._sqs.send_message_batch(QueueUrl=self._url, Entries=chunk)  # type: ignore[arg-type]
             failed = response.get("Failed", [])
             if failed:
@@ -65,8 +81,8 @@ class SqsEventQueue:
 
     def send(self, events: Sequence[CrmEvent]) -> None:
         entries = [{"Id": str(i), "MessageBody": e.model_dump_json()} for i, e in enumerate(events)]
-        for start in range(0, len(entries), SQS_BATCH):
-            response = self._sqs.send_message_batch(QueueUrl=self._url, Entries=entries[start : start + SQS_BATCH])  # type: ignore[arg-type]
+        for chunk in batches(entries):
+            response = self._sqs.send_message_batch(QueueUrl=self._url, Entries=chunk)  # type: ignore[arg-type]
             if response.get("Failed"):
                 raise RuntimeError(f"{len(response['Failed'])} CRM events could not be enqueued")
 
@@ -81,8 +97,7 @@ class SqsConsentQueue:
 
     def send(self, jobs: Sequence[ConsentJob]) -> None:
         entries = [{"Id": str(i), "MessageBody": j.model_dump_json()} for i, j in enumerate(jobs)]
-        for start in range(0, len(entries), SQS_BATCH):
-            chunk = entries[start : start + SQS_BATCH]
+        for chunk in batches(entries):
             response = self._sqs.send_message_batch(QueueUrl=self._url, Entries=chunk)  # type: ignore[arg-type]
             if response.get("Failed"):
                 retry = [e for e in chunk if e["Id"] in {f["Id"] for f in response["Failed"]}]

@@ -1166,3 +1166,11 @@ def test_transformed_template_grants_nothing_on_star_outside_the_allow_list() ->
     for function in resources_of_type(t, "AWS::Lambda::Function").values():
         role = _target(function["Properties"]["Role"])
         assert role in roles and not role.endswith("FunctionRole"), f"SAM-generated role {role}"
+
+
+def test_every_iam_statement_is_explained_in_the_deploy_guide(template: Template) -> None:
+    guide = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8").split("## IAM, per statement", 1)
+    assert len(guide) == 2, "docs/deploy.md has no 'IAM, per statement' section"
+    sids = {statement.get("Sid") for statement in _statements(template)}
+    assert None not in sids, "a statement without a Sid"
+    assert [sid for sid in sorted(sids) if f"`{sid}`" not in guide[1]] == []

@@ -11,16 +11,13 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
-from moto import mock_aws
 
 from sandbox import moto_cfn, sam_transform
 from sandbox.cfn_yaml import resolve
-from sandbox.runtime import ACCOUNT, REGION, TEMPLATE
+from sandbox.runtime import ACCOUNT, REGION, TEMPLATE, LocalAws
 
 CLINICS = ("smile-dental", "north-clinic")
 
@@ -74,22 +71,16 @@ def transformed() -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture
-def account(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+def account(local_aws: LocalAws) -> LocalAws:
+    """The session's moto server is the account (an in-process mock_aws would reset the backends it shares).
+    Stack, secret and bucket names here are used by no other test."""
     moto_cfn.register()
-    with mock_aws():
-        yield
+    return local_aws
 
 
-def _deploy(clinic: str, template: dict[str, Any]) -> dict[str, Any]:
+def _deploy(aws: LocalAws, clinic: str, template: dict[str, Any]) -> dict[str, Any]:
     """What `sam deploy` does for one clinic: upload the code, create the stack with its parameters."""
-    s3 = boto3.client("s3")
+    s3 = aws.client("s3")
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zipped:
         zipped.writestr("app.py", "def lambda_handler(event, context):\n    return event\n")
@@ -99,45 +90,46 @@ def _deploy(clinic: str, template: dict[str, Any]) -> dict[str, Any]:
             s3.put_object(Bucket=code["S3Bucket"], Key=code["S3Key"], Body=archive.getvalue())
     arns = {}
     for key in ("mis", "crm", "clinic"):
-        arns[key] = boto3.client("secretsmanager").create_secret(Name=f"clinicsync/{clinic}/{key}", SecretString="{}")[
+        arns[key] = aws.client("secretsmanager").create_secret(Name=f"clinicsync/{clinic}/{key}", SecretString="{}")[
             "ARN"
         ]
     stack = f"clinicsync-{clinic}"
-    boto3.client("cloudformation").create_stack(
+    aws.client("cloudformation").create_stack(
         StackName=stack,
         TemplateBody=json.dumps(template),
         Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in _parameters(clinic, arns).items()],
         Capabilities=["CAPABILITY_IAM", "CAPABILITY_AUTO_EXPAND"],
     )
-    description: dict[str, Any] = boto3.client("cloudformation").describe_stacks(StackName=stack)["Stacks"][0]
+    description: dict[str, Any] = aws.client("cloudformation").describe_stacks(StackName=stack)["Stacks"][0]
     return description
 
 
-def _physical_ids(stack: str) -> dict[str, str]:
-    listed = boto3.client("cloudformation").describe_stack_resources(StackName=stack)["StackResources"]
+def _physical_ids(aws: LocalAws, stack: str) -> dict[str, str]:
+    listed = aws.client("cloudformation").describe_stack_resources(StackName=stack)["StackResources"]
     return {r["LogicalResourceId"]: r["PhysicalResourceId"] for r in listed if r.get("PhysicalResourceId")}
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("account")
-def test_two_clinics_deploy_into_one_account(transformed: dict[str, dict[str, Any]]) -> None:
-    boto3.client("s3").create_bucket(Bucket="artifacts", CreateBucketConfiguration={"LocationConstraint": REGION})
+def test_two_clinics_deploy_into_one_account(account: LocalAws, transformed: dict[str, dict[str, Any]]) -> None:
+    account.client("s3").create_bucket(Bucket="artifacts", CreateBucketConfiguration={"LocationConstraint": REGION})
     for clinic in CLINICS:
-        assert _deploy(clinic, transformed[clinic])["StackStatus"] == "CREATE_COMPLETE", clinic
+        assert _deploy(account, clinic, transformed[clinic])["StackStatus"] == "CREATE_COMPLETE", clinic
 
-    first, second = (_physical_ids(f"clinicsync-{clinic}") for clinic in CLINICS)
+    first, second = (_physical_ids(account, f"clinicsync-{clinic}") for clinic in CLINICS)
     assert len(first) == len(second) >= 40
     assert set(first.values()).isdisjoint(second.values())
 
     # Each stack's three schedules, all in the account's default group, none shared.
-    schedules = boto3.client("scheduler").list_schedules()["Schedules"]
-    names = sorted(s["Name"] for s in schedules)
+    schedules = account.client("scheduler").list_schedules()["Schedules"]
+    names = sorted(s["Name"] for s in schedules if s["Name"].startswith(tuple(f"clinicsync-{c}-" for c in CLINICS)))
     assert len(names) == 2 * 3 and len(set(names)) == len(names)
     for clinic in CLINICS:
         assert sum(name.startswith(f"clinicsync-{clinic}-") for name in names) == 3, names
 
     # Each clinic's alarms on clinicsync metrics watch its own ClinicId only.
-    for alarm in boto3.client("cloudwatch").describe_alarms()["MetricAlarms"]:
+    alarms = account.client("cloudwatch").describe_alarms(AlarmNamePrefix="clinicsync-")["MetricAlarms"]
+    assert sum(alarm["Namespace"] == "clinicsync" for alarm in alarms) >= 2 * 4
+    for alarm in alarms:
         if alarm["Namespace"] == "clinicsync":
             clinic = next(c for c in CLINICS if alarm["AlarmName"].startswith(f"clinicsync-{c}-"))
             assert {"Name": "ClinicId", "Value": clinic} in alarm["Dimensions"], alarm["AlarmName"]

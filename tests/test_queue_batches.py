@@ -4,17 +4,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import uuid
 from datetime import UTC, datetime
 
-import boto3
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from moto import mock_aws
 
 from clinicsync.models import CrmObservation, SyncMessage
 from clinicsync.queue import MAX_BATCH_BYTES, MAX_BODY_BYTES, SQS_BATCH, SqsChangeQueue, batches
+from sandbox.runtime import LocalAws
 
 
 @given(st.lists(st.integers(min_value=1, max_value=MAX_BODY_BYTES), max_size=40))
@@ -28,17 +27,11 @@ def test_batches_keep_order_and_stay_within_count_and_bytes(sizes: list[int]) ->
 
 
 @pytest.fixture
-def fifo_queue(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "eu-central-1",
-    }.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with mock_aws():
-        sqs = boto3.client("sqs")
-        yield sqs.create_queue(QueueName="q.fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]
+def fifo_queue(local_aws: LocalAws) -> str:
+    """A queue on the session's moto server (an in-process mock_aws would reset the backends it shares)."""
+    name = f"batches-{uuid.uuid4().hex[:8]}.fifo"
+    url: str = local_aws.client("sqs").create_queue(QueueName=name, Attributes={"FifoQueue": "true"})["QueueUrl"]
+    return url
 
 
 def _message(shard: int, approx_bytes: int) -> SyncMessage:
@@ -48,10 +41,10 @@ def _message(shard: int, approx_bytes: int) -> SyncMessage:
     )
 
 
-def test_ten_large_sync_messages_are_all_enqueued(fifo_queue: str) -> None:
+def test_ten_large_sync_messages_are_all_enqueued(local_aws: LocalAws, fifo_queue: str) -> None:
     messages = [_message(shard, 200_000) for shard in range(10)]  # 2 MB in total, each under MAX_BODY_BYTES
-    SqsChangeQueue(boto3.client("sqs"), fifo_queue).send(messages)
-    sqs = boto3.client("sqs")
+    SqsChangeQueue(local_aws.client("sqs"), fifo_queue).send(messages)
+    sqs = local_aws.client("sqs")
     received: list[int] = []
     while batch := sqs.receive_message(QueueUrl=fifo_queue, MaxNumberOfMessages=10).get("Messages", []):
         for message in batch:

@@ -12,6 +12,7 @@ import inspect
 import json
 import re
 import subprocess
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from sandbox.cfn_yaml import (
     resolve,
     resources_of_type,
 )
+from sandbox.runtime import LocalAws
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE_PATH = ROOT / "template.yaml"
@@ -1057,35 +1059,27 @@ def test_function_properties_merges_globals(template: Template) -> None:
 # ----------------------------------------------------------------------------- runtime compatibility
 
 
-def test_state_resources_create_in_moto(template: Template, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The local runtime creates SyncQueue, SyncDLQ and Table in moto straight from these Properties."""
-    moto = pytest.importorskip("moto")
-    boto3 = pytest.importorskip("boto3")
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "eu-central-1",
-    }.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+def test_state_resources_create_in_moto(template: Template, local_aws: LocalAws) -> None:
+    """The local runtime creates SyncQueue, SyncDLQ and Table in moto straight from these Properties. On the
+    session's moto server: an in-process mock_aws would reset the backends that server shares."""
     subset = {"Resources": {k: template["Resources"][k] for k in ("SyncQueue", "SyncDLQ", "Table")}}
-    with moto.mock_aws():
-        cloudformation = boto3.client("cloudformation")
-        cloudformation.create_stack(StackName="clinicsync-test", TemplateBody=json.dumps(subset))
-        physical = {
-            r["LogicalResourceId"]: r["PhysicalResourceId"]
-            for r in cloudformation.describe_stack_resources(StackName="clinicsync-test")["StackResources"]
-        }
-        sqs = boto3.client("sqs")
-        attrs = sqs.get_queue_attributes(QueueUrl=physical["SyncQueue"], AttributeNames=["All"])["Attributes"]
-        assert attrs["FifoQueue"] == "true"
-        assert physical["SyncQueue"].endswith(".fifo")
-        assert int(attrs["VisibilityTimeout"]) == 720
-        redrive = json.loads(attrs["RedrivePolicy"])
-        assert int(redrive["maxReceiveCount"]) == 5
-        assert redrive["deadLetterTargetArn"].endswith(physical["SyncDLQ"].rsplit("/", 1)[-1])
-        table = boto3.client("dynamodb").describe_table(TableName=physical["Table"])["Table"]
-        assert [k["AttributeName"] for k in table["KeySchema"]] == ["pk", "sk"]
+    stack = f"clinicsync-state-{uuid.uuid4().hex[:8]}"
+    cloudformation = local_aws.client("cloudformation")
+    cloudformation.create_stack(StackName=stack, TemplateBody=json.dumps(subset))
+    physical = {
+        r["LogicalResourceId"]: r["PhysicalResourceId"]
+        for r in cloudformation.describe_stack_resources(StackName=stack)["StackResources"]
+    }
+    sqs = local_aws.client("sqs")
+    attrs = sqs.get_queue_attributes(QueueUrl=physical["SyncQueue"], AttributeNames=["All"])["Attributes"]
+    assert attrs["FifoQueue"] == "true"
+    assert physical["SyncQueue"].endswith(".fifo")
+    assert int(attrs["VisibilityTimeout"]) == 720
+    redrive = json.loads(attrs["RedrivePolicy"])
+    assert int(redrive["maxReceiveCount"]) == 5
+    assert redrive["deadLetterTargetArn"].endswith(physical["SyncDLQ"].rsplit("/", 1)[-1])
+    table = local_aws.client("dynamodb").describe_table(TableName=physical["Table"])["Table"]
+    assert [k["AttributeName"] for k in table["KeySchema"]] == ["pk", "sk"]
 
 
 _TRANSLATE_AND_LINT = r"""

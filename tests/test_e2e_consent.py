@@ -96,6 +96,26 @@ def test_one_click_post_reaches_every_output_and_the_old_mis_data_does_not_undo_
     assert clinic.stack.queue_depth("ConsentQueue") == 0
 
 
+def test_rfc_8058_one_click_sent_as_multipart_form_data_reaches_every_output(clinic: LocalClinic) -> None:
+    """Regression: RFC 8058 §8.3's own example posts the one-click body as multipart/form-data; it got a
+    400 and nothing was recorded. Any other content type is still refused whole."""
+    patient_id, contact, email = _member(clinic)
+    url = f"{clinic.api_url}/unsubscribe/{clinic.unsubscribe_token(patient_id)}"
+    refused = HTTP.post(url, content='{"List-Unsubscribe": "One-Click"}', headers={"content-type": "application/json"})
+    assert refused.status_code == 415 and "Nothing changed" in refused.text
+    assert _ledger(clinic, patient_id) == {} and clinic.stack.queue_depth("ConsentQueue") == 0
+    body = (
+        b"-----FormBoundaryjWmhtjORrn\r\n"
+        b'Content-Disposition: form-data; name="List-Unsubscribe"\r\n\r\n'
+        b"One-Click\r\n"
+        b"-----FormBoundaryjWmhtjORrn--\r\n"
+    )
+    multipart = {"content-type": "multipart/form-data; boundary=---FormBoundaryjWmhtjORrn"}
+    assert HTTP.post(url, content=body, headers=multipart).status_code == 200
+    clinic.stack.drain_all()
+    _assert_everywhere(clinic, patient_id, contact, email, "link")
+
+
 def test_mailchimp_unsubscribe_reaches_the_crm_and_the_mis(clinic: LocalClinic) -> None:
     assert clinic.mailchimp is not None
     patient_id, contact, email = _member(clinic)

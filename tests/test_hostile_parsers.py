@@ -148,6 +148,15 @@ def test_arbitrary_bytes_as_a_multipart_form_parse_or_are_refused(body: bytes) -
         assert exc.status == 400
 
 
+def test_a_multipart_part_that_does_not_decode_is_refused() -> None:
+    body = (
+        b'--xyz\r\nContent-Disposition: form-data; name="a"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+        b"!!!notb64=\r\n--xyz--\r\n"
+    )
+    with pytest.raises(FormError, match="malformed"):
+        parse_form(_b64_event("multipart/form-data; boundary=xyz", body))
+
+
 @pytest.mark.parametrize("content_type", ["application/json", "text/plain", "multipart/mixed; boundary=x"])
 def test_other_content_types_are_refused_with_415(content_type: str) -> None:
     with pytest.raises(FormError) as refused:

@@ -118,6 +118,8 @@ def _multipart_pairs(content_type: str, body: bytes) -> list[tuple[str, str]]:
         if part.get_filename() is not None or part.is_multipart():
             raise FormError("files are not accepted")
         payload = part.get_payload(decode=True)
+        if part.defects:  # decoding notes its own (e.g. broken base64)
+            raise FormError("malformed multipart body")
         try:
             value = payload.decode(part.get_content_charset() or "utf-8") if isinstance(payload, bytes) else ""
         except (LookupError, UnicodeDecodeError):

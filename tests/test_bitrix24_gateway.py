@@ -16,7 +16,7 @@ from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
 from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth, Bitrix24Tokens
 from clinicsync.ports import ContactWrite, DealWrite, PipelineMismatch
 from sandbox.emulators.base import ServedApp
-from sandbox.emulators.bitrix24 import Bitrix24Emulator
+from sandbox.emulators.bitrix24 import OPERATING_LIMIT_PAGE, Bitrix24Emulator
 from tests.helpers import demo_config
 
 CONFIG = demo_config()
@@ -124,6 +124,70 @@ def test_writes_for_a_paused_method_wait_while_others_go_through(emu: tuple[Bitr
     outcome = gateway.apply([*_writes(1), contact_only])
     assert outcome.failed == {"p0": "method_blocked"}
     assert set(outcome.contact_ids) == {"p9"}
+
+
+# --- the operating-time limit answered as an HTML page (fast_bitrix24 issue 216) -------------------------
+
+
+def test_an_html_operating_limit_page_on_a_read_pauses_its_methods_and_is_not_retried(
+    emu: tuple[Bitrix24Emulator, str],
+) -> None:
+    """Regression: the page was read as a transient error, the batch was sent six times and no pause
+    engaged. Now one request, the call's methods pause, and other methods keep working."""
+    emulator, base = emu
+    client = _client(emulator, base)
+    gateway = Bitrix24Gateway(client, CONFIG)
+    gateway.apply(_writes(1))
+    emulator.limits.operating_html = True
+    emulator.limits.method_costs["crm.contact.list"] = 1000.0  # one call exhausts the 480 s budget
+    gateway.find(["p0"], [])
+    emulator.reset_stats()
+    with pytest.raises(Bitrix24MethodBlocked):
+        gateway.find(["p0"], [])
+    assert emulator.stats()["requests"] == 1 and emulator.stats()["rate_limited_429"] == 1
+    assert client.blocked_until("crm.contact.list") is not None and client.throttled == 1
+    with pytest.raises(Bitrix24MethodBlocked):  # paused: not even sent
+        gateway.find(["p0"], [])
+    assert emulator.stats()["requests"] == 1
+    assert "result" in client.call("crm.deal.list", {})  # other methods keep working
+
+
+def test_an_html_operating_limit_page_refusing_a_write_batch_is_not_outcome_unknown(
+    emu: tuple[Bitrix24Emulator, str],
+) -> None:
+    """A 429 page is a refusal: the portal ran none of the batch, so the patients wait for the pause
+    (``method_blocked``) instead of being marked as possibly written."""
+    emulator, base = emu
+    client = _client(emulator, base)
+    gateway = Bitrix24Gateway(client, CONFIG)
+    emulator.limits.operating_html = True
+    emulator.limits.method_costs["crm.contact.add"] = 1000.0
+    assert gateway.apply(_writes(1)).failed == {}
+    emulator.reset_stats()
+    outcome = gateway.apply(_writes(2, start=1))
+    assert outcome.failed == {"p1": "method_blocked", "p2": "method_blocked"}
+    assert len(emulator.contacts) == 1 and len(emulator.deals) == 1  # nothing of the refused batch ran
+    assert emulator.stats()["requests"] == 1  # not resent
+    assert client.blocked_until("crm.contact.add") is not None
+    assert gateway.apply(_writes(1, start=3)).failed == {"p3": "method_blocked"}
+    assert emulator.stats()["requests"] == 1  # the pause holds later writes back without a request
+
+
+def test_an_operating_limit_page_in_another_status_leaves_a_write_outcome_unknown(
+    emu: tuple[Bitrix24Emulator, str],
+) -> None:
+    """Only a 429 proves nothing ran. A page naming the limit in a 5xx may follow a partly run batch:
+    the pause engages, and the writes stay outcome-unknown (the retry looks them up first)."""
+    emulator, base = emu
+    client = _client(emulator, base)
+    gateway = Bitrix24Gateway(client, CONFIG)
+    page = OPERATING_LIMIT_PAGE.replace("429", "502")
+    emulator.faults.add(method="batch", status=502, html=True, body=page, after_apply=True)
+    outcome = gateway.apply(_writes(2))
+    assert outcome.failed == {"p0": "outcome_unknown", "p1": "outcome_unknown"}
+    assert len(emulator.contacts) == 2  # the portal did run them
+    assert client.blocked_until("crm.contact.add") is not None and client.blocked_until("crm.deal.add") is not None
+    assert client.blocked_until("crm.contact.list") is None
 
 
 def test_stage_check_names_every_missing_stage(emu: tuple[Bitrix24Emulator, str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlencode
 
 import boto3
 import pytest
@@ -95,6 +96,26 @@ def test_one_click_post_reaches_every_output_and_the_old_mis_data_does_not_undo_
     assert clinic.stack.queue_depth("ConsentQueue") == 0
 
 
+def test_rfc_8058_one_click_sent_as_multipart_form_data_reaches_every_output(clinic: LocalClinic) -> None:
+    """Regression: RFC 8058 §8.3's own example posts the one-click body as multipart/form-data; it got a
+    400 and nothing was recorded. Any other content type is still refused whole."""
+    patient_id, contact, email = _member(clinic)
+    url = f"{clinic.api_url}/unsubscribe/{clinic.unsubscribe_token(patient_id)}"
+    refused = HTTP.post(url, content='{"List-Unsubscribe": "One-Click"}', headers={"content-type": "application/json"})
+    assert refused.status_code == 415 and "Nothing changed" in refused.text
+    assert _ledger(clinic, patient_id) == {} and clinic.stack.queue_depth("ConsentQueue") == 0
+    body = (
+        b"-----FormBoundaryjWmhtjORrn\r\n"
+        b'Content-Disposition: form-data; name="List-Unsubscribe"\r\n\r\n'
+        b"One-Click\r\n"
+        b"-----FormBoundaryjWmhtjORrn--\r\n"
+    )
+    multipart = {"content-type": "multipart/form-data; boundary=---FormBoundaryjWmhtjORrn"}
+    assert HTTP.post(url, content=body, headers=multipart).status_code == 200
+    clinic.stack.drain_all()
+    _assert_everywhere(clinic, patient_id, contact, email, "link")
+
+
 def test_mailchimp_unsubscribe_reaches_the_crm_and_the_mis(clinic: LocalClinic) -> None:
     assert clinic.mailchimp is not None
     patient_id, contact, email = _member(clinic)
@@ -148,6 +169,35 @@ def test_mailchimp_webhook_answers_fast_even_for_unknown_addresses(clinic: Local
     wrong = secret[:-1] + ("y" if secret.endswith("x") else "x")  # always differs from the real one
     assert HTTP.post(url.replace(secret, wrong), content=body, headers=form).status_code == 401
     assert HTTP.post(url, content="type=unsubscribe&data[email]=x", headers=form).status_code == 400
+
+
+def test_an_unsubscribe_for_a_look_alike_address_never_opts_out_the_real_patient(clinic: LocalClinic) -> None:
+    """Regression: e-mails were keyed with ``lower()``, which turns the Kelvin sign (U+212A) into "k", so
+    an unsubscribe for the look-alike address opted the real patient out."""
+    assert clinic.mailchimp is not None
+    patient_id, contact, _ = _member(clinic)
+    real = f"kelvin.{patient_id}@example.org"
+    clinic.medods.update_client(int(patient_id), email=real)
+    clinic.sync()
+    clinic.deliver_webhooks()
+    assert _mailchimp_unsubscribe(clinic, "\u212a" + real[1:]) == "recorded_unknown"
+    clinic.stack.drain_all()
+    assert "CH#email" not in _ledger(clinic, patient_id)
+    assert clinic.crm.contact_opt_outs(contact) == set()
+    assert _mailchimp_unsubscribe(clinic, real.upper()) == "recorded"  # the real address, in any case, still is
+
+
+def _mailchimp_unsubscribe(clinic: LocalClinic, email: str) -> str:
+    assert clinic.mailchimp is not None
+    secret = clinic.clinic_secret["mailchimp_webhook_secret"]
+    body = urlencode({"type": "unsubscribe", "data[email]": email, "data[list_id]": clinic.mailchimp.list_id})
+    answer = HTTP.post(
+        f"{clinic.api_url}/webhooks/mailchimp/{secret}",
+        content=body,
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert answer.status_code == 200
+    return str(answer.json()["status"])
 
 
 @pytest.mark.parametrize("kind", ["forged", "expired", "tampered", "garbage"])

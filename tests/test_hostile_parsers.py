@@ -6,6 +6,7 @@ hypothesis profile in conftest.py (small in ``make test``, ``CLINICSYNC_HYPOTHES
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import socket
@@ -19,6 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from urllib3 import encode_multipart_formdata
 
 from clinicsync.adapters.ident import ConnectorBatch, TicketQuery, TimeTable, parse_ident_datetime
 from clinicsync.adapters.infoclinica import (
@@ -31,7 +33,7 @@ from clinicsync.adapters.infoclinica import (
 from clinicsync.adapters.medods import MedodsApi, MedodsError, MedodsSource
 from clinicsync.config import MisConnection
 from clinicsync.dates import parse_mis_date, parse_mis_datetime
-from clinicsync.forms import MAX_BODY_BYTES, MAX_DEPTH, FormError, parse_php_form
+from clinicsync.forms import MAX_BODY_BYTES, MAX_DEPTH, FormError, parse_form, parse_php_form
 from clinicsync.models import PatientChanges
 from clinicsync.ports import ChangePage
 from tests.helpers import MSK, demo_config
@@ -89,6 +91,78 @@ def test_bracket_forms_parse_or_are_refused(body: bytes) -> None:
 @given(st.binary(max_size=400))
 def test_arbitrary_bytes_as_a_form_parse_or_are_refused(body: bytes) -> None:
     _check_form(body)
+
+
+# --- multipart/form-data (RFC 7578), as RFC 8058 §8.3 posts a one-click unsubscribe ---------------------
+
+_FIELD_NAMES = st.text(st.characters(codec="utf-8", exclude_characters='[]"\\\r\n\0'), min_size=1, max_size=12)
+_FIELD_VALUES = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40)
+
+
+def _event(content_type: str, body: bytes) -> dict[str, Any]:
+    return {"headers": {"content-type": content_type}, "body": body.decode(), "isBase64Encoded": False}
+
+
+def _multipart(fields: dict[str, str], boundary: str = "---FormBoundaryjWmhtjORrn") -> tuple[str, bytes]:
+    """Encoded by urllib3's multipart encoder: a real client's bytes, not ours."""
+    body, content_type = encode_multipart_formdata(fields, boundary=boundary)
+    return content_type, body
+
+
+def _b64_event(content_type: str, body: bytes) -> dict[str, Any]:
+    return {"headers": {"Content-Type": content_type}, "body": base64.b64encode(body).decode(), "isBase64Encoded": True}
+
+
+def test_rfc_8058_multipart_example_reads_as_one_click() -> None:
+    body = (
+        b"-----FormBoundaryjWmhtjORrn\r\n"
+        b'Content-Disposition: form-data; name="List-Unsubscribe"\r\n\r\n'
+        b"One-Click\r\n"
+        b"-----FormBoundaryjWmhtjORrn--\r\n"
+    )
+    form = parse_form(_b64_event("multipart/form-data; boundary=---FormBoundaryjWmhtjORrn", body))
+    assert form == {"List-Unsubscribe": "One-Click"}
+
+
+@given(fields=st.dictionaries(_FIELD_NAMES.filter(lambda n: "[" not in n), _FIELD_VALUES, min_size=1, max_size=5))
+def test_any_multipart_form_reads_as_its_fields(fields: dict[str, str]) -> None:
+    content_type, body = _multipart(fields)
+    assert parse_form(_b64_event(content_type, body)) == fields
+
+
+@given(fields=st.dictionaries(_FIELD_NAMES, _FIELD_VALUES, min_size=1, max_size=3), data=st.data())
+def test_a_truncated_multipart_form_is_refused_whole(fields: dict[str, str], data: st.DataObject) -> None:
+    """Never half-read: a body cut anywhere before its closing boundary is refused, not read in part."""
+    content_type, body = _multipart(fields)
+    cut = data.draw(st.integers(0, body.rindex(b"--\r\n") - 1))
+    with pytest.raises(FormError) as refused:
+        parse_form(_b64_event(content_type, body[:cut]))
+    assert refused.value.status == 400
+
+
+@given(st.binary(max_size=400))
+def test_arbitrary_bytes_as_a_multipart_form_parse_or_are_refused(body: bytes) -> None:
+    try:
+        _assert_tree(parse_form(_b64_event("multipart/form-data; boundary=xyz", body)), 1)
+    except FormError as exc:
+        assert exc.status == 400
+
+
+def test_a_multipart_part_that_does_not_decode_is_refused() -> None:
+    body = (
+        b'--xyz\r\nContent-Disposition: form-data; name="a"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+        b"!!!notb64=\r\n--xyz--\r\n"
+    )
+    with pytest.raises(FormError, match="malformed"):
+        parse_form(_b64_event("multipart/form-data; boundary=xyz", body))
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", "multipart/mixed; boundary=x"])
+def test_other_content_types_are_refused_with_415(content_type: str) -> None:
+    with pytest.raises(FormError) as refused:
+        parse_form(_event(content_type, b"List-Unsubscribe=One-Click"))
+    assert refused.value.status == 415
+    assert parse_form(_event("Application/X-WWW-Form-Urlencoded; charset=utf-8", b"a=1")) == {"a": "1"}
 
 
 def test_form_limits_are_refused_cleanly() -> None:

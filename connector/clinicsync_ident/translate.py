@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from clinicsync.emails import normalise_email
 from clinicsync.models import Appointment, Patient
 from clinicsync.phones import normalise_phone
 from clinicsync.statuses import canonical_status
@@ -56,7 +57,7 @@ def patient_from_row(row: Row, tz: ZoneInfo, region: str) -> Patient:
         phone = normalise_phone(_text(raw), region) if raw else None
         if phone:
             break
-    email = _text(row.get("Email")).lower() or None
+    email = normalise_email(_text(row.get("Email")))
     birthday = as_datetime(row.get("Birthday"))
     changed = max(
         (m for m in (as_datetime(row.get("PatientChanged")), as_datetime(row.get("PersonChanged"))) if m),

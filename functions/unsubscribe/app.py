@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from clinicsync import wiring
 from clinicsync.consent import EMAIL_UNSUBSCRIBE, TokenError
 from clinicsync.crypto import constant_time_equals
-from clinicsync.forms import FormError, http_body, parse_php_form
+from clinicsync.forms import FormError, http_body, parse_form, parse_php_form
 from clinicsync.observability import logger, metrics, tracer
 
 app = APIGatewayHttpResolver()
@@ -83,11 +83,12 @@ def confirm_page(token: str) -> Response[Any]:
 
 @app.post("/unsubscribe/<token>")
 def one_click(token: str) -> Response[Any]:
-    """RFC 8058: the body is ``List-Unsubscribe=One-Click``; cookies and auth are neither sent nor read."""
+    """RFC 8058: the body is ``List-Unsubscribe=One-Click``, urlencoded or multipart/form-data; cookies and
+    auth are neither sent nor read."""
     try:
-        form = parse_php_form(http_body(app.current_event))
+        form = parse_form(app.current_event)
     except FormError as exc:
-        return _page(400, "Запрос не понят. Ничего не изменено.", f"Malformed request ({exc}). Nothing changed.")
+        return _page(exc.status, "Запрос не понят. Ничего не изменено.", f"Malformed request ({exc}). Nothing changed.")
     if form.get("List-Unsubscribe") != "One-Click":
         return _page(400, "Запрос не понят. Ничего не изменено.", f"Expected {ONE_CLICK}. Nothing changed.")
     try:

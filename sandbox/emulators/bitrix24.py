@@ -33,6 +33,11 @@ Emulator assumptions where Bitrix is undocumented or only observed (also listed 
   parameter then fails with "ID is not defined or invalid.").
 * Faults match the top-level REST method or, for ``batch``, any sub-command's method; a matching fault
   replaces the whole HTTP response.
+* ``limits.operating_html`` (off by default): a ``batch`` with a sub-command whose method is over its
+  operating-time budget is answered as a whole with a text/html page (HTTP 429) naming the limit, and
+  none of its commands runs (fast_bitrix24 issue 216 saw /batch answer text/html under that limit; the
+  page's exact text and status are not documented, so they are assumptions). Off, the portal answers the
+  JSON ``OPERATION_TIME_LIMIT`` per command in ``result_error``.
 * OAuth: unknown access token → 401 ``invalid_token``; all OAuth-server errors use HTTP 400.
 """
 
@@ -485,6 +490,7 @@ class RateLimits:
     operating_window: float = 600.0
     default_cost: float = 0.05
     method_costs: dict[str, float] = field(default_factory=dict)
+    operating_html: bool = False  # a batch touching a blocked method gets an HTML 429 page (module doc)
 
     def cost(self, method: str) -> float:
         return self.method_costs.get(method, self.default_cost)
@@ -1139,6 +1145,10 @@ class Bitrix24Emulator:
             return _json_response(503, {"error": "QUERY_LIMIT_EXCEEDED", "error_description": "Too many requests"})
         if not method:
             status, body = 404, {"error": "ERROR_METHOD_NOT_FOUND", "error_description": "Method not found!"}
+        elif method == "batch" and self._batch_refused_as_html(principal, params, now):
+            self._stats.rate_limited_429 += 1
+            self._stats.operation_limited_commands += 1
+            return Response(OPERATING_LIMIT_PAGE, status=429, content_type="text/html; charset=utf-8")
         elif method == "batch":
             status, body = self._run_batch(principal, Params(params), now)
         else:
@@ -1152,6 +1162,13 @@ class Bitrix24Emulator:
                 self._stats.faults += 1
                 return _fault_response(fault)
         return _json_response(status, body)
+
+    def _batch_refused_as_html(self, principal: _Principal, params: Mapping[str, Any], now: float) -> bool:
+        limits = self.limits
+        if not (limits.enabled and limits.operating_enabled and limits.operating_html):
+            return False
+        methods = self._fault_names("batch", params)[1:]
+        return any(self._operating_used((principal.key, m), now) > limits.operating_limit for m in methods)
 
     @staticmethod
     def _single_body(outcome: _Outcome) -> JsonDict:
@@ -2544,6 +2561,15 @@ def _json_response(status: int, payload: Any) -> Response:
     # PHP's json_encode escapes "/" and non-ASCII; clients must cope with both.
     text = json.dumps(payload, ensure_ascii=True, separators=(",", ":")).replace("/", "\\/")
     return Response(text, status=status, content_type="application/json; charset=utf-8")
+
+
+# What the portal's page says under the operating-time limit: the error code, its English description and
+# the Russian text fast_bitrix24 issue 216 is titled with.
+OPERATING_LIMIT_PAGE = (
+    '<!DOCTYPE html><html><head><meta charset="utf-8"><title>429</title></head><body>'
+    "429 | OPERATION_TIME_LIMIT<br>Method is blocked due to operation time limit.<br>"
+    "Сумма времени всех запросов к методу превышает 480 секунд в рамках прошедших 10 минут<br></body></html>"
+)
 
 
 def _fault_response(fault: Fault) -> Response:

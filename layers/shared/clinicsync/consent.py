@@ -88,7 +88,12 @@ def _b64(raw: bytes) -> str:
 def _unb64(text: str) -> bytes:
     if not text or any(c not in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_" for c in text):
         raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    # Canonical only: base64 ignores a last character's unused low bits, so an edited token could
+    # decode to the same bytes (and verify). Exactly one spelling per token is accepted.
+    if _b64(raw) != text:
+        raise ValueError("not canonical base64url")
+    return raw
 
 
 class UnsubscribeTokens:

@@ -7,6 +7,8 @@ import hmac
 import json
 from typing import Any
 
+from clinicsync.emails import normalise_email
+
 
 class KeyedHasher:
     """HMAC-SHA256 under the clinic's key (from its secret), domain-separated per purpose.
@@ -28,7 +30,7 @@ class KeyedHasher:
         return self._digest("phone", e164)
 
     def email_key(self, email: str) -> str:
-        return self._digest("email", email.strip().lower())
+        return self._digest("email", normalise_email(email) or "")
 
     def content_hash(self, payload: Any) -> str:
         """Hash of what we would write to the CRM: equal hash means the write would change nothing."""

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from clinicsync.config import ClinicConfig, DirectorySettings
 from clinicsync.consent import ConsentLedger, patient_subject
 from clinicsync.crypto import KeyedHasher
+from clinicsync.emails import normalise_email
 from clinicsync.models import MisId
 from clinicsync.observability import logger
 from clinicsync.phones import normalise_phone
@@ -128,7 +129,7 @@ def normalise(field_name: str, value: Any, region: str) -> str | None:
     if field_name == "phone":
         return normalise_phone(text, region)
     if field_name == "email":
-        return text.lower() if "@" in text else None
+        return normalise_email(text) if "@" in text else None
     return text
 
 

@@ -7,6 +7,8 @@ import base64
 import binascii
 import re
 from collections.abc import Mapping
+from email import policy
+from email.parser import BytesParser
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -18,6 +20,10 @@ _KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 
 class FormError(ValueError):
     """The body is not a form we accept; the message is safe to return to the sender."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 def parse_php_form(body: str | bytes) -> dict[str, Any]:
@@ -31,6 +37,10 @@ def parse_php_form(body: str | bytes) -> dict[str, Any]:
         raise FormError("body is not UTF-8") from exc
     except ValueError as exc:
         raise FormError("body is not form-encoded") from exc
+    return _tree(pairs)
+
+
+def _tree(pairs: list[tuple[str, str]]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for key, value in pairs:
         match = _KEY.match(key)
@@ -67,3 +77,52 @@ def http_body(event: Mapping[str, Any]) -> bytes:
         return base64.b64decode(body, validate=True) if event.get("isBase64Encoded") else body.encode()
     except (binascii.Error, ValueError, UnicodeEncodeError):
         raise FormError("the body is not valid base64 or text") from None
+
+
+URLENCODED = "application/x-www-form-urlencoded"
+MULTIPART = "multipart/form-data"
+
+
+def parse_form(event: Mapping[str, Any]) -> dict[str, Any]:
+    """An HTTP API event's form, by its Content-Type: urlencoded (also when none is sent) or
+    multipart/form-data (RFC 7578; RFC 8058 §8.3 posts one-click so). Anything else is a 415."""
+    headers = {str(k).lower(): str(v) for k, v in (event.get("headers") or {}).items()}
+    content_type = headers.get("content-type", "").strip()
+    media = content_type.partition(";")[0].strip().lower()
+    body = http_body(event)
+    if media in ("", URLENCODED):
+        return parse_php_form(body)
+    if media == MULTIPART:
+        return _tree(_multipart_pairs(content_type, body))
+    raise FormError(f"unsupported content type; send {URLENCODED} or {MULTIPART}", status=415)
+
+
+def _multipart_pairs(content_type: str, body: bytes) -> list[tuple[str, str]]:
+    """The stdlib MIME parser reads the parts; any defect it notes (no boundary, no closing boundary, a
+    broken part) refuses the whole body, so a truncated form is never half-read."""
+    if len(body) > MAX_BODY_BYTES:
+        raise FormError(f"body larger than {MAX_BODY_BYTES} bytes")
+    if not content_type.isascii() or any(c in content_type for c in "\r\n\0"):
+        raise FormError("malformed content type")
+    message = BytesParser(policy=policy.HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    if message.defects or not message.is_multipart() or not message.get_boundary():
+        raise FormError("malformed multipart body")
+    parts = list(message.iter_parts())
+    if not parts or len(parts) > MAX_FIELDS:
+        raise FormError("a multipart form needs 1 to 500 parts")
+    pairs = []
+    for part in parts:
+        name = part.get_param("name", header="content-disposition")
+        if part.defects or part.get_content_disposition() != "form-data" or not isinstance(name, str) or not name:
+            raise FormError("every part needs Content-Disposition: form-data with a name")
+        if part.get_filename() is not None or part.is_multipart():
+            raise FormError("files are not accepted")
+        payload = part.get_payload(decode=True)
+        if part.defects:  # decoding notes its own (e.g. broken base64)
+            raise FormError("malformed multipart body")
+        try:
+            value = payload.decode(part.get_content_charset() or "utf-8") if isinstance(payload, bytes) else ""
+        except (LookupError, UnicodeDecodeError):
+            raise FormError("a part is not in its declared charset") from None
+        pairs.append((name, value))
+    return pairs

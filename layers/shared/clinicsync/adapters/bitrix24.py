@@ -53,6 +53,25 @@ class Bitrix24MethodBlocked(Exception):
 # Errors that mean the portal refused the request before running it, so a resend is safe.
 NOT_EXECUTED = frozenset({"QUERY_LIMIT_EXCEEDED", "OVERLOAD_LIMIT"})
 OPERATING_PAUSE = 60.0  # when the portal does not say when the method's budget resets
+# Under the operating-time limit Bitrix24 has answered /batch with a text/html page instead of its JSON
+# error (fast_bitrix24 issue 216). Such a page is the limit when it names it, or when its status is 429:
+# Bitrix24 answers 429 for that limit only.
+OPERATING_PAGE_MARKERS = ("operation_time_limit", "operation time limit", "превышает 480 секунд")
+
+
+def _operating_page(response: httpx.Response) -> bool:
+    if response.status_code == 429:
+        return True
+    text = response.text[:4096].lower()
+    return any(marker in text for marker in OPERATING_PAGE_MARKERS)
+
+
+def _methods_of(method: str, params: Mapping[str, Any] | None) -> list[str]:
+    """The methods a call spends operating time on: a batch's sub-commands, or the method itself."""
+    cmd = (params or {}).get("cmd") if method == "batch" else None
+    queries = cmd.values() if isinstance(cmd, Mapping) else cmd if isinstance(cmd, list | tuple) else ()
+    names = (str(q).partition("?")[0].strip().lower().removesuffix(".json") for q in queries)
+    return list(dict.fromkeys(n for n in names if n)) or [method]
 
 
 def _operating_reset(body: Mapping[str, Any] | None) -> float | None:
@@ -195,7 +214,10 @@ class Bitrix24Client:
     def call(self, method: str, params: Mapping[str, Any] | None = None, *, writes: bool = False) -> dict[str, Any]:
         """POST one method. Requests that never ran (limits, refused connections) are retried with
         backoff. A write whose response is lost (timeout, 5xx, HTML) may have been applied, so it is
-        never resent blindly: ``Bitrix24OutcomeUnknown`` sends the caller back to look up by MIS id."""
+        never resent blindly: ``Bitrix24OutcomeUnknown`` sends the caller back to look up by MIS id.
+        A method paused by the operating-time limit is not sent until its pause ends."""
+        methods = _methods_of(method, params)
+        self._refuse_paused(methods)
         refreshed = False
         for attempt in range(1, self._max_attempts + 1):
             try:
@@ -217,6 +239,8 @@ class Bitrix24Client:
             body = self._json(response)
             if response.status_code == 200 and body is not None and "error" not in body:
                 return body
+            if body is None and _operating_page(response):
+                raise self._operating_refusal(method, methods, response.status_code, writes=writes)
             code = str((body or {}).get("error", "")) or f"HTTP_{response.status_code}"
             if code == "expired_token" and self._oauth is not None and token and not refreshed:
                 # Refresh once and replay; the new refresh token replaces the old one before first use.
@@ -241,6 +265,22 @@ class Bitrix24Client:
                 continue
             raise Bitrix24Error(code, str((body or {}).get("error_description", "")), response.status_code)
         raise Bitrix24Unavailable(f"{method}: retries exhausted")
+
+    def _refuse_paused(self, methods: list[str]) -> None:
+        for name in methods:
+            if (until := self.blocked_until(name)) is not None:
+                raise Bitrix24MethodBlocked(name, until)
+
+    def _operating_refusal(self, method: str, methods: list[str], status: int, *, writes: bool) -> Exception:
+        """An HTML page naming the operating-time limit. It does not say which sub-command is over
+        budget, so every method of the call pauses. Only the 429 refusal proves that nothing ran: a page
+        in another status may follow a partly run batch, so such a write stays outcome-unknown."""
+        for name in methods:
+            self.note_blocked(name, {"error": "OPERATION_TIME_LIMIT"})
+        self.throttled += 1
+        if writes and status != 429:
+            return Bitrix24OutcomeUnknown(method)
+        return Bitrix24MethodBlocked(methods[0], self._blocked[methods[0]])
 
     def _target(self, method: str, params: Mapping[str, Any] | None) -> tuple[str, dict[str, Any], str | None]:
         body = dict(params or {})

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from clinicsync.adapters.bitrix24 import BATCH_LIMIT, Bitrix24Client, Bitrix24Error, Bitrix24OutcomeUnknown
+from clinicsync.adapters.bitrix24 import (
+    BATCH_LIMIT,
+    Bitrix24Client,
+    Bitrix24Error,
+    Bitrix24MethodBlocked,
+    Bitrix24OutcomeUnknown,
+)
 from clinicsync.config import ClinicConfig, Pipeline
 from clinicsync.phones import normalise_phone
 from clinicsync.ports import (
@@ -413,6 +419,11 @@ class Bitrix24Gateway:
             # Some of these may exist now; the retry looks them up by MIS id before writing again.
             for command in chunk:
                 outcome.failed.setdefault(command.patient_id, "outcome_unknown")
+            return []
+        except Bitrix24MethodBlocked:
+            # Refused whole by the operating-time limit (429): nothing ran, the patients wait for the pause.
+            for command in chunk:
+                outcome.failed.setdefault(command.patient_id, "method_blocked")
             return []
         for index, command in enumerate(chunk):
             if command.key in result.errors:

@@ -68,6 +68,7 @@ from defusedxml.ElementTree import fromstring as _defused_fromstring
 
 from clinicsync.config import ClinicConfig
 from clinicsync.dates import parse_mis_date, parse_mis_datetime
+from clinicsync.emails import normalise_email
 from clinicsync.models import Appointment, Consent, Patient, PatientChanges
 from clinicsync.observability import logger
 from clinicsync.phones import normalise_phone
@@ -545,7 +546,7 @@ class InfoClinicaSource:
             first_name=first,
             middle_name=middle,
             phone=normalise_phone(rec.get("PPHONE"), self._config.matching.default_region),
-            email=(rec.get("PMAIL") or "").strip().lower() or None,
+            email=normalise_email(rec.get("PMAIL")),
             birth_date=parse_ic_date(birth).isoformat() if birth else None,
             sex={"1": "m", "2": "f"}.get(rec.get("GENDER", "")),
             consent=Consent(call_opt_out=_flag(rec.get("REFUSECALL")), sms_opt_out=_flag(rec.get("REFUSESMS"))),

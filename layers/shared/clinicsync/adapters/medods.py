@@ -21,6 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, 
 
 from clinicsync.config import ClinicConfig
 from clinicsync.dates import parse_mis_datetime
+from clinicsync.emails import normalise_email
 from clinicsync.models import Appointment, Consent, Patient, PatientChanges
 from clinicsync.observability import logger
 from clinicsync.phones import normalise_phone
@@ -287,7 +288,7 @@ class MedodsSource:
             first_name=raw.name or "",
             middle_name=raw.secondName or "",
             phone=normalise_phone(raw.phone, self._config.matching.default_region),
-            email=(raw.email or "").strip().lower() or None,
+            email=normalise_email(raw.email),
             birth_date=raw.birthdate or None,
             sex=sex,
             consent=Consent(

@@ -58,6 +58,7 @@ import httpx
 
 from clinicsync.config import ClinicConfig
 from clinicsync.dates import parse_mis_date, parse_mis_datetime
+from clinicsync.emails import normalise_email
 from clinicsync.models import Appointment, Consent, Patient, PatientChanges
 from clinicsync.observability import logger
 from clinicsync.phones import normalise_phone
@@ -320,7 +321,7 @@ class RenovatioSource:
             first_name=str(data.get("first_name") or ""),
             middle_name=str(data.get("third_name") or ""),
             phone=normalise_phone(phone, self._config.matching.default_region),
-            email=str(data.get("email") or "").strip().lower() or None,
+            email=normalise_email(str(data.get("email") or "")),
             birth_date=parse_rn_date(birth).isoformat() if birth else None,
             sex={"1": "m", "2": "f", "male": "m", "female": "f"}.get(str(data.get("gender", "")).lower()),
             consent=Consent(

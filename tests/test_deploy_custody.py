@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable
@@ -18,14 +19,21 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 from moto.backends import get_backend
+from pydantic import ValidationError, create_model
 from typer.testing import CliRunner
 
 from clinicsync.adapters.amocrm_oauth import AmoCrmOAuth, SecretsManagerTokenStore
+from clinicsync.config import CLINIC_ID_MAX_LENGTH, CLINIC_ID_PATTERN, ClinicConfig
 from clinicsync_cli import deployment
 from clinicsync_cli.app import app as cli
 from clinicsync_cli.clinic import console
+from sandbox.cfn_yaml import load_template
 from sandbox.local import LocalClinic
 from sandbox.runtime import REGION
+
+ROOT = Path(__file__).resolve().parent.parent
+# ClinicConfig's own clinic_id field, alone (the rest of a config is beside the point here).
+ClinicIdOnly = create_model("ClinicIdOnly", clinic_id=(str, ClinicConfig.model_fields["clinic_id"]))
 
 PAIR_KEYS = ("access_token", "refresh_token", "expires")
 FAKE_SAM = """\
@@ -318,3 +326,38 @@ def test_sam_build_finds_python313_like_the_makefile(
     assert code == 0, out
     build = next(call for call in sam_calls(log) if call["args"][0] == "build")
     assert build["python3.13"] == str(python)
+
+
+def test_the_clinic_id_rule_is_the_templates() -> None:
+    parameter = load_template(ROOT / "template.yaml")["Parameters"]["ClinicId"]
+    assert parameter["AllowedPattern"] == CLINIC_ID_PATTERN
+    assert int(parameter.get("MaxLength", CLINIC_ID_MAX_LENGTH)) == CLINIC_ID_MAX_LENGTH
+
+
+@given(st.one_of(st.from_regex(r"[a-z0-9-]{1,44}", fullmatch=True), st.text(max_size=44)))
+def test_a_clinic_id_validates_exactly_when_the_template_accepts_it(clinic_id: str) -> None:
+    template_accepts = re.fullmatch(CLINIC_ID_PATTERN.strip("^$"), clinic_id) is not None
+    try:
+        ClinicIdOnly.model_validate({"clinic_id": clinic_id})
+        config_accepts = True
+    except ValidationError:
+        config_accepts = False
+    assert config_accepts is template_accepts
+
+
+def test_a_bad_clinic_id_is_refused_before_anything_is_written(
+    make_clinic: Callable[..., LocalClinic], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clinic = make_clinic(patients=2, appointments=2, rate_limit=False)
+    crm = json.loads(
+        clinic.stack.aws.client("secretsmanager").get_secret_value(
+            SecretId=f"clinicsync/{clinic.config.clinic_id}/crm"
+        )["SecretString"]
+    )
+    cid = "trailing-dash-"
+    config_path, secrets_path = new_clinic_files(clinic, tmp_path, cid, crm)
+    sam, log = fake_sam(tmp_path, monkeypatch)
+    code, out = run("deploy", "-c", str(config_path), "--secrets", str(secrets_path), "--sam", str(sam))
+    assert code == 1 and "clinic_id" in out
+    names = [s["Name"] for s in clinic.stack.aws.client("secretsmanager").list_secrets()["SecretList"]]
+    assert not [n for n in names if cid in n] and not sam_calls(log)

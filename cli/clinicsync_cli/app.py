@@ -366,6 +366,8 @@ def deploy(
     values = load_secrets_file(secrets)
     if not values["mis"] or not values["crm"]:
         fail(f"{secrets} lacks mis or crm credentials", "fill both in (docs/deploy.md, step 2)")
+    if problems := deployment.secret_problems(config, values):
+        fail(f"{secrets}: " + "; ".join(problems), "fix the secrets file (docs/deploy.md, step 2)")
     refs = {"mis": config.mis.secret_ref, "crm": config.crm.secret_ref, "clinic": clinic_secret_ref(config.clinic_id)}
     parameter = f"/clinicsync/{config.clinic_id}/config"
     stack = stack_name(config.clinic_id)

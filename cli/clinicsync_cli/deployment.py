@@ -14,10 +14,21 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
+from clinicsync.adapters.ident import weak_integration_key
 from clinicsync.config import ClinicConfig
 
 # Generated once per clinic and never replaced: the phone/e-mail indexes and unsubscribe links depend on them.
 CLINIC_KEYS = ("hash_key", "unsubscribe_key")
+
+
+def secret_problems(config: ClinicConfig, values: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Settings the stack would run fail-open with; a deploy refuses them before writing anything."""
+    problems = []
+    if config.mis.kind == "ident" and (weak := weak_integration_key(values.get("mis", {}).get("integration_key"))):
+        problems.append(f"mis: {weak}")
+    if config.crm.kind == "amocrm" and not str(values.get("crm", {}).get("account_id") or "").strip():
+        problems.append("crm: account_id is required (webhooks from any other account are refused by it)")
+    return problems
 
 
 def merge_secret(

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from clinicsync.adapters.amocrm_oauth import AmoCrmOAuth, SecretsManagerTokenStore
 from clinicsync.config import CLINIC_ID_MAX_LENGTH, CLINIC_ID_PATTERN, ClinicConfig
+from clinicsync.store import DynamoStore
 from clinicsync_cli import deployment
 from clinicsync_cli.app import app as cli
 from clinicsync_cli.clinic import console
@@ -361,3 +362,29 @@ def test_a_bad_clinic_id_is_refused_before_anything_is_written(
     assert code == 1 and "clinic_id" in out
     names = [s["Name"] for s in clinic.stack.aws.client("secretsmanager").list_secrets()["SecretList"]]
     assert not [n for n in names if cid in n] and not sam_calls(log)
+
+
+def test_the_cli_refreshes_a_stored_pair_under_the_stacks_lease(
+    make_clinic: Callable[..., LocalClinic], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`check` on a deployed clinic: the refresh takes the lease the stack's functions take, then persists."""
+    clinic = make_clinic(patients=2, appointments=2, rate_limit=False, crm="amocrm")
+    assert clinic.amocrm is not None
+    cid = clinic.config.clinic_id
+    text = clinic.stack.aws.client("ssm").get_parameter(Name=f"/clinicsync/{cid}/config")["Parameter"]["Value"]
+    config_path = tmp_path / "clinic.yaml"
+    config_path.write_text(text, encoding="utf-8")
+    leases: list[str] = []
+    acquire = DynamoStore.acquire_lease
+
+    def recorded(store: DynamoStore, name: str, owner: str, seconds: int, now: int) -> bool:
+        leases.append(name)
+        return acquire(store, name, owner, seconds, now)
+
+    monkeypatch.setattr(DynamoStore, "acquire_lease", recorded)
+    before = stored(clinic, f"clinicsync/{cid}/crm")
+    clinic.amocrm.expire_access_tokens()
+    _code, out = run("check", "-c", str(config_path), "--api-url", clinic.api_url)
+    after = stored(clinic, f"clinicsync/{cid}/crm")
+    assert after["refresh_token"] != before["refresh_token"] and clinic.amocrm.token_valid(after["access_token"]), out
+    assert "amocrm-oauth" in leases

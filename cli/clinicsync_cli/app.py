@@ -395,8 +395,8 @@ def deploy(
     console.print(f"secrets: {', '.join(refs.values())}")
     if kept:
         console.print(
-            "kept the CRM's OAuth pair stored in Secrets Manager (newer than the file's; "
-            "--replace-tokens after re-authorising the app)"
+            "kept the CRM's OAuth pair stored in Secrets Manager: the stack rotates it, the file's copy may be "
+            "spent (after re-authorising the app, deploy with --replace-tokens)"
         )
     overrides = deployment.parameter_overrides(config, parameter, arns, alarm_topic_arn)
     sam_bin = sam or _default_sam()

@@ -388,3 +388,15 @@ def test_the_cli_refreshes_a_stored_pair_under_the_stacks_lease(
     after = stored(clinic, f"clinicsync/{cid}/crm")
     assert after["refresh_token"] != before["refresh_token"] and clinic.amocrm.token_valid(after["access_token"]), out
     assert "amocrm-oauth" in leases
+
+
+def test_every_stack_command_takes_the_region(
+    make_clinic: Callable[..., LocalClinic], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clinic = make_clinic(patients=2, appointments=2, rate_limit=False)
+    for name in ("AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.delenv(name)  # no default region: --region alone must reach CloudFormation, SQS, DynamoDB
+    stack = clinic.stack.stack_name
+    for command in (("status", "--json"), ("dlq", "list")):
+        code, out = run(*command, "--stack", stack, "--region", REGION)
+        assert code == 0, (command, out)

@@ -65,11 +65,14 @@ app.add_typer(dlq_app, name="dlq")
 
 StackOption = Annotated[str, typer.Option("--stack", "-s", help="The clinic's CloudFormation stack name")]
 QueueOption = Annotated[str, typer.Option("--queue", "-q", help=f"Which queue: {', '.join(QUEUES)}")]
+RegionOption = Annotated[
+    str | None, typer.Option("--region", help="AWS region of the clinic's stack (default: boto3's)")
+]
 
 
-def _stack(name: str) -> StackHandle:
+def _stack(name: str, region: str | None = None) -> StackHandle:
     try:
-        return StackHandle.find(name)
+        return StackHandle.find(name, region)
     except StackNotFound as exc:
         fail(str(exc), "check the stack name (`aws cloudformation list-stacks`) and the region")
     except BotoCoreError as exc:
@@ -84,9 +87,9 @@ def _queue(queue: str) -> str:
 
 
 @dlq_app.command("list")
-def dlq_list(stack: StackOption, queue: QueueOption = "sync") -> None:
+def dlq_list(stack: StackOption, queue: QueueOption = "sync", region: RegionOption = None) -> None:
     """Every dead letter with the reason its last attempt failed (ids and counts only, never PII)."""
-    handle = _stack(stack)
+    handle = _stack(stack, region)
     _source, dlq = handle.queue_urls(_queue(queue))
     letters = dead_letters(handle.sqs(), dlq, handle.failure_log(), queue)
     if not letters:
@@ -104,9 +107,9 @@ def dlq_list(stack: StackOption, queue: QueueOption = "sync") -> None:
 
 
 @dlq_app.command("replay")
-def dlq_replay(stack: StackOption, queue: QueueOption = "sync") -> None:
+def dlq_replay(stack: StackOption, queue: QueueOption = "sync", region: RegionOption = None) -> None:
     """Send every dead letter back to its queue (FIFO group kept), deleting each only after the send."""
-    handle = _stack(stack)
+    handle = _stack(stack, region)
     source, dlq = handle.queue_urls(_queue(queue))
     with console.status(f"replaying {queue} dead letters"):
         report = replay(handle.sqs(), dlq, source, handle.failure_log(), queue)
@@ -158,7 +161,7 @@ def init(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the proposed config")] = Path("clinic.yaml"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file")] = False,
     timezone: Annotated[str, typer.Option("--timezone")] = "Europe/Moscow",
-    region: Annotated[str | None, typer.Option("--region", help="AWS region of the clinic's stack")] = None,
+    region: RegionOption = None,
 ) -> None:
     """Discover the live CRM and MIS and write a proposed clinic.yaml (status -> stage map, field map) to review."""
     if out.exists() and not force:
@@ -239,7 +242,7 @@ def check(
         str | None, typer.Option("--api-url", help="The stack's HTTP API (default: stack output)")
     ] = None,
     create_fields: Annotated[bool, typer.Option("--create-fields", help="Create missing Bitrix24 fields")] = False,
-    region: Annotated[str | None, typer.Option("--region", help="AWS region of the clinic's stack")] = None,
+    region: RegionOption = None,
 ) -> None:
     """Validate a config against the live systems: credentials, stages, fields, statuses, webhooks. Every
     problem is reported in one pass."""
@@ -349,7 +352,7 @@ def deploy(
         "clinic.secrets.json"
     ),
     alarm_topic_arn: Annotated[str, typer.Option("--alarm-topic-arn", help="SNS topic for alarm notifications")] = "",
-    region: Annotated[str | None, typer.Option("--region")] = None,
+    region: RegionOption = None,
     sam: Annotated[str | None, typer.Option("--sam", help="The sam executable")] = None,
     template: Annotated[Path, typer.Option("--template")] = Path("template.yaml"),
     build_dir: Annotated[Path, typer.Option("--build-dir")] = Path(".aws-sam/build"),
@@ -447,10 +450,11 @@ def backfill(
     pages_per_run: Annotated[int, typer.Option("--pages-per-run", min=1, max=1000)] = 1000,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the sync queue is empty")] = True,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the queue")] = 3600.0,
+    region: RegionOption = None,
 ) -> None:
     """The first full import, with a progress bar. Safe to interrupt (Ctrl-C) and run again: it resumes
     from its checkpoint (the last page on the queue)."""
-    handle = _stack(stack)
+    handle = _stack(stack, region)
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -534,9 +538,11 @@ def _ago(at: float | None) -> str:
 
 
 @app.command()
-def status(stack: StackOption, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def status(
+    stack: StackOption, as_json: Annotated[bool, typer.Option("--json")] = False, region: RegionOption = None
+) -> None:
     """Sync lag, last poll, queue and DLQ depth, errors in the last hour, CRM budget use, opt-outs pending."""
-    handle = _stack(stack)
+    handle = _stack(stack, region)
     try:
         figures = stack_status(handle)
     except (ClientError, BotoCoreError) as exc:
@@ -617,16 +623,17 @@ def plan(
     ] = None,
     max_pages: Annotated[int, typer.Option("--max-pages", min=1)] = 10,
     limit: Annotated[int, typer.Option("--limit", help="Rows to show")] = 50,
+    region: RegionOption = None,
 ) -> None:
     """Dry run: what the next sync would create, update and move in the CRM. Nothing is written; PII masked."""
-    handle = _stack(stack)
+    handle = _stack(stack, region)
     config_text = _stack_config(handle)
     if config_text is None:
         fail(f"stack {stack} has no config in SSM", "run `clinicsync deploy` (it stores the config)")
     config = parse_clinic_config(config_text)
-    mis_creds = credentials("mis", config.mis.secret_ref, None)
-    crm_creds = credentials("crm", config.crm.secret_ref, None)
-    clinic = credentials("clinic", clinic_secret_ref(config.clinic_id), None)
+    mis_creds = credentials("mis", config.mis.secret_ref, None, region)
+    crm_creds = credentials("crm", config.crm.secret_ref, None, region)
+    clinic = credentials("clinic", clinic_secret_ref(config.clinic_id), None, region)
     http = connect.http_client()
     try:
         source = connect.mis_source(config, mis_creds, http)
@@ -643,7 +650,7 @@ def plan(
             changes = read_changes(source, cursor, max_pages)
         except Exception as exc:
             fail(f"the MIS read failed: {exc}", "check the MIS (docs/runbook.md: MIS outage)")
-    client = _crm_client(config.crm.kind, crm_creds, handle)
+    client = _crm_client(config.crm.kind, crm_creds, handle, region)
     with console.status(f"planning against {config.crm.kind} (look-ups only)"):
         try:
             gateway = connect.crm_gateway(config, client, crm_creds)
@@ -689,15 +696,16 @@ def report(
     stack: StackOption,
     out: Annotated[Path, typer.Option("--out", "-o")] = Path("clinicsync-report.html"),
     days: Annotated[int, typer.Option("--days", min=1, max=90)] = 30,
+    region: RegionOption = None,
 ) -> None:
     """A self-contained HTML page: sync health over time, and the funnel lead -> booked -> visited -> won by
     lead source (DMS visits excluded)."""
-    handle = _stack(stack)
+    handle = _stack(stack, region)
     config_text = _stack_config(handle)
     if config_text is None:
         fail(f"stack {stack} has no config in SSM", "run `clinicsync deploy` (it stores the config)")
     config = parse_clinic_config(config_text)
-    client = _crm_client(config.crm.kind, credentials("crm", config.crm.secret_ref, None), handle)
+    client = _crm_client(config.crm.kind, credentials("crm", config.crm.secret_ref, None, region), handle, region)
     with console.status(f"reading the funnel from {config.crm.kind}"):
         try:
             funnel = crm_funnel(client, config, days)

@@ -424,7 +424,7 @@ def _mis(kind: str, sample: SampleClinic) -> _Source:
     if kind == "ident":
         # No server: IDENT's data leaves the clinic through the connector, which pushes to our API.
         ident = IdentEmulator(sample, Path(tempfile.mkdtemp(prefix="clinicsync-ident-")) / "ident.sqlite3")
-        secret = {"integration_key": secrets.token_urlsafe(24), "connector_key": secrets.token_urlsafe(48)}
+        secret = {"integration_key": secrets.token_urlsafe(32), "connector_key": secrets.token_urlsafe(48)}
         return _Source(IdentView(ident), None, "connector", secret, {"mis.kind": "ident"})
     raise ValueError(f"no emulator for MIS {kind!r}")
 

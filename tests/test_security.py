@@ -66,14 +66,14 @@ def test_no_secret_is_compared_with_eq() -> None:
 
 
 def test_inbound_checks_use_constant_time_comparison() -> None:
-    """Each receiver's check calls the constant-time helper (the AST test above forbids the other way)."""
+    """Each receiver's check calls the constant-time, fail-closed helper (the AST test above forbids the other way)."""
     webhook = (ROOT / "functions" / "crm_webhook" / "app.py").read_text(encoding="utf-8")
     for checked in ("application_token", "member_id", "webhook_secret", "account_id", "integration_key"):
-        assert re.search(rf"constant_time_equals\([^\n]*{checked}", webhook), checked
+        assert re.search(rf"credential_matches\([^\n]*{checked}", webhook), checked
     signing = (ROOT / "layers" / "shared" / "clinicsync" / "signing.py").read_text(encoding="utf-8")
     assert "hmac.compare_digest" in signing
     crypto = (ROOT / "layers" / "shared" / "clinicsync" / "crypto.py").read_text(encoding="utf-8")
-    assert "hmac.compare_digest" in crypto
+    assert "hmac.compare_digest" in crypto and "and constant_time_equals(given, expected)" in crypto
 
 
 # --- secrets: only from Secrets Manager, never in env vars or logs ------------------------------------------

@@ -65,11 +65,14 @@ app.add_typer(dlq_app, name="dlq")
 
 StackOption = Annotated[str, typer.Option("--stack", "-s", help="The clinic's CloudFormation stack name")]
 QueueOption = Annotated[str, typer.Option("--queue", "-q", help=f"Which queue: {', '.join(QUEUES)}")]
+RegionOption = Annotated[
+    str | None, typer.Option("--region", help="AWS region of the clinic's stack (default: boto3's)")
+]
 
 
-def _stack(name: str) -> StackHandle:
+def _stack(name: str, region: str | None = None) -> StackHandle:
     try:
-        return StackHandle.find(name)
+        return StackHandle.find(name, region)
     except StackNotFound as exc:
         fail(str(exc), "check the stack name (`aws cloudformation list-stacks`) and the region")
     except BotoCoreError as exc:
@@ -84,9 +87,9 @@ def _queue(queue: str) -> str:
 
 
 @dlq_app.command("list")
-def dlq_list(stack: StackOption, queue: QueueOption = "sync") -> None:
+def dlq_list(stack: StackOption, queue: QueueOption = "sync", region: RegionOption = None) -> None:
     """Every dead letter with the reason its last attempt failed (ids and counts only, never PII)."""
-    handle = _stack(stack)
+    handle = _stack(stack, region)
     _source, dlq = handle.queue_urls(_queue(queue))
     letters = dead_letters(handle.sqs(), dlq, handle.failure_log(), queue)
     if not letters:
@@ -104,9 +107,9 @@ def dlq_list(stack: StackOption, queue: QueueOption = "sync") -> None:
 
 
 @dlq_app.command("replay")
-def dlq_replay(stack: StackOption, queue: QueueOption = "sync") -> None:
+def dlq_replay(stack: StackOption, queue: QueueOption = "sync", region: RegionOption = None) -> None:
     """Send every dead letter back to its queue (FIFO group kept), deleting each only after the send."""
-    handle = _stack(stack)
+    handle = _stack(stack, region)
     source, dlq = handle.queue_urls(_queue(queue))
     with console.status(f"replaying {queue} dead letters"):
         report = replay(handle.sqs(), dlq, source, handle.failure_log(), queue)
@@ -125,9 +128,21 @@ SecretsOption = Annotated[
 ]
 
 
-def _crm_client(kind: str, creds: Credentials) -> Bitrix24Client | AmoCrmClient:
+def _find_stack(stack: str, region: str | None) -> StackHandle | None:
+    with contextlib.suppress(StackNotFound, BotoCoreError):
+        return StackHandle.find(stack, region)
+    return None
+
+
+def _crm_client(
+    kind: str, creds: Credentials, handle: StackHandle | None = None, region: str | None = None
+) -> Bitrix24Client | AmoCrmClient:
+    """A refresh of a pair kept in Secrets Manager takes the stack's own lease, like the stack's functions."""
+    leases = (
+        DynamoStore(handle.table()) if handle is not None and creds.secret_id and "Table" in handle.resources else None
+    )
     try:
-        return connect.crm_client(kind, creds, connect.http_client())
+        return connect.crm_client(kind, creds, connect.http_client(), leases=leases, region=region)
     except (MissingCredentials, NotImplementedError, ValueError) as exc:
         fail(f"cannot connect to {kind}: {exc}", "put the CRM credentials in the secret (docs/deploy.md, step 2)")
 
@@ -146,16 +161,18 @@ def init(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the proposed config")] = Path("clinic.yaml"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file")] = False,
     timezone: Annotated[str, typer.Option("--timezone")] = "Europe/Moscow",
+    region: RegionOption = None,
 ) -> None:
     """Discover the live CRM and MIS and write a proposed clinic.yaml (status -> stage map, field map) to review."""
     if out.exists() and not force:
         fail(f"{out} exists", "review it, or run again with --force to overwrite it")
     refs = {"mis": f"clinicsync/{clinic_id}/mis", "crm": f"clinicsync/{clinic_id}/crm"}
-    crm_creds = credentials("crm", refs["crm"], secrets)
-    mis_creds = credentials("mis", refs["mis"], secrets)
+    crm_creds = credentials("crm", refs["crm"], secrets, region)
+    mis_creds = credentials("mis", refs["mis"], secrets, region)
+    handle = _find_stack(stack_name(clinic_id), region) if crm_creds.secret_id else None
     with console.status(f"reading {crm}: pipelines, stages, custom fields, webhooks"):
         try:
-            found = discover_crm(_crm_client(crm, crm_creds))
+            found = discover_crm(_crm_client(crm, crm_creds, handle, region))
         except Exception as exc:
             fail(f"{crm} refused the discovery: {exc}", "check the CRM credentials (a revoked token? docs/runbook.md)")
     with console.status(f"reading {mis}: statuses, branches, doctors"):
@@ -225,14 +242,16 @@ def check(
         str | None, typer.Option("--api-url", help="The stack's HTTP API (default: stack output)")
     ] = None,
     create_fields: Annotated[bool, typer.Option("--create-fields", help="Create missing Bitrix24 fields")] = False,
+    region: RegionOption = None,
 ) -> None:
     """Validate a config against the live systems: credentials, stages, fields, statuses, webhooks. Every
     problem is reported in one pass."""
     config = load_config(config_path)
     problems: list[Problem] = []
-    crm_creds = credentials("crm", config.crm.secret_ref, secrets)
-    mis_creds = credentials("mis", config.mis.secret_ref, secrets)
-    client = _crm_client(config.crm.kind, crm_creds)
+    crm_creds = credentials("crm", config.crm.secret_ref, secrets, region)
+    mis_creds = credentials("mis", config.mis.secret_ref, secrets, region)
+    handle = _find_stack(stack_name(config.clinic_id), region)
+    client = _crm_client(config.crm.kind, crm_creds, handle, region)
     with console.status(f"checking {config.crm.kind}"):
         found, failed = guarded(
             "credentials",
@@ -247,9 +266,8 @@ def check(
         found = discover_crm(client)
     if found is not None:
         problems += check_stages(config, found) + check_fields(config, found)
-        if api_url is None:
-            with contextlib.suppress(StackNotFound, BotoCoreError):
-                api_url = StackHandle.find(stack_name(config.clinic_id)).outputs.get("ApiUrl")
+        if api_url is None and handle is not None:
+            api_url = handle.outputs.get("ApiUrl")
         problems += check_webhooks(config, found, api_url, crm_creds.values)
     with console.status(f"checking {config.mis.kind}"):
         if config.mis.kind == "medods":
@@ -296,6 +314,37 @@ def _default_sam() -> str:
     return str(local) if local.exists() else "sam"
 
 
+def _clear_failed_create(stack: str, region: str | None) -> None:
+    """A stack whose first create rolled back (ROLLBACK_COMPLETE) accepts no update: delete it, so the
+    deploy creates it afresh. Only a create that never completed ends in that status."""
+    if deployment.stack_status(stack, region) != "ROLLBACK_COMPLETE":
+        return
+    console.print(f"[yellow]stack {stack} is ROLLBACK_COMPLETE:[/] its first create failed and it holds nothing")
+    with console.status(f"deleting {stack} so it can be created again"):
+        deployment.delete_failed_create(stack, region)
+    console.print(f"deleted {stack}; creating it again")
+
+
+def _run_sam(sam_bin: str, steps: tuple[tuple[str, list[str]], ...]) -> None:
+    # sam build resolves the Lambda runtime's python3.13 from PATH: put one there, as the Makefile does.
+    python_dir = deployment.python313_dir()
+    if python_dir is None:
+        fail("python3.13 not found on PATH or under pyenv's versions", "install Python 3.13 (sam build needs it)")
+    env = deployment.sam_environment(python_dir)
+    for step, command in steps:
+        console.print(f"[bold]{step}[/] …")
+        try:
+            result = subprocess.run(command, check=False, env=env)  # noqa: S603 - our own argv, no shell
+        except FileNotFoundError:
+            fail(f"{sam_bin} not found", "install the SAM CLI (`make sam-venv`) or pass --sam <path>")
+        if result.returncode != 0:
+            fail(
+                f"{step} failed (exit {result.returncode})",
+                f"read the {step} output above, fix it, and run `clinicsync deploy` again "
+                "(a stack whose first create failed is deleted and created again)",
+            )
+
+
 @app.command()
 def deploy(
     config_path: ConfigOption = Path("clinic.yaml"),
@@ -303,55 +352,83 @@ def deploy(
         "clinic.secrets.json"
     ),
     alarm_topic_arn: Annotated[str, typer.Option("--alarm-topic-arn", help="SNS topic for alarm notifications")] = "",
-    region: Annotated[str | None, typer.Option("--region")] = None,
+    region: RegionOption = None,
     sam: Annotated[str | None, typer.Option("--sam", help="The sam executable")] = None,
     template: Annotated[Path, typer.Option("--template")] = Path("template.yaml"),
     build_dir: Annotated[Path, typer.Option("--build-dir")] = Path(".aws-sam/build"),
     api_url: Annotated[str | None, typer.Option("--api-url", help="Override the stack's ApiUrl output")] = None,
     register_hooks: Annotated[bool, typer.Option("--webhooks/--no-webhooks", help="Register CRM webhooks")] = True,
+    replace_tokens: Annotated[
+        bool,
+        typer.Option("--replace-tokens", help="Use the file's OAuth pair over the stored one (after re-authorising)"),
+    ] = False,
 ) -> None:
-    """Put the config in SSM and the secrets in Secrets Manager, `sam build` + `sam deploy` the clinic's stack,
-    and register the CRM webhooks where the CRM's API allows."""
+    """Merge the secrets into Secrets Manager, `sam build` + `sam deploy` the clinic's stack, store the config
+    in SSM (after the code, see docs/deploy.md), and register the CRM webhooks where the CRM's API allows."""
     config = load_config(config_path)
     values = load_secrets_file(secrets)
     if not values["mis"] or not values["crm"]:
         fail(f"{secrets} lacks mis or crm credentials", "fill both in (docs/deploy.md, step 2)")
+    if problems := deployment.secret_problems(config, values):
+        fail(f"{secrets}: " + "; ".join(problems), "fix the secrets file (docs/deploy.md, step 2)")
     refs = {"mis": config.mis.secret_ref, "crm": config.crm.secret_ref, "clinic": clinic_secret_ref(config.clinic_id)}
     parameter = f"/clinicsync/{config.clinic_id}/config"
-    try:
-        with console.status("storing the secrets in Secrets Manager and the config in SSM"):
-            arns = deployment.store_secrets(refs, values)
-            deployment.store_config(parameter, config_path.read_text(encoding="utf-8"))
-    except (ClientError, BotoCoreError) as exc:
-        fail(f"AWS refused: {exc}", "check your AWS credentials, region and permissions (secretsmanager, ssm)")
-    console.print(f"secrets: {', '.join(refs.values())}; config: SSM {parameter}")
-    overrides = deployment.parameter_overrides(config, parameter, arns, alarm_topic_arn)
     stack = stack_name(config.clinic_id)
+    config_text = config_path.read_text(encoding="utf-8")
+    try:
+        _clear_failed_create(stack, region)
+        with console.status("storing the secrets in Secrets Manager"):
+            arns, kept = deployment.store_secrets(
+                refs,
+                values,
+                crm_token_keys=connect.token_keys(config.crm.kind),
+                replace_tokens=replace_tokens,
+                region=region,
+            )
+        # Code before config: running functions re-read the config within minutes and reject keys they do
+        # not know, so a changed config waits for the new code. A first deploy has no code running yet.
+        config_first = not deployment.config_exists(parameter, region)
+        if config_first:
+            deployment.store_config(parameter, config_text, region)
+    except (ClientError, BotoCoreError) as exc:
+        fail(
+            f"AWS refused: {exc}",
+            "check your AWS credentials, region and permissions (cloudformation, secretsmanager, ssm)",
+        )
+    console.print(f"secrets: {', '.join(refs.values())}")
+    if kept:
+        console.print(
+            "kept the CRM's OAuth pair stored in Secrets Manager: the stack rotates it, the file's copy may be "
+            "spent (after re-authorising the app, deploy with --replace-tokens)"
+        )
+    overrides = deployment.parameter_overrides(config, parameter, arns, alarm_topic_arn)
     sam_bin = sam or _default_sam()
-    for step, command in (
-        ("sam build", deployment.build_command(sam_bin, template, build_dir)),
-        ("sam deploy", deployment.deploy_command(sam_bin, build_dir, stack, overrides, region)),
-    ):
-        console.print(f"[bold]{step}[/] …")
+    _run_sam(
+        sam_bin,
+        (
+            ("sam build", deployment.build_command(sam_bin, template, build_dir)),
+            ("sam deploy", deployment.deploy_command(sam_bin, build_dir, stack, overrides, region)),
+        ),
+    )
+    if not config_first:
         try:
-            result = subprocess.run(command, check=False)  # noqa: S603 - our own argv, no shell
-        except FileNotFoundError:
-            fail(f"{sam_bin} not found", "install the SAM CLI (`make sam-venv`) or pass --sam <path>")
-        if result.returncode != 0:
-            fail(f"{step} failed (exit {result.returncode})", f"read the {step} output above, fix it, and deploy again")
+            deployment.store_config(parameter, config_text, region)
+        except (ClientError, BotoCoreError) as exc:
+            fail(f"the new code is live but its config was not stored: {exc}", "run `clinicsync deploy` again")
+    console.print(f"config: SSM {parameter}")
     if not register_hooks:
         console.print("[yellow]next:[/] register the CRM webhooks (docs/deploy.md, step 5), then `clinicsync backfill`")
         return
+    handle = _find_stack(stack, region)
     if api_url is None:
-        try:
-            api_url = StackHandle.find(stack).outputs.get("ApiUrl")
-        except StackNotFound:
-            api_url = None
+        api_url = handle.outputs.get("ApiUrl") if handle else None
     if not api_url:
         fail(f"stack {stack} has no ApiUrl output", "check the deploy, then `clinicsync deploy` again (or --api-url)")
-    client = _crm_client(config.crm.kind, connect.Credentials(values["crm"]))
+    # The secret now holds the live pair: registration refreshes it there, under the stack's lease.
+    crm_creds = credentials("crm", refs["crm"], None, region)
+    client = _crm_client(config.crm.kind, crm_creds, handle, region)
     try:
-        done = register_webhooks(client, config.crm.kind, api_url, values["crm"])
+        done = register_webhooks(client, config.crm.kind, api_url, crm_creds.values)
     except Exception as exc:
         fail(
             f"webhook registration failed: {exc}",
@@ -373,10 +450,11 @@ def backfill(
     pages_per_run: Annotated[int, typer.Option("--pages-per-run", min=1, max=1000)] = 1000,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the sync queue is empty")] = True,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the queue")] = 3600.0,
+    region: RegionOption = None,
 ) -> None:
     """The first full import, with a progress bar. Safe to interrupt (Ctrl-C) and run again: it resumes
     from its checkpoint (the last page on the queue)."""
-    handle = _stack(stack)
+    handle = _stack(stack, region)
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -460,9 +538,11 @@ def _ago(at: float | None) -> str:
 
 
 @app.command()
-def status(stack: StackOption, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def status(
+    stack: StackOption, as_json: Annotated[bool, typer.Option("--json")] = False, region: RegionOption = None
+) -> None:
     """Sync lag, last poll, queue and DLQ depth, errors in the last hour, CRM budget use, opt-outs pending."""
-    handle = _stack(stack)
+    handle = _stack(stack, region)
     try:
         figures = stack_status(handle)
     except (ClientError, BotoCoreError) as exc:
@@ -527,7 +607,7 @@ def _stack_config(handle: StackHandle) -> str | None:
         handle.parameters.get("ConfigParameterName") or f"/clinicsync/{handle.name.removeprefix('clinicsync-')}/config"
     )
     try:
-        return str(boto3.client("ssm").get_parameter(Name=name)["Parameter"]["Value"])
+        return str(boto3.client("ssm", region_name=handle.region).get_parameter(Name=name)["Parameter"]["Value"])
     except ClientError:
         return None
 
@@ -543,16 +623,17 @@ def plan(
     ] = None,
     max_pages: Annotated[int, typer.Option("--max-pages", min=1)] = 10,
     limit: Annotated[int, typer.Option("--limit", help="Rows to show")] = 50,
+    region: RegionOption = None,
 ) -> None:
     """Dry run: what the next sync would create, update and move in the CRM. Nothing is written; PII masked."""
-    handle = _stack(stack)
+    handle = _stack(stack, region)
     config_text = _stack_config(handle)
     if config_text is None:
         fail(f"stack {stack} has no config in SSM", "run `clinicsync deploy` (it stores the config)")
     config = parse_clinic_config(config_text)
-    mis_creds = credentials("mis", config.mis.secret_ref, None)
-    crm_creds = credentials("crm", config.crm.secret_ref, None)
-    clinic = credentials("clinic", clinic_secret_ref(config.clinic_id), None)
+    mis_creds = credentials("mis", config.mis.secret_ref, None, region)
+    crm_creds = credentials("crm", config.crm.secret_ref, None, region)
+    clinic = credentials("clinic", clinic_secret_ref(config.clinic_id), None, region)
     http = connect.http_client()
     try:
         source = connect.mis_source(config, mis_creds, http)
@@ -569,7 +650,7 @@ def plan(
             changes = read_changes(source, cursor, max_pages)
         except Exception as exc:
             fail(f"the MIS read failed: {exc}", "check the MIS (docs/runbook.md: MIS outage)")
-    client = _crm_client(config.crm.kind, crm_creds)
+    client = _crm_client(config.crm.kind, crm_creds, handle, region)
     with console.status(f"planning against {config.crm.kind} (look-ups only)"):
         try:
             gateway = connect.crm_gateway(config, client, crm_creds)
@@ -615,15 +696,16 @@ def report(
     stack: StackOption,
     out: Annotated[Path, typer.Option("--out", "-o")] = Path("clinicsync-report.html"),
     days: Annotated[int, typer.Option("--days", min=1, max=90)] = 30,
+    region: RegionOption = None,
 ) -> None:
     """A self-contained HTML page: sync health over time, and the funnel lead -> booked -> visited -> won by
     lead source (DMS visits excluded)."""
-    handle = _stack(stack)
+    handle = _stack(stack, region)
     config_text = _stack_config(handle)
     if config_text is None:
         fail(f"stack {stack} has no config in SSM", "run `clinicsync deploy` (it stores the config)")
     config = parse_clinic_config(config_text)
-    client = _crm_client(config.crm.kind, credentials("crm", config.crm.secret_ref, None))
+    client = _crm_client(config.crm.kind, credentials("crm", config.crm.secret_ref, None, region), handle, region)
     with console.status(f"reading the funnel from {config.crm.kind}"):
         try:
             funnel = crm_funnel(client, config, days)

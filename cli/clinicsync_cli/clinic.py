@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, NoReturn
@@ -56,15 +57,24 @@ def load_secrets_file(path: Path) -> dict[str, dict[str, Any]]:
     return {k: dict(data.get(k) or {}) for k in SECRET_KEYS}
 
 
-def credentials(which: str, ref: str, secrets_file: Path | None) -> Credentials:
-    """From the local secrets file when given, else from Secrets Manager by the config's reference."""
+def credentials(which: str, ref: str, secrets_file: Path | None, region: str | None = None) -> Credentials:
+    """From the local secrets file when given, else from Secrets Manager by the config's reference.
+
+    Token custody: once a secret in AWS holds a refreshable OAuth pair, that pair is the live one (the stack
+    rotates it), so the CRM is reached with the secret even when a file is given; the file's copy may be spent.
+    Before that, the file is the store and a refresh is written back to it."""
     if secrets_file is not None:
         values = load_secrets_file(secrets_file)[which]
         if not values and which != "clinic":
             fail(f"{secrets_file} has no {which!r} credentials", f"add a {which!r} object (docs/deploy.md, step 2)")
-        return Credentials(values)
+        if which == "crm" and values.get("refresh_token"):
+            with contextlib.suppress(ClientError, BotoCoreError, MissingCredentials, json.JSONDecodeError):
+                stored = read_secret(ref, region)
+                if stored.values.get("refresh_token"):
+                    return stored
+        return Credentials(values, source_file=secrets_file, section=which)
     try:
-        return read_secret(ref)
+        return read_secret(ref, region)
     except ClientError as exc:
         code = exc.response["Error"]["Code"]
         step = (

@@ -33,10 +33,11 @@ class StackHandle:
     resources: dict[str, str]  # logical id -> physical id (queue URL, table name, ...)
     outputs: dict[str, str] = field(default_factory=dict)
     parameters: dict[str, str] = field(default_factory=dict)
+    region: str | None = None  # None: boto3's default
 
     @classmethod
-    def find(cls, name: str) -> StackHandle:
-        cfn = boto3.client("cloudformation")
+    def find(cls, name: str, region: str | None = None) -> StackHandle:
+        cfn = boto3.client("cloudformation", region_name=region)
         try:
             listed = cfn.describe_stack_resources(StackName=name)["StackResources"]
             described = cfn.describe_stacks(StackName=name)["Stacks"][0]
@@ -44,20 +45,21 @@ class StackHandle:
             raise StackNotFound(f"stack {name!r} not found ({exc.response['Error']['Code']})") from None
         outputs = {o["OutputKey"]: o["OutputValue"] for o in described.get("Outputs", [])}
         params = {p["ParameterKey"]: p.get("ParameterValue", "") for p in described.get("Parameters", [])}
-        return cls(name, {r["LogicalResourceId"]: r["PhysicalResourceId"] for r in listed}, outputs, params)
+        resources = {r["LogicalResourceId"]: r["PhysicalResourceId"] for r in listed}
+        return cls(name, resources, outputs, params, region)
 
     def queue_urls(self, queue: str) -> tuple[str, str]:
         source, dlq = QUEUES[queue]
         return self.resources[source], self.resources[dlq]
 
     def table(self) -> Any:
-        return boto3.resource("dynamodb").Table(self.resources["Table"])
+        return boto3.resource("dynamodb", region_name=self.region).Table(self.resources["Table"])
 
     def failure_log(self) -> FailureLog:
         return FailureLog(self.table())
 
     def sqs(self) -> Any:
-        return boto3.client("sqs")
+        return boto3.client("sqs", region_name=self.region)
 
     def function_name(self, logical_id: str) -> str:
         # The local runtime serves the template's functions under <stack>-<logical id>.
@@ -65,7 +67,9 @@ class StackHandle:
 
     def invoke(self, logical_id: str, payload: dict[str, Any]) -> dict[str, Any]:
         """A synchronous invocation (the poller may run for its whole 300 s timeout)."""
-        client = boto3.client("lambda", config=Config(read_timeout=330, retries={"max_attempts": 0}))
+        client = boto3.client(
+            "lambda", region_name=self.region, config=Config(read_timeout=330, retries={"max_attempts": 0})
+        )
         response = client.invoke(FunctionName=self.function_name(logical_id), Payload=json.dumps(payload).encode())
         body = json.loads(response["Payload"].read() or b"null")
         if response.get("FunctionError"):

@@ -19,11 +19,12 @@ from typing import Annotated, Any
 import httpx
 import typer
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from clinicsync_ident import __version__
-from clinicsync_ident.config import ConnectorConfig, load_config
+from clinicsync_ident.config import ConnectorConfig, load_config, write_private
 from clinicsync_ident.db import IdentDatabase
 from clinicsync_ident.push import StackClient, StackRefused, StackUnavailable
 from clinicsync_ident.runner import Connector, RunReport
@@ -94,11 +95,15 @@ def init(
         "state_file": str(state_file),
         "database": {"driver": "mssql", "dsn": dsn},
     }
-    ConnectorConfig.model_validate(data)
+    try:
+        ConnectorConfig.model_validate(data)
+    except ValidationError as exc:  # named fields and rules only: the DSN may hold a password
+        wrong = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_input=False))
+        raise _fail(f"cannot write the config: {wrong}", "fix the option(s) and run init again") from None
     config_path.parent.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(secrets.token_urlsafe(48), encoding="utf-8")
-    key_file.chmod(0o600)
-    config_path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    # Both files are secrets: the key signs batches, and the DSN may hold database credentials.
+    write_private(key_file, secrets.token_urlsafe(48))
+    write_private(config_path, yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
     console.print(f"wrote {config_path} and {key_file}")
     console.print(
         "[yellow]next:[/] put the key into the clinic's MIS secret as `connector_key` (see docs/ident.md), "

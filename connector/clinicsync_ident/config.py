@@ -7,11 +7,13 @@ grace are not here: the connector fetches them from the stack, so they live only
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
 
 class DatabaseSettings(BaseModel):
@@ -39,11 +41,35 @@ class ConnectorConfig(BaseModel):
     patients_per_batch: int = Field(default=100, ge=1, le=500)
     ca_bundle: Path | None = Field(default=None, description="Extra CA bundle, if the clinic's proxy re-signs TLS")
 
+    @field_validator("stack_url")
+    @classmethod
+    def _tls_only(cls, url: HttpUrl) -> HttpUrl:
+        # Batches carry patients' names and phones: plain http only to this machine (the local runtime).
+        if url.scheme != "https" and not _loopback(url.host or ""):
+            raise ValueError("stack_url must be https:// (http only for a loopback address)")
+        return url
+
     def signing_key(self) -> bytes:
         key = self.key_file.read_text(encoding="utf-8").strip().encode()
         if len(key) < 32:
             raise ValueError(f"{self.key_file}: the signing key must be at least 32 characters")
         return key
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def write_private(path: Path, text: str) -> None:
+    """Create ``path`` readable by its owner only (0600 from the first byte, no window at 0644)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
 
 
 def load_config(path: Path) -> ConnectorConfig:

@@ -20,9 +20,9 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clinicsync import ident, wiring
-from clinicsync.adapters.ident import KEY_HEADER, TicketQuery, TimeTable
+from clinicsync.adapters.ident import KEY_HEADER, TicketQuery, TimeTable, weak_integration_key
 from clinicsync.crm_events import ENTITY_OF_EVENT
-from clinicsync.crypto import constant_time_equals
+from clinicsync.crypto import credential_matches
 from clinicsync.forms import FormError, http_body, parse_php_form
 from clinicsync.models import CrmEvent
 from clinicsync.observability import logger, metrics, tracer
@@ -88,10 +88,10 @@ def bitrix24() -> Response[Any]:
         fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
         return _reply(400, {"error": "invalid_event", "fields": fields})
     expected = wiring.crm_credentials()
-    if not constant_time_equals(parsed.auth.application_token, str(expected.get("application_token", ""))):
+    if not credential_matches(parsed.auth.application_token, expected.get("application_token")):
         metrics.add_metric(name="WebhooksRefused", unit=MetricUnit.Count, value=1)
         return _reply(401, {"error": "bad_application_token"})
-    if not constant_time_equals(parsed.auth.member_id, str(expected.get("member_id", ""))):
+    if not credential_matches(parsed.auth.member_id, expected.get("member_id")):
         metrics.add_metric(name="WebhooksRefused", unit=MetricUnit.Count, value=1)
         return _reply(403, {"error": "unknown_portal"})
     entity = ENTITY_OF_EVENT.get(parsed.event.upper())
@@ -124,7 +124,7 @@ AMOCRM_ACTIONS = {
 def amocrm(secret: str) -> Response[Any]:
     """amoCRM signs nothing: the unguessable path secret and the account id are the whole check."""
     expected = wiring.crm_credentials()
-    if not constant_time_equals(secret, str(expected.get("webhook_secret", ""))):
+    if not credential_matches(secret, expected.get("webhook_secret")):
         metrics.add_metric(name="WebhooksRefused", unit=MetricUnit.Count, value=1)
         return _reply(401, {"error": "bad_secret"})
     try:
@@ -133,7 +133,7 @@ def amocrm(secret: str) -> Response[Any]:
         return _reply(400, {"error": "malformed_body", "detail": str(exc)})
     account = form.get("account")
     account_id = account.get("id") if isinstance(account, dict) else None
-    if not constant_time_equals(str(account_id or ""), str(expected.get("account_id", ""))):
+    if not credential_matches(str(account_id or ""), expected.get("account_id")):
         metrics.add_metric(name="WebhooksRefused", unit=MetricUnit.Count, value=1)
         return _reply(403, {"error": "unknown_account"})
     try:
@@ -184,7 +184,11 @@ def _ident_refusal() -> Response[Any] | None:
     if not given:
         metrics.add_metric(name="IdentCallsRefused", unit=MetricUnit.Count, value=1)
         return _text(401, f"missing {KEY_HEADER} header")
-    if not constant_time_equals(given, str(wiring.mis_credentials().get("integration_key", ""))):
+    mis = wiring.mis_credentials()
+    if weak_integration_key(mis.get("integration_key")):  # fail closed: a guessable key would serve patients' leads
+        metrics.add_metric(name="IdentCallsRefused", unit=MetricUnit.Count, value=1)
+        return _text(503, "the clinic's integration_key is too weak; the operator must set a new one")
+    if not credential_matches(given, mis.get("integration_key")):
         metrics.add_metric(name="IdentCallsRefused", unit=MetricUnit.Count, value=1)
         return _text(403, f"{KEY_HEADER} is not valid for this clinic")
     return None

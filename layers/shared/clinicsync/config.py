@@ -270,8 +270,14 @@ class DirectorySettings(Section):
         return self.field_owners.get(field, "lis")  # type: ignore[call-overload, no-any-return]
 
 
+# The clinic id names the stack and its resources: the template's ClinicId AllowedPattern is this very
+# pattern (tests/test_deploy_custody.py compares them), so a config that validates here deploys.
+CLINIC_ID_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$"
+CLINIC_ID_MAX_LENGTH = 40
+
+
 class ClinicConfig(Section):
-    clinic_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,40}$")
+    clinic_id: str = Field(pattern=CLINIC_ID_PATTERN, max_length=CLINIC_ID_MAX_LENGTH)
     timezone: str = "Europe/Moscow"
     mis: MisConnection
     crm: CrmConnection

@@ -2,33 +2,46 @@
 clinic config and its credentials instead of the Lambda environment.
 
 Credentials come from Secrets Manager (the secret a config names) or, before the first deploy, from the
-operator's local secrets file; they are held in memory only. OAuth pairs rotated while the CLI works are
-written back where they came from (the secret, or the in-memory copy for a file).
+operator's local secrets file. An OAuth pair rotated while the CLI works goes through the one token-writer
+path (:class:`clinicsync.oauth.OAuthSession`: refresh under the lease, persist before use) into the store it
+came from: the secret (under the stack's DynamoDB lease when the stack exists), or the secrets file, which is
+then the only copy of the live pair.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import boto3
 import httpx
+import yaml
 
 from clinicsync.adapters.amocrm import AmoCrmClient
 from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
-from clinicsync.adapters.amocrm_oauth import AMOCRM, AmoCrmOAuth, AmoCrmTokens
+from clinicsync.adapters.amocrm_oauth import AMOCRM, AmoCrmOAuth
 from clinicsync.adapters.amocrm_oauth import SecretsManagerTokenStore as AmoCrmTokenStore
+from clinicsync.adapters.amocrm_oauth import lease_lock as amocrm_lease_lock
 from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer
 from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
-from clinicsync.adapters.bitrix24_oauth import BITRIX24, Bitrix24OAuth, Bitrix24Tokens
+from clinicsync.adapters.bitrix24_oauth import BITRIX24, Bitrix24OAuth
 from clinicsync.adapters.bitrix24_oauth import SecretsManagerTokenStore as Bitrix24TokenStore
+from clinicsync.adapters.bitrix24_oauth import lease_lock as bitrix24_lease_lock
 from clinicsync.adapters.infoclinica import InfoClinicaApi, InfoClinicaSource
 from clinicsync.adapters.medods import MedodsApi, MedodsSource
 from clinicsync.adapters.renovatio import RenovatioApi, RenovatioSource
 from clinicsync.config import ClinicConfig
-from clinicsync.oauth import rotated_values
+from clinicsync.oauth import LeaseStore, rotated_values
 from clinicsync.ports import CrmGateway, MisSource
+
+
+def token_keys(kind: str) -> tuple[str, ...]:
+    """The keys of a CRM secret that belong to its OAuth pair (what a refresh rewrites)."""
+    return {"amocrm": AMOCRM.rotated_keys, "bitrix24": BITRIX24.rotated_keys}.get(kind, ())
 
 
 class MissingCredentials(Exception):
@@ -41,6 +54,9 @@ class Credentials:
 
     values: dict[str, Any]
     secret_id: str | None = None
+    # The operator's secrets file these came from, and the object in it (``crm``): rotations are written back.
+    source_file: Path | None = None
+    section: str = "crm"
 
     def need(self, *keys: str) -> None:
         missing = [k for k in keys if not self.values.get(k)]
@@ -49,16 +65,19 @@ class Credentials:
             raise MissingCredentials(f"{where} has no {', '.join(missing)}")
 
 
-def read_secret(secret_id: str) -> Credentials:
-    text = boto3.client("secretsmanager").get_secret_value(SecretId=secret_id).get("SecretString") or ""
+def read_secret(secret_id: str, region: str | None = None) -> Credentials:
+    text = boto3.client("secretsmanager", region_name=region).get_secret_value(SecretId=secret_id).get("SecretString")
+    text = text or ""
     data = json.loads(text)
     if not isinstance(data, dict):
         raise MissingCredentials(f"secret {secret_id!r} is not a JSON object")
     return Credentials(data, secret_id)
 
 
-class _MemoryTokens[T]:
-    """Tokens from a local secrets file: rotations are kept in memory (the file is the operator's)."""
+class FileTokens[T]:
+    """Tokens from the operator's secrets file (no secret in AWS yet). A rotated pair is written back to
+    the file before it is used: the vendor has already killed the old refresh token, so the file must not
+    keep it (the first deploy copies the file's pair into the secret)."""
 
     def __init__(self, creds: Credentials, vendor: Any) -> None:
         self._creds = creds
@@ -69,44 +88,88 @@ class _MemoryTokens[T]:
         return parsed
 
     def save(self, tokens: T) -> None:
-        self._creds.values.update(rotated_values(tokens, self._vendor.rotated_keys))
+        rotated = rotated_values(tokens, self._vendor.rotated_keys)
+        path = self._creds.source_file
+        if path is not None:
+            write_secrets_file(path, self._creds.section, rotated)
+        self._creds.values.update(rotated)
+
+
+def write_secrets_file(path: Path, section: str, updates: dict[str, Any]) -> None:
+    """Merge ``updates`` into one object of a secrets file, atomically and readable by its owner only."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise MissingCredentials(f"{path} is not a mapping")
+    data[section] = {**(data.get(section) or {}), **updates}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp creates it 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(data, out, indent=2, ensure_ascii=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def http_client() -> httpx.Client:
     return httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0))
 
 
-def bitrix24_client(creds: Credentials, http: httpx.Client, rate: float = 2.0, burst: int = 10) -> Bitrix24Client:
-    """Paced in-process and kept well under the portal's budget: the live stack shares the same bucket."""
+def _token_store(creds: Credentials, vendor: Any, region: str | None) -> Any:
+    if creds.secret_id:
+        store_type = Bitrix24TokenStore if vendor is BITRIX24 else AmoCrmTokenStore
+        return store_type(boto3.client("secretsmanager", region_name=region), creds.secret_id)
+    return FileTokens[Any](creds, vendor)
+
+
+def bitrix24_client(
+    creds: Credentials,
+    http: httpx.Client,
+    rate: float = 2.0,
+    burst: int = 10,
+    *,
+    leases: LeaseStore | None = None,
+    region: str | None = None,
+) -> Bitrix24Client:
+    """Paced in-process and kept well under the portal's budget: the live stack shares the same bucket.
+    ``leases``: the stack's table, so a refresh here is serialised with the stack's own (same lease)."""
     if creds.values.get("webhook_url"):
         return Bitrix24Client(str(creds.values["webhook_url"]), http=http, pacer=Pacer(rate, burst))
     creds.need("access_token", "refresh_token", "client_endpoint")
-    store: Any = (
-        Bitrix24TokenStore(boto3.client("secretsmanager"), creds.secret_id)
-        if creds.secret_id
-        else _MemoryTokens[Bitrix24Tokens](creds, BITRIX24)
-    )
-    oauth = Bitrix24OAuth(store, http)
+    lock = bitrix24_lease_lock(leases) if leases is not None else None
+    oauth = Bitrix24OAuth(_token_store(creds, BITRIX24, region), http, lock=lock)
     return Bitrix24Client(
         http=http, pacer=Pacer(rate, burst), oauth=oauth, user_id=str(creds.values.get("user_id", ""))
     )
 
 
-def amocrm_client(creds: Credentials, http: httpx.Client, rate: float = 3.0, burst: int = 1) -> AmoCrmClient:
+def amocrm_client(
+    creds: Credentials,
+    http: httpx.Client,
+    rate: float = 3.0,
+    burst: int = 1,
+    *,
+    leases: LeaseStore | None = None,
+    region: str | None = None,
+) -> AmoCrmClient:
     creds.need("base_url")
-    store: Any = (
-        AmoCrmTokenStore(boto3.client("secretsmanager"), creds.secret_id)
-        if creds.secret_id
-        else _MemoryTokens[AmoCrmTokens](creds, AMOCRM)
-    )
-    return AmoCrmClient(AmoCrmOAuth(store, http), http, Pacer(rate, burst), max_attempts=3)
+    lock = amocrm_lease_lock(leases) if leases is not None else None
+    auth = AmoCrmOAuth(_token_store(creds, AMOCRM, region), http, lock=lock)
+    return AmoCrmClient(auth, http, Pacer(rate, burst), max_attempts=3)
 
 
-def crm_client(kind: str, creds: Credentials, http: httpx.Client) -> Bitrix24Client | AmoCrmClient:
+def crm_client(
+    kind: str,
+    creds: Credentials,
+    http: httpx.Client,
+    *,
+    leases: LeaseStore | None = None,
+    region: str | None = None,
+) -> Bitrix24Client | AmoCrmClient:
     if kind == "bitrix24":
-        return bitrix24_client(creds, http)
+        return bitrix24_client(creds, http, leases=leases, region=region)
     if kind == "amocrm":
-        return amocrm_client(creds, http)
+        return amocrm_client(creds, http, leases=leases, region=region)
     raise NotImplementedError(f"CRM kind {kind!r} has no adapter yet")
 
 

@@ -40,3 +40,10 @@ class KeyedHasher:
 
 def constant_time_equals(given: str | None, expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def credential_matches(given: str | None, configured: object) -> bool:
+    """An inbound credential against the clinic's setting, failing closed: a setting that is missing or
+    empty matches nothing (else an absent ``account_id`` would accept any request without one)."""
+    expected = str(configured or "")
+    return bool(expected) and constant_time_equals(given, expected)

@@ -46,4 +46,7 @@ class ClinicMetricsProvider(AmazonCloudWatchEMFProvider):
 
 logger = Logger(service="clinicsync")
 metrics = Metrics(provider=ClinicMetricsProvider(namespace="clinicsync", service="clinicsync"))
-tracer = Tracer(service="clinicsync")
+# Only botocore is patched: an httpx subsegment keeps the URL path, which holds the Bitrix24 webhook secret
+# (/rest/<user>/<secret>/…) and Mailchimp's member hash (MD5 of an e-mail). AWS calls carry neither.
+TRACED_MODULES = ("botocore",)
+tracer = Tracer(service="clinicsync", patch_modules=TRACED_MODULES)

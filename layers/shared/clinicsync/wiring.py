@@ -314,14 +314,13 @@ def _bitrix_client(secret_arn: str, rate: float, burst: int, shared_budget: bool
     The pacer is a leaky bucket in DynamoDB shared by every concurrent syncer, keyed by the portal,
     so together they stay under the portal's 2 req/s; ``shared_budget: false`` paces in-process.
     """
-    from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer
+    from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer, portal_budget_key
     from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth, SecretsManagerTokenStore, lease_lock
 
     creds = secret(secret_arn)
-    portal = str(creds.get("member_id") or creds.get("webhook_url") or "portal")
     table = dynamodb().Table(settings().table_name)
     pacer: RequestPacer = (
-        SharedLeakyBucket(table, f"bitrix24:{portal}", rate, burst) if shared_budget else Pacer(rate, burst)
+        SharedLeakyBucket(table, portal_budget_key(creds), rate, burst) if shared_budget else Pacer(rate, burst)
     )
     if creds.get("webhook_url"):
         return Bitrix24Client(str(creds["webhook_url"]), http=http_client(), pacer=pacer)

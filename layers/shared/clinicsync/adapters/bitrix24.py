@@ -23,6 +23,18 @@ BATCH_LIMIT = 50
 PAGE_SIZE = 50
 
 
+def portal_budget_key(creds: Mapping[str, Any]) -> str:
+    """The request-budget key of the clinic's portal (a DynamoDB key, and named in budget errors).
+
+    Bitrix24 limits a portal as a whole, so the key names the portal: its ``member_id``, else its host.
+    Never the incoming-webhook URL: its path holds the secret (``/rest/<user>/<secret>/``)."""
+    member = str(creds.get("member_id") or "")
+    if member:
+        return f"bitrix24:{member}"
+    url = str(creds.get("webhook_url") or creds.get("client_endpoint") or "")
+    return f"bitrix24:{urlsplit(url).hostname or 'portal'}"
+
+
 class Bitrix24Error(Exception):
     """A permanent error: the request was understood and refused."""
 

@@ -25,6 +25,21 @@ from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Fiel
 from clinicsync.models import PatientChanges
 
 KEY_HEADER = "IDENT-Integration-Key"
+# IDENT's shared key guards patients' leads: at least 32 random bytes as url-safe text (secrets.token_urlsafe(32)).
+INTEGRATION_KEY_MIN_CHARS = 43
+_KEY_MIN_DISTINCT = 16  # a long run of few characters is not random
+
+
+def weak_integration_key(key: object) -> str | None:
+    """Why ``key`` is too weak to serve IDENT with, or None when it is strong enough (the reason names no value)."""
+    text = key if isinstance(key, str) else ""
+    if len(text) < INTEGRATION_KEY_MIN_CHARS:
+        return f"integration_key must be at least {INTEGRATION_KEY_MIN_CHARS} characters (secrets.token_urlsafe(32))"
+    if len(set(text)) < _KEY_MIN_DISTINCT:
+        return "integration_key is not random enough (secrets.token_urlsafe(32))"
+    return None
+
+
 MAX_TICKETS_PER_CALL = 500  # IDENT asks for 500; public servers cap at 500-1000
 
 # ISO 8601 with a UTC offset, as IDENT sends it: "+03:00", "+0300", "Z", or a "+" that arrived as a

@@ -5,7 +5,6 @@ Log lines carry ids and counts only; names, phones and e-mails are never passed 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
@@ -20,7 +19,9 @@ CLINIC_DIMENSION = "ClinicId"
 def clinic_dimensions() -> dict[str, str]:
     """The dimension that keeps clinics sharing an account apart (the template's alarms and dashboard filter
     on it). Read at every flush, not at import: the local runtime runs several clinics in one process."""
-    clinic = os.environ.get("CLINIC_ID", "")
+    from clinicsync.wiring import current_clinic_id  # late: wiring, the one reader of the environment, imports us
+
+    clinic = current_clinic_id()
     return {CLINIC_DIMENSION: clinic} if clinic else {}
 
 

@@ -68,6 +68,12 @@ class Settings(BaseModel):
         return cls.model_validate({k: os.environ.get(k.upper(), "") for k in keys})
 
 
+def current_clinic_id() -> str:
+    """The clinic of this invocation, for the metric dimension: read per call, not cached, because the local
+    runtime runs several clinics in one process."""
+    return os.environ.get("CLINIC_ID", "")
+
+
 @functools.cache
 def settings() -> Settings:
     return Settings.from_env()

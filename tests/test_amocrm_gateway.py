@@ -231,3 +231,58 @@ def test_a_few_phones_are_searched_one_query_each(amo: tuple[AmoCrmEmulator, str
     matches = gateway.find([], [], phones=["+79161234567"])
     assert matches.phones["+79161234567"].contacts == ((str(typed), None),)
     assert emulator.stats()["requests"] == 2  # the bare digits miss "8 (916) …"; the dashed tail finds it
+
+
+def _unlimited(emulator: AmoCrmEmulator) -> None:
+    emulator.limits.enabled = False  # these tests count rows and requests, not the 7 rps window
+
+
+def _gateway(emulator: AmoCrmEmulator, base: str, config: Any = None) -> AmoCrmGateway:
+    return AmoCrmGateway(AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST), config or _config())
+
+
+def _contact_with_email(emulator: AmoCrmEmulator, n: int) -> int:
+    email = {"field_code": "EMAIL", "values": [{"value": f"p{n}@example.org"}]}
+    return emulator.manager_create_contact(first_name=f"Пациент {n}", custom_fields_values=[email])
+
+
+def test_contact_emails_for_an_opt_out_read_every_contact_past_the_default_page_of_50(
+    amo: tuple[AmoCrmEmulator, str],
+) -> None:
+    """The consent job asks for the e-mails of up to 250 contacts at once; amoCRM pages at 50 unless told
+    otherwise, so without ``limit`` the 51st contact's address never reached Mailchimp."""
+    emulator, base = amo
+    _unlimited(emulator)
+    ids = [_contact_with_email(emulator, n) for n in range(300)]
+    gateway = _gateway(emulator, base)
+    emails = gateway.contact_emails([str(i) for i in ids])
+    assert emails == {str(i): [f"p{n}@example.org"] for n, i in enumerate(ids)}
+    fetched = gateway.fetch("contact", [str(i) for i in ids])
+    assert set(fetched) == {str(i) for i in ids}
+
+
+def test_every_amocrm_list_read_sends_limit(amo: tuple[AmoCrmEmulator, str]) -> None:
+    """Every list read of the gateway, through every path that reads one, asks for a page size."""
+    emulator, base = amo
+    _unlimited(emulator)
+    config = _config()
+    config = config.model_copy(
+        update={"matching": config.matching.model_copy(update={"adopt_deal_stages": [str(STATUS_NEW_REQUEST)]})}
+    )
+    since = int(emulator.clock.now())
+    phone = {"field_code": "PHONE", "values": [{"value": "8 (916) 123-45-67"}]}
+    typed = emulator.manager_create_contact(first_name="Анна", custom_fields_values=[phone])
+    lead = emulator.manager_create_lead("Заявка с сайта", contact_ids=[typed], status_id=STATUS_NEW_REQUEST)
+    gateway = _gateway(emulator, base, config)
+    gateway.apply(_writes(0, 3))
+    gateway.find(["p0"], ["a0"], phones=["+79161234567"], intended_since=since)
+    gateway.find([], [], phones=[f"+7916000000{n}" for n in range(5)])
+    gateway.fetch("lead", [str(lead)])
+    gateway.fetch("contact", [str(typed)])
+    gateway.contact_emails([str(typed)])
+    gateway.changed_since("lead", datetime.fromtimestamp(since, ZoneInfo("UTC")).isoformat(), 10)
+    window = datetime.fromtimestamp(since - 60, ZoneInfo("UTC")), datetime.fromtimestamp(since + 60, ZoneInfo("UTC"))
+    gateway.open_leads(*window, limit=10, offset=0)
+    reads = emulator.list_reads()
+    assert {path for path, _ in reads} == {"/api/v4/leads", "/api/v4/contacts"}
+    assert [args for _, args in reads if str(args.get("limit")) != "250"] == []

@@ -308,6 +308,20 @@ def test_list_paging_follows_links_next_until_it_disappears(
     assert len(api(client, "GET", "/api/v4/leads", auth, limit=250)["_embedded"]["leads"]) == 7
 
 
+def test_a_list_by_250_ids_without_limit_is_a_page_of_50(
+    emu: AmoCrmEmulator, client: Client, auth: dict[str, str]
+) -> None:
+    ids = api(client, "POST", "/api/v4/contacts", auth, body=[{"name": f"C {i}"} for i in range(120)])
+    wanted = [row["id"] for row in ids["_embedded"]["contacts"]]
+    query = [("filter[id][]", str(i)) for i in wanted]
+    body = client.get("/api/v4/contacts", headers=auth, query_string=query).get_json()
+    assert [row["id"] for row in body["_embedded"]["contacts"]] == wanted[:50]
+    assert "next" in body["_links"]
+    limited = client.get("/api/v4/contacts", headers=auth, query_string=[*query, ("limit", "250")]).get_json()
+    assert len(limited["_embedded"]["contacts"]) == 120
+    assert [("limit" in args) for _, args in emu.list_reads()] == [False, True]
+
+
 def test_limit_over_250_is_a_400_problem_or_clamped_when_configured(client: Client, auth: dict[str, str]) -> None:
     create_lead(client, auth, name="x")
     response = client.get("/api/v4/leads?limit=251", headers=auth)

@@ -28,7 +28,9 @@ Emulator assumptions where amoCRM is undocumented or only observed (also listed 
 * ``query`` is a case-insensitive substring match over the **raw stored strings** of the entity's name fields
   (name, first/last name) and all its custom field values; a lead also matches through its linked contacts'
   names and field values. No phone normalisation: ``+79991234567`` is not found by ``89991234567``.
-* ``limit`` above 250 (or below 1) answers 400 problem+json (``limit_over_max="clamp"`` clamps instead).
+* A list without ``limit`` is a page of 50, whatever ``filter[id][]`` asks for (amocrm-api-php #210);
+  ``limit`` above 250 (or below 1) answers 400 problem+json (``limit_over_max="clamp"`` clamps instead).
+  :meth:`AmoCrmEmulator.list_reads` records every list read's query for tests.
   Lists are ordered by ``id`` ascending unless ``order[...]`` says otherwise. ``filter[custom_fields_values]``
   is ignored (like on accounts outside the filter alpha) unless ``cf_filter_enabled`` is set.
 * A GET of a missing lead/contact is 204; PATCH ``/{entity}/{id}`` of a missing one is 404 problem+json; a
@@ -719,6 +721,7 @@ class AmoCrmEmulator:
         self._drop_rules: list[_EventRule] = []
         self._duplicate_rules: list[_EventRule] = []
         self.events_log: list[tuple[str, int, float]] = []  # (setting, entity id, ts) for every change
+        self._list_reads: list[tuple[str, JsonDict]] = []  # (path, parsed query) of every authorised list GET
         self.delivery_log: list[WebhookDelivery] = []
         self.dropped_events: list[WebhookEvent] = []
         self._stats = _Stats()
@@ -1219,9 +1222,16 @@ class AmoCrmEmulator:
                 "webhooks_disabled": s.webhooks_disabled,
             }
 
+    def list_reads(self) -> list[tuple[str, JsonDict]]:
+        """``(path, parsed query)`` of every authorised ``GET /api/v4/leads|contacts`` list read, in order
+        (tests assert that every one sends ``limit``: without it amoCRM answers 50 rows)."""
+        with self._lock:
+            return [(path, copy.deepcopy(args)) for path, args in self._list_reads]
+
     def reset_stats(self) -> None:
         with self._lock:
             self._stats = _Stats()
+            self._list_reads.clear()
 
     def reset_limits(self) -> None:
         """Forget request windows, violations and blocks."""
@@ -1477,6 +1487,8 @@ class AmoCrmEmulator:
 
     def _h_list(self, ctx: _Ctx, request: Request, entity: str) -> Response:
         args = ctx.args
+        self._list_reads.append((f"/api/v4/{entity}", copy.deepcopy(args)))
+        # No ``limit`` means amoCRM's default page of 50, even when ``filter[id][]`` names 250 ids.
         page = _int_arg(args.get("page"), 1, "page")
         limit = _int_arg(args.get("limit"), DEFAULT_PAGE_LIMIT, "limit")
         if page < 1:

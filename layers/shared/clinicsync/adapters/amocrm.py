@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import httpx
@@ -21,6 +21,16 @@ from clinicsync.budget import BudgetTimeout, RequestPacer
 from clinicsync.observability import logger, metrics
 
 READ_METHODS = frozenset({"GET"})
+# amoCRM's largest page. A list read without ``limit`` gets 50 rows, even for 250 ``filter[id][]``.
+PAGE_LIMIT = 250
+
+
+def embedded(body: Any, key: str) -> list[dict[str, Any]]:
+    """The rows under ``_embedded[key]`` of a HAL body (None, a 204, gives none)."""
+    if not isinstance(body, dict):
+        return []
+    rows = (body.get("_embedded") or {}).get(key) or []
+    return [row for row in rows if isinstance(row, dict)]
 
 
 class AmoCrmAuth(Protocol):
@@ -188,6 +198,33 @@ class AmoCrmClient:
                 continue
             raise self._refused(response)
         raise AmoCrmUnavailable(f"{method} {path}: retries exhausted")
+
+    def rows(
+        self, path: str, key: str, params: Sequence[tuple[str, Any]] = (), *, first_page: int = 1
+    ) -> Iterator[dict[str, Any]]:
+        """Every row of the list ``GET path`` (``_embedded[key]``), lazily: every page asks for
+        ``limit=250`` and the next page is read only while ``_links.next`` says there is one.
+
+        The one way this package reads an amoCRM list: a read that forgets ``limit`` silently gets 50.
+        """
+        fixed = [(k, v) for k, v in params if k not in ("limit", "page")]
+        page = first_page
+        while True:
+            body = self.request("GET", path, params=[*fixed, ("limit", PAGE_LIMIT), ("page", page)])
+            found = embedded(body, key)
+            yield from found
+            if not found or "next" not in ((body or {}).get("_links") or {}):
+                return
+            page += 1
+
+    def rows_by_id(
+        self, path: str, key: str, ids: Sequence[str], params: Sequence[tuple[str, Any]] = ()
+    ) -> Iterator[dict[str, Any]]:
+        """The rows of ``ids`` (duplicates dropped), ``filter[id][]`` 250 at a time through :meth:`rows`."""
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), PAGE_LIMIT):
+            chunk = [("filter[id][]", rid) for rid in unique[start : start + PAGE_LIMIT]]
+            yield from self.rows(path, key, [*chunk, *params])
 
     def _wait(self, method: str, path: str, reason: str, attempt: int) -> None:
         logger.warning("amocrm retry", extra={"method": method, "path": path, "reason": reason, "attempt": attempt})

@@ -355,6 +355,11 @@ def test_query_is_a_raw_substring_search_so_plus7_does_not_find_8(
     assert ids("contacts", "9991234567") == {plus7, eight}  # the last-10-digits trick
     assert ids("contacts", "123-45-67") == {other}  # formatting is stored and searched as typed
     assert ids("contacts", "ИВАНОВ") == {plus7, eight}  # case-insensitive over names
+    # The worst case the product designs for: spaces and brackets stay in the stored string, so neither
+    # the last ten digits nor the dashed subscriber part finds "8 (916) 111 22 33".
+    spaced = create_contact(client, auth, name="Сидоров", custom_fields_values=[phone("8 (916) 111 22 33")])
+    assert ids("contacts", "9161112233") == set() and ids("contacts", "111-22-33") == set()
+    assert ids("contacts", "(916) 111 22") == {spaced}
     # Leads are found through their linked contact's phone and through their own fields.
     lead = create_lead(client, auth, name="Приём", _embedded={"contacts": [{"id": eight}]})
     lone = create_lead(

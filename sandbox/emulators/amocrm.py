@@ -27,7 +27,9 @@ Emulator assumptions where amoCRM is undocumented or only observed (also listed 
 
 * ``query`` is a case-insensitive substring match over the **raw stored strings** of the entity's name fields
   (name, first/last name) and all its custom field values; a lead also matches through its linked contacts'
-  names and field values. No phone normalisation: ``+79991234567`` is not found by ``89991234567``.
+  names and field values. No phone normalisation: ``+79991234567`` is not found by ``89991234567``, and
+  ``8 (916) 111 22 33`` by neither ``9161112233`` nor ``111-22-33``. How amoCRM tokenises phones is
+  undocumented; this is the worst case the gateway is designed for (it never relies on ``query``).
 * A list without ``limit`` is a page of 50, whatever ``filter[id][]`` asks for (amocrm-api-php #210);
   ``limit`` above 250 (or below 1) answers 400 problem+json (``limit_over_max="clamp"`` clamps instead).
   :meth:`AmoCrmEmulator.list_reads` records every list read's query for tests.

@@ -5,11 +5,13 @@
 - The MIS ids live in custom fields (``fields.crm_names.mis_patient_id`` on contacts and
   ``mis_appointment_id`` on leads). amoCRM cannot filter by them in bulk, so a look-up by MIS id scans
   what changed since the earliest recorded create intent (see ``lookups_need_intents``).
-- A few phones are searched with ``query`` on the last 10 digits, and every hit's PHONE values are
-  checked after normalising, because ``query`` matches raw strings (``+7…`` does not find ``8…``).
-  Many phones at once (a backfill, a busy poll) are matched against the account's contacts instead,
-  read 250 per page once per container and then only what changed since (``_PhoneIndex``): a
-  ``query`` per phone made a 3,000-patient import cost 30× the writes.
+- Phones are never searched with ``query``: how it tokenises a stored ``8 (916) 111 22 33`` is
+  undocumented, and on a raw-substring search no one string finds every way a person types a number.
+  Every phone of a poll, one or a thousand, is matched against the account's contacts after
+  normalising both sides (``_PhoneIndex``): read 250 per page once per container, then only what
+  changed since, one request per look-up. A contact matched from an earlier read is read again by id
+  before it is used, so its leads are current and a deleted one drops out (docs/architecture.md,
+  "amoCRM phone look-up").
 
 No rule lives here: stages, funnels and adoption are decided by ``clinicsync.rules``.
 """
@@ -46,7 +48,6 @@ UTM_CODES = ("SOURCE", "MEDIUM", "CAMPAIGN", "TERM", "CONTENT")  # amoCRM tracki
 WON, LOST = "142", "143"  # the same in every pipeline
 BULK = 50  # amoCRM accepts up to 250 per write, recommends 50, and answers 504 to what it cannot handle
 SCAN_OVERLAP = 120  # seconds before the earliest intent that the MIS-id scan starts from
-PHONE_QUERIES = 3  # up to this many phones are searched one ``query`` each; more read the phone index
 NATIVE = {"title": "name", "price": "price"}
 NOT_WRITTEN = {"full_name", "phone", "email", "mis_patient_id", "mis_appointment_id"}
 
@@ -70,6 +71,8 @@ class _PhoneIndex:
     Kept per account for the container's life: the first use reads every contact (250 per page), later
     uses read only contacts updated since the newest ``updated_at`` seen (inclusive, so writes in that
     same second are read again). Ids and digits only, in memory; nothing of it is logged or stored.
+    Linking a lead may not touch its contact's ``updated_at``, so lead ids from an earlier read are
+    never trusted: the gateway re-reads such a contact before it uses it.
     """
 
     contacts: dict[str, tuple[frozenset[str], str | None, tuple[str, ...]]] = dataclasses.field(default_factory=dict)
@@ -156,15 +159,20 @@ class AmoCrmGateway:
                 if owner in wanted_visits:
                     deals.setdefault(owner, _deal_match(row))
         wanted = list(dict.fromkeys(phones))
-        if len(wanted) <= PHONE_QUERIES:
-            candidates = {phone: c for phone in wanted if (c := self._by_phone(phone))}
-        else:
-            candidates = self._by_phones(wanted)
+        candidates = self._by_phones(wanted) if wanted else {}
         return CrmMatches(contacts=contacts, deals=deals, phones=candidates)
 
     def _by_phones(self, phones: Sequence[str]) -> dict[str, PhoneCandidates]:
-        """Many phones: match them against the account's contacts (read once, then what changed)."""
-        index = self._phone_index()
+        """Match ``phones`` (E.164) against the account's contacts, however many there are."""
+        index, fresh = self._phone_index()
+        wanted = set(phones)
+        stale = [cid for cid, (numbers, _, _) in index.contacts.items() if numbers & wanted and cid not in fresh]
+        if stale:
+            # Read earlier: their links may have changed without touching them, or they may be gone.
+            rows = self._client.rows_by_id("/api/v4/contacts", "contacts", stale, [("with", "leads")])
+            found = {self._index_row(index, row, advance=False) for row in rows}
+            for cid in set(stale) - found:  # forgotten only once the whole re-read has answered
+                del index.contacts[cid]
         owners = index.by_phone()
         matched: dict[str, list[tuple[str, str | None]]] = {}
         lead_ids: dict[str, str] = {}  # lead id -> phone
@@ -179,21 +187,27 @@ class AmoCrmGateway:
             for phone in set(matched) | set(deals)
         }
 
-    def _phone_index(self) -> _PhoneIndex:
+    def _phone_index(self) -> tuple[_PhoneIndex, set[str]]:
+        """The index brought up to date, and the ids of the contacts this call read (current links)."""
         index = _INDEXES.setdefault(self._client, _PhoneIndex())
-        region = self._config.matching.default_region
-        owner_field = self._field("mis_patient_id")
         params: list[tuple[str, Any]] = [("with", "leads"), ("order[updated_at]", "asc")]
         if index.seen_to is not None:
             params.append(("filter[updated_at][from]", index.seen_to))
-        for row in self._client.rows("/api/v4/contacts", "contacts", params):
-            phones = frozenset(n for v in self._values(row, code="PHONE") if (n := normalise_phone(v, region)))
-            leads = tuple(str(lead["id"]) for lead in _embedded(row, "leads"))
-            index.contacts[str(row["id"])] = (phones, self._value(row, owner_field) or None, leads)
-            updated = row.get("updated_at")
-            if isinstance(updated, int):
-                index.seen_to = max(index.seen_to or updated, updated)
-        return index
+        fresh = {self._index_row(index, row) for row in self._client.rows("/api/v4/contacts", "contacts", params)}
+        return index, fresh
+
+    def _index_row(self, index: _PhoneIndex, row: Mapping[str, Any], *, advance: bool = True) -> str:
+        """Put one contact row in the index. Only rows of the ``updated_at`` scan move ``seen_to``: a
+        contact re-read by id may be newer than others changed meanwhile that the next scan must read."""
+        region = self._config.matching.default_region
+        phones = frozenset(n for v in self._values(row, code="PHONE") if (n := normalise_phone(v, region)))
+        leads = tuple(str(lead["id"]) for lead in _embedded(row, "leads"))
+        contact_id = str(row["id"])
+        index.contacts[contact_id] = (phones, self._value(row, self._field("mis_patient_id")) or None, leads)
+        updated = row.get("updated_at")
+        if advance and isinstance(updated, int):
+            index.seen_to = max(index.seen_to or updated, updated)
+        return contact_id
 
     def _adoptable_leads(self, lead_ids: Mapping[str, str]) -> dict[str, list[tuple[str, str, str]]]:
         """Open, unowned leads in an adoptable status among ``lead_ids`` (lead id -> phone), by phone."""
@@ -212,40 +226,6 @@ class AmoCrmGateway:
     def _scan(self, entity: str, since: int) -> Iterator[dict[str, Any]]:
         params = [("filter[updated_at][from]", since), ("order[updated_at]", "asc")]
         return self._client.rows(f"/api/v4/{entity}", entity, params)
-
-    def _by_phone(self, phone: str) -> PhoneCandidates | None:
-        # ``query`` matches the raw stored string: the last 10 digits find "89161234567" and
-        # "+79161234567", the dashed subscriber part finds "+7 916 123-45-67". Stop at the first hit.
-        digits = "".join(ch for ch in phone if ch.isdigit())[-10:]
-        rows: list[dict[str, Any]] = []
-        for variant in (digits, f"{digits[3:6]}-{digits[6:8]}-{digits[8:]}"):
-            found = self._client.rows("/api/v4/contacts", "contacts", [("query", variant), ("with", "leads")])
-            rows = [r for r in found if self._has_phone(r, phone)]
-            if rows:
-                break
-        contacts: list[tuple[str, str | None]] = []
-        lead_ids: list[str] = []
-        for row in rows:
-            owner = self._value(row, self._field("mis_patient_id")) or None
-            contacts.append((str(row["id"]), owner))
-            lead_ids += [str(lead["id"]) for lead in _embedded(row, "leads")]
-        deals: list[tuple[str, str, str]] = []
-        if lead_ids:
-            adoptable = set(self._config.matching.adopt_deal_stages)
-            for row in self._client.rows_by_id("/api/v4/leads", "leads", lead_ids):
-                status = str(row.get("status_id"))
-                if status in (WON, LOST) or self._value(row, self._field("mis_appointment_id")):
-                    continue
-                if status in adoptable:
-                    deals.append((str(row["id"]), str(row.get("pipeline_id")), status))
-        if not contacts and not deals:
-            return None
-        return PhoneCandidates(contacts=tuple(contacts), deals=tuple(deals))
-
-    def _has_phone(self, row: Mapping[str, Any], phone: str) -> bool:
-        """``query`` also hits other fields and other numbers: never trust a hit before normalising."""
-        region = self._config.matching.default_region
-        return phone in {normalise_phone(v, region) for v in self._values(row, code="PHONE")}
 
     # --- reading back what managers changed --------------------------------------------------------
 

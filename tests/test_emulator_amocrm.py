@@ -950,7 +950,7 @@ def test_repeated_violations_block_the_integration_with_403_until_the_cool_down(
     assert blocked.status_code == 403
     assert blocked.mimetype == "text/html" and "403 Forbidden" in blocked.get_data(as_text=True)
     assert emu.blocked_until() == pytest.approx(clock.now() - 1 + 600)
-    # Fresh tokens of the same integration are blocked too; the OAuth endpoint still answers.
+    # Fresh tokens of the same integration (issued in-process here) are blocked too.
     other = {"Authorization": "Bearer " + emu.issue_tokens()["access_token"]}
     assert client.get("/api/v4/leads", headers=other).status_code == 403
     clock.advance(600)
@@ -963,6 +963,27 @@ def test_repeated_violations_block_the_integration_with_403_until_the_cool_down(
             client.get("/api/v4/account", headers=auth)
         clock.advance(15)
     assert emu.blocked_until() is None
+
+
+def test_a_blocked_integration_gets_403_html_on_the_token_endpoint_and_keeps_its_refresh_token(
+    emu: AmoCrmEmulator, client: Client, clock: Clock
+) -> None:
+    pair = emu.issue_tokens()
+    grant = {
+        "client_id": emu.client_id,
+        "client_secret": emu.client_secret,
+        "grant_type": "refresh_token",
+        "refresh_token": pair["refresh_token"],
+        "redirect_uri": emu.redirect_uri,
+    }
+    emu.block(600)  # rate limiting is off in this fixture: a block still applies
+    refused = client.post("/oauth2/access_token", json=grant)
+    assert refused.status_code == 403
+    assert refused.mimetype == "text/html" and "403 Forbidden" in refused.get_data(as_text=True)
+    auth = {"Authorization": "Bearer " + pair["access_token"]}
+    assert client.get("/api/v4/account", headers=auth).status_code == 403
+    clock.advance(600)
+    assert client.post("/oauth2/access_token", json=grant).status_code == 200  # not spent by the 403
 
 
 def test_account_limit_of_50_rps_spans_integrations_and_json_block_option(

@@ -63,6 +63,9 @@ Emulator assumptions where amoCRM is undocumented or only observed (also listed 
 * Rate limiting: rejected (429/403) requests do not consume the window. The ``block_after``-th 429 within
   ``block_window`` seconds blocks that integration; every later API call with its tokens is 403 until
   ``block_seconds`` pass. Requests with unknown tokens are 401 before any limit is applied.
+* A blocked integration gets the same 403 (nginx HTML) on ``/oauth2/access_token`` too (amocrm-api-php
+  #563), before its grant is looked at, so a refresh token sent meanwhile is not spent.
+  :meth:`AmoCrmEmulator.block` blocks by hand, even with rate limiting switched off.
 * 504 for a bulk request above ``bulk_max_items`` (default 250) is an nginx HTML page and writes nothing.
   ``/leads/complex`` above 50 leads is a 400 problem+json; a lead there takes at most one contact/company.
 * ``duplicate_control=True`` (off by default) makes ``/leads/complex`` reuse an existing contact whose PHONE
@@ -1243,6 +1246,11 @@ class AmoCrmEmulator:
             self._violations.clear()
             self._blocked_until.clear()
 
+    def block(self, seconds: float = 3600.0, client_id: str | None = None) -> None:
+        """Block an integration (ours by default) as repeated violations do: API and token endpoint 403."""
+        with self._lock:
+            self._blocked_until[client_id or self.client_id] = self.clock.now() + seconds
+
     def blocked_until(self, client_id: str | None = None) -> float | None:
         with self._lock:
             until = self._blocked_until.get(client_id or self.client_id)
@@ -1346,16 +1354,20 @@ class AmoCrmEmulator:
 
         return self._with_faults(method, path, run)
 
+    def _blocked(self, client_id: str, now: float) -> Response | None:
+        until = self._blocked_until.get(client_id)
+        if until is None or until <= now:
+            return None
+        self._stats.blocked_403 += 1
+        if self.limits.block_html:
+            return _html_response(403)
+        return ApiProblem(403, "Account is blocked").response()
+
     def _admit(self, client_id: str, now: float) -> Response | None:
         lim = self.limits
-        if not lim.enabled:
-            return None
-        until = self._blocked_until.get(client_id)
-        if until is not None and until > now:
-            self._stats.blocked_403 += 1
-            if lim.block_html:
-                return _html_response(403)
-            return ApiProblem(403, "Account is blocked").response()
+        blocked = self._blocked(client_id, now)
+        if blocked is not None or not lim.enabled:
+            return blocked
         hits = self._hits.setdefault(client_id, deque())
         for window in (hits, self._account_hits):
             while window and window[0] <= now - lim.window:
@@ -1391,6 +1403,9 @@ class AmoCrmEmulator:
             if not isinstance(data, dict):
                 return _oauth_problem(400, "Check the `grant_type` parameter")
             params = data
+        blocked = self._blocked(str(params.get("client_id") or ""), self.clock.now())
+        if blocked is not None:
+            return blocked
         try:
             return _json_response(200, self._oauth_grant(params))
         except _OAuthError as exc:

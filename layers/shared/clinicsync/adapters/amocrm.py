@@ -3,7 +3,9 @@ refresh per expiry, 204 as "nothing", and writes that are never resent blindly.
 
 amoCRM answers 429 with an HTML page and no Retry-After, and blocks the account with 403 when the
 limit is hit again and again; so the pacer stays under it (a shared DynamoDB bucket at 6 rps) and a
-403 stops every caller until an operator looks (the ``AmoCrmCircuitOpen`` metric alarms).
+403 stops every caller until an operator looks (the ``AmoCrmCircuitOpen`` metric alarms). A blocked
+account answers 403 on the token endpoint too (amocrm-api-php #563): a refresh refused that way is the
+same block, never a lost token (nothing was rotated).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import httpx
 from aws_lambda_powertools.metrics import MetricUnit
 
 from clinicsync.budget import BudgetTimeout, RequestPacer
+from clinicsync.oauth import OAuthError
 from clinicsync.observability import logger, metrics
 
 READ_METHODS = frozenset({"GET"})
@@ -60,7 +63,12 @@ class AmoCrmError(Exception):
 
 
 class AmoCrmBlocked(Exception):
-    """403: amoCRM blocked the integration (repeated limit violations). Every call stops until reset."""
+    """403 on an API call or on the token endpoint: amoCRM blocked the account or integration (repeated
+    limit violations). Every call stops until the breaker's cool-down."""
+
+
+# OAuthError code of a 403 from the token endpoint (see clinicsync.adapters.amocrm_oauth).
+ACCOUNT_BLOCKED = "account_blocked"
 
 
 class AmoCrmUnavailable(Exception):
@@ -177,7 +185,12 @@ class AmoCrmClient:
             if status in (200, 201, 202):
                 return response.json() if response.content else None
             if status == 401 and not refreshed:
-                self._auth.refresh(token)  # once; the new pair is persisted before we use it
+                try:
+                    self._auth.refresh(token)  # once; the new pair is persisted before we use it
+                except OAuthError as exc:
+                    if exc.code == ACCOUNT_BLOCKED:
+                        raise self._blocked("POST /oauth2/access_token (token refresh)") from exc
+                    raise
                 refreshed = True
                 continue
             if status == 429:
@@ -187,10 +200,7 @@ class AmoCrmClient:
                 self._wait(method, path, "429", attempt)
                 continue
             if status == 403:
-                self._breaker.trip(f"403 on {method} {path}")
-                metrics.add_metric(name="CrmCircuitOpen", unit=MetricUnit.Count, value=1)  # alarmed in the template
-                logger.error("amoCRM blocked the integration; circuit opened", extra={"path": path})
-                raise AmoCrmBlocked(f"{method} {path}: 403")
+                raise self._blocked(f"{method} {path}")
             if status >= 500:
                 if writes:
                     raise AmoCrmOutcomeUnknown(f"{method} {path}: HTTP {status}")
@@ -225,6 +235,14 @@ class AmoCrmClient:
         for start in range(0, len(unique), PAGE_LIMIT):
             chunk = [("filter[id][]", rid) for rid in unique[start : start + PAGE_LIMIT]]
             yield from self.rows(path, key, [*chunk, *params])
+
+    def _blocked(self, where: str) -> AmoCrmBlocked:
+        """Open the breaker for every container; the reason names where the 403 came from."""
+        reason = f"403 on {where}: amoCRM blocked the account or integration"
+        self._breaker.trip(reason)
+        metrics.add_metric(name="CrmCircuitOpen", unit=MetricUnit.Count, value=1)  # alarmed in the template
+        logger.error("amoCRM blocked the integration; circuit opened", extra={"where": where})
+        return AmoCrmBlocked(f"{reason}; calls stop for the breaker's cool-down (see the runbook)")
 
     def _wait(self, method: str, path: str, reason: str, attempt: int) -> None:
         logger.warning("amocrm retry", extra={"method": method, "path": path, "reason": reason, "attempt": attempt})

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import httpx
@@ -217,15 +217,81 @@ class AmoCrmClient:
 
         The one way this package reads an amoCRM list: a read that forgets ``limit`` silently gets 50.
         """
-        fixed = [(k, v) for k, v in params if k not in ("limit", "page")]
         page = first_page
         while True:
-            body = self.request("GET", path, params=[*fixed, ("limit", PAGE_LIMIT), ("page", page)])
-            found = embedded(body, key)
+            found, more = self._page(path, key, params, page)
             yield from found
-            if not found or "next" not in ((body or {}).get("_links") or {}):
+            if not more:
                 return
             page += 1
+
+    def rows_since(
+        self, path: str, key: str, since: int, params: Sequence[tuple[str, Any]] = ()
+    ) -> Iterator[dict[str, Any]]:
+        """Rows updated at or after ``since``, oldest first, each state once.
+
+        Paged by moving ``filter[updated_at][from]`` to the last row's ``updated_at`` rather than by page
+        number alone: a row changed during the read jumps to the end of the order, and with page numbers
+        the row that slides back into a page already read would be skipped. The new read starts past the
+        whole pages of that second already read; the few rows of it read twice are dropped. Inside one
+        second holding more than a page, only page numbers can move on: when a row of such a second
+        shows up again changed, that second is read once more at the end.
+        """
+        fixed = [(k, v) for k, v in params if k not in ("filter[updated_at][from]", "order[updated_at]")]
+        seen: set[tuple[str, Any]] = set()
+        first_at: dict[str, Any] = {}
+        stepped: set[int] = set()
+        dirty = yield from self._since_pass(path, key, fixed, since, None, seen, first_at, stepped)
+        for second in sorted(dirty):
+            yield from self._since_pass(path, key, fixed, second, second, seen, first_at, set())
+
+    def _since_pass(
+        self,
+        path: str,
+        key: str,
+        fixed: Sequence[tuple[str, Any]],
+        since: int,
+        only: int | None,
+        seen: set[tuple[str, Any]],
+        first_at: dict[str, Any],
+        stepped: set[int],
+    ) -> Generator[dict[str, Any], None, set[int]]:
+        """One pass of :meth:`rows_since` (up to second ``only`` if given); returns the seconds read by page
+        number past their first page in which a row changed mid-read."""
+        page, run = 1, 0  # run: rows of second ``run_at`` so far, from its first in amoCRM's order
+        run_at: Any = since
+        dirty: set[int] = set()
+        while True:
+            if page > 1:
+                stepped.add(since)
+            query = [*fixed, ("filter[updated_at][from]", since), ("order[updated_at]", "asc")]
+            found, more = self._page(path, key, query, page)
+            for row in found:
+                updated = row.get("updated_at")
+                run, run_at = (run + 1, run_at) if updated == run_at else (1, updated)
+                rid = str(row.get("id"))
+                before = first_at.setdefault(rid, updated)
+                if before != updated and before in stepped:
+                    dirty.add(before)
+                if (rid, updated) not in seen:
+                    seen.add((rid, updated))
+                    yield row
+            if not more or (only is not None and isinstance(run_at, int) and run_at > only):
+                return dirty
+            if isinstance(run_at, int) and run_at > since:
+                since, page = run_at, 1 + run // PAGE_LIMIT
+                run = (page - 1) * PAGE_LIMIT
+            else:
+                page += 1
+
+    def _page(
+        self, path: str, key: str, params: Sequence[tuple[str, Any]], page: int
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """One page of a list read, always with ``limit=250``; and whether ``_links.next`` names another."""
+        fixed = [(k, v) for k, v in params if k not in ("limit", "page")]
+        body = self.request("GET", path, params=[*fixed, ("limit", PAGE_LIMIT), ("page", page)])
+        found = embedded(body, key)
+        return found, bool(found) and "next" in ((body or {}).get("_links") or {})
 
     def rows_by_id(
         self, path: str, key: str, ids: Sequence[str], params: Sequence[tuple[str, Any]] = ()

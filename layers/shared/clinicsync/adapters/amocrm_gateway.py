@@ -190,10 +190,8 @@ class AmoCrmGateway:
     def _phone_index(self) -> tuple[_PhoneIndex, set[str]]:
         """The index brought up to date, and the ids of the contacts this call read (current links)."""
         index = _INDEXES.setdefault(self._client, _PhoneIndex())
-        params: list[tuple[str, Any]] = [("with", "leads"), ("order[updated_at]", "asc")]
-        if index.seen_to is not None:
-            params.append(("filter[updated_at][from]", index.seen_to))
-        fresh = {self._index_row(index, row) for row in self._client.rows("/api/v4/contacts", "contacts", params)}
+        rows = self._client.rows_since("/api/v4/contacts", "contacts", index.seen_to or 0, [("with", "leads")])
+        fresh = {self._index_row(index, row) for row in rows}
         return index, fresh
 
     def _index_row(self, index: _PhoneIndex, row: Mapping[str, Any], *, advance: bool = True) -> str:
@@ -224,8 +222,7 @@ class AmoCrmGateway:
         return out
 
     def _scan(self, entity: str, since: int) -> Iterator[dict[str, Any]]:
-        params = [("filter[updated_at][from]", since), ("order[updated_at]", "asc")]
-        return self._client.rows(f"/api/v4/{entity}", entity, params)
+        return self._client.rows_since(f"/api/v4/{entity}", entity, since)
 
     # --- reading back what managers changed --------------------------------------------------------
 

@@ -12,6 +12,8 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from clinicsync.adapters.amocrm import AmoCrmBlocked, AmoCrmClient, MemoryCircuitBreaker
 from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
@@ -172,17 +174,18 @@ def test_a_lost_complex_response_is_reported_and_found_by_the_intent_scan(amo: t
     assert set(found.contacts) == {"p0", "p1"} and set(found.deals) == {"a0", "a1"}
 
 
-def test_a_phone_search_never_reaches_the_http_log(
+def test_a_phone_look_up_never_puts_the_phone_in_a_url(
     amo: tuple[AmoCrmEmulator, str], caplog: pytest.LogCaptureFixture
 ) -> None:
-
+    """Phones are matched on our side, so no URL (and no httpx log line) carries one."""
     emulator, base = amo
     gateway = AmoCrmGateway(AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST), _config())
     with caplog.at_level(logging.INFO, logger="httpx"):
         gateway.find([], [], phones=["+79161234567"])
     urls = [r.getMessage() for r in caplog.records if r.name == "httpx"]
-    assert any("query=" in u for u in urls)  # the search really was logged by httpx
+    assert any("/api/v4/contacts" in u for u in urls)  # the look-up really was logged by httpx
     assert not any("9161234567" in u or "123-45-67" in u for u in urls)
+    assert [args for _, args in emulator.list_reads() if "query" in args] == []
 
 
 def test_many_phones_are_matched_against_the_contacts_read_once_then_only_what_changed(
@@ -219,15 +222,229 @@ def test_many_phones_are_matched_against_the_contacts_read_once_then_only_what_c
     before = emulator.stats()["requests"]
     matches = gateway.find([], [], phones=phones)
     assert matches.phones["+79160000003"].contacts == ((str(later), None),)
-    assert emulator.stats()["requests"] - before == 2  # what changed since (one page), and the leads again
+    assert matches.phones["+79161234567"].deals == ((str(lead), str(MAIN_PIPELINE_ID), str(STATUS_NEW_REQUEST)),)
+    # What changed since (one page; the scan is inclusive, so Анна, written in its first second, is in it
+    # with her current links and is not read again by id), and the leads.
+    assert emulator.stats()["requests"] - before == 2
 
 
-def test_a_few_phones_are_searched_one_query_each(amo: tuple[AmoCrmEmulator, str]) -> None:
+def _unlimited(emulator: AmoCrmEmulator) -> None:
+    emulator.limits.enabled = False  # these tests count rows and requests, not the 7 rps window
+
+
+def _gateway(emulator: AmoCrmEmulator, base: str, config: Any = None) -> AmoCrmGateway:
+    return AmoCrmGateway(AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST), config or _config())
+
+
+def _contact_with_email(emulator: AmoCrmEmulator, n: int) -> int:
+    email = {"field_code": "EMAIL", "values": [{"value": f"p{n}@example.org"}]}
+    return emulator.manager_create_contact(first_name=f"Пациент {n}", custom_fields_values=[email])
+
+
+def test_contact_emails_for_an_opt_out_read_every_contact_past_the_default_page_of_50(
+    amo: tuple[AmoCrmEmulator, str],
+) -> None:
+    """The consent job asks for the e-mails of up to 250 contacts at once; amoCRM pages at 50 unless told
+    otherwise, so without ``limit`` the 51st contact's address never reached Mailchimp."""
     emulator, base = amo
-    typed = emulator.manager_create_contact(
-        first_name="Анна", custom_fields_values=[{"field_code": "PHONE", "values": [{"value": "8 (916) 123-45-67"}]}]
+    _unlimited(emulator)
+    ids = [_contact_with_email(emulator, n) for n in range(300)]
+    gateway = _gateway(emulator, base)
+    emails = gateway.contact_emails([str(i) for i in ids])
+    assert emails == {str(i): [f"p{n}@example.org"] for n, i in enumerate(ids)}
+    fetched = gateway.fetch("contact", [str(i) for i in ids])
+    assert set(fetched) == {str(i) for i in ids}
+
+
+def test_every_amocrm_list_read_sends_limit(amo: tuple[AmoCrmEmulator, str]) -> None:
+    """Every list read of the gateway, through every path that reads one, asks for a page size."""
+    emulator, base = amo
+    _unlimited(emulator)
+    config = _config()
+    config = config.model_copy(
+        update={"matching": config.matching.model_copy(update={"adopt_deal_stages": [str(STATUS_NEW_REQUEST)]})}
     )
-    gateway = AmoCrmGateway(AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST), _config())
-    matches = gateway.find([], [], phones=["+79161234567"])
-    assert matches.phones["+79161234567"].contacts == ((str(typed), None),)
-    assert emulator.stats()["requests"] == 2  # the bare digits miss "8 (916) …"; the dashed tail finds it
+    since = int(emulator.clock.now())
+    phone = {"field_code": "PHONE", "values": [{"value": "8 (916) 123-45-67"}]}
+    typed = emulator.manager_create_contact(first_name="Анна", custom_fields_values=[phone])
+    lead = emulator.manager_create_lead("Заявка с сайта", contact_ids=[typed], status_id=STATUS_NEW_REQUEST)
+    gateway = _gateway(emulator, base, config)
+    gateway.apply(_writes(0, 3))
+    gateway.find(["p0"], ["a0"], phones=["+79161234567"], intended_since=since)
+    gateway.find([], [], phones=[f"+7916000000{n}" for n in range(5)])
+    gateway.fetch("lead", [str(lead)])
+    gateway.fetch("contact", [str(typed)])
+    gateway.contact_emails([str(typed)])
+    gateway.changed_since("lead", datetime.fromtimestamp(since, ZoneInfo("UTC")).isoformat(), 10)
+    window = datetime.fromtimestamp(since - 60, ZoneInfo("UTC")), datetime.fromtimestamp(since + 60, ZoneInfo("UTC"))
+    gateway.open_leads(*window, limit=10, offset=0)
+    reads = emulator.list_reads()
+    assert {path for path, _ in reads} == {"/api/v4/leads", "/api/v4/contacts"}
+    assert [args for _, args in reads if str(args.get("limit")) != "250"] == []
+
+
+def _adopting(config: Any) -> Any:
+    return config.model_copy(
+        update={"matching": config.matching.model_copy(update={"adopt_deal_stages": [str(STATUS_NEW_REQUEST)]})}
+    )
+
+
+def _typed_phone(value: str) -> list[dict[str, Any]]:
+    return [{"field_code": "PHONE", "values": [{"value": value}]}]
+
+
+@st.composite
+def _stored_formats(draw: st.DrawFn) -> tuple[str, str]:
+    """A Russian mobile number as a person might have typed it into amoCRM, and its E.164 form."""
+    national = "9" + draw(st.text("0123456789", min_size=9, max_size=9))
+    prefix = draw(st.sampled_from(["+7", "8", "7", ""]))
+    groups = draw(st.sampled_from([(3, 3, 2, 2), (3, 3, 4), (3, 7)]))
+    parts, at = [], 0
+    for size in groups:
+        parts.append(national[at : at + size])
+        at += size
+    lead_sep = draw(st.sampled_from(["", " ", "-"])) if prefix else ""
+    sep = draw(st.sampled_from(["", " ", "-"]))
+    area = f"({parts[0]})" if draw(st.booleans()) else parts[0] + sep
+    extension = draw(st.sampled_from(["", " доб. 45", " ext. 12", " доб 123"]))
+    return prefix + lead_sep + area + sep.join(parts[1:]) + extension, "+7" + national
+
+
+NAMED_FORMATS = [
+    "8 (916) 111 22 33",
+    "+7 916 111 22 33",
+    "7 916 111 22 33",
+    "+7(916)1112233",
+    "8-916-111-22-33",
+    "89161112233",
+    "9161112233",
+    "+7 (916) 111-22-33 доб. 12",
+]
+
+
+@pytest.fixture(scope="module")
+def shared_amo() -> Iterator[tuple[AmoCrmEmulator, str]]:
+    """One served account for every example of a property test (each example cleans up after itself)."""
+    emulator = AmoCrmEmulator()
+    _unlimited(emulator)
+    server = ServedApp(emulator).start()
+    yield emulator, server.base_url
+    server.stop()
+
+
+@given(stored=_stored_formats(), others=st.integers(min_value=0, max_value=6))
+@example(stored=("8 (916) 111 22 33", "+79161112233"), others=0)
+@example(stored=("+7 916 700 11 22", "+79167001122"), others=1)
+@example(stored=("7 916 111 22 35", "+79161112235"), others=2)
+def test_a_phone_is_found_in_any_stored_format_whatever_the_poll_size(
+    shared_amo: tuple[AmoCrmEmulator, str], stored: tuple[str, str], others: int
+) -> None:
+    """amoCRM's ``query`` is assumed to match raw substrings only (the emulator does): a contact typed
+    as ``8 (916) 111 22 33`` and its open lead are still found, alone in a poll or with other phones."""
+    emulator, base = shared_amo
+    typed, e164 = stored
+    contact = emulator.manager_create_contact(first_name="Анна", custom_fields_values=_typed_phone(typed))
+    lead = emulator.manager_create_lead("Заявка с сайта", contact_ids=[contact], status_id=STATUS_NEW_REQUEST)
+    try:
+        phones = [e164] + [f"+7903000000{n}" for n in range(others)]
+        match = _gateway(emulator, base, _adopting(_config())).find([], [], phones=phones).phones.get(e164)
+        assert match is not None, typed
+        assert match.contacts == ((str(contact), None),)
+        assert match.deals == ((str(lead), str(MAIN_PIPELINE_ID), str(STATUS_NEW_REQUEST)),)
+    finally:
+        emulator.manager_delete_lead(lead)
+        emulator.manager_delete_contact(contact)
+
+
+def test_the_named_formats_of_one_number_all_match_it(amo: tuple[AmoCrmEmulator, str]) -> None:
+    emulator, base = amo
+    _unlimited(emulator)
+    ids = {
+        emulator.manager_create_contact(first_name="Член семьи", custom_fields_values=_typed_phone(t))
+        for t in NAMED_FORMATS
+    }
+    match = _gateway(emulator, base).find([], [], phones=["+79161112233"]).phones["+79161112233"]
+    assert {int(cid) for cid, _ in match.contacts} == ids
+
+
+def test_a_lead_linked_later_to_a_contact_read_earlier_is_still_found(amo: tuple[AmoCrmEmulator, str]) -> None:
+    """Linking a lead does not touch the contact, so the ``updated_at`` scan cannot see the new link."""
+    emulator, base = amo
+    _unlimited(emulator)
+    contact = emulator.manager_create_contact(first_name="Анна", custom_fields_values=_typed_phone("8 916 111 22 33"))
+    gateway = _gateway(emulator, base, _adopting(_config()))
+    assert gateway.find([], [], phones=["+79161112233"]).phones["+79161112233"].deals == ()
+    emulator.clock.advance(60)
+    lead = emulator.manager_create_lead("Звонок", status_id=STATUS_NEW_REQUEST)
+    emulator.manager_link(lead, contact, is_main=True)
+    match = gateway.find([], [], phones=["+79161112233"]).phones["+79161112233"]
+    assert match.deals == ((str(lead), str(MAIN_PIPELINE_ID), str(STATUS_NEW_REQUEST)),)
+
+
+def test_a_contact_deleted_after_it_was_read_is_no_candidate(amo: tuple[AmoCrmEmulator, str]) -> None:
+    emulator, base = amo
+    _unlimited(emulator)
+    gone = emulator.manager_create_contact(first_name="Дубль", custom_fields_values=_typed_phone("+7 916 111-22-33"))
+    kept = emulator.manager_create_contact(first_name="Анна", custom_fields_values=_typed_phone("89161112233"))
+    gateway = _gateway(emulator, base)
+    assert len(gateway.find([], [], phones=["+79161112233"]).phones["+79161112233"].contacts) == 2
+    emulator.manager_delete_contact(gone)
+    match = gateway.find([], [], phones=["+79161112233"]).phones["+79161112233"]
+    assert match.contacts == ((str(kept), None),)
+
+
+class _Swappable:
+    """One loopback server whose account is replaced per example (a fresh clock and state each time)."""
+
+    def __init__(self) -> None:
+        self.app = AmoCrmEmulator()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        return self.app(environ, start_response)
+
+
+@pytest.fixture(scope="module")
+def swappable() -> Iterator[tuple[_Swappable, str]]:
+    swap = _Swappable()
+    server = ServedApp(swap).start()
+    yield swap, server.base_url
+    server.stop()
+
+
+@given(
+    seconds=st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=5),
+    changes=st.lists(st.tuples(st.integers(min_value=0, max_value=4), st.integers(min_value=0)), max_size=6),
+)
+@example(seconds=[1, 250], changes=[(0, 0)])  # the first row edited after page 1: row 251 slid into page 1
+def test_an_updated_at_read_misses_no_row_that_others_change_while_it_pages(
+    swappable: tuple[_Swappable, str], seconds: list[int], changes: list[tuple[int, int]]
+) -> None:
+    """The phone index and the intent scan read "updated since" in pages. Another container's write
+    during the read moves a row to the end; every row must still be read (with page numbers alone, the
+    row that slid back into a page already read was skipped). ``seconds``: rows written per second."""
+    swap, base = swappable
+    clock = Clock(1_767_258_000.0)
+    emulator = swap.app = AmoCrmEmulator(clock)
+    _unlimited(emulator)
+    ids: list[int] = []
+    for size in seconds:
+        ids += [emulator.manager_create_contact(first_name=f"c{len(ids) + n}") for n in range(size)]
+        clock.advance(1)
+    touch: dict[int, list[int]] = {}  # after the n-th page: contacts another container edits
+    for after, pick in changes:
+        touch.setdefault(after, []).append(ids[pick % len(ids)])
+    pages = [0]
+
+    def others_write(response: httpx.Response) -> None:
+        if response.request.url.path == "/api/v4/contacts":
+            for contact in touch.get(pages[0], []):
+                clock.advance(1)
+                emulator.manager_update_contact(contact, first_name=f"edited {clock.now()}")
+            pages[0] += 1
+
+    with httpx.Client(timeout=5.0, event_hooks={"response": [others_write]}) as http:
+        client = AmoCrmClient(_session(_store(emulator, base)), http, FAST)
+        read = [int(row["id"]) for row in client.rows_since("/api/v4/contacts", "contacts", 0)]
+    assert set(read) == set(ids)
+    if not changes:  # whole pages of one second are never read twice
+        assert pages[0] <= -(-len(ids) // 250) + len(seconds)

@@ -26,7 +26,7 @@ import httpx
 import pytest
 from moto import mock_aws
 
-from clinicsync.adapters.amocrm import AmoCrmClient
+from clinicsync.adapters.amocrm import AmoCrmBlocked, AmoCrmClient, MemoryCircuitBreaker
 from clinicsync.adapters.amocrm_oauth import (
     AMOCRM,
     AmoCrmOAuth,
@@ -583,3 +583,38 @@ def test_grant_takes_the_expiry_from_the_jwt_when_the_reply_has_no_expires_in() 
     assert fresh.expires == 1_900_000_000
     assert fresh.rotated_values() == {"access_token": access, "refresh_token": "r2", "expires": 1_900_000_000}
     assert (fresh.base_url, fresh.client_id, fresh.redirect_uri) == (stored.base_url, "cid", stored.redirect_uri)
+
+
+def test_a_blocked_account_gets_403_on_the_token_endpoint_opens_the_circuit_and_keeps_the_tokens(
+    account: Account,
+) -> None:
+    """amoCRM blocks the token endpoint too (amocrm-api-php #563). Here the block lands between the API's
+    401 and the refresh: the refresh's 403 is the same block (breaker open, a reason that says so), never
+    a crash or a lost pair; once amoCRM lifts it, the stored refresh token still works."""
+    store = MemoryStore(account.secret())
+    before = dict(store.data)
+    oauth = AmoCrmOAuth(store, account.http)
+    _expired(account, oauth)
+
+    def block_after_a_401(response: httpx.Response) -> None:
+        if response.status_code == 401 and response.request.url.path.startswith("/api/v4/"):
+            account.emu.block(600)
+
+    breaker = MemoryCircuitBreaker()
+    with httpx.Client(timeout=5.0, event_hooks={"response": [block_after_a_401]}) as api_http:
+        client = AmoCrmClient(oauth, api_http, Pacer(rate=1000, burst=1000), breaker, backoff=0.0)
+        with pytest.raises(AmoCrmBlocked, match=r"403 on POST /oauth2/access_token .*blocked") as blocked:
+            client.request("GET", "/api/v4/account")
+        assert isinstance(blocked.value.__cause__, OAuthError)
+        assert blocked.value.__cause__.code == "account_blocked"
+        assert breaker.open_reason is not None and "/oauth2/access_token" in breaker.open_reason
+        assert account.oauth_requests() == 1 and account.emu.stats()["blocked_403"] == 1
+        assert (store.data, store.saves) == (before, 0)  # nothing rotated, nothing overwritten
+        with pytest.raises(AmoCrmBlocked):
+            client.request("GET", "/api/v4/account")
+        assert account.oauth_requests() == 1  # the open circuit sends nothing, to the token endpoint neither
+
+    account.emu.reset_limits()  # amoCRM support lifted the block
+    after = AmoCrmClient(oauth, account.http, Pacer(rate=1000, burst=1000), backoff=0.0)
+    assert after.request("GET", "/api/v4/account")["id"] == account.emu.account_id
+    assert oauth.refreshes == 2 and store.saves == 1  # the kept refresh token was still good

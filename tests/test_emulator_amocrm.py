@@ -308,6 +308,20 @@ def test_list_paging_follows_links_next_until_it_disappears(
     assert len(api(client, "GET", "/api/v4/leads", auth, limit=250)["_embedded"]["leads"]) == 7
 
 
+def test_a_list_by_250_ids_without_limit_is_a_page_of_50(
+    emu: AmoCrmEmulator, client: Client, auth: dict[str, str]
+) -> None:
+    ids = api(client, "POST", "/api/v4/contacts", auth, body=[{"name": f"C {i}"} for i in range(120)])
+    wanted = [row["id"] for row in ids["_embedded"]["contacts"]]
+    query = [("filter[id][]", str(i)) for i in wanted]
+    body = client.get("/api/v4/contacts", headers=auth, query_string=query).get_json()
+    assert [row["id"] for row in body["_embedded"]["contacts"]] == wanted[:50]
+    assert "next" in body["_links"]
+    limited = client.get("/api/v4/contacts", headers=auth, query_string=[*query, ("limit", "250")]).get_json()
+    assert len(limited["_embedded"]["contacts"]) == 120
+    assert [("limit" in args) for _, args in emu.list_reads()] == [False, True]
+
+
 def test_limit_over_250_is_a_400_problem_or_clamped_when_configured(client: Client, auth: dict[str, str]) -> None:
     create_lead(client, auth, name="x")
     response = client.get("/api/v4/leads?limit=251", headers=auth)
@@ -341,6 +355,11 @@ def test_query_is_a_raw_substring_search_so_plus7_does_not_find_8(
     assert ids("contacts", "9991234567") == {plus7, eight}  # the last-10-digits trick
     assert ids("contacts", "123-45-67") == {other}  # formatting is stored and searched as typed
     assert ids("contacts", "ИВАНОВ") == {plus7, eight}  # case-insensitive over names
+    # The worst case the product designs for: spaces and brackets stay in the stored string, so neither
+    # the last ten digits nor the dashed subscriber part finds "8 (916) 111 22 33".
+    spaced = create_contact(client, auth, name="Сидоров", custom_fields_values=[phone("8 (916) 111 22 33")])
+    assert ids("contacts", "9161112233") == set() and ids("contacts", "111-22-33") == set()
+    assert ids("contacts", "(916) 111 22") == {spaced}
     # Leads are found through their linked contact's phone and through their own fields.
     lead = create_lead(client, auth, name="Приём", _embedded={"contacts": [{"id": eight}]})
     lone = create_lead(
@@ -931,7 +950,7 @@ def test_repeated_violations_block_the_integration_with_403_until_the_cool_down(
     assert blocked.status_code == 403
     assert blocked.mimetype == "text/html" and "403 Forbidden" in blocked.get_data(as_text=True)
     assert emu.blocked_until() == pytest.approx(clock.now() - 1 + 600)
-    # Fresh tokens of the same integration are blocked too; the OAuth endpoint still answers.
+    # Fresh tokens of the same integration (issued in-process here) are blocked too.
     other = {"Authorization": "Bearer " + emu.issue_tokens()["access_token"]}
     assert client.get("/api/v4/leads", headers=other).status_code == 403
     clock.advance(600)
@@ -944,6 +963,27 @@ def test_repeated_violations_block_the_integration_with_403_until_the_cool_down(
             client.get("/api/v4/account", headers=auth)
         clock.advance(15)
     assert emu.blocked_until() is None
+
+
+def test_a_blocked_integration_gets_403_html_on_the_token_endpoint_and_keeps_its_refresh_token(
+    emu: AmoCrmEmulator, client: Client, clock: Clock
+) -> None:
+    pair = emu.issue_tokens()
+    grant = {
+        "client_id": emu.client_id,
+        "client_secret": emu.client_secret,
+        "grant_type": "refresh_token",
+        "refresh_token": pair["refresh_token"],
+        "redirect_uri": emu.redirect_uri,
+    }
+    emu.block(600)  # rate limiting is off in this fixture: a block still applies
+    refused = client.post("/oauth2/access_token", json=grant)
+    assert refused.status_code == 403
+    assert refused.mimetype == "text/html" and "403 Forbidden" in refused.get_data(as_text=True)
+    auth = {"Authorization": "Bearer " + pair["access_token"]}
+    assert client.get("/api/v4/account", headers=auth).status_code == 403
+    clock.advance(600)
+    assert client.post("/oauth2/access_token", json=grant).status_code == 200  # not spent by the 403
 
 
 def test_account_limit_of_50_rps_spans_integrations_and_json_block_option(

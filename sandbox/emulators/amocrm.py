@@ -27,8 +27,12 @@ Emulator assumptions where amoCRM is undocumented or only observed (also listed 
 
 * ``query`` is a case-insensitive substring match over the **raw stored strings** of the entity's name fields
   (name, first/last name) and all its custom field values; a lead also matches through its linked contacts'
-  names and field values. No phone normalisation: ``+79991234567`` is not found by ``89991234567``.
-* ``limit`` above 250 (or below 1) answers 400 problem+json (``limit_over_max="clamp"`` clamps instead).
+  names and field values. No phone normalisation: ``+79991234567`` is not found by ``89991234567``, and
+  ``8 (916) 111 22 33`` by neither ``9161112233`` nor ``111-22-33``. How amoCRM tokenises phones is
+  undocumented; this is the worst case the gateway is designed for (it never relies on ``query``).
+* A list without ``limit`` is a page of 50, whatever ``filter[id][]`` asks for (amocrm-api-php #210);
+  ``limit`` above 250 (or below 1) answers 400 problem+json (``limit_over_max="clamp"`` clamps instead).
+  :meth:`AmoCrmEmulator.list_reads` records every list read's query for tests.
   Lists are ordered by ``id`` ascending unless ``order[...]`` says otherwise. ``filter[custom_fields_values]``
   is ignored (like on accounts outside the filter alpha) unless ``cf_filter_enabled`` is set.
 * A GET of a missing lead/contact is 204; PATCH ``/{entity}/{id}`` of a missing one is 404 problem+json; a
@@ -59,6 +63,9 @@ Emulator assumptions where amoCRM is undocumented or only observed (also listed 
 * Rate limiting: rejected (429/403) requests do not consume the window. The ``block_after``-th 429 within
   ``block_window`` seconds blocks that integration; every later API call with its tokens is 403 until
   ``block_seconds`` pass. Requests with unknown tokens are 401 before any limit is applied.
+* A blocked integration gets the same 403 (nginx HTML) on ``/oauth2/access_token`` too (amocrm-api-php
+  #563), before its grant is looked at, so a refresh token sent meanwhile is not spent.
+  :meth:`AmoCrmEmulator.block` blocks by hand, even with rate limiting switched off.
 * 504 for a bulk request above ``bulk_max_items`` (default 250) is an nginx HTML page and writes nothing.
   ``/leads/complex`` above 50 leads is a 400 problem+json; a lead there takes at most one contact/company.
 * ``duplicate_control=True`` (off by default) makes ``/leads/complex`` reuse an existing contact whose PHONE
@@ -719,6 +726,7 @@ class AmoCrmEmulator:
         self._drop_rules: list[_EventRule] = []
         self._duplicate_rules: list[_EventRule] = []
         self.events_log: list[tuple[str, int, float]] = []  # (setting, entity id, ts) for every change
+        self._list_reads: list[tuple[str, JsonDict]] = []  # (path, parsed query) of every authorised list GET
         self.delivery_log: list[WebhookDelivery] = []
         self.dropped_events: list[WebhookEvent] = []
         self._stats = _Stats()
@@ -1219,9 +1227,16 @@ class AmoCrmEmulator:
                 "webhooks_disabled": s.webhooks_disabled,
             }
 
+    def list_reads(self) -> list[tuple[str, JsonDict]]:
+        """``(path, parsed query)`` of every authorised ``GET /api/v4/leads|contacts`` list read, in order
+        (tests assert that every one sends ``limit``: without it amoCRM answers 50 rows)."""
+        with self._lock:
+            return [(path, copy.deepcopy(args)) for path, args in self._list_reads]
+
     def reset_stats(self) -> None:
         with self._lock:
             self._stats = _Stats()
+            self._list_reads.clear()
 
     def reset_limits(self) -> None:
         """Forget request windows, violations and blocks."""
@@ -1230,6 +1245,11 @@ class AmoCrmEmulator:
             self._account_hits.clear()
             self._violations.clear()
             self._blocked_until.clear()
+
+    def block(self, seconds: float = 3600.0, client_id: str | None = None) -> None:
+        """Block an integration (ours by default) as repeated violations do: API and token endpoint 403."""
+        with self._lock:
+            self._blocked_until[client_id or self.client_id] = self.clock.now() + seconds
 
     def blocked_until(self, client_id: str | None = None) -> float | None:
         with self._lock:
@@ -1334,16 +1354,20 @@ class AmoCrmEmulator:
 
         return self._with_faults(method, path, run)
 
+    def _blocked(self, client_id: str, now: float) -> Response | None:
+        until = self._blocked_until.get(client_id)
+        if until is None or until <= now:
+            return None
+        self._stats.blocked_403 += 1
+        if self.limits.block_html:
+            return _html_response(403)
+        return ApiProblem(403, "Account is blocked").response()
+
     def _admit(self, client_id: str, now: float) -> Response | None:
         lim = self.limits
-        if not lim.enabled:
-            return None
-        until = self._blocked_until.get(client_id)
-        if until is not None and until > now:
-            self._stats.blocked_403 += 1
-            if lim.block_html:
-                return _html_response(403)
-            return ApiProblem(403, "Account is blocked").response()
+        blocked = self._blocked(client_id, now)
+        if blocked is not None or not lim.enabled:
+            return blocked
         hits = self._hits.setdefault(client_id, deque())
         for window in (hits, self._account_hits):
             while window and window[0] <= now - lim.window:
@@ -1379,6 +1403,9 @@ class AmoCrmEmulator:
             if not isinstance(data, dict):
                 return _oauth_problem(400, "Check the `grant_type` parameter")
             params = data
+        blocked = self._blocked(str(params.get("client_id") or ""), self.clock.now())
+        if blocked is not None:
+            return blocked
         try:
             return _json_response(200, self._oauth_grant(params))
         except _OAuthError as exc:
@@ -1477,6 +1504,8 @@ class AmoCrmEmulator:
 
     def _h_list(self, ctx: _Ctx, request: Request, entity: str) -> Response:
         args = ctx.args
+        self._list_reads.append((f"/api/v4/{entity}", copy.deepcopy(args)))
+        # No ``limit`` means amoCRM's default page of 50, even when ``filter[id][]`` names 250 ids.
         page = _int_arg(args.get("page"), 1, "page")
         limit = _int_arg(args.get("limit"), DEFAULT_PAGE_LIMIT, "limit")
         if page < 1:

@@ -177,20 +177,12 @@ def amocrm_funnel(client: AmoCrmClient, config: ClinicConfig, days: int = 30, no
     source_field = next((f.key for f in crm.fields if f.entity == "deal" and "источник" in f.name.lower()), None)
     leads: dict[str, str] = {}
     deals: list[_Deal] = []
-    page = 1
-    while True:
-        params = {"filter[created_at][from]": int(since.timestamp()), "page": page, "limit": 250}
-        body = client.request("GET", "/api/v4/leads", params=params)
-        rows = ((body or {}).get("_embedded") or {}).get("leads") or []
-        for r in rows:
-            source = _amo_value(r, source_field)
-            if _amo_value(r, names.get("mis_appointment_id")):
-                deals.append(_Deal(None, source, str(r.get("status_id")), _truthy(_amo_value(r, names.get("is_dms")))))
-            else:
-                leads[str(r["id"])] = source
-        if len(rows) < 250:
-            break
-        page += 1
+    for r in client.rows("/api/v4/leads", "leads", [("filter[created_at][from]", int(since.timestamp()))]):
+        source = _amo_value(r, source_field)
+        if _amo_value(r, names.get("mis_appointment_id")):
+            deals.append(_Deal(None, source, str(r.get("status_id")), _truthy(_amo_value(r, names.get("is_dms")))))
+        else:
+            leads[str(r["id"])] = source
     visited, won = _stage_sets(config, crm)
     # amoCRM books on the lead itself: a booked lead is its own entry, counted with its source.
     funnel = build_funnel(since, until, leads, [_Deal(None, d.source, d.stage, d.dms) for d in deals], visited, won, {})

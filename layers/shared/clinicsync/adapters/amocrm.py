@@ -3,7 +3,9 @@ refresh per expiry, 204 as "nothing", and writes that are never resent blindly.
 
 amoCRM answers 429 with an HTML page and no Retry-After, and blocks the account with 403 when the
 limit is hit again and again; so the pacer stays under it (a shared DynamoDB bucket at 6 rps) and a
-403 stops every caller until an operator looks (the ``AmoCrmCircuitOpen`` metric alarms).
+403 stops every caller until an operator looks (the ``AmoCrmCircuitOpen`` metric alarms). A blocked
+account answers 403 on the token endpoint too (amocrm-api-php #563): a refresh refused that way is the
+same block, never a lost token (nothing was rotated).
 """
 
 from __future__ import annotations
@@ -11,16 +13,27 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import httpx
 from aws_lambda_powertools.metrics import MetricUnit
 
 from clinicsync.budget import BudgetTimeout, RequestPacer
+from clinicsync.oauth import OAuthError
 from clinicsync.observability import logger, metrics
 
 READ_METHODS = frozenset({"GET"})
+# amoCRM's largest page. A list read without ``limit`` gets 50 rows, even for 250 ``filter[id][]``.
+PAGE_LIMIT = 250
+
+
+def embedded(body: Any, key: str) -> list[dict[str, Any]]:
+    """The rows under ``_embedded[key]`` of a HAL body (None, a 204, gives none)."""
+    if not isinstance(body, dict):
+        return []
+    rows = (body.get("_embedded") or {}).get(key) or []
+    return [row for row in rows if isinstance(row, dict)]
 
 
 class AmoCrmAuth(Protocol):
@@ -50,7 +63,12 @@ class AmoCrmError(Exception):
 
 
 class AmoCrmBlocked(Exception):
-    """403: amoCRM blocked the integration (repeated limit violations). Every call stops until reset."""
+    """403 on an API call or on the token endpoint: amoCRM blocked the account or integration (repeated
+    limit violations). Every call stops until the breaker's cool-down."""
+
+
+# OAuthError code of a 403 from the token endpoint (see clinicsync.adapters.amocrm_oauth).
+ACCOUNT_BLOCKED = "account_blocked"
 
 
 class AmoCrmUnavailable(Exception):
@@ -167,7 +185,12 @@ class AmoCrmClient:
             if status in (200, 201, 202):
                 return response.json() if response.content else None
             if status == 401 and not refreshed:
-                self._auth.refresh(token)  # once; the new pair is persisted before we use it
+                try:
+                    self._auth.refresh(token)  # once; the new pair is persisted before we use it
+                except OAuthError as exc:
+                    if exc.code == ACCOUNT_BLOCKED:
+                        raise self._blocked("POST /oauth2/access_token (token refresh)") from exc
+                    raise
                 refreshed = True
                 continue
             if status == 429:
@@ -177,10 +200,7 @@ class AmoCrmClient:
                 self._wait(method, path, "429", attempt)
                 continue
             if status == 403:
-                self._breaker.trip(f"403 on {method} {path}")
-                metrics.add_metric(name="CrmCircuitOpen", unit=MetricUnit.Count, value=1)  # alarmed in the template
-                logger.error("amoCRM blocked the integration; circuit opened", extra={"path": path})
-                raise AmoCrmBlocked(f"{method} {path}: 403")
+                raise self._blocked(f"{method} {path}")
             if status >= 500:
                 if writes:
                     raise AmoCrmOutcomeUnknown(f"{method} {path}: HTTP {status}")
@@ -188,6 +208,107 @@ class AmoCrmClient:
                 continue
             raise self._refused(response)
         raise AmoCrmUnavailable(f"{method} {path}: retries exhausted")
+
+    def rows(
+        self, path: str, key: str, params: Sequence[tuple[str, Any]] = (), *, first_page: int = 1
+    ) -> Iterator[dict[str, Any]]:
+        """Every row of the list ``GET path`` (``_embedded[key]``), lazily: every page asks for
+        ``limit=250`` and the next page is read only while ``_links.next`` says there is one.
+
+        The one way this package reads an amoCRM list: a read that forgets ``limit`` silently gets 50.
+        """
+        page = first_page
+        while True:
+            found, more = self._page(path, key, params, page)
+            yield from found
+            if not more:
+                return
+            page += 1
+
+    def rows_since(
+        self, path: str, key: str, since: int, params: Sequence[tuple[str, Any]] = ()
+    ) -> Iterator[dict[str, Any]]:
+        """Rows updated at or after ``since``, oldest first, each state once.
+
+        Paged by moving ``filter[updated_at][from]`` to the last row's ``updated_at`` rather than by page
+        number alone: a row changed during the read jumps to the end of the order, and with page numbers
+        the row that slides back into a page already read would be skipped. The new read starts past the
+        whole pages of that second already read; the few rows of it read twice are dropped. Inside one
+        second holding more than a page, only page numbers can move on: when a row of such a second
+        shows up again changed, that second is read once more at the end.
+        """
+        fixed = [(k, v) for k, v in params if k not in ("filter[updated_at][from]", "order[updated_at]")]
+        seen: set[tuple[str, Any]] = set()
+        first_at: dict[str, Any] = {}
+        stepped: set[int] = set()
+        dirty = yield from self._since_pass(path, key, fixed, since, None, seen, first_at, stepped)
+        for second in sorted(dirty):
+            yield from self._since_pass(path, key, fixed, second, second, seen, first_at, set())
+
+    def _since_pass(
+        self,
+        path: str,
+        key: str,
+        fixed: Sequence[tuple[str, Any]],
+        since: int,
+        only: int | None,
+        seen: set[tuple[str, Any]],
+        first_at: dict[str, Any],
+        stepped: set[int],
+    ) -> Generator[dict[str, Any], None, set[int]]:
+        """One pass of :meth:`rows_since` (up to second ``only`` if given); returns the seconds read by page
+        number past their first page in which a row changed mid-read."""
+        page, run = 1, 0  # run: rows of second ``run_at`` so far, from its first in amoCRM's order
+        run_at: Any = since
+        dirty: set[int] = set()
+        while True:
+            if page > 1:
+                stepped.add(since)
+            query = [*fixed, ("filter[updated_at][from]", since), ("order[updated_at]", "asc")]
+            found, more = self._page(path, key, query, page)
+            for row in found:
+                updated = row.get("updated_at")
+                run, run_at = (run + 1, run_at) if updated == run_at else (1, updated)
+                rid = str(row.get("id"))
+                before = first_at.setdefault(rid, updated)
+                if before != updated and before in stepped:
+                    dirty.add(before)
+                if (rid, updated) not in seen:
+                    seen.add((rid, updated))
+                    yield row
+            if not more or (only is not None and isinstance(run_at, int) and run_at > only):
+                return dirty
+            if isinstance(run_at, int) and run_at > since:
+                since, page = run_at, 1 + run // PAGE_LIMIT
+                run = (page - 1) * PAGE_LIMIT
+            else:
+                page += 1
+
+    def _page(
+        self, path: str, key: str, params: Sequence[tuple[str, Any]], page: int
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """One page of a list read, always with ``limit=250``; and whether ``_links.next`` names another."""
+        fixed = [(k, v) for k, v in params if k not in ("limit", "page")]
+        body = self.request("GET", path, params=[*fixed, ("limit", PAGE_LIMIT), ("page", page)])
+        found = embedded(body, key)
+        return found, bool(found) and "next" in ((body or {}).get("_links") or {})
+
+    def rows_by_id(
+        self, path: str, key: str, ids: Sequence[str], params: Sequence[tuple[str, Any]] = ()
+    ) -> Iterator[dict[str, Any]]:
+        """The rows of ``ids`` (duplicates dropped), ``filter[id][]`` 250 at a time through :meth:`rows`."""
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), PAGE_LIMIT):
+            chunk = [("filter[id][]", rid) for rid in unique[start : start + PAGE_LIMIT]]
+            yield from self.rows(path, key, [*chunk, *params])
+
+    def _blocked(self, where: str) -> AmoCrmBlocked:
+        """Open the breaker for every container; the reason names where the 403 came from."""
+        reason = f"403 on {where}: amoCRM blocked the account or integration"
+        self._breaker.trip(reason)
+        metrics.add_metric(name="CrmCircuitOpen", unit=MetricUnit.Count, value=1)  # alarmed in the template
+        logger.error("amoCRM blocked the integration; circuit opened", extra={"where": where})
+        return AmoCrmBlocked(f"{reason}; calls stop for the breaker's cool-down (see the runbook)")
 
     def _wait(self, method: str, path: str, reason: str, attempt: int) -> None:
         logger.warning("amocrm retry", extra={"method": method, "path": path, "reason": reason, "attempt": attempt})

@@ -5,11 +5,13 @@
 - The MIS ids live in custom fields (``fields.crm_names.mis_patient_id`` on contacts and
   ``mis_appointment_id`` on leads). amoCRM cannot filter by them in bulk, so a look-up by MIS id scans
   what changed since the earliest recorded create intent (see ``lookups_need_intents``).
-- A few phones are searched with ``query`` on the last 10 digits, and every hit's PHONE values are
-  checked after normalising, because ``query`` matches raw strings (``+7…`` does not find ``8…``).
-  Many phones at once (a backfill, a busy poll) are matched against the account's contacts instead,
-  read 250 per page once per container and then only what changed since (``_PhoneIndex``): a
-  ``query`` per phone made a 3,000-patient import cost 30× the writes.
+- Phones are never searched with ``query``: how it tokenises a stored ``8 (916) 111 22 33`` is
+  undocumented, and on a raw-substring search no one string finds every way a person types a number.
+  Every phone of a poll, one or a thousand, is matched against the account's contacts after
+  normalising both sides (``_PhoneIndex``): read 250 per page once per container, then only what
+  changed since, one request per look-up. A contact matched from an earlier read is read again by id
+  before it is used, so its leads are current and a deleted one drops out (docs/architecture.md,
+  "amoCRM phone look-up").
 
 No rule lives here: stages, funnels and adoption are decided by ``clinicsync.rules``.
 """
@@ -17,13 +19,16 @@ No rule lives here: stages, funnels and adoption are decided by ``clinicsync.rul
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from clinicsync.adapters.amocrm import PAGE_LIMIT as PAGE
 from clinicsync.adapters.amocrm import AmoCrmClient, AmoCrmError, AmoCrmOutcomeUnknown
+from clinicsync.adapters.amocrm import embedded as _embedded
 from clinicsync.config import ClinicConfig, Pipeline
 from clinicsync.phones import normalise_phone
 from clinicsync.ports import (
@@ -42,9 +47,7 @@ from clinicsync.ports import (
 UTM_CODES = ("SOURCE", "MEDIUM", "CAMPAIGN", "TERM", "CONTENT")  # amoCRM tracking fields UTM_<code>
 WON, LOST = "142", "143"  # the same in every pipeline
 BULK = 50  # amoCRM accepts up to 250 per write, recommends 50, and answers 504 to what it cannot handle
-PAGE = 250
 SCAN_OVERLAP = 120  # seconds before the earliest intent that the MIS-id scan starts from
-PHONE_QUERIES = 3  # up to this many phones are searched one ``query`` each; more read the phone index
 NATIVE = {"title": "name", "price": "price"}
 NOT_WRITTEN = {"full_name", "phone", "email", "mis_patient_id", "mis_appointment_id"}
 
@@ -61,13 +64,6 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def _embedded(body: Any, key: str) -> list[dict[str, Any]]:
-    if not isinstance(body, dict):
-        return []
-    rows = (body.get("_embedded") or {}).get(key) or []
-    return [row for row in rows if isinstance(row, dict)]
-
-
 @dataclass
 class _PhoneIndex:
     """The account's contacts as far as adoption needs them: normalised phones, owner, lead ids.
@@ -75,6 +71,8 @@ class _PhoneIndex:
     Kept per account for the container's life: the first use reads every contact (250 per page), later
     uses read only contacts updated since the newest ``updated_at`` seen (inclusive, so writes in that
     same second are read again). Ids and digits only, in memory; nothing of it is logged or stored.
+    Linking a lead may not touch its contact's ``updated_at``, so lead ids from an earlier read are
+    never trusted: the gateway re-reads such a contact before it uses it.
     """
 
     contacts: dict[str, tuple[frozenset[str], str | None, tuple[str, ...]]] = dataclasses.field(default_factory=dict)
@@ -161,15 +159,20 @@ class AmoCrmGateway:
                 if owner in wanted_visits:
                     deals.setdefault(owner, _deal_match(row))
         wanted = list(dict.fromkeys(phones))
-        if len(wanted) <= PHONE_QUERIES:
-            candidates = {phone: c for phone in wanted if (c := self._by_phone(phone))}
-        else:
-            candidates = self._by_phones(wanted)
+        candidates = self._by_phones(wanted) if wanted else {}
         return CrmMatches(contacts=contacts, deals=deals, phones=candidates)
 
     def _by_phones(self, phones: Sequence[str]) -> dict[str, PhoneCandidates]:
-        """Many phones: match them against the account's contacts (read once, then what changed)."""
-        index = self._phone_index()
+        """Match ``phones`` (E.164) against the account's contacts, however many there are."""
+        index, fresh = self._phone_index()
+        wanted = set(phones)
+        stale = [cid for cid, (numbers, _, _) in index.contacts.items() if numbers & wanted and cid not in fresh]
+        if stale:
+            # Read earlier: their links may have changed without touching them, or they may be gone.
+            rows = self._client.rows_by_id("/api/v4/contacts", "contacts", stale, [("with", "leads")])
+            found = {self._index_row(index, row, advance=False) for row in rows}
+            for cid in set(stale) - found:  # forgotten only once the whole re-read has answered
+                del index.contacts[cid]
         owners = index.by_phone()
         matched: dict[str, list[tuple[str, str | None]]] = {}
         lead_ids: dict[str, str] = {}  # lead id -> phone
@@ -184,114 +187,58 @@ class AmoCrmGateway:
             for phone in set(matched) | set(deals)
         }
 
-    def _phone_index(self) -> _PhoneIndex:
+    def _phone_index(self) -> tuple[_PhoneIndex, set[str]]:
+        """The index brought up to date, and the ids of the contacts this call read (current links)."""
         index = _INDEXES.setdefault(self._client, _PhoneIndex())
+        rows = self._client.rows_since("/api/v4/contacts", "contacts", index.seen_to or 0, [("with", "leads")])
+        fresh = {self._index_row(index, row) for row in rows}
+        return index, fresh
+
+    def _index_row(self, index: _PhoneIndex, row: Mapping[str, Any], *, advance: bool = True) -> str:
+        """Put one contact row in the index. Only rows of the ``updated_at`` scan move ``seen_to``: a
+        contact re-read by id may be newer than others changed meanwhile that the next scan must read."""
         region = self._config.matching.default_region
-        owner_field = self._field("mis_patient_id")
-        params: list[tuple[str, Any]] = [("with", "leads"), ("order[updated_at]", "asc"), ("limit", PAGE)]
-        if index.seen_to is not None:
-            params.append(("filter[updated_at][from]", index.seen_to))
-        page = 1
-        while True:
-            body = self._client.request("GET", "/api/v4/contacts", params=[*params, ("page", page)])
-            rows = _embedded(body, "contacts")
-            for row in rows:
-                phones = frozenset(n for v in self._values(row, code="PHONE") if (n := normalise_phone(v, region)))
-                leads = tuple(str(lead["id"]) for lead in _embedded(row, "leads"))
-                index.contacts[str(row["id"])] = (phones, self._value(row, owner_field) or None, leads)
-                updated = row.get("updated_at")
-                if isinstance(updated, int):
-                    index.seen_to = max(index.seen_to or updated, updated)
-            if not rows or "next" not in ((body or {}).get("_links") or {}):
-                return index
-            page += 1
+        phones = frozenset(n for v in self._values(row, code="PHONE") if (n := normalise_phone(v, region)))
+        leads = tuple(str(lead["id"]) for lead in _embedded(row, "leads"))
+        contact_id = str(row["id"])
+        index.contacts[contact_id] = (phones, self._value(row, self._field("mis_patient_id")) or None, leads)
+        updated = row.get("updated_at")
+        if advance and isinstance(updated, int):
+            index.seen_to = max(index.seen_to or updated, updated)
+        return contact_id
 
     def _adoptable_leads(self, lead_ids: Mapping[str, str]) -> dict[str, list[tuple[str, str, str]]]:
         """Open, unowned leads in an adoptable status among ``lead_ids`` (lead id -> phone), by phone."""
         adoptable = set(self._config.matching.adopt_deal_stages)
         out: dict[str, list[tuple[str, str, str]]] = {}
-        for chunk in _chunks(sorted(lead_ids, key=int), PAGE):
-            params = [("filter[id][]", lead_id) for lead_id in chunk] + [("limit", PAGE)]
-            for row in _embedded(self._client.request("GET", "/api/v4/leads", params=params), "leads"):
-                status = str(row.get("status_id"))
-                if status in (WON, LOST) or self._value(row, self._field("mis_appointment_id")):
-                    continue
-                if status in adoptable and str(row["id"]) in lead_ids:
-                    out.setdefault(lead_ids[str(row["id"])], []).append(
-                        (str(row["id"]), str(row.get("pipeline_id")), status)
-                    )
+        for row in self._client.rows_by_id("/api/v4/leads", "leads", sorted(lead_ids, key=int)):
+            status = str(row.get("status_id"))
+            if status in (WON, LOST) or self._value(row, self._field("mis_appointment_id")):
+                continue
+            if status in adoptable and str(row["id"]) in lead_ids:
+                out.setdefault(lead_ids[str(row["id"])], []).append(
+                    (str(row["id"]), str(row.get("pipeline_id")), status)
+                )
         return out
 
     def _scan(self, entity: str, since: int) -> Iterator[dict[str, Any]]:
-        page = 1
-        while True:
-            params = [
-                ("filter[updated_at][from]", since),
-                ("order[updated_at]", "asc"),
-                ("limit", PAGE),
-                ("page", page),
-            ]
-            body = self._client.request("GET", f"/api/v4/{entity}", params=params)
-            rows = _embedded(body, entity)
-            yield from rows
-            if not rows or "next" not in ((body or {}).get("_links") or {}):
-                return
-            page += 1
-
-    def _by_phone(self, phone: str) -> PhoneCandidates | None:
-        # ``query`` matches the raw stored string: the last 10 digits find "89161234567" and
-        # "+79161234567", the dashed subscriber part finds "+7 916 123-45-67". Stop at the first hit.
-        digits = "".join(ch for ch in phone if ch.isdigit())[-10:]
-        rows: list[dict[str, Any]] = []
-        for variant in (digits, f"{digits[3:6]}-{digits[6:8]}-{digits[8:]}"):
-            body = self._client.request("GET", "/api/v4/contacts", params=[("query", variant), ("with", "leads")])
-            rows = [r for r in _embedded(body, "contacts") if self._has_phone(r, phone)]
-            if rows:
-                break
-        contacts: list[tuple[str, str | None]] = []
-        lead_ids: list[str] = []
-        for row in rows:
-            owner = self._value(row, self._field("mis_patient_id")) or None
-            contacts.append((str(row["id"]), owner))
-            lead_ids += [str(lead["id"]) for lead in _embedded(row, "leads")]
-        deals: list[tuple[str, str, str]] = []
-        if lead_ids:
-            params = [("filter[id][]", lead_id) for lead_id in lead_ids[:PAGE]]
-            adoptable = set(self._config.matching.adopt_deal_stages)
-            for row in _embedded(self._client.request("GET", "/api/v4/leads", params=params), "leads"):
-                status = str(row.get("status_id"))
-                if status in (WON, LOST) or self._value(row, self._field("mis_appointment_id")):
-                    continue
-                if status in adoptable:
-                    deals.append((str(row["id"]), str(row.get("pipeline_id")), status))
-        if not contacts and not deals:
-            return None
-        return PhoneCandidates(contacts=tuple(contacts), deals=tuple(deals))
-
-    def _has_phone(self, row: Mapping[str, Any], phone: str) -> bool:
-        """``query`` also hits other fields and other numbers: never trust a hit before normalising."""
-        region = self._config.matching.default_region
-        return phone in {normalise_phone(v, region) for v in self._values(row, code="PHONE")}
+        return self._client.rows_since(f"/api/v4/{entity}", entity, since)
 
     # --- reading back what managers changed --------------------------------------------------------
 
     def fetch(self, entity: str, crm_ids: Sequence[str]) -> dict[str, dict[str, str]]:
         out: dict[str, dict[str, str]] = {}
         path = "contacts" if entity == "contact" else "leads"
-        for chunk in _chunks(list(dict.fromkeys(crm_ids)), PAGE):
-            params = [("filter[id][]", crm_id) for crm_id in chunk] + [("with", "contacts")]
-            for row in _embedded(self._client.request("GET", f"/api/v4/{path}", params=params), path):
-                out[str(row["id"])] = self._canonical(entity, row)
+        for row in self._client.rows_by_id(f"/api/v4/{path}", path, crm_ids, [("with", "contacts")]):
+            out[str(row["id"])] = self._canonical(entity, row)
         if entity == "lead":
             self._add_lead_phones(out)
         return out
 
     def contact_emails(self, contact_ids: Sequence[str]) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for chunk in _chunks(list(dict.fromkeys(contact_ids)), PAGE):
-            params = [("filter[id][]", contact_id) for contact_id in chunk]
-            for row in _embedded(self._client.request("GET", "/api/v4/contacts", params=params), "contacts"):
-                out[str(row["id"])] = self._values(row, code="EMAIL")
+        for row in self._client.rows_by_id("/api/v4/contacts", "contacts", contact_ids):
+            out[str(row["id"])] = self._values(row, code="EMAIL")
         return out
 
     def _add_lead_phones(self, leads: dict[str, dict[str, str]]) -> None:
@@ -299,9 +246,8 @@ class AmoCrmGateway:
         wanted = {row["contact_id"]: lead_id for lead_id, row in leads.items() if row.get("contact_id")}
         if not wanted:
             return
-        params = [("filter[id][]", contact_id) for contact_id in wanted]
         region = self._config.matching.default_region
-        for row in _embedded(self._client.request("GET", "/api/v4/contacts", params=params), "contacts"):
+        for row in self._client.rows_by_id("/api/v4/contacts", "contacts", list(wanted)):
             numbers = [n for v in self._values(row, code="PHONE") if (n := normalise_phone(v, region))]
             lead = leads[wanted[str(row["id"])]]
             lead["phone"] = numbers[0] if numbers else ""
@@ -382,17 +328,10 @@ class AmoCrmGateway:
             *statuses,
             ("order[created_at]", "asc"),
             ("with", "contacts"),
-            ("limit", PAGE),
         ]
-        rows: list[dict[str, Any]] = []
-        page = offset // PAGE + 1
         skip = offset % PAGE
-        while len(rows) < skip + limit:
-            body = self._client.request("GET", "/api/v4/leads", params=[*params, ("page", page)])
-            rows += _embedded(body, "leads")
-            if "next" not in ((body or {}).get("_links") or {}):
-                break
-            page += 1
+        pages = self._client.rows("/api/v4/leads", "leads", params, first_page=offset // PAGE + 1)
+        rows = list(itertools.islice(pages, skip + limit))
         owned = self._field("mis_appointment_id")
         leads = [r for r in rows[skip:] if not self._value(r, owned)][:limit]
         contacts = self._ticket_contacts(leads)
@@ -419,16 +358,14 @@ class AmoCrmGateway:
         ids = list(dict.fromkeys(str(c["id"]) for row in leads for c in _embedded(row, "contacts")[:1]))
         region = self._config.matching.default_region
         found: dict[str, _Person] = {}
-        for chunk in _chunks(ids, PAGE):
-            params = [("filter[id][]", contact_id) for contact_id in chunk] + [("limit", PAGE)]
-            for row in _embedded(self._client.request("GET", "/api/v4/contacts", params=params), "contacts"):
-                phones = [n for v in self._values(row, code="PHONE") if (n := normalise_phone(v, region))]
-                emails = [v.strip() for v in self._values(row, code="EMAIL") if v.strip()]
-                found[str(row["id"])] = _Person(
-                    phone=phones[0] if phones else None,
-                    email=emails[0] if emails else None,
-                    full_name=str(row.get("name") or "") or None,
-                )
+        for row in self._client.rows_by_id("/api/v4/contacts", "contacts", ids):
+            phones = [n for v in self._values(row, code="PHONE") if (n := normalise_phone(v, region))]
+            emails = [v.strip() for v in self._values(row, code="EMAIL") if v.strip()]
+            found[str(row["id"])] = _Person(
+                phone=phones[0] if phones else None,
+                email=emails[0] if emails else None,
+                full_name=str(row.get("name") or "") or None,
+            )
         return found
 
     def _first(self, row: Mapping[str, Any], code: str) -> str | None:

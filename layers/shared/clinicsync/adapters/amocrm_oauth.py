@@ -32,6 +32,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from clinicsync import oauth
+from clinicsync.adapters.amocrm import ACCOUNT_BLOCKED
 from clinicsync.oauth import (
     LeaseStore,
     LockFactory,
@@ -202,6 +203,8 @@ def _refused(response: httpx.Response, secrets: list[str]) -> OAuthError:
 
     A spent refresh token ("Token has been revoked", "Invalid refresh token" …) comes back as 400 or
     401: both are ``invalid_grant``, unless the hint blames the client credentials (``invalid_client``).
+    403 (an nginx HTML page) is a blocked account (amocrm-api-php #563), ``account_blocked``: the pair
+    was not rotated, so the stored tokens stay valid for when the block is lifted.
     """
     status = response.status_code
     try:
@@ -219,6 +222,9 @@ def _refused(response: httpx.Response, secrets: list[str]) -> OAuthError:
         return OAuthError(code, description, status, vendor=VENDOR)
     if status == 429:
         return OAuthError("rate_limited", description, status, retryable=True, vendor=VENDOR)
+    if status == 403:
+        blocked = "amoCRM blocked the account or integration (repeated rate-limit violations); tokens kept"
+        return OAuthError(ACCOUNT_BLOCKED, blocked, status, vendor=VENDOR)
     # 5xx: usually nothing was rotated and a retry works. If a gateway hid a rotation (a 504 after the
     # grant ran), the retry ends in a plain invalid_grant, which is the truth by then.
     return OAuthError(f"HTTP_{status}", description, status, retryable=status >= 500, vendor=VENDOR)

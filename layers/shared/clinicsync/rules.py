@@ -165,7 +165,7 @@ def _pipeline_by_category(config: ClinicConfig, category_id: str | None) -> Pipe
 
 @dataclass
 class Adoption:
-    """Open CRM records found by a new patient's phone, and what this sync already claimed.
+    """Open CRM records found by the phone of a patient without a deal yet, and what this sync claimed.
 
     ``claimed`` is shared by every patient planned in one sync, so one lead, deal or contact is
     adopted by one patient only. A lead or deal is claimed only by a new deal actually planned: a
@@ -309,6 +309,7 @@ def _plan_deal(
             deal_id, category_id, _ = deal
             adopted_deal = True
             plan.skipped[f"deal:{deal_id}"] = "adopted_deal"
+    next_state.has_deal = True  # a card synced before its first booking still adopts with that booking
     status = effective_status(appointment, known)
 
     pipeline = _pipeline_by_category(config, category_id) if category_id else None

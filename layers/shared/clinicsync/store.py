@@ -61,6 +61,8 @@ def _apply_item(state: PatientState, item: Mapping[str, Any]) -> None:
         state.first_visit_at = _opt_dt(item.get("first_visit_at"))
         state.last_visit_at = _opt_dt(item.get("last_visit_at"))
         state.audience_hash = item.get("audience_hash")
+        # Stored before the flag existed: a known contact meant no adoption by phone any more.
+        state.has_deal = bool(item.get("has_deal", state.contact_id is not None))
     elif sk.startswith("APPT#"):
         aid = sk.removeprefix("APPT#")
         state.appointments[aid] = AppointmentState(
@@ -92,6 +94,7 @@ def _items_for(state: PatientState, changed_appointments: Sequence[str]) -> list
             "first_visit_at": state.first_visit_at.isoformat() if state.first_visit_at else None,
             "last_visit_at": state.last_visit_at.isoformat() if state.last_visit_at else None,
             "audience_hash": state.audience_hash,
+            "has_deal": state.has_deal,
         }
     ]
     for aid in dict.fromkeys(changed_appointments):

@@ -180,8 +180,8 @@ class Syncer:
 
     def _look_up(self, live: Sequence[PatientChanges], states: dict[str, PatientState]) -> CrmMatches:
         """One look-up per message. Always by MIS id before creating (a create whose response was lost
-        must not repeat), by phone for new patients (adopt open leads and deals, never duplicate), and
-        the phone/e-mail entry ids of contacts whose phone or e-mail changed."""
+        must not repeat), by phone for patients without a deal yet (adopt open leads and deals, never
+        duplicate), and the phone/e-mail entry ids of contacts whose phone or e-mail changed."""
         unknown_patients = [c.patient.mis_id for c in live if states[c.patient.mis_id].contact_id is None]
         unknown_appointments = [
             a.mis_id
@@ -192,7 +192,7 @@ class Syncer:
         phones = [
             c.patient.phone
             for c in live
-            if c.patient.phone and states[c.patient.mis_id].contact_id is None and c.appointments
+            if c.patient.phone and not states[c.patient.mis_id].has_deal and c.appointments
         ]
         changed_contacts = [
             str(states[c.patient.mis_id].contact_id)
@@ -235,8 +235,8 @@ class Syncer:
         phone_owners: dict[str, set[str]],
     ) -> Adoption | None:
         phone = item.patient.phone
-        if not phone or phone not in matches.phones or states[item.patient.mis_id].contact_id:
-            return None
+        if not phone or phone not in matches.phones or states[item.patient.mis_id].has_deal:
+            return None  # adoption is for the patient's first new deal only
         pid = item.patient.mis_id
         # A family shares one phone: then no contact is adopted, so two patients never merge.
         others = phone_owners.get(phone, set()) | set(self._store.patients_by_phone(self._hasher.phone_key(phone)))

@@ -44,8 +44,11 @@ LEAD, DEAL, FORM_CONTACT = "L1", "D1", "C1"  # what a website form left in the C
 class FamilyCrm:
     """A CRM holding one open lead, one open unowned deal and one unowned contact for the family's phone.
 
-    It records every write, so the test judges what the sync asked the CRM to do."""
+    It records every write, so the test judges what the sync asked the CRM to do. With ``stale_reads``
+    a phone look-up still sees the lead and deal open after their adoption: an invocation that read the
+    CRM while another one, running at the same time, was adopting them."""
 
+    stale_reads: bool = False
     kind: str = "fake"
     lookups_need_intents: bool = False
     lead_open: bool = True
@@ -71,9 +74,9 @@ class FamilyCrm:
             aid: DealMatch(self.deals[aid], "0", "NEW", closed=False) for aid in appointment_ids if aid in self.deals
         }
         found = PhoneCandidates(
-            leads=(LEAD,) if self.lead_open else (),
+            leads=(LEAD,) if self.lead_open or self.stale_reads else (),
             contacts=tuple(self.contacts.items()),
-            deals=((DEAL, "0", "NEW"),) if self.deal_owner is None else (),
+            deals=((DEAL, "0", "NEW"),) if self.deal_owner is None or self.stale_reads else (),
         )
         return CrmMatches(contacts=contacts, deals=deals, phones={PHONE: found} if PHONE in phones else {})
 
@@ -116,9 +119,10 @@ class Member:
 
 
 @st.composite
-def families(draw: st.DrawFn) -> tuple[list[Member], list[list[str]], set[int]]:
+def families(draw: st.DrawFn) -> tuple[list[Member], list[list[str]], set[int], bool]:
     """One to three family members, their visits, which poll carries each card and visit, the order of
-    the cards within each poll's batch, and which batches are delivered twice."""
+    the cards within each poll's batch, which batches are delivered twice, and whether the syncs of
+    different polls run at the same time (each reads the CRM before the others write)."""
     polls = draw(st.integers(1, 3))
     members = []
     for m in range(draw(st.integers(1, 3))):
@@ -130,7 +134,7 @@ def families(draw: st.DrawFn) -> tuple[list[Member], list[list[str]], set[int]]:
         members.append(Member(f"p{m}", draw(st.integers(0, 4)) == 0, card, visits))
     orders = [draw(st.permutations([m.pid for m in members])) for _ in range(polls)]
     twice = draw(st.sets(st.integers(0, polls - 1)))
-    return members, orders, twice
+    return members, orders, twice, draw(st.booleans())
 
 
 def batches(members: list[Member], orders: list[list[str]]) -> list[list[PatientChanges]]:
@@ -182,8 +186,10 @@ def table_factory(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         yield make
 
 
-def run(store: DynamoStore, members: list[Member], orders: list[list[str]], twice: set[int]) -> FamilyCrm:
-    crm = FamilyCrm()
+def run(
+    store: DynamoStore, members: list[Member], orders: list[list[str]], twice: set[int], concurrent: bool = False
+) -> FamilyCrm:
+    crm = FamilyCrm(stale_reads=concurrent)
     hasher = KeyedHasher(b"k" * 32)
     syncer = Syncer(demo_config(), store, crm, hasher)  # type: ignore[arg-type]
     for n, batch in enumerate(batches(members, orders)):
@@ -197,10 +203,10 @@ def run(store: DynamoStore, members: list[Member], orders: list[list[str]], twic
 
 @given(families())
 def test_the_first_new_deal_for_a_phone_adopts_its_open_lead_and_deal_once(
-    table_factory: Any, family: tuple[list[Member], list[list[str]], set[int]]
+    table_factory: Any, family: tuple[list[Member], list[list[str]], set[int], bool]
 ) -> None:
-    members, orders, twice = family
-    crm = run(table_factory(), members, orders, twice)
+    members, orders, twice, concurrent = family
+    crm = run(table_factory(), members, orders, twice, concurrent)
     adopter = first_new_deal(members, orders)
     expected = [adopter] if adopter else []
     assert crm.lead_takers == expected  # at most once, and only by the first new deal
@@ -239,3 +245,21 @@ def test_a_patient_stored_before_the_deal_flag_keeps_the_old_rule(table_factory:
     store._table.put_item(Item={"pk": "PAT#new", "sk": "STATE", "version": 1})
     states = store.load_patients({"old": [], "new": []})
     assert states["old"].has_deal and not states["new"].has_deal
+
+
+def test_family_members_synced_at_the_same_time_in_two_shards_adopt_once(table_factory: Any) -> None:
+    """Both invocations find the lead and the deal open; the first to claim them adopts, the other makes
+    a plain deal, and a redelivery of either message changes nothing."""
+    mother = Member("p0", refused=False, card_batch=0, visits=(("a00", False, 1, 0),))
+    son = Member("p1", refused=False, card_batch=1, visits=(("a10", False, 1, 1),))
+    crm = run(table_factory(), [mother, son], [["p0"], ["p1"]], {0, 1}, concurrent=True)
+    assert crm.lead_takers == ["a00"] and crm.deal_takers == ["a00"] and crm.conversions == 1
+    assert sorted(crm.deals) == ["a00", "a10"] and crm.creates == ["a10"]
+
+
+def test_an_adoption_claim_is_the_appointments_own_and_expires(table_factory: Any) -> None:
+    store = table_factory()
+    assert store.claim_adoptions({"L1": "a1", "D1": "a1"}, now=1000, seconds=60) == set()
+    assert store.claim_adoptions({"L1": "a2", "D2": "a2"}, now=1010, seconds=60) == {"L1"}
+    assert store.claim_adoptions({"L1": "a1"}, now=1020, seconds=60) == set()  # a redelivery, a retry
+    assert store.claim_adoptions({"L1": "a2"}, now=1081, seconds=60) == set()  # expired: the CRM tells now

@@ -350,6 +350,28 @@ class DynamoStore:
             for pid in dict.fromkeys(patient_ids):
                 batch.delete_item(Key={"pk": f"CLAIM#{pid}", "sk": "C"})
 
+    # --- adoptions ----------------------------------------------------------------------------------
+
+    def claim_adoptions(self, claims: Mapping[str, str], now: int, seconds: int) -> set[str]:
+        """Claim CRM records (``L<lead id>``/``D<deal id>`` -> the appointment adopting them); returns
+        the keys another appointment holds. Concurrent invocations read the CRM before either writes,
+        so the CRM alone cannot stop a record being adopted twice. A repeat by the same appointment
+        (a redelivery, a retry) succeeds; a claim expires, by when the CRM shows the adoption."""
+        held: set[str] = set()
+        for key, appointment_id in claims.items():
+            try:
+                self._table.put_item(
+                    Item={"pk": f"ADOPT#{key}", "sk": "A", "owner": appointment_id, "expires_at": now + seconds},
+                    ConditionExpression="attribute_not_exists(pk) OR expires_at < :now OR #o = :owner",
+                    ExpressionAttributeNames={"#o": "owner"},
+                    ExpressionAttributeValues={":now": now, ":owner": appointment_id},
+                )
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                    raise
+                held.add(key)
+        return held
+
     # --- phone index -------------------------------------------------------------------------------
 
     def index_phone(self, phone_key: str, patient_id: str, previous_key: str | None) -> None:

@@ -47,6 +47,9 @@ from clinicsync.store import DynamoStore
 # before the sync queue's visibility timeout (720 s), so a killed invocation's retry finds it expired.
 CLAIM_SECONDS = 300
 CLAIM_WAIT_SECONDS = 3.0  # how long to wait for another invocation to finish a patient before deferring it
+# An adoption claim outlives a message's retries (the SQS retention is 4 days at most); by the time it
+# expires, the CRM itself shows the lead converted or the deal ours.
+ADOPTION_CLAIM_SECONDS = 7 * 24 * 3600
 BUSY = "patient_busy"
 
 
@@ -151,20 +154,7 @@ class Syncer:
         observed = self._observe(observations, states, report)
 
         matches = self._look_up(live, states)
-        claimed: set[str] = set()
-        phone_owners = self._phones_in_batch(live)
-        plans = [
-            plan_patient(
-                item,
-                states[item.patient.mis_id],
-                matches,
-                self._config,
-                self._hasher,
-                ledger[item.patient.mis_id],
-                self._adoption(item, states, matches, claimed, phone_owners),
-            )
-            for item in live
-        ]
+        plans = self._plan(live, states, matches, ledger)
         writes = [w for plan in plans for w in plan.writes] + self._lead_links(observations, states)
         intents = self._record_intents(writes)
         outcome = self._gateway.apply(writes) if writes else WriteOutcome()
@@ -177,6 +167,46 @@ class Syncer:
         if outcome.failed or busy:
             raise SyncIncomplete({**busy, **outcome.failed})
         return report
+
+    def _plan(
+        self,
+        live: Sequence[PatientChanges],
+        states: dict[str, PatientState],
+        matches: CrmMatches,
+        ledger: dict[str, set[str]],
+    ) -> list[PatientPlan]:
+        """Plan every patient; a lead or deal that another invocation adopted first is left out and the
+        batch planned again (each round takes at least one record away, so this ends)."""
+        taken: set[str] = set()
+        phone_owners = self._phones_in_batch(live)
+        while True:
+            claimed = set(taken)
+            plans = [
+                plan_patient(
+                    item,
+                    states[item.patient.mis_id],
+                    matches,
+                    self._config,
+                    self._hasher,
+                    ledger[item.patient.mis_id],
+                    self._adoption(item, states, matches, claimed, phone_owners),
+                )
+                for item in live
+            ]
+            adoptions = {
+                key: w.appointment_id
+                for plan in plans
+                for w in plan.writes
+                if isinstance(w, DealWrite)
+                for key in ([f"L{w.lead_id}"] if w.lead_id else []) + ([f"D{w.deal_id}"] if w.link_contact else [])
+            }
+            if not adoptions:
+                return plans
+            lost = self._store.claim_adoptions(adoptions, int(time.time()), ADOPTION_CLAIM_SECONDS) - taken
+            if not lost:
+                return plans
+            logger.info("records adopted by another sync; planning without them", extra={"records": len(lost)})
+            taken |= lost
 
     def _look_up(self, live: Sequence[PatientChanges], states: dict[str, PatientState]) -> CrmMatches:
         """One look-up per message. Always by MIS id before creating (a create whose response was lost

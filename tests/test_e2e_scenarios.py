@@ -257,3 +257,15 @@ def test_only_a_new_deal_adopts_the_lead_a_family_member_without_one_leaves_it(
     contacts = clinic.crm.contacts_by_origin()
     assert contacts[str(son)] == 1 and contacts[str(mother)] <= 1
     assert clinic.crm.contact_of_patient(str(mother)) != deal["contact_id"]  # never merged into one contact
+
+
+def test_a_card_synced_before_its_first_booking_adopts_the_lead_with_that_booking(clinic: LocalClinic) -> None:
+    inquiry = clinic.crm.manager_create_inquiry("89250000009")  # a website form, before the card
+    clinic.deliver_webhooks()
+    client = clinic.mis.add_client("Орлова", "+7 925 000-00-09")
+    clinic.sync()  # the card alone: a contact, no deal, the lead left open
+    clinic.deliver_webhooks()
+    visit = clinic.mis.book(client, clinic.mis.at(7, "10:00"))
+    clinic.sync()
+    assert clinic.crm.adopted(inquiry, _deal(clinic, visit))
+    assert clinic.crm.contacts_by_origin()[str(client)] == 1

@@ -119,10 +119,10 @@ class Member:
 
 
 @st.composite
-def families(draw: st.DrawFn) -> tuple[list[Member], list[list[str]], set[int], bool]:
+def families(draw: st.DrawFn) -> tuple[list[Member], list[list[str]], set[int], bool, int]:
     """One to three family members, their visits, which poll carries each card and visit, the order of
-    the cards within each poll's batch, which batches are delivered twice, and whether the syncs of
-    different polls run at the same time (each reads the CRM before the others write)."""
+    the cards within each poll, which polls' messages are delivered twice, whether the syncs run at the
+    same time (each reads the CRM before the others write), and how many patients a message holds."""
     polls = draw(st.integers(1, 3))
     members = []
     for m in range(draw(st.integers(1, 3))):
@@ -134,7 +134,7 @@ def families(draw: st.DrawFn) -> tuple[list[Member], list[list[str]], set[int], 
         members.append(Member(f"p{m}", draw(st.integers(0, 4)) == 0, card, visits))
     orders = [draw(st.permutations([m.pid for m in members])) for _ in range(polls)]
     twice = draw(st.sets(st.integers(0, polls - 1)))
-    return members, orders, twice, draw(st.booleans())
+    return members, orders, twice, draw(st.booleans()), draw(st.integers(1, 3))
 
 
 def batches(members: list[Member], orders: list[list[str]]) -> list[list[PatientChanges]]:
@@ -187,7 +187,12 @@ def table_factory(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 def run(
-    store: DynamoStore, members: list[Member], orders: list[list[str]], twice: set[int], concurrent: bool = False
+    store: DynamoStore,
+    members: list[Member],
+    orders: list[list[str]],
+    twice: set[int],
+    concurrent: bool = False,
+    per_message: int = 50,
 ) -> FamilyCrm:
     crm = FamilyCrm(stale_reads=concurrent)
     hasher = KeyedHasher(b"k" * 32)
@@ -195,18 +200,18 @@ def run(
     for n, batch in enumerate(batches(members, orders)):
         # The poller indexes a page's phones before anyone syncs it.
         store.index_phones([(hasher.phone_key(PHONE), c.patient.mis_id) for c in batch])
-        for _ in range(2 if n in twice else 1):
-            if batch:
-                syncer.sync(batch)
+        for start in range(0, len(batch), per_message):
+            for _ in range(2 if n in twice else 1):
+                syncer.sync(batch[start : start + per_message])
     return crm
 
 
 @given(families())
 def test_the_first_new_deal_for_a_phone_adopts_its_open_lead_and_deal_once(
-    table_factory: Any, family: tuple[list[Member], list[list[str]], set[int], bool]
+    table_factory: Any, family: tuple[list[Member], list[list[str]], set[int], bool, int]
 ) -> None:
-    members, orders, twice, concurrent = family
-    crm = run(table_factory(), members, orders, twice, concurrent)
+    members, orders, twice, concurrent, per_message = family
+    crm = run(table_factory(), members, orders, twice, concurrent, per_message)
     adopter = first_new_deal(members, orders)
     expected = [adopter] if adopter else []
     assert crm.lead_takers == expected  # at most once, and only by the first new deal

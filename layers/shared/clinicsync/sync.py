@@ -47,9 +47,9 @@ from clinicsync.store import DynamoStore
 # before the sync queue's visibility timeout (720 s), so a killed invocation's retry finds it expired.
 CLAIM_SECONDS = 300
 CLAIM_WAIT_SECONDS = 3.0  # how long to wait for another invocation to finish a patient before deferring it
-# An adoption claim outlives a message's retries (the SQS retention is 4 days at most); by the time it
-# expires, the CRM itself shows the lead converted or the deal ours.
-ADOPTION_CLAIM_SECONDS = 7 * 24 * 3600
+# An adoption claim outlives its message, a redrive from the DLQ (14 days) included; by the time it
+# expires, the CRM itself shows the lead converted or the deal ours, or nobody wrote it and it is free.
+ADOPTION_CLAIM_SECONDS = 15 * 24 * 3600
 BUSY = "patient_busy"
 
 

@@ -226,3 +226,46 @@ def test_a_lost_create_response_never_duplicates(clinic: LocalClinic) -> None:
     assert clinic.crm.contacts_by_origin()[str(client)] == 1
     assert str(appointment) in clinic.crm.deals()
     assert clinic.mismatches() == []
+
+
+@pytest.mark.parametrize("mother_polled_alone_first", [False, True], ids=["one_poll", "mother_polled_first"])
+@pytest.mark.parametrize("crm", CRMS)
+def test_only_a_new_deal_adopts_the_lead_a_family_member_without_one_leaves_it(
+    make_clinic: Callable[..., LocalClinic], crm: str, mother_polled_alone_first: bool
+) -> None:
+    # One FIFO group: the whole family is planned in one sync, the older card (the mother's) first.
+    overrides = {**FAST, "shards": 1}
+    clinic = make_clinic(crm=crm, patients=12, appointments=12, rate_limit=False, config_overrides=overrides)
+    clinic.sync()
+    clinic.deliver_webhooks()
+    # From a website form, before the cards (a format amoCRM's ``query`` finds beside our own contacts).
+    inquiry = clinic.crm.manager_create_inquiry("89250000008")
+    clinic.deliver_webhooks()
+    deals_before = len(clinic.crm.deals())
+    mother = clinic.mis.add_client("Соколова", "+7 925 000-00-08")  # no booking
+    if mother_polled_alone_first:
+        clinic.sync()
+    son = clinic.mis.add_client("Соколов", "+7 (925) 000-00-08")
+    visit = clinic.mis.book(son, clinic.mis.at(7, "10:00"))
+    clinic.sync()
+    clinic.deliver_webhooks()
+    clinic.sync()  # a later poll and the echoes change nothing: adopted once, no second deal
+    deal = _deal(clinic, visit)
+    assert clinic.crm.adopted(inquiry, deal)
+    assert len(clinic.crm.deals()) == deals_before + 1
+    assert clinic.crm.deals_by_origin()[str(visit)] == 1
+    contacts = clinic.crm.contacts_by_origin()
+    assert contacts[str(son)] == 1 and contacts[str(mother)] <= 1
+    assert clinic.crm.contact_of_patient(str(mother)) != deal["contact_id"]  # never merged into one contact
+
+
+def test_a_card_synced_before_its_first_booking_adopts_the_lead_with_that_booking(clinic: LocalClinic) -> None:
+    inquiry = clinic.crm.manager_create_inquiry("89250000009")  # a website form, before the card
+    clinic.deliver_webhooks()
+    client = clinic.mis.add_client("Орлова", "+7 925 000-00-09")
+    clinic.sync()  # the card alone: a contact, no deal, the lead left open
+    clinic.deliver_webhooks()
+    visit = clinic.mis.book(client, clinic.mis.at(7, "10:00"))
+    clinic.sync()
+    assert clinic.crm.adopted(inquiry, _deal(clinic, visit))
+    assert clinic.crm.contacts_by_origin()[str(client)] == 1

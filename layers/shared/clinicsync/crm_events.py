@@ -130,7 +130,8 @@ class CrmEventProcessor:
             return
         patients = self._store.patients_by_phone(self._hasher.phone_key(snapshot["phone"]))
         if len(patients) != 1:
-            # Nobody, or a family sharing the phone: the booking in the MIS will adopt it instead.
+            # Nobody, or a family sharing the phone: the first new deal of a patient without one yet
+            # adopts it (see rules.Adoption); nobody's contact is guessed here.
             report.ambiguous_leads += len(patients) > 1
             return
         report.leads_for_patients += 1

@@ -165,18 +165,19 @@ def _pipeline_by_category(config: ClinicConfig, category_id: str | None) -> Pipe
 
 @dataclass
 class Adoption:
-    """Open CRM records found by a new patient's phone, and what this sync already claimed.
+    """Open CRM records found by the phone of a patient without a deal yet, and what this sync claimed.
 
     ``claimed`` is shared by every patient planned in one sync, so one lead, deal or contact is
-    adopted by one patient only. ``phone_shared`` is set when another patient has the same phone
-    (a family): contacts are then never adopted, so two patients are never merged into one contact.
+    adopted by one patient only. A lead or deal is claimed only by a new deal actually planned: a
+    family member without an eligible booking never uses it up. Each patient adopts at most once, with
+    their first new deal. ``phone_shared`` is set when another patient has the same phone (a family):
+    contacts are then never adopted, so two patients never merge into one contact.
     """
 
     candidates: PhoneCandidates
     claimed: set[str]
     phone_shared: bool = False
-    lead_id: str | None = None
-    deal: tuple[str, str, str] | None = None  # (deal id, category, stage)
+    used: bool = False  # this patient's first new deal has had its pick
 
     def claim_contact(self) -> str | None:
         if self.phone_shared:
@@ -187,17 +188,21 @@ class Adoption:
                 return contact_id
         return None
 
-    def claim_lead_and_deal(self, config: ClinicConfig) -> None:
+    def claim_for_new_deal(self, config: ClinicConfig) -> tuple[str | None, tuple[str, str, str] | None]:
+        """(lead id, (deal id, category, stage)) the patient's first new deal takes over, each or None."""
+        if self.used:
+            return None, None
+        self.used = True
+        lead_id = None
         if config.matching.adopt_open_leads:
-            self.lead_id = next((lid for lid in self.candidates.leads if f"L{lid}" not in self.claimed), None)
-            if self.lead_id:
-                self.claimed.add(f"L{self.lead_id}")
+            lead_id = next((lid for lid in self.candidates.leads if f"L{lid}" not in self.claimed), None)
+            if lead_id:
+                self.claimed.add(f"L{lead_id}")
         categories = {p.category_id for p in config.crm.pipelines.values()}
-        for deal in self.candidates.deals:
-            if f"D{deal[0]}" not in self.claimed and deal[1] in categories:
-                self.deal = deal
-                self.claimed.add(f"D{deal[0]}")
-                return
+        deal = next((d for d in self.candidates.deals if f"D{d[0]}" not in self.claimed and d[1] in categories), None)
+        if deal:
+            self.claimed.add(f"D{deal[0]}")
+        return lead_id, deal
 
 
 def changed_multifields(patient: Patient, state: PatientState, hasher: KeyedHasher) -> frozenset[str]:
@@ -231,7 +236,6 @@ def plan_patient(
     if contact_id is None and adoption is not None:
         # Look-up order: MIS appointment id, MIS patient id, then the phone (adopt, never duplicate).
         contact_id = adoption.claim_contact()
-        adoption.claim_lead_and_deal(config)
         if contact_id:
             plan.skipped[f"contact:{contact_id}"] = "adopted_contact"
     next_state.contact_id = contact_id
@@ -298,13 +302,14 @@ def _plan_deal(
     lead_id = None
     adopted_deal = False
     if deal_id is None and adoption is not None:
-        # The patient's first new visit takes over the open deal and lead found by phone.
-        if adoption.deal is not None:
-            deal_id, category_id, _ = adoption.deal
-            adoption.deal = None
+        # The first new deal for the phone takes over the open lead and deal found by it; claimed only
+        # here, past the exclusions, so a visit that is never sent leaves them to the next new deal.
+        lead_id, deal = adoption.claim_for_new_deal(config)
+        if deal is not None:
+            deal_id, category_id, _ = deal
             adopted_deal = True
             plan.skipped[f"deal:{deal_id}"] = "adopted_deal"
-        lead_id, adoption.lead_id = adoption.lead_id, None
+    next_state.has_deal = True  # a card synced before its first booking still adopts with that booking
     status = effective_status(appointment, known)
 
     pipeline = _pipeline_by_category(config, category_id) if category_id else None

@@ -39,6 +39,9 @@ class PatientState(BaseModel):
     first_visit_at: datetime | None = Field(default=None, description="Earliest completed visit: repeat funnel")
     last_visit_at: datetime | None = Field(default=None, description="Latest completed visit (audience field)")
     audience_hash: str | None = Field(default=None, description="HMAC of the Mailchimp member we last sent")
+    has_deal: bool = Field(
+        default=False, description="A deal was planned for a visit: the first new deal's adoption by phone is over"
+    )
     appointments: dict[str, AppointmentState] = Field(default_factory=dict)
 
     def appointment(self, appointment_id: str) -> AppointmentState:

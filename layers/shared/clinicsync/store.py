@@ -61,6 +61,8 @@ def _apply_item(state: PatientState, item: Mapping[str, Any]) -> None:
         state.first_visit_at = _opt_dt(item.get("first_visit_at"))
         state.last_visit_at = _opt_dt(item.get("last_visit_at"))
         state.audience_hash = item.get("audience_hash")
+        # Stored before the flag existed: a known contact meant no adoption by phone any more.
+        state.has_deal = bool(item.get("has_deal", state.contact_id is not None))
     elif sk.startswith("APPT#"):
         aid = sk.removeprefix("APPT#")
         state.appointments[aid] = AppointmentState(
@@ -92,6 +94,7 @@ def _items_for(state: PatientState, changed_appointments: Sequence[str]) -> list
             "first_visit_at": state.first_visit_at.isoformat() if state.first_visit_at else None,
             "last_visit_at": state.last_visit_at.isoformat() if state.last_visit_at else None,
             "audience_hash": state.audience_hash,
+            "has_deal": state.has_deal,
         }
     ]
     for aid in dict.fromkeys(changed_appointments):
@@ -346,6 +349,28 @@ class DynamoStore:
         with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
             for pid in dict.fromkeys(patient_ids):
                 batch.delete_item(Key={"pk": f"CLAIM#{pid}", "sk": "C"})
+
+    # --- adoptions ----------------------------------------------------------------------------------
+
+    def claim_adoptions(self, claims: Mapping[str, str], now: int, seconds: int) -> set[str]:
+        """Claim CRM records (``L<lead id>``/``D<deal id>`` -> the appointment adopting them); returns
+        the keys another appointment holds. Concurrent invocations read the CRM before either writes,
+        so the CRM alone cannot stop a record being adopted twice. A repeat by the same appointment
+        (a redelivery, a retry) succeeds; a claim expires, by when the CRM shows the adoption."""
+        held: set[str] = set()
+        for key, appointment_id in claims.items():
+            try:
+                self._table.put_item(
+                    Item={"pk": f"ADOPT#{key}", "sk": "A", "owner": appointment_id, "expires_at": now + seconds},
+                    ConditionExpression="attribute_not_exists(pk) OR expires_at < :now OR #o = :owner",
+                    ExpressionAttributeNames={"#o": "owner"},
+                    ExpressionAttributeValues={":now": now, ":owner": appointment_id},
+                )
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                    raise
+                held.add(key)
+        return held
 
     # --- phone index -------------------------------------------------------------------------------
 

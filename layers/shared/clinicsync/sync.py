@@ -47,6 +47,9 @@ from clinicsync.store import DynamoStore
 # before the sync queue's visibility timeout (720 s), so a killed invocation's retry finds it expired.
 CLAIM_SECONDS = 300
 CLAIM_WAIT_SECONDS = 3.0  # how long to wait for another invocation to finish a patient before deferring it
+# An adoption claim outlives its message, a redrive from the DLQ (14 days) included; by the time it
+# expires, the CRM itself shows the lead converted or the deal ours, or nobody wrote it and it is free.
+ADOPTION_CLAIM_SECONDS = 15 * 24 * 3600
 BUSY = "patient_busy"
 
 
@@ -151,20 +154,7 @@ class Syncer:
         observed = self._observe(observations, states, report)
 
         matches = self._look_up(live, states)
-        claimed: set[str] = set()
-        phone_owners = self._phones_in_batch(live)
-        plans = [
-            plan_patient(
-                item,
-                states[item.patient.mis_id],
-                matches,
-                self._config,
-                self._hasher,
-                ledger[item.patient.mis_id],
-                self._adoption(item, states, matches, claimed, phone_owners),
-            )
-            for item in live
-        ]
+        plans = self._plan(live, states, matches, ledger)
         writes = [w for plan in plans for w in plan.writes] + self._lead_links(observations, states)
         intents = self._record_intents(writes)
         outcome = self._gateway.apply(writes) if writes else WriteOutcome()
@@ -178,10 +168,50 @@ class Syncer:
             raise SyncIncomplete({**busy, **outcome.failed})
         return report
 
+    def _plan(
+        self,
+        live: Sequence[PatientChanges],
+        states: dict[str, PatientState],
+        matches: CrmMatches,
+        ledger: dict[str, set[str]],
+    ) -> list[PatientPlan]:
+        """Plan every patient; a lead or deal that another invocation adopted first is left out and the
+        batch planned again (each round takes at least one record away, so this ends)."""
+        taken: set[str] = set()
+        phone_owners = self._phones_in_batch(live)
+        while True:
+            claimed = set(taken)
+            plans = [
+                plan_patient(
+                    item,
+                    states[item.patient.mis_id],
+                    matches,
+                    self._config,
+                    self._hasher,
+                    ledger[item.patient.mis_id],
+                    self._adoption(item, states, matches, claimed, phone_owners),
+                )
+                for item in live
+            ]
+            adoptions = {
+                key: w.appointment_id
+                for plan in plans
+                for w in plan.writes
+                if isinstance(w, DealWrite)
+                for key in ([f"L{w.lead_id}"] if w.lead_id else []) + ([f"D{w.deal_id}"] if w.link_contact else [])
+            }
+            if not adoptions:
+                return plans
+            lost = self._store.claim_adoptions(adoptions, int(time.time()), ADOPTION_CLAIM_SECONDS) - taken
+            if not lost:
+                return plans
+            logger.info("records adopted by another sync; planning without them", extra={"records": len(lost)})
+            taken |= lost
+
     def _look_up(self, live: Sequence[PatientChanges], states: dict[str, PatientState]) -> CrmMatches:
         """One look-up per message. Always by MIS id before creating (a create whose response was lost
-        must not repeat), by phone for new patients (adopt open leads and deals, never duplicate), and
-        the phone/e-mail entry ids of contacts whose phone or e-mail changed."""
+        must not repeat), by phone for patients without a deal yet (adopt open leads and deals, never
+        duplicate), and the phone/e-mail entry ids of contacts whose phone or e-mail changed."""
         unknown_patients = [c.patient.mis_id for c in live if states[c.patient.mis_id].contact_id is None]
         unknown_appointments = [
             a.mis_id
@@ -192,7 +222,7 @@ class Syncer:
         phones = [
             c.patient.phone
             for c in live
-            if c.patient.phone and states[c.patient.mis_id].contact_id is None and c.appointments
+            if c.patient.phone and not states[c.patient.mis_id].has_deal and c.appointments
         ]
         changed_contacts = [
             str(states[c.patient.mis_id].contact_id)
@@ -235,8 +265,8 @@ class Syncer:
         phone_owners: dict[str, set[str]],
     ) -> Adoption | None:
         phone = item.patient.phone
-        if not phone or phone not in matches.phones or states[item.patient.mis_id].contact_id:
-            return None
+        if not phone or phone not in matches.phones or states[item.patient.mis_id].has_deal:
+            return None  # adoption is for the patient's first new deal only
         pid = item.patient.mis_id
         # A family shares one phone: then no contact is adopted, so two patients never merge.
         others = phone_owners.get(phone, set()) | set(self._store.patients_by_phone(self._hasher.phone_key(phone)))

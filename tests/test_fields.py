@@ -18,6 +18,8 @@ from pydantic import ValidationError
 from clinicsync.adapters.amocrm import AmoCrmClient
 from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
 from clinicsync.config import FIELD_PRESETS, ClinicConfig
+from clinicsync.discovery import CrmDiscovery, check_fields, propose_fields
+from clinicsync.discovery import CrmField as LiveField
 from clinicsync.fieldtypes import FieldValueError, crm_value
 from clinicsync.models import AppointmentStatus
 from clinicsync.ports import ContactWrite, DealWrite
@@ -210,3 +212,57 @@ def test_money_is_a_number_and_flags_are_flags(amount: Decimal) -> None:
 def test_a_field_type_that_cannot_hold_the_value_is_named_with_what_fits() -> None:
     with pytest.raises(FieldValueError, match=r"birth_date \(date\) cannot go to a amocrm checkbox field; use one of"):
         crm_value("amocrm", "birth_date", "checkbox", "2015-03-09", MOSCOW)
+
+
+def _live(*fields: tuple[str, str, str, str]) -> CrmDiscovery:
+    return CrmDiscovery("amocrm", "test", [], [LiveField(e, k, n, t) for e, k, n, t in fields], None)  # type: ignore[arg-type]
+
+
+def test_check_names_the_type_to_set_and_the_field_that_cannot_hold_a_value() -> None:
+    crm = _live(
+        ("contact", "500", "ID пациента в МИС", "text"),
+        ("contact", "502", "Дата рождения", "birthday"),
+        ("deal", "501", "ID записи в МИС", "text"),
+        ("deal", "610", "Оплачено", "checkbox"),
+    )
+    config = amo_config(
+        {
+            "contact": ["full_name", "birth_date"],
+            "deal": ["paid"],
+            "crm_fields": {"contact": {**IDS["contact"], "birth_date": "502"}, "deal": {**IDS["deal"], "paid": "610"}},
+        }
+    )
+    problems = {
+        p.message: p.next_step for p in check_fields(config, crm) if "birth_date" in p.message or "paid" in p.message
+    }
+    assert problems == {
+        "contact field birth_date: the config sends it as date, but «Дата рождения» (502) is a birthday field": (
+            'set fields.crm_fields.contact.birth_date: {id: "502", type: birthday}'
+        ),
+        "deal field paid goes to «Оплачено» (610), a checkbox field, which cannot hold a money: the CRM would "
+        "refuse the patient": "map fields.crm_fields.deal.paid to a field of type monetary or numeric or price or text "
+        "or textarea",
+    }
+
+
+def test_init_proposes_each_entitys_field_with_its_live_type() -> None:
+    crm = _live(
+        ("contact", "500", "ID пациента в МИС", "text"),
+        ("contact", "510", "Статус пациента", "select"),
+        ("contact", "512", "Номер полиса", "text"),
+        ("contact", "514", "Полис действует до", "date"),
+        ("contact", "516", "Пол", "select"),
+        ("deal", "501", "ID записи в МИС", "text"),
+        ("deal", "610", "Статус пациента", "text"),
+        ("deal", "612", "Скидка", "numeric"),
+        ("deal", "614", "Оплачено", "checkbox"),
+    )
+    found, missing = propose_fields(
+        crm, ("sex", "patient_status", "policy_number", "policy_valid_until"), ("patient_status", "discount", "paid")
+    )
+    assert found["contact"]["patient_status"] == {"id": "510", "type": "select"}
+    assert found["deal"]["patient_status"] == {"id": "610", "type": "text"}
+    assert found["contact"]["sex"] == {"id": "516", "type": "select"}  # «Пол», not «Номер полиса»
+    assert found["contact"]["policy_valid_until"] == {"id": "514", "type": "date"}
+    assert found["deal"]["discount"] == {"id": "612", "type": "numeric"}
+    assert "paid" not in found["deal"] and any("«Оплачено» (614) is a checkbox field" in m for m in missing)

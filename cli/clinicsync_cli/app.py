@@ -20,7 +20,7 @@ from rich.table import Table
 from clinicsync import connect
 from clinicsync.adapters.amocrm import AmoCrmClient
 from clinicsync.adapters.bitrix24 import Bitrix24Client
-from clinicsync.config import ClinicConfig, parse_clinic_config
+from clinicsync.config import FIELD_PRESETS, ClinicConfig, parse_clinic_config
 from clinicsync.connect import Credentials, MissingCredentials
 from clinicsync.crypto import KeyedHasher
 from clinicsync.discovery import (
@@ -146,6 +146,9 @@ def init(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the proposed config")] = Path("clinic.yaml"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file")] = False,
     timezone: Annotated[str, typer.Option("--timezone")] = "Europe/Moscow",
+    preset: Annotated[
+        str | None, typer.Option("--preset", help="A case's field lists, e.g. infoclinica_amocrm_case_c")
+    ] = None,
 ) -> None:
     """Discover the live CRM and MIS and write a proposed clinic.yaml (status -> stage map, field map) to review."""
     if out.exists() and not force:
@@ -168,7 +171,9 @@ def init(
         except Exception as exc:
             fail(f"{mis} at {mis_url} refused the discovery: {exc}", "check --mis-url and the MIS credentials")
     try:
-        proposal = propose_config(clinic_id, mis_found, mis_url, found, refs, timezone)
+        if preset is not None and preset not in FIELD_PRESETS:
+            raise ValueError(f"unknown preset {preset!r} (known: {', '.join(FIELD_PRESETS)})")
+        proposal = propose_config(clinic_id, mis_found, mis_url, found, refs, timezone, preset)
         config = ClinicConfig.model_validate(proposal.data)
     except (ValueError, ValidationError) as exc:
         fail(f"could not propose a config: {exc}", "fix the CRM pipelines, then run init again")

@@ -162,6 +162,10 @@ class CrmField(Section):
         "birthday, date_time…; Bitrix24: string, integer, double, boolean, date, datetime, money). "
         "Default: the canonical field's natural type (docs/fields.md); `clinicsync check` compares it with the CRM",
     )
+    values: dict[str, str] = Field(
+        default_factory=dict,
+        description="Canonical value -> the CRM's option for list fields, e.g. sex: {m: Мужской, f: Женский}",
+    )
 
 
 def _crm_field_map(value: Any) -> Any:
@@ -219,7 +223,8 @@ class FieldMap(Section):
     def _preset_lists(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("preset") in FIELD_PRESETS:
             contact, deal = FIELD_PRESETS[data["preset"]]
-            data = {"contact": list(contact), "deal": list(deal), **data}
+            given = {k: v for k, v in data.items() if v is not None}  # `contact: null`: the preset's list
+            data = {"contact": list(contact), "deal": list(deal), **given}
         return data
 
     @field_validator("contact")

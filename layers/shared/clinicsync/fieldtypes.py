@@ -7,6 +7,7 @@ The one place for field typing: the gateways convert with :func:`crm_value`, ``c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import date, datetime, time, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
@@ -149,14 +150,23 @@ def _items(value: Any) -> list[str]:
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
-def crm_value(crm: str, name: str, field_type: str, value: Any, tz: tzinfo) -> Any:
+def crm_value(
+    crm: str, name: str, field_type: str, value: Any, tz: tzinfo, options: Mapping[str, str] | None = None
+) -> Any:
     """``value`` (canonical, not None) as a field of ``field_type`` in ``crm`` takes it.
 
     amoCRM: date, birthday and date_time fields take Unix seconds (a date is midnight in the clinic's
     zone); numbers go as JSON numbers, flags as booleans, multiselect as a list of values.
     Bitrix24: dates and datetimes as ISO 8601 with the clinic's offset, numbers as numbers, flags Y/N.
+    ``options`` turns canonical list values into the CRM's options (``sex: m`` -> «Мужской»).
     """
     kind = kind_of(name)
+    if options and kind in ("choice", "list"):  # the CRM's own option for each canonical value
+        value = (
+            [options.get(str(v), str(v)) for v in value]
+            if isinstance(value, list | tuple)
+            else options.get(str(value), value)
+        )
     if not compatible(crm, name, field_type):
         raise FieldValueError(
             f"{name} ({kind}) cannot go to a {crm} {field_type} field; "

@@ -663,7 +663,7 @@ class AmoCrmGateway:
         field_type = (mapped.type if mapped else None) or default_type("amocrm", name)
         if name in ("opt_outs", "opt_ins") and field_type in ("text", "textarea"):
             value = ",".join(value) if isinstance(value, list | tuple) else value  # the consent code reads it back
-        converted = crm_value("amocrm", name, field_type, value, self._config.tz)
+        converted = crm_value("amocrm", name, field_type, value, self._config.tz, mapped.values if mapped else None)
         values = converted if isinstance(converted, list) else [converted]
         return {"field_id": field_id, "values": [{"value": v} for v in values]}
 

@@ -103,7 +103,7 @@ class Bitrix24Gateway:
             return _bitrix_value(value)  # the consent code reads the comma list back
         mapped = self._config.fields.crm_field(entity, name)
         field_type = (mapped.type if mapped else None) or default_type("bitrix24", name)
-        return crm_value("bitrix24", name, field_type, value, self._config.tz)
+        return crm_value("bitrix24", name, field_type, value, self._config.tz, mapped.values if mapped else None)
 
     # --- start-up check ----------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from clinicsync.adapters.amocrm import AmoCrmClient
+from clinicsync.adapters.amocrm import AmoCrmClient, AmoCrmError
 from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
 from clinicsync.config import FIELD_PRESETS, ClinicConfig
 from clinicsync.discovery import CrmDiscovery, check_fields, propose_fields
@@ -266,3 +266,30 @@ def test_init_proposes_each_entitys_field_with_its_live_type() -> None:
     assert found["contact"]["policy_valid_until"] == {"id": "514", "type": "date"}
     assert found["deal"]["discount"] == {"id": "612", "type": "numeric"}
     assert "paid" not in found["deal"] and any("«Оплачено» (614) is a checkbox field" in m for m in missing)
+
+
+class _RefusingClient:
+    """amoCRM refusing any bulk request that holds one bad item, without naming it (400, no validation-errors)."""
+
+    requests = 0
+
+    def __init__(self, bad: str) -> None:
+        self.bad = bad
+        self.sent: list[list[str]] = []
+
+    def request(self, method: str, path: str, *, json: Any = None, params: Any = None) -> Any:
+        keys = [item["request_id"] for item in json]
+        self.sent.append(keys)
+        if any(item["name"] == self.bad for item in json):
+            raise AmoCrmError(400, "Bad Request")
+        return [{"id": 100 + n, "contact_id": 200 + n, "request_id": [key]} for n, key in enumerate(keys)]
+
+
+def test_a_refusal_that_names_no_item_is_bisected_until_the_bad_patient_is_alone() -> None:
+    config = amo_config({"crm_fields": IDS})
+    client = _RefusingClient(bad="Приём p5")
+    writes = [w for i in range(8) for w in _visit(f"p{i}", f"a{i}", {"deal": {"title": f"Приём p{i}"}})]
+    outcome = AmoCrmGateway(client, config).apply(writes)  # type: ignore[arg-type]
+    assert outcome.failed == {"p5": "refused: Bad Request"}
+    assert sorted(outcome.deal_ids) == [f"a{i}" for i in range(8) if i != 5]
+    assert len(client.sent) <= 1 + 2 * 3  # log2(8) rounds of halves

@@ -84,6 +84,7 @@ def test_case_c_contact_and_deal_fields_arrive_with_their_types(clinic: LocalCli
     dms = clinic.mis.book(child, dms_start, insurance_policy="7700 1234 5678 9012")
     paid = clinic.mis.book(child, paid_start, price="4200.00")
     clinic.sync()
+    assert clinic.stack.queue_depth("SyncQueue", dlq=True) == 0  # the full preset never dead-letters
 
     contact_id = clinic.crm.contact_of_patient(str(child))
     assert contact_id is not None

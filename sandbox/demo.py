@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sandbox.card import CASE_C_OVERRIDES, amocrm_card
+
 if TYPE_CHECKING:  # imported lazily at run time: Powertools reads its env vars on import
     from sandbox.local import LocalClinic, RunSummary
 
@@ -69,7 +71,11 @@ def main(
     mis_name, crm_name = MIS_NAMES[mis], CRM_NAMES[crm]
     console.rule(f"[bold]clinicsync demo[/bold] — {mis_name} → {crm_name}, local runtime on moto")
     with console.status(f"Starting moto, the {mis_name} and {crm_name} emulators and the clinic's stack…"):
-        clinic = start_local_clinic(seed=seed, patients=patients, appointments=appointments, crm=crm, mis=mis)
+        # InfoClinica -> amoCRM is case C: its preset's 16 + 16 fields (docs/fields.md).
+        overrides = CASE_C_OVERRIDES if (mis, crm) == ("infoclinica", "amocrm") else None
+        clinic = start_local_clinic(
+            seed=seed, patients=patients, appointments=appointments, crm=crm, mis=mis, config_overrides=overrides
+        )
     try:
         console.print(
             f"Sample clinic: {len(clinic.sample.patients)} patients, {len(clinic.sample.appointments)} appointments, "
@@ -80,6 +86,8 @@ def main(
         problems = clinic.mismatches()
         duplicates = {k: n for k, n in clinic.crm.contacts_by_origin().items() if n > 1}
         _summary(clinic, first)
+        if overrides and (card := amocrm_card(clinic)) is not None:
+            console.print(card)
         second = _run("Second sync (nothing changed in the MIS)", clinic)
         console.print(
             f"Second run: {second.poll['patients']} patients read, "

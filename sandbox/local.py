@@ -21,8 +21,10 @@ from clinicsync.models import AppointmentStatus, Channel
 from clinicsync.statuses import canonical_status
 from sandbox.crm_views import AmoCrmView, Bitrix24View, CrmView
 from sandbox.emulators.amocrm import (
+    CONTACT_FIELD_BIRTHDAY,
     CONTACT_FIELD_MIS_PATIENT_ID,
     LEAD_FIELD_APPOINTMENT_AT,
+    LEAD_FIELD_DOCTOR,
     LEAD_FIELD_MIS_APPOINTMENT_ID,
     LOST_STATUS_ID,
     MAIN_PIPELINE_ID,
@@ -464,6 +466,46 @@ def _bitrix24_portal(rate_limit: bool) -> _Portal:
     return _Portal(Bitrix24View(bitrix), server, secret, {}, subscribe, bitrix=bitrix)
 
 
+# Case C's other fields as the clinic's admin creates them in amoCRM: (entity, name, label, type, options).
+CASE_C_AMOCRM_FIELDS = (
+    ("contact", "representative", "Представитель (опекун)", "text", {}),
+    ("contact", "age", "Возраст", "numeric", {}),
+    ("contact", "sex", "Пол", "select", {"m": "Мужской", "f": "Женский"}),
+    ("contact", "birth_date", "Дата рождения", "birthday", {}),
+    ("contact", "residence", "Место жительства", "text", {}),
+    ("contact", "card_comment", "Комментарий к карте", "textarea", {}),
+    ("contact", "patient_status", "Статус пациента", "text", {}),
+    ("contact", "guarantee_letter", "Гарантийное письмо", "checkbox", {}),
+    ("contact", "policy_number", "Номер полиса", "text", {}),
+    ("contact", "policy_valid_until", "Полис действует до", "date", {}),
+    ("contact", "cancellation_date", "Дата отмены", "date", {}),
+    ("deal", "booked_by", "Администратор", "text", {}),
+    ("deal", "booked_at", "Дата создания записи", "date_time", {}),
+    ("deal", "branch", "Филиал", "text", {}),
+    ("deal", "service_codes", "Коды услуг", "text", {}),
+    ("deal", "comment", "Комментарий", "textarea", {}),
+    ("deal", "assignment_id", "ID направления", "text", {}),
+    ("deal", "patient_status", "Статус пациента", "text", {}),
+    ("deal", "visit_category", "Категория приема", "text", {}),
+    ("deal", "charged", "Начислено", "numeric", {}),
+    ("deal", "discount", "Скидка", "numeric", {}),
+    ("deal", "paid", "Оплачено", "numeric", {}),
+)
+
+
+def _case_c_fields(amo: AmoCrmEmulator) -> dict[str, dict[str, Any]]:
+    """Creates case C's fields (the birthday and doctor fields exist already) and maps them per entity."""
+    out: dict[str, dict[str, Any]] = {"contact": {}, "deal": {"doctor": {"id": str(LEAD_FIELD_DOCTOR), "type": "text"}}}
+    for entity, name, label, type_, options in CASE_C_AMOCRM_FIELDS:
+        if name == "birth_date":
+            fid = CONTACT_FIELD_BIRTHDAY
+        else:
+            plural = "contacts" if entity == "contact" else "leads"
+            fid = amo.add_custom_field(plural, label, type_, enums=list(options.values()))
+        out[entity][name] = {"id": str(fid), "type": type_, **({"values": options} if options else {})}
+    return out
+
+
 def _amocrm_account(rate_limit: bool) -> _Portal:
     """The InfoClinica->amoCRM case's funnel: «Новая заявка» → «Взяли в работу» → «Записан на прием» →
     «Посетил» → 142, cancellation to 143, one pipeline for first and repeat visits."""
@@ -477,6 +519,7 @@ def _amocrm_account(rate_limit: bool) -> _Portal:
         "is_dms": amo.add_custom_field("leads", "ДМС", "checkbox"),
         "opt_outs": amo.add_custom_field("contacts", "Отказ от рассылок", "text"),
     }
+    case_c = _case_c_fields(amo)
     server = ServedApp(amo).start()
     webhook_secret = secrets.token_urlsafe(24)
     secret = {
@@ -508,6 +551,7 @@ def _amocrm_account(rate_limit: bool) -> _Portal:
         "crm.kind": "amocrm",
         "crm.pipelines": {"primary": pipeline, "repeat": pipeline},
         "fields.crm_names": {name: str(fid) for name, fid in fields.items()},
+        "fields.crm_fields": case_c,
         "matching.adopt_deal_stages": [str(STATUS_NEW_REQUEST), str(STATUS_IN_WORK)],
     }
     events = ("add_lead", "update_lead", "status_lead", "add_contact", "update_contact")

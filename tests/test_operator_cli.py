@@ -16,7 +16,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from clinicsync.config import load_clinic_config
+from clinicsync.config import CrmField, load_clinic_config
 from clinicsync.models import AppointmentStatus
 from clinicsync_cli.app import app as cli
 from clinicsync_cli.clinic import console
@@ -73,7 +73,7 @@ def test_init_check_backfill_status_plan_against_the_emulators(
     for role in ("primary", "repeat"):
         assert proposed.crm.pipelines[role].stages == clinic.config.crm.pipelines[role].stages
         assert set(proposed.crm.pipelines[role].closed_stages) >= set(clinic.config.crm.pipelines[role].closed_stages)
-    assert proposed.fields.crm_names["status"] == "UF_CRM_CS_STATUS"
+    assert proposed.fields.crm_field("deal", "status") == CrmField(id="UF_CRM_CS_STATUS", type="string")
     text = config_path.read_text(encoding="utf-8")
     assert "«Неявка — перезвонить»" in text and "serviced" in text  # stages and MIS statuses listed for review
     assert "Запись подтверждена" in out and "wrote" in out and "clinicsync check" in out
@@ -193,7 +193,10 @@ def test_deploy_builds_the_template_and_passes_the_clinic_parameters(
     assert code == 0, out
     proposed = load_clinic_config(config_path)
     assert proposed.crm.pipelines["primary"].stages == clinic.config.crm.pipelines["primary"].stages
-    assert proposed.fields.crm_names == dict(clinic.config.fields.crm_names)  # the field ids, found by name
+    found = {
+        n: f.id for e in (proposed.fields.crm_fields.contact, proposed.fields.crm_fields.deal) for n, f in e.items()
+    }
+    assert found == dict(clinic.config.fields.crm_names)  # the field ids, found by name, per entity
     record = tmp_path / "deploy-args.json"
     sam = tmp_path / "sam"
     real_sam = ROOT / ".venv-sam" / "bin" / "sam"

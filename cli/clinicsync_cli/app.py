@@ -20,10 +20,12 @@ from rich.table import Table
 from clinicsync import connect
 from clinicsync.adapters.amocrm import AmoCrmClient
 from clinicsync.adapters.bitrix24 import Bitrix24Client
-from clinicsync.config import ClinicConfig, parse_clinic_config
+from clinicsync.config import FIELD_PRESETS, ClinicConfig, parse_clinic_config
 from clinicsync.connect import Credentials, MissingCredentials
 from clinicsync.crypto import KeyedHasher
 from clinicsync.discovery import (
+    CrmDiscovery,
+    MisDiscovery,
     Problem,
     check_fields,
     check_filters,
@@ -151,6 +153,31 @@ def _yaml_comment(lines: list[str]) -> str:
     return "".join(f"# {line}\n" if line else "#\n" for line in lines)
 
 
+def _init_header(
+    clinic_id: str, out: Path, crm: str, mis: str, found: CrmDiscovery, mis_found: MisDiscovery, notes: list[str]
+) -> list[str]:
+    """The review notes written above a proposed clinic.yaml: what init found in the live systems."""
+    header = [
+        f"clinicsync config for {clinic_id}, proposed by `clinicsync init` from the live systems.",
+        "REVIEW every stage and field below, then run `clinicsync check -c " + str(out) + "`.",
+        "",
+        f"{crm} ({found.account}) pipelines and stages (id «name» kind):",
+    ]
+    for pipeline in found.pipelines:
+        header.append(f"  pipeline {pipeline.id} «{pipeline.name}»")
+        header += [f"    {s.id} «{s.name}» {s.semantics}" for s in pipeline.stages]
+    header.append("custom fields:")
+    header += [f"  {f.entity} {f.key} «{f.name}» {f.type}" for f in found.fields] or ["  (none)"]
+    header.append(f"{mis} statuses seen in recent visits:")
+    header += [f"  {s}: {n}" for s, n in sorted(mis_found.statuses.items())] or ["  (none)"]
+    header.append("branches (id «title»): " + (", ".join(f"{b} «{t}»" for b, t in mis_found.branches) or "-"))
+    header.append("doctors (id specialty): " + (", ".join(f"{d} {s}" for d, s in mis_found.doctors) or "-"))
+    if notes:
+        header.append("to review:")
+        header += [f"  - {n}" for n in notes]
+    return header
+
+
 @app.command()
 def init(
     clinic_id: Annotated[str, typer.Option("--clinic-id", help="Clinic slug, e.g. smile-dental")],
@@ -162,6 +189,9 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file")] = False,
     timezone: Annotated[str, typer.Option("--timezone")] = "Europe/Moscow",
     region: RegionOption = None,
+    preset: Annotated[
+        str | None, typer.Option("--preset", help="A case's field lists, e.g. infoclinica_amocrm_case_c")
+    ] = None,
 ) -> None:
     """Discover the live CRM and MIS and write a proposed clinic.yaml (status -> stage map, field map) to review."""
     if out.exists() and not force:
@@ -185,28 +215,13 @@ def init(
         except Exception as exc:
             fail(f"{mis} at {mis_url} refused the discovery: {exc}", "check --mis-url and the MIS credentials")
     try:
-        proposal = propose_config(clinic_id, mis_found, mis_url, found, refs, timezone)
+        if preset is not None and preset not in FIELD_PRESETS:
+            raise ValueError(f"unknown preset {preset!r} (known: {', '.join(FIELD_PRESETS)})")
+        proposal = propose_config(clinic_id, mis_found, mis_url, found, refs, timezone, preset)
         config = ClinicConfig.model_validate(proposal.data)
     except (ValueError, ValidationError) as exc:
         fail(f"could not propose a config: {exc}", "fix the CRM pipelines, then run init again")
-    header = [
-        f"clinicsync config for {clinic_id}, proposed by `clinicsync init` from the live systems.",
-        "REVIEW every stage and field below, then run `clinicsync check -c " + str(out) + "`.",
-        "",
-        f"{crm} ({found.account}) pipelines and stages (id «name» kind):",
-    ]
-    for pipeline in found.pipelines:
-        header.append(f"  pipeline {pipeline.id} «{pipeline.name}»")
-        header += [f"    {s.id} «{s.name}» {s.semantics}" for s in pipeline.stages]
-    header.append("custom fields:")
-    header += [f"  {f.entity} {f.key} «{f.name}» {f.type}" for f in found.fields] or ["  (none)"]
-    header.append(f"{mis} statuses seen in recent visits:")
-    header += [f"  {s}: {n}" for s, n in sorted(mis_found.statuses.items())] or ["  (none)"]
-    header.append("branches (id «title»): " + (", ".join(f"{b} «{t}»" for b, t in mis_found.branches) or "-"))
-    header.append("doctors (id specialty): " + (", ".join(f"{d} {s}" for d, s in mis_found.doctors) or "-"))
-    if proposal.notes:
-        header.append("to review:")
-        header += [f"  - {n}" for n in proposal.notes]
+    header = _init_header(clinic_id, out, crm, mis, found, mis_found, proposal.notes)
     dumped = config.model_dump(mode="json")
     for pipeline in dumped["crm"]["pipelines"].values():
         pipeline["closed_stages"] = sorted(pipeline["closed_stages"])

@@ -39,6 +39,7 @@ Assumptions (the vendor does not publish these; keep them in one place so they a
   cancelled, removed and no-show records. ``ITEMSNUMBER`` counts the whole filtered set.
 * **Card fields.** ``CLIENT_INFO`` returns ``CLIENT_MAININFO`` with ``PCODE``, ``LASTNAME``, ``FIRSTNAME``,
   ``MIDNAME``, ``PNAME``, ``BDATE``, ``GENDER`` (1 male, 2 female), ``PPHONE`` (as typed), ``PMAIL``,
+  ``PADDR`` (the home address; a public client reads it from ``CLIENT_MAININFO``),
   ``REFUSECALL``/``REFUSESMS`` (0/1, seen in the fixtures), plus assumed ``REFUSEPD`` (refused personal
   data processing), ``ARCHIVED`` and ``MODIFYDATE``. Visits carry assumed ``PRICE``, ``POLICYNUM`` (DMS
   policy; price 0.00) and ``ANONYMOUS``.
@@ -111,7 +112,7 @@ METHODS = (
     "CLIENTS_CHANGE_ACCEPT",
 )
 CLIENT_FIELDS = frozenset(
-    {"LASTNAME", "FIRSTNAME", "MIDNAME", "BDATE", "GENDER", "PPHONE", "PMAIL",
+    {"LASTNAME", "FIRSTNAME", "MIDNAME", "BDATE", "GENDER", "PPHONE", "PMAIL", "PADDR",
      "REFUSECALL", "REFUSESMS", "REFUSEPD", "ARCHIVED"}
 )  # fmt: skip
 REFUSAL_FLAGS = ("REFUSECALL", "REFUSESMS", "REFUSEPD")
@@ -265,6 +266,7 @@ class InfoClinicaEmulator:
                 "GENDER": 1 if p.sex == "male" else 2,
                 "PPHONE": p.phone,
                 "PMAIL": p.email,
+                "PADDR": _home_address(p.id, clinic.branches[p.id % len(clinic.branches)].city),
                 "REFUSECALL": p.deny_calls,
                 "REFUSESMS": p.deny_sms_notifications or p.deny_sms_dispatches,
                 "REFUSEPD": p.deny_data_processing,
@@ -554,6 +556,7 @@ class InfoClinicaEmulator:
         _add(info, "GENDER", client["GENDER"])
         _add(info, "PPHONE", client["PPHONE"] or "")
         _add(info, "PMAIL", client["PMAIL"] or "")
+        _add(info, "PADDR", client.get("PADDR") or "")
         for flag in (*REFUSAL_FLAGS, "ARCHIVED"):
             _add(info, flag, int(bool(client[flag])))
         _add(info, "MODIFYDATE", ic_stamp(client["MODIFYDATE"]))
@@ -776,6 +779,14 @@ class InfoClinicaEmulator:
         hours, minutes = (int(x) for x in hh_mm.split(":"))
         today = datetime.fromtimestamp(self.clock.now(), CLINIC_TZ).date()
         return datetime.combine(today + timedelta(days=day_offset), time(hours, minutes), CLINIC_TZ)
+
+
+_STREETS = ("ул. Ленина", "пр-т Мира", "ул. Гагарина", "ул. Садовая", "Лесной пер.", "ул. Чехова", "наб. Реки")
+
+
+def _home_address(pcode: int, city: str) -> str:
+    """A home address derived from the card number (the seed's random stream stays as it is)."""
+    return f"г. {city}, {_STREETS[pcode % len(_STREETS)]}, д. {pcode % 97 + 1}, кв. {pcode % 211 + 1}"
 
 
 def _full_name(client: Json) -> str:

@@ -103,13 +103,129 @@ class Pipeline(Section):
         return self
 
 
+# Presets: the field lists of a clinic case, selected by ``fields.preset``; each still needs its CRM field
+# ids (``fields.crm_fields``, proposed by ``clinicsync init``). docs/fields.md has the case tables.
+FIELD_PRESETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "minimal": (MINIMAL_CONTACT_FIELDS, MINIMAL_DEAL_FIELDS),
+    "infoclinica_amocrm_case_c": (
+        (
+            "full_name",
+            "phone",
+            "representative",
+            "age",
+            "sex",
+            "mis_patient_id",
+            "birth_date",
+            "residence",
+            "card_comment",
+            "patient_status",
+            "email",
+            "guarantee_letter",
+            "policy_number",
+            "policy_valid_until",
+            "cancellation_date",
+            "opt_outs",
+        ),
+        (
+            "booked_by",
+            "booked_at",
+            "visit_at",
+            "doctor",
+            "branch",
+            "status",
+            "service_codes",
+            "comment",
+            "mis_appointment_id",
+            "assignment_id",
+            "patient_status",
+            "visit_category",
+            "price",
+            "charged",
+            "discount",
+            "paid",
+        ),
+    ),
+}
+# Custom fields every clinic may map besides the field lists: the MIS ids and the consent fields.
+ALWAYS_CONTACT_FIELDS = frozenset({"mis_patient_id", "opt_outs", "opt_ins"})
+ALWAYS_DEAL_FIELDS = frozenset({"mis_appointment_id"})
+
+
+class CrmField(Section):
+    """One CRM custom field: its id and its type in the CRM, which decides the value's shape."""
+
+    id: str = Field(min_length=1, max_length=64, description="amoCRM field id, or Bitrix24 field name (UF_CRM_…)")
+    type: str | None = Field(
+        default=None,
+        pattern=r"^[a-z_]{2,32}$",
+        description="The CRM field's type (amoCRM: text, textarea, numeric, checkbox, select, multiselect, date, "
+        "birthday, date_time…; Bitrix24: string, integer, double, boolean, date, datetime, money). "
+        "Default: the canonical field's natural type (docs/fields.md); `clinicsync check` compares it with the CRM",
+    )
+    values: dict[str, str] = Field(
+        default_factory=dict,
+        description="Canonical value -> the CRM's option for list fields, e.g. sex: {m: Мужской, f: Женский}",
+    )
+
+
+def _crm_field_map(value: Any) -> Any:
+    """``name: "123"`` is short for ``name: {id: "123"}``."""
+    if isinstance(value, dict):
+        return {k: {"id": v} if isinstance(v, str | int) else v for k, v in value.items()}
+    return value
+
+
+class EntityCrmFields(Section):
+    contact: dict[str, CrmField] = Field(default_factory=dict, description="Canonical contact field -> CRM field")
+    deal: dict[str, CrmField] = Field(default_factory=dict, description="Canonical deal field -> CRM field")
+
+    @field_validator("contact", "deal", mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        return _crm_field_map(value)
+
+    @field_validator("contact")
+    @classmethod
+    def _known_contact(cls, value: dict[str, CrmField]) -> dict[str, CrmField]:
+        unknown = set(value) - CONTACT_FIELDS - ALWAYS_CONTACT_FIELDS
+        if unknown:
+            raise ValueError(f"unknown contact fields: {sorted(unknown)}")
+        return value
+
+    @field_validator("deal")
+    @classmethod
+    def _known_deal(cls, value: dict[str, CrmField]) -> dict[str, CrmField]:
+        unknown = set(value) - DEAL_FIELDS - ALWAYS_DEAL_FIELDS
+        if unknown:
+            raise ValueError(f"unknown deal fields: {sorted(unknown)}")
+        return value
+
+
 class FieldMap(Section):
+    preset: Literal["minimal", "infoclinica_amocrm_case_c"] | None = Field(
+        default=None,
+        description="A case's field lists (docs/fields.md); `contact`/`deal` given explicitly win over it",
+    )
     contact: tuple[str, ...] = MINIMAL_CONTACT_FIELDS
     deal: tuple[str, ...] = MINIMAL_DEAL_FIELDS
+    crm_fields: EntityCrmFields = Field(
+        default_factory=EntityCrmFields,
+        description="Per entity: canonical field -> CRM field id (or Bitrix24 name) and type",
+    )
     crm_names: dict[str, str] = Field(
         default_factory=dict,
-        description="Canonical field -> CRM field name for custom fields, e.g. is_dms: UF_CRM_DMS",
+        description="Legacy flat map, canonical field -> CRM field name for both entities, e.g. is_dms: "
+        "UF_CRM_DMS. crm_fields wins over it; a field in both lists needs crm_fields (docs/fields.md)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_lists(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in FIELD_PRESETS:
+            contact, deal = FIELD_PRESETS[data["preset"]]
+            given = {k: v for k, v in data.items() if v is not None}  # `contact: null`: the preset's list
+            data = {"contact": list(contact), "deal": list(deal), **given}
+        return data
 
     @field_validator("contact")
     @classmethod
@@ -126,6 +242,21 @@ class FieldMap(Section):
         if unknown:
             raise ValueError(f"unknown deal fields: {sorted(unknown)}")
         return value
+
+    def crm_field(self, entity: Literal["contact", "deal"], name: str) -> CrmField | None:
+        """The CRM field a canonical field of ``entity`` goes to: ``crm_fields`` first, then ``crm_names``."""
+        mapped = (self.crm_fields.contact if entity == "contact" else self.crm_fields.deal).get(name)
+        if mapped is not None:
+            return mapped
+        legacy = self.crm_names.get(name)
+        return CrmField(id=legacy) if legacy else None
+
+    def shared_legacy_names(self) -> list[str]:
+        """Fields in both lists that only the flat ``crm_names`` maps: one id would go to both entities."""
+        both = set(self.contact) & set(self.deal)
+        return sorted(
+            n for n in both if n in self.crm_names and not (n in self.crm_fields.contact and n in self.crm_fields.deal)
+        )
 
 
 class Matching(Section):
@@ -300,6 +431,22 @@ class ClinicConfig(Section):
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown time zone {value!r}") from exc
         return value
+
+    @model_validator(mode="after")
+    def _per_entity_ids(self) -> ClinicConfig:
+        # amoCRM field ids belong to one entity: a flat id sent in both payloads is refused for the whole
+        # bulk request (400 NotSupportedChoice), so this is a config error, with the migration to make.
+        shared = self.fields.shared_legacy_names() if self.crm.kind == "amocrm" else []
+        if shared:
+            moves = "; ".join(
+                f"fields.crm_fields.contact.{n}: <contact field id> and fields.crm_fields.deal.{n}: <lead field id>"
+                for n in shared
+            )
+            raise ValueError(
+                f"fields.crm_names maps {', '.join(shared)} for both contacts and deals, but amoCRM field ids "
+                f"are per entity: remove them from crm_names and set {moves} (docs/fields.md)"
+            )
+        return self
 
     @property
     def tz(self) -> ZoneInfo:

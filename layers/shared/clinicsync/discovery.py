@@ -10,6 +10,7 @@ Only ids, stage and field names and counts are read here: no patient record leav
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -19,7 +20,8 @@ from typing import Any, Literal
 from clinicsync.adapters.amocrm import AmoCrmClient
 from clinicsync.adapters.bitrix24 import Bitrix24Client
 from clinicsync.adapters.medods import MedodsApi
-from clinicsync.config import ClinicConfig
+from clinicsync.config import FIELD_PRESETS, ClinicConfig
+from clinicsync.fieldtypes import accepted_types, compatible, default_type, kind_of
 from clinicsync.models import AppointmentStatus as S
 from clinicsync.ports import MisSource
 from clinicsync.statuses import DEFAULT_STATUSES
@@ -49,14 +51,37 @@ STAGE_WORDS: tuple[tuple[S, tuple[str, ...]], ...] = (
 REPEAT_WORDS = ("повтор", "repeat", "вторичн")
 
 # amoCRM custom field names -> canonical field (clinics name them; ids differ per account).
-AMOCRM_FIELD_WORDS: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
-    "mis_patient_id": ("contact", (("пациент", "мис"), ("patient", "mis"), ("patient id",))),
-    "opt_outs": ("contact", (("отказ", "рассыл"), ("opt", "out"), ("unsubscrib",))),
-    "mis_appointment_id": ("deal", (("запис", "мис"), ("appointment", "mis"), ("appointment id",))),
-    "visit_at": ("deal", (("дата", "прием"), ("дата", "приём"), ("дата", "визит"), ("visit",))),
-    "status": ("deal", (("статус", "запис"), ("appointment status",))),
-    "is_dms": ("deal", (("дмс",), ("dms",), ("insurance",))),
-    "doctor": ("deal", (("врач",), ("doctor",))),
+# (entity, canonical field) -> words a CRM field's label holds (all of one tuple; "=word": the whole label).
+AMOCRM_FIELD_WORDS: dict[tuple[str, str], tuple[tuple[str, ...], ...]] = {
+    ("contact", "mis_patient_id"): (("пациент", "мис"), ("patient", "mis"), ("patient id",)),
+    ("contact", "opt_outs"): (("отказ", "рассыл"), ("opt", "out"), ("unsubscrib",)),
+    ("contact", "representative"): (("представител",), ("опекун",), ("guardian",)),
+    ("contact", "age"): (("возраст",), ("=age",)),
+    ("contact", "sex"): (("=пол",), ("=sex",), ("gender",)),
+    ("contact", "birth_date"): (("дата", "рожд"), ("birth",)),
+    ("contact", "residence"): (("место", "жительств"), ("residence",)),
+    ("contact", "card_comment"): (("коммент", "карт"), ("card", "comment")),
+    ("contact", "patient_status"): (("статус", "пациент"), ("patient", "status")),
+    ("contact", "guarantee_letter"): (("гарантийн",), ("guarantee",)),
+    ("contact", "policy_number"): (("номер", "полис"), ("policy", "number")),
+    ("contact", "policy_valid_until"): (("полис", "действ"), ("срок", "полис"), ("policy", "valid")),
+    ("contact", "cancellation_date"): (("дата", "отмен"), ("cancel",)),
+    ("deal", "mis_appointment_id"): (("запис", "мис"), ("appointment", "mis"), ("appointment id",)),
+    ("deal", "visit_at"): (("дата", "прием"), ("дата", "приём"), ("дата", "визит"), ("visit",)),
+    ("deal", "status"): (("статус", "запис"), ("appointment status",)),
+    ("deal", "is_dms"): (("дмс",), ("dms",), ("insurance",)),
+    ("deal", "doctor"): (("врач",), ("doctor",)),
+    ("deal", "branch"): (("филиал",), ("branch",)),
+    ("deal", "booked_by"): (("администратор",), ("кто", "записал"), ("booked", "by")),
+    ("deal", "booked_at"): (("дата", "создан"), ("booked", "at")),
+    ("deal", "service_codes"): (("код", "услуг"), ("service", "code")),
+    ("deal", "comment"): (("коммент",), ("comment",)),
+    ("deal", "assignment_id"): (("направлен",), ("назначен",), ("assignment",)),
+    ("deal", "patient_status"): (("статус", "пациент"), ("patient", "status")),
+    ("deal", "visit_category"): (("категори",), ("category",)),
+    ("deal", "charged"): (("начислен",), ("к оплате",), ("charged",)),
+    ("deal", "discount"): (("скидк",), ("discount",)),
+    ("deal", "paid"): (("оплачен",), ("=paid",)),
 }
 
 
@@ -306,38 +331,56 @@ def bitrix24_field_name(name: str, crm_names: Mapping[str, str]) -> str:
     return crm_names.get(name) or f"UF_CRM_CS_{name.upper()}"
 
 
-def _amocrm_match(name: str, entity: str, fields: list[CrmField]) -> CrmField | None:
-    spec = AMOCRM_FIELD_WORDS.get(name)
-    if spec is None or spec[0] != entity:
-        return None
-    for words in spec[1]:
+def _mapped_key(config: ClinicConfig, kind: str, entity: Literal["contact", "deal"], name: str) -> str:
+    mapped = config.fields.crm_field(entity, name)
+    if kind == "bitrix24":
+        return mapped.id if mapped else bitrix24_field_name(name, {})
+    return mapped.id if mapped else ""
+
+
+def _label_has(label: str, word: str) -> bool:
+    return label == word[1:] if word.startswith("=") else word in label
+
+
+def _amocrm_match(name: str, entity: str, fields: list[CrmField], taken: set[str]) -> CrmField | None:
+    for words in AMOCRM_FIELD_WORDS.get((entity, name), ()):
         for f in fields:
-            label = f.name.lower()
-            if f.entity == entity and all(w in label for w in words):
+            label = f.name.lower().strip()
+            if f.entity == entity and f.key not in taken and all(_label_has(label, w) for w in words):
                 return f
     return None
 
 
 def propose_fields(
     crm: CrmDiscovery, contact: tuple[str, ...], deal: tuple[str, ...]
-) -> tuple[dict[str, str], list[str]]:
-    """crm_names for every custom field the field map writes; returns the names and what is missing."""
-    names: dict[str, str] = {}
+) -> tuple[dict[str, dict[str, dict[str, str]]], list[str]]:
+    """``crm_fields`` per entity (id and the live field's type) for every custom field the lists write;
+    returns them and what is missing. A live field whose type cannot hold the value is not proposed."""
+    found: dict[str, dict[str, dict[str, str]]] = {"contact": {}, "deal": {}}
     missing: list[str] = []
     for entity, wanted in (("contact", contact), ("deal", deal)):
+        live = crm.field_keys(entity)
+        taken: set[str] = set()
         for name in _custom_fields(crm.kind, entity, wanted):
             if crm.kind == "bitrix24":
                 key = bitrix24_field_name(name, {})
-                names[name] = key
-                if key not in crm.field_keys(entity):
-                    missing.append(f"{entity} field {key} ({name})")
-            else:
-                match = _amocrm_match(name, entity, crm.fields)
+                match = live.get(key)
+                found[entity][name] = {"id": key, "type": match.type if match else default_type(crm.kind, name)}
                 if match is None:
-                    missing.append(f"{entity} field for {name}")
-                else:
-                    names[name] = match.key
-    return names, missing
+                    missing.append(f"{entity} field {key} ({name})")
+                continue
+            match = _amocrm_match(name, entity, crm.fields, taken)
+            if match is None:
+                missing.append(f"{entity} field for {name} (type {', '.join(accepted_types(crm.kind, name))})")
+            elif not compatible(crm.kind, name, match.type):
+                missing.append(
+                    f"{entity} field for {name}: «{match.name}» ({match.key}) is a {match.type} field, which "
+                    f"cannot hold it (use {', '.join(accepted_types(crm.kind, name))})"
+                )
+            else:
+                taken.add(match.key)
+                found[entity][name] = {"id": match.key, "type": match.type}
+    return found, missing
 
 
 @dataclass
@@ -353,6 +396,7 @@ def propose_config(
     crm: CrmDiscovery,
     secret_refs: Mapping[str, str],
     timezone: str = "Europe/Moscow",
+    preset: str | None = None,
 ) -> Proposal:
     notes: list[str] = []
     if not crm.pipelines:
@@ -375,9 +419,10 @@ def propose_config(
             "stages": {s.value: stages.get(s, "FILL_ME") for s in S},
             "closed_stages": [s.id for s in pipeline.stages if s.semantics != "open"],
         }
-    contact = ("full_name", "phone", "email")
-    deal = ("visit_at", "status", "is_dms")
-    crm_names, missing_fields = propose_fields(crm, contact, deal)
+    contact, deal = (
+        FIELD_PRESETS[preset] if preset else (("full_name", "phone", "email"), ("visit_at", "status", "is_dms"))
+    )
+    crm_fields, missing_fields = propose_fields(crm, contact, deal)
     notes += [
         f"missing CRM {m}: `clinicsync check --create-fields` creates it (Bitrix24), or create it by hand"
         for m in missing_fields
@@ -403,7 +448,10 @@ def propose_config(
             "statuses": {},  # unknown statuses are in the notes; `check` reports them until they are mapped
         },
         "crm": {"kind": crm.kind, "secret_ref": secret_refs["crm"], "pipelines": pipelines},
-        "fields": {"contact": list(contact), "deal": list(deal), "crm_names": crm_names},
+        "fields": {
+            **({"preset": preset} if preset else {"contact": list(contact), "deal": list(deal)}),
+            "crm_fields": crm_fields,
+        },
         "matching": matching,
         "filters": {"branches": None, "doctors": None, "refused_processing": "skip", "skip_anonymous": True},
     }
@@ -452,42 +500,72 @@ def check_stages(config: ClinicConfig, crm: CrmDiscovery) -> list[Problem]:
 
 
 def check_fields(config: ClinicConfig, crm: CrmDiscovery) -> list[Problem]:
+    """Every mapped field exists in the CRM, on its entity, with a type that holds the value as sent."""
     problems = []
-    names = dict(config.fields.crm_names)
+    entity: Literal["contact", "deal"]
     for entity, wanted in (("contact", config.fields.contact), ("deal", config.fields.deal)):
         live = crm.field_keys(entity)
+        setting = f"fields.crm_fields.{entity}"
         for name in _custom_fields(crm.kind, entity, wanted):
-            if crm.kind == "bitrix24":
-                key = bitrix24_field_name(name, names)
-                if key not in live:
-                    problems.append(
-                        Problem(
-                            "fields",
-                            f"{entity} field {key} (for {name}) does not exist in Bitrix24: "
-                            "its values would be dropped",
-                            "run `clinicsync check --create-fields`, or map it to an existing field "
-                            "in fields.crm_names",
-                        )
+            key = _mapped_key(config, crm.kind, entity, name)
+            if crm.kind == "bitrix24" and key not in live:
+                problems.append(
+                    Problem(
+                        "fields",
+                        f"{entity} field {key} (for {name}) does not exist in Bitrix24: its values would be dropped",
+                        f"run `clinicsync check --create-fields`, or map it to an existing field in {setting}.{name}",
                     )
-            else:
-                key = names.get(name, "")
-                if not key.isdigit():
-                    problems.append(
-                        Problem(
-                            "fields",
-                            f"{entity} field {name} has no amoCRM field id in fields.crm_names",
-                            "create the field in amoCRM and put its id in fields.crm_names",
-                        )
+                )
+                continue
+            if crm.kind != "bitrix24" and not key.isdigit():
+                problems.append(
+                    Problem(
+                        "fields",
+                        f"{entity} field {name} has no amoCRM field id in {setting}",
+                        f"create a {entity} field of type {' or '.join(accepted_types(crm.kind, name))} in amoCRM "
+                        f"and set {setting}.{name}: {{id: <its id>, type: <its type>}}",
                     )
-                elif key not in live:
-                    problems.append(
-                        Problem(
-                            "fields",
-                            f"{entity} field {name}: amoCRM has no {entity} field {key}",
-                            f"use one of: {', '.join(f'{f.key} «{f.name}»' for f in live.values())}",
-                        )
+                )
+                continue
+            if key not in live:
+                problems.append(
+                    Problem(
+                        "fields",
+                        f"{entity} field {name}: amoCRM has no {entity} field {key}",
+                        f"use one of: {', '.join(f'{f.key} «{f.name}» ({f.type})' for f in live.values())}",
                     )
+                )
+                continue
+            problems += _type_problems(config, crm.kind, entity, name, live[key])
     return problems
+
+
+def _type_problems(
+    config: ClinicConfig, kind: str, entity: Literal["contact", "deal"], name: str, field: CrmField
+) -> list[Problem]:
+    """The live field's type must hold the canonical value, and the config must say that type."""
+    setting = f"fields.crm_fields.{entity}.{name}"
+    if not compatible(kind, name, field.type):
+        return [
+            Problem(
+                "fields",
+                f"{entity} field {name} goes to «{field.name}» ({field.key}), a {field.type} field, which cannot "
+                f"hold a {kind_of(name)}: the CRM would refuse the patient",
+                f"map {setting} to a field of type {' or '.join(accepted_types(kind, name))}",
+            )
+        ]
+    mapped = config.fields.crm_field(entity, name)
+    declared = (mapped.type if mapped else None) or default_type(kind, name)
+    if declared != field.type:
+        return [
+            Problem(
+                "fields",
+                f"{entity} field {name}: the config sends it as {declared}, but «{field.name}» ({field.key}) is a "
+                f"{field.type} field",
+                f"set {setting}: {{id: {json.dumps(field.key)}, type: {field.type}}}",
+            )
+        ]
+    return []
 
 
 def webhook_url(kind: str, api_url: str, crm_secret: Mapping[str, Any]) -> str:
@@ -603,14 +681,15 @@ def guarded(
 def create_bitrix24_fields(client: Bitrix24Client, config: ClinicConfig, crm: CrmDiscovery) -> list[str]:
     """Create the UF_CRM_* fields the config writes and the portal lacks; returns their names."""
     created = []
-    names = dict(config.fields.crm_names)
+    entity: Literal["contact", "deal"]
     for entity, wanted in (("contact", config.fields.contact), ("deal", config.fields.deal)):
         live = crm.field_keys(entity)
         for name in _custom_fields("bitrix24", entity, wanted):
-            key = bitrix24_field_name(name, names)
+            key = _mapped_key(config, "bitrix24", entity, name)
             if key in live:
                 continue
-            kind = "boolean" if name in ("is_dms", "guarantee_letter") else "string"
+            mapped = config.fields.crm_field(entity, name)
+            kind = (mapped.type if mapped else None) or default_type("bitrix24", name)
             client.call(
                 f"crm.{entity}.userfield.add",
                 {

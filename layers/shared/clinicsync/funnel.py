@@ -135,7 +135,8 @@ def bitrix24_funnel(
             client, "crm.lead.list", {"filter": {">=DATE_CREATE": since_text}, "select": ["ID", "SOURCE_ID"]}
         )
     }
-    dms_field = bitrix24_field_name("is_dms", config.fields.crm_names)
+    mapped = config.fields.crm_field("deal", "is_dms")
+    dms_field = mapped.id if mapped else bitrix24_field_name("is_dms", {})
     rows = _bitrix_list(
         client,
         "crm.deal.list",
@@ -173,7 +174,7 @@ def amocrm_funnel(client: AmoCrmClient, config: ClinicConfig, days: int = 30, no
     until = now or datetime.now(UTC)
     since = until - timedelta(days=days)
     crm = discover_crm(client)
-    names = config.fields.crm_names
+    names = {n: f.id for n in ("mis_appointment_id", "is_dms") if (f := config.fields.crm_field("deal", n))}
     source_field = next((f.key for f in crm.fields if f.entity == "deal" and "источник" in f.name.lower()), None)
     leads: dict[str, str] = {}
     deals: list[_Deal] = []

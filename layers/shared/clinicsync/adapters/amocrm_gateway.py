@@ -2,9 +2,10 @@
 
 - A new patient with a new visit is one item of ``POST /api/v4/leads/complex`` (≤50 per request).
 - Other creates and all updates are bulk ``POST``/``PATCH`` of up to 50 leads or contacts.
-- The MIS ids live in custom fields (``fields.crm_names.mis_patient_id`` on contacts and
-  ``mis_appointment_id`` on leads). amoCRM cannot filter by them in bulk, so a look-up by MIS id scans
-  what changed since the earliest recorded create intent (see ``lookups_need_intents``).
+- The MIS ids live in custom fields (``fields.crm_fields.contact.mis_patient_id`` and
+  ``fields.crm_fields.deal.mis_appointment_id``; field ids are per entity). amoCRM cannot filter by them
+  in bulk, so a look-up by MIS id scans what changed since the earliest recorded create intent (see
+  ``lookups_need_intents``).
 - Phones are never searched with ``query``: how it tokenises a stored ``8 (916) 111 22 33`` is
   undocumented, and on a raw-substring search no one string finds every way a person types a number.
   Every phone of a poll, one or a thousand, is matched against the account's contacts after
@@ -30,6 +31,7 @@ from clinicsync.adapters.amocrm import PAGE_LIMIT as PAGE
 from clinicsync.adapters.amocrm import AmoCrmClient, AmoCrmError, AmoCrmOutcomeUnknown
 from clinicsync.adapters.amocrm import embedded as _embedded
 from clinicsync.config import ClinicConfig, Pipeline
+from clinicsync.fieldtypes import FieldValueError, crm_value, default_type
 from clinicsync.phones import normalise_phone
 from clinicsync.ports import (
     ContactWrite,
@@ -97,11 +99,10 @@ class AmoCrmGateway:
     def __init__(self, client: AmoCrmClient, config: ClinicConfig, user_id: str = "") -> None:
         self._client = client
         self._config = config
-        self._names = dict(config.fields.crm_names)
         self._user = user_id
-        missing = [n for n in ("mis_patient_id", "mis_appointment_id") if not self._names.get(n, "").isdigit()]
+        missing = [n for n in ("mis_patient_id", "mis_appointment_id") if self._field(n) is None]
         if missing:
-            raise ValueError(f"amoCRM needs custom field ids in fields.crm_names for: {', '.join(missing)}")
+            raise ValueError(f"amoCRM needs custom field ids in fields.crm_fields for: {', '.join(missing)}")
 
     def requests_made(self) -> int:
         return self._client.requests
@@ -109,9 +110,11 @@ class AmoCrmGateway:
     def integration_user(self) -> str:
         return self._user
 
-    def _field(self, name: str) -> int | None:
-        value = self._names.get(name, "")
-        return int(value) if value.isdigit() else None
+    def _field(self, name: str, entity: str | None = None) -> int | None:
+        """A custom field's id; the MIS appointment id is a lead field, the other look-up fields are contacts'."""
+        entity = entity or ("deal" if name == "mis_appointment_id" else "contact")
+        mapped = self._config.fields.crm_field("deal" if entity == "deal" else "contact", name)
+        return int(mapped.id) if mapped is not None and mapped.id.isdigit() else None
 
     # --- start-up check ----------------------------------------------------------------------------
 
@@ -396,7 +399,11 @@ class AmoCrmGateway:
         return outcome
 
     def _send(self, method: str, path: str, items: list[tuple[str, str, dict[str, Any]]], outcome: WriteOutcome) -> Any:
-        """items: (request_id, patient_id, body). Returns the reply, or None when the batch failed."""
+        """items: (request_id, patient_id, body). Returns the reply for the items that were applied.
+
+        amoCRM validates a bulk request as a whole and applies nothing when it answers 400. So the items it
+        names are failed (with the field and the code it gave), and the others are sent again at once:
+        one patient's bad field never holds back the rest. A 400 that names none is bisected."""
         if not items:
             return None
         try:
@@ -405,19 +412,72 @@ class AmoCrmGateway:
             for _, pid, _ in items:
                 outcome.failed.setdefault(pid, "outcome_unknown")  # the retry looks them up first
         except AmoCrmError as exc:
-            by_request = {rid: pid for rid, pid, _ in items}
-            blamed = {by_request[r] for r in exc.invalid if r in by_request}
-            for _, pid, _ in items:
-                # amoCRM rejects the whole request: blame the invalid items, retry the others later.
-                outcome.failed.setdefault(pid, "invalid" if pid in blamed or not blamed else "batch_rejected")
+            if exc.status != 400:
+                for _, pid, _ in items:
+                    outcome.failed.setdefault(pid, f"refused: HTTP {exc.status}")
+                return None
+            blamed: set[str] = set()
+            for ref, codes in exc.invalid.items():
+                index = next((i for i, (rid, _, _) in enumerate(items) if rid == ref), None)
+                if index is None and ref.isdigit() and int(ref) < len(items):
+                    index = int(ref)  # PATCH items carry no request_id: amoCRM names them by position
+                if index is not None:
+                    _, pid, body = items[index]
+                    blamed.add(pid)
+                    outcome.failed.setdefault(pid, "refused: " + self._explain(codes, body))
+            rest = [item for item in items if item[1] not in blamed and item[1] not in outcome.failed]
+            if blamed:
+                return self._send(method, path, rest, outcome)
+            if len(rest) > 1:
+                half = len(rest) // 2
+                return _merge(
+                    self._send(method, path, rest[:half], outcome), self._send(method, path, rest[half:], outcome)
+                )
+            for _, pid, _ in rest:
+                outcome.failed.setdefault(pid, f"refused: {exc.detail[:120] or 'HTTP 400'}")
         return None
+
+    def _explain(self, codes: Sequence[str], body: Mapping[str, Any]) -> str:
+        """amoCRM's codes with the canonical field each one is about (ids and names only, no values)."""
+        names = {
+            (entity, str(mapped.id)): name
+            for entity, fields in (
+                ("contact", self._config.fields.crm_fields.contact),
+                ("deal", self._config.fields.crm_fields.deal),
+            )
+            for name, mapped in fields.items()
+        }
+        out = []
+        for code in codes[:5]:
+            kind, _, where = code.partition(":")
+            parts = where.split(".")
+            label = where
+            if "custom_fields_values" in parts:
+                at = parts.index("custom_fields_values")
+                holder: Any = body
+                for part in parts[:at]:
+                    holder = (
+                        holder[int(part)] if isinstance(holder, list) and part.isdigit() else (holder or {}).get(part)
+                    )
+                try:
+                    fid = str(holder["custom_fields_values"][int(parts[at + 1])]["field_id"])
+                except (KeyError, IndexError, TypeError, ValueError):
+                    fid = "?"
+                entity = "contact" if "contacts" in parts[:at] else "deal"
+                label = f"field {names.get((entity, fid)) or names.get(('contact', fid)) or fid} ({fid})"
+            out.append(f"{kind} on {label}")
+        return "; ".join(out)
 
     def _complex(self, pairs: list[tuple[ContactWrite, DealWrite]], outcome: WriteOutcome) -> None:
         for chunk in _chunks(pairs, BULK):
             items = []
             for contact, deal in chunk:
-                body = self._lead_body(deal)
-                body["_embedded"] = {"contacts": [self._contact_body(contact)]}
+                try:
+                    body = self._lead_body(deal)
+                    body["_embedded"] = {"contacts": [self._contact_body(contact)]}
+                except FieldValueError as exc:
+                    outcome.failed.setdefault(deal.patient_id, f"invalid_field: {exc}")
+                    continue
                 items.append(
                     (f"d:{deal.appointment_id}", deal.patient_id, {**body, "request_id": f"d:{deal.appointment_id}"})
                 )
@@ -433,17 +493,26 @@ class AmoCrmGateway:
 
     def _contacts(self, writes: list[ContactWrite], outcome: WriteOutcome) -> None:
         for create in (True, False):
-            items = [
-                (f"c:{w.patient_id}", w.patient_id, self._contact_body(w), w.contact_id)
-                for w in writes
-                if (w.contact_id is None) == create
-            ]
+            items = []
+            for w in writes:
+                if (w.contact_id is None) != create:
+                    continue
+                try:
+                    items.append((f"c:{w.patient_id}", w.patient_id, self._contact_body(w), w.contact_id))
+                except FieldValueError as exc:
+                    outcome.failed.setdefault(w.patient_id, f"invalid_field: {exc}")
             self._bulk("contacts", items, outcome.contact_ids, create, outcome)
 
     def _leads(self, writes: list[DealWrite], outcome: WriteOutcome, create: bool) -> None:
         items = []
         for w in writes:
-            body = self._lead_body(w)
+            if w.patient_id in outcome.failed:
+                continue
+            try:
+                body = self._lead_body(w)
+            except FieldValueError as exc:
+                outcome.failed.setdefault(w.patient_id, f"invalid_field: {exc}")
+                continue
             contact = w.contact_id or outcome.contact_ids.get(w.patient_id)
             if (create or w.link_contact) and contact:
                 body["_embedded"] = {"contacts": [{"id": int(contact), "is_main": True}]}
@@ -472,8 +541,9 @@ class AmoCrmGateway:
                 for row in _embedded(reply, entity):
                     ids[str(row.get("request_id", "")).split(":", 1)[-1]] = str(row["id"])
             else:
-                for key, _, _, crm_id in chunk:
-                    ids[key.split(":", 1)[1]] = str(crm_id)
+                for key, pid, _, crm_id in chunk:
+                    if pid not in outcome.failed:
+                        ids[key.split(":", 1)[1]] = str(crm_id)
 
     def _link_leads(self, writes: list[LeadWrite], outcome: WriteOutcome) -> None:
         items = []
@@ -495,12 +565,12 @@ class AmoCrmGateway:
                 last_name=name["last"],
                 name=" ".join(p for p in (name["last"], name["first"], name["middle"]) if p),
             )
-        fields: list[dict[str, Any]] = [self._cf("mis_patient_id", write.patient_id)]
+        fields: list[dict[str, Any]] = [self._cf("contact", "mis_patient_id", write.patient_id)]
         creating = write.contact_id is None
         for kind, code, enum in (("phone", "PHONE", "MOB"), ("email", "EMAIL", "PRIV")):
             if src.get(kind) and (creating or kind in write.changed_multifields):
                 fields.append({"field_code": code, "values": [{"value": src[kind], "enum_code": enum}]})
-        fields += [self._cf(n, v) for n, v in src.items() if n not in NOT_WRITTEN and self._field(n)]
+        fields += [self._cf("contact", n, v) for n, v in src.items() if n not in NOT_WRITTEN and self._field(n)]
         body["custom_fields_values"] = fields
         return body
 
@@ -512,17 +582,42 @@ class AmoCrmGateway:
         for name, key in NATIVE.items():
             if src.get(name) is not None:
                 body[key] = int(float(src[name])) if key == "price" else src[name]
-        fields = [self._cf("mis_appointment_id", write.appointment_id)]
-        fields += [self._cf(n, v) for n, v in src.items() if n not in NOT_WRITTEN | set(NATIVE) and self._field(n)]
+        fields = [self._cf("deal", "mis_appointment_id", write.appointment_id)]
+        fields += [
+            self._cf("deal", n, v)
+            for n, v in src.items()
+            if n not in NOT_WRITTEN | set(NATIVE) and self._field(n, "deal")
+        ]
         body["custom_fields_values"] = fields
         return body
 
-    def _cf(self, name: str, value: Any) -> dict[str, Any]:
-        if value is None:
-            return {"field_id": self._field(name), "values": None}  # clears the field
-        if isinstance(value, list | tuple):
-            value = ",".join(str(v) for v in value)
-        return {"field_id": self._field(name), "values": [{"value": value}]}  # booleans stay true/false
+    def _cf(self, entity: str, name: str, value: Any) -> dict[str, Any]:
+        """One custom field in the shape its amoCRM type takes (``clinicsync.fieldtypes``)."""
+        field_id = self._field(name, entity)
+        mapped = self._config.fields.crm_field("deal" if entity == "deal" else "contact", name)
+        if value is None or value in ([], ""):
+            return {"field_id": field_id, "values": None}  # clears the field
+        field_type = (mapped.type if mapped else None) or default_type("amocrm", name)
+        if name in ("opt_outs", "opt_ins") and field_type in ("text", "textarea"):
+            value = ",".join(value) if isinstance(value, list | tuple) else value  # the consent code reads it back
+        converted = crm_value("amocrm", name, field_type, value, self._config.tz, mapped.values if mapped else None)
+        values = converted if isinstance(converted, list) else [converted]
+        return {"field_id": field_id, "values": [{"value": v} for v in values]}
+
+
+def _merge(first: Any, second: Any) -> Any:
+    """Two replies of a bisected bulk request as one: a plain array (complex) or ``_embedded`` lists."""
+    if first is None or second is None:
+        return first if second is None else second
+    if isinstance(first, list) and isinstance(second, list):
+        return [*first, *second]
+    if isinstance(first, dict) and isinstance(second, dict):
+        embedded = {
+            key: [*(first.get("_embedded") or {}).get(key, []), *(second.get("_embedded") or {}).get(key, [])]
+            for key in {*(first.get("_embedded") or {}), *(second.get("_embedded") or {})}
+        }
+        return {**first, "_embedded": embedded}
+    return first
 
 
 def _deal_match(row: Mapping[str, Any]) -> DealMatch:

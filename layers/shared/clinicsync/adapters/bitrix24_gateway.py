@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from clinicsync.adapters.bitrix24 import (
     BATCH_LIMIT,
@@ -19,6 +19,7 @@ from clinicsync.adapters.bitrix24 import (
     Bitrix24OutcomeUnknown,
 )
 from clinicsync.config import ClinicConfig, Pipeline
+from clinicsync.fieldtypes import FieldValueError, crm_value, default_type
 from clinicsync.phones import normalise_phone
 from clinicsync.ports import (
     ContactWrite,
@@ -91,7 +92,6 @@ class Bitrix24Gateway:
         self._client = client
         self._config = config
         self._originator = config.crm.originator_id
-        self._names = dict(config.fields.crm_names)
 
     def requests_made(self) -> int:
         return self._client.requests
@@ -99,8 +99,17 @@ class Bitrix24Gateway:
     def integration_user(self) -> str:
         return self._client.user_id
 
-    def _custom(self, name: str) -> str:
-        return self._names.get(name) or f"UF_CRM_CS_{name.upper()}"
+    def _custom(self, name: str, entity: Literal["contact", "deal"] = "contact") -> str:
+        mapped = self._config.fields.crm_field(entity, name)
+        return mapped.id if mapped else f"UF_CRM_CS_{name.upper()}"
+
+    def _typed(self, entity: Literal["contact", "deal"], name: str, value: Any) -> Any:
+        """A custom field's value in the shape its Bitrix24 type takes (``clinicsync.fieldtypes``)."""
+        if value is None or name in ("opt_outs", "opt_ins"):
+            return _bitrix_value(value)  # the consent code reads the comma list back
+        mapped = self._config.fields.crm_field(entity, name)
+        field_type = (mapped.type if mapped else None) or default_type("bitrix24", name)
+        return crm_value("bitrix24", name, field_type, value, self._config.tz, mapped.values if mapped else None)
 
     # --- start-up check ----------------------------------------------------------------------------
 
@@ -387,7 +396,15 @@ class Bitrix24Gateway:
             groups.setdefault(write.patient_id, []).append(write)
         # Pack whole patients into batches; commands run in order with halt=1, so a deal never
         # references a contact whose creation failed.
-        queue: list[list[_Command]] = [c for c in (self._commands(pid, g) for pid, g in groups.items()) if c]
+        queue: list[list[_Command]] = []
+        for pid, group in groups.items():
+            try:
+                commands = self._commands(pid, group)
+            except FieldValueError as exc:  # a value its field type cannot take: only this patient fails
+                outcome.failed[pid] = f"invalid_field: {exc}"
+                continue
+            if commands:
+                queue.append(commands)
         while queue:
             chunk: list[_Command] = []
             while queue and len(chunk) + len(queue[0]) <= BATCH_LIMIT:
@@ -518,8 +535,10 @@ class Bitrix24Gateway:
             existing = None if creating else write.multifield_ids.get(kind)
             out[field] = [{"ID": existing, **entry} if existing else entry]
         for name, value in src.items():
-            if name not in NOT_WRITTEN:
-                out[NATIVE_CONTACT_FIELDS.get(name) or self._custom(name)] = _bitrix_value(value)
+            if name in NATIVE_CONTACT_FIELDS:
+                out[NATIVE_CONTACT_FIELDS[name]] = _bitrix_value(value)
+            elif name not in NOT_WRITTEN:
+                out[self._custom(name)] = self._typed("contact", name, value)
         return out
 
     def _deal_fields(self, write: DealWrite) -> dict[str, Any]:
@@ -529,8 +548,10 @@ class Bitrix24Gateway:
         if write.lead_id is not None:
             out["LEAD_ID"] = write.lead_id
         for name, value in write.fields.items():
-            if name not in NOT_WRITTEN:
-                out[NATIVE_DEAL_FIELDS.get(name) or self._custom(name)] = _bitrix_value(value)
+            if name in NATIVE_DEAL_FIELDS:
+                out[NATIVE_DEAL_FIELDS[name]] = _bitrix_value(value)
+            elif name not in NOT_WRITTEN:
+                out[self._custom(name, "deal")] = self._typed("deal", name, value)
         return out
 
 

@@ -34,8 +34,10 @@ Assumptions (public information is thin; see also ``sandbox/emulators/infoclinic
 * Bookings carry ``SCHEDSTATUS`` (vocabulary in ``docs/statuses.md``), ``MODIFYDATE`` and
   ``CREATEDATE`` (``dd.mm.yyyy HH:MM:SS``), ``WORKDATE`` (``yyyymmdd``) with ``BHOUR``/``BMIN``/``FHOUR``/
   ``FMIN``, ``PRICE``, ``POLICYNUM`` (DMS) and ``ANONYMOUS``. Cards carry ``REFUSECALL``/``REFUSESMS``
-  (seen in the vendor's fixtures) and ``REFUSEPD``/``ARCHIVED``/``MODIFYDATE`` (assumed). All times are the
-  clinic's wall time and are read in ``config.timezone``; ``MODIFYDATE`` (unix seconds) is the version.
+  (seen in the vendor's fixtures), ``PADDR`` (home address, read by a public client; the contact's
+  residence; docs/fields.md has every case C field's source) and ``REFUSEPD``/``ARCHIVED``/``MODIFYDATE``
+  (assumed). All times are the clinic's wall time and are read in ``config.timezone``; ``MODIFYDATE``
+  (unix seconds) is the version.
 * A change whose booking or card cannot be translated (unknown status, unreadable record) is counted
   in ``rejected``, logged with its id and **acknowledged** with the rest: left in the queue it would come
   back forever and, once 100 of them piled up, block every later change. After the clinic maps the
@@ -547,6 +549,7 @@ class InfoClinicaSource:
             middle_name=middle,
             phone=normalise_phone(rec.get("PPHONE"), self._config.matching.default_region),
             email=normalise_email(rec.get("PMAIL")),
+            residence=(rec.get("PADDR") or "").strip() or None,
             birth_date=parse_ic_date(birth).isoformat() if birth else None,
             sex={"1": "m", "2": "f"}.get(rec.get("GENDER", "")),
             consent=Consent(call_opt_out=_flag(rec.get("REFUSECALL")), sms_opt_out=_flag(rec.get("REFUSESMS"))),

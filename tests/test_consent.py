@@ -3,29 +3,41 @@ newer opt-ins, the one CRM rule, and the Mailchimp emulator's limits and batches
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from clinicsync.adapters.mailchimp import AudienceMember, MailchimpAudience, MailchimpClient, api_root
 from clinicsync.consent import (
+    ConsentLedger,
     TokenError,
     UnsubscribeTokens,
     consent_contact_write,
     list_unsubscribe_headers,
     subscriber_hash,
 )
-from clinicsync.models import Channel
+from clinicsync.crm_events import CrmEventProcessor, EventReport
+from clinicsync.crypto import KeyedHasher
+from clinicsync.models import Channel, ConsentJob, CrmEvent
+from clinicsync.state import PatientState
 from clinicsync.store import DynamoStore
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.mailchimp import MailchimpEmulator
+from tests.helpers import demo_config
 from tests.test_store import store  # noqa: F401 - the moto-backed store fixture
 
 KEY = b"k" * 32
+_EXAMPLES = itertools.count()
+_CONFIG = functools.cache(demo_config)
 
 # --- tokens ------------------------------------------------------------------------------------------------
 
@@ -174,3 +186,167 @@ def test_emulator_refuses_bad_keys_and_an_eleventh_connection(chimp: tuple[Mailc
         auth=("x", "abc-us21"),
     )
     assert (again.status_code, again.json()["title"]) == (400, "Member In Compliance State")
+
+
+# --- CRM events into the ledger: who may speak for a patient, and what counts as an opt-in --------------------
+
+CONTACT_OF = {"p1": "501"}  # the contact we map to each patient
+INTEGRATION_USER = "1"
+
+
+class _Gateway:
+    """Only what the event processor reads when events carry their snapshot (as the catch-up's do)."""
+
+    kind = "bitrix24"
+
+    def integration_user(self) -> str:
+        return INTEGRATION_USER
+
+    def fetch(self, entity: str, crm_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        return {}
+
+
+class _Jobs:
+    def __init__(self) -> None:
+        self.sent: list[ConsentJob] = []
+
+    def send(self, jobs: Sequence[ConsentJob]) -> None:
+        self.sent.extend(jobs)
+
+
+def _ledger(store: DynamoStore, now: list[float]) -> ConsentLedger:  # noqa: F811
+    return ConsentLedger(store, _Jobs(), "demo", KeyedHasher(KEY), clock=lambda: now[0])
+
+
+def _handle(store: DynamoStore, event: CrmEvent, report: EventReport | None = None) -> None:  # noqa: F811
+    """One webhook batch: a fresh processor, as each syncer invocation builds."""
+    ledger = _ledger(store, [0.0])  # CRM opt-outs and opt-ins carry their own time
+    processor = CrmEventProcessor(_CONFIG(), store, _Gateway(), KeyedHasher(KEY), _Jobs(), ledger)  # type: ignore[arg-type]
+    processor.handle(event, report or EventReport())
+
+
+def _map_contacts(store: DynamoStore, contacts: dict[str, str]) -> None:  # noqa: F811
+    for pid, contact in contacts.items():
+        state = PatientState(patient_id=pid, contact_id=contact, version=1)
+        store.save_patients([(state, [])], {})
+
+
+def _contact_event(contact: str, owner: str, at: int, opt_ins: str = "", opt_outs: str = "", by: str = "7") -> CrmEvent:
+    snapshot = {
+        "entity": "contact",
+        "id": contact,
+        "owner": owner,
+        "modified_by": by,
+        "modified_at": datetime.fromtimestamp(at, UTC).isoformat(),
+        "opt_outs": opt_outs,
+        "opt_ins": opt_ins,
+    }
+    return CrmEvent(
+        crm="bitrix24", event="ONCRMCONTACTUPDATE", entity="contact", crm_id=contact, received_at=at, snapshot=snapshot
+    )
+
+
+def _opted_out(store: DynamoStore, pid: str = "p1") -> bool:  # noqa: F811
+    return "email" in store.opted_out_many([f"pat:{pid}"], ["email"])[f"pat:{pid}"]
+
+
+def test_an_unrelated_crm_edit_never_lifts_a_fresh_opt_out(store: DynamoStore) -> None:  # noqa: F811
+    now = [1_000_000.0]
+    ledger = _ledger(store, now)
+    _map_contacts(store, CONTACT_OF)
+    report = EventReport()
+    _handle(store, _contact_event("501", "p1", 999_000, opt_ins="email"), report)  # an old opt-in, seen
+    ledger.opt_out(["pat:p1"], ["email"], "link", "link:one-click")  # the patient clicks at 1 000 000
+    _handle(store, _contact_event("501", "p1", 1_000_060, opt_ins="email"), report)  # a comment edit
+    assert _opted_out(store)
+    assert report.opt_ins == 0
+    _handle(store, _contact_event("501", "p1", 1_000_120, opt_ins=""), report)  # the field cleared...
+    _handle(store, _contact_event("501", "p1", 1_000_180, opt_ins="email"), report)  # ...and set again
+    assert not _opted_out(store)
+    assert report.opt_ins == 1
+
+
+def test_a_contact_first_seen_with_an_opt_in_does_not_lift_an_opt_out(store: DynamoStore) -> None:  # noqa: F811
+    now = [1_000_000.0]
+    ledger = _ledger(store, now)
+    _map_contacts(store, CONTACT_OF)
+    ledger.opt_out(["pat:p1"], ["email"], "link", "link:one-click")
+    _handle(store, _contact_event("501", "p1", 1_000_060, opt_ins="email"), EventReport())
+    assert _opted_out(store)  # we never saw the field without it: no change is proven
+
+
+def test_our_own_write_is_the_baseline_so_a_managers_first_opt_in_counts(store: DynamoStore) -> None:  # noqa: F811
+    now = [1_000_000.0]
+    ledger = _ledger(store, now)
+    _map_contacts(store, CONTACT_OF)
+    ledger.opt_out(["pat:p1"], ["email"], "link", "link:one-click")
+    report = EventReport()
+    _handle(store, _contact_event("501", "p1", 1_000_010, opt_outs="email", by=INTEGRATION_USER), report)
+    assert report.echoes == 1 and _opted_out(store)
+    _handle(store, _contact_event("501", "p1", 1_000_060, opt_ins="email", opt_outs="email"), report)
+    _handle(store, _contact_event("501", "p1", 1_000_070, opt_ins="email"), report)  # opt-out field cleared
+    assert not _opted_out(store)
+
+
+def test_consent_changes_only_from_the_contact_we_map_to_the_patient(store: DynamoStore) -> None:  # noqa: F811
+    _map_contacts(store, {"p1": "501", "p2": "502"})
+    report = EventReport()
+    _handle(store, _contact_event("777", "p1", 1_000_010, opt_outs="email"), report)  # a hand-made duplicate
+    _handle(store, _contact_event("502", "p1", 1_000_010, opt_outs="email"), report)  # p2's, relabelled
+    assert not _opted_out(store)
+    assert report.foreign_contacts == 2 and report.opt_outs == 0
+    _handle(store, _contact_event("501", "p1", 1_000_020, opt_outs="email"), report)
+    assert _opted_out(store) and report.opt_outs == 1
+
+
+# Independent model of the ledger rules for one patient's e-mail channel, events applied in any order:
+# an opt-out (link, at t) is sticky unless a later explicit opt-in lifts it; a CRM observation of the
+# contact's opt-in field (value, modified at m) is an opt-in only if the field gained "email" since the
+# previous, not older, observation of that contact, and only if m is newer than the opt-out.
+_OBSERVATION = st.tuples(st.just("crm"), st.integers(0, 50), st.booleans(), st.sampled_from(["501", "777"]))
+_OPT_OUT = st.tuples(st.just("link"), st.integers(0, 50), st.just(True), st.just("-"))
+
+
+class _Model:
+    def __init__(self) -> None:
+        self.out: tuple[bool, int] | None = None  # (opted out, at)
+        self.seen: tuple[bool, int] | None = None  # the mapped contact's field: (has email, at)
+
+    def apply(self, kind: str, t: int, flag: bool, contact: str) -> None:
+        if kind == "link":
+            if self.out is None or (not self.out[0] and self.out[1] <= t):
+                self.out = (True, t)
+            return
+        if contact != "501":
+            return  # not the mapped contact: no say
+        if self.seen is not None and t < self.seen[1]:
+            return  # older than what was seen
+        gained = self.seen is not None and flag and not self.seen[0]
+        self.seen = (flag, t)
+        if gained and self.out is not None and self.out[0] and self.out[1] < t:
+            self.out = (False, t)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(_OBSERVATION, _OPT_OUT), min_size=1, max_size=12))
+def test_ledger_rules_match_an_independent_model_in_any_order(
+    store: DynamoStore,  # noqa: F811
+    events: list[tuple[str, int, bool, str]],
+) -> None:
+    pid = f"m{next(_EXAMPLES)}"  # a fresh patient per example: the fixture's table is shared
+    now = [0.0]
+    ledger = _ledger(store, now)
+    _map_contacts(store, {pid: "501"})
+    model = _Model()
+    for kind, t, flag, contact in events:
+        base = 1_000_000 + 60 * t
+        if kind == "link":
+            now[0] = base
+            ledger.opt_out([f"pat:{pid}"], ["email"], "link", "link:one-click")
+        else:
+            _handle(store, _contact_event(contact, pid, base, opt_ins="email" if flag else "sms"), EventReport())
+        was_out = model.out is not None and model.out[0]
+        model.apply(kind, t, flag, contact)
+        assert _opted_out(store, pid) == (model.out is not None and model.out[0])
+        if was_out and kind == "crm" and model.seen is not None and not (flag and model.out == (False, t)):
+            assert _opted_out(store, pid)  # an unchanged field never undoes an opt-out

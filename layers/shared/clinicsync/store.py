@@ -16,6 +16,7 @@ Key design (documented in docs/storage.md):
     CONSENT#<subject>       AUDIT#<ts>#<ch>#<ev>  audit trail (event, source, detail), expires via TTL
     CONSENT#<subject>       ID                    keyed hashes and system ids the subject is known by
     CONSENT#<subject>       OUT                   per output (crm, mis, mailchimp): the ledger digest it reached
+    CONSENT#<subject>       SEEN#crm_opt_ins      the CRM opt-in field as last seen or written: contact id, channels, at
     EMAIL#<hmac>            SUBJ#<subject>        e-mail index: a Mailchimp event's address -> the subject
 
 One query on ``PAT#<id>`` returns everything about a patient. Nothing here holds a name, a phone
@@ -423,6 +424,40 @@ class DynamoStore:
             self._audit(subject, channel, "opt_in", source, at, detail)
             changed.append(channel)
         return changed
+
+    def observe_crm_opt_ins(
+        self, subject: str, contact_id: str, opt_ins: Sequence[str], at: int, held: Sequence[str] = ()
+    ) -> list[str]:
+        """Note the mapped CRM contact's opt-in field as seen at ``at`` (its modification time) and return
+        the channels it gained since the last observation. Nothing is gained on the first observation of
+        a contact, nor from a snapshot older than the last one: an unchanged field is never an opt-in,
+        however recently the record was touched. A gained channel in ``held`` (the opt-out field still
+        lists it) is not noted as seen, so it counts once that field is cleared."""
+        key = {"pk": f"CONSENT#{subject}", "sk": "SEEN#crm_opt_ins"}
+        old = self._table.get_item(Key=key, ConsistentRead=True).get("Item")
+        same = old is not None and old.get("contact_id") == contact_id
+        if old is not None and same and int(str(old["at"])) > at:
+            return []  # older than what we already saw
+        before = set(str(old["channels"]).split(",")) if old is not None and same else set(opt_ins)
+        gained = set(opt_ins) - before
+        waiting = gained & set(held)
+        seen = ",".join(sorted(set(opt_ins) - waiting)) or "-"
+        item: dict[str, Any] = {**key, "contact_id": contact_id, "channels": seen, "at": at}
+        try:
+            if old is None:
+                self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(pk)")
+            else:  # unchanged since our read, or a concurrent observation decides
+                self._table.put_item(
+                    Item=item,
+                    ConditionExpression="channels = :c AND contact_id = :k AND #at = :at",
+                    ExpressionAttributeNames={"#at": "at"},
+                    ExpressionAttributeValues={":c": old["channels"], ":k": old["contact_id"], ":at": old["at"]},
+                )
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
+            return []
+        return sorted(gained - waiting)
 
     def _audit(self, subject: str, channel: str, event: str, source: str, at: int, detail: str) -> None:
         self._table.put_item(

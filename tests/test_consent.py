@@ -19,17 +19,20 @@ from hypothesis import strategies as st
 from clinicsync.adapters.mailchimp import AudienceMember, MailchimpAudience, MailchimpClient, api_root
 from clinicsync.consent import (
     ConsentLedger,
+    ConsentOutputs,
     TokenError,
     UnsubscribeTokens,
+    audience_member,
     consent_contact_write,
     list_unsubscribe_headers,
+    note_accepted_members,
     subscriber_hash,
 )
 from clinicsync.crm_events import CrmEventProcessor, EventReport
 from clinicsync.crypto import KeyedHasher
 from clinicsync.models import Channel, ConsentJob, CrmEvent
 from clinicsync.state import PatientState
-from clinicsync.store import DynamoStore
+from clinicsync.store import DynamoStore, MemberBook
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.mailchimp import MailchimpEmulator
 from tests.helpers import demo_config
@@ -350,3 +353,65 @@ def test_ledger_rules_match_an_independent_model_in_any_order(
         assert _opted_out(store, pid) == (model.out is not None and model.out[0])
         if was_out and kind == "crm" and model.seen is not None and not (flag and model.out == (False, t)):
             assert _opted_out(store, pid)  # an unchanged field never undoes an opt-out
+
+
+# --- Mailchimp members: one person, every address they ever had -----------------------------------------------
+
+
+def test_the_emulator_moves_a_member_with_its_address(chimp: tuple[MailchimpEmulator, str]) -> None:
+    emulator, base = chimp
+    audience = MailchimpAudience(MailchimpClient("abc-us21", httpx.Client(), f"{base}/3.0"), emulator.list_id)
+    assert audience.upsert([AudienceMember("1", "old@example.org", {}), AudienceMember("2", "b@example.org", {})])
+    emulator.member_changes_email("old@example.org", "new@example.org")
+    assert emulator.member("old@example.org") is None and emulator.member("new@example.org") is not None
+    assert audience.unsubscribe("old@example.org") is False  # the old hash is gone: 404
+    with pytest.raises(ValueError, match="already"):
+        emulator.member_changes_email("new@example.org", "b@example.org")
+    # Our PUT naming another address moves the member too (the MIS changed it); a taken one is refused.
+    moved = AudienceMember("1", "third@example.org", {}, member=subscriber_hash("new@example.org"))
+    assert audience.upsert([moved]) == {"1"}
+    assert [m["email_address"] for m in emulator.members()] == ["b@example.org", "third@example.org"]
+    taken = AudienceMember("1", "b@example.org", {}, member=subscriber_hash("third@example.org"))
+    assert audience.upsert([taken]) == set()
+
+
+def test_the_audience_rule_keeps_one_member_per_person() -> None:
+    old, new = subscriber_hash("old@example.org"), subscriber_hash("new@example.org")
+    moved = MemberBook(current=new, moved={old: new}, known={old, new})
+    # Mailchimp moved the MIS's address: the person's member gets the merge fields, the old one is not re-created.
+    assert audience_member("1", "old@example.org", {"CITY": "x"}, moved) == AudienceMember(
+        "1", "old@example.org", {"CITY": "x"}, new, keep_address=True
+    )
+    # The MIS changed the address: the person's member moves to it.
+    assert audience_member("1", "third@example.org", {}, moved) == AudienceMember("1", "third@example.org", {}, new)
+    assert audience_member("1", "new@example.org", {}, moved) == AudienceMember("1", "new@example.org", {})
+    assert audience_member("1", "a@example.org", {}, MemberBook()) == AudienceMember("1", "a@example.org", {})
+
+
+def test_an_opt_out_unsubscribes_every_member_the_person_ever_had(
+    store: DynamoStore,  # noqa: F811
+    chimp: tuple[MailchimpEmulator, str],
+) -> None:
+    emulator, base = chimp
+    audience = MailchimpAudience(MailchimpClient("abc-us21", httpx.Client(), f"{base}/3.0"), emulator.list_id)
+    hasher = KeyedHasher(KEY)
+    jobs = _Jobs()
+    ledger = ConsentLedger(store, jobs, "demo", hasher, clock=lambda: 1_000_000.0)
+    store.index_emails([(hasher.email_key("old@example.org"), "pat:p1")])
+    assert audience.upsert([AudienceMember("p1", "old@example.org", {})]) == {"p1"}
+    note_accepted_members(store, {"pat:p1": AudienceMember("p1", "old@example.org", {})})
+    emulator.member_changes_email("old@example.org", "new@example.org")
+    ledger.address_moved("old@example.org", "new@example.org")  # the upemail webhook
+    # Before this fix the audience sync re-created the old address: a second member of the same person.
+    assert audience.upsert([AudienceMember("p1", "old@example.org", {})]) == {"p1"}
+    emulator.member_unsubscribes("new@example.org")
+    subjects = ledger.subjects_for_email("new@example.org")
+    assert subjects == ["pat:p1"]
+    ledger.opt_out(subjects, ["email"], "mailchimp", "mailchimp:unsubscribe:manual", skip=("mailchimp",))
+    report = ConsentOutputs(_CONFIG(), store, None, None, audience).push(jobs.sent)
+    assert report.failed == {}
+    assert {m["email_address"]: m["status"] for m in emulator.members()} == {
+        "new@example.org": "unsubscribed",
+        "old@example.org": "unsubscribed",
+    }
+    assert all("@" not in str(item) for item in store.consent_items("pat:p1"))  # hashes only, no address

@@ -292,3 +292,33 @@ def test_consent_changes_only_from_the_contact_mapped_to_the_patient(clinic: Loc
     clinic.crm.manager_set_opt_outs(contact, "email")
     clinic.deliver_webhooks()
     _assert_everywhere(clinic, patient_id, contact, email, "crm")
+
+
+def test_an_opt_out_reaches_every_mailchimp_member_the_person_had_and_moved_addresses_stay_gone(
+    clinic: LocalClinic,
+) -> None:
+    """Issue 15 defect 4: the member changes address in Mailchimp (upemail) while the MIS keeps the old
+    one. The audience sync must not re-create the old address, the person keeps one subscribed member,
+    and their unsubscribe under the new address leaves nothing of theirs subscribed."""
+    assert clinic.mailchimp is not None
+    patient_id, contact, old = _member(clinic)
+    new = f"moved.{patient_id}@example.net"
+    clinic.mailchimp.member_changes_email(old, new)
+    clinic.deliver_mailchimp()
+    # A completed visit changes the patient's merge fields: the audience sync sends them again.
+    visit = clinic.mis.book(int(patient_id), clinic.mis.at(5, "10:00"))
+    clinic.medods.complete(visit)
+    clinic.sync()
+    clinic.deliver_webhooks()
+    theirs = [m for m in clinic.mailchimp.members() if m["email_address"] in (old, new)]
+    assert clinic.mailchimp.member(old) is None  # the moved address was not re-created
+    assert [m["email_address"] for m in theirs if m["status"] == "subscribed"] == [new]
+    assert clinic.mailchimp.member(new)["merge_fields"]["LASTVISIT"]  # type: ignore[index]
+    clinic.mailchimp.member_unsubscribes(new)
+    clinic.deliver_mailchimp()
+    assert [
+        m for m in clinic.mailchimp.members() if m["status"] == "subscribed" and m["email_address"] in (old, new)
+    ] == []
+    _assert_everywhere(clinic, patient_id, contact, new, "mailchimp")
+    clinic.sync()  # the MIS still says the old address, "not refused": nothing is subscribed again
+    assert clinic.mailchimp.member(old) is None

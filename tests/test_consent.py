@@ -221,9 +221,14 @@ def _ledger(store: DynamoStore, now: list[float]) -> ConsentLedger:  # noqa: F81
     return ConsentLedger(store, _Jobs(), "demo", KeyedHasher(KEY), clock=lambda: now[0])
 
 
-def _handle(store: DynamoStore, event: CrmEvent, report: EventReport | None = None) -> None:  # noqa: F811
-    """One webhook batch: a fresh processor, as each syncer invocation builds."""
-    ledger = _ledger(store, [0.0])  # CRM opt-outs and opt-ins carry their own time
+def _handle(
+    store: DynamoStore,  # noqa: F811
+    event: CrmEvent,
+    report: EventReport | None = None,
+    now: float = 0.0,
+) -> None:
+    """One webhook batch: a fresh processor, as each syncer invocation builds; ``now`` times a field opt-out."""
+    ledger = _ledger(store, [now])
     processor = CrmEventProcessor(_CONFIG(), store, _Gateway(), KeyedHasher(KEY), _Jobs(), ledger)  # type: ignore[arg-type]
     processor.handle(event, report or EventReport())
 
@@ -287,6 +292,7 @@ def test_our_own_write_is_the_baseline_so_a_managers_first_opt_in_counts(store: 
     _handle(store, _contact_event("501", "p1", 1_000_010, opt_outs="email", by=INTEGRATION_USER), report)
     assert report.echoes == 1 and _opted_out(store)
     _handle(store, _contact_event("501", "p1", 1_000_060, opt_ins="email", opt_outs="email"), report)
+    assert _opted_out(store)  # both fields list it: the opt-in waits until the opt-out field is cleared
     _handle(store, _contact_event("501", "p1", 1_000_070, opt_ins="email"), report)  # opt-out field cleared
     assert not _opted_out(store)
 
@@ -302,57 +308,82 @@ def test_consent_changes_only_from_the_contact_we_map_to_the_patient(store: Dyna
     assert _opted_out(store) and report.opt_outs == 1
 
 
-# Independent model of the ledger rules for one patient's e-mail channel, events applied in any order:
-# an opt-out (link, at t) is sticky unless a later explicit opt-in lifts it; a CRM observation of the
-# contact's opt-in field (value, modified at m) is an opt-in only if the field gained "email" since the
-# previous, not older, observation of that contact, and only if m is newer than the opt-out.
-_OBSERVATION = st.tuples(st.just("crm"), st.integers(0, 50), st.booleans(), st.sampled_from(["501", "777"]))
-_OPT_OUT = st.tuples(st.just("link"), st.integers(0, 50), st.just(True), st.just("-"))
+# Independent model of the ledger rules for one patient's e-mail channel, events in any order. An opt-out
+# (a link, or the mapped contact's opt-out field, at t) is sticky unless a later explicit opt-in lifts it.
+# A manager's edit of the mapped contact, or the echo of our own write, shows the opt-in field; it is an
+# opt-in only on a manager's edit where the field gained "email" since the previous, not older, sighting
+# (never the first), the opt-out field does not list it at that moment (then it waits for that field to be
+# cleared), and t is newer than the opt-out. A duplicate contact carrying the MIS id has no say at all.
+_EVENT = st.tuples(
+    st.sampled_from(["link", "manager", "echo"]),
+    st.integers(-5, 20),  # minutes after the previous event's time (negative: it arrives out of order)
+    st.booleans(),  # the opt-in field lists email
+    st.booleans(),  # the opt-out field lists email
+    st.sampled_from(["501", "777"]),  # the mapped contact or a duplicate with the same MIS id
+)
 
 
 class _Model:
     def __init__(self) -> None:
         self.out: tuple[bool, int] | None = None  # (opted out, at)
-        self.seen: tuple[bool, int] | None = None  # the mapped contact's field: (has email, at)
+        self.seen: tuple[bool, int] | None = None  # the opt-in field as last seen: (lists email, at)
 
-    def apply(self, kind: str, t: int, flag: bool, contact: str) -> None:
+    def opted_out(self) -> bool:
+        return self.out is not None and self.out[0]
+
+    def _opt_out(self, t: int) -> None:
+        if self.out is None or (not self.out[0] and self.out[1] <= t):
+            self.out = (True, t)
+
+    def apply(self, kind: str, t: int, opt_in: bool, opt_out: bool, contact: str) -> None:
         if kind == "link":
-            if self.out is None or (not self.out[0] and self.out[1] <= t):
-                self.out = (True, t)
+            self._opt_out(t)
             return
-        if contact != "501":
-            return  # not the mapped contact: no say
+        if kind == "manager":
+            if contact != "501":
+                return
+            if opt_out:
+                self._opt_out(t)
         if self.seen is not None and t < self.seen[1]:
-            return  # older than what was seen
-        gained = self.seen is not None and flag and not self.seen[0]
-        self.seen = (flag, t)
-        if gained and self.out is not None and self.out[0] and self.out[1] < t:
+            return
+        gained = self.seen is not None and opt_in and not self.seen[0]
+        waiting = gained and opt_out
+        self.seen = (opt_in and not waiting, t)
+        if kind == "manager" and gained and not waiting and self.out is not None and self.out[0] and self.out[1] < t:
             self.out = (False, t)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.one_of(_OBSERVATION, _OPT_OUT), min_size=1, max_size=12))
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_EVENT, min_size=1, max_size=14))
 def test_ledger_rules_match_an_independent_model_in_any_order(
     store: DynamoStore,  # noqa: F811
-    events: list[tuple[str, int, bool, str]],
+    events: list[tuple[str, int, bool, bool, str]],
 ) -> None:
     pid = f"m{next(_EXAMPLES)}"  # a fresh patient per example: the fixture's table is shared
-    now = [0.0]
-    ledger = _ledger(store, now)
     _map_contacts(store, {pid: "501"})
     model = _Model()
-    for kind, t, flag, contact in events:
-        base = 1_000_000 + 60 * t
+    t = 0
+    for kind, delta, opt_in, opt_out, contact in events:
+        t += delta
+        at = 1_000_000 + 60 * t
         if kind == "link":
-            now[0] = base
-            ledger.opt_out([f"pat:{pid}"], ["email"], "link", "link:one-click")
+            _ledger(store, [float(at)]).opt_out([f"pat:{pid}"], ["email"], "link", "link:one-click")
         else:
-            _handle(store, _contact_event(contact, pid, base, opt_ins="email" if flag else "sms"), EventReport())
-        was_out = model.out is not None and model.out[0]
-        model.apply(kind, t, flag, contact)
-        assert _opted_out(store, pid) == (model.out is not None and model.out[0])
-        if was_out and kind == "crm" and model.seen is not None and not (flag and model.out == (False, t)):
-            assert _opted_out(store, pid)  # an unchanged field never undoes an opt-out
+            event = _contact_event(
+                "501" if kind == "echo" else contact,
+                pid,
+                at,
+                opt_ins="email" if opt_in else "sms",
+                opt_outs="email" if opt_out else "",
+                by=INTEGRATION_USER if kind == "echo" else "7",
+            )
+            _handle(store, event, now=at)
+        was_out, seen_before = model.opted_out(), model.seen
+        model.apply(kind, t, opt_in, opt_out, contact)
+        assert _opted_out(store, pid) == model.opted_out()
+        unchanged_field = seen_before is None or not opt_in or seen_before[0] or kind != "manager"
+        if was_out and unchanged_field:
+            assert _opted_out(store, pid)  # opt-out wins over any observation of an unchanged field
 
 
 # --- Mailchimp members: one person, every address they ever had -----------------------------------------------

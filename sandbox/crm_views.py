@@ -37,6 +37,10 @@ class CrmView(Protocol):
     def manager_create_contact(self, phone: str) -> str: ...
     def manager_create_deal(self, contact_id: str, stage: str | None = None) -> str: ...
     def manager_set_opt_outs(self, contact_id: str, channels: str) -> None: ...
+    def manager_set_opt_ins(self, contact_id: str, channels: str) -> None: ...
+    def manager_touch_contact(self, contact_id: str) -> None: ...  # an unrelated edit (a comment)
+    def manager_duplicate_contact(self, contact_id: str) -> str: ...  # a copy carrying the same MIS id
+    def advance_clock(self, seconds: float) -> None: ...
     def contact_of_patient(self, patient_id: str) -> str | None: ...
     def contact_opt_outs(self, contact_id: str) -> set[str]: ...
     def adopted(self, inquiry_id: str, deal: Deal) -> bool: ...
@@ -117,6 +121,20 @@ class Bitrix24View:
 
     def manager_set_opt_outs(self, contact_id: str, channels: str) -> None:
         self.emu.manager_update_contact(int(contact_id), UF_CRM_CS_OPT_OUTS=channels)
+
+    def manager_set_opt_ins(self, contact_id: str, channels: str) -> None:
+        self.emu.manager_update_contact(int(contact_id), UF_CRM_CS_OPT_INS=channels)
+
+    def manager_touch_contact(self, contact_id: str) -> None:
+        self.emu.manager_update_contact(int(contact_id), COMMENTS=f"звонок {self.emu.clock.now():.0f}")
+
+    def manager_duplicate_contact(self, contact_id: str) -> str:
+        original = self.emu.record("contact", int(contact_id)) or {}
+        copied = {k: original[k] for k in ("NAME", "LAST_NAME", "ORIGINATOR_ID", "ORIGIN_ID") if original.get(k)}
+        return str(self.emu.manager_create_contact(**copied))
+
+    def advance_clock(self, seconds: float) -> None:
+        self.emu.clock.advance(seconds)
 
     def contact_of_patient(self, patient_id: str) -> str | None:
         for cid, c in list(self.emu.contacts.items()):
@@ -244,6 +262,21 @@ class AmoCrmView:
     def manager_set_opt_outs(self, contact_id: str, channels: str) -> None:
         field = {"field_id": self.fields["opt_outs"], "values": [{"value": channels}]}
         self.emu.manager_update_contact(int(contact_id), custom_fields_values=[field])
+
+    def manager_set_opt_ins(self, contact_id: str, channels: str) -> None:
+        field = {"field_id": self.fields["opt_ins"], "values": [{"value": channels}]}
+        self.emu.manager_update_contact(int(contact_id), custom_fields_values=[field])
+
+    def manager_touch_contact(self, contact_id: str) -> None:
+        self.emu.manager_update_contact(int(contact_id), name=f"Анна (звонок {self.emu.clock.now():.0f})")
+
+    def manager_duplicate_contact(self, contact_id: str) -> str:
+        pid = self._cf(self.emu.contacts[int(contact_id)], "mis_patient_id")
+        field = {"field_id": self.fields["mis_patient_id"], "values": [{"value": pid}]}
+        return str(self.emu.manager_create_contact(name="Анна", custom_fields_values=[field]))
+
+    def advance_clock(self, seconds: float) -> None:
+        self.emu.clock.advance(seconds)
 
     def contact_of_patient(self, patient_id: str) -> str | None:
         for cid, contact in list(self.emu.contacts.items()):

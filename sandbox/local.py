@@ -518,6 +518,7 @@ def _amocrm_account(rate_limit: bool) -> _Portal:
         "status": amo.add_custom_field("leads", "Статус записи", "text"),
         "is_dms": amo.add_custom_field("leads", "ДМС", "checkbox"),
         "opt_outs": amo.add_custom_field("contacts", "Отказ от рассылок", "text"),
+        "opt_ins": amo.add_custom_field("contacts", "Согласие на рассылки", "text"),
     }
     case_c = _case_c_fields(amo)
     server = ServedApp(amo).start()

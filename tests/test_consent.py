@@ -3,32 +3,45 @@ newer opt-ins, the one CRM rule, and the Mailchimp emulator's limits and batches
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import string
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 
 import httpx
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clinicsync.adapters.mailchimp import AudienceMember, MailchimpAudience, MailchimpClient, api_root
 from clinicsync.consent import (
+    ConsentLedger,
+    ConsentOutputs,
     TokenError,
     UnsubscribeTokens,
+    audience_member,
     consent_contact_write,
     list_unsubscribe_headers,
+    note_accepted_members,
     subscriber_hash,
 )
-from clinicsync.models import Channel
-from clinicsync.store import DynamoStore
+from clinicsync.crm_events import CrmEventProcessor, EventReport
+from clinicsync.crypto import KeyedHasher
+from clinicsync.models import Channel, ConsentJob, CrmEvent
+from clinicsync.state import PatientState
+from clinicsync.store import DynamoStore, MemberBook
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.mailchimp import MailchimpEmulator
+from tests.helpers import demo_config
 from tests.test_store import store  # noqa: F401 - the moto-backed store fixture
 
 KEY = b"k" * 32
+_EXAMPLES = itertools.count()
+_CONFIG = functools.cache(demo_config)
 
 # --- tokens ------------------------------------------------------------------------------------------------
 
@@ -200,3 +213,260 @@ def test_emulator_refuses_bad_keys_and_an_eleventh_connection(chimp: tuple[Mailc
         auth=("x", "abc-us21"),
     )
     assert (again.status_code, again.json()["title"]) == (400, "Member In Compliance State")
+
+
+# --- CRM events into the ledger: who may speak for a patient, and what counts as an opt-in --------------------
+
+CONTACT_OF = {"p1": "501"}  # the contact we map to each patient
+INTEGRATION_USER = "1"
+
+
+class _Gateway:
+    """Only what the event processor reads when events carry their snapshot (as the catch-up's do)."""
+
+    kind = "bitrix24"
+
+    def integration_user(self) -> str:
+        return INTEGRATION_USER
+
+    def fetch(self, entity: str, crm_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        return {}
+
+
+class _Jobs:
+    def __init__(self) -> None:
+        self.sent: list[ConsentJob] = []
+
+    def send(self, jobs: Sequence[ConsentJob]) -> None:
+        self.sent.extend(jobs)
+
+
+def _ledger(store: DynamoStore, now: list[float]) -> ConsentLedger:  # noqa: F811
+    return ConsentLedger(store, _Jobs(), "demo", KeyedHasher(KEY), clock=lambda: now[0])
+
+
+def _handle(
+    store: DynamoStore,  # noqa: F811
+    event: CrmEvent,
+    report: EventReport | None = None,
+    now: float = 0.0,
+) -> None:
+    """One webhook batch: a fresh processor, as each syncer invocation builds; ``now`` times a field opt-out."""
+    ledger = _ledger(store, [now])
+    processor = CrmEventProcessor(_CONFIG(), store, _Gateway(), KeyedHasher(KEY), _Jobs(), ledger)  # type: ignore[arg-type]
+    processor.handle(event, report or EventReport())
+
+
+def _map_contacts(store: DynamoStore, contacts: dict[str, str]) -> None:  # noqa: F811
+    for pid, contact in contacts.items():
+        state = PatientState(patient_id=pid, contact_id=contact, version=1)
+        store.save_patients([(state, [])], {})
+
+
+def _contact_event(contact: str, owner: str, at: int, opt_ins: str = "", opt_outs: str = "", by: str = "7") -> CrmEvent:
+    snapshot = {
+        "entity": "contact",
+        "id": contact,
+        "owner": owner,
+        "modified_by": by,
+        "modified_at": datetime.fromtimestamp(at, UTC).isoformat(),
+        "opt_outs": opt_outs,
+        "opt_ins": opt_ins,
+    }
+    return CrmEvent(
+        crm="bitrix24", event="ONCRMCONTACTUPDATE", entity="contact", crm_id=contact, received_at=at, snapshot=snapshot
+    )
+
+
+def _opted_out(store: DynamoStore, pid: str = "p1") -> bool:  # noqa: F811
+    return "email" in store.opted_out_many([f"pat:{pid}"], ["email"])[f"pat:{pid}"]
+
+
+def test_an_unrelated_crm_edit_never_lifts_a_fresh_opt_out(store: DynamoStore) -> None:  # noqa: F811
+    now = [1_000_000.0]
+    ledger = _ledger(store, now)
+    _map_contacts(store, CONTACT_OF)
+    report = EventReport()
+    _handle(store, _contact_event("501", "p1", 999_000, opt_ins="email"), report)  # an old opt-in, seen
+    ledger.opt_out(["pat:p1"], ["email"], "link", "link:one-click")  # the patient clicks at 1 000 000
+    _handle(store, _contact_event("501", "p1", 1_000_060, opt_ins="email"), report)  # a comment edit
+    assert _opted_out(store)
+    assert report.opt_ins == 0
+    _handle(store, _contact_event("501", "p1", 1_000_120, opt_ins=""), report)  # the field cleared...
+    _handle(store, _contact_event("501", "p1", 1_000_180, opt_ins="email"), report)  # ...and set again
+    assert not _opted_out(store)
+    assert report.opt_ins == 1
+
+
+def test_a_contact_first_seen_with_an_opt_in_does_not_lift_an_opt_out(store: DynamoStore) -> None:  # noqa: F811
+    now = [1_000_000.0]
+    ledger = _ledger(store, now)
+    _map_contacts(store, CONTACT_OF)
+    ledger.opt_out(["pat:p1"], ["email"], "link", "link:one-click")
+    _handle(store, _contact_event("501", "p1", 1_000_060, opt_ins="email"), EventReport())
+    assert _opted_out(store)  # we never saw the field without it: no change is proven
+
+
+def test_our_own_write_is_the_baseline_so_a_managers_first_opt_in_counts(store: DynamoStore) -> None:  # noqa: F811
+    now = [1_000_000.0]
+    ledger = _ledger(store, now)
+    _map_contacts(store, CONTACT_OF)
+    ledger.opt_out(["pat:p1"], ["email"], "link", "link:one-click")
+    report = EventReport()
+    _handle(store, _contact_event("501", "p1", 1_000_010, opt_outs="email", by=INTEGRATION_USER), report)
+    assert report.echoes == 1 and _opted_out(store)
+    _handle(store, _contact_event("501", "p1", 1_000_060, opt_ins="email", opt_outs="email"), report)
+    assert _opted_out(store)  # both fields list it: the opt-in waits until the opt-out field is cleared
+    _handle(store, _contact_event("501", "p1", 1_000_070, opt_ins="email"), report)  # opt-out field cleared
+    assert not _opted_out(store)
+
+
+def test_consent_changes_only_from_the_contact_we_map_to_the_patient(store: DynamoStore) -> None:  # noqa: F811
+    _map_contacts(store, {"p1": "501", "p2": "502"})
+    report = EventReport()
+    _handle(store, _contact_event("777", "p1", 1_000_010, opt_outs="email"), report)  # a hand-made duplicate
+    _handle(store, _contact_event("502", "p1", 1_000_010, opt_outs="email"), report)  # p2's, relabelled
+    assert not _opted_out(store)
+    assert report.foreign_contacts == 2 and report.opt_outs == 0
+    _handle(store, _contact_event("501", "p1", 1_000_020, opt_outs="email"), report)
+    assert _opted_out(store) and report.opt_outs == 1
+
+
+# Independent model of the ledger rules for one patient's e-mail channel, events in any order. An opt-out
+# (a link, or the mapped contact's opt-out field, at t) is sticky unless a later explicit opt-in lifts it.
+# A manager's edit of the mapped contact, or the echo of our own write, shows the opt-in field; it is an
+# opt-in only on a manager's edit where the field gained "email" since the previous, not older, sighting
+# (never the first), the opt-out field does not list it at that moment (then it waits for that field to be
+# cleared), and t is newer than the opt-out. A duplicate contact carrying the MIS id has no say at all.
+_EVENT = st.tuples(
+    st.sampled_from(["link", "manager", "echo"]),
+    st.integers(-5, 20),  # minutes after the previous event's time (negative: it arrives out of order)
+    st.booleans(),  # the opt-in field lists email
+    st.booleans(),  # the opt-out field lists email
+    st.sampled_from(["501", "777"]),  # the mapped contact or a duplicate with the same MIS id
+)
+
+
+class _Model:
+    def __init__(self) -> None:
+        self.out: tuple[bool, int] | None = None  # (opted out, at)
+        self.seen: tuple[bool, int] | None = None  # the opt-in field as last seen: (lists email, at)
+
+    def opted_out(self) -> bool:
+        return self.out is not None and self.out[0]
+
+    def _opt_out(self, t: int) -> None:
+        if self.out is None or (not self.out[0] and self.out[1] <= t):
+            self.out = (True, t)
+
+    def apply(self, kind: str, t: int, opt_in: bool, opt_out: bool, contact: str) -> None:
+        if kind == "link":
+            self._opt_out(t)
+            return
+        if kind == "manager":
+            if contact != "501":
+                return
+            if opt_out:
+                self._opt_out(t)
+        if self.seen is not None and t < self.seen[1]:
+            return
+        gained = self.seen is not None and opt_in and not self.seen[0]
+        waiting = gained and opt_out
+        self.seen = (opt_in and not waiting, t)
+        if kind == "manager" and gained and not waiting and self.out is not None and self.out[0] and self.out[1] < t:
+            self.out = (False, t)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_EVENT, min_size=1, max_size=14))
+def test_ledger_rules_match_an_independent_model_in_any_order(
+    store: DynamoStore,  # noqa: F811
+    events: list[tuple[str, int, bool, bool, str]],
+) -> None:
+    pid = f"m{next(_EXAMPLES)}"  # a fresh patient per example: the fixture's table is shared
+    _map_contacts(store, {pid: "501"})
+    model = _Model()
+    t = 0
+    for kind, delta, opt_in, opt_out, contact in events:
+        t += delta
+        at = 1_000_000 + 60 * t
+        if kind == "link":
+            _ledger(store, [float(at)]).opt_out([f"pat:{pid}"], ["email"], "link", "link:one-click")
+        else:
+            event = _contact_event(
+                "501" if kind == "echo" else contact,
+                pid,
+                at,
+                opt_ins="email" if opt_in else "sms",
+                opt_outs="email" if opt_out else "",
+                by=INTEGRATION_USER if kind == "echo" else "7",
+            )
+            _handle(store, event, now=at)
+        was_out, seen_before = model.opted_out(), model.seen
+        model.apply(kind, t, opt_in, opt_out, contact)
+        assert _opted_out(store, pid) == model.opted_out()
+        unchanged_field = seen_before is None or not opt_in or seen_before[0] or kind != "manager"
+        if was_out and unchanged_field:
+            assert _opted_out(store, pid)  # opt-out wins over any observation of an unchanged field
+
+
+# --- Mailchimp members: one person, every address they ever had -----------------------------------------------
+
+
+def test_the_emulator_moves_a_member_with_its_address(chimp: tuple[MailchimpEmulator, str]) -> None:
+    emulator, base = chimp
+    audience = MailchimpAudience(MailchimpClient("abc-us21", httpx.Client(), f"{base}/3.0"), emulator.list_id)
+    assert audience.upsert([AudienceMember("1", "old@example.org", {}), AudienceMember("2", "b@example.org", {})])
+    emulator.member_changes_email("old@example.org", "new@example.org")
+    assert emulator.member("old@example.org") is None and emulator.member("new@example.org") is not None
+    assert audience.unsubscribe("old@example.org") is False  # the old hash is gone: 404
+    with pytest.raises(ValueError, match="already"):
+        emulator.member_changes_email("new@example.org", "b@example.org")
+    # Our PUT naming another address moves the member too (the MIS changed it); a taken one is refused.
+    moved = AudienceMember("1", "third@example.org", {}, member=subscriber_hash("new@example.org"))
+    assert audience.upsert([moved]) == {"1"}
+    assert [m["email_address"] for m in emulator.members()] == ["b@example.org", "third@example.org"]
+    taken = AudienceMember("1", "b@example.org", {}, member=subscriber_hash("third@example.org"))
+    assert audience.upsert([taken]) == set()
+
+
+def test_the_audience_rule_keeps_one_member_per_person() -> None:
+    old, new = subscriber_hash("old@example.org"), subscriber_hash("new@example.org")
+    moved = MemberBook(current=new, moved={old: new}, known={old, new})
+    # Mailchimp moved the MIS's address: the person's member gets the merge fields, the old one is not re-created.
+    assert audience_member("1", "old@example.org", {"CITY": "x"}, moved) == AudienceMember(
+        "1", "old@example.org", {"CITY": "x"}, new, keep_address=True
+    )
+    # The MIS changed the address: the person's member moves to it.
+    assert audience_member("1", "third@example.org", {}, moved) == AudienceMember("1", "third@example.org", {}, new)
+    assert audience_member("1", "new@example.org", {}, moved) == AudienceMember("1", "new@example.org", {})
+    assert audience_member("1", "a@example.org", {}, MemberBook()) == AudienceMember("1", "a@example.org", {})
+
+
+def test_an_opt_out_unsubscribes_every_member_the_person_ever_had(
+    store: DynamoStore,  # noqa: F811
+    chimp: tuple[MailchimpEmulator, str],
+) -> None:
+    emulator, base = chimp
+    audience = MailchimpAudience(MailchimpClient("abc-us21", httpx.Client(), f"{base}/3.0"), emulator.list_id)
+    hasher = KeyedHasher(KEY)
+    jobs = _Jobs()
+    ledger = ConsentLedger(store, jobs, "demo", hasher, clock=lambda: 1_000_000.0)
+    store.index_emails([(hasher.email_key("old@example.org"), "pat:p1")])
+    assert audience.upsert([AudienceMember("p1", "old@example.org", {})]) == {"p1"}
+    note_accepted_members(store, {"pat:p1": AudienceMember("p1", "old@example.org", {})})
+    emulator.member_changes_email("old@example.org", "new@example.org")
+    ledger.address_moved("old@example.org", "new@example.org")  # the upemail webhook
+    # Before this fix the audience sync re-created the old address: a second member of the same person.
+    assert audience.upsert([AudienceMember("p1", "old@example.org", {})]) == {"p1"}
+    emulator.member_unsubscribes("new@example.org")
+    subjects = ledger.subjects_for_email("new@example.org")
+    assert subjects == ["pat:p1"]
+    ledger.opt_out(subjects, ["email"], "mailchimp", "mailchimp:unsubscribe:manual", skip=("mailchimp",))
+    report = ConsentOutputs(_CONFIG(), store, None, None, audience).push(jobs.sent)
+    assert report.failed == {}
+    assert {m["email_address"]: m["status"] for m in emulator.members()} == {
+        "new@example.org": "unsubscribed",
+        "old@example.org": "unsubscribed",
+    }
+    assert all("@" not in str(item) for item in store.consent_items("pat:p1"))  # hashes only, no address

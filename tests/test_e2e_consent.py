@@ -302,3 +302,73 @@ def test_only_an_explicit_newer_crm_opt_in_lifts_an_opt_out(make_clinic: Callabl
     ledger = _ledger(clinic, patient_id)
     assert ledger["CH#email"]["opted_out"] is False and ledger["CH#email"]["source"] == "crm"
     assert any(i.get("event") == "opt_in" for i in ledger.values())
+
+
+def test_an_unrelated_crm_edit_does_not_undo_a_fresh_one_click_opt_out(clinic: LocalClinic) -> None:
+    """Issue 15 defect 7: the contact keeps an old opt-in value; a manager edits a comment after the click
+    but before the consent job wrote the CRM. The touched record is not a newer opt-in."""
+    patient_id, contact, email = _member(clinic)
+    clinic.crm.manager_set_opt_ins(contact, "email")  # long ago, while the patient was subscribed
+    clinic.deliver_webhooks()
+    assert clinic.one_click(clinic.unsubscribe_token(patient_id)).status_code == 200  # job queued, not run
+    clinic.crm.advance_clock(120)  # the comment is clearly later than the click
+    clinic.crm.manager_touch_contact(contact)
+    clinic.deliver_webhooks()  # the CRM event is handled before the queued consent job
+    clinic.deliver_webhooks()  # our writes' echoes
+    _assert_everywhere(clinic, patient_id, contact, email, "link")
+    # Setting the opt-in field again (cleared, then set) is a real change, and a newer one: it counts.
+    clinic.crm.manager_set_opt_ins(contact, "")
+    clinic.crm.manager_set_opt_outs(contact, "")
+    clinic.deliver_webhooks()  # events are re-fetched: each state must be seen to count as a change
+    assert _ledger(clinic, patient_id)["CH#email"]["opted_out"] is True
+    clinic.crm.advance_clock(60)
+    clinic.crm.manager_set_opt_ins(contact, "email")
+    clinic.deliver_webhooks()
+    assert _ledger(clinic, patient_id)["CH#email"]["opted_out"] is False
+
+
+def test_consent_changes_only_from_the_contact_mapped_to_the_patient(clinic: LocalClinic) -> None:
+    """Issue 15 defect 8: a duplicate a manager made by hand carries the patient's MIS id; its opt-out
+    field says nothing about the patient. The mapped contact's does."""
+    assert clinic.mailchimp is not None
+    patient_id, contact, email = _member(clinic)
+    duplicate = clinic.crm.manager_duplicate_contact(contact)
+    clinic.deliver_webhooks()
+    clinic.crm.manager_set_opt_outs(duplicate, "email")
+    clinic.deliver_webhooks()
+    assert "CH#email" not in _ledger(clinic, patient_id)
+    assert clinic.crm.contact_opt_outs(contact) == set()
+    assert clinic.mailchimp.member(email)["status"] == "subscribed"  # type: ignore[index]
+    clinic.crm.manager_set_opt_outs(contact, "email")
+    clinic.deliver_webhooks()
+    _assert_everywhere(clinic, patient_id, contact, email, "crm")
+
+
+def test_an_opt_out_reaches_every_mailchimp_member_the_person_had_and_moved_addresses_stay_gone(
+    clinic: LocalClinic,
+) -> None:
+    """Issue 15 defect 4: the member changes address in Mailchimp (upemail) while the MIS keeps the old
+    one. The audience sync must not re-create the old address, the person keeps one subscribed member,
+    and their unsubscribe under the new address leaves nothing of theirs subscribed."""
+    assert clinic.mailchimp is not None
+    patient_id, contact, old = _member(clinic)
+    new = f"moved.{patient_id}@example.net"
+    clinic.mailchimp.member_changes_email(old, new)
+    clinic.deliver_mailchimp()
+    # A completed visit changes the patient's merge fields: the audience sync sends them again.
+    visit = clinic.mis.book(int(patient_id), clinic.mis.at(5, "10:00"))
+    clinic.medods.complete(visit)
+    clinic.sync()
+    clinic.deliver_webhooks()
+    theirs = [m for m in clinic.mailchimp.members() if m["email_address"] in (old, new)]
+    assert clinic.mailchimp.member(old) is None  # the moved address was not re-created
+    assert [m["email_address"] for m in theirs if m["status"] == "subscribed"] == [new]
+    assert clinic.mailchimp.member(new)["merge_fields"]["LASTVISIT"]  # type: ignore[index]
+    clinic.mailchimp.member_unsubscribes(new)
+    clinic.deliver_mailchimp()
+    assert [
+        m for m in clinic.mailchimp.members() if m["status"] == "subscribed" and m["email_address"] in (old, new)
+    ] == []
+    _assert_everywhere(clinic, patient_id, contact, new, "mailchimp")
+    clinic.sync()  # the MIS still says the old address, "not refused": nothing is subscribed again
+    assert clinic.mailchimp.member(old) is None

@@ -249,8 +249,8 @@ class _Fakes:
     def upsert(self, kind: str, members: Any) -> set[str]:
         if self.mailchimp_down:
             raise RuntimeError("Mailchimp is down")
-        self.members += [m[0] for m in members]
-        return {m[0] for m in members}
+        self.members += [m.patient_id for m in members]
+        return {m.patient_id for m in members}
 
 
 def test_mailchimp_down_keeps_the_cursor_and_the_next_run_converges() -> None:

@@ -181,10 +181,7 @@ def _handle(event: MailchimpEvent) -> str:
         known = any(s.startswith("pat:") for s in subjects)
         return "recorded" if changed and known else "recorded_unknown" if changed else "unchanged"
     if isinstance(data, UpemailData):
-        # The person keeps their consent under a new address: index it to the same subjects.
-        hasher = wiring.hasher()
-        subjects = ledger.subjects_for_email(data.old_email)
-        wiring.store().index_emails([(hasher.email_key(data.new_email), s) for s in subjects])
+        ledger.address_moved(data.old_email, data.new_email)  # consent and member follow the person
         return "linked"
     return "ignored"  # profile: merge fields only, nothing about consent
 

@@ -11,7 +11,9 @@ Modelled on Mailchimp's public behaviour (docs/consent.md lists the facts and ho
   lower-cased address (the address itself is accepted too). GET/PATCH need an existing member (404
   otherwise); PUT upserts and needs ``status_if_new`` for a new member. Setting an unsubscribed or
   cleaned member back to ``subscribed`` is refused (``400 Member In Compliance State``). Unknown merge
-  tags are ``400 Invalid Resource``.
+  tags are ``400 Invalid Resource``. A member's id is the hash of its *current* address: when the
+  subscriber changes it (``upemail``) or a PUT/PATCH names another address, the member moves, the old
+  hash answers 404 (a PUT there creates a new member), and an address already in the list is refused.
 * ``POST /batches`` queues up to ``max_batch_operations`` operations and answers ``pending`` at once; a
   status read after ``batch_seconds`` runs them and reports ``finished`` with a ``response_body_url``
   that serves a gzipped tar of ``[{status_code, operation_id, response}]``.
@@ -173,15 +175,10 @@ class MailchimpEmulator:
     def member_changes_email(self, old: str, new: str) -> None:
         """The subscriber updates their address from the preferences page (source ``user``)."""
         with self._lock:
-            row = self._members.pop(md5_of(old))
-            row["email_address"] = new
-            row["id"] = md5_of(new)
-            row["merge_fields"]["EMAIL"] = new
-            self._members[row["id"]] = row
-            self._fire(
-                "upemail",
-                {"list_id": self.list_id, "new_id": row["unique_email_id"], "new_email": new, "old_email": old},
-            )
+            row = self._require(md5_of(old))
+            if md5_of(new) in self._members:
+                raise ValueError("Mailchimp refuses an address already in the audience")
+            self._move(row, new, "user")
 
     def member_updates_profile(self, email: str, **merges: str) -> None:
         with self._lock:
@@ -304,6 +301,7 @@ class MailchimpEmulator:
                     raise _Problem(404, "Resource Not Found", "The requested resource could not be found.")
                 row = self._create(key, body)
             else:
+                self._change_address(row, body.get("email_address"), source)
                 self._update(row, body, source)
             self.writes += 1
             return 200, json.loads(json.dumps(row))
@@ -337,6 +335,29 @@ class MailchimpEmulator:
         }
         self._members[key] = row
         return row
+
+    def _change_address(self, row: Json, email: Any, source: str) -> None:
+        """A PUT/PATCH naming another address moves the member to it (its id, the hash, changes with it;
+        the old hash then answers 404), as the subscriber's own change does. Taken: 400 Member Exists."""
+        if not isinstance(email, str) or md5_of(email) == row["id"]:
+            return
+        if md5_of(email) in self._members:
+            raise _Problem(400, "Member Exists", f"{email.strip()} is already a list member.")
+        self._move(row, email.strip(), source)
+
+    def _move(self, row: Json, new: str, source: str) -> None:
+        old = row["email_address"]
+        del self._members[row["id"]]
+        row["email_address"] = new
+        row["id"] = md5_of(new)
+        row["merge_fields"]["EMAIL"] = new
+        row["last_changed"] = self._now_iso()
+        self._members[row["id"]] = row
+        self._fire(
+            "upemail",
+            {"list_id": self.list_id, "new_id": row["unique_email_id"], "new_email": new, "old_email": old},
+            source,
+        )
 
     def _update(self, row: Json, body: Json, source: str) -> None:
         status = body.get("status")

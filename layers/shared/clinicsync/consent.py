@@ -26,7 +26,7 @@ from clinicsync.crypto import KeyedHasher
 from clinicsync.models import Channel, ConsentJob, ConsentTarget
 from clinicsync.observability import logger
 from clinicsync.ports import ConsentSource, ContactWrite, CrmGateway, MisConsentWriter
-from clinicsync.store import DynamoStore
+from clinicsync.store import DynamoStore, MemberBook
 
 ALL_CHANNELS = tuple(c.value for c in Channel)
 # What an e-mail unsubscribe (link or Mailchimp) refuses: e-mail, the channel the person clicked in.
@@ -50,6 +50,49 @@ def subject_patient(subject: str) -> str | None:
 def subscriber_hash(email: str) -> str:
     """Mailchimp's member id: MD5 of the trimmed, lower-cased address (never stored by us)."""
     return hashlib.md5(email.strip().lower().encode(), usedforsecurity=False).hexdigest()
+
+
+@dataclass(frozen=True)
+class AudienceMember:
+    """One person for an audience; the e-mail lives only in memory and in the request.
+
+    ``member``: the subscriber hash to write when it is not the address's own (the person's member under
+    another address). ``keep_address``: Mailchimp moved that member (``upemail``): only its merge fields
+    are updated, the address the person chose stays."""
+
+    patient_id: str
+    email: str
+    merge_fields: Mapping[str, str]
+    member: str | None = None
+    keep_address: bool = False
+
+
+def audience_member(
+    patient_id: str, email: str, merge_fields: Mapping[str, str], book: MemberBook
+) -> AudienceMember | None:
+    """The one rule for the audience sync: a person has one member. An address Mailchimp moved away is
+    never re-created (the person's current member gets the merge fields); an address the MIS changed
+    moves the person's member to it (its status, an unsubscribe included, stays)."""
+    own = subscriber_hash(email)
+    if own in book.moved:
+        current = book.current if book.current != own else None
+        return AudienceMember(patient_id, email, merge_fields, current, keep_address=True) if current else None
+    if book.current and book.current != own:
+        return AudienceMember(patient_id, email, merge_fields, book.current)
+    return AudienceMember(patient_id, email, merge_fields)
+
+
+class MemberStore(Protocol):
+    def mailchimp_members_many(self, subjects: Sequence[str]) -> dict[str, MemberBook]: ...
+
+    def note_mailchimp_member(self, subject: str, member: str, moved_from: str | None = None) -> None: ...
+
+
+def note_accepted_members(store: MemberStore, accepted: Mapping[str, AudienceMember]) -> None:
+    """Remember each subject's member (subscriber hashes only) once Mailchimp accepted it."""
+    for subject, m in accepted.items():
+        if not m.keep_address:
+            store.note_mailchimp_member(subject, subscriber_hash(m.email), moved_from=m.member)
 
 
 def ledger_digest(opted_out: Sequence[str]) -> str:
@@ -185,6 +228,15 @@ class ConsentLedger:
         key = self._hasher.email_key(email)
         return self._store.subjects_by_email(key) or [email_subject(key)]
 
+    def address_moved(self, old_email: str, new_email: str) -> list[str]:
+        """Mailchimp ``upemail``: the person keeps their consent and their member under the new address;
+        the old address is theirs for good (an opt-out still reaches it) and is never re-created."""
+        subjects = self.subjects_for_email(old_email)
+        self._store.index_emails([(self._hasher.email_key(new_email), s) for s in subjects])
+        for s in subjects:
+            self._store.note_mailchimp_member(s, subscriber_hash(new_email), moved_from=subscriber_hash(old_email))
+        return subjects
+
     def opt_out(
         self,
         subjects: Sequence[str],
@@ -231,8 +283,8 @@ class ConsentLedger:
 
 
 class MailchimpMembers(Protocol):
-    def unsubscribe(self, email: str) -> bool:
-        """PATCH the member to ``unsubscribed``; False when the address is not in the audience."""
+    def unsubscribe_member(self, member: str) -> bool:
+        """PATCH the member (its subscriber hash) to ``unsubscribed``; False when it is not in the audience."""
         ...
 
 
@@ -287,7 +339,8 @@ class ConsentOutputs:
         digests = {s: ledger_digest(sorted(ledger[s])) for s in subjects}
         skips = {s: set.intersection(*(set(j.skip) for j in js)) for s, js in by_subject.items()}
         for s in subjects:
-            for target in skips[s]:
+            # Mailchimp is many members: the one that sent the event shows it, the person's others do not.
+            for target in skips[s] - {"mailchimp"}:
                 if done[s].get(target) != digests[s]:
                     self._store.mark_output(s, target, digests[s])  # the source already shows it
                     done[s][target] = digests[s]
@@ -301,7 +354,8 @@ class ConsentOutputs:
         self._crm(subjects, ledger, done, digests, contacts, report)
         self._mis_flags(patients, ledger, done, digests, report)
         emails = {s: [e for j in js for e in j.emails] for s, js in by_subject.items()}
-        self._mailchimp_members(subjects, ledger, done, digests, contacts, emails, report)
+        from_mailchimp = {s for s in subjects if "mailchimp" in skips[s]}
+        self._mailchimp_members(subjects, ledger, done, digests, contacts, emails, from_mailchimp, report)
         return report
 
     def _crm(
@@ -368,23 +422,30 @@ class ConsentOutputs:
         digests: Mapping[str, str],
         contacts: Mapping[str, str | None],
         emails: Mapping[str, list[str]],
+        from_mailchimp: set[str],
         report: ConsentReport,
     ) -> None:
+        """Every member the person ever had (each address we or Mailchimp gave them, as subscriber
+        hashes) is unsubscribed, plus the addresses in the job or on the CRM contact."""
         if self._mailchimp is None:
             return
         todo = [s for s in subjects if done[s].get("mailchimp") != digests[s]]
         refusing = [s for s in todo if ledger[s] & MAILCHIMP_CHANNELS]
-        lookup = [str(contacts[s]) for s in refusing if not emails.get(s) and contacts.get(s)]
+        books = self._store.mailchimp_members_many(refusing) if refusing else {}
+        lookup = [
+            str(contacts[s]) for s in refusing if not emails.get(s) and contacts.get(s) and s not in from_mailchimp
+        ]
         from_crm = self._gateway.contact_emails(lookup) if lookup and self._gateway is not None else {}
         for s in todo:
             if s in refusing:
                 addresses = emails.get(s) or from_crm.get(str(contacts.get(s)), [])
+                members = dict.fromkeys([*map(subscriber_hash, addresses), *sorted(books[s].known)])
                 try:
-                    report.mailchimp_unsubscribed += sum(self._mailchimp.unsubscribe(a) for a in addresses)
+                    report.mailchimp_unsubscribed += sum(self._mailchimp.unsubscribe_member(m) for m in members)
                 except Exception as exc:
                     report.failed[s] = f"mailchimp:{type(exc).__name__}"
                     continue
-                if not addresses:
+                if not members and s not in from_mailchimp:
                     report.skip("mailchimp_no_address")
             self._store.mark_output(s, "mailchimp", digests[s])
         if report.failed:

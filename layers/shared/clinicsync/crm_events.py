@@ -45,6 +45,8 @@ class EventReport:
     leads_for_patients: int = 0
     ambiguous_leads: int = 0
     opt_outs: int = 0
+    opt_ins: int = 0
+    foreign_contacts: int = 0  # carry a MIS id but are not the contact we map to that patient
     observations: list[CrmObservation] = field(default_factory=list)
 
 
@@ -95,6 +97,9 @@ class CrmEventProcessor:
             return
         if snapshot.get("modified_by") and snapshot["modified_by"] == self._gateway.integration_user():
             report.echoes += 1  # our own write came back as a webhook
+            if event.entity == "contact" and snapshot.get("owner"):
+                subject = patient_subject(snapshot["owner"])  # what we last wrote is the field's new baseline
+                self._opt_in_field_changes(subject, snapshot, held=_channels(snapshot, "opt_outs"))
             return
         if event.entity == "deal":
             self._deal(snapshot, report)
@@ -144,17 +149,33 @@ class CrmEventProcessor:
         if not owner:
             report.not_ours += 1  # only contacts that carry a MIS id flow back
             return
-        known = {c.value for c in Channel}
+        mapped = self._store.patient_for_crm("contact", snapshot["id"])
+        if mapped is None or mapped.get("patient_id") != owner:
+            # Only the contact we map to the patient speaks for their consent, never a duplicate a
+            # manager made by hand with the same MIS id.
+            report.foreign_contacts += 1
+            return
         subject = patient_subject(owner)
-        channels = sorted({c.strip() for c in snapshot.get("opt_outs", "").split(",")} & known)
+        channels = _channels(snapshot, "opt_outs")
         if channels and self._ledger.opt_out([subject], channels, "crm", "crm:opt_out_field"):
             report.opt_outs += len(channels)
-        # An explicit opt-in field set by a manager lifts an opt-out only if it is newer than it.
-        opt_ins = sorted({c.strip() for c in snapshot.get("opt_ins", "").split(",")} & known - set(channels))
+        # An opt-in counts only when the field itself changed to it, never because the record was touched
+        # (its modification time moves with any edit); it then lifts only an older opt-out.
+        opt_ins = self._opt_in_field_changes(subject, snapshot, held=channels)
         modified = snapshot.get("modified_at")
         if opt_ins and modified:
             at = int(datetime.fromisoformat(modified).timestamp())
-            self._ledger.opt_in(subject, opt_ins, "crm", at, "crm:opt_in_field")
+            if self._ledger.opt_in(subject, opt_ins, "crm", at, "crm:opt_in_field"):
+                report.opt_ins += len(opt_ins)
+
+    def _opt_in_field_changes(self, subject: str, snapshot: dict[str, str], held: Sequence[str] = ()) -> list[str]:
+        """Channels the contact's opt-in field gained since we last saw or wrote it (see the store); a
+        channel the opt-out field still lists waits until that field is cleared."""
+        modified = snapshot.get("modified_at")
+        if not modified:
+            return []
+        at = int(datetime.fromisoformat(modified).timestamp())
+        return self._store.observe_crm_opt_ins(subject, snapshot["id"], _channels(snapshot, "opt_ins"), at, held)
 
     def flush(self, report: EventReport) -> None:
         """Send the observations to each patient's shard; the syncer applies them there."""
@@ -169,6 +190,11 @@ class CrmEventProcessor:
         if messages:
             self._queue.send(messages)
         report.observations.clear()
+
+
+def _channels(snapshot: dict[str, str], name: str) -> list[str]:
+    known = {c.value for c in Channel}
+    return sorted({c.strip() for c in snapshot.get(name, "").split(",")} & known)
 
 
 class CrmCatchUp:

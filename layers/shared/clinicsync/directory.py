@@ -26,13 +26,21 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from clinicsync.config import ClinicConfig, DirectorySettings
-from clinicsync.consent import ConsentLedger, patient_subject
+from clinicsync.consent import (
+    AudienceMember,
+    ConsentLedger,
+    MemberStore,
+    audience_member,
+    note_accepted_members,
+    patient_subject,
+)
 from clinicsync.crypto import KeyedHasher
 from clinicsync.emails import normalise_email
 from clinicsync.models import MisId
 from clinicsync.observability import logger
 from clinicsync.phones import normalise_phone
 from clinicsync.ports import Cursor
+from clinicsync.store import MemberBook
 
 Kind = Literal["doctor", "organisation"]
 KINDS: tuple[Kind, ...] = ("organisation", "doctor")  # organisations first: doctors link to their Account
@@ -115,8 +123,8 @@ class DirectoryCrm(Protocol):
 
 
 class AudienceSink(Protocol):
-    def upsert(self, kind: Kind, members: Sequence[tuple[str, str, Mapping[str, str]]]) -> set[str]:
-        """(member id, e-mail, merge fields) into the kind's audience; returns the accepted ids."""
+    def upsert(self, kind: Kind, members: Sequence[AudienceMember]) -> set[str]:
+        """Members (``patient_id`` holds the LIS id) into the kind's audience; returns the accepted ids."""
         ...
 
 
@@ -305,8 +313,10 @@ class DirectorySync:
         clock: Callable[[], float] = time.time,
         max_pages: int = 50,
         leases: Leases | None = None,
+        members: MemberStore | None = None,
     ) -> None:
         self._leases = leases
+        self._members = members
         self._config = config
         self._settings = settings
         self._lis = lis
@@ -507,20 +517,31 @@ class DirectorySync:
             if kind == "doctor"
             else self._settings.mailchimp.organisation_merge_fields
         )
-        members: list[tuple[str, str, Mapping[str, str]]] = []
-        digests: dict[str, str] = {}
+        wanted: list[tuple[DirectoryRecord, Mapping[str, str], str]] = []
         for r in with_email:
             if r.do_not_mail or refused.get(subjects[r.lis_id]):
                 continue
             merges = {tag: str(r.fields.get(name) or "") for name, tag in tags.items()}
             digest = self._hasher.content_hash(["audience", r.fields.get("email"), merges])
-            if states[r.lis_id].audience == digest:
-                continue
-            members.append((r.lis_id, str(r.fields["email"]), merges))
-            digests[r.lis_id] = digest
+            if states[r.lis_id].audience != digest:
+                wanted.append((r, merges, digest))
+        if not wanted:
+            return
+        # One member per person: an address Mailchimp moved is never re-created (see consent.audience_member).
+        books = self._members.mailchimp_members_many([subjects[r.lis_id] for r, *_ in wanted]) if self._members else {}
+        members: dict[str, AudienceMember] = {}
+        digests: dict[str, str] = {}
+        for r, fields, digest in wanted:
+            book = books.get(subjects[r.lis_id]) or MemberBook()
+            member = audience_member(r.lis_id, str(r.fields["email"]), fields, book)
+            if member is not None:
+                members[r.lis_id] = member
+                digests[r.lis_id] = digest
         if not members:
             return
-        accepted = self._audiences.upsert(kind, members)
+        accepted = self._audiences.upsert(kind, list(members.values()))
+        if self._members is not None:
+            note_accepted_members(self._members, {subjects[i]: members[i] for i in accepted if i in members})
         for lis_id in accepted & set(digests):
             states[lis_id].audience = digests[lis_id]
         report.audience_upserted += len(accepted)

@@ -16,7 +16,10 @@ Key design (documented in docs/storage.md):
     CONSENT#<subject>       AUDIT#<ts>#<ch>#<ev>  audit trail (event, source, detail), expires via TTL
     CONSENT#<subject>       ID                    keyed hashes and system ids the subject is known by
     CONSENT#<subject>       OUT                   per output (crm, mis, mailchimp): the ledger digest it reached
+    CONSENT#<subject>       SEEN#crm_opt_ins      the CRM opt-in field as last seen or written: contact id, channels, at
     EMAIL#<hmac>            SUBJ#<subject>        e-mail index: a Mailchimp event's address -> the subject
+    MEMBERS#<subject>       M                     Mailchimp members the person has had: m_<subscriber hash> = "-"
+                                                  or the hash it moved to (upemail); current = their member now
 
 One query on ``PAT#<id>`` returns everything about a patient. Nothing here holds a name, a phone
 or an e-mail: subjects and phone keys are HMACs under the clinic's key.
@@ -25,8 +28,10 @@ or an e-mail: subjects and phone keys are HMACs under the clinic's key.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +45,16 @@ if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 AUDIT_TTL_SECONDS = 400 * 24 * 3600  # keep the opt-out audit trail for 400 days
+_MEMBER_PREFIX = "m_"
+
+
+@dataclass
+class MemberBook:
+    """A person's Mailchimp members by subscriber hash (MD5 of the address, what Mailchimp keys by)."""
+
+    current: str | None = None
+    moved: dict[str, str] = field(default_factory=dict)  # old hash -> the hash Mailchimp moved it to
+    known: set[str] = field(default_factory=set)  # every hash the person ever had, moved ones included
 
 
 def _patient_pk(patient_id: str) -> str:
@@ -449,6 +464,40 @@ class DynamoStore:
             changed.append(channel)
         return changed
 
+    def observe_crm_opt_ins(
+        self, subject: str, contact_id: str, opt_ins: Sequence[str], at: int, held: Sequence[str] = ()
+    ) -> list[str]:
+        """Note the mapped CRM contact's opt-in field as seen at ``at`` (its modification time) and return
+        the channels it gained since the last observation. Nothing is gained on the first observation of
+        a contact, nor from a snapshot older than the last one: an unchanged field is never an opt-in,
+        however recently the record was touched. A gained channel in ``held`` (the opt-out field still
+        lists it) is not noted as seen, so it counts once that field is cleared."""
+        key = {"pk": f"CONSENT#{subject}", "sk": "SEEN#crm_opt_ins"}
+        old = self._table.get_item(Key=key, ConsistentRead=True).get("Item")
+        same = old is not None and old.get("contact_id") == contact_id
+        if old is not None and same and int(str(old["at"])) > at:
+            return []  # older than what we already saw
+        before = set(str(old["channels"]).split(",")) if old is not None and same else set(opt_ins)
+        gained = set(opt_ins) - before
+        waiting = gained & set(held)
+        seen = ",".join(sorted(set(opt_ins) - waiting)) or "-"
+        item: dict[str, Any] = {**key, "contact_id": contact_id, "channels": seen, "at": at}
+        try:
+            if old is None:
+                self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(pk)")
+            else:  # unchanged since our read, or a concurrent observation decides
+                self._table.put_item(
+                    Item=item,
+                    ConditionExpression="channels = :c AND contact_id = :k AND #at = :at",
+                    ExpressionAttributeNames={"#at": "at"},
+                    ExpressionAttributeValues={":c": old["channels"], ":k": old["contact_id"], ":at": old["at"]},
+                )
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
+            return []
+        return sorted(gained - waiting)
+
     def _audit(self, subject: str, channel: str, event: str, source: str, at: int, detail: str) -> None:
         self._table.put_item(
             Item={
@@ -507,6 +556,40 @@ class DynamoStore:
             UpdateExpression="SET #t = :d",
             ExpressionAttributeNames={"#t": target},
             ExpressionAttributeValues={":d": digest},
+        )
+
+    # --- Mailchimp members ---------------------------------------------------------------------------
+
+    def mailchimp_members_many(self, subjects: Sequence[str]) -> dict[str, MemberBook]:
+        books = {s: MemberBook() for s in subjects}
+        for item in self._batch_get([{"pk": f"MEMBERS#{s}", "sk": "M"} for s in dict.fromkeys(subjects)]):
+            book = books[str(item["pk"]).removeprefix("MEMBERS#")]
+            book.current = str(item["current"]) if item.get("current") else None
+            for name, value in item.items():
+                if name.startswith(_MEMBER_PREFIX):
+                    member = name.removeprefix(_MEMBER_PREFIX)
+                    book.known.add(member)
+                    if value != "-":
+                        book.moved[member] = str(value)
+        return books
+
+    def note_mailchimp_member(self, subject: str, member: str, moved_from: str | None = None) -> None:
+        """``member`` is now the subject's member; ``moved_from``, if given, was moved to it (upemail, or
+        our address change). Old members stay listed: an opt-out still reaches them."""
+        hashes = [h for h in (member, moved_from) if h]
+        if not all(re.fullmatch(r"[0-9a-f]{32}", h) for h in hashes):
+            raise ValueError("not a subscriber hash")
+        names = {"#m": _MEMBER_PREFIX + member, "#cur": "current"}
+        values = {":m": member, ":dash": "-"}
+        sets = ["#cur = :m", "#m = :dash"]
+        if moved_from and moved_from != member:
+            names["#o"] = _MEMBER_PREFIX + moved_from
+            sets.append("#o = :m")
+        self._table.update_item(
+            Key={"pk": f"MEMBERS#{subject}", "sk": "M"},
+            UpdateExpression="SET " + ", ".join(sets),
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
         )
 
     # --- e-mail index ------------------------------------------------------------------------------

@@ -12,10 +12,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from clinicsync.adapters.mailchimp import AudienceMember, MailchimpAudience
+from clinicsync.adapters.mailchimp import MailchimpAudience
 from clinicsync.backfill import BackfillCheckpoint, BackfillState
 from clinicsync.config import ClinicConfig
-from clinicsync.consent import ConsentLedger, email_subject, ledger_digest
+from clinicsync.consent import (
+    AudienceMember,
+    ConsentLedger,
+    audience_member,
+    email_subject,
+    ledger_digest,
+    note_accepted_members,
+)
 from clinicsync.crypto import KeyedHasher
 from clinicsync.models import Channel, CrmObservation, PatientChanges, SyncMessage
 from clinicsync.observability import logger
@@ -359,8 +366,7 @@ class Syncer:
         skipped by hash. A Mailchimp failure never fails the CRM sync; those members are sent next time."""
         if self._audience is None:
             return
-        members: list[AudienceMember] = []
-        digests: dict[str, str] = {}
+        wanted: list[tuple[str, str, dict[str, str], str]] = []
         for plan, item in zip(plans, live, strict=True):
             state = plan.next_state
             patient = item.patient
@@ -371,15 +377,26 @@ class Syncer:
             merges = audience_merge_fields(item, state, self._config) or {}
             digest = self._hasher.content_hash({"email": patient.email, "merges": merges})
             if digest != state.audience_hash:
-                members.append(AudienceMember(plan.patient_id, patient.email, merges))
-                digests[plan.patient_id] = digest
+                wanted.append((plan.patient_id, patient.email, merges, digest))
+        if not wanted:
+            return
+        # The person's members so far: an address Mailchimp moved is never re-created (one member each).
+        books = self._store.mailchimp_members_many([_mis_subject(pid) for pid, *_ in wanted])
+        members: dict[str, AudienceMember] = {}
+        digests: dict[str, str] = {}
+        for pid, email, merges, digest in wanted:
+            member = audience_member(pid, email, merges, books[_mis_subject(pid)])
+            if member is not None:
+                members[pid] = member
+                digests[pid] = digest
         if not members:
             return
         try:
-            accepted = self._audience.upsert(members)
+            accepted = self._audience.upsert(list(members.values()))
         except Exception as exc:  # Mailchimp down: the CRM side is done, members go next time
             logger.warning("mailchimp audience sync failed", extra={"error": type(exc).__name__})
             accepted = set()
+        note_accepted_members(self._store, {_mis_subject(pid): members[pid] for pid in accepted if pid in members})
         for plan in plans:
             if plan.patient_id in accepted and plan.next_state is not None:
                 plan.next_state.audience_hash = digests[plan.patient_id]

@@ -230,6 +230,7 @@ def directory_sync() -> DirectorySync:
         opted_out=lambda subjects: the_store.opted_out_many(subjects, ("email", "marketing")),
         index_emails=the_store.index_emails,
         leases=the_store,
+        members=the_store,
     )
 
 

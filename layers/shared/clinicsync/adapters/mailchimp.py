@@ -15,12 +15,11 @@ import json
 import tarfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from clinicsync.consent import subscriber_hash
+from clinicsync.consent import AudienceMember, subscriber_hash
 from clinicsync.observability import logger
 
 BATCH_OPERATIONS = 500  # operations per POST /batches; we stay well under the documented ceiling
@@ -85,15 +84,6 @@ class MailchimpClient:
         return response.content
 
 
-@dataclass(frozen=True)
-class AudienceMember:
-    """One patient for the audience; the e-mail lives only in memory and in the request."""
-
-    patient_id: str
-    email: str
-    merge_fields: Mapping[str, str]
-
-
 class MailchimpAudience:
     def __init__(
         self,
@@ -107,40 +97,50 @@ class MailchimpAudience:
         self._sleep = sleep
         self._wait = wait_seconds
 
-    def _member_path(self, email: str) -> str:
-        return f"/lists/{self._list}/members/{subscriber_hash(email)}"
+    def _member_path(self, member: str) -> str:
+        return f"/lists/{self._list}/members/{member}"
 
     def unsubscribe(self, email: str) -> bool:
-        status, body = self._client.call("PATCH", self._member_path(email), {"status": "unsubscribed"})
+        return self.unsubscribe_member(subscriber_hash(email))
+
+    def unsubscribe_member(self, member: str) -> bool:
+        status, body = self._client.call("PATCH", self._member_path(member), {"status": "unsubscribed"})
         if status == 404:
-            return False  # not in the audience: nothing to stop
+            return False  # not in the audience (or moved to another address): nothing to stop
+        if status == 400:
+            # A cleaned or archived member cannot be unsubscribed; it is not mailed either.
+            logger.info("mailchimp member not unsubscribable", extra={"title": str((body or {}).get("title", ""))})
+            return False
         if status >= 400:
             raise MailchimpError(status, str((body or {}).get("title", "")))
         return True
 
+    def _operation(self, m: AudienceMember) -> dict[str, str]:
+        member = m.member or subscriber_hash(m.email)
+        if m.keep_address:  # Mailchimp moved this member to the address the person chose: merge fields only
+            body: dict[str, Any] = {"merge_fields": dict(m.merge_fields)}
+        else:  # a new member, or the person's member moved to the MIS's new address; its status stays
+            body = {
+                "email_address": m.email.strip(),
+                "status_if_new": "subscribed",
+                "merge_fields": dict(m.merge_fields),
+            }
+        return {
+            "method": "PATCH" if m.keep_address else "PUT",
+            "path": self._member_path(member),
+            "operation_id": m.patient_id,
+            "body": json.dumps(body, ensure_ascii=False),
+        }
+
     def upsert(self, members: Sequence[AudienceMember]) -> set[str]:
         """PUT every member with ``status_if_new: subscribed`` (an existing member's status is never
-        changed, so nobody unsubscribed is ever re-subscribed), in batches of at most 500 operations.
+        changed, so nobody unsubscribed is ever re-subscribed), or PATCH the merge fields of a member
+        Mailchimp moved (``AudienceMember``), in batches of at most 500 operations.
         Returns the patient ids Mailchimp accepted; the rest are retried on their next sync."""
         accepted: set[str] = set()
         for start in range(0, len(members), BATCH_OPERATIONS):
             chunk = members[start : start + BATCH_OPERATIONS]
-            operations = [
-                {
-                    "method": "PUT",
-                    "path": self._member_path(m.email),
-                    "operation_id": m.patient_id,
-                    "body": json.dumps(
-                        {
-                            "email_address": m.email.strip(),
-                            "status_if_new": "subscribed",
-                            "merge_fields": dict(m.merge_fields),
-                        },
-                        ensure_ascii=False,
-                    ),
-                }
-                for m in chunk
-            ]
+            operations = [self._operation(m) for m in chunk]
             status, body = self._client.call("POST", "/batches", {"operations": operations})
             if status >= 400 or not isinstance(body, dict):
                 raise MailchimpError(status, str((body or {}).get("title", "")))

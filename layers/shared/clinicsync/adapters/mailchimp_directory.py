@@ -4,9 +4,10 @@ address). Everything Mailchimp-specific is in ``clinicsync.adapters.mailchimp``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-from clinicsync.adapters.mailchimp import AudienceMember, MailchimpAudience
+from clinicsync.adapters.mailchimp import MailchimpAudience
+from clinicsync.consent import AudienceMember
 from clinicsync.directory import Kind
 
 
@@ -14,9 +15,9 @@ class DirectoryAudiences:
     def __init__(self, doctors: MailchimpAudience, organisations: MailchimpAudience) -> None:
         self._audiences: dict[Kind, MailchimpAudience] = {"doctor": doctors, "organisation": organisations}
 
-    def upsert(self, kind: Kind, members: Sequence[tuple[str, str, Mapping[str, str]]]) -> set[str]:
-        return self._audiences[kind].upsert([AudienceMember(i, e, m) for i, e, m in members])
+    def upsert(self, kind: Kind, members: Sequence[AudienceMember]) -> set[str]:
+        return self._audiences[kind].upsert(members)
 
-    def unsubscribe(self, email: str) -> bool:
-        found = [audience.unsubscribe(email) for audience in self._audiences.values()]
+    def unsubscribe_member(self, member: str) -> bool:
+        found = [audience.unsubscribe_member(member) for audience in self._audiences.values()]
         return any(found)

@@ -6,6 +6,7 @@ character of a real address for a non-ASCII character whose NFKC + case fold is 
 
 from __future__ import annotations
 
+import hashlib
 import string
 import unicodedata
 
@@ -79,3 +80,13 @@ def test_lossless_equivalents_are_one_address() -> None:
         assert normalise_email(left) == normalise_email(right), (left, right)
     assert normalise_email("stra\u00dfe@example.org") != normalise_email("strasse@example.org")  # ß -> ss is lossy
     assert normalise_email("   ") is None and normalise_email(None) is None
+
+
+def test_a_look_alikes_mailchimp_member_is_never_the_real_persons() -> None:
+    from clinicsync.consent import subscriber_hash
+
+    real, look_alike = "nikolay@clinic.ru", "ni\u212aolay@clinic.ru"
+    assert subscriber_hash(look_alike) != subscriber_hash(real)
+    # Plain and non-ASCII addresses keep Mailchimp's own rule: MD5 of the lower-cased address.
+    assert subscriber_hash(" Nikolay@Clinic.RU ") == hashlib.md5(real.encode()).hexdigest()
+    assert subscriber_hash("ЮЛИЯ@почта.рф") == hashlib.md5("юлия@почта.рф".encode()).hexdigest()

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from clinicsync.config import ClinicConfig
 from clinicsync.crypto import KeyedHasher
+from clinicsync.emails import lower_keeping_look_alikes
 from clinicsync.models import Channel, ConsentJob, ConsentTarget
 from clinicsync.observability import logger
 from clinicsync.ports import ConsentSource, ContactWrite, CrmGateway, MisConsentWriter
@@ -48,8 +49,10 @@ def subject_patient(subject: str) -> str | None:
 
 
 def subscriber_hash(email: str) -> str:
-    """Mailchimp's member id: MD5 of the trimmed, lower-cased address (never stored by us)."""
-    return hashlib.md5(email.strip().lower().encode(), usedforsecurity=False).hexdigest()
+    """Mailchimp's member id: MD5 of the trimmed, lower-cased address (never stored by us). A look-alike
+    character keeps its case (``str.lower()`` turns the Kelvin sign into ``k``, which would address the
+    real person's member)."""
+    return hashlib.md5(lower_keeping_look_alikes(email.strip()).encode(), usedforsecurity=False).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,11 @@ def _ascii_lower(text: str) -> str:
     return "".join(c.lower() if c.isascii() else c for c in text)
 
 
+def lower_keeping_look_alikes(text: str) -> str:
+    """``str.lower()``, except that a non-ASCII character whose lower case is ASCII keeps its case."""
+    return "".join(c if not c.isascii() and c.lower().isascii() else c.lower() for c in text)
+
+
 def _domain(text: str) -> str:
     labels = []
     for label in _fold(text).split("."):

@@ -34,7 +34,7 @@ from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 
 from clinicsync.ports import ConsentSource, Cursor
-from clinicsync.state import AppointmentState, PatientState
+from clinicsync.state import AppointmentState, LatestDeal, PatientState
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -61,6 +61,10 @@ def _apply_item(state: PatientState, item: Mapping[str, Any]) -> None:
         state.first_visit_at = _opt_dt(item.get("first_visit_at"))
         state.last_visit_at = _opt_dt(item.get("last_visit_at"))
         state.audience_hash = item.get("audience_hash")
+        state.latest_deals = {
+            str(cat): LatestDeal.model_validate(latest) for cat, latest in (item.get("latest_deals") or {}).items()
+        }
+        state.continued = {str(k): str(v) for k, v in (item.get("continued") or {}).items()}
     elif sk.startswith("APPT#"):
         aid = sk.removeprefix("APPT#")
         state.appointments[aid] = AppointmentState(
@@ -92,6 +96,11 @@ def _items_for(state: PatientState, changed_appointments: Sequence[str]) -> list
             "first_visit_at": state.first_visit_at.isoformat() if state.first_visit_at else None,
             "last_visit_at": state.last_visit_at.isoformat() if state.last_visit_at else None,
             "audience_hash": state.audience_hash,
+            "latest_deals": {
+                cat: latest.model_dump(mode="json", exclude_none=True) for cat, latest in state.latest_deals.items()
+            }
+            or None,
+            "continued": dict(state.continued) or None,
         }
     ]
     for aid in dict.fromkeys(changed_appointments):
@@ -112,7 +121,7 @@ def _items_for(state: PatientState, changed_appointments: Sequence[str]) -> list
                 "manual_status": appt.manual_status.value if appt.manual_status else None,
             }
         )
-        if appt.deal_id:
+        if appt.deal_id and aid not in state.continued:  # the deal's map now names its new appointment
             items.append(
                 {"pk": f"CRM#deal#{appt.deal_id}", "sk": "MAP", "patient_id": state.patient_id, "appointment_id": aid}
             )

@@ -31,9 +31,10 @@ BITRIX24_EVENTS = ("ONCRMDEALADD", "ONCRMDEALUPDATE", "ONCRMLEADADD", "ONCRMLEAD
 AMOCRM_EVENTS = ("add_lead", "update_lead", "status_lead", "add_contact", "update_contact")
 
 # Canonical fields written to a CRM custom field (everything else is native or handled explicitly).
-BITRIX24_NATIVE = {"visit_at", "price", "comment", "birth_date", "full_name", "phone", "email"}
+BITRIX24_NATIVE = {"price", "comment", "birth_date", "full_name", "phone", "email"}
 BITRIX24_ORIGIN = {"mis_patient_id", "mis_appointment_id"}  # ORIGIN_ID
 AMOCRM_NATIVE = {"price", "full_name", "phone", "email"}
+BITRIX24_FIELD_TYPES = {"is_dms": "boolean", "guarantee_letter": "boolean", "visit_at": "datetime"}
 CONTACT_CUSTOM_ALWAYS = ("opt_outs",)  # consent always reaches the CRM, whatever the field map
 
 # Stage names -> canonical status, tried in this order (a "confirmed booking" is confirmed, not booked).
@@ -610,7 +611,7 @@ def create_bitrix24_fields(client: Bitrix24Client, config: ClinicConfig, crm: Cr
             key = bitrix24_field_name(name, names)
             if key in live:
                 continue
-            kind = "boolean" if name in ("is_dms", "guarantee_letter") else "string"
+            kind = BITRIX24_FIELD_TYPES.get(name, "string")
             client.call(
                 f"crm.{entity}.userfield.add",
                 {

@@ -37,8 +37,9 @@ PAGE_SIZE = 50
 FINDBYCOMM_LIMIT = 20  # crm.duplicate.findbycomm takes at most 20 values
 
 # Canonical fields with a native Bitrix24 field. Everything else goes to a UF_CRM_* field, named by
-# the clinic's fields.crm_names or, by default, UF_CRM_CS_<NAME>.
-NATIVE_DEAL_FIELDS = {"title": "TITLE", "visit_at": "BEGINDATE", "price": "OPPORTUNITY", "comment": "COMMENTS"}
+# the clinic's fields.crm_names or, by default, UF_CRM_CS_<NAME>. visit_at is one of those (a datetime
+# field: reminders need the hour); BEGINDATE is date-only and gets the visit's date besides.
+NATIVE_DEAL_FIELDS = {"title": "TITLE", "price": "OPPORTUNITY", "comment": "COMMENTS"}
 NATIVE_CONTACT_FIELDS = {"birth_date": "BIRTHDATE"}
 NOT_WRITTEN = {"full_name", "phone", "email", "mis_patient_id", "mis_appointment_id"}  # handled explicitly
 
@@ -531,6 +532,8 @@ class Bitrix24Gateway:
         for name, value in write.fields.items():
             if name not in NOT_WRITTEN:
                 out[NATIVE_DEAL_FIELDS.get(name) or self._custom(name)] = _bitrix_value(value)
+        if write.fields.get("visit_at"):
+            out["BEGINDATE"] = str(write.fields["visit_at"])[:10]  # the local date: BEGINDATE has no time
         return out
 
 

@@ -66,7 +66,7 @@ class Bitrix24View:
                 "stage": str(d.get("STAGE_ID")),
                 "closed": d.get("CLOSED") == "Y",
                 "contact_id": str(d.get("CONTACT_ID") or ""),
-                "visit_at": str(d.get("BEGINDATE") or ""),
+                "visit_at": str(d.get("UF_CRM_CS_VISIT_AT") or d.get("BEGINDATE") or ""),
                 "status": d.get("UF_CRM_CS_STATUS"),
                 "is_dms": {"Y": True, "N": False}.get(str(d.get("UF_CRM_CS_DMS"))),
                 "lead_id": str(d.get("LEAD_ID") or ""),

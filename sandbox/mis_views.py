@@ -215,7 +215,7 @@ class IdentView:
         return [{"id": str(r["id"]), "refused_processing": False, "archived": r["status"] == 3} for r in rows]
 
     def book(self, client_id: int, start: datetime, **details: Any) -> int:
-        return self.emulator.book(client_id, start)
+        return self.emulator.book(client_id, start, **details)  # price, insurance_policy: never dropped
 
     def add_client(self, surname: str, phone: str) -> int:
         return self.emulator.add_client(surname, phone)

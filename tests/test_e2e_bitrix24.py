@@ -12,6 +12,8 @@ import boto3
 import httpx
 import pytest
 
+from clinicsync.connect import Credentials, bitrix24_client
+from clinicsync.discovery import check_fields, create_bitrix24_fields, discover_crm
 from sandbox.local import LocalClinic
 from tests.helpers import ROOT
 
@@ -132,3 +134,23 @@ def test_stages_are_checked_against_the_crm_at_start_up(make_clinic: Callable[..
 def _fifo_record(clinic: LocalClinic) -> dict[str, Any]:
     event = json.loads((ROOT / "events" / "stage_syncer_sqs_batch.json").read_text(encoding="utf-8"))
     return event["Records"][0]
+
+
+def test_the_visit_hour_reaches_bitrix24_in_a_datetime_field(make_clinic: Callable[..., LocalClinic]) -> None:
+    """Case B's reminders are sent from the CRM, so the hour must be there: BEGINDATE is date-only, the
+    visit's date and time go to the datetime field `check --create-fields` creates (UF_CRM_CS_VISIT_AT)."""
+    clinic = make_clinic(patients=2, appointments=2, rate_limit=False)
+    assert clinic.bitrix is not None
+    creds = Credentials({"webhook_url": clinic.bitrix.webhook_url(clinic.crm_url)})
+    client = bitrix24_client(creds, httpx.Client(timeout=30.0))
+    assert "UF_CRM_CS_VISIT_AT" in create_bitrix24_fields(client, clinic.config, discover_crm(client))
+    assert check_fields(clinic.config, discover_crm(client)) == []
+
+    visit = clinic.mis.at(7, "10:00")  # Moscow time
+    patient = clinic.mis.add_client("Белова", "+7 903 111-22-36")
+    appointment = clinic.mis.book(patient, visit)
+    clinic.sync()
+    deal = client.call("crm.deal.get", {"id": _deal(clinic, appointment)["id"]})["result"]
+    assert deal["UF_CRM_CS_VISIT_AT"] == f"{visit:%Y-%m-%d}T10:00:00+03:00"
+    assert deal["BEGINDATE"][:10] == f"{visit:%Y-%m-%d}"  # the date stays where Bitrix24 shows it
+    assert deal["TITLE"] == f"Приём {visit:%d.%m.%Y} 10:00"

@@ -129,6 +129,27 @@ def test_cancellation_and_reschedule_in_ident_move_the_deal(bitrix_clinic: Local
     assert clinic.mismatches() == []
 
 
+def test_a_dms_visit_is_flagged_when_it_took_place_at_zero_price_with_a_policy_on_the_card(
+    clinic: LocalClinic,
+) -> None:
+    """Case B: IDENT does not mark DMS visits; a zero price at "visit took place" plus a policy on the card
+    does. Both reach the CRM from IDENT's own tables through the connector."""
+    patient = clinic.mis.add_client("Белова", "+7 903 111-22-34")
+    dms = clinic.mis.book(patient, clinic.mis.at(1, "10:00"), price="0.00", insurance_policy="ДМС 7700 000123")
+    paid = clinic.mis.book(patient, clinic.mis.at(2, "10:00"), price="3500.00")
+    clinic.sync()
+    assert clinic.crm.deals()[str(dms)]["is_dms"] in (False, None)  # nothing is priced before the visit
+
+    clinic.ident.clock.advance(3 * 86400)
+    clinic.ident.complete(dms)
+    clinic.ident.complete(paid)
+    clinic.sync()
+    deals = clinic.crm.deals()
+    assert deals[str(dms)]["is_dms"] is True
+    assert deals[str(paid)]["is_dms"] is False
+    assert clinic.mismatches() == []
+
+
 # --- IDENT's calls: key, dates, paging, fields ---------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from clinicsync.models import AppointmentStatus as S
 from sandbox.local import LocalClinic
+from sandbox.mis_views import action
 
 CRMS = ["bitrix24", "amocrm"]
 
@@ -269,3 +270,37 @@ def test_a_card_synced_before_its_first_booking_adopts_the_lead_with_that_bookin
     clinic.sync()
     assert clinic.crm.adopted(inquiry, _deal(clinic, visit))
     assert clinic.crm.contacts_by_origin()[str(client)] == 1
+
+
+def test_a_rebooked_no_show_continues_its_deal(clinic: LocalClinic) -> None:
+    """Case C's funnel: the patient did not come, the admin calls back and re-books in the MIS, and the
+    same deal moves back to "booked" with the new appointment id, date and time."""
+    client = clinic.mis.add_client("Белова", "+7 903 555-66-77")
+    first = clinic.mis.book(client, clinic.mis.at(2, "10:00"))
+    clinic.sync()
+    deal = _deal(clinic, first)
+    action(clinic.mis, "no_show")(first)
+    clinic.sync()
+    assert _deal(clinic, first)["stage"] == _stage(clinic, S.NO_SHOW)
+    deals_before = sum(clinic.crm.deals_by_origin().values())
+
+    new_start = clinic.mis.at(5, "16:30")
+    rebooked = clinic.mis.book(client, new_start)
+    clinic.sync()
+    clinic.deliver_webhooks()  # our own update's echo
+    continued = _deal(clinic, rebooked)
+    assert continued["id"] == deal["id"] and continued["stage"] == _stage(clinic, S.BOOKED)
+    assert continued["visit_at"][:10] == new_start.date().isoformat()
+    assert str(first) not in clinic.crm.deals()
+    assert sum(clinic.crm.deals_by_origin().values()) == deals_before  # no second deal
+    assert _state(clinic, rebooked)["deal_id"] == deal["id"]
+
+    action(clinic.mis, "no_show")(first)  # the MIS reports the old visit again
+    clinic.sync()
+    assert _deal(clinic, rebooked)["stage"] == _stage(clinic, S.BOOKED)
+    assert str(first) not in clinic.crm.deals()
+    assert clinic.mismatches() == []
+
+    clinic.crm.manager_move(deal["id"], clinic.crm.won_stage(deal["category"]))
+    clinic.deliver_webhooks()
+    assert _state(clinic, rebooked)["closed"] is True  # the deal's map names the new visit

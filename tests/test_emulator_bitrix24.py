@@ -773,3 +773,17 @@ def test_concurrent_http_clients_get_unique_ids(emu: Bitrix24Emulator, served: s
     assert sorted(emu.leads) == list(range(1, 81))
     assert json.loads(httpx.get(url + "crm.lead.list?start=-1").text)["total"] == 0
     assert emu.stats()["requests"] == 81
+
+
+def test_user_fields_keep_what_their_type_keeps(emu: Bitrix24Emulator, client: Client) -> None:
+    """A date field drops the time (as BEGINDATE does); a datetime field keeps it, in the portal's offset."""
+    for name, kind in (("CS_DAY", "date"), ("CS_AT", "datetime")):
+        call(client, emu, "crm.deal.userfield.add", fields={"FIELD_NAME": name, "USER_TYPE_ID": kind})
+    at = "2026-11-20T07:00:00+00:00"  # 10:00 in Moscow
+    deal_id = call(
+        client, emu, "crm.deal.add", fields={"TITLE": "t", "UF_CRM_CS_DAY": at, "UF_CRM_CS_AT": at, "BEGINDATE": at}
+    )["result"]
+    deal = call(client, emu, "crm.deal.get", id=deal_id)["result"]
+    assert deal["UF_CRM_CS_AT"] == "2026-11-20T10:00:00+03:00"
+    assert deal["UF_CRM_CS_DAY"] == deal["BEGINDATE"] == "2026-11-20T03:00:00+03:00"
+    call(client, emu, "crm.deal.update", expect=400, id=deal_id, fields={"UF_CRM_CS_AT": "not a date"})

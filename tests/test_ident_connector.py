@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -247,3 +248,34 @@ def test_signature_binds_time_method_path_and_body() -> None:
     assert verify_request(b"x" * 48, headers, "POST", "/ident/connector/batches", b"{}", 1_000_100) is not None
     late = verify_request(key, headers, "POST", "/ident/connector/batches", b"{}", 1_000_000 + 301)
     assert late is not None and late.status == 401 and "window" in late.reason
+
+
+# --- what case B needs from the card and the visit ---------------------------------------------------
+
+
+def test_the_connector_reads_price_policy_card_and_branch_for_case_b(ident: IdentEmulator, tmp_path: Path) -> None:
+    """Price (the visit's treatments) and the card's policy feed the DMS rule; card number, comment, city,
+    the branch's name and address and the doctors seen before reach the models (sent only if mapped)."""
+    stack = FakeStack()
+    connector = _connector(ident, stack, tmp_path / "state.json")
+    patient = ident.add_client("Лебедева", "89161112244")
+    ident.edit_card(patient, CardNumber="004512", Comment="боится анестезии", City="Москва")
+    earlier = ident.book(patient, ident.at(1, "09:00"), doctor_id=12, price="3500.00")
+    ident.complete(earlier)
+    dms = ident.book(patient, ident.at(2, "10:00"), price="0.00", insurance_policy="ДМС 7700 000123")
+    booked = ident.book(patient, ident.at(3, "10:00"))
+    ident.clock.advance(60)  # the DMS visit is recorded after the first one
+    ident.complete(dms)
+    connector.run_once()
+
+    sent = stack.changes()[str(patient)].patient
+    assert (sent.card_number, sent.card_comment, sent.city) == ("004512", "боится анестезии", "Москва")
+    assert sent.policy_number == "ДМС 7700 000123"
+    doctors = {d["ID"]: " ".join((d["Surname"], d["Name"], d["Patronymic"])) for d in ident.doctors()}
+    assert sent.doctors_seen == (doctors[12], doctors[11])  # first seen first, whatever the names
+    visit = stack.visit(dms)
+    assert (visit.price, visit.insurance_policy, visit.is_dms) == (Decimal("0.00"), "ДМС 7700 000123", True)
+    assert stack.visit(earlier).price == Decimal("3500.00") and not stack.visit(earlier).is_dms
+    assert stack.visit(booked).price is None  # IDENT prices the visit, not the booking
+    branch = ident.rows("SELECT Name, Address FROM Branches WHERE ID = 1")[0]
+    assert (visit.branch_name, visit.branch_address) == (branch["Name"], branch["Address"])

@@ -103,3 +103,6 @@ class IdentDatabase:
 
     def walk_ins(self, ids: Iterable[int]) -> list[Row]:
         return self._by_ids(queries.WALK_INS_BY_ID, ids)
+
+    def doctors_seen(self, patient_ids: Iterable[int]) -> list[Row]:
+        return self._by_ids(queries.DOCTORS_SEEN_BY_PATIENT, patient_ids)

@@ -24,6 +24,7 @@ from clinicsync_ident.state import ConnectorState
 from clinicsync_ident.translate import (
     appointment_from_booking,
     appointment_from_walk_in,
+    doctors_seen,
     no_show_due,
     patient_from_row,
 )
@@ -184,9 +185,10 @@ class Connector:
                 continue
             visits.setdefault(appt.patient_id, []).append(appt)
         out: list[PatientChanges] = []
+        seen = doctors_seen(self._db.doctors_seen(patient_ids))
         for row in self._db.patients(patient_ids):
             try:
-                patient = patient_from_row(row, clinic.tz, clinic.region)
+                patient = patient_from_row(row, clinic.tz, clinic.region, seen.get(str(row["ID_Patients"]), ()))
             except ValueError:
                 report.rejected += 1
                 continue

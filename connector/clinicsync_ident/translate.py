@@ -12,7 +12,9 @@ The words are mapped to canonical statuses through ``clinicsync.statuses`` like 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -28,6 +30,20 @@ SEX = {1: "m", 2: "f"}  # Persons.Sex; 0 or anything else: unknown
 
 def _text(value: Any) -> str:
     return str(value).strip() if value is not None else ""
+
+
+def _opt(value: Any) -> str | None:
+    return _text(value) or None
+
+
+def _price(value: Any) -> Decimal | None:
+    """The sum of the visit's treatments; None while nothing is priced (IDENT prices at the visit)."""
+    if value is None:
+        return None
+    try:
+        return Decimal(str(value)).quantize(Decimal("0.01"))
+    except InvalidOperation as exc:
+        raise ValueError("unreadable treatment cost") from exc
 
 
 def _unix(moment: datetime | None, tz: ZoneInfo) -> int:
@@ -51,7 +67,7 @@ def no_show_due(row: Row, grace: timedelta) -> datetime | None:
     return start + timedelta(minutes=int(row.get("Length") or 0)) + grace if start else None
 
 
-def patient_from_row(row: Row, tz: ZoneInfo, region: str) -> Patient:
+def patient_from_row(row: Row, tz: ZoneInfo, region: str, doctors_seen: Sequence[str] = ()) -> Patient:
     phone = None
     for raw in (row.get("MobilePhone"), row.get("Phone")):
         phone = normalise_phone(_text(raw), region) if raw else None
@@ -74,7 +90,22 @@ def patient_from_row(row: Row, tz: ZoneInfo, region: str) -> Patient:
         sex=SEX.get(int(row["Sex"])) if isinstance(row.get("Sex"), int) else None,
         archived=row.get("Status") == DELETED_PATIENT,
         version=_unix(changed, tz),
+        city=_opt(row.get("City")),
+        card_number=_opt(row.get("CardNumber")),
+        card_comment=_opt(row.get("Comment")),
+        policy_number=_opt(row.get("InsurancePolicy")),
+        doctors_seen=tuple(doctors_seen),
     )
+
+
+def doctors_seen(rows: Sequence[Row]) -> dict[str, list[str]]:
+    """Patient id -> the full names of the doctors of their past visits, first seen first."""
+    out: dict[str, list[str]] = {}
+    for row in sorted(rows, key=lambda r: (str(r.get("FirstSeen") or ""), _staff_name(r) or "")):
+        name = _staff_name(row)
+        if name:
+            out.setdefault(str(row["ID_Patients"]), []).append(name)
+    return out
 
 
 def _staff_name(row: Row) -> str | None:
@@ -101,7 +132,18 @@ def appointment_from_booking(row: Row, tz: ZoneInfo, now_local: datetime, grace:
         doctor_name=_staff_name(row),
         branch_id=_text(row.get("ID_Branches")) or None,
         version=version,
+        **_visit_details(row),
     )
+
+
+def _visit_details(row: Row) -> dict[str, Any]:
+    """Price and policy (the DMS rule: zero price at the visit plus a policy on the card), the branch."""
+    return {
+        "price": _price(row.get("Price")),
+        "insurance_policy": _opt(row.get("InsurancePolicy")),
+        "branch_name": _opt(row.get("BranchName")),
+        "branch_address": _opt(row.get("BranchAddress")),
+    }
 
 
 def appointment_from_walk_in(row: Row, tz: ZoneInfo) -> Appointment:
@@ -117,4 +159,5 @@ def appointment_from_walk_in(row: Row, tz: ZoneInfo) -> Appointment:
         doctor_name=_staff_name(row),
         branch_id=_text(row.get("ID_Branches")) or None,
         version=_unix(recorded, tz),
+        **_visit_details(row),
     )

@@ -25,7 +25,8 @@ Emulator assumptions where Bitrix is undocumented or only observed (also listed 
   Unparseable date filter values drop the condition. Without ``order`` lists are ordered by ID ascending.
 * ``start`` is rounded down to a page boundary (Bitrix computes the page number as ``start / 50 + 1``).
 * Any ``UF_CRM_*`` field is accepted and stored as a string (registered on first write); a portal would
-  need the field to exist first.
+  need the field to exist first. A field created as ``date`` keeps the date only (rendered like
+  ``BEGINDATE``); one created as ``datetime`` keeps the time, rendered in the portal's offset.
 * ``crm.deal.update`` silently ignores CATEGORY_ID (immutable). A STAGE_ID that is not a stage of the
   deal's category is rejected with a 400 (the emulator is strict here so sync bugs surface).
 * ``crm.deal.contact.add/items.set/...`` fire ONCRMDEALUPDATE and bump DATE_MODIFY.
@@ -1985,7 +1986,10 @@ class Bitrix24Emulator:
             if key.startswith("UF_"):
                 if _UF_NAME_RE.match(key) and len(key) <= 50:
                     uf = self._uf[entity].get(key) or self._register_uf(entity, key, "string", False, "")
-                    values[key] = _uf_value(raw, uf.multiple)
+                    if uf.user_type in {"date", "datetime"} and not uf.multiple:
+                        values[key] = self._coerce(key, FieldDef(uf.user_type, uf.label), raw)
+                    else:
+                        values[key] = _uf_value(raw, uf.multiple)
                 continue
             fd = defs.get(key)
             if fd is None or fd.read_only or (is_update and fd.immutable):

@@ -29,11 +29,12 @@ CREATE TABLE Staffs (
 );
 CREATE TABLE Persons (
     ID INTEGER PRIMARY KEY, Surname TEXT, Name TEXT, Patronymic TEXT, Sex INTEGER, Birthday TEXT,
-    Phone TEXT, MobilePhone TEXT, Email TEXT, DateTimeChanged TEXT
+    Phone TEXT, MobilePhone TEXT, Email TEXT, DateTimeChanged TEXT, City TEXT
 );
 CREATE TABLE Patients (
     ID_Patients INTEGER PRIMARY KEY, ID_Persons INTEGER NOT NULL REFERENCES Persons(ID), PatientNumber TEXT,
-    CardNumber TEXT, FirstVisit TEXT, Status INTEGER NOT NULL DEFAULT 1, ID_Branches INTEGER, DateTimeChanged TEXT
+    CardNumber TEXT, FirstVisit TEXT, Status INTEGER NOT NULL DEFAULT 1, ID_Branches INTEGER, DateTimeChanged TEXT,
+    Comment TEXT, InsurancePolicy TEXT
 );
 CREATE TABLE ReceptionCancelReasons (ID INTEGER PRIMARY KEY, Name TEXT NOT NULL);
 CREATE TABLE ScheduledReceptions (
@@ -45,6 +46,9 @@ CREATE TABLE ScheduledReceptions (
 CREATE TABLE Receptions (
     ID INTEGER PRIMARY KEY, ID_Patients INTEGER NOT NULL REFERENCES Patients(ID_Patients),
     ID_Staffs INTEGER REFERENCES Staffs(ID), DateTimeChanged TEXT NOT NULL, Comment TEXT
+);
+CREATE TABLE Treatments (
+    ID INTEGER PRIMARY KEY, ID_Receptions INTEGER NOT NULL REFERENCES Receptions(ID), Cost NUMERIC NOT NULL
 );
 CREATE INDEX ix_sr_changed ON ScheduledReceptions(DateTimeChanged);
 CREATE INDEX ix_sr_added ON ScheduledReceptions(DateTimeAdded);
@@ -72,6 +76,7 @@ class IdentEmulator:
         self.clock.freeze(self.clock.now())  # a clock handed in frozen keeps its instant
         self._lock = threading.Lock()
         self._next_id = 900_001
+        self._planned_cost: dict[int, str] = {}  # what the doctor will record at the visit, by booking
         with self._connect() as db:
             db.executescript(SCHEMA)
             self._seed(db, sample)
@@ -96,17 +101,20 @@ class IdentEmulator:
             changed = _local(p.updated_at)
             # IDENT keeps a mobile and a landline; the front desk types the one it was given.
             db.execute(
-                "INSERT INTO Persons VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO Persons VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     PERSON_OFFSET + p.id, p.surname, p.name, p.patronymic, 1 if p.sex == "male" else 2,
-                    p.birthdate.isoformat(), None, p.phone, p.email, changed,
+                    p.birthdate.isoformat(), None, p.phone, p.email, changed, sample.branches[0].city,
                 ),
             )  # fmt: skip
+            policy = next(
+                (a.insurance_policy for a in sample.appointments if a.patient_id == p.id and a.insurance_policy), None
+            )  # a DMS patient's policy is on the card
             db.execute(
-                "INSERT INTO Patients VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO Patients VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     p.id, PERSON_OFFSET + p.id, f"К-{p.id}", f"{p.id:06d}", None, 3 if p.archived else 1,
-                    sample.branches[0].id, changed,
+                    sample.branches[0].id, changed, None, policy,
                 ),
             )  # fmt: skip
         for a in sample.appointments:
@@ -125,6 +133,7 @@ class IdentEmulator:
                     "INSERT INTO Receptions VALUES (?, ?, ?, ?, ?)",
                     (a.id, a.patient_id, a.doctor_id, _local(a.updated_at), None),
                 )
+                db.execute("INSERT INTO Treatments (ID_Receptions, Cost) VALUES (?, ?)", (a.id, str(a.price)))
 
     # --- the front desk ------------------------------------------------------------------------------
 
@@ -138,16 +147,56 @@ class IdentEmulator:
         stamp = self._stamp()
         with self._connect() as db:
             db.execute(
-                "INSERT INTO Persons VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (PERSON_OFFSET + patient_id, surname, name, patronymic, 2, "1990-05-17", None, phone, None, stamp),
+                "INSERT INTO Persons VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    PERSON_OFFSET + patient_id,
+                    surname,
+                    name,
+                    patronymic,
+                    2,
+                    "1990-05-17",
+                    None,
+                    phone,
+                    None,
+                    stamp,
+                    None,
+                ),
             )
             db.execute(
-                "INSERT INTO Patients VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (patient_id, PERSON_OFFSET + patient_id, f"К-{patient_id}", None, None, 1, 1, stamp),
+                "INSERT INTO Patients VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (patient_id, PERSON_OFFSET + patient_id, f"К-{patient_id}", None, None, 1, 1, stamp, None, None),
             )
         return patient_id
 
-    def book(self, patient_id: int, start: datetime, doctor_id: int = 11, length: int = 30, **_: Any) -> int:
+    def edit_card(self, patient_id: int, **columns: str | None) -> None:
+        """The front desk edits the card: ``CardNumber``, ``Comment``, ``InsurancePolicy`` (Patients) or
+        ``City`` (Persons)."""
+        stamp = self._stamp()
+        with self._connect() as db:
+            for column, value in columns.items():
+                if column == "City":
+                    db.execute(
+                        "UPDATE Persons SET City = ?, DateTimeChanged = ? WHERE ID = ?",
+                        (value, stamp, PERSON_OFFSET + patient_id),
+                    )
+                else:
+                    assert column in ("CardNumber", "Comment", "InsurancePolicy"), column
+                    db.execute(
+                        f"UPDATE Patients SET {column} = ?, DateTimeChanged = ? WHERE ID_Patients = ?",
+                        (value, stamp, patient_id),
+                    )
+
+    def book(
+        self,
+        patient_id: int,
+        start: datetime,
+        doctor_id: int = 11,
+        length: int = 30,
+        price: str | None = None,
+        insurance_policy: str | None = None,
+    ) -> int:
+        """A booking; ``price`` is what the doctor records at the visit (IDENT prices treatments, not
+        bookings), ``insurance_policy`` goes on the patient's card, where IDENT keeps it."""
         reception_id = self._new_id()
         stamp = self._stamp()
         with self._connect() as db:
@@ -155,6 +204,10 @@ class IdentEmulator:
                 "INSERT INTO ScheduledReceptions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (reception_id, patient_id, doctor_id, _local(start), length, None, None, stamp, stamp),
             )
+        if price is not None:
+            self._planned_cost[reception_id] = price
+        if insurance_policy is not None:
+            self.edit_card(patient_id, InsurancePolicy=insurance_policy)
         return reception_id
 
     def reschedule(self, reception_id: int, start: datetime) -> None:
@@ -181,6 +234,11 @@ class IdentEmulator:
             db.execute(
                 "INSERT INTO Receptions VALUES (?, ?, ?, ?, ?)", (reception_id, patient, staff, self._stamp(), None)
             )
+            if reception_id in self._planned_cost:
+                db.execute(
+                    "INSERT INTO Treatments (ID_Receptions, Cost) VALUES (?, ?)",
+                    (reception_id, self._planned_cost[reception_id]),
+                )
 
     def edit_phone(self, patient_id: int, phone: str) -> None:
         with self._connect() as db:

@@ -93,6 +93,11 @@ class Pipeline(Section):
     closed_stages: frozenset[StageId] = Field(
         default_factory=frozenset, description="Won and lost stages: a deal there is never moved again"
     )
+    continue_stages: frozenset[StageId] | None = Field(
+        default=None,
+        description="Open stages whose deal a new booking of the same patient continues (a re-booked "
+        "no-show updates its deal, no second one). Default: the no_show stage; [] turns the rule off",
+    )
 
     @model_validator(mode="after")
     def _every_status_mapped(self) -> Pipeline:
@@ -100,7 +105,17 @@ class Pipeline(Section):
         if missing:
             names = ", ".join(sorted(s.value for s in missing))
             raise ValueError(f"stage map has no stage for: {names}")
+        if self.continue_stages and self.continue_stages & self.closed_stages:
+            raise ValueError("continue_stages must be open stages: a closed deal is never reopened")
         return self
+
+    @property
+    def continuing_stages(self) -> frozenset[str]:
+        """Stages a re-booking continues; closed stages never do, whatever the config says."""
+        stages = self.continue_stages
+        if stages is None:
+            stages = frozenset({self.stages[AppointmentStatus.NO_SHOW]})
+        return stages - self.closed_stages
 
 
 # Presets: the field lists of a clinic case, selected by ``fields.preset``; each still needs its CRM field

@@ -33,7 +33,7 @@ BITRIX24_EVENTS = ("ONCRMDEALADD", "ONCRMDEALUPDATE", "ONCRMLEADADD", "ONCRMLEAD
 AMOCRM_EVENTS = ("add_lead", "update_lead", "status_lead", "add_contact", "update_contact")
 
 # Canonical fields written to a CRM custom field (everything else is native or handled explicitly).
-BITRIX24_NATIVE = {"visit_at", "price", "comment", "birth_date", "full_name", "phone", "email"}
+BITRIX24_NATIVE = {"price", "comment", "birth_date", "full_name", "phone", "email"}
 BITRIX24_ORIGIN = {"mis_patient_id", "mis_appointment_id"}  # ORIGIN_ID
 AMOCRM_NATIVE = {"price", "full_name", "phone", "email"}
 CONTACT_CUSTOM_ALWAYS = ("opt_outs",)  # consent always reaches the CRM, whatever the field map

@@ -81,6 +81,12 @@ class Patient(Strict):
     policy_number: str | None = None
     policy_valid_until: str | None = None
     cancellation_date: str | None = None
+    # Optional card fields of the IDENT->Bitrix24 case (docs/ident.md says where each comes from); none
+    # is sent unless the clinic's field map asks. The card's comment is card_comment above.
+    card_number: str | None = None
+    home_address: str | None = None
+    family: tuple[str, ...] = ()  # relatives who also visit the clinic (their MIS patient ids)
+    doctors_seen: tuple[str, ...] = ()  # full names of the doctors of the patient's past visits
 
 
 class Appointment(Strict):
@@ -109,6 +115,9 @@ class Appointment(Strict):
     charged: Decimal | None = None
     discount: Decimal | None = None
     paid: Decimal | None = None
+    # Optional visit fields of the IDENT->Bitrix24 case; sent only if the clinic's field map asks.
+    branch_address: str | None = None
+    lead_source: str | None = None
 
     @property
     def is_dms(self) -> bool:

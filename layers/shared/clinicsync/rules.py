@@ -16,7 +16,7 @@ from clinicsync.config import ClinicConfig, Filters, Pipeline
 from clinicsync.crypto import KeyedHasher
 from clinicsync.models import Appointment, AppointmentStatus, Channel, CrmObservation, Patient, PatientChanges
 from clinicsync.ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, LeadWrite, PhoneCandidates
-from clinicsync.state import AppointmentState, PatientState
+from clinicsync.state import AppointmentState, LatestDeal, PatientState
 
 ACTIVE_STATUSES = frozenset({AppointmentStatus.BOOKED, AppointmentStatus.CONFIRMED})
 
@@ -256,6 +256,8 @@ def plan_patient(
 
     for appointment in sorted(changes.appointments, key=lambda a: (a.starts_at, a.mis_id)):
         _plan_deal(appointment, plan, next_state, matches, config, hasher, contact_id, adoption)
+        if appointment.mis_id in next_state.appointments:
+            next_state.track_deal(next_state.appointments[appointment.mis_id])
 
     plan.next_state = next_state
     return plan
@@ -286,7 +288,10 @@ def _plan_deal(
     repeat = _is_repeat(next_state.first_visit_at, appointment)
     _note_visit(appointment, next_state)
 
-    reason = appointment_excluded(appointment, config.filters)
+    # A visit whose deal a re-booking continued: its later events never move that deal back.
+    reason = appointment_excluded(appointment, config.filters) or (
+        "deal_continued" if aid in next_state.continued else None
+    )
     if reason:
         plan.skipped[aid] = reason
         return
@@ -315,6 +320,7 @@ def _plan_deal(
     pipeline = _pipeline_by_category(config, category_id) if category_id else None
     pipeline = pipeline or config.pipeline(repeat=repeat)
     category_id = category_id or pipeline.category_id
+    deal_id = _continue_deal(appointment, status, pipeline, deal_id, plan, next_state)
     stage: str | None = pipeline.stages[status]
 
     updated = known.model_copy(
@@ -356,6 +362,49 @@ def _plan_deal(
     plan.changed_appointments.append(aid)
 
 
+def _continue_deal(
+    appointment: Appointment,
+    status: AppointmentStatus,
+    pipeline: Pipeline,
+    deal_id: str | None,
+    plan: PatientPlan,
+    state: PatientState,
+) -> str | None:
+    """The deal this visit writes: its own, or the re-booked no-show's it continues."""
+    if deal_id is None and (continued := continued_deal(state, pipeline, appointment, status)) is not None:
+        deal_id = continued.deal_id
+    latest = state.latest_deals.get(pipeline.category_id)
+    if (
+        latest is not None
+        and deal_id is not None
+        and latest.deal_id == deal_id
+        and latest.appointment_id != appointment.mis_id
+    ):
+        # This visit took over the deal (now, or in an attempt whose response was lost): the old
+        # visit is done with it, and its own write in this plan, if any, is superseded.
+        state.continued[latest.appointment_id] = appointment.mis_id
+        plan.writes = [w for w in plan.writes if not (isinstance(w, DealWrite) and w.deal_id == deal_id)]
+        plan.skipped[latest.appointment_id] = "deal_continued"
+    return deal_id
+
+
+def continued_deal(
+    state: PatientState, pipeline: Pipeline, appointment: Appointment, status: AppointmentStatus
+) -> LatestDeal | None:
+    """The deal a new booking continues (case C: a no-show is called back and re-booked), or None.
+
+    Only the patient's latest deal in the funnel the booking goes to, only while it is open at one of
+    the pipeline's continue stages (default: no-show), and only for a later visit that is active."""
+    latest = state.latest_deals.get(pipeline.category_id)
+    if status not in ACTIVE_STATUSES or latest is None or latest.deal_id is None or latest.closed:
+        return None
+    if latest.appointment_id == appointment.mis_id or latest.stage not in pipeline.continuing_stages:
+        return None
+    if latest.starts_at is not None and appointment.starts_at <= latest.starts_at:
+        return None
+    return latest
+
+
 def apply_observation(state: PatientState, observation: CrmObservation, config: ClinicConfig) -> list[str]:
     """Teach the patient's state what a manager did in the CRM. Returns the appointments changed."""
     if observation.kind != "deal_stage" or observation.appointment_id is None or observation.stage is None:
@@ -374,6 +423,7 @@ def apply_observation(state: PatientState, observation: CrmObservation, config: 
             "manual_status": known.status,
         }
     )
+    state.track_deal(state.appointments[observation.appointment_id])
     return [observation.appointment_id]
 
 

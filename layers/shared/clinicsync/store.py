@@ -39,7 +39,7 @@ from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 
 from clinicsync.ports import ConsentSource, Cursor
-from clinicsync.state import AppointmentState, PatientState
+from clinicsync.state import AppointmentState, LatestDeal, PatientState
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -78,6 +78,10 @@ def _apply_item(state: PatientState, item: Mapping[str, Any]) -> None:
         state.audience_hash = item.get("audience_hash")
         # Stored before the flag existed: a known contact meant no adoption by phone any more.
         state.has_deal = bool(item.get("has_deal", state.contact_id is not None))
+        state.latest_deals = {
+            str(cat): LatestDeal.model_validate(latest) for cat, latest in (item.get("latest_deals") or {}).items()
+        }
+        state.continued = {str(k): str(v) for k, v in (item.get("continued") or {}).items()}
     elif sk.startswith("APPT#"):
         aid = sk.removeprefix("APPT#")
         state.appointments[aid] = AppointmentState(
@@ -110,6 +114,11 @@ def _items_for(state: PatientState, changed_appointments: Sequence[str]) -> list
             "last_visit_at": state.last_visit_at.isoformat() if state.last_visit_at else None,
             "audience_hash": state.audience_hash,
             "has_deal": state.has_deal,
+            "latest_deals": {
+                cat: latest.model_dump(mode="json", exclude_none=True) for cat, latest in state.latest_deals.items()
+            }
+            or None,
+            "continued": dict(state.continued) or None,
         }
     ]
     for aid in dict.fromkeys(changed_appointments):
@@ -130,7 +139,7 @@ def _items_for(state: PatientState, changed_appointments: Sequence[str]) -> list
                 "manual_status": appt.manual_status.value if appt.manual_status else None,
             }
         )
-        if appt.deal_id:
+        if appt.deal_id and aid not in state.continued:  # the deal's map now names its new appointment
             items.append(
                 {"pk": f"CRM#deal#{appt.deal_id}", "sk": "MAP", "patient_id": state.patient_id, "appointment_id": aid}
             )

@@ -427,6 +427,7 @@ class Syncer:
                 if isinstance(write, DealWrite):
                     created = write.deal_id is None
                     state.appointments[write.appointment_id].deal_id = outcome.deal_ids.get(write.appointment_id)
+                    state.track_deal(state.appointments[write.appointment_id])  # a new deal's id, for re-bookings
                     report.deals_created += created
                     report.deals_updated += not created
                 elif isinstance(write, ContactWrite):

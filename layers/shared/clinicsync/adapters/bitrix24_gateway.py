@@ -38,8 +38,9 @@ PAGE_SIZE = 50
 FINDBYCOMM_LIMIT = 20  # crm.duplicate.findbycomm takes at most 20 values
 
 # Canonical fields with a native Bitrix24 field. Everything else goes to a UF_CRM_* field, named by
-# the clinic's fields.crm_names or, by default, UF_CRM_CS_<NAME>.
-NATIVE_DEAL_FIELDS = {"title": "TITLE", "visit_at": "BEGINDATE", "price": "OPPORTUNITY", "comment": "COMMENTS"}
+# the clinic's fields.crm_names or, by default, UF_CRM_CS_<NAME>. visit_at is one of those (a datetime
+# field: reminders need the hour); BEGINDATE is date-only and gets the visit's date besides.
+NATIVE_DEAL_FIELDS = {"title": "TITLE", "price": "OPPORTUNITY", "comment": "COMMENTS"}
 NATIVE_CONTACT_FIELDS = {"birth_date": "BIRTHDATE"}
 NOT_WRITTEN = {"full_name", "phone", "email", "mis_patient_id", "mis_appointment_id"}  # handled explicitly
 
@@ -552,6 +553,8 @@ class Bitrix24Gateway:
                 out[NATIVE_DEAL_FIELDS[name]] = _bitrix_value(value)
             elif name not in NOT_WRITTEN:
                 out[self._custom(name, "deal")] = self._typed("deal", name, value)
+        if write.fields.get("visit_at"):
+            out["BEGINDATE"] = str(write.fields["visit_at"])[:10]  # the local date: BEGINDATE has no time
         return out
 
 

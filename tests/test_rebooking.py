@@ -1,0 +1,194 @@
+"""Case C's funnel: a no-show is called back and re-booked in the MIS, and the sync updates THE SAME deal
+(new appointment id, date and time, stage "booked"); it never opens a second one (docs/statuses.md).
+
+The rule is pure, so it is tested against a tiny CRM model: writes land on deals by id, a look-up by
+MIS id reads the deals' origin, and a lost response means the write landed but nothing was remembered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clinicsync.config import ClinicConfig
+from clinicsync.crypto import KeyedHasher
+from clinicsync.models import Appointment, CrmObservation, PatientChanges
+from clinicsync.models import AppointmentStatus as S
+from clinicsync.ports import CrmMatches, DealMatch, DealWrite
+from clinicsync.rules import apply_observation, plan_patient
+from clinicsync.state import PatientState
+from tests.helpers import T0, appointment, days, demo_config, patient
+
+HASHER = KeyedHasher(b"k" * 32)
+CONFIG = demo_config()
+NO_SHOW = CONFIG.pipeline(repeat=False).stages[S.NO_SHOW]
+BOOKED = CONFIG.pipeline(repeat=False).stages[S.BOOKED]
+
+
+@dataclass
+class Crm:
+    """Deals by id: origin (the MIS appointment id written last), stage, closed, and the writes seen."""
+
+    deals: dict[str, dict[str, object]] = field(default_factory=dict)
+    writes: list[DealWrite] = field(default_factory=list)
+
+    def find(self, appointment_ids: list[str]) -> CrmMatches:
+        found = {
+            str(d["origin"]): DealMatch(did, str(d["category"]), str(d["stage"]), bool(d["closed"]))
+            for did, d in self.deals.items()
+            if d["origin"] in appointment_ids
+        }
+        return CrmMatches(contacts={"p1": "c1"}, deals=found)
+
+    def apply(self, writes: list[DealWrite], config: ClinicConfig) -> dict[str, str]:
+        ids = {}
+        for w in writes:
+            self.writes.append(w)
+            deal_id = w.deal_id or str(len(self.deals) + 1)
+            deal = self.deals.setdefault(deal_id, {"category": w.category_id, "closed": False})
+            assert not deal["closed"], "a closed deal was written again"
+            deal["origin"] = w.fields["mis_appointment_id"]
+            deal["visit_at"] = w.fields["visit_at"]
+            if w.stage is not None:
+                deal["stage"] = w.stage
+                deal["closed"] = w.stage in config.pipeline(repeat=False).closed_stages
+            ids[w.appointment_id] = deal_id
+        return ids
+
+
+def sync(
+    crm: Crm,
+    state: PatientState,
+    visits: list[Appointment],
+    *,
+    lose: bool = False,
+    look_up: bool = True,
+    config: ClinicConfig = CONFIG,
+) -> PatientState:
+    """One syncer pass for one patient: look up unknown visits by MIS id, plan, write, remember (unless
+    the response is lost: the writes landed, the state is the old one)."""
+    unknown = [a.mis_id for a in visits if state.appointment(a.mis_id).deal_id is None]
+    matches = crm.find(unknown) if look_up else CrmMatches(contacts={"p1": "c1"})
+    plan = plan_patient(PatientChanges(patient=patient(), appointments=tuple(visits)), state, matches, config, HASHER)
+    ids = crm.apply([w for w in plan.writes if isinstance(w, DealWrite)], config)
+    if lose:
+        return state
+    assert plan.next_state is not None
+    new = plan.next_state
+    for write in plan.writes:
+        if isinstance(write, DealWrite):
+            new.appointments[write.appointment_id].deal_id = ids[write.appointment_id]
+            new.track_deal(new.appointments[write.appointment_id])
+    return new
+
+
+def no_show_then_rebooked(crm: Crm) -> tuple[PatientState, Appointment, Appointment]:
+    first = appointment("a1", start=T0)
+    state = sync(crm, PatientState(patient_id="p1", contact_id="c1"), [first])
+    no_show = appointment("a1", status=S.NO_SHOW, start=T0, version=2)
+    state = sync(crm, state, [no_show])
+    rebooked = appointment("a2", start=T0 + days(3) + timedelta(hours=6))
+    return state, no_show, rebooked
+
+
+def test_a_rebooked_no_show_continues_its_deal() -> None:
+    crm = Crm()
+    state, _, rebooked = no_show_then_rebooked(crm)
+    state = sync(crm, state, [rebooked])
+    [(deal_id, deal)] = crm.deals.items()
+    assert deal["origin"] == "a2" and deal["stage"] == BOOKED
+    assert deal["visit_at"] == rebooked.starts_at.astimezone(CONFIG.tz).isoformat()
+    assert state.appointments["a2"].deal_id == deal_id
+    assert state.continued == {"a1": "a2"}
+
+
+def test_the_old_visits_later_events_never_move_the_continued_deal() -> None:
+    crm = Crm()
+    state, no_show, rebooked = no_show_then_rebooked(crm)
+    state = sync(crm, state, [rebooked])
+    writes = len(crm.writes)
+    for late in (no_show, no_show.model_copy(update={"version": 7}), appointment("a1", status=S.CANCELLED, version=9)):
+        state = sync(crm, state, [late])
+    assert len(crm.writes) == writes
+    assert [d["origin"] for d in crm.deals.values()] == ["a2"]
+
+
+def test_the_no_show_and_the_rebooking_in_one_poll_make_one_write_to_one_deal() -> None:
+    crm = Crm()
+    state = sync(crm, PatientState(patient_id="p1", contact_id="c1"), [appointment("a1", start=T0)])
+    before = len(crm.writes)
+    no_show = appointment("a1", status=S.NO_SHOW, start=T0, version=2)
+    state = sync(crm, state, [no_show, appointment("a2", start=T0 + days(2))])
+    assert [w.appointment_id for w in crm.writes[before:]] == ["a2"]
+    assert [(d["origin"], d["stage"]) for d in crm.deals.values()] == [("a2", BOOKED)]
+
+
+def test_a_closed_no_show_deal_is_never_continued() -> None:
+    crm = Crm()
+    state, _, rebooked = no_show_then_rebooked(crm)
+    deal_id = state.appointments["a1"].deal_id
+    assert deal_id is not None
+    lost = "LOSE"  # the manager gave up on the patient
+    crm.deals[deal_id] |= {"stage": lost, "closed": True}
+    obs = CrmObservation(kind="deal_stage", patient_id="p1", appointment_id="a1", crm_id=deal_id, stage=lost)
+    apply_observation(state, obs, CONFIG)
+    state = sync(crm, state, [rebooked])
+    assert sorted(str(d["origin"]) for d in crm.deals.values()) == ["a1", "a2"]
+    assert state.continued == {}
+
+
+def test_only_the_configured_stages_continue() -> None:
+    primary = CONFIG.crm.pipelines["primary"].model_copy(update={"continue_stages": frozenset()})
+    crm_cfg = CONFIG.crm.model_copy(update={"pipelines": {**CONFIG.crm.pipelines, "primary": primary}})
+    off = CONFIG.model_copy(update={"crm": crm_cfg})
+    crm = Crm()
+    state, _, rebooked = no_show_then_rebooked(crm)
+    sync(crm, state, [rebooked], config=off)
+    assert len(crm.deals) == 2  # the rule is off: the re-booking opens its own deal
+
+    crm = Crm()  # a deal still at "booked" is not a no-show: a second booking gets its own deal
+    state = sync(crm, PatientState(patient_id="p1", contact_id="c1"), [appointment("a1", start=T0)])
+    sync(crm, state, [appointment("a2", start=T0 + days(7))])
+    assert len(crm.deals) == 2
+
+
+def test_an_earlier_or_finished_visit_does_not_continue_the_no_show() -> None:
+    for later in (appointment("a2", start=T0 - days(1)), appointment("a2", status=S.COMPLETED, start=T0 + days(1))):
+        crm = Crm()
+        state, _, _ = no_show_then_rebooked(crm)
+        sync(crm, state, [later])
+        assert len(crm.deals) == 2, later.status
+
+
+EVENTS = st.lists(st.sampled_from(["old_booked", "old_no_show", "rebooked", "old_cancelled"]), max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lost=st.lists(st.booleans(), min_size=1, max_size=4),
+    look_up=st.booleans(),
+    later=EVENTS,
+)
+def test_a_rebooking_keeps_one_deal_whatever_the_lost_responses_and_redeliveries(
+    lost: list[bool], look_up: bool, later: list[str]
+) -> None:
+    """Lost responses (retried with or without a look-up by MIS id, as Bitrix24 and amoCRM do) and any
+    redelivery of the old visit's events end the same way: one deal, the new visit's, at "booked"."""
+    crm = Crm()
+    state, no_show, rebooked = no_show_then_rebooked(crm)
+    events = {
+        "old_booked": appointment("a1", start=T0),  # version 1: older than the no-show
+        "old_no_show": no_show,
+        "rebooked": rebooked,
+        "old_cancelled": appointment("a1", status=S.CANCELLED, start=T0, version=5),
+    }
+    for lose in [*lost, False]:  # every attempt but the last loses its response
+        state = sync(crm, state, [rebooked], lose=lose, look_up=look_up)
+    for name in later:
+        state = sync(crm, state, [events[name]], look_up=look_up)
+    assert [(d["origin"], d["stage"]) for d in crm.deals.values()] == [("a2", BOOKED)]
+    assert {w.deal_id for w in crm.writes if w.appointment_id == "a2"} == {next(iter(crm.deals))}
+    assert state.latest_deals["0"].appointment_id == "a2"

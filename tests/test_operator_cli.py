@@ -90,11 +90,17 @@ def test_init_check_backfill_status_plan_against_the_emulators(
     code, out = run("check", "-c", str(bad_path), "--api-url", clinic.api_url)
     assert code == 1
     assert "NO_SUCH_STAGE" in out and "EXECUTING" in out  # the wrong stage, with the stages to pick from
-    for field in ("UF_CRM_CS_STATUS", "UF_CRM_CS_IS_DMS", "UF_CRM_CS_OPT_OUTS", "UF_CRM_CS_VISIT_AT"):
+    for field in (
+        "UF_CRM_CS_STATUS",
+        "UF_CRM_CS_IS_DMS",
+        "UF_CRM_CS_OPT_OUTS",
+        "UF_CRM_CS_OPT_INS",
+        "UF_CRM_CS_VISIT_AT",
+    ):
         assert field in out, out
     assert "outgoing webhook" in out  # an incoming-webhook credential cannot list handlers: a warning
     assert "branch '999'" in out  # the MIS side too
-    assert re.search(r"6 error\(s\), 1 warning", out), out
+    assert re.search(r"7 error\(s\), 1 warning", out), out
 
     code, out = run("check", "-c", str(config_path), "--api-url", clinic.api_url, "--create-fields")
     assert code == 0, out

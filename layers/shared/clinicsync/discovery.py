@@ -36,7 +36,7 @@ AMOCRM_EVENTS = ("add_lead", "update_lead", "status_lead", "add_contact", "updat
 BITRIX24_NATIVE = {"price", "comment", "birth_date", "full_name", "phone", "email"}
 BITRIX24_ORIGIN = {"mis_patient_id", "mis_appointment_id"}  # ORIGIN_ID
 AMOCRM_NATIVE = {"price", "full_name", "phone", "email"}
-CONTACT_CUSTOM_ALWAYS = ("opt_outs",)  # consent always reaches the CRM, whatever the field map
+CONTACT_CUSTOM_ALWAYS = ("opt_outs", "opt_ins")  # consent fields, read and written whatever the field map
 
 # Stage names -> canonical status, tried in this order (a "confirmed booking" is confirmed, not booked).
 STAGE_WORDS: tuple[tuple[S, tuple[str, ...]], ...] = (
@@ -55,6 +55,7 @@ REPEAT_WORDS = ("повтор", "repeat", "вторичн")
 AMOCRM_FIELD_WORDS: dict[tuple[str, str], tuple[tuple[str, ...], ...]] = {
     ("contact", "mis_patient_id"): (("пациент", "мис"), ("patient", "mis"), ("patient id",)),
     ("contact", "opt_outs"): (("отказ", "рассыл"), ("opt", "out"), ("unsubscrib",)),
+    ("contact", "opt_ins"): (("соглас", "рассыл"), ("opt", "in")),
     ("contact", "representative"): (("представител",), ("опекун",), ("guardian",)),
     ("contact", "age"): (("возраст",), ("=age",)),
     ("contact", "sex"): (("=пол",), ("=sex",), ("gender",)),
@@ -343,12 +344,15 @@ def _label_has(label: str, word: str) -> bool:
 
 
 def _amocrm_match(name: str, entity: str, fields: list[CrmField], taken: set[str]) -> CrmField | None:
-    for words in AMOCRM_FIELD_WORDS.get((entity, name), ()):
-        for f in fields:
-            label = f.name.lower().strip()
-            if f.entity == entity and f.key not in taken and all(_label_has(label, w) for w in words):
-                return f
-    return None
+    """The first field whose label fits and whose type can hold the value; else the first that fits
+    (reported as the wrong type). An account's own «Согласие на рассылку» checkbox is no opt-in list."""
+    fitting = [
+        f
+        for words in AMOCRM_FIELD_WORDS.get((entity, name), ())
+        for f in fields
+        if f.entity == entity and f.key not in taken and all(_label_has(f.name.lower().strip(), w) for w in words)
+    ]
+    return next((f for f in fitting if compatible("amocrm", name, f.type)), fitting[0] if fitting else None)
 
 
 def propose_fields(

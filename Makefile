@@ -85,7 +85,7 @@ PINNED_TIMES ?= 2026-12-06T05:20+03:00 2027-01-31T23:30+03:00 2027-03-01T00:05+0
 	2028-02-29T23:55+03:00
 PINNED_SUITES ?= $(wildcard tests/test_e2e_*.py tests/test_model_*.py) tests/test_ident_connector.py \
 	tests/test_infoclinica.py tests/test_renovatio.py tests/test_poller_guarantees.py tests/test_concurrency.py \
-	tests/test_chaos_regressions.py tests/test_time_independence.py
+	tests/test_chaos_regressions.py tests/test_hostile_routes.py tests/test_time_independence.py
 PINNED_WORKERS ?= 3
 
 test-pinned: venv

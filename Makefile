@@ -16,11 +16,12 @@ SAM := $(SAM_VENV)/bin/sam
 MIS ?= medods
 CRM ?= bitrix24
 
-.PHONY: help venv sam-venv layer-venv lint typecheck pytest validate build test demo schema docs clean check-python connector chaos browser bench
+.PHONY: help venv sam-venv layer-venv lint typecheck pytest validate build test demo schema docs clean check-python connector chaos browser bench test-pinned
 
 help:
 	@echo "make demo   - local runtime against the emulators (MIS=$(MIS) CRM=$(CRM))"
 	@echo "make test   - ruff, mypy --strict, pytest, sam validate --lint, sam build"
+	@echo "make test-pinned - the end-to-end suites again at pinned clock times (PINNED_TIMES=...)"
 	@echo "make chaos  - the full chaos-convergence run (800 patients, 2,000 MIS events, both CRMs); figures in chaos-report.json"
 	@echo "make docs   - regenerate docs/clinic-config.schema.json and docs/config-reference.md"
 	@echo "make bench  - clinicsync vs fast_bitrix24, the per-record loop and amocrm-api at the CRMs' rate limits; bench/report.json"
@@ -76,6 +77,26 @@ build: sam-venv
 	PATH="$(PY313_BIN):$$PATH" AWS_DEFAULT_REGION=eu-central-1 $(SAM) build --template template.yaml --cached
 
 test: lint typecheck validate build pytest
+
+# The suites whose data moves with the calendar (the sample clinic, MIS feeds, TLS) again at pinned
+# wall-clock times (time-machine; tests/plugins/pinned_clock.py), in the clinic's zone: around midnight,
+# early morning, opening time, Sundays and month ends, including a leap day. No test may depend on them.
+PINNED_TIMES ?= 2026-12-06T05:20+03:00 2027-01-31T23:30+03:00 2027-03-01T00:05+03:00 2027-04-30T09:00+03:00 \
+	2028-02-29T23:55+03:00
+PINNED_SUITES ?= $(wildcard tests/test_e2e_*.py tests/test_model_*.py) tests/test_ident_connector.py \
+	tests/test_infoclinica.py tests/test_renovatio.py tests/test_poller_guarantees.py tests/test_concurrency.py \
+	tests/test_chaos_regressions.py tests/test_hostile_routes.py tests/test_time_independence.py
+PINNED_WORKERS ?= 3
+
+test-pinned: venv
+	@summary=(); failed=0; \
+	for at in $(PINNED_TIMES); do \
+		start=$$(date +%s); \
+		if CLINICSYNC_PINNED_TIME=$$at $(PY) -m pytest -q -n $(PINNED_WORKERS) $(PINNED_SUITES); then verdict=green; \
+		else verdict=RED; failed=1; fi; \
+		summary+=("pinned $$at: $$verdict in $$(( $$(date +%s) - start )) s"); \
+	done; \
+	printf '%s\n' "--- pinned clock runs ---" "$${summary[@]}"; exit $$failed
 
 demo: venv
 	$(PY) -m sandbox.demo --mis $(MIS) --crm $(CRM)

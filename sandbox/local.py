@@ -91,6 +91,7 @@ class LocalClinic:
     crm_url: str = ""  # the CRM emulator's base URL (chaos runs disturb calls to it)
     clinic_secret: dict[str, str] = field(default_factory=dict)
     funnel_at_creation: dict[str, str] = field(default_factory=dict)  # appointment id → category id
+    _booked_for_tests: int = 0  # patients open_booking made because the sample had none to fit
 
     @property
     def medods(self) -> MedodsEmulator:
@@ -222,14 +223,49 @@ class LocalClinic:
     def mismatches(self) -> list[str]:
         return mismatches(self.expected_deals(), self.crm.deals())
 
-    def open_booking(self) -> int:
-        """An appointment that is synced and still only booked: the start of most scenarios."""
+    def open_booking(
+        self, *, refusals: bool | None = False, email: bool | None = None, family: bool | None = False
+    ) -> int:
+        """A synced appointment that is still only booked, of a patient with the traits the test needs
+        (None: either way). Defaults: a patient who refused nothing and shares no family phone, so a
+        consent or funnel step changes what the test expects whatever day the sample was built on.
+
+        The sample moves with the calendar, so on some days it holds no such booking: then a new patient
+        with exactly those traits is booked three days ahead and synced (the CRM left with no queued
+        events), never a near miss picked."""
         expected = self.expected_deals()
         booked = AppointmentStatus.BOOKED
-        for row in self.mis.visits():
-            if row["id"] in expected and canonical_status(self.mis.kind, row["status"]) is booked:
+        for row in sorted(self.mis.visits(), key=lambda r: int(r["id"])):
+            if row["id"] not in expected or canonical_status(self.mis.kind, row["status"]) is not booked:
+                continue
+            if self._has_traits(int(row["client_id"]), refusals, email, family):
                 return int(row["id"])
-        raise LookupError("the sample clinic has no open booking")
+        if True in (refusals, email, family):  # a new card has none of these
+            raise LookupError("the sample has no open booking of such a patient: make one in the test")
+        self._booked_for_tests += 1
+        n = self._booked_for_tests  # 999: a code the sample never deals, so no family phone by accident
+        client = self.mis.add_client("Тестова", f"+7 999 000-{n // 100:02d}-{n % 100:02d}")
+        visit = self.mis.book(client, self.mis.at(3, "10:00"))
+        self.sync()
+        self.deliver_webhooks()  # our writes' echoes: a test's next CRM event must be its own
+        if str(visit) not in self.crm.deals():
+            raise LookupError(f"the booking made for the test did not sync: {self.mismatches()}")
+        return visit
+
+    def _has_traits(self, patient_id: int, refusals: bool | None, email: bool | None, family: bool | None) -> bool:
+        patient = next((p for p in self.sample.patients if p.id == patient_id), None)
+        if patient is None:  # added by a test: its traits are the test's business
+            return False
+        flags = (
+            patient.deny_calls,
+            patient.deny_email,
+            patient.deny_sms_notifications,
+            patient.deny_sms_dispatches,
+            patient.deny_whatsapp,
+            patient.deny_data_processing,
+        )
+        traits = ((refusals, any(flags)), (email, patient.email is not None), (family, patient.family_id is not None))
+        return not patient.archived and all(want is None or want == has for want, has in traits)
 
     def stage_distribution(self) -> Counter[tuple[str, str]]:
         return Counter(

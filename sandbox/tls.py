@@ -22,6 +22,21 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 
+def _validity(days: int) -> tuple[datetime, datetime]:
+    """The window a throwaway certificate is valid in. OpenSSL checks it against the real clock, while a
+    pinned test run (tests/plugins/pinned_clock.py) mints at its travelled time: cover both clocks."""
+    now = datetime.now(UTC)
+    real = now
+    try:
+        from time_machine import escape_hatch
+    except ImportError:  # the demo runs without the test tools
+        pass
+    else:
+        if escape_hatch.is_travelling():
+            real = datetime.fromtimestamp(escape_hatch.time.time(), UTC)
+    return min(now, real) - timedelta(days=1), max(now, real) + timedelta(days=days)
+
+
 @dataclass(frozen=True)
 class CertKey:
     """A PEM certificate and its PEM private key (encrypted when ``password`` is set)."""
@@ -76,15 +91,15 @@ class ThrowawayCa:
     ) -> CertKey:
         """A leaf certificate: for TLS servers when ``server_hosts`` is given, for clients when ``client``."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(UTC)
+        not_before, not_after = _validity(days)
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=days))
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(ca=False), critical=True)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
@@ -109,15 +124,15 @@ class ThrowawayCa:
 
 def make_ca(name: str = "clinicsync test CA", days: int = 2) -> ThrowawayCa:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
+    not_before, not_after = _validity(days)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(name))
         .issuer_name(_name(name))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=days))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_key_usage(ca=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)

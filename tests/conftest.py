@@ -17,6 +17,9 @@ os.environ.setdefault("POWERTOOLS_SERVICE_NAME", "clinicsync")
 from sandbox.local import LocalClinic, start_local_clinic
 from sandbox.runtime import LocalAws
 
+# CLINICSYNC_PINNED_TIME: the whole run (every xdist worker too) at a pinned wall-clock time.
+pytest_plugins = ["tests.plugins.pinned_clock"]
+
 _ids = itertools.count(1)
 
 # Property-based tests: a small profile keeps `make test` fast; CLINICSYNC_HYPOTHESIS=large digs deeper.

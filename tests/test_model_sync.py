@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+from urllib.parse import urlencode
 
 import boto3
 import httpx
@@ -44,6 +45,7 @@ from sandbox.local import LocalClinic
 # Remove a name once its fix is merged: the machine then proves the fix for every order of steps.
 KNOWN_OPEN: frozenset[str] = frozenset(
     {
+        "defect5",  # an edited one-click token verifies (base64's unused low bits)
         "defect8",  # consent accepted from a hand-made duplicate contact (found on Bitrix24 as well)
         "defect9",  # a multipart/form-data one-click POST is refused
         "old-mis-address",  # an old MIS address stays subscribed (test_regression_an_old_mis_address_...)
@@ -274,7 +276,7 @@ class ClinicMachine(RuleBasedStateMachine):
         return self._new_person(relative.number, fmt, email)
 
     def _new_person(self, number: str, fmt: int, email: bool) -> Person:
-        address = f"p{next(_serial)}.model@example.org" if email else None
+        address = f"p{next(_serial)}.klinika@example.org" if email else None
         pid = str(self.desk.add(PHONE_FORMATS[fmt](number), address))
         person = Person(pid, number, [address] if address else [])
         self.model.persons[pid] = person
@@ -310,7 +312,7 @@ class ClinicMachine(RuleBasedStateMachine):
     def email_change(self, person: Person) -> None:
         if "old-mis-address" in KNOWN_OPEN and person.emails:
             return
-        address = f"p{next(_serial)}.model@example.org"
+        address = f"p{next(_serial)}.klinika@example.org"
         person.emails.append(address)
         self.desk.set_email(int(person.pid), address)
 
@@ -458,6 +460,41 @@ class ClinicMachine(RuleBasedStateMachine):
             answer = self.clinic.one_click(self.clinic.unsubscribe_token(person.pid))
         assert answer.status_code == 200, (multipart, answer.status_code)
         person.opt_outs.add("email")
+
+    @rule(person=persons, edit=st.integers(1, 63))
+    def edited_link(self, person: Person, edit: int) -> None:
+        """Someone changes the last character of a valid link: refused, nothing changes."""
+        if "defect5" in KNOWN_OPEN:
+            return
+        token = self.clinic.unsubscribe_token(person.pid)
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        edited = token[:-1] + alphabet[(alphabet.index(token[-1]) + edit) % len(alphabet)]
+        assert self.clinic.one_click(edited).status_code in (400, 403), "an edited token was accepted"
+
+    @rule(person=persons)
+    def look_alike_unsubscribe(self, person: Person) -> None:
+        """A Mailchimp unsubscribe for an address that only looks like the patient's (Kelvin sign for k)."""
+        if "defect10" in KNOWN_OPEN or not person.emails:
+            return
+        assert self.clinic.mailchimp is not None
+        look_alike = person.emails[-1].replace("k", "\u212a")
+        secret = self.clinic.clinic_secret["mailchimp_webhook_secret"]
+        body = urlencode(
+            {
+                "type": "unsubscribe",
+                "fired_at": "2026-01-01 10:00:00",
+                "data[action]": "unsub",
+                "data[reason]": "manual",
+                "data[email]": look_alike,
+                "data[list_id]": self.clinic.mailchimp.list_id,
+            }
+        )
+        answer = httpx.post(
+            f"{self.clinic.api_url}/webhooks/mailchimp/{secret}",
+            content=body,
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        assert answer.status_code == 200  # recorded for that address, which is nobody we know
 
     @rule()
     def deliver_mailchimp(self) -> None:

@@ -615,6 +615,8 @@ class ClinicMachine(RuleBasedStateMachine):
         new = [self.model.visits[a] for a in set(deals) - self._deals_before if a in self.model.visits]
         for visit in new:
             visit.category = deals[visit.aid]["category"]
+        booked = {v.pid for v in self.model.visits.values()}
+        self.model.bare.update(pid for pid in self.model.persons if pid not in booked)
         for lead in self.model.leads.values():
             if lead.adopted_by is not None:
                 continue
@@ -630,8 +632,6 @@ class ClinicMachine(RuleBasedStateMachine):
                 )
                 lead.adopted_by = adopters[0]
         self.model.synced.update(self.model.visits)
-        booked = {v.pid for v in self.model.visits.values()}
-        self.model.bare.update(pid for pid in self.model.persons if pid not in booked)
         self.check_safety()
 
     def _quiesce(self) -> None:

@@ -48,6 +48,7 @@ from sandbox.local import LocalClinic
 KNOWN_OPEN: frozenset[str] = frozenset(
     {
         "defect1",  # a card synced without a booking uses up its phone's lead (found without a family, too)
+        "defect2",  # amoCRM misses an inquiry phone stored with spaces or brackets
         "defect5",  # an edited one-click token verifies (base64's unused low bits)
         "defect8",  # consent accepted from a hand-made duplicate contact (found on Bitrix24 as well)
         "defect9",  # a multipart/form-data one-click POST is refused
@@ -340,6 +341,8 @@ class ClinicMachine(RuleBasedStateMachine):
             return  # not a pre-existing lead any more: the phone already has deals
         if any(lead.number == person.number for lead in self.model.leads.values()):
             return  # one open inquiry per phone
+        if "defect2" in KNOWN_OPEN and self.kind == "amocrm":
+            fmt %= 3  # only the spellings without spaces or brackets
         lid = self.crm.manager_create_inquiry(PHONE_FORMATS[fmt](person.number))
         self.model.leads[lid] = Lead(lid, person.number)
 

@@ -50,6 +50,7 @@ KNOWN_OPEN: frozenset[str] = frozenset(
         "defect1",  # a card synced without a booking uses up its phone's lead (found without a family, too)
         "defect2",  # amoCRM misses an inquiry phone stored with spaces or brackets
         "defect5",  # an edited one-click token verifies (base64's unused low bits)
+        "defect10",  # an unsubscribe for a look-alike address (Kelvin sign) opts out the real patient
         "defect8",  # consent accepted from a hand-made duplicate contact (found on Bitrix24 as well)
         "defect9",  # a multipart/form-data one-click POST is refused
         # Found here, not in issue 15's list: each is pinned as an xfail regression test below.
@@ -770,9 +771,12 @@ def test_the_whole_system_equals_an_independent_model(clinic_at_rest: LocalClini
     budget = float(os.environ.get("CLINICSYNC_MODEL_MINUTES", "20")) * 60 if profile == "large" else 0.0
     started = time.monotonic()  # bounds how long the search runs; no outcome depends on it
     while True:
-        run_state_machine_as_test(
-            machine, settings=settings(settings.default, max_examples=examples, stateful_step_count=steps)
+        # make test replays the same examples every run (a red CI names a real defect, never bad luck);
+        # the large profile draws new ones each round.
+        chosen = settings(
+            settings.default, max_examples=examples, stateful_step_count=steps, derandomize=profile == "small"
         )
+        run_state_machine_as_test(machine, settings=chosen)
         if time.monotonic() - started >= budget:
             break
     figures = {"crm": clinic_at_rest.crm.kind, "mis": clinic_at_rest.mis.kind, "profile": profile, **machine.figures}

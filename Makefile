@@ -16,7 +16,7 @@ SAM := $(SAM_VENV)/bin/sam
 MIS ?= medods
 CRM ?= bitrix24
 
-.PHONY: help venv sam-venv layer-venv lint typecheck pytest validate build test demo schema docs clean check-python connector chaos browser bench test-pinned
+.PHONY: help venv sam-venv layer-venv lint typecheck pytest validate build test demo schema docs clean check-python connector chaos browser bench test-pinned model-large
 
 help:
 	@echo "make demo   - local runtime against the emulators (MIS=$(MIS) CRM=$(CRM))"
@@ -25,6 +25,7 @@ help:
 	@echo "make chaos  - the full chaos-convergence run (800 patients, 2,000 MIS events, both CRMs); figures in chaos-report.json"
 	@echo "make docs   - regenerate docs/clinic-config.schema.json and docs/config-reference.md"
 	@echo "make bench  - clinicsync vs fast_bitrix24, the per-record loop and amocrm-api at the CRMs' rate limits; bench/report.json"
+	@echo "make model-large - the model-based test of the whole system for MODEL_MINUTES (default 20) per CRM/MIS pair"
 	@echo "make connector - build the IDENT connector wheel for clinics (dist/connector/) and smoke-test it"
 
 check-python:
@@ -121,6 +122,15 @@ chaos: venv
 # AWS cost, side by side in one run for both CRMs; the reduced run is in make test (tests/test_bench_smoke.py).
 bench: venv layer-venv
 	$(PY) -m sandbox.bench --report bench/report.json
+
+# The model-based test (tests/test_model_sync.py) with long examples, round after round, for MODEL_MINUTES per
+# CRM/MIS pair; its small profile is in make test. model-report.jsonl: the examples and steps each pair ran.
+MODEL_MINUTES ?= 20
+model-large: venv
+	rm -f model-report.jsonl
+	CLINICSYNC_HYPOTHESIS=large CLINICSYNC_MODEL_MINUTES=$(MODEL_MINUTES) CLINICSYNC_MODEL_REPORT=model-report.jsonl \
+		$(PY) -m pytest -q -p no:logging -n 4 tests/test_model_sync.py
+	cat model-report.jsonl
 
 # The IDENT connector wheel (it carries the clinicsync package), installed into a throwaway venv with
 # only its declared dependencies and started once, so a missing dependency shows up here, not at a clinic.

@@ -34,6 +34,7 @@ def patch_moto() -> None:
     - a changed layer is a new layer version (CloudFormation replaces it); moto has no update for the type
       and leaves None in the stack, so every later Ref to the layer breaks."""
     moto_cfn.register()
+    speed_up_moto_server()
     from moto.awslambda.models import LayerVersion
 
     if getattr(LayerVersion, "_clinicsync_patched", False):
@@ -52,6 +53,17 @@ def patch_moto() -> None:
     LayerVersion.physical_resource_id = property(lambda self: self.arn)  # type: ignore[attr-defined]
     LayerVersion.update_from_cloudformation_json = classmethod(update)  # type: ignore[assignment,method-assign]
     LayerVersion._clinicsync_patched = True  # type: ignore[attr-defined]
+
+
+def speed_up_moto_server() -> None:
+    """moto's server lists and stats its ~200 package folders on every request to route it by host
+    (``backends.list_of_moto_modules``); the list never changes, so it is read once. A fleet-wide
+    read sends hundreds of requests: this was a third of the server's CPU time."""
+    from moto import backends
+
+    if not hasattr(backends.list_of_moto_modules, "cache_info"):
+        modules = tuple(backends.list_of_moto_modules())
+        backends.list_of_moto_modules = functools.cache(lambda: modules)  # type: ignore[assignment]
 
 
 @functools.cache

@@ -166,7 +166,7 @@ def _ago(at: float | None) -> str:
 def status(
     fleet_path: FleetOption = Path("fleet.yaml"),
     as_json: JsonOption = False,
-    workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Clinics read at once")] = 16,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Clinics read at once")] = 8,
 ) -> None:
     """One row per clinic: release, stack status, last poll, sync lag, errors, DLQ depth, CRM budget use,
     opt-outs pending. Clinics over a threshold come first."""

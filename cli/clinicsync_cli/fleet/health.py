@@ -109,9 +109,7 @@ def _alarms_in_alarm(cloudwatch: Any, handle: StackHandle) -> list[str]:
     return sorted(found)
 
 
-def read_fleet(
-    fleet: Fleet, cells: Cells, clinic_ids: list[str] | None = None, workers: int = 16
-) -> list[ClinicHealth]:
+def read_fleet(fleet: Fleet, cells: Cells, clinic_ids: list[str] | None = None, workers: int = 8) -> list[ClinicHealth]:
     """Breaching clinics first (most breaches first), then by id."""
     wanted = [c for c in fleet.clinics if clinic_ids is None or c.id in clinic_ids]
     limits = fleet.rollout.thresholds

@@ -20,10 +20,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from clinicsync.config import load_clinic_config
 from clinicsync.health import HealthLog
 from clinicsync_cli.app import app
+from clinicsync_cli.clinic import console
 from clinicsync_cli.fleet.cells import Cells
 from clinicsync_cli.fleet.clock import ManualClock, TokenBucket
+from clinicsync_cli.fleet.commands import run_rollout
+from clinicsync_cli.fleet.drift import read_drift
 from clinicsync_cli.fleet.registry import Fleet, fleet_json_schema, load_fleet, parse_fleet
 from clinicsync_cli.fleet.release import ReleaseStore, release_of
 from clinicsync_cli.fleet.rollout import Rollout, RolloutState
@@ -228,14 +232,16 @@ def test_an_interrupted_rollout_resumes_without_redeploying_or_rebuilding(make_f
 
 @needs_sam
 @pytest.mark.slow
-def test_a_dry_run_creates_change_sets_and_executes_none(make_fleet: Any) -> None:
+def test_a_dry_run_creates_change_sets_and_executes_none(make_fleet: Any, capsys: pytest.CaptureFixture[str]) -> None:
     fleet = make_fleet("dry", 2)
     assert fleet.rollout("r1").run().phase == "done"
-    rollout = fleet.rollout("r2", dry_run=True)
-    state = rollout.run()
+    local_fleet.set_release(fleet.path, "r2")
+    console.width = 200
+    state = run_rollout(load_fleet(fleet.path), fleet.path, fleet.packager, None, dry_run=True, clock=ManualClock())
 
     assert state.phase == "planned"
-    assert rollout.figures.executed == 0
+    out = capsys.readouterr().out
+    assert "release r2: planned" in out and "2 change set(s), 0 executed" in out  # the final table and figures
     assert all(fleet.release(i) == "r1" for i in fleet.ids)
     cfn = fleet.aws.client("cloudformation")
     for clinic in fleet.ids:
@@ -273,6 +279,64 @@ def test_a_fleet_over_two_cells_puts_each_stack_in_its_cells_account(local_aws: 
         assert session.client("ssm").get_parameter(Name=f"/clinicsync/{clinic}/config")["Parameter"]["Value"]
         other = sessions.session("west" if name == "east" else "east").client("cloudformation")
         assert stack_name(clinic) not in [s["StackName"] for s in other.describe_stacks()["Stacks"]]
+
+
+@needs_sam
+@pytest.mark.slow
+def test_drift_names_clinics_on_another_release_or_with_other_parameters(make_fleet: Any) -> None:
+    fleet = make_fleet("drift", 2, bake_seconds=0)
+    assert fleet.rollout("r1").run().phase == "done"
+    cells = Cells(load_fleet(fleet.path).cells)
+    assert all(not d.differences for d in read_drift(load_fleet(fleet.path), fleet.root, cells, detect=False))
+
+    data = yaml.safe_load(fleet.path.read_text(encoding="utf-8"))
+    data["release"] = "r2"  # the registry moved on; nothing was deployed
+    data["clinics"][1]["release"] = "r1"  # ... except that this clinic is pinned to what it runs
+    data["clinics"][1]["parameters"] = {"SyncerMaxConcurrency": "8"}
+    fleet.path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    found = {d.clinic_id: d for d in read_drift(load_fleet(fleet.path), fleet.root, cells, detect=False)}
+
+    first, second = fleet.ids
+    assert found[first].differences == ["release r1, registry says r2"]
+    assert len(found[second].differences) == 1 and "SyncerMaxConcurrency" in found[second].differences[0]
+
+
+def test_fleet_add_onboards_through_init_and_check_into_the_first_cell_with_room(
+    make_clinic: Any, tmp_path: Path
+) -> None:
+    clinic = make_clinic(patients=3, appointments=3, rate_limit=False, crm="amocrm")
+    sm = clinic.stack.aws.client("secretsmanager")
+    values = {
+        k: json.loads(sm.get_secret_value(SecretId=f"clinicsync/{clinic.config.clinic_id}/{k}")["SecretString"])
+        for k in ("mis", "crm")
+    }
+    (tmp_path / "clinics").mkdir()
+    secrets = tmp_path / "clinics" / "new.secrets.json"
+    secrets.write_text(json.dumps(values), encoding="utf-8")
+    registry = {
+        "version": 1,
+        "release": "r1",
+        "cells": {
+            "full": {"account_id": "111111111111", "artifacts_bucket": "bucket-full", "max_clinics": 1},
+            "roomy": {"account_id": "222222222222", "artifacts_bucket": "bucket-roomy"},
+        },
+        "clinics": [{"id": "old-clinic", "config": "clinics/old-clinic/clinic.yaml", "cell": "full"}],
+    }
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(registry), encoding="utf-8")
+    args = ["fleet", "add", "--fleet", str(path), "--clinic-id", "fresh-fleet", "--mis", "medods"]
+    args += ["--mis-url", clinic.config.mis.base_url, "--crm", "amocrm", "--secrets", str(secrets)]
+
+    result = CliRunner().invoke(app, args)
+
+    assert result.exit_code == 0, result.output
+    added = load_fleet(path).clinic("fresh-fleet")
+    assert added.cell == "roomy"  # the first cell is full
+    assert added.config == Path("clinics/fresh-fleet/clinic.yaml")
+    assert added.secrets == Path("clinics/new.secrets.json")
+    assert load_clinic_config(tmp_path / added.config).clinic_id == "fresh-fleet"  # init's proposal, checked
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 1 and "already in" in again.output
 
 
 # --- status across the fleet -----------------------------------------------------------------------------

@@ -204,10 +204,16 @@ def status_table(fleet: Fleet, found: list[ClinicHealth]) -> Table:
 
 
 @fleet_app.command("drift")
-def drift(fleet_path: FleetOption = Path("fleet.yaml"), as_json: JsonOption = False) -> None:
+def drift(
+    fleet_path: FleetOption = Path("fleet.yaml"),
+    as_json: JsonOption = False,
+    detect: Annotated[
+        bool, typer.Option("--cloudformation/--no-cloudformation", help="Also run CloudFormation drift detection")
+    ] = True,
+) -> None:
     """Clinics whose stack differs from the registry: another release, other parameters, CloudFormation drift."""
     fleet = open_fleet(fleet_path)
-    found = read_drift(fleet, fleet_path.parent, Cells(fleet.cells))
+    found = read_drift(fleet, fleet_path.parent, Cells(fleet.cells), detect=detect)
     drifted = [d for d in found if d.differences]
     if as_json:
         print(dump_json([d.as_dict() for d in found]))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 
 from clinicsync.config import parse_clinic_config
 from clinicsync_cli.fleet.cells import Cells
@@ -26,6 +27,7 @@ class ClinicDrift:
     clinic_id: str
     release: str | None = None
     differences: list[str] = field(default_factory=list)
+    cloudformation_drift: str = "not checked"  # "checked", or why it could not be
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,12 +65,14 @@ def clinic_drift(fleet: Fleet, base: Path, cells: Cells, clinic: FleetClinic, de
         if (key in actual and actual[key] != value) or (key not in actual and key not in _FROM_CONFIG):
             found.differences.append(f"parameter {key}={actual.get(key, '(unset)')}, registry says {value}")
     if detect:
-        found.differences += _cloudformation_drift(cfn, stack)
+        found.cloudformation_drift, drifted = _cloudformation_drift(cfn, stack)
+        found.differences += drifted
     return found
 
 
-def _cloudformation_drift(cfn: Any, stack: str) -> list[str]:
-    """CloudFormation's own drift detection: resources edited by hand since the last deploy."""
+def _cloudformation_drift(cfn: Any, stack: str) -> tuple[str, list[str]]:
+    """CloudFormation's own drift detection: resources edited by hand since the last deploy. An account
+    (or emulator) that cannot run it says so instead of reporting a difference."""
     try:
         detection = cfn.detect_stack_drift(StackName=stack)["StackDriftDetectionId"]
         for _ in range(60):
@@ -79,13 +83,13 @@ def _cloudformation_drift(cfn: Any, stack: str) -> list[str]:
         drifted = cfn.describe_stack_resource_drifts(
             StackName=stack, StackResourceDriftStatusFilters=["MODIFIED", "DELETED"]
         )["StackResourceDrifts"]
-    except (ClientError, BotoCoreError, NotImplementedError) as exc:
+    except (ClientError, BotoCoreError, ResponseParserError) as exc:
         code = exc.response["Error"]["Code"] if isinstance(exc, ClientError) else type(exc).__name__
-        return [] if code in ("NotImplemented", "InternalFailure", "NotImplementedError") else [f"drift check: {code}"]
-    return [f"{d['LogicalResourceId']} {d['StackResourceDriftStatus'].lower()}" for d in drifted]
+        return f"unavailable ({code})", []
+    return "checked", [f"{d['LogicalResourceId']} {d['StackResourceDriftStatus'].lower()}" for d in drifted]
 
 
-def read_drift(fleet: Fleet, base: Path, cells: Cells, workers: int = 8) -> list[ClinicDrift]:
+def read_drift(fleet: Fleet, base: Path, cells: Cells, detect: bool = True, workers: int = 8) -> list[ClinicDrift]:
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(fleet.clinics)))) as pool:
-        found = list(pool.map(lambda c: clinic_drift(fleet, base, cells, c), fleet.clinics))
+        found = list(pool.map(lambda c: clinic_drift(fleet, base, cells, c, detect), fleet.clinics))
     return sorted(found, key=lambda d: (not d.differences, d.clinic_id))

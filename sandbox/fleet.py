@@ -1,8 +1,9 @@
 """A fleet of clinics on this machine: the real ``template.yaml`` through the SAM transform (samtranslator),
 stacks created and updated by moto's CloudFormation through change sets, and the fleet tool driving them.
 
-``python -m sandbox.fleet --clinics 50`` (``make fleet-50``) runs a full rollout of 50 clinics and a
-``fleet status --json`` read, and writes the figures (wall time, change sets, concurrency) to a report.
+``python -m sandbox.fleet --clinics 50`` (``make fleet-50``) runs four rollouts over 50 clinics (create,
+update, a canary breach rolled back, an interrupted rollout resumed), checks each through CloudFormation,
+times a fleet-wide status read, and writes the figures (wall time, change sets, concurrency) to a report.
 """
 
 from __future__ import annotations
@@ -154,7 +155,19 @@ def prepare_account(s3: Any, bucket: str = BUCKET) -> None:
         s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
 
 
+def _releases(cells: Any, ids: list[str]) -> dict[str, str | None]:
+    """Each clinic's release as CloudFormation reports it (GetTemplate)."""
+    from clinicsync_cli.fleet.release import release_of
+    from clinicsync_cli.stack import stack_name
+
+    cfn = cells.client("default", "cloudformation")
+    return {i: release_of(cfn.get_template(StackName=stack_name(i))["TemplateBody"]) for i in ids}
+
+
 def run(clinics: int, concurrency: int, report: Path | None) -> dict[str, Any]:
+    """Four rollouts over the same clinics, each checked through CloudFormation: r1 creates every stack,
+    r2 updates every stack, r3's canary breaches (an alarm fires) and is rolled back while the rest stay
+    on r2, r4 is interrupted during a bake and resumed."""
     import tempfile
 
     from clinicsync_cli.fleet.cells import Cells
@@ -163,40 +176,97 @@ def run(clinics: int, concurrency: int, report: Path | None) -> dict[str, Any]:
     from clinicsync_cli.fleet.registry import load_fleet
     from clinicsync_cli.fleet.rollout import Rollout
 
+    class Interrupted(KeyboardInterrupt):
+        pass
+
     aws = LocalAws().start()
     figures: dict[str, Any] = {"clinics": clinics, "concurrency": concurrency}
+    failures: list[str] = []
     try:
         prepare_account(aws.client("s3"))
         root = Path(tempfile.mkdtemp(prefix="clinicsync-fleet-"))
         path = write_fleet(root, clinics, "r1", rollout={"concurrency": concurrency})
         packager = LocalPackager()
-        for release in ("r1", "r2"):  # r1 creates every stack, r2 updates every stack
+        ids = [f"clinic-{n:03d}" for n in range(clinics)]
+
+        def rollout(release: str, observer: Any = None) -> tuple[Rollout, Any]:
             set_release(path, release)
             fleet = load_fleet(path)
             clock = ManualClock()
-            started, simulated = time.monotonic(), clock.now()
-            rollout = Rollout(fleet, root, Cells(fleet.cells), packager, clock, root / f"state-{release}.json")
-            state = rollout.run()
-            figures[release] = {
-                "phase": state.phase,
-                "wall_seconds": round(time.monotonic() - started, 1),
-                "simulated_seconds": round(clock.now() - simulated, 1),
-                "waves": [len(w) for w in state.waves],
-                "change_sets": rollout.figures.change_sets,
-                "executed": rollout.figures.executed,
-                "api_deployments": len(rollout.figures.api_deployments),
+            cells = Cells(fleet.cells)
+            return Rollout(fleet, root, cells, packager, clock, root / "rollout.json", observer=observer), clock
+
+        def record(name: str, runs: list[tuple[Rollout, Any, float, float]], expected: dict[str, str]) -> None:
+            last = runs[-1][0]
+            found = _releases(last.cells, ids)
+            if found != expected:
+                failures.append(f"{name}: {sum(found[i] != expected[i] for i in ids)} clinic(s) not as expected")
+            figures[name] = {
+                "phase": last.state.phase,
+                "wall_seconds": round(sum(time.monotonic() - started for _, _, started, _ in runs), 1),
+                "simulated_seconds": round(sum(c.now() - t0 for _, c, _, t0 in runs), 1),
+                "waves": [len(w) for w in last.state.waves],
+                "change_sets": sum(r.figures.change_sets for r, *_ in runs),
+                "executed": sum(r.figures.executed for r, *_ in runs),
+                "rolled_back": sum(r.figures.rolled_back for r, *_ in runs),
+                "api_deployments": sum(len(r.figures.api_deployments) for r, *_ in runs),
             }
-            print(release, figures[release], flush=True)
+            print(name, figures[name], flush=True)
+
+        for release in ("r1", "r2"):  # create every stack, then update every stack
+            r, clock = rollout(release)
+            started, t0 = time.monotonic(), clock.now()
+            r.run()
+            record(release, [(r, clock, started, t0)], dict.fromkeys(ids, release))
+
+        def breach(clinic: str | None, _detail: Any) -> None:
+            if clinic == ids[0]:
+                cfn = aws.client("cloudformation")
+                listed = cfn.describe_stack_resources(StackName=f"clinicsync-{clinic}")["StackResources"]
+                alarm = next(x["PhysicalResourceId"] for x in listed if x["LogicalResourceId"] == "SyncLagAlarm")
+                aws.client("cloudwatch").set_alarm_state(AlarmName=alarm, StateValue="ALARM", StateReason="drill")
+
+        r, clock = rollout("r3", lambda event, clinic, detail: breach(clinic, detail) if event == "deployed" else None)
+        started, t0 = time.monotonic(), clock.now()
+        r.run()
+        record("r3-canary-breach", [(r, clock, started, t0)], dict.fromkeys(ids, "r2"))
+        cfn = aws.client("cloudformation")
+        listed = cfn.describe_stack_resources(StackName=f"clinicsync-{ids[0]}")["StackResources"]
+        alarm = next(x["PhysicalResourceId"] for x in listed if x["LogicalResourceId"] == "SyncLagAlarm")
+        aws.client("cloudwatch").set_alarm_state(AlarmName=alarm, StateValue="OK", StateReason="fixed")
+
+        def interrupt(event: str, _clinic: str | None, detail: dict[str, Any]) -> None:
+            if event == "baking" and ids[1] in detail["clinics"]:
+                raise Interrupted
+
+        first, clock1 = rollout("r4", interrupt)
+        started1, t1 = time.monotonic(), clock1.now()
+        try:
+            first.run(restart=True)
+            failures.append("r4: the interruption did not happen")
+        except Interrupted:
+            pass
+        second, clock2 = rollout("r4")
+        started2, t2 = time.monotonic(), clock2.now()
+        second.run()
+        runs = [(first, clock1, started1, t1), (second, clock2, started2, t2)]
+        record("r4-interrupted-and-resumed", runs, dict.fromkeys(ids, "r4"))
+        if first.figures.executed + second.figures.executed != clinics:
+            failures.append("r4: a clinic was deployed twice or not at all")
+
         fleet = load_fleet(path)
         started = time.monotonic()
         found = read_fleet(fleet, Cells(fleet.cells))
         figures["status_json_seconds"] = round(time.monotonic() - started, 2)
         figures["status_rows"] = len(found)
         figures["builds"] = packager.builds
+        figures["failures"] = failures
     finally:
         aws.stop()
     if report is not None:
         report.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    if failures:
+        raise SystemExit("; ".join(failures))
     return figures
 
 

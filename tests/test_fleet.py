@@ -232,6 +232,34 @@ def test_an_interrupted_rollout_resumes_without_redeploying_or_rebuilding(make_f
 
 @needs_sam
 @pytest.mark.slow
+def test_an_interruption_mid_wave_cancels_the_clinics_not_started_and_the_resume_deploys_only_them(
+    make_fleet: Any,
+) -> None:
+    fleet = make_fleet("midwave", 4, concurrency=1, bake_seconds=0)
+    assert fleet.rollout("r1").run().phase == "done"
+    last_wave = fleet.ids[2:]
+
+    def interrupt(clinic: str | None, _detail: dict[str, Any]) -> None:
+        if clinic == last_wave[0]:
+            raise Interrupted  # in the worker, as a crash of the tool would stop it there
+
+    events = Events()
+    events.on("deployed", interrupt)
+    with pytest.raises(Interrupted):
+        fleet.rollout("r2", events).run()
+    saved = RolloutState.load(fleet.state_path)
+    assert saved is not None
+    assert saved.clinics[last_wave[0]].state == "deployed" and saved.clinics[last_wave[1]].state == "pending"
+    assert fleet.release(last_wave[1]) == "r1"  # cancelled before it started
+
+    resumed_events = Events()
+    assert fleet.rollout("r2", resumed_events).run().phase == "done"
+    assert resumed_events.clinics("deployed") == [last_wave[1]]
+    assert {i: fleet.release(i) for i in fleet.ids} == dict.fromkeys(fleet.ids, "r2")
+
+
+@needs_sam
+@pytest.mark.slow
 def test_a_dry_run_creates_change_sets_and_executes_none(make_fleet: Any, capsys: pytest.CaptureFixture[str]) -> None:
     fleet = make_fleet("dry", 2)
     assert fleet.rollout("r1").run().phase == "done"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -167,8 +168,7 @@ class Rollout:
     def _run_wave(self, index: int) -> None:
         ids = [i for i in self.state.waves[index] if self.state.clinics[i].state not in ("pinned", "done")]
         self.observer("wave", None, {"index": index, "clinics": ids})
-        with ThreadPoolExecutor(max_workers=self.fleet.rollout.concurrency) as pool:
-            list(pool.map(self._deploy_clinic, ids))
+        self._each(self._deploy_clinic, ids)
         failed = {i: [self.state.clinics[i].reason] for i in ids if self.state.clinics[i].state == "failed"}
         if self.dry_run:
             self._advance(index, ids, "planned")
@@ -269,7 +269,8 @@ class Rollout:
         """Create and describe a change set; (None, []) when the stack already matches."""
         cfn = self.cells.client(clinic.cell, "cloudformation")
         stack = stack_name(clinic.id)
-        name = f"clinicsync-{release.replace('.', '-').replace('_', '-')}-{int(self.clock.now())}"
+        # Unique per attempt: a resumed rollout may create another change set for the same release.
+        name = f"clinicsync-{release.replace('.', '-').replace('_', '-')}-{uuid.uuid4().hex[:12]}"
         self.cfn_buckets[clinic.cell].acquire()
         created = cfn.create_change_set(
             StackName=stack,
@@ -340,8 +341,31 @@ class Rollout:
     def _roll_back(self, ids: list[str]) -> None:
         """Every clinic of the wave this rollout changed goes back to the release it ran before."""
         targets = [i for i in ids if self.state.clinics[i].state in ("deployed", "failed")]
-        with ThreadPoolExecutor(max_workers=self.fleet.rollout.concurrency) as pool:
-            list(pool.map(self._roll_back_clinic, targets))
+        self._each(self._roll_back_clinic, targets)
+
+    def _each(self, work: Callable[[str], None], ids: list[str]) -> None:
+        """``concurrency`` clinics at a time. On an interruption the clinics not started are skipped
+        (their state stays pending); the ones under way finish and save their state first."""
+        stop = threading.Event()
+
+        def guarded(clinic_id: str) -> None:
+            if stop.is_set():
+                return
+            try:
+                work(clinic_id)
+            except BaseException:
+                stop.set()
+                raise
+
+        pool = ThreadPoolExecutor(max_workers=self.fleet.rollout.concurrency)
+        try:
+            for future in [pool.submit(guarded, clinic_id) for clinic_id in ids]:
+                future.result()
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _roll_back_clinic(self, clinic_id: str) -> None:
         clinic = self.fleet.clinic(clinic_id)

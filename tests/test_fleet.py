@@ -472,3 +472,16 @@ def test_the_fleet_schema_and_example_are_current() -> None:
     schema = json.loads((DOCS / "fleet.schema.json").read_text(encoding="utf-8"))
     assert schema == fleet_json_schema(), "run `make schema`"
     assert load_fleet(DOCS / "fleet.example.yaml").version == 1
+
+
+def test_fleet_commands_say_what_is_wrong_with_a_registry_and_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    registry = _registry(2, [0.5])
+    path.write_text(yaml.safe_dump(registry), encoding="utf-8")
+    for command in ("status", "drift", "deploy"):
+        result = CliRunner().invoke(app, ["fleet", command, "--fleet", str(path)])
+        assert result.exit_code == 1, result.output
+        assert "not a valid fleet registry" in result.output and "rollout" in result.output
+        assert "next:" in result.output and "Traceback" not in result.output
+    missing = CliRunner().invoke(app, ["fleet", "status", "--fleet", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 1 and "fleet.example.yaml" in missing.output

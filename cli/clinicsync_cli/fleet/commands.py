@@ -3,12 +3,15 @@ that does the work, and shapes the reply."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import yaml
+from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -38,6 +41,15 @@ def open_fleet(path: Path) -> Fleet:
         fail(f"{path} is not a valid fleet registry:\n" + "\n".join(lines), "fix those keys (docs/fleet.md)")
     except (ValueError, yaml.YAMLError) as exc:
         fail(f"{path} is not a valid fleet registry: {exc}", "fix the YAML (docs/fleet.md)")
+
+
+@contextlib.contextmanager
+def aws_errors() -> Iterator[None]:
+    """No credentials, a refused role, an unreachable endpoint: one line and what to do."""
+    try:
+        yield
+    except (BotoCoreError, ClientError) as exc:
+        fail(f"cannot reach AWS: {exc}", "check AWS_PROFILE / AWS_REGION and each cell's role_arn in fleet.yaml")
 
 
 def default_state_path(fleet_path: Path) -> Path:
@@ -134,7 +146,8 @@ def run_rollout(
             observer=RolloutProgress(progress, len(fleet.clinics)),
         )
         try:
-            state = rollout.run(restart=restart)
+            with aws_errors():
+                state = rollout.run(restart=restart)
         except RolloutError as exc:
             progress.stop()
             fail(str(exc), "resume with the same fleet.yaml, or pass --restart")
@@ -171,7 +184,8 @@ def status(
     """One row per clinic: release, stack status, last poll, sync lag, errors, DLQ depth, CRM budget use,
     opt-outs pending. Clinics over a threshold come first."""
     fleet = open_fleet(fleet_path)
-    found = read_fleet(fleet, Cells(fleet.cells), workers=workers)
+    with aws_errors():
+        found = read_fleet(fleet, Cells(fleet.cells), workers=workers)
     if as_json:
         print(dump_json([h.as_dict() for h in found]))  # plain stdout: pipes and jq
         return
@@ -213,7 +227,8 @@ def drift(
 ) -> None:
     """Clinics whose stack differs from the registry: another release, other parameters, CloudFormation drift."""
     fleet = open_fleet(fleet_path)
-    found = read_drift(fleet, fleet_path.parent, Cells(fleet.cells), detect=detect)
+    with aws_errors():
+        found = read_drift(fleet, fleet_path.parent, Cells(fleet.cells), detect=detect)
     drifted = [d for d in found if d.differences]
     if as_json:
         print(dump_json([d.as_dict() for d in found]))

@@ -166,7 +166,10 @@ class Rollout:
         self.observer("packaged", None, {"release": self.state.release, "cells": missing})
 
     def _run_wave(self, index: int) -> None:
-        ids = [i for i in self.state.waves[index] if self.state.clinics[i].state not in ("pinned", "done")]
+        known = {c.id for c in self.fleet.clinics}
+        for gone in [i for i in self.state.waves[index] if i not in known]:  # removed while interrupted
+            self._set(gone, state="skipped", reason="no longer in the registry")
+        ids = [i for i in self.state.waves[index] if self.state.clinics[i].state not in ("pinned", "done", "skipped")]
         self.observer("wave", None, {"index": index, "clinics": ids})
         self._each(self._deploy_clinic, ids)
         failed = {i: [self.state.clinics[i].reason] for i in ids if self.state.clinics[i].state == "failed"}

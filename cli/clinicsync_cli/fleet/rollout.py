@@ -26,7 +26,7 @@ from clinicsync_cli import deployment
 from clinicsync_cli.clinic import SECRET_KEYS, clinic_secret_ref, load_secrets_file
 from clinicsync_cli.fleet.cells import Cells
 from clinicsync_cli.fleet.clock import Clock, TokenBucket
-from clinicsync_cli.fleet.health import read_clinic
+from clinicsync_cli.fleet.health import read_fleet
 from clinicsync_cli.fleet.registry import Fleet, FleetClinic
 from clinicsync_cli.fleet.release import Packager, ReleaseStore, release_of
 from clinicsync_cli.stack import stack_name
@@ -328,14 +328,12 @@ class Rollout:
         """Watch the wave's clinics for the bake time; the first breach ends it."""
         policy = self.fleet.rollout
         watched = [i for i in ids if self.state.clinics[i].state == "deployed"]
+        if not watched:
+            return {}  # nothing changed in this wave: nothing to watch
         end = self.clock.now() + policy.bake_seconds
         self.observer("baking", None, {"clinics": watched, "seconds": policy.bake_seconds})
         while True:
-            found = {}
-            for clinic_id in watched:
-                health = read_clinic(self.cells, self.state.clinics[clinic_id].cell, clinic_id, policy.thresholds)
-                if health.breaches:
-                    found[clinic_id] = health.breaches
+            found = {h.clinic_id: h.breaches for h in read_fleet(self.fleet, self.cells, watched) if h.breaches}
             self.observer("baked", None, {"breaching": sorted(found)})
             if found or self.clock.now() >= end:
                 return found

@@ -28,7 +28,7 @@ from clinicsync_cli.fleet.cells import Cells
 from clinicsync_cli.fleet.clock import ManualClock, TokenBucket
 from clinicsync_cli.fleet.commands import run_rollout
 from clinicsync_cli.fleet.drift import read_drift
-from clinicsync_cli.fleet.registry import Fleet, fleet_json_schema, load_fleet, parse_fleet
+from clinicsync_cli.fleet.registry import Fleet, dump_fleet, fleet_json_schema, load_fleet, parse_fleet
 from clinicsync_cli.fleet.release import ReleaseStore, release_of
 from clinicsync_cli.fleet.rollout import Rollout, RolloutState
 from clinicsync_cli.stack import stack_name
@@ -471,7 +471,8 @@ def test_an_inconsistent_registry_is_refused_with_the_reason(change: Any, messag
 def test_the_fleet_schema_and_example_are_current() -> None:
     schema = json.loads((DOCS / "fleet.schema.json").read_text(encoding="utf-8"))
     assert schema == fleet_json_schema(), "run `make schema`"
-    assert load_fleet(DOCS / "fleet.example.yaml").version == 1
+    example = load_fleet(DOCS / "fleet.example.yaml")
+    assert parse_fleet(dump_fleet(example)) == example  # what `fleet add` writes back reads the same
 
 
 def test_fleet_commands_say_what_is_wrong_with_a_registry_and_what_to_do(tmp_path: Path) -> None:

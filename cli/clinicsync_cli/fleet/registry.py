@@ -165,9 +165,8 @@ def load_fleet(path: Path) -> Fleet:
 
 
 def dump_fleet(fleet: Fleet) -> str:
-    data = fleet.model_dump(mode="json", exclude_defaults=True)
-    data = {"version": fleet.version, **data}  # exclude_defaults never drops the required version
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    """The canonical form (defaults left out; comments are not kept by a YAML round trip)."""
+    return yaml.safe_dump(fleet.model_dump(mode="json", exclude_defaults=True), sort_keys=False, allow_unicode=True)
 
 
 def fleet_json_schema() -> dict[str, object]:

@@ -16,7 +16,7 @@ SAM := $(SAM_VENV)/bin/sam
 MIS ?= medods
 CRM ?= bitrix24
 
-.PHONY: help venv sam-venv layer-venv lint typecheck pytest validate build test demo schema docs clean check-python connector chaos browser bench test-pinned model-large
+.PHONY: help venv sam-venv layer-venv lint typecheck pytest validate build test demo schema docs clean check-python connector chaos browser bench test-pinned model-large fleet-50
 
 help:
 	@echo "make demo   - local runtime against the emulators (MIS=$(MIS) CRM=$(CRM))"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench  - clinicsync vs fast_bitrix24, the per-record loop and amocrm-api at the CRMs' rate limits; bench/report.json"
 	@echo "make model-large - the model-based test of the whole system for MODEL_MINUTES (default 20) per CRM/MIS pair"
 	@echo "make connector - build the IDENT connector wheel for clinics (dist/connector/) and smoke-test it"
+	@echo "make fleet-50 - roll two releases out to 50 clinics' stacks (moto CloudFormation); figures in fleet-report.json"
 
 check-python:
 	@test -n "$(PY313)" || { echo "python3.13 not found on PATH or under $(PYENV_DIR)/versions" >&2; exit 1; }
@@ -106,6 +107,8 @@ demo: venv
 schema: venv
 	$(PY) -c 'import json, sandbox; from clinicsync.config import clinic_config_json_schema as s; \
 		print(json.dumps(s(), indent=2, ensure_ascii=False))' > docs/clinic-config.schema.json
+	$(PY) -c 'import json, sandbox; from clinicsync_cli.fleet.registry import fleet_json_schema as s; \
+		print(json.dumps(s(), indent=2, ensure_ascii=False))' > docs/fleet.schema.json
 
 # The config reference, generated from the JSON Schema (a test keeps the committed copy current).
 docs: schema
@@ -142,6 +145,12 @@ connector: venv
 	.connector-smoke/bin/clinicsync-ident --help >/dev/null
 	rm -rf .connector-smoke
 	@echo "built $$(ls dist/connector/*.whl)"
+
+# 50 clinics' stacks from the real template (SAM transform, moto's CloudFormation, change sets): a create
+# rollout, an update rollout, then `fleet status`; wall time, change sets and concurrency in fleet-report.json.
+# The scaled-down scenarios (canary breach and rollback, resume) are in make test (tests/test_fleet.py).
+fleet-50: venv sam-venv
+	$(PY) -m sandbox.fleet --clinics 50 --concurrency 8 --report fleet-report.json
 
 clean:
 	rm -rf .aws-sam .demo dist .connector-smoke .chromium

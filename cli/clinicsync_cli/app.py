@@ -58,12 +58,14 @@ from clinicsync_cli.clinic import (
     load_config,
     load_secrets_file,
 )
+from clinicsync_cli.fleet.commands import fleet_app
 from clinicsync_cli.report import render_report
 from clinicsync_cli.stack import QUEUES, StackHandle, StackNotFound, stack_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Operate a clinic's clinicsync stack")
 dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: why messages failed, and replaying them")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(fleet_app, name="fleet")
 
 StackOption = Annotated[str, typer.Option("--stack", "-s", help="The clinic's CloudFormation stack name")]
 QueueOption = Annotated[str, typer.Option("--queue", "-q", help=f"Which queue: {', '.join(QUEUES)}")]

@@ -1,0 +1,1 @@
+"""``clinicsync fleet``: many clinics' stacks deployed, upgraded and watched as one (docs/fleet.md)."""

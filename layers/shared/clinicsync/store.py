@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 AUDIT_TTL_SECONDS = 400 * 24 * 3600  # keep the opt-out audit trail for 400 days
+TRANSACT_LIMIT = 100  # items per TransactWriteItems request
 
 
 def _patient_pk(patient_id: str) -> str:
@@ -178,11 +179,12 @@ class DynamoStore:
         """Persist after the CRM accepted the writes.
 
         Items that already existed when ``loaded`` was read are replaced with a condition on their
-        version (never older over newer). New items and reverse maps go in BatchWriteItem calls:
-        nobody else can be creating them, since a patient's shard is a FIFO group served by one
-        invocation at a time.
+        version (never older over newer), up to 100 per TransactWriteItems request rather than one
+        request each. New items and reverse maps go in BatchWriteItem calls: nobody else can be
+        creating them, since a patient's shard is a FIFO group served by one invocation at a time.
         """
         fresh: list[dict[str, Any]] = []
+        versioned: dict[tuple[str, str], dict[str, Any]] = {}
         for state, changed in saves:
             before = loaded.get(state.patient_id, PatientState(patient_id=state.patient_id))
             for item in _items_for(state, changed):
@@ -191,24 +193,43 @@ class DynamoStore:
                     sk.startswith("APPT#") and before.appointment(sk.removeprefix("APPT#")).version >= 0
                 )
                 if existed and "version" in item:
-                    self._put_if_not_older(item)
+                    versioned[(str(item["pk"]), sk)] = item
                 else:
                     fresh.append(item)
+        items = list(versioned.values())
+        for start in range(0, len(items), TRANSACT_LIMIT):
+            self._put_if_not_older(items[start : start + TRANSACT_LIMIT])
         with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
             for item in fresh:
                 batch.put_item(Item=item)
 
-    def _put_if_not_older(self, item: dict[str, Any]) -> None:
-        try:
-            self._table.put_item(
-                Item=item,
-                ConditionExpression="attribute_not_exists(pk) OR version <= :v",
-                ExpressionAttributeValues={":v": item["version"]},
-            )
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
-                raise
-            # A newer version is already stored: the older write is dropped on purpose.
+    def _put_if_not_older(self, items: list[dict[str, Any]]) -> None:
+        """Conditional puts in one transaction; an item whose stored version is newer is dropped on
+        purpose (the transaction is cancelled for it and sent again without it)."""
+        client = self._table.meta.client
+        while items:
+            transact = [
+                {
+                    "Put": {
+                        "TableName": self._table.name,
+                        "Item": item,
+                        "ConditionExpression": "attribute_not_exists(pk) OR version <= :v",
+                        "ExpressionAttributeValues": {":v": item["version"]},
+                    }
+                }
+                for item in items
+            ]
+            try:
+                client.transact_write_items(TransactItems=transact)  # type: ignore[arg-type]
+                return
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "TransactionCanceledException":
+                    raise
+                reasons = exc.response.get("CancellationReasons", [])
+                newer = [r.get("Code") == "ConditionalCheckFailed" for r in reasons]
+                if len(newer) != len(items) or not any(newer):
+                    raise  # cancelled for another reason (a conflicting transaction): the message is retried
+                items = [item for item, dropped in zip(items, newer, strict=True) if not dropped]
 
     def delete_patient(self, patient_id: str) -> None:
         state = self._load_patient(patient_id)

@@ -149,3 +149,28 @@ def test_saving_known_patients_costs_one_request_per_hundred_items_and_keeps_new
     after = store.load_patients({pid: ["a1"] for pid in ids})
     assert after["p7"].version == 5 and after["p7"].appointments["a1"].stage == "PREPAYMENT_INVOICE"
     assert all(after[pid].version == 6 and after[pid].appointments["a1"].stage == "NEW" for pid in ids if pid != "p7")
+
+
+def test_a_subjects_new_opt_outs_and_their_audit_cost_one_request(store: DynamoStore) -> None:
+    """A backfill records a refusal per refusing patient: one transaction for every channel and its
+    audit entry, not two puts per channel. A channel already out still changes nothing."""
+    calls: list[str] = []
+    client = store._table.meta.client
+    client.meta.events.register("before-call.dynamodb", lambda model, **_: calls.append(model.name))
+    assert store.record_opt_outs("pat:p1", ["email", "sms", "call"], "mis", 1000, "mis:refusal_flag") == [
+        "email",
+        "sms",
+        "call",
+    ]
+    assert calls == ["TransactWriteItems"]
+    assert store.record_opt_outs("pat:p1", ["sms", "marketing"], "crm", 2000) == ["marketing"]
+    assert store.opted_out_many(["pat:p1"], ["email", "sms", "call", "marketing"]) == {
+        "pat:p1": {"email", "sms", "call", "marketing"}
+    }
+    audit = [i for i in store.consent_items("pat:p1") if str(i["sk"]).startswith("AUDIT#")]
+    assert sorted((i["channel"], i["source"]) for i in audit) == [
+        ("call", "mis"),
+        ("email", "mis"),
+        ("marketing", "crm"),
+        ("sms", "mis"),
+    ]

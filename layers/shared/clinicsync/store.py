@@ -416,23 +416,29 @@ class DynamoStore:
         self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str = ""
     ) -> list[str]:
         """Opt-outs are sticky: recording one again is a no-op, and only a newer explicit opt-in (see
-        ``record_opt_ins``) ever lifts one. Returns the channels that changed (they need outputs)."""
+        ``record_opt_ins``) ever lifts one. Returns the channels that changed (they need outputs).
+
+        Every channel and its audit entry go in one transaction (one request, not two per channel);
+        if a channel is already out, the transaction is cancelled and the channels go one by one."""
+        wanted = list(dict.fromkeys(channels))
+        if not wanted:
+            return []
+        client = self._table.meta.client
+        items: list[dict[str, Any]] = []
+        for channel in wanted:
+            items.append({"Put": {"TableName": self._table.name, **self._opt_out_put(subject, channel, source, at)}})
+            audit = self._audit_item(subject, channel, "opt_out", source, at, detail)
+            items.append({"Put": {"TableName": self._table.name, "Item": audit}})
+        try:
+            client.transact_write_items(TransactItems=items)  # type: ignore[arg-type]
+            return wanted
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "TransactionCanceledException":
+                raise
         changed = []
-        for channel in channels:
+        for channel in wanted:
             try:
-                self._table.put_item(
-                    Item={
-                        "pk": f"CONSENT#{subject}",
-                        "sk": f"CH#{channel}",
-                        "opted_out": True,
-                        "source": source,
-                        "at": at,
-                    },
-                    # New, or an earlier opt-in that this later opt-out overrides.
-                    ConditionExpression="attribute_not_exists(pk) OR (opted_out = :no AND #at <= :at)",
-                    ExpressionAttributeNames={"#at": "at"},
-                    ExpressionAttributeValues={":no": False, ":at": at},
-                )
+                self._table.put_item(**self._opt_out_put(subject, channel, source, at))
             except ClientError as exc:
                 if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                     raise
@@ -440,6 +446,16 @@ class DynamoStore:
             self._audit(subject, channel, "opt_out", source, at, detail)
             changed.append(channel)
         return changed
+
+    @staticmethod
+    def _opt_out_put(subject: str, channel: str, source: ConsentSource, at: int) -> dict[str, Any]:
+        return {
+            "Item": {"pk": f"CONSENT#{subject}", "sk": f"CH#{channel}", "opted_out": True, "source": source, "at": at},
+            # New, or an earlier opt-in that this later opt-out overrides.
+            "ConditionExpression": "attribute_not_exists(pk) OR (opted_out = :no AND #at <= :at)",
+            "ExpressionAttributeNames": {"#at": "at"},
+            "ExpressionAttributeValues": {":no": False, ":at": at},
+        }
 
     def record_opt_ins(
         self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str = ""
@@ -471,18 +487,20 @@ class DynamoStore:
         return changed
 
     def _audit(self, subject: str, channel: str, event: str, source: str, at: int, detail: str) -> None:
-        self._table.put_item(
-            Item={
-                "pk": f"CONSENT#{subject}",
-                "sk": f"AUDIT#{at:012d}#{channel}#{event}",
-                "event": event,
-                "channel": channel,
-                "source": source,
-                "detail": detail,
-                "at": at,
-                "expires_at": at + AUDIT_TTL_SECONDS,
-            }
-        )
+        self._table.put_item(Item=self._audit_item(subject, channel, event, source, at, detail))
+
+    @staticmethod
+    def _audit_item(subject: str, channel: str, event: str, source: str, at: int, detail: str) -> dict[str, Any]:
+        return {
+            "pk": f"CONSENT#{subject}",
+            "sk": f"AUDIT#{at:012d}#{channel}#{event}",
+            "event": event,
+            "channel": channel,
+            "source": source,
+            "detail": detail,
+            "at": at,
+            "expires_at": at + AUDIT_TTL_SECONDS,
+        }
 
     def opted_out_many(self, subjects: Sequence[str], channels: Sequence[str]) -> dict[str, set[str]]:
         keys = [{"pk": f"CONSENT#{s}", "sk": f"CH#{c}"} for s in dict.fromkeys(subjects) for c in channels]

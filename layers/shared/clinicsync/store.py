@@ -548,6 +548,33 @@ class DynamoStore:
             ExpressionAttributeValues={":d": digest},
         )
 
+    def mark_outputs(self, target: str, digests: Mapping[str, str]) -> None:
+        """``mark_output`` for many subjects (subject -> digest): up to 100 per transaction. A transaction
+        cancelled by a concurrent update of one of them (a consent job) is marked one by one instead."""
+        client = self._table.meta.client
+        subjects = list(digests)
+        for start in range(0, len(subjects), TRANSACT_LIMIT):
+            chunk = subjects[start : start + TRANSACT_LIMIT]
+            items = [
+                {
+                    "Update": {
+                        "TableName": self._table.name,
+                        "Key": {"pk": f"CONSENT#{subject}", "sk": "OUT"},
+                        "UpdateExpression": "SET #t = :d",
+                        "ExpressionAttributeNames": {"#t": target},
+                        "ExpressionAttributeValues": {":d": digests[subject]},
+                    }
+                }
+                for subject in chunk
+            ]
+            try:
+                client.transact_write_items(TransactItems=items)  # type: ignore[arg-type]
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "TransactionCanceledException":
+                    raise
+                for subject in chunk:
+                    self.mark_output(subject, target, digests[subject])
+
     # --- e-mail index ------------------------------------------------------------------------------
 
     def index_emails(self, entries: Sequence[tuple[str, str]]) -> None:

@@ -10,6 +10,8 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from clinicsync.adapters.bitrix24 import Bitrix24Client, Bitrix24MethodBlocked, Pacer, php_query
 from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
@@ -56,11 +58,54 @@ def test_sixty_new_patients_take_three_batch_requests(emu: tuple[Bitrix24Emulato
     outcome = gateway.apply(_writes(60))
     assert outcome.failed == {}
     assert len(outcome.contact_ids) == 60 and len(outcome.deal_ids) == 60
-    assert emulator.stats()["requests"] == 3  # 120 commands, 50 per batch, patients never split
+    assert emulator.stats()["requests"] == 3  # 120 commands, 50 per batch
     for appointment, deal_id in outcome.deal_ids.items():
         deal = emulator.deals[int(deal_id)]
         assert deal["ORIGIN_ID"] == appointment
         assert deal["CONTACT_ID"] == outcome.contact_ids[appointment.replace("a", "p")]
+
+
+def _patients(visits: list[int]) -> list[ContactWrite | DealWrite]:
+    """A new contact per patient, with that many new deals."""
+    writes: list[ContactWrite | DealWrite] = []
+    visit = datetime(2026, 12, 1, 10, 0, tzinfo=ZoneInfo("Europe/Moscow")).isoformat()
+    for i, n in enumerate(visits):
+        writes.append(ContactWrite(f"p{i}", None, {"full_name": {"last": "Тест", "first": "Т", "middle": ""}}))
+        writes += [DealWrite(f"a{i}_{k}", f"p{i}", None, "0", "PREPARATION", {"visit_at": visit}) for k in range(n)]
+    return writes
+
+
+@given(visits=st.lists(st.integers(min_value=0, max_value=5), min_size=30, max_size=80))
+@example(visits=[1] * 24 + [4])  # 48 commands, then a patient of 5
+def test_write_batches_are_filled_to_fifty_commands_and_split_patients_keep_their_contact(visits: list[int]) -> None:
+    """Backfill near the floor: every batch but the last carries 50 commands, whatever the patients'
+    sizes; a patient split across two batches still gets every deal on its own contact."""
+    emulator = Bitrix24Emulator()
+    server = ServedApp(emulator).start()
+    try:
+        outcome = Bitrix24Gateway(_client(emulator, server.base_url), CONFIG).apply(_patients(visits))
+    finally:
+        server.stop()
+    commands = len(visits) + sum(visits)
+    assert outcome.failed == {}
+    assert emulator.stats()["requests"] == -(-commands // 50)
+    assert len(emulator.contacts) == len(visits) and len(emulator.deals) == sum(visits)
+    for appointment, deal_id in outcome.deal_ids.items():
+        patient = appointment.split("_")[0].replace("a", "p")
+        assert str(emulator.deals[int(deal_id)]["CONTACT_ID"]) == outcome.contact_ids[patient]
+
+
+def test_a_lost_response_for_a_split_patients_head_never_sends_its_tail(emu: tuple[Bitrix24Emulator, str]) -> None:
+    """The head of a patient split across batches is lost: its deals are not sent without their contact,
+    the patient is retried (outcome unknown), and the look-up finds the contact the lost write made."""
+    emulator, base = emu
+    gateway = Bitrix24Gateway(_client(emulator, base), CONFIG)
+    emulator.faults.add(method="batch", status=504, html=True, times=1, after_apply=True)
+    outcome = gateway.apply(_patients([1] * 24 + [4]))  # 48 commands, then p24's contact + 1 deal | 3 deals
+    assert outcome.failed == {f"p{i}": "outcome_unknown" for i in range(25)}
+    assert emulator.stats()["requests"] == 1  # the tail was never sent
+    assert len(emulator.contacts) == 25 and len(emulator.deals) == 25
+    assert set(gateway.find(["p24"], []).contacts) == {"p24"}
 
 
 def test_find_uses_one_request_for_mis_ids_and_phones(emu: tuple[Bitrix24Emulator, str]) -> None:

@@ -124,3 +124,41 @@ def test_a_new_patients_refusal_flags_ride_on_the_contact_create_with_no_second_
     assert {"email", "sms"} <= clinic.crm.contact_opt_outs(contact)
     assert clinic.crm.stats()["writes"] - writes_before == creates  # the contact and its deal, nothing more
     assert clinic.stack.queue_depth("ConsentQueue") == 0 and clinic.stack.queue_depth("ConsentQueue", dlq=True) == 0
+
+
+def test_the_crm_outputs_of_a_syncs_refusing_patients_are_marked_in_one_request(
+    make_clinic: Callable[..., LocalClinic], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS calls per event: the contact creates that carried the refusals mark the consent outputs done
+    together (one transaction per 100 patients), not with one UpdateItem per patient."""
+    import botocore.client
+
+    clinic = make_clinic(patients=5, appointments=5, crm="bitrix24")
+    clinic.sync()
+    clients = [
+        clinic.medods.add_client(
+            "Зайцева", name, sex="female", phone=f"+7 903 444-55-6{n}", denyEmail=True, denySmsDispatches=True
+        )
+        for n, name in enumerate(("Ольга", "Анна", "Мария"))
+    ]
+    for client in clients:
+        clinic.mis.book(client, clinic.mis.at(4, "12:00"))
+    marks: list[str] = []
+    real = botocore.client.BaseClient._make_api_call
+
+    def counted(client: object, operation: str, params: dict[str, object]) -> object:
+        names = params.get("ExpressionAttributeNames")
+        if operation == "UpdateItem" and isinstance(names, dict) and names.get("#t") == "crm":
+            marks.append(operation)
+        items = params.get("TransactItems")
+        if operation == "TransactWriteItems" and isinstance(items, list) and "Update" in items[0]:
+            marks.append(operation)
+        return real(client, operation, params)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", counted)
+    clinic.sync()
+    assert marks == ["TransactWriteItems"]
+    for client in clients:
+        contact = clinic.crm.contact_of_patient(str(client))
+        assert contact is not None and {"email", "sms"} <= clinic.crm.contact_opt_outs(contact)
+    assert clinic.stack.queue_depth("ConsentQueue") == 0 and clinic.stack.queue_depth("ConsentQueue", dlq=True) == 0

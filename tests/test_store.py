@@ -122,3 +122,55 @@ def test_lease_admits_one_holder_until_released_or_expired(store: DynamoStore) -
     assert not store.acquire_lease("poll:medods", "run-3", 300, now=1402)
     store.release_lease("poll:medods", "run-2")
     assert store.acquire_lease("poll:medods", "run-3", 300, now=1403)
+
+
+def test_saving_known_patients_costs_one_request_per_hundred_items_and_keeps_newer_versions(
+    store: DynamoStore,
+) -> None:
+    """The syncer's AWS calls per event: versioned items go in transactions of 100, not one put each;
+    an item stored newer meanwhile is still never overwritten, and the others still land."""
+    ids = [f"p{n}" for n in range(60)]
+    for pid in ids:
+        state = _state(version=5)
+        state.patient_id = pid
+        _save(store, state)
+    loaded = store.load_patients({pid: ["a1"] for pid in ids})
+    newer = {pid: loaded[pid].model_copy(deep=True) for pid in ids}
+    for n, pid in enumerate(ids):
+        newer[pid].version = newer[pid].appointments["a1"].version = 4 if n == 7 else 6
+        newer[pid].appointments["a1"].stage = "NEW"
+    calls: list[str] = []
+    client = store._table.meta.client
+    client.meta.events.register("before-call.dynamodb", lambda model, **_: calls.append(model.name))
+    store.save_patients([(newer[pid], ["a1"]) for pid in ids], loaded)
+
+    # 120 versioned items: two transactions, plus one retry without the refused older item.
+    assert calls.count("TransactWriteItems") == 3 and "PutItem" not in calls
+    after = store.load_patients({pid: ["a1"] for pid in ids})
+    assert after["p7"].version == 5 and after["p7"].appointments["a1"].stage == "PREPAYMENT_INVOICE"
+    assert all(after[pid].version == 6 and after[pid].appointments["a1"].stage == "NEW" for pid in ids if pid != "p7")
+
+
+def test_a_subjects_new_opt_outs_and_their_audit_cost_one_request(store: DynamoStore) -> None:
+    """A backfill records a refusal per refusing patient: one transaction for every channel and its
+    audit entry, not two puts per channel. A channel already out still changes nothing."""
+    calls: list[str] = []
+    client = store._table.meta.client
+    client.meta.events.register("before-call.dynamodb", lambda model, **_: calls.append(model.name))
+    assert store.record_opt_outs("pat:p1", ["email", "sms", "call"], "mis", 1000, "mis:refusal_flag") == [
+        "email",
+        "sms",
+        "call",
+    ]
+    assert calls == ["TransactWriteItems"]
+    assert store.record_opt_outs("pat:p1", ["sms", "marketing"], "crm", 2000) == ["marketing"]
+    assert store.opted_out_many(["pat:p1"], ["email", "sms", "call", "marketing"]) == {
+        "pat:p1": {"email", "sms", "call", "marketing"}
+    }
+    audit = [i for i in store.consent_items("pat:p1") if str(i["sk"]).startswith("AUDIT#")]
+    assert sorted((i["channel"], i["source"]) for i in audit) == [
+        ("call", "mis"),
+        ("email", "mis"),
+        ("marketing", "crm"),
+        ("sms", "mis"),
+    ]

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 AUDIT_TTL_SECONDS = 400 * 24 * 3600  # keep the opt-out audit trail for 400 days
+TRANSACT_LIMIT = 100  # items per TransactWriteItems request
 _MEMBER_PREFIX = "m_"
 
 
@@ -202,11 +203,12 @@ class DynamoStore:
         """Persist after the CRM accepted the writes.
 
         Items that already existed when ``loaded`` was read are replaced with a condition on their
-        version (never older over newer). New items and reverse maps go in BatchWriteItem calls:
-        nobody else can be creating them, since a patient's shard is a FIFO group served by one
-        invocation at a time.
+        version (never older over newer), up to 100 per TransactWriteItems request rather than one
+        request each. New items and reverse maps go in BatchWriteItem calls: nobody else can be
+        creating them, since a patient's shard is a FIFO group served by one invocation at a time.
         """
         fresh: list[dict[str, Any]] = []
+        versioned: dict[tuple[str, str], dict[str, Any]] = {}
         for state, changed in saves:
             before = loaded.get(state.patient_id, PatientState(patient_id=state.patient_id))
             for item in _items_for(state, changed):
@@ -215,24 +217,43 @@ class DynamoStore:
                     sk.startswith("APPT#") and before.appointment(sk.removeprefix("APPT#")).version >= 0
                 )
                 if existed and "version" in item:
-                    self._put_if_not_older(item)
+                    versioned[(str(item["pk"]), sk)] = item
                 else:
                     fresh.append(item)
+        items = list(versioned.values())
+        for start in range(0, len(items), TRANSACT_LIMIT):
+            self._put_if_not_older(items[start : start + TRANSACT_LIMIT])
         with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
             for item in fresh:
                 batch.put_item(Item=item)
 
-    def _put_if_not_older(self, item: dict[str, Any]) -> None:
-        try:
-            self._table.put_item(
-                Item=item,
-                ConditionExpression="attribute_not_exists(pk) OR version <= :v",
-                ExpressionAttributeValues={":v": item["version"]},
-            )
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
-                raise
-            # A newer version is already stored: the older write is dropped on purpose.
+    def _put_if_not_older(self, items: list[dict[str, Any]]) -> None:
+        """Conditional puts in one transaction; an item whose stored version is newer is dropped on
+        purpose (the transaction is cancelled for it and sent again without it)."""
+        client = self._table.meta.client
+        while items:
+            transact = [
+                {
+                    "Put": {
+                        "TableName": self._table.name,
+                        "Item": item,
+                        "ConditionExpression": "attribute_not_exists(pk) OR version <= :v",
+                        "ExpressionAttributeValues": {":v": item["version"]},
+                    }
+                }
+                for item in items
+            ]
+            try:
+                client.transact_write_items(TransactItems=transact)  # type: ignore[arg-type]
+                return
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "TransactionCanceledException":
+                    raise
+                reasons = exc.response.get("CancellationReasons", [])
+                newer = [r.get("Code") == "ConditionalCheckFailed" for r in reasons]
+                if len(newer) != len(items) or not any(newer):
+                    raise  # cancelled for another reason (a conflicting transaction): the message is retried
+                items = [item for item, dropped in zip(items, newer, strict=True) if not dropped]
 
     def delete_patient(self, patient_id: str) -> None:
         state = self._load_patient(patient_id)
@@ -419,23 +440,29 @@ class DynamoStore:
         self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str = ""
     ) -> list[str]:
         """Opt-outs are sticky: recording one again is a no-op, and only a newer explicit opt-in (see
-        ``record_opt_ins``) ever lifts one. Returns the channels that changed (they need outputs)."""
+        ``record_opt_ins``) ever lifts one. Returns the channels that changed (they need outputs).
+
+        Every channel and its audit entry go in one transaction (one request, not two per channel);
+        if a channel is already out, the transaction is cancelled and the channels go one by one."""
+        wanted = list(dict.fromkeys(channels))
+        if not wanted:
+            return []
+        client = self._table.meta.client
+        items: list[dict[str, Any]] = []
+        for channel in wanted:
+            items.append({"Put": {"TableName": self._table.name, **self._opt_out_put(subject, channel, source, at)}})
+            audit = self._audit_item(subject, channel, "opt_out", source, at, detail)
+            items.append({"Put": {"TableName": self._table.name, "Item": audit}})
+        try:
+            client.transact_write_items(TransactItems=items)  # type: ignore[arg-type]
+            return wanted
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "TransactionCanceledException":
+                raise
         changed = []
-        for channel in channels:
+        for channel in wanted:
             try:
-                self._table.put_item(
-                    Item={
-                        "pk": f"CONSENT#{subject}",
-                        "sk": f"CH#{channel}",
-                        "opted_out": True,
-                        "source": source,
-                        "at": at,
-                    },
-                    # New, or an earlier opt-in that this later opt-out overrides.
-                    ConditionExpression="attribute_not_exists(pk) OR (opted_out = :no AND #at <= :at)",
-                    ExpressionAttributeNames={"#at": "at"},
-                    ExpressionAttributeValues={":no": False, ":at": at},
-                )
+                self._table.put_item(**self._opt_out_put(subject, channel, source, at))
             except ClientError as exc:
                 if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                     raise
@@ -443,6 +470,16 @@ class DynamoStore:
             self._audit(subject, channel, "opt_out", source, at, detail)
             changed.append(channel)
         return changed
+
+    @staticmethod
+    def _opt_out_put(subject: str, channel: str, source: ConsentSource, at: int) -> dict[str, Any]:
+        return {
+            "Item": {"pk": f"CONSENT#{subject}", "sk": f"CH#{channel}", "opted_out": True, "source": source, "at": at},
+            # New, or an earlier opt-in that this later opt-out overrides.
+            "ConditionExpression": "attribute_not_exists(pk) OR (opted_out = :no AND #at <= :at)",
+            "ExpressionAttributeNames": {"#at": "at"},
+            "ExpressionAttributeValues": {":no": False, ":at": at},
+        }
 
     def record_opt_ins(
         self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str = ""
@@ -508,18 +545,20 @@ class DynamoStore:
         return sorted(gained - waiting)
 
     def _audit(self, subject: str, channel: str, event: str, source: str, at: int, detail: str) -> None:
-        self._table.put_item(
-            Item={
-                "pk": f"CONSENT#{subject}",
-                "sk": f"AUDIT#{at:012d}#{channel}#{event}",
-                "event": event,
-                "channel": channel,
-                "source": source,
-                "detail": detail,
-                "at": at,
-                "expires_at": at + AUDIT_TTL_SECONDS,
-            }
-        )
+        self._table.put_item(Item=self._audit_item(subject, channel, event, source, at, detail))
+
+    @staticmethod
+    def _audit_item(subject: str, channel: str, event: str, source: str, at: int, detail: str) -> dict[str, Any]:
+        return {
+            "pk": f"CONSENT#{subject}",
+            "sk": f"AUDIT#{at:012d}#{channel}#{event}",
+            "event": event,
+            "channel": channel,
+            "source": source,
+            "detail": detail,
+            "at": at,
+            "expires_at": at + AUDIT_TTL_SECONDS,
+        }
 
     def opted_out_many(self, subjects: Sequence[str], channels: Sequence[str]) -> dict[str, set[str]]:
         keys = [{"pk": f"CONSENT#{s}", "sk": f"CH#{c}"} for s in dict.fromkeys(subjects) for c in channels]
@@ -600,6 +639,33 @@ class DynamoStore:
             ExpressionAttributeNames=names,
             ExpressionAttributeValues=values,
         )
+
+    def mark_outputs(self, target: str, digests: Mapping[str, str]) -> None:
+        """``mark_output`` for many subjects (subject -> digest): up to 100 per transaction. A transaction
+        cancelled by a concurrent update of one of them (a consent job) is marked one by one instead."""
+        client = self._table.meta.client
+        subjects = list(digests)
+        for start in range(0, len(subjects), TRANSACT_LIMIT):
+            chunk = subjects[start : start + TRANSACT_LIMIT]
+            items = [
+                {
+                    "Update": {
+                        "TableName": self._table.name,
+                        "Key": {"pk": f"CONSENT#{subject}", "sk": "OUT"},
+                        "UpdateExpression": "SET #t = :d",
+                        "ExpressionAttributeNames": {"#t": target},
+                        "ExpressionAttributeValues": {":d": digests[subject]},
+                    }
+                }
+                for subject in chunk
+            ]
+            try:
+                client.transact_write_items(TransactItems=items)  # type: ignore[arg-type]
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "TransactionCanceledException":
+                    raise
+                for subject in chunk:
+                    self.mark_output(subject, target, digests[subject])
 
     # --- e-mail index ------------------------------------------------------------------------------
 

@@ -346,13 +346,16 @@ class Syncer:
         """A contact write that carried exactly the patient's ledger has done the consent job's CRM part:
         note it, so the job queued for a new MIS refusal flag does not write the same fields again (a
         backfill's refusing patients cost a second round of contact updates otherwise)."""
+        done: dict[str, str] = {}
         for plan in plans:
             own = own_opt_outs.get(plan.patient_id)
             if not own or plan.next_state is None or plan.patient_id in outcome.failed:
                 continue
             for write in plan.writes:
                 if isinstance(write, ContactWrite) and set(write.fields.get("opt_outs") or ()) == own:
-                    self._store.mark_output(_mis_subject(plan.patient_id), "crm", ledger_digest(sorted(own)))
+                    done[_mis_subject(plan.patient_id)] = ledger_digest(sorted(own))
+        if done:
+            self._store.mark_outputs("crm", done)  # one request per 100 patients, not one each
 
     def _sync_audience(
         self,

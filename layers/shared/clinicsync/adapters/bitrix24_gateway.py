@@ -395,8 +395,10 @@ class Bitrix24Gateway:
         groups: dict[str, list[CrmWrite]] = {}
         for write in writes:
             groups.setdefault(write.patient_id, []).append(write)
-        # Pack whole patients into batches; commands run in order with halt=1, so a deal never
-        # references a contact whose creation failed.
+        # Fill every batch to 50 commands, in order; commands run with halt=1. A patient that does not
+        # fit whole is split: its tail goes first in the next batch, which runs only if the head did
+        # and then references the contact by the id the head's reply gave (``_run_chunk``), so a deal
+        # never references a contact whose creation failed or is unknown.
         queue: list[list[_Command]] = []
         for pid, group in groups.items():
             try:
@@ -408,10 +410,13 @@ class Bitrix24Gateway:
                 queue.append(commands)
         while queue:
             chunk: list[_Command] = []
-            while queue and len(chunk) + len(queue[0]) <= BATCH_LIMIT:
-                chunk.extend(queue.pop(0))
-            if not chunk:  # one patient with more than 50 commands: send its head now
-                chunk, queue[0] = queue[0][:BATCH_LIMIT], queue[0][BATCH_LIMIT:]
+            while queue and len(chunk) < BATCH_LIMIT:
+                room = BATCH_LIMIT - len(chunk)
+                if len(queue[0]) <= room:
+                    chunk.extend(queue.pop(0))
+                else:
+                    chunk.extend(queue[0][:room])
+                    queue[0] = queue[0][room:]
             leftovers = self._run_chunk(chunk, outcome)
             if leftovers:
                 queue.insert(0, leftovers)

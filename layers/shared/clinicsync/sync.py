@@ -364,16 +364,15 @@ class Syncer:
         if not updates or self._crm_contacts is None:
             return
         self._crm_contacts.take_in_contacts(sorted(updates))
-        subjects = {plan.patient_id: _mis_subject(plan.patient_id) for plan in updates.values()}
-        now = self._store.opted_out_many(list(subjects.values()), [c.value for c in Channel])
+        # The ledger as it is now (a manager's opt-in may have lifted a channel as well).
+        pids = {plan.patient_id for plan in updates.values()}
+        now, now_own = self._consent_ledger([item for item in live if item.patient.mis_id in pids])
         patients = {item.patient.mis_id: item.patient for item in live}
         for plan in updates.values():
             pid = plan.patient_id
-            gained = now[subjects[pid]] - own_opt_outs.get(pid, set())
-            if not gained:
+            if now[pid] == ledger.get(pid) and now_own[pid] == own_opt_outs.get(pid):
                 continue
-            own_opt_outs[pid] = own_opt_outs.get(pid, set()) | gained
-            ledger[pid] = ledger.get(pid, set()) | gained
+            ledger[pid], own_opt_outs[pid] = now[pid], now_own[pid]
             fields = contact_fields(patients[pid], self._config, ledger[pid])
             plan.writes = [replace(w, fields=fields) if isinstance(w, ContactWrite) else w for w in plan.writes]
             if plan.next_state is not None:

@@ -32,6 +32,7 @@ from clinicsync.consent import (
 from clinicsync.crm_events import CrmEventProcessor, EventReport
 from clinicsync.crypto import KeyedHasher
 from clinicsync.models import Channel, ConsentJob, CrmEvent
+from clinicsync.ports import ContactWrite, WriteOutcome
 from clinicsync.state import PatientState
 from clinicsync.store import DynamoStore, MemberBook
 from sandbox.emulators.base import ServedApp
@@ -408,6 +409,55 @@ def test_ledger_rules_match_an_independent_model_in_any_order(
         unchanged_field = seen_before is None or not opt_in or seen_before[0] or kind != "manager"
         if was_out and unchanged_field:
             assert _opted_out(store, pid)  # opt-out wins over any observation of an unchanged field
+
+
+class _FieldCrm(_Gateway):
+    """One CRM contact's opt-out field: read in bulk, replaced by our write (made as our integration user)."""
+
+    def __init__(self, contacts: dict[str, dict[str, str]]) -> None:
+        self.contacts = contacts
+        self.reads = 0
+
+    def fetch(self, entity: str, crm_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        self.reads += 1
+        return {i: dict(self.contacts[i]) for i in crm_ids if entity == "contact" and i in self.contacts}
+
+    def apply(self, writes: Sequence[ContactWrite]) -> WriteOutcome:
+        for write in writes:
+            field = self.contacts[str(write.contact_id)]
+            field |= {"opt_outs": ",".join(write.fields["opt_outs"] or []), "modified_by": INTEGRATION_USER}
+        return WriteOutcome()
+
+
+_CHANNELS = st.sets(st.sampled_from([c.value for c in Channel]), min_size=1)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ours=_CHANNELS, ticked=_CHANNELS)
+def test_a_consent_write_keeps_every_channel_a_manager_ticked_before_its_webhook(
+    store: DynamoStore,  # noqa: F811
+    ours: set[str],
+    ticked: set[str],
+) -> None:
+    """Our write replaces the whole field: the contacts are read first (one request per batch) and a
+    manager's tick not yet heard of goes to the ledger as a CRM opt-out, so the field keeps it."""
+    n = next(_EXAMPLES)
+    pid, contact, subject = f"w{n}", str(700_000 + n), f"pat:w{n}"
+    _map_contacts(store, {pid: contact})
+    snapshot = _contact_event(contact, pid, 999_000, opt_outs=",".join(sorted(ticked))).snapshot
+    assert snapshot is not None
+    crm = _FieldCrm({contact: snapshot})  # the manager's edit; its webhook is still on its way
+    jobs = _Jobs()
+    ledger = ConsentLedger(store, jobs, "demo", KeyedHasher(KEY), clock=lambda: 1_000_000.0)
+    ledger.opt_out([subject], sorted(ours), "mis", "mis:refusal_flag", skip=("mis",))
+    processor = CrmEventProcessor(_CONFIG(), store, crm, KeyedHasher(KEY), _Jobs(), ledger)  # type: ignore[arg-type]
+    outputs = ConsentOutputs(_CONFIG(), store, crm, None, None, crm_contacts=processor)  # type: ignore[arg-type]
+    report = outputs.push(jobs.sent)
+    assert set(crm.contacts[contact]["opt_outs"].split(",")) == ours | ticked
+    assert report.failed == {} and crm.reads == 1
+    assert store.opted_out_many([subject], [c.value for c in Channel])[subject] == ours | ticked
+    sources = {i["sk"].removeprefix("CH#"): i["source"] for i in store.consent_items(subject) if i["sk"][:3] == "CH#"}
+    assert {c for c, source in sources.items() if source == "crm"} == ticked - ours
 
 
 # --- Mailchimp members: one person, every address they ever had -----------------------------------------------

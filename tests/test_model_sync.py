@@ -48,10 +48,12 @@ from sandbox.local import LocalClinic
 KNOWN_OPEN: frozenset[str] = frozenset(
     {
         # Found here, not in issue 15's list: each is pinned as an xfail regression test below.
-        "old-mis-address",  # test_regression_an_old_mis_address_is_no_second_subscribed_member
         "close-before-webhook",  # test_regression_a_deal_closed_by_a_manager_stays_closed_before_its_webhook
-        "manager-opt-out-overwritten",  # test_regression_a_managers_opt_out_survives_a_consent_write
         "amo-phone-after-change",  # undiagnosed, not pinned yet: amoCRM keeps an old phone after a MIS change
+        # undiagnosed, not pinned yet: amoCRM, a patient with a contact, phone changes and hand-made duplicates,
+        # then an inquiry and a booking: the deal hangs on another contact (found once crm_opt_out stopped
+        # delivering webhooks; also on 433f234's product code)
+        "amo-deal-on-foreign-contact",
     }
 )
 
@@ -316,8 +318,6 @@ class ClinicMachine(RuleBasedStateMachine):
 
     @rule(person=persons)
     def email_change(self, person: Person) -> None:
-        if "old-mis-address" in KNOWN_OPEN and person.emails:
-            return
         address = f"p{next(_serial)}.klinika@example.org"
         person.emails.append(address)
         self.desk.set_email(int(person.pid), address)
@@ -400,13 +400,9 @@ class ClinicMachine(RuleBasedStateMachine):
         contact = self.crm.contact_of_patient(person.pid)
         if contact is None:
             return
-        if "manager-opt-out-overwritten" in KNOWN_OPEN:
-            self.clinic.deliver_webhooks()  # nothing of ours may be pending to overwrite the tick
         ticked = self.crm.contact_opt_outs(contact) | {channel}
         self.crm.manager_set_opt_outs(contact, ",".join(sorted(ticked)))
         person.opt_outs.add(channel)
-        if "manager-opt-out-overwritten" in KNOWN_OPEN:
-            self.clinic.deliver_webhooks()  # heard before any consent write can overwrite the tick
 
     @rule(person=persons)
     def crm_opt_in_field(self, person: Person) -> None:
@@ -671,7 +667,7 @@ class ClinicMachine(RuleBasedStateMachine):
         # family members stay separate: each deal hangs on its own patient's contact
         for aid, visit in self.model.visits.items():
             deal = deals.get(aid)
-            if deal is not None:
+            if deal is not None and not ("amo-deal-on-foreign-contact" in KNOWN_OPEN and self.kind == "amocrm"):
                 assert deal["contact_id"] in owners.get(visit.pid, []), f"appointment {aid} on a foreign contact"
         # closed deals are never reopened
         for aid, visit in self.model.visits.items():
@@ -787,7 +783,6 @@ def test_the_whole_system_equals_an_independent_model(clinic_at_rest: LocalClini
 # --- counterexamples the machine found, pinned ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="open: the audience sync keeps the old MIS address subscribed")
 def test_regression_an_old_mis_address_is_no_second_subscribed_member(make_clinic: Callable[..., LocalClinic]) -> None:
     """Shrunk by the machine (amoCRM and MEDODS; the rule is CRM-neutral): a patient whose MIS e-mail
     changes keeps the old address subscribed in Mailchimp next to the new one, and a later opt-out
@@ -811,7 +806,6 @@ def test_regression_an_old_mis_address_is_no_second_subscribed_member(make_clini
     assert not [a for a in (old, new) if (chimp.member(a) or {}).get("status") == "subscribed"]
 
 
-@pytest.mark.xfail(strict=True, reason="open: a consent write overwrites a manager's opt-out not yet received")
 @pytest.mark.parametrize("crm", ["bitrix24", "amocrm"])
 def test_regression_a_managers_opt_out_survives_a_consent_write(
     make_clinic: Callable[..., LocalClinic], crm: str

@@ -291,6 +291,12 @@ class MailchimpMembers(Protocol):
         ...
 
 
+class CrmContactReader(Protocol):
+    def take_in_contacts(self, contact_ids: Sequence[str]) -> object:
+        """Read the contacts and record what managers changed on them (``CrmEventProcessor``'s rule)."""
+        ...
+
+
 def consent_contact_write(patient_id: str, contact_id: str, opted_out: Sequence[str]) -> ContactWrite:
     """The one rule for every CRM: the contact's opt-out field holds exactly the ledger's opt-outs."""
     channels = sorted(set(opted_out))
@@ -324,12 +330,14 @@ class ConsentOutputs:
         gateway: CrmGateway | None,
         mis: MisConsentWriter | None,
         mailchimp: MailchimpMembers | None,
+        crm_contacts: CrmContactReader | None = None,
     ) -> None:
         self._config = config
         self._store = store
         self._gateway = gateway
         self._mis = mis
         self._mailchimp = mailchimp
+        self._crm_contacts = crm_contacts
 
     def push(self, jobs: Sequence[ConsentJob]) -> ConsentReport:
         report = ConsentReport(jobs=len(jobs))
@@ -350,6 +358,14 @@ class ConsentOutputs:
         patients = {s: pid for s in subjects if (pid := subject_patient(s))}
         states = self._store.load_patients({pid: [] for pid in patients.values()}) if patients else {}
         contacts = {s: states[pid].contact_id for s, pid in patients.items() if states[pid].contact_id}
+        to_write = [c for s, c in contacts.items() if c and done[s].get("crm") != digests[s]]
+        if to_write and self._gateway is not None and self._crm_contacts is not None:
+            # Our write replaces the whole field: a manager's tick not yet heard of goes to the ledger first
+            # (a CRM opt-out, by the CRM events' rule), so the field we write keeps it. Every target then
+            # gets the ledger as it is now (the skips above hold only for the state the source showed).
+            self._crm_contacts.take_in_contacts(to_write)
+            ledger = self._store.opted_out_many(subjects, ALL_CHANNELS)
+            digests = {s: ledger_digest(sorted(ledger[s])) for s in subjects}
         for s, pid in patients.items():
             state = states[pid]  # who the subject is, for the audit: ids and keyed hashes only
             keys = {"mis_id": pid, "crm_contact_id": state.contact_id}

@@ -177,6 +177,32 @@ class CrmEventProcessor:
         at = int(datetime.fromisoformat(modified).timestamp())
         return self._store.observe_crm_opt_ins(subject, snapshot["id"], _channels(snapshot, "opt_ins"), at, held)
 
+    def take_in_contacts(self, contact_ids: Sequence[str]) -> EventReport:
+        """Read contacts now (one list request per batch) and take in what managers changed on them, as
+        their webhooks would. The consent job calls this before it writes opt-out fields, so a manager's
+        tick whose webhook is still on its way reaches the ledger first and is kept, not overwritten."""
+        report = EventReport()
+        received = int(self._clock())
+        events = [
+            CrmEvent.model_validate(
+                {
+                    "crm": self._gateway.kind,
+                    "event": "CONSENT_READ",
+                    "entity": "contact",
+                    "crm_id": crm_id,
+                    "source": "consent",
+                    "received_at": received,
+                    "snapshot": row,
+                }
+            )
+            for crm_id, row in self._gateway.fetch("contact", contact_ids).items()
+        ]
+        self.prefetch(events)
+        for event in events:
+            self.handle(event, report)
+        self.flush(report)
+        return report
+
     def flush(self, report: EventReport) -> None:
         """Send the observations to each patient's shard; the syncer applies them there."""
         by_shard: dict[int, list[CrmObservation]] = {}

@@ -164,15 +164,15 @@ class SyncMessage(Strict):
 class CrmEvent(Strict):
     """A CRM entity that changed, as the webhook receiver or the catch-up saw it: ids only, no PII.
 
-    ``snapshot`` holds the entity's non-PII fields when the reader already fetched them (catch-up),
-    so the syncer does not fetch them again.
+    ``snapshot`` holds the entity's non-PII fields when the reader already fetched them (catch-up, or
+    the consent job's read before it writes a contact), so the syncer does not fetch them again.
     """
 
     crm: Literal["bitrix24", "amocrm"]
     event: str = Field(max_length=64)
     entity: Literal["deal", "lead", "contact"]
     crm_id: str = Field(pattern=r"^[0-9]{1,18}$")
-    source: Literal["webhook", "catchup"] = "webhook"
+    source: Literal["webhook", "catchup", "consent"] = "webhook"
     received_at: int = Field(ge=0)
     snapshot: dict[str, str] | None = None
 

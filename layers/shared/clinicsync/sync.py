@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -18,6 +18,7 @@ from clinicsync.config import ClinicConfig
 from clinicsync.consent import (
     AudienceMember,
     ConsentLedger,
+    CrmContactReader,
     audience_member,
     email_subject,
     ledger_digest,
@@ -44,6 +45,7 @@ from clinicsync.rules import (
     apply_observation,
     audience_merge_fields,
     changed_multifields,
+    contact_fields,
     may_join_audience,
     plan_patient,
 )
@@ -97,6 +99,7 @@ class Syncer:
         audience: MailchimpAudience | None = None,
         claim_wait: float = CLAIM_WAIT_SECONDS,
         sleep: Callable[[float], None] = time.sleep,
+        crm_contacts: CrmContactReader | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -104,6 +107,7 @@ class Syncer:
         self._hasher = hasher
         self._ledger = ledger
         self._audience = audience
+        self._crm_contacts = crm_contacts
         self._claim_wait = claim_wait
         self._sleep = sleep
 
@@ -162,6 +166,7 @@ class Syncer:
 
         matches = self._look_up(live, states)
         plans = self._plan(live, states, matches, ledger)
+        self._keep_managers_opt_outs(plans, live, ledger, own_opt_outs)
         writes = [w for plan in plans for w in plan.writes] + self._lead_links(observations, states)
         intents = self._record_intents(writes)
         outcome = self._gateway.apply(writes) if writes else WriteOutcome()
@@ -339,6 +344,39 @@ class Syncer:
             for pid, subject in subjects.items()
         }
         return merged, {pid: ledger[subject] for pid, subject in subjects.items()}
+
+    def _keep_managers_opt_outs(
+        self,
+        plans: Sequence[PatientPlan],
+        live: Sequence[PatientChanges],
+        ledger: dict[str, set[str]],
+        own_opt_outs: dict[str, set[str]],
+    ) -> None:
+        """A contact update replaces the whole opt-out field: first read those contacts (one list
+        request) so that a manager's tick whose webhook is still on its way reaches the ledger (the CRM
+        events' rule), and the write carries it."""
+        updates = {
+            str(w.contact_id): plan
+            for plan in plans
+            for w in plan.writes
+            if isinstance(w, ContactWrite) and w.contact_id and "opt_outs" in w.fields
+        }
+        if not updates or self._crm_contacts is None:
+            return
+        self._crm_contacts.take_in_contacts(sorted(updates))
+        # The ledger as it is now (a manager's opt-in may have lifted a channel as well).
+        pids = {plan.patient_id for plan in updates.values()}
+        now, now_own = self._consent_ledger([item for item in live if item.patient.mis_id in pids])
+        patients = {item.patient.mis_id: item.patient for item in live}
+        for plan in updates.values():
+            pid = plan.patient_id
+            if now[pid] == ledger.get(pid) and now_own[pid] == own_opt_outs.get(pid):
+                continue
+            ledger[pid], own_opt_outs[pid] = now[pid], now_own[pid]
+            fields = contact_fields(patients[pid], self._config, ledger[pid])
+            plan.writes = [replace(w, fields=fields) if isinstance(w, ContactWrite) else w for w in plan.writes]
+            if plan.next_state is not None:
+                plan.next_state.content_hash = self._hasher.content_hash(fields)
 
     def _note_crm_consent(
         self, plans: Sequence[PatientPlan], outcome: WriteOutcome, own_opt_outs: Mapping[str, set[str]]

@@ -166,7 +166,8 @@ def consent_outputs() -> ConsentOutputs:
         members: MailchimpMembers | None = directory_audiences(config) or mailchimp_audience(config)
         return ConsentOutputs(config, store(), None, mis_consent_writer(config), members)
     config = _verified(_config_text())
-    return ConsentOutputs(config, store(), crm_gateway(config), mis_consent_writer(config), mailchimp_audience(config))
+    gateway, mis = crm_gateway(config), mis_consent_writer(config)
+    return ConsentOutputs(config, store(), gateway, mis, mailchimp_audience(config), crm_contacts=crm_events())
 
 
 # --- the lab's directory (LIS <-> vTiger, Mailchimp audiences) -------------------------------------------
@@ -386,7 +387,8 @@ def _verified(config_text: str) -> ClinicConfig:
 
 def syncer() -> Syncer:
     config = _verified(_config_text())
-    return Syncer(config, store(), crm_gateway(config), hasher(), consent_ledger(), mailchimp_audience(config))
+    audience = mailchimp_audience(config)
+    return Syncer(config, store(), crm_gateway(config), hasher(), consent_ledger(), audience, crm_contacts=crm_events())
 
 
 def event_queue() -> SqsEventQueue:

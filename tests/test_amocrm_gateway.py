@@ -448,3 +448,18 @@ def test_an_updated_at_read_misses_no_row_that_others_change_while_it_pages(
     assert set(read) == set(ids)
     if not changes:  # whole pages of one second are never read twice
         assert pages[0] <= -(-len(ids) // 250) + len(seconds)
+
+
+def test_a_leads_contact_is_its_main_contact_not_the_first_listed(amo: tuple[AmoCrmEmulator, str]) -> None:
+    """A lead may have several contacts (an adopted inquiry keeps the form's contact beside the patient's);
+    the new lead's phone a webhook is judged by is its main contact's, wherever amoCRM lists that one."""
+    emulator, base = amo
+    _unlimited(emulator)
+    other = emulator.manager_create_contact(first_name="Коллега", custom_fields_values=_typed_phone("+79160000001"))
+    caller = emulator.manager_create_contact(first_name="Анна", custom_fields_values=_typed_phone("+79161112233"))
+    lead = emulator.manager_create_lead("Звонок", contact_ids=[other], status_id=STATUS_NEW_REQUEST)
+    emulator.manager_link(lead, caller, is_main=True)
+    listed = (emulator.lead(lead) or {})["_embedded"]["contacts"]
+    assert [(c["id"], c["is_main"]) for c in listed] == [(other, False), (caller, True)]
+    gateway = _gateway(emulator, base, _adopting(_config()))
+    assert gateway.fetch("lead", [str(lead)])[str(lead)]["phone"] == "+79161112233"

@@ -856,3 +856,28 @@ def test_regression_a_deal_closed_by_a_manager_stays_closed_before_its_webhook(
     clinic.catch_up()
     clinic.sync()
     assert clinic.crm.deals()[str(visit)]["stage"] == won
+
+
+@pytest.mark.parametrize("crm", ["bitrix24", "amocrm"])
+def test_regression_an_adopted_inquiry_hangs_on_the_patients_own_contact(
+    make_clinic: Callable[..., LocalClinic], crm: str
+) -> None:
+    """Shrunk by the machine (amoCRM and MEDODS): a card synced before its first booking has a contact;
+    a website form then brings an inquiry with the patient's phone and the form's own contact. The first
+    booking adopts that inquiry and makes the patient's contact its main one; the form's contact stays
+    linked beside it (a manager's record, never deleted). The deal hangs on its main contact: the
+    patient's own, not whichever contact amoCRM lists first."""
+    clinic = make_clinic(
+        crm=crm, patients=0, appointments=0, mailchimp=True, rate_limit=False, config_overrides=CONFIG["medods"]
+    )
+    number = _fresh_number()
+    patient = clinic.medods.add_client("Соколова", "Анна", phone=f"+7{number}")
+    clinic.sync()
+    contact = clinic.crm.contact_of_patient(str(patient))
+    assert contact is not None
+    inquiry = clinic.crm.manager_create_inquiry(PHONE_FORMATS[3](number))
+    visit = clinic.mis.book(patient, clinic.mis.at(3, "10:00"))
+    clinic.sync()
+    deal = clinic.crm.deals()[str(visit)]
+    assert clinic.crm.adopted(inquiry, deal)
+    assert deal["contact_id"] == contact

@@ -36,6 +36,12 @@ def embedded(body: Any, key: str) -> list[dict[str, Any]]:
     return [row for row in rows if isinstance(row, dict)]
 
 
+def main_contact(lead: Any) -> str | None:
+    """The id of a lead's main contact. A lead may have several (an adopted inquiry keeps the form's
+    contact beside the patient's); the one it hangs on is flagged ``is_main``, not the first listed."""
+    return next((str(c["id"]) for c in embedded(lead, "contacts") if c.get("is_main")), None)
+
+
 class AmoCrmAuth(Protocol):
     """What the client needs from an OAuth session or a long-lived token."""
 

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from clinicsync.adapters.amocrm import PAGE_LIMIT as PAGE
-from clinicsync.adapters.amocrm import AmoCrmClient, AmoCrmError, AmoCrmOutcomeUnknown
+from clinicsync.adapters.amocrm import AmoCrmClient, AmoCrmError, AmoCrmOutcomeUnknown, main_contact
 from clinicsync.adapters.amocrm import embedded as _embedded
 from clinicsync.config import ClinicConfig, Pipeline
 from clinicsync.fieldtypes import FieldValueError, crm_value, default_type
@@ -289,13 +289,12 @@ class AmoCrmGateway:
                 out[name] = ",".join(self._values(row, field_id=fid)) if fid else ""
         else:
             status = str(row.get("status_id") or "")
-            contacts = _embedded(row, "contacts")
             out |= {
                 "stage": status,
                 "category": str(row.get("pipeline_id") or ""),
                 "closed": "Y" if status in (WON, LOST) else "N",
                 "status": status,
-                "contact_id": str(contacts[0]["id"]) if contacts else "",
+                "contact_id": main_contact(row) or "",
             }
         return out
 
@@ -340,8 +339,8 @@ class AmoCrmGateway:
         contacts = self._ticket_contacts(leads)
         out = []
         for row in leads:
-            linked = _embedded(row, "contacts")
-            contact = contacts.get(str(linked[0]["id"])) if linked else None
+            main = main_contact(row)
+            contact = contacts.get(main) if main else None
             out.append(
                 OpenLead(
                     crm_id=str(row["id"]),
@@ -358,7 +357,7 @@ class AmoCrmGateway:
         return out
 
     def _ticket_contacts(self, leads: Sequence[Mapping[str, Any]]) -> dict[str, _Person]:
-        ids = list(dict.fromkeys(str(c["id"]) for row in leads for c in _embedded(row, "contacts")[:1]))
+        ids = list(dict.fromkeys(main for row in leads if (main := main_contact(row))))
         region = self._config.matching.default_region
         found: dict[str, _Person] = {}
         for row in self._client.rows_by_id("/api/v4/contacts", "contacts", ids):

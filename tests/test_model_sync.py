@@ -50,10 +50,6 @@ KNOWN_OPEN: frozenset[str] = frozenset(
         # Found here, not in issue 15's list: each is pinned as an xfail regression test below.
         "close-before-webhook",  # test_regression_a_deal_closed_by_a_manager_stays_closed_before_its_webhook
         "amo-phone-after-change",  # undiagnosed, not pinned yet: amoCRM keeps an old phone after a MIS change
-        # undiagnosed, not pinned yet: amoCRM, a patient with a contact, phone changes and hand-made duplicates,
-        # then an inquiry and a booking: the deal hangs on another contact (found once crm_opt_out stopped
-        # delivering webhooks; also on 433f234's product code)
-        "amo-deal-on-foreign-contact",
     }
 )
 
@@ -667,7 +663,7 @@ class ClinicMachine(RuleBasedStateMachine):
         # family members stay separate: each deal hangs on its own patient's contact
         for aid, visit in self.model.visits.items():
             deal = deals.get(aid)
-            if deal is not None and not ("amo-deal-on-foreign-contact" in KNOWN_OPEN and self.kind == "amocrm"):
+            if deal is not None:
                 assert deal["contact_id"] in owners.get(visit.pid, []), f"appointment {aid} on a foreign contact"
         # closed deals are never reopened
         for aid, visit in self.model.visits.items():

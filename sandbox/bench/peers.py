@@ -18,16 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import types
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from clinicsync.config import ClinicConfig
 from clinicsync.phones import normalise_phone
 from clinicsync.statuses import canonical_status
-from sandbox.bench.simclock import SimClock
+from sandbox.bench.simclock import LATENCY, ClockedApp, SimClock
 
 Row = dict[str, Any]
 
@@ -137,21 +142,28 @@ class BitrixLoopPeer:
             self._call("crm.deal.add", {"fields": {**deal, "CATEGORY_ID": category}})
 
 
+async def _wait_until(clock: SimClock, seconds: float, result: Any = None) -> Any:
+    """``asyncio.sleep`` in simulated time, "until" rather than "for": the target is taken now, and the
+    clock moves only after every coroutine that is ready has had its turn to take its own; concurrent
+    waits then overlap instead of adding up (they added up to 12 simulated hours once fast_bitrix24
+    backed off on 503s)."""
+    target = clock.now() + max(0.0, float(seconds or 0.0))
+    await _REAL_SLEEP(0)
+    clock.advance_to(target)
+    return await _REAL_SLEEP(0, result)
+
+
+_REAL_SLEEP = asyncio.sleep
+
+
 def virtualise_fast_bitrix24(clock: SimClock) -> Callable[[], None]:
-    """Make fast_bitrix24's throttler and back-off wait in simulated time; returns the undo."""
+    """Make fast_bitrix24's throttler and back-off wait in simulated time; returns the undo. The
+    library's own pacing, concurrency and retries are untouched: only their clock is ours."""
     import fast_bitrix24.srh as srh
     import fast_bitrix24.throttle as throttle
 
-    real_sleep = asyncio.sleep
-
     async def vsleep(seconds: float, result: Any = None) -> Any:
-        # "Until", not "for": the target is taken now, and the clock moves only after every coroutine
-        # that is ready has had its turn to take its own; concurrent back-offs then overlap instead of
-        # adding up (they added up to 12 simulated hours once fast_bitrix24 backed off on 503s).
-        target = clock.now() + max(0.0, float(seconds or 0.0))
-        await real_sleep(0)
-        clock.advance_to(target)
-        return await real_sleep(0, result)
+        return await _wait_until(clock, seconds, result)
 
     saved = (throttle.time, throttle.asyncio, srh.sleep)
     throttle.time = types.SimpleNamespace(monotonic=clock.monotonic)  # type: ignore[assignment]
@@ -164,15 +176,75 @@ def virtualise_fast_bitrix24(clock: SimClock) -> Callable[[], None]:
     return undo
 
 
+class _InProcessResponse:
+    def __init__(self, session: InProcessSession, url: str, body: Any) -> None:
+        self._session, self._url, self._body = session, url, body
+        self._payload: Any = None
+
+    async def __aenter__(self) -> _InProcessResponse:
+        from werkzeug.test import Client
+
+        s = self._session
+        # Every coroutine that is ready sends before the clock moves: concurrent requests arrive at
+        # the same simulated instant and their latencies overlap, as over a real network.
+        await _REAL_SLEEP(0)
+        response = Client(s.wsgi).post(urlsplit(self._url).path, json=self._body)
+        await _wait_until(s.clock, s.latency)
+        if response.status_code >= 400:  # the library opens its sessions with raise_for_status=True
+            url = URL(self._url)
+            info = aiohttp.RequestInfo(url, "POST", CIMultiDictProxy(CIMultiDict()), url)
+            raise aiohttp.ClientResponseError(info, (), status=response.status_code, message=response.status)
+        self._payload = response.get_json()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def json(self, encoding: str | None = None) -> Any:
+        return self._payload
+
+
+with warnings.catch_warnings():  # aiohttp discourages subclassing; the library type-checks `client=`
+    warnings.simplefilter("ignore", DeprecationWarning)
+
+    class InProcessSession(aiohttp.ClientSession):
+        """The ``aiohttp.ClientSession`` fast_bitrix24 is given (its ``client=`` parameter), serving each
+        POST from the CRM emulator in this thread. Over real sockets the emulator's server threads took
+        the library's 50 concurrent requests in whatever order the OS scheduled them, so 503s, retries
+        and simulated seconds changed from run to run (once the library gave up: "All attempts to get
+        data from server exhausted"). In one thread and one event loop the order is the library's own.
+        Only ``post`` is used by the library; the base class is never initialised (no connector)."""
+
+        def __init__(self, app: ClockedApp, clock: SimClock, latency: float = LATENCY) -> None:
+            self.app, self.clock, self.latency = app, clock, latency
+
+        def wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            return self.app.handle(environ, start_response, 0.0)  # the latency is waited in the response
+
+        def post(self, url: Any, *, json: Any = None, ssl: bool = True, **_: Any) -> Any:
+            return _InProcessResponse(self, str(url), json)
+
+        @property
+        def closed(self) -> bool:
+            return False
+
+        async def close(self) -> None:
+            return None
+
+        def __del__(self, *_: Any) -> None:
+            pass
+
+
 class FastBitrixPeer:
     """A sync on fast_bitrix24: whole lists per call, the library batches and paces."""
 
     name = "fast_bitrix24"
 
-    def __init__(self, webhook_url: str, config: ClinicConfig) -> None:
+    def __init__(self, webhook_url: str, config: ClinicConfig, client: Any = None) -> None:
         from fast_bitrix24 import Bitrix
 
-        self._b = Bitrix(webhook_url, verbose=False)
+        # Defaults as its users run it: its own pool, pacing, velocity policy and retries.
+        self._b = Bitrix(webhook_url, verbose=False, client=client)
         self._config = config
         self.contacts: dict[str, str] = {}  # MIS patient id -> contact id
         self.deals: dict[str, str] = {}  # MIS appointment id -> deal id

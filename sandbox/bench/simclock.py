@@ -28,10 +28,10 @@ PHASE = 2.0**15  # each contestant starts on a multiple of this after the start:
 
 def deterministic_start(wall: float | None = None) -> float:
     """The first multiple of ``GRAIN`` seconds after the wall clock. Not the wall clock itself: the
-    emulators' limiters and our pacers compare sums like ``start + offset``, whose float rounding
-    depends on the start's low bits, so a limit met to the last bit in one run could be missed in
-    the next. On a power-of-two grain every run of the day rounds alike, and the CRMs' clocks stay
-    within hours of the MIS's (timestamps on both sides keep making sense)."""
+    shared budget stores its times in DynamoDB to the microsecond, so from a start with digits below
+    that, its rounding (and every slot and 503 decided by it) changed with the moment the bench was
+    started. A whole start rounds alike in every run, and the CRMs' clocks stay within hours of the
+    MIS's (timestamps on both sides keep making sense)."""
     wall = time.time() if wall is None else wall
     return (wall // GRAIN + 1) * GRAIN
 

@@ -30,10 +30,31 @@ def test_concurrent_backoffs_overlap_in_simulated_time() -> None:
             await asyncio.gather(*(srh.sleep(10.0) for _ in range(50)))
             await srh.sleep(2.5)  # after them, one more wait: it does add
 
-        asyncio.run(fifty_backoffs())
+        asyncio.get_event_loop().run_until_complete(fifty_backoffs())
     finally:
         undo()
     assert clock.now() == 1012.5  # 50 concurrent 10 s waits take 10 s, not 500 s
+
+
+def test_concurrent_waits_wake_in_the_order_of_their_deadlines_at_their_own_time() -> None:
+    """fast_bitrix24's throttler and back-off wait side by side; a short wait started after a long one
+    must not be held until the long one ends (it sends its request at its own slot)."""
+    clock = SimClock(start=1000.0)
+    woke: list[tuple[str, float]] = []
+    undo = virtualise_fast_bitrix24(clock)
+    try:
+
+        async def wait(name: str, seconds: float) -> None:
+            await asyncio.sleep(seconds)
+            woke.append((name, clock.now()))
+
+        async def both() -> None:
+            await asyncio.gather(wait("long", 0.5), wait("short", 0.2))
+
+        asyncio.get_event_loop().run_until_complete(both())
+    finally:
+        undo()
+    assert woke == [("short", 1000.2), ("long", 1000.5)]
 
 
 # --- the same commit gives the same simulated figures -------------------------------------------------

@@ -17,6 +17,7 @@ the same contacts and deals. Each keeps the local mapping table (MIS id -> CRM i
 from __future__ import annotations
 
 import asyncio
+import selectors
 import types
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -142,36 +143,56 @@ class BitrixLoopPeer:
             self._call("crm.deal.add", {"fields": {**deal, "CATEGORY_ID": category}})
 
 
-async def _wait_until(clock: SimClock, seconds: float, result: Any = None) -> Any:
-    """``asyncio.sleep`` in simulated time, "until" rather than "for": the target is taken now, and the
-    clock moves only after every coroutine that is ready has had its turn to take its own; concurrent
-    waits then overlap instead of adding up (they added up to 12 simulated hours once fast_bitrix24
-    backed off on 503s)."""
-    target = clock.now() + max(0.0, float(seconds or 0.0))
-    await _REAL_SLEEP(0)
-    clock.advance_to(target)
-    return await _REAL_SLEEP(0, result)
+class _SimulatedSelector(selectors.DefaultSelector):
+    """Where the event loop would block until its next timer, the simulated clock jumps to that timer."""
+
+    def __init__(self, clock: SimClock) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = super().select(0)
+        if ready or timeout == 0:
+            return ready
+        if timeout is None:  # nothing scheduled and nothing to read: in real time this would hang
+            raise RuntimeError("simulated event loop: every task waits and no timer is due")
+        self._clock.advance(timeout)
+        return []
 
 
-_REAL_SLEEP = asyncio.sleep
+class SimulatedLoop(asyncio.SelectorEventLoop):
+    """An event loop on the simulated clock: ``loop.time()`` is the clock, and a loop with nothing ready
+    moves the clock to its next timer instead of sleeping. Every asyncio wait (``asyncio.sleep``,
+    timeouts, fast_bitrix24's pacing and back-off) then takes simulated time, the waits of concurrent
+    coroutines overlap, and they wake in the order of their deadlines, as in real time."""
+
+    def __init__(self, clock: SimClock) -> None:
+        super().__init__(_SimulatedSelector(clock))
+        self._sim_clock = clock
+        # A timer is due when its deadline is under time() + resolution; at 2**30 s one float step is
+        # 2.4e-7 s, so the 1e-9 s default rounds away and the loop would step towards a timer forever.
+        self._clock_resolution = 1e-6
+
+    def time(self) -> float:
+        return self._sim_clock.monotonic()
 
 
 def virtualise_fast_bitrix24(clock: SimClock) -> Callable[[], None]:
-    """Make fast_bitrix24's throttler and back-off wait in simulated time; returns the undo. The
-    library's own pacing, concurrency and retries are untouched: only their clock is ours."""
-    import fast_bitrix24.srh as srh
+    """Run fast_bitrix24 on the simulated clock; returns the undo. Its sync API runs its coroutines on
+    the thread's event loop: that loop is a :class:`SimulatedLoop`, and its throttler's
+    ``time.monotonic`` is the same clock. The library's own pacing, concurrency and retries are
+    untouched: only their clock is ours, the same for all of them."""
     import fast_bitrix24.throttle as throttle
 
-    async def vsleep(seconds: float, result: Any = None) -> Any:
-        return await _wait_until(clock, seconds, result)
-
-    saved = (throttle.time, throttle.asyncio, srh.sleep)
+    loop = SimulatedLoop(clock)
+    saved = throttle.time
     throttle.time = types.SimpleNamespace(monotonic=clock.monotonic)  # type: ignore[assignment]
-    throttle.asyncio = types.SimpleNamespace(sleep=vsleep)  # type: ignore[assignment]
-    srh.sleep = vsleep  # type: ignore[assignment]
+    asyncio.set_event_loop(loop)
 
     def undo() -> None:
-        throttle.time, throttle.asyncio, srh.sleep = saved  # type: ignore[assignment]
+        throttle.time = saved  # type: ignore[assignment]
+        asyncio.set_event_loop(None)
+        loop.close()
 
     return undo
 
@@ -187,9 +208,9 @@ class _InProcessResponse:
         s = self._session
         # Every coroutine that is ready sends before the clock moves: concurrent requests arrive at
         # the same simulated instant and their latencies overlap, as over a real network.
-        await _REAL_SLEEP(0)
+        await asyncio.sleep(0)
         response = Client(s.wsgi).post(urlsplit(self._url).path, json=self._body)
-        await _wait_until(s.clock, s.latency)
+        await asyncio.sleep(s.latency)  # on the SimulatedLoop: simulated time
         if response.status_code >= 400:  # the library opens its sessions with raise_for_status=True
             url = URL(self._url)
             info = aiohttp.RequestInfo(url, "POST", CIMultiDictProxy(CIMultiDict()), url)
@@ -236,9 +257,16 @@ with warnings.catch_warnings():  # aiohttp discourages subclassing; the library 
 
 
 class FastBitrixPeer:
-    """A sync on fast_bitrix24: whole lists per call, the library batches and paces."""
+    """A sync on fast_bitrix24: whole lists per call, the library batches and paces.
+
+    Its writes go in the library's ``slow()`` mode, the one-line remedy its README gives when the server
+    answers errors: at its default 50 concurrent requests, a second large ``call()`` into a portal bucket
+    the first one filled gives up ("All attempts to get data from server exhausted", as in its issue
+    #124): its waiting coroutines all wake on the same slot and the 503s of the many exhaust the retry
+    count they share. Reads (``get_all``) keep the default."""
 
     name = "fast_bitrix24"
+    note = "writes in the library's slow() mode (at its default concurrency it gives up on this import)"
 
     def __init__(self, webhook_url: str, config: ClinicConfig, client: Any = None) -> None:
         from fast_bitrix24 import Bitrix
@@ -288,7 +316,8 @@ class FastBitrixPeer:
                 fields["PHONE"] = [{"VALUE": e164, "VALUE_TYPE": "MOBILE"}]
             new_contacts[pid] = {"fields": fields}
         if new_contacts:
-            self._b.call("crm.contact.add", list(new_contacts.values()))
+            with self._b.slow():
+                self._b.call("crm.contact.add", list(new_contacts.values()))
             # call() returns ids in completion order, not input order: read back who got which id.
             rows = self._b.get_all(
                 "crm.contact.list", {"filter": {"ORIGINATOR_ID": "fb24"}, "select": ["ID", "ORIGIN_ID", "PHONE"]}
@@ -315,9 +344,11 @@ class FastBitrixPeer:
             else:
                 adds.append({"fields": {**deal, "CATEGORY_ID": category}})
         if updates:
-            self._b.call("crm.deal.update", updates)
+            with self._b.slow():
+                self._b.call("crm.deal.update", updates)
         if adds:
-            self._b.call("crm.deal.add", adds)
+            with self._b.slow():
+                self._b.call("crm.deal.add", adds)
             rows = self._b.get_all(
                 "crm.deal.list", {"filter": {"ORIGINATOR_ID": "fb24"}, "select": ["ID", "ORIGIN_ID"]}
             )

@@ -351,7 +351,7 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
                 fb = FastBitrixPeer(webhook, config, client=InProcessSession(wired.crm, clock))
                 out.figures += _peer_runs(
                     crm, "fast_bitrix24", fb.sync, wired.crm, clock, backfill_visits, single_visits, cycles, 1,
-                    view=portal.view,
+                    view=portal.view, note=fb.note,
                 )  # fmt: skip
             finally:
                 undo()
@@ -422,6 +422,7 @@ def _peer_runs(
     cycles: list[list[Visit]],
     sample: int,
     view: Any,
+    note: str = "",
 ) -> list[Figure]:
     """Every run must finish (a peer that gives up stops the bench: :class:`InvalidRun`), and the
     backfill must leave every deal of the (sampled) workload in the peer's CRM exactly once."""
@@ -450,7 +451,7 @@ def _peer_runs(
         Figure(
             crm, name, "backfill", reqs * scale, len(backfill), floor, secs * scale,
             _floor_seconds(crm, floor), refused * scale, sample,
-            "; ".join(filter(None, [sampled.format(len(part), scale) if sample > 1 else "", checked])),
+            "; ".join(filter(None, [sampled.format(len(part), scale) if sample > 1 else "", checked, note])),
         )
     )  # fmt: skip
     figures.append(Figure(crm, name, "empty poll", 0, 0, 0, 0.0, 0.0, 0, note="nothing changed: nothing sent"))

@@ -98,8 +98,9 @@ chaos: venv
 
 # Requests, time at the rate limit (one simulated clock for every contestant), CPU, imports, latency and
 # AWS cost, side by side in one run for both CRMs; the reduced run is in make test (tests/test_bench_smoke.py).
+# BENCH_ARGS=--twice runs it all again and fails unless the simulated figures are identical.
 bench: venv layer-venv
-	$(PY) -m sandbox.bench --report bench/report.json $(BENCH_ARGS)  # BENCH_ARGS=--twice: fail unless a second run gives the same simulated figures
+	$(PY) -m sandbox.bench --report bench/report.json $(BENCH_ARGS)
 
 # The IDENT connector wheel (it carries the clinicsync package), installed into a throwaway venv with
 # only its declared dependencies and started once, so a missing dependency shows up here, not at a clinic.

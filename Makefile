@@ -123,8 +123,9 @@ chaos: venv
 
 # Requests, time at the rate limit (one simulated clock for every contestant), CPU, imports, latency and
 # AWS cost, side by side in one run for both CRMs; the reduced run is in make test (tests/test_bench_smoke.py).
+# BENCH_ARGS=--twice runs it all again and fails unless the simulated figures are identical.
 bench: venv layer-venv
-	$(PY) -m sandbox.bench --report bench/report.json
+	$(PY) -m sandbox.bench --report bench/report.json $(BENCH_ARGS)
 
 # The model-based test (tests/test_model_sync.py) with long examples, round after round, for MODEL_MINUTES per
 # CRM/MIS pair; its small profile is in make test. model-report.jsonl: the examples and steps each pair ran.

@@ -1,5 +1,6 @@
-"""The benchmark's plumbing at toy sizes: it runs every contestant on both CRMs and writes a well-formed
-report. It proves nothing about speed and asserts no timing (the figures live in `make bench`)."""
+"""The benchmark's plumbing at toy sizes: it runs every contestant on both CRMs, twice, and writes a
+well-formed report whose simulated figures came out the same both times. It proves nothing about speed
+and asserts no timing (the figures live in `make bench`)."""
 
 from __future__ import annotations
 
@@ -36,10 +37,13 @@ def _environment_restored(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, os.environ.get(name, ""))
 
 
-def test_a_reduced_bench_run_writes_a_well_formed_report(tmp_path: Path) -> None:
+def test_a_reduced_bench_run_twice_writes_a_well_formed_report_with_the_same_simulated_figures(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "report.json"
-    assert main(["--smoke", "--report", str(path)]) == 0
+    assert main(["--smoke", "--twice", "--report", str(path)]) == 0
     report = json.loads(path.read_text(encoding="utf-8"))
+    assert report["determinism"] == {"runs": 2, "identical": True, "differences": []}
 
     seen = {(f["crm"], f["contestant"], f["workload"]) for f in report["figures"]}
     for crm, contestants in CONTESTANTS.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,11 +12,17 @@ from typing import Any
 import boto3
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from moto import mock_aws
+from werkzeug.test import Client
 
 from clinicsync.adapters.bitrix24 import Pacer
 from clinicsync.budget import BUDGET_PK, BudgetTimeout, RequestPacer, SharedLeakyBucket
-from sandbox.emulators.base import ServedApp
+from clinicsync.config import CRM_BUDGETS
+from sandbox.bench.simclock import leaky_bucket_floor_seconds, sliding_window_floor_seconds
+from sandbox.emulators.amocrm import AmoCrmEmulator
+from sandbox.emulators.base import Clock, ServedApp
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
 
 REGION = "eu-central-1"
@@ -231,3 +238,95 @@ def test_containers_sharing_the_budget_meet_no_503_where_separate_pacers_do(
     statuses, _ = _two_containers(url, [Pacer(rate=RATE, burst=BURST), Pacer(rate=RATE, burst=BURST)])
     assert statuses.count(503) > 0
     assert emu.stats()["rate_limited_503"] == statuses.count(503)
+
+
+# --- the default budgets at the CRMs' real limits, containers late on their slots ---------------------------
+
+CONTAINERS, REQUESTS_EACH = 3, 25
+LATENESS = {"bitrix24": 0.5, "amocrm": 0.05}
+_RUNS = itertools.count()  # seconds a request may reach the CRM after its booked slot
+
+
+def _crm_at_its_real_limits(kind: str, clock: Clock) -> Callable[[], int]:
+    """One request to the emulator at the clock's time; returns its status (503/429 = refused)."""
+    if kind == "bitrix24":
+        bitrix = Bitrix24Emulator(webhook_secret="budget", clock=clock, rate_limit=True)
+        client, path = Client(bitrix), bitrix.webhook_url("http://crm.invalid").split("crm.invalid", 1)[1]
+        return lambda: client.post(path + "server.time.json", json={}).status_code
+    amo = AmoCrmEmulator(clock, rate_limit=True)
+    amo_client = Client(amo)
+    headers = {"Authorization": "Bearer " + amo.issue_tokens()["access_token"]}
+    return lambda: amo_client.get("/api/v4/account", headers=headers).status_code
+
+
+def _containers_sharing_the_default_budget(
+    new_table: Callable[[], AtomicTable], kind: str, lateness: list[float]
+) -> tuple[list[int], float]:
+    """CONTAINERS syncers, each sending REQUESTS_EACH requests one after another through its own
+    SharedLeakyBucket on the one DynamoDB item, at the budget the config gives the CRM kind. Each request
+    reaches the CRM ``lateness[i]`` after its booked slot (scheduling, GC, network), with 50 ms of
+    latency before the container books its next one. Events run in time order on one simulated clock."""
+    rate, burst = CRM_BUDGETS[kind]
+    start = 1_800_000_000.0
+    clock = Clock(start)
+    now = [start]
+    send = _crm_at_its_real_limits(kind, clock)
+    booked: list[float] = []
+    key = f"portal-{next(_RUNS)}"  # hypothesis runs many examples on the fixture's one table
+    buckets = [
+        SharedLeakyBucket(new_table(), key, rate=rate, burst=burst, clock=lambda: now[0], sleep=booked.append)  # type: ignore[arg-type]
+        for _ in range(CONTAINERS)
+    ]
+    events = [(start + 0.001 * c, c, "book", REQUESTS_EACH) for c in range(CONTAINERS)]
+    statuses: list[int] = []
+    late = iter(lateness)
+    while events:
+        events.sort()
+        at, c, kind_of_event, left = events.pop(0)
+        now[0] = at
+        clock.freeze(at)
+        if kind_of_event == "book":
+            booked.clear()
+            buckets[c].wait()  # books the slot; the "sleep" is recorded, the container sends when it is due
+            events.append((at + sum(booked) + next(late, 0.0), c, "send", left))
+        else:
+            statuses.append(send())
+            if left > 1:
+                events.append((at + 0.05, c, "book", left - 1))
+    return statuses, now[0] - start
+
+
+@pytest.mark.parametrize("kind", ["bitrix24", "amocrm"])
+@settings(max_examples=10)  # each example is 75 requests through moto: the small profile's 30 take minutes
+@given(data=st.data())
+def test_containers_late_on_their_slots_meet_no_503_or_429_at_the_default_budget(
+    new_table: Callable[[], AtomicTable], kind: str, data: st.DataObject
+) -> None:
+    """The defaults sit close under the real limits (Bitrix24: 48 of the bucket's 50 at 2/s; amoCRM: 6.6/s
+    of 7 in any second) so a backfill runs near the floor's time, and keep a margin for requests that
+    reach the CRM after their shared slot: 1 s worth of the Bitrix24 bucket, 60 ms of amoCRM's second."""
+    lateness = data.draw(
+        st.lists(
+            st.floats(0.0, LATENESS[kind]), min_size=CONTAINERS * REQUESTS_EACH, max_size=CONTAINERS * REQUESTS_EACH
+        )
+    )
+    statuses, _ = _containers_sharing_the_default_budget(new_table, kind, lateness)
+    assert len(statuses) == CONTAINERS * REQUESTS_EACH
+    assert [s for s in statuses if s != 200] == []
+
+
+@pytest.mark.parametrize("kind", ["bitrix24", "amocrm"])
+def test_the_default_budget_keeps_the_time_of_the_floors_requests_within_the_backfill_target(
+    new_table: Callable[[], AtomicTable], kind: str
+) -> None:
+    """On time, the shared budget spends the CRM's limit almost whole: the same requests as a perfect client's
+    take at most 1.15 × its time (the backfill target), leaving the rest of the target to extra requests."""
+    statuses, elapsed = _containers_sharing_the_default_budget(new_table, kind, [])
+    n = CONTAINERS * REQUESTS_EACH
+    assert set(statuses) == {200}
+    floor = (
+        leaky_bucket_floor_seconds(n, latency=0.0)
+        if kind == "bitrix24"
+        else sliding_window_floor_seconds(n, latency=0.0)
+    )
+    assert elapsed <= 1.15 * floor

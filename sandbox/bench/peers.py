@@ -17,17 +17,23 @@ the same contacts and deals. Each keeps the local mapping table (MIS id -> CRM i
 from __future__ import annotations
 
 import asyncio
+import selectors
 import types
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from clinicsync.config import ClinicConfig
 from clinicsync.phones import normalise_phone
 from clinicsync.statuses import canonical_status
-from sandbox.bench.simclock import SimClock
+from sandbox.bench.simclock import LATENCY, ClockedApp, SimClock
 
 Row = dict[str, Any]
 
@@ -137,42 +143,136 @@ class BitrixLoopPeer:
             self._call("crm.deal.add", {"fields": {**deal, "CATEGORY_ID": category}})
 
 
+class _SimulatedSelector(selectors.DefaultSelector):
+    """Where the event loop would block until its next timer, the simulated clock jumps to that timer."""
+
+    def __init__(self, clock: SimClock) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = super().select(0)
+        if ready or timeout == 0:
+            return ready
+        if timeout is None:  # nothing scheduled and nothing to read: in real time this would hang
+            raise RuntimeError("simulated event loop: every task waits and no timer is due")
+        self._clock.advance(timeout)
+        return []
+
+
+class SimulatedLoop(asyncio.SelectorEventLoop):
+    """An event loop on the simulated clock: ``loop.time()`` is the clock, and a loop with nothing ready
+    moves the clock to its next timer instead of sleeping. Every asyncio wait (``asyncio.sleep``,
+    timeouts, fast_bitrix24's pacing and back-off) then takes simulated time, the waits of concurrent
+    coroutines overlap, and they wake in the order of their deadlines, as in real time."""
+
+    def __init__(self, clock: SimClock) -> None:
+        super().__init__(_SimulatedSelector(clock))
+        self._sim_clock = clock
+        # A timer is due when its deadline is under time() + resolution; at 2**30 s one float step is
+        # 2.4e-7 s, so the 1e-9 s default rounds away and the loop would step towards a timer forever.
+        self._clock_resolution = 1e-6
+
+    def time(self) -> float:
+        return self._sim_clock.monotonic()
+
+
 def virtualise_fast_bitrix24(clock: SimClock) -> Callable[[], None]:
-    """Make fast_bitrix24's throttler and back-off wait in simulated time; returns the undo."""
-    import fast_bitrix24.srh as srh
+    """Run fast_bitrix24 on the simulated clock; returns the undo. Its sync API runs its coroutines on
+    the thread's event loop: that loop is a :class:`SimulatedLoop`, and its throttler's
+    ``time.monotonic`` is the same clock. The library's own pacing, concurrency and retries are
+    untouched: only their clock is ours, the same for all of them."""
     import fast_bitrix24.throttle as throttle
 
-    real_sleep = asyncio.sleep
-
-    async def vsleep(seconds: float, result: Any = None) -> Any:
-        # "Until", not "for": the target is taken now, and the clock moves only after every coroutine
-        # that is ready has had its turn to take its own; concurrent back-offs then overlap instead of
-        # adding up (they added up to 12 simulated hours once fast_bitrix24 backed off on 503s).
-        target = clock.now() + max(0.0, float(seconds or 0.0))
-        await real_sleep(0)
-        clock.advance_to(target)
-        return await real_sleep(0, result)
-
-    saved = (throttle.time, throttle.asyncio, srh.sleep)
+    loop = SimulatedLoop(clock)
+    saved = throttle.time
     throttle.time = types.SimpleNamespace(monotonic=clock.monotonic)  # type: ignore[assignment]
-    throttle.asyncio = types.SimpleNamespace(sleep=vsleep)  # type: ignore[assignment]
-    srh.sleep = vsleep  # type: ignore[assignment]
+    asyncio.set_event_loop(loop)
 
     def undo() -> None:
-        throttle.time, throttle.asyncio, srh.sleep = saved  # type: ignore[assignment]
+        throttle.time = saved  # type: ignore[assignment]
+        asyncio.set_event_loop(None)
+        loop.close()
 
     return undo
 
 
+class _InProcessResponse:
+    def __init__(self, session: InProcessSession, url: str, body: Any) -> None:
+        self._session, self._url, self._body = session, url, body
+        self._payload: Any = None
+
+    async def __aenter__(self) -> _InProcessResponse:
+        from werkzeug.test import Client
+
+        s = self._session
+        # Every coroutine that is ready sends before the clock moves: concurrent requests arrive at
+        # the same simulated instant and their latencies overlap, as over a real network.
+        await asyncio.sleep(0)
+        response = Client(s.wsgi).post(urlsplit(self._url).path, json=self._body)
+        await asyncio.sleep(s.latency)  # on the SimulatedLoop: simulated time
+        if response.status_code >= 400:  # the library opens its sessions with raise_for_status=True
+            url = URL(self._url)
+            info = aiohttp.RequestInfo(url, "POST", CIMultiDictProxy(CIMultiDict()), url)
+            raise aiohttp.ClientResponseError(info, (), status=response.status_code, message=response.status)
+        self._payload = response.get_json()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def json(self, encoding: str | None = None) -> Any:
+        return self._payload
+
+
+with warnings.catch_warnings():  # aiohttp discourages subclassing; the library type-checks `client=`
+    warnings.simplefilter("ignore", DeprecationWarning)
+
+    class InProcessSession(aiohttp.ClientSession):
+        """The ``aiohttp.ClientSession`` fast_bitrix24 is given (its ``client=`` parameter), serving each
+        POST from the CRM emulator in this thread. Over real sockets the emulator's server threads took
+        the library's 50 concurrent requests in whatever order the OS scheduled them, so 503s, retries
+        and simulated seconds changed from run to run (once the library gave up: "All attempts to get
+        data from server exhausted"). In one thread and one event loop the order is the library's own.
+        Only ``post`` is used by the library; the base class is never initialised (no connector)."""
+
+        def __init__(self, app: ClockedApp, clock: SimClock, latency: float = LATENCY) -> None:
+            self.app, self.clock, self.latency = app, clock, latency
+
+        def wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            return self.app.handle(environ, start_response, 0.0)  # the latency is waited in the response
+
+        def post(self, url: Any, *, json: Any = None, ssl: bool = True, **_: Any) -> Any:
+            return _InProcessResponse(self, str(url), json)
+
+        @property
+        def closed(self) -> bool:
+            return False
+
+        async def close(self) -> None:
+            return None
+
+        def __del__(self, *_: Any) -> None:
+            pass
+
+
 class FastBitrixPeer:
-    """A sync on fast_bitrix24: whole lists per call, the library batches and paces."""
+    """A sync on fast_bitrix24: whole lists per call, the library batches and paces.
+
+    Its writes go in the library's ``slow()`` mode, the one-line remedy its README gives when the server
+    answers errors: at its default 50 concurrent requests, a second large ``call()`` into a portal bucket
+    the first one filled gives up ("All attempts to get data from server exhausted", as in its issue
+    #124): its waiting coroutines all wake on the same slot and the 503s of the many exhaust the retry
+    count they share. Reads (``get_all``) keep the default."""
 
     name = "fast_bitrix24"
+    note = "writes in the library's slow() mode (at its default concurrency it gives up on this import)"
 
-    def __init__(self, webhook_url: str, config: ClinicConfig) -> None:
+    def __init__(self, webhook_url: str, config: ClinicConfig, client: Any = None) -> None:
         from fast_bitrix24 import Bitrix
 
-        self._b = Bitrix(webhook_url, verbose=False)
+        # Defaults as its users run it: its own pool, pacing, velocity policy and retries.
+        self._b = Bitrix(webhook_url, verbose=False, client=client)
         self._config = config
         self.contacts: dict[str, str] = {}  # MIS patient id -> contact id
         self.deals: dict[str, str] = {}  # MIS appointment id -> deal id
@@ -216,7 +316,8 @@ class FastBitrixPeer:
                 fields["PHONE"] = [{"VALUE": e164, "VALUE_TYPE": "MOBILE"}]
             new_contacts[pid] = {"fields": fields}
         if new_contacts:
-            self._b.call("crm.contact.add", list(new_contacts.values()))
+            with self._b.slow():
+                self._b.call("crm.contact.add", list(new_contacts.values()))
             # call() returns ids in completion order, not input order: read back who got which id.
             rows = self._b.get_all(
                 "crm.contact.list", {"filter": {"ORIGINATOR_ID": "fb24"}, "select": ["ID", "ORIGIN_ID", "PHONE"]}
@@ -243,9 +344,11 @@ class FastBitrixPeer:
             else:
                 adds.append({"fields": {**deal, "CATEGORY_ID": category}})
         if updates:
-            self._b.call("crm.deal.update", updates)
+            with self._b.slow():
+                self._b.call("crm.deal.update", updates)
         if adds:
-            self._b.call("crm.deal.add", adds)
+            with self._b.slow():
+                self._b.call("crm.deal.add", adds)
             rows = self._b.get_all(
                 "crm.deal.list", {"filter": {"ORIGINATOR_ID": "fb24"}, "select": ["ID", "ORIGIN_ID"]}
             )

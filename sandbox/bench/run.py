@@ -16,6 +16,7 @@ import io
 import logging
 import math
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -39,7 +40,14 @@ from sandbox.bench.harness import (
     visits_now,
 )
 from sandbox.bench.moto_process import ProcessAws
-from sandbox.bench.peers import AmoApiPeer, BitrixLoopPeer, FastBitrixPeer, Visit, virtualise_fast_bitrix24
+from sandbox.bench.peers import (
+    AmoApiPeer,
+    BitrixLoopPeer,
+    FastBitrixPeer,
+    InProcessSession,
+    Visit,
+    virtualise_fast_bitrix24,
+)
 from sandbox.bench.simclock import (
     LATENCY,
     ClockedApp,
@@ -50,7 +58,6 @@ from sandbox.bench.simclock import (
 
 POLL_INTERVAL = 60.0  # template.yaml PollSchedule default: rate(1 minute)
 PEER_EVERY = 5  # peers sync every 5 minutes: one peer cycle per 5 of our poll cycles
-PEER_RETRIES = 3  # a peer run that dies is re-run by its cron, at most this many times per workload step
 
 # AWS list prices (USD, eu-central-1 where it differs little from us-east-1; on-demand DynamoDB).
 LAMBDA_GB_S = 0.0000166667
@@ -76,6 +83,10 @@ class Sizes:
     import_runs: int = 3  # best of n imports per handler
     crms: tuple[str, ...] = ("bitrix24", "amocrm")
     parallel: bool = True  # each CRM's run in its own process
+
+
+class InvalidRun(RuntimeError):
+    """A contestant's run did not finish or left its CRM incomplete: the bench stops, with no figure."""
 
 
 @dataclass
@@ -190,11 +201,13 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
     try:
         app = wired.crm
         backfill_visits = visits_now(clinic.medods)
+        clock.next_phase()
         with metered(clinic.stack) as meter, simulated(clock), _quiet():
             meter.trace_left = TRACED_INVOCATIONS
             meter.progress = log if verbose else None
             snap = meter.snapshot()
             summary, secs, reqs, refused = _segment(clock, app, clinic.backfill)
+            _check_deals("clinicsync", crm, clinic.crm, backfill_visits)
             meter.progress = None
             backfill_cost = diff(meter.snapshot(), snap)
             meter.trace_left = 0
@@ -284,6 +297,8 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
             )
             empty = _empty_poll_cost(clinic, meter)
             mismatched = len(clinic.mismatches())
+            if mismatched:
+                raise InvalidRun(f"{crm}: clinicsync's CRM differs from the MIS after the day ({mismatched} records)")
         log_phase(f"{crm}: clinicsync day {day_requests} requests (floor {day_floor:.0f}); CRM mismatches {mismatched}")
 
         # Unsubscribe → CRM flag, queues served concurrently as on AWS (wall clock: it is a latency).
@@ -333,10 +348,10 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
             webhook = portal.secret["webhook_url"]
             undo = virtualise_fast_bitrix24(clock)
             try:
-                fb = FastBitrixPeer(webhook, config)
+                fb = FastBitrixPeer(webhook, config, client=InProcessSession(wired.crm, clock))
                 out.figures += _peer_runs(
                     crm, "fast_bitrix24", fb.sync, wired.crm, clock, backfill_visits, single_visits, cycles, 1,
-                    check=lambda: _deals_written(portal.view, backfill_visits),
+                    view=portal.view, note=fb.note,
                 )  # fmt: skip
             finally:
                 undo()
@@ -355,6 +370,7 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
                     single_visits,
                     cycles,
                     sizes.loop_sample,
+                    view=portal2.view,
                 )
             finally:
                 loop.close()
@@ -373,6 +389,7 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
                     single_visits,
                     cycles,
                     sizes.loop_sample,
+                    view=portal.view,
                 )
         log_phase(f"{crm}: peers done")
     finally:
@@ -380,15 +397,18 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
     return out
 
 
-def _deals_written(view: Any, visits: Sequence[Visit]) -> str:
-    """A peer's backfill is only comparable if it wrote every visit once: say so when it did not."""
+def _check_deals(contestant: str, crm: str, view: Any, visits: Sequence[Visit]) -> str:
+    """A backfill counts only if it wrote every visit's deal exactly once; otherwise the bench stops."""
     by_origin = view.deals_by_origin()
     wanted = {str(v.appointment["id"]) for v in visits}
     missing = len(wanted - set(by_origin))
     doubled = sum(1 for origin, n in by_origin.items() if origin in wanted and n > 1)
-    if not missing and not doubled:
-        return f"CRM checked: all {len(wanted)} deals, none twice"
-    return f"CRM checked: {missing} of {len(wanted)} deals missing, {doubled} written twice"
+    if missing or doubled:
+        raise InvalidRun(
+            f"{crm}: {contestant}'s backfill is invalid: {missing} of {len(wanted)} deals missing, "
+            f"{doubled} written twice; no figure comes from such a run"
+        )
+    return f"CRM checked: all {len(wanted)} deals, none twice"
 
 
 def _peer_runs(
@@ -401,32 +421,19 @@ def _peer_runs(
     single: list[Visit],
     cycles: list[list[Visit]],
     sample: int,
-    check: Callable[[], str] | None = None,
+    view: Any,
+    note: str = "",
 ) -> list[Figure]:
-    """``check``, if given, says after the backfill whether the peer's CRM holds what it should."""
+    """Every run must finish (a peer that gives up stops the bench: :class:`InvalidRun`), and the
+    backfill must leave every deal of the (sampled) workload in the peer's CRM exactly once."""
     figures = []
-    aborted: Counter[str] = Counter()
     real_sync = sync
 
     def sync(visits: Sequence[Visit]) -> None:
-        """As the integrator's cron runs it: a run that dies (the library gave up on 503s, say) is run
-        again 5 minutes later with the same input; the aborted runs are counted in the figure's note."""
-        for attempt in range(PEER_RETRIES + 1):
-            try:
-                real_sync(visits)
-                return
-            except Exception as exc:  # a peer's crash is a figure, not the end of the bench
-                if attempt == PEER_RETRIES:
-                    raise
-                aborted[type(exc).__name__] += 1
-                clock.advance(300)
-
-    def noted(note: str) -> str:
-        if not aborted:
-            return note
-        runs = ", ".join(f"{n} × {kind}" for kind, n in sorted(aborted.items()))
-        aborted.clear()
-        return "; ".join(filter(None, [note, f"runs aborted and re-run 5 min later: {runs}"]))
+        try:
+            real_sync(visits)
+        except Exception as exc:
+            raise InvalidRun(f"{crm}: {name}'s run failed ({type(exc).__name__}: {exc}); no figure") from exc
 
     part = backfill
     sampled = f"measured on {{}} of {len(backfill)} appointments, scaled ×{{:.2f}}"
@@ -435,22 +442,22 @@ def _peer_runs(
         keep = set(patients)
         part = [v for v in backfill if int(v.client["id"]) in keep]
     scale = len(backfill) / len(part) if part else 1.0
+    clock.next_phase()
     with _quiet():
         _, secs, reqs, refused = _segment(clock, app, lambda: sync(part))
+    checked = _check_deals(name, crm, view, part)
     floor = backfill_floor(crm, len({v.client["id"] for v in backfill}), len(backfill))  # the whole workload's
     figures.append(
         Figure(
             crm, name, "backfill", reqs * scale, len(backfill), floor, secs * scale,
             _floor_seconds(crm, floor), refused * scale, sample,
-            noted("; ".join(filter(None, [sampled.format(len(part), scale) if sample > 1 else "", check and check()]))),
+            "; ".join(filter(None, [sampled.format(len(part), scale) if sample > 1 else "", checked, note])),
         )
     )  # fmt: skip
     figures.append(Figure(crm, name, "empty poll", 0, 0, 0, 0.0, 0.0, 0, note="nothing changed: nothing sent"))
     clock.advance(300)
     _, secs, reqs, refused = _segment(clock, app, lambda: sync(single))
-    figures.append(
-        Figure(crm, name, "single change", reqs, 1, 1, secs, _floor_seconds(crm, 1), refused, note=noted(""))
-    )
+    figures.append(Figure(crm, name, "single change", reqs, 1, 1, secs, _floor_seconds(crm, 1), refused))
     total = refused_total = 0
     total_secs = floor_total = floor_secs = 0.0
     appts = 0
@@ -469,7 +476,7 @@ def _peer_runs(
         floor_secs += _floor_seconds(crm, change_floor(0, len(c)))
     figures.append(
         Figure(crm, name, "steady day", total, appts, floor_total, total_secs, floor_secs, refused_total,
-               note=noted(f"syncs every {PEER_EVERY} min: MIS→CRM latency up to {PEER_EVERY} min"))
+               note=f"syncs every {PEER_EVERY} min: MIS→CRM latency up to {PEER_EVERY} min")
     )  # fmt: skip
     return figures
 
@@ -614,25 +621,58 @@ def _run_crm_alone(crm: str, sizes: Sizes, verbose: bool) -> CrmRun:
         return run_crm(crm, sizes, SimClock(), _log_to_stderr, verbose)
 
 
-def run(sizes: Sizes, log: Callable[[str], None] = print, verbose: bool = False) -> dict[str, Any]:
-    started = time.perf_counter()
+SIMULATED = ("crm_requests", "sim_seconds_at_rate_limit", "refused_503_429", "floor_requests", "appointments")
+
+
+def simulated_figures(figures: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The figures that come from the simulated clock and the seeded workload alone: identical on every
+    run of a commit (CPU, imports, memory and wall-clock latencies are not, and are left out)."""
+    return {f"{f['crm']} / {f['contestant']} / {f['workload']}": {k: f[k] for k in SIMULATED} for f in figures}
+
+
+def differences(first: dict[str, dict[str, Any]], second: dict[str, dict[str, Any]]) -> list[str]:
+    """Each simulated figure that is not the same in both runs, said as ``name key: first → second``."""
+    out = []
+    for name in sorted(first.keys() | second.keys()):
+        a, b = first.get(name, {}), second.get(name, {})
+        out += [f"{name} {k}: {a.get(k)} → {b.get(k)}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return out
+
+
+def _run_crms(sizes: Sizes, log: Callable[[str], None], verbose: bool) -> list[CrmRun]:
+    # str hashes are salted per process unless PYTHONHASHSEED is set, and set iteration order with
+    # them: the spawned processes below take this fixed seed, so every run orders its sets alike.
+    os.environ["PYTHONHASHSEED"] = "0"
     if sizes.parallel and len(sizes.crms) > 1:
         # The CRMs' runs share nothing (each has its own clinic, emulators, moto and clock), so they
         # run side by side, one process each: the two cores halve the bench's wall time.
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(len(sizes.crms), mp_context=context) as pool:
             futures = [pool.submit(_run_crm_alone, crm, sizes, verbose) for crm in sizes.crms]
-            runs = [f.result() for f in futures]
-    else:
-        clock = SimClock()
-        with moto_transactions_copy_once():
-            runs = [run_crm(crm, sizes, clock, log, verbose) for crm in sizes.crms]
+            return [f.result() for f in futures]
+    clock = SimClock()
+    with moto_transactions_copy_once():
+        return [run_crm(crm, sizes, clock, log, verbose) for crm in sizes.crms]
+
+
+def run(sizes: Sizes, log: Callable[[str], None] = print, verbose: bool = False, twice: bool = False) -> dict[str, Any]:
+    """One run of every contestant; with ``twice``, a second one, and the simulated figures compared
+    (``report["determinism"]``): they must be identical, or the bench proves nothing."""
+    started = time.perf_counter()
+    runs = _run_crms(sizes, log, verbose)
+    figures = [f.as_dict() for r in runs for f in r.figures]
+    determinism = None
+    if twice:
+        again = [f.as_dict() for r in _run_crms(sizes, log, verbose) for f in r.figures]
+        diffs = differences(simulated_figures(figures), simulated_figures(again))
+        determinism = {"runs": 2, "identical": not diffs, "differences": diffs}
     imports = {h: import_ms(h, sizes.import_runs) for h in HANDLERS}
     interpreter = import_python()
     return {
         "sizes": sizes.__dict__ | {"crms": list(sizes.crms)},
         "clock": {"kind": "simulated, shared by all contestants of a CRM", "latency_per_request_s": LATENCY},
-        "figures": [f.as_dict() for r in runs for f in r.figures],
+        "figures": figures,
+        "determinism": determinism,
         "ours": {r.crm: r.ours for r in runs},
         "handler_import_ms": {h: t.ms for h, t in imports.items()},
         "handler_import_by_package_ms": {h: t.by_package_ms for h, t in imports.items()},

@@ -22,6 +22,18 @@ from typing import Any
 from sandbox.emulators.base import Clock
 
 LATENCY = 0.05  # seconds of simulated network + server time per CRM request (same region, small bodies)
+GRAIN = 2.0**16  # the clock starts on a multiple of this (about 18 h): see :func:`deterministic_start`
+PHASE = 2.0**15  # each contestant starts on a multiple of this after the start: see SimClock.next_phase
+
+
+def deterministic_start(wall: float | None = None) -> float:
+    """The first multiple of ``GRAIN`` seconds after the wall clock. Not the wall clock itself: the
+    shared budget stores its times in DynamoDB to the microsecond, so from a start with digits below
+    that, its rounding (and every slot and 503 decided by it) changed with the moment the bench was
+    started. A whole start rounds alike in every run, and the CRMs' clocks stay within hours of the
+    MIS's (timestamps on both sides keep making sense)."""
+    wall = time.time() if wall is None else wall
+    return (wall // GRAIN + 1) * GRAIN
 
 
 class SimClock(Clock):
@@ -29,7 +41,7 @@ class SimClock(Clock):
 
     def __init__(self, start: float | None = None) -> None:
         super().__init__()
-        self._now = time.time() if start is None else start
+        self._now = deterministic_start() if start is None else start
         self._mutex = threading.Lock()
         self.started = self._now
 
@@ -62,6 +74,14 @@ class SimClock(Clock):
     def elapsed(self) -> float:
         return self.now() - self.started
 
+    def next_phase(self) -> float:
+        """Move to the next multiple of ``PHASE`` after the start, and return it. Each contestant
+        starts there, so its figures do not depend on how far the phases before it (some of them
+        timed on the wall clock: the webhook burst, the unsubscribe latency) moved the clock."""
+        with self._mutex:
+            self._now = self.started + ((self._now - self.started) // PHASE + 1) * PHASE
+            return self._now
+
 
 class ClockedApp:
     """WSGI wrapper: each request takes ``latency`` of simulated time; counts requests and refusals."""
@@ -75,6 +95,11 @@ class ClockedApp:
         self._lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        return self.handle(environ, start_response, self.latency)
+
+    def handle(self, environ: dict[str, Any], start_response: Callable[..., Any], latency: float) -> Iterable[bytes]:
+        """Serve one request; ``latency`` 0 for a caller that waits the latency itself (see
+        :class:`sandbox.bench.peers.InProcessSession`: concurrent requests' latencies overlap)."""
         started = self.clock.now()
         seen: list[int] = []
         self.paths[environ.get("PATH_INFO", "")] += 1
@@ -84,7 +109,7 @@ class ClockedApp:
             return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
 
         body = list(self.app(environ, recording_start))
-        self.clock.advance_to(started + self.latency)
+        self.clock.advance_to(started + latency)
         with self._lock:
             self.statuses.update(seen)
         return body

@@ -81,8 +81,9 @@ class SharedLeakyBucket:
     """Paces requests so that all holders of ``key`` together stay under one leaky bucket.
 
     Same interface as :class:`~clinicsync.adapters.bitrix24.Pacer` (both are :class:`RequestPacer`);
-    ``rate`` and ``burst`` should sit a little under the portal's own limits (e.g. 2/s and 40 for 50)
-    to absorb network jitter between booking a slot and the request reaching the portal.
+    ``rate`` and ``burst`` should sit a little under the portal's own limits (the defaults per CRM are
+    ``clinicsync.config.CRM_BUDGETS``) to absorb lateness between booking a slot and the request
+    reaching the portal.
     """
 
     def __init__(

@@ -48,7 +48,6 @@ from sandbox.local import LocalClinic
 KNOWN_OPEN: frozenset[str] = frozenset(
     {
         # Found here, not in issue 15's list: each is pinned as an xfail regression test below.
-        "close-before-webhook",  # test_regression_a_deal_closed_by_a_manager_stays_closed_before_its_webhook
         "amo-phone-after-change",  # undiagnosed, not pinned yet: amoCRM keeps an old phone after a MIS change
     }
 )
@@ -388,8 +387,6 @@ class ClinicMachine(RuleBasedStateMachine):
         won = self.crm.won_stage(deal["category"])
         self.crm.manager_move(deal["id"], won)
         visit.closed_stage = won
-        if "close-before-webhook" in KNOWN_OPEN:
-            self.clinic.deliver_webhooks()  # the sync hears of the close before it writes that deal again
 
     @rule(person=persons, channel=st.sampled_from(["email", "sms"]))
     def crm_opt_out(self, person: Person, channel: str) -> None:
@@ -827,7 +824,6 @@ def test_regression_a_managers_opt_out_survives_a_consent_write(
     assert clinic.crm.contact_opt_outs(contact) == {"email", "sms"}
 
 
-@pytest.mark.xfail(strict=True, reason="open: the sync writes a deal's stage without knowing a manager closed it")
 @pytest.mark.parametrize("crm", ["bitrix24", "amocrm"])
 def test_regression_a_deal_closed_by_a_manager_stays_closed_before_its_webhook(
     make_clinic: Callable[..., LocalClinic], crm: str

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from clinicsync.crypto import KeyedHasher
 from clinicsync.models import AppointmentStatus as S
 from clinicsync.models import PatientChanges
 from clinicsync.ports import ContactWrite, CrmMatches, DealMatch, DealWrite
-from clinicsync.rules import plan_patient
+from clinicsync.rules import (
+    apply_observation,
+    deal_observation,
+    plan_patient,
+    stage_read_observation,
+    stage_to_check,
+)
 from clinicsync.state import AppointmentState, PatientState
 from tests.helpers import T0, appointment, days, demo_config, patient
 
@@ -252,3 +261,70 @@ def test_a_refusal_can_be_sent_without_any_marketing_when_the_clinic_says_so() -
     assert p.contact_write is not None
     assert p.contact_write.fields["opt_outs"] == ["call", "email", "marketing", "sms"]
     assert len(deals(p)) == 1
+
+
+# --- a manager's move the sync has not heard of yet -----------------------------------------------------
+
+PRIMARY = CONFIG.pipeline(repeat=False)
+STATUSES = st.sampled_from(list(S))
+CRM_STAGES = st.sampled_from(sorted({*PRIMARY.stages.values(), *PRIMARY.closed_stages}))
+
+
+def _synced(status: S) -> PatientState:
+    """A patient whose visit we wrote as ``status`` into deal 20 (what the state remembers after a sync)."""
+    first = plan(PatientChanges(patient=patient(), appointments=(appointment(status=status),)))
+    state = first.next_state
+    assert state is not None
+    state.contact_id = "10"
+    state.appointments["a1"].deal_id = "20"
+    return state
+
+
+def _deal_ends_at(crm_stage: str, p) -> str:
+    """Where deal 20 stands after the plan's writes, starting from ``crm_stage``."""
+    for write in deals(p):
+        if write.deal_id == "20" and write.stage is not None:
+            crm_stage = write.stage
+    return crm_stage
+
+
+@given(before=STATUSES, after=STATUSES, moved=st.booleans())
+def test_a_deal_update_carries_a_stage_only_when_it_changes_the_stage(before: S, after: S, moved: bool) -> None:
+    state = _synced(before)
+    start = T0 + days(1) if moved else T0  # a new date is written whether or not the stage changes
+    p = plan(
+        PatientChanges(patient=patient(), appointments=(appointment(status=after, version=2, start=start),)), state
+    )
+    assert p.next_state is not None
+    written, planned = state.appointments["a1"].stage, p.next_state.appointments["a1"].stage
+    assert deals(p) or not moved or state.appointments["a1"].closed  # closed deals are never written
+    for write in deals(p):
+        # A field-only update never moves the deal, so it never undoes a manager's move not heard of yet.
+        assert (write.stage is None) == (planned == written), (write.stage, written, planned)
+        assert (stage_to_check(write, state) is not None) == (planned != written)
+
+
+@given(before=STATUSES, after=STATUSES, crm_stage=CRM_STAGES)
+def test_the_read_before_a_stage_change_respects_a_manager_as_the_webhook_would(
+    before: S, after: S, crm_stage: str
+) -> None:
+    """A manager moved deal 20 to ``crm_stage``; its webhook comes after the MIS change's sync (late, or
+    never). The stage read before the write must leave the deal where hearing the webhook first would,
+    and a closed deal closed."""
+    changes = PatientChanges(patient=patient(), appointments=(appointment(status=after, version=2),))
+    snapshot = {"id": "20", "stage": crm_stage, "closed": "Y" if crm_stage in PRIMARY.closed_stages else "N"}
+
+    heard_first = _synced(before)
+    apply_observation(heard_first, deal_observation(snapshot, "p1", "a1"), CONFIG)
+    expected = _deal_ends_at(crm_stage, plan(changes, heard_first))
+
+    state = _synced(before)
+    p = plan(changes, state)
+    for write in deals(p):
+        if stage_to_check(write, state) == "20":
+            observation = stage_read_observation(write, state, snapshot)
+            if observation is not None and apply_observation(state, observation, CONFIG):
+                p = plan(changes, state)
+    assert _deal_ends_at(crm_stage, p) == expected
+    if crm_stage in PRIMARY.closed_stages:
+        assert _deal_ends_at(crm_stage, p) == crm_stage  # never reopened

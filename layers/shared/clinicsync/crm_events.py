@@ -20,6 +20,7 @@ from clinicsync.models import Channel, CrmEvent, CrmObservation, SyncMessage
 from clinicsync.observability import logger
 from clinicsync.ports import CrmGateway
 from clinicsync.queue import shard_of
+from clinicsync.rules import deal_observation
 from clinicsync.store import DynamoStore
 from clinicsync.sync import ChangeQueue
 
@@ -114,16 +115,7 @@ class CrmEventProcessor:
             report.not_ours += 1
             return
         report.manual_moves += 1
-        report.observations.append(
-            CrmObservation(
-                kind="deal_stage",
-                patient_id=mapping["patient_id"],
-                appointment_id=mapping.get("appointment_id"),
-                crm_id=snapshot["id"],
-                stage=snapshot.get("stage") or None,
-                closed=snapshot.get("closed") == "Y",
-            )
-        )
+        report.observations.append(deal_observation(snapshot, mapping["patient_id"], mapping.get("appointment_id")))
 
     def _lead(self, snapshot: dict[str, str], report: EventReport) -> None:
         if snapshot.get("contact_id") or not snapshot.get("phone"):

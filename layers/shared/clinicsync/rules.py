@@ -6,7 +6,7 @@ already holds, it decides which contact and deal writes to make and what to reme
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -344,8 +344,11 @@ def _plan_deal(
     if deal_id is not None and digest == known.content_hash:
         plan.skipped[aid] = "unchanged"
         return
+    # A stage we wrote before is not sent again: a field-only update never moves a deal a manager
+    # moved (or closed) since; a stage change is checked against the deal first (``stage_to_check``).
+    sent = None if stage is not None and stage == known.stage and deal_id == known.deal_id else stage
     plan.writes.append(
-        DealWrite(aid, next_state.patient_id, deal_id, category_id, stage, fields, contact_id, lead_id, adopted_deal)
+        DealWrite(aid, next_state.patient_id, deal_id, category_id, sent, fields, contact_id, lead_id, adopted_deal)
     )
     if lead_id is not None:
         plan.writes.append(LeadWrite(lead_id, next_state.patient_id, contact_id, convert=True))
@@ -403,6 +406,42 @@ def continued_deal(
     if latest.starts_at is not None and appointment.starts_at <= latest.starts_at:
         return None
     return latest
+
+
+def deal_observation(snapshot: Mapping[str, str], patient_id: str, appointment_id: str | None) -> CrmObservation:
+    """A deal as the CRM shows it now (``CrmGateway.fetch``), as an observation of its stage."""
+    return CrmObservation(
+        kind="deal_stage",
+        patient_id=patient_id,
+        appointment_id=appointment_id,
+        crm_id=snapshot["id"],
+        stage=snapshot.get("stage") or None,
+        closed=snapshot.get("closed") == "Y",
+    )
+
+
+def stage_to_check(write: CrmWrite, state: PatientState) -> str | None:
+    """The deal whose current stage must be read before this write (None: no read needed).
+
+    A stage change over a deal we wrote before: a manager may have moved or closed it since, and the
+    webhook saying so may come late or never (Bitrix24 does not retry; the catch-up runs every 10
+    minutes). New and adopted deals were just read by the look-up; a write without a stage moves nothing."""
+    if not isinstance(write, DealWrite) or write.stage is None or write.deal_id is None:
+        return None
+    known = state.appointment(write.appointment_id)
+    return write.deal_id if known.deal_id == write.deal_id and known.stage is not None else None
+
+
+def stage_read_observation(
+    write: DealWrite, state: PatientState, snapshot: Mapping[str, str] | None
+) -> CrmObservation | None:
+    """What the read before a stage change teaches: a stage that is neither the one we last wrote nor the
+    one we are about to write is a manager's move, respected exactly as its webhook would be
+    (``apply_observation``). A deal gone from the CRM, or at either of those stages, teaches nothing."""
+    stage = snapshot.get("stage") if snapshot is not None else None
+    if snapshot is None or not stage or stage in (state.appointment(write.appointment_id).stage, write.stage):
+        return None
+    return deal_observation(snapshot, state.patient_id, write.appointment_id)
 
 
 def apply_observation(state: PatientState, observation: CrmObservation, config: ClinicConfig) -> list[str]:

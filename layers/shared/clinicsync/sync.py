@@ -48,6 +48,8 @@ from clinicsync.rules import (
     contact_fields,
     may_join_audience,
     plan_patient,
+    stage_read_observation,
+    stage_to_check,
 )
 from clinicsync.state import PatientState
 from clinicsync.store import DynamoStore
@@ -166,6 +168,11 @@ class Syncer:
 
         matches = self._look_up(live, states)
         plans = self._plan(live, states, matches, ledger)
+        moved = self._read_stages(plans, states, report)
+        if moved:  # a manager moved or closed a deal we were about to move: plan again, respecting it
+            for pid, appointment_ids in moved.items():
+                observed.setdefault(pid, []).extend(appointment_ids)
+            plans = self._plan(live, states, matches, ledger)
         self._keep_managers_opt_outs(plans, live, ledger, own_opt_outs)
         writes = [w for plan in plans for w in plan.writes] + self._lead_links(observations, states)
         intents = self._record_intents(writes)
@@ -219,6 +226,27 @@ class Syncer:
                 return plans
             logger.info("records adopted by another sync; planning without them", extra={"records": len(lost)})
             taken |= lost
+
+    def _read_stages(
+        self, plans: Sequence[PatientPlan], states: dict[str, PatientState], report: SyncReport
+    ) -> dict[str, list[str]]:
+        """Read the current stage of every deal this sync would move, in one list read (a sync without
+        stage changes reads nothing), and learn the managers' moves its webhooks have not told us yet."""
+        checks = {
+            deal_id: (plan.patient_id, write)
+            for plan in plans
+            for write in plan.writes
+            if isinstance(write, DealWrite) and (deal_id := stage_to_check(write, states[plan.patient_id]))
+        }
+        if not checks:
+            return {}
+        current = self._gateway.fetch("deal", sorted(checks))
+        observations = [
+            observation
+            for deal_id, (pid, write) in checks.items()
+            if (observation := stage_read_observation(write, states[pid], current.get(deal_id))) is not None
+        ]
+        return self._observe(observations, states, report)
 
     def _look_up(self, live: Sequence[PatientChanges], states: dict[str, PatientState]) -> CrmMatches:
         """One look-up per message. Always by MIS id before creating (a create whose response was lost

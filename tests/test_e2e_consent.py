@@ -302,7 +302,10 @@ def test_only_an_explicit_newer_crm_opt_in_lifts_an_opt_out(make_clinic: Callabl
     clinic.bitrix.manager_update_contact(int(contact), UF_CRM_CS_OPT_OUTS="")  # cleared, but no opt-in
     clinic.deliver_webhooks()
     assert _ledger(clinic, patient_id)["CH#email"]["opted_out"] is True
-    clinic.bitrix.manager_update_contact(int(contact), UF_CRM_CS_OPT_INS="email")  # the explicit opt-in
+    # The explicit opt-in, a minute later: in the same second as the click it would not be newer (the CRM's
+    # modification times have a resolution of one second), and the test would pass or fail by the clock.
+    clinic.crm.advance_clock(60)
+    clinic.bitrix.manager_update_contact(int(contact), UF_CRM_CS_OPT_INS="email")
     clinic.deliver_webhooks()
     ledger = _ledger(clinic, patient_id)
     assert ledger["CH#email"]["opted_out"] is False and ledger["CH#email"]["source"] == "crm"

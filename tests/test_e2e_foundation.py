@@ -135,13 +135,15 @@ def test_status_lifecycle_moves_the_same_deal(small: LocalClinic) -> None:
         (small.medods.arrive, "arrived"),
         (small.medods.complete, "completed"),
     ]:
+        stage_before = small.crm.deals()[str(aid)]["stage"]
         change(aid)
         run = small.sync()
         deal = small.crm.deals()[str(aid)]
         assert deal["id"] == deal_id
         want = small.expected_deals()[str(aid)]
         assert (deal["category"], deal["stage"]) == (want.category_id, want.stage), stage_key
-        assert run.crm_requests == 1  # a known appointment whose status changed: one request
+        # One write; a stage move reads the deal's current stage first (a manager may have closed it).
+        assert run.crm_requests == 1 + (deal["stage"] != stage_before)
     assert small.mismatches() == []
 
 

@@ -192,7 +192,7 @@ class AmoCrmView:
             origin = self._cf(lead, "mis_appointment_id")
             if not origin:
                 continue
-            contacts = self.emu.lead_contact_ids(lead_id)
+            main = self.emu.lead_main_contact_id(lead_id)  # an adopted lead keeps its caller's contact too
             visit = self._cf(lead, "visit_at")
             out[str(origin)] = {
                 "id": str(lead_id),
@@ -200,7 +200,7 @@ class AmoCrmView:
                 "category": str(lead.get("pipeline_id")),
                 "stage": str(lead.get("status_id")),
                 "closed": lead.get("status_id") in (WON_STATUS_ID, LOST_STATUS_ID),
-                "contact_id": str(contacts[0]) if contacts else "",
+                "contact_id": str(main) if main is not None else "",
                 "visit_at": datetime.fromtimestamp(visit, UTC).isoformat() if isinstance(visit, int) else str(visit),
                 "status": self._cf(lead, "status"),
                 "is_dms": self._cf(lead, "is_dms"),

@@ -760,6 +760,12 @@ class AmoCrmEmulator:
         with self._lock:
             return list(self._lead_contacts.get(lead_id, {}))
 
+    def lead_main_contact_id(self, lead_id: int) -> int | None:
+        """The contact amoCRM shows as the lead's main one (``is_main``), not merely the first linked."""
+        with self._lock:
+            links = self._lead_contacts.get(lead_id, {})
+            return next((cid for cid, main in links.items() if main), next(iter(links), None))
+
     def contact_lead_ids(self, contact_id: int) -> list[int]:
         with self._lock:
             return [lid for lid, links in self._lead_contacts.items() if contact_id in links]

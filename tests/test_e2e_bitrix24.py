@@ -154,3 +154,34 @@ def test_the_visit_hour_reaches_bitrix24_in_a_datetime_field(make_clinic: Callab
     assert deal["UF_CRM_CS_VISIT_AT"] == f"{visit:%Y-%m-%d}T10:00:00+03:00"
     assert deal["BEGINDATE"][:10] == f"{visit:%Y-%m-%d}"  # the date stays where Bitrix24 shows it
     assert deal["TITLE"] == f"Приём {visit:%d.%m.%Y} 10:00"
+
+
+# --- the catch-up ------------------------------------------------------------------------------------
+
+
+def test_a_throttled_catch_up_pauses_and_the_next_run_resumes_from_its_cursor(
+    make_clinic: Callable[..., LocalClinic],
+) -> None:
+    """A 429 OPERATION_TIME_LIMIT during the catch-up is no failed run: it reports a pause, keeps its
+    cursor, and the next scheduled run hears the manager's move the webhook never delivered."""
+    clinic = make_clinic(patients=0, appointments=0, rate_limit=False)
+    client = clinic.mis.add_client("Белова", "+7 903 555-01-77")
+    appointment = clinic.mis.book(client, clinic.mis.at(7, "10:00"))
+    clinic.sync()
+    clinic.deliver_webhooks()
+    deal = _deal(clinic, appointment)
+    clinic.crm.drop_next_stage_event()  # the CRM lost the move's webhook
+    clinic.crm.manager_move(deal["id"], clinic.crm.won_stage(deal["category"]))
+    clinic.deliver_webhooks()
+    # The method's block has already lapsed by the next run (a reset time long past; no sleeping).
+    blocked = {"error": "OPERATION_TIME_LIMIT", "error_description": "blocked", "time": {"operating_reset_at": 1}}
+    clinic.bitrix.faults.add(status=429, body=json.dumps(blocked))
+
+    paused = clinic.catch_up()
+    assert paused["paused"] is True and paused["manual_moves"] == 0
+
+    resumed = clinic.catch_up()
+    assert resumed["paused"] is False and resumed["manual_moves"] == 1
+    clinic.medods.confirm(appointment)
+    clinic.sync()
+    assert _deal(clinic, appointment)["stage"] == clinic.crm.won_stage(deal["category"])  # the move was heard

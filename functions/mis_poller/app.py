@@ -50,7 +50,13 @@ def _run(event: ScheduledRun, context: LambdaContext) -> dict[str, Any]:
     if event.job == "catchup":
         caught = wiring.crm_catch_up().run()
         metrics.add_metric(name="CrmCatchUpEvents", unit=MetricUnit.Count, value=caught.events)
-        return {"events": caught.events, "manual_moves": caught.manual_moves, "echoes": caught.echoes}
+        metrics.add_metric(name="CrmCatchUpPaused", unit=MetricUnit.Count, value=int(caught.paused))
+        return {
+            "events": caught.events,
+            "manual_moves": caught.manual_moves,
+            "echoes": caught.echoes,
+            "paused": caught.paused,
+        }
     poller = wiring.poller()
     remaining = context.get_remaining_time_in_millis
     if event.job == "backfill":

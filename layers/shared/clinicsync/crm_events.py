@@ -18,7 +18,7 @@ from clinicsync.consent import ConsentLedger, patient_subject
 from clinicsync.crypto import KeyedHasher
 from clinicsync.models import Channel, CrmEvent, CrmObservation, SyncMessage
 from clinicsync.observability import logger
-from clinicsync.ports import CrmGateway
+from clinicsync.ports import CrmGateway, CrmPaused
 from clinicsync.queue import shard_of
 from clinicsync.rules import deal_observation
 from clinicsync.store import DynamoStore
@@ -48,6 +48,7 @@ class EventReport:
     opt_outs: int = 0
     opt_ins: int = 0
     foreign_contacts: int = 0  # carry a MIS id but are not the contact we map to that patient
+    paused: bool = False  # the CRM throttled the catch-up: the cursor stays, the next run reads it all again
     observations: list[CrmObservation] = field(default_factory=list)
 
 
@@ -228,8 +229,24 @@ class CrmCatchUp:
         cursor = self._store.get_cursor(CATCHUP_CURSOR)
         since = datetime.fromisoformat(str(cursor["since"])) if cursor else now - timedelta(hours=1)
         report = EventReport()
-        newest = since
         received = int(now.timestamp())
+        try:
+            newest = self._read(since, received, report)
+        except CrmPaused:
+            # A throttle is no failure: what was handled is sent, the cursor stays where it was, and the
+            # next scheduled run reads the same window again (handling an event twice changes nothing).
+            report.paused = True
+            self._processor.flush(report)
+            logger.warning("crm catch-up paused by the CRM's rate limit", extra={"events": report.events})
+            return report
+        self._processor.flush(report)
+        self._store.put_cursor(CATCHUP_CURSOR, {"since": newest.isoformat()})
+        logger.info("crm catch-up finished", extra={"events": report.events, "manual_moves": report.manual_moves})
+        return report
+
+    def _read(self, since: datetime, received: int, report: EventReport) -> datetime:
+        """Handle every entity changed since ``since``; the newest modification time seen."""
+        newest = since
         for entity in ("deal", "lead", "contact"):
             rows = self._gateway.changed_since(entity, (since - CATCHUP_OVERLAP).isoformat(), CATCHUP_LIMIT)
             events = [
@@ -252,7 +269,4 @@ class CrmCatchUp:
             for row in rows:
                 if row.get("modified_at"):
                     newest = max(newest, datetime.fromisoformat(row["modified_at"]))
-        self._processor.flush(report)
-        self._store.put_cursor(CATCHUP_CURSOR, {"since": newest.isoformat()})
-        logger.info("crm catch-up finished", extra={"events": report.events, "manual_moves": report.manual_moves})
-        return report
+        return newest

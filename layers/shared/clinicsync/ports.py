@@ -117,6 +117,14 @@ class LeadWrite:
 CrmWrite = ContactWrite | DealWrite | LeadWrite
 
 
+class CrmPaused(Exception):
+    """The CRM refused a request whole until ``until`` (epoch seconds): nothing ran, so a later retry is safe."""
+
+    def __init__(self, message: str, until: float) -> None:
+        super().__init__(message)
+        self.until = until
+
+
 class PipelineMismatch(Exception):
     """The clinic config names stages the CRM does not have (checked at start-up)."""
 

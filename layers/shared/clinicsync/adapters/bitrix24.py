@@ -18,6 +18,7 @@ import httpx
 from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth
 from clinicsync.budget import BudgetTimeout, RequestPacer
 from clinicsync.observability import logger
+from clinicsync.ports import CrmPaused
 
 BATCH_LIMIT = 50
 PAGE_SIZE = 50
@@ -53,13 +54,12 @@ class Bitrix24OutcomeUnknown(Exception):
     """A write was sent but its response was lost: it may or may not have been applied."""
 
 
-class Bitrix24MethodBlocked(Exception):
+class Bitrix24MethodBlocked(CrmPaused):
     """The portal's operating-time budget blocks this method until ``until``; other methods still work."""
 
     def __init__(self, method: str, until: float) -> None:
-        super().__init__(f"{method} is blocked by the operating-time limit for {until - time.time():.0f} s")
+        super().__init__(f"{method} is blocked by the operating-time limit for {until - time.time():.0f} s", until)
         self.method = method
-        self.until = until
 
 
 # Errors that mean the portal refused the request before running it, so a resend is safe.

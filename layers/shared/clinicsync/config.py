@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from clinicsync.models import AppointmentStatus
 
@@ -199,20 +199,16 @@ class EntityCrmFields(Section):
     def _short_form(cls, value: Any) -> Any:
         return _crm_field_map(value)
 
-    @field_validator("contact")
+    @field_validator("contact", "deal")
     @classmethod
-    def _known_contact(cls, value: dict[str, CrmField]) -> dict[str, CrmField]:
-        unknown = set(value) - CONTACT_FIELDS - ALWAYS_CONTACT_FIELDS
+    def _known(cls, value: dict[str, CrmField], info: ValidationInfo) -> dict[str, CrmField]:
+        known = {
+            "contact": CONTACT_FIELDS | ALWAYS_CONTACT_FIELDS,
+            "deal": DEAL_FIELDS | ALWAYS_DEAL_FIELDS,
+        }[str(info.field_name)]
+        unknown = set(value) - known
         if unknown:
-            raise ValueError(f"unknown contact fields: {sorted(unknown)}")
-        return value
-
-    @field_validator("deal")
-    @classmethod
-    def _known_deal(cls, value: dict[str, CrmField]) -> dict[str, CrmField]:
-        unknown = set(value) - DEAL_FIELDS - ALWAYS_DEAL_FIELDS
-        if unknown:
-            raise ValueError(f"unknown deal fields: {sorted(unknown)}")
+            raise ValueError(f"unknown {info.field_name} fields: {sorted(unknown)}")
         return value
 
 

@@ -20,6 +20,8 @@ from moto.scheduler.exceptions import ScheduleExists
 from moto.scheduler.models import scheduler_backends
 
 
+# Each type subclasses CloudFormationModel directly: moto finds resource types among its direct subclasses
+# only, so a shared base class for the two would hide both.
 class CfnSchedule(CloudFormationModel):
     def __init__(self, name: str, group: str | None, arn: str) -> None:
         self.name, self.group, self.arn = name, group, arn

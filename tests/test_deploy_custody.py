@@ -161,7 +161,8 @@ def test_a_token_rotated_between_two_deploys_survives_the_second(
     amo.expire_access_tokens()
     code, out = run("check", "-c", str(config_path), "--secrets", str(secrets_path), "--api-url", clinic.api_url)
     checked = stored(clinic, ref)
-    assert checked["refresh_token"] != after["refresh_token"] and checked["expires"] > after["expires"], out
+    # A new pair, persisted; its expiry is not earlier (equal when both refreshes fall in one second).
+    assert checked["refresh_token"] != after["refresh_token"] and checked["expires"] >= after["expires"], out
     assert amo.token_valid(checked["access_token"])
     # A re-authorised pair replaces the stored one only when the operator says so.
     fresh = amocrm_pair(clinic)

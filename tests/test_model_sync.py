@@ -561,7 +561,7 @@ class ClinicMachine(RuleBasedStateMachine):
 
     @rule()
     def catch_up(self) -> None:
-        self.clinic.catch_up()  # a throttled run pauses (no error); the next resumes from its cursor
+        self.clinic.catch_up()  # a throttled or failing run pauses (no error); the next resumes from its cursor
         self.clinic.stack.drain_all()
         self.check_safety()
 
@@ -875,3 +875,50 @@ def test_regression_an_adopted_amocrm_contact_has_the_mis_number_and_takes_a_cha
     clinic.medods.update_client(patient, phone=PHONE_FORMATS[fmt](new))
     clinic.sync()
     assert numbers() == {new}
+
+
+@pytest.mark.parametrize("crm", ["bitrix24", "amocrm"])
+def test_regression_a_catch_up_during_a_crm_outage_pauses_and_the_next_run_hears_the_move(
+    make_clinic: Callable[..., LocalClinic], monkeypatch: pytest.MonkeyPatch, crm: str
+) -> None:
+    """Found by the machine (Bitrix24 and MEDODS: `crm.deal.list: retries exhausted` from the catch-up, after
+    several faults in a row): a CRM outage that outlasts the client's retries failed the scheduled run. The
+    catch-up is idempotent and keeps a cursor, so an outage is handled like a throttle: the run reports a
+    pause and keeps its cursor, and the next run hears the manager's move whose webhook was lost."""
+    from clinicsync.adapters import amocrm, bitrix24
+
+    for module, name in ((bitrix24, "Bitrix24Client"), (amocrm, "AmoCrmClient")):
+        # No real backoff sleeps in this test; the attempt count stays the client's own.
+        client = getattr(module, name)
+        monkeypatch.setattr(module, name, type(name, (client,), {"__init__": _without_backoff(client)}))
+    clinic = make_clinic(
+        crm=crm, patients=0, appointments=0, mailchimp=False, rate_limit=False, config_overrides=CONFIG["medods"]
+    )
+    patient = clinic.medods.add_client("Соколова", "Анна", phone=f"+7{_fresh_number()}")
+    visit = clinic.mis.book(patient, clinic.mis.at(3, "10:00"))
+    clinic.sync()
+    clinic.deliver_webhooks()
+    deal = clinic.crm.deals()[str(visit)]
+    won = clinic.crm.won_stage(deal["category"])
+    clinic.crm.drop_next_stage_event()  # the CRM lost the move's webhook
+    clinic.crm.manager_move(deal["id"], won)
+    clinic.deliver_webhooks()
+    emulator: Any = clinic.bitrix if clinic.bitrix is not None else clinic.amocrm
+    emulator.faults.add(status=500, times=50)  # more failures in a row than any client retries
+
+    paused = clinic.catch_up()
+    assert paused["paused"] is True and paused["manual_moves"] == 0
+
+    emulator.faults.clear()  # the CRM is back
+    resumed = clinic.catch_up()
+    assert resumed["paused"] is False and resumed["manual_moves"] == 1
+    clinic.medods.confirm(visit)
+    clinic.sync()
+    assert clinic.crm.deals()[str(visit)]["stage"] == won  # the move was heard: the closed deal stays closed
+
+
+def _without_backoff(client: type) -> Callable[..., None]:
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        client.__init__(self, *args, **{**kwargs, "sleep": lambda _seconds: None})
+
+    return init

@@ -18,7 +18,7 @@ from clinicsync.consent import ConsentLedger, patient_subject
 from clinicsync.crypto import KeyedHasher
 from clinicsync.models import Channel, CrmEvent, CrmObservation, SyncMessage
 from clinicsync.observability import logger
-from clinicsync.ports import CrmGateway, CrmPaused
+from clinicsync.ports import CrmGateway, CrmPaused, CrmUnavailable
 from clinicsync.queue import shard_of
 from clinicsync.rules import deal_observation
 from clinicsync.store import DynamoStore
@@ -48,7 +48,7 @@ class EventReport:
     opt_outs: int = 0
     opt_ins: int = 0
     foreign_contacts: int = 0  # carry a MIS id but are not the contact we map to that patient
-    paused: bool = False  # the CRM throttled the catch-up: the cursor stays, the next run reads it all again
+    paused: bool = False  # the CRM throttled or failed the catch-up: the cursor stays, the next run reads it again
     observations: list[CrmObservation] = field(default_factory=list)
 
 
@@ -232,12 +232,14 @@ class CrmCatchUp:
         received = int(now.timestamp())
         try:
             newest = self._read(since, received, report)
-        except CrmPaused:
-            # A throttle is no failure: what was handled is sent, the cursor stays where it was, and the
-            # next scheduled run reads the same window again (handling an event twice changes nothing).
+        except (CrmPaused, CrmUnavailable) as exc:
+            # A throttle or an outage that outlasted the retries is no failed run: what was handled is sent,
+            # the cursor stays where it was, and the next scheduled run reads the same window again
+            # (handling an event twice changes nothing). CrmCatchUpPaused counts these runs.
             report.paused = True
             self._processor.flush(report)
-            logger.warning("crm catch-up paused by the CRM's rate limit", extra={"events": report.events})
+            reason = "rate_limit" if isinstance(exc, CrmPaused) else "unavailable"
+            logger.warning("crm catch-up paused", extra={"reason": reason, "events": report.events})
             return report
         self._processor.flush(report)
         self._store.put_cursor(CATCHUP_CURSOR, {"since": newest.isoformat()})

@@ -125,6 +125,11 @@ class CrmPaused(Exception):
         self.until = until
 
 
+class CrmUnavailable(Exception):
+    """The CRM kept failing requests that never ran (5xx, limits, timeouts) until retries ran out: a later
+    retry is safe, but this run cannot finish."""
+
+
 class PipelineMismatch(Exception):
     """The clinic config names stages the CRM does not have (checked at start-up)."""
 

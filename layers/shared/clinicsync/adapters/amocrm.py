@@ -22,6 +22,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from clinicsync.budget import BudgetTimeout, RequestPacer
 from clinicsync.oauth import OAuthError
 from clinicsync.observability import logger, metrics
+from clinicsync.ports import CrmUnavailable
 
 READ_METHODS = frozenset({"GET"})
 # amoCRM's largest page. A list read without ``limit`` gets 50 rows, even for 250 ``filter[id][]``.
@@ -77,7 +78,7 @@ class AmoCrmBlocked(Exception):
 ACCOUNT_BLOCKED = "account_blocked"
 
 
-class AmoCrmUnavailable(Exception):
+class AmoCrmUnavailable(CrmUnavailable):
     """Retries are exhausted for a transient condition (429, 5xx, timeouts on reads)."""
 
 

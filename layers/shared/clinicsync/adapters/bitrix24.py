@@ -18,7 +18,7 @@ import httpx
 from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth
 from clinicsync.budget import BudgetTimeout, RequestPacer
 from clinicsync.observability import logger
-from clinicsync.ports import CrmPaused
+from clinicsync.ports import CrmPaused, CrmUnavailable
 
 BATCH_LIMIT = 50
 PAGE_SIZE = 50
@@ -46,7 +46,7 @@ class Bitrix24Error(Exception):
         self.status = status
 
 
-class Bitrix24Unavailable(Exception):
+class Bitrix24Unavailable(CrmUnavailable):
     """Retries are exhausted for a transient condition (limits, 5xx, timeouts)."""
 
 

@@ -27,7 +27,7 @@ help:
 	@echo "make docs   - regenerate docs/clinic-config.schema.json and docs/config-reference.md"
 	@echo "make bench  - clinicsync vs fast_bitrix24, the per-record loop and amocrm-api at the CRMs' rate limits; bench/report.json"
 	@echo "make model-large - the model-based test of the whole system for MODEL_MINUTES (default 20) per CRM/MIS pair"
-	@echo "make connector - build the IDENT connector wheel for clinics (dist/connector/) and smoke-test it"
+	@echo "make connector - build the IDENT connector wheel and the core wheel it needs (dist/connector/) and smoke-test them"
 	@echo "make lock   - re-resolve uv.lock (after editing pyproject.toml's dependencies) and export the pinned requirements files"
 	@echo "make package-check - build the wheel, install it into a throwaway venv, run clinicsync --help"
 	@echo "make fleet-50 - roll two releases out to 50 clinics' stacks (moto CloudFormation); figures in fleet-report.json"

@@ -10,13 +10,14 @@ PY313_BIN := $(dir $(PY313))
 
 VENV := .venv
 PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
 SAM_VENV := .venv-sam
 LAYER_VENV := .venv-layer
 SAM := $(SAM_VENV)/bin/sam
 MIS ?= medods
 CRM ?= bitrix24
 
-.PHONY: help venv sam-venv layer-venv lint typecheck pytest validate build test demo schema docs clean check-python connector chaos browser bench test-pinned model-large fleet-50
+.PHONY: help venv sam-venv layer-venv lock exports package-check lint typecheck pytest validate build test demo schema docs clean check-python connector chaos browser bench test-pinned model-large fleet-50
 
 help:
 	@echo "make demo   - local runtime against the emulators (MIS=$(MIS) CRM=$(CRM))"
@@ -26,16 +27,21 @@ help:
 	@echo "make docs   - regenerate docs/clinic-config.schema.json and docs/config-reference.md"
 	@echo "make bench  - clinicsync vs fast_bitrix24, the per-record loop and amocrm-api at the CRMs' rate limits; bench/report.json"
 	@echo "make model-large - the model-based test of the whole system for MODEL_MINUTES (default 20) per CRM/MIS pair"
-	@echo "make connector - build the IDENT connector wheel for clinics (dist/connector/) and smoke-test it"
+	@echo "make connector - build the IDENT connector wheel and the core wheel it needs (dist/connector/) and smoke-test them"
+	@echo "make lock   - re-resolve uv.lock (after editing pyproject.toml's dependencies) and export the pinned requirements files"
+	@echo "make package-check - build the wheel, install it into a throwaway venv, run clinicsync --help"
 	@echo "make fleet-50 - roll two releases out to 50 clinics' stacks (moto CloudFormation); figures in fleet-report.json"
 
 check-python:
 	@test -n "$(PY313)" || { echo "python3.13 not found on PATH or under $(PYENV_DIR)/versions" >&2; exit 1; }
 
-$(VENV)/.installed: requirements-dev.txt layers/shared/requirements.txt | check-python
+# The locked dev requirements, then the project itself in editable mode (the `clinicsync` command), built
+# with the locked hatchling already installed, so no build step reaches an index.
+$(VENV)/.installed: requirements-dev.txt pyproject.toml | check-python
 	test -x $(PY) || $(PY313) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 $(SAM_VENV)/.installed: | check-python
@@ -53,6 +59,35 @@ $(LAYER_VENV)/.installed: layers/shared/requirements.txt | check-python
 venv: $(VENV)/.installed
 sam-venv: $(SAM_VENV)/.installed
 layer-venv: $(LAYER_VENV)/.installed
+
+# uv.lock is the one record of every version; both requirements files are exported from it, pinned (pip
+# installs them: `sam build` the layer's, `make venv` the dev one). The layer gets the runtime dependencies
+# without the CLI-only ones. tests/test_packaging.py fails when an export drifts from the lock.
+LAYER_REQUIREMENTS ?= layers/shared/requirements.txt
+DEV_REQUIREMENTS ?= requirements-dev.txt
+LAYER_PRUNE := typer rich
+EXPORT := $(UV) export --frozen --no-emit-workspace --no-hashes --no-header
+EXPORT_NOTE := \# Generated from uv.lock by make lock: edit pyproject.toml, never this file.
+
+lock: venv
+	$(UV) lock
+	$(MAKE) --no-print-directory exports
+
+exports:
+	{ echo '$(EXPORT_NOTE)'; $(EXPORT) $(addprefix --prune ,$(LAYER_PRUNE)); } > $(LAYER_REQUIREMENTS)
+	{ echo '$(EXPORT_NOTE)'; $(EXPORT) --extra dev; } > $(DEV_REQUIREMENTS)
+
+# What a user gets from `pip install .`: the wheel builds, installs (at the locked versions) into a throwaway
+# venv and its `clinicsync` command starts. About 30 s with a warm pip cache.
+PACKAGE_SMOKE := .package-smoke
+package-check: venv
+	rm -rf dist/package $(PACKAGE_SMOKE)
+	$(PY) -m pip wheel -q --no-deps -w dist/package .
+	$(PY313) -m venv $(PACKAGE_SMOKE)
+	$(PACKAGE_SMOKE)/bin/pip install -q -c $(DEV_REQUIREMENTS) dist/package/clinicsync-*.whl
+	$(PACKAGE_SMOKE)/bin/clinicsync --help >/dev/null
+	rm -rf $(PACKAGE_SMOKE)
+	@echo "built $$(ls dist/package/*.whl)"
 
 lint: venv
 	$(VENV)/bin/ruff check layers functions sandbox tests connector cli
@@ -78,7 +113,7 @@ validate: sam-venv
 build: sam-venv
 	PATH="$(PY313_BIN):$$PATH" AWS_DEFAULT_REGION=eu-central-1 $(SAM) build --template template.yaml --cached
 
-test: lint typecheck validate build pytest
+test: lint typecheck validate build package-check pytest
 
 # The suites whose data moves with the calendar (the sample clinic, MIS feeds, TLS) again at pinned
 # wall-clock times (time-machine; tests/plugins/pinned_clock.py), in the clinic's zone: around midnight,
@@ -136,13 +171,14 @@ model-large: venv
 		$(PY) -m pytest -q -p no:logging -n 4 tests/test_model_sync.py
 	cat model-report.jsonl
 
-# The IDENT connector wheel (it carries the clinicsync package), installed into a throwaway venv with
-# only its declared dependencies and started once, so a missing dependency shows up here, not at a clinic.
+# The IDENT connector wheel and the core wheel it depends on, both for clinics: installed (the core by its
+# path, never from an index) into a throwaway venv with only their declared dependencies and started once,
+# so a missing dependency shows up here, not at a clinic.
 connector: venv
 	rm -rf dist/connector .connector-smoke
-	$(PY) -m pip wheel -q --no-deps -w dist/connector ./connector
+	$(PY) -m pip wheel -q --no-deps -w dist/connector . ./connector
 	$(PY313) -m venv .connector-smoke
-	.connector-smoke/bin/pip install -q dist/connector/*.whl
+	.connector-smoke/bin/pip install -q -c $(DEV_REQUIREMENTS) dist/connector/*.whl
 	.connector-smoke/bin/clinicsync-ident --help >/dev/null
 	rm -rf .connector-smoke
 	@echo "built $$(ls dist/connector/*.whl)"
@@ -154,4 +190,4 @@ fleet-50: venv sam-venv
 	$(PY) -m sandbox.fleet --clinics 50 --concurrency 8 --report fleet-report.json
 
 clean:
-	rm -rf .aws-sam .demo dist .connector-smoke .chromium
+	rm -rf .aws-sam .demo dist .connector-smoke .package-smoke .chromium

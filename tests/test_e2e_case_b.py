@@ -8,14 +8,16 @@ userfield lists), field by field, with each field's type. Fields IDENT has no kn
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from clinicsync.config import FIELD_PRESETS
+from clinicsync.config import FIELD_PRESETS, CrmField, load_clinic_config
 from clinicsync.discovery import check_fields, discover_crm
 from sandbox.card import CASE_B_OVERRIDES, bitrix24_rest, create_case_fields
 from sandbox.local import LocalClinic
+from tests.test_operator_cli import run  # the operator's CLI, as an engineer runs it
 
 UNSOURCED_CONTACT = {"home_address": "UF_CRM_CS_HOME_ADDRESS", "family": "UF_CRM_CS_FAMILY"}
 PHONE = "+7 916 555-40-17"
@@ -107,3 +109,32 @@ def test_case_b_contact_and_deal_fields_arrive_with_their_types(clinic: LocalCli
     assert set(deal_list) == {
         "visit_at", "branch_address", "visit_type", "doctor", "lead_source", "is_dms", "status", "mis_appointment_id",
     }  # fmt: skip
+
+
+def test_init_with_the_case_b_preset_and_check_create_fields_give_every_field_its_bitrix24_type(
+    make_clinic: Callable[..., LocalClinic], tmp_path: Path
+) -> None:
+    clinic = make_clinic(mis="ident", patients=0, appointments=0, rate_limit=False)
+    path = tmp_path / "clinic.yaml"
+    code, out = run(
+        "init", "--clinic-id", clinic.config.clinic_id, "--mis", "ident", "--mis-url", "connector",
+        "--crm", "bitrix24", "--preset", "ident_bitrix24_case_b", "--out", str(path),
+    )  # fmt: skip
+    assert code == 0, out
+    assert "UF_CRM_CS_DOCTORS_SEEN" in out  # missing until created: the note says how
+    proposed = load_clinic_config(path)
+    assert proposed.fields.preset == "ident_bitrix24_case_b"
+    assert proposed.fields.crm_field("deal", "visit_type") == CrmField(id="UF_CRM_CS_VISIT_TYPE", type="string")
+
+    code, out = run("check", "-c", str(path), "--api-url", clinic.api_url, "--create-fields")
+    assert code == 0, out
+    rest = bitrix24_rest(clinic)
+    types = {
+        entity: {f["FIELD_NAME"]: f["USER_TYPE_ID"] for f in rest.call(f"crm.{entity}.userfield.list")["result"]}
+        for entity in ("contact", "deal")
+    }
+    contact, deal = FIELD_PRESETS["ident_bitrix24_case_b"]
+    natural = {"visit_at": "datetime", "is_dms": "boolean"}  # everything else of case B is a string
+    for entity, names in (("contact", contact), ("deal", deal)):
+        for name in set(names) - {"full_name", "phone", "birth_date", "mis_patient_id", "mis_appointment_id"}:
+            assert types[entity][f"UF_CRM_CS_{name.upper()}"] == natural.get(name, "string"), name

@@ -57,6 +57,7 @@ def test_case_b_contact_and_deal_fields_arrive_with_their_types(clinic: LocalCli
     booked = _get(rest, "deal", deal["id"])
     assert booked["UF_CRM_CS_VISIT_TYPE"] == "Первичный"
     assert booked["UF_CRM_CS_DMS"] == "N"  # IDENT prices the visit, not the booking
+    assert clinic.backfill(days=30).crm_writes == 0  # re-sent unchanged: the kept source hashes the same
 
     ident.clock.advance(2 * 86400)
     ident.complete(first)  # visit took place at price 0, with the policy on the card: DMS

@@ -15,7 +15,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sandbox.card import CASE_C_OVERRIDES, amocrm_card
+from sandbox.card import (
+    CASE_B_OVERRIDES,
+    CASE_C_OVERRIDES,
+    amocrm_card,
+    bitrix24_card,
+    case_b_patient,
+    create_case_fields,
+)
 
 if TYPE_CHECKING:  # imported lazily at run time: Powertools reads its env vars on import
     from sandbox.local import LocalClinic, RunSummary
@@ -71,11 +78,16 @@ def main(
     mis_name, crm_name = MIS_NAMES[mis], CRM_NAMES[crm]
     console.rule(f"[bold]clinicsync demo[/bold] — {mis_name} → {crm_name}, local runtime on moto")
     with console.status(f"Starting moto, the {mis_name} and {crm_name} emulators and the clinic's stack…"):
-        # InfoClinica -> amoCRM is case C: its preset's 16 + 16 fields (docs/fields.md).
-        overrides = CASE_C_OVERRIDES if (mis, crm) == ("infoclinica", "amocrm") else None
+        # InfoClinica -> amoCRM is case C, IDENT -> Bitrix24 case B: each with its preset (docs/fields.md).
+        case = {("infoclinica", "amocrm"): CASE_C_OVERRIDES, ("ident", "bitrix24"): CASE_B_OVERRIDES}
+        overrides = case.get((mis, crm))
         clinic = start_local_clinic(
             seed=seed, patients=patients, appointments=appointments, crm=crm, mis=mis, config_overrides=overrides
         )
+        case_b = None
+        if overrides is CASE_B_OVERRIDES:
+            create_case_fields(clinic)  # as `clinicsync check --create-fields` before going live
+            case_b = case_b_patient(clinic)
     try:
         console.print(
             f"Sample clinic: {len(clinic.sample.patients)} patients, {len(clinic.sample.appointments)} appointments, "
@@ -86,8 +98,10 @@ def main(
         problems = clinic.mismatches()
         duplicates = {k: n for k, n in clinic.crm.contacts_by_origin().items() if n > 1}
         _summary(clinic, first)
-        if overrides and (card := amocrm_card(clinic)) is not None:
+        if overrides is CASE_C_OVERRIDES and (card := amocrm_card(clinic)) is not None:
             console.print(card)
+        if case_b is not None:
+            console.print(bitrix24_card(clinic, case_b))
         second = _run("Second sync (nothing changed in the MIS)", clinic)
         console.print(
             f"Second run: {second.poll['patients']} patients read, "

@@ -49,6 +49,7 @@ def _state(version: int = 3) -> PatientState:
         category_id="0",
         stage="PREPAYMENT_INVOICE",
         starts_at=datetime(2026, 11, 25, 10, 0, tzinfo=MSK),
+        lead_source="WEB",
     )
     return state
 

@@ -192,7 +192,7 @@ def init(
     timezone: Annotated[str, typer.Option("--timezone")] = "Europe/Moscow",
     region: RegionOption = None,
     preset: Annotated[
-        str | None, typer.Option("--preset", help="A case's field lists, e.g. infoclinica_amocrm_case_c")
+        str | None, typer.Option("--preset", help=f"A case's field lists: {', '.join(FIELD_PRESETS)}")
     ] = None,
 ) -> None:
     """Discover the live CRM and MIS and write a proposed clinic.yaml (status -> stage map, field map) to review."""

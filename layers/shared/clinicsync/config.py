@@ -11,7 +11,16 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from clinicsync.models import AppointmentStatus
 
@@ -38,6 +47,10 @@ CONTACT_FIELDS = frozenset(
         "policy_number",
         "policy_valid_until",
         "cancellation_date",
+        "card_number",
+        "home_address",
+        "family",
+        "doctors_seen",
     }
 )
 DEAL_FIELDS = frozenset(
@@ -59,6 +72,9 @@ DEAL_FIELDS = frozenset(
         "charged",
         "discount",
         "paid",
+        "branch_address",
+        "visit_type",
+        "lead_source",
     }
 )
 MINIMAL_CONTACT_FIELDS = ("full_name", "phone", "email", "mis_patient_id")
@@ -160,7 +176,23 @@ FIELD_PRESETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "paid",
         ),
     ),
+    "ident_bitrix24_case_b": (
+        (
+            "full_name",
+            "phone",
+            "birth_date",
+            "sex",
+            "home_address",
+            "card_number",
+            "family",
+            "doctors_seen",
+            "card_comment",
+        ),
+        ("visit_at", "branch_address", "visit_type", "doctor", "lead_source", "is_dms", "status", "mis_appointment_id"),
+    ),
 }
+# A preset's name: one of FIELD_PRESETS, which is also what the schema lists (checked in FieldMap).
+PresetName = Annotated[str, WithJsonSchema({"enum": list(FIELD_PRESETS), "type": "string"})]
 # Custom fields every clinic may map besides the field lists: the MIS ids and the consent fields.
 ALWAYS_CONTACT_FIELDS = frozenset({"mis_patient_id", "opt_outs", "opt_ins"})
 ALWAYS_DEAL_FIELDS = frozenset({"mis_appointment_id"})
@@ -213,7 +245,7 @@ class EntityCrmFields(Section):
 
 
 class FieldMap(Section):
-    preset: Literal["minimal", "infoclinica_amocrm_case_c"] | None = Field(
+    preset: PresetName | None = Field(
         default=None,
         description="A case's field lists (docs/fields.md); `contact`/`deal` given explicitly win over it",
     )
@@ -237,6 +269,13 @@ class FieldMap(Section):
             given = {k: v for k, v in data.items() if v is not None}  # `contact: null`: the preset's list
             data = {"contact": list(contact), "deal": list(deal), **given}
         return data
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        if value is not None and value not in FIELD_PRESETS:
+            raise ValueError(f"unknown preset {value!r} (known: {', '.join(FIELD_PRESETS)})")
+        return value
 
     @field_validator("contact")
     @classmethod

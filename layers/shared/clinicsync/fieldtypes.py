@@ -32,10 +32,13 @@ FIELD_KINDS: dict[str, Kind] = {
     "service_codes": "list",
     "opt_outs": "list",
     "opt_ins": "list",
+    "family": "list",
+    "doctors_seen": "list",
     "sex": "choice",
     "status": "choice",
     "patient_status": "choice",
     "visit_category": "choice",
+    "visit_type": "choice",
 }
 
 # CRM field types that take each kind as such (text types take every kind, rendered as text).
@@ -60,7 +63,7 @@ _NATIVE: dict[str, dict[Kind, frozenset[str]]] = {
         "money": frozenset({"double", "money"}),
         "flag": frozenset({"boolean"}),
         "list": frozenset(),
-        "choice": frozenset(),
+        "choice": frozenset({"enumeration"}),  # `values` maps each canonical value to the option's ID
     },
 }
 _DEFAULT: dict[str, dict[Kind, str]] = {

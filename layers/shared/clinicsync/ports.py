@@ -69,6 +69,7 @@ class PhoneCandidates:
     leads: tuple[str, ...] = ()  # open leads in an adoptable status, oldest first
     contacts: tuple[tuple[str, str | None], ...] = ()  # (contact id, owner)
     deals: tuple[tuple[str, str, str], ...] = ()  # (deal id, category id, stage): open, unowned, adoptable
+    lead_sources: Mapping[str, str] = field(default_factory=dict)  # lead id -> its SOURCE_ID (Bitrix24)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class DealWrite:
     contact_id: str | None = None  # known contact; None means "the contact written in this plan"
     lead_id: str | None = None  # the lead this deal grew from (adoption keeps the lead's origin)
     link_contact: bool = False  # an adopted deal is linked to the patient's contact
+    lead_source: str | None = None  # the adopted lead's source, copied once with lead_id (Bitrix24 SOURCE_ID)
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,10 @@ def contact_fields(
         "policy_number": patient.policy_number,
         "policy_valid_until": patient.policy_valid_until,
         "cancellation_date": patient.cancellation_date,
+        "card_number": patient.card_number,
+        "home_address": patient.home_address,
+        "family": list(patient.family) or None,
+        "doctors_seen": list(patient.doctors_seen) or None,
         "opt_outs": sorted(set(opt_outs) | {c.value for c in patient.consent.opted_out()} | _refusal(patient)),
     }
     fields = {name: available[name] for name in config.fields.contact if name in available}
@@ -100,8 +104,18 @@ def contact_fields(
     return fields
 
 
-def deal_fields(appointment: Appointment, status: AppointmentStatus, config: ClinicConfig) -> dict[str, Any]:
-    """The deal payload in canonical names, cut to the clinic's field map (the case's 16 fields at most)."""
+def deal_fields(
+    appointment: Appointment,
+    status: AppointmentStatus,
+    config: ClinicConfig,
+    *,
+    repeat: bool,
+    lead_source: str | None = None,
+) -> dict[str, Any]:
+    """The deal payload in canonical names, cut to the clinic's field map (the case's 16 fields at most).
+
+    ``repeat`` is the rule that picks the repeat funnel (``_is_repeat``); ``lead_source`` the SOURCE_ID of
+    the CRM lead this visit's deal adopted, if any."""
     local_start = appointment.starts_at.astimezone(config.tz)
     available: dict[str, Any] = {
         "visit_at": local_start.isoformat(),
@@ -120,8 +134,13 @@ def deal_fields(appointment: Appointment, status: AppointmentStatus, config: Cli
         "charged": _money(appointment.charged),
         "discount": _money(appointment.discount),
         "paid": _money(appointment.paid),
+        "branch_address": appointment.branch_address,
+        "visit_type": "repeat" if repeat else "primary",
+        "lead_source": lead_source or appointment.lead_source,
     }
     fields = {name: available[name] for name in config.fields.deal if name in available}
+    if "lead_source" in fields and fields["lead_source"] is None:
+        del fields["lead_source"]  # the CRM's own data: copied from an adopted lead, never blanked or invented
     fields["mis_appointment_id"] = appointment.mis_id
     fields["title"] = f"Приём {local_start:%d.%m.%Y %H:%M}"  # no patient name in a deal title
     return fields
@@ -188,10 +207,11 @@ class Adoption:
                 return contact_id
         return None
 
-    def claim_for_new_deal(self, config: ClinicConfig) -> tuple[str | None, tuple[str, str, str] | None]:
-        """(lead id, (deal id, category, stage)) the patient's first new deal takes over, each or None."""
+    def claim_for_new_deal(self, config: ClinicConfig) -> tuple[str | None, str | None, tuple[str, str, str] | None]:
+        """(lead id, the lead's source, (deal id, category, stage)) the patient's first new deal takes over,
+        each or None."""
         if self.used:
-            return None, None
+            return None, None, None
         self.used = True
         lead_id = None
         if config.matching.adopt_open_leads:
@@ -202,7 +222,7 @@ class Adoption:
         deal = next((d for d in self.candidates.deals if f"D{d[0]}" not in self.claimed and d[1] in categories), None)
         if deal:
             self.claimed.add(f"D{deal[0]}")
-        return lead_id, deal
+        return lead_id, self.candidates.lead_sources.get(lead_id) if lead_id else None, deal
 
 
 def changed_multifields(patient: Patient, state: PatientState, hasher: KeyedHasher) -> frozenset[str]:
@@ -304,12 +324,12 @@ def _plan_deal(
     deal_id = known.deal_id or (match.deal_id if match else None)
     category_id = known.category_id or (match.category_id if match else None)
     closed = known.closed or (match.closed if match else False)
-    lead_id = None
+    lead_id = lead_source = None
     adopted_deal = False
     if deal_id is None and adoption is not None:
         # The first new deal for the phone takes over the open lead and deal found by it; claimed only
         # here, past the exclusions, so a visit that is never sent leaves them to the next new deal.
-        lead_id, deal = adoption.claim_for_new_deal(config)
+        lead_id, lead_source, deal = adoption.claim_for_new_deal(config)
         if deal is not None:
             deal_id, category_id, _ = deal
             adopted_deal = True
@@ -339,7 +359,7 @@ def _plan_deal(
             stage = None  # a manager's stage holds until the MIS status moves forward
             plan.skipped[f"stage:{aid}"] = "manual_stage_kept"
 
-    fields = deal_fields(appointment, status, config)
+    fields = deal_fields(appointment, status, config, repeat=repeat, lead_source=lead_source or known.lead_source)
     digest = hasher.content_hash({"fields": fields, "stage": stage, "category": category_id})
     if deal_id is not None and digest == known.content_hash:
         plan.skipped[aid] = "unchanged"
@@ -348,7 +368,18 @@ def _plan_deal(
     # moved (or closed) since; a stage change is checked against the deal first (``stage_to_check``).
     sent = None if stage is not None and stage == known.stage and deal_id == known.deal_id else stage
     plan.writes.append(
-        DealWrite(aid, next_state.patient_id, deal_id, category_id, sent, fields, contact_id, lead_id, adopted_deal)
+        DealWrite(
+            aid,
+            next_state.patient_id,
+            deal_id,
+            category_id,
+            sent,
+            fields,
+            contact_id,
+            lead_id,
+            adopted_deal,
+            lead_source,
+        )
     )
     if lead_id is not None:
         plan.writes.append(LeadWrite(lead_id, next_state.patient_id, contact_id, convert=True))
@@ -360,6 +391,7 @@ def _plan_deal(
             "category_id": category_id,
             "stage": current,
             "closed": current in pipeline.closed_stages,
+            "lead_source": fields.get("lead_source"),  # a mapped source is kept on later updates
         }
     )
     plan.changed_appointments.append(aid)

@@ -21,6 +21,7 @@ class AppointmentState(BaseModel):
     stage: str | None = None
     closed: bool = False
     starts_at: datetime | None = None
+    lead_source: str | None = None  # the adopted CRM lead's SOURCE_ID (a code, no PII): kept on later updates
     # A manager moved the deal by hand while the MIS said ``manual_status``; the sync leaves that
     # stage alone until the MIS status moves forward.
     manual_stage: str | None = None

@@ -97,6 +97,7 @@ def _apply_item(state: PatientState, item: Mapping[str, Any]) -> None:
             starts_at=_opt_dt(item.get("starts_at")),
             manual_stage=item.get("manual_stage"),
             manual_status=item.get("manual_status"),
+            lead_source=item.get("lead_source"),
         )
 
 
@@ -138,6 +139,7 @@ def _items_for(state: PatientState, changed_appointments: Sequence[str]) -> list
                 "starts_at": appt.starts_at.isoformat() if appt.starts_at else None,
                 "manual_stage": appt.manual_stage,
                 "manual_status": appt.manual_status.value if appt.manual_status else None,
+                "lead_source": appt.lead_source,
             }
         )
         if appt.deal_id and aid not in state.continued:  # the deal's map now names its new appointment

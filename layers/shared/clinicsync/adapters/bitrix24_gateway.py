@@ -201,7 +201,7 @@ class Bitrix24Gateway:
         for n, ids in enumerate(_chunks(sorted(lead_ids, key=int), PAGE_SIZE)):
             params = {
                 "filter": {"@ID": list(ids), "@STATUS_ID": list(matching.adopt_lead_statuses)},
-                "select": ["ID", "PHONE"],
+                "select": ["ID", "PHONE", "SOURCE_ID"],  # the source a deal adopting the lead keeps
                 "order": {"ID": "ASC"},
             }
             commands[f"l{n}"] = ("crm.lead.list", params)
@@ -222,6 +222,7 @@ class Bitrix24Gateway:
         contacts: dict[str, list[tuple[str, str | None]]] = {}
         contact_phones: dict[str, set[str]] = {}
         deals: dict[str, list[tuple[str, str, str]]] = {}
+        sources: dict[str, str] = {}
         for key, value in sorted(results.items()):
             for row in _rows(value):
                 numbers = {
@@ -229,6 +230,8 @@ class Bitrix24Gateway:
                 }
                 numbers &= phones
                 if key.startswith("l"):
+                    if row.get("SOURCE_ID"):
+                        sources[str(row["ID"])] = str(row["SOURCE_ID"])
                     for number in numbers:
                         leads.setdefault(number, []).append(str(row["ID"]))
                 elif key.startswith("k"):
@@ -250,6 +253,7 @@ class Bitrix24Gateway:
                 leads=tuple(leads.get(number, [])),
                 contacts=tuple(contacts.get(number, [])),
                 deals=tuple(deals.get(number, [])),
+                lead_sources={lid: sources[lid] for lid in leads.get(number, []) if lid in sources},
             )
             for number in set(leads) | set(contacts) | set(deals)
         }
@@ -553,6 +557,8 @@ class Bitrix24Gateway:
             out["STAGE_ID"] = write.stage
         if write.lead_id is not None:
             out["LEAD_ID"] = write.lead_id
+        if write.lead_source is not None:
+            out["SOURCE_ID"] = write.lead_source  # the adopted lead's own source, with its LEAD_ID
         for name, value in write.fields.items():
             if name in NATIVE_DEAL_FIELDS:
                 out[NATIVE_DEAL_FIELDS[name]] = _bitrix_value(value)

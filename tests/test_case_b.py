@@ -191,3 +191,17 @@ def test_init_proposes_and_check_create_fields_creates_case_bs_bitrix24_fields(
     assert emulator._uf["deal"]["UF_CRM_CS_VISIT_AT"].user_type == "datetime"
     assert emulator._uf["deal"]["UF_CRM_CS_IS_DMS"].user_type == "boolean"
     assert check_fields(config, discover_bitrix24(client)) == []
+
+
+def test_an_adopted_managers_deal_keeps_its_own_source(portal: tuple[Bitrix24Emulator, Bitrix24Client]) -> None:
+    """The lead's source goes to a deal we create; a deal a manager made (adopted by phone) was already
+    sourced by the manager, and a sync never overwrites the CRM's own data."""
+    emulator, client = portal
+    lead = emulator.manager_create_lead(TITLE="Заявка", SOURCE_ID="WEB", PHONE=[{"VALUE": "+79165550003"}])
+    own = emulator.manager_create_deal(TITLE="Звонок", SOURCE_ID="CALL", CATEGORY_ID="0")
+    gateway = Bitrix24Gateway(client, case_b_config())
+    fields = {"title": "Приём", "lead_source": "WEB"}
+    adopted = DealWrite("a3", "p3", str(own), "0", "PREPARATION", fields, None, str(lead), True, "WEB")
+    gateway.apply([adopted])
+    written = emulator.deals[int(own)]
+    assert (written["SOURCE_ID"], written["LEAD_ID"], written["UF_CRM_CS_LEAD_SOURCE"]) == ("CALL", str(lead), "WEB")

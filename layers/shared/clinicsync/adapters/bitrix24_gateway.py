@@ -557,8 +557,9 @@ class Bitrix24Gateway:
             out["STAGE_ID"] = write.stage
         if write.lead_id is not None:
             out["LEAD_ID"] = write.lead_id
-        if write.lead_source is not None:
-            out["SOURCE_ID"] = write.lead_source  # the adopted lead's own source, with its LEAD_ID
+        if write.lead_source is not None and write.deal_id is None:
+            # A deal we create takes the adopted lead's source; a manager's deal we adopt keeps its own.
+            out["SOURCE_ID"] = write.lead_source
         for name, value in write.fields.items():
             if name in NATIVE_DEAL_FIELDS:
                 out[NATIVE_DEAL_FIELDS[name]] = _bitrix_value(value)

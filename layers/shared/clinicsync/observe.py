@@ -62,7 +62,6 @@ class ConsentBatch:
     """``latencies``: seconds from each finished job's opt-out to every output showing it."""
 
     report: ConsentReport
-    crm: CrmUse
     latencies: list[float] = field(default_factory=list)
 
 
@@ -132,8 +131,7 @@ def observe(report: Report) -> None:
             _count("CrmEchoesIgnored", events.echoes)
             _count("CrmManualMoves", events.manual_moves)
             logger.info("crm events handled", extra=_event_counts(events))
-        case ConsentBatch(consent, crm, latencies):
-            _crm_use(crm)
+        case ConsentBatch(consent, latencies):
             for latency in latencies:
                 _count("UnsubscribeLatencySeconds", max(0.0, latency), MetricUnit.Seconds)
             wiring.health().record_unsubscribes(latencies)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import io
+import re
 import tokenize
 from pathlib import Path
 
@@ -63,3 +64,18 @@ def test_there_are_handlers_to_check() -> None:
 def test_handlers_have_at_most_40_code_lines(handler: Path) -> None:
     lines = code_lines(handler.read_text(encoding="utf-8"))
     assert lines <= MAX_HANDLER_LINES, f"{handler.parent.name}: {lines} code lines; move the work behind a use case"
+
+
+SOURCES = [*HANDLERS, *sorted((ROOT / "layers" / "shared" / "clinicsync").rglob("*.py"))]
+# The amoCRM client counts its breaker opening where it opens (alarmed in the template).
+ADAPTER_METRICS = {"layers/shared/clinicsync/adapters/amocrm.py"}
+
+
+def test_metrics_and_health_counts_are_written_by_observe_only() -> None:
+    """One place knows which figure a report becomes, so a handler cannot forget the health item."""
+    writers = {
+        str(path.relative_to(ROOT))
+        for path in SOURCES
+        if re.search(r"add_metric\(|\.health\(\)\.record_", path.read_text(encoding="utf-8"))
+    }
+    assert writers == {"layers/shared/clinicsync/observe.py", *ADAPTER_METRICS}

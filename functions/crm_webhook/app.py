@@ -19,6 +19,7 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from clinicsync import ident, intake, wiring
+from clinicsync import ident_middlewares as ident_mw
 from clinicsync import middlewares as mw
 from clinicsync.observability import logger, metrics, tracer
 
@@ -37,25 +38,25 @@ def amocrm(secret: str) -> Response[Any]:  # noqa: ARG001 - checked by the middl
     return mw.json_reply(200, {"status": "queued", "events": intake.crm_events(app.context["crm_events"])})
 
 
-@app.get("/ident/GetTickets", middlewares=[mw.ident_caller])
+@app.get("/ident/GetTickets", middlewares=[ident_mw.ident_caller])
 def ident_get_tickets() -> Response[Any]:
-    return mw.json_reply(200, intake.tickets_json(mw.ticket_query(app)))
+    return mw.json_reply(200, intake.tickets_json(ident_mw.ticket_query(app)))
 
 
-@app.post("/ident/PostTimeTable", middlewares=[mw.ident_caller])
+@app.post("/ident/PostTimeTable", middlewares=[ident_mw.ident_caller])
 def ident_post_timetable() -> Response[Any]:
-    intake.timetable(mw.timetable(app))
+    intake.timetable(ident_mw.timetable(app))
     return mw.text_reply(200, "OK")
 
 
-@app.get("/ident/connector/settings", middlewares=[mw.connector_caller])
+@app.get("/ident/connector/settings", middlewares=[ident_mw.connector_caller])
 def ident_connector_settings() -> Response[Any]:
     return mw.json_reply(200, ident.connector_settings(wiring.clinic_config()))
 
 
-@app.post("/ident/connector/batches", middlewares=[mw.connector_caller])
+@app.post("/ident/connector/batches", middlewares=[ident_mw.connector_caller])
 def ident_connector_batch() -> Response[Any]:
-    return mw.json_reply(202, intake.connector_batch(mw.queue_connector_batch(app)))
+    return mw.json_reply(202, intake.connector_batch(ident_mw.queue_connector_batch(app)))
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True)

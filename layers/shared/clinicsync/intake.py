@@ -1,5 +1,6 @@
 """What the receiver does with a request its sender checks let through: queue it or store it, and count it.
-Nothing here calls the CRM or the MIS, so every answer stays fast (Bitrix24 slows down slow receivers)."""
+Webhooks are only queued, never fetched here, so the CRM is answered fast (Bitrix24 slows down slow
+receivers); only IDENT's GetTickets reads the CRM, because IDENT asks for the leads themselves."""
 
 from __future__ import annotations
 

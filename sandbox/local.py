@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import yaml
 
+from clinicsync.adapters import bitrix24_webhook
 from clinicsync.config import ClinicConfig, parse_clinic_config
 from clinicsync.consent import UnsubscribeTokens
 from clinicsync.models import AppointmentStatus, Channel
@@ -49,7 +50,7 @@ from sandbox.seed import SampleClinic, build_sample_clinic
 from sandbox.tls import loopback_pki
 
 CLINICS = Path(__file__).resolve().parent / "clinics"
-WEBHOOK_EVENTS = ("ONCRMDEALADD", "ONCRMDEALUPDATE", "ONCRMLEADADD", "ONCRMLEADUPDATE", "ONCRMCONTACTUPDATE")
+WEBHOOK_EVENTS = tuple(bitrix24_webhook.EVENTS)  # what discovery binds on a real portal
 
 
 @dataclass

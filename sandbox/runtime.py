@@ -279,11 +279,20 @@ class ClinicStack:
             "AWS::Partition": "aws",
         }
 
+    def _get_att(self, logical_id: str, attribute: str) -> str:
+        """The attributes the functions' env vars use: a queue's ARN."""
+        if attribute != "Arn" or logical_id not in self.physical:
+            raise KeyError(f"{logical_id}.{attribute} is not modelled locally")
+        attrs = self.aws.client("sqs").get_queue_attributes(
+            QueueUrl=self.physical[logical_id], AttributeNames=["QueueArn"]
+        )["Attributes"]
+        return str(attrs["QueueArn"])
+
     def _function_env(self) -> dict[str, str]:
         refs = self._refs()
         variables = self.template["Globals"]["Function"]["Environment"]["Variables"]
         conditions = evaluate_conditions(self.template, refs)
-        resolved = resolve(variables, refs=refs, conditions=conditions)
+        resolved = resolve(variables, refs=refs, get_att=self._get_att, conditions=conditions)
         return {k: str(v) for k, v in resolved.items()}
 
     def function_ids(self) -> list[str]:

@@ -18,7 +18,7 @@ import boto3
 import pytest
 
 from sandbox.local import LocalClinic, RunSummary, start_local_clinic
-from sandbox.runtime import LocalAws
+from sandbox.runtime import ClinicStack, LocalAws
 from tests.helpers import ROOT
 
 EVENTS = ROOT / "events"
@@ -248,8 +248,13 @@ def test_unchanged_poll_costs_no_crm_request(small: LocalClinic) -> None:
 # --- the real handlers with the files in events/ --------------------------------------------------
 
 
-def _event(name: str) -> dict[str, Any]:
-    return json.loads((EVENTS / f"{name}.json").read_text(encoding="utf-8"))
+def _event(name: str, stack: ClinicStack | None = None) -> dict[str, Any]:
+    """A sample event; SQS samples name demo-dental's queues, so they are re-addressed to ``stack``'s (the
+    stage syncer reads only the queue ARNs it is configured with)."""
+    text = (EVENTS / f"{name}.json").read_text(encoding="utf-8")
+    if stack is not None:
+        text = text.replace(":clinicsync-demo-dental-", f":{stack.stack_name}-")
+    return dict(json.loads(text))
 
 
 def test_poller_handles_the_sample_schedule_events(small: LocalClinic) -> None:
@@ -273,18 +278,18 @@ def test_poller_handles_the_sample_backfill_event_and_resumes_to_done(small: Loc
 
 
 def test_syncer_handles_the_sample_sqs_batch(small: LocalClinic) -> None:
-    response = small.stack.invoke("StageSyncerFunction", _event("stage_syncer_sqs_batch"))
+    response = small.stack.invoke("StageSyncerFunction", _event("stage_syncer_sqs_batch", small.stack))
     assert response == {"batchItemFailures": []}
     deals = small.crm.deals()
     assert deals["70001"]["stage"] == "PREPARATION"
     assert deals["70002"]["is_dms"] is True  # zero price plus a policy: a DMS visit
     # Redelivery of the same message is harmless: nothing is created twice.
-    small.stack.invoke("StageSyncerFunction", _event("stage_syncer_sqs_batch"))
+    small.stack.invoke("StageSyncerFunction", _event("stage_syncer_sqs_batch", small.stack))
     assert small.crm.contacts_by_origin()["90001"] == 1
 
 
 def test_a_malformed_message_ends_in_the_dlq_and_good_ones_still_sync(small: LocalClinic) -> None:
-    event = _event("stage_syncer_sqs_batch")
+    event = _event("stage_syncer_sqs_batch", small.stack)
     good, bad = event["Records"][0], dict(event["Records"][0], messageId="bad-1", body='{"changes":"nope"}')
     response = small.stack.invoke("StageSyncerFunction", {"Records": [good, bad]})
     assert response == {"batchItemFailures": [{"itemIdentifier": "bad-1"}]}
@@ -319,13 +324,13 @@ def test_unsubscribe_samples_are_answered_and_foreign_ones_refused(small: LocalC
 
 def test_syncer_handles_the_sample_consent_job_batch(small: LocalClinic) -> None:
     # An unknown patient: nothing to write anywhere, the job is done (not retried forever).
-    response = small.stack.invoke("StageSyncerFunction", _event("stage_syncer_consent_jobs"))
+    response = small.stack.invoke("StageSyncerFunction", _event("stage_syncer_consent_jobs", small.stack))
     assert response == {"batchItemFailures": []}
 
 
 def test_syncer_handles_the_sample_crm_event_batch(small: LocalClinic) -> None:
     # The sample's ids do not exist in this portal: each event is judged and dropped, none fails.
-    response = small.stack.invoke("StageSyncerFunction", _event("stage_syncer_crm_events"))
+    response = small.stack.invoke("StageSyncerFunction", _event("stage_syncer_crm_events", small.stack))
     assert response == {"batchItemFailures": []}
     assert small.stack.queue_depth() == 0  # nothing was sent on to a patient's shard
 

@@ -66,8 +66,10 @@ def test_no_secret_is_compared_with_eq() -> None:
 
 
 def test_inbound_checks_use_constant_time_comparison() -> None:
-    """Each receiver's check calls the constant-time, fail-closed helper (the AST test above forbids the other way)."""
-    webhook = (ROOT / "functions" / "crm_webhook" / "app.py").read_text(encoding="utf-8")
+    """Each receiver's check (the routes' middlewares) calls the constant-time, fail-closed helper (the AST test
+    above forbids the other way)."""
+    checks = ("middlewares.py", "ident_middlewares.py")
+    webhook = "".join((ROOT / "layers" / "shared" / "clinicsync" / name).read_text(encoding="utf-8") for name in checks)
     for checked in ("application_token", "member_id", "webhook_secret", "account_id", "integration_key"):
         assert re.search(rf"credential_matches\([^\n]*{checked}", webhook), checked
     signing = (ROOT / "layers" / "shared" / "clinicsync" / "signing.py").read_text(encoding="utf-8")

@@ -319,6 +319,10 @@ def check_environment(t: Template) -> None:
         "MIS_SECRET_ARN": {"Ref": "MisSecretArn"},
         "CRM_SECRET_ARN": {"Ref": "CrmSecretArn"},
         "CLINIC_SECRET_ARN": {"Ref": "ClinicSecretArn"},
+        # the stage syncer routes a batch by its source's ARN
+        "SYNC_QUEUE_ARN": {"Fn::GetAtt": ["SyncQueue", "Arn"]},
+        "CRM_EVENT_QUEUE_ARN": {"Fn::GetAtt": ["CrmEventQueue", "Arn"]},
+        "CONSENT_QUEUE_ARN": {"Fn::GetAtt": ["ConsentQueue", "Arn"]},
     }
     for name, props in _functions(t).items():
         env = props.get("Environment", {}).get("Variables", {})

@@ -16,9 +16,9 @@ import hashlib
 import hmac
 import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 from clinicsync.config import ClinicConfig
@@ -210,6 +210,28 @@ class ConsentQueue(Protocol):
     def send(self, jobs: Sequence[ConsentJob]) -> None: ...
 
 
+AudienceKind = Literal["unsubscribe", "cleaned", "upemail", "profile", "subscribe", "campaign"]
+
+
+@dataclass(frozen=True)
+class AudienceEvent:
+    """What a Mailchimp audience webhook says (``email`` is the old address of an ``upemail``)."""
+
+    kind: AudienceKind
+    list_id: str = ""
+    email: str = ""
+    new_email: str = ""
+    reason: str = ""
+
+
+def our_audiences(config: ClinicConfig) -> set[str]:
+    """The Mailchimp audiences whose events speak for this clinic's people (the lab has two)."""
+    audiences = {config.mailchimp.list_id} if config.mailchimp is not None else set()
+    if config.directory is not None and config.directory.mailchimp is not None:
+        audiences |= {config.directory.mailchimp.doctors_list_id, config.directory.mailchimp.organisations_list_id}
+    return audiences
+
+
 class ConsentLedger:
     """Records what an input says and queues the outputs, once per real change."""
 
@@ -260,6 +282,27 @@ class ConsentLedger:
         changed = bool(self._store.record_opt_ins(subject, channels, source, at, detail))
         self._enqueue([subject] if changed else [], detail, (), ())
         return changed
+
+    def unsubscribe_link(self, claim: LinkClaim) -> bool:
+        """A one-click unsubscribe (RFC 8058): the link's patient refuses the link's channel."""
+        return bool(self.opt_out([patient_subject(claim.patient_id)], [claim.channel.value], "link", "link:one-click"))
+
+    def audience_event(self, event: AudienceEvent, audiences: Set[str]) -> str:
+        """A Mailchimp webhook; the outcome Mailchimp is answered with (200 for every one, so it never retries)."""
+        if event.kind in ("subscribe", "campaign"):
+            return "ignored"  # a subscribe in Mailchimp never lifts an opt-out (only the MIS or the CRM can)
+        if event.list_id not in audiences:
+            return "other_audience"
+        if event.kind in ("unsubscribe", "cleaned"):
+            subjects = self.subjects_for_email(event.email)
+            detail = f"mailchimp:{event.kind}:{event.reason}"[:64]
+            changed = self.opt_out(subjects, EMAIL_UNSUBSCRIBE, "mailchimp", detail, skip=("mailchimp",))
+            known = any(s.startswith("pat:") for s in subjects)
+            return "recorded" if changed and known else "recorded_unknown" if changed else "unchanged"
+        if event.kind == "upemail":
+            self.address_moved(event.email, event.new_email)  # consent and member follow the person
+            return "linked"
+        return "ignored"  # profile: merge fields only, nothing about consent
 
     def _enqueue(
         self, subjects: Sequence[str], reason: str, emails: Sequence[str], skip: Sequence[ConsentTarget]

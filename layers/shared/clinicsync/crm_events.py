@@ -24,14 +24,6 @@ from clinicsync.rules import deal_observation
 from clinicsync.store import DynamoStore
 from clinicsync.sync import ChangeQueue
 
-ENTITY_OF_EVENT = {
-    "ONCRMDEALADD": "deal",
-    "ONCRMDEALUPDATE": "deal",
-    "ONCRMLEADADD": "lead",
-    "ONCRMLEADUPDATE": "lead",
-    "ONCRMCONTACTADD": "contact",
-    "ONCRMCONTACTUPDATE": "contact",
-}
 CATCHUP_CURSOR = "crm-catchup"
 CATCHUP_OVERLAP = timedelta(seconds=120)  # DATE_MODIFY has one-second resolution and lags a little
 CATCHUP_LIMIT = 2000  # per entity and run; the next run continues from the cursor

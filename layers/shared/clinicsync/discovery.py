@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from clinicsync.adapters import amocrm_webhook, bitrix24_webhook
 from clinicsync.adapters.amocrm import AmoCrmClient
 from clinicsync.adapters.bitrix24 import Bitrix24Client
 from clinicsync.adapters.medods import MedodsApi
@@ -28,9 +29,10 @@ from clinicsync.statuses import DEFAULT_STATUSES
 
 Semantics = Literal["open", "won", "lost"]
 
-# Events the stack's webhook receiver understands, per CRM (Bitrix24 event.bind names, amoCRM settings).
-BITRIX24_EVENTS = ("ONCRMDEALADD", "ONCRMDEALUPDATE", "ONCRMLEADADD", "ONCRMLEADUPDATE", "ONCRMCONTACTUPDATE")
-AMOCRM_EVENTS = ("add_lead", "update_lead", "status_lead", "add_contact", "update_contact")
+# Events the stack's webhook receiver understands, per CRM (Bitrix24 event.bind names, amoCRM settings):
+# the receiver's own lists, so what is registered is what is read.
+BITRIX24_EVENTS = tuple(bitrix24_webhook.EVENTS)
+AMOCRM_EVENTS = amocrm_webhook.EVENTS
 
 # Canonical fields written to a CRM custom field (everything else is native or handled explicitly).
 BITRIX24_NATIVE = {"price", "comment", "birth_date", "full_name", "phone", "email"}

@@ -61,6 +61,10 @@ class Settings(BaseModel):
     crm_secret_arn: str = Field(min_length=1)
     clinic_secret_arn: str = Field(min_length=1)
     ident_inbox_queue_url: str = Field(min_length=1)
+    # The stage syncer tells its three event sources apart by these (never by a queue's name).
+    sync_queue_arn: str = Field(min_length=1)
+    crm_event_queue_arn: str = Field(min_length=1)
+    consent_queue_arn: str = Field(min_length=1)
 
     @classmethod
     def from_env(cls) -> Settings:

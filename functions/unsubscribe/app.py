@@ -19,6 +19,7 @@ from clinicsync import wiring
 from clinicsync.consent import EMAIL_UNSUBSCRIBE, TokenError
 from clinicsync.crypto import constant_time_equals
 from clinicsync.forms import FormError, http_body, parse_form, parse_php_form
+from clinicsync.keys import patient_subject, subject_patient
 from clinicsync.observability import logger, metrics, tracer
 
 app = APIGatewayHttpResolver()
@@ -96,7 +97,7 @@ def one_click(token: str) -> Response[Any]:
     except TokenError as exc:
         return _refused(exc)
     ledger = wiring.consent_ledger()
-    changed = ledger.opt_out([f"pat:{claim.patient_id}"], [claim.channel.value], "link", "link:one-click")
+    changed = ledger.opt_out([patient_subject(claim.patient_id)], [claim.channel.value], "link", "link:one-click")
     metrics.add_metric(name="UnsubscribeLinksHonoured", unit=MetricUnit.Count, value=1)
     logger.info("one-click unsubscribe", extra={"channel": claim.channel.value, "changed": bool(changed)})
     return _page(200, "Вы отписаны. Больше писем не будет.", "You are unsubscribed. No more e-mails will follow.")
@@ -178,7 +179,7 @@ def _handle(event: MailchimpEvent) -> str:
         subjects = ledger.subjects_for_email(data.email)
         detail = f"mailchimp:{event.type}:{data.reason}"[:64]
         changed = ledger.opt_out(subjects, EMAIL_UNSUBSCRIBE, "mailchimp", detail, skip=("mailchimp",))
-        known = any(s.startswith("pat:") for s in subjects)
+        known = any(subject_patient(s) is not None for s in subjects)
         return "recorded" if changed and known else "recorded_unknown" if changed else "unchanged"
     if isinstance(data, UpemailData):
         ledger.address_moved(data.old_email, data.new_email)  # consent and member follow the person

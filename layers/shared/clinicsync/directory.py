@@ -32,10 +32,10 @@ from clinicsync.consent import (
     MemberStore,
     audience_member,
     note_accepted_members,
-    patient_subject,
 )
 from clinicsync.crypto import KeyedHasher
 from clinicsync.emails import normalise_email
+from clinicsync.keys import patient_subject
 from clinicsync.models import MisId
 from clinicsync.observability import logger
 from clinicsync.phones import normalise_phone

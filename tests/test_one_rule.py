@@ -7,6 +7,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,6 +20,9 @@ from clinicsync.keys import (
     patient_subject,
     subject_patient,
 )
+from clinicsync.planning import verified
+from clinicsync.ports import CrmGateway
+from tests.helpers import demo_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOYED = [ROOT / "layers" / "shared", ROOT / "functions"]
@@ -89,3 +93,35 @@ def test_an_email_subject_names_no_patient_and_passes_the_job_schema(email_key: 
 @given(_ids)
 def test_contact_and_deal_intents_never_collide(record_id: str) -> None:
     assert contact_intent(record_id) != deal_intent(record_id)
+
+
+def test_closed_stages_are_merged_only_by_the_config() -> None:
+    """ "Won/lost stages are closed" is ``ClinicConfig.with_crm_closed_stages``; start-up and the dry run call it."""
+    rewriters = set()
+    for path in _deployed_modules():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "model_copy":
+                updates = [k for kw in node.keywords if isinstance(kw.value, ast.Dict) for k in kw.value.keys]
+                if any(isinstance(k, ast.Constant) and k.value == "closed_stages" for k in updates):
+                    rewriters.add(str(path.relative_to(ROOT)))
+    assert rewriters == {"layers/shared/clinicsync/config.py"}
+
+
+class _StagesCrm:
+    def __init__(self, closed: frozenset[str]) -> None:
+        self.closed = closed
+
+    def verify_pipelines(self, pipelines: object) -> frozenset[str]:
+        return self.closed
+
+
+@given(st.frozensets(st.sampled_from(["C1:WON", "C1:LOSE", "C3:WON", "C3:APOLOGY", "NEW"]), max_size=4))
+def test_the_crms_won_and_lost_stages_count_as_closed_in_every_pipeline(crm_closed: frozenset[str]) -> None:
+    config = demo_config()
+    merged = config.with_crm_closed_stages(crm_closed)
+    assert verified(config, cast(CrmGateway, _StagesCrm(crm_closed))) == merged
+    assert merged.crm.pipelines.keys() == config.crm.pipelines.keys()
+    for name, before in config.crm.pipelines.items():
+        after = merged.crm.pipelines[name]
+        assert after.closed_stages == before.closed_stages | crm_closed
+        assert after.model_copy(update={"closed_stages": before.closed_stages}) == before

@@ -374,15 +374,9 @@ def crm_gateway(config: ClinicConfig) -> CrmGateway:
 
 @functools.cache
 def _verified(config_text: str) -> ClinicConfig:
-    """Stages are checked against the CRM once per container and config version; the CRM's won and
-    lost stages count as closed, whatever the config lists."""
+    """Stages are checked against the CRM once per container and config version."""
     config = _parse_config(config_text)
-    closed = crm_gateway(config).verify_pipelines(config.crm.pipelines)
-    pipelines = {
-        name: p.model_copy(update={"closed_stages": p.closed_stages | closed})
-        for name, p in config.crm.pipelines.items()
-    }
-    return config.model_copy(update={"crm": config.crm.model_copy(update={"pipelines": pipelines})})
+    return config.with_crm_closed_stages(crm_gateway(config).verify_pipelines(config.crm.pipelines))
 
 
 def syncer() -> Syncer:

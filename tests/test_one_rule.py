@@ -125,3 +125,28 @@ def test_the_crms_won_and_lost_stages_count_as_closed_in_every_pipeline(crm_clos
         after = merged.crm.pipelines[name]
         assert after.closed_stages == before.closed_stages | crm_closed
         assert after.model_copy(update={"closed_stages": before.closed_stages}) == before
+
+
+def _definitions(names: set[str]) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = defaultdict(set)
+    for path in _deployed_modules():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name in names:
+                found[node.name].add(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_the_oauth_lease_and_token_store_are_defined_once_for_every_vendor() -> None:
+    """The vendor modules only parametrise them (``BITRIX24``, ``AMOCRM``): no wrapper, no subclass."""
+    oauth_module = "layers/shared/clinicsync/oauth.py"
+    assert _definitions({"lease_lock", "SecretsManagerTokenStore"}) == {
+        "lease_lock": {oauth_module},
+        "SecretsManagerTokenStore": {oauth_module},
+    }
+    writers = {
+        str(path.relative_to(ROOT))
+        for path in _deployed_modules()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Attribute) and node.attr == "put_secret_value"
+    }
+    assert writers == {oauth_module}

@@ -323,7 +323,8 @@ def _bitrix_client(secret_arn: str, rate: float, burst: int, shared_budget: bool
     so together they stay under the portal's 2 req/s; ``shared_budget: false`` paces in-process.
     """
     from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer, portal_budget_key
-    from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth, SecretsManagerTokenStore, lease_lock
+    from clinicsync.adapters.bitrix24_oauth import BITRIX24, Bitrix24OAuth
+    from clinicsync.oauth import SecretsManagerTokenStore, lease_lock
 
     creds = secret(secret_arn)
     table = dynamodb().Table(settings().table_name)
@@ -333,8 +334,8 @@ def _bitrix_client(secret_arn: str, rate: float, burst: int, shared_budget: bool
     if creds.get("webhook_url"):
         return Bitrix24Client(str(creds["webhook_url"]), http=http_client(), pacer=pacer)
     # An OAuth app: tokens live in the same secret, are rotated there, and refreshed under a lease.
-    tokens = SecretsManagerTokenStore(boto3.client("secretsmanager"), secret_arn)
-    oauth = Bitrix24OAuth(tokens, http_client(), lock=lease_lock(store()))
+    tokens = SecretsManagerTokenStore(boto3.client("secretsmanager"), secret_arn, BITRIX24)
+    oauth = Bitrix24OAuth(tokens, http_client(), lock=lease_lock(store(), BITRIX24))
     return Bitrix24Client(http=http_client(), pacer=pacer, oauth=oauth, user_id=str(creds.get("user_id", "")))
 
 
@@ -344,16 +345,17 @@ def _amocrm_client(secret_arn: str, rate: float, burst: int, shared_budget: bool
     rps per integration; we run at the configured budget, 6 by default); a 403 opens a breaker that
     every container honours; tokens rotate in the secret under a lease, or a long-lived token is used."""
     from clinicsync.adapters.amocrm import AmoCrmClient, StoreCircuitBreaker
-    from clinicsync.adapters.amocrm_oauth import AmoCrmOAuth, lease_lock
-    from clinicsync.adapters.amocrm_oauth import SecretsManagerTokenStore as AmoCrmTokenStore
+    from clinicsync.adapters.amocrm_oauth import AMOCRM, AmoCrmOAuth
     from clinicsync.adapters.bitrix24 import Pacer
 
     creds = secret(secret_arn)
     table = dynamodb().Table(settings().table_name)
     key = f"amocrm:{creds.get('account_id') or creds.get('base_url') or 'account'}"
     pacer: RequestPacer = SharedLeakyBucket(table, key, rate, burst) if shared_budget else Pacer(rate, burst)
-    tokens = AmoCrmTokenStore(boto3.client("secretsmanager"), secret_arn)
-    auth = AmoCrmOAuth(tokens, http_client(), lock=lease_lock(store()))
+    from clinicsync.oauth import SecretsManagerTokenStore, lease_lock
+
+    tokens = SecretsManagerTokenStore(boto3.client("secretsmanager"), secret_arn, AMOCRM)
+    auth = AmoCrmOAuth(tokens, http_client(), lock=lease_lock(store(), AMOCRM))
     return AmoCrmClient(auth, http_client(), pacer, StoreCircuitBreaker(table, key))
 
 

@@ -34,7 +34,7 @@ from clinicsync.adapters.amocrm_oauth import (
     jwt_expiry,
     parse_tokens,
 )
-from clinicsync.adapters.bitrix24 import Pacer
+from clinicsync.adapters.pacing import Pacer
 from clinicsync.oauth import OAuthError, SecretsManagerTokenStore, lease_lock
 from clinicsync.store import DynamoStore
 from sandbox.emulators.amocrm import AmoCrmEmulator

@@ -150,3 +150,16 @@ def test_the_oauth_lease_and_token_store_are_defined_once_for_every_vendor() -> 
         if isinstance(node, ast.Attribute) and node.attr == "put_secret_value"
     }
     assert writers == {oauth_module}
+
+
+def test_the_pacer_lives_in_the_shared_http_mechanics_not_in_a_vendor_client() -> None:
+    """Bitrix24, amoCRM and vTiger are paced by one ``Pacer``; nobody reaches it through a vendor module."""
+    assert _definitions({"Pacer"}) == {"Pacer": {"layers/shared/clinicsync/adapters/pacing.py"}}
+    importers = {
+        f"{path.relative_to(ROOT)}: from {node.module}"
+        for root in [*DEPLOYED, ROOT / "sandbox", ROOT / "cli", ROOT / "connector", ROOT / "tests"]
+        for path in sorted(root.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ImportFrom) and any(alias.name == "Pacer" for alias in node.names)
+    }
+    assert importers and all(line.endswith("from clinicsync.adapters.pacing") for line in importers), importers

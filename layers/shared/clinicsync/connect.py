@@ -24,11 +24,12 @@ import yaml
 from clinicsync.adapters.amocrm import AmoCrmClient
 from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
 from clinicsync.adapters.amocrm_oauth import AMOCRM, AmoCrmOAuth
-from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer
+from clinicsync.adapters.bitrix24 import Bitrix24Client
 from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
 from clinicsync.adapters.bitrix24_oauth import BITRIX24, Bitrix24OAuth
 from clinicsync.adapters.infoclinica import InfoClinicaApi, InfoClinicaSource
 from clinicsync.adapters.medods import MedodsApi, MedodsSource
+from clinicsync.adapters.pacing import Pacer
 from clinicsync.adapters.renovatio import RenovatioApi, RenovatioSource
 from clinicsync.config import ClinicConfig
 from clinicsync.oauth import LeaseStore, SecretsManagerTokenStore, lease_lock, rotated_values

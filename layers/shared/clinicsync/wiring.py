@@ -183,7 +183,7 @@ def lis_source(config: ClinicConfig) -> LisSource:
 @functools.cache
 def _vtiger_client(secret_arn: str, rate: float, burst: int) -> VtigerClient:
     """One client per container: its session survives warm invocations (renewed when vTiger expires it)."""
-    from clinicsync.adapters.bitrix24 import Pacer
+    from clinicsync.adapters.pacing import Pacer
     from clinicsync.adapters.vtiger import VtigerClient
 
     creds = secret(secret_arn)
@@ -322,8 +322,9 @@ def _bitrix_client(secret_arn: str, rate: float, burst: int, shared_budget: bool
     The pacer is a leaky bucket in DynamoDB shared by every concurrent syncer, keyed by the portal,
     so together they stay under the portal's 2 req/s; ``shared_budget: false`` paces in-process.
     """
-    from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer, portal_budget_key
+    from clinicsync.adapters.bitrix24 import Bitrix24Client, portal_budget_key
     from clinicsync.adapters.bitrix24_oauth import BITRIX24, Bitrix24OAuth
+    from clinicsync.adapters.pacing import Pacer
     from clinicsync.oauth import SecretsManagerTokenStore, lease_lock
 
     creds = secret(secret_arn)
@@ -346,7 +347,7 @@ def _amocrm_client(secret_arn: str, rate: float, burst: int, shared_budget: bool
     every container honours; tokens rotate in the secret under a lease, or a long-lived token is used."""
     from clinicsync.adapters.amocrm import AmoCrmClient, StoreCircuitBreaker
     from clinicsync.adapters.amocrm_oauth import AMOCRM, AmoCrmOAuth
-    from clinicsync.adapters.bitrix24 import Pacer
+    from clinicsync.adapters.pacing import Pacer
 
     creds = secret(secret_arn)
     table = dynamodb().Table(settings().table_name)

@@ -6,7 +6,6 @@ The gateway never decides anything: it turns the domain's ContactWrite/DealWrite
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth
+from clinicsync.adapters.pacing import Pacer
 from clinicsync.budget import BudgetTimeout, RequestPacer
 from clinicsync.observability import logger
 from clinicsync.ports import CrmPaused
@@ -130,47 +130,6 @@ def _as_dict(value: Any) -> dict[str, Any]:
     if isinstance(value, list):
         return {str(i): v for i, v in enumerate(value)}
     return {}
-
-
-class Pacer:
-    """Mirrors the portal's leaky bucket locally: each request adds 1, the level drains at ``rate``/s.
-
-    Requests go out at once while the level is under ``burst`` and are spaced at 1/rate beyond it,
-    so a burst of work uses the bucket's headroom and steady state never meets a 503.
-    """
-
-    def __init__(
-        self,
-        rate: float = 2.0,
-        burst: int = 40,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self._rate = rate
-        self._burst = burst
-        self._clock = clock
-        self._sleep = sleep
-        self._level = 0.0
-        self._at = clock()
-        self._lock = threading.Lock()
-
-    def wait(self) -> None:
-        with self._lock:
-            now = self._clock()
-            self._level = max(0.0, self._level - (now - self._at) * self._rate)
-            self._at = now
-            excess = self._level + 1 - self._burst
-            if excess > 0:
-                delay = excess / self._rate
-                self._sleep(delay)
-                self._level = max(0.0, self._level - delay * self._rate)
-                self._at = now + delay
-            self._level += 1
-
-    def penalise(self) -> None:
-        """The portal said 503: assume its bucket is full and let it drain before the next call."""
-        with self._lock:
-            self._level = float(self._burst)
 
 
 class Bitrix24Client:

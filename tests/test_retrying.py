@@ -23,7 +23,7 @@ from clinicsync.adapters.mailchimp import MailchimpClient, MailchimpError
 from clinicsync.adapters.medods import MedodsApi, MedodsError
 from clinicsync.adapters.pacing import Pacer
 from clinicsync.adapters.renovatio import RenovatioApi, RenovatioError
-from clinicsync.adapters.retrying import Replay, Transient, call_with_retries, exponential
+from clinicsync.adapters.retrying import Replay, Transient, call_with_retries, exponential, poll
 from clinicsync.adapters.vtiger import VtigerClient, VtigerError
 from clinicsync.store import batch_get
 
@@ -88,20 +88,48 @@ def test_only_transient_and_replayed_attempts_are_repeated_and_only_transient_on
     assert sleeps == expected_sleeps
 
 
-def test_no_deployed_module_loops_over_attempts_by_hand() -> None:
-    """Retry loops are ``call_with_retries`` (tenacity); a ``for attempt in range(…)`` is a new hand-made one."""
+@given(st.integers(min_value=1, max_value=12), st.floats(min_value=0.0, max_value=8.0))
+def test_a_poll_asks_until_the_answer_is_final_or_the_wait_budget_is_spent(ready_at: int, budget: float) -> None:
+    """As the claim wait does: 0.1 s doubling to 1 s between probes, given up once ``budget`` s were slept."""
+    probes: list[int] = []
+    sleeps: list[float] = []
+
+    def probe() -> int:
+        probes.append(len(probes) + 1)
+        return len(probes)
+
+    wait = exponential(0.1, cap=1.0)
+    answer = poll(probe, until=lambda n: n >= ready_at, wait=wait, sleep=sleeps.append, stop=lambda w: w >= budget)
+    waited, expected = 0.0, 1
+    while expected < ready_at and waited < budget:  # the model, written out
+        waited += wait(expected)
+        expected += 1
+    assert answer == expected == len(probes)
+    assert sleeps == [wait(n) for n in range(1, expected)]
+
+
+def _sleeps(node: ast.AST) -> bool:
+    return any(
+        isinstance(call, ast.Call)
+        and (
+            (isinstance(call.func, ast.Attribute) and call.func.attr in ("sleep", "_sleep"))
+            or (isinstance(call.func, ast.Name) and call.func.id == "sleep")
+        )
+        for call in ast.walk(node)
+    )
+
+
+def test_no_deployed_module_retries_or_polls_in_a_loop_of_its_own() -> None:
+    """Retries are ``call_with_retries`` and polls are ``poll`` (tenacity): a loop over attempts, or a
+    loop that sleeps, is a new hand-made one."""
     loops = []
     for root in (ROOT / "layers" / "shared", ROOT / "functions"):
         for path in sorted(root.rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-                if (
-                    isinstance(node, ast.For)
-                    and isinstance(node.target, ast.Name)
-                    and "attempt" in node.target.id
-                    and isinstance(node.iter, ast.Call)
-                    and isinstance(node.iter.func, ast.Name)
-                    and node.iter.func.id == "range"
-                ):
+                over_attempts = (
+                    isinstance(node, ast.For) and isinstance(node.target, ast.Name) and "attempt" in node.target.id
+                )
+                if over_attempts or (isinstance(node, ast.For | ast.While) and _sleeps(node)):
                     loops.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert loops == []
 

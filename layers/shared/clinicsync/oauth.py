@@ -41,6 +41,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 from pydantic import BaseModel, SecretStr, ValidationError
 
+from clinicsync.adapters.retrying import exponential, poll
 from clinicsync.crypto import constant_time_equals
 from clinicsync.observability import logger
 
@@ -221,12 +222,15 @@ def lease_lock(
     def hold() -> Iterator[None]:
         with local:
             deadline = clock() + timeout
-            pause = 0.05
-            while not store.acquire_lease(name, me, seconds, int(clock())):
-                if clock() >= deadline:
-                    raise OAuthError("lock_timeout", f"lease {name} is held elsewhere", retryable=True)
-                sleep(pause)
-                pause = min(pause * 2, 1.0)
+            acquired = poll(
+                lambda: store.acquire_lease(name, me, seconds, int(clock())),
+                until=bool,
+                wait=exponential(0.05, cap=1.0),
+                sleep=sleep,
+                stop=lambda _: clock() >= deadline,
+            )
+            if not acquired:
+                raise OAuthError("lock_timeout", f"lease {name} is held elsewhere", retryable=True)
             try:
                 yield
             finally:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from clinicsync.adapters.mailchimp import MailchimpAudience
+from clinicsync.adapters.retrying import exponential, poll
 from clinicsync.backfill import BackfillCheckpoint, BackfillState
 from clinicsync.config import ClinicConfig
 from clinicsync.consent import (
@@ -133,21 +134,25 @@ class Syncer:
 
     def _claim(self, patient_ids: list[str], owner: str) -> set[str]:
         claimed: set[str] = set()
-        delay, waited = 0.1, 0.0
-        while True:
+
+        def claim_pending() -> set[str]:
             pending = [pid for pid in patient_ids if pid not in claimed]
             if pending:
                 try:
-                    claimed |= self._store.claim_patients(pending, owner, int(time.time()), CLAIM_SECONDS)
+                    claimed.update(self._store.claim_patients(pending, owner, int(time.time()), CLAIM_SECONDS))
                 except Exception:
                     if claimed:  # ours from an earlier round: they must not stay held for CLAIM_SECONDS
                         self._store.release_claims(sorted(claimed))
                     raise
-            if len(claimed) == len(patient_ids) or waited >= self._claim_wait:
-                return claimed
-            self._sleep(delay)
-            waited += delay
-            delay = min(delay * 2, 1.0)
+            return claimed
+
+        return poll(
+            claim_pending,
+            until=lambda held: len(held) == len(patient_ids),
+            wait=exponential(0.1, cap=1.0),
+            sleep=self._sleep,
+            stop=lambda waited: waited >= self._claim_wait,
+        )
 
     def _sync(
         self, changes: Sequence[PatientChanges], observations: Sequence[CrmObservation], busy: dict[str, str]

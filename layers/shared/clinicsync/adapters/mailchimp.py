@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from clinicsync.adapters.retrying import Transient, call_with_retries, exponential
+from clinicsync.adapters.retrying import Transient, call_with_retries, exponential, poll
 from clinicsync.consent import AudienceMember, subscriber_hash
 from clinicsync.observability import logger
 
@@ -159,18 +159,23 @@ class MailchimpAudience:
 
     def _results(self, batch_id: str) -> set[str]:
         deadline = time.monotonic() + self._wait
-        delay = 0.2
-        while True:
+
+        def batch() -> dict[str, Any]:
             status, body = self._client.call("GET", f"/batches/{batch_id}")
             if status >= 400 or not isinstance(body, dict):
                 raise MailchimpError(status, "batch status unavailable")
-            if body.get("status") == "finished":
-                break
-            if time.monotonic() > deadline:
-                logger.info("mailchimp batch still running; members are retried on their next sync")
-                return set()
-            self._sleep(delay)
-            delay = min(2.0, delay * 2)
+            return body
+
+        body = poll(
+            batch,
+            until=lambda answer: answer.get("status") == "finished",
+            wait=exponential(0.2, cap=2.0),
+            sleep=self._sleep,
+            stop=lambda _: time.monotonic() > deadline,
+        )
+        if body.get("status") != "finished":
+            logger.info("mailchimp batch still running; members are retried on their next sync")
+            return set()
         url = body.get("response_body_url")
         if not url:
             return set()

@@ -11,6 +11,9 @@ An attempt ends in one of four ways:
 
 When the attempts run out, the caller's ``exhausted(reason)`` error is raised (``reason``: the last
 :class:`Transient`'s).
+
+:func:`poll` is the other loop the clients need: ask again until an answer is final (a lease is free,
+a batch finished), with a backoff, for as long as the caller's ``stop`` allows.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, retry_if_result, stop_after_attempt
 
 
 class Transient(Exception):
@@ -103,3 +106,31 @@ def call_with_retries[T](
     )
     result: T = retrying(lambda: attempt(next(numbers)))
     return result
+
+
+def poll[T](
+    probe: Callable[[], T],
+    *,
+    until: Callable[[T], bool],
+    wait: Callable[[int], float],
+    sleep: Callable[[float], None],
+    stop: Callable[[float], bool],
+) -> T:
+    """Call ``probe`` until ``until(answer)``, waiting ``wait(n)`` after the n-th answer that is not.
+    After each such answer ``stop(waited)`` (``waited``: the seconds slept so far) may end the poll; the
+    last answer is returned either way. An exception from ``probe`` ends the poll at once."""
+
+    def last_answer(state: RetryCallState) -> T:
+        assert state.outcome is not None  # tenacity calls this only after an attempt
+        answer: T = state.outcome.result()
+        return answer
+
+    retrying = Retrying(
+        retry=retry_if_result(lambda answer: not until(answer)),
+        wait=lambda state: wait(state.attempt_number),
+        sleep=sleep,
+        stop=lambda state: stop(state.idle_for),
+        retry_error_callback=last_answer,
+    )
+    answer: T = retrying(probe)
+    return answer

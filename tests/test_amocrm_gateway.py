@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from clinicsync.adapters.amocrm import AmoCrmBlocked, AmoCrmClient, MemoryCircuitBreaker
 from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
 from clinicsync.adapters.amocrm_oauth import AmoCrmOAuth, AmoCrmTokens, parse_tokens
-from clinicsync.adapters.bitrix24 import Pacer
+from clinicsync.adapters.pacing import Pacer
 from clinicsync.ports import ContactWrite, DealWrite
 from sandbox.emulators.amocrm import (
     CONTACT_FIELD_MIS_PATIENT_ID,

@@ -31,13 +31,11 @@ from clinicsync.adapters.amocrm_oauth import (
     AMOCRM,
     AmoCrmOAuth,
     AmoCrmTokens,
-    SecretsManagerTokenStore,
     jwt_expiry,
-    lease_lock,
     parse_tokens,
 )
-from clinicsync.adapters.bitrix24 import Pacer
-from clinicsync.oauth import OAuthError
+from clinicsync.adapters.pacing import Pacer
+from clinicsync.oauth import OAuthError, SecretsManagerTokenStore, lease_lock
 from clinicsync.store import DynamoStore
 from sandbox.emulators.amocrm import AmoCrmEmulator
 from sandbox.emulators.base import ServedApp
@@ -300,7 +298,7 @@ def test_a_wrong_client_secret_or_redirect_uri_is_invalid_client(account: Accoun
 def test_two_containers_refresh_exactly_once_under_the_lease(account: Account) -> None:
     store = MemoryStore(account.secret())
     leases = Leases()
-    containers = [AmoCrmOAuth(store, account.http, lock=lease_lock(leases, timeout=10)) for _ in range(2)]
+    containers = [AmoCrmOAuth(store, account.http, lock=lease_lock(leases, AMOCRM, timeout=10)) for _ in range(2)]
     stale = [_expired(account, containers[0]), containers[1].access_token()]
     assert stale[0] == stale[1]
     seen = _persisted_before_use(account, store)
@@ -499,9 +497,9 @@ def test_secrets_manager_store_keeps_the_other_keys_and_a_dynamodb_lease_seriali
 
         def container() -> AmoCrmOAuth:
             session = boto3.session.Session(region_name=REGION)
-            store = SecretsManagerTokenStore(session.client("secretsmanager"), "clinicsync/c1/crm")
+            store = SecretsManagerTokenStore(session.client("secretsmanager"), "clinicsync/c1/crm", AMOCRM)
             leases = AtomicStore(session.resource("dynamodb").Table("t"))
-            return AmoCrmOAuth(store, account.http, lock=lease_lock(leases, seconds=30, timeout=10))
+            return AmoCrmOAuth(store, account.http, lock=lease_lock(leases, AMOCRM, seconds=30, timeout=10))
 
         containers = [container(), container()]
         stale = [_expired(account, containers[0]), containers[1].access_token()]

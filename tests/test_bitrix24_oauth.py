@@ -15,14 +15,14 @@ import pytest
 from moto import mock_aws
 
 from clinicsync.adapters.bitrix24_oauth import (
+    BITRIX24,
     Bitrix24AuthError,
     Bitrix24OAuth,
     Bitrix24Tokens,
-    SecretsManagerTokenStore,
-    lease_lock,
     parse_tokens,
     redact_url,
 )
+from clinicsync.oauth import SecretsManagerTokenStore, lease_lock
 from clinicsync.store import DynamoStore
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
@@ -271,9 +271,9 @@ def test_secrets_manager_store_keeps_other_keys_and_a_dynamodb_lease_serialises_
 
         def container() -> Bitrix24OAuth:
             session = boto3.session.Session(region_name=REGION)
-            store = SecretsManagerTokenStore(session.client("secretsmanager"), "clinicsync/c1/crm")
+            store = SecretsManagerTokenStore(session.client("secretsmanager"), "clinicsync/c1/crm", BITRIX24)
             leases = AtomicStore(session.resource("dynamodb").Table("t"))  # type: ignore[arg-type]
-            return Bitrix24OAuth(store, portal.http, lock=lease_lock(leases, seconds=30, timeout=10))
+            return Bitrix24OAuth(store, portal.http, lock=lease_lock(leases, BITRIX24, seconds=30, timeout=10))
 
         containers = [container(), container()]
         stale = [_expired(portal, containers[0]), containers[1].access_token()]
@@ -333,7 +333,7 @@ def test_lease_lock_waits_for_the_holder_and_times_out(monkeypatch: pytest.Monke
     def sleep(seconds: float) -> None:
         now[0] += seconds
 
-    lock = lease_lock(leases, owner="me", timeout=1.0, clock=lambda: now[0], sleep=sleep)
+    lock = lease_lock(leases, BITRIX24, owner="me", timeout=1.0, clock=lambda: now[0], sleep=sleep)
     with lock():
         assert leases.holder == "me"
     assert leases.holder is None
@@ -346,7 +346,7 @@ def test_lease_lock_waits_for_the_holder_and_times_out(monkeypatch: pytest.Monke
 
     # The lease is re-entrant for its owner, so threads of one container queue on a local lock first.
     leases.holder = None
-    shared = lease_lock(leases, owner="me", timeout=2.0)
+    shared = lease_lock(leases, BITRIX24, owner="me", timeout=2.0)
     entered, release, second_in = threading.Event(), threading.Event(), threading.Event()
 
     def first() -> None:

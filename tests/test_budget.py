@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from moto import mock_aws
 from werkzeug.test import Client
 
-from clinicsync.adapters.bitrix24 import Pacer
+from clinicsync.adapters.pacing import Pacer
 from clinicsync.budget import BUDGET_PK, BudgetTimeout, RequestPacer, SharedLeakyBucket
 from clinicsync.config import CRM_BUDGETS
 from sandbox.bench.simclock import leaky_bucket_floor_seconds, sliding_window_floor_seconds

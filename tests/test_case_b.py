@@ -13,8 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer
+from clinicsync.adapters.bitrix24 import Bitrix24Client
 from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
+from clinicsync.adapters.pacing import Pacer
 from clinicsync.config import FIELD_PRESETS, ClinicConfig, FieldMap, clinic_config_json_schema
 from clinicsync.crypto import KeyedHasher
 from clinicsync.discovery import MisDiscovery, check_fields, create_bitrix24_fields, discover_bitrix24, propose_config

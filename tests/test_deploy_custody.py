@@ -22,8 +22,9 @@ from moto.backends import get_backend
 from pydantic import ValidationError, create_model
 from typer.testing import CliRunner
 
-from clinicsync.adapters.amocrm_oauth import AmoCrmOAuth, SecretsManagerTokenStore
+from clinicsync.adapters.amocrm_oauth import AMOCRM, AmoCrmOAuth
 from clinicsync.config import CLINIC_ID_MAX_LENGTH, CLINIC_ID_PATTERN, ClinicConfig
+from clinicsync.oauth import SecretsManagerTokenStore
 from clinicsync.store import DynamoStore
 from clinicsync_cli import deployment
 from clinicsync_cli.app import app as cli
@@ -147,7 +148,7 @@ def test_a_token_rotated_between_two_deploys_survives_the_second(
     amo.expire_access_tokens()
     sm = clinic.stack.aws.client("secretsmanager")
     with httpx.Client() as http:
-        AmoCrmOAuth(SecretsManagerTokenStore(sm, ref), http).refresh(first["access_token"])
+        AmoCrmOAuth(SecretsManagerTokenStore(sm, ref, AMOCRM), http).refresh(first["access_token"])
     rotated = stored(clinic, ref)
     assert rotated["refresh_token"] != first["refresh_token"] and not amo.token_valid(first["access_token"])
 

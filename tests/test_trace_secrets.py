@@ -27,7 +27,8 @@ TRACED = textwrap.dedent(
 
     import clinicsync.observability  # the Lambda's tracer: patches what it patches, as at a cold start
     import boto3, httpx
-    from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer
+    from clinicsync.adapters.bitrix24 import Bitrix24Client
+    from clinicsync.adapters.pacing import Pacer
     from clinicsync.adapters.mailchimp import MailchimpAudience, MailchimpClient
 
     class Recorded:

@@ -50,7 +50,7 @@ def simulated(clock: SimClock) -> Iterator[Wired]:
     shared budget and back-off sleeps wait in simulated time. Everything else is untouched."""
     import sandbox.local as local
     from clinicsync import budget, wiring
-    from clinicsync.adapters import amocrm, bitrix24
+    from clinicsync.adapters import amocrm, bitrix24, pacing
     from sandbox.emulators.amocrm import AmoCrmEmulator
     from sandbox.emulators.bitrix24 import Bitrix24Emulator
 
@@ -69,7 +69,7 @@ def simulated(clock: SimClock) -> Iterator[Wired]:
         (local, "ServedApp", served),
         (local, "Bitrix24Emulator", functools.partial(Bitrix24Emulator, clock=clock)),
         (local, "AmoCrmEmulator", functools.partial(AmoCrmEmulator, clock=clock)),
-        (bitrix24, "Pacer", functools.partial(bitrix24.Pacer, clock=clock.monotonic, sleep=clock.sleep)),
+        (pacing, "Pacer", functools.partial(pacing.Pacer, clock=clock.monotonic, sleep=clock.sleep)),
         (budget, "SharedLeakyBucket", bucket),
         (wiring, "SharedLeakyBucket", bucket),  # wiring imports it at the top
         (bitrix24, "Bitrix24Client", functools.partial(bitrix24.Bitrix24Client, sleep=clock.sleep)),

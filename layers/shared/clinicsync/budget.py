@@ -2,7 +2,7 @@
 
 Bitrix24 counts requests per portal (and source IP) in one leaky bucket: each request adds 1, the level
 drains at 2/s, and a request that would take it past 50 gets HTTP 503 ``QUERY_LIMIT_EXCEEDED``. Each
-Lambda container pacing itself with its own in-memory :class:`~clinicsync.adapters.bitrix24.Pacer` keeps
+Lambda container pacing itself with its own in-memory :class:`~clinicsync.adapters.pacing.Pacer` keeps
 *its* traffic under the bucket, but two warm containers together send twice the burst. Here the bucket's
 level lives in one DynamoDB item that every container updates with optimistic concurrency.
 
@@ -80,7 +80,7 @@ _deserialize = TypeDeserializer().deserialize
 class SharedLeakyBucket:
     """Paces requests so that all holders of ``key`` together stay under one leaky bucket.
 
-    Same interface as :class:`~clinicsync.adapters.bitrix24.Pacer` (both are :class:`RequestPacer`);
+    Same interface as :class:`~clinicsync.adapters.pacing.Pacer` (both are :class:`RequestPacer`);
     ``rate`` and ``burst`` should sit a little under the portal's own limits (the defaults per CRM are
     ``clinicsync.config.CRM_BUDGETS``) to absorb lateness between booking a slot and the request
     reaching the portal.

@@ -521,6 +521,15 @@ class ClinicConfig(Section):
             else (self.crm.pipelines["primary"])
         )
 
+    def with_crm_closed_stages(self, crm_closed: frozenset[str]) -> ClinicConfig:
+        """The CRM's won and lost stages (``CrmGateway.verify_pipelines``) count as closed in every
+        pipeline, whatever the config lists: a deal there is never moved again."""
+        pipelines = {
+            name: p.model_copy(update={"closed_stages": p.closed_stages | crm_closed})
+            for name, p in self.crm.pipelines.items()
+        }
+        return self.model_copy(update={"crm": self.crm.model_copy(update={"pipelines": pipelines})})
+
 
 def parse_clinic_config(text: str) -> ClinicConfig:
     data = yaml.safe_load(text)

@@ -24,18 +24,15 @@ import yaml
 from clinicsync.adapters.amocrm import AmoCrmClient
 from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
 from clinicsync.adapters.amocrm_oauth import AMOCRM, AmoCrmOAuth
-from clinicsync.adapters.amocrm_oauth import SecretsManagerTokenStore as AmoCrmTokenStore
-from clinicsync.adapters.amocrm_oauth import lease_lock as amocrm_lease_lock
-from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer
+from clinicsync.adapters.bitrix24 import Bitrix24Client
 from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
 from clinicsync.adapters.bitrix24_oauth import BITRIX24, Bitrix24OAuth
-from clinicsync.adapters.bitrix24_oauth import SecretsManagerTokenStore as Bitrix24TokenStore
-from clinicsync.adapters.bitrix24_oauth import lease_lock as bitrix24_lease_lock
 from clinicsync.adapters.infoclinica import InfoClinicaApi, InfoClinicaSource
 from clinicsync.adapters.medods import MedodsApi, MedodsSource
+from clinicsync.adapters.pacing import Pacer
 from clinicsync.adapters.renovatio import RenovatioApi, RenovatioSource
 from clinicsync.config import ClinicConfig
-from clinicsync.oauth import LeaseStore, rotated_values
+from clinicsync.oauth import LeaseStore, SecretsManagerTokenStore, lease_lock, rotated_values
 from clinicsync.ports import CrmGateway, MisSource
 
 
@@ -117,8 +114,7 @@ def http_client() -> httpx.Client:
 
 def _token_store(creds: Credentials, vendor: Any, region: str | None) -> Any:
     if creds.secret_id:
-        store_type = Bitrix24TokenStore if vendor is BITRIX24 else AmoCrmTokenStore
-        return store_type(boto3.client("secretsmanager", region_name=region), creds.secret_id)
+        return SecretsManagerTokenStore(boto3.client("secretsmanager", region_name=region), creds.secret_id, vendor)
     return FileTokens[Any](creds, vendor)
 
 
@@ -136,7 +132,7 @@ def bitrix24_client(
     if creds.values.get("webhook_url"):
         return Bitrix24Client(str(creds.values["webhook_url"]), http=http, pacer=Pacer(rate, burst))
     creds.need("access_token", "refresh_token", "client_endpoint")
-    lock = bitrix24_lease_lock(leases) if leases is not None else None
+    lock = lease_lock(leases, BITRIX24) if leases is not None else None
     oauth = Bitrix24OAuth(_token_store(creds, BITRIX24, region), http, lock=lock)
     return Bitrix24Client(
         http=http, pacer=Pacer(rate, burst), oauth=oauth, user_id=str(creds.values.get("user_id", ""))
@@ -153,7 +149,7 @@ def amocrm_client(
     region: str | None = None,
 ) -> AmoCrmClient:
     creds.need("base_url")
-    lock = amocrm_lease_lock(leases) if leases is not None else None
+    lock = lease_lock(leases, AMOCRM) if leases is not None else None
     auth = AmoCrmOAuth(_token_store(creds, AMOCRM, region), http, lock=lock)
     return AmoCrmClient(auth, http, Pacer(rate, burst), max_attempts=3)
 

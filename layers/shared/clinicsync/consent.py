@@ -6,7 +6,7 @@ a ``ConsentJob`` is queued. ``ConsentOutputs`` then pushes the ledger's *current
 contact, the MIS and Mailchimp, marking each target done per ledger digest, so a retried job skips
 finished targets and a repeated input changes nothing (that is also what stops loops).
 
-Subjects: ``pat:<MIS id>`` for a known patient, ``email:<HMAC>`` for an address we cannot tie to one.
+Subjects (``keys.patient_subject``/``keys.email_subject``) name a known patient or an address we cannot tie to one.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from clinicsync.config import ClinicConfig
 from clinicsync.crypto import KeyedHasher
 from clinicsync.emails import lower_keeping_look_alikes
+from clinicsync.keys import email_subject, patient_subject, subject_patient
 from clinicsync.models import Channel, ConsentJob, ConsentTarget
 from clinicsync.observability import logger
 from clinicsync.ports import ConsentSource, ContactWrite, CrmGateway, MisConsentWriter
@@ -34,18 +35,6 @@ ALL_CHANNELS = tuple(c.value for c in Channel)
 EMAIL_UNSUBSCRIBE = (Channel.EMAIL.value,)
 # Mailchimp must stop mailing anyone who refused e-mail or marketing.
 MAILCHIMP_CHANNELS = frozenset({Channel.EMAIL.value, Channel.MARKETING.value})
-
-
-def patient_subject(patient_id: str) -> str:
-    return f"pat:{patient_id}"
-
-
-def email_subject(email_key: str) -> str:
-    return f"email:{email_key}"
-
-
-def subject_patient(subject: str) -> str | None:
-    return subject.removeprefix("pat:") if subject.startswith("pat:") else None
 
 
 def subscriber_hash(email: str) -> str:
@@ -297,7 +286,7 @@ class ConsentLedger:
             subjects = self.subjects_for_email(event.email)
             detail = f"mailchimp:{event.kind}:{event.reason}"[:64]
             changed = self.opt_out(subjects, EMAIL_UNSUBSCRIBE, "mailchimp", detail, skip=("mailchimp",))
-            known = any(s.startswith("pat:") for s in subjects)
+            known = any(subject_patient(s) is not None for s in subjects)
             return "recorded" if changed and known else "recorded_unknown" if changed else "unchanged"
         if event.kind == "upemail":
             self.address_moved(event.email, event.new_email)  # consent and member follow the person

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from clinicsync.config import ClinicConfig
-from clinicsync.consent import ConsentLedger, patient_subject
+from clinicsync.consent import ConsentLedger
 from clinicsync.crypto import KeyedHasher
+from clinicsync.keys import patient_subject
 from clinicsync.models import Channel, CrmEvent, CrmObservation, SyncMessage
 from clinicsync.observability import logger
 from clinicsync.ports import CrmGateway, CrmPaused, CrmUnavailable

@@ -32,15 +32,15 @@ from clinicsync.consent import (
     MemberStore,
     audience_member,
     note_accepted_members,
-    patient_subject,
 )
 from clinicsync.crypto import KeyedHasher
 from clinicsync.emails import normalise_email
+from clinicsync.keys import patient_subject
 from clinicsync.models import MisId
 from clinicsync.observability import logger
 from clinicsync.phones import normalise_phone
 from clinicsync.ports import Cursor
-from clinicsync.store import MemberBook
+from clinicsync.store import MemberBook, batch_get
 
 Kind = Literal["doctor", "organisation"]
 KINDS: tuple[Kind, ...] = ("organisation", "doctor")  # organisations first: doctors link to their Account
@@ -230,20 +230,12 @@ class DirectoryStore:
     def load(self, kind: Kind, lis_ids: Sequence[str]) -> dict[str, DirectoryState]:
         states = {i: DirectoryState(kind, i) for i in dict.fromkeys(lis_ids)}
         keys = [{"pk": self._pk(kind, i), "sk": "STATE"} for i in states]
-        client = self._table.meta.client
-        for start in range(0, len(keys), 100):
-            request: dict[str, Any] = {self._table.name: {"Keys": keys[start : start + 100]}}
-            while request:
-                response = client.batch_get_item(RequestItems=request)
-                for item in response.get("Responses", {}).get(self._table.name, []):
-                    lis_id = str(item["pk"]).split("#", 2)[2]
-                    state = states[lis_id]
-                    state.crm_id = str(item["crm_id"]) if item.get("crm_id") else None
-                    state.hashes = {str(k): str(v) for k, v in (item.get("hashes") or {}).items()}
-                    state.audience = str(item["audience"]) if item.get("audience") else None
-                request = dict(response.get("UnprocessedKeys") or {})
-                if request:
-                    time.sleep(0.05)
+        for item in batch_get(self._table, keys):
+            lis_id = str(item["pk"]).split("#", 2)[2]
+            state = states[lis_id]
+            state.crm_id = str(item["crm_id"]) if item.get("crm_id") else None
+            state.hashes = {str(k): str(v) for k, v in (item.get("hashes") or {}).items()}
+            state.audience = str(item["audience"]) if item.get("audience") else None
         return states
 
     def save(self, states: Sequence[DirectoryState], now: int) -> None:

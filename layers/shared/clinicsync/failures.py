@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from clinicsync.store import batch_get
+
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
@@ -31,18 +33,12 @@ class FailureLog:
     def reasons(self, queue: str, message_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         ids = list(dict.fromkeys(message_ids))
-        for start in range(0, len(ids), 100):
-            keys = [{"pk": f"FAILURE#{queue}", "sk": mid} for mid in ids[start : start + 100]]
-            request: dict[str, Any] = {self._table.name: {"Keys": keys}}
-            while request:
-                reply = self._table.meta.client.batch_get_item(RequestItems=request)
-                for item in reply["Responses"].get(self._table.name, []):
-                    out[str(item["sk"])] = {
-                        "reason": str(item.get("reason", "")),
-                        "attempts": int(item.get("attempts", 0)),  # type: ignore[arg-type]
-                        "last_at": int(item.get("last_at", 0)),  # type: ignore[arg-type]
-                    }
-                request = reply.get("UnprocessedKeys") or {}
+        for item in batch_get(self._table, [{"pk": f"FAILURE#{queue}", "sk": mid} for mid in ids]):
+            out[str(item["sk"])] = {
+                "reason": str(item.get("reason", "")),
+                "attempts": int(item.get("attempts", 0)),
+                "last_at": int(item.get("last_at", 0)),
+            }
         return out
 
     def forget(self, queue: str, message_ids: Sequence[str]) -> None:

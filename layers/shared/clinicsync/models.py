@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from clinicsync.keys import SUBJECT_PATTERN
+
 MisId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
 
@@ -189,7 +191,7 @@ class ConsentJob(Strict):
 
     kind: Literal["consent"] = "consent"
     clinic_id: str
-    subject: str = Field(pattern=r"^(pat:[A-Za-z0-9_.:-]{1,64}|email:[0-9a-f]{40})$")
+    subject: str = Field(pattern=SUBJECT_PATTERN)
     reason: str = Field(max_length=64)
     emails: tuple[str, ...] = Field(default=(), max_length=5)
     skip: tuple[ConsentTarget, ...] = ()

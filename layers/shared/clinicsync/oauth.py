@@ -6,10 +6,10 @@ new refresh token and kills the old one (Bitrix24, amoCRM), so the refresh is th
 * the new pair is saved (``TokenStore.save``) before the new access token is handed out, so a crash
   after the refresh never leaves only a dead refresh token in the store; a pair that could not be saved
   is kept in memory and saved before anything else is done with it;
-* refreshes are serialised by a lock (in-process by default, a DynamoDB lease across containers, see
-  :func:`lease_lock`). Under it the store is re-read first: if its access token is no longer the stale
-  one, another container already refreshed and its token is used as is. Reusing the old refresh token
-  would only earn ``invalid_grant``;
+* refreshes are serialised by a lock (in-process by default, a DynamoDB lease ``<vendor>-oauth``
+  across containers, see :func:`lease_lock`). Under it the store is re-read first: if its access token
+  is no longer the stale one, another container already refreshed and its token is used as is. Reusing
+  the old refresh token would only earn ``invalid_grant``;
 * if the grant is refused as ``invalid_grant`` anyway (someone spent the refresh token without holding
   the lock: an expired lease, an operator run), the store is read once more and, if it moved on, its
   pair is used.
@@ -17,7 +17,8 @@ new refresh token and kills the old one (Bitrix24, amoCRM), so the refresh is th
 :class:`OAuthSession` is that algorithm. What differs per CRM is an :class:`OAuthVendor` strategy: how
 the secret JSON becomes a tokens model, which keys of that JSON a rotation rewrites, and the HTTP call
 that turns the stored pair into a new one (``grant``). The vendor modules
-(``clinicsync.adapters.bitrix24_oauth``, ``clinicsync.adapters.amocrm_oauth``) hold those.
+(``clinicsync.adapters.bitrix24_oauth``, ``clinicsync.adapters.amocrm_oauth``) hold those; the token
+store and the lease here take the vendor as their only vendor-specific part.
 
 Token values never reach a log line or an exception message. The ``httpx`` logger prints request URLs
 at INFO and some token endpoints take the secrets in the query string, so this module installs a filter
@@ -40,6 +41,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 from pydantic import BaseModel, SecretStr, ValidationError
 
+from clinicsync.adapters.retrying import exponential, poll
 from clinicsync.crypto import constant_time_equals
 from clinicsync.observability import logger
 
@@ -198,7 +200,7 @@ class LeaseStore(Protocol):
 
 def lease_lock(
     store: LeaseStore,
-    name: str,
+    vendor: OAuthVendor[Any],
     *,
     owner: str | None = None,
     seconds: int = 60,
@@ -206,12 +208,13 @@ def lease_lock(
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], None] = time.sleep,
 ) -> LockFactory:
-    """A lock factory for :class:`OAuthSession` that serialises refreshes across containers.
+    """A lock factory for :class:`OAuthSession` that serialises a vendor's refreshes across containers.
 
     Threads of this container queue on a local lock first (the lease is re-entrant for its owner);
-    then the DynamoDB lease ``LEASE/<name>`` is taken, polling until ``timeout``. ``seconds`` must
+    then the DynamoDB lease ``LEASE/<vendor>-oauth`` is taken, polling until ``timeout``. ``seconds`` must
     outlast a refresh (one HTTP call and one secret write); a crashed holder's lease expires after it.
     """
+    name = f"{vendor.name}-oauth"
     me = owner or f"oauth-{uuid.uuid4().hex}"
     local = threading.Lock()
 
@@ -219,12 +222,15 @@ def lease_lock(
     def hold() -> Iterator[None]:
         with local:
             deadline = clock() + timeout
-            pause = 0.05
-            while not store.acquire_lease(name, me, seconds, int(clock())):
-                if clock() >= deadline:
-                    raise OAuthError("lock_timeout", f"lease {name} is held elsewhere", retryable=True)
-                sleep(pause)
-                pause = min(pause * 2, 1.0)
+            acquired = poll(
+                lambda: store.acquire_lease(name, me, seconds, int(clock())),
+                until=bool,
+                wait=exponential(0.05, cap=1.0),
+                sleep=sleep,
+                stop=lambda _: clock() >= deadline,
+            )
+            if not acquired:
+                raise OAuthError("lock_timeout", f"lease {name} is held elsewhere", retryable=True)
             try:
                 yield
             finally:

@@ -222,11 +222,7 @@ class Plan:
 
 def verified(config: ClinicConfig, gateway: CrmGateway) -> ClinicConfig:
     """As the stack does at start-up: the CRM's won/lost stages count as closed (and stages must exist)."""
-    closed = gateway.verify_pipelines(config.crm.pipelines)
-    pipelines = {
-        n: p.model_copy(update={"closed_stages": p.closed_stages | closed}) for n, p in config.crm.pipelines.items()
-    }
-    return config.model_copy(update={"crm": config.crm.model_copy(update={"pipelines": pipelines})})
+    return config.with_crm_closed_stages(gateway.verify_pipelines(config.crm.pipelines))
 
 
 def read_changes(source: MisSource, cursor: Mapping[str, Any] | None, max_pages: int) -> list[PatientChanges]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 
+from clinicsync.adapters.retrying import Transient, call_with_retries, exponential
 from clinicsync.ports import ConsentSource, Cursor
 from clinicsync.state import AppointmentState, LatestDeal, PatientState
 
@@ -151,6 +152,44 @@ def _items_for(state: PatientState, changed_appointments: Sequence[str]) -> list
     return [{k: v for k, v in item.items() if v is not None} for item in items]
 
 
+def batch_get(
+    table: Table, keys: Sequence[Mapping[str, str]], sleep: Callable[[float], None] = time.sleep
+) -> list[dict[str, Any]]:
+    """The items of ``keys``, 100 per ``BatchGetItem``. Throttled keys come back unprocessed: they are
+    asked again after a backoff (0.05 s doubling), 8 requests per 100 keys at most."""
+    items: list[dict[str, Any]] = []
+    for start in range(0, len(keys), 100):
+        items.extend(_batch_get_chunk(table, keys[start : start + 100], sleep))
+    return items
+
+
+def _batch_get_chunk(
+    table: Table, keys: Sequence[Mapping[str, str]], sleep: Callable[[float], None]
+) -> list[dict[str, Any]]:
+    client = table.meta.client
+    items: list[dict[str, Any]] = []
+    request: dict[str, Any] = {table.name: {"Keys": list(keys)}}
+
+    def attempt(_: int) -> list[dict[str, Any]]:
+        nonlocal request
+        response = client.batch_get_item(RequestItems=request)
+        # The resource's client (de)serialises DynamoDB types itself: items come back plain.
+        items.extend(response.get("Responses", {}).get(table.name, []))
+        request = dict(response.get("UnprocessedKeys") or {})
+        if request:
+            raise Transient("unprocessed keys")
+        return items
+
+    return call_with_retries(
+        attempt,
+        attempts=8,
+        wait=exponential(0.05),
+        sleep=sleep,
+        exhausted=lambda _: RuntimeError("DynamoDB kept keys unprocessed"),
+        wait_after_last=True,
+    )
+
+
 class DynamoStore:
     def __init__(self, table: Table) -> None:
         self._table = table
@@ -172,21 +211,7 @@ class DynamoStore:
         return states
 
     def _batch_get(self, keys: Sequence[dict[str, str]]) -> list[dict[str, Any]]:
-        resource = self._table.meta.client
-        items: list[dict[str, Any]] = []
-        for start in range(0, len(keys), 100):
-            request: dict[str, Any] = {self._table.name: {"Keys": list(keys[start : start + 100])}}
-            for attempt in range(8):
-                response = resource.batch_get_item(RequestItems=request)
-                # The resource's client (de)serialises DynamoDB types itself: items come back plain.
-                items.extend(response.get("Responses", {}).get(self._table.name, []))
-                request = dict(response.get("UnprocessedKeys") or {})
-                if not request:
-                    break
-                time.sleep(0.05 * 2**attempt)  # throttled keys come back unprocessed: back off
-            else:
-                raise RuntimeError("DynamoDB kept keys unprocessed")
-        return items
+        return batch_get(self._table, keys)
 
     def _load_patient(self, patient_id: str) -> PatientState:
         state = PatientState(patient_id=patient_id)

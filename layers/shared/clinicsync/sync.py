@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from clinicsync.adapters.mailchimp import MailchimpAudience
+from clinicsync.adapters.retrying import exponential, poll
 from clinicsync.backfill import BackfillCheckpoint, BackfillState
 from clinicsync.config import ClinicConfig
 from clinicsync.consent import (
@@ -20,11 +21,11 @@ from clinicsync.consent import (
     ConsentLedger,
     CrmContactReader,
     audience_member,
-    email_subject,
     ledger_digest,
     note_accepted_members,
 )
 from clinicsync.crypto import KeyedHasher
+from clinicsync.keys import contact_intent, deal_intent, email_subject, patient_subject
 from clinicsync.models import Channel, CrmObservation, PatientChanges, SyncMessage
 from clinicsync.observability import logger
 from clinicsync.ports import (
@@ -86,10 +87,6 @@ class SyncReport:
     audience_members: int = 0
 
 
-def _mis_subject(patient_id: str) -> str:
-    return f"pat:{patient_id}"
-
-
 class Syncer:
     def __init__(
         self,
@@ -137,21 +134,25 @@ class Syncer:
 
     def _claim(self, patient_ids: list[str], owner: str) -> set[str]:
         claimed: set[str] = set()
-        delay, waited = 0.1, 0.0
-        while True:
+
+        def claim_pending() -> set[str]:
             pending = [pid for pid in patient_ids if pid not in claimed]
             if pending:
                 try:
-                    claimed |= self._store.claim_patients(pending, owner, int(time.time()), CLAIM_SECONDS)
+                    claimed.update(self._store.claim_patients(pending, owner, int(time.time()), CLAIM_SECONDS))
                 except Exception:
                     if claimed:  # ours from an earlier round: they must not stay held for CLAIM_SECONDS
                         self._store.release_claims(sorted(claimed))
                     raise
-            if len(claimed) == len(patient_ids) or waited >= self._claim_wait:
-                return claimed
-            self._sleep(delay)
-            waited += delay
-            delay = min(delay * 2, 1.0)
+            return claimed
+
+        return poll(
+            claim_pending,
+            until=lambda held: len(held) == len(patient_ids),
+            wait=exponential(0.1, cap=1.0),
+            sleep=self._sleep,
+            stop=lambda waited: waited >= self._claim_wait,
+        )
 
     def _sync(
         self, changes: Sequence[PatientChanges], observations: Sequence[CrmObservation], busy: dict[str, str]
@@ -274,7 +275,7 @@ class Syncer:
             return CrmMatches()
         since = None
         if self._gateway.lookups_need_intents:
-            keys = [f"P#{p}" for p in unknown_patients] + [f"A#{a}" for a in unknown_appointments]
+            keys = [contact_intent(p) for p in unknown_patients] + [deal_intent(a) for a in unknown_appointments]
             intents = self._store.load_intents(keys) if keys else {}
             since = min(intents.values()) if intents else None
         return self._gateway.find(unknown_patients, unknown_appointments, phones, changed_contacts, since)
@@ -283,8 +284,8 @@ class Syncer:
         """Before any create is sent, note it; a lost response is then found by MIS id on the retry."""
         if not self._gateway.lookups_need_intents:
             return []
-        keys = [f"P#{w.patient_id}" for w in writes if isinstance(w, ContactWrite) and w.contact_id is None]
-        keys += [f"A#{w.appointment_id}" for w in writes if isinstance(w, DealWrite) and w.deal_id is None]
+        keys = [contact_intent(w.patient_id) for w in writes if isinstance(w, ContactWrite) and w.contact_id is None]
+        keys += [deal_intent(w.appointment_id) for w in writes if isinstance(w, DealWrite) and w.deal_id is None]
         if keys:
             self._store.write_intents(keys, int(time.time()))
         return keys
@@ -348,7 +349,7 @@ class Syncer:
         whatever the MIS says later. An address unsubscribed before we knew whose it was
         (``email:<HMAC>``) counts for the patient who has it now."""
         now = int(time.time())
-        subjects = {item.patient.mis_id: _mis_subject(item.patient.mis_id) for item in live}
+        subjects = {item.patient.mis_id: patient_subject(item.patient.mis_id) for item in live}
         by_email = {
             item.patient.mis_id: email_subject(self._hasher.email_key(item.patient.email))
             for item in live
@@ -419,7 +420,7 @@ class Syncer:
                 continue
             for write in plan.writes:
                 if isinstance(write, ContactWrite) and set(write.fields.get("opt_outs") or ()) == own:
-                    done[_mis_subject(plan.patient_id)] = ledger_digest(sorted(own))
+                    done[patient_subject(plan.patient_id)] = ledger_digest(sorted(own))
         if done:
             self._store.mark_outputs("crm", done)  # one request per 100 patients, not one each
 
@@ -450,11 +451,11 @@ class Syncer:
         if not wanted:
             return
         # The person's members so far: an address Mailchimp moved is never re-created (one member each).
-        books = self._store.mailchimp_members_many([_mis_subject(pid) for pid, *_ in wanted])
+        books = self._store.mailchimp_members_many([patient_subject(pid) for pid, *_ in wanted])
         members: dict[str, AudienceMember] = {}
         digests: dict[str, str] = {}
         for pid, email, merges, digest in wanted:
-            member = audience_member(pid, email, merges, books[_mis_subject(pid)])
+            member = audience_member(pid, email, merges, books[patient_subject(pid)])
             if member is not None:
                 members[pid] = member
                 digests[pid] = digest
@@ -465,7 +466,7 @@ class Syncer:
         except Exception as exc:  # Mailchimp down: the CRM side is done, members go next time
             logger.warning("mailchimp audience sync failed", extra={"error": type(exc).__name__})
             accepted = set()
-        note_accepted_members(self._store, {_mis_subject(pid): members[pid] for pid in accepted if pid in members})
+        note_accepted_members(self._store, {patient_subject(pid): members[pid] for pid in accepted if pid in members})
         for plan in plans:
             if plan.patient_id in accepted and plan.next_state is not None:
                 plan.next_state.audience_hash = digests[plan.patient_id]
@@ -529,9 +530,9 @@ def _settled_intents(intents: Sequence[str], writes: Sequence[CrmWrite], outcome
     A patient who failed is retried from an unknown state, so the creates that did land for them must
     stay findable by MIS id: their intents are kept (the chaos suite found the duplicate otherwise)."""
     done = {w.patient_id for w in writes if w.patient_id not in outcome.failed}
-    created = {f"P#{pid}" for pid in outcome.contact_ids if pid in done}
+    created = {contact_intent(pid) for pid in outcome.contact_ids if pid in done}
     created |= {
-        f"A#{w.appointment_id}"
+        deal_intent(w.appointment_id)
         for w in writes
         if isinstance(w, DealWrite) and w.appointment_id in outcome.deal_ids and w.patient_id in done
     }
@@ -674,7 +675,7 @@ class Poller:
         # A Mailchimp event names an address: the ledger must find the patient behind it.
         self._store.index_emails(
             [
-                (self._hasher.email_key(c.patient.email), f"pat:{c.patient.mis_id}")
+                (self._hasher.email_key(c.patient.email), patient_subject(c.patient.mis_id))
                 for c in page.changes
                 if c.patient.email
             ]

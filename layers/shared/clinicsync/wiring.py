@@ -187,7 +187,7 @@ def lis_source(config: ClinicConfig) -> LisSource:
 @functools.cache
 def _vtiger_client(secret_arn: str, rate: float, burst: int) -> VtigerClient:
     """One client per container: its session survives warm invocations (renewed when vTiger expires it)."""
-    from clinicsync.adapters.bitrix24 import Pacer
+    from clinicsync.adapters.pacing import Pacer
     from clinicsync.adapters.vtiger import VtigerClient
 
     creds = secret(secret_arn)
@@ -326,8 +326,10 @@ def _bitrix_client(secret_arn: str, rate: float, burst: int, shared_budget: bool
     The pacer is a leaky bucket in DynamoDB shared by every concurrent syncer, keyed by the portal,
     so together they stay under the portal's 2 req/s; ``shared_budget: false`` paces in-process.
     """
-    from clinicsync.adapters.bitrix24 import Bitrix24Client, Pacer, portal_budget_key
-    from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth, SecretsManagerTokenStore, lease_lock
+    from clinicsync.adapters.bitrix24 import Bitrix24Client, portal_budget_key
+    from clinicsync.adapters.bitrix24_oauth import BITRIX24, Bitrix24OAuth
+    from clinicsync.adapters.pacing import Pacer
+    from clinicsync.oauth import SecretsManagerTokenStore, lease_lock
 
     creds = secret(secret_arn)
     table = dynamodb().Table(settings().table_name)
@@ -337,8 +339,8 @@ def _bitrix_client(secret_arn: str, rate: float, burst: int, shared_budget: bool
     if creds.get("webhook_url"):
         return Bitrix24Client(str(creds["webhook_url"]), http=http_client(), pacer=pacer)
     # An OAuth app: tokens live in the same secret, are rotated there, and refreshed under a lease.
-    tokens = SecretsManagerTokenStore(boto3.client("secretsmanager"), secret_arn)
-    oauth = Bitrix24OAuth(tokens, http_client(), lock=lease_lock(store()))
+    tokens = SecretsManagerTokenStore(boto3.client("secretsmanager"), secret_arn, BITRIX24)
+    oauth = Bitrix24OAuth(tokens, http_client(), lock=lease_lock(store(), BITRIX24))
     return Bitrix24Client(http=http_client(), pacer=pacer, oauth=oauth, user_id=str(creds.get("user_id", "")))
 
 
@@ -348,16 +350,17 @@ def _amocrm_client(secret_arn: str, rate: float, burst: int, shared_budget: bool
     rps per integration; we run at the configured budget, 6 by default); a 403 opens a breaker that
     every container honours; tokens rotate in the secret under a lease, or a long-lived token is used."""
     from clinicsync.adapters.amocrm import AmoCrmClient, StoreCircuitBreaker
-    from clinicsync.adapters.amocrm_oauth import AmoCrmOAuth, lease_lock
-    from clinicsync.adapters.amocrm_oauth import SecretsManagerTokenStore as AmoCrmTokenStore
-    from clinicsync.adapters.bitrix24 import Pacer
+    from clinicsync.adapters.amocrm_oauth import AMOCRM, AmoCrmOAuth
+    from clinicsync.adapters.pacing import Pacer
 
     creds = secret(secret_arn)
     table = dynamodb().Table(settings().table_name)
     key = f"amocrm:{creds.get('account_id') or creds.get('base_url') or 'account'}"
     pacer: RequestPacer = SharedLeakyBucket(table, key, rate, burst) if shared_budget else Pacer(rate, burst)
-    tokens = AmoCrmTokenStore(boto3.client("secretsmanager"), secret_arn)
-    auth = AmoCrmOAuth(tokens, http_client(), lock=lease_lock(store()))
+    from clinicsync.oauth import SecretsManagerTokenStore, lease_lock
+
+    tokens = SecretsManagerTokenStore(boto3.client("secretsmanager"), secret_arn, AMOCRM)
+    auth = AmoCrmOAuth(tokens, http_client(), lock=lease_lock(store(), AMOCRM))
     return AmoCrmClient(auth, http_client(), pacer, StoreCircuitBreaker(table, key))
 
 
@@ -378,15 +381,9 @@ def crm_gateway(config: ClinicConfig) -> CrmGateway:
 
 @functools.cache
 def _verified(config_text: str) -> ClinicConfig:
-    """Stages are checked against the CRM once per container and config version; the CRM's won and
-    lost stages count as closed, whatever the config lists."""
+    """Stages are checked against the CRM once per container and config version."""
     config = _parse_config(config_text)
-    closed = crm_gateway(config).verify_pipelines(config.crm.pipelines)
-    pipelines = {
-        name: p.model_copy(update={"closed_stages": p.closed_stages | closed})
-        for name, p in config.crm.pipelines.items()
-    }
-    return config.model_copy(update={"crm": config.crm.model_copy(update={"pipelines": pipelines})})
+    return config.with_crm_closed_stages(crm_gateway(config).verify_pipelines(config.crm.pipelines))
 
 
 def syncer() -> Syncer:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import httpx
 from aws_lambda_powertools.metrics import MetricUnit
 
+from clinicsync.adapters.retrying import Replay, Transient, call_with_retries
 from clinicsync.budget import BudgetTimeout, RequestPacer
 from clinicsync.oauth import OAuthError
 from clinicsync.observability import logger, metrics
@@ -161,7 +162,9 @@ class AmoCrmClient:
         """One API call; returns the decoded JSON, or None for 204 (amoCRM's "no results")."""
         writes = method not in READ_METHODS
         refreshed = False
-        for attempt in range(1, self._max_attempts + 1):
+
+        def attempt(number: int) -> Any:
+            nonlocal refreshed
             if self._breaker.is_open():
                 raise AmoCrmBlocked("the amoCRM circuit is open after a 403; see the runbook")
             try:
@@ -179,13 +182,11 @@ class AmoCrmClient:
                     headers={"Authorization": f"Bearer {token}"},
                 )
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                self._wait(method, path, type(exc).__name__, attempt)
-                continue
+                raise self._transient(method, path, type(exc).__name__, number) from None
             except httpx.HTTPError as exc:
                 if writes:
                     raise AmoCrmOutcomeUnknown(f"{method} {path}") from exc
-                self._wait(method, path, type(exc).__name__, attempt)
-                continue
+                raise self._transient(method, path, type(exc).__name__, number) from None
             status = response.status_code
             if status == 204:
                 return None
@@ -199,22 +200,28 @@ class AmoCrmClient:
                         raise self._blocked("POST /oauth2/access_token (token refresh)") from exc
                     raise
                 refreshed = True
-                continue
+                raise Replay
             if status == 429:
                 # HTML body, no Retry-After: back off with jitter and let the shared bucket cool down.
                 self.throttled += 1
                 self._pacer.penalise()
-                self._wait(method, path, "429", attempt)
-                continue
+                raise self._transient(method, path, "429", number)
             if status == 403:
                 raise self._blocked(f"{method} {path}")
             if status >= 500:
                 if writes:
                     raise AmoCrmOutcomeUnknown(f"{method} {path}: HTTP {status}")
-                self._wait(method, path, str(status), attempt)
-                continue
+                raise self._transient(method, path, str(status), number)
             raise self._refused(response)
-        raise AmoCrmUnavailable(f"{method} {path}: retries exhausted")
+
+        return call_with_retries(
+            attempt,
+            attempts=self._max_attempts,
+            wait=self._backoff_with_jitter,
+            sleep=self._sleep,
+            exhausted=lambda _: AmoCrmUnavailable(f"{method} {path}: retries exhausted"),
+            wait_after_last=True,
+        )
 
     def rows(
         self, path: str, key: str, params: Sequence[tuple[str, Any]] = (), *, first_page: int = 1
@@ -317,9 +324,13 @@ class AmoCrmClient:
         logger.error("amoCRM blocked the integration; circuit opened", extra={"where": where})
         return AmoCrmBlocked(f"{reason}; calls stop for the breaker's cool-down (see the runbook)")
 
-    def _wait(self, method: str, path: str, reason: str, attempt: int) -> None:
+    @staticmethod
+    def _transient(method: str, path: str, reason: str, attempt: int) -> Transient:
         logger.warning("amocrm retry", extra={"method": method, "path": path, "reason": reason, "attempt": attempt})
-        self._sleep(self._backoff * 2 ** (attempt - 1) * (0.5 + random.random() / 2))  # noqa: S311 - jitter
+        return Transient(reason)
+
+    def _backoff_with_jitter(self, attempt: int) -> float:
+        return self._backoff * 2.0 ** (attempt - 1) * (0.5 + random.random() / 2)  # noqa: S311 - jitter
 
     @staticmethod
     def _refused(response: httpx.Response) -> AmoCrmError:

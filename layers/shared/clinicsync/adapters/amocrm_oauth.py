@@ -26,15 +26,13 @@ import base64
 import json
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from clinicsync import oauth
 from clinicsync.adapters.amocrm import ACCOUNT_BLOCKED
 from clinicsync.oauth import (
-    LeaseStore,
     LockFactory,
     OAuthError,
     OAuthSession,
@@ -47,18 +45,13 @@ from clinicsync.oauth import (
 )
 from clinicsync.observability import logger
 
-if TYPE_CHECKING:
-    from mypy_boto3_secretsmanager import SecretsManagerClient
-
 __all__ = [
     "ROTATED_KEYS",
     "AmoCrmAuthError",
     "AmoCrmOAuth",
     "AmoCrmTokens",
     "AmoCrmVendor",
-    "SecretsManagerTokenStore",
     "jwt_expiry",
-    "lease_lock",
     "parse_tokens",
 ]
 
@@ -240,27 +233,6 @@ def _long_lived_rejected() -> OAuthError:
 
 
 AMOCRM = AmoCrmVendor()
-
-
-class SecretsManagerTokenStore(oauth.SecretsManagerTokenStore[AmoCrmTokens]):
-    """The clinic's CRM secret holding amoCRM tokens; a save rewrites only :data:`ROTATED_KEYS`."""
-
-    def __init__(self, client: SecretsManagerClient, secret_id: str) -> None:
-        super().__init__(client, secret_id, AMOCRM)
-
-
-def lease_lock(
-    store: LeaseStore,
-    name: str = "amocrm-oauth",
-    *,
-    owner: str | None = None,
-    seconds: int = 60,
-    timeout: float = 30.0,
-    clock: Callable[[], float] = time.time,
-    sleep: Callable[[float], None] = time.sleep,
-) -> LockFactory:
-    """:func:`clinicsync.oauth.lease_lock` on the lease ``amocrm-oauth``."""
-    return oauth.lease_lock(store, name, owner=owner, seconds=seconds, timeout=timeout, clock=clock, sleep=sleep)
 
 
 class AmoCrmOAuth(OAuthSession[AmoCrmTokens]):

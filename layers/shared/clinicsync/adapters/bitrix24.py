@@ -6,7 +6,6 @@ The gateway never decides anything: it turns the domain's ContactWrite/DealWrite
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth
+from clinicsync.adapters.pacing import Pacer
+from clinicsync.adapters.retrying import Replay, Transient, call_with_retries, exponential
 from clinicsync.budget import BudgetTimeout, RequestPacer
 from clinicsync.observability import logger
 from clinicsync.ports import CrmPaused, CrmUnavailable
@@ -132,47 +133,6 @@ def _as_dict(value: Any) -> dict[str, Any]:
     return {}
 
 
-class Pacer:
-    """Mirrors the portal's leaky bucket locally: each request adds 1, the level drains at ``rate``/s.
-
-    Requests go out at once while the level is under ``burst`` and are spaced at 1/rate beyond it,
-    so a burst of work uses the bucket's headroom and steady state never meets a 503.
-    """
-
-    def __init__(
-        self,
-        rate: float = 2.0,
-        burst: int = 40,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self._rate = rate
-        self._burst = burst
-        self._clock = clock
-        self._sleep = sleep
-        self._level = 0.0
-        self._at = clock()
-        self._lock = threading.Lock()
-
-    def wait(self) -> None:
-        with self._lock:
-            now = self._clock()
-            self._level = max(0.0, self._level - (now - self._at) * self._rate)
-            self._at = now
-            excess = self._level + 1 - self._burst
-            if excess > 0:
-                delay = excess / self._rate
-                self._sleep(delay)
-                self._level = max(0.0, self._level - delay * self._rate)
-                self._at = now + delay
-            self._level += 1
-
-    def penalise(self) -> None:
-        """The portal said 503: assume its bucket is full and let it drain before the next call."""
-        with self._lock:
-            self._level = float(self._burst)
-
-
 class Bitrix24Client:
     """One httpx client per process, shared by every caller; retries limits, 5xx and timeouts."""
 
@@ -231,7 +191,9 @@ class Bitrix24Client:
         methods = _methods_of(method, params)
         self._refuse_paused(methods)
         refreshed = False
-        for attempt in range(1, self._max_attempts + 1):
+
+        def attempt(number: int) -> dict[str, Any]:
+            nonlocal refreshed
             try:
                 self._pacer.wait()
             except BudgetTimeout as exc:
@@ -241,13 +203,11 @@ class Bitrix24Client:
             try:
                 response = self._http.post(url, json=body_params)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                self._retry_later(method, type(exc).__name__, attempt)
-                continue
+                raise self._transient(method, type(exc).__name__, number) from None
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 if writes:
                     raise Bitrix24OutcomeUnknown(method) from exc
-                self._retry_later(method, type(exc).__name__, attempt)
-                continue
+                raise self._transient(method, type(exc).__name__, number) from None
             body = self._json(response)
             if response.status_code == 200 and body is not None and "error" not in body:
                 return body
@@ -258,7 +218,7 @@ class Bitrix24Client:
                 # Refresh once and replay; the new refresh token replaces the old one before first use.
                 self._oauth.refresh(token)
                 refreshed = True
-                continue
+                raise Replay
             if code == "OPERATION_TIME_LIMIT":
                 reset = _operating_reset(body)
                 self.note_blocked(method, {"error": code}, reset)
@@ -268,15 +228,21 @@ class Bitrix24Client:
                 self.throttled += 1
                 if code == "QUERY_LIMIT_EXCEEDED":
                     self._pacer.penalise()
-                self._retry_later(method, code, attempt)
-                continue
+                raise self._transient(method, code, number)
             if response.status_code >= 500 or body is None:
                 if writes:
                     raise Bitrix24OutcomeUnknown(method)
-                self._retry_later(method, code, attempt)
-                continue
+                raise self._transient(method, code, number)
             raise Bitrix24Error(code, str((body or {}).get("error_description", "")), response.status_code)
-        raise Bitrix24Unavailable(f"{method}: retries exhausted")
+
+        return call_with_retries(
+            attempt,
+            attempts=self._max_attempts,
+            wait=exponential(self._backoff),
+            sleep=self._sleep,
+            exhausted=lambda _: Bitrix24Unavailable(f"{method}: retries exhausted"),
+            wait_after_last=True,
+        )
 
     def _refuse_paused(self, methods: list[str]) -> None:
         for name in methods:
@@ -302,9 +268,10 @@ class Bitrix24Client:
         body["auth"] = token  # in the body, never the URL: URLs end up in access logs
         return f"{self._oauth.client_endpoint()}{method}.json", body, token
 
-    def _retry_later(self, method: str, reason: str, attempt: int) -> None:
+    @staticmethod
+    def _transient(method: str, reason: str, attempt: int) -> Transient:
         logger.warning("bitrix24 retry", extra={"method": method, "reason": reason, "attempt": attempt})
-        self._sleep(self._backoff * 2 ** (attempt - 1))
+        return Transient(reason)
 
     @staticmethod
     def _json(response: httpx.Response) -> dict[str, Any] | None:

@@ -10,15 +10,16 @@ this module is the Bitrix24 part of it:
 * the grant: ``GET {oauth server}/oauth/token/?grant_type=refresh_token&client_id=…&client_secret=…
   &refresh_token=…`` (the secrets travel in the query string; the ``httpx`` log filter installed by
   :mod:`clinicsync.oauth` masks them);
-* the names the Bitrix24 client and the wiring use (``Bitrix24OAuth``, ``SecretsManagerTokenStore``,
-  ``lease_lock``, ``Bitrix24AuthError`` = :class:`clinicsync.oauth.OAuthError`).
+* the names the Bitrix24 client and the wiring use (``Bitrix24OAuth``, the strategy ``BITRIX24`` that
+  parametrises :class:`clinicsync.oauth.SecretsManagerTokenStore` and :func:`clinicsync.oauth.lease_lock`,
+  ``Bitrix24AuthError`` = :class:`clinicsync.oauth.OAuthError`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -26,7 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from clinicsync import oauth
 from clinicsync.oauth import (
-    LeaseStore,
     LockFactory,
     OAuthError,
     OAuthSession,
@@ -39,9 +39,6 @@ from clinicsync.oauth import (
     send_token_request,
 )
 
-if TYPE_CHECKING:
-    from mypy_boto3_secretsmanager import SecretsManagerClient
-
 __all__ = [
     "DEFAULT_SERVER_ENDPOINT",
     "ROTATED_KEYS",
@@ -50,11 +47,8 @@ __all__ = [
     "Bitrix24OAuth",
     "Bitrix24Tokens",
     "Bitrix24Vendor",
-    "LeaseStore",
     "LockFactory",
-    "SecretsManagerTokenStore",
     "TokenStore",
-    "lease_lock",
     "parse_tokens",
     "redact_url",
 ]
@@ -145,27 +139,6 @@ class Bitrix24Vendor:
 
 
 BITRIX24 = Bitrix24Vendor()
-
-
-class SecretsManagerTokenStore(oauth.SecretsManagerTokenStore[Bitrix24Tokens]):
-    """The clinic's CRM secret holding Bitrix24 tokens; a save rewrites only :data:`ROTATED_KEYS`."""
-
-    def __init__(self, client: SecretsManagerClient, secret_id: str) -> None:
-        super().__init__(client, secret_id, BITRIX24)
-
-
-def lease_lock(
-    store: LeaseStore,
-    name: str = "bitrix24-oauth",
-    *,
-    owner: str | None = None,
-    seconds: int = 60,
-    timeout: float = 30.0,
-    clock: Callable[[], float] = time.time,
-    sleep: Callable[[float], None] = time.sleep,
-) -> LockFactory:
-    """:func:`clinicsync.oauth.lease_lock` on the lease ``bitrix24-oauth``."""
-    return oauth.lease_lock(store, name, owner=owner, seconds=seconds, timeout=timeout, clock=clock, sleep=sleep)
 
 
 class Bitrix24OAuth(OAuthSession[Bitrix24Tokens]):

@@ -68,6 +68,7 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import ParseError
 from defusedxml.ElementTree import fromstring as _defused_fromstring
 
+from clinicsync.adapters.retrying import Transient, call_with_retries, exponential
 from clinicsync.config import ClinicConfig
 from clinicsync.dates import parse_mis_date, parse_mis_datetime
 from clinicsync.emails import normalise_email
@@ -320,22 +321,27 @@ class InfoClinicaApi:
         headers = {"Content-Type": "text/xml; charset=utf-8", "Accept": "text/xml"}
         if self._clinic_host:
             headers["X-Forwarded-Host"] = self._clinic_host
-        failure = "no attempt"
-        for attempt in range(1, self._max_attempts + 1):
+
+        def attempt(_: int) -> Element:
             self.requests += 1
             try:
                 response = self._http.post(self._url, content=payload, headers=headers)
             except httpx.TransportError as exc:
                 failure = type(exc).__name__
                 logger.warning("infoclinica transport error", extra={"method": method, "error": failure})
-            else:
-                if response.status_code < 500 and response.status_code != 429:
-                    return self._read(method, message_id, response)
-                failure = f"HTTP {response.status_code}"
-                logger.warning("infoclinica server error", extra={"method": method, "status": response.status_code})
-            if attempt < self._max_attempts:
-                self._sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
-        raise InfoClinicaError(f"{method}: retries exhausted ({failure})")
+                raise Transient(failure) from None
+            if response.status_code < 500 and response.status_code != 429:
+                return self._read(method, message_id, response)
+            logger.warning("infoclinica server error", extra={"method": method, "status": response.status_code})
+            raise Transient(f"HTTP {response.status_code}")
+
+        return call_with_retries(
+            attempt,
+            attempts=self._max_attempts,
+            wait=exponential(0.5, cap=8.0),
+            sleep=self._sleep,
+            exhausted=lambda failure: InfoClinicaError(f"{method}: retries exhausted ({failure})"),
+        )
 
     @staticmethod
     def _read(method: str, message_id: str, response: httpx.Response) -> Element:

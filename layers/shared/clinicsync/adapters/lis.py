@@ -20,6 +20,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from clinicsync.adapters.retrying import Transient, call_with_retries, exponential
 from clinicsync.directory import DirectoryPage, DirectoryRecord, Kind, normalise, parse_directory_key
 from clinicsync.observability import logger
 from clinicsync.ports import ChangePage, Cursor
@@ -99,28 +100,37 @@ class LisApi:
 
     def call(self, method: str, path: str, params: Mapping[str, Any] | None = None, body: Any = None) -> Any:
         """JSON answer; 429/5xx and transport errors retried (PATCH writes absolute values: safe to repeat)."""
-        for attempt in range(self._attempts):
+
+        def attempt(number: int) -> Any:
             self.requests += 1
             try:
                 response = self._http.request(
                     method, self._root + path, params=params, json=body, headers=self._headers
                 )
-            except httpx.TransportError:
-                logger.warning("lis transport error", extra={"attempt": attempt})
-            else:
-                if response.status_code not in RETRY_STATUSES:
-                    if response.status_code >= 400:
-                        try:
-                            code = str(response.json().get("error", "error"))[:64]
-                        except ValueError:
-                            code = "error"
-                        raise LisError(response.status_code, code)
-                    try:
-                        return response.json()
-                    except ValueError as exc:
-                        raise LisError(response.status_code, "not_json") from exc
-            self._sleep(min(4.0, 0.5 * 2**attempt))
-        raise LisError(503, "retries_exhausted")
+            except httpx.TransportError as exc:
+                logger.warning("lis transport error", extra={"attempt": number - 1})
+                raise Transient(type(exc).__name__) from None
+            if response.status_code in RETRY_STATUSES:
+                raise Transient(f"HTTP {response.status_code}")
+            if response.status_code >= 400:
+                try:
+                    code = str(response.json().get("error", "error"))[:64]
+                except ValueError:
+                    code = "error"
+                raise LisError(response.status_code, code)
+            try:
+                return response.json()
+            except ValueError as exc:
+                raise LisError(response.status_code, "not_json") from exc
+
+        return call_with_retries(
+            attempt,
+            attempts=self._attempts,
+            wait=exponential(0.5, cap=4.0),
+            sleep=self._sleep,
+            exhausted=lambda _: LisError(503, "retries_exhausted"),
+            wait_after_last=True,
+        )
 
 
 def to_record(kind: Kind, raw: Any, region: str) -> DirectoryRecord:

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from clinicsync.adapters.retrying import Transient, call_with_retries, exponential, poll
 from clinicsync.consent import AudienceMember, subscriber_hash
 from clinicsync.observability import logger
 
@@ -62,7 +63,8 @@ class MailchimpClient:
 
     def call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> tuple[int, Any]:
         """(status, JSON body). 429 and 5xx are retried with backoff; 4xx come back to the caller."""
-        for attempt in range(self._attempts):
+
+        def attempt(_: int) -> tuple[int, Any]:
             self.requests += 1
             try:
                 response = self._http.request(method, self._root + path, json=body, auth=self._auth)
@@ -70,12 +72,20 @@ class MailchimpClient:
                 if method == "POST" and path == "/batches":
                     raise MailchimpError(0, "batch outcome unknown") from exc  # never submit a batch twice
                 logger.warning("mailchimp transport error", extra={"error": type(exc).__name__})
-            else:
-                if response.status_code not in RETRY_STATUSES:
-                    return response.status_code, response.json() if response.content else None
+                raise Transient(type(exc).__name__) from None
+            if response.status_code in RETRY_STATUSES:
                 logger.warning("mailchimp busy", extra={"status": response.status_code})
-            self._sleep(min(8.0, 0.5 * 2**attempt))
-        raise MailchimpError(503, "retries exhausted")
+                raise Transient(f"HTTP {response.status_code}")
+            return response.status_code, response.json() if response.content else None
+
+        return call_with_retries(
+            attempt,
+            attempts=self._attempts,
+            wait=exponential(0.5, cap=8.0),
+            sleep=self._sleep,
+            exhausted=lambda _: MailchimpError(503, "retries exhausted"),
+            wait_after_last=True,
+        )
 
     def download(self, url: str) -> bytes:
         self.requests += 1
@@ -149,18 +159,23 @@ class MailchimpAudience:
 
     def _results(self, batch_id: str) -> set[str]:
         deadline = time.monotonic() + self._wait
-        delay = 0.2
-        while True:
+
+        def batch() -> dict[str, Any]:
             status, body = self._client.call("GET", f"/batches/{batch_id}")
             if status >= 400 or not isinstance(body, dict):
                 raise MailchimpError(status, "batch status unavailable")
-            if body.get("status") == "finished":
-                break
-            if time.monotonic() > deadline:
-                logger.info("mailchimp batch still running; members are retried on their next sync")
-                return set()
-            self._sleep(delay)
-            delay = min(2.0, delay * 2)
+            return body
+
+        body = poll(
+            batch,
+            until=lambda answer: answer.get("status") == "finished",
+            wait=exponential(0.2, cap=2.0),
+            sleep=self._sleep,
+            stop=lambda _: time.monotonic() > deadline,
+        )
+        if body.get("status") != "finished":
+            logger.info("mailchimp batch still running; members are retried on their next sync")
+            return set()
         url = body.get("response_body_url")
         if not url:
             return set()

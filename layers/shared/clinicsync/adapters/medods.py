@@ -19,6 +19,7 @@ import httpx
 import jwt
 from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, ValidationError
 
+from clinicsync.adapters.retrying import Transient, call_with_retries, exponential
 from clinicsync.config import ClinicConfig
 from clinicsync.dates import parse_mis_datetime
 from clinicsync.emails import normalise_email
@@ -124,42 +125,46 @@ class MedodsApi:
         return jwt.encode(payload, self._secret, algorithm="HS512")
 
     def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
-        for attempt in range(1, self._max_attempts + 1):
-            self.requests += 1
-            headers = {"Authorization": f"Bearer {self._token()}"}
-            try:
-                response = self._http.get(self._base + path, params=params, headers=headers)
-            except (httpx.TimeoutException, httpx.TransportError) as exc:
-                logger.warning("medods transport error", extra={"path": path, "error": type(exc).__name__})
-            else:
-                if response.status_code < 500:
-                    if response.status_code != 200:
-                        raise MedodsError(f"GET {path}: HTTP {response.status_code}")
-                    try:
-                        return response.json()
-                    except ValueError:  # an HTML error page, a cut-off body, not UTF-8
-                        raise MedodsError(f"GET {path}: the answer is not JSON") from None
-                logger.warning("medods server error", extra={"path": path, "status": response.status_code})
-            self._sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
-        raise MedodsError(f"GET {path}: retries exhausted")
+        response = self._send("GET", path, params=params)
+        if response.status_code != 200:
+            raise MedodsError(f"GET {path}: HTTP {response.status_code}")
+        try:
+            return response.json()
+        except ValueError:  # an HTML error page, a cut-off body, not UTF-8
+            raise MedodsError(f"GET {path}: the answer is not JSON") from None
 
     def put(self, path: str, body: dict[str, Any]) -> Any:
         """An idempotent update (the same flags written twice change nothing), so it is retried too."""
-        for attempt in range(1, self._max_attempts + 1):
+        response = self._send("PUT", path, json=body)
+        if response.status_code != 200:
+            raise MedodsError(f"PUT {path}: HTTP {response.status_code}")
+        return response.json()
+
+    def _send(self, method: str, path: str, **request: Any) -> httpx.Response:
+        """The first answer under 500; transport errors and 5xx are retried (reads, idempotent writes)."""
+
+        def attempt(_: int) -> httpx.Response:
             self.requests += 1
             headers = {"Authorization": f"Bearer {self._token()}"}
             try:
-                response = self._http.put(self._base + path, json=body, headers=headers)
+                send = self._http.get if method == "GET" else self._http.put
+                response = send(self._base + path, headers=headers, **request)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 logger.warning("medods transport error", extra={"path": path, "error": type(exc).__name__})
-            else:
-                if response.status_code < 500:
-                    if response.status_code != 200:
-                        raise MedodsError(f"PUT {path}: HTTP {response.status_code}")
-                    return response.json()
-                logger.warning("medods server error", extra={"path": path, "status": response.status_code})
-            self._sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
-        raise MedodsError(f"PUT {path}: retries exhausted")
+                raise Transient(type(exc).__name__) from None
+            if response.status_code < 500:
+                return response
+            logger.warning("medods server error", extra={"path": path, "status": response.status_code})
+            raise Transient(f"HTTP {response.status_code}")
+
+        return call_with_retries(
+            attempt,
+            attempts=self._max_attempts,
+            wait=exponential(0.5, cap=8.0),
+            sleep=self._sleep,
+            exhausted=lambda _: MedodsError(f"{method} {path}: retries exhausted"),
+            wait_after_last=True,
+        )
 
     def pages(self, path: str, params: dict[str, Any], limit: int) -> Iterator[list[dict[str, Any]]]:
         offset = 0

@@ -56,6 +56,7 @@ from typing import Any
 
 import httpx
 
+from clinicsync.adapters.retrying import Transient, call_with_retries, exponential
 from clinicsync.config import ClinicConfig
 from clinicsync.dates import parse_mis_date, parse_mis_datetime
 from clinicsync.emails import normalise_email
@@ -142,22 +143,27 @@ class RenovatioApi:
 
     def call(self, method: str, **params: str | int) -> Any:
         form = {"api_key": self._key, **{k: str(v) for k, v in params.items()}}
-        failure = "no attempt"
-        for attempt in range(1, self._max_attempts + 1):
+
+        def attempt(_: int) -> Any:
             self.requests += 1
             try:
                 response = self._http.post(f"{self._base}/{method}", data=form)
             except httpx.TransportError as exc:
                 failure = type(exc).__name__
                 logger.warning("renovatio transport error", extra={"method": method, "error": failure})
-            else:
-                if response.status_code < 500 and response.status_code != 429:
-                    return self._unwrap(method, response)
-                failure = f"HTTP {response.status_code}"
-                logger.warning("renovatio server error", extra={"method": method, "status": response.status_code})
-            if attempt < self._max_attempts:
-                self._sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
-        raise RenovatioError(f"{method}: retries exhausted ({failure})")
+                raise Transient(failure) from None
+            if response.status_code < 500 and response.status_code != 429:
+                return self._unwrap(method, response)
+            logger.warning("renovatio server error", extra={"method": method, "status": response.status_code})
+            raise Transient(f"HTTP {response.status_code}")
+
+        return call_with_retries(
+            attempt,
+            attempts=self._max_attempts,
+            wait=exponential(0.5, cap=8.0),
+            sleep=self._sleep,
+            exhausted=lambda failure: RenovatioError(f"{method}: retries exhausted ({failure})"),
+        )
 
     @staticmethod
     def _unwrap(method: str, response: httpx.Response) -> Any:

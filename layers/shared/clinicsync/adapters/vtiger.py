@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from clinicsync.adapters.retrying import Transient, call_with_retries, exponential
 from clinicsync.budget import RequestPacer
 from clinicsync.config import DirectorySettings
 from clinicsync.directory import CrmRecord, CrmWriteSpec, Kind, normalise
@@ -86,7 +87,9 @@ class VtigerClient:
         return str(self._user_id)
 
     def _send(self, method: str, params: Mapping[str, str], retry_transport: bool) -> Any:
-        for attempt in range(self._attempts if retry_transport else 1):
+        attempts = self._attempts if retry_transport else 1
+
+        def attempt(number: int) -> Any:
             if self._pacer is not None:
                 self._pacer.wait()
             self.requests += 1
@@ -96,26 +99,33 @@ class VtigerClient:
                 else:
                     response = self._http.post(self._url, data=dict(params))
             except httpx.TransportError as exc:
-                if not retry_transport or attempt + 1 == self._attempts:
+                if number == attempts:  # the last one (the only one for a write) says what failed
                     raise VtigerError("TRANSPORT", type(exc).__name__) from exc
-                logger.warning("vtiger transport error", extra={"attempt": attempt})
-            else:
-                if response.status_code not in RETRY_STATUSES:
-                    try:
-                        body = response.json()
-                    except ValueError as exc:
-                        raise VtigerError("NOT_JSON", f"HTTP {response.status_code}") from exc
-                    if not isinstance(body, dict) or "success" not in body:
-                        raise VtigerError("BAD_ENVELOPE", f"HTTP {response.status_code}")
-                    if body["success"] is True:
-                        return body.get("result")
-                    raw_error = body.get("error")
-                    error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
-                    raise VtigerError(str(error.get("code", "UNKNOWN"))[:64], str(error.get("message", "")))
-                if not retry_transport or attempt + 1 == self._attempts:
+                logger.warning("vtiger transport error", extra={"attempt": number - 1})
+                raise Transient(type(exc).__name__) from None
+            if response.status_code in RETRY_STATUSES:
+                if number == attempts:
                     raise VtigerError("HTTP", str(response.status_code))
-            self._sleep(min(4.0, 0.5 * 2**attempt))
-        raise VtigerError("RETRIES_EXHAUSTED")
+                raise Transient(f"HTTP {response.status_code}")
+            try:
+                body = response.json()
+            except ValueError as exc:
+                raise VtigerError("NOT_JSON", f"HTTP {response.status_code}") from exc
+            if not isinstance(body, dict) or "success" not in body:
+                raise VtigerError("BAD_ENVELOPE", f"HTTP {response.status_code}")
+            if body["success"] is True:
+                return body.get("result")
+            raw_error = body.get("error")
+            error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
+            raise VtigerError(str(error.get("code", "UNKNOWN"))[:64], str(error.get("message", "")))
+
+        return call_with_retries(
+            attempt,
+            attempts=attempts,
+            wait=exponential(0.5, cap=4.0),
+            sleep=self._sleep,
+            exhausted=lambda _: VtigerError("RETRIES_EXHAUSTED"),
+        )
 
     def login(self) -> None:
         challenge = self._send("GET", {"operation": "getchallenge", "username": self._username}, True)

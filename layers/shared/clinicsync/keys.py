@@ -1,0 +1,37 @@
+"""Key formats that more than one module needs: built and parsed only here.
+
+Consent subjects name the person the ledger answers for: ``pat:<MIS id>`` for a known patient,
+``email:<HMAC>`` for an address we cannot tie to one. Create intents name a CRM record about to be
+created: ``P#<patient id>`` for a contact, ``A#<appointment id>`` for a deal.
+"""
+
+from __future__ import annotations
+
+_PATIENT = "pat:"
+_EMAIL = "email:"
+# What a consent job may name: a MIS id as the MIS spells it, or the hasher's 40 hex digits.
+SUBJECT_PATTERN = rf"^({_PATIENT}[A-Za-z0-9_.:-]{{1,64}}|{_EMAIL}[0-9a-f]{{40}})$"
+
+_CONTACT_INTENT = "P#"
+_DEAL_INTENT = "A#"
+
+
+def patient_subject(patient_id: str) -> str:
+    return f"{_PATIENT}{patient_id}"
+
+
+def email_subject(email_key: str) -> str:
+    return f"{_EMAIL}{email_key}"
+
+
+def subject_patient(subject: str) -> str | None:
+    """The MIS id a subject names, or None for an address-only subject."""
+    return subject.removeprefix(_PATIENT) if subject.startswith(_PATIENT) else None
+
+
+def contact_intent(patient_id: str) -> str:
+    return f"{_CONTACT_INTENT}{patient_id}"
+
+
+def deal_intent(appointment_id: str) -> str:
+    return f"{_DEAL_INTENT}{appointment_id}"

@@ -10,8 +10,8 @@ import httpx
 from rich.table import Table
 
 from clinicsync.adapters.bitrix24 import Bitrix24Client
-from clinicsync.connect import Credentials, bitrix24_client
-from clinicsync.discovery import create_bitrix24_fields, discover_crm
+from clinicsync_cli.connect import Credentials, bitrix24_client
+from clinicsync_cli.discovery import create_bitrix24_fields, discover_crm
 
 if TYPE_CHECKING:
     from sandbox.local import LocalClinic

@@ -351,8 +351,8 @@ class ChaosRun:
         runner = CliRunner()
         for queue in ("sync", "crm-events"):
             with env():
-                from clinicsync.dlq import dead_letters
                 from clinicsync_cli.app import app as cli
+                from clinicsync_cli.dlq import dead_letters
                 from clinicsync_cli.stack import StackHandle
 
                 handle = StackHandle.find(self.clinic.stack.stack_name)

@@ -18,13 +18,19 @@ from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
 from clinicsync.adapters.pacing import Pacer
 from clinicsync.config import FIELD_PRESETS, ClinicConfig, FieldMap, clinic_config_json_schema
 from clinicsync.crypto import KeyedHasher
-from clinicsync.discovery import MisDiscovery, check_fields, create_bitrix24_fields, discover_bitrix24, propose_config
 from clinicsync.fieldtypes import crm_value
 from clinicsync.models import AppointmentStatus as S
 from clinicsync.models import PatientChanges
 from clinicsync.ports import CrmMatches, DealWrite, PhoneCandidates
 from clinicsync.rules import Adoption, plan_patient
 from clinicsync.state import PatientState
+from clinicsync_cli.discovery import (
+    MisDiscovery,
+    check_fields,
+    create_bitrix24_fields,
+    discover_bitrix24,
+    propose_config,
+)
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
 from tests.helpers import T0, appointment, demo_config, patient

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from clinicsync.connect import Credentials, bitrix24_client
-from clinicsync.discovery import (
+from clinicsync.models import AppointmentStatus as S
+from clinicsync_cli.connect import Credentials, bitrix24_client
+from clinicsync_cli.discovery import (
     BITRIX24_EVENTS,
     CrmPipeline,
     Stage,
@@ -18,7 +19,6 @@ from clinicsync.discovery import (
     propose_stages,
     register_webhooks,
 )
-from clinicsync.models import AppointmentStatus as S
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
 from tests.helpers import demo_config

@@ -12,8 +12,8 @@ import boto3
 import httpx
 import pytest
 
-from clinicsync.connect import Credentials, bitrix24_client
-from clinicsync.discovery import check_fields, create_bitrix24_fields, discover_crm
+from clinicsync_cli.connect import Credentials, bitrix24_client
+from clinicsync_cli.discovery import check_fields, create_bitrix24_fields, discover_crm
 from sandbox.local import LocalClinic
 from tests.helpers import ROOT
 

@@ -18,11 +18,11 @@ from pydantic import ValidationError
 from clinicsync.adapters.amocrm import AmoCrmClient, AmoCrmError
 from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
 from clinicsync.config import FIELD_PRESETS, ClinicConfig
-from clinicsync.discovery import CrmDiscovery, check_fields, propose_fields
-from clinicsync.discovery import CrmField as LiveField
 from clinicsync.fieldtypes import FieldValueError, crm_value
 from clinicsync.models import AppointmentStatus
 from clinicsync.ports import ContactWrite, DealWrite
+from clinicsync_cli.discovery import CrmDiscovery, check_fields, propose_fields
+from clinicsync_cli.discovery import CrmField as LiveField
 from sandbox.emulators.amocrm import (
     CONTACT_FIELD_BIRTHDAY,
     CONTACT_FIELD_MIS_PATIENT_ID,

@@ -20,8 +20,8 @@ from clinicsync.keys import (
     patient_subject,
     subject_patient,
 )
-from clinicsync.planning import verified
 from clinicsync.ports import CrmGateway
+from clinicsync_cli.planning import verified
 from tests.helpers import demo_config
 
 ROOT = Path(__file__).resolve().parent.parent

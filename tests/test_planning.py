@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from clinicsync.planning import DryRunGateway, ReadOnlyTable, masked_fields
 from clinicsync.ports import ContactWrite, DealWrite
+from clinicsync_cli.planning import DryRunGateway, ReadOnlyTable, masked_fields
 
 
 def test_pii_is_masked_and_other_values_are_shown() -> None:

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clinicsync.adapters import amocrm_webhook
-from clinicsync.discovery import AMOCRM_EVENTS, BITRIX24_EVENTS
+from clinicsync_cli.discovery import AMOCRM_EVENTS, BITRIX24_EVENTS
 from sandbox.emulators.bitrix24 import EVENT_NAMES
 from sandbox.local import LocalClinic
 

@@ -17,13 +17,26 @@ from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from clinicsync import connect
 from clinicsync.adapters.amocrm import AmoCrmClient
 from clinicsync.adapters.bitrix24 import Bitrix24Client
 from clinicsync.config import FIELD_PRESETS, ClinicConfig, parse_clinic_config
-from clinicsync.connect import Credentials, MissingCredentials
 from clinicsync.crypto import KeyedHasher
-from clinicsync.discovery import (
+from clinicsync.health import HealthLog, hours_ago
+from clinicsync.models import AppointmentStatus
+from clinicsync.ports import PipelineMismatch
+from clinicsync.store import DynamoStore
+from clinicsync_cli import connect, deployment
+from clinicsync_cli.clinic import (
+    clinic_secret_ref,
+    console,
+    credentials,
+    dump_json,
+    fail,
+    load_config,
+    load_secrets_file,
+)
+from clinicsync_cli.connect import Credentials, MissingCredentials
+from clinicsync_cli.discovery import (
     CrmDiscovery,
     MisDiscovery,
     Problem,
@@ -41,24 +54,10 @@ from clinicsync.discovery import (
     propose_config,
     register_webhooks,
 )
-from clinicsync.dlq import dead_letters, replay
-from clinicsync.funnel import crm_funnel
-from clinicsync.health import HealthLog, hours_ago
-from clinicsync.models import AppointmentStatus
-from clinicsync.planning import plan_sync, read_changes
-from clinicsync.ports import PipelineMismatch
-from clinicsync.store import DynamoStore
-from clinicsync_cli import deployment
-from clinicsync_cli.clinic import (
-    clinic_secret_ref,
-    console,
-    credentials,
-    dump_json,
-    fail,
-    load_config,
-    load_secrets_file,
-)
+from clinicsync_cli.dlq import dead_letters, replay
 from clinicsync_cli.fleet.commands import fleet_app
+from clinicsync_cli.funnel import crm_funnel
+from clinicsync_cli.planning import plan_sync, read_changes
 from clinicsync_cli.report import render_report
 from clinicsync_cli.stack import QUEUES, StackHandle, StackNotFound, stack_name
 

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from clinicsync.config import ClinicConfig, parse_clinic_config
-from clinicsync.connect import Credentials, MissingCredentials, read_secret
+from clinicsync_cli.connect import Credentials, MissingCredentials, read_secret
 
 console = Console()
 SECRET_KEYS = ("mis", "crm", "clinic")

@@ -6,8 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from html import escape
 
-from clinicsync.funnel import STEPS, Funnel, FunnelRow
 from clinicsync.health import HealthSummary
+from clinicsync_cli.funnel import STEPS, Funnel, FunnelRow
 
 # One colour per funnel step; the screenshot test looks for them.
 COLOURS = {"entries": "#4e79a7", "booked": "#f28e2b", "visited": "#59a14f", "won": "#e15759"}

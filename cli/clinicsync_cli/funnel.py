@@ -17,8 +17,8 @@ from typing import Any
 from clinicsync.adapters.amocrm import AmoCrmClient
 from clinicsync.adapters.bitrix24 import Bitrix24Client
 from clinicsync.config import ClinicConfig
-from clinicsync.discovery import CrmDiscovery, bitrix24_field_name, discover_crm
 from clinicsync.models import AppointmentStatus as S
+from clinicsync_cli.discovery import CrmDiscovery, bitrix24_field_name, discover_crm
 
 NO_LEAD = "no lead (direct booking)"
 STEPS = ("entries", "booked", "visited", "won")

@@ -92,6 +92,7 @@ package-check: venv
 lint: venv
 	$(VENV)/bin/ruff check layers functions sandbox tests connector cli
 	$(VENV)/bin/ruff format --check layers functions sandbox tests connector cli
+	PYTHONPATH=layers/shared:cli:connector:. $(VENV)/bin/lint-imports
 
 typecheck: venv
 	$(VENV)/bin/mypy --strict

@@ -17,9 +17,9 @@ import yaml
 
 from clinicsync.adapters import bitrix24_webhook
 from clinicsync.config import ClinicConfig, parse_clinic_config
-from clinicsync.consent import UnsubscribeTokens
 from clinicsync.models import AppointmentStatus, Channel
 from clinicsync.statuses import canonical_status
+from clinicsync.unsubscribe_links import UnsubscribeTokens
 from sandbox.crm_views import AmoCrmView, Bitrix24View, CrmView
 from sandbox.emulators.amocrm import (
     CONTACT_FIELD_BIRTHDAY,

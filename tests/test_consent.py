@@ -18,23 +18,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clinicsync.adapters.mailchimp import AudienceMember, MailchimpAudience, MailchimpClient, api_root
-from clinicsync.consent import (
-    ConsentLedger,
-    ConsentOutputs,
-    TokenError,
-    UnsubscribeTokens,
-    audience_member,
-    consent_contact_write,
-    list_unsubscribe_headers,
-    note_accepted_members,
-    subscriber_hash,
-)
+from clinicsync.audience import MemberBook, audience_member, note_accepted_members, subscriber_hash
+from clinicsync.consent import ConsentLedger, ConsentOutputs, consent_contact_write
 from clinicsync.crm_events import CrmEventProcessor, EventReport
 from clinicsync.crypto import KeyedHasher
 from clinicsync.models import Channel, ConsentJob, CrmEvent
 from clinicsync.ports import ContactWrite, WriteOutcome
 from clinicsync.state import PatientState
-from clinicsync.store import DynamoStore, MemberBook
+from clinicsync.store import DynamoStore
+from clinicsync.unsubscribe_links import TokenError, UnsubscribeTokens, list_unsubscribe_headers
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.mailchimp import MailchimpEmulator
 from tests.helpers import demo_config

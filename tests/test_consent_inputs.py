@@ -8,7 +8,8 @@ from typing import Any, cast, get_args
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clinicsync.consent import AudienceEvent, AudienceKind, ConsentLedger, ConsentQueue
+from clinicsync.audience import AudienceEvent, AudienceKind
+from clinicsync.consent import ConsentLedger, ConsentQueue
 from clinicsync.crypto import KeyedHasher
 from clinicsync.store import DynamoStore
 

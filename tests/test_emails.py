@@ -83,7 +83,7 @@ def test_lossless_equivalents_are_one_address() -> None:
 
 
 def test_a_look_alikes_mailchimp_member_is_never_the_real_persons() -> None:
-    from clinicsync.consent import subscriber_hash
+    from clinicsync.audience import subscriber_hash
 
     real, look_alike = "nikolay@clinic.ru", "ni\u212aolay@clinic.ru"
     assert subscriber_hash(look_alike) != subscriber_hash(real)

@@ -181,7 +181,7 @@ def test_form_limits_are_refused_cleanly() -> None:
 # Hook for the consent issue: the Mailchimp webhook and the unsubscribe token get their own parsers
 # there. Add them here as (parser, its documented error) and the property below covers them too.
 def _verify_link(text: str) -> None:
-    from clinicsync.consent import UnsubscribeTokens
+    from clinicsync.unsubscribe_links import UnsubscribeTokens
 
     UnsubscribeTokens(b"k" * 32).verify(text)
 

@@ -57,7 +57,7 @@ CONFIG = {
 
 # Small: a few short examples per (CRM, MIS) pair inside `make test`. Large (`make model-large`): rounds of
 # long examples, each round a fresh random start, until CLINICSYNC_MODEL_MINUTES have passed.
-PROFILES = {"small": (4, 25), "large": (40, 60)}  # (examples per round, steps per example)
+PROFILES = {"small": (4, 25), "large": (10, 60)}  # (examples per round, steps per example)
 
 
 _serial = itertools.count(1)  # phones and e-mails never repeat within a test process

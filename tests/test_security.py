@@ -82,17 +82,19 @@ def test_inbound_checks_use_constant_time_comparison() -> None:
 
 
 def test_handlers_read_settings_from_env_in_one_place_only() -> None:
-    """Env vars carry names and ARNs, read once by wiring.Settings; secrets come via parameters.get_secret."""
+    """Env vars carry names and ARNs, read once by settings.Settings (pydantic-settings); secrets come via
+    parameters.get_secret in the composition root."""
     readers = [
         f"{p.relative_to(ROOT)}"
         for p in SOURCES
         if "connector" not in p.parts and re.search(r"os\.environ|os\.getenv|getenv\(", p.read_text(encoding="utf-8"))
     ]
-    assert readers == ["layers/shared/clinicsync/wiring.py"]
+    assert readers == ["layers/shared/clinicsync/settings.py"]
     wiring = (ROOT / "layers" / "shared" / "clinicsync" / "wiring.py").read_text(encoding="utf-8")
     assert "parameters.get_secret(" in wiring
-    assert re.search(r"class Settings.*?def from_env", wiring, re.S)
-    fields = re.findall(r"^    (\w+): str = Field", wiring, re.M)
+    settings = (ROOT / "layers" / "shared" / "clinicsync" / "settings.py").read_text(encoding="utf-8")
+    assert re.search(r"class Settings\(BaseSettings\).*?def from_env", settings, re.S)
+    fields = re.findall(r"^    (\w+): str = Field", settings, re.M)
     assert all(f.endswith(("_arn", "_url", "_name", "_id")) for f in fields), fields
 
 

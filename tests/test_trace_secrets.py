@@ -11,7 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from clinicsync.consent import subscriber_hash
+from clinicsync.audience import subscriber_hash
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
 from sandbox.emulators.mailchimp import MailchimpEmulator

@@ -18,15 +18,8 @@ from clinicsync.adapters.lis import LisApi, LisSource, to_record
 from clinicsync.adapters.vtiger import VtigerClient, VtigerDirectory, VtigerError, quote
 from clinicsync.config import DirectorySettings, parse_clinic_config
 from clinicsync.crypto import KeyedHasher
-from clinicsync.directory import (
-    CrmRecord,
-    CrmWriteSpec,
-    DirectoryPage,
-    DirectoryRecord,
-    DirectoryState,
-    DirectorySync,
-    merge_fields,
-)
+from clinicsync.directory import DirectoryState, DirectorySync, merge_fields
+from clinicsync.directory_records import CrmRecord, CrmWriteSpec, DirectoryPage, DirectoryRecord
 from clinicsync.ports import Cursor
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.lis import LisEmulator

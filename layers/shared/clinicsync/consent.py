@@ -1,4 +1,5 @@
-"""Consent: the ledger's use cases, one-click unsubscribe tokens and the outputs every opt-out must reach.
+"""Consent: the ledger's use cases and the outputs every opt-out must reach (links: ``unsubscribe_links``;
+Mailchimp members: ``audience``).
 
 Every input (a one-click link, a Mailchimp event, a CRM opt-out field, a MIS refusal flag) goes through
 ``ConsentLedger``: the opt-out is recorded under the person's subject and, only if it changed something,
@@ -11,80 +12,24 @@ Subjects (``keys.patient_subject``/``keys.email_subject``) name a known patient 
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import struct
 import time
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
-from urllib.parse import urlsplit
+from typing import Protocol
 
+from clinicsync.audience import MAILCHIMP_CHANNELS, AudienceEvent, MailchimpMembers, subscriber_hash
 from clinicsync.config import ClinicConfig
 from clinicsync.crypto import KeyedHasher
-from clinicsync.emails import lower_keeping_look_alikes
 from clinicsync.keys import email_subject, patient_subject, subject_patient
 from clinicsync.models import Channel, ConsentJob, ConsentTarget
 from clinicsync.observability import logger
 from clinicsync.ports import ConsentSource, ContactWrite, CrmGateway, MisConsentWriter
-from clinicsync.store import DynamoStore, MemberBook
+from clinicsync.store import DynamoStore
+from clinicsync.unsubscribe_links import LinkClaim
 
 ALL_CHANNELS = tuple(c.value for c in Channel)
 # What an e-mail unsubscribe (link or Mailchimp) refuses: e-mail, the channel the person clicked in.
 EMAIL_UNSUBSCRIBE = (Channel.EMAIL.value,)
-# Mailchimp must stop mailing anyone who refused e-mail or marketing.
-MAILCHIMP_CHANNELS = frozenset({Channel.EMAIL.value, Channel.MARKETING.value})
-
-
-def subscriber_hash(email: str) -> str:
-    """Mailchimp's member id: MD5 of the trimmed, lower-cased address (never stored by us). A look-alike
-    character keeps its case (``str.lower()`` turns the Kelvin sign into ``k``, which would address the
-    real person's member)."""
-    return hashlib.md5(lower_keeping_look_alikes(email.strip()).encode(), usedforsecurity=False).hexdigest()
-
-
-@dataclass(frozen=True)
-class AudienceMember:
-    """One person for an audience; the e-mail lives only in memory and in the request.
-
-    ``member``: the subscriber hash to write when it is not the address's own (the person's member under
-    another address). ``keep_address``: Mailchimp moved that member (``upemail``): only its merge fields
-    are updated, the address the person chose stays."""
-
-    patient_id: str
-    email: str
-    merge_fields: Mapping[str, str]
-    member: str | None = None
-    keep_address: bool = False
-
-
-def audience_member(
-    patient_id: str, email: str, merge_fields: Mapping[str, str], book: MemberBook
-) -> AudienceMember | None:
-    """The one rule for the audience sync: a person has one member. An address Mailchimp moved away is
-    never re-created (the person's current member gets the merge fields); an address the MIS changed
-    moves the person's member to it (its status, an unsubscribe included, stays)."""
-    own = subscriber_hash(email)
-    if own in book.moved:
-        current = book.current if book.current != own else None
-        return AudienceMember(patient_id, email, merge_fields, current, keep_address=True) if current else None
-    if book.current and book.current != own:
-        return AudienceMember(patient_id, email, merge_fields, book.current)
-    return AudienceMember(patient_id, email, merge_fields)
-
-
-class MemberStore(Protocol):
-    def mailchimp_members_many(self, subjects: Sequence[str]) -> dict[str, MemberBook]: ...
-
-    def note_mailchimp_member(self, subject: str, member: str, moved_from: str | None = None) -> None: ...
-
-
-def note_accepted_members(store: MemberStore, accepted: Mapping[str, AudienceMember]) -> None:
-    """Remember each subject's member (subscriber hashes only) once Mailchimp accepted it."""
-    for subject, m in accepted.items():
-        if not m.keep_address:
-            store.note_mailchimp_member(subject, subscriber_hash(m.email), moved_from=m.member)
 
 
 def ledger_digest(opted_out: Sequence[str]) -> str:
@@ -94,123 +39,11 @@ def ledger_digest(opted_out: Sequence[str]) -> str:
 # --- one-click links (RFC 8058) --------------------------------------------------------------------------
 
 
-class TokenError(ValueError):
-    """A link we refuse; ``reason`` is plain text safe to show, ``status`` the HTTP answer."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class LinkClaim:
-    patient_id: str
-    channel: Channel
-    expires_at: int  # 0: never
-
-
-_LINK_FORMAT_VERSION = 1
-_CHANNEL_CODES = {c: i for i, c in enumerate(Channel)}
-_MAC_BYTES = 16
-MAX_TOKEN_CHARS = 160
-
-
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    if not text or any(c not in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_" for c in text):
-        raise ValueError("not base64url")
-    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    # Canonical only: base64 ignores a last character's unused low bits, so an edited token could
-    # decode to the same bytes (and verify). Exactly one spelling per token is accepted.
-    if _b64(raw) != text:
-        raise ValueError("not canonical base64url")
-    return raw
-
-
-class UnsubscribeTokens:
-    """``<payload>.<mac>``, both base64url. The payload is version, list (channel), expiry and the MIS
-    patient id: no name, phone or e-mail. The MAC is HMAC-SHA256 under the clinic's link key, cut to
-    128 bits, so a forged or edited token fails and nothing needs storing to check one."""
-
-    def __init__(self, key: bytes, ttl_seconds: int | None = None, clock: Callable[[], float] = time.time) -> None:
-        if len(key) < 16:
-            raise ValueError("link key must be at least 16 bytes")
-        self._key = key
-        self._ttl = ttl_seconds
-        self._clock = clock
-
-    def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._key, b"unsubscribe-link\x00" + payload, hashlib.sha256).digest()[:_MAC_BYTES]
-
-    def issue(self, patient_id: str, channel: Channel = Channel.EMAIL) -> str:
-        expires = int(self._clock()) + self._ttl if self._ttl else 0
-        pid = patient_id.encode()
-        if not 0 < len(pid) <= 64:
-            raise ValueError("patient id must be 1..64 bytes")
-        payload = struct.pack(">BBI", _LINK_FORMAT_VERSION, _CHANNEL_CODES[channel], expires) + pid
-        return f"{_b64(payload)}.{_b64(self._mac(payload))}"
-
-    def verify(self, token: str) -> LinkClaim:
-        if len(token) > MAX_TOKEN_CHARS or token.count(".") != 1:
-            raise TokenError(400, "malformed link")
-        head, tail = token.split(".")
-        try:
-            payload, mac = _unb64(head), _unb64(tail)
-        except ValueError as exc:
-            raise TokenError(400, "malformed link") from exc
-        if len(payload) < 7 or len(mac) != _MAC_BYTES:
-            raise TokenError(400, "malformed link")
-        if not hmac.compare_digest(mac, self._mac(payload)):
-            raise TokenError(403, "this link was not issued by us or has been altered")
-        version, code, expires = struct.unpack(">BBI", payload[:6])
-        channels = list(Channel)
-        if version != _LINK_FORMAT_VERSION or code >= len(channels):
-            raise TokenError(400, "unsupported link version")
-        if expires and expires < self._clock():
-            raise TokenError(410, "this link has expired")
-        try:
-            patient_id = payload[6:].decode()
-        except UnicodeDecodeError as exc:
-            raise TokenError(400, "malformed link") from exc
-        return LinkClaim(patient_id, channels[code], expires)
-
-
-def list_unsubscribe_headers(base_url: str, token: str, mailto: str | None = None) -> dict[str, str]:
-    """The two RFC 8058 headers for one recipient. The URL must be HTTPS (loopback HTTP only for the
-    local runtime); keep the header on one line: folding it broke DKIM checks for some senders."""
-    parts = urlsplit(base_url)
-    loopback = parts.hostname in ("127.0.0.1", "localhost")
-    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
-        raise ValueError("List-Unsubscribe needs an https URL")
-    targets = [f"<{base_url.rstrip('/')}/unsubscribe/{token}>"]
-    if mailto:
-        targets.append(f"<mailto:{mailto}?subject=unsubscribe>")
-    return {"List-Unsubscribe": ", ".join(targets), "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
-
-
 # --- recording -----------------------------------------------------------------------------------------------
 
 
 class ConsentQueue(Protocol):
     def send(self, jobs: Sequence[ConsentJob]) -> None: ...
-
-
-AudienceKind = Literal["unsubscribe", "cleaned", "upemail", "profile", "subscribe", "campaign"]
-
-
-@dataclass(frozen=True)
-class AudienceEvent:
-    """What a Mailchimp audience webhook says (``email`` is the old address of an ``upemail``)."""
-
-    kind: AudienceKind
-    list_id: str = ""
-    email: str = ""
-    new_email: str = ""
-    reason: str = ""
 
 
 def our_audiences(config: ClinicConfig) -> set[str]:
@@ -315,12 +148,6 @@ class ConsentLedger:
 
 
 # --- outputs -------------------------------------------------------------------------------------------------
-
-
-class MailchimpMembers(Protocol):
-    def unsubscribe_member(self, member: str) -> bool:
-        """PATCH the member (its subscriber hash) to ``unsubscribed``; False when it is not in the audience."""
-        ...
 
 
 class CrmContactReader(Protocol):

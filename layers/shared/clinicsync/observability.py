@@ -13,14 +13,14 @@ from aws_lambda_powertools.metrics.provider.cloudwatch_emf.cloudwatch import Ama
 from aws_lambda_powertools.metrics.provider.cloudwatch_emf.types import CloudWatchEMFOutput
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from clinicsync.settings import current_clinic_id
+
 CLINIC_DIMENSION = "ClinicId"
 
 
 def clinic_dimensions() -> dict[str, str]:
     """The dimension that keeps clinics sharing an account apart (the template's alarms and dashboard filter
     on it). Read at every flush, not at import: the local runtime runs several clinics in one process."""
-    from clinicsync.wiring import current_clinic_id  # late: wiring, the one reader of the environment, imports us
-
     clinic = current_clinic_id()
     return {CLINIC_DIMENSION: clinic} if clinic else {}
 

@@ -31,7 +31,6 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +38,7 @@ from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 
 from clinicsync.adapters.retrying import Transient, call_with_retries, exponential
+from clinicsync.audience import MemberBook
 from clinicsync.ports import ConsentSource, Cursor
 from clinicsync.state import AppointmentState, LatestDeal, PatientState
 
@@ -48,15 +48,6 @@ if TYPE_CHECKING:
 AUDIT_TTL_SECONDS = 400 * 24 * 3600  # keep the opt-out audit trail for 400 days
 TRANSACT_LIMIT = 100  # items per TransactWriteItems request
 _MEMBER_PREFIX = "m_"
-
-
-@dataclass
-class MemberBook:
-    """A person's Mailchimp members by subscriber hash (MD5 of the address, what Mailchimp keys by)."""
-
-    current: str | None = None
-    moved: dict[str, str] = field(default_factory=dict)  # old hash -> the hash Mailchimp moved it to
-    known: set[str] = field(default_factory=set)  # every hash the person ever had, moved ones included
 
 
 def _patient_pk(patient_id: str) -> str:

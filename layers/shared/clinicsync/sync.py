@@ -14,16 +14,10 @@ from typing import Protocol
 
 from clinicsync.adapters.mailchimp import MailchimpAudience
 from clinicsync.adapters.retrying import exponential, poll
+from clinicsync.audience import AudienceMember, audience_member, note_accepted_members
 from clinicsync.backfill import BackfillCheckpoint, BackfillState
 from clinicsync.config import ClinicConfig
-from clinicsync.consent import (
-    AudienceMember,
-    ConsentLedger,
-    CrmContactReader,
-    audience_member,
-    ledger_digest,
-    note_accepted_members,
-)
+from clinicsync.consent import ConsentLedger, CrmContactReader, ledger_digest
 from clinicsync.crypto import KeyedHasher
 from clinicsync.keys import contact_intent, deal_intent, email_subject, patient_subject
 from clinicsync.models import Channel, CrmObservation, PatientChanges, SyncMessage

@@ -13,9 +13,9 @@ from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.api_gateway import ApiGatewayResolver
 from aws_lambda_powertools.event_handler.middlewares import NextMiddleware
 
-from clinicsync.consent import TokenError
 from clinicsync.forms import FormError, parse_form
 from clinicsync.observe import Counted, observe
+from clinicsync.unsubscribe_links import TokenError
 
 # No scripts, images, fonts or third-party anything: the page must not track who opened it.
 PAGE_HEADERS = {

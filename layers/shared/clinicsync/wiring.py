@@ -8,25 +8,26 @@ created lazily so that tests and the local runtime can point them at moto first.
 from __future__ import annotations
 
 import functools
-import os
 from typing import TYPE_CHECKING, Any
 
 import boto3
 import httpx
 from aws_lambda_powertools.utilities import parameters
-from pydantic import BaseModel, ConfigDict, Field
 
+from clinicsync.audience import MailchimpMembers
 from clinicsync.budget import RequestPacer, SharedLeakyBucket
 from clinicsync.config import ClinicConfig, parse_clinic_config
-from clinicsync.consent import ConsentLedger, ConsentOutputs, MailchimpMembers, UnsubscribeTokens
+from clinicsync.consent import ConsentLedger, ConsentOutputs
 from clinicsync.crm_events import CrmCatchUp, CrmEventProcessor
 from clinicsync.crypto import KeyedHasher
 from clinicsync.failures import FailureLog
 from clinicsync.health import HealthLog
 from clinicsync.ports import CrmGateway, MisConsentWriter, MisSource
 from clinicsync.queue import SqsChangeQueue, SqsConsentQueue, SqsEventQueue
+from clinicsync.settings import Settings
 from clinicsync.store import DynamoStore
 from clinicsync.sync import Poller, Syncer
+from clinicsync.unsubscribe_links import UnsubscribeTokens
 
 # Adapters are imported where they are built, not here: a container loads only its clinic's MIS and
 # CRM (and the lab's directory), so a cold start does not pay for the five MIS and three CRMs it never calls.
@@ -46,36 +47,6 @@ if TYPE_CHECKING:
     from clinicsync.ident import ConnectorInbox, IdentDirectory
 
 CACHE_SECONDS = 300
-
-
-class Settings(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    clinic_id: str = Field(min_length=1)
-    table_name: str = Field(min_length=1)
-    sync_queue_url: str = Field(min_length=1)
-    crm_event_queue_url: str = Field(min_length=1)
-    consent_queue_url: str = Field(min_length=1)
-    config_parameter_name: str = Field(min_length=1)
-    mis_secret_arn: str = Field(min_length=1)
-    crm_secret_arn: str = Field(min_length=1)
-    clinic_secret_arn: str = Field(min_length=1)
-    ident_inbox_queue_url: str = Field(min_length=1)
-    # The stage syncer tells its three event sources apart by these (never by a queue's name).
-    sync_queue_arn: str = Field(min_length=1)
-    crm_event_queue_arn: str = Field(min_length=1)
-    consent_queue_arn: str = Field(min_length=1)
-
-    @classmethod
-    def from_env(cls) -> Settings:
-        keys = cls.model_fields
-        return cls.model_validate({k: os.environ.get(k.upper(), "") for k in keys})
-
-
-def current_clinic_id() -> str:
-    """The clinic of this invocation, for the metric dimension: read per call, not cached, because the local
-    runtime runs several clinics in one process."""
-    return os.environ.get("CLINIC_ID", "")
 
 
 @functools.cache

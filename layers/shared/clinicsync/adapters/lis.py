@@ -21,7 +21,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clinicsync.adapters.retrying import Transient, call_with_retries, exponential
-from clinicsync.directory import DirectoryPage, DirectoryRecord, Kind, normalise, parse_directory_key
+from clinicsync.directory_records import DirectoryPage, DirectoryRecord, Kind, normalise, parse_directory_key
 from clinicsync.observability import logger
 from clinicsync.ports import ChangePage, Cursor
 

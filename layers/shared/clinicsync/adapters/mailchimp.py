@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from clinicsync.adapters.retrying import Transient, call_with_retries, exponential, poll
-from clinicsync.consent import AudienceMember, subscriber_hash
+from clinicsync.audience import AudienceMember, subscriber_hash
 from clinicsync.observability import logger
 
 BATCH_OPERATIONS = 500  # operations per POST /batches; we stay well under the documented ceiling

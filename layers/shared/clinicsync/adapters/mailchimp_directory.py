@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from clinicsync.adapters.mailchimp import MailchimpAudience
-from clinicsync.consent import AudienceMember
-from clinicsync.directory import Kind
+from clinicsync.audience import AudienceMember
+from clinicsync.directory_records import Kind
 
 
 class DirectoryAudiences:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from clinicsync.consent import AudienceEvent
+from clinicsync.audience import AudienceEvent
 from clinicsync.forms import parse_php_form
 
 

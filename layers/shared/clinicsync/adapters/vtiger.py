@@ -31,7 +31,7 @@ import httpx
 from clinicsync.adapters.retrying import Transient, call_with_retries, exponential
 from clinicsync.budget import RequestPacer
 from clinicsync.config import DirectorySettings
-from clinicsync.directory import CrmRecord, CrmWriteSpec, Kind, normalise
+from clinicsync.directory_records import CrmRecord, CrmWriteSpec, Kind, normalise
 from clinicsync.observability import logger
 
 MODULES: dict[Kind, str] = {"doctor": "Contacts", "organisation": "Accounts"}

@@ -17,11 +17,12 @@ SAM := $(SAM_VENV)/bin/sam
 MIS ?= medods
 CRM ?= bitrix24
 
-.PHONY: help venv sam-venv layer-venv lock exports package-check lint typecheck pytest validate build test demo schema docs clean check-python connector chaos browser bench test-pinned model-large fleet-50
+.PHONY: help venv sam-venv layer-venv lock exports package-check lint typecheck pytest test-unit validate build test demo schema docs clean check-python connector chaos browser bench test-pinned model-large fleet-50
 
 help:
 	@echo "make demo   - local runtime against the emulators (MIS=$(MIS) CRM=$(CRM))"
 	@echo "make test   - ruff, mypy --strict, pytest, sam validate --lint, sam build"
+	@echo "make test-unit - the unit tier only (tests/unit: rules and pure code, under 30 s)"
 	@echo "make test-pinned - the end-to-end suites again at pinned clock times (PINNED_TIMES=...)"
 	@echo "make chaos  - the full chaos-convergence run (800 patients, 2,000 MIS events, both CRMs); figures in chaos-report.json"
 	@echo "make docs   - regenerate docs/clinic-config.schema.json and docs/config-reference.md"
@@ -62,7 +63,7 @@ layer-venv: $(LAYER_VENV)/.installed
 
 # uv.lock is the one record of every version; both requirements files are exported from it, pinned (pip
 # installs them: `sam build` the layer's, `make venv` the dev one). The layer gets the runtime dependencies
-# without the CLI-only ones. tests/test_packaging.py fails when an export drifts from the lock.
+# without the CLI-only ones. tests/infra/test_packaging.py fails when an export drifts from the lock.
 LAYER_REQUIREMENTS ?= layers/shared/requirements.txt
 DEV_REQUIREMENTS ?= requirements-dev.txt
 LAYER_PRUNE := typer rich
@@ -105,6 +106,11 @@ browser:
 pytest: venv sam-venv browser
 	$(PY) -m pytest -q -n 3  # on two cores: the suites wait on loopback I/O more than they compute (7.6 -> 5.9 min)
 
+# Tests in tiers: unit (rules and pure code, no AWS, no emulator), adapters (one adapter against its emulator
+# or moto), emulators, e2e (the local stack: handlers, moto, emulators), infra (template, packaging, docs).
+test-unit: venv
+	$(PY) -m pytest -q tests/unit
+
 # sam validate --lint needs a region; nothing here talks to AWS.
 validate: sam-venv
 	AWS_DEFAULT_REGION=eu-central-1 $(SAM) validate --lint --template template.yaml
@@ -121,9 +127,9 @@ test: lint typecheck validate build package-check pytest
 # early morning, opening time, Sundays and month ends, including a leap day. No test may depend on them.
 PINNED_TIMES ?= 2026-12-06T05:20+03:00 2027-01-31T23:30+03:00 2027-03-01T00:05+03:00 2027-04-30T09:00+03:00 \
 	2028-02-29T23:55+03:00
-PINNED_SUITES ?= $(wildcard tests/test_e2e_*.py tests/test_model_*.py) tests/test_ident_connector.py \
-	tests/test_infoclinica.py tests/test_renovatio.py tests/test_poller_guarantees.py tests/test_concurrency.py \
-	tests/test_chaos_regressions.py tests/test_hostile_routes.py tests/test_time_independence.py
+PINNED_SUITES ?= $(wildcard tests/e2e/test_e2e_*.py tests/e2e/test_model_*.py) tests/adapters/test_ident_connector.py \
+	tests/adapters/test_infoclinica.py tests/adapters/test_renovatio.py tests/e2e/test_poller_guarantees.py tests/e2e/test_concurrency.py \
+	tests/e2e/test_chaos_regressions.py tests/e2e/test_hostile_routes.py tests/e2e/test_time_independence.py
 PINNED_WORKERS ?= 3
 
 test-pinned: venv
@@ -153,23 +159,23 @@ docs: schema
 
 # Faults at random (20 % of CRM calls, 10 % crashed syncer invocations, redelivered messages), then the
 # check that the CRM equals the MIS: no duplicate, no lost update, no PII anywhere. The reduced run is in
-# make test (tests/test_chaos.py).
+# make test (tests/e2e/test_chaos.py).
 chaos: venv
 	$(PY) -m sandbox.chaos --report chaos-report.json
 
 # Requests, time at the rate limit (one simulated clock for every contestant), CPU, imports, latency and
-# AWS cost, side by side in one run for both CRMs; the reduced run is in make test (tests/test_bench_smoke.py).
+# AWS cost, side by side in one run for both CRMs; the reduced run is in make test (tests/infra/test_bench_smoke.py).
 # BENCH_ARGS=--twice runs it all again and fails unless the simulated figures are identical.
 bench: venv layer-venv
 	$(PY) -m sandbox.bench --report bench/report.json $(BENCH_ARGS)
 
-# The model-based test (tests/test_model_sync.py) with long examples, round after round, for MODEL_MINUTES per
+# The model-based test (tests/e2e/test_model_sync.py) with long examples, round after round, for MODEL_MINUTES per
 # CRM/MIS pair; its small profile is in make test. model-report.jsonl: the examples and steps each pair ran.
 MODEL_MINUTES ?= 20
 model-large: venv
 	rm -f model-report.jsonl
 	CLINICSYNC_HYPOTHESIS=large CLINICSYNC_MODEL_MINUTES=$(MODEL_MINUTES) CLINICSYNC_MODEL_REPORT=model-report.jsonl \
-		$(PY) -m pytest -q -p no:logging -n 4 tests/test_model_sync.py
+		$(PY) -m pytest -q -p no:logging -n 4 tests/e2e/test_model_sync.py
 	cat model-report.jsonl
 
 # The IDENT connector wheel and the core wheel it depends on, both for clinics: installed (the core by its
@@ -186,7 +192,7 @@ connector: venv
 
 # 50 clinics' stacks from the real template (SAM transform, moto's CloudFormation, change sets): a create
 # rollout, an update rollout, then `fleet status`; wall time, change sets and concurrency in fleet-report.json.
-# The scaled-down scenarios (canary breach and rollback, resume) are in make test (tests/test_fleet.py).
+# The scaled-down scenarios (canary breach and rollback, resume) are in make test (tests/infra/test_fleet.py).
 fleet-50: venv sam-venv
 	$(PY) -m sandbox.fleet --clinics 50 --concurrency 8 --report fleet-report.json
 

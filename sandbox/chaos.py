@@ -17,7 +17,7 @@ and ``clinicsync dlq replay`` must bring it home. The final check: every deal is
 oracle (``sandbox.expect``) says, no MIS id has two contacts or two deals, no queue holds anything, and
 no name, phone or e-mail of the sample clinic appears in any log line, metric or table item.
 
-``make chaos`` runs the full size for both CRMs and prints the figures; ``tests/test_chaos.py`` runs a
+``make chaos`` runs the full size for both CRMs and prints the figures; ``tests/e2e/test_chaos.py`` runs a
 smaller one in ``make test``.
 """
 

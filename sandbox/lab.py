@@ -1,6 +1,6 @@
 """The lab case on this machine (clinic_cases.md §A): the LIS emulator with its registers of referring
 doctors and funds/clinics, the vTiger emulator, two Mailchimp audiences, moto, and the clinic's stack in
-the local runtime. Used by ``make demo MIS=lis CRM=vtiger`` and tests/test_e2e_lab.py."""
+the local runtime. Used by ``make demo MIS=lis CRM=vtiger`` and tests/e2e/test_e2e_lab.py."""
 
 from __future__ import annotations
 

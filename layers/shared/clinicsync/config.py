@@ -333,7 +333,7 @@ class Filters(Section):
 
 
 # (requests per second, burst) per CRM kind, close under each CRM's limit so a backfill runs near the floor's
-# time, with a margin for requests that reach the CRM after their shared slot (tests/test_budget.py):
+# time, with a margin for requests that reach the CRM after their shared slot (tests/adapters/test_budget.py):
 # Bitrix24's bucket of 50 draining 2/s: 48 (1 s of lateness); amoCRM's 7 in any second: in any second a
 # leaky bucket admits fewer than burst + rate × (1 + lateness), so burst 1 and 6.6/s (60 ms of lateness).
 CRM_BUDGETS: dict[str, tuple[float, int]] = {"bitrix24": (2.0, 48), "amocrm": (6.6, 1), "vtiger": (5.0, 5)}
@@ -464,7 +464,7 @@ class DirectorySettings(Section):
 
 
 # The clinic id names the stack and its resources: the template's ClinicId AllowedPattern is this very
-# pattern (tests/test_deploy_custody.py compares them), so a config that validates here deploys.
+# pattern (tests/infra/test_deploy_custody.py compares them), so a config that validates here deploys.
 CLINIC_ID_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$"
 CLINIC_ID_MAX_LENGTH = 40
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sandbox.cfn_yaml import load_template
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _emitted() -> set[str]:

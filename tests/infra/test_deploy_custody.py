@@ -33,7 +33,7 @@ from sandbox.cfn_yaml import load_template
 from sandbox.local import LocalClinic
 from sandbox.runtime import REGION
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # ClinicConfig's own clinic_id field, alone (the rest of a config is beside the point here).
 ClinicIdOnly = create_model("ClinicIdOnly", clinic_id=(str, ClinicConfig.model_fields["clinic_id"]))
 

@@ -29,8 +29,8 @@ from clinicsync.store import DynamoStore
 from clinicsync.unsubscribe_links import TokenError, UnsubscribeTokens, list_unsubscribe_headers
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.mailchimp import MailchimpEmulator
+from tests.adapters.test_store import store  # noqa: F401 - the moto-backed store fixture
 from tests.helpers import demo_config
-from tests.test_store import store  # noqa: F401 - the moto-backed store fixture
 
 KEY = b"k" * 32
 _EXAMPLES = itertools.count()

@@ -30,7 +30,7 @@ from sandbox.cfn_yaml import (
 )
 from sandbox.runtime import LocalAws
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE_PATH = ROOT / "template.yaml"
 
 Template = dict[str, Any]

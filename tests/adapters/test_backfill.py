@@ -14,8 +14,8 @@ from clinicsync.crypto import KeyedHasher
 from clinicsync.ports import ChangePage, Cursor
 from clinicsync.store import DynamoStore
 from clinicsync.sync import Poller
+from tests.e2e.test_poller_guarantees import ListQueue, PagedSource
 from tests.helpers import demo_config
-from tests.test_poller_guarantees import ListQueue, PagedSource
 
 HASHER = KeyedHasher(b"k" * 32)
 

@@ -412,7 +412,7 @@ def test_connector_command_runs_once_from_its_config_file(bitrix_clinic: LocalCl
 
 
 def _sample(name: str) -> dict[str, Any]:
-    return dict(json.loads((Path(__file__).resolve().parent.parent / "events" / f"{name}.json").read_text("utf-8")))
+    return dict(json.loads((Path(__file__).resolve().parents[2] / "events" / f"{name}.json").read_text("utf-8")))
 
 
 def test_sample_events_are_refused_with_foreign_keys_and_served_with_the_clinics_own(

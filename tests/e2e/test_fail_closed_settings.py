@@ -74,7 +74,7 @@ def test_an_integration_key_shorter_than_32_random_bytes_is_weak(key: str) -> No
 def test_a_deploy_refuses_fail_open_secrets_before_writing(
     make_clinic: Callable[..., LocalClinic], tmp_path: Path
 ) -> None:
-    from tests.test_deploy_custody import amocrm_pair, new_clinic_files, run
+    from tests.infra.test_deploy_custody import amocrm_pair, new_clinic_files, run
 
     clinic = make_clinic(patients=2, appointments=2, rate_limit=False, crm="amocrm")
     crm = {k: v for k, v in amocrm_pair(clinic).items() if k != "account_id"}

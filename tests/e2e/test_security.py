@@ -1,7 +1,7 @@
 """Security checks as tests: constant-time secret comparison everywhere, secrets only from Secrets
 Manager (never env vars, never logs), refused senders enqueue nothing, and two clinics' stacks in one
 runtime never touch each other's table, queues, secrets or config. (Wildcards and resources outside
-the stack in IAM: tests/test_template.py.)"""
+the stack in IAM: tests/infra/test_template.py.)"""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXPORTS = {"LAYER_REQUIREMENTS": "layers/shared/requirements.txt", "DEV_REQUIREMENTS": "requirements-dev.txt"}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HANDLERS = sorted(ROOT.glob("functions/*/app.py"))
 MAX_HANDLER_LINES = 40
 

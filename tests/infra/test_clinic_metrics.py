@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from clinicsync.observability import metrics
 from sandbox.cfn_yaml import load_template, resolve, resources_of_type
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = load_template(ROOT / "template.yaml")
 CLINIC_ID = st.from_regex(TEMPLATE["Parameters"]["ClinicId"]["AllowedPattern"], fullmatch=True)
 

@@ -15,8 +15,8 @@ from clinicsync.ports import ContactWrite, CrmMatches, CrmWrite, DealMatch, Deal
 from clinicsync.store import DynamoStore
 from clinicsync.sync import Syncer, SyncIncomplete
 from sandbox.local import LocalClinic
+from tests.adapters.test_store import _table_from_template
 from tests.helpers import appointment, demo_config, patient
-from tests.test_store import _table_from_template
 
 
 class HalfFailingGateway:

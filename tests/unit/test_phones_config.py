@@ -89,7 +89,8 @@ def test_each_crm_gets_its_own_request_budget_unless_set() -> None:
     text = DEMO_CONFIG.read_text(encoding="utf-8")
     assert parse_clinic_config(text).crm.requests_per_second == 2.0
     amo = parse_clinic_config(_mutated(text, "kind: bitrix24", "kind: amocrm")).crm
-    assert (amo.requests_per_second, amo.burst) == (6.6, 1)  # under amoCRM's 7 per second: tests/test_budget.py
+    # under amoCRM's 7 per second: tests/adapters/test_budget.py
+    assert (amo.requests_per_second, amo.burst) == (6.6, 1)
     custom = parse_clinic_config(_mutated(text, "kind: bitrix24", "kind: amocrm\n  burst: 3")).crm
     assert custom.burst == 3
 

@@ -24,7 +24,7 @@ from clinicsync.ports import CrmGateway
 from clinicsync_cli.planning import verified
 from tests.helpers import demo_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOYED = [ROOT / "layers" / "shared", ROOT / "functions"]
 KEYS_MODULE = ROOT / "layers" / "shared" / "clinicsync" / "keys.py"
 

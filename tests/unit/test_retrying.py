@@ -27,7 +27,7 @@ from clinicsync.adapters.retrying import Replay, Transient, call_with_retries, e
 from clinicsync.adapters.vtiger import VtigerClient, VtigerError
 from clinicsync.store import batch_get
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class OutcomeUnknown(Exception):

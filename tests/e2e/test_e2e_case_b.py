@@ -17,7 +17,7 @@ from clinicsync.config import FIELD_PRESETS, CrmField, load_clinic_config
 from clinicsync_cli.discovery import check_fields, discover_crm
 from sandbox.card import CASE_B_OVERRIDES, bitrix24_rest, create_case_fields
 from sandbox.local import LocalClinic
-from tests.test_operator_cli import run  # the operator's CLI, as an engineer runs it
+from tests.e2e.test_operator_cli import run  # the operator's CLI, as an engineer runs it
 
 UNSOURCED_CONTACT = {"home_address": "UF_CRM_CS_HOME_ADDRESS", "family": "UF_CRM_CS_FAMILY"}
 PHONE = "+7 916 555-40-17"

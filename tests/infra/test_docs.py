@@ -9,7 +9,7 @@ from pathlib import Path
 from clinicsync.config import clinic_config_json_schema
 from clinicsync_cli.docs import render
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def test_the_config_reference_is_generated_from_the_current_schema() -> None:

@@ -33,8 +33,8 @@ from clinicsync.ports import (
 )
 from clinicsync.store import DynamoStore
 from clinicsync.sync import Syncer
+from tests.adapters.test_store import _table_from_template
 from tests.helpers import T0, appointment, demo_config, patient
-from tests.test_store import _table_from_template
 
 PHONE = "+79250000008"
 LEAD, DEAL, FORM_CONTACT = "L1", "D1", "C1"  # what a website form left in the CRM before the cards

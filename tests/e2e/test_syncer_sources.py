@@ -12,7 +12,7 @@ import pytest
 
 from sandbox.local import LocalClinic
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _sample(name: str, arn: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
 from sandbox.emulators.mailchimp import MailchimpEmulator
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Runs in its own interpreter: the tracer patches libraries process-wide, as it does in a Lambda container.
 TRACED = textwrap.dedent(

@@ -23,7 +23,7 @@ from clinicsync_cli.clinic import console
 from clinicsync_cli.stack import StackHandle
 from sandbox.local import LocalClinic
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str) -> tuple[int, str]:

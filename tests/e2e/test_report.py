@@ -17,7 +17,7 @@ from clinicsync_cli.report import COLOURS, HEALTH_COLOUR
 from sandbox.local import LocalClinic
 from tests.png import colour_counts, hex_rgb, read_png
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = {"CALL": "Звонок", "WEB": "Веб-сайт"}
 
 

@@ -35,7 +35,7 @@ from sandbox import fleet as local_fleet
 from sandbox import sam_transform
 from sandbox.runtime import REGION, ClinicStack, LocalAws
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 needs_sam = pytest.mark.skipif(not sam_transform.available(), reason=".venv-sam not installed (make sam-venv)")
 

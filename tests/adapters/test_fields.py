@@ -33,8 +33,8 @@ from sandbox.emulators.amocrm import (
     AmoCrmEmulator,
 )
 from sandbox.emulators.base import ServedApp
+from tests.adapters.test_amocrm_gateway import FAST, _session, _store
 from tests.helpers import demo_config
-from tests.test_amocrm_gateway import FAST, _session, _store
 
 MOSCOW = ZoneInfo("Europe/Moscow")
 IDS = {

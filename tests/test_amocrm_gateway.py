@@ -103,6 +103,32 @@ def test_a_new_patient_and_visit_is_one_complex_item(amo: tuple[AmoCrmEmulator, 
         assert emulator.lead_contact_ids(int(lead_id)) == [int(outcome.contact_ids[appointment.replace("a", "p")])]
 
 
+def test_a_polls_new_visits_of_known_and_new_patients_are_created_in_one_request(
+    amo: tuple[AmoCrmEmulator, str],
+) -> None:
+    """A known patient's new visit goes by contact reference into the complex request that creates the
+    new patients: one create request for the poll, each lead on its own patient's contact."""
+    emulator, base = amo
+    known = emulator.manager_create_contact(first_name="Постоянная")
+    writes = _writes(0, 2)
+    visit = datetime(2026, 12, 2, 11, 0, tzinfo=ZoneInfo("Europe/Moscow")).isoformat()
+    writes += [
+        DealWrite(f"k{i}", "pk", None, str(MAIN_PIPELINE_ID), str(STATUS_BOOKED), {"visit_at": visit}, str(known))
+        for i in range(2)
+    ]
+    gateway = AmoCrmGateway(AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST), _config())
+    before = dict(emulator.stats()["endpoints"])
+    outcome = gateway.apply(writes)
+    after = emulator.stats()["endpoints"]
+    assert outcome.failed == {}
+    sent = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+    assert sent == {"POST /api/v4/leads/complex": 1}
+    assert "pk" not in outcome.contact_ids  # a known contact is referenced, not written
+    for i in range(2):
+        assert emulator.lead_contact_ids(int(outcome.deal_ids[f"k{i}"])) == [known]
+        assert emulator.lead_contact_ids(int(outcome.deal_ids[f"a{i}"])) == [int(outcome.contact_ids[f"p{i}"])]
+
+
 def test_a_reused_refresh_token_is_recovered_without_losing_a_write(amo: tuple[AmoCrmEmulator, str]) -> None:
     emulator, base = amo
     store = _store(emulator, base)

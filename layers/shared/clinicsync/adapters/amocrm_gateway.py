@@ -1,7 +1,9 @@
 """amoCRM gateway: the domain's look-ups and writes in amoCRM API v4 terms.
 
-- A new patient with a new visit is one item of ``POST /api/v4/leads/complex`` (≤50 per request).
-- Other creates and all updates are bulk ``POST``/``PATCH`` of up to 50 leads or contacts.
+- A new patient with a new visit is one item of ``POST /api/v4/leads/complex`` (≤50 per request); so is
+  a new visit on a contact we already know (an ``{id}`` reference), so a poll's creates share requests.
+- Other creates (a new patient's further visits, which need its new contact id) and all updates are bulk
+  ``POST``/``PATCH`` of up to 50 leads or contacts.
 - The MIS ids live in custom fields (``fields.crm_fields.contact.mis_patient_id`` and
   ``fields.crm_fields.deal.mis_appointment_id``; field ids are per entity). amoCRM cannot filter by them
   in bulk, so a look-up by MIS id scans what changed since the earliest recorded create intent (see
@@ -380,12 +382,17 @@ class AmoCrmGateway:
         outcome = WriteOutcome()
         contacts = {w.patient_id: w for w in writes if isinstance(w, ContactWrite)}
         deals = [w for w in writes if isinstance(w, DealWrite)]
-        # A new patient's first new visit goes with its contact in one complex item.
-        complex_items: list[tuple[ContactWrite, DealWrite]] = []
+        # A new patient's first new visit goes with its contact in one complex item; a known patient's new
+        # visit (its contact untouched here) rides in the same request by reference: one create request.
+        complex_items: list[tuple[ContactWrite | None, DealWrite]] = []
         paired: set[str] = set()
         for deal in deals:
+            if deal.deal_id is not None:
+                continue
             contact = contacts.get(deal.patient_id)
-            if deal.deal_id is None and contact and contact.contact_id is None and deal.patient_id not in paired:
+            if contact is None and deal.contact_id is not None:
+                complex_items.append((None, deal))
+            elif contact and contact.contact_id is None and deal.patient_id not in paired:
                 complex_items.append((contact, deal))
                 paired.add(deal.patient_id)
         self._complex(complex_items, outcome)
@@ -467,13 +474,20 @@ class AmoCrmGateway:
             out.append(f"{kind} on {label}")
         return "; ".join(out)
 
-    def _complex(self, pairs: list[tuple[ContactWrite, DealWrite]], outcome: WriteOutcome) -> None:
+    def _complex(self, pairs: list[tuple[ContactWrite | None, DealWrite]], outcome: WriteOutcome) -> None:
+        """``(new contact, its deal)`` items, or ``(None, deal)`` for a deal on a known contact (an ``{id}``
+        reference, which amoCRM's complex add takes as well as a new contact)."""
         for chunk in _chunks(pairs, BULK):
             items = []
+            new_contact: set[str] = set()
             for contact, deal in chunk:
                 try:
                     body = self._lead_body(deal)
-                    body["_embedded"] = {"contacts": [self._contact_body(contact)]}
+                    if contact is None:
+                        body["_embedded"] = {"contacts": [{"id": int(str(deal.contact_id)), "is_main": True}]}
+                    else:
+                        body["_embedded"] = {"contacts": [self._contact_body(contact)]}
+                        new_contact.add(f"d:{deal.appointment_id}")
                 except FieldValueError as exc:
                     outcome.failed.setdefault(deal.patient_id, f"invalid_field: {exc}")
                     continue
@@ -488,7 +502,8 @@ class AmoCrmGateway:
                 for request_id in request_ids if isinstance(request_ids, list) else [request_ids]:
                     if request_id in patients:
                         outcome.deal_ids[str(request_id).removeprefix("d:")] = str(row["id"])
-                        outcome.contact_ids[patients[request_id]] = str(row["contact_id"])
+                        if request_id in new_contact:
+                            outcome.contact_ids[patients[request_id]] = str(row["contact_id"])
 
     def _contacts(self, writes: list[ContactWrite], outcome: WriteOutcome) -> None:
         for create in (True, False):

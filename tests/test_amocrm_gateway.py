@@ -10,16 +10,20 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import boto3
 import httpx
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from moto import mock_aws
 
 from clinicsync.adapters.amocrm import AmoCrmBlocked, AmoCrmClient, MemoryCircuitBreaker
 from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
 from clinicsync.adapters.amocrm_oauth import AmoCrmOAuth, AmoCrmTokens, parse_tokens
 from clinicsync.adapters.bitrix24 import Pacer
+from clinicsync.crypto import KeyedHasher
 from clinicsync.ports import ContactWrite, DealWrite
+from clinicsync.store import DynamoStore
 from sandbox.emulators.amocrm import (
     CONTACT_FIELD_MIS_PATIENT_ID,
     LEAD_FIELD_MIS_APPOINTMENT_ID,
@@ -489,3 +493,80 @@ def test_a_leads_contact_is_its_main_contact_not_the_first_listed(amo: tuple[Amo
     assert [(c["id"], c["is_main"]) for c in listed] == [(other, False), (caller, True)]
     gateway = _gateway(emulator, base, _adopting(_config()))
     assert gateway.fetch("lead", [str(lead)])[str(lead)]["phone"] == "+79161112233"
+
+
+@pytest.fixture
+def table_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[DynamoStore]:
+    from tests.test_store import _table_from_template
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        resource = boto3.resource("dynamodb", region_name="eu-central-1")
+        yield DynamoStore(resource.create_table(**_table_from_template()))
+
+
+HASHER = KeyedHasher(b"clinic-key-for-the-tests")
+
+
+def _container(emulator: AmoCrmEmulator, base: str, book: DynamoStore, config: Any = None) -> AmoCrmGateway:
+    """A new container: its own client (so its own in-memory index), the clinic's table and key."""
+    client = AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST)
+    return AmoCrmGateway(client, config or _adopting(_config()), "", book, HASHER.phone_key)
+
+
+def test_a_new_container_reads_only_what_changed_since_the_stored_phone_index(
+    amo: tuple[AmoCrmEmulator, str], table_store: DynamoStore
+) -> None:
+    """The first container reads every contact once; a later cold container starts from the stored
+    index and reads only the contacts changed since, yet finds an old contact and its open lead."""
+    emulator, base = amo
+    _unlimited(emulator)
+    for n in range(600):  # three pages of other people's contacts
+        emulator.manager_create_contact(first_name=f"Другой {n}")
+    emulator.clock.advance(5)
+    typed = emulator.manager_create_contact(first_name="Анна", custom_fields_values=_typed_phone("8 (916) 123-45-67"))
+    lead = emulator.manager_create_lead("Заявка", contact_ids=[typed], status_id=STATUS_NEW_REQUEST)
+    emulator.clock.advance(5)
+
+    before = emulator.stats()["requests"]
+    assert _container(emulator, base, table_store).find([], [], phones=["+79160000001"]).phones == {}
+    assert emulator.stats()["requests"] - before == 3  # none stored yet: every contact, 250 per page
+
+    before = emulator.stats()["requests"]
+    cold = _container(emulator, base, table_store)
+    assert cold.find([], [], phones=["+79160000001"]).phones == {}
+    assert emulator.stats()["requests"] - before == 1  # only what changed since the stored cursor
+    match = _container(emulator, base, table_store).find([], [], phones=["+79161234567"]).phones["+79161234567"]
+    assert match.contacts == ((str(typed), None),)
+    assert match.deals == ((str(lead), str(MAIN_PIPELINE_ID), str(STATUS_NEW_REQUEST)),)
+
+
+def test_the_stored_phone_index_follows_phone_changes_and_deletions_and_holds_no_phone(
+    amo: tuple[AmoCrmEmulator, str], table_store: DynamoStore
+) -> None:
+    emulator, base = amo
+    _unlimited(emulator)
+    moved = emulator.manager_create_contact(first_name="Анна", custom_fields_values=_typed_phone("+7 916 111-22-33"))
+    gone = emulator.manager_create_contact(first_name="Дубль", custom_fields_values=_typed_phone("89161112233"))
+    assert (
+        len(
+            _container(emulator, base, table_store)
+            .find([], [], phones=["+79161112233"])
+            .phones["+79161112233"]
+            .contacts
+        )
+        == 2
+    )
+    emulator.clock.advance(5)
+    emulator.manager_update_contact(moved, custom_fields_values=_typed_phone("8 916 700 11 22"))
+    emulator.manager_delete_contact(gone)
+    cold = _container(emulator, base, table_store)
+    assert cold.find([], [], phones=["+79161112233"]).phones == {}
+    again = _container(emulator, base, table_store)
+    assert again.find([], [], phones=["+79167001122"]).phones["+79167001122"].contacts == ((str(moved), None),)
+    cursor, stored = table_store.crm_phone_index()
+    assert cursor is not None
+    assert stored == {str(moved): {HASHER.phone_key("+79167001122")}}  # the old phone and the deleted contact dropped
+    items = table_store._table.scan()["Items"]
+    assert not any(digits in str(item) for item in items for digits in ("9161112233", "9167001122"))

@@ -570,3 +570,53 @@ def test_the_stored_phone_index_follows_phone_changes_and_deletions_and_holds_no
     assert stored == {str(moved): {HASHER.phone_key("+79167001122")}}  # the old phone and the deleted contact dropped
     items = table_store._table.scan()["Items"]
     assert not any(digits in str(item) for item in items for digits in ("9161112233", "9167001122"))
+
+
+@pytest.fixture(scope="module")
+def shared_table() -> Iterator[DynamoStore]:
+    """One moto table for every example of a property test (the index partition is the account's)."""
+    from tests.test_store import _table_from_template
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
+        patch.delenv("AWS_ENDPOINT_URL", raising=False)
+        with mock_aws():
+            resource = boto3.resource("dynamodb", region_name="eu-central-1")
+            yield DynamoStore(resource.create_table(**_table_from_template()))
+
+
+@given(stored=_stored_formats(), others=st.integers(min_value=0, max_value=6))
+@example(stored=("8 (916) 111 22 33", "+79161112233"), others=0)
+@example(stored=("+7 916 700 11 22", "+79167001122"), others=1)
+@example(stored=("7 916 111 22 35", "+79161112235"), others=2)
+def test_a_new_container_finds_a_phone_in_any_stored_format_from_the_stored_index(
+    shared_amo: tuple[AmoCrmEmulator, str], shared_table: DynamoStore, stored: tuple[str, str], others: int
+) -> None:
+    """Indexed by one container, found by another that read nothing but what changed since: the stored
+    keyed hash is of the normalised number, so the spelling typed into amoCRM does not matter."""
+    emulator, base = shared_amo
+    typed, e164 = stored
+    contact = emulator.manager_create_contact(first_name="Анна", custom_fields_values=_typed_phone(typed))
+    lead = emulator.manager_create_lead("Заявка с сайта", contact_ids=[contact], status_id=STATUS_NEW_REQUEST)
+    try:
+        phones = [e164] + [f"+7903000000{n}" for n in range(others)]
+        first = _container(emulator, base, shared_table)
+        first.find([], [], phones=phones)  # indexes and stores it
+        emulator.clock.advance(2)
+        filler = emulator.manager_create_contact(first_name="Другой")
+        first.find([], [], phones=["+79030000099"])  # the stored cursor moves past Анна's second
+        emulator.manager_delete_contact(filler)
+        reads = len(emulator.list_reads())
+        match = _container(emulator, base, shared_table).find([], [], phones=phones).phones.get(e164)
+        by_id = [
+            args
+            for path, args in emulator.list_reads()[reads:]
+            if "contacts" in path and "id" in args.get("filter", {})
+        ]
+        assert by_id, "found through the stored index, then re-read by id"
+        assert match is not None, typed
+        assert match.contacts == ((str(contact), None),)
+        assert match.deals == ((str(lead), str(MAIN_PIPELINE_ID), str(STATUS_NEW_REQUEST)),)
+    finally:
+        emulator.manager_delete_lead(lead)
+        emulator.manager_delete_contact(contact)

@@ -10,16 +10,20 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import boto3
 import httpx
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from moto import mock_aws
 
 from clinicsync.adapters.amocrm import AmoCrmBlocked, AmoCrmClient, MemoryCircuitBreaker
 from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
 from clinicsync.adapters.amocrm_oauth import AmoCrmOAuth, AmoCrmTokens, parse_tokens
 from clinicsync.adapters.pacing import Pacer
+from clinicsync.crypto import KeyedHasher
 from clinicsync.ports import ContactWrite, DealWrite
+from clinicsync.store import DynamoStore
 from sandbox.emulators.amocrm import (
     CONTACT_FIELD_MIS_PATIENT_ID,
     LEAD_FIELD_MIS_APPOINTMENT_ID,
@@ -101,6 +105,32 @@ def test_a_new_patient_and_visit_is_one_complex_item(amo: tuple[AmoCrmEmulator, 
     assert emulator.stats()["endpoints"].get("POST /api/v4/leads/complex") == 2  # 60 items, 50 per request
     for appointment, lead_id in outcome.deal_ids.items():
         assert emulator.lead_contact_ids(int(lead_id)) == [int(outcome.contact_ids[appointment.replace("a", "p")])]
+
+
+def test_a_polls_new_visits_of_known_and_new_patients_are_created_in_one_request(
+    amo: tuple[AmoCrmEmulator, str],
+) -> None:
+    """A known patient's new visit goes by contact reference into the complex request that creates the
+    new patients: one create request for the poll, each lead on its own patient's contact."""
+    emulator, base = amo
+    known = emulator.manager_create_contact(first_name="Постоянная")
+    writes = _writes(0, 2)
+    visit = datetime(2026, 12, 2, 11, 0, tzinfo=ZoneInfo("Europe/Moscow")).isoformat()
+    writes += [
+        DealWrite(f"k{i}", "pk", None, str(MAIN_PIPELINE_ID), str(STATUS_BOOKED), {"visit_at": visit}, str(known))
+        for i in range(2)
+    ]
+    gateway = AmoCrmGateway(AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST), _config())
+    before = dict(emulator.stats()["endpoints"])
+    outcome = gateway.apply(writes)
+    after = emulator.stats()["endpoints"]
+    assert outcome.failed == {}
+    sent = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+    assert sent == {"POST /api/v4/leads/complex": 1}
+    assert "pk" not in outcome.contact_ids  # a known contact is referenced, not written
+    for i in range(2):
+        assert emulator.lead_contact_ids(int(outcome.deal_ids[f"k{i}"])) == [known]
+        assert emulator.lead_contact_ids(int(outcome.deal_ids[f"a{i}"])) == [int(outcome.contact_ids[f"p{i}"])]
 
 
 def test_a_reused_refresh_token_is_recovered_without_losing_a_write(amo: tuple[AmoCrmEmulator, str]) -> None:
@@ -463,3 +493,130 @@ def test_a_leads_contact_is_its_main_contact_not_the_first_listed(amo: tuple[Amo
     assert [(c["id"], c["is_main"]) for c in listed] == [(other, False), (caller, True)]
     gateway = _gateway(emulator, base, _adopting(_config()))
     assert gateway.fetch("lead", [str(lead)])[str(lead)]["phone"] == "+79161112233"
+
+
+@pytest.fixture
+def table_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[DynamoStore]:
+    from tests.adapters.test_store import _table_from_template
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        resource = boto3.resource("dynamodb", region_name="eu-central-1")
+        yield DynamoStore(resource.create_table(**_table_from_template()))
+
+
+HASHER = KeyedHasher(b"clinic-key-for-the-tests")
+
+
+def _container(emulator: AmoCrmEmulator, base: str, book: DynamoStore, config: Any = None) -> AmoCrmGateway:
+    """A new container: its own client (so its own in-memory index), the clinic's table and key."""
+    client = AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST)
+    return AmoCrmGateway(client, config or _adopting(_config()), "", book, HASHER.phone_key)
+
+
+def test_a_new_container_reads_only_what_changed_since_the_stored_phone_index(
+    amo: tuple[AmoCrmEmulator, str], table_store: DynamoStore
+) -> None:
+    """The first container reads every contact once; a later cold container starts from the stored
+    index and reads only the contacts changed since, yet finds an old contact and its open lead."""
+    emulator, base = amo
+    _unlimited(emulator)
+    for n in range(600):  # three pages of other people's contacts
+        emulator.manager_create_contact(first_name=f"Другой {n}")
+    emulator.clock.advance(5)
+    typed = emulator.manager_create_contact(first_name="Анна", custom_fields_values=_typed_phone("8 (916) 123-45-67"))
+    lead = emulator.manager_create_lead("Заявка", contact_ids=[typed], status_id=STATUS_NEW_REQUEST)
+    emulator.clock.advance(5)
+
+    before = emulator.stats()["requests"]
+    assert _container(emulator, base, table_store).find([], [], phones=["+79160000001"]).phones == {}
+    assert emulator.stats()["requests"] - before == 3  # none stored yet: every contact, 250 per page
+
+    before = emulator.stats()["requests"]
+    cold = _container(emulator, base, table_store)
+    assert cold.find([], [], phones=["+79160000001"]).phones == {}
+    assert emulator.stats()["requests"] - before == 1  # only what changed since the stored cursor
+    match = _container(emulator, base, table_store).find([], [], phones=["+79161234567"]).phones["+79161234567"]
+    assert match.contacts == ((str(typed), None),)
+    assert match.deals == ((str(lead), str(MAIN_PIPELINE_ID), str(STATUS_NEW_REQUEST)),)
+
+
+def test_the_stored_phone_index_follows_phone_changes_and_deletions_and_holds_no_phone(
+    amo: tuple[AmoCrmEmulator, str], table_store: DynamoStore
+) -> None:
+    emulator, base = amo
+    _unlimited(emulator)
+    moved = emulator.manager_create_contact(first_name="Анна", custom_fields_values=_typed_phone("+7 916 111-22-33"))
+    gone = emulator.manager_create_contact(first_name="Дубль", custom_fields_values=_typed_phone("89161112233"))
+    assert (
+        len(
+            _container(emulator, base, table_store)
+            .find([], [], phones=["+79161112233"])
+            .phones["+79161112233"]
+            .contacts
+        )
+        == 2
+    )
+    emulator.clock.advance(5)
+    emulator.manager_update_contact(moved, custom_fields_values=_typed_phone("8 916 700 11 22"))
+    emulator.manager_delete_contact(gone)
+    cold = _container(emulator, base, table_store)
+    assert cold.find([], [], phones=["+79161112233"]).phones == {}
+    again = _container(emulator, base, table_store)
+    assert again.find([], [], phones=["+79167001122"]).phones["+79167001122"].contacts == ((str(moved), None),)
+    cursor, stored = table_store.crm_phone_index()
+    assert cursor is not None
+    assert stored == {str(moved): {HASHER.phone_key("+79167001122")}}  # the old phone and the deleted contact dropped
+    items = table_store._table.scan()["Items"]
+    assert not any(digits in str(item) for item in items for digits in ("9161112233", "9167001122"))
+
+
+@pytest.fixture(scope="module")
+def shared_table() -> Iterator[DynamoStore]:
+    """One moto table for every example of a property test (the index partition is the account's)."""
+    from tests.adapters.test_store import _table_from_template
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
+        patch.delenv("AWS_ENDPOINT_URL", raising=False)
+        with mock_aws():
+            resource = boto3.resource("dynamodb", region_name="eu-central-1")
+            yield DynamoStore(resource.create_table(**_table_from_template()))
+
+
+@given(stored=_stored_formats(), others=st.integers(min_value=0, max_value=6))
+@example(stored=("8 (916) 111 22 33", "+79161112233"), others=0)
+@example(stored=("+7 916 700 11 22", "+79167001122"), others=1)
+@example(stored=("7 916 111 22 35", "+79161112235"), others=2)
+def test_a_new_container_finds_a_phone_in_any_stored_format_from_the_stored_index(
+    shared_amo: tuple[AmoCrmEmulator, str], shared_table: DynamoStore, stored: tuple[str, str], others: int
+) -> None:
+    """Indexed by one container, found by another that read nothing but what changed since: the stored
+    keyed hash is of the normalised number, so the spelling typed into amoCRM does not matter."""
+    emulator, base = shared_amo
+    typed, e164 = stored
+    contact = emulator.manager_create_contact(first_name="Анна", custom_fields_values=_typed_phone(typed))
+    lead = emulator.manager_create_lead("Заявка с сайта", contact_ids=[contact], status_id=STATUS_NEW_REQUEST)
+    try:
+        phones = [e164] + [f"+7903000000{n}" for n in range(others)]
+        first = _container(emulator, base, shared_table)
+        first.find([], [], phones=phones)  # indexes and stores it
+        emulator.clock.advance(2)
+        filler = emulator.manager_create_contact(first_name="Другой")
+        first.find([], [], phones=["+79030000099"])  # the stored cursor moves past Анна's second
+        emulator.manager_delete_contact(filler)
+        reads = len(emulator.list_reads())
+        match = _container(emulator, base, shared_table).find([], [], phones=phones).phones.get(e164)
+        by_id = [
+            args
+            for path, args in emulator.list_reads()[reads:]
+            if "contacts" in path and "id" in args.get("filter", {})
+        ]
+        assert by_id, "found through the stored index, then re-read by id"
+        assert match is not None, typed
+        assert match.contacts == ((str(contact), None),)
+        assert match.deals == ((str(lead), str(MAIN_PIPELINE_ID), str(STATUS_NEW_REQUEST)),)
+    finally:
+        emulator.manager_delete_lead(lead)
+        emulator.manager_delete_contact(contact)

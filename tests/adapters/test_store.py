@@ -8,6 +8,8 @@ from typing import Any
 
 import boto3
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from moto import mock_aws
 
 from clinicsync.models import AppointmentStatus
@@ -175,3 +177,22 @@ def test_a_subjects_new_opt_outs_and_their_audit_cost_one_request(store: DynamoS
         ("marketing", "crm"),
         ("sms", "mis"),
     ]
+
+
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(moves=st.lists(st.integers(min_value=1, max_value=2**40), min_size=1, max_size=8))
+def test_the_crm_phone_index_cursor_only_moves_forward_whatever_the_order_containers_report(
+    store: DynamoStore, moves: list[int]
+) -> None:
+    """Containers store how far they read in any order: a slower one never moves the cursor back, or a
+    new container would skip the contacts changed in between."""
+    store._table.delete_item(Key={"pk": "CRMPHONES", "sk": "CURSOR"})
+    for seen_to in moves:
+        store.advance_crm_phones(seen_to)
+    assert store.crm_phone_index()[0] == max(moves)
+
+
+def test_crm_phone_index_entries_are_added_and_dropped_per_contact(store: DynamoStore) -> None:
+    store.update_crm_phones(add=[("11", "k1"), ("11", "k2"), ("12", "k1")], drop=[])
+    store.update_crm_phones(add=[("11", "k3")], drop=[("11", "k1"), ("13", "k9")])  # dropping a missing one is fine
+    assert store.crm_phone_index() == (None, {"11": {"k2", "k3"}, "12": {"k1"}})

@@ -12,6 +12,8 @@ Key design (documented in docs/storage.md):
     CLAIM#<patient id>      C                     the syncer invocation writing this patient right now
     INTENT#<P|A>#<id>       I                     a create about to be sent (lost-response recovery)
     PHONE#<hmac>            PAT#<patient id>      phone index (keyed HMAC, never the number)
+    CRMPHONES               E#<contact>#<hmac>    the CRM account's contacts by phone key (amoCRM look-up)
+    CRMPHONES               CURSOR                how far that index has read the CRM (``updated_at``)
     CONSENT#<subject>       CH#<channel>          current state per channel: opted_out, source, at (sticky)
     CONSENT#<subject>       AUDIT#<ts>#<ch>#<ev>  audit trail (event, source, detail), expires via TTL
     CONSENT#<subject>       ID                    keyed hashes and system ids the subject is known by
@@ -52,6 +54,20 @@ _MEMBER_PREFIX = "m_"
 
 def _patient_pk(patient_id: str) -> str:
     return f"PAT#{patient_id}"
+
+
+_CRM_PHONES = "CRMPHONES"
+
+
+def _crm_phone_sk(contact_id: str, phone_key: str) -> str:
+    """The one place the CRM phone index's entry key is spelt (read back by ``_crm_phone_entry``)."""
+    return f"E#{contact_id}#{phone_key}"
+
+
+def _crm_phone_entry(sk: str) -> tuple[str, str] | None:
+    kind, _, rest = sk.partition("#")
+    contact_id, _, phone_key = rest.partition("#")
+    return (contact_id, phone_key) if kind == "E" and contact_id and phone_key else None
 
 
 def _opt_dt(value: Any) -> datetime | None:
@@ -451,6 +467,47 @@ class DynamoStore:
     def patients_by_phone(self, phone_key: str) -> list[str]:
         page = self._table.query(KeyConditionExpression=Key("pk").eq(f"PHONE#{phone_key}"))
         return [str(item["sk"]).removeprefix("PAT#") for item in page.get("Items", [])]
+
+    # --- the CRM account's phone index (amoCRM: its contacts cannot be searched by phone) -------------
+
+    def crm_phone_index(self) -> tuple[int | None, dict[str, set[str]]]:
+        """(how far the index has read the CRM, contact id -> phone keys). The cursor sorts first in the
+        partition, so it is read before the entries: every entry written before it moved is then read."""
+        cursor: int | None = None
+        contacts: dict[str, set[str]] = {}
+        query: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(_CRM_PHONES), "ConsistentRead": True}
+        while True:
+            page = self._table.query(**query)
+            for item in page.get("Items", []):
+                if item["sk"] == "CURSOR":
+                    cursor = int(str(item["seen_to"]))
+                elif (entry := _crm_phone_entry(str(item["sk"]))) is not None:
+                    contacts.setdefault(entry[0], set()).add(entry[1])
+            if "LastEvaluatedKey" not in page:
+                return cursor, contacts
+            query["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def update_crm_phones(self, add: Sequence[tuple[str, str]], drop: Sequence[tuple[str, str]]) -> None:
+        """Put and delete ``(contact id, phone key)`` entries, in batches; both are safe to repeat."""
+        if not add and not drop:
+            return
+        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+            for contact_id, phone_key in dict.fromkeys(drop):
+                batch.delete_item(Key={"pk": _CRM_PHONES, "sk": _crm_phone_sk(contact_id, phone_key)})
+            for contact_id, phone_key in dict.fromkeys(add):
+                batch.put_item(Item={"pk": _CRM_PHONES, "sk": _crm_phone_sk(contact_id, phone_key)})
+
+    def advance_crm_phones(self, seen_to: int) -> None:
+        """Move the index's cursor forward only: a slower container never moves it back."""
+        try:
+            self._table.put_item(
+                Item={"pk": _CRM_PHONES, "sk": "CURSOR", "seen_to": seen_to},
+                ConditionExpression="attribute_not_exists(pk) OR seen_to < :to",
+                ExpressionAttributeValues={":to": seen_to},
+            )
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
 
     # --- consent ledger ----------------------------------------------------------------------------
 

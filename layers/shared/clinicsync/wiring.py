@@ -346,7 +346,9 @@ def crm_gateway(config: ClinicConfig) -> CrmGateway:
         from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
 
         amo = _amocrm_client(settings().crm_secret_arn, crm.requests_per_second, crm.burst, crm.shared_budget)
-        return AmoCrmGateway(amo, config, str(secret(settings().crm_secret_arn).get("user_id", "")))
+        user = str(secret(settings().crm_secret_arn).get("user_id", ""))
+        # The phone index outlives the container in the table, under the clinic's keyed hash.
+        return AmoCrmGateway(amo, config, user, store(), lambda e164: hasher().phone_key(e164))
     raise NotImplementedError(f"CRM kind {crm.kind!r} is not available yet")
 
 

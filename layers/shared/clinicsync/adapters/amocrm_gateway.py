@@ -1,7 +1,9 @@
 """amoCRM gateway: the domain's look-ups and writes in amoCRM API v4 terms.
 
-- A new patient with a new visit is one item of ``POST /api/v4/leads/complex`` (≤50 per request).
-- Other creates and all updates are bulk ``POST``/``PATCH`` of up to 50 leads or contacts.
+- A new patient with a new visit is one item of ``POST /api/v4/leads/complex`` (≤50 per request); so is
+  a new visit on a contact we already know (an ``{id}`` reference), so a poll's creates share requests.
+- Other creates (a new patient's further visits, which need its new contact id) and all updates are bulk
+  ``POST``/``PATCH`` of up to 50 leads or contacts.
 - The MIS ids live in custom fields (``fields.crm_fields.contact.mis_patient_id`` and
   ``fields.crm_fields.deal.mis_appointment_id``; field ids are per entity). amoCRM cannot filter by them
   in bulk, so a look-up by MIS id scans what changed since the earliest recorded create intent (see
@@ -9,10 +11,11 @@
 - Phones are never searched with ``query``: how it tokenises a stored ``8 (916) 111 22 33`` is
   undocumented, and on a raw-substring search no one string finds every way a person types a number.
   Every phone of a poll, one or a thousand, is matched against the account's contacts after
-  normalising both sides (``_PhoneIndex``): read 250 per page once per container, then only what
-  changed since, one request per look-up. A contact matched from an earlier read is read again by id
-  before it is used, so its leads are current and a deleted one drops out (docs/architecture.md,
-  "amoCRM phone look-up").
+  normalising both sides (``_PhoneIndex``): the index is stored in the table (contact ids and keyed
+  hashes of phones) so a new container does not read every contact again; each look-up reads only
+  what changed since, one request. A contact matched from an earlier read is read again by id before
+  it is used, so its leads are current and a deleted one drops out (docs/architecture.md, "amoCRM
+  phone look-up").
 
 No rule lives here: stages, funnels and adoption are decided by ``clinicsync.rules``.
 """
@@ -22,10 +25,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from clinicsync.adapters.amocrm import PAGE_LIMIT as PAGE
 from clinicsync.adapters.amocrm import AmoCrmClient, AmoCrmError, AmoCrmOutcomeUnknown, main_contact
@@ -70,9 +73,10 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 class _PhoneIndex:
     """The account's contacts as far as adoption needs them: normalised phones, owner, lead ids.
 
-    Kept per account for the container's life: the first use reads every contact (250 per page), later
-    uses read only contacts updated since the newest ``updated_at`` seen (inclusive, so writes in that
-    same second are read again). Ids and digits only, in memory; nothing of it is logged or stored.
+    Kept per account for the container's life: the first use starts from the stored index (or reads
+    every contact, 250 per page, when none is stored), later uses read only contacts updated since the
+    newest ``updated_at`` seen (inclusive, so writes in that same second are read again). Phones are
+    held as keyed hashes when the index is stored, never in clear; nothing of it is logged.
     Linking a lead may not touch its contact's ``updated_at``, so lead ids from an earlier read are
     never trusted: the gateway re-reads such a contact before it uses it.
     """
@@ -88,6 +92,17 @@ class _PhoneIndex:
         return out
 
 
+class PhoneBook(Protocol):
+    """The phone index as stored between containers (``clinicsync.store.DynamoStore``): contact ids and
+    keyed hashes of their phones, and the ``updated_at`` the index has read the account up to."""
+
+    def crm_phone_index(self) -> tuple[int | None, dict[str, set[str]]]: ...
+
+    def update_crm_phones(self, add: Sequence[tuple[str, str]], drop: Sequence[tuple[str, str]]) -> None: ...
+
+    def advance_crm_phones(self, seen_to: int) -> None: ...
+
+
 # One index per client: wiring keeps one client per container, so the index survives warm invocations.
 _INDEXES: weakref.WeakKeyDictionary[AmoCrmClient, _PhoneIndex] = weakref.WeakKeyDictionary()
 
@@ -96,10 +111,23 @@ class AmoCrmGateway:
     kind = "amocrm"
     lookups_need_intents = True
 
-    def __init__(self, client: AmoCrmClient, config: ClinicConfig, user_id: str = "") -> None:
+    def __init__(
+        self,
+        client: AmoCrmClient,
+        config: ClinicConfig,
+        user_id: str = "",
+        phone_book: PhoneBook | None = None,
+        phone_key: Callable[[str], str] | None = None,
+    ) -> None:
+        """``phone_book`` keeps the phone index between containers, under ``phone_key`` (a keyed hash):
+        without it the index lives in the container only."""
+        if phone_book is not None and phone_key is None:
+            raise ValueError("a stored phone index needs a keyed hash for its phones")
         self._client = client
         self._config = config
         self._user = user_id
+        self._book = phone_book
+        self._phone_keys = phone_key
         missing = [n for n in ("mis_patient_id", "mis_appointment_id") if self._field(n) is None]
         if missing:
             raise ValueError(f"amoCRM needs custom field ids in fields.crm_fields for: {', '.join(missing)}")
@@ -168,19 +196,22 @@ class AmoCrmGateway:
     def _by_phones(self, phones: Sequence[str]) -> dict[str, PhoneCandidates]:
         """Match ``phones`` (E.164) against the account's contacts, however many there are."""
         index, fresh = self._phone_index()
-        wanted = set(phones)
+        keys = {phone: self._phone_key(phone) for phone in phones}
+        wanted = set(keys.values())
         stale = [cid for cid, (numbers, _, _) in index.contacts.items() if numbers & wanted and cid not in fresh]
         if stale:
             # Read earlier: their links may have changed without touching them, or they may be gone.
             rows = self._client.rows_by_id("/api/v4/contacts", "contacts", stale, [("with", "leads")])
+            before = {cid: index.contacts[cid][0] for cid in stale}
             found = {self._index_row(index, row, advance=False) for row in rows}
             for cid in set(stale) - found:  # forgotten only once the whole re-read has answered
                 del index.contacts[cid]
+            self._persist(before, index)
         owners = index.by_phone()
         matched: dict[str, list[tuple[str, str | None]]] = {}
         lead_ids: dict[str, str] = {}  # lead id -> phone
         for phone in phones:
-            for contact_id in owners.get(phone, []):
+            for contact_id in owners.get(keys[phone], []):
                 _, owner, leads = index.contacts[contact_id]
                 matched.setdefault(phone, []).append((contact_id, owner))
                 lead_ids.update(dict.fromkeys(leads, phone))
@@ -190,18 +221,50 @@ class AmoCrmGateway:
             for phone in set(matched) | set(deals)
         }
 
+    def _phone_key(self, e164: str) -> str:
+        return self._phone_keys(e164) if self._phone_keys else e164
+
     def _phone_index(self) -> tuple[_PhoneIndex, set[str]]:
-        """The index brought up to date, and the ids of the contacts this call read (current links)."""
-        index = _INDEXES.setdefault(self._client, _PhoneIndex())
-        rows = self._client.rows_since("/api/v4/contacts", "contacts", index.seen_to or 0, [("with", "leads")])
+        """The index brought up to date, and the ids of the contacts this call read (current links).
+
+        A container's first use starts from the stored index (ids and keyed hashes, ``clinicsync.store``)
+        and reads only what changed since it was stored; with none stored, every contact once."""
+        index = _INDEXES.get(self._client)
+        if index is None:
+            index = _INDEXES.setdefault(self._client, _PhoneIndex())
+            if self._book is not None:
+                index.seen_to, stored = self._book.crm_phone_index()
+                for cid, phone_keys in stored.items():
+                    # Owner and links unknown: a match is re-read by id before it is used.
+                    index.contacts[cid] = (frozenset(phone_keys), None, ())
+        seen_to = index.seen_to
+        rows = list(self._client.rows_since("/api/v4/contacts", "contacts", seen_to or 0, [("with", "leads")]))
+        before = {str(row["id"]): index.contacts.get(str(row["id"]), (frozenset(),))[0] for row in rows}
         fresh = {self._index_row(index, row) for row in rows}
+        self._persist(before, index)
+        if self._book is not None and index.seen_to is not None and index.seen_to != seen_to:
+            self._book.advance_crm_phones(index.seen_to)  # after the entries it covers are stored
         return index, fresh
+
+    def _persist(self, before: Mapping[str, frozenset[str]], index: _PhoneIndex) -> None:
+        """Store what changed in the phone keys of the contacts in ``before`` (a contact gone: all of them)."""
+        if self._book is None:
+            return
+        add: list[tuple[str, str]] = []
+        drop: list[tuple[str, str]] = []
+        for cid, old in before.items():
+            new = index.contacts[cid][0] if cid in index.contacts else frozenset()
+            add += [(cid, key) for key in sorted(new - old)]
+            drop += [(cid, key) for key in sorted(old - new)]
+        self._book.update_crm_phones(add, drop)
 
     def _index_row(self, index: _PhoneIndex, row: Mapping[str, Any], *, advance: bool = True) -> str:
         """Put one contact row in the index. Only rows of the ``updated_at`` scan move ``seen_to``: a
         contact re-read by id may be newer than others changed meanwhile that the next scan must read."""
         region = self._config.matching.default_region
-        phones = frozenset(n for v in self._values(row, code="PHONE") if (n := normalise_phone(v, region)))
+        phones = frozenset(
+            self._phone_key(n) for v in self._values(row, code="PHONE") if (n := normalise_phone(v, region))
+        )
         leads = tuple(str(lead["id"]) for lead in _embedded(row, "leads"))
         contact_id = str(row["id"])
         index.contacts[contact_id] = (phones, self._value(row, self._field("mis_patient_id")) or None, leads)
@@ -380,12 +443,17 @@ class AmoCrmGateway:
         outcome = WriteOutcome()
         contacts = {w.patient_id: w for w in writes if isinstance(w, ContactWrite)}
         deals = [w for w in writes if isinstance(w, DealWrite)]
-        # A new patient's first new visit goes with its contact in one complex item.
-        complex_items: list[tuple[ContactWrite, DealWrite]] = []
+        # A new patient's first new visit goes with its contact in one complex item; a known patient's new
+        # visit (its contact untouched here) rides in the same request by reference: one create request.
+        complex_items: list[tuple[ContactWrite | None, DealWrite]] = []
         paired: set[str] = set()
         for deal in deals:
+            if deal.deal_id is not None:
+                continue
             contact = contacts.get(deal.patient_id)
-            if deal.deal_id is None and contact and contact.contact_id is None and deal.patient_id not in paired:
+            if contact is None and deal.contact_id is not None:
+                complex_items.append((None, deal))
+            elif contact and contact.contact_id is None and deal.patient_id not in paired:
                 complex_items.append((contact, deal))
                 paired.add(deal.patient_id)
         self._complex(complex_items, outcome)
@@ -467,13 +535,20 @@ class AmoCrmGateway:
             out.append(f"{kind} on {label}")
         return "; ".join(out)
 
-    def _complex(self, pairs: list[tuple[ContactWrite, DealWrite]], outcome: WriteOutcome) -> None:
+    def _complex(self, pairs: list[tuple[ContactWrite | None, DealWrite]], outcome: WriteOutcome) -> None:
+        """``(new contact, its deal)`` items, or ``(None, deal)`` for a deal on a known contact (an ``{id}``
+        reference, which amoCRM's complex add takes as well as a new contact)."""
         for chunk in _chunks(pairs, BULK):
             items = []
+            new_contact: set[str] = set()
             for contact, deal in chunk:
                 try:
                     body = self._lead_body(deal)
-                    body["_embedded"] = {"contacts": [self._contact_body(contact)]}
+                    if contact is None:
+                        body["_embedded"] = {"contacts": [{"id": int(str(deal.contact_id)), "is_main": True}]}
+                    else:
+                        body["_embedded"] = {"contacts": [self._contact_body(contact)]}
+                        new_contact.add(f"d:{deal.appointment_id}")
                 except FieldValueError as exc:
                     outcome.failed.setdefault(deal.patient_id, f"invalid_field: {exc}")
                     continue
@@ -488,7 +563,8 @@ class AmoCrmGateway:
                 for request_id in request_ids if isinstance(request_ids, list) else [request_ids]:
                     if request_id in patients:
                         outcome.deal_ids[str(request_id).removeprefix("d:")] = str(row["id"])
-                        outcome.contact_ids[patients[request_id]] = str(row["contact_id"])
+                        if request_id in new_contact:
+                            outcome.contact_ids[patients[request_id]] = str(row["contact_id"])
 
     def _contacts(self, writes: list[ContactWrite], outcome: WriteOutcome) -> None:
         for create in (True, False):

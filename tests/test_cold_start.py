@@ -114,3 +114,15 @@ assert not tracer.disabled and type(tracer.provider).__module__.startswith("aws_
     env: dict[str, str | None] = {"POWERTOOLS_TRACE_DISABLED": None, "LAMBDA_TASK_ROOT": str(tmp_path)}
     loaded = _loaded_after("stage_syncer", statement, env)
     assert {"aws_xray_sdk.core", "aws_xray_sdk.ext.botocore.patch"} <= loaded
+
+
+def test_the_layer_ships_the_phone_parser_without_geocoder_and_carrier_data() -> None:
+    # clinicsync.phones only parses, validates and formats; phonenumbers' geocoder, carrier and time-zone
+    # data were 23 MB of the 77 MB layer. phonenumberslite is the same parser, installed as `phonenumbers`.
+    pinned = {
+        line.split("==")[0].strip().lower()
+        for line in (ROOT / "layers" / "shared" / "requirements.txt").read_text(encoding="utf-8").splitlines()
+        if "==" in line and not line.lstrip().startswith("#")
+    }
+    assert "phonenumberslite" in pinned
+    assert "phonenumbers" not in pinned

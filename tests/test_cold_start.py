@@ -5,6 +5,7 @@ for geocoding and carriers."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -126,3 +127,30 @@ def test_the_layer_ships_the_phone_parser_without_geocoder_and_carrier_data() ->
     }
     assert "phonenumberslite" in pinned
     assert "phonenumbers" not in pinned
+
+
+def test_the_layer_build_ships_bytecode_that_python_loads_without_checking_its_source(tmp_path: Path) -> None:
+    # Lambda's /opt is read-only: without .pyc files in the layer every cold start compiles what it imports.
+    # (tests/test_template.py: the layer's BuildMethod is this Makefile.)
+    stale = ROOT / "layers" / "shared" / "clinicsync" / "__pycache__" / "stale.cpython-313.pyc"
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"not bytecode")  # a dev run's cache must not reach the layer
+    try:
+        done = subprocess.run(
+            # The recipe sam build runs, with pip stubbed out (the test installs nothing from an index).
+            ["make", "-s", "build-SharedLayer", f"ARTIFACTS_DIR={tmp_path}", "PIP=true", f"PYTHON={sys.executable}"],
+            cwd=ROOT / "layers" / "shared",
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    finally:
+        stale.unlink()
+    assert done.returncode == 0, done.stderr
+    package = tmp_path / "python" / "clinicsync"
+    sources = sorted(package.rglob("*.py"))
+    assert package / "observability.py" in sources
+    for source in sources:
+        header = Path(importlib.util.cache_from_source(str(source))).read_bytes()[:16]
+        assert int.from_bytes(header[4:8], "little") == 0b01, source  # hash-based, source never checked
+    assert not list(package.rglob("stale*"))

@@ -61,6 +61,8 @@ def test_importing_a_handler_loads_no_mis_or_crm_adapter(handler: str) -> None:
     loaded = _loaded_after(handler, "import app")
     assert "clinicsync.wiring" in loaded  # the handler really reached the wiring
     assert {f"clinicsync.adapters.{name}" for name in ADAPTERS} & loaded == set()
+    # The HTTP stack loads with the first adapter that calls an API (wiring.http_client), not at import.
+    assert {"httpx", "clinicsync.adapters.mailchimp"} & loaded == set()
 
 
 @pytest.mark.parametrize(

@@ -263,8 +263,11 @@ def import_ms(handler: str, runs: int = 3, top: int = 6) -> ImportTiming:
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "functions" / handler), str(ROOT / "layers" / "shared")]),
         "AWS_DEFAULT_REGION": "eu-central-1",
-        "POWERTOOLS_TRACE_DISABLED": "1",
+        # As deployed: in Lambda (the X-Ray SDK's recorder takes its Lambda path; outside it builds a botocore
+        # X-Ray client at import) with tracing on (template: Tracing: Active).
+        "LAMBDA_TASK_ROOT": str(ROOT / "functions" / handler),
     }
+    env.pop("POWERTOOLS_TRACE_DISABLED", None)
     best: ImportTiming | None = None
     for _ in range(runs):
         done = subprocess.run(

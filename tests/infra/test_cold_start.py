@@ -1,8 +1,11 @@
 """A handler's cold start loads only what its clinic uses: wiring imports each MIS and CRM adapter where
-it builds it, so importing a handler loads none of them, and a Bitrix24 clinic never loads amoCRM's."""
+it builds it, so importing a handler loads none of them, and a Bitrix24 clinic never loads amoCRM's; the
+X-Ray SDK is loaded only where Powertools traces, and the layer ships the phone parser without its data
+for geocoding and carriers."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# The layer's requirements only, as deployed (`make layer-venv`); the dev venv where it is not built.
+LAYER_PYTHON = ROOT / ".venv-layer" / "bin" / "python"
+HANDLERS = ["mis_poller", "stage_syncer", "crm_webhook", "unsubscribe"]
 ADAPTERS = (
     "amocrm",
     "amocrm_gateway",
@@ -25,15 +31,21 @@ ADAPTERS = (
 )
 
 
-def _loaded_after(handler: str, statement: str) -> set[str]:
+def _loaded_after(handler: str, statement: str, env_overrides: dict[str, str | None] | None = None) -> set[str]:
     code = f"import sys, json\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "functions" / handler), str(ROOT / "layers" / "shared")]),
         "AWS_DEFAULT_REGION": "eu-central-1",
     }
+    for name, value in (env_overrides or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    python = LAYER_PYTHON if LAYER_PYTHON.exists() else Path(sys.executable)
     done = subprocess.run(
-        [sys.executable, "-c", code],
+        [str(python), "-c", code],
         check=False,
         env=env,
         cwd=ROOT / "functions" / handler,
@@ -44,11 +56,13 @@ def _loaded_after(handler: str, statement: str) -> set[str]:
     return set(json.loads(done.stdout.splitlines()[-1]))
 
 
-@pytest.mark.parametrize("handler", ["mis_poller", "stage_syncer", "crm_webhook", "unsubscribe"])
+@pytest.mark.parametrize("handler", HANDLERS)
 def test_importing_a_handler_loads_no_mis_or_crm_adapter(handler: str) -> None:
     loaded = _loaded_after(handler, "import app")
     assert "clinicsync.wiring" in loaded  # the handler really reached the wiring
     assert {f"clinicsync.adapters.{name}" for name in ADAPTERS} & loaded == set()
+    # The HTTP stack loads with the first adapter that calls an API (wiring.http_client), not at import.
+    assert {"httpx", "clinicsync.adapters.mailchimp"} & loaded == set()
 
 
 @pytest.mark.parametrize(
@@ -66,6 +80,7 @@ from clinicsync.config import parse_clinic_config
 config = parse_clinic_config(open({str(config)!r}, encoding="utf-8").read().replace("kind: bitrix24", "kind: {crm}"))
 wiring._bitrix_client = wiring._amocrm_client = lambda *args: object()  # no secret, no network
 wiring.secret = lambda arn: {{}}
+wiring.store = lambda: None  # the amoCRM gateway keeps its phone index in the table: not reached here
 wiring.settings = lambda: wiring.Settings.model_construct(crm_secret_arn="arn")
 try:
     wiring.crm_gateway(config)
@@ -76,3 +91,69 @@ except ValueError:  # amoCRM's field ids are not in the demo config; its gateway
     assert wanted in loaded
     assert never not in loaded
     assert "clinicsync.adapters.medods" not in loaded  # the MIS is built by the poller, not here
+
+
+# Where Powertools would not trace: disabled by its variable, or outside Lambda (tests, the local runtime).
+TRACING_OFF: list[dict[str, str | None]] = [
+    {"POWERTOOLS_TRACE_DISABLED": "true", "LAMBDA_TASK_ROOT": "/var/task"},
+    {"POWERTOOLS_TRACE_DISABLED": None, "LAMBDA_TASK_ROOT": None},
+]
+
+
+@pytest.mark.parametrize("handler", HANDLERS)
+@pytest.mark.parametrize("env", TRACING_OFF, ids=["disabled_in_lambda", "outside_lambda"])
+def test_a_handler_loads_no_xray_recorder_where_tracing_is_off(handler: str, env: dict[str, str | None]) -> None:
+    loaded = _loaded_after(handler, "import app", env)
+    assert "clinicsync.observability" in loaded
+    assert {name for name in loaded if name.startswith("aws_xray_sdk.")} <= {"aws_xray_sdk.sdk_config"}
+
+
+def test_a_handler_traces_with_xray_and_patches_botocore_where_tracing_is_on(tmp_path: Path) -> None:
+    # As deployed (template: Tracing: Active): in Lambda, POWERTOOLS_TRACE_DISABLED unset.
+    statement = """
+import app
+from clinicsync.observability import tracer
+assert not tracer.disabled and type(tracer.provider).__module__.startswith("aws_xray_sdk"), tracer.provider
+"""
+    env: dict[str, str | None] = {"POWERTOOLS_TRACE_DISABLED": None, "LAMBDA_TASK_ROOT": str(tmp_path)}
+    loaded = _loaded_after("stage_syncer", statement, env)
+    assert {"aws_xray_sdk.core", "aws_xray_sdk.ext.botocore.patch"} <= loaded
+
+
+def test_the_layer_ships_the_phone_parser_without_geocoder_and_carrier_data() -> None:
+    # clinicsync.phones only parses, validates and formats; phonenumbers' geocoder, carrier and time-zone
+    # data were 23 MB of the 77 MB layer. phonenumberslite is the same parser, installed as `phonenumbers`.
+    pinned = {
+        line.split("==")[0].strip().lower()
+        for line in (ROOT / "layers" / "shared" / "requirements.txt").read_text(encoding="utf-8").splitlines()
+        if "==" in line and not line.lstrip().startswith("#")
+    }
+    assert "phonenumberslite" in pinned
+    assert "phonenumbers" not in pinned
+
+
+def test_the_layer_build_ships_bytecode_that_python_loads_without_checking_its_source(tmp_path: Path) -> None:
+    # Lambda's /opt is read-only: without .pyc files in the layer every cold start compiles what it imports.
+    # (tests/infra/test_template.py: the layer's BuildMethod is this Makefile.)
+    stale = ROOT / "layers" / "shared" / "clinicsync" / "__pycache__" / "stale.cpython-313.pyc"
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"not bytecode")  # a dev run's cache must not reach the layer
+    try:
+        done = subprocess.run(
+            # The recipe sam build runs, with pip stubbed out (the test installs nothing from an index).
+            ["make", "-s", "build-SharedLayer", f"ARTIFACTS_DIR={tmp_path}", "PIP=true", f"PYTHON={sys.executable}"],
+            cwd=ROOT / "layers" / "shared",
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    finally:
+        stale.unlink()
+    assert done.returncode == 0, done.stderr
+    package = tmp_path / "python" / "clinicsync"
+    sources = sorted(package.rglob("*.py"))
+    assert package / "observability.py" in sources
+    for source in sources:
+        header = Path(importlib.util.cache_from_source(str(source))).read_bytes()[:16]
+        assert int.from_bytes(header[4:8], "little") == 0b01, source  # hash-based, source never checked
+    assert not list(package.rglob("stale*"))

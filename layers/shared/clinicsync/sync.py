@@ -10,9 +10,8 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from clinicsync.adapters.mailchimp import MailchimpAudience
 from clinicsync.adapters.retrying import exponential, poll
 from clinicsync.audience import AudienceMember, audience_member, note_accepted_members
 from clinicsync.backfill import BackfillCheckpoint, BackfillState
@@ -48,6 +47,9 @@ from clinicsync.rules import (
 )
 from clinicsync.state import PatientState
 from clinicsync.store import DynamoStore
+
+if TYPE_CHECKING:  # the Mailchimp client (and httpx) load where wiring builds them
+    from clinicsync.adapters.mailchimp import MailchimpAudience
 
 # A claim outlives the syncer's Lambda timeout (120 s), so a live invocation never loses it, and ends
 # before the sync queue's visibility timeout (720 s), so a killed invocation's retry finds it expired.

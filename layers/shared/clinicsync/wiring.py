@@ -11,7 +11,6 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 import boto3
-import httpx
 from aws_lambda_powertools.utilities import parameters
 
 from clinicsync.audience import MailchimpMembers
@@ -33,6 +32,7 @@ from clinicsync.unsubscribe_links import UnsubscribeTokens
 # CRM (and the lab's directory), so a cold start does not pay for the five MIS and three CRMs it never calls.
 
 if TYPE_CHECKING:
+    import httpx
     from mypy_boto3_dynamodb.service_resource import DynamoDBServiceResource
     from mypy_boto3_sqs.client import SQSClient
 
@@ -57,6 +57,8 @@ def settings() -> Settings:
 @functools.cache
 def http_client() -> httpx.Client:
     """One pooled client per container, shared by every MIS and CRM caller."""
+    import httpx  # late, like the adapters that use it: a cold start that calls no HTTP API never loads it
+
     return httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), limits=httpx.Limits(max_connections=10))
 
 

@@ -147,7 +147,7 @@ demo: venv
 
 # The clinic config's JSON Schema, for editors and the docs (a test keeps the committed copy current).
 schema: venv
-	$(PY) -c 'import json, sandbox; from clinicsync.config import clinic_config_json_schema as s; \
+	$(PY) -c 'import json, sandbox; from clinicsync.domain.config import clinic_config_json_schema as s; \
 		print(json.dumps(s(), indent=2, ensure_ascii=False))' > docs/clinic-config.schema.json
 	$(PY) -c 'import json, sandbox; from clinicsync_cli.fleet.registry import fleet_json_schema as s; \
 		print(json.dumps(s(), indent=2, ensure_ascii=False))' > docs/fleet.schema.json

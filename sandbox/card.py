@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from rich.table import Table
 
-from clinicsync.adapters.bitrix24 import Bitrix24Client
+from clinicsync.adapters.bitrix24.client import Bitrix24Client
 from clinicsync_cli.connect import Credentials, bitrix24_client
 from clinicsync_cli.discovery import create_bitrix24_fields, discover_crm
 

@@ -42,8 +42,8 @@ from rich.console import Console
 from rich.table import Table
 from typer.testing import CliRunner
 
-from clinicsync import wiring
 from clinicsync.observability import logger
+from clinicsync.runtime import wiring
 from sandbox.local import LocalClinic, start_local_clinic
 from sandbox.runtime import InvocationCrash, LocalAws
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from clinicsync.config import ClinicConfig
-from clinicsync.models import AppointmentStatus
-from clinicsync.statuses import canonical_status
+from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.models import AppointmentStatus
+from clinicsync.domain.statuses import canonical_status
 from sandbox.mis_views import MisView
 
 Json = dict[str, Any]

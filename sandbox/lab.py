@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from clinicsync.config import ClinicConfig, parse_clinic_config
+from clinicsync.domain.config import ClinicConfig, parse_clinic_config
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.lis import LisEmulator
 from sandbox.emulators.mailchimp import MailchimpEmulator

@@ -15,11 +15,11 @@ from typing import Any
 import httpx
 import yaml
 
-from clinicsync.adapters import bitrix24_webhook
-from clinicsync.config import ClinicConfig, parse_clinic_config
-from clinicsync.models import AppointmentStatus, Channel
-from clinicsync.statuses import canonical_status
-from clinicsync.unsubscribe_links import UnsubscribeTokens
+from clinicsync.adapters.bitrix24 import webhook as bitrix24_webhook
+from clinicsync.domain.config import ClinicConfig, parse_clinic_config
+from clinicsync.domain.models import AppointmentStatus, Channel
+from clinicsync.domain.statuses import canonical_status
+from clinicsync.domain.unsubscribe_links import UnsubscribeTokens
 from sandbox.crm_views import AmoCrmView, Bitrix24View, CrmView
 from sandbox.emulators.amocrm import (
     CONTACT_FIELD_BIRTHDAY,

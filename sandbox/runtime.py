@@ -317,7 +317,7 @@ class ClinicStack:
     def environment(self) -> Iterator[None]:
         """Handlers read their settings from env vars, as on Lambda. Switching to another clinic's
         env drops cached clients (a cold start); invoking the same clinic again stays warm."""
-        from clinicsync import wiring
+        from clinicsync.runtime import wiring
 
         with _env_lock:
             if any(os.environ.get(k) != v for k, v in self.env.items()):

@@ -10,8 +10,8 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
-from clinicsync.config import ClinicConfig, parse_clinic_config
-from clinicsync.models import Appointment, AppointmentStatus, Consent, Patient
+from clinicsync.domain.config import ClinicConfig, parse_clinic_config
+from clinicsync.domain.models import Appointment, AppointmentStatus, Consent, Patient
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "sandbox" / "clinics" / "demo-dental.yaml"

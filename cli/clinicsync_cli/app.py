@@ -17,14 +17,14 @@ from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from clinicsync.adapters.amocrm import AmoCrmClient
-from clinicsync.adapters.bitrix24 import Bitrix24Client
-from clinicsync.config import FIELD_PRESETS, ClinicConfig, parse_clinic_config
-from clinicsync.crypto import KeyedHasher
-from clinicsync.health import HealthLog, hours_ago
-from clinicsync.models import AppointmentStatus
-from clinicsync.ports import PipelineMismatch
-from clinicsync.store import DynamoStore
+from clinicsync.adapters.amocrm.client import AmoCrmClient
+from clinicsync.adapters.aws.health import HealthLog, hours_ago
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.adapters.bitrix24.client import Bitrix24Client
+from clinicsync.domain.config import FIELD_PRESETS, ClinicConfig, parse_clinic_config
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.models import AppointmentStatus
+from clinicsync.domain.ports import PipelineMismatch
 from clinicsync_cli import connect, deployment
 from clinicsync_cli.clinic import (
     clinic_secret_ref,

@@ -13,7 +13,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 from rich.console import Console
 
-from clinicsync.config import ClinicConfig, parse_clinic_config
+from clinicsync.domain.config import ClinicConfig, parse_clinic_config
 from clinicsync_cli.connect import Credentials, MissingCredentials, read_secret
 
 console = Console()

@@ -3,7 +3,8 @@ clinic config and its credentials instead of the Lambda environment.
 
 Credentials come from Secrets Manager (the secret a config names) or, before the first deploy, from the
 operator's local secrets file. An OAuth pair rotated while the CLI works goes through the one token-writer
-path (:class:`clinicsync.oauth.OAuthSession`: refresh under the lease, persist before use) into the store it
+path (:class:`clinicsync.adapters.http.oauth.OAuthSession`: refresh under the lease, persist before use)
+into the store it
 came from: the secret (under the stack's DynamoDB lease when the stack exists), or the secrets file, which is
 then the only copy of the live pair.
 """
@@ -21,19 +22,19 @@ import boto3
 import httpx
 import yaml
 
-from clinicsync.adapters.amocrm import AmoCrmClient
-from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
-from clinicsync.adapters.amocrm_oauth import AMOCRM, AmoCrmOAuth
-from clinicsync.adapters.bitrix24 import Bitrix24Client
-from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
-from clinicsync.adapters.bitrix24_oauth import BITRIX24, Bitrix24OAuth
-from clinicsync.adapters.infoclinica import InfoClinicaApi, InfoClinicaSource
-from clinicsync.adapters.medods import MedodsApi, MedodsSource
-from clinicsync.adapters.pacing import Pacer
-from clinicsync.adapters.renovatio import RenovatioApi, RenovatioSource
-from clinicsync.config import ClinicConfig
-from clinicsync.oauth import LeaseStore, SecretsManagerTokenStore, lease_lock, rotated_values
-from clinicsync.ports import CrmGateway, MisSource
+from clinicsync.adapters.amocrm.client import AmoCrmClient
+from clinicsync.adapters.amocrm.gateway import AmoCrmGateway
+from clinicsync.adapters.amocrm.oauth import AMOCRM, AmoCrmOAuth
+from clinicsync.adapters.bitrix24.client import Bitrix24Client
+from clinicsync.adapters.bitrix24.gateway import Bitrix24Gateway
+from clinicsync.adapters.bitrix24.oauth import BITRIX24, Bitrix24OAuth
+from clinicsync.adapters.http.oauth import LeaseStore, SecretsManagerTokenStore, lease_lock, rotated_values
+from clinicsync.adapters.http.pacing import Pacer
+from clinicsync.adapters.infoclinica.source import InfoClinicaApi, InfoClinicaSource
+from clinicsync.adapters.medods.source import MedodsApi, MedodsSource
+from clinicsync.adapters.renovatio.source import RenovatioApi, RenovatioSource
+from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.ports import CrmGateway, MisSource
 
 
 def token_keys(kind: str) -> tuple[str, ...]:

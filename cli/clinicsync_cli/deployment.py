@@ -14,8 +14,8 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
-from clinicsync.adapters.ident import weak_integration_key
-from clinicsync.config import ClinicConfig
+from clinicsync.adapters.ident.contract import weak_integration_key
+from clinicsync.domain.config import ClinicConfig
 
 # Generated once per clinic and never replaced: the phone/e-mail indexes and unsubscribe links depend on them.
 CLINIC_KEYS = ("hash_key", "unsubscribe_key")

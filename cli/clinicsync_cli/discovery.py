@@ -17,15 +17,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from clinicsync.adapters import amocrm_webhook, bitrix24_webhook
-from clinicsync.adapters.amocrm import AmoCrmClient
-from clinicsync.adapters.bitrix24 import Bitrix24Client
-from clinicsync.adapters.medods import MedodsApi
-from clinicsync.config import FIELD_PRESETS, ClinicConfig
-from clinicsync.fieldtypes import accepted_types, compatible, default_type, kind_of
-from clinicsync.models import AppointmentStatus as S
-from clinicsync.ports import MisSource
-from clinicsync.statuses import DEFAULT_STATUSES
+from clinicsync.adapters.amocrm import webhook as amocrm_webhook
+from clinicsync.adapters.amocrm.client import AmoCrmClient
+from clinicsync.adapters.bitrix24 import webhook as bitrix24_webhook
+from clinicsync.adapters.bitrix24.client import Bitrix24Client
+from clinicsync.adapters.medods.source import MedodsApi
+from clinicsync.domain.config import FIELD_PRESETS, ClinicConfig
+from clinicsync.domain.fieldtypes import accepted_types, compatible, default_type, kind_of
+from clinicsync.domain.models import AppointmentStatus as S
+from clinicsync.domain.ports import MisSource
+from clinicsync.domain.statuses import DEFAULT_STATUSES
 
 Semantics = Literal["open", "won", "lost"]
 

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from clinicsync.adapters.ident import ConnectorBatch
-from clinicsync.failures import FailureLog
-from clinicsync.models import ConsentJob, CrmEvent, SyncMessage
+from clinicsync.adapters.aws.failures import FailureLog
+from clinicsync.adapters.ident.contract import ConnectorBatch
+from clinicsync.domain.models import ConsentJob, CrmEvent, SyncMessage
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs.client import SQSClient

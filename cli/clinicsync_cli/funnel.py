@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from clinicsync.adapters.amocrm import AmoCrmClient
-from clinicsync.adapters.bitrix24 import Bitrix24Client
-from clinicsync.config import ClinicConfig
-from clinicsync.models import AppointmentStatus as S
+from clinicsync.adapters.amocrm.client import AmoCrmClient
+from clinicsync.adapters.bitrix24.client import Bitrix24Client
+from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.models import AppointmentStatus as S
 from clinicsync_cli.discovery import CrmDiscovery, bitrix24_field_name, discover_crm
 
 NO_LEAD = "no lead (direct booking)"

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from clinicsync.config import ClinicConfig
-from clinicsync.crypto import KeyedHasher
-from clinicsync.models import PatientChanges
-from clinicsync.ports import (
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.application.sync import Syncer
+from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.models import PatientChanges
+from clinicsync.domain.ports import (
     ContactWrite,
     CrmGateway,
     CrmMatches,
@@ -28,8 +30,6 @@ from clinicsync.ports import (
     OpenLead,
     WriteOutcome,
 )
-from clinicsync.store import DynamoStore
-from clinicsync.sync import Syncer
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from html import escape
 
-from clinicsync.health import HealthSummary
+from clinicsync.adapters.aws.health import HealthSummary
 from clinicsync_cli.funnel import STEPS, Funnel, FunnelRow
 
 # One colour per funnel step; the screenshot test looks for them.

@@ -9,7 +9,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from clinicsync.failures import FailureLog
+from clinicsync.adapters.aws.failures import FailureLog
 
 QUEUES = {
     "sync": ("SyncQueue", "SyncDLQ"),

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from clinicsync.signing import sign_request
+from clinicsync.adapters.http.signing import sign_request
 
 RETRYABLE = {408, 425, 429, 500, 502, 503, 504}
 

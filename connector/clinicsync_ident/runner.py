@@ -14,10 +14,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from clinicsync.adapters.ident import MAX_BATCH_BYTES, ConnectorBatch
-from clinicsync.config import Filters
-from clinicsync.models import Appointment, Patient, PatientChanges
-from clinicsync.rules import appointment_excluded, patient_excluded
+from clinicsync.adapters.ident.contract import MAX_BATCH_BYTES, ConnectorBatch
+from clinicsync.domain.config import Filters
+from clinicsync.domain.models import Appointment, Patient, PatientChanges
+from clinicsync.domain.rules import appointment_excluded, patient_excluded
 from clinicsync_ident.db import IdentDatabase
 from clinicsync_ident.push import StackClient, StackUnavailable
 from clinicsync_ident.state import ConnectorState

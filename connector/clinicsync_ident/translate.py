@@ -7,7 +7,7 @@ IDENT has no status column. The state of a booking is derived, in this order:
 3. its end plus the clinic's grace period has passed with neither: ``no_show``;
 4. otherwise it is ``scheduled`` (booked).
 
-The words are mapped to canonical statuses through ``clinicsync.statuses`` like every MIS's vocabulary.
+The words are mapped to canonical statuses through ``clinicsync.domain.statuses`` like every MIS's vocabulary.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from clinicsync.emails import normalise_email
-from clinicsync.models import Appointment, Patient
-from clinicsync.phones import normalise_phone
-from clinicsync.statuses import canonical_status
+from clinicsync.domain.emails import normalise_email
+from clinicsync.domain.models import Appointment, Patient
+from clinicsync.domain.phones import normalise_phone
+from clinicsync.domain.statuses import canonical_status
 from clinicsync_ident.db import Row, as_datetime
 
 DELETED_PATIENT = 3  # Patients.Status

@@ -6,8 +6,8 @@
   and the IDENT connector's signed change batches (``/ident/connector/*``). Refusals are plain text,
   because IDENT writes the body into its exchange log.
 
-The middlewares (``clinicsync.middlewares``) check each sender and read the vendors' formats through the
-adapters; ``clinicsync.intake`` queues or stores what they let through.
+The middlewares (``clinicsync.runtime.middlewares``) check each sender and read the vendors' formats through the
+adapters; ``clinicsync.runtime.intake`` queues or stores what they let through.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from clinicsync import ident, intake, wiring
-from clinicsync import ident_middlewares as ident_mw
-from clinicsync import middlewares as mw
+from clinicsync.application import ident
 from clinicsync.observability import logger, metrics, tracer
+from clinicsync.runtime import ident_middlewares as ident_mw
+from clinicsync.runtime import intake, wiring
+from clinicsync.runtime import middlewares as mw
 
 app = APIGatewayHttpResolver()
 mw.answer_refusals(app)

@@ -2,7 +2,7 @@
 
 Three scheduled jobs share it: ``poll`` (incremental), ``resync`` (re-read a window, repair drift)
 and ``catchup`` (read what changed in the CRM since the last run: its webhooks are never retried);
-the operator's ``backfill`` runs here too (see ``clinicsync.scheduled``).
+the operator's ``backfill`` runs here too (see ``clinicsync.runtime.scheduled``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from aws_lambda_powertools.utilities.parser import event_parser
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field
 
-from clinicsync import scheduled
 from clinicsync.observability import logger, metrics, tracer
+from clinicsync.runtime import scheduled
 
 
 class ScheduledRun(BaseModel):

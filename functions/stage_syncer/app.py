@@ -1,4 +1,4 @@
-"""Stage syncer: three SQS event sources, each processed as one batch (``clinicsync.batch``).
+"""Stage syncer: three SQS event sources, each processed as one batch (``clinicsync.runtime.batch``).
 
 - The FIFO sync queue carries patients' change sets and CRM observations, grouped by patient shard:
   the whole SQS batch (up to 10 messages of 50 patients) is planned and applied as one sync, so CRM
@@ -20,8 +20,8 @@ from typing import Any
 from aws_lambda_powertools.utilities.batch import process_partial_response
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from clinicsync.batch import processor_for
 from clinicsync.observability import logger, metrics, tracer
+from clinicsync.runtime.batch import processor_for
 
 
 @logger.inject_lambda_context(clear_state=True)

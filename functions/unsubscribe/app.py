@@ -12,12 +12,12 @@ from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from clinicsync import middlewares as mw
-from clinicsync import unsubscribe_pages as pages
-from clinicsync import wiring
-from clinicsync.consent import our_audiences
+from clinicsync.application.consent import our_audiences
 from clinicsync.observability import logger, metrics, tracer
-from clinicsync.observe import Counted, observe
+from clinicsync.runtime import middlewares as mw
+from clinicsync.runtime import unsubscribe_pages as pages
+from clinicsync.runtime import wiring
+from clinicsync.runtime.observe import Counted, observe
 
 app = APIGatewayHttpResolver()
 mw.answer_refusals(app)

@@ -49,8 +49,11 @@ def simulated(clock: SimClock) -> Iterator[Wired]:
     """CRM emulators built in here run on ``clock`` behind a :class:`ClockedApp`; clinicsync's pacers,
     shared budget and back-off sleeps wait in simulated time. Everything else is untouched."""
     import sandbox.local as local
-    from clinicsync import budget, wiring
-    from clinicsync.adapters import amocrm, bitrix24, pacing
+    from clinicsync.adapters.amocrm import client as amocrm
+    from clinicsync.adapters.aws import budget
+    from clinicsync.adapters.bitrix24 import client as bitrix24
+    from clinicsync.adapters.http import pacing
+    from clinicsync.runtime import wiring
     from sandbox.emulators.amocrm import AmoCrmEmulator
     from sandbox.emulators.bitrix24 import Bitrix24Emulator
 

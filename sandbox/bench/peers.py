@@ -30,9 +30,9 @@ import httpx
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from clinicsync.config import ClinicConfig
-from clinicsync.phones import normalise_phone
-from clinicsync.statuses import canonical_status
+from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.phones import normalise_phone
+from clinicsync.domain.statuses import canonical_status
 from sandbox.bench.simclock import LATENCY, ClockedApp, SimClock
 
 Row = dict[str, Any]

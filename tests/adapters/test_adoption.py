@@ -19,9 +19,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from moto import mock_aws
 
-from clinicsync.crypto import KeyedHasher
-from clinicsync.models import PatientChanges
-from clinicsync.ports import (
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.application.sync import Syncer
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.models import PatientChanges
+from clinicsync.domain.ports import (
     ContactWrite,
     CrmMatches,
     CrmWrite,
@@ -31,8 +33,6 @@ from clinicsync.ports import (
     PhoneCandidates,
     WriteOutcome,
 )
-from clinicsync.store import DynamoStore
-from clinicsync.sync import Syncer
 from tests.adapters.test_store import _table_from_template
 from tests.helpers import T0, appointment, demo_config, patient
 

@@ -17,13 +17,13 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from moto import mock_aws
 
-from clinicsync.adapters.amocrm import AmoCrmBlocked, AmoCrmClient, MemoryCircuitBreaker
-from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
-from clinicsync.adapters.amocrm_oauth import AmoCrmOAuth, AmoCrmTokens, parse_tokens
-from clinicsync.adapters.pacing import Pacer
-from clinicsync.crypto import KeyedHasher
-from clinicsync.ports import ContactWrite, DealWrite
-from clinicsync.store import DynamoStore
+from clinicsync.adapters.amocrm.client import AmoCrmBlocked, AmoCrmClient, MemoryCircuitBreaker
+from clinicsync.adapters.amocrm.gateway import AmoCrmGateway
+from clinicsync.adapters.amocrm.oauth import AmoCrmOAuth, AmoCrmTokens, parse_tokens
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.adapters.http.pacing import Pacer
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.ports import ContactWrite, DealWrite
 from sandbox.emulators.amocrm import (
     CONTACT_FIELD_MIS_PATIENT_ID,
     LEAD_FIELD_MIS_APPOINTMENT_ID,

@@ -26,17 +26,17 @@ import httpx
 import pytest
 from moto import mock_aws
 
-from clinicsync.adapters.amocrm import AmoCrmBlocked, AmoCrmClient, MemoryCircuitBreaker
-from clinicsync.adapters.amocrm_oauth import (
+from clinicsync.adapters.amocrm.client import AmoCrmBlocked, AmoCrmClient, MemoryCircuitBreaker
+from clinicsync.adapters.amocrm.oauth import (
     AMOCRM,
     AmoCrmOAuth,
     AmoCrmTokens,
     jwt_expiry,
     parse_tokens,
 )
-from clinicsync.adapters.pacing import Pacer
-from clinicsync.oauth import OAuthError, SecretsManagerTokenStore, lease_lock
-from clinicsync.store import DynamoStore
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.adapters.http.oauth import OAuthError, SecretsManagerTokenStore, lease_lock
+from clinicsync.adapters.http.pacing import Pacer
 from sandbox.emulators.amocrm import AmoCrmEmulator
 from sandbox.emulators.base import ServedApp
 from tests.conftest import LogCapture

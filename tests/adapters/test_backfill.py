@@ -9,11 +9,11 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from clinicsync.backfill import BackfillCheckpoint
-from clinicsync.crypto import KeyedHasher
-from clinicsync.ports import ChangePage, Cursor
-from clinicsync.store import DynamoStore
-from clinicsync.sync import Poller
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.application.backfill import BackfillCheckpoint
+from clinicsync.application.sync import Poller
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.ports import ChangePage, Cursor
 from tests.e2e.test_poller_guarantees import ListQueue, PagedSource
 from tests.helpers import demo_config
 

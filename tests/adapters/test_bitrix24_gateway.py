@@ -13,11 +13,11 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from clinicsync.adapters.bitrix24 import Bitrix24Client, Bitrix24MethodBlocked, php_query
-from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
-from clinicsync.adapters.bitrix24_oauth import Bitrix24OAuth, Bitrix24Tokens
-from clinicsync.adapters.pacing import Pacer
-from clinicsync.ports import ContactWrite, DealWrite, PipelineMismatch
+from clinicsync.adapters.bitrix24.client import Bitrix24Client, Bitrix24MethodBlocked, php_query
+from clinicsync.adapters.bitrix24.gateway import Bitrix24Gateway
+from clinicsync.adapters.bitrix24.oauth import Bitrix24OAuth, Bitrix24Tokens
+from clinicsync.adapters.http.pacing import Pacer
+from clinicsync.domain.ports import ContactWrite, DealWrite, PipelineMismatch
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import OPERATING_LIMIT_PAGE, Bitrix24Emulator
 from tests.helpers import demo_config

@@ -14,7 +14,8 @@ import httpx
 import pytest
 from moto import mock_aws
 
-from clinicsync.adapters.bitrix24_oauth import (
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.adapters.bitrix24.oauth import (
     BITRIX24,
     Bitrix24AuthError,
     Bitrix24OAuth,
@@ -22,8 +23,7 @@ from clinicsync.adapters.bitrix24_oauth import (
     parse_tokens,
     redact_url,
 )
-from clinicsync.oauth import SecretsManagerTokenStore, lease_lock
-from clinicsync.store import DynamoStore
+from clinicsync.adapters.http.oauth import SecretsManagerTokenStore, lease_lock
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
 from tests.conftest import LogCapture

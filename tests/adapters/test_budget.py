@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from moto import mock_aws
 from werkzeug.test import Client
 
-from clinicsync.adapters.pacing import Pacer
-from clinicsync.budget import BUDGET_PK, BudgetTimeout, RequestPacer, SharedLeakyBucket
-from clinicsync.config import CRM_BUDGETS
+from clinicsync.adapters.aws.budget import BUDGET_PK, BudgetTimeout, RequestPacer, SharedLeakyBucket
+from clinicsync.adapters.http.pacing import Pacer
+from clinicsync.domain.config import CRM_BUDGETS
 from sandbox.bench.simclock import leaky_bucket_floor_seconds, sliding_window_floor_seconds
 from sandbox.emulators.amocrm import AmoCrmEmulator
 from sandbox.emulators.base import Clock, ServedApp

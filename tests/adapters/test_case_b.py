@@ -13,17 +13,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from clinicsync.adapters.bitrix24 import Bitrix24Client
-from clinicsync.adapters.bitrix24_gateway import Bitrix24Gateway
-from clinicsync.adapters.pacing import Pacer
-from clinicsync.config import FIELD_PRESETS, ClinicConfig, FieldMap, clinic_config_json_schema
-from clinicsync.crypto import KeyedHasher
-from clinicsync.fieldtypes import crm_value
-from clinicsync.models import AppointmentStatus as S
-from clinicsync.models import PatientChanges
-from clinicsync.ports import CrmMatches, DealWrite, PhoneCandidates
-from clinicsync.rules import Adoption, plan_patient
-from clinicsync.state import PatientState
+from clinicsync.adapters.bitrix24.client import Bitrix24Client
+from clinicsync.adapters.bitrix24.gateway import Bitrix24Gateway
+from clinicsync.adapters.http.pacing import Pacer
+from clinicsync.domain.config import FIELD_PRESETS, ClinicConfig, FieldMap, clinic_config_json_schema
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.fieldtypes import crm_value
+from clinicsync.domain.models import AppointmentStatus as S
+from clinicsync.domain.models import PatientChanges
+from clinicsync.domain.ports import CrmMatches, DealWrite, PhoneCandidates
+from clinicsync.domain.rules import Adoption, plan_patient
+from clinicsync.domain.state import PatientState
 from clinicsync_cli.discovery import (
     MisDiscovery,
     check_fields,

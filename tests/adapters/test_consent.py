@@ -17,16 +17,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clinicsync.adapters.mailchimp import AudienceMember, MailchimpAudience, MailchimpClient, api_root
-from clinicsync.audience import MemberBook, audience_member, note_accepted_members, subscriber_hash
-from clinicsync.consent import ConsentLedger, ConsentOutputs, consent_contact_write
-from clinicsync.crm_events import CrmEventProcessor, EventReport
-from clinicsync.crypto import KeyedHasher
-from clinicsync.models import Channel, ConsentJob, CrmEvent
-from clinicsync.ports import ContactWrite, WriteOutcome
-from clinicsync.state import PatientState
-from clinicsync.store import DynamoStore
-from clinicsync.unsubscribe_links import TokenError, UnsubscribeTokens, list_unsubscribe_headers
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.adapters.mailchimp.client import AudienceMember, MailchimpAudience, MailchimpClient, api_root
+from clinicsync.application.consent import ConsentLedger, ConsentOutputs, consent_contact_write
+from clinicsync.application.crm_events import CrmEventProcessor, EventReport
+from clinicsync.domain.audience import MemberBook, audience_member, note_accepted_members, subscriber_hash
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.models import Channel, ConsentJob, CrmEvent
+from clinicsync.domain.ports import ContactWrite, WriteOutcome
+from clinicsync.domain.state import PatientState
+from clinicsync.domain.unsubscribe_links import TokenError, UnsubscribeTokens, list_unsubscribe_headers
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.mailchimp import MailchimpEmulator
 from tests.adapters.test_store import store  # noqa: F401 - the moto-backed store fixture

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from clinicsync.models import AppointmentStatus as S
+from clinicsync.domain.models import AppointmentStatus as S
 from clinicsync_cli.connect import Credentials, bitrix24_client
 from clinicsync_cli.discovery import (
     BITRIX24_EVENTS,

@@ -15,12 +15,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from clinicsync.adapters.amocrm import AmoCrmClient, AmoCrmError
-from clinicsync.adapters.amocrm_gateway import AmoCrmGateway
-from clinicsync.config import FIELD_PRESETS, ClinicConfig
-from clinicsync.fieldtypes import FieldValueError, crm_value
-from clinicsync.models import AppointmentStatus
-from clinicsync.ports import ContactWrite, DealWrite
+from clinicsync.adapters.amocrm.client import AmoCrmClient, AmoCrmError
+from clinicsync.adapters.amocrm.gateway import AmoCrmGateway
+from clinicsync.domain.config import FIELD_PRESETS, ClinicConfig
+from clinicsync.domain.fieldtypes import FieldValueError, crm_value
+from clinicsync.domain.models import AppointmentStatus
+from clinicsync.domain.ports import ContactWrite, DealWrite
 from clinicsync_cli.discovery import CrmDiscovery, check_fields, propose_fields
 from clinicsync_cli.discovery import CrmField as LiveField
 from sandbox.emulators.amocrm import (

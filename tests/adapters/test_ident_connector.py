@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from clinicsync.adapters.ident import MAX_BATCH_BYTES, ConnectorBatch, parse_ident_datetime
-from clinicsync.models import AppointmentStatus as S
-from clinicsync.models import PatientChanges
-from clinicsync.signing import sign_request, verify_request
+from clinicsync.adapters.http.signing import sign_request, verify_request
+from clinicsync.adapters.ident.contract import MAX_BATCH_BYTES, ConnectorBatch, parse_ident_datetime
+from clinicsync.domain.models import AppointmentStatus as S
+from clinicsync.domain.models import PatientChanges
 from clinicsync_ident.db import IdentDatabase
 from clinicsync_ident.push import StackUnavailable
 from clinicsync_ident.runner import Connector

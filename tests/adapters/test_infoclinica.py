@@ -16,7 +16,7 @@ import pytest
 from defusedxml.ElementTree import fromstring as safe_fromstring
 from werkzeug.test import Client, TestResponse
 
-from clinicsync.adapters.infoclinica import (
+from clinicsync.adapters.infoclinica.source import (
     InfoClinicaApi,
     InfoClinicaError,
     InfoClinicaRefused,
@@ -30,11 +30,11 @@ from clinicsync.adapters.infoclinica import (
     record,
     text_at,
 )
-from clinicsync.config import ClinicConfig, MisConnection
-from clinicsync.crypto import KeyedHasher
-from clinicsync.models import AppointmentStatus, PatientChanges
-from clinicsync.ports import ChangePage
-from clinicsync.sync import Poller
+from clinicsync.application.sync import Poller
+from clinicsync.domain.config import ClinicConfig, MisConnection
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.models import AppointmentStatus, PatientChanges
+from clinicsync.domain.ports import ChangePage
 from sandbox.emulators.base import Clock
 from sandbox.emulators.infoclinica import NS, STATUSES, InfoClinicaEmulator, serve_tls
 from sandbox.seed import CLINIC_TZ, SampleClinic, build_sample_clinic

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clinicsync.models import CrmObservation, SyncMessage
-from clinicsync.queue import MAX_BATCH_BYTES, MAX_BODY_BYTES, SQS_BATCH, SqsChangeQueue, batches
+from clinicsync.adapters.aws.queue import MAX_BATCH_BYTES, MAX_BODY_BYTES, SQS_BATCH, SqsChangeQueue, batches
+from clinicsync.domain.models import CrmObservation, SyncMessage
 from sandbox.runtime import LocalAws
 
 

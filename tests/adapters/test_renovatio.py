@@ -13,7 +13,7 @@ import httpx
 import pytest
 from werkzeug.test import Client, TestResponse
 
-from clinicsync.adapters.renovatio import (
+from clinicsync.adapters.renovatio.source import (
     RenovatioApi,
     RenovatioError,
     RenovatioRefused,
@@ -21,11 +21,11 @@ from clinicsync.adapters.renovatio import (
     parse_rn_date,
     parse_rn_time,
 )
-from clinicsync.config import ClinicConfig, MisConnection
-from clinicsync.crypto import KeyedHasher
-from clinicsync.models import Appointment, AppointmentStatus
-from clinicsync.ports import ChangePage
-from clinicsync.sync import Poller
+from clinicsync.application.sync import Poller
+from clinicsync.domain.config import ClinicConfig, MisConnection
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.models import Appointment, AppointmentStatus
+from clinicsync.domain.ports import ChangePage
 from sandbox.emulators.base import Clock
 from sandbox.emulators.renovatio import STATUSES, RenovatioEmulator
 from sandbox.seed import CLINIC_TZ, SampleClinic, build_sample_clinic

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moto import mock_aws
 
-from clinicsync.models import AppointmentStatus
-from clinicsync.state import AppointmentState, PatientState
-from clinicsync.store import DynamoStore
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.domain.models import AppointmentStatus
+from clinicsync.domain.state import AppointmentState, PatientState
 from sandbox.cfn_yaml import load_template
 from tests.helpers import MSK, ROOT
 

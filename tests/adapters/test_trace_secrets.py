@@ -11,7 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from clinicsync.audience import subscriber_hash
+from clinicsync.domain.audience import subscriber_hash
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
 from sandbox.emulators.mailchimp import MailchimpEmulator
@@ -27,9 +27,9 @@ TRACED = textwrap.dedent(
 
     import clinicsync.observability  # the Lambda's tracer: patches what it patches, as at a cold start
     import boto3, httpx
-    from clinicsync.adapters.bitrix24 import Bitrix24Client
-    from clinicsync.adapters.pacing import Pacer
-    from clinicsync.adapters.mailchimp import MailchimpAudience, MailchimpClient
+    from clinicsync.adapters.bitrix24.client import Bitrix24Client
+    from clinicsync.adapters.http.pacing import Pacer
+    from clinicsync.adapters.mailchimp.client import MailchimpAudience, MailchimpClient
 
     class Recorded:
         def __init__(self):

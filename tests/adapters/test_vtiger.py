@@ -14,13 +14,13 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from clinicsync.adapters.lis import LisApi, LisSource, to_record
-from clinicsync.adapters.vtiger import VtigerClient, VtigerDirectory, VtigerError, quote
-from clinicsync.config import DirectorySettings, parse_clinic_config
-from clinicsync.crypto import KeyedHasher
-from clinicsync.directory import DirectoryState, DirectorySync, merge_fields
-from clinicsync.directory_records import CrmRecord, CrmWriteSpec, DirectoryPage, DirectoryRecord
-from clinicsync.ports import Cursor
+from clinicsync.adapters.lis.source import LisApi, LisSource, to_record
+from clinicsync.adapters.vtiger.client import VtigerClient, VtigerDirectory, VtigerError, quote
+from clinicsync.application.directory import DirectoryState, DirectorySync, merge_fields
+from clinicsync.domain.config import DirectorySettings, parse_clinic_config
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.directory_records import CrmRecord, CrmWriteSpec, DirectoryPage, DirectoryRecord
+from clinicsync.domain.ports import Cursor
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.lis import LisEmulator
 from sandbox.emulators.vtiger import VtigerEmulator

@@ -9,11 +9,11 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from clinicsync.crypto import KeyedHasher
-from clinicsync.models import PatientChanges
-from clinicsync.ports import ContactWrite, CrmMatches, CrmWrite, DealMatch, DealWrite, WriteOutcome
-from clinicsync.store import DynamoStore
-from clinicsync.sync import Syncer, SyncIncomplete
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.application.sync import Syncer, SyncIncomplete
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.models import PatientChanges
+from clinicsync.domain.ports import ContactWrite, CrmMatches, CrmWrite, DealMatch, DealWrite, WriteOutcome
 from sandbox.local import LocalClinic
 from tests.adapters.test_store import _table_from_template
 from tests.helpers import appointment, demo_config, patient

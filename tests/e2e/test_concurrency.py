@@ -17,10 +17,10 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from clinicsync import wiring
-from clinicsync.models import SyncMessage
-from clinicsync.store import DynamoStore
-from clinicsync.sync import BUSY, Syncer, SyncIncomplete
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.application.sync import BUSY, Syncer, SyncIncomplete
+from clinicsync.domain.models import SyncMessage
+from clinicsync.runtime import wiring
 from sandbox.crm_views import AmoCrmView
 from sandbox.local import LocalClinic
 

@@ -207,7 +207,7 @@ def _mailchimp_unsubscribe(clinic: LocalClinic, email: str) -> str:
 
 @pytest.mark.parametrize("kind", ["forged", "expired", "tampered", "garbage"])
 def test_bad_links_get_a_plain_4xx_and_change_nothing(clinic: LocalClinic, kind: str) -> None:
-    from clinicsync.unsubscribe_links import UnsubscribeTokens
+    from clinicsync.domain.unsubscribe_links import UnsubscribeTokens
 
     patient_id, contact, _ = _member(clinic)
     good = clinic.unsubscribe_token(patient_id)

@@ -19,9 +19,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from clinicsync.adapters.ident import ConnectorBatch
-from clinicsync.models import AppointmentStatus as S
-from clinicsync.signing import sign_request
+from clinicsync.adapters.http.signing import sign_request
+from clinicsync.adapters.ident.contract import ConnectorBatch
+from clinicsync.domain.models import AppointmentStatus as S
 from clinicsync_ident.cli import app as connector_cli
 from sandbox.local import LocalClinic
 from sandbox.seed import CLINIC_TZ

@@ -17,7 +17,7 @@ from urllib.parse import quote
 import boto3
 import pytest
 
-from clinicsync.store import DynamoStore
+from clinicsync.adapters.aws.store import DynamoStore
 from sandbox.lab import LocalLab, start_local_lab
 from sandbox.runtime import LocalAws
 from tests.conftest import LogCapture

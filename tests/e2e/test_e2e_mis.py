@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from clinicsync.models import AppointmentStatus as S
+from clinicsync.domain.models import AppointmentStatus as S
 from sandbox.local import LocalClinic
 from sandbox.mis_views import action
 

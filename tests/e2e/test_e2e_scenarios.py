@@ -13,7 +13,7 @@ from typing import Any
 import boto3
 import pytest
 
-from clinicsync.models import AppointmentStatus as S
+from clinicsync.domain.models import AppointmentStatus as S
 from sandbox.local import LocalClinic
 from sandbox.mis_views import action
 

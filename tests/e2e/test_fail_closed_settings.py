@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from clinicsync import wiring
-from clinicsync.adapters.bitrix24 import portal_budget_key
-from clinicsync.adapters.ident import INTEGRATION_KEY_MIN_CHARS, KEY_HEADER, weak_integration_key
+from clinicsync.adapters.bitrix24.client import portal_budget_key
+from clinicsync.adapters.ident.contract import INTEGRATION_KEY_MIN_CHARS, KEY_HEADER, weak_integration_key
+from clinicsync.runtime import wiring
 from clinicsync_ident.cli import app as connector_cli
 from clinicsync_ident.config import ConnectorConfig
 from sandbox.local import LocalClinic

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clinicsync.signing import sign_request
+from clinicsync.adapters.http.signing import sign_request
 from sandbox.local import LocalClinic
 from sandbox.runtime import ClinicStack, Route
 

@@ -38,7 +38,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
-from clinicsync.models import AppointmentStatus
+from clinicsync.domain.models import AppointmentStatus
 from sandbox.local import LocalClinic
 
 CASES = [
@@ -885,7 +885,8 @@ def test_regression_a_catch_up_during_a_crm_outage_pauses_and_the_next_run_hears
     several faults in a row): a CRM outage that outlasts the client's retries failed the scheduled run. The
     catch-up is idempotent and keeps a cursor, so an outage is handled like a throttle: the run reports a
     pause and keeps its cursor, and the next run hears the manager's move whose webhook was lost."""
-    from clinicsync.adapters import amocrm, bitrix24
+    from clinicsync.adapters.amocrm import client as amocrm
+    from clinicsync.adapters.bitrix24 import client as bitrix24
 
     for module, name in ((bitrix24, "Bitrix24Client"), (amocrm, "AmoCrmClient")):
         # No real backoff sleeps in this test; the attempt count stays the client's own.

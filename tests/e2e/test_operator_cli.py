@@ -16,8 +16,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from clinicsync.config import CrmField, load_clinic_config
-from clinicsync.models import AppointmentStatus
+from clinicsync.domain.config import CrmField, load_clinic_config
+from clinicsync.domain.models import AppointmentStatus
 from clinicsync_cli.app import app as cli
 from clinicsync_cli.clinic import console
 from clinicsync_cli.stack import StackHandle

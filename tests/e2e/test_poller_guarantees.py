@@ -13,13 +13,13 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from clinicsync.adapters import medods
-from clinicsync.crypto import KeyedHasher
-from clinicsync.models import PatientChanges, SyncMessage
-from clinicsync.ports import ChangePage, Cursor
-from clinicsync.queue import SqsChangeQueue
-from clinicsync.store import DynamoStore
-from clinicsync.sync import Poller
+from clinicsync.adapters.aws.queue import SqsChangeQueue
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.adapters.medods import source as medods
+from clinicsync.application.sync import Poller
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.models import PatientChanges, SyncMessage
+from clinicsync.domain.ports import ChangePage, Cursor
 from sandbox.local import LocalClinic
 from tests.helpers import appointment, demo_config, patient
 

@@ -62,19 +62,22 @@ def test_no_secret_is_compared_with_eq() -> None:
         for path in SOURCES
         for line, text in _secret_comparisons(path.read_text(encoding="utf-8"))
     ]
-    assert found == [], "use clinicsync.crypto.constant_time_equals / hmac.compare_digest:\n" + "\n".join(found)
+    assert found == [], "use clinicsync.domain.crypto.constant_time_equals / hmac.compare_digest:\n" + "\n".join(found)
 
 
 def test_inbound_checks_use_constant_time_comparison() -> None:
     """Each receiver's check (the routes' middlewares) calls the constant-time, fail-closed helper (the AST test
     above forbids the other way)."""
     checks = ("middlewares.py", "ident_middlewares.py")
-    webhook = "".join((ROOT / "layers" / "shared" / "clinicsync" / name).read_text(encoding="utf-8") for name in checks)
+    runtime = ROOT / "layers" / "shared" / "clinicsync" / "runtime"
+    webhook = "".join((runtime / name).read_text(encoding="utf-8") for name in checks)
     for checked in ("application_token", "member_id", "webhook_secret", "account_id", "integration_key"):
         assert re.search(rf"credential_matches\([^\n]*{checked}", webhook), checked
-    signing = (ROOT / "layers" / "shared" / "clinicsync" / "signing.py").read_text(encoding="utf-8")
+    signing = (ROOT / "layers" / "shared" / "clinicsync" / "adapters" / "http" / "signing.py").read_text(
+        encoding="utf-8"
+    )
     assert "hmac.compare_digest" in signing
-    crypto = (ROOT / "layers" / "shared" / "clinicsync" / "crypto.py").read_text(encoding="utf-8")
+    crypto = (ROOT / "layers" / "shared" / "clinicsync" / "domain" / "crypto.py").read_text(encoding="utf-8")
     assert "hmac.compare_digest" in crypto and "and constant_time_equals(given, expected)" in crypto
 
 
@@ -90,7 +93,7 @@ def test_handlers_read_settings_from_env_in_one_place_only() -> None:
         if "connector" not in p.parts and re.search(r"os\.environ|os\.getenv|getenv\(", p.read_text(encoding="utf-8"))
     ]
     assert readers == ["layers/shared/clinicsync/settings.py"]
-    wiring = (ROOT / "layers" / "shared" / "clinicsync" / "wiring.py").read_text(encoding="utf-8")
+    wiring = (ROOT / "layers" / "shared" / "clinicsync" / "runtime" / "wiring.py").read_text(encoding="utf-8")
     assert "parameters.get_secret(" in wiring
     settings = (ROOT / "layers" / "shared" / "clinicsync" / "settings.py").read_text(encoding="utf-8")
     assert re.search(r"class Settings\(BaseSettings\).*?def from_env", settings, re.S)

@@ -20,7 +20,7 @@ import time_machine
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from clinicsync.models import AppointmentStatus
+from clinicsync.domain.models import AppointmentStatus
 from sandbox.local import start_local_clinic
 from sandbox.runtime import LocalAws
 from sandbox.seed import CLINIC_TZ

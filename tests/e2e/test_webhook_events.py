@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clinicsync.adapters import amocrm_webhook
+from clinicsync.adapters.amocrm import webhook as amocrm_webhook
 from clinicsync_cli.discovery import AMOCRM_EVENTS, BITRIX24_EVENTS
 from sandbox.emulators.bitrix24 import EVENT_NAMES
 from sandbox.local import LocalClinic

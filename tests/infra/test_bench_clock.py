@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clinicsync.budget import _decimal
+from clinicsync.adapters.aws.budget import _decimal
 from sandbox.bench.peers import InProcessSession, Visit, virtualise_fast_bitrix24
 from sandbox.bench.run import InvalidRun, _check_deals, differences, simulated_figures
 from sandbox.bench.simclock import GRAIN, PHASE, ClockedApp, SimClock, deterministic_start

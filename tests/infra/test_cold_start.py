@@ -19,15 +19,15 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYER_PYTHON = ROOT / ".venv-layer" / "bin" / "python"
 HANDLERS = ["mis_poller", "stage_syncer", "crm_webhook", "unsubscribe"]
 ADAPTERS = (
-    "amocrm",
-    "amocrm_gateway",
-    "bitrix24",
-    "bitrix24_gateway",
-    "medods",
-    "lis",
-    "infoclinica",
-    "renovatio",
-    "vtiger",
+    "amocrm.client",
+    "amocrm.gateway",
+    "bitrix24.client",
+    "bitrix24.gateway",
+    "medods.source",
+    "lis.source",
+    "infoclinica.source",
+    "renovatio.source",
+    "vtiger.client",
 )
 
 
@@ -59,24 +59,24 @@ def _loaded_after(handler: str, statement: str, env_overrides: dict[str, str | N
 @pytest.mark.parametrize("handler", HANDLERS)
 def test_importing_a_handler_loads_no_mis_or_crm_adapter(handler: str) -> None:
     loaded = _loaded_after(handler, "import app")
-    assert "clinicsync.wiring" in loaded  # the handler really reached the wiring
+    assert "clinicsync.runtime.wiring" in loaded  # the handler really reached the wiring
     assert {f"clinicsync.adapters.{name}" for name in ADAPTERS} & loaded == set()
     # The HTTP stack loads with the first adapter that calls an API (wiring.http_client), not at import.
-    assert {"httpx", "clinicsync.adapters.mailchimp"} & loaded == set()
+    assert {"httpx", "clinicsync.adapters.mailchimp.client"} & loaded == set()
 
 
 @pytest.mark.parametrize(
     ("crm", "wanted", "never"),
     [
-        ("bitrix24", "clinicsync.adapters.bitrix24_gateway", "clinicsync.adapters.amocrm"),
-        ("amocrm", "clinicsync.adapters.amocrm_gateway", "clinicsync.adapters.bitrix24_gateway"),
+        ("bitrix24", "clinicsync.adapters.bitrix24.gateway", "clinicsync.adapters.amocrm.client"),
+        ("amocrm", "clinicsync.adapters.amocrm.gateway", "clinicsync.adapters.bitrix24.gateway"),
     ],
 )
 def test_building_a_clinics_crm_gateway_loads_that_crm_only(crm: str, wanted: str, never: str) -> None:
     config = ROOT / "sandbox" / "clinics" / "demo-dental.yaml"
     statement = f"""
-from clinicsync import wiring
-from clinicsync.config import parse_clinic_config
+from clinicsync.runtime import wiring
+from clinicsync.domain.config import parse_clinic_config
 config = parse_clinic_config(open({str(config)!r}, encoding="utf-8").read().replace("kind: bitrix24", "kind: {crm}"))
 wiring._bitrix_client = wiring._amocrm_client = lambda *args: object()  # no secret, no network
 wiring.secret = lambda arn: {{}}
@@ -90,7 +90,7 @@ except ValueError:  # amoCRM's field ids are not in the demo config; its gateway
     loaded = _loaded_after("stage_syncer", statement)
     assert wanted in loaded
     assert never not in loaded
-    assert "clinicsync.adapters.medods" not in loaded  # the MIS is built by the poller, not here
+    assert "clinicsync.adapters.medods.source" not in loaded  # the MIS is built by the poller, not here
 
 
 # Where Powertools would not trace: disabled by its variable, or outside Lambda (tests, the local runtime).
@@ -121,7 +121,7 @@ assert not tracer.disabled and type(tracer.provider).__module__.startswith("aws_
 
 
 def test_the_layer_ships_the_phone_parser_without_geocoder_and_carrier_data() -> None:
-    # clinicsync.phones only parses, validates and formats; phonenumbers' geocoder, carrier and time-zone
+    # clinicsync.domain.phones only parses, validates and formats; phonenumbers' geocoder, carrier and time-zone
     # data were 23 MB of the 77 MB layer. phonenumberslite is the same parser, installed as `phonenumbers`.
     pinned = {
         line.split("==")[0].strip().lower()

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _emitted() -> set[str]:
     names: set[str] = set()
     for path in [*ROOT.glob("functions/*/app.py"), *ROOT.glob("layers/shared/clinicsync/**/*.py")]:
-        # Powertools' add_metric, or observe()'s own spellings of it (clinicsync/observe.py)
+        # Powertools' add_metric, or observe()'s own spellings of it (clinicsync/runtime/observe.py)
         found = re.findall(r'(?:add_metric\(\s*name=|_count\(|Counted\(\{)"(\w+)"', path.read_text(encoding="utf-8"))
         names |= set(found)
     return names

@@ -22,10 +22,10 @@ from moto.backends import get_backend
 from pydantic import ValidationError, create_model
 from typer.testing import CliRunner
 
-from clinicsync.adapters.amocrm_oauth import AMOCRM, AmoCrmOAuth
-from clinicsync.config import CLINIC_ID_MAX_LENGTH, CLINIC_ID_PATTERN, ClinicConfig
-from clinicsync.oauth import SecretsManagerTokenStore
-from clinicsync.store import DynamoStore
+from clinicsync.adapters.amocrm.oauth import AMOCRM, AmoCrmOAuth
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.adapters.http.oauth import SecretsManagerTokenStore
+from clinicsync.domain.config import CLINIC_ID_MAX_LENGTH, CLINIC_ID_PATTERN, ClinicConfig
 from clinicsync_cli import deployment
 from clinicsync_cli.app import app as cli
 from clinicsync_cli.clinic import console

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from clinicsync.config import clinic_config_json_schema
+from clinicsync.domain.config import clinic_config_json_schema
 from clinicsync_cli.docs import render
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from clinicsync.config import load_clinic_config
-from clinicsync.health import HealthLog
+from clinicsync.adapters.aws.health import HealthLog
+from clinicsync.domain.config import load_clinic_config
 from clinicsync_cli.app import app
 from clinicsync_cli.clinic import console
 from clinicsync_cli.fleet.cells import Cells

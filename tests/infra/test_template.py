@@ -614,7 +614,8 @@ def check_least_privilege_per_function(t: Template) -> None:
 def check_token_writers_outlive_a_refresh(t: Template) -> None:
     """A function that may refresh the CRM's OAuth pair must not be killed between the vendor's rotation and
     the secret write: its timeout covers the lease wait, one refresh call and the write."""
-    from clinicsync import oauth, wiring
+    from clinicsync.adapters.http import oauth
+    from clinicsync.runtime import wiring
 
     lease_wait = float(inspect.signature(oauth.lease_lock).parameters["timeout"].default)
     refresh_call = float(wiring.http_client().timeout.read or 0)

@@ -8,10 +8,10 @@ from typing import Any, cast, get_args
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clinicsync.audience import AudienceEvent, AudienceKind
-from clinicsync.consent import ConsentLedger, ConsentQueue
-from clinicsync.crypto import KeyedHasher
-from clinicsync.store import DynamoStore
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.application.consent import ConsentLedger, ConsentQueue
+from clinicsync.domain.audience import AudienceEvent, AudienceKind
+from clinicsync.domain.crypto import KeyedHasher
 
 OURS = frozenset({"our-audience"})
 

@@ -1,4 +1,4 @@
-"""E-mail identity (clinicsync.emails): one canonical form, and a look-alike is never the real address.
+"""E-mail identity (clinicsync.domain.emails): one canonical form, and a look-alike is never the real address.
 
 The model here is independent of the product's code: a look-alike is built by swapping one ASCII
 character of a real address for a non-ASCII character whose NFKC + case fold is that ASCII character.
@@ -13,8 +13,8 @@ import unicodedata
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clinicsync.crypto import KeyedHasher
-from clinicsync.emails import normalise_email
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.emails import normalise_email
 
 # Every BMP character that NFKC + case folding turns into a single ASCII letter or digit: the Kelvin
 # sign, full-width forms, mathematical letters, ... (found by scanning, not listed by hand).
@@ -83,7 +83,7 @@ def test_lossless_equivalents_are_one_address() -> None:
 
 
 def test_a_look_alikes_mailchimp_member_is_never_the_real_persons() -> None:
-    from clinicsync.audience import subscriber_hash
+    from clinicsync.domain.audience import subscriber_hash
 
     real, look_alike = "nikolay@clinic.ru", "ni\u212aolay@clinic.ru"
     assert subscriber_hash(look_alike) != subscriber_hash(real)

@@ -22,20 +22,20 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from urllib3 import encode_multipart_formdata
 
-from clinicsync.adapters.ident import ConnectorBatch, TicketQuery, TimeTable, parse_ident_datetime
-from clinicsync.adapters.infoclinica import (
+from clinicsync.adapters.http.forms import MAX_BODY_BYTES, MAX_DEPTH, FormError, parse_form, parse_php_form
+from clinicsync.adapters.ident.contract import ConnectorBatch, TicketQuery, TimeTable, parse_ident_datetime
+from clinicsync.adapters.infoclinica.source import (
     InfoClinicaApi,
     InfoClinicaError,
     InfoClinicaSource,
     UnsafeXml,
     parse_xml,
 )
-from clinicsync.adapters.medods import MedodsApi, MedodsError, MedodsSource
-from clinicsync.config import MisConnection
-from clinicsync.dates import parse_mis_date, parse_mis_datetime
-from clinicsync.forms import MAX_BODY_BYTES, MAX_DEPTH, FormError, parse_form, parse_php_form
-from clinicsync.models import PatientChanges
-from clinicsync.ports import ChangePage
+from clinicsync.adapters.medods.source import MedodsApi, MedodsError, MedodsSource
+from clinicsync.domain.config import MisConnection
+from clinicsync.domain.dates import parse_mis_date, parse_mis_datetime
+from clinicsync.domain.models import PatientChanges
+from clinicsync.domain.ports import ChangePage
 from tests.helpers import MSK, demo_config
 
 # Text that breaks naive parsers: brackets, separators, escapes, non-ASCII digits ("²" is isdigit()
@@ -181,7 +181,7 @@ def test_form_limits_are_refused_cleanly() -> None:
 # Hook for the consent issue: the Mailchimp webhook and the unsubscribe token get their own parsers
 # there. Add them here as (parser, its documented error) and the property below covers them too.
 def _verify_link(text: str) -> None:
-    from clinicsync.unsubscribe_links import UnsubscribeTokens
+    from clinicsync.domain.unsubscribe_links import UnsubscribeTokens
 
     UnsubscribeTokens(b"k" * 32).verify(text)
 

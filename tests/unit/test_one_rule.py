@@ -12,7 +12,7 @@ from typing import cast
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clinicsync.keys import (
+from clinicsync.domain.keys import (
     SUBJECT_PATTERN,
     contact_intent,
     deal_intent,
@@ -20,13 +20,13 @@ from clinicsync.keys import (
     patient_subject,
     subject_patient,
 )
-from clinicsync.ports import CrmGateway
+from clinicsync.domain.ports import CrmGateway
 from clinicsync_cli.planning import verified
 from tests.helpers import demo_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYED = [ROOT / "layers" / "shared", ROOT / "functions"]
-KEYS_MODULE = ROOT / "layers" / "shared" / "clinicsync" / "keys.py"
+KEYS_MODULE = ROOT / "layers" / "shared" / "clinicsync" / "domain" / "keys.py"
 
 
 def _deployed_modules() -> Iterator[Path]:
@@ -104,7 +104,7 @@ def test_closed_stages_are_merged_only_by_the_config() -> None:
                 updates = [k for kw in node.keywords if isinstance(kw.value, ast.Dict) for k in kw.value.keys]
                 if any(isinstance(k, ast.Constant) and k.value == "closed_stages" for k in updates):
                     rewriters.add(str(path.relative_to(ROOT)))
-    assert rewriters == {"layers/shared/clinicsync/config.py"}
+    assert rewriters == {"layers/shared/clinicsync/domain/config.py"}
 
 
 class _StagesCrm:
@@ -138,7 +138,7 @@ def _definitions(names: set[str]) -> dict[str, set[str]]:
 
 def test_the_oauth_lease_and_token_store_are_defined_once_for_every_vendor() -> None:
     """The vendor modules only parametrise them (``BITRIX24``, ``AMOCRM``): no wrapper, no subclass."""
-    oauth_module = "layers/shared/clinicsync/oauth.py"
+    oauth_module = "layers/shared/clinicsync/adapters/http/oauth.py"
     assert _definitions({"lease_lock", "SecretsManagerTokenStore"}) == {
         "lease_lock": {oauth_module},
         "SecretsManagerTokenStore": {oauth_module},
@@ -154,7 +154,7 @@ def test_the_oauth_lease_and_token_store_are_defined_once_for_every_vendor() -> 
 
 def test_the_pacer_lives_in_the_shared_http_mechanics_not_in_a_vendor_client() -> None:
     """Bitrix24, amoCRM and vTiger are paced by one ``Pacer``; nobody reaches it through a vendor module."""
-    assert _definitions({"Pacer"}) == {"Pacer": {"layers/shared/clinicsync/adapters/pacing.py"}}
+    assert _definitions({"Pacer"}) == {"Pacer": {"layers/shared/clinicsync/adapters/http/pacing.py"}}
     importers = {
         f"{path.relative_to(ROOT)}: from {node.module}"
         for root in [*DEPLOYED, ROOT / "sandbox", ROOT / "cli", ROOT / "connector", ROOT / "tests"]
@@ -162,4 +162,4 @@ def test_the_pacer_lives_in_the_shared_http_mechanics_not_in_a_vendor_client() -
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
         if isinstance(node, ast.ImportFrom) and any(alias.name == "Pacer" for alias in node.names)
     }
-    assert importers and all(line.endswith("from clinicsync.adapters.pacing") for line in importers), importers
+    assert importers and all(line.endswith("from clinicsync.adapters.http.pacing") for line in importers), importers

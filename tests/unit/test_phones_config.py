@@ -5,11 +5,11 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from clinicsync.config import clinic_config_json_schema, parse_clinic_config
-from clinicsync.crypto import KeyedHasher, constant_time_equals
-from clinicsync.models import AppointmentStatus
-from clinicsync.phones import normalise_phone
-from clinicsync.statuses import UnknownStatus, canonical_status
+from clinicsync.domain.config import clinic_config_json_schema, parse_clinic_config
+from clinicsync.domain.crypto import KeyedHasher, constant_time_equals
+from clinicsync.domain.models import AppointmentStatus
+from clinicsync.domain.phones import normalise_phone
+from clinicsync.domain.statuses import UnknownStatus, canonical_status
 from tests.helpers import DEMO_CONFIG
 
 
@@ -111,7 +111,7 @@ def test_each_crm_gets_its_own_request_budget_unless_set() -> None:
 def test_mis_dates_in_four_shapes_land_in_the_clinic_time_zone(raw: str | int, expected: str) -> None:
     from zoneinfo import ZoneInfo
 
-    from clinicsync.dates import parse_mis_datetime
+    from clinicsync.domain.dates import parse_mis_datetime
 
     assert parse_mis_datetime(raw, ZoneInfo("Europe/Moscow")).isoformat() == expected
 
@@ -120,7 +120,7 @@ def test_mis_dates_in_four_shapes_land_in_the_clinic_time_zone(raw: str | int, e
 def test_unknown_date_shapes_are_refused_not_guessed(raw: str) -> None:
     from zoneinfo import ZoneInfo
 
-    from clinicsync.dates import parse_mis_datetime
+    from clinicsync.domain.dates import parse_mis_datetime
 
     with pytest.raises(ValueError, match=r"date|day|month"):
         parse_mis_datetime(raw, ZoneInfo("Europe/Moscow"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from clinicsync.ports import ContactWrite, DealWrite
+from clinicsync.domain.ports import ContactWrite, DealWrite
 from clinicsync_cli.planning import DryRunGateway, ReadOnlyTable, masked_fields
 
 

@@ -13,13 +13,13 @@ from datetime import timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clinicsync.config import ClinicConfig
-from clinicsync.crypto import KeyedHasher
-from clinicsync.models import Appointment, CrmObservation, PatientChanges
-from clinicsync.models import AppointmentStatus as S
-from clinicsync.ports import CrmMatches, DealMatch, DealWrite
-from clinicsync.rules import apply_observation, plan_patient
-from clinicsync.state import PatientState
+from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.models import Appointment, CrmObservation, PatientChanges
+from clinicsync.domain.models import AppointmentStatus as S
+from clinicsync.domain.ports import CrmMatches, DealMatch, DealWrite
+from clinicsync.domain.rules import apply_observation, plan_patient
+from clinicsync.domain.state import PatientState
 from tests.helpers import T0, appointment, days, demo_config, patient
 
 HASHER = KeyedHasher(b"k" * 32)

@@ -15,17 +15,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clinicsync.adapters.amocrm import AmoCrmClient, AmoCrmOutcomeUnknown, AmoCrmUnavailable
-from clinicsync.adapters.bitrix24 import Bitrix24Client, Bitrix24OutcomeUnknown, Bitrix24Unavailable
-from clinicsync.adapters.infoclinica import InfoClinicaApi, InfoClinicaError
-from clinicsync.adapters.lis import LisApi, LisError
-from clinicsync.adapters.mailchimp import MailchimpClient, MailchimpError
-from clinicsync.adapters.medods import MedodsApi, MedodsError
-from clinicsync.adapters.pacing import Pacer
-from clinicsync.adapters.renovatio import RenovatioApi, RenovatioError
-from clinicsync.adapters.retrying import Replay, Transient, call_with_retries, exponential, poll
-from clinicsync.adapters.vtiger import VtigerClient, VtigerError
-from clinicsync.store import batch_get
+from clinicsync.adapters.amocrm.client import AmoCrmClient, AmoCrmOutcomeUnknown, AmoCrmUnavailable
+from clinicsync.adapters.aws.store import batch_get
+from clinicsync.adapters.bitrix24.client import Bitrix24Client, Bitrix24OutcomeUnknown, Bitrix24Unavailable
+from clinicsync.adapters.http.pacing import Pacer
+from clinicsync.adapters.http.retrying import Replay, Transient, call_with_retries, exponential, poll
+from clinicsync.adapters.infoclinica.source import InfoClinicaApi, InfoClinicaError
+from clinicsync.adapters.lis.source import LisApi, LisError
+from clinicsync.adapters.mailchimp.client import MailchimpClient, MailchimpError
+from clinicsync.adapters.medods.source import MedodsApi, MedodsError
+from clinicsync.adapters.renovatio.source import RenovatioApi, RenovatioError
+from clinicsync.adapters.vtiger.client import VtigerClient, VtigerError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,18 +7,18 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clinicsync.crypto import KeyedHasher
-from clinicsync.models import AppointmentStatus as S
-from clinicsync.models import PatientChanges
-from clinicsync.ports import ContactWrite, CrmMatches, DealMatch, DealWrite
-from clinicsync.rules import (
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.models import AppointmentStatus as S
+from clinicsync.domain.models import PatientChanges
+from clinicsync.domain.ports import ContactWrite, CrmMatches, DealMatch, DealWrite
+from clinicsync.domain.rules import (
     apply_observation,
     deal_observation,
     plan_patient,
     stage_read_observation,
     stage_to_check,
 )
-from clinicsync.state import AppointmentState, PatientState
+from clinicsync.domain.state import AppointmentState, PatientState
 from tests.helpers import T0, appointment, days, demo_config, patient
 
 HASHER = KeyedHasher(b"k" * 32)
@@ -212,7 +212,7 @@ def test_ledger_opt_outs_are_sticky_in_the_contact_payload() -> None:
 
 
 def test_the_cases_sixteen_plus_sixteen_fields_are_available_when_configured() -> None:
-    from clinicsync.config import CONTACT_FIELDS, DEAL_FIELDS
+    from clinicsync.domain.config import CONTACT_FIELDS, DEAL_FIELDS
 
     everything = CONFIG.model_copy(
         update={

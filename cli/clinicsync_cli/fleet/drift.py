@@ -12,7 +12,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
 
-from clinicsync.config import parse_clinic_config
+from clinicsync.domain.config import parse_clinic_config
 from clinicsync_cli.fleet.cells import Cells
 from clinicsync_cli.fleet.registry import Fleet, FleetClinic
 from clinicsync_cli.fleet.release import release_of

@@ -21,7 +21,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, Field
 
-from clinicsync.config import ClinicConfig, parse_clinic_config
+from clinicsync.domain.config import ClinicConfig, parse_clinic_config
 from clinicsync_cli import connect, deployment
 from clinicsync_cli.clinic import SECRET_KEYS, clinic_secret_ref, load_secrets_file
 from clinicsync_cli.fleet.cells import Cells

@@ -1,0 +1,106 @@
+"""The sync queue (SQS FIFO). Messages are grouped by patient shard, so one patient's changes are
+never processed by two syncer invocations at once, while different shards run in parallel."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from clinicsync.domain.models import ConsentJob, CrmEvent, SyncMessage
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs.client import SQSClient
+
+SQS_BATCH = 10
+MAX_BODY_BYTES = 240_000  # SQS caps a message at 256 KiB; keep a margin for attributes
+MAX_BATCH_BYTES = 1_000_000  # SQS caps a whole SendMessageBatch at 1 MiB; keep a margin for attributes
+
+
+def batches(entries: Sequence[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """SendMessageBatch chunks, in order: at most 10 entries and MAX_BATCH_BYTES of bodies each (ten
+    messages near MAX_BODY_BYTES would be refused whole)."""
+    chunk: list[dict[str, Any]] = []
+    size = 0
+    for entry in entries:
+        body = len(str(entry["MessageBody"]).encode())
+        if chunk and (len(chunk) == SQS_BATCH or size + body > MAX_BATCH_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(entry)
+        size += body
+    if chunk:
+        yield chunk
+
+
+def shard_of(patient_id: str, shards: int) -> int:
+    """Stable across processes and deploys (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(patient_id.encode()).digest()[:4], "big") % shards
+
+
+class SqsChangeQueue:
+    def __init__(self, sqs: SQSClient, queue_url: str) -> None:
+        self._sqs = sqs
+        self._url = queue_url
+        self.sent = 0
+
+    def send(self, messages: Sequence[SyncMessage]) -> None:
+        """Send all messages or raise; the caller advances its cursor only after this returns."""
+        entries: list[dict[str, Any]] = []
+        for index, message in enumerate(messages):
+            body = message.model_dump_json()
+            if len(body.encode()) > MAX_BODY_BYTES:
+                raise ValueError("sync message too large; lower patients_per_message")
+            entries.append(
+                {
+                    "Id": str(index),
+                    "MessageBody": body,
+                    "MessageGroupId": f"shard-{message.shard}",
+                    # Same content, same id: a poller retry inside 5 minutes is dropped by SQS itself.
+                    "MessageDeduplicationId": hashlib.sha256(body.encode()).hexdigest(),
+                }
+            )
+        for chunk in batches(entries):
+            response = self._sqs.send_message_batch(QueueUrl=self._url, Entries=chunk)  # type: ignore[arg-type]
+            failed = response.get("Failed", [])
+            if failed:
+                retry = [e for e in chunk if e["Id"] in {f["Id"] for f in failed}]
+                again = self._sqs.send_message_batch(QueueUrl=self._url, Entries=retry)  # type: ignore[arg-type]
+                if again.get("Failed"):
+                    raise RuntimeError(f"{len(again['Failed'])} sync messages could not be enqueued")
+            self.sent += len(chunk)
+
+
+class SqsEventQueue:
+    """The CRM event queue (SQS standard): order does not matter, because the syncer re-fetches the
+    entity's current state; the event source batches up to 100 events so re-fetches are batched too."""
+
+    def __init__(self, sqs: SQSClient, queue_url: str) -> None:
+        self._sqs = sqs
+        self._url = queue_url
+
+    def send(self, events: Sequence[CrmEvent]) -> None:
+        entries = [{"Id": str(i), "MessageBody": e.model_dump_json()} for i, e in enumerate(events)]
+        for chunk in batches(entries):
+            response = self._sqs.send_message_batch(QueueUrl=self._url, Entries=chunk)  # type: ignore[arg-type]
+            if response.get("Failed"):
+                raise RuntimeError(f"{len(response['Failed'])} CRM events could not be enqueued")
+
+
+class SqsConsentQueue:
+    """Consent jobs (SQS standard): each carries one subject; the consumer pushes the ledger's current
+    state, so order and duplicates do not matter, and a failed job comes back until every output is done."""
+
+    def __init__(self, sqs: SQSClient, queue_url: str) -> None:
+        self._sqs = sqs
+        self._url = queue_url
+
+    def send(self, jobs: Sequence[ConsentJob]) -> None:
+        entries = [{"Id": str(i), "MessageBody": j.model_dump_json()} for i, j in enumerate(jobs)]
+        for chunk in batches(entries):
+            response = self._sqs.send_message_batch(QueueUrl=self._url, Entries=chunk)  # type: ignore[arg-type]
+            if response.get("Failed"):
+                retry = [e for e in chunk if e["Id"] in {f["Id"] for f in response["Failed"]}]
+                again = self._sqs.send_message_batch(QueueUrl=self._url, Entries=retry)  # type: ignore[arg-type]
+                if again.get("Failed"):
+                    raise RuntimeError(f"{len(again['Failed'])} consent jobs could not be enqueued")

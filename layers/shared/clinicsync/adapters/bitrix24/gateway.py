@@ -1,0 +1,587 @@
+"""Bitrix24 gateway: translates the domain's look-ups and writes into ``batch`` calls of at most 50.
+
+It never decides anything. The rules say which contacts, deals and leads to write; this module says
+how Bitrix24 spells that (UPPER_SNAKE fields, multifields, ORIGINATOR_ID/ORIGIN_ID, stage ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from clinicsync.adapters.bitrix24.client import (
+    BATCH_LIMIT,
+    Bitrix24Client,
+    Bitrix24Error,
+    Bitrix24MethodBlocked,
+    Bitrix24OutcomeUnknown,
+)
+from clinicsync.domain.config import ClinicConfig, Pipeline
+from clinicsync.domain.fieldtypes import FieldValueError, crm_value, default_type
+from clinicsync.domain.phones import normalise_phone
+from clinicsync.domain.ports import (
+    ContactWrite,
+    CrmMatches,
+    CrmWrite,
+    DealMatch,
+    DealWrite,
+    LeadWrite,
+    OpenLead,
+    PhoneCandidates,
+    PipelineMismatch,
+    WriteOutcome,
+)
+
+PAGE_SIZE = 50
+FINDBYCOMM_LIMIT = 20  # crm.duplicate.findbycomm takes at most 20 values
+
+# Canonical fields with a native Bitrix24 field. Everything else goes to a UF_CRM_* field, named by
+# the clinic's fields.crm_names or, by default, UF_CRM_CS_<NAME>. visit_at is one of those (a datetime
+# field: reminders need the hour); BEGINDATE is date-only and gets the visit's date besides.
+NATIVE_DEAL_FIELDS = {"title": "TITLE", "price": "OPPORTUNITY", "comment": "COMMENTS"}
+NATIVE_CONTACT_FIELDS = {"birth_date": "BIRTHDATE"}
+NOT_WRITTEN = {"full_name", "phone", "email", "mis_patient_id", "mis_appointment_id"}  # handled explicitly
+
+UTM_FIELDS = ("UTM_SOURCE", "UTM_MEDIUM", "UTM_CAMPAIGN", "UTM_TERM", "UTM_CONTENT")
+TICKET_SELECT = [
+    "ID", "DATE_CREATE", "TITLE", "NAME", "LAST_NAME", "SECOND_NAME", "PHONE", "EMAIL", "COMMENTS",
+    "SOURCE_DESCRIPTION", *UTM_FIELDS,
+]  # fmt: skip
+SELECT = {
+    "deal": [
+        "ID",
+        "CATEGORY_ID",
+        "STAGE_ID",
+        "CLOSED",
+        "ORIGINATOR_ID",
+        "ORIGIN_ID",
+        "MODIFY_BY_ID",
+        "DATE_MODIFY",
+        "CONTACT_ID",
+        "LEAD_ID",
+    ],
+    "lead": ["ID", "STATUS_ID", "ORIGINATOR_ID", "ORIGIN_ID", "MODIFY_BY_ID", "DATE_MODIFY", "CONTACT_ID", "PHONE"],
+    "contact": ["ID", "ORIGINATOR_ID", "ORIGIN_ID", "MODIFY_BY_ID", "DATE_MODIFY"],
+}
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _rows(value: Any) -> list[dict[str, Any]]:
+    return [row for row in value if isinstance(row, dict)] if isinstance(value, list) else []
+
+
+@dataclass
+class _Command:
+    key: str
+    method: str
+    params: dict[str, Any]
+    patient_id: str
+    write: CrmWrite
+
+
+class Bitrix24Gateway:
+    kind = "bitrix24"
+    lookups_need_intents = False  # a batch looks up 50 MIS ids per command: always look up
+
+    def __init__(self, client: Bitrix24Client, config: ClinicConfig) -> None:
+        self._client = client
+        self._config = config
+        self._originator = config.crm.originator_id
+
+    def requests_made(self) -> int:
+        return self._client.requests
+
+    def integration_user(self) -> str:
+        return self._client.user_id
+
+    def _custom(self, name: str, entity: Literal["contact", "deal"] = "contact") -> str:
+        mapped = self._config.fields.crm_field(entity, name)
+        return mapped.id if mapped else f"UF_CRM_CS_{name.upper()}"
+
+    def _typed(self, entity: Literal["contact", "deal"], name: str, value: Any) -> Any:
+        """A custom field's value in the shape its Bitrix24 type takes (``clinicsync.domain.fieldtypes``)."""
+        if value is None or name in ("opt_outs", "opt_ins"):
+            return _bitrix_value(value)  # the consent code reads the comma list back
+        mapped = self._config.fields.crm_field(entity, name)
+        field_type = (mapped.type if mapped else None) or default_type("bitrix24", name)
+        return crm_value("bitrix24", name, field_type, value, self._config.tz, mapped.values if mapped else None)
+
+    # --- start-up check ----------------------------------------------------------------------------
+
+    def verify_pipelines(self, pipelines: Mapping[Any, Pipeline]) -> frozenset[str]:
+        """Every configured stage must exist in its category; stages are matched by id, never by name
+        (portals rename stages and keep ids). Returns the CRM's won/lost stages."""
+        commands: dict[str, tuple[str, Mapping[str, Any]]] = {"categories": ("crm.category.list", {"entityTypeId": 2})}
+        for name, pipeline in pipelines.items():
+            entity = "DEAL_STAGE" if pipeline.category_id == "0" else f"DEAL_STAGE_{pipeline.category_id}"
+            commands[f"stages_{name}"] = ("crm.status.list", {"filter": {"ENTITY_ID": entity}})
+        result = self._client.batch(commands)
+        categories = result.result.get("categories", {})
+        known_categories = {
+            str(c.get("id")) for c in (categories.get("categories", []) if isinstance(categories, dict) else [])
+        }
+        problems: list[str] = []
+        closed: set[str] = set()
+        for name, pipeline in pipelines.items():
+            if pipeline.category_id not in known_categories:
+                problems.append(f"pipeline {name!r}: category {pipeline.category_id} does not exist in Bitrix24")
+                continue
+            stages = {str(s.get("STATUS_ID")): s for s in _rows(result.result.get(f"stages_{name}"))}
+            closed |= {sid for sid, s in stages.items() if s.get("SEMANTICS") in ("S", "F")}
+            for status, stage in sorted(pipeline.stages.items()):
+                if stage not in stages:
+                    problems.append(
+                        f"pipeline {name!r} maps {status.value} to stage {stage!r}, which category "
+                        f"{pipeline.category_id} does not have (known: {', '.join(sorted(stages))})"
+                    )
+        if problems:
+            raise PipelineMismatch(problems)
+        return frozenset(closed)
+
+    # --- look-ups ----------------------------------------------------------------------------------
+
+    def find(
+        self,
+        patient_ids: Sequence[str],
+        appointment_ids: Sequence[str],
+        phones: Sequence[str] = (),
+        multifield_contacts: Sequence[str] = (),
+        intended_since: int | None = None,  # noqa: ARG002 - Bitrix24 always looks up, it is cheap
+    ) -> CrmMatches:
+        commands: dict[str, tuple[str, Mapping[str, Any]]] = {}
+        for n, ids in enumerate(_chunks(list(dict.fromkeys(patient_ids)), PAGE_SIZE)):
+            commands[f"c{n}"] = ("crm.contact.list", self._origin_filter(ids, ["ID", "ORIGIN_ID"]))
+        for n, ids in enumerate(_chunks(list(dict.fromkeys(appointment_ids)), PAGE_SIZE)):
+            commands[f"d{n}"] = ("crm.deal.list", self._origin_filter(ids, SELECT["deal"]))
+        for n, values in enumerate(_chunks(list(dict.fromkeys(phones)), FINDBYCOMM_LIMIT)):
+            commands[f"p{n}"] = ("crm.duplicate.findbycomm", {"type": "PHONE", "values": list(values)})
+        for n, ids in enumerate(_chunks(list(dict.fromkeys(multifield_contacts)), PAGE_SIZE)):
+            params = {"filter": {"@ID": list(ids)}, "select": ["ID", "PHONE", "EMAIL"]}
+            commands[f"m{n}"] = ("crm.contact.list", params)
+        results = self._run_reads(commands)
+
+        contacts: dict[str, str] = {}
+        deals: dict[str, DealMatch] = {}
+        found_leads: set[str] = set()
+        found_contacts: set[str] = set()
+        multifields: dict[str, dict[str, str]] = {}
+        for key, value in results.items():
+            if key.startswith("c"):
+                for row in _rows(value):
+                    # Oldest id wins, so a duplicate made by hand never replaces our mapping.
+                    contacts.setdefault(str(row["ORIGIN_ID"]), str(row["ID"]))
+            elif key.startswith("d"):
+                for row in _rows(value):
+                    deals.setdefault(str(row["ORIGIN_ID"]), _deal_match(row))
+            elif key.startswith("p") and isinstance(value, dict):
+                found_leads |= {str(i) for i in value.get("LEAD", [])}
+                found_contacts |= {str(i) for i in value.get("CONTACT", [])}
+            elif key.startswith("m"):
+                for row in _rows(value):
+                    multifields[str(row["ID"])] = {
+                        kind.lower(): str(row[kind][0]["ID"]) for kind in ("PHONE", "EMAIL") if row.get(kind)
+                    }
+        candidates = self._phone_candidates(set(phones), found_leads, found_contacts) if phones else {}
+        return CrmMatches(contacts=contacts, deals=deals, phones=candidates, multifields=multifields)
+
+    def _phone_candidates(
+        self, phones: set[str], lead_ids: set[str], contact_ids: set[str]
+    ) -> dict[str, PhoneCandidates]:
+        """findbycomm answers ids for all values at once; read them back to learn which phone each has."""
+        if not lead_ids and not contact_ids:
+            return {}
+        matching = self._config.matching
+        commands: dict[str, tuple[str, Mapping[str, Any]]] = {}
+        for n, ids in enumerate(_chunks(sorted(lead_ids, key=int), PAGE_SIZE)):
+            params = {
+                "filter": {"@ID": list(ids), "@STATUS_ID": list(matching.adopt_lead_statuses)},
+                "select": ["ID", "PHONE", "SOURCE_ID"],  # the source a deal adopting the lead keeps
+                "order": {"ID": "ASC"},
+            }
+            commands[f"l{n}"] = ("crm.lead.list", params)
+        for n, ids in enumerate(_chunks(sorted(contact_ids, key=int), PAGE_SIZE)):
+            select = ["ID", "ORIGINATOR_ID", "ORIGIN_ID", "PHONE"]
+            commands[f"k{n}"] = (
+                "crm.contact.list",
+                {"filter": {"@ID": list(ids)}, "select": select, "order": {"ID": "ASC"}},
+            )
+            deal_filter = {"@CONTACT_ID": list(ids), "CLOSED": "N", "@STAGE_ID": list(matching.adopt_deal_stages)}
+            commands[f"q{n}"] = (
+                "crm.deal.list",
+                {"filter": deal_filter, "select": SELECT["deal"], "order": {"ID": "ASC"}},
+            )
+        results = self._run_reads(commands)
+        region = matching.default_region
+        leads: dict[str, list[str]] = {}
+        contacts: dict[str, list[tuple[str, str | None]]] = {}
+        contact_phones: dict[str, set[str]] = {}
+        deals: dict[str, list[tuple[str, str, str]]] = {}
+        sources: dict[str, str] = {}
+        for key, value in sorted(results.items()):
+            for row in _rows(value):
+                numbers = {
+                    num for p in row.get("PHONE") or [] if (num := normalise_phone(str(p.get("VALUE", "")), region))
+                }
+                numbers &= phones
+                if key.startswith("l"):
+                    if row.get("SOURCE_ID"):
+                        sources[str(row["ID"])] = str(row["SOURCE_ID"])
+                    for number in numbers:
+                        leads.setdefault(number, []).append(str(row["ID"]))
+                elif key.startswith("k"):
+                    owner = str(row["ORIGIN_ID"]) if row.get("ORIGINATOR_ID") == self._originator else None
+                    contact_phones[str(row["ID"])] = numbers
+                    for number in numbers:
+                        contacts.setdefault(number, []).append((str(row["ID"]), owner or None))
+        for key, value in sorted(results.items()):
+            if key.startswith("q"):
+                for row in _rows(value):
+                    if row.get("ORIGINATOR_ID") == self._originator and row.get("ORIGIN_ID"):
+                        continue  # already one of ours
+                    for number in contact_phones.get(str(row.get("CONTACT_ID")), set()):
+                        deals.setdefault(number, []).append(
+                            (str(row["ID"]), str(row.get("CATEGORY_ID", "0")), str(row.get("STAGE_ID")))
+                        )
+        return {
+            number: PhoneCandidates(
+                leads=tuple(leads.get(number, [])),
+                contacts=tuple(contacts.get(number, [])),
+                deals=tuple(deals.get(number, [])),
+                lead_sources={lid: sources[lid] for lid in leads.get(number, []) if lid in sources},
+            )
+            for number in set(leads) | set(contacts) | set(deals)
+        }
+
+    def _run_reads(self, commands: Mapping[str, tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        keys = list(commands)
+        for chunk in _chunks(keys, BATCH_LIMIT):
+            result = self._client.batch({k: commands[k] for k in chunk})
+            if result.errors:
+                raise Bitrix24Error("LOOKUP_FAILED", ",".join(sorted(result.errors)), 400)
+            results.update(result.result)
+        return results
+
+    def _origin_filter(self, ids: Sequence[str], select: list[str]) -> dict[str, Any]:
+        return {
+            "filter": {"ORIGINATOR_ID": self._originator, "@ORIGIN_ID": list(ids)},
+            "select": select,
+            "order": {"ID": "ASC"},
+        }
+
+    # --- reading back what managers changed --------------------------------------------------------
+
+    def fetch(self, entity: str, crm_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        commands = {
+            f"f{n}": (f"crm.{entity}.list", {"filter": {"@ID": list(ids)}, "select": self._select(entity)})
+            for n, ids in enumerate(_chunks(list(dict.fromkeys(crm_ids)), PAGE_SIZE))
+        }
+        rows = [row for value in self._run_reads(commands).values() for row in _rows(value)]
+        return {str(row["ID"]): self._canonical(entity, row) for row in rows}
+
+    def contact_emails(self, contact_ids: Sequence[str]) -> dict[str, list[str]]:
+        commands = {
+            f"e{n}": ("crm.contact.list", {"filter": {"@ID": list(ids)}, "select": ["ID", "EMAIL"]})
+            for n, ids in enumerate(_chunks(list(dict.fromkeys(contact_ids)), PAGE_SIZE))
+        }
+        rows = [row for value in self._run_reads(commands).values() for row in _rows(value)]
+        return {
+            str(row["ID"]): [
+                str(e.get("VALUE")) for e in row.get("EMAIL") or [] if isinstance(e, dict) and e.get("VALUE")
+            ]
+            for row in rows
+        }
+
+    def changed_since(self, entity: str, since: str, limit: int) -> list[dict[str, str]]:
+        """Records changed after ``since`` (ISO time) by anyone but our integration user, oldest first."""
+        out: list[dict[str, str]] = []
+        start = 0
+        while len(out) < limit:
+            params = {
+                "filter": {">DATE_MODIFY": since, "!MODIFY_BY_ID": self.integration_user()},
+                "select": self._select(entity),
+                "order": {"DATE_MODIFY": "ASC", "ID": "ASC"},
+                "start": start,
+            }
+            body = self._client.call(f"crm.{entity}.list", params)
+            out.extend(self._canonical(entity, row) for row in _rows(body.get("result")))
+            if "next" not in body:
+                break
+            start = int(body["next"])
+        return out[:limit]
+
+    def _select(self, entity: str) -> list[str]:
+        return SELECT[entity] + ([self._custom("opt_outs"), self._custom("opt_ins")] if entity == "contact" else [])
+
+    def _canonical(self, entity: str, row: Mapping[str, Any]) -> dict[str, str]:
+        """Ids, stages and flags only; a lead's phone is normalised for the phone index, never stored."""
+        ours = row.get("ORIGINATOR_ID") == self._originator and bool(row.get("ORIGIN_ID"))
+        out = {
+            "entity": entity,
+            "id": str(row["ID"]),
+            "owner": str(row["ORIGIN_ID"]) if ours else "",
+            "modified_by": str(row.get("MODIFY_BY_ID") or ""),
+            "modified_at": str(row.get("DATE_MODIFY") or ""),
+        }
+        if entity == "deal":
+            out |= {
+                "stage": str(row.get("STAGE_ID") or ""),
+                "category": str(row.get("CATEGORY_ID") or "0"),
+                "closed": "Y" if row.get("CLOSED") == "Y" else "N",
+            }
+        elif entity == "lead":
+            numbers = [
+                normalise_phone(str(p.get("VALUE", "")), self._config.matching.default_region)
+                for p in row.get("PHONE") or []
+            ]
+            out |= {
+                "status": str(row.get("STATUS_ID") or ""),
+                "contact_id": str(row.get("CONTACT_ID") or ""),
+                "phone": next((n for n in numbers if n), ""),
+            }
+        else:
+            for name in ("opt_outs", "opt_ins"):
+                value = row.get(self._custom(name)) or ""
+                out[name] = ",".join(value) if isinstance(value, list) else str(value)
+        return out
+
+    # --- IDENT tickets -----------------------------------------------------------------------------
+
+    def open_leads(self, created_from: datetime, created_to: datetime, limit: int, offset: int) -> list[OpenLead]:
+        """One ``batch`` request (up to 11 pages of 50): the window's leads from ``offset``, ``limit`` of them."""
+        params: dict[str, Any] = {
+            "filter": {
+                ">=DATE_CREATE": created_from.isoformat(),
+                "<=DATE_CREATE": created_to.isoformat(),
+                "@STATUS_ID": list(self._config.matching.adopt_lead_statuses),
+            },
+            "select": TICKET_SELECT,
+            "order": {"DATE_CREATE": "ASC", "ID": "ASC"},
+        }
+        # Bitrix24 rounds ``start`` down to a multiple of 50: read from that page and skip the rest.
+        first = offset // PAGE_SIZE * PAGE_SIZE
+        skip = offset - first
+        pages = -(-(skip + limit) // PAGE_SIZE)
+        commands = {f"t{n}": ("crm.lead.list", {**params, "start": first + n * PAGE_SIZE}) for n in range(pages)}
+        results = self._run_reads(commands)
+        rows = [row for n in range(pages) for row in _rows(results.get(f"t{n}"))][skip:]
+        region = self._config.matching.default_region
+        leads: list[OpenLead] = []
+        for row in rows[:limit]:
+            phones = [normalise_phone(str(p.get("VALUE", "")), region) for p in row.get("PHONE") or []]
+            emails = [str(e.get("VALUE", "")).strip() for e in row.get("EMAIL") or []]
+            name = " ".join(str(row.get(k) or "").strip() for k in ("LAST_NAME", "NAME", "SECOND_NAME")).strip()
+            leads.append(
+                OpenLead(
+                    crm_id=str(row["ID"]),
+                    created_at=datetime.fromisoformat(str(row["DATE_CREATE"])),
+                    phone=next((p for p in phones if p), None),
+                    email=next((e for e in emails if e), None),
+                    full_name=name or None,
+                    # A CRM form's lead carries the form in SOURCE_DESCRIPTION; otherwise the lead's title.
+                    form_name=str(row.get("SOURCE_DESCRIPTION") or row.get("TITLE") or "") or None,
+                    comment=str(row.get("COMMENTS") or "") or None,
+                    utm={k.removeprefix("UTM_").lower(): str(row[k]) for k in UTM_FIELDS if row.get(k)},
+                )
+            )
+        return leads
+
+    # --- writes ------------------------------------------------------------------------------------
+
+    def apply(self, writes: Sequence[CrmWrite]) -> WriteOutcome:
+        outcome = WriteOutcome()
+        groups: dict[str, list[CrmWrite]] = {}
+        for write in writes:
+            groups.setdefault(write.patient_id, []).append(write)
+        # Fill every batch to 50 commands, in order; commands run with halt=1. A patient that does not
+        # fit whole is split: its tail goes first in the next batch, which runs only if the head did
+        # and then references the contact by the id the head's reply gave (``_run_chunk``), so a deal
+        # never references a contact whose creation failed or is unknown.
+        queue: list[list[_Command]] = []
+        for pid, group in groups.items():
+            try:
+                commands = self._commands(pid, group)
+            except FieldValueError as exc:  # a value its field type cannot take: only this patient fails
+                outcome.failed[pid] = f"invalid_field: {exc}"
+                continue
+            if commands:
+                queue.append(commands)
+        while queue:
+            chunk: list[_Command] = []
+            while queue and len(chunk) < BATCH_LIMIT:
+                room = BATCH_LIMIT - len(chunk)
+                if len(queue[0]) <= room:
+                    chunk.extend(queue.pop(0))
+                else:
+                    chunk.extend(queue[0][:room])
+                    queue[0] = queue[0][room:]
+            leftovers = self._run_chunk(chunk, outcome)
+            if leftovers:
+                queue.insert(0, leftovers)
+        return outcome
+
+    def _run_chunk(self, chunk: list[_Command], outcome: WriteOutcome) -> list[_Command]:
+        # A method paused by the operating-time limit holds back only the patients that need it.
+        for command in chunk:
+            if self._client.blocked_until(command.method) is not None:
+                outcome.failed.setdefault(command.patient_id, "method_blocked")
+        chunk = [c for c in chunk if c.patient_id not in outcome.failed]
+        if not chunk:
+            return []
+        keys = {c.key for c in chunk}
+        for command in chunk:  # a contact created by an earlier chunk is referenced by its id
+            fields = command.params.get("fields", {})
+            ref = fields.get("CONTACT_ID", "")
+            if isinstance(ref, str) and ref.startswith("$result[") and ref[8:-1] not in keys:
+                fields["CONTACT_ID"] = outcome.contact_ids.get(command.patient_id, "")
+        try:
+            result = self._client.batch({c.key: (c.method, c.params) for c in chunk}, halt=True, writes=True)
+        except Bitrix24OutcomeUnknown:
+            # Some of these may exist now; the retry looks them up by MIS id before writing again.
+            for command in chunk:
+                outcome.failed.setdefault(command.patient_id, "outcome_unknown")
+            return []
+        except Bitrix24MethodBlocked:
+            # Refused whole by the operating-time limit (429): nothing ran, the patients wait for the pause.
+            for command in chunk:
+                outcome.failed.setdefault(command.patient_id, "method_blocked")
+            return []
+        for index, command in enumerate(chunk):
+            if command.key in result.errors:
+                error = result.errors[command.key]
+                outcome.failed[command.patient_id] = str(
+                    error.get("error") or error.get("error_description") or "error"
+                )
+                self._client.note_blocked(command.method, error)
+                return self._unrun(chunk, index, outcome)
+            if command.key not in result.result:
+                return self._unrun(chunk, index, outcome)
+            self._record(command, result.result[command.key], outcome)
+        return []
+
+    @staticmethod
+    def _unrun(chunk: list[_Command], failed_at: int, outcome: WriteOutcome) -> list[_Command]:
+        # halt=1 skipped everything after the failure: resend what belongs to other patients.
+        failed_patient = chunk[failed_at].patient_id
+        return [c for c in chunk[failed_at:] if c.patient_id != failed_patient and c.patient_id not in outcome.failed]
+
+    @staticmethod
+    def _record(command: _Command, value: Any, outcome: WriteOutcome) -> None:
+        write = command.write
+        if isinstance(write, ContactWrite):
+            outcome.contact_ids[command.patient_id] = str(value) if write.contact_id is None else write.contact_id
+        elif isinstance(write, DealWrite):
+            outcome.deal_ids[write.appointment_id] = str(value) if write.deal_id is None else write.deal_id
+
+    def _commands(self, patient_id: str, writes: Sequence[CrmWrite]) -> list[_Command]:
+        commands: list[_Command] = []
+        contact_ref: str | None = None
+        for write in writes:
+            if isinstance(write, ContactWrite):
+                key = f"c_{patient_id}"
+                params: dict[str, Any] = {
+                    "fields": self._contact_fields(write),
+                    "params": {"REGISTER_SONET_EVENT": "N"},
+                }
+                if write.contact_id is None:
+                    commands.append(_Command(key, "crm.contact.add", params, patient_id, write))
+                    contact_ref = f"$result[{key}]"
+                else:
+                    commands.append(
+                        _Command(key, "crm.contact.update", {"id": write.contact_id, **params}, patient_id, write)
+                    )
+        for write in writes:
+            if isinstance(write, DealWrite):
+                key = f"d_{write.appointment_id}"
+                fields = self._deal_fields(write)
+                contact = write.contact_id or contact_ref
+                if write.deal_id is None:
+                    if contact:
+                        fields["CONTACT_ID"] = contact
+                    fields["CATEGORY_ID"] = write.category_id
+                    commands.append(_Command(key, "crm.deal.add", {"fields": fields}, patient_id, write))
+                else:
+                    if write.link_contact and contact:
+                        fields["CONTACT_ID"] = contact  # an adopted deal becomes the patient's
+                    commands.append(
+                        _Command(key, "crm.deal.update", {"id": write.deal_id, "fields": fields}, patient_id, write)
+                    )
+        for write in writes:
+            if isinstance(write, LeadWrite):
+                fields = {"CONTACT_ID": write.contact_id or contact_ref or ""}
+                if write.convert:
+                    fields["STATUS_ID"] = self._config.matching.converted_lead_status
+                commands.append(
+                    _Command(
+                        f"l_{write.lead_id}",
+                        "crm.lead.update",
+                        {"id": write.lead_id, "fields": fields},
+                        patient_id,
+                        write,
+                    )
+                )
+        return commands
+
+    def _contact_fields(self, write: ContactWrite) -> dict[str, Any]:
+        src = write.fields
+        out: dict[str, Any] = {"ORIGINATOR_ID": self._originator, "ORIGIN_ID": write.patient_id}
+        if "full_name" in src:
+            name = src["full_name"]
+            out.update(LAST_NAME=name["last"], NAME=name["first"], SECOND_NAME=name["middle"])
+        creating = write.contact_id is None
+        for kind, field, value_type in (("phone", "PHONE", "MOBILE"), ("email", "EMAIL", "HOME")):
+            value = src.get(kind)
+            if not value or not (creating or kind in write.changed_multifields):
+                continue
+            # Multifields: an entry with ID edits it, one without is appended (never "set the list",
+            # which would add a duplicate number on every sync).
+            entry = {"VALUE": value, "VALUE_TYPE": value_type}
+            existing = None if creating else write.multifield_ids.get(kind)
+            out[field] = [{"ID": existing, **entry} if existing else entry]
+        for name, value in src.items():
+            if name in NATIVE_CONTACT_FIELDS:
+                out[NATIVE_CONTACT_FIELDS[name]] = _bitrix_value(value)
+            elif name not in NOT_WRITTEN:
+                out[self._custom(name)] = self._typed("contact", name, value)
+        return out
+
+    def _deal_fields(self, write: DealWrite) -> dict[str, Any]:
+        out: dict[str, Any] = {"ORIGINATOR_ID": self._originator, "ORIGIN_ID": write.appointment_id}
+        if write.stage is not None:
+            out["STAGE_ID"] = write.stage
+        if write.lead_id is not None:
+            out["LEAD_ID"] = write.lead_id
+        if write.lead_source is not None and write.deal_id is None:
+            # A deal we create takes the adopted lead's source; a manager's deal we adopt keeps its own.
+            out["SOURCE_ID"] = write.lead_source
+        for name, value in write.fields.items():
+            if name in NATIVE_DEAL_FIELDS:
+                out[NATIVE_DEAL_FIELDS[name]] = _bitrix_value(value)
+            elif name not in NOT_WRITTEN:
+                out[self._custom(name, "deal")] = self._typed("deal", name, value)
+        if write.fields.get("visit_at"):
+            out["BEGINDATE"] = str(write.fields["visit_at"])[:10]  # the local date: BEGINDATE has no time
+        return out
+
+
+def _deal_match(row: Mapping[str, Any]) -> DealMatch:
+    return DealMatch(
+        deal_id=str(row["ID"]),
+        category_id=str(row.get("CATEGORY_ID", "0")),
+        stage=str(row.get("STAGE_ID", "")),
+        closed=row.get("CLOSED") == "Y",
+    )
+
+
+def _bitrix_value(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "Y" if value else "N"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return "" if value is None else value

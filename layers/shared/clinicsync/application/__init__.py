@@ -1,0 +1,1 @@
+"""Use cases: poll, sync, CRM events, consent, backfill, the lab directory, IDENT."""

@@ -1,0 +1,330 @@
+"""Consent: the ledger's use cases and the outputs every opt-out must reach (links: ``unsubscribe_links``;
+Mailchimp members: ``audience``).
+
+Every input (a one-click link, a Mailchimp event, a CRM opt-out field, a MIS refusal flag) goes through
+``ConsentLedger``: the opt-out is recorded under the person's subject and, only if it changed something,
+a ``ConsentJob`` is queued. ``ConsentOutputs`` then pushes the ledger's *current* state to the CRM
+contact, the MIS and Mailchimp, marking each target done per ledger digest, so a retried job skips
+finished targets and a repeated input changes nothing (that is also what stops loops).
+
+Subjects (``keys.patient_subject``/``keys.email_subject``) name a known patient or an address we cannot tie to one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence, Set
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.domain.audience import MAILCHIMP_CHANNELS, AudienceEvent, MailchimpMembers, subscriber_hash
+from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.keys import email_subject, patient_subject, subject_patient
+from clinicsync.domain.models import Channel, ConsentJob, ConsentTarget
+from clinicsync.domain.ports import ConsentSource, ContactWrite, CrmGateway, MisConsentWriter
+from clinicsync.domain.unsubscribe_links import LinkClaim
+from clinicsync.observability import logger
+
+ALL_CHANNELS = tuple(c.value for c in Channel)
+# What an e-mail unsubscribe (link or Mailchimp) refuses: e-mail, the channel the person clicked in.
+EMAIL_UNSUBSCRIBE = (Channel.EMAIL.value,)
+
+
+def ledger_digest(opted_out: Sequence[str]) -> str:
+    return ",".join(sorted(set(opted_out))) or "-"
+
+
+# --- one-click links (RFC 8058) --------------------------------------------------------------------------
+
+
+# --- recording -----------------------------------------------------------------------------------------------
+
+
+class ConsentQueue(Protocol):
+    def send(self, jobs: Sequence[ConsentJob]) -> None: ...
+
+
+def our_audiences(config: ClinicConfig) -> set[str]:
+    """The Mailchimp audiences whose events speak for this clinic's people (the lab has two)."""
+    audiences = {config.mailchimp.list_id} if config.mailchimp is not None else set()
+    if config.directory is not None and config.directory.mailchimp is not None:
+        audiences |= {config.directory.mailchimp.doctors_list_id, config.directory.mailchimp.organisations_list_id}
+    return audiences
+
+
+class ConsentLedger:
+    """Records what an input says and queues the outputs, once per real change."""
+
+    def __init__(
+        self,
+        store: DynamoStore,
+        queue: ConsentQueue,
+        clinic_id: str,
+        hasher: KeyedHasher,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._queue = queue
+        self._clinic_id = clinic_id
+        self._hasher = hasher
+        self._clock = clock
+
+    def subjects_for_email(self, email: str) -> list[str]:
+        key = self._hasher.email_key(email)
+        return self._store.subjects_by_email(key) or [email_subject(key)]
+
+    def address_moved(self, old_email: str, new_email: str) -> list[str]:
+        """Mailchimp ``upemail``: the person keeps their consent and their member under the new address;
+        the old address is theirs for good (an opt-out still reaches it) and is never re-created."""
+        subjects = self.subjects_for_email(old_email)
+        self._store.index_emails([(self._hasher.email_key(new_email), s) for s in subjects])
+        for s in subjects:
+            self._store.note_mailchimp_member(s, subscriber_hash(new_email), moved_from=subscriber_hash(old_email))
+        return subjects
+
+    def opt_out(
+        self,
+        subjects: Sequence[str],
+        channels: Sequence[str],
+        source: ConsentSource,
+        detail: str,
+        at: int | None = None,
+        emails: Sequence[str] = (),
+        skip: Sequence[ConsentTarget] = (),
+    ) -> list[str]:
+        """Returns the subjects whose state changed; only those get a job."""
+        when = int(at if at is not None else self._clock())
+        changed = [s for s in dict.fromkeys(subjects) if self._store.record_opt_outs(s, channels, source, when, detail)]
+        self._enqueue(changed, detail, emails, skip)
+        return changed
+
+    def opt_in(self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str) -> bool:
+        changed = bool(self._store.record_opt_ins(subject, channels, source, at, detail))
+        self._enqueue([subject] if changed else [], detail, (), ())
+        return changed
+
+    def unsubscribe_link(self, claim: LinkClaim) -> bool:
+        """A one-click unsubscribe (RFC 8058): the link's patient refuses the link's channel."""
+        return bool(self.opt_out([patient_subject(claim.patient_id)], [claim.channel.value], "link", "link:one-click"))
+
+    def audience_event(self, event: AudienceEvent, audiences: Set[str]) -> str:
+        """A Mailchimp webhook; the outcome Mailchimp is answered with (200 for every one, so it never retries)."""
+        if event.kind in ("subscribe", "campaign"):
+            return "ignored"  # a subscribe in Mailchimp never lifts an opt-out (only the MIS or the CRM can)
+        if event.list_id not in audiences:
+            return "other_audience"
+        if event.kind in ("unsubscribe", "cleaned"):
+            subjects = self.subjects_for_email(event.email)
+            detail = f"mailchimp:{event.kind}:{event.reason}"[:64]
+            changed = self.opt_out(subjects, EMAIL_UNSUBSCRIBE, "mailchimp", detail, skip=("mailchimp",))
+            known = any(subject_patient(s) is not None for s in subjects)
+            return "recorded" if changed and known else "recorded_unknown" if changed else "unchanged"
+        if event.kind == "upemail":
+            self.address_moved(event.email, event.new_email)  # consent and member follow the person
+            return "linked"
+        return "ignored"  # profile: merge fields only, nothing about consent
+
+    def _enqueue(
+        self, subjects: Sequence[str], reason: str, emails: Sequence[str], skip: Sequence[ConsentTarget]
+    ) -> None:
+        if not subjects:
+            return
+        now = int(self._clock())
+        self._queue.send(
+            [
+                ConsentJob(
+                    clinic_id=self._clinic_id,
+                    subject=s,
+                    reason=reason,
+                    emails=tuple(emails),
+                    skip=tuple(skip),
+                    produced_at=now,
+                )
+                for s in subjects
+            ]
+        )
+
+
+# --- outputs -------------------------------------------------------------------------------------------------
+
+
+class CrmContactReader(Protocol):
+    def take_in_contacts(self, contact_ids: Sequence[str]) -> object:
+        """Read the contacts and record what managers changed on them (``CrmEventProcessor``'s rule)."""
+        ...
+
+
+def consent_contact_write(patient_id: str, contact_id: str, opted_out: Sequence[str]) -> ContactWrite:
+    """The one rule for every CRM: the contact's opt-out field holds exactly the ledger's opt-outs."""
+    channels = sorted(set(opted_out))
+    return ContactWrite(patient_id, contact_id, {"mis_patient_id": patient_id, "opt_outs": channels or None})
+
+
+@dataclass
+class ConsentReport:
+    jobs: int = 0
+    crm_written: int = 0
+    mis_written: int = 0
+    mailchimp_unsubscribed: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # subject -> reason (no PII)
+
+    def skip(self, why: str) -> None:
+        self.skipped[why] = self.skipped.get(why, 0) + 1
+
+
+class ConsentOutputs:
+    """Pushes the ledger's state for a batch of subjects to every configured system.
+
+    CRM writes for the whole batch go in one ``apply`` (one Bitrix24 ``batch`` / amoCRM bulk PATCH);
+    e-mails for Mailchimp come from the job (in transit) or from the CRM contacts in one read.
+    """
+
+    def __init__(
+        self,
+        config: ClinicConfig,
+        store: DynamoStore,
+        gateway: CrmGateway | None,
+        mis: MisConsentWriter | None,
+        mailchimp: MailchimpMembers | None,
+        crm_contacts: CrmContactReader | None = None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._gateway = gateway
+        self._mis = mis
+        self._mailchimp = mailchimp
+        self._crm_contacts = crm_contacts
+
+    def push(self, jobs: Sequence[ConsentJob]) -> ConsentReport:
+        report = ConsentReport(jobs=len(jobs))
+        by_subject: dict[str, list[ConsentJob]] = {}
+        for job in jobs:
+            by_subject.setdefault(job.subject, []).append(job)
+        subjects = list(by_subject)
+        ledger = self._store.opted_out_many(subjects, ALL_CHANNELS)
+        done = {s: self._store.output_done(s) for s in subjects}
+        digests = {s: ledger_digest(sorted(ledger[s])) for s in subjects}
+        skips = {s: set.intersection(*(set(j.skip) for j in js)) for s, js in by_subject.items()}
+        for s in subjects:
+            # Mailchimp is many members: the one that sent the event shows it, the person's others do not.
+            for target in skips[s] - {"mailchimp"}:
+                if done[s].get(target) != digests[s]:
+                    self._store.mark_output(s, target, digests[s])  # the source already shows it
+                    done[s][target] = digests[s]
+        patients = {s: pid for s in subjects if (pid := subject_patient(s))}
+        states = self._store.load_patients({pid: [] for pid in patients.values()}) if patients else {}
+        contacts = {s: states[pid].contact_id for s, pid in patients.items() if states[pid].contact_id}
+        to_write = [c for s, c in contacts.items() if c and done[s].get("crm") != digests[s]]
+        if to_write and self._gateway is not None and self._crm_contacts is not None:
+            # Our write replaces the whole field: a manager's tick not yet heard of goes to the ledger first
+            # (a CRM opt-out, by the CRM events' rule), so the field we write keeps it. Every target then
+            # gets the ledger as it is now (the skips above hold only for the state the source showed).
+            self._crm_contacts.take_in_contacts(to_write)
+            ledger = self._store.opted_out_many(subjects, ALL_CHANNELS)
+            digests = {s: ledger_digest(sorted(ledger[s])) for s in subjects}
+        for s, pid in patients.items():
+            state = states[pid]  # who the subject is, for the audit: ids and keyed hashes only
+            keys = {"mis_id": pid, "crm_contact_id": state.contact_id}
+            self._store.note_identity(s, keys | {"phone_key": state.phone_key, "email_key": state.email_key})
+        self._crm(subjects, ledger, done, digests, contacts, report)
+        self._mis_flags(patients, ledger, done, digests, report)
+        emails = {s: [e for j in js for e in j.emails] for s, js in by_subject.items()}
+        from_mailchimp = {s for s in subjects if "mailchimp" in skips[s]}
+        self._mailchimp_members(subjects, ledger, done, digests, contacts, emails, from_mailchimp, report)
+        return report
+
+    def _crm(
+        self,
+        subjects: Sequence[str],
+        ledger: Mapping[str, set[str]],
+        done: Mapping[str, Mapping[str, str]],
+        digests: Mapping[str, str],
+        contacts: Mapping[str, str | None],
+        report: ConsentReport,
+    ) -> None:
+        if self._gateway is None:
+            return
+        writes: dict[str, ContactWrite] = {}
+        for s in subjects:
+            if done[s].get("crm") == digests[s]:
+                continue
+            contact = contacts.get(s)
+            if contact is None:
+                # No contact yet: the sync that creates it sends the ledger's opt-outs with it.
+                report.skip("crm_no_contact")
+                continue
+            pid = str(subject_patient(s))
+            writes[s] = consent_contact_write(pid, contact, sorted(ledger[s]))
+        if not writes:
+            return
+        outcome = self._gateway.apply(list(writes.values()))
+        for s, write in writes.items():
+            if write.patient_id in outcome.failed:
+                report.failed[s] = f"crm:{outcome.failed[write.patient_id]}"
+            else:
+                self._store.mark_output(s, "crm", digests[s])
+                report.crm_written += 1
+
+    def _mis_flags(
+        self,
+        patients: Mapping[str, str],
+        ledger: Mapping[str, set[str]],
+        done: Mapping[str, Mapping[str, str]],
+        digests: Mapping[str, str],
+        report: ConsentReport,
+    ) -> None:
+        for s, pid in patients.items():
+            if done[s].get("mis") == digests[s]:
+                continue
+            if self._mis is None:
+                report.skip("mis_not_writable")
+                continue
+            writable = self._mis.writable_channels & ledger[s]
+            try:
+                if writable:
+                    self._mis.write_opt_outs(pid, sorted(writable))
+                    report.mis_written += 1
+            except Exception as exc:  # retried with the job; the other subjects go on
+                report.failed[s] = f"mis:{type(exc).__name__}"
+                continue
+            self._store.mark_output(s, "mis", digests[s])
+
+    def _mailchimp_members(
+        self,
+        subjects: Sequence[str],
+        ledger: Mapping[str, set[str]],
+        done: Mapping[str, Mapping[str, str]],
+        digests: Mapping[str, str],
+        contacts: Mapping[str, str | None],
+        emails: Mapping[str, list[str]],
+        from_mailchimp: set[str],
+        report: ConsentReport,
+    ) -> None:
+        """Every member the person ever had (each address we or Mailchimp gave them, as subscriber
+        hashes) is unsubscribed, plus the addresses in the job or on the CRM contact."""
+        if self._mailchimp is None:
+            return
+        todo = [s for s in subjects if done[s].get("mailchimp") != digests[s]]
+        refusing = [s for s in todo if ledger[s] & MAILCHIMP_CHANNELS]
+        books = self._store.mailchimp_members_many(refusing) if refusing else {}
+        lookup = [
+            str(contacts[s]) for s in refusing if not emails.get(s) and contacts.get(s) and s not in from_mailchimp
+        ]
+        from_crm = self._gateway.contact_emails(lookup) if lookup and self._gateway is not None else {}
+        for s in todo:
+            if s in refusing:
+                addresses = emails.get(s) or from_crm.get(str(contacts.get(s)), [])
+                members = dict.fromkeys([*map(subscriber_hash, addresses), *sorted(books[s].known)])
+                try:
+                    report.mailchimp_unsubscribed += sum(self._mailchimp.unsubscribe_member(m) for m in members)
+                except Exception as exc:
+                    report.failed[s] = f"mailchimp:{type(exc).__name__}"
+                    continue
+                if not members and s not in from_mailchimp:
+                    report.skip("mailchimp_no_address")
+            self._store.mark_output(s, "mailchimp", digests[s])
+        if report.failed:
+            logger.warning("consent outputs failed", extra={"failed": sorted(set(report.failed.values()))})

@@ -1,0 +1,1 @@
+"""The domain: models, config, rules and ports. No boto3, no httpx, no adapter."""

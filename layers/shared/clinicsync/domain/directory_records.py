@@ -1,0 +1,133 @@
+"""The lab directory's records and ports (case A): LIS register entries, vTiger records, what the sync
+writes, and how a field value is normalised. Plain data: the LIS and vTiger adapters and the directory
+sync (``directory``) all speak these types."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from clinicsync.domain.audience import AudienceMember
+from clinicsync.domain.emails import normalise_email
+from clinicsync.domain.keys import patient_subject
+from clinicsync.domain.models import MisId
+from clinicsync.domain.phones import normalise_phone
+from clinicsync.domain.ports import Cursor
+
+Kind = Literal["doctor", "organisation"]
+
+
+KINDS: tuple[Kind, ...] = ("organisation", "doctor")  # organisations first: doctors link to their Account
+
+
+TWO_WAY: dict[Kind, tuple[str, ...]] = {
+    "doctor": ("first_name", "last_name", "specialty", "region", "city", "phone", "email"),
+    "organisation": ("name", "org_type", "region", "city", "phone", "email"),
+}
+
+
+OPT_OUT_KEY = "do_not_mail"  # its base hash sits with the fields' (vTiger emailoptout <-> LIS flag)
+
+
+class DirectoryRecord(BaseModel):
+    """One LIS register entry, normalised (E.164 phone, lower-case e-mail, blanks as None)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    kind: Kind
+    lis_id: MisId
+    fields: dict[str, str | None]
+    organisation_id: MisId | None = None  # a doctor's fund/clinic (its LIS id)
+    do_not_mail: bool = False
+    version: int = Field(ge=0)
+
+
+@dataclass(frozen=True)
+class CrmRecord:
+    """One vTiger Contact/Account in canonical fields. ``invalid`` names fields the CRM holds a value
+    for that we cannot accept (a phone that is not a number): they are never taken from the CRM."""
+
+    kind: Kind
+    crm_id: str
+    lis_id: str | None
+    fields: Mapping[str, str | None]
+    do_not_mail: bool = False
+    account_id: str | None = None
+    modified: str = ""
+    invalid: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class DirectoryPage:
+    records: Sequence[DirectoryRecord]
+    cursor: Cursor
+    more: bool = False
+    rejected: int = 0
+
+
+@dataclass(frozen=True)
+class CrmWriteSpec:
+    kind: Kind
+    lis_id: str
+    crm_id: str | None  # None: create
+    fields: Mapping[str, str | None]
+    do_not_mail: bool
+    account_id: str | None = None
+
+
+class DirectorySource(Protocol):
+    """The LIS's registers: an updated-since feed, reads by id and writes of single fields."""
+
+    def changed(self, kind: Kind, cursor: Cursor | None) -> DirectoryPage: ...
+
+    def get(self, kind: Kind, lis_ids: Sequence[str]) -> dict[str, DirectoryRecord]: ...
+
+    def update(self, kind: Kind, lis_id: str, fields: Mapping[str, str | None]) -> None: ...
+
+
+class DirectoryCrm(Protocol):
+    """vTiger's Contacts and Accounts, as the directory sync needs them."""
+
+    def changed_since(self, kind: Kind, since: str | None) -> tuple[list[CrmRecord], str | None]:
+        """Records modified at or after ``since`` by anyone but our integration user, and the new cursor."""
+        ...
+
+    def find(self, kind: Kind, lis_ids: Sequence[str]) -> dict[str, CrmRecord]: ...
+
+    def write(self, spec: CrmWriteSpec) -> str:
+        """Create or update (the full record: vTiger's update replaces it); returns the CRM id."""
+        ...
+
+
+class AudienceSink(Protocol):
+    def upsert(self, kind: Kind, members: Sequence[AudienceMember]) -> set[str]:
+        """Members (``patient_id`` holds the LIS id) into the kind's audience; returns the accepted ids."""
+        ...
+
+
+def normalise(field_name: str, value: Any, region: str) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not text:
+        return None
+    if field_name == "phone":
+        return normalise_phone(text, region)
+    if field_name == "email":
+        return normalise_email(text) if "@" in text else None
+    return text
+
+
+def directory_subject(kind: Kind, lis_id: str) -> str:
+    """The consent ledger's subject for a LIS record (the LIS is this clinic's MIS)."""
+    return patient_subject(f"{kind}:{lis_id}")
+
+
+def parse_directory_key(key: str) -> tuple[Kind, str] | None:
+    kind, _, lis_id = key.partition(":")
+    if kind in ("doctor", "organisation") and lis_id:
+        return kind, lis_id  # type: ignore[return-value]
+    return None

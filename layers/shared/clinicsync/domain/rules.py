@@ -1,0 +1,527 @@
+"""The sync rules. They live here once and every CRM adapter only translates their output.
+
+``plan_patient`` is pure: given a patient's changes, what we remember about them and what the CRM
+already holds, it decides which contact and deal writes to make and what to remember afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from clinicsync.domain.config import ClinicConfig, Filters, Pipeline
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.models import Appointment, AppointmentStatus, Channel, CrmObservation, Patient, PatientChanges
+from clinicsync.domain.ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, LeadWrite, PhoneCandidates
+from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState
+
+ACTIVE_STATUSES = frozenset({AppointmentStatus.BOOKED, AppointmentStatus.CONFIRMED})
+
+
+@dataclass
+class PatientPlan:
+    patient_id: str
+    writes: list[CrmWrite] = field(default_factory=list)
+    next_state: PatientState | None = None  # None: nothing to remember (skipped patient)
+    changed_appointments: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # record id -> reason (ids only, no PII)
+
+    @property
+    def contact_write(self) -> ContactWrite | None:
+        return next((w for w in self.writes if isinstance(w, ContactWrite)), None)
+
+
+def patient_excluded(patient: Patient, filters: Filters) -> str | None:
+    """Why a patient must not reach the CRM at all (152-FZ: refused processing), or None.
+
+    The IDENT connector applies the same filters at the clinic, so excluded records never leave it."""
+    if patient.refused_data_processing and filters.refused_processing == "skip":
+        return "refused_data_processing"
+    return None
+
+
+def appointment_excluded(appointment: Appointment, filters: Filters) -> str | None:
+    if appointment.anonymous and filters.skip_anonymous:
+        return "anonymous"
+    if filters.branches is not None and appointment.branch_id not in filters.branches:
+        return "branch_filtered"
+    if filters.doctors is not None and appointment.doctor_id not in filters.doctors:
+        return "doctor_filtered"
+    return None
+
+
+def _money(value: Decimal | None) -> str | None:
+    return str(value) if value is not None else None
+
+
+def _age(birth_date: str | None, today: date) -> int | None:
+    if not birth_date:
+        return None
+    born = date.fromisoformat(birth_date)
+    return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+
+
+def _refusal(patient: Patient) -> set[str]:
+    """A patient who refused processing but is sent (as the clinic chose) gets no marketing at all."""
+    return {c.value for c in Channel} if patient.refused_data_processing else set()
+
+
+def contact_fields(
+    patient: Patient, config: ClinicConfig, opt_outs: Iterable[str], today: date | None = None
+) -> dict[str, Any]:
+    """The contact payload in canonical names, cut to the clinic's field map (minimal by default).
+
+    The 16 contact fields of the InfoClinica->amoCRM case are all available; none is a diagnosis.
+    """
+    available: dict[str, Any] = {
+        "full_name": {"last": patient.last_name, "first": patient.first_name, "middle": patient.middle_name},
+        "phone": patient.phone,
+        "email": patient.email,
+        "birth_date": patient.birth_date,
+        "age": _age(patient.birth_date, today or datetime.now(config.tz).date()),
+        "sex": patient.sex,
+        "representative": patient.representative,
+        "residence": patient.residence,
+        "card_comment": patient.card_comment,
+        "patient_status": patient.patient_status,
+        "guarantee_letter": patient.guarantee_letter,
+        "policy_number": patient.policy_number,
+        "policy_valid_until": patient.policy_valid_until,
+        "cancellation_date": patient.cancellation_date,
+        "card_number": patient.card_number,
+        "home_address": patient.home_address,
+        "family": list(patient.family) or None,
+        "doctors_seen": list(patient.doctors_seen) or None,
+        "opt_outs": sorted(set(opt_outs) | {c.value for c in patient.consent.opted_out()} | _refusal(patient)),
+    }
+    fields = {name: available[name] for name in config.fields.contact if name in available}
+    if available["opt_outs"]:
+        fields["opt_outs"] = available["opt_outs"]  # consent always reaches the CRM, whatever the field map
+    fields["mis_patient_id"] = patient.mis_id  # always: it is how we find the contact again
+    return fields
+
+
+def deal_fields(
+    appointment: Appointment,
+    status: AppointmentStatus,
+    config: ClinicConfig,
+    *,
+    repeat: bool,
+    lead_source: str | None = None,
+) -> dict[str, Any]:
+    """The deal payload in canonical names, cut to the clinic's field map (the case's 16 fields at most).
+
+    ``repeat`` is the rule that picks the repeat funnel (``_is_repeat``); ``lead_source`` the SOURCE_ID of
+    the CRM lead this visit's deal adopted, if any."""
+    local_start = appointment.starts_at.astimezone(config.tz)
+    available: dict[str, Any] = {
+        "visit_at": local_start.isoformat(),
+        "status": status.value,
+        "is_dms": appointment.is_dms,
+        "doctor": appointment.doctor_name or appointment.doctor_id,
+        "branch": appointment.branch_name or appointment.branch_id,
+        "price": _money(appointment.price),
+        "booked_by": appointment.booked_by,
+        "booked_at": appointment.booked_at.astimezone(config.tz).isoformat() if appointment.booked_at else None,
+        "service_codes": ",".join(appointment.service_codes) or None,
+        "comment": appointment.comment,
+        "assignment_id": appointment.assignment_id,
+        "patient_status": appointment.patient_status,
+        "visit_category": appointment.visit_category,
+        "charged": _money(appointment.charged),
+        "discount": _money(appointment.discount),
+        "paid": _money(appointment.paid),
+        "branch_address": appointment.branch_address,
+        "visit_type": "repeat" if repeat else "primary",
+        "lead_source": lead_source or appointment.lead_source,
+    }
+    fields = {name: available[name] for name in config.fields.deal if name in available}
+    if "lead_source" in fields and fields["lead_source"] is None:
+        del fields["lead_source"]  # the CRM's own data: copied from an adopted lead, never blanked or invented
+    fields["mis_appointment_id"] = appointment.mis_id
+    fields["title"] = f"Приём {local_start:%d.%m.%Y %H:%M}"  # no patient name in a deal title
+    return fields
+
+
+# How far a visit has progressed: a manager's manual stage holds until the MIS moves past it.
+_PROGRESS = {
+    AppointmentStatus.BOOKED: 0,
+    AppointmentStatus.RESCHEDULED: 0,
+    AppointmentStatus.CONFIRMED: 1,
+    AppointmentStatus.ARRIVED: 2,
+    AppointmentStatus.COMPLETED: 3,
+    AppointmentStatus.NO_SHOW: 3,
+    AppointmentStatus.CANCELLED: 3,
+}
+
+
+def mis_moved_forward(status: AppointmentStatus, at_manual_move: AppointmentStatus | None) -> bool:
+    return at_manual_move is None or _PROGRESS[status] > _PROGRESS[at_manual_move]
+
+
+def effective_status(appointment: Appointment, known: AppointmentState) -> AppointmentStatus:
+    """A booked visit whose start time moved is a reschedule: same appointment id, new time.
+
+    It stays rescheduled while the MIS only says "booked" again. A visit the MIS reports as confirmed is
+    confirmed, moved or not (the dental case: "so does confirmation of attendance"); the chaos suite found
+    the earlier rule holding such a visit at rescheduled."""
+    moved = known.starts_at is not None and known.starts_at != appointment.starts_at
+    if appointment.status is AppointmentStatus.BOOKED and (moved or known.status is AppointmentStatus.RESCHEDULED):
+        return AppointmentStatus.RESCHEDULED
+    return appointment.status
+
+
+def _is_repeat(first_visit_at: datetime | None, appointment: Appointment) -> bool:
+    return first_visit_at is not None and first_visit_at < appointment.starts_at
+
+
+def _pipeline_by_category(config: ClinicConfig, category_id: str | None) -> Pipeline | None:
+    return next((p for p in config.crm.pipelines.values() if p.category_id == category_id), None)
+
+
+@dataclass
+class Adoption:
+    """Open CRM records found by the phone of a patient without a deal yet, and what this sync claimed.
+
+    ``claimed`` is shared by every patient planned in one sync, so one lead, deal or contact is
+    adopted by one patient only. A lead or deal is claimed only by a new deal actually planned: a
+    family member without an eligible booking never uses it up. Each patient adopts at most once, with
+    their first new deal. ``phone_shared`` is set when another patient has the same phone (a family):
+    contacts are then never adopted, so two patients never merge into one contact.
+    """
+
+    candidates: PhoneCandidates
+    claimed: set[str]
+    phone_shared: bool = False
+    used: bool = False  # this patient's first new deal has had its pick
+
+    def claim_contact(self) -> str | None:
+        if self.phone_shared:
+            return None
+        for contact_id, owner in self.candidates.contacts:
+            if owner is None and f"C{contact_id}" not in self.claimed:
+                self.claimed.add(f"C{contact_id}")
+                return contact_id
+        return None
+
+    def claim_for_new_deal(self, config: ClinicConfig) -> tuple[str | None, str | None, tuple[str, str, str] | None]:
+        """(lead id, the lead's source, (deal id, category, stage)) the patient's first new deal takes over,
+        each or None."""
+        if self.used:
+            return None, None, None
+        self.used = True
+        lead_id = None
+        if config.matching.adopt_open_leads:
+            lead_id = next((lid for lid in self.candidates.leads if f"L{lid}" not in self.claimed), None)
+            if lead_id:
+                self.claimed.add(f"L{lead_id}")
+        categories = {p.category_id for p in config.crm.pipelines.values()}
+        deal = next((d for d in self.candidates.deals if f"D{d[0]}" not in self.claimed and d[1] in categories), None)
+        if deal:
+            self.claimed.add(f"D{deal[0]}")
+        return lead_id, self.candidates.lead_sources.get(lead_id) if lead_id else None, deal
+
+
+def changed_multifields(patient: Patient, state: PatientState, hasher: KeyedHasher) -> frozenset[str]:
+    """Phone or e-mail that differs from what we last wrote (known only by its keyed hash)."""
+    changed = set()
+    if patient.phone and state.phone_key and hasher.phone_key(patient.phone) != state.phone_key:
+        changed.add("phone")
+    if patient.email and state.email_key and hasher.email_key(patient.email) != state.email_key:
+        changed.add("email")
+    return frozenset(changed)
+
+
+def plan_patient(
+    changes: PatientChanges,
+    state: PatientState,
+    matches: CrmMatches,
+    config: ClinicConfig,
+    hasher: KeyedHasher,
+    ledger_opt_outs: Iterable[str] = (),
+    adoption: Adoption | None = None,
+) -> PatientPlan:
+    patient = changes.patient
+    plan = PatientPlan(patient_id=patient.mis_id)
+    excluded = patient_excluded(patient, config.filters)
+    if excluded:
+        plan.skipped[patient.mis_id] = excluded
+        return plan
+
+    next_state = state.model_copy(deep=True)
+    contact_id = state.contact_id or matches.contacts.get(patient.mis_id)
+    if contact_id is None and adoption is not None:
+        # Look-up order: MIS appointment id, MIS patient id, then the phone (adopt, never duplicate).
+        contact_id = adoption.claim_contact()
+        if contact_id:
+            plan.skipped[f"contact:{contact_id}"] = "adopted_contact"
+    next_state.contact_id = contact_id
+
+    if patient.version < state.version:
+        plan.skipped[patient.mis_id] = "stale_patient"
+    else:
+        fields = contact_fields(patient, config, ledger_opt_outs)
+        digest = hasher.content_hash(fields)
+        if contact_id is not None and digest == state.content_hash:
+            plan.skipped[patient.mis_id] = "unchanged"
+        else:
+            changed = changed_multifields(patient, state, hasher)
+            ids = matches.multifields.get(contact_id, {}) if contact_id else {}
+            plan.writes.append(ContactWrite(patient.mis_id, contact_id, fields, changed, ids))
+        next_state.version = patient.version
+        next_state.content_hash = digest
+
+    for appointment in sorted(changes.appointments, key=lambda a: (a.starts_at, a.mis_id)):
+        _plan_deal(appointment, plan, next_state, matches, config, hasher, contact_id, adoption)
+        if appointment.mis_id in next_state.appointments:
+            next_state.track_deal(next_state.appointments[appointment.mis_id])
+
+    plan.next_state = next_state
+    return plan
+
+
+def _note_visit(appointment: Appointment, state: PatientState) -> None:
+    """Visit history: the first completed visit picks the funnel, the latest feeds the audience."""
+    if appointment.status is not AppointmentStatus.COMPLETED:
+        return
+    if state.first_visit_at is None or appointment.starts_at < state.first_visit_at:
+        state.first_visit_at = appointment.starts_at
+    if state.last_visit_at is None or appointment.starts_at > state.last_visit_at:
+        state.last_visit_at = appointment.starts_at
+
+
+def _plan_deal(
+    appointment: Appointment,
+    plan: PatientPlan,
+    next_state: PatientState,
+    matches: CrmMatches,
+    config: ClinicConfig,
+    hasher: KeyedHasher,
+    contact_id: str | None,
+    adoption: Adoption | None,
+) -> None:
+    aid = appointment.mis_id
+    # Visit history counts every completed visit, also those that are never sent (anonymous, filtered).
+    repeat = _is_repeat(next_state.first_visit_at, appointment)
+    _note_visit(appointment, next_state)
+
+    # A visit whose deal a re-booking continued: its later events never move that deal back.
+    reason = appointment_excluded(appointment, config.filters) or (
+        "deal_continued" if aid in next_state.continued else None
+    )
+    if reason:
+        plan.skipped[aid] = reason
+        return
+    known = next_state.appointment(aid)
+    if appointment.version < known.version:
+        plan.skipped[aid] = "stale"  # an older event arrived late: never regress a stage
+        return
+
+    match = matches.deals.get(aid)
+    deal_id = known.deal_id or (match.deal_id if match else None)
+    category_id = known.category_id or (match.category_id if match else None)
+    closed = known.closed or (match.closed if match else False)
+    lead_id = lead_source = None
+    adopted_deal = False
+    if deal_id is None and adoption is not None:
+        # The first new deal for the phone takes over the open lead and deal found by it; claimed only
+        # here, past the exclusions, so a visit that is never sent leaves them to the next new deal.
+        lead_id, lead_source, deal = adoption.claim_for_new_deal(config)
+        if deal is not None:
+            deal_id, category_id, _ = deal
+            adopted_deal = True
+            plan.skipped[f"deal:{deal_id}"] = "adopted_deal"
+    next_state.has_deal = True  # a card synced before its first booking still adopts with that booking
+    status = effective_status(appointment, known)
+
+    pipeline = _pipeline_by_category(config, category_id) if category_id else None
+    pipeline = pipeline or config.pipeline(repeat=repeat)
+    category_id = category_id or pipeline.category_id
+    deal_id = _continue_deal(appointment, status, pipeline, deal_id, plan, next_state)
+    stage: str | None = pipeline.stages[status]
+
+    updated = known.model_copy(
+        update={"version": appointment.version, "status": status, "starts_at": appointment.starts_at}
+    )
+    if deal_id is not None and closed:
+        # Won or lost deals are never reopened; a later visit gets its own appointment and deal.
+        plan.skipped[aid] = "deal_closed"
+        next_state.appointments[aid] = updated.model_copy(update={"deal_id": deal_id, "closed": True})
+        plan.changed_appointments.append(aid)
+        return
+    if known.manual_stage is not None:
+        if mis_moved_forward(status, known.manual_status):
+            updated = updated.model_copy(update={"manual_stage": None, "manual_status": None})
+        else:
+            stage = None  # a manager's stage holds until the MIS status moves forward
+            plan.skipped[f"stage:{aid}"] = "manual_stage_kept"
+
+    fields = deal_fields(appointment, status, config, repeat=repeat, lead_source=lead_source or known.lead_source)
+    digest = hasher.content_hash({"fields": fields, "stage": stage, "category": category_id})
+    if deal_id is not None and digest == known.content_hash:
+        plan.skipped[aid] = "unchanged"
+        return
+    # A stage we wrote before is not sent again: a field-only update never moves a deal a manager
+    # moved (or closed) since; a stage change is checked against the deal first (``stage_to_check``).
+    sent = None if stage is not None and stage == known.stage and deal_id == known.deal_id else stage
+    plan.writes.append(
+        DealWrite(
+            aid,
+            next_state.patient_id,
+            deal_id,
+            category_id,
+            sent,
+            fields,
+            contact_id,
+            lead_id,
+            adopted_deal,
+            lead_source,
+        )
+    )
+    if lead_id is not None:
+        plan.writes.append(LeadWrite(lead_id, next_state.patient_id, contact_id, convert=True))
+    current = stage if stage is not None else known.manual_stage
+    next_state.appointments[aid] = updated.model_copy(
+        update={
+            "deal_id": deal_id,
+            "content_hash": digest,
+            "category_id": category_id,
+            "stage": current,
+            "closed": current in pipeline.closed_stages,
+            "lead_source": fields.get("lead_source"),  # a mapped source is kept on later updates
+        }
+    )
+    plan.changed_appointments.append(aid)
+
+
+def _continue_deal(
+    appointment: Appointment,
+    status: AppointmentStatus,
+    pipeline: Pipeline,
+    deal_id: str | None,
+    plan: PatientPlan,
+    state: PatientState,
+) -> str | None:
+    """The deal this visit writes: its own, or the re-booked no-show's it continues."""
+    if deal_id is None and (continued := continued_deal(state, pipeline, appointment, status)) is not None:
+        deal_id = continued.deal_id
+    latest = state.latest_deals.get(pipeline.category_id)
+    if (
+        latest is not None
+        and deal_id is not None
+        and latest.deal_id == deal_id
+        and latest.appointment_id != appointment.mis_id
+    ):
+        # This visit took over the deal (now, or in an attempt whose response was lost): the old
+        # visit is done with it, and its own write in this plan, if any, is superseded.
+        state.continued[latest.appointment_id] = appointment.mis_id
+        plan.writes = [w for w in plan.writes if not (isinstance(w, DealWrite) and w.deal_id == deal_id)]
+        plan.skipped[latest.appointment_id] = "deal_continued"
+    return deal_id
+
+
+def continued_deal(
+    state: PatientState, pipeline: Pipeline, appointment: Appointment, status: AppointmentStatus
+) -> LatestDeal | None:
+    """The deal a new booking continues (case C: a no-show is called back and re-booked), or None.
+
+    Only the patient's latest deal in the funnel the booking goes to, only while it is open at one of
+    the pipeline's continue stages (default: no-show), and only for a later visit that is active."""
+    latest = state.latest_deals.get(pipeline.category_id)
+    if status not in ACTIVE_STATUSES or latest is None or latest.deal_id is None or latest.closed:
+        return None
+    if latest.appointment_id == appointment.mis_id or latest.stage not in pipeline.continuing_stages:
+        return None
+    if latest.starts_at is not None and appointment.starts_at <= latest.starts_at:
+        return None
+    return latest
+
+
+def deal_observation(snapshot: Mapping[str, str], patient_id: str, appointment_id: str | None) -> CrmObservation:
+    """A deal as the CRM shows it now (``CrmGateway.fetch``), as an observation of its stage."""
+    return CrmObservation(
+        kind="deal_stage",
+        patient_id=patient_id,
+        appointment_id=appointment_id,
+        crm_id=snapshot["id"],
+        stage=snapshot.get("stage") or None,
+        closed=snapshot.get("closed") == "Y",
+    )
+
+
+def stage_to_check(write: CrmWrite, state: PatientState) -> str | None:
+    """The deal whose current stage must be read before this write (None: no read needed).
+
+    A stage change over a deal we wrote before: a manager may have moved or closed it since, and the
+    webhook saying so may come late or never (Bitrix24 does not retry; the catch-up runs every 10
+    minutes). New and adopted deals were just read by the look-up; a write without a stage moves nothing."""
+    if not isinstance(write, DealWrite) or write.stage is None or write.deal_id is None:
+        return None
+    known = state.appointment(write.appointment_id)
+    return write.deal_id if known.deal_id == write.deal_id and known.stage is not None else None
+
+
+def stage_read_observation(
+    write: DealWrite, state: PatientState, snapshot: Mapping[str, str] | None
+) -> CrmObservation | None:
+    """What the read before a stage change teaches: a stage that is neither the one we last wrote nor the
+    one we are about to write is a manager's move, respected exactly as its webhook would be
+    (``apply_observation``). A deal gone from the CRM, or at either of those stages, teaches nothing."""
+    stage = snapshot.get("stage") if snapshot is not None else None
+    if snapshot is None or not stage or stage in (state.appointment(write.appointment_id).stage, write.stage):
+        return None
+    return deal_observation(snapshot, state.patient_id, write.appointment_id)
+
+
+def apply_observation(state: PatientState, observation: CrmObservation, config: ClinicConfig) -> list[str]:
+    """Teach the patient's state what a manager did in the CRM. Returns the appointments changed."""
+    if observation.kind != "deal_stage" or observation.appointment_id is None or observation.stage is None:
+        return []
+    known = state.appointment(observation.appointment_id)
+    if known.deal_id not in (None, observation.crm_id) or known.stage == observation.stage:
+        return []  # not our deal, or nothing moved (our own write echoed back)
+    pipeline = _pipeline_by_category(config, known.category_id)
+    closed = observation.closed or (pipeline is not None and observation.stage in pipeline.closed_stages)
+    state.appointments[observation.appointment_id] = known.model_copy(
+        update={
+            "deal_id": observation.crm_id,
+            "stage": observation.stage,
+            "closed": known.closed or closed,
+            "manual_stage": observation.stage,
+            "manual_status": known.status,
+        }
+    )
+    state.track_deal(state.appointments[observation.appointment_id])
+    return [observation.appointment_id]
+
+
+AUDIENCE_REFUSALS = frozenset({Channel.EMAIL.value, Channel.MARKETING.value})
+
+
+def audience_merge_fields(changes: PatientChanges, state: PatientState, config: ClinicConfig) -> dict[str, str] | None:
+    """The Mailchimp member for a patient who may get marketing e-mail, or None (never added).
+
+    Segmentation fields of the lab case: city, first or repeat patient, last visit date, the doctor's
+    specialty and the branch; a field without a value is left out (never blanked).
+    """
+    if config.mailchimp is None:
+        return None
+    patient = changes.patient
+    latest = max(changes.appointments, key=lambda a: a.starts_at, default=None)
+    values = {
+        "city": patient.city,
+        "visit_type": "repeat" if state.first_visit_at is not None else "first",
+        "last_visit": state.last_visit_at.astimezone(config.tz).date().isoformat() if state.last_visit_at else None,
+        "specialty": latest.doctor_specialty if latest else None,
+        "branch": (latest.branch_name or latest.branch_id) if latest else None,
+    }
+    return {tag: str(values[name]) for name, tag in config.mailchimp.merge_fields.items() if values.get(name)}
+
+
+def may_join_audience(patient: Patient, config: ClinicConfig, opted_out: Iterable[str]) -> bool:
+    """Only patients with an e-mail who refused neither e-mail nor marketing, anywhere, ever."""
+    refused = set(opted_out) | {c.value for c in patient.consent.opted_out()} | _refusal(patient)
+    return bool(patient.email) and patient_excluded(patient, config.filters) is None and not refused & AUDIENCE_REFUSALS

@@ -1,0 +1,87 @@
+"""What we remember per patient between syncs: CRM ids, versions and content hashes, never PII."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from clinicsync.domain.models import AppointmentStatus
+
+
+class AppointmentState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    appointment_id: str
+    deal_id: str | None = None
+    version: int = -1
+    content_hash: str | None = None
+    status: AppointmentStatus | None = None
+    category_id: str | None = None
+    stage: str | None = None
+    closed: bool = False
+    starts_at: datetime | None = None
+    lead_source: str | None = None  # the adopted CRM lead's SOURCE_ID (a code, no PII): kept on later updates
+    # A manager moved the deal by hand while the MIS said ``manual_status``; the sync leaves that
+    # stage alone until the MIS status moves forward.
+    manual_stage: str | None = None
+    manual_status: AppointmentStatus | None = None
+
+
+class LatestDeal(BaseModel):
+    """A funnel's latest deal (by visit start), kept in the patient's STATE: a re-booking reads it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    appointment_id: str
+    deal_id: str | None = None
+    stage: str | None = None
+    closed: bool = False
+    starts_at: datetime | None = None
+
+
+class PatientState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    patient_id: str
+    contact_id: str | None = None
+    version: int = -1
+    content_hash: str | None = None
+    phone_key: str | None = Field(default=None, description="HMAC of the E.164 phone, for the phone index")
+    email_key: str | None = Field(default=None, description="HMAC of the e-mail: tells a changed e-mail")
+    first_visit_at: datetime | None = Field(default=None, description="Earliest completed visit: repeat funnel")
+    last_visit_at: datetime | None = Field(default=None, description="Latest completed visit (audience field)")
+    audience_hash: str | None = Field(default=None, description="HMAC of the Mailchimp member we last sent")
+    has_deal: bool = Field(
+        default=False, description="A deal was planned for a visit: the first new deal's adoption by phone is over"
+    )
+    appointments: dict[str, AppointmentState] = Field(default_factory=dict)
+    latest_deals: dict[str, LatestDeal] = Field(
+        default_factory=dict, description="Category id -> that funnel's latest deal (re-booked no-shows)"
+    )
+    continued: dict[str, str] = Field(
+        default_factory=dict, description="Appointment id -> the later appointment that took over its deal"
+    )
+
+    def appointment(self, appointment_id: str) -> AppointmentState:
+        return self.appointments.get(appointment_id) or AppointmentState(appointment_id=appointment_id)
+
+    def track_deal(self, appt: AppointmentState) -> None:
+        """Keep each funnel's latest deal: the later visit, or the same deal under its new appointment."""
+        if appt.category_id is None or appt.starts_at is None or appt.appointment_id in self.continued:
+            return
+        current = self.latest_deals.get(appt.category_id)
+        if (
+            current is None
+            or current.appointment_id == appt.appointment_id
+            or (appt.deal_id is not None and appt.deal_id == current.deal_id)
+            or current.starts_at is None
+            or appt.starts_at >= current.starts_at
+        ):
+            self.latest_deals[appt.category_id] = LatestDeal(
+                appointment_id=appt.appointment_id,
+                deal_id=appt.deal_id,
+                stage=appt.stage,
+                closed=appt.closed,
+                starts_at=appt.starts_at,
+            )

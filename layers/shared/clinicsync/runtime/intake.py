@@ -1,0 +1,45 @@
+"""What the receiver does with a request its sender checks let through: queue it or store it, and count it.
+Webhooks are only queued, never fetched here, so the CRM is answered fast (Bitrix24 slows down slow
+receivers); only IDENT's GetTickets reads the CRM, because IDENT asks for the leads themselves."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from clinicsync.adapters.ident.contract import ConnectorBatch, TicketQuery, TimeTable
+from clinicsync.application import ident
+from clinicsync.domain.models import CrmEvent
+from clinicsync.observability import logger
+from clinicsync.runtime import wiring
+from clinicsync.runtime.observe import Counted, observe
+
+
+def crm_events(events: list[CrmEvent]) -> int:
+    """Queues the webhook's events (amoCRM batches several; an event we do not sync gives none)."""
+    if events:
+        wiring.event_queue().send(events)
+    observe(Counted({"WebhooksQueued": len(events)}))
+    logger.info(
+        "webhooks queued", extra={"crm_events": [e.event for e in events], "crm_ids": [e.crm_id for e in events]}
+    )
+    return len(events)
+
+
+def tickets_json(query: TicketQuery) -> str:
+    """IDENT's tickets as the JSON array it reads (Cyrillic kept as is)."""
+    found = ident.tickets(wiring.crm_gateway(wiring.clinic_config()), query)
+    observe(Counted({"IdentTicketsServed": len(found)}))
+    return json.dumps([t.model_dump(mode="json", exclude_none=True) for t in found], ensure_ascii=False)
+
+
+def timetable(table: TimeTable) -> None:
+    logger.info("IDENT timetable stored", extra=wiring.ident_directory().save(table, int(time.time())))
+
+
+def connector_batch(batch: ConnectorBatch) -> dict[str, Any]:
+    """A batch the inbox took: counted, and the receipt the connector logs."""
+    observe(Counted({"ConnectorBatchesQueued": 1}))
+    logger.info("connector batch queued", extra={"batch_id": batch.batch_id, "patients": len(batch.changes)})
+    return {"status": "queued", "batch_id": batch.batch_id, "patients": len(batch.changes)}

@@ -1,0 +1,66 @@
+"""The poller's scheduled jobs (EventBridge Scheduler): which use case a job runs, for which clinic.
+
+- ``poll``: the MIS feed since the cursor; ``resync``: re-read a window and repair drift;
+- ``catchup``: what changed in the CRM since the last run (its webhooks are never retried);
+- ``backfill``: the operator's first import (``clinicsync backfill``), checkpointed and resumable.
+
+The lab (LIS <-> vTiger) runs its directory sync for every job instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Literal
+
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from clinicsync.runtime import wiring
+from clinicsync.runtime.observe import Backfill, CatchUp, Directory, Failed, Poll, observe
+
+Job = Literal["poll", "resync", "catchup", "backfill"]
+
+
+def run(
+    job: Job, context: LambdaContext, window_days: int = 3, restart: bool = False, max_pages: int = 1000
+) -> dict[str, Any]:
+    try:
+        return _run(job, context, window_days, restart, max_pages)
+    except Exception:
+        observe(Failed())  # a MIS outage shows in `clinicsync status` (errors in the last hour)
+        raise
+
+
+def _run(job: Job, context: LambdaContext, window_days: int, restart: bool, max_pages: int) -> dict[str, Any]:
+    if wiring.clinic_config().directory is not None:
+        return _directory(job, context)
+    if job == "catchup":
+        caught = wiring.crm_catch_up().run()
+        observe(CatchUp(caught))
+        return {
+            "events": caught.events,
+            "manual_moves": caught.manual_moves,
+            "echoes": caught.echoes,
+            "paused": caught.paused,
+        }
+    poller = wiring.poller()
+    remaining = context.get_remaining_time_in_millis
+    if job == "backfill":
+        state = poller.backfill(remaining, wiring.backfill_checkpoint(), window_days, restart, max_pages)
+        observe(Backfill(state))
+        return state.as_dict()
+    window = window_days * 86400
+    report = (
+        poller.resync(remaining, window) if job == "resync" else poller.poll(remaining, owner=context.aws_request_id)
+    )
+    observe(Poll(report))
+    return asdict(report)
+
+
+def _directory(job: Job, context: LambdaContext) -> dict[str, Any]:
+    """vTiger has no webhooks, so ``poll`` and ``catchup`` are the same poll of both sides (``modifiedtime``
+    in vTiger, ``updated_since`` in the LIS); ``resync`` reads both registers in full (unchanged records
+    cost no write)."""
+    lease = context.get_remaining_time_in_millis() // 1000 + 1  # held at most until this invocation ends
+    report = wiring.directory_sync().run(full=job == "resync", owner=context.aws_request_id, lease_seconds=lease)
+    observe(Directory(report))
+    return asdict(report)

@@ -54,6 +54,12 @@ CONFIG = {
     "medods": {"crm.requests_per_second": 50, "crm.burst": 50, "shards": 4, "patients_per_message": 50},
     "infoclinica": {"crm.requests_per_second": 50, "crm.burst": 50, "shards": 3, "patients_per_message": 1},
 }
+# The machine's model holds the README's invariants, in which every booking has its own deal. Case C's
+# re-booking rule (a booking after a no-show takes over that deal, docs/statuses.md) is a clinic's option:
+# it is off here and proven by its own tests (tests/unit/test_rebooking.py, the e2e tests on both CRMs and
+# test_regression_a_booking_after_a_no_show_takes_over_its_open_deal below).
+NO_REBOOKING = {"crm.pipelines.primary.continue_stages": [], "crm.pipelines.repeat.continue_stages": []}
+MACHINE_CONFIG = {mis: {**config, **NO_REBOOKING} for mis, config in CONFIG.items()}
 
 # Small: a few short examples per (CRM, MIS) pair inside `make test`. Large (`make model-large`): rounds of
 # long examples, each round a fresh random start, until CLINICSYNC_MODEL_MINUTES have passed.
@@ -718,7 +724,13 @@ def _machine(clinic: LocalClinic) -> type[ClinicMachine]:
 def clinic_at_rest(request: pytest.FixtureRequest, make_clinic: Callable[..., LocalClinic]) -> Iterator[LocalClinic]:
     crm, mis = request.param
     clinic = make_clinic(
-        crm=crm, mis=mis, patients=0, appointments=0, mailchimp=True, rate_limit=False, config_overrides=CONFIG[mis]
+        crm=crm,
+        mis=mis,
+        patients=0,
+        appointments=0,
+        mailchimp=True,
+        rate_limit=False,
+        config_overrides=MACHINE_CONFIG[mis],
     )
     clinic.sync()
     yield clinic
@@ -923,3 +935,63 @@ def _without_backoff(client: type) -> Callable[..., None]:
         client.__init__(self, *args, **{**kwargs, "sleep": lambda _seconds: None})
 
     return init
+
+
+@pytest.mark.parametrize("crm", ["bitrix24", "amocrm"])
+def test_regression_a_new_booking_after_a_no_show_on_a_closed_deal_gets_its_own_deal(
+    make_clinic: Callable[..., LocalClinic], crm: str
+) -> None:
+    """The closed-deal side of case C's re-booking rule (checked while triaging the machine's re-booking
+    finding): a manager closes a visit's deal as won; the MIS then marks that visit a no-show and the
+    patient books again, both in one poll. The new booking opens its own deal: a closed deal is never
+    continued (nor reopened), and the booking is never left without one."""
+    clinic = make_clinic(
+        crm=crm, patients=0, appointments=0, mailchimp=True, rate_limit=False, config_overrides=CONFIG["medods"]
+    )
+    patient = clinic.medods.add_client("Соколова", "Анна", phone=f"+7{_fresh_number()}")
+    first = clinic.mis.book(patient, clinic.mis.at(7, "17:00"))
+    clinic.sync()
+    clinic.deliver_webhooks()
+    deal = clinic.crm.deals()[str(first)]
+    won = clinic.crm.won_stage(deal["category"])
+    clinic.crm.manager_move(deal["id"], won)
+    clinic.deliver_webhooks()
+    clinic.catch_up()
+    clinic.sync()
+    clinic.mis.emulator.no_show(first)
+    second = clinic.mis.book(patient, clinic.mis.at(18, "13:00"))  # both reach us in one poll
+    clinic.sync()
+    clinic.deliver_webhooks()
+    clinic.catch_up()
+    clinic.sync()
+    deals = clinic.crm.deals()
+    assert deals[str(first)]["stage"] == won  # never reopened
+    assert str(second) in deals, "the new booking has no deal"
+    assert deals[str(second)]["id"] != deals[str(first)]["id"]
+
+
+@pytest.mark.parametrize("crm", ["bitrix24", "amocrm"])
+def test_regression_a_booking_after_a_no_show_takes_over_its_open_deal(
+    make_clinic: Callable[..., LocalClinic], crm: str
+) -> None:
+    """Shrunk by the machine (Bitrix24 and MEDODS, large profile; the model did not know case C's rule): a
+    visit's deal is open at the no-show stage and the patient books again. With the rule on (the default),
+    the new booking takes over that deal: one deal, now the new visit's, at the booked stage."""
+    clinic = make_clinic(
+        crm=crm, patients=0, appointments=0, mailchimp=True, rate_limit=False, config_overrides=CONFIG["medods"]
+    )
+    patient = clinic.medods.add_client("Соколова", "Анна", phone=f"+7{_fresh_number()}")
+    first = clinic.mis.book(patient, clinic.mis.at(7, "17:00"))
+    clinic.sync()
+    clinic.deliver_webhooks()
+    deal = clinic.crm.deals()[str(first)]
+    clinic.mis.emulator.no_show(first)
+    second = clinic.mis.book(patient, clinic.mis.at(18, "13:00"))
+    clinic.sync()
+    clinic.deliver_webhooks()
+    clinic.catch_up()
+    clinic.sync()
+    deals = clinic.crm.deals()
+    assert str(first) not in deals
+    assert deals[str(second)]["id"] == deal["id"]
+    assert deals[str(second)]["stage"] == clinic.config.crm.pipelines["primary"].stages[AppointmentStatus.BOOKED]

@@ -66,13 +66,11 @@ def expected_deals(
     return expected
 
 
-def mismatches(expected: dict[str, ExpectedDeal], crm_deals_by_origin: dict[str, Json]) -> list[str]:
-    """Human-readable differences (ids only, never PII). Deals come from ``sandbox.crm_views``."""
-    problems = []
+def continued_visits(expected: dict[str, ExpectedDeal], crm_deals_by_origin: dict[str, Json]) -> set[str]:
+    """Visits whose deal now carries a later visit's id: re-booked no-shows (possibly re-booked again)."""
     successor = {want.may_continue: aid for aid, want in expected.items() if want.may_continue}
 
     def continued(aid: str) -> bool:
-        """Its deal now carries a later visit's id: a re-booked no-show (possibly re-booked again)."""
         later = successor.get(aid)
         while later is not None:
             if later in crm_deals_by_origin:
@@ -80,10 +78,17 @@ def mismatches(expected: dict[str, ExpectedDeal], crm_deals_by_origin: dict[str,
             later = successor.get(later)
         return False
 
+    return {aid for aid in expected if aid not in crm_deals_by_origin and continued(aid)}
+
+
+def mismatches(expected: dict[str, ExpectedDeal], crm_deals_by_origin: dict[str, Json]) -> list[str]:
+    """Human-readable differences (ids only, never PII). Deals come from ``sandbox.crm_views``."""
+    problems = []
+    continued = continued_visits(expected, crm_deals_by_origin)
     for aid, want in expected.items():
         got = crm_deals_by_origin.get(aid)
         if got is None:
-            if not continued(aid):
+            if aid not in continued:
                 problems.append(f"appointment {aid}: no deal")
         elif (got["category"], got["stage"]) != (want.category_id, want.stage):
             problems.append(

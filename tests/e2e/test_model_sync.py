@@ -995,3 +995,21 @@ def test_regression_a_booking_after_a_no_show_takes_over_its_open_deal(
     assert str(first) not in deals
     assert deals[str(second)]["id"] == deal["id"]
     assert deals[str(second)]["stage"] == clinic.config.crm.pipelines["primary"].stages[AppointmentStatus.BOOKED]
+
+
+@pytest.mark.parametrize("clinic_at_rest", CASES, indirect=True)
+def test_regression_a_managers_opt_out_reaches_every_system_when_we_update_the_contact_before_its_webhook(
+    clinic_at_rest: LocalClinic,
+) -> None:
+    """Shrunk by the machine (Bitrix24 and InfoClinica, large profile; it also explains the unshrunk "MEDODS
+    denyEmail False while opted out"): a manager ticks the e-mail opt-out on a family member's contact; the
+    MIS changes that patient's phone before the tick's webhook is handled. Our contact update (the phone
+    only) made us the contact's last modifier, so the webhook read as our own echo and the opt-out never
+    reached the ledger, the MIS or Mailchimp. Every contact we update is now read first."""
+    state = _machine(clinic_at_rest)()
+    mother = state.first_patient(fmt=0, email=True)
+    son = state.family_member(email=True, fmt=0, relative=mother)
+    state.quiesce()
+    state.crm_opt_out(channel="email", person=son)
+    state.phone_change(fmt=6, person=son)
+    state.teardown()  # quiescence: the CRM, the MIS flags and every Mailchimp member equal the model

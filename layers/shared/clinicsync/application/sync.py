@@ -377,14 +377,15 @@ class Syncer:
         ledger: dict[str, set[str]],
         own_opt_outs: dict[str, set[str]],
     ) -> None:
-        """A contact update replaces the whole opt-out field: first read those contacts (one list
-        request) so that a manager's tick whose webhook is still on its way reaches the ledger (the CRM
-        events' rule), and the write carries it."""
+        """Read every contact we are about to update (one list request) so that a manager's tick whose
+        webhook is still on its way reaches the ledger (the CRM events' rule) and the write carries it. Any
+        update counts, not only one that carries the opt-out field: after it the contact reads as last
+        modified by us, and the tick's webhook would be taken for our own echo."""
         updates = {
             str(w.contact_id): plan
             for plan in plans
             for w in plan.writes
-            if isinstance(w, ContactWrite) and w.contact_id and "opt_outs" in w.fields
+            if isinstance(w, ContactWrite) and w.contact_id
         }
         if not updates or self._crm_contacts is None:
             return

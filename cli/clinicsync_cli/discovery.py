@@ -22,7 +22,8 @@ from clinicsync.adapters.amocrm.client import AmoCrmClient
 from clinicsync.adapters.bitrix24 import webhook as bitrix24_webhook
 from clinicsync.adapters.bitrix24.client import Bitrix24Client
 from clinicsync.adapters.medods.source import MedodsApi
-from clinicsync.domain.config import FIELD_PRESETS, ClinicConfig
+from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.fieldmap import FIELD_PRESETS
 from clinicsync.domain.fieldtypes import accepted_types, compatible, default_type, kind_of
 from clinicsync.domain.models import AppointmentStatus as S
 from clinicsync.domain.ports import MisSource

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 from clinicsync.adapters.ident.contract import MAX_BATCH_BYTES, ConnectorBatch
 from clinicsync.domain.config import Filters
 from clinicsync.domain.models import Appointment, Patient, PatientChanges
-from clinicsync.domain.rules import appointment_excluded, patient_excluded
+from clinicsync.domain.payloads import appointment_excluded, patient_excluded
 from clinicsync_ident.db import IdentDatabase
 from clinicsync_ident.push import StackClient, StackUnavailable
 from clinicsync_ident.state import ConnectorState

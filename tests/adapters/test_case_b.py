@@ -16,8 +16,9 @@ from pydantic import ValidationError
 from clinicsync.adapters.bitrix24.client import Bitrix24Client
 from clinicsync.adapters.bitrix24.gateway import Bitrix24Gateway
 from clinicsync.adapters.http.pacing import Pacer
-from clinicsync.domain.config import FIELD_PRESETS, ClinicConfig, FieldMap, clinic_config_json_schema
+from clinicsync.domain.config import ClinicConfig, clinic_config_json_schema
 from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.fieldmap import FIELD_PRESETS, FieldMap
 from clinicsync.domain.fieldtypes import crm_value
 from clinicsync.domain.models import AppointmentStatus as S
 from clinicsync.domain.models import PatientChanges

@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from clinicsync.adapters.amocrm.client import AmoCrmClient, AmoCrmError
 from clinicsync.adapters.amocrm.gateway import AmoCrmGateway
-from clinicsync.domain.config import FIELD_PRESETS, ClinicConfig
+from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.fieldmap import FIELD_PRESETS
 from clinicsync.domain.fieldtypes import FieldValueError, crm_value
 from clinicsync.domain.models import AppointmentStatus
 from clinicsync.domain.ports import ContactWrite, DealWrite

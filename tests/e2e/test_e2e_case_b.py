@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from clinicsync.domain.config import FIELD_PRESETS, CrmField, load_clinic_config
+from clinicsync.domain.config import load_clinic_config
+from clinicsync.domain.fieldmap import FIELD_PRESETS, CrmField
 from clinicsync_cli.discovery import check_fields, discover_crm
 from sandbox.card import CASE_B_OVERRIDES, bitrix24_rest, create_case_fields
 from sandbox.local import LocalClinic

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from clinicsync.domain.config import FIELD_PRESETS
+from clinicsync.domain.fieldmap import FIELD_PRESETS
 from sandbox.local import LocalClinic
 from sandbox.seed import CLINIC_TZ
 

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from clinicsync.domain.config import CrmField, load_clinic_config
+from clinicsync.domain.config import load_clinic_config
+from clinicsync.domain.fieldmap import CrmField
 from clinicsync.domain.models import AppointmentStatus
 from clinicsync_cli.app import app as cli
 from clinicsync_cli.clinic import console

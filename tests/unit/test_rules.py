@@ -212,7 +212,7 @@ def test_ledger_opt_outs_are_sticky_in_the_contact_payload() -> None:
 
 
 def test_the_cases_sixteen_plus_sixteen_fields_are_available_when_configured() -> None:
-    from clinicsync.domain.config import CONTACT_FIELDS, DEAL_FIELDS
+    from clinicsync.domain.fieldmap import CONTACT_FIELDS, DEAL_FIELDS
 
     everything = CONFIG.model_copy(
         update={

@@ -22,6 +22,7 @@ from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import contact_intent, deal_intent, email_subject, patient_subject
 from clinicsync.domain.models import Channel, CrmObservation, PatientChanges, SyncMessage
+from clinicsync.domain.payloads import audience_merge_fields, contact_fields, may_join_audience
 from clinicsync.domain.ports import (
     ChangePage,
     ContactWrite,
@@ -37,10 +38,7 @@ from clinicsync.domain.rules import (
     Adoption,
     PatientPlan,
     apply_observation,
-    audience_merge_fields,
     changed_multifields,
-    contact_fields,
-    may_join_audience,
     plan_patient,
     stage_read_observation,
     stage_to_check,

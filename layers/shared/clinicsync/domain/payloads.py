@@ -8,6 +8,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
+from clinicsync.domain.audience import MAILCHIMP_CHANNELS
 from clinicsync.domain.config import ClinicConfig, Filters
 from clinicsync.domain.models import Appointment, AppointmentStatus, Channel, Patient, PatientChanges
 from clinicsync.domain.state import PatientState
@@ -27,6 +28,11 @@ def _age(birth_date: str | None, today: date) -> int | None:
 def _refusal(patient: Patient) -> set[str]:
     """A patient who refused processing but is sent (as the clinic chose) gets no marketing at all."""
     return {c.value for c in Channel} if patient.refused_data_processing else set()
+
+
+def patient_opt_outs(patient: Patient, opt_outs: Iterable[str]) -> set[str]:
+    """Every channel the patient refused: the ledger's, the MIS card's flags and a refusal of processing."""
+    return set(opt_outs) | {c.value for c in patient.consent.opted_out()} | _refusal(patient)
 
 
 def contact_fields(
@@ -55,7 +61,7 @@ def contact_fields(
         "home_address": patient.home_address,
         "family": list(patient.family) or None,
         "doctors_seen": list(patient.doctors_seen) or None,
-        "opt_outs": sorted(set(opt_outs) | {c.value for c in patient.consent.opted_out()} | _refusal(patient)),
+        "opt_outs": sorted(patient_opt_outs(patient, opt_outs)),
     }
     fields = {name: available[name] for name in config.fields.contact if name in available}
     if available["opt_outs"]:
@@ -106,9 +112,6 @@ def deal_fields(
     return fields
 
 
-AUDIENCE_REFUSALS = frozenset({Channel.EMAIL.value, Channel.MARKETING.value})
-
-
 def audience_merge_fields(changes: PatientChanges, state: PatientState, config: ClinicConfig) -> dict[str, str] | None:
     """The Mailchimp member for a patient who may get marketing e-mail, or None (never added).
 
@@ -150,5 +153,6 @@ def appointment_excluded(appointment: Appointment, filters: Filters) -> str | No
 
 def may_join_audience(patient: Patient, config: ClinicConfig, opted_out: Iterable[str]) -> bool:
     """Only patients with an e-mail who refused neither e-mail nor marketing, anywhere, ever."""
-    refused = set(opted_out) | {c.value for c in patient.consent.opted_out()} | _refusal(patient)
-    return bool(patient.email) and patient_excluded(patient, config.filters) is None and not refused & AUDIENCE_REFUSALS
+    if not patient.email or patient_excluded(patient, config.filters) is not None:
+        return False
+    return not patient_opt_outs(patient, opted_out) & MAILCHIMP_CHANNELS

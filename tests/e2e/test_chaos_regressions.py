@@ -150,3 +150,56 @@ def test_the_chaos_check_accepts_a_re_booked_no_shows_deal_under_the_later_visit
     clinic = SimpleNamespace(crm=SimpleNamespace(deals=lambda: deals), config=config)
     problems, _ = _mismatches(clinic, expected)  # type: ignore[arg-type]
     assert problems == ["appointment 500040: no deal"]
+
+
+def _no_show_continued(clinic: LocalClinic, phone: str) -> tuple[int, int, str]:
+    """A visit synced, marked a no-show and synced, then a later booking that takes over its deal."""
+    client = clinic.mis.add_client("Зимина", phone)
+    first = clinic.mis.book(client, clinic.mis.at(3, "10:00"))
+    clinic.sync()
+    clinic.medods.no_show(first)
+    clinic.sync()
+    second = clinic.mis.book(client, clinic.mis.at(6, "12:00"))
+    clinic.sync()
+    deals = clinic.crm.deals()
+    assert str(first) not in deals  # case C: the re-booking took the no-show's deal over
+    return first, second, deals[str(second)]["id"]
+
+
+@pytest.mark.parametrize("crm", ["bitrix24", "amocrm"])
+def test_a_continued_no_show_moved_to_a_new_time_gets_a_deal_of_its_own(make_clinic: Any, crm: str) -> None:
+    """Found by `make chaos --seed 4242` (Bitrix24 500030, 500669, 500753, 500788; amoCRM 500030, 500429,
+    500957): after a re-booking continued a no-show's deal, the front desk moved the no-show itself to a
+    new date. The MIS has it booked again, yet it was skipped as 'deal_continued' forever: a booking with
+    no deal. It now gets its own; the continued deal stays with the re-booking."""
+    clinic: LocalClinic = make_clinic(crm=crm, patients=4, appointments=4, rate_limit=False)
+    first, second, continued = _no_show_continued(clinic, "+7 916 400-00-04")
+    clinic.medods.reschedule(first, clinic.mis.at(9, "15:00"))
+    clinic.sync()
+    deals = clinic.crm.deals()
+    assert deals[str(second)]["id"] == continued
+    assert str(first) in deals and deals[str(first)]["id"] != continued
+    assert deals[str(first)]["visit_at"][:10] == clinic.mis.at(9, "15:00").date().isoformat()
+    assert clinic.crm.deals_by_origin()[str(first)] == 1
+    assert clinic.mismatches() == []
+
+
+@pytest.mark.parametrize("crm", ["bitrix24", "amocrm"])
+def test_a_no_show_moved_in_the_poll_that_brings_another_booking_keeps_its_deal(make_clinic: Any, crm: str) -> None:
+    """Seen by `make chaos --seed 4242` (amoCRM 500030, Bitrix24 500669): the no-show is moved to a later date
+    and another visit is booked before the next poll. The other visit starts first, so it was planned first
+    and took over the deal of a visit that is no longer a no-show. The moved visit keeps its deal."""
+    clinic: LocalClinic = make_clinic(crm=crm, patients=4, appointments=4, rate_limit=False)
+    client = clinic.mis.add_client("Корнеева", "+7 916 400-00-05")
+    first = clinic.mis.book(client, clinic.mis.at(3, "10:00"))
+    clinic.sync()
+    clinic.medods.no_show(first)
+    clinic.sync()
+    deal = clinic.crm.deals()[str(first)]["id"]
+    clinic.medods.reschedule(first, clinic.mis.at(12, "15:00"))
+    second = clinic.mis.book(client, clinic.mis.at(8, "12:00"))
+    clinic.sync()
+    deals = clinic.crm.deals()
+    assert deals[str(first)]["id"] == deal
+    assert str(second) in deals and deals[str(second)]["id"] != deal
+    assert clinic.mismatches() == []

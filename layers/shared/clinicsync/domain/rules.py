@@ -18,6 +18,8 @@ from clinicsync.domain.ports import ContactWrite, CrmMatches, CrmWrite, DealWrit
 from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState
 
 ACTIVE_STATUSES = frozenset({AppointmentStatus.BOOKED, AppointmentStatus.CONFIRMED})
+# A visit the MIS has booked again (a reschedule included): it wants a deal of its own.
+BOOKED_AGAIN = ACTIVE_STATUSES | {AppointmentStatus.RESCHEDULED}
 
 
 @dataclass
@@ -161,8 +163,9 @@ def plan_patient(
         next_state.version = patient.version
         next_state.content_hash = digest
 
+    polled = {a.mis_id: a for a in changes.appointments}
     for appointment in sorted(changes.appointments, key=lambda a: (a.starts_at, a.mis_id)):
-        _plan_deal(appointment, plan, next_state, matches, config, hasher, contact_id, adoption)
+        _plan_deal(appointment, plan, next_state, matches, config, hasher, contact_id, adoption, polled)
         if appointment.mis_id in next_state.appointments:
             next_state.track_deal(next_state.appointments[appointment.mis_id])
 
@@ -189,16 +192,14 @@ def _plan_deal(
     hasher: KeyedHasher,
     contact_id: str | None,
     adoption: Adoption | None,
+    polled: Mapping[str, Appointment],
 ) -> None:
     aid = appointment.mis_id
     # Visit history counts every completed visit, also those that are never sent (anonymous, filtered).
     repeat = _is_repeat(next_state.first_visit_at, appointment)
     _note_visit(appointment, next_state)
 
-    # A visit whose deal a re-booking continued: its later events never move that deal back.
-    reason = appointment_excluded(appointment, config.filters) or (
-        "deal_continued" if aid in next_state.continued else None
-    )
+    reason = appointment_excluded(appointment, config.filters) or _after_continuation(appointment, next_state)
     if reason:
         plan.skipped[aid] = reason
         return
@@ -227,7 +228,7 @@ def _plan_deal(
     pipeline = _pipeline_by_category(config, category_id) if category_id else None
     pipeline = pipeline or config.pipeline(repeat=repeat)
     category_id = category_id or pipeline.category_id
-    deal_id = _continue_deal(appointment, status, pipeline, deal_id, plan, next_state)
+    deal_id = _continue_deal(appointment, status, pipeline, deal_id, plan, next_state, polled)
     stage: str | None = pipeline.stages[status]
 
     updated = known.model_copy(
@@ -291,9 +292,10 @@ def _continue_deal(
     deal_id: str | None,
     plan: PatientPlan,
     state: PatientState,
+    polled: Mapping[str, Appointment],
 ) -> str | None:
     """The deal this visit writes: its own, or the re-booked no-show's it continues."""
-    if deal_id is None and (continued := continued_deal(state, pipeline, appointment, status)) is not None:
+    if deal_id is None and (continued := continued_deal(state, pipeline, appointment, status, polled)) is not None:
         deal_id = continued.deal_id
     latest = state.latest_deals.get(pipeline.category_id)
     if (
@@ -310,19 +312,55 @@ def _continue_deal(
     return deal_id
 
 
+def _after_continuation(appointment: Appointment, state: PatientState) -> str | None:
+    """A visit whose deal a re-booking continued is done with that deal: its later events (the no-show
+    again, a redelivery, a cancellation) are skipped. Only a newer event that books it again (the MIS
+    moved the no-show to a new time) makes it a visit of its own again, with a deal of its own: never
+    the continued one, which is the later visit's now. Returns the skip reason, or None."""
+    aid = appointment.mis_id
+    if aid not in state.continued:
+        return None
+    known = state.appointment(aid)
+    if appointment.version <= known.version or appointment.status not in BOOKED_AGAIN:
+        return "deal_continued"
+    del state.continued[aid]
+    # Its funnel, time and status stay (a moved booking reads as rescheduled); the deal is to be made.
+    state.appointments[aid] = AppointmentState(
+        appointment_id=aid,
+        version=known.version,
+        status=known.status,
+        category_id=known.category_id,
+        starts_at=known.starts_at,
+        lead_source=known.lead_source,
+    )
+    return None
+
+
 def continued_deal(
-    state: PatientState, pipeline: Pipeline, appointment: Appointment, status: AppointmentStatus
+    state: PatientState,
+    pipeline: Pipeline,
+    appointment: Appointment,
+    status: AppointmentStatus,
+    polled: Mapping[str, Appointment],
 ) -> LatestDeal | None:
     """The deal a new booking continues (case C: a no-show is called back and re-booked), or None.
 
     Only the patient's latest deal in the funnel the booking goes to, only while it is open at one of
-    the pipeline's continue stages (default: no-show), and only for a later visit that is active."""
+    the pipeline's continue stages (default: no-show), and only for a later visit that is active. When
+    the same poll brings a newer event of the latest visit, that visit is judged by what the MIS says
+    now (a no-show booked again keeps its own deal), whichever of the two is planned first."""
     latest = state.latest_deals.get(pipeline.category_id)
     if status not in ACTIVE_STATUSES or latest is None or latest.deal_id is None or latest.closed:
         return None
     if latest.appointment_id == appointment.mis_id or latest.stage not in pipeline.continuing_stages:
         return None
-    if latest.starts_at is not None and appointment.starts_at <= latest.starts_at:
+    latest_start = latest.starts_at
+    now = polled.get(latest.appointment_id)
+    if now is not None and now.version > state.appointment(now.mis_id).version:
+        if pipeline.stages[now.status] not in pipeline.continuing_stages:
+            return None
+        latest_start = now.starts_at
+    if latest_start is not None and appointment.starts_at <= latest_start:
         return None
     return latest
 

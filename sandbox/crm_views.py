@@ -30,6 +30,7 @@ class CrmView(Protocol):
     def contacts(self) -> dict[str, dict[str, Any]]: ...  # by CRM id
     def contacts_by_origin(self) -> Counter[str]: ...
     def deals_by_origin(self) -> Counter[str]: ...  # raw count per MIS appointment id: >1 is a duplicate
+    def appointment_history(self) -> dict[str, list[str]]: ...  # deal id -> MIS appointment ids it named, in order
     def stats(self) -> dict[str, int]: ...
     def won_stage(self, category: str) -> str: ...
     def manager_move(self, deal_id: str, stage: str) -> None: ...
@@ -91,6 +92,11 @@ class Bitrix24View:
 
     def deals_by_origin(self) -> Counter[str]:
         return Counter(str(d["ORIGIN_ID"]) for d in self.emu.deals.values() if d.get("ORIGIN_ID"))
+
+    def appointment_history(self) -> dict[str, list[str]]:
+        return {
+            str(did): [str(v) for v in self.emu.field_history("deal", did, "ORIGIN_ID") if v] for did in self.emu.deals
+        }
 
     def stats(self) -> dict[str, int]:
         s = self.emu.stats()
@@ -229,6 +235,12 @@ class AmoCrmView:
     def deals_by_origin(self) -> Counter[str]:
         origins = (self._cf(lead, "mis_appointment_id") for lead in self.emu.leads.values())
         return Counter(str(o) for o in origins if o)
+
+    def appointment_history(self) -> dict[str, list[str]]:
+        field_id = self.fields["mis_appointment_id"]
+        return {
+            str(lid): [str(v) for v in self.emu.field_history("leads", lid, field_id) if v] for lid in self.emu.leads
+        }
 
     def stats(self) -> dict[str, int]:
         s = self.emu.stats()

@@ -19,13 +19,17 @@ from sandbox.mis_views import MisView
 Json = dict[str, Any]
 
 
+# The MIS has the visit booked (again): it needs a deal naming it, whatever happened to an earlier one.
+BOOKED = frozenset({AppointmentStatus.BOOKED, AppointmentStatus.CONFIRMED, AppointmentStatus.RESCHEDULED})
+
+
 @dataclass(frozen=True)
 class ExpectedDeal:
     appointment_id: str
     patient_id: str
     category_id: str
     stage: str
-    may_continue: str | None = None  # the no-show visit before it, whose deal a re-booking takes over
+    booked: bool = False
 
 
 def expected_deals(
@@ -50,41 +54,50 @@ def expected_deals(
         if status(row) is AppointmentStatus.COMPLETED and view.in_feed(row["start"]):
             completed.setdefault(row["client_id"], []).append(row["start"])
     expected = {}
-    previous: dict[tuple[str, str], ExpectedDeal] = {}  # (client, funnel) -> its latest visit so far
-    for row in sorted(visits, key=lambda r: (r["start"], r["id"])):
+    for row in visits:
         client = clients[row["client_id"]]
         if client["refused_processing"] or client["archived"] or row["anonymous"] or not view.in_feed(row["start"]):
             continue
         repeat = any(start < row["start"] for start in completed.get(row["client_id"], []))
         pipeline = pipelines.get(created_in.get(row["id"], ""), config.pipeline(repeat=repeat))
-        before = previous.get((row["client_id"], pipeline.category_id))
-        # A visit after a no-show may have continued its deal (docs/statuses.md): whether it did depends on
-        # when the sync saw the two, so the oracle accepts either outcome (see ``mismatches``).
-        continues = before.appointment_id if before and before.stage in pipeline.continuing_stages else None
-        want = ExpectedDeal(row["id"], row["client_id"], pipeline.category_id, pipeline.stages[status(row)], continues)
-        expected[row["id"]] = previous[(row["client_id"], pipeline.category_id)] = want
+        expected[row["id"]] = ExpectedDeal(
+            row["id"], row["client_id"], pipeline.category_id, pipeline.stages[status(row)], status(row) in BOOKED
+        )
     return expected
 
 
-def continued_visits(expected: dict[str, ExpectedDeal], crm_deals_by_origin: dict[str, Json]) -> set[str]:
-    """Visits whose deal now carries a later visit's id: re-booked no-shows (possibly re-booked again)."""
-    successor = {want.may_continue: aid for aid, want in expected.items() if want.may_continue}
+def continued_visits(
+    expected: Mapping[str, ExpectedDeal],
+    crm_deals_by_origin: Mapping[str, Json],
+    appointment_history: Mapping[str, list[str]],
+) -> set[str]:
+    """Visits without a deal because a re-booking took their deal over (docs/statuses.md), as the CRM's
+    own record shows: a deal that named the visit now names another visit of the same patient. Never a
+    visit the MIS has booked again: that one needs a deal of its own. Which visit may continue which is
+    the product's rule, and when it applied depends on what each poll saw, so the oracle does not guess
+    it from start times; it only checks that the deal stayed with the patient."""
+    holders = {str(deal["id"]): aid for aid, deal in crm_deals_by_origin.items()}
+    continued = set()
+    for deal_id, named in appointment_history.items():
+        holder = expected.get(holders.get(deal_id, ""))
+        if holder is None:
+            continue
+        for aid in set(named) - {holder.appointment_id}:
+            want = expected.get(aid)
+            if want and aid not in crm_deals_by_origin and want.patient_id == holder.patient_id and not want.booked:
+                continued.add(aid)
+    return continued
 
-    def continued(aid: str) -> bool:
-        later = successor.get(aid)
-        while later is not None:
-            if later in crm_deals_by_origin:
-                return True
-            later = successor.get(later)
-        return False
 
-    return {aid for aid in expected if aid not in crm_deals_by_origin and continued(aid)}
-
-
-def mismatches(expected: dict[str, ExpectedDeal], crm_deals_by_origin: dict[str, Json]) -> list[str]:
-    """Human-readable differences (ids only, never PII). Deals come from ``sandbox.crm_views``."""
+def mismatches(
+    expected: Mapping[str, ExpectedDeal],
+    crm_deals_by_origin: Mapping[str, Json],
+    appointment_history: Mapping[str, list[str]],
+) -> list[str]:
+    """Human-readable differences (ids only, never PII). Deals and their appointment history come from
+    ``sandbox.crm_views``."""
     problems = []
-    continued = continued_visits(expected, crm_deals_by_origin)
+    continued = continued_visits(expected, crm_deals_by_origin, appointment_history)
     for aid, want in expected.items():
         got = crm_deals_by_origin.get(aid)
         if got is None:

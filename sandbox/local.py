@@ -222,7 +222,7 @@ class LocalClinic:
             self.funnel_at_creation.update({aid: expected[aid].category_id for aid in new if aid in expected})
 
     def mismatches(self) -> list[str]:
-        return mismatches(self.expected_deals(), self.crm.deals())
+        return mismatches(self.expected_deals(), self.crm.deals(), self.crm.appointment_history())
 
     def open_booking(
         self, *, refusals: bool | None = False, email: bool | None = None, family: bool | None = False

@@ -729,6 +729,7 @@ class AmoCrmEmulator:
         self._list_reads: list[tuple[str, JsonDict]] = []  # (path, parsed query) of every authorised list GET
         self.delivery_log: list[WebhookDelivery] = []
         self.dropped_events: list[WebhookEvent] = []
+        self._cf_history: dict[tuple[str, int], dict[int, list[Any]]] = {}
         self._stats = _Stats()
         self._seed()
 
@@ -755,6 +756,23 @@ class AmoCrmEmulator:
             rec = self.contacts.get(contact_id)
             with_ = {"leads"} if with_leads else set()
             return None if rec is None else self._render("contacts", rec, self._default_base(), with_)
+
+    def field_history(self, entity: str, record_id: int, field_id: int) -> list[Any]:
+        """Every value a record's custom field held, oldest first (None: empty). amoCRM keeps this as
+        ``custom_field_value_changed`` events; this inspection helper reads it without the events API."""
+        with self._lock:
+            return list(self._cf_history.get((entity, record_id), {}).get(field_id, []))
+
+    def _note_cf_history(self, entity: str, record_id: int, rec: JsonDict) -> None:
+        history = self._cf_history.setdefault((entity, record_id), {})
+        now = {
+            item["field_id"]: (item.get("values") or [{}])[0].get("value")
+            for item in rec.get("custom_fields_values") or []
+        }
+        for field_id in {*history, *now}:
+            values = history.setdefault(field_id, [])
+            if not values or values[-1] != now.get(field_id):
+                values.append(copy.deepcopy(now.get(field_id)))
 
     def lead_contact_ids(self, lead_id: int) -> list[int]:
         with self._lock:
@@ -2195,6 +2213,7 @@ class AmoCrmEmulator:
             }
         rec["custom_fields_values"] = _apply_cf(None, w.cf)
         self._records[entity][new_id] = rec
+        self._note_cf_history(entity, new_id, rec)
         tags = list(dict.fromkeys([*(w.tags or []), *w.tags_add]))
         if tags:
             self._entity_tags[(entity, new_id)] = [self._tag_id(entity, name) for name in tags]
@@ -2228,6 +2247,7 @@ class AmoCrmEmulator:
             rec["name"] = " ".join(p for p in (rec["first_name"], rec["last_name"]) if p)
         if w.cf:
             rec["custom_fields_values"] = _apply_cf(rec["custom_fields_values"], w.cf)
+            self._note_cf_history(entity, record_id, rec)
         if w.tags is not None or w.tags_add or w.tags_del:
             names = [self._tags[t]["name"] for t in before_tags] if w.tags is None else list(w.tags)
             names = [n for n in dict.fromkeys([*names, *w.tags_add]) if n not in w.tags_del]

@@ -787,6 +787,7 @@ class Bitrix24Emulator:
         self.events_log: list[tuple[str, int, float]] = []  # every change, bound or not
         self.delivery_log: list[DeliveryResult] = []
         self.dropped_events: list[PendingEvent] = []
+        self._history: dict[tuple[str, int], dict[str, list[Any]]] = {}  # the records' history tab
         self._stats = _Stats()
         self._seed_statuses()
         self._methods: dict[str, Callable[[_Principal, Params], Any]] = self._build_method_table()
@@ -825,6 +826,19 @@ class Bitrix24Emulator:
     def deal_contact_ids(self, deal_id: int) -> list[int]:
         with self._lock:
             return [b["CONTACT_ID"] for b in self._deal_contacts.get(deal_id, [])]
+
+    def field_history(self, entity: str, record_id: int, field_name: str) -> list[Any]:
+        """Every value a record's field held, oldest first: the record's history tab in the portal (REST
+        has no reader for it, so this is an inspection helper, like ``events_log``)."""
+        with self._lock:
+            return list(self._history.get((entity, record_id), {}).get(field_name, []))
+
+    def _note_history(self, entity: str, record_id: int, rec: JsonDict, names: Iterable[str]) -> None:
+        history = self._history.setdefault((entity, record_id), {})
+        for name in names:
+            values = history.setdefault(name, [])
+            if not values or values[-1] != rec.get(name):
+                values.append(copy.deepcopy(rec.get(name)))
 
     def add_user_field(
         self, entity: str, name: str, user_type: str = "string", *, multiple: bool = False, label: str = ""
@@ -1855,6 +1869,7 @@ class Bitrix24Emulator:
         self._derive(entity, rec)
         self._next_id[entity] = record_id + 1
         self._records[entity][record_id] = rec
+        self._note_history(entity, record_id, rec, values)
         if entity == "deal":
             self._deal_contacts[record_id] = []
             self._set_deal_contacts(
@@ -1924,6 +1939,7 @@ class Bitrix24Emulator:
                 raise legacy_error(f"Status '{values['STATUS_ID']}' is not found.")
         # Validate multifields before touching the record, so a failed update changes nothing.
         new_multi = {mf: self._apply_multifield(mf, rec.get(mf, []), entries) for mf, entries in multi.items()}
+        self._note_history(entity, record_id, rec, values)  # what they held before, if never noted
         moved_field = {"deal": "STAGE_ID", "lead": "STATUS_ID"}.get(entity)
         if moved_field and moved_field in values and values[moved_field] != rec.get(moved_field):
             rec["MOVED_BY_ID"] = str(user_id)
@@ -1935,6 +1951,7 @@ class Bitrix24Emulator:
         rec.update(new_multi)
         rec["MODIFY_BY_ID"] = str(user_id)
         rec["DATE_MODIFY"] = now_iso
+        self._note_history(entity, record_id, rec, values)
         if entity == "deal" and (contact_ids is not None or "CONTACT_ID" in values):
             self._set_deal_contacts(
                 record_id, contact_ids, values.get("CONTACT_ID"), contact_id_given="CONTACT_ID" in values

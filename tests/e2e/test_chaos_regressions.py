@@ -131,25 +131,26 @@ def test_two_edits_in_the_same_second_are_both_read_from_medods(make_clinic: Any
 
 def test_the_chaos_check_accepts_a_re_booked_no_shows_deal_under_the_later_visit() -> None:
     """Found by `make chaos --seed 4242` (both CRMs "did not converge": 3 and 6 visits with "no deal"): the run's
-    own check flagged every no-show whose deal a re-booking had taken over (case C's rule), although the
-    oracle (sandbox.expect) allows it. A visit with no deal is a mismatch unless a later visit took it over."""
-    from types import SimpleNamespace
+    own check flagged every no-show whose deal a re-booking had taken over (case C's rule). The run and every
+    other suite now share one check (sandbox.expect.mismatches): a visit with no deal is a mismatch unless
+    the CRM's history shows its deal now naming another visit of the same patient, and the MIS no longer has
+    it booked."""
+    from sandbox.expect import ExpectedDeal, mismatches
 
-    from sandbox.chaos import _mismatches
-    from sandbox.expect import ExpectedDeal
-
-    config = demo_config()
-    pipeline = config.crm.pipelines["primary"]
+    pipeline = demo_config().crm.pipelines["primary"]
     no_show = ExpectedDeal("500030", "7", pipeline.category_id, pipeline.stages[AppointmentStatus.NO_SHOW])
-    rebooked = ExpectedDeal(
-        "500031", "7", pipeline.category_id, pipeline.stages[AppointmentStatus.BOOKED], may_continue="500030"
-    )
-    lost = ExpectedDeal("500040", "8", pipeline.category_id, pipeline.stages[AppointmentStatus.BOOKED])
-    expected = {d.appointment_id: d for d in (no_show, rebooked, lost)}
-    deals = {"500031": {"category": pipeline.category_id, "stage": rebooked.stage}}
-    clinic = SimpleNamespace(crm=SimpleNamespace(deals=lambda: deals), config=config)
-    problems, _ = _mismatches(clinic, expected)  # type: ignore[arg-type]
-    assert problems == ["appointment 500040: no deal"]
+    rebooked = ExpectedDeal("500031", "7", pipeline.category_id, pipeline.stages[AppointmentStatus.BOOKED], True)
+    lost = ExpectedDeal("500040", "8", pipeline.category_id, pipeline.stages[AppointmentStatus.BOOKED], True)
+    stranger = ExpectedDeal("500050", "9", pipeline.category_id, pipeline.stages[AppointmentStatus.NO_SHOW])
+    booked_again = ExpectedDeal("500060", "7", pipeline.category_id, pipeline.stages[AppointmentStatus.BOOKED], True)
+    expected = {d.appointment_id: d for d in (no_show, rebooked, lost, stranger, booked_again)}
+    deals = {"500031": {"id": "d1", "category": pipeline.category_id, "stage": rebooked.stage}}
+    history = {"d1": ["500030", "500050", "500060", "500031"], "d2": ["500040"]}  # d2 is gone
+    assert mismatches(expected, deals, history) == [
+        "appointment 500040: no deal",  # its deal named no one else's visit
+        "appointment 500050: no deal",  # another patient's: a deal never moves between patients
+        "appointment 500060: no deal",  # booked again: it needs a deal of its own
+    ]
 
 
 def _no_show_continued(clinic: LocalClinic, phone: str) -> tuple[int, int, str]:
@@ -202,4 +203,18 @@ def test_a_no_show_moved_in_the_poll_that_brings_another_booking_keeps_its_deal(
     deals = clinic.crm.deals()
     assert deals[str(first)]["id"] == deal
     assert str(second) in deals and deals[str(second)]["id"] != deal
+    assert clinic.mismatches() == []
+
+
+@pytest.mark.parametrize("crm", ["bitrix24", "amocrm"])
+def test_the_oracle_knows_a_continued_deal_by_the_crms_history_not_by_start_times(make_clinic: Any, crm: str) -> None:
+    """The oracle linked a re-booking to the no-show it continued by start time (the visit just before it),
+    so moving the re-booking to a date before the no-show read as "no deal" for the no-show although the
+    product was right. The oracle now reads the deal's appointment field history from the CRM."""
+    clinic: LocalClinic = make_clinic(crm=crm, patients=4, appointments=4, rate_limit=False)
+    first, second, continued = _no_show_continued(clinic, "+7 916 400-00-06")
+    clinic.medods.reschedule(second, clinic.mis.at(1, "09:00"))  # now before the no-show's date
+    clinic.sync()
+    assert clinic.crm.deals()[str(second)]["id"] == continued
+    assert clinic.crm.appointment_history()[continued] == [str(first), str(second)]
     assert clinic.mismatches() == []

@@ -218,3 +218,24 @@ def test_the_oracle_knows_a_continued_deal_by_the_crms_history_not_by_start_time
     assert clinic.crm.deals()[str(second)]["id"] == continued
     assert clinic.crm.appointment_history()[continued] == [str(first), str(second)]
     assert clinic.mismatches() == []
+
+
+@pytest.mark.parametrize("crm", ["bitrix24", "amocrm"])
+def test_a_continued_no_show_booked_again_is_created_once_when_the_create_response_is_lost(
+    make_clinic: Any, crm: str
+) -> None:
+    """Found by the first `make chaos --seed 4242` run with the fix above (Bitrix24: 2 duplicate deals): the
+    no-show's own deal id was still in our table, so the retry did not look its new deal up by MIS id and
+    created it again. A visit whose deal was continued has no deal of its own until it is given one."""
+    clinic: LocalClinic = make_clinic(crm=crm, patients=4, appointments=4, rate_limit=False)
+    first, second, continued = _no_show_continued(clinic, "+7 916 400-00-07")
+    clinic.medods.reschedule(first, clinic.mis.at(9, "15:00"))
+    if clinic.bitrix is not None:
+        clinic.bitrix.faults.add(method="crm.deal.add", status=502, html=True, times=1, after_apply=True)
+    else:
+        assert clinic.amocrm is not None
+        clinic.amocrm.faults.add(path_prefix="/api/v4/leads", method="POST", status=504, html=True, after_apply=True)
+    clinic.sync()  # the create lands, its response is lost; SQS delivers the message again
+    assert clinic.crm.deals_by_origin()[str(first)] == 1
+    assert clinic.crm.deals()[str(second)]["id"] == continued
+    assert clinic.mismatches() == []

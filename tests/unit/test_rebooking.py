@@ -70,7 +70,7 @@ def sync(
 ) -> PatientState:
     """One syncer pass for one patient: look up unknown visits by MIS id, plan, write, remember (unless
     the response is lost: the writes landed, the state is the old one)."""
-    unknown = [a.mis_id for a in visits if state.appointment(a.mis_id).deal_id is None]
+    unknown = [a.mis_id for a in visits if state.own_deal(a.mis_id) is None]  # as the syncer looks up
     matches = crm.find(unknown) if look_up else CrmMatches(contacts={"p1": "c1"})
     plan = plan_patient(PatientChanges(patient=patient(), appointments=tuple(visits)), state, matches, config, HASHER)
     ids = crm.apply([w for w in plan.writes if isinstance(w, DealWrite)], config)
@@ -233,23 +233,31 @@ def test_a_no_show_booked_again_keeps_its_deal_whichever_visit_is_planned_first(
 
 
 STEPS = st.lists(
-    st.tuples(st.sampled_from(["a1", "a2", "a3"]), st.sampled_from(["book", "no_show", "move"]), st.booleans()),
+    st.tuples(
+        st.sampled_from(["a1", "a2", "a3"]),
+        st.sampled_from(["book", "no_show", "move"]),
+        st.booleans(),  # a poll follows
+        st.booleans(),  # its response is lost: the writes landed, nothing was remembered, the message comes again
+    ),
     min_size=1,
     max_size=12,
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(steps=STEPS)
-def test_every_visit_the_mis_has_booked_is_carried_by_a_deal_of_its_own(steps: list[tuple[str, str, bool]]) -> None:
-    """Over any history of bookings, no-shows and moves of three visits, polled in any batches: after the
-    last poll every visit the MIS holds as booked has one deal naming it, and no deal names two visits.
-    (A no-show's deal may have moved on to a re-booking: only a visit booked again must have one.)"""
+def test_every_visit_the_mis_has_booked_is_carried_by_a_deal_of_its_own(
+    steps: list[tuple[str, str, bool, bool]],
+) -> None:
+    """Over any history of bookings, no-shows and moves of three visits, polled in any batches, with lost
+    responses: after the last poll every visit the MIS holds as booked has one deal naming it, and no deal
+    names two visits. (A no-show's deal may have moved on to a re-booking: only a visit booked again must
+    have one; `make chaos --seed 4242` found one that had none, then a duplicate once its create was lost.)"""
     crm = Crm()
     state = PatientState(patient_id="p1", contact_id="c1")
     mis: dict[str, Appointment] = {}
     pending: dict[str, Appointment] = {}
-    for version, (aid, event, poll) in enumerate(steps, start=1):
+    for version, (aid, event, poll, lose) in enumerate(steps, start=1):
         known = mis.get(aid)
         if event == "no_show" and known is None:
             continue
@@ -257,8 +265,8 @@ def test_every_visit_the_mis_has_booked_is_carried_by_a_deal_of_its_own(steps: l
         status = S.NO_SHOW if event == "no_show" else S.BOOKED
         mis[aid] = pending[aid] = appointment(aid, status=status, start=start, version=version)
         if poll:
-            state = sync(crm, state, list(pending.values()))
-            pending = {}
+            state = sync(crm, state, list(pending.values()), lose=lose)
+            pending = {} if not lose else pending
     sync(crm, state, list(pending.values()))
     origins = [str(d["origin"]) for d in crm.deals.values()]
     assert len(origins) == len(set(origins))

@@ -252,7 +252,7 @@ class Syncer:
             a.mis_id
             for c in live
             for a in c.appointments
-            if states[c.patient.mis_id].appointment(a.mis_id).deal_id is None
+            if states[c.patient.mis_id].own_deal(a.mis_id) is None
         ]
         phones = [
             c.patient.phone

@@ -66,6 +66,11 @@ class PatientState(BaseModel):
     def appointment(self, appointment_id: str) -> AppointmentState:
         return self.appointments.get(appointment_id) or AppointmentState(appointment_id=appointment_id)
 
+    def own_deal(self, appointment_id: str) -> str | None:
+        """The deal of this visit, or None: also for a visit whose deal a re-booking continued (that deal is
+        the later visit's), so a deal it is given again is looked up by MIS id before it is created."""
+        return None if appointment_id in self.continued else self.appointment(appointment_id).deal_id
+
     def track_deal(self, appt: AppointmentState) -> None:
         """Keep each funnel's latest deal: the later visit, or the same deal under its new appointment."""
         if appt.category_id is None or appt.starts_at is None or appt.appointment_id in self.continued:

@@ -44,7 +44,7 @@ from typer.testing import CliRunner
 
 from clinicsync.observability import logger
 from clinicsync.runtime import wiring
-from sandbox.expect import expected_deals
+from sandbox.expect import kept_in_first_funnel, mismatches
 from sandbox.local import LocalClinic, start_local_clinic
 from sandbox.runtime import InvocationCrash, LocalAws
 
@@ -387,11 +387,11 @@ class ChaosRun:
         clinic = self.clinic
         expected = clinic.expected_deals()
         self.figures.expected_deals = len(expected)
-        self.figures.mismatches = clinic.mismatches()  # the one rule, as every other suite checks it
-        by_history = expected_deals(clinic.mis, clinic.config)  # the funnel each visit's history picks now
-        self.figures.funnel_kept = sum(
-            1 for aid, want in expected.items() if want.category_id != by_history[aid].category_id
-        )
+        deals = clinic.crm.deals()
+        pipelines = {p.category_id: p for p in clinic.config.crm.pipelines.values()}
+        kept = kept_in_first_funnel(expected, deals, pipelines)
+        self.figures.mismatches = mismatches(expected, deals, clinic.crm.appointment_history(), kept)
+        self.figures.funnel_kept = len(kept)
         self.figures.duplicate_contacts = sum(1 for n in clinic.crm.contacts_by_origin().values() if n > 1)
         self.figures.duplicate_deals = sum(1 for n in clinic.crm.deals_by_origin().values() if n > 1)
         self.figures.queues_left = sum(

@@ -281,7 +281,8 @@ def mis_source(config: ClinicConfig) -> MisSource:
         api = MedodsApi(config.mis.base_url, str(creds["identity_key"]), str(creds["secret"]), http=http_client())
         return MedodsSource(api, config)
     if config.mis.kind == "infoclinica":
-        from clinicsync.adapters.infoclinica.source import InfoClinicaApi, InfoClinicaSource
+        from clinicsync.adapters.infoclinica.api import InfoClinicaApi
+        from clinicsync.adapters.infoclinica.source import InfoClinicaSource
 
         # Its own HTTP client: it carries the clinic's client certificate from the secret.
         return InfoClinicaSource(InfoClinicaApi.from_secret(config.mis.base_url, creds, tz=config.tz), config)

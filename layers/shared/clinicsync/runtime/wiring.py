@@ -186,8 +186,9 @@ def directory_audiences(config: ClinicConfig) -> DirectoryAudiences | None:
 
 
 def directory_sync() -> DirectorySync:
+    from clinicsync.adapters.aws.directory_state import DirectoryStore
     from clinicsync.adapters.vtiger.client import VtigerDirectory
-    from clinicsync.application.directory import DirectoryStore, DirectorySync
+    from clinicsync.application.directory import DirectorySync
 
     config = clinic_config()
     if config.directory is None or config.crm.kind != "vtiger" or config.mis.kind != "lis":

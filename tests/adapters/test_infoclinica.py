@@ -30,7 +30,7 @@ from clinicsync.adapters.infoclinica.source import (
     record,
     text_at,
 )
-from clinicsync.application.sync import Poller
+from clinicsync.application.poll import Poller
 from clinicsync.domain.config import ClinicConfig, MisConnection
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import AppointmentStatus, PatientChanges

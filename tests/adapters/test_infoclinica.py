@@ -28,7 +28,7 @@ from clinicsync.adapters.infoclinica.api import (
     text_at,
 )
 from clinicsync.adapters.infoclinica.source import InfoClinicaSource, parse_ic_date, parse_ic_datetime
-from clinicsync.application.sync import Poller
+from clinicsync.application.poll import Poller
 from clinicsync.domain.config import ClinicConfig, MisConnection
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import AppointmentStatus, PatientChanges

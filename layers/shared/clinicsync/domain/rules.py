@@ -15,11 +15,8 @@ from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import Appointment, AppointmentStatus, CrmObservation, Patient, PatientChanges
 from clinicsync.domain.payloads import appointment_excluded, contact_fields, deal_fields, patient_excluded
 from clinicsync.domain.ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, LeadWrite, PhoneCandidates
-from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState
-
-ACTIVE_STATUSES = frozenset({AppointmentStatus.BOOKED, AppointmentStatus.CONFIRMED})
-# A visit the MIS has booked again (a reschedule included): it wants a deal of its own.
-BOOKED_AGAIN = ACTIVE_STATUSES | {AppointmentStatus.RESCHEDULED}
+from clinicsync.domain.rebooking import after_continuation, continued_deal
+from clinicsync.domain.state import AppointmentState, PatientState
 
 
 @dataclass
@@ -199,7 +196,7 @@ def _plan_deal(
     repeat = _is_repeat(next_state.first_visit_at, appointment)
     _note_visit(appointment, next_state)
 
-    reason = appointment_excluded(appointment, config.filters) or _after_continuation(appointment, next_state)
+    reason = appointment_excluded(appointment, config.filters) or after_continuation(appointment, next_state)
     if reason:
         plan.skipped[aid] = reason
         return
@@ -310,59 +307,6 @@ def _continue_deal(
         plan.writes = [w for w in plan.writes if not (isinstance(w, DealWrite) and w.deal_id == deal_id)]
         plan.skipped[latest.appointment_id] = "deal_continued"
     return deal_id
-
-
-def _after_continuation(appointment: Appointment, state: PatientState) -> str | None:
-    """A visit whose deal a re-booking continued is done with that deal: its later events (the no-show
-    again, a redelivery, a cancellation) are skipped. Only a newer event that books it again (the MIS
-    moved the no-show to a new time) makes it a visit of its own again, with a deal of its own: never
-    the continued one, which is the later visit's now. Returns the skip reason, or None."""
-    aid = appointment.mis_id
-    if aid not in state.continued:
-        return None
-    known = state.appointment(aid)
-    if appointment.version <= known.version or appointment.status not in BOOKED_AGAIN:
-        return "deal_continued"
-    del state.continued[aid]
-    # Its funnel, time and status stay (a moved booking reads as rescheduled); the deal is to be made.
-    state.appointments[aid] = AppointmentState(
-        appointment_id=aid,
-        version=known.version,
-        status=known.status,
-        category_id=known.category_id,
-        starts_at=known.starts_at,
-        lead_source=known.lead_source,
-    )
-    return None
-
-
-def continued_deal(
-    state: PatientState,
-    pipeline: Pipeline,
-    appointment: Appointment,
-    status: AppointmentStatus,
-    polled: Mapping[str, Appointment],
-) -> LatestDeal | None:
-    """The deal a new booking continues (case C: a no-show is called back and re-booked), or None.
-
-    Only the patient's latest deal in the funnel the booking goes to, only while it is open at one of
-    the pipeline's continue stages (default: no-show), and only for a later visit that is active. When
-    the same poll brings a newer event of the latest visit, that visit is judged by what the MIS says
-    now (a no-show booked again keeps its own deal), whichever of the two is planned first."""
-    latest = state.latest_deals.get(pipeline.category_id)
-    if status not in ACTIVE_STATUSES or latest is None or latest.deal_id is None or latest.closed:
-        return None
-    if latest.appointment_id == appointment.mis_id or latest.stage not in pipeline.continuing_stages:
-        return None
-    latest_start = latest.starts_at
-    now = polled.get(latest.appointment_id)
-    if now is not None and now.version > state.appointment(now.mis_id).version:
-        if pipeline.stages[now.status] not in pipeline.continuing_stages:
-            return None
-        latest_start = now.starts_at
-    if latest_start is not None and appointment.starts_at <= latest_start:
-        return None
-    return latest
 
 
 def deal_observation(snapshot: Mapping[str, str], patient_id: str, appointment_id: str | None) -> CrmObservation:

@@ -1,0 +1,67 @@
+"""Case C's re-booking rule (docs/statuses.md): which deal a new booking continues, and when a visit
+whose deal was continued is a visit of its own again. Pure, like the rest of the sync rules."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from clinicsync.domain.config import Pipeline
+from clinicsync.domain.models import Appointment, AppointmentStatus
+from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState
+
+ACTIVE_STATUSES = frozenset({AppointmentStatus.BOOKED, AppointmentStatus.CONFIRMED})
+# A visit the MIS has booked again (a reschedule included): it wants a deal of its own.
+BOOKED_AGAIN = ACTIVE_STATUSES | {AppointmentStatus.RESCHEDULED}
+
+
+def after_continuation(appointment: Appointment, state: PatientState) -> str | None:
+    """A visit whose deal a re-booking continued is done with that deal: its later events (the no-show
+    again, a redelivery, a cancellation) are skipped. Only a newer event that books it again (the MIS
+    moved the no-show to a new time) makes it a visit of its own again, with a deal of its own: never
+    the continued one, which is the later visit's now. Returns the skip reason, or None."""
+    aid = appointment.mis_id
+    if aid not in state.continued:
+        return None
+    known = state.appointment(aid)
+    if appointment.version <= known.version or appointment.status not in BOOKED_AGAIN:
+        return "deal_continued"
+    del state.continued[aid]
+    # Its funnel, time and status stay (a moved booking reads as rescheduled); the deal is to be made.
+    state.appointments[aid] = AppointmentState(
+        appointment_id=aid,
+        version=known.version,
+        status=known.status,
+        category_id=known.category_id,
+        starts_at=known.starts_at,
+        lead_source=known.lead_source,
+    )
+    return None
+
+
+def continued_deal(
+    state: PatientState,
+    pipeline: Pipeline,
+    appointment: Appointment,
+    status: AppointmentStatus,
+    polled: Mapping[str, Appointment],
+) -> LatestDeal | None:
+    """The deal a new booking continues (case C: a no-show is called back and re-booked), or None.
+
+    Only the patient's latest deal in the funnel the booking goes to, only while it is open at one of
+    the pipeline's continue stages (default: no-show), and only for a later visit that is active. When
+    the same poll brings a newer event of the latest visit, that visit is judged by what the MIS says
+    now (a no-show booked again keeps its own deal), whichever of the two is planned first."""
+    latest = state.latest_deals.get(pipeline.category_id)
+    if status not in ACTIVE_STATUSES or latest is None or latest.deal_id is None or latest.closed:
+        return None
+    if latest.appointment_id == appointment.mis_id or latest.stage not in pipeline.continuing_stages:
+        return None
+    latest_start = latest.starts_at
+    now = polled.get(latest.appointment_id)
+    if now is not None and now.version > state.appointment(now.mis_id).version:
+        if pipeline.stages[now.status] not in pipeline.continuing_stages:
+            return None
+        latest_start = now.starts_at
+    if latest_start is not None and appointment.starts_at <= latest_start:
+        return None
+    return latest

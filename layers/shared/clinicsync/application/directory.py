@@ -21,11 +21,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from clinicsync.adapters.aws.store import batch_get
+from clinicsync.adapters.aws.table import batch_get
 from clinicsync.application.consent import ConsentLedger
-from clinicsync.domain.audience import AudienceMember, MemberBook, MemberStore, audience_member, note_accepted_members
+from clinicsync.domain.audience import AudienceMember, MemberBook, audience_member, note_accepted_members
 from clinicsync.domain.config import ClinicConfig, DirectorySettings
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.directory_records import (
@@ -41,7 +41,7 @@ from clinicsync.domain.directory_records import (
     Kind,
     directory_subject,
 )
-from clinicsync.domain.ports import Cursor
+from clinicsync.domain.ports import Cursor, Cursors, Leases, MemberStore
 from clinicsync.observability import logger
 
 Owner = Literal["lis", "crm"]
@@ -163,18 +163,6 @@ class DirectoryReport:
     opt_outs_recorded: int = 0
     skipped_busy: bool = False  # another run still holds the lease
     failed: dict[str, str] = field(default_factory=dict)  # "<kind>:<lis id>" -> reason (no PII)
-
-
-class Cursors(Protocol):
-    def get_cursor(self, source: str) -> Cursor | None: ...
-
-    def put_cursor(self, source: str, cursor: Cursor) -> None: ...
-
-
-class Leases(Protocol):
-    def acquire_lease(self, name: str, owner: str, seconds: int, now: int) -> bool: ...
-
-    def release_lease(self, name: str, owner: str) -> None: ...
 
 
 LEASE = "directory"

@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 from clinicsync.adapters.aws.queue import shard_of
-from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.adapters.http.retrying import exponential, poll
 from clinicsync.application.backfill import BackfillCheckpoint, BackfillState
 from clinicsync.application.consent import ConsentLedger, CrmContactReader, ledger_digest
@@ -32,6 +31,8 @@ from clinicsync.domain.ports import (
     DealWrite,
     LeadWrite,
     MisSource,
+    PollStore,
+    SyncStore,
     WriteOutcome,
 )
 from clinicsync.domain.rules import (
@@ -85,7 +86,7 @@ class Syncer:
     def __init__(
         self,
         config: ClinicConfig,
-        store: DynamoStore,
+        store: SyncStore,
         gateway: CrmGateway,
         hasher: KeyedHasher,
         ledger: ConsentLedger | None = None,
@@ -573,7 +574,7 @@ class Poller:
     SAFETY_MS = 20_000  # stop this long before the Lambda deadline; the next run resumes
 
     def __init__(
-        self, config: ClinicConfig, source: MisSource, store: DynamoStore, queue: ChangeQueue, hasher: KeyedHasher
+        self, config: ClinicConfig, source: MisSource, store: PollStore, queue: ChangeQueue, hasher: KeyedHasher
     ) -> None:
         self._config = config
         self._source = source

@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from clinicsync.adapters.amocrm.client import PAGE_LIMIT as PAGE
 from clinicsync.adapters.amocrm.client import AmoCrmClient, AmoCrmError, AmoCrmOutcomeUnknown, main_contact
@@ -39,6 +39,7 @@ from clinicsync.domain.phones import normalise_phone
 from clinicsync.domain.ports import (
     ContactWrite,
     CrmMatches,
+    CrmPhoneBook,
     CrmWrite,
     DealMatch,
     DealWrite,
@@ -92,17 +93,6 @@ class _PhoneIndex:
         return out
 
 
-class PhoneBook(Protocol):
-    """The phone index as stored between containers (``clinicsync.adapters.aws.store.DynamoStore``): contact ids and
-    keyed hashes of their phones, and the ``updated_at`` the index has read the account up to."""
-
-    def crm_phone_index(self) -> tuple[int | None, dict[str, set[str]]]: ...
-
-    def update_crm_phones(self, add: Sequence[tuple[str, str]], drop: Sequence[tuple[str, str]]) -> None: ...
-
-    def advance_crm_phones(self, seen_to: int) -> None: ...
-
-
 # One index per client: wiring keeps one client per container, so the index survives warm invocations.
 _INDEXES: weakref.WeakKeyDictionary[AmoCrmClient, _PhoneIndex] = weakref.WeakKeyDictionary()
 
@@ -116,7 +106,7 @@ class AmoCrmGateway:
         client: AmoCrmClient,
         config: ClinicConfig,
         user_id: str = "",
-        phone_book: PhoneBook | None = None,
+        phone_book: CrmPhoneBook | None = None,
         phone_key: Callable[[str], str] | None = None,
     ) -> None:
         """``phone_book`` keeps the phone index between containers, under ``phone_key`` (a keyed hash):

@@ -5,6 +5,7 @@ Mailchimp's audience webhook says. Plain data and rules: the ledger (``consent``
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -27,6 +28,10 @@ class MemberBook:
 
 # Mailchimp must stop mailing anyone who refused e-mail or marketing.
 MAILCHIMP_CHANNELS = frozenset({Channel.EMAIL.value, Channel.MARKETING.value})
+
+
+def is_subscriber_hash(value: str) -> bool:
+    return re.fullmatch(r"[0-9a-f]{32}", value) is not None
 
 
 def subscriber_hash(email: str) -> str:

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,7 +11,7 @@ from botocore.exceptions import ClientError
 
 from clinicsync.adapters.aws import keys as tk
 from clinicsync.adapters.aws.table import TRANSACT_LIMIT, TableRepository, cancelled, failed_condition
-from clinicsync.domain.audience import MemberBook
+from clinicsync.domain.audience import MemberBook, is_subscriber_hash
 from clinicsync.domain.ports import ConsentSource
 
 AUDIT_TTL_SECONDS = 400 * 24 * 3600  # keep the opt-out audit trail for 400 days
@@ -141,7 +140,8 @@ class DynamoConsentRecords(TableRepository):
         return found
 
     def consent_items(self, subject: str) -> list[dict[str, Any]]:
-        """Everything the ledger holds for one subject: channels, audit trail, identity, outputs."""
+        """Everything the ledger holds for one subject: channels, audit trail, identity, outputs (for
+        inspection: no use case reads the table's items)."""
         return list(self._query(tk.consent_pk(subject)))
 
     def note_identity(self, subject: str, keys: Mapping[str, str | None]) -> None:
@@ -225,7 +225,7 @@ class DynamoMemberStore(TableRepository):
         """``member`` is now the subject's member; ``moved_from``, if given, was moved to it (upemail, or
         our address change). Old members stay listed: an opt-out still reaches them."""
         hashes = [h for h in (member, moved_from) if h]
-        if not all(re.fullmatch(r"[0-9a-f]{32}", h) for h in hashes):
+        if not all(is_subscriber_hash(h) for h in hashes):
             raise ValueError("not a subscriber hash")
         names = {"#m": tk.MEMBER_PREFIX + member, "#cur": "current"}
         values = {":m": member, ":dash": "-"}

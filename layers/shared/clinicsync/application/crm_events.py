@@ -13,12 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from clinicsync.adapters.aws.queue import shard_of
 from clinicsync.application.consent import ConsentLedger
 from clinicsync.application.sync import ChangeQueue
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.keys import patient_subject
+from clinicsync.domain.keys import patient_subject, shard_of
 from clinicsync.domain.models import Channel, CrmEvent, CrmObservation, SyncMessage
 from clinicsync.domain.ports import CrmEventStore, CrmGateway, CrmPaused, CrmUnavailable, Cursors
 from clinicsync.domain.rules import deal_observation

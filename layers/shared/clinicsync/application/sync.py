@@ -12,14 +12,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
-from clinicsync.adapters.aws.queue import shard_of
 from clinicsync.adapters.http.retrying import exponential, poll
 from clinicsync.application.backfill import BackfillCheckpoint, BackfillState
 from clinicsync.application.consent import ConsentLedger, CrmContactReader, ledger_digest
 from clinicsync.domain.audience import AudienceMember, audience_member, note_accepted_members
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.keys import contact_intent, deal_intent, email_subject, patient_subject
+from clinicsync.domain.keys import contact_intent, deal_intent, email_subject, patient_subject, shard_of
 from clinicsync.domain.models import Channel, CrmObservation, PatientChanges, SyncMessage
 from clinicsync.domain.payloads import audience_merge_fields, contact_fields, may_join_audience
 from clinicsync.domain.ports import (

@@ -33,11 +33,6 @@ def batches(entries: Sequence[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]
         yield chunk
 
 
-def shard_of(patient_id: str, shards: int) -> int:
-    """Stable across processes and deploys (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.sha256(patient_id.encode()).digest()[:4], "big") % shards
-
-
 class SqsChangeQueue:
     def __init__(self, sqs: SQSClient, queue_url: str) -> None:
         self._sqs = sqs

@@ -25,6 +25,7 @@ ADAPTERS = (
     "bitrix24.gateway",
     "medods.source",
     "lis.source",
+    "infoclinica.api",
     "infoclinica.source",
     "renovatio.source",
     "vtiger.client",
@@ -61,7 +62,7 @@ def test_importing_a_handler_loads_no_mis_or_crm_adapter(handler: str) -> None:
     loaded = _loaded_after(handler, "import app")
     assert "clinicsync.runtime.wiring" in loaded  # the handler really reached the wiring
     assert {f"clinicsync.adapters.{name}" for name in ADAPTERS} & loaded == set()
-    # The HTTP stack loads with the first adapter that calls an API (wiring.http_client), not at import.
+    # The HTTP stack loads with the first adapter that calls an API (Container.http_client), not at import.
     assert {"httpx", "clinicsync.adapters.mailchimp.client"} & loaded == set()
 
 

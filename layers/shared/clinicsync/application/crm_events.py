@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from clinicsync.application.consent import ConsentLedger
-from clinicsync.application.sync import ChangeQueue
+from clinicsync.application.poll import ChangeQueue
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import patient_subject, shard_of

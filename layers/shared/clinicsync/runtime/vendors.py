@@ -36,7 +36,8 @@ def build_mis_source(parts: Container, config: ClinicConfig) -> MisSource:
         api = MedodsApi(config.mis.base_url, str(creds["identity_key"]), str(creds["secret"]), http=parts.http_client())
         return MedodsSource(api, config)
     if config.mis.kind == "infoclinica":
-        from clinicsync.adapters.infoclinica.source import InfoClinicaApi, InfoClinicaSource
+        from clinicsync.adapters.infoclinica.api import InfoClinicaApi
+        from clinicsync.adapters.infoclinica.source import InfoClinicaSource
 
         # Its own HTTP client: it carries the clinic's client certificate from the secret.
         return InfoClinicaSource(InfoClinicaApi.from_secret(config.mis.base_url, creds, tz=config.tz), config)
@@ -115,8 +116,9 @@ def build_vtiger_client(parts: Container, config: ClinicConfig) -> VtigerClient:
 
 def build_directory_sync(parts: Container) -> DirectorySync:
     """The lab's directory (LIS <-> vTiger, Mailchimp audiences)."""
+    from clinicsync.adapters.aws.directory_state import DirectoryStore
     from clinicsync.adapters.vtiger.client import VtigerDirectory
-    from clinicsync.application.directory import DirectoryStore, DirectorySync
+    from clinicsync.application.directory import DirectorySync
 
     config = parts.clinic_config()
     if config.directory is None or config.crm.kind != "vtiger" or config.mis.kind != "lis":

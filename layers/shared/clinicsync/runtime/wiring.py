@@ -25,7 +25,8 @@ from clinicsync.adapters.aws.queue import SqsChangeQueue, SqsConsentQueue, SqsEv
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.application.consent import ConsentLedger, ConsentOutputs
 from clinicsync.application.crm_events import CrmCatchUp, CrmEventProcessor
-from clinicsync.application.sync import Poller, Syncer
+from clinicsync.application.poll import Poller
+from clinicsync.application.sync import Syncer
 from clinicsync.domain.audience import MailchimpMembers
 from clinicsync.domain.config import ClinicConfig, parse_clinic_config
 from clinicsync.domain.crypto import KeyedHasher

@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     log = functools.partial(print, file=sys.__stderr__, flush=True)
     try:
         if args.scale:
-            report = run_scale(args.scale, sizes.crms, log=log, parallel=not args.serial, twice=args.twice)
+            report = run_scale(
+                args.scale, sizes.crms, log=log, parallel=not args.serial, twice=args.twice, verbose=args.verbose
+            )
         else:
             report = run(sizes, log=log, verbose=args.verbose, twice=args.twice)
     except InvalidRun as exc:

@@ -202,6 +202,12 @@ def measure_backfill(crm: str, clinic: Any, app: ClockedApp, clock: SimClock, me
     started = time.perf_counter()
     summary, secs, reqs, refused = _segment(clock, app, clinic.backfill)
     wall = time.perf_counter() - started
+    poll = summary.poll if isinstance(summary.poll, dict) else {}
+    if poll.get("stopped_early"):  # the local runtime's Lambda deadline is wall time: a slow machine hits it
+        raise InvalidRun(
+            f"{crm}: clinicsync's backfill poll stopped at the poller's deadline after {poll.get('pages')} pages; "
+            "the import is incomplete, no figure"
+        )
     _check_deals("clinicsync", crm, clinic.crm, visits)
     cost = diff(meter.snapshot(), snap)
     # One floor per workload, the same for every contestant: the eligible visits and their patients.

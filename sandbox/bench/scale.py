@@ -24,6 +24,7 @@ from sandbox.bench.moto_process import ProcessAws
 from sandbox.bench.run import (
     TRACED_INVOCATIONS,
     Sizes,
+    _log_to_stderr,
     _quiet,
     differences,
     measure_backfill,
@@ -47,7 +48,7 @@ def seeded(appointments: int) -> tuple[int, int]:
     return round(appointments * base.patients / base.appointments), appointments
 
 
-def run_point(crm: str, appointments: int) -> dict[str, Any]:
+def run_point(crm: str, appointments: int, verbose: bool = False) -> dict[str, Any]:
     """One size on one CRM, from an empty CRM and table: seed, backfill, check, price."""
     from sandbox.local import start_local_clinic
 
@@ -70,6 +71,7 @@ def run_point(crm: str, appointments: int) -> dict[str, Any]:
             try:
                 with metered(clinic.stack) as meter, simulated(clock), _quiet():
                     meter.trace_left, meter.trace_every = TRACED_INVOCATIONS, TRACE_EVERY
+                    meter.progress = _log_to_stderr if verbose else None
                     backfill = measure_backfill(crm, clinic, wired.crm, clock, meter)
             finally:
                 with _quiet():
@@ -89,6 +91,8 @@ def run_point(crm: str, appointments: int) -> dict[str, Any]:
         "syncer_invocations_traced": meter.traced,
         "cpu_ms_per_event": cpu_ms_per_event(backfill.cost),
         "backfill_wall_seconds": round(backfill.wall_seconds, 1),
+        "wall_seconds_by_function": {k: round(v, 1) for k, v in sorted(backfill.cost["seconds"].items())},
+        "poll": backfill.summary.poll,
         "seeding_wall_seconds": round(seeding, 1),
         # ru_maxrss is KiB on Linux; the point's whole process: our code, the emulators and the MIS data.
         "process_max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -96,18 +100,18 @@ def run_point(crm: str, appointments: int) -> dict[str, Any]:
 
 
 def _points(
-    sizes: Sequence[int], crms: Sequence[str], parallel: bool, log: Callable[[str], None]
+    sizes: Sequence[int], crms: Sequence[str], parallel: bool, log: Callable[[str], None], verbose: bool
 ) -> list[dict[str, Any]]:
     wanted = [(n, crm) for n in sizes for crm in crms]
     if not parallel:
-        return [_logged(run_point(crm, n), log) for n, crm in wanted]
+        return [_logged(run_point(crm, n, verbose), log) for n, crm in wanted]
     # The spawned points take PYTHONHASHSEED=0, so every run orders its sets alike (as make bench's do);
     # one process per point (max_tasks_per_child=1), the CRMs of a size side by side on the two cores.
     os.environ["PYTHONHASHSEED"] = "0"
     context = multiprocessing.get_context("spawn")
     out = []
     with concurrent.futures.ProcessPoolExecutor(len(crms), mp_context=context, max_tasks_per_child=1) as pool:
-        futures = [pool.submit(run_point, crm, n) for n, crm in wanted]
+        futures = [pool.submit(run_point, crm, n, verbose) for n, crm in wanted]
         for future in futures:
             out.append(_logged(future.result(), log))
     return out
@@ -178,13 +182,14 @@ def run_scale(
     log: Callable[[str], None] = print,
     parallel: bool = True,
     twice: bool = False,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Every (size, CRM) point; with ``twice`` all of them again, and the simulated figures compared."""
     started = time.perf_counter()
-    points = _points(sizes, crms, parallel, log)
+    points = _points(sizes, crms, parallel, log, verbose)
     determinism = None
     if twice:
-        again = _points(sizes, crms, parallel, log)
+        again = _points(sizes, crms, parallel, log, verbose)
         diffs = differences(
             simulated_figures([p["figure"] for p in points]), simulated_figures([p["figure"] for p in again])
         )

@@ -115,7 +115,7 @@ class Meter:
     # tracemalloc slows the traced code several times over: only the first ``trace_left`` syncer
     # invocations are traced, and their CPU and events are kept apart so they do not count in CPU/event.
     trace_left: int = 0
-    trace_every: int = 0  # also trace every n-th syncer invocation (the scale curve: late ones too)
+    trace_every: int = 0  # also trace the 1st, (n+1)th, (2n+1)th... syncer invocation (the scale curve)
     traced: int = 0  # syncer invocations traced so far
     events: int = 0  # appointments delivered to the syncer in SQS messages
     traced_cpu: float = 0.0
@@ -150,7 +150,7 @@ def metered(stack: Any) -> Iterator[Meter]:
         cpu, wall, sdk = time.thread_time(), time.perf_counter(), meter.sdk_cpu
         nth = meter.invocations[function_id] + 1
         tracing = function_id == "StageSyncerFunction" and (
-            meter.trace_left > 0 or (meter.trace_every > 0 and nth % meter.trace_every == 0)
+            meter.trace_left > 0 or (meter.trace_every > 0 and nth % meter.trace_every == 1)
         )
         events = _appointments_in(event)
         if tracing:

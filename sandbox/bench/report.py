@@ -75,7 +75,7 @@ def print_scale(report: dict[str, Any]) -> None:
     table = Table(title="Scale curve: clinicsync's backfill from an empty CRM (simulated clock at the real limits)")
     for column in (
         "CRM", "seeded", "eligible", "requests", "floor", "× floor", "sim s", "floor s", "× floor time", "503/429",
-        "syncer peak MiB", "wall s", "process RSS MiB",
+        "syncer peak MiB", "CPU ms/event", "wall s", "process RSS MiB",
     ):  # fmt: skip
         table.add_column(column)
     for p in report["points"]:
@@ -84,7 +84,8 @@ def print_scale(report: dict[str, Any]) -> None:
             f["crm"], f"{p['seeded_appointments']:,}", f"{f['appointments']:,}", _fmt(f["crm_requests"], 0),
             _fmt(f["floor_requests"], 0), _fmt(f["ratio_to_floor"]), _fmt(f["sim_seconds_at_rate_limit"], 0),
             _fmt(f["floor_seconds"], 0), _fmt(f["time_ratio_to_floor"]), _fmt(f["refused_503_429"]),
-            _fmt(p["syncer_peak_mib"], 1), _fmt(p["backfill_wall_seconds"], 1), _fmt(p["process_max_rss_mib"], 0),
+            _fmt(p["syncer_peak_mib"], 1), _fmt(p["cpu_ms_per_event"]), _fmt(p["backfill_wall_seconds"], 1),
+            _fmt(p["process_max_rss_mib"], 0),
         )  # fmt: skip
     console.print(table)
     for crm, check in report["linearity"].items():

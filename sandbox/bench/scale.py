@@ -22,7 +22,6 @@ from typing import Any
 from sandbox.bench.harness import cpu_ms_per_event, metered, moto_transactions_copy_once, simulated
 from sandbox.bench.moto_process import ProcessAws
 from sandbox.bench.run import (
-    TRACED_INVOCATIONS,
     Sizes,
     _log_to_stderr,
     _quiet,
@@ -33,8 +32,9 @@ from sandbox.bench.run import (
 from sandbox.bench.simclock import SimClock
 
 SCALE_SIZES = (1_000, 5_000)  # make bench-scale; make bench-scale-50k runs 50_000 alone
-# Besides the first TRACED_INVOCATIONS, every TRACE_EVERY-th syncer invocation is traced, so the peak
-# covers the end of a large import too (a cache that grows with the clinic would show there).
+# The 1st, 11th, 21st... syncer invocation is traced: the peak covers the end of a large import too (a
+# cache that grows with the clinic would show there), and even a small import keeps untraced invocations
+# for the CPU per event (tracemalloc slows the traced ones several times over).
 TRACE_EVERY = 10
 # Per-appointment cost that moves less than this between the smallest and the largest size is called
 # linear; memory per invocation is called bounded if the peak moves less than MEMORY_BOUNDED.
@@ -70,7 +70,7 @@ def run_point(crm: str, appointments: int, verbose: bool = False) -> dict[str, A
             seeding = time.perf_counter() - started
             try:
                 with metered(clinic.stack) as meter, simulated(clock), _quiet():
-                    meter.trace_left, meter.trace_every = TRACED_INVOCATIONS, TRACE_EVERY
+                    meter.trace_every = TRACE_EVERY
                     meter.progress = _log_to_stderr if verbose else None
                     backfill = measure_backfill(crm, clinic, wired.crm, clock, meter)
             finally:
@@ -128,42 +128,47 @@ def _logged(point: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]
     return point
 
 
-def _per_appointment(point: dict[str, Any]) -> dict[str, float]:
+def _per_appointment(point: dict[str, Any]) -> dict[str, float | None]:
+    """The costs that stay flat when the whole grows linearly. Time is taken against the floor time, not
+    per appointment: Bitrix24's bucket lets the first 50 requests through at once, so even the floor's
+    time is not proportional to its requests at small sizes."""
     f = point["figure"]
     appts = max(1, f["appointments"])
     return {
         "requests_per_appointment": f["crm_requests"] / appts,
-        "sim_seconds_per_appointment": f["sim_seconds_at_rate_limit"] / appts,
+        "requests_x_floor": f["ratio_to_floor"],
+        "time_x_floor_time": f["time_ratio_to_floor"],
+        "cpu_ms_per_event": point["cpu_ms_per_event"],
         "wall_ms_per_appointment": 1000 * point["backfill_wall_seconds"] / appts,
+        "syncer_peak_mib": point["syncer_peak_mib"],
     }
 
 
 def linearity(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per CRM: each size's cost per eligible appointment, and the largest size's against the smallest
-    (1.0 is exactly linear). Wall time is the loaded machine's, so its ratio is the least exact."""
+    """Per CRM: each size's cost per eligible appointment (and against the floor), and the largest
+    size's against the smallest (1.0 is exactly linear; for memory, flat). Wall time is the shared
+    machine's, so its ratio is the least exact; CPU is our code's thread time."""
     out: dict[str, Any] = {}
     for crm in dict.fromkeys(p["crm"] for p in points):
         mine = sorted((p for p in points if p["crm"] == crm), key=lambda p: p["seeded_appointments"])
         rows = [
             {"seeded_appointments": p["seeded_appointments"], "eligible_appointments": p["figure"]["appointments"]}
-            | {k: round(v, 4) for k, v in _per_appointment(p).items()}
-            | {"syncer_peak_mib": p["syncer_peak_mib"]}
+            | {k: None if v is None else round(v, 4) for k, v in _per_appointment(p).items()}
             for p in mine
         ]
-        small, large = mine[0], mine[-1]
-        ratios = {
-            k: round(_per_appointment(large)[k] / v, 3) if v else None for k, v in _per_appointment(small).items()
-        }
-        ratios["syncer_peak_mib"] = (
-            round(large["syncer_peak_mib"] / small["syncer_peak_mib"], 3) if small["syncer_peak_mib"] else None
-        )
+        small, large = _per_appointment(mine[0]), _per_appointment(mine[-1])
+        ratios = {k: _ratio(large[k], v) for k, v in small.items()}
         verdicts = {
             k: _verdict(v, MEMORY_BOUNDED if k == "syncer_peak_mib" else LINEAR_WITHIN, k == "syncer_peak_mib")
             for k, v in ratios.items()
         }
-        name = f"{large['seeded_appointments']:,}/{small['seeded_appointments']:,}"
+        name = f"{mine[-1]['seeded_appointments']:,}/{mine[0]['seeded_appointments']:,}"
         out[crm] = {"by_size": rows, "ratio": name, "ratios": ratios, "verdicts": verdicts}
     return out
+
+
+def _ratio(large: float | None, small: float | None) -> float | None:
+    return round(large / small, 3) if large is not None and small else None
 
 
 def _verdict(ratio: float | None, within: float, memory: bool) -> str:
@@ -200,7 +205,8 @@ def run_scale(
         "crms": list(crms),
         "patients_per_appointment": Sizes().patients / Sizes().appointments,
         "syncer_memory": (
-            f"tracemalloc peak of the first {TRACED_INVOCATIONS} and every {TRACE_EVERY}th syncer invocation"
+            f"tracemalloc peak of the 1st, {TRACE_EVERY + 1}th, {2 * TRACE_EVERY + 1}st... syncer invocation; "
+            "CPU per event (our code's thread CPU, not the emulators' or moto's) over the others"
         ),
         "points": points,
         "linearity": linearity(points),

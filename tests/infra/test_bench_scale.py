@@ -62,7 +62,15 @@ def test_a_scale_run_twice_writes_a_well_formed_report_with_the_same_simulated_f
         check = report["linearity"][crm]
         assert [row["seeded_appointments"] for row in check["by_size"]] == [30, 60]
         assert check["ratio"] == "60/30"
-        assert set(check["ratios"]) == set(check["verdicts"]) >= {"requests_per_appointment", "syncer_peak_mib"}
+        assert (
+            set(check["ratios"])
+            == set(check["verdicts"])
+            >= {
+                "requests_per_appointment",
+                "time_x_floor_time",
+                "syncer_peak_mib",
+            }
+        )
 
 
 def _lose_one_deal(clinic: LocalClinic) -> None:
@@ -89,12 +97,19 @@ def test_a_backfill_that_leaves_a_deal_out_fails_the_scale_run_with_no_report(
 
 
 def _point(crm: str, seeded_appointments: int, eligible: int, requests: float, peak: float) -> dict[str, Any]:
-    figure = {"appointments": eligible, "crm_requests": requests, "sim_seconds_at_rate_limit": requests / 2}
+    floor = eligible / 50
+    figure = {
+        "appointments": eligible,
+        "crm_requests": requests,
+        "ratio_to_floor": requests / floor,
+        "time_ratio_to_floor": requests / floor,
+    }
     return {
         "crm": crm,
         "seeded_appointments": seeded_appointments,
         "figure": figure,
         "syncer_peak_mib": peak,
+        "cpu_ms_per_event": 2.0,
         "backfill_wall_seconds": eligible / 100,
     }
 
@@ -113,5 +128,7 @@ def test_linearity_compares_the_largest_size_per_appointment_with_the_smallest()
     assert linear["ratios"]["requests_per_appointment"] == 1.0
     assert linear["verdicts"]["requests_per_appointment"] == "linear"
     assert linear["verdicts"]["syncer_peak_mib"] == "bounded"
+    assert linear["verdicts"]["cpu_ms_per_event"] == linear["verdicts"]["time_x_floor_time"] == "linear"
     assert worse["verdicts"]["requests_per_appointment"].startswith("super-linear")
+    assert worse["verdicts"]["requests_x_floor"].startswith("super-linear")
     assert worse["verdicts"]["syncer_peak_mib"].startswith("grows with the clinic")

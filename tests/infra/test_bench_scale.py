@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from clinicsync.application.sync import Syncer
 from sandbox.bench.__main__ import main
 from sandbox.bench.scale import LINEAR_WITHIN, linearity, seeded
 from sandbox.local import LocalClinic
@@ -94,6 +95,26 @@ def test_a_backfill_that_leaves_a_deal_out_fails_the_scale_run_with_no_report(
     path = tmp_path / "scale.json"
     assert main(["--scale", "30", "--serial", "--crm", crm, "--report", str(path)]) == 2
     assert not path.exists()
+
+
+def test_a_backfill_whose_syncer_message_failed_and_was_retried_fails_the_scale_run_with_no_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retried requests would make the figure depend on the machine (on a loaded one, the emulators'
+    answers outlast the client's wall-clock timeouts): such a run gives no figure even if it completes."""
+    real_sync = Syncer.sync
+    failures = iter([True])
+
+    def sync_failing_once(self: Syncer, *args: Any, **kwargs: Any) -> Any:
+        if next(failures, False):
+            raise TimeoutError("the CRM's answer outlasted the read timeout")
+        return real_sync(self, *args, **kwargs)
+
+    monkeypatch.setattr(Syncer, "sync", sync_failing_once)
+    path = tmp_path / "scale.json"
+    assert main(["--scale", "30", "--serial", "--crm", "bitrix24", "--report", str(path)]) == 2
+    assert not path.exists()
+    assert next(failures, None) is None  # the failure was injected
 
 
 def _point(crm: str, seeded_appointments: int, eligible: int, requests: float, peak: float) -> dict[str, Any]:

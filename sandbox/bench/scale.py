@@ -81,9 +81,9 @@ def run_point(crm: str, appointments: int, verbose: bool = False) -> dict[str, A
             aws.stop()
     failed = backfill.summary.drain.get("failed", 0)
     if failed:
-        # Nothing fails on a healthy CRM at its limits; a message that failed here hit the client's
-        # wall-clock timeouts (the emulators scan every record per request), and its retried requests
-        # would make the figure depend on the machine's load.
+        # Nothing fails on a healthy CRM at its limits; a message that fails here most likely hit the
+        # client's wall-clock timeouts (the emulators scan every record per request), and its retried
+        # requests would make the figure depend on the machine's load.
         raise InvalidRun(
             f"{crm} {appointments:,}: {failed} syncer messages failed and were retried during the backfill "
             "(wall-clock timeouts of an overloaded sandbox?); the figure would depend on the machine: no figure"

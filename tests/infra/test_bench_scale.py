@@ -101,7 +101,7 @@ def test_a_backfill_whose_syncer_message_failed_and_was_retried_fails_the_scale_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Retried requests would make the figure depend on the machine (on a loaded one, the emulators'
-    answers outlast the client's wall-clock timeouts): such a run gives no figure even if it completes."""
+    answers can outlast the client's wall-clock timeouts): such a run gives no figure even if it completes."""
     real_sync = Syncer.sync
     failures = iter([True])
 

@@ -582,7 +582,7 @@ def test_a_batch_of_consent_jobs_reads_and_marks_its_outputs_in_one_request_each
     crm = _FieldCrm({c: {"opt_outs": "", "modified_by": INTEGRATION_USER} for c in contacts.values()})
     jobs = _Jobs()
     ledger = ConsentLedger(store, jobs, "demo", KeyedHasher(KEY), clock=lambda: 1_000_000.0)
-    ledger.opt_out_each({f"pat:{pid}": ["sms"] for pid in contacts}, "mis", "mis:refusal_flag", skip=("mis",))
+    ledger.opt_out([f"pat:{pid}" for pid in contacts], ["sms"], "mis", "mis:refusal_flag", skip=("mis",))
     outputs = ConsentOutputs(_CONFIG(), store, crm, None, None)  # type: ignore[arg-type]
     calls = _dynamo_calls(store)
     report = outputs.push(jobs.sent)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from clinicsync.application.backfill import BackfillCheckpoint, BackfillState
+from clinicsync.domain.backfill import BackfillCheckpoint, BackfillState
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import patient_subject, shard_of

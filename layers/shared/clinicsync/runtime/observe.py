@@ -15,12 +15,12 @@ from clinicsync.observability import logger, metrics
 from clinicsync.runtime import wiring
 
 if TYPE_CHECKING:
-    from clinicsync.application.backfill import BackfillState
     from clinicsync.application.consent import ConsentReport
     from clinicsync.application.crm_events import EventReport
     from clinicsync.application.directory import DirectoryReport
     from clinicsync.application.poll import PollReport
     from clinicsync.application.sync import SyncReport
+    from clinicsync.domain.backfill import BackfillState
 
 
 @dataclass(frozen=True)

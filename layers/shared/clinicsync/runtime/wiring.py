@@ -48,9 +48,9 @@ if TYPE_CHECKING:
     from clinicsync.adapters.mailchimp.client import MailchimpAudience
     from clinicsync.adapters.mailchimp.directory import DirectoryAudiences
     from clinicsync.adapters.vtiger.client import VtigerClient
-    from clinicsync.application.backfill import BackfillCheckpoint
     from clinicsync.application.directory import DirectorySync
     from clinicsync.application.ident import ConnectorInbox, IdentDirectory
+    from clinicsync.domain.backfill import BackfillCheckpoint
 
 CACHE_SECONDS = 300
 
@@ -173,9 +173,9 @@ class Container:
         return HealthLog(self.table())
 
     def backfill_checkpoint(self) -> BackfillCheckpoint:
-        from clinicsync.application.backfill import BackfillCheckpoint
+        from clinicsync.adapters.aws.backfill_checkpoint import DynamoBackfillCheckpoint
 
-        return BackfillCheckpoint(self.table(), self.clinic_config().mis.kind)
+        return DynamoBackfillCheckpoint(self.table(), self.clinic_config().mis.kind)
 
     def change_queue(self) -> SqsChangeQueue:
         return SqsChangeQueue(self.sqs(), self.settings.sync_queue_url)
@@ -202,14 +202,16 @@ class Container:
         return LisSource(api, config.matching.default_region, config.mis.page_size, config.mis.overlap_seconds)
 
     def ident_directory(self) -> IdentDirectory:
+        from clinicsync.adapters.aws.ident_names import DynamoIdentNames
         from clinicsync.application.ident import IdentDirectory
 
-        return IdentDirectory(self.table())
+        return IdentDirectory(DynamoIdentNames(self.table()))
 
     def ident_inbox(self) -> ConnectorInbox:
+        from clinicsync.adapters.aws.queue import SqsConnectorInbox
         from clinicsync.application.ident import ConnectorInbox
 
-        return ConnectorInbox(self.sqs(), self.settings.ident_inbox_queue_url)
+        return ConnectorInbox(SqsConnectorInbox(self.sqs(), self.settings.ident_inbox_queue_url))
 
     def mis_consent_writer(self, config: ClinicConfig) -> MisConsentWriter | None:
         """Where the MIS API can hold "do not send" flags; None where it cannot (the flag stays ours)."""

@@ -19,6 +19,9 @@
     CONSENT#<subject>       OUT                   per output (crm, mis, mailchimp): the ledger digest it reached
     CONSENT#<subject>       SEEN#crm_opt_ins      the CRM opt-in field as last seen or written: contact id, channels, at
     EMAIL#<hmac>            SUBJ#<subject>        e-mail index: a Mailchimp event's address -> the subject
+    BACKFILL                <MIS kind>            the first import's checkpoint: cursor, counts, done
+    IDENT#DIRECTORY         DOCTOR#<id>|BRANCH#<id>|TIMETABLE   IDENT's staff and branch names, interval counts
+    DIR#<kind>#<lis id>     STATE                 the lab directory's CRM id and last synced hashes
     MEMBERS#<subject>       M                     Mailchimp members the person has had: m_<subscriber hash> = "-"
                                                   or the hash it moved to (upemail); current = their member now
 
@@ -62,6 +65,17 @@ def appointment_of(sk: str) -> str | None:
 
 def crm_map(entity: str, crm_id: str) -> Key:
     return {"pk": f"CRM#{entity}#{crm_id}", "sk": "MAP"}
+
+
+IDENT_DIRECTORY = "IDENT#DIRECTORY"
+
+
+def backfill(source: str) -> Key:
+    return {"pk": "BACKFILL", "sk": source}
+
+
+def directory_state(kind: str, lis_id: str) -> Key:
+    return {"pk": f"DIR#{kind}#{lis_id}", "sk": STATE}
 
 
 def cursor(source: str) -> Key:

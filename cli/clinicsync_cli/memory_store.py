@@ -284,6 +284,11 @@ class MemoryStore:
                 changed.append(channel)
         return changed
 
+    def record_opt_outs_many(
+        self, opt_outs: Mapping[str, Sequence[str]], source: ConsentSource, at: int, detail: str = ""
+    ) -> dict[str, list[str]]:
+        return {s: self.record_opt_outs(s, channels, source, at, detail) for s, channels in opt_outs.items()}
+
     def record_opt_ins(
         self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str = ""
     ) -> list[str]:
@@ -325,8 +330,15 @@ class MemoryStore:
         self._wrote()
         self.identities.setdefault(subject, {}).update({k: v for k, v in keys.items() if v})
 
+    def note_identities(self, identities: Mapping[str, Mapping[str, str | None]]) -> None:
+        for subject, keys in identities.items():
+            self.note_identity(subject, keys)
+
     def output_done(self, subject: str) -> dict[str, str]:
         return dict(self._outputs.get(subject, {}))
+
+    def outputs_done_many(self, subjects: Sequence[str]) -> dict[str, dict[str, str]]:
+        return {s: self.output_done(s) for s in subjects}
 
     def mark_output(self, subject: str, target: str, digest: str) -> None:
         self._wrote()
@@ -335,6 +347,11 @@ class MemoryStore:
     def mark_outputs(self, target: str, digests: Mapping[str, str]) -> None:
         for subject, digest in digests.items():
             self.mark_output(subject, target, digest)
+
+    def mark_outputs_many(self, marks: Mapping[str, Mapping[str, str]]) -> None:
+        for subject, done in marks.items():
+            for target, digest in done.items():
+                self.mark_output(subject, target, digest)
 
     # --- EmailIndex, MemberStore -------------------------------------------------------------------------------
 

@@ -11,26 +11,30 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
+import boto3
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from clinicsync.adapters.aws.queue import SqsConsentQueue
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.adapters.mailchimp.client import AudienceMember, MailchimpAudience, MailchimpClient, api_root
 from clinicsync.application.consent import ConsentLedger, ConsentOutputs, consent_contact_write
 from clinicsync.application.crm_events import CrmEventProcessor, EventReport
+from clinicsync.application.sync_consent import SyncConsent
 from clinicsync.domain.audience import MemberBook, audience_member, note_accepted_members, subscriber_hash
 from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.models import Channel, ConsentJob, CrmEvent
+from clinicsync.domain.models import Channel, Consent, ConsentJob, CrmEvent, PatientChanges
 from clinicsync.domain.ports import ContactWrite, WriteOutcome
 from clinicsync.domain.state import PatientState
 from clinicsync.domain.unsubscribe_links import TokenError, UnsubscribeTokens, list_unsubscribe_headers
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.mailchimp import MailchimpEmulator
 from tests.adapters.test_store import store  # noqa: F401 - the moto-backed store fixture
-from tests.helpers import demo_config
+from tests.helpers import demo_config, patient
 
 KEY = b"k" * 32
 _EXAMPLES = itertools.count()
@@ -512,3 +516,83 @@ def test_an_opt_out_unsubscribes_every_member_the_person_ever_had(
         "old@example.org": "unsubscribed",
     }
     assert all("@" not in str(item) for item in store.consent_items("pat:p1"))  # hashes only, no address
+
+
+# --- requests per batch: a message's refusals and a batch of jobs cost a few requests, not a few per subject --
+
+
+def _dynamo_calls(store: DynamoStore) -> list[str]:  # noqa: F811
+    calls: list[str] = []
+    store._table.meta.client.meta.events.register("before-call.dynamodb", lambda model, **_: calls.append(model.name))
+    return calls
+
+
+@pytest.mark.parametrize("refusing", [1, 10, 23, 26])
+def test_a_messages_refusal_flags_cost_one_transaction_and_one_job_send_per_ten(
+    store: DynamoStore,  # noqa: F811
+    refusing: int,
+) -> None:
+    """A backfill message with N newly refusing patients records them in one transaction (up to 100
+    items) and sends their N consent jobs in ceil(N/10) SendMessageBatch calls, not one of each per patient."""
+    n = next(_EXAMPLES)
+    sqs = boto3.client("sqs", region_name="eu-central-1")
+    queue = SqsConsentQueue(sqs, sqs.create_queue(QueueName=f"consent-{n}")["QueueUrl"])
+    sends: list[int] = []
+    sqs.meta.events.register(
+        "provide-client-params.sqs.SendMessageBatch", lambda params, **_: sends.append(len(params["Entries"]))
+    )
+    hasher = KeyedHasher(KEY)
+    ledger = ConsentLedger(store, queue, "demo", hasher, clock=lambda: 1_000_000.0)
+    sync = SyncConsent(_CONFIG(), store, hasher, ledger, None, None)
+    refusal = Consent(sms_opt_out=True, call_opt_out=True)
+    live = [
+        PatientChanges(patient=patient(f"r{n}x{i}", consent=refusal if i < refusing else Consent()))
+        for i in range(refusing + 3)
+    ]
+    calls = _dynamo_calls(store)
+    _, own = sync.ledger(live)
+
+    # Two channels and their audit entries: 4 items a patient, 100 to a transaction.
+    assert [c for c in calls if c != "BatchGetItem"] == ["TransactWriteItems"] * -(-refusing * 4 // 100)
+    assert sends == [min(10, refusing - start) for start in range(0, refusing, 10)]
+    assert all(own[f"r{n}x{i}"] == ({"sms", "call"} if i < refusing else set()) for i in range(refusing + 3))
+    sent = [ConsentJob.model_validate_json(m["Body"]) for m in _drain(sqs, queue)]
+    assert sorted(j.subject for j in sent) == sorted(f"pat:r{n}x{i}" for i in range(refusing))
+    assert all(j.skip == ("mis",) and j.emails == ("maria@example.org",) for j in sent)
+    assert sync.ledger(live)[1] == own and len(sends) == -(-refusing // 10)  # a repeat changes and sends nothing
+
+
+def _drain(sqs: Any, queue: SqsConsentQueue) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    while batch := sqs.receive_message(QueueUrl=queue._url, MaxNumberOfMessages=10).get("Messages", []):
+        messages.extend(batch)
+        for m in batch:
+            sqs.delete_message(QueueUrl=queue._url, ReceiptHandle=m["ReceiptHandle"])
+    return messages
+
+
+def test_a_batch_of_consent_jobs_reads_and_marks_its_outputs_in_one_request_each(
+    store: DynamoStore,  # noqa: F811
+) -> None:
+    """The consent consumer's batch (up to 50 jobs): what each target reached is read in one BatchGetItem
+    and written in one transaction, the subjects' identities in another, never a GetItem or an
+    UpdateItem per job; a redelivered batch finds every target done and writes nothing again."""
+    contacts = {f"m{i}": str(800_000 + i) for i in range(30)}
+    _map_contacts(store, contacts)
+    crm = _FieldCrm({c: {"opt_outs": "", "modified_by": INTEGRATION_USER} for c in contacts.values()})
+    jobs = _Jobs()
+    ledger = ConsentLedger(store, jobs, "demo", KeyedHasher(KEY), clock=lambda: 1_000_000.0)
+    ledger.opt_out([f"pat:{pid}" for pid in contacts], ["sms"], "mis", "mis:refusal_flag", skip=("mis",))
+    outputs = ConsentOutputs(_CONFIG(), store, crm, None, None)  # type: ignore[arg-type]
+    calls = _dynamo_calls(store)
+    report = outputs.push(jobs.sent)
+
+    assert report.crm_written == 30 and report.failed == {}
+    assert "GetItem" not in calls and "UpdateItem" not in calls
+    assert calls.count("TransactWriteItems") == 2  # the marks, the identities
+    done = store.outputs_done_many([f"pat:{pid}" for pid in contacts])
+    assert all(targets == {"crm": "sms", "mis": "sms"} for targets in done.values())
+    assert all(crm.contacts[c]["opt_outs"] == "sms" for c in contacts.values())
+    calls.clear()
+    again = outputs.push(jobs.sent)
+    assert again.crm_written == 0 and calls.count("TransactWriteItems") == 1  # the identities only

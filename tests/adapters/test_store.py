@@ -122,3 +122,24 @@ def test_a_subjects_new_opt_outs_and_their_audit_cost_one_request(store: DynamoS
         ("marketing", "crm"),
         ("sms", "mis"),
     ]
+
+
+def test_many_subjects_opt_outs_cost_one_transaction_per_hundred_items(store: DynamoStore) -> None:
+    """A sync message's refusals: every subject's channels and audit entries in transactions of up to 100
+    items, never split inside a subject; a chunk holding a channel already out goes subject by subject,
+    and only what changed is reported."""
+    store.record_opt_outs("pat:s7", ["sms"], "crm", 500)
+    wanted = {f"pat:s{n}": ["email", "sms", "call"] for n in range(20)}  # 6 items each: 16 to a transaction
+    calls: list[str] = []
+    client = store._table.meta.client
+    client.meta.events.register("before-call.dynamodb", lambda model, **_: calls.append(model.name))
+    changed = store.record_opt_outs_many(wanted, "mis", 1000, "mis:refusal_flag")
+
+    assert changed == {s: ["email", "call"] if s == "pat:s7" else ["email", "sms", "call"] for s in wanted}
+    # The first chunk (16 subjects, s7 among them) is cancelled: s7 goes channel by channel, its other 15
+    # subjects are sent again together; the second chunk lands whole.
+    assert calls.count("TransactWriteItems") == 3 and calls.count("PutItem") == 3 + 2
+    assert store.opted_out_many(list(wanted), ["email", "sms", "call"]) == {s: {"email", "sms", "call"} for s in wanted}
+    assert store.record_opt_outs_many(wanted, "mis", 2000) == {s: [] for s in wanted}  # a repeat changes nothing
+    audit = [i for i in store.consent_items("pat:s7") if str(i["sk"]).startswith("AUDIT#")]
+    assert sorted((i["channel"], i["source"]) for i in audit) == [("call", "mis"), ("email", "mis"), ("sms", "crm")]

@@ -280,6 +280,14 @@ def test_outputs_remember_the_digest_each_target_reached(store: Store) -> None:
     store.note_identity("pat:p1", {"phone_key": "k1", "email_key": None})
     assert store.output_done("pat:p1") == {"crm": "email", "mis": "email"}
     assert store.output_done("pat:p2") == {"mis": "-"}
+    store.mark_outputs_many({"pat:p2": {"crm": "sms", "mailchimp": "sms"}, "pat:p3": {"mis": "-"}, "pat:p4": {}})
+    store.note_identities({"pat:p2": {"mis_id": "p2", "crm_contact_id": None}, "pat:p3": {"email_key": None}})
+    assert store.outputs_done_many(["pat:p1", "pat:p2", "pat:p3", "pat:p4"]) == {
+        "pat:p1": {"crm": "email", "mis": "email"},
+        "pat:p2": {"mis": "-", "crm": "sms", "mailchimp": "sms"},
+        "pat:p3": {"mis": "-"},
+        "pat:p4": {},
+    }
 
 
 def test_a_subjects_mailchimp_members_are_all_remembered(store: Store) -> None:
@@ -313,6 +321,12 @@ _ops = st.one_of(
     st.tuples(st.just("claim_adoptions"), st.dictionaries(_names, _names, max_size=2), _times, _seconds),
     st.tuples(st.just("record_opt_outs"), _names, _channels, st.sampled_from(["mis", "link", "crm"]), _times),
     st.tuples(st.just("record_opt_ins"), _names, _channels, st.sampled_from(["mis", "crm"]), _times),
+    st.tuples(
+        st.just("record_opt_outs_many"),
+        st.dictionaries(_names, _channels, max_size=3),
+        st.sampled_from(["mis", "link", "crm"]),
+        _times,
+    ),
     st.tuples(st.just("observe_crm_opt_ins"), _names, _names, _channels, _times, _channels),
     st.tuples(st.just("opted_out_many"), st.lists(_names, max_size=3), _channels),
     st.tuples(st.just("index_phone"), _names, _names, st.one_of(st.none(), _names)),

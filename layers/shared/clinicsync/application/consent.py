@@ -101,14 +101,30 @@ class ConsentLedger:
         skip: Sequence[ConsentTarget] = (),
     ) -> list[str]:
         """Returns the subjects whose state changed; only those get a job."""
+        wanted = dict.fromkeys(subjects, channels)
+        return list(self.opt_out_each(wanted, source, detail, at, dict.fromkeys(subjects, emails), skip))
+
+    def opt_out_each(
+        self,
+        opt_outs: Mapping[str, Sequence[str]],
+        source: ConsentSource,
+        detail: str,
+        at: int | None = None,
+        emails: Mapping[str, Sequence[str]] | None = None,
+        skip: Sequence[ConsentTarget] = (),
+    ) -> dict[str, list[str]]:
+        """Each subject's own channels (a sync message's refusal flags): recorded in as few store
+        requests as it allows, and the jobs of every subject that changed sent together. Returns
+        those subjects and their changed channels."""
         when = int(at if at is not None else self._clock())
-        changed = [s for s in dict.fromkeys(subjects) if self._store.record_opt_outs(s, channels, source, when, detail)]
-        self._enqueue(changed, detail, emails, skip)
+        recorded = self._store.record_opt_outs_many(opt_outs, source, when, detail)
+        changed = {s: channels for s, channels in recorded.items() if channels}
+        self._enqueue(list(changed), detail, emails or {}, skip)
         return changed
 
     def opt_in(self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str) -> bool:
         changed = bool(self._store.record_opt_ins(subject, channels, source, at, detail))
-        self._enqueue([subject] if changed else [], detail, (), ())
+        self._enqueue([subject] if changed else [], detail, {}, ())
         return changed
 
     def unsubscribe_link(self, claim: LinkClaim) -> bool:
@@ -133,8 +149,13 @@ class ConsentLedger:
         return "ignored"  # profile: merge fields only, nothing about consent
 
     def _enqueue(
-        self, subjects: Sequence[str], reason: str, emails: Sequence[str], skip: Sequence[ConsentTarget]
+        self,
+        subjects: Sequence[str],
+        reason: str,
+        emails: Mapping[str, Sequence[str]],
+        skip: Sequence[ConsentTarget],
     ) -> None:
+        """One send for all the subjects' jobs (the queue packs them ten to a request)."""
         if not subjects:
             return
         now = int(self._clock())
@@ -144,7 +165,7 @@ class ConsentLedger:
                     clinic_id=self._clinic_id,
                     subject=s,
                     reason=reason,
-                    emails=tuple(emails),
+                    emails=tuple(emails.get(s, ())),
                     skip=tuple(skip),
                     produced_at=now,
                 )
@@ -211,14 +232,33 @@ class ConsentOutputs:
             by_subject.setdefault(job.subject, []).append(job)
         subjects = list(by_subject)
         ledger = self._store.opted_out_many(subjects, ALL_CHANNELS)
-        done = {s: self._store.output_done(s) for s in subjects}
+        done = self._store.outputs_done_many(subjects)  # one read for the batch, not one per job
+        # What each target reached, written together at the end (one request per 100 subjects); a job
+        # cut short before that is pushed again, and every output is safe to repeat.
+        marks: dict[str, dict[str, str]] = {}
+        try:
+            self._push(by_subject, ledger, done, marks, report)
+        finally:
+            if marks:
+                self._store.mark_outputs_many(marks)
+        return report
+
+    def _push(
+        self,
+        by_subject: Mapping[str, Sequence[ConsentJob]],
+        ledger: dict[str, set[str]],
+        done: dict[str, dict[str, str]],
+        marks: dict[str, dict[str, str]],
+        report: ConsentReport,
+    ) -> None:
+        subjects = list(by_subject)
         digests = {s: ledger_digest(sorted(ledger[s])) for s in subjects}
         skips = {s: set.intersection(*(set(j.skip) for j in js)) for s, js in by_subject.items()}
         for s in subjects:
             # Mailchimp is many members: the one that sent the event shows it, the person's others do not.
             for target in skips[s] - {"mailchimp"}:
                 if done[s].get(target) != digests[s]:
-                    self._store.mark_output(s, target, digests[s])  # the source already shows it
+                    marks.setdefault(s, {})[target] = digests[s]  # the source already shows it
                     done[s][target] = digests[s]
         patients = {s: pid for s in subjects if (pid := subject_patient(s))}
         states = self._store.load_patients({pid: [] for pid in patients.values()}) if patients else {}
@@ -231,16 +271,23 @@ class ConsentOutputs:
             self._crm_contacts.take_in_contacts(to_write)
             ledger = self._store.opted_out_many(subjects, ALL_CHANNELS)
             digests = {s: ledger_digest(sorted(ledger[s])) for s in subjects}
-        for s, pid in patients.items():
-            state = states[pid]  # who the subject is, for the audit: ids and keyed hashes only
-            keys = {"mis_id": pid, "crm_contact_id": state.contact_id}
-            self._store.note_identity(s, keys | {"phone_key": state.phone_key, "email_key": state.email_key})
-        self._crm(subjects, ledger, done, digests, contacts, report)
-        self._mis_flags(patients, ledger, done, digests, report)
+        # Who each subject is, for the audit: ids and keyed hashes only.
+        identities = {
+            s: {
+                "mis_id": pid,
+                "crm_contact_id": states[pid].contact_id,
+                "phone_key": states[pid].phone_key,
+                "email_key": states[pid].email_key,
+            }
+            for s, pid in patients.items()
+        }
+        if identities:
+            self._store.note_identities(identities)
+        self._crm(subjects, ledger, done, digests, contacts, marks, report)
+        self._mis_flags(patients, ledger, done, digests, marks, report)
         emails = {s: [e for j in js for e in j.emails] for s, js in by_subject.items()}
         from_mailchimp = {s for s in subjects if "mailchimp" in skips[s]}
-        self._mailchimp_members(subjects, ledger, done, digests, contacts, emails, from_mailchimp, report)
-        return report
+        self._mailchimp_members(subjects, ledger, done, digests, contacts, emails, from_mailchimp, marks, report)
 
     def _crm(
         self,
@@ -249,6 +296,7 @@ class ConsentOutputs:
         done: Mapping[str, Mapping[str, str]],
         digests: Mapping[str, str],
         contacts: Mapping[str, str | None],
+        marks: dict[str, dict[str, str]],
         report: ConsentReport,
     ) -> None:
         if self._gateway is None:
@@ -271,7 +319,7 @@ class ConsentOutputs:
             if write.patient_id in outcome.failed:
                 report.failed[s] = f"crm:{outcome.failed[write.patient_id]}"
             else:
-                self._store.mark_output(s, "crm", digests[s])
+                marks.setdefault(s, {})["crm"] = digests[s]
                 report.crm_written += 1
 
     def _mis_flags(
@@ -280,6 +328,7 @@ class ConsentOutputs:
         ledger: Mapping[str, set[str]],
         done: Mapping[str, Mapping[str, str]],
         digests: Mapping[str, str],
+        marks: dict[str, dict[str, str]],
         report: ConsentReport,
     ) -> None:
         for s, pid in patients.items():
@@ -296,7 +345,7 @@ class ConsentOutputs:
             except Exception as exc:  # retried with the job; the other subjects go on
                 report.failed[s] = f"mis:{type(exc).__name__}"
                 continue
-            self._store.mark_output(s, "mis", digests[s])
+            marks.setdefault(s, {})["mis"] = digests[s]
 
     def _mailchimp_members(
         self,
@@ -307,6 +356,7 @@ class ConsentOutputs:
         contacts: Mapping[str, str | None],
         emails: Mapping[str, list[str]],
         from_mailchimp: set[str],
+        marks: dict[str, dict[str, str]],
         report: ConsentReport,
     ) -> None:
         """Every member the person ever had (each address we or Mailchimp gave them, as subscriber
@@ -331,6 +381,6 @@ class ConsentOutputs:
                     continue
                 if not members and s not in from_mailchimp:
                     report.skip("mailchimp_no_address")
-            self._store.mark_output(s, "mailchimp", digests[s])
+            marks.setdefault(s, {})["mailchimp"] = digests[s]
         if report.failed:
             logger.warning("consent outputs failed", extra={"failed": sorted(set(report.failed.values()))})

@@ -55,16 +55,20 @@ class SyncConsent:
         }
         channels = [c.value for c in Channel]
         ledger = self._store.opted_out_many([*subjects.values(), *by_email.values()], channels)
+        refusals: dict[str, list[str]] = {}
+        emails: dict[str, tuple[str, ...]] = {}
         for item in live:
             subject = subjects[item.patient.mis_id]
             new = sorted({c.value for c in item.patient.consent.opted_out()} - ledger[subject])
-            if not new:
-                continue
-            emails = (item.patient.email,) if item.patient.email else ()
-            if self._ledger is not None:
-                self._ledger.opt_out([subject], new, "mis", "mis:refusal_flag", now, emails, skip=("mis",))
-            else:
-                self._store.record_opt_outs(subject, new, "mis", now, "mis:refusal_flag")
+            if new:
+                refusals[subject] = new
+                emails[subject] = (item.patient.email,) if item.patient.email else ()
+        # The message's refusals together: one transaction and one job send, not one each per patient.
+        if refusals and self._ledger is not None:
+            self._ledger.opt_out_each(refusals, "mis", "mis:refusal_flag", now, emails, skip=("mis",))
+        elif refusals:
+            self._store.record_opt_outs_many(refusals, "mis", now, "mis:refusal_flag")
+        for subject, new in refusals.items():
             ledger[subject] |= set(new)
         merged = {
             pid: ledger[subject] | (ledger[by_email[pid]] if pid in by_email else set())

@@ -323,6 +323,13 @@ class ConsentRecords(Protocol):
         """The channels that changed (they need outputs)."""
         ...
 
+    def record_opt_outs_many(
+        self, opt_outs: Mapping[str, Sequence[str]], source: ConsentSource, at: int, detail: str = ""
+    ) -> dict[str, list[str]]:
+        """``record_opt_outs`` for many subjects (subject -> channels) in as few requests as the store allows;
+        every subject asked about -> the channels that changed."""
+        ...
+
     def record_opt_ins(
         self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str = ""
     ) -> list[str]: ...
@@ -337,15 +344,27 @@ class ConsentRecords(Protocol):
 
     def note_identity(self, subject: str, keys: Mapping[str, str | None]) -> None: ...
 
+    def note_identities(self, identities: Mapping[str, Mapping[str, str | None]]) -> None:
+        """``note_identity`` for many subjects (subject -> keys) in as few requests as the store allows."""
+        ...
+
 
 class ConsentOutputMarks(Protocol):
     """Per subject and output (crm, mis, mailchimp), the ledger digest it last reached."""
 
     def output_done(self, subject: str) -> dict[str, str]: ...
 
+    def outputs_done_many(self, subjects: Sequence[str]) -> dict[str, dict[str, str]]:
+        """``output_done`` for many subjects in one read (every subject asked about is in the answer)."""
+        ...
+
     def mark_output(self, subject: str, target: str, digest: str) -> None: ...
 
     def mark_outputs(self, target: str, digests: Mapping[str, str]) -> None: ...
+
+    def mark_outputs_many(self, marks: Mapping[str, Mapping[str, str]]) -> None:
+        """Subject -> {target: digest}, every target of a subject in one update, few requests in all."""
+        ...
 
 
 class EmailIndex(Protocol):

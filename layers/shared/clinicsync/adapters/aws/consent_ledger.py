@@ -10,7 +10,13 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from clinicsync.adapters.aws import keys as tk
-from clinicsync.adapters.aws.table import TRANSACT_LIMIT, TableRepository, cancelled, failed_condition
+from clinicsync.adapters.aws.table import (
+    TRANSACT_LIMIT,
+    TableRepository,
+    cancelled,
+    failed_condition,
+    set_attributes,
+)
 from clinicsync.domain.audience import MemberBook, is_subscriber_hash
 from clinicsync.domain.ports import ConsentSource
 
@@ -39,6 +45,19 @@ def _opt_out_put(subject: str, channel: str, source: ConsentSource, at: int) -> 
     }
 
 
+def _already_out(chunk: Mapping[str, Sequence[Any]], exc: ClientError) -> list[str]:
+    """The subjects of a cancelled transaction (their items in order) whose condition failed."""
+    reasons = exc.response.get("CancellationReasons", [])
+    if len(reasons) != sum(map(len, chunk.values())):
+        return []
+    failed, start = [], 0
+    for subject, items in chunk.items():
+        if any(r.get("Code") == "ConditionalCheckFailed" for r in reasons[start : start + len(items)]):
+            failed.append(subject)
+        start += len(items)
+    return failed
+
+
 class DynamoConsentRecords(TableRepository):
     def record_opt_outs(
         self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str = ""
@@ -51,17 +70,57 @@ class DynamoConsentRecords(TableRepository):
         wanted = list(dict.fromkeys(channels))
         if not wanted:
             return []
-        items: list[dict[str, Any]] = []
-        for channel in wanted:
-            items.append({"Put": {"TableName": self._table.name, **_opt_out_put(subject, channel, source, at)}})
-            audit = _audit_item(subject, channel, "opt_out", source, at, detail)
-            items.append({"Put": {"TableName": self._table.name, "Item": audit}})
         try:
-            self._transact(items)
+            self._transact(self._opt_out_items(subject, wanted, source, at, detail))
             return wanted
         except ClientError as exc:
             if not cancelled(exc):
                 raise
+        return self._record_one_by_one(subject, wanted, source, at, detail)
+
+    def record_opt_outs_many(
+        self, opt_outs: Mapping[str, Sequence[str]], source: ConsentSource, at: int, detail: str = ""
+    ) -> dict[str, list[str]]:
+        """Many subjects' opt-outs in one transaction (up to 100 items: a channel and its audit entry are
+        two), not one per subject. A chunk cancelled because a channel is already out goes subject by subject."""
+        wanted = {s: list(dict.fromkeys(c)) for s, c in opt_outs.items()}
+        changed: dict[str, list[str]] = {s: [] for s in wanted}
+        chunks: list[dict[str, list[dict[str, Any]]]] = [{}]
+        for subject, channels in wanted.items():
+            items = self._opt_out_items(subject, channels, source, at, detail)
+            if items and sum(map(len, chunks[-1].values())) + len(items) > TRANSACT_LIMIT:
+                chunks.append({})
+            if items:
+                chunks[-1][subject] = items
+        for chunk in filter(None, chunks):
+            while chunk:
+                try:
+                    self._transact([item for items in chunk.values() for item in items])
+                    changed.update({s: wanted[s] for s in chunk})
+                    break
+                except ClientError as exc:
+                    if not cancelled(exc):
+                        raise
+                    out = _already_out(chunk, exc)
+                # Subjects with a channel already out go one by one; the rest are sent again together.
+                for subject in out or list(chunk):
+                    changed[subject] = self._record_one_by_one(subject, wanted[subject], source, at, detail)
+                    del chunk[subject]
+        return changed
+
+    def _opt_out_items(
+        self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str
+    ) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        for channel in channels:
+            items.append({"Put": {"TableName": self._table.name, **_opt_out_put(subject, channel, source, at)}})
+            audit = _audit_item(subject, channel, "opt_out", source, at, detail)
+            items.append({"Put": {"TableName": self._table.name, "Item": audit}})
+        return items
+
+    def _record_one_by_one(
+        self, subject: str, wanted: Sequence[str], source: ConsentSource, at: int, detail: str
+    ) -> list[str]:
         changed = []
         for channel in wanted:
             try:
@@ -146,54 +205,40 @@ class DynamoConsentRecords(TableRepository):
 
     def note_identity(self, subject: str, keys: Mapping[str, str | None]) -> None:
         """Which keyed hashes and system ids a subject is known by (never the values themselves)."""
-        values = {k: v for k, v in keys.items() if v}
-        if not values:
-            return
-        names = {f"#k{i}": k for i, k in enumerate(values)}
-        sets = ", ".join(f"#k{i} = :v{i}" for i in range(len(values)))
-        self._table.update_item(
-            Key=tk.consent_identity(subject),
-            UpdateExpression=f"SET {sets}",
-            ExpressionAttributeNames=names,
-            ExpressionAttributeValues={f":v{i}": v for i, v in enumerate(values.values())},
-        )
+        self.note_identities({subject: keys})
+
+    def note_identities(self, identities: Mapping[str, Mapping[str, str | None]]) -> None:
+        """One update per subject, up to 100 per transaction."""
+        updates = {
+            s: set_attributes(tk.consent_identity(s), values)
+            for s, keys in identities.items()
+            if (values := {k: v for k, v in keys.items() if v})
+        }
+        self._update_items(updates)
 
 
 class DynamoConsentOutputMarks(TableRepository):
     def output_done(self, subject: str) -> dict[str, str]:
         """Per output target, the ledger digest it last reached (a retried job skips finished targets)."""
-        item = self._table.get_item(Key=tk.consent_outputs(subject)).get("Item") or {}
-        return {str(k): str(v) for k, v in item.items() if k not in ("pk", "sk")}
+        return self.outputs_done_many([subject])[subject]
+
+    def outputs_done_many(self, subjects: Sequence[str]) -> dict[str, dict[str, str]]:
+        done: dict[str, dict[str, str]] = {s: {} for s in subjects}
+        for item in self._batch_get([tk.consent_outputs(s) for s in dict.fromkeys(subjects)]):
+            subject = tk.subject_of(str(item["pk"]))
+            done[subject] = {str(k): str(v) for k, v in item.items() if k not in ("pk", "sk")}
+        return done
 
     def mark_output(self, subject: str, target: str, digest: str) -> None:
-        self._table.update_item(**self._mark(subject, target, digest))
-
-    @staticmethod
-    def _mark(subject: str, target: str, digest: str) -> dict[str, Any]:
-        return {
-            "Key": tk.consent_outputs(subject),
-            "UpdateExpression": "SET #t = :d",
-            "ExpressionAttributeNames": {"#t": target},
-            "ExpressionAttributeValues": {":d": digest},
-        }
+        self.mark_outputs_many({subject: {target: digest}})
 
     def mark_outputs(self, target: str, digests: Mapping[str, str]) -> None:
-        """``mark_output`` for many subjects (subject -> digest): up to 100 per transaction. A transaction
-        cancelled by a concurrent update of one of them (a consent job) is marked one by one instead."""
-        subjects = list(digests)
-        for start in range(0, len(subjects), TRANSACT_LIMIT):
-            chunk = subjects[start : start + TRANSACT_LIMIT]
-            items = [
-                {"Update": {"TableName": self._table.name, **self._mark(subject, target, digests[subject])}}
-                for subject in chunk
-            ]
-            try:
-                self._transact(items)
-            except ClientError as exc:
-                if not cancelled(exc):
-                    raise
-                for subject in chunk:
-                    self.mark_output(subject, target, digests[subject])
+        """``mark_output`` for many subjects (subject -> digest)."""
+        self.mark_outputs_many({subject: {target: digest} for subject, digest in digests.items()})
+
+    def mark_outputs_many(self, marks: Mapping[str, Mapping[str, str]]) -> None:
+        """Every target of a subject in one update, up to 100 subjects per transaction."""
+        self._update_items({s: set_attributes(tk.consent_outputs(s), done) for s, done in marks.items() if done})
 
 
 class DynamoEmailIndex(TableRepository):

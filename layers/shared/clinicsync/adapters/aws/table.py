@@ -65,6 +65,16 @@ def cancelled(exc: ClientError) -> bool:
     return exc.response["Error"]["Code"] == "TransactionCanceledException"
 
 
+def set_attributes(key: Mapping[str, str], values: Mapping[str, str]) -> dict[str, Any]:
+    """An UpdateItem's arguments that set ``values`` (attribute -> value) on the item ``key``."""
+    return {
+        "Key": dict(key),
+        "UpdateExpression": "SET " + ", ".join(f"#a{i} = :v{i}" for i in range(len(values))),
+        "ExpressionAttributeNames": {f"#a{i}": name for i, name in enumerate(values)},
+        "ExpressionAttributeValues": {f":v{i}": value for i, value in enumerate(values.values())},
+    }
+
+
 class TableRepository:
     """One seam of the store on the shared table."""
 
@@ -88,3 +98,21 @@ class TableRepository:
 
     def _transact(self, items: Sequence[Mapping[str, Any]]) -> None:
         self._table.meta.client.transact_write_items(TransactItems=list(items))  # type: ignore[arg-type]
+
+    def _update_items(self, updates: Mapping[str, Mapping[str, Any]]) -> None:
+        """Unconditional updates (UpdateItem arguments, one per item), up to 100 per transaction: one
+        request where each used to cost one. A transaction cancelled by a concurrent update of one of
+        its items goes one by one instead; each update is safe to repeat."""
+        chunks = list(updates.values())
+        for start in range(0, len(chunks), TRANSACT_LIMIT):
+            chunk = chunks[start : start + TRANSACT_LIMIT]
+            if len(chunk) == 1:
+                self._table.update_item(**chunk[0])
+                continue
+            try:
+                self._transact([{"Update": {"TableName": self._table.name, **update}} for update in chunk])
+            except ClientError as exc:
+                if not cancelled(exc):
+                    raise
+                for update in chunk:
+                    self._table.update_item(**update)

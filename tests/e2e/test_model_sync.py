@@ -1138,3 +1138,44 @@ def test_the_model_follows_a_rebooked_no_show_into_its_deal(clinic_at_rest: Loca
     assert earlier.continued_by is None
     assert second.continued_by == (third.aid if rule_on else None)
     state.teardown()
+
+
+@pytest.mark.parametrize("clinic_at_rest", CASES, indirect=True)
+def test_regression_the_audience_sync_never_recreates_a_member_mailchimp_moved_before_its_webhook(
+    clinic_at_rest: LocalClinic,
+) -> None:
+    """Shrunk by the machine (Bitrix24 and InfoClinica, large profile: "2 subscribed members"): a patient's
+    Mailchimp member changes its address (``upemail``), and the patient's card changes (there an SMS
+    refusal; any change will do) before that webhook reaches us. The audience sync upserted the old MIS
+    address, which Mailchimp had moved, and so created a second subscribed member for the person. A member
+    the person has is only ever updated now; only a person without one gets a new member."""
+    state = _machine(clinic_at_rest)()
+    patient = state.first_patient(fmt=0, email=True)
+    state.book(person=patient, days=10, hour=18)
+    state.quiesce()
+    state.mailchimp_event(event="upemail", person=patient)  # its webhook is still on its way
+    state.phone_change(person=patient, fmt=0)
+    state.poll()
+    state.teardown()  # quiescence: one subscribed member, the address the person chose in Mailchimp
+    chimp = clinic_at_rest.mailchimp
+    assert chimp is not None
+    assert chimp.member(patient.emails[0]) is None  # never re-created
+
+
+@pytest.mark.parametrize("clinic_at_rest", CASES, indirect=True)
+def test_regression_an_opt_out_reaches_a_member_mailchimp_moved_before_its_webhook(
+    clinic_at_rest: LocalClinic,
+) -> None:
+    """Found with the previous one (MEDODS, where the refusal is an e-mail opt-out): Mailchimp moves a
+    patient's member to a new address; the patient opts out before that ``upemail`` reaches us, so the
+    consent job unsubscribes the only member it knows, the old address (404: moved). The webhook then
+    made the moved member the person's, still subscribed. An opt-out reaches every member of the person,
+    one Mailchimp moved afterwards included."""
+    state = _machine(clinic_at_rest)()
+    patient = state.first_patient(fmt=0, email=True)
+    state.book(person=patient, days=10, hour=18)
+    state.quiesce()
+    state.mailchimp_event(event="upemail", person=patient)  # its webhook is still on its way
+    state.one_click(person=patient, multipart=False)
+    state.catch_up()  # the consent job runs
+    state.teardown()  # quiescence: opted out everywhere, no member of the person subscribed

@@ -30,7 +30,8 @@ from clinicsync.adapters.bitrix24.gateway import Bitrix24Gateway
 from clinicsync.adapters.bitrix24.oauth import BITRIX24, Bitrix24OAuth
 from clinicsync.adapters.http.oauth import LeaseStore, SecretsManagerTokenStore, lease_lock, rotated_values
 from clinicsync.adapters.http.pacing import Pacer
-from clinicsync.adapters.infoclinica.source import InfoClinicaApi, InfoClinicaSource
+from clinicsync.adapters.infoclinica.api import InfoClinicaApi
+from clinicsync.adapters.infoclinica.source import InfoClinicaSource
 from clinicsync.adapters.medods.source import MedodsApi, MedodsSource
 from clinicsync.adapters.renovatio.source import RenovatioApi, RenovatioSource
 from clinicsync.domain.config import ClinicConfig

@@ -11,7 +11,7 @@ from moto import mock_aws
 
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.application.backfill import BackfillCheckpoint
-from clinicsync.application.sync import Poller
+from clinicsync.application.poll import Poller
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.ports import ChangePage, Cursor
 from tests.e2e.test_poller_guarantees import ListQueue, PagedSource

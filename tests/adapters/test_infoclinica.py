@@ -16,21 +16,19 @@ import pytest
 from defusedxml.ElementTree import fromstring as safe_fromstring
 from werkzeug.test import Client, TestResponse
 
-from clinicsync.adapters.infoclinica.source import (
+from clinicsync.adapters.infoclinica.api import (
     InfoClinicaApi,
     InfoClinicaError,
     InfoClinicaRefused,
-    InfoClinicaSource,
     UnsafeXml,
     child,
     children,
-    parse_ic_date,
-    parse_ic_datetime,
     parse_xml,
     record,
     text_at,
 )
-from clinicsync.application.sync import Poller
+from clinicsync.adapters.infoclinica.source import InfoClinicaSource, parse_ic_date, parse_ic_datetime
+from clinicsync.application.poll import Poller
 from clinicsync.domain.config import ClinicConfig, MisConnection
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import AppointmentStatus, PatientChanges

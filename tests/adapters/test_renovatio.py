@@ -21,7 +21,7 @@ from clinicsync.adapters.renovatio.source import (
     parse_rn_date,
     parse_rn_time,
 )
-from clinicsync.application.sync import Poller
+from clinicsync.application.poll import Poller
 from clinicsync.domain.config import ClinicConfig, MisConnection
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import Appointment, AppointmentStatus

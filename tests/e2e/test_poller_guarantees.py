@@ -16,7 +16,7 @@ from moto import mock_aws
 from clinicsync.adapters.aws.queue import SqsChangeQueue
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.adapters.medods import source as medods
-from clinicsync.application.sync import Poller
+from clinicsync.application.poll import Poller
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import PatientChanges, SyncMessage
 from clinicsync.domain.ports import ChangePage, Cursor

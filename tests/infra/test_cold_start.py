@@ -25,6 +25,7 @@ ADAPTERS = (
     "bitrix24.gateway",
     "medods.source",
     "lis.source",
+    "infoclinica.api",
     "infoclinica.source",
     "renovatio.source",
     "vtiger.client",

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from clinicsync.adapters.aws.queue import shard_of
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.application.consent import ConsentLedger
-from clinicsync.application.sync import ChangeQueue
+from clinicsync.application.poll import ChangeQueue
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import patient_subject

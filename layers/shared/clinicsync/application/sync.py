@@ -7,38 +7,30 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from clinicsync.adapters.aws.queue import shard_of
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.adapters.http.retrying import exponential, poll
-from clinicsync.application.backfill import BackfillCheckpoint, BackfillState
-from clinicsync.application.consent import ConsentLedger, CrmContactReader, ledger_digest
-from clinicsync.domain.audience import AudienceMember, audience_member, note_accepted_members
+from clinicsync.application.consent import ConsentLedger, CrmContactReader
+from clinicsync.application.sync_consent import SyncConsent
+from clinicsync.application.sync_lookup import SyncLookup, settled_intents
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.keys import contact_intent, deal_intent, email_subject, patient_subject
-from clinicsync.domain.models import Channel, CrmObservation, PatientChanges, SyncMessage
-from clinicsync.domain.payloads import audience_merge_fields, contact_fields, may_join_audience
+from clinicsync.domain.models import CrmObservation, PatientChanges
 from clinicsync.domain.ports import (
-    ChangePage,
     ContactWrite,
     CrmGateway,
     CrmMatches,
     CrmWrite,
     DealWrite,
     LeadWrite,
-    MisSource,
     WriteOutcome,
 )
 from clinicsync.domain.rules import (
-    Adoption,
     PatientPlan,
     apply_observation,
-    changed_multifields,
     plan_patient,
     stage_read_observation,
     stage_to_check,
@@ -98,9 +90,8 @@ class Syncer:
         self._store = store
         self._gateway = gateway
         self._hasher = hasher
-        self._ledger = ledger
-        self._audience = audience
-        self._crm_contacts = crm_contacts
+        self._lookup = SyncLookup(store, gateway, hasher)
+        self._consent = SyncConsent(config, store, hasher, ledger, audience, crm_contacts)
         self._claim_wait = claim_wait
         self._sleep = sleep
 
@@ -154,29 +145,29 @@ class Syncer:
         report = SyncReport(patients=len(changes))
         requests_before = self._gateway.requests_made()
         live = self._drop_archived(list(changes), report)
-        ledger, own_opt_outs = self._consent_ledger(live)
+        ledger, own_opt_outs = self._consent.ledger(live)
         wanted: dict[str, list[str]] = {c.patient.mis_id: [a.mis_id for a in c.appointments] for c in live}
         for obs in observations:
             wanted.setdefault(obs.patient_id, []).extend([obs.appointment_id] if obs.appointment_id else [])
         states = self._store.load_patients(wanted)
         observed = self._observe(observations, states, report)
 
-        matches = self._look_up(live, states)
+        matches = self._lookup.look_up(live, states)
         plans = self._plan(live, states, matches, ledger)
         moved = self._read_stages(plans, states, report)
         if moved:  # a manager moved or closed a deal we were about to move: plan again, respecting it
             for pid, appointment_ids in moved.items():
                 observed.setdefault(pid, []).extend(appointment_ids)
             plans = self._plan(live, states, matches, ledger)
-        self._keep_managers_opt_outs(plans, live, ledger, own_opt_outs)
+        self._consent.keep_managers_opt_outs(plans, live, ledger, own_opt_outs)
         writes = [w for plan in plans for w in plan.writes] + self._lead_links(observations, states)
-        intents = self._record_intents(writes)
+        intents = self._lookup.record_intents(writes)
         outcome = self._gateway.apply(writes) if writes else WriteOutcome()
-        self._sync_audience(plans, live, ledger, outcome, report)
+        report.audience_members += self._consent.sync_audience(plans, live, ledger, outcome)
         self._persist(plans, live, states, outcome, report, observed)
-        self._note_crm_consent(plans, outcome, own_opt_outs)
+        self._consent.note_crm_consent(plans, outcome, own_opt_outs)
         if intents:
-            self._store.clear_intents(_settled_intents(intents, writes, outcome))
+            self._store.clear_intents(settled_intents(intents, writes, outcome))
         report.crm_requests = self._gateway.requests_made() - requests_before
         if outcome.failed or busy:
             raise SyncIncomplete({**busy, **outcome.failed})
@@ -192,7 +183,7 @@ class Syncer:
         """Plan every patient; a lead or deal that another invocation adopted first is left out and the
         batch planned again (each round takes at least one record away, so this ends)."""
         taken: set[str] = set()
-        phone_owners = self._phones_in_batch(live)
+        phone_owners = self._lookup.phones_in_batch(live)
         while True:
             claimed = set(taken)
             plans = [
@@ -203,7 +194,7 @@ class Syncer:
                     self._config,
                     self._hasher,
                     ledger[item.patient.mis_id],
-                    self._adoption(item, states, matches, claimed, phone_owners),
+                    self._lookup.adoption(item, states, matches, claimed, phone_owners),
                 )
                 for item in live
             ]
@@ -243,70 +234,6 @@ class Syncer:
         ]
         return self._observe(observations, states, report)
 
-    def _look_up(self, live: Sequence[PatientChanges], states: dict[str, PatientState]) -> CrmMatches:
-        """One look-up per message. Always by MIS id before creating (a create whose response was lost
-        must not repeat), by phone for patients without a deal yet (adopt open leads and deals, never
-        duplicate), and the phone/e-mail entry ids of contacts whose phone or e-mail changed."""
-        unknown_patients = [c.patient.mis_id for c in live if states[c.patient.mis_id].contact_id is None]
-        unknown_appointments = [
-            a.mis_id
-            for c in live
-            for a in c.appointments
-            if states[c.patient.mis_id].appointment(a.mis_id).deal_id is None
-        ]
-        phones = [
-            c.patient.phone
-            for c in live
-            if c.patient.phone and not states[c.patient.mis_id].has_deal and c.appointments
-        ]
-        changed_contacts = [
-            str(states[c.patient.mis_id].contact_id)
-            for c in live
-            if states[c.patient.mis_id].contact_id
-            and changed_multifields(c.patient, states[c.patient.mis_id], self._hasher)
-        ]
-        if not (unknown_patients or unknown_appointments or changed_contacts or phones):
-            return CrmMatches()
-        since = None
-        if self._gateway.lookups_need_intents:
-            keys = [contact_intent(p) for p in unknown_patients] + [deal_intent(a) for a in unknown_appointments]
-            intents = self._store.load_intents(keys) if keys else {}
-            since = min(intents.values()) if intents else None
-        return self._gateway.find(unknown_patients, unknown_appointments, phones, changed_contacts, since)
-
-    def _record_intents(self, writes: Sequence[CrmWrite]) -> list[str]:
-        """Before any create is sent, note it; a lost response is then found by MIS id on the retry."""
-        if not self._gateway.lookups_need_intents:
-            return []
-        keys = [contact_intent(w.patient_id) for w in writes if isinstance(w, ContactWrite) and w.contact_id is None]
-        keys += [deal_intent(w.appointment_id) for w in writes if isinstance(w, DealWrite) and w.deal_id is None]
-        if keys:
-            self._store.write_intents(keys, int(time.time()))
-        return keys
-
-    def _phones_in_batch(self, live: Sequence[PatientChanges]) -> dict[str, set[str]]:
-        owners: dict[str, set[str]] = {}
-        for item in live:
-            if item.patient.phone:
-                owners.setdefault(item.patient.phone, set()).add(item.patient.mis_id)
-        return owners
-
-    def _adoption(
-        self,
-        item: PatientChanges,
-        states: dict[str, PatientState],
-        matches: CrmMatches,
-        claimed: set[str],
-        phone_owners: dict[str, set[str]],
-    ) -> Adoption | None:
-        phone = item.patient.phone
-        if not phone or phone not in matches.phones or states[item.patient.mis_id].has_deal:
-            return None  # adoption is for the patient's first new deal only
-        pid = item.patient.mis_id
-        # A family shares one phone: then no contact is adopted, so two patients never merge.
-        others = phone_owners.get(phone, set()) | set(self._store.patients_by_phone(self._hasher.phone_key(phone)))
-        return Adoption(matches.phones[phone], claimed, phone_shared=bool(others - {pid}))
-
     def _observe(
         self, observations: Sequence[CrmObservation], states: dict[str, PatientState], report: SyncReport
     ) -> dict[str, list[str]]:
@@ -336,136 +263,6 @@ class Syncer:
             else:
                 live.append(item)
         return live
-
-    def _consent_ledger(self, live: Sequence[PatientChanges]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-        """Record the MIS's refusal flags; return every patient's opt-outs, and the patient's own
-        subject's (without the address's). The ledger is sticky: an opt-out once recorded stays,
-        whatever the MIS says later. An address unsubscribed before we knew whose it was
-        (``email:<HMAC>``) counts for the patient who has it now."""
-        now = int(time.time())
-        subjects = {item.patient.mis_id: patient_subject(item.patient.mis_id) for item in live}
-        by_email = {
-            item.patient.mis_id: email_subject(self._hasher.email_key(item.patient.email))
-            for item in live
-            if item.patient.email
-        }
-        channels = [c.value for c in Channel]
-        ledger = self._store.opted_out_many([*subjects.values(), *by_email.values()], channels)
-        for item in live:
-            subject = subjects[item.patient.mis_id]
-            new = sorted({c.value for c in item.patient.consent.opted_out()} - ledger[subject])
-            if not new:
-                continue
-            emails = (item.patient.email,) if item.patient.email else ()
-            if self._ledger is not None:
-                self._ledger.opt_out([subject], new, "mis", "mis:refusal_flag", now, emails, skip=("mis",))
-            else:
-                self._store.record_opt_outs(subject, new, "mis", now, "mis:refusal_flag")
-            ledger[subject] |= set(new)
-        merged = {
-            pid: ledger[subject] | (ledger[by_email[pid]] if pid in by_email else set())
-            for pid, subject in subjects.items()
-        }
-        return merged, {pid: ledger[subject] for pid, subject in subjects.items()}
-
-    def _keep_managers_opt_outs(
-        self,
-        plans: Sequence[PatientPlan],
-        live: Sequence[PatientChanges],
-        ledger: dict[str, set[str]],
-        own_opt_outs: dict[str, set[str]],
-    ) -> None:
-        """Read every contact we are about to update (one list request) so that a manager's tick whose
-        webhook is still on its way reaches the ledger (the CRM events' rule) and the write carries it. Any
-        update counts, not only one that carries the opt-out field: after it the contact reads as last
-        modified by us, and the tick's webhook would be taken for our own echo."""
-        updates = {
-            str(w.contact_id): plan
-            for plan in plans
-            for w in plan.writes
-            if isinstance(w, ContactWrite) and w.contact_id
-        }
-        if not updates or self._crm_contacts is None:
-            return
-        self._crm_contacts.take_in_contacts(sorted(updates))
-        # The ledger as it is now (a manager's opt-in may have lifted a channel as well).
-        pids = {plan.patient_id for plan in updates.values()}
-        now, now_own = self._consent_ledger([item for item in live if item.patient.mis_id in pids])
-        patients = {item.patient.mis_id: item.patient for item in live}
-        for plan in updates.values():
-            pid = plan.patient_id
-            if now[pid] == ledger.get(pid) and now_own[pid] == own_opt_outs.get(pid):
-                continue
-            ledger[pid], own_opt_outs[pid] = now[pid], now_own[pid]
-            fields = contact_fields(patients[pid], self._config, ledger[pid])
-            plan.writes = [replace(w, fields=fields) if isinstance(w, ContactWrite) else w for w in plan.writes]
-            if plan.next_state is not None:
-                plan.next_state.content_hash = self._hasher.content_hash(fields)
-
-    def _note_crm_consent(
-        self, plans: Sequence[PatientPlan], outcome: WriteOutcome, own_opt_outs: Mapping[str, set[str]]
-    ) -> None:
-        """A contact write that carried exactly the patient's ledger has done the consent job's CRM part:
-        note it, so the job queued for a new MIS refusal flag does not write the same fields again (a
-        backfill's refusing patients cost a second round of contact updates otherwise)."""
-        done: dict[str, str] = {}
-        for plan in plans:
-            own = own_opt_outs.get(plan.patient_id)
-            if not own or plan.next_state is None or plan.patient_id in outcome.failed:
-                continue
-            for write in plan.writes:
-                if isinstance(write, ContactWrite) and set(write.fields.get("opt_outs") or ()) == own:
-                    done[patient_subject(plan.patient_id)] = ledger_digest(sorted(own))
-        if done:
-            self._store.mark_outputs("crm", done)  # one request per 100 patients, not one each
-
-    def _sync_audience(
-        self,
-        plans: Sequence[PatientPlan],
-        live: Sequence[PatientChanges],
-        ledger: dict[str, set[str]],
-        outcome: WriteOutcome,
-        report: SyncReport,
-    ) -> None:
-        """Keep consenting patients in the Mailchimp audience: one batch per message, unchanged members
-        skipped by hash. A Mailchimp failure never fails the CRM sync; those members are sent next time."""
-        if self._audience is None:
-            return
-        wanted: list[tuple[str, str, dict[str, str], str]] = []
-        for plan, item in zip(plans, live, strict=True):
-            state = plan.next_state
-            patient = item.patient
-            if state is None or plan.patient_id in outcome.failed or not patient.email:
-                continue
-            if not may_join_audience(patient, self._config, ledger[plan.patient_id]):
-                continue
-            merges = audience_merge_fields(item, state, self._config) or {}
-            digest = self._hasher.content_hash({"email": patient.email, "merges": merges})
-            if digest != state.audience_hash:
-                wanted.append((plan.patient_id, patient.email, merges, digest))
-        if not wanted:
-            return
-        # The person's members so far: an address Mailchimp moved is never re-created (one member each).
-        books = self._store.mailchimp_members_many([patient_subject(pid) for pid, *_ in wanted])
-        members: dict[str, AudienceMember] = {}
-        digests: dict[str, str] = {}
-        for pid, email, merges, digest in wanted:
-            member = audience_member(pid, email, merges, books[patient_subject(pid)])
-            if member is not None:
-                members[pid] = member
-                digests[pid] = digest
-        if not members:
-            return
-        try:
-            accepted = self._audience.upsert(list(members.values()))
-        except Exception as exc:  # Mailchimp down: the CRM side is done, members go next time
-            logger.warning("mailchimp audience sync failed", extra={"error": type(exc).__name__})
-            accepted = set()
-        note_accepted_members(self._store, {patient_subject(pid): members[pid] for pid in accepted if pid in members})
-        for plan in plans:
-            if plan.patient_id in accepted and plan.next_state is not None:
-                plan.next_state.audience_hash = digests[plan.patient_id]
-        report.audience_members += len(accepted)
 
     def _persist(
         self,
@@ -519,21 +316,6 @@ class Syncer:
             self._store.save_patients(saves, states)
 
 
-def _settled_intents(intents: Sequence[str], writes: Sequence[CrmWrite], outcome: WriteOutcome) -> list[str]:
-    """Create intents that may be forgotten: the record exists and its patient's state was stored.
-
-    A patient who failed is retried from an unknown state, so the creates that did land for them must
-    stay findable by MIS id: their intents are kept (the chaos suite found the duplicate otherwise)."""
-    done = {w.patient_id for w in writes if w.patient_id not in outcome.failed}
-    created = {contact_intent(pid) for pid in outcome.contact_ids if pid in done}
-    created |= {
-        deal_intent(w.appointment_id)
-        for w in writes
-        if isinstance(w, DealWrite) and w.appointment_id in outcome.deal_ids and w.patient_id in done
-    }
-    return [k for k in intents if k in created]
-
-
 def _merge_by_patient(changes: Sequence[PatientChanges]) -> list[PatientChanges]:
     """Several messages may carry the same patient; keep the newest patient record and every visit."""
     merged: dict[str, PatientChanges] = {}
@@ -550,150 +332,3 @@ def _merge_by_patient(changes: Sequence[PatientChanges]) -> list[PatientChanges]
                 visits[appt.mis_id] = appt
         merged[pid] = PatientChanges(patient=patient, appointments=tuple(visits.values()))
     return list(merged.values())
-
-
-class ChangeQueue(Protocol):
-    def send(self, messages: Sequence[SyncMessage]) -> None: ...
-
-
-@dataclass
-class PollReport:
-    pages: int = 0
-    patients: int = 0
-    appointments: int = 0
-    messages: int = 0
-    rejected: int = 0
-    stopped_early: bool = False
-    skipped_busy: bool = False  # another poll still holds the lease
-
-
-class Poller:
-    """Reads a MIS feed page by page; each page is enqueued before its cursor is stored."""
-
-    SAFETY_MS = 20_000  # stop this long before the Lambda deadline; the next run resumes
-
-    def __init__(
-        self, config: ClinicConfig, source: MisSource, store: DynamoStore, queue: ChangeQueue, hasher: KeyedHasher
-    ) -> None:
-        self._config = config
-        self._source = source
-        self._store = store
-        self._queue = queue
-        self._hasher = hasher
-
-    def poll(self, remaining_ms: Callable[[], int], owner: str = "poller", max_pages: int = 1000) -> PollReport:
-        lease = f"poll:{self._source.kind}"
-        if not self._store.acquire_lease(lease, owner, remaining_ms() // 1000 + 1, int(time.time())):
-            logger.info("previous poll still running; skipping this run")
-            return PollReport(skipped_busy=True)
-        try:
-            return self._poll(remaining_ms, max_pages)
-        finally:
-            self._store.release_lease(lease, owner)
-
-    def _poll(self, remaining_ms: Callable[[], int], max_pages: int) -> PollReport:
-        report = PollReport()
-        cursor = self._store.get_cursor(self._source.kind)
-        for _ in range(max_pages):
-            page = self._source.fetch_changes(cursor)
-            self._enqueue(page, report)  # raises if SQS refuses: the cursor then stays where it was
-            self._source.acknowledge(page)
-            self._store.put_cursor(self._source.kind, page.cursor)
-            cursor = page.cursor
-            if not page.more:
-                break
-            if remaining_ms() < self.SAFETY_MS:
-                report.stopped_early = True
-                logger.info("poll stopped before the deadline", extra={"pages": report.pages})
-                break
-        return report
-
-    def resync(self, remaining_ms: Callable[[], int], window_seconds: int = 3 * 24 * 3600) -> PollReport:
-        """Re-read a whole recent window, whatever the feed style; unchanged records cost no CRM write.
-
-        The regular cursor is left alone, so a resync never makes the incremental feed skip anything.
-        """
-        report = PollReport()
-        cursor = self._source.resync_cursor(window_seconds, time.time())
-        while True:
-            page = self._source.fetch_changes(cursor)
-            self._enqueue(page, report)
-            cursor = page.cursor
-            if not page.more or remaining_ms() < self.SAFETY_MS:
-                report.stopped_early = page.more
-                return report
-
-    def backfill(
-        self,
-        remaining_ms: Callable[[], int],
-        checkpoint: BackfillCheckpoint,
-        window_days: int,
-        restart: bool = False,
-        max_pages: int = 1000,
-    ) -> BackfillState:
-        """The first full import: the resync read over ``window_days``, its cursor checkpointed after each
-        enqueued page, so an interrupted import (deadline, crash, operator) resumes where it stopped."""
-        state = None if restart else checkpoint.load()
-        if state is None:
-            state = BackfillState(window_days=window_days, started_at=int(time.time()))
-            state.cursor = dict(self._source.resync_cursor(window_days * 86400, time.time()))
-            checkpoint.save(state)
-        elif not state.done:
-            state.resumed = state.pages > 0
-        for _ in range(max_pages):
-            if state.done:
-                break
-            report = PollReport()
-            page = self._source.fetch_changes(state.cursor)
-            self._enqueue(page, report)
-            state.cursor = dict(page.cursor)
-            state.pages += 1
-            state.patients += report.patients
-            state.step_patients += report.patients
-            state.appointments += report.appointments
-            state.messages += report.messages
-            state.done = not page.more
-            checkpoint.save(state)
-            if remaining_ms() < self.SAFETY_MS:
-                break
-        return state
-
-    def _enqueue(self, page: ChangePage, report: PollReport) -> None:
-        report.pages += 1
-        report.rejected += page.rejected
-        messages = self._pack(page.changes)
-        # Index phones before anyone syncs: family members in different shards then see each other,
-        # so neither adopts a contact found by their shared phone.
-        self._store.index_phones(
-            [(self._hasher.phone_key(c.patient.phone), c.patient.mis_id) for c in page.changes if c.patient.phone]
-        )
-        # A Mailchimp event names an address: the ledger must find the patient behind it.
-        self._store.index_emails(
-            [
-                (self._hasher.email_key(c.patient.email), patient_subject(c.patient.mis_id))
-                for c in page.changes
-                if c.patient.email
-            ]
-        )
-        if messages:
-            self._queue.send(messages)
-        report.messages += len(messages)
-        report.patients += len(page.changes)
-        report.appointments += sum(len(c.appointments) for c in page.changes)
-
-    def _pack(self, changes: Sequence[PatientChanges]) -> list[SyncMessage]:
-        by_shard: dict[int, list[PatientChanges]] = {}
-        for item in changes:
-            by_shard.setdefault(shard_of(item.patient.mis_id, self._config.shards), []).append(item)
-        now = datetime.now(UTC)
-        size = self._config.patients_per_message
-        return [
-            SyncMessage(
-                clinic_id=self._config.clinic_id,
-                shard=shard,
-                produced_at=now,
-                changes=tuple(group[i : i + size]),
-            )
-            for shard, group in sorted(by_shard.items())
-            for i in range(0, len(group), size)
-        ]

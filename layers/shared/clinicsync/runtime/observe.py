@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from clinicsync.application.consent import ConsentReport
     from clinicsync.application.crm_events import EventReport
     from clinicsync.application.directory import DirectoryReport
-    from clinicsync.application.sync import PollReport, SyncReport
+    from clinicsync.application.poll import PollReport
+    from clinicsync.application.sync import SyncReport
 
 
 @dataclass(frozen=True)

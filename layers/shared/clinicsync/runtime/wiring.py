@@ -20,7 +20,8 @@ from clinicsync.adapters.aws.queue import SqsChangeQueue, SqsConsentQueue, SqsEv
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.application.consent import ConsentLedger, ConsentOutputs
 from clinicsync.application.crm_events import CrmCatchUp, CrmEventProcessor
-from clinicsync.application.sync import Poller, Syncer
+from clinicsync.application.poll import Poller
+from clinicsync.application.sync import Syncer
 from clinicsync.domain.audience import MailchimpMembers
 from clinicsync.domain.config import ClinicConfig, parse_clinic_config
 from clinicsync.domain.crypto import KeyedHasher
@@ -186,8 +187,9 @@ def directory_audiences(config: ClinicConfig) -> DirectoryAudiences | None:
 
 
 def directory_sync() -> DirectorySync:
+    from clinicsync.adapters.aws.directory_state import DirectoryStore
     from clinicsync.adapters.vtiger.client import VtigerDirectory
-    from clinicsync.application.directory import DirectoryStore, DirectorySync
+    from clinicsync.application.directory import DirectorySync
 
     config = clinic_config()
     if config.directory is None or config.crm.kind != "vtiger" or config.mis.kind != "lis":
@@ -281,7 +283,8 @@ def mis_source(config: ClinicConfig) -> MisSource:
         api = MedodsApi(config.mis.base_url, str(creds["identity_key"]), str(creds["secret"]), http=http_client())
         return MedodsSource(api, config)
     if config.mis.kind == "infoclinica":
-        from clinicsync.adapters.infoclinica.source import InfoClinicaApi, InfoClinicaSource
+        from clinicsync.adapters.infoclinica.api import InfoClinicaApi
+        from clinicsync.adapters.infoclinica.source import InfoClinicaSource
 
         # Its own HTTP client: it carries the clinic's client certificate from the secret.
         return InfoClinicaSource(InfoClinicaApi.from_secret(config.mis.base_url, creds, tz=config.tz), config)

@@ -7,27 +7,21 @@ how Bitrix24 spells that (UPPER_SNAKE fields, multifields, ORIGINATOR_ID/ORIGIN_
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from clinicsync.adapters.bitrix24.client import (
     BATCH_LIMIT,
     Bitrix24Client,
     Bitrix24Error,
-    Bitrix24MethodBlocked,
-    Bitrix24OutcomeUnknown,
 )
+from clinicsync.adapters.bitrix24.writes import Bitrix24Writer, custom_field
 from clinicsync.domain.config import ClinicConfig, Pipeline
-from clinicsync.domain.fieldtypes import FieldValueError, crm_value, default_type
 from clinicsync.domain.phones import normalise_phone
 from clinicsync.domain.ports import (
-    ContactWrite,
     CrmMatches,
     CrmWrite,
     DealMatch,
-    DealWrite,
-    LeadWrite,
     OpenLead,
     PhoneCandidates,
     PipelineMismatch,
@@ -37,12 +31,6 @@ from clinicsync.domain.ports import (
 PAGE_SIZE = 50
 FINDBYCOMM_LIMIT = 20  # crm.duplicate.findbycomm takes at most 20 values
 
-# Canonical fields with a native Bitrix24 field. Everything else goes to a UF_CRM_* field, named by
-# the clinic's fields.crm_names or, by default, UF_CRM_CS_<NAME>. visit_at is one of those (a datetime
-# field: reminders need the hour); BEGINDATE is date-only and gets the visit's date besides.
-NATIVE_DEAL_FIELDS = {"title": "TITLE", "price": "OPPORTUNITY", "comment": "COMMENTS"}
-NATIVE_CONTACT_FIELDS = {"birth_date": "BIRTHDATE"}
-NOT_WRITTEN = {"full_name", "phone", "email", "mis_patient_id", "mis_appointment_id"}  # handled explicitly
 
 UTM_FIELDS = ("UTM_SOURCE", "UTM_MEDIUM", "UTM_CAMPAIGN", "UTM_TERM", "UTM_CONTENT")
 TICKET_SELECT = [
@@ -76,15 +64,6 @@ def _rows(value: Any) -> list[dict[str, Any]]:
     return [row for row in value if isinstance(row, dict)] if isinstance(value, list) else []
 
 
-@dataclass
-class _Command:
-    key: str
-    method: str
-    params: dict[str, Any]
-    patient_id: str
-    write: CrmWrite
-
-
 class Bitrix24Gateway:
     kind = "bitrix24"
     lookups_need_intents = False  # a batch looks up 50 MIS ids per command: always look up
@@ -93,6 +72,7 @@ class Bitrix24Gateway:
         self._client = client
         self._config = config
         self._originator = config.crm.originator_id
+        self._writer = Bitrix24Writer(client, config)
 
     def requests_made(self) -> int:
         return self._client.requests
@@ -100,19 +80,9 @@ class Bitrix24Gateway:
     def integration_user(self) -> str:
         return self._client.user_id
 
-    def _custom(self, name: str, entity: Literal["contact", "deal"] = "contact") -> str:
-        mapped = self._config.fields.crm_field(entity, name)
-        return mapped.id if mapped else f"UF_CRM_CS_{name.upper()}"
-
-    def _typed(self, entity: Literal["contact", "deal"], name: str, value: Any) -> Any:
-        """A custom field's value in the shape its Bitrix24 type takes (``clinicsync.domain.fieldtypes``)."""
-        if value is None or name in ("opt_outs", "opt_ins"):
-            return _bitrix_value(value)  # the consent code reads the comma list back
-        mapped = self._config.fields.crm_field(entity, name)
-        field_type = (mapped.type if mapped else None) or default_type("bitrix24", name)
-        return crm_value("bitrix24", name, field_type, value, self._config.tz, mapped.values if mapped else None)
-
-    # --- start-up check ----------------------------------------------------------------------------
+    def apply(self, writes: Sequence[CrmWrite]) -> WriteOutcome:
+        """The writes in ``batch`` requests of 50 commands (``clinicsync.adapters.bitrix24.writes``)."""
+        return self._writer.apply(writes)
 
     def verify_pipelines(self, pipelines: Mapping[Any, Pipeline]) -> frozenset[str]:
         """Every configured stage must exist in its category; stages are matched by id, never by name
@@ -317,7 +287,11 @@ class Bitrix24Gateway:
         return out[:limit]
 
     def _select(self, entity: str) -> list[str]:
-        return SELECT[entity] + ([self._custom("opt_outs"), self._custom("opt_ins")] if entity == "contact" else [])
+        return SELECT[entity] + (
+            [custom_field(self._config, "opt_outs"), custom_field(self._config, "opt_ins")]
+            if entity == "contact"
+            else []
+        )
 
     def _canonical(self, entity: str, row: Mapping[str, Any]) -> dict[str, str]:
         """Ids, stages and flags only; a lead's phone is normalised for the phone index, never stored."""
@@ -347,7 +321,7 @@ class Bitrix24Gateway:
             }
         else:
             for name in ("opt_outs", "opt_ins"):
-                value = row.get(self._custom(name)) or ""
+                value = row.get(custom_field(self._config, name)) or ""
                 out[name] = ",".join(value) if isinstance(value, list) else str(value)
         return out
 
@@ -392,183 +366,6 @@ class Bitrix24Gateway:
             )
         return leads
 
-    # --- writes ------------------------------------------------------------------------------------
-
-    def apply(self, writes: Sequence[CrmWrite]) -> WriteOutcome:
-        outcome = WriteOutcome()
-        groups: dict[str, list[CrmWrite]] = {}
-        for write in writes:
-            groups.setdefault(write.patient_id, []).append(write)
-        # Fill every batch to 50 commands, in order; commands run with halt=1. A patient that does not
-        # fit whole is split: its tail goes first in the next batch, which runs only if the head did
-        # and then references the contact by the id the head's reply gave (``_run_chunk``), so a deal
-        # never references a contact whose creation failed or is unknown.
-        queue: list[list[_Command]] = []
-        for pid, group in groups.items():
-            try:
-                commands = self._commands(pid, group)
-            except FieldValueError as exc:  # a value its field type cannot take: only this patient fails
-                outcome.failed[pid] = f"invalid_field: {exc}"
-                continue
-            if commands:
-                queue.append(commands)
-        while queue:
-            chunk: list[_Command] = []
-            while queue and len(chunk) < BATCH_LIMIT:
-                room = BATCH_LIMIT - len(chunk)
-                if len(queue[0]) <= room:
-                    chunk.extend(queue.pop(0))
-                else:
-                    chunk.extend(queue[0][:room])
-                    queue[0] = queue[0][room:]
-            leftovers = self._run_chunk(chunk, outcome)
-            if leftovers:
-                queue.insert(0, leftovers)
-        return outcome
-
-    def _run_chunk(self, chunk: list[_Command], outcome: WriteOutcome) -> list[_Command]:
-        # A method paused by the operating-time limit holds back only the patients that need it.
-        for command in chunk:
-            if self._client.blocked_until(command.method) is not None:
-                outcome.failed.setdefault(command.patient_id, "method_blocked")
-        chunk = [c for c in chunk if c.patient_id not in outcome.failed]
-        if not chunk:
-            return []
-        keys = {c.key for c in chunk}
-        for command in chunk:  # a contact created by an earlier chunk is referenced by its id
-            fields = command.params.get("fields", {})
-            ref = fields.get("CONTACT_ID", "")
-            if isinstance(ref, str) and ref.startswith("$result[") and ref[8:-1] not in keys:
-                fields["CONTACT_ID"] = outcome.contact_ids.get(command.patient_id, "")
-        try:
-            result = self._client.batch({c.key: (c.method, c.params) for c in chunk}, halt=True, writes=True)
-        except Bitrix24OutcomeUnknown:
-            # Some of these may exist now; the retry looks them up by MIS id before writing again.
-            for command in chunk:
-                outcome.failed.setdefault(command.patient_id, "outcome_unknown")
-            return []
-        except Bitrix24MethodBlocked:
-            # Refused whole by the operating-time limit (429): nothing ran, the patients wait for the pause.
-            for command in chunk:
-                outcome.failed.setdefault(command.patient_id, "method_blocked")
-            return []
-        for index, command in enumerate(chunk):
-            if command.key in result.errors:
-                error = result.errors[command.key]
-                outcome.failed[command.patient_id] = str(
-                    error.get("error") or error.get("error_description") or "error"
-                )
-                self._client.note_blocked(command.method, error)
-                return self._unrun(chunk, index, outcome)
-            if command.key not in result.result:
-                return self._unrun(chunk, index, outcome)
-            self._record(command, result.result[command.key], outcome)
-        return []
-
-    @staticmethod
-    def _unrun(chunk: list[_Command], failed_at: int, outcome: WriteOutcome) -> list[_Command]:
-        # halt=1 skipped everything after the failure: resend what belongs to other patients.
-        failed_patient = chunk[failed_at].patient_id
-        return [c for c in chunk[failed_at:] if c.patient_id != failed_patient and c.patient_id not in outcome.failed]
-
-    @staticmethod
-    def _record(command: _Command, value: Any, outcome: WriteOutcome) -> None:
-        write = command.write
-        if isinstance(write, ContactWrite):
-            outcome.contact_ids[command.patient_id] = str(value) if write.contact_id is None else write.contact_id
-        elif isinstance(write, DealWrite):
-            outcome.deal_ids[write.appointment_id] = str(value) if write.deal_id is None else write.deal_id
-
-    def _commands(self, patient_id: str, writes: Sequence[CrmWrite]) -> list[_Command]:
-        commands: list[_Command] = []
-        contact_ref: str | None = None
-        for write in writes:
-            if isinstance(write, ContactWrite):
-                key = f"c_{patient_id}"
-                params: dict[str, Any] = {
-                    "fields": self._contact_fields(write),
-                    "params": {"REGISTER_SONET_EVENT": "N"},
-                }
-                if write.contact_id is None:
-                    commands.append(_Command(key, "crm.contact.add", params, patient_id, write))
-                    contact_ref = f"$result[{key}]"
-                else:
-                    commands.append(
-                        _Command(key, "crm.contact.update", {"id": write.contact_id, **params}, patient_id, write)
-                    )
-        for write in writes:
-            if isinstance(write, DealWrite):
-                key = f"d_{write.appointment_id}"
-                fields = self._deal_fields(write)
-                contact = write.contact_id or contact_ref
-                if write.deal_id is None:
-                    if contact:
-                        fields["CONTACT_ID"] = contact
-                    fields["CATEGORY_ID"] = write.category_id
-                    commands.append(_Command(key, "crm.deal.add", {"fields": fields}, patient_id, write))
-                else:
-                    if write.link_contact and contact:
-                        fields["CONTACT_ID"] = contact  # an adopted deal becomes the patient's
-                    commands.append(
-                        _Command(key, "crm.deal.update", {"id": write.deal_id, "fields": fields}, patient_id, write)
-                    )
-        for write in writes:
-            if isinstance(write, LeadWrite):
-                fields = {"CONTACT_ID": write.contact_id or contact_ref or ""}
-                if write.convert:
-                    fields["STATUS_ID"] = self._config.matching.converted_lead_status
-                commands.append(
-                    _Command(
-                        f"l_{write.lead_id}",
-                        "crm.lead.update",
-                        {"id": write.lead_id, "fields": fields},
-                        patient_id,
-                        write,
-                    )
-                )
-        return commands
-
-    def _contact_fields(self, write: ContactWrite) -> dict[str, Any]:
-        src = write.fields
-        out: dict[str, Any] = {"ORIGINATOR_ID": self._originator, "ORIGIN_ID": write.patient_id}
-        if "full_name" in src:
-            name = src["full_name"]
-            out.update(LAST_NAME=name["last"], NAME=name["first"], SECOND_NAME=name["middle"])
-        creating = write.contact_id is None
-        for kind, field, value_type in (("phone", "PHONE", "MOBILE"), ("email", "EMAIL", "HOME")):
-            value = src.get(kind)
-            if not value or not (creating or kind in write.changed_multifields):
-                continue
-            # Multifields: an entry with ID edits it, one without is appended (never "set the list",
-            # which would add a duplicate number on every sync).
-            entry = {"VALUE": value, "VALUE_TYPE": value_type}
-            existing = None if creating else write.multifield_ids.get(kind)
-            out[field] = [{"ID": existing, **entry} if existing else entry]
-        for name, value in src.items():
-            if name in NATIVE_CONTACT_FIELDS:
-                out[NATIVE_CONTACT_FIELDS[name]] = _bitrix_value(value)
-            elif name not in NOT_WRITTEN:
-                out[self._custom(name)] = self._typed("contact", name, value)
-        return out
-
-    def _deal_fields(self, write: DealWrite) -> dict[str, Any]:
-        out: dict[str, Any] = {"ORIGINATOR_ID": self._originator, "ORIGIN_ID": write.appointment_id}
-        if write.stage is not None:
-            out["STAGE_ID"] = write.stage
-        if write.lead_id is not None:
-            out["LEAD_ID"] = write.lead_id
-        if write.lead_source is not None and write.deal_id is None:
-            # A deal we create takes the adopted lead's source; a manager's deal we adopt keeps its own.
-            out["SOURCE_ID"] = write.lead_source
-        for name, value in write.fields.items():
-            if name in NATIVE_DEAL_FIELDS:
-                out[NATIVE_DEAL_FIELDS[name]] = _bitrix_value(value)
-            elif name not in NOT_WRITTEN:
-                out[self._custom(name, "deal")] = self._typed("deal", name, value)
-        if write.fields.get("visit_at"):
-            out["BEGINDATE"] = str(write.fields["visit_at"])[:10]  # the local date: BEGINDATE has no time
-        return out
-
 
 def _deal_match(row: Mapping[str, Any]) -> DealMatch:
     return DealMatch(
@@ -577,11 +374,3 @@ def _deal_match(row: Mapping[str, Any]) -> DealMatch:
         stage=str(row.get("STAGE_ID", "")),
         closed=row.get("CLOSED") == "Y",
     )
-
-
-def _bitrix_value(value: Any) -> Any:
-    if isinstance(value, bool):
-        return "Y" if value else "N"
-    if isinstance(value, list | tuple):
-        return ",".join(str(v) for v in value)
-    return "" if value is None else value

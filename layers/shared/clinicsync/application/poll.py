@@ -1,0 +1,169 @@
+"""Use case: poll a MIS into the sync queue (incremental feed, resync window, first import).
+
+Each page is enqueued before its cursor is stored, so a crash never skips a change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from clinicsync.adapters.aws.queue import shard_of
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.application.backfill import BackfillCheckpoint, BackfillState
+from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.keys import patient_subject
+from clinicsync.domain.models import PatientChanges, SyncMessage
+from clinicsync.domain.ports import ChangePage, MisSource
+from clinicsync.observability import logger
+
+
+class ChangeQueue(Protocol):
+    def send(self, messages: Sequence[SyncMessage]) -> None: ...
+
+
+@dataclass
+class PollReport:
+    pages: int = 0
+    patients: int = 0
+    appointments: int = 0
+    messages: int = 0
+    rejected: int = 0
+    stopped_early: bool = False
+    skipped_busy: bool = False  # another poll still holds the lease
+
+
+class Poller:
+    """Reads a MIS feed page by page; each page is enqueued before its cursor is stored."""
+
+    SAFETY_MS = 20_000  # stop this long before the Lambda deadline; the next run resumes
+
+    def __init__(
+        self, config: ClinicConfig, source: MisSource, store: DynamoStore, queue: ChangeQueue, hasher: KeyedHasher
+    ) -> None:
+        self._config = config
+        self._source = source
+        self._store = store
+        self._queue = queue
+        self._hasher = hasher
+
+    def poll(self, remaining_ms: Callable[[], int], owner: str = "poller", max_pages: int = 1000) -> PollReport:
+        lease = f"poll:{self._source.kind}"
+        if not self._store.acquire_lease(lease, owner, remaining_ms() // 1000 + 1, int(time.time())):
+            logger.info("previous poll still running; skipping this run")
+            return PollReport(skipped_busy=True)
+        try:
+            return self._poll(remaining_ms, max_pages)
+        finally:
+            self._store.release_lease(lease, owner)
+
+    def _poll(self, remaining_ms: Callable[[], int], max_pages: int) -> PollReport:
+        report = PollReport()
+        cursor = self._store.get_cursor(self._source.kind)
+        for _ in range(max_pages):
+            page = self._source.fetch_changes(cursor)
+            self._enqueue(page, report)  # raises if SQS refuses: the cursor then stays where it was
+            self._source.acknowledge(page)
+            self._store.put_cursor(self._source.kind, page.cursor)
+            cursor = page.cursor
+            if not page.more:
+                break
+            if remaining_ms() < self.SAFETY_MS:
+                report.stopped_early = True
+                logger.info("poll stopped before the deadline", extra={"pages": report.pages})
+                break
+        return report
+
+    def resync(self, remaining_ms: Callable[[], int], window_seconds: int = 3 * 24 * 3600) -> PollReport:
+        """Re-read a whole recent window, whatever the feed style; unchanged records cost no CRM write.
+
+        The regular cursor is left alone, so a resync never makes the incremental feed skip anything.
+        """
+        report = PollReport()
+        cursor = self._source.resync_cursor(window_seconds, time.time())
+        while True:
+            page = self._source.fetch_changes(cursor)
+            self._enqueue(page, report)
+            cursor = page.cursor
+            if not page.more or remaining_ms() < self.SAFETY_MS:
+                report.stopped_early = page.more
+                return report
+
+    def backfill(
+        self,
+        remaining_ms: Callable[[], int],
+        checkpoint: BackfillCheckpoint,
+        window_days: int,
+        restart: bool = False,
+        max_pages: int = 1000,
+    ) -> BackfillState:
+        """The first full import: the resync read over ``window_days``, its cursor checkpointed after each
+        enqueued page, so an interrupted import (deadline, crash, operator) resumes where it stopped."""
+        state = None if restart else checkpoint.load()
+        if state is None:
+            state = BackfillState(window_days=window_days, started_at=int(time.time()))
+            state.cursor = dict(self._source.resync_cursor(window_days * 86400, time.time()))
+            checkpoint.save(state)
+        elif not state.done:
+            state.resumed = state.pages > 0
+        for _ in range(max_pages):
+            if state.done:
+                break
+            report = PollReport()
+            page = self._source.fetch_changes(state.cursor)
+            self._enqueue(page, report)
+            state.cursor = dict(page.cursor)
+            state.pages += 1
+            state.patients += report.patients
+            state.step_patients += report.patients
+            state.appointments += report.appointments
+            state.messages += report.messages
+            state.done = not page.more
+            checkpoint.save(state)
+            if remaining_ms() < self.SAFETY_MS:
+                break
+        return state
+
+    def _enqueue(self, page: ChangePage, report: PollReport) -> None:
+        report.pages += 1
+        report.rejected += page.rejected
+        messages = self._pack(page.changes)
+        # Index phones before anyone syncs: family members in different shards then see each other,
+        # so neither adopts a contact found by their shared phone.
+        self._store.index_phones(
+            [(self._hasher.phone_key(c.patient.phone), c.patient.mis_id) for c in page.changes if c.patient.phone]
+        )
+        # A Mailchimp event names an address: the ledger must find the patient behind it.
+        self._store.index_emails(
+            [
+                (self._hasher.email_key(c.patient.email), patient_subject(c.patient.mis_id))
+                for c in page.changes
+                if c.patient.email
+            ]
+        )
+        if messages:
+            self._queue.send(messages)
+        report.messages += len(messages)
+        report.patients += len(page.changes)
+        report.appointments += sum(len(c.appointments) for c in page.changes)
+
+    def _pack(self, changes: Sequence[PatientChanges]) -> list[SyncMessage]:
+        by_shard: dict[int, list[PatientChanges]] = {}
+        for item in changes:
+            by_shard.setdefault(shard_of(item.patient.mis_id, self._config.shards), []).append(item)
+        now = datetime.now(UTC)
+        size = self._config.patients_per_message
+        return [
+            SyncMessage(
+                clinic_id=self._config.clinic_id,
+                shard=shard,
+                produced_at=now,
+                changes=tuple(group[i : i + size]),
+            )
+            for shard, group in sorted(by_shard.items())
+            for i in range(0, len(group), size)
+        ]

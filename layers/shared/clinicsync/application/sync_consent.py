@@ -1,0 +1,172 @@
+"""The consent side of a sync: the patients' ledgers, a manager's opt-outs kept, the consent job's CRM
+part noted as done, and the Mailchimp audience. The sync use case (``clinicsync.application.sync``)
+calls these around its CRM writes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.application.consent import ConsentLedger, CrmContactReader, ledger_digest
+from clinicsync.domain.audience import AudienceMember, audience_member, note_accepted_members
+from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.keys import email_subject, patient_subject
+from clinicsync.domain.models import Channel, PatientChanges
+from clinicsync.domain.payloads import audience_merge_fields, contact_fields, may_join_audience
+from clinicsync.domain.ports import ContactWrite, WriteOutcome
+from clinicsync.domain.rules import PatientPlan
+from clinicsync.observability import logger
+
+if TYPE_CHECKING:  # the Mailchimp client (and httpx) load where wiring builds them
+    from clinicsync.adapters.mailchimp.client import MailchimpAudience
+
+
+class SyncConsent:
+    def __init__(
+        self,
+        config: ClinicConfig,
+        store: DynamoStore,
+        hasher: KeyedHasher,
+        ledger: ConsentLedger | None,
+        audience: MailchimpAudience | None,
+        crm_contacts: CrmContactReader | None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._hasher = hasher
+        self._ledger = ledger
+        self._audience = audience
+        self._crm_contacts = crm_contacts
+
+    def ledger(self, live: Sequence[PatientChanges]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+        """Record the MIS's refusal flags; return every patient's opt-outs, and the patient's own
+        subject's (without the address's). The ledger is sticky: an opt-out once recorded stays,
+        whatever the MIS says later. An address unsubscribed before we knew whose it was
+        (``email:<HMAC>``) counts for the patient who has it now."""
+        now = int(time.time())
+        subjects = {item.patient.mis_id: patient_subject(item.patient.mis_id) for item in live}
+        by_email = {
+            item.patient.mis_id: email_subject(self._hasher.email_key(item.patient.email))
+            for item in live
+            if item.patient.email
+        }
+        channels = [c.value for c in Channel]
+        ledger = self._store.opted_out_many([*subjects.values(), *by_email.values()], channels)
+        for item in live:
+            subject = subjects[item.patient.mis_id]
+            new = sorted({c.value for c in item.patient.consent.opted_out()} - ledger[subject])
+            if not new:
+                continue
+            emails = (item.patient.email,) if item.patient.email else ()
+            if self._ledger is not None:
+                self._ledger.opt_out([subject], new, "mis", "mis:refusal_flag", now, emails, skip=("mis",))
+            else:
+                self._store.record_opt_outs(subject, new, "mis", now, "mis:refusal_flag")
+            ledger[subject] |= set(new)
+        merged = {
+            pid: ledger[subject] | (ledger[by_email[pid]] if pid in by_email else set())
+            for pid, subject in subjects.items()
+        }
+        return merged, {pid: ledger[subject] for pid, subject in subjects.items()}
+
+    def keep_managers_opt_outs(
+        self,
+        plans: Sequence[PatientPlan],
+        live: Sequence[PatientChanges],
+        ledger: dict[str, set[str]],
+        own_opt_outs: dict[str, set[str]],
+    ) -> None:
+        """Read every contact we are about to update (one list request) so that a manager's tick whose
+        webhook is still on its way reaches the ledger (the CRM events' rule) and the write carries it. Any
+        update counts, not only one that carries the opt-out field: after it the contact reads as last
+        modified by us, and the tick's webhook would be taken for our own echo."""
+        updates = {
+            str(w.contact_id): plan
+            for plan in plans
+            for w in plan.writes
+            if isinstance(w, ContactWrite) and w.contact_id
+        }
+        if not updates or self._crm_contacts is None:
+            return
+        self._crm_contacts.take_in_contacts(sorted(updates))
+        # The ledger as it is now (a manager's opt-in may have lifted a channel as well).
+        pids = {plan.patient_id for plan in updates.values()}
+        now, now_own = self.ledger([item for item in live if item.patient.mis_id in pids])
+        patients = {item.patient.mis_id: item.patient for item in live}
+        for plan in updates.values():
+            pid = plan.patient_id
+            if now[pid] == ledger.get(pid) and now_own[pid] == own_opt_outs.get(pid):
+                continue
+            ledger[pid], own_opt_outs[pid] = now[pid], now_own[pid]
+            fields = contact_fields(patients[pid], self._config, ledger[pid])
+            plan.writes = [replace(w, fields=fields) if isinstance(w, ContactWrite) else w for w in plan.writes]
+            if plan.next_state is not None:
+                plan.next_state.content_hash = self._hasher.content_hash(fields)
+
+    def note_crm_consent(
+        self, plans: Sequence[PatientPlan], outcome: WriteOutcome, own_opt_outs: Mapping[str, set[str]]
+    ) -> None:
+        """A contact write that carried exactly the patient's ledger has done the consent job's CRM part:
+        note it, so the job queued for a new MIS refusal flag does not write the same fields again (a
+        backfill's refusing patients cost a second round of contact updates otherwise)."""
+        done: dict[str, str] = {}
+        for plan in plans:
+            own = own_opt_outs.get(plan.patient_id)
+            if not own or plan.next_state is None or plan.patient_id in outcome.failed:
+                continue
+            for write in plan.writes:
+                if isinstance(write, ContactWrite) and set(write.fields.get("opt_outs") or ()) == own:
+                    done[patient_subject(plan.patient_id)] = ledger_digest(sorted(own))
+        if done:
+            self._store.mark_outputs("crm", done)  # one request per 100 patients, not one each
+
+    def sync_audience(
+        self,
+        plans: Sequence[PatientPlan],
+        live: Sequence[PatientChanges],
+        ledger: dict[str, set[str]],
+        outcome: WriteOutcome,
+    ) -> int:
+        """Keep consenting patients in the Mailchimp audience: one batch per message, unchanged members
+        skipped by hash. A Mailchimp failure never fails the CRM sync; those members are sent next time."""
+        if self._audience is None:
+            return 0
+        wanted: list[tuple[str, str, dict[str, str], str]] = []
+        for plan, item in zip(plans, live, strict=True):
+            state = plan.next_state
+            patient = item.patient
+            if state is None or plan.patient_id in outcome.failed or not patient.email:
+                continue
+            if not may_join_audience(patient, self._config, ledger[plan.patient_id]):
+                continue
+            merges = audience_merge_fields(item, state, self._config) or {}
+            digest = self._hasher.content_hash({"email": patient.email, "merges": merges})
+            if digest != state.audience_hash:
+                wanted.append((plan.patient_id, patient.email, merges, digest))
+        if not wanted:
+            return 0
+        # The person's members so far: an address Mailchimp moved is never re-created (one member each).
+        books = self._store.mailchimp_members_many([patient_subject(pid) for pid, *_ in wanted])
+        members: dict[str, AudienceMember] = {}
+        digests: dict[str, str] = {}
+        for pid, email, merges, digest in wanted:
+            member = audience_member(pid, email, merges, books[patient_subject(pid)])
+            if member is not None:
+                members[pid] = member
+                digests[pid] = digest
+        if not members:
+            return 0
+        try:
+            accepted = self._audience.upsert(list(members.values()))
+        except Exception as exc:  # Mailchimp down: the CRM side is done, members go next time
+            logger.warning("mailchimp audience sync failed", extra={"error": type(exc).__name__})
+            accepted = set()
+        note_accepted_members(self._store, {patient_subject(pid): members[pid] for pid in accepted if pid in members})
+        for plan in plans:
+            if plan.patient_id in accepted and plan.next_state is not None:
+                plan.next_state.audience_hash = digests[plan.patient_id]
+        return len(accepted)

@@ -1,0 +1,101 @@
+"""The read side of a sync: one look-up per message (by MIS id before any create, by phone for
+adoption), the create intents that make a lost create findable, and who may adopt what a phone found."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.keys import contact_intent, deal_intent
+from clinicsync.domain.models import PatientChanges
+from clinicsync.domain.ports import ContactWrite, CrmGateway, CrmMatches, CrmWrite, DealWrite, WriteOutcome
+from clinicsync.domain.rules import Adoption, changed_multifields
+from clinicsync.domain.state import PatientState
+
+
+class SyncLookup:
+    def __init__(self, store: DynamoStore, gateway: CrmGateway, hasher: KeyedHasher) -> None:
+        self._store = store
+        self._gateway = gateway
+        self._hasher = hasher
+
+    def look_up(self, live: Sequence[PatientChanges], states: dict[str, PatientState]) -> CrmMatches:
+        """One look-up per message. Always by MIS id before creating (a create whose response was lost
+        must not repeat), by phone for patients without a deal yet (adopt open leads and deals, never
+        duplicate), and the phone/e-mail entry ids of contacts whose phone or e-mail changed."""
+        unknown_patients = [c.patient.mis_id for c in live if states[c.patient.mis_id].contact_id is None]
+        unknown_appointments = [
+            a.mis_id
+            for c in live
+            for a in c.appointments
+            if states[c.patient.mis_id].appointment(a.mis_id).deal_id is None
+        ]
+        phones = [
+            c.patient.phone
+            for c in live
+            if c.patient.phone and not states[c.patient.mis_id].has_deal and c.appointments
+        ]
+        changed_contacts = [
+            str(states[c.patient.mis_id].contact_id)
+            for c in live
+            if states[c.patient.mis_id].contact_id
+            and changed_multifields(c.patient, states[c.patient.mis_id], self._hasher)
+        ]
+        if not (unknown_patients or unknown_appointments or changed_contacts or phones):
+            return CrmMatches()
+        since = None
+        if self._gateway.lookups_need_intents:
+            keys = [contact_intent(p) for p in unknown_patients] + [deal_intent(a) for a in unknown_appointments]
+            intents = self._store.load_intents(keys) if keys else {}
+            since = min(intents.values()) if intents else None
+        return self._gateway.find(unknown_patients, unknown_appointments, phones, changed_contacts, since)
+
+    def record_intents(self, writes: Sequence[CrmWrite]) -> list[str]:
+        """Before any create is sent, note it; a lost response is then found by MIS id on the retry."""
+        if not self._gateway.lookups_need_intents:
+            return []
+        keys = [contact_intent(w.patient_id) for w in writes if isinstance(w, ContactWrite) and w.contact_id is None]
+        keys += [deal_intent(w.appointment_id) for w in writes if isinstance(w, DealWrite) and w.deal_id is None]
+        if keys:
+            self._store.write_intents(keys, int(time.time()))
+        return keys
+
+    def phones_in_batch(self, live: Sequence[PatientChanges]) -> dict[str, set[str]]:
+        owners: dict[str, set[str]] = {}
+        for item in live:
+            if item.patient.phone:
+                owners.setdefault(item.patient.phone, set()).add(item.patient.mis_id)
+        return owners
+
+    def adoption(
+        self,
+        item: PatientChanges,
+        states: dict[str, PatientState],
+        matches: CrmMatches,
+        claimed: set[str],
+        phone_owners: dict[str, set[str]],
+    ) -> Adoption | None:
+        phone = item.patient.phone
+        if not phone or phone not in matches.phones or states[item.patient.mis_id].has_deal:
+            return None  # adoption is for the patient's first new deal only
+        pid = item.patient.mis_id
+        # A family shares one phone: then no contact is adopted, so two patients never merge.
+        others = phone_owners.get(phone, set()) | set(self._store.patients_by_phone(self._hasher.phone_key(phone)))
+        return Adoption(matches.phones[phone], claimed, phone_shared=bool(others - {pid}))
+
+
+def settled_intents(intents: Sequence[str], writes: Sequence[CrmWrite], outcome: WriteOutcome) -> list[str]:
+    """Create intents that may be forgotten: the record exists and its patient's state was stored.
+
+    A patient who failed is retried from an unknown state, so the creates that did land for them must
+    stay findable by MIS id: their intents are kept (the chaos suite found the duplicate otherwise)."""
+    done = {w.patient_id for w in writes if w.patient_id not in outcome.failed}
+    created = {contact_intent(pid) for pid in outcome.contact_ids if pid in done}
+    created |= {
+        deal_intent(w.appointment_id)
+        for w in writes
+        if isinstance(w, DealWrite) and w.appointment_id in outcome.deal_ids and w.patient_id in done
+    }
+    return [k for k in intents if k in created]

@@ -316,6 +316,15 @@ class ClinicMachine(RuleBasedStateMachine):
             self.desk.act(int(visit.aid), action)
         visit.status = AFTER[action]
 
+    @rule(target=visits, visit=visits, days=st.integers(1, 20), hour=st.integers(9, 18))
+    def no_show_called_back(self, visit: Visit, days: int, hour: int) -> Visit:
+        """Case C: a visit is a no-show, and the front desk calls the patient back and books a new date
+        (the sync may or may not have seen the no-show in between: both happen)."""
+        if "no_show" in NEXT[visit.status]:
+            self.desk.act(int(visit.aid), "no_show")
+            visit.status = "no_show"
+        return self.book(self.model.persons[visit.pid], days, hour)
+
     @rule(person=persons, fmt=formats)
     def phone_change(self, person: Person, fmt: int) -> None:
         person.number = _fresh_number()

@@ -17,7 +17,7 @@ SAM := $(SAM_VENV)/bin/sam
 MIS ?= medods
 CRM ?= bitrix24
 
-.PHONY: help venv sam-venv layer-venv lock exports package-check lint typecheck pytest test-unit validate build test demo schema docs clean check-python connector chaos browser bench test-pinned model-large fleet-50
+.PHONY: help venv sam-venv layer-venv lock exports package-check lint typecheck pytest test-unit validate build test demo schema docs clean check-python connector chaos browser bench bench-scale bench-scale-50k test-pinned model-large fleet-50
 
 help:
 	@echo "make demo   - local runtime against the emulators (MIS=$(MIS) CRM=$(CRM))"
@@ -27,6 +27,8 @@ help:
 	@echo "make chaos  - the full chaos-convergence run (800 patients, 2,000 MIS events, both CRMs); figures in chaos-report.json"
 	@echo "make docs   - regenerate docs/clinic-config.schema.json and docs/config-reference.md"
 	@echo "make bench  - clinicsync vs fast_bitrix24, the per-record loop and amocrm-api at the CRMs' rate limits; bench/report.json"
+	@echo "make bench-scale - clinicsync's backfill at 1k and 5k appointments, both CRMs, linearity check; bench/scale.json"
+	@echo "make bench-scale-50k - the same at 1k and 50k appointments (long); bench/scale-50k.json"
 	@echo "make model-large - the model-based test of the whole system for MODEL_MINUTES (default 20) per CRM/MIS pair"
 	@echo "make connector - build the IDENT connector wheel and the core wheel it needs (dist/connector/) and smoke-test them"
 	@echo "make lock   - re-resolve uv.lock (after editing pyproject.toml's dependencies) and export the pinned requirements files"
@@ -168,6 +170,14 @@ chaos: venv
 # BENCH_ARGS=--twice runs it all again and fails unless the simulated figures are identical.
 bench: venv layer-venv
 	$(PY) -m sandbox.bench --report bench/report.json $(BENCH_ARGS)
+
+# The backfill's scale curve (README Performance, "Scale curve"): clinicsync alone, a fresh process per
+# size and CRM; every deal checked in the CRM. BENCH_ARGS=--twice fails unless the simulated figures repeat.
+bench-scale: venv
+	$(PY) -m sandbox.bench --scale 1000,5000 --report bench/scale.json $(BENCH_ARGS)
+
+bench-scale-50k: venv
+	$(PY) -m sandbox.bench --scale 1000,50000 --report bench/scale-50k.json $(BENCH_ARGS)
 
 # The model-based test (tests/e2e/test_model_sync.py) with long examples, round after round, for MODEL_MINUTES per
 # CRM/MIS pair; its small profile is in make test. model-report.jsonl: the examples and steps each pair ran.

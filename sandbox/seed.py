@@ -22,6 +22,8 @@ dates stay relative to the real calendar while repeated builds on one day are id
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -389,11 +391,14 @@ class _Builder:
     def appointments(self, count: int, patients: list[Patient], first_id: int = 500001) -> list[Appointment]:
         # A third of the patients are "regulars" and get most repeat visits.
         weights = [6.0 if self.rnd.random() < 0.33 else 1.0 for _ in patients]
+        # Summed once: ``choices`` with ``weights`` sums them on every call (quadratic at 50,000 visits)
+        # and draws exactly as it does with these ``cum_weights``.
+        cumulative = list(itertools.accumulate(weights))
         busy: set[tuple[int, datetime]] = set()
         drafts: list[tuple[Patient, Doctor, int, datetime]] = []
-        doctors = _doctors()
+        doctors = _doctors(rosters(count))
         while len(drafts) < count:
-            patient = self.rnd.choices(patients, weights)[0]
+            patient = self.rnd.choices(patients, cum_weights=cumulative)[0]
             kids_doc = patient.birthdate > self.now.date() - timedelta(days=16 * 365)
             pool = [d for d in doctors if (d.specialty in ("детский стоматолог", "ортодонт")) == kids_doc]
             doctor = self.rnd.choice(pool)
@@ -412,7 +417,7 @@ class _Builder:
         seen: set[int] = set()
         out: list[Appointment] = []
         for i, (patient, doctor, branch_id, start) in enumerate(drafts):
-            _, _, _, _, _, _, minutes, base_price = _DOCTOR_ROWS[doctor.id]
+            _, _, _, _, _, _, minutes, base_price = _doctor_row(doctor.id)
             dms = self.rnd.random() < 0.10
             lead_days = self.rnd.choice([0, 1, 1, 2, 3, 5, 7, 14, 21])
             lead = timedelta(days=lead_days, minutes=self.rnd.randrange(30, 600))
@@ -489,14 +494,28 @@ class _Builder:
             p.updated_at = lo + timedelta(seconds=self.rnd.randrange(span))
 
 
-_DOCTOR_ROWS = {11 + i: row for i, row in enumerate(_DOCTORS)}
+# One roster of eight doctors has about 27,000 slots in the 90 days; at 10,000 visits it is a third
+# full. A larger clinic has more doctors: the roster repeats (same specialties, branches, visit lengths
+# and prices; new ids), so the mix of visits is the same at every size. Up to 10,000 visits (every size
+# the tests, the demo and `make bench` use) the sample is exactly what it was with one roster.
+ROSTER_VISITS = 10_000
 
 
-def _doctors() -> list[Doctor]:
-    return [
-        Doctor(doc_id, surname, name, patr, sex, spec, list(branches))
-        for doc_id, (surname, name, patr, sex, spec, branches, _, _) in _DOCTOR_ROWS.items()
-    ]
+def rosters(appointments: int) -> int:
+    """How many copies of the doctors' roster a clinic with ``appointments`` visits has."""
+    return max(1, math.ceil(appointments / ROSTER_VISITS))
+
+
+def _doctor_row(doctor_id: int) -> tuple[str, str, str, Sex, str, list[int], int, int]:
+    return _DOCTORS[(doctor_id - 11) % len(_DOCTORS)]
+
+
+def _doctors(roster_count: int = 1) -> list[Doctor]:
+    out = []
+    for doc_id in range(11, 11 + roster_count * len(_DOCTORS)):
+        surname, name, patr, sex, spec, branches, _, _ = _doctor_row(doc_id)
+        out.append(Doctor(doc_id, surname, name, patr, sex, spec, list(branches)))
+    return out
 
 
 def build_sample_clinic(
@@ -516,7 +535,7 @@ def build_sample_clinic(
         seed=seed,
         now=now,
         branches=[Branch(x.id, x.title, x.city, x.address) for x in _BRANCHES],
-        doctors=_doctors(),
+        doctors=_doctors(rosters(appointments)),
         patients=pats,
         appointments=appts,
     )

@@ -81,10 +81,8 @@ def simulated(clock: SimClock) -> Iterator[Wired]:
     with contextlib.ExitStack() as stack:
         for module, name, replacement in patches:
             stack.enter_context(mock.patch.object(module, name, replacement))
-        stack.callback(wiring._amocrm_client.cache_clear)
-        stack.callback(wiring._bitrix_client.cache_clear)
-        wiring._bitrix_client.cache_clear()
-        wiring._amocrm_client.cache_clear()
+        stack.callback(wiring.reset)  # the container's CRM clients were built with the patched parts
+        wiring.reset()
         yield wired
 
 
@@ -115,6 +113,8 @@ class Meter:
     # tracemalloc slows the traced code several times over: only the first ``trace_left`` syncer
     # invocations are traced, and their CPU and events are kept apart so they do not count in CPU/event.
     trace_left: int = 0
+    trace_every: int = 0  # also trace the 1st, (n+1)th, (2n+1)th... syncer invocation (the scale curve)
+    traced: int = 0  # syncer invocations traced so far
     events: int = 0  # appointments delivered to the syncer in SQS messages
     traced_cpu: float = 0.0
     traced_sdk_cpu: float = 0.0
@@ -146,10 +146,14 @@ def metered(stack: Any) -> Iterator[Meter]:
 
     def invoke(function_id: str, event: Any) -> Any:
         cpu, wall, sdk = time.thread_time(), time.perf_counter(), meter.sdk_cpu
-        tracing = meter.trace_left > 0 and function_id == "StageSyncerFunction"
+        nth = meter.invocations[function_id] + 1
+        tracing = function_id == "StageSyncerFunction" and (
+            meter.trace_left > 0 or (meter.trace_every > 0 and nth % meter.trace_every == 1)
+        )
         events = _appointments_in(event)
         if tracing:
-            meter.trace_left -= 1
+            meter.trace_left = max(0, meter.trace_left - 1)
+            meter.traced += 1
             tracemalloc.start()
         inside.invocation = True
         try:

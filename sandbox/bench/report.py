@@ -68,3 +68,30 @@ def print_report(report: dict[str, Any]) -> None:
     console.print(imports)
     console.print(f"imported with: {report.get('handler_import_interpreter', 'the running interpreter')}")
     console.print(f"wall time: {report['wall_seconds']} s")
+
+
+def print_scale(report: dict[str, Any]) -> None:
+    console = Console(width=200)
+    table = Table(title="Scale curve: clinicsync's backfill from an empty CRM (simulated clock at the real limits)")
+    for column in (
+        "CRM", "seeded", "eligible", "requests", "floor", "× floor", "sim s", "floor s", "× floor time", "503/429",
+        "syncer peak MiB", "CPU ms/event", "wall s", "process RSS MiB",
+    ):  # fmt: skip
+        table.add_column(column)
+    for p in report["points"]:
+        f = p["figure"]
+        table.add_row(
+            f["crm"], f"{p['seeded_appointments']:,}", f"{f['appointments']:,}", _fmt(f["crm_requests"], 0),
+            _fmt(f["floor_requests"], 0), _fmt(f["ratio_to_floor"]), _fmt(f["sim_seconds_at_rate_limit"], 0),
+            _fmt(f["floor_seconds"], 0), _fmt(f["time_ratio_to_floor"]), _fmt(f["refused_503_429"]),
+            _fmt(p["syncer_peak_mib"], 1), _fmt(p["cpu_ms_per_event"]), _fmt(p["backfill_wall_seconds"], 1),
+            _fmt(p["process_max_rss_mib"], 0),
+        )  # fmt: skip
+    console.print(table)
+    for crm, check in report["linearity"].items():
+        lines = [f"{crm}, largest size against smallest ({check['ratio']}):"]
+        lines += [f"  {name}: ×{check['ratios'][name]} — {verdict}" for name, verdict in check["verdicts"].items()]
+        console.print("\n".join(lines))
+    if report["determinism"]:
+        console.print(f"two runs, simulated figures identical: {report['determinism']['identical']}")
+    console.print(f"wall time: {report['wall_seconds']} s")

@@ -179,6 +179,62 @@ def _segment(clock: SimClock, app: ClockedApp, step: Callable[[], Any]) -> tuple
     return result, clock.now() - t0, sum(spent.values()), app.refused - refused
 
 
+@dataclass
+class Backfill:
+    """clinicsync's first import of the seeded clinic, checked against its CRM."""
+
+    figure: Figure
+    visits: list[Visit]  # the eligible visits, as the MIS showed them before the import
+    summary: Any
+    cost: dict[str, Any]  # the meter's difference over the import
+    peak_bytes: int  # the meter's peak traced memory so far
+    without_visits: dict[str, Any]
+    wall_seconds: float
+
+
+def measure_backfill(crm: str, clinic: Any, app: ClockedApp, clock: SimClock, meter: Meter) -> Backfill:
+    """Run clinicsync's backfill on its own clock phase, check every deal against the CRM
+    (:class:`InvalidRun` if one is missing or doubled), and price it against the floor: the one
+    measurement of our import that ``make bench`` and the scale curve both report."""
+    visits = visits_now(clinic.medods)
+    clock.next_phase()
+    snap = meter.snapshot()
+    started = time.perf_counter()
+    summary, secs, reqs, refused = _segment(clock, app, clinic.backfill)
+    wall = time.perf_counter() - started
+    poll = summary.poll if isinstance(summary.poll, dict) else {}
+    if poll.get("stopped_early"):  # the local runtime's Lambda deadline is wall time: a slow machine hits it
+        raise InvalidRun(
+            f"{crm}: clinicsync's backfill poll stopped at the poller's deadline after {poll.get('pages')} pages; "
+            "the import is incomplete, no figure"
+        )
+    _check_deals("clinicsync", crm, clinic.crm, visits)
+    cost = diff(meter.snapshot(), snap)
+    # One floor per workload, the same for every contestant: the eligible visits and their patients.
+    visit_patients = {str(v.client["id"]) for v in visits}
+    floor = backfill_floor(crm, len(visit_patients), len(visits))
+    # Patients become contacts even with no eligible visit in the window; the floor (and every
+    # peer) counts only patients with visits, so those creates are stated beside the ratio.
+    extra = len(set(clinic.crm.contacts_by_origin()) - visit_patients)
+    extra_floor = floor + math.ceil(extra / 50)
+    with_extra = {
+        "contacts": extra,
+        "floor_with_them": extra_floor,
+        "ratio_to_that_floor": round(reqs / extra_floor, 3),
+        "time_ratio_to_that_floor": round(secs / _floor_seconds(crm, extra_floor), 3),
+    }
+    note = (
+        f"also created {extra} contacts of patients with no eligible visit, outside the floor's workload; "
+        f"counting them the floor is {extra_floor} and the ratio {with_extra['ratio_to_that_floor']:.2f}"
+        if extra
+        else ""
+    )
+    figure = Figure(
+        crm, "clinicsync", "backfill", reqs, len(visits), floor, secs, _floor_seconds(crm, floor), refused, note=note
+    )
+    return Backfill(figure, visits, summary, cost, meter.peak_bytes, with_extra, wall)
+
+
 def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None], verbose: bool = False) -> CrmRun:
     from sandbox.local import _amocrm_account, _bitrix24_portal, start_local_clinic
 
@@ -200,45 +256,20 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
         )
     try:
         app = wired.crm
-        backfill_visits = visits_now(clinic.medods)
-        clock.next_phase()
         with metered(clinic.stack) as meter, simulated(clock), _quiet():
             meter.trace_left = TRACED_INVOCATIONS
             meter.progress = log if verbose else None
-            snap = meter.snapshot()
-            summary, secs, reqs, refused = _segment(clock, app, clinic.backfill)
-            _check_deals("clinicsync", crm, clinic.crm, backfill_visits)
+            backfill = measure_backfill(crm, clinic, app, clock, meter)
             meter.progress = None
-            backfill_cost = diff(meter.snapshot(), snap)
             meter.trace_left = 0
-            backfill_peak = meter.peak_bytes
+            backfill_visits, backfill_cost, summary = backfill.visits, backfill.cost, backfill.summary
             stats = clinic.crm.stats()
-            # One floor per workload, the same for every contestant: the eligible visits and their patients.
-            visit_patients = {str(v.client["id"]) for v in backfill_visits}
-            floor = backfill_floor(crm, len(visit_patients), len(backfill_visits))
-            appts = len(backfill_visits)
-            # Patients become contacts even with no eligible visit in the window; the floor (and every
-            # peer) counts only patients with visits, so those creates are stated beside the ratio.
-            extra = len(set(clinic.crm.contacts_by_origin()) - visit_patients)
-            extra_floor = floor + math.ceil(extra / 50)
-            with_extra = out.ours["backfill_contacts_without_visits"] = {
-                "contacts": extra,
-                "floor_with_them": extra_floor,
-                "ratio_to_that_floor": round(reqs / extra_floor, 3),
-                "time_ratio_to_that_floor": round(secs / _floor_seconds(crm, extra_floor), 3),
-            }
-            note = (
-                f"also created {extra} contacts of patients with no eligible visit, outside the floor's workload; "
-                f"counting them the floor is {extra_floor} and the ratio {with_extra['ratio_to_that_floor']:.2f}"
-                if extra
-                else ""
-            )
-            floor_secs = _floor_seconds(crm, floor)
-            out.figures.append(
-                Figure(crm, "clinicsync", "backfill", reqs, appts, floor, secs, floor_secs, refused, note=note)
-            )
+            out.ours["backfill_contacts_without_visits"] = backfill.without_visits
+            out.figures.append(backfill.figure)
             log_phase(
-                f"{crm}: clinicsync backfill {reqs} requests (floor {floor}), {secs:.0f} s simulated, {refused} refused"
+                f"{crm}: clinicsync backfill {backfill.figure.requests:.0f} requests "
+                f"(floor {backfill.figure.floor_requests:.0f}), {backfill.figure.sim_seconds:.0f} s simulated, "
+                f"{backfill.figure.refused:.0f} refused"
             )
 
             # The incremental feed's first poll: its cursor starts where the backfill's window ended.
@@ -327,7 +358,7 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
                     2,
                 ),
             },
-            "syncer_peak_mib": round(backfill_peak / 2**20, 1),
+            "syncer_peak_mib": round(backfill.peak_bytes / 2**20, 1),
             "mis_to_crm_seconds": _latency(processing),
             "unsubscribe_to_crm_seconds": unsubscribe,
             "webhook_burst": burst,

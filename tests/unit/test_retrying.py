@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clinicsync.adapters.amocrm.client import AmoCrmClient, AmoCrmOutcomeUnknown, AmoCrmUnavailable
-from clinicsync.adapters.aws.store import batch_get
+from clinicsync.adapters.aws.table import batch_get
 from clinicsync.adapters.bitrix24.client import Bitrix24Client, Bitrix24OutcomeUnknown, Bitrix24Unavailable
 from clinicsync.adapters.http.pacing import Pacer
 from clinicsync.adapters.http.retrying import Replay, Transient, call_with_retries, exponential, poll

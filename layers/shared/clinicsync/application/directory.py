@@ -21,10 +21,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from clinicsync.application.consent import ConsentLedger
-from clinicsync.domain.audience import AudienceMember, MemberBook, MemberStore, audience_member, note_accepted_members
+from clinicsync.domain.audience import AudienceMember, MemberBook, audience_member, note_accepted_members
 from clinicsync.domain.config import ClinicConfig, DirectorySettings
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.directory_records import (
@@ -43,7 +42,7 @@ from clinicsync.domain.directory_records import (
     directory_subject,
     merge_fields,
 )
-from clinicsync.domain.ports import Cursor
+from clinicsync.domain.ports import Cursor, Cursors, Leases, MemberStore
 from clinicsync.observability import logger
 
 # --- the rule ------------------------------------------------------------------------------------------
@@ -70,18 +69,6 @@ class DirectoryReport:
     opt_outs_recorded: int = 0
     skipped_busy: bool = False  # another run still holds the lease
     failed: dict[str, str] = field(default_factory=dict)  # "<kind>:<lis id>" -> reason (no PII)
-
-
-class Cursors(Protocol):
-    def get_cursor(self, source: str) -> Cursor | None: ...
-
-    def put_cursor(self, source: str, cursor: Cursor) -> None: ...
-
-
-class Leases(Protocol):
-    def acquire_lease(self, name: str, owner: str, seconds: int, now: int) -> bool: ...
-
-    def release_lease(self, name: str, owner: str) -> None: ...
 
 
 LEASE = "directory"

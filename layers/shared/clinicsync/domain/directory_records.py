@@ -1,6 +1,6 @@
 """The lab directory's records, rule and ports (case A): LIS register entries, vTiger records, what the
-sync writes, how a field value is normalised, and the field-by-field merge of a two-way record. Plain data: the LIS and vTiger adapters and the directory
-sync (``directory``) all speak these types."""
+sync writes, how a field value is normalised, and the field-by-field merge of a two-way record. Plain
+data: the LIS and vTiger adapters and the directory sync (``directory``) all speak these types."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from clinicsync.adapters.aws.store import batch_get
+from clinicsync.adapters.aws import keys
+from clinicsync.adapters.aws.table import batch_get
 from clinicsync.domain.directory_records import DirectoryState, Kind
 
 
@@ -16,14 +17,9 @@ class DirectoryStore:
     def __init__(self, table: Any) -> None:
         self._table = table
 
-    @staticmethod
-    def _pk(kind: str, lis_id: str) -> str:
-        return f"DIR#{kind}#{lis_id}"
-
     def load(self, kind: Kind, lis_ids: Sequence[str]) -> dict[str, DirectoryState]:
         states = {i: DirectoryState(kind, i) for i in dict.fromkeys(lis_ids)}
-        keys = [{"pk": self._pk(kind, i), "sk": "STATE"} for i in states]
-        for item in batch_get(self._table, keys):
+        for item in batch_get(self._table, [keys.directory_state(kind, i) for i in states]):
             lis_id = str(item["pk"]).split("#", 2)[2]
             state = states[lis_id]
             state.crm_id = str(item["crm_id"]) if item.get("crm_id") else None
@@ -34,7 +30,7 @@ class DirectoryStore:
     def save(self, states: Sequence[DirectoryState], now: int) -> None:
         with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
             for s in states:
-                item: dict[str, Any] = {"pk": self._pk(s.kind, s.lis_id), "sk": "STATE", "updated_at": now}
+                item: dict[str, Any] = {**keys.directory_state(s.kind, s.lis_id), "updated_at": now}
                 if s.crm_id:
                     item["crm_id"] = s.crm_id
                 if s.hashes:

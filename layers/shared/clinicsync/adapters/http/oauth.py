@@ -41,6 +41,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from clinicsync.adapters.http.redaction import install_httpx_filter
 from clinicsync.adapters.http.retrying import exponential, poll
 from clinicsync.domain.crypto import constant_time_equals
+from clinicsync.domain.ports import Leases
 from clinicsync.observability import logger
 
 if TYPE_CHECKING:
@@ -184,16 +185,8 @@ class SecretsManagerTokenStore[T: OAuthTokens]:
         self._client.put_secret_value(SecretId=self._secret_id, SecretString=json.dumps(data))
 
 
-class LeaseStore(Protocol):
-    """What :func:`lease_lock` needs; ``clinicsync.adapters.aws.store.DynamoStore`` provides it."""
-
-    def acquire_lease(self, name: str, owner: str, seconds: int, now: int) -> bool: ...
-
-    def release_lease(self, name: str, owner: str) -> None: ...
-
-
 def lease_lock(
-    store: LeaseStore,
+    store: Leases,
     vendor: OAuthVendor[Any],
     *,
     owner: str | None = None,

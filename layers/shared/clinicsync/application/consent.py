@@ -97,7 +97,7 @@ class ConsentLedger:
         refusing = [s for s in subjects if opted_out[s]]
         for s in refusing:
             self._store.mark_output(s, "mailchimp", MEMBER_MOVED)
-        self._enqueue(refusing, "mailchimp:upemail", (), ())
+        self._enqueue(refusing, "mailchimp:upemail", {}, ())
         return subjects
 
     def opt_out(

@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
 from clinicsync.domain.models import AppointmentStatus
-from sandbox.local import LocalClinic
+from sandbox.local import LOCAL_API_TIMEOUT, LocalClinic
 
 CASES = [
     pytest.param(("bitrix24", "medods"), id="bitrix24-medods"),
@@ -467,7 +467,7 @@ class ClinicMachine(RuleBasedStateMachine):
         """A mailbox provider's RFC 8058 POST, urlencoded or multipart (RFC 8058 §8.3's own example)."""
         url = f"{self.clinic.api_url}/unsubscribe/{self.clinic.unsubscribe_token(person.pid)}"
         if multipart:
-            answer = httpx.post(url, files={"List-Unsubscribe": (None, "One-Click")})
+            answer = httpx.post(url, files={"List-Unsubscribe": (None, "One-Click")}, timeout=LOCAL_API_TIMEOUT)
         else:
             answer = self.clinic.one_click(self.clinic.unsubscribe_token(person.pid))
         assert answer.status_code == 200, (multipart, answer.status_code)
@@ -503,6 +503,7 @@ class ClinicMachine(RuleBasedStateMachine):
             f"{self.clinic.api_url}/webhooks/mailchimp/{secret}",
             content=body,
             headers={"content-type": "application/x-www-form-urlencoded"},
+            timeout=LOCAL_API_TIMEOUT,
         )
         assert answer.status_code == 200  # recorded for that address, which is nobody we know
 

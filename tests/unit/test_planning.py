@@ -61,6 +61,7 @@ def test_the_read_only_table_reads_and_drops_every_write() -> None:
 class _Gateway:
     kind = "bitrix24"
     lookups_need_intents = False
+    guards_writes = False
 
     def apply(self, writes: Any) -> Any:
         raise AssertionError("a plan must not send writes")

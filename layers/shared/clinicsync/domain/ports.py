@@ -90,6 +90,9 @@ class ContactWrite:
     # On update, PHONE/EMAIL are multifields: a changed value edits our entry by its id (or is appended).
     changed_multifields: frozenset[str] = frozenset()  # {"phone", "email"}
     multifield_ids: Mapping[str, str] = field(default_factory=dict)  # {"phone": entry id}
+    # Only if we are still the contact's last modifier (a gateway that ``guards_writes``); otherwise the
+    # patient fails with CHANGED_SINCE_READ (see there).
+    expect_ours: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,9 @@ class DealWrite:
     lead_id: str | None = None  # the lead this deal grew from (adoption keeps the lead's origin)
     link_contact: bool = False  # an adopted deal is linked to the patient's contact
     lead_source: str | None = None  # the adopted lead's source, copied once with lead_id (Bitrix24 SOURCE_ID)
+    # Only if the deal is still open at this stage or at ``stage`` (a gateway that ``guards_writes``);
+    # otherwise the patient fails with CHANGED_SINCE_READ (see there).
+    expect_stage: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,12 @@ class PipelineMismatch(Exception):
         self.problems = list(problems)
 
 
+# A guarded write found its record changed since we last wrote it, so it was not applied, nor were the
+# patient's creates and unguarded writes; its other guarded updates may have been (same fields: they are
+# sent again). The syncer reads the records, plans the patient again and writes unguarded.
+CHANGED_SINCE_READ = "changed_since_read"
+
+
 @dataclass
 class WriteOutcome:
     contact_ids: dict[str, str] = field(default_factory=dict)  # patient id -> contact id
@@ -170,6 +182,9 @@ class CrmGateway(Protocol):
     # True when a look-up by MIS id costs a request per id (amoCRM): the syncer then records create
     # intents, and only ids with an intent (an earlier attempt whose response may be lost) are looked up.
     lookups_need_intents: bool
+    # True when ``apply`` checks a write's ``expect_ours``/``expect_stage`` in the same request as the
+    # write (Bitrix24 ``batch`` result references): the syncer then reads nothing before writing.
+    guards_writes: bool
 
     def find(
         self,

@@ -73,6 +73,8 @@ class Bitrix24Gateway:
         self._config = config
         self._originator = config.crm.originator_id
         self._writer = Bitrix24Writer(client, config)
+        # A contact's guard compares its last modifier with our user: without one, read before writing.
+        self.guards_writes = bool(client.user_id)
 
     def requests_made(self) -> int:
         return self._client.requests

@@ -179,8 +179,9 @@ class OpenLead:
 
 class CrmGateway(Protocol):
     kind: str
-    # True when a look-up by MIS id costs a request per id (amoCRM): the syncer then records create
-    # intents, and only ids with an intent (an earlier attempt whose response may be lost) are looked up.
+    # True when a look-up by MIS id costs requests of its own (amoCRM: a scan; Bitrix24: a batch when no
+    # phone is looked up): the syncer then records create intents, and only ids with an intent (an
+    # earlier attempt whose response may be lost) or of a patient new to us are looked up.
     lookups_need_intents: bool
     # True when ``apply`` checks a write's ``expect_ours``/``expect_stage`` in the same request as the
     # write (Bitrix24 ``batch`` result references): the syncer then reads nothing before writing.

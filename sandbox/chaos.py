@@ -24,7 +24,6 @@ smaller one in ``make test``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import random
@@ -228,12 +227,8 @@ class ChaosRun:
     def _install(self) -> None:
         transport = self.transport
 
-        @functools.cache
-        def chaotic_http() -> httpx.Client:
-            return httpx.Client(transport=transport, timeout=httpx.Timeout(30.0, connect=5.0))
-
-        wiring.reset()
-        wiring.http_client = chaotic_http  # type: ignore[assignment]
+        chaotic_http = httpx.Client(transport=transport, timeout=httpx.Timeout(30.0, connect=5.0))
+        wiring.replace_parts(http_client=chaotic_http)  # every container built from now on calls through it
         stack = self.clinic.stack
         real_invoke = stack.invoke
 
@@ -258,8 +253,7 @@ class ChaosRun:
 
     def _uninstall(self) -> None:
         self.transport.enabled = False
-        wiring.reset()
-        wiring.http_client = wiring.__dict__["_real_http_client"]
+        wiring.replace_parts()
 
     # --- the MIS side ---------------------------------------------------------------------------------
 
@@ -442,9 +436,6 @@ def _mismatches(clinic: LocalClinic, expected: dict[str, Any]) -> tuple[list[str
         )
     problems += [f"appointment {aid}: deal exists but must not" for aid in sorted(set(deals) - set(expected))]
     return problems, kept
-
-
-wiring.__dict__.setdefault("_real_http_client", wiring.http_client)
 
 
 def run_chaos(config: ChaosConfig, aws: LocalAws | None = None) -> ChaosFigures:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import yaml
 
+from clinicsync.adapters.amocrm import webhook as amocrm_webhook
 from clinicsync.adapters.bitrix24 import webhook as bitrix24_webhook
 from clinicsync.domain.config import ClinicConfig, parse_clinic_config
 from clinicsync.domain.models import AppointmentStatus, Channel
@@ -592,9 +593,8 @@ def _amocrm_account(rate_limit: bool) -> _Portal:
         "fields.crm_fields": case_c,
         "matching.adopt_deal_stages": [str(STATUS_NEW_REQUEST), str(STATUS_IN_WORK)],
     }
-    events = ("add_lead", "update_lead", "status_lead", "add_contact", "update_contact")
 
     def subscribe(api: str) -> None:
-        amo.add_webhook(f"{api}/webhooks/amocrm/{webhook_secret}", events)
+        amo.add_webhook(f"{api}/webhooks/amocrm/{webhook_secret}", amocrm_webhook.EVENTS)  # as discovery registers
 
     return _Portal(AmoCrmView(amo, fields), server, secret, overrides, subscribe, amocrm=amo)

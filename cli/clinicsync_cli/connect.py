@@ -28,13 +28,14 @@ from clinicsync.adapters.amocrm.oauth import AMOCRM, AmoCrmOAuth
 from clinicsync.adapters.bitrix24.client import Bitrix24Client
 from clinicsync.adapters.bitrix24.gateway import Bitrix24Gateway
 from clinicsync.adapters.bitrix24.oauth import BITRIX24, Bitrix24OAuth
-from clinicsync.adapters.http.oauth import LeaseStore, SecretsManagerTokenStore, lease_lock, rotated_values
+from clinicsync.adapters.http.oauth import SecretsManagerTokenStore, lease_lock, rotated_values
 from clinicsync.adapters.http.pacing import Pacer
-from clinicsync.adapters.infoclinica.source import InfoClinicaApi, InfoClinicaSource
+from clinicsync.adapters.infoclinica.api import InfoClinicaApi
+from clinicsync.adapters.infoclinica.source import InfoClinicaSource
 from clinicsync.adapters.medods.source import MedodsApi, MedodsSource
 from clinicsync.adapters.renovatio.source import RenovatioApi, RenovatioSource
 from clinicsync.domain.config import ClinicConfig
-from clinicsync.domain.ports import CrmGateway, MisSource
+from clinicsync.domain.ports import CrmGateway, Leases, MisSource
 
 
 def token_keys(kind: str) -> tuple[str, ...]:
@@ -125,7 +126,7 @@ def bitrix24_client(
     rate: float = 2.0,
     burst: int = 10,
     *,
-    leases: LeaseStore | None = None,
+    leases: Leases | None = None,
     region: str | None = None,
 ) -> Bitrix24Client:
     """Paced in-process and kept well under the portal's budget: the live stack shares the same bucket.
@@ -146,7 +147,7 @@ def amocrm_client(
     rate: float = 3.0,
     burst: int = 1,
     *,
-    leases: LeaseStore | None = None,
+    leases: Leases | None = None,
     region: str | None = None,
 ) -> AmoCrmClient:
     creds.need("base_url")
@@ -160,7 +161,7 @@ def crm_client(
     creds: Credentials,
     http: httpx.Client,
     *,
-    leases: LeaseStore | None = None,
+    leases: Leases | None = None,
     region: str | None = None,
 ) -> Bitrix24Client | AmoCrmClient:
     if kind == "bitrix24":

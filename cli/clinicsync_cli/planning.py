@@ -2,17 +2,17 @@
 
 The MIS is read from the stored cursor (or a window) without moving it; the changes go through the same
 ``Syncer`` the stack runs, with two stand-ins: a gateway that looks up for real but records writes instead
-of sending them, and a store whose table refuses every write. So the plan is the rules' own decision, not a
-copy of them. Values shown are masked: names by initials, phones and e-mails by a few characters.
+of sending them, and an in-memory store that reads the table through and keeps every write to itself
+(``MemoryStore(below=...)``). So the plan is the rules' own decision, not a copy of them. Values shown
+are masked: names by initials, phones and e-mails by a few characters.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.application.sync import Syncer
@@ -30,69 +30,13 @@ from clinicsync.domain.ports import (
     OpenLead,
     WriteOutcome,
 )
+from clinicsync_cli.memory_store import MemoryStore
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 
 # --- the non-writing stand-ins -------------------------------------------------------------------------
-
-
-class _NoBatch:
-    def put_item(self, **_: Any) -> None:
-        return None
-
-    def delete_item(self, **_: Any) -> None:
-        return None
-
-
-class _ReadOnlyClient:
-    def __init__(self, client: Any) -> None:
-        self._client = client
-
-    def batch_get_item(self, **kwargs: Any) -> Any:
-        return self._client.batch_get_item(**kwargs)
-
-    def transact_write_items(self, **_: Any) -> dict[str, Any]:
-        return {}  # claims: nobody else is affected by a plan
-
-
-@dataclass
-class _Meta:
-    client: _ReadOnlyClient
-
-
-class ReadOnlyTable:
-    """Reads go to the table; every write is dropped (and counted)."""
-
-    def __init__(self, table: Any) -> None:
-        self._table = table
-        self.name = table.name
-        self.meta = _Meta(_ReadOnlyClient(table.meta.client))
-        self.dropped_writes = 0
-
-    def get_item(self, **kwargs: Any) -> Any:
-        return self._table.get_item(**kwargs)
-
-    def query(self, **kwargs: Any) -> Any:
-        return self._table.query(**kwargs)
-
-    def put_item(self, **_: Any) -> dict[str, Any]:
-        self.dropped_writes += 1
-        return {}
-
-    def update_item(self, **_: Any) -> dict[str, Any]:
-        self.dropped_writes += 1
-        return {}
-
-    def delete_item(self, **_: Any) -> dict[str, Any]:
-        self.dropped_writes += 1
-        return {}
-
-    @contextlib.contextmanager
-    def batch_writer(self, **_: Any) -> Iterator[_NoBatch]:
-        self.dropped_writes += 1
-        yield _NoBatch()
 
 
 class DryRunGateway:
@@ -245,8 +189,8 @@ def plan_sync(
     hasher: KeyedHasher,
 ) -> Plan:
     dry = DryRunGateway(gateway)
-    read_only = ReadOnlyTable(table)
-    store = DynamoStore(cast("Table", read_only))
+    stored = DynamoStore(table)
+    store = MemoryStore(below=stored)
     syncer = Syncer(verified(config, gateway), store, dry, hasher, claim_wait=0.0)
     reads_before = gateway.requests_made()
     plan = Plan(patients=len(changes), appointments=sum(len(c.appointments) for c in changes))
@@ -260,11 +204,11 @@ def plan_sync(
     for write in dry.writes:
         if isinstance(write, DealWrite):
             wanted.setdefault(write.patient_id, []).append(write.appointment_id)
-    states = store.load_patients(wanted) if wanted else {}
+    states = stored.load_patients(wanted) if wanted else {}  # as before the plan
     for write in dry.writes:
         plan.writes.append(_planned(write, deals, states))
     plan.crm_reads = gateway.requests_made() - reads_before
-    plan.dropped_store_writes = read_only.dropped_writes
+    plan.dropped_store_writes = store.writes
     return plan
 
 

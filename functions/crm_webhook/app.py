@@ -52,7 +52,7 @@ def ident_post_timetable() -> Response[Any]:
 
 @app.get("/ident/connector/settings", middlewares=[ident_mw.connector_caller])
 def ident_connector_settings() -> Response[Any]:
-    return mw.json_reply(200, ident.connector_settings(wiring.clinic_config()))
+    return mw.json_reply(200, ident.connector_settings(wiring.container().clinic_config()))
 
 
 @app.post("/ident/connector/batches", middlewares=[ident_mw.connector_caller])

@@ -16,8 +16,8 @@ from clinicsync.application.consent import our_audiences
 from clinicsync.observability import logger, metrics, tracer
 from clinicsync.runtime import middlewares as mw
 from clinicsync.runtime import unsubscribe_pages as pages
-from clinicsync.runtime import wiring
 from clinicsync.runtime.observe import Counted, observe
+from clinicsync.runtime.wiring import container
 
 app = APIGatewayHttpResolver()
 mw.answer_refusals(app)
@@ -26,14 +26,14 @@ pages.answer_refused_links(app)  # a token that does not verify: the refusal pag
 
 @app.get("/unsubscribe/<token>")
 def confirm_page(token: str) -> Response[Any]:
-    wiring.unsubscribe_tokens().verify(token)  # a GET never unsubscribes: scanners and previews fetch links
+    container().unsubscribe_tokens().verify(token)  # a GET never unsubscribes: scanners and previews fetch links
     return pages.confirm()
 
 
 @app.post("/unsubscribe/<token>", middlewares=[pages.one_click_form])
 def one_click(token: str) -> Response[Any]:
-    claim = wiring.unsubscribe_tokens().verify(token)
-    changed = wiring.consent_ledger().unsubscribe_link(claim)
+    claim = container().unsubscribe_tokens().verify(token)
+    changed = container().consent_ledger().unsubscribe_link(claim)
     observe(Counted({"UnsubscribeLinksHonoured": 1}))
     logger.info("one-click unsubscribe", extra={"channel": claim.channel.value, "changed": changed})
     return pages.done()
@@ -47,7 +47,7 @@ def mailchimp_validate(secret: str) -> Response[Any]:  # noqa: ARG001 - the chec
 @app.post("/webhooks/mailchimp/<secret>", middlewares=[mw.mailchimp_sender])
 def mailchimp_event(secret: str) -> Response[Any]:  # noqa: ARG001 - checked by the middleware
     event = app.context["event"]
-    outcome = wiring.consent_ledger().audience_event(event, our_audiences(wiring.clinic_config()))
+    outcome = container().consent_ledger().audience_event(event, our_audiences(container().clinic_config()))
     observe(Counted({"MailchimpEvents": 1}))
     logger.info("mailchimp event", extra={"type": event.kind, "outcome": outcome})
     return mw.json_reply(200, {"status": outcome})  # also for unknown addresses: Mailchimp must not retry

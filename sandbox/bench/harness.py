@@ -81,10 +81,8 @@ def simulated(clock: SimClock) -> Iterator[Wired]:
     with contextlib.ExitStack() as stack:
         for module, name, replacement in patches:
             stack.enter_context(mock.patch.object(module, name, replacement))
-        stack.callback(wiring._amocrm_client.cache_clear)
-        stack.callback(wiring._bitrix_client.cache_clear)
-        wiring._bitrix_client.cache_clear()
-        wiring._amocrm_client.cache_clear()
+        stack.callback(wiring.reset)  # the container's CRM clients were built with the patched parts
+        wiring.reset()
         yield wired
 
 

@@ -9,8 +9,8 @@ import boto3
 import pytest
 from moto import mock_aws
 
+from clinicsync.adapters.aws.backfill_checkpoint import DynamoBackfillCheckpoint
 from clinicsync.adapters.aws.store import DynamoStore
-from clinicsync.application.backfill import BackfillCheckpoint
 from clinicsync.application.poll import Poller
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.ports import ChangePage, Cursor
@@ -51,7 +51,7 @@ def table(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
 def test_an_interrupted_import_resumes_at_the_first_page_not_queued(table: object) -> None:
     source, queue = FlakySource(pages=7, fail_at=4), ListQueue()
     poller = Poller(demo_config(), source, DynamoStore(table), queue, HASHER)  # type: ignore[arg-type]
-    checkpoint = BackfillCheckpoint(table, source.kind)  # type: ignore[arg-type]
+    checkpoint = DynamoBackfillCheckpoint(table, source.kind)
 
     first = poller.backfill(lambda: 10**6, checkpoint, window_days=30, max_pages=2)  # stops after two pages
     assert (first.pages, first.done, first.resumed) == (2, False, False)
@@ -75,7 +75,7 @@ def test_an_interrupted_import_resumes_at_the_first_page_not_queued(table: objec
 def test_the_import_stops_before_the_lambda_deadline_and_the_next_invocation_goes_on(table: object) -> None:
     source, queue = PagedSource(pages=5), ListQueue()
     poller = Poller(demo_config(), source, DynamoStore(table), queue, HASHER)  # type: ignore[arg-type]
-    checkpoint = BackfillCheckpoint(table, source.kind)  # type: ignore[arg-type]
+    checkpoint = DynamoBackfillCheckpoint(table, source.kind)
     budget = iter([60_000, 10_000])  # the second page leaves less than the safety margin
     state = poller.backfill(lambda: next(budget, 0), checkpoint, window_days=30)
     assert (state.pages, state.done) == (2, False)

@@ -21,9 +21,9 @@ from clinicsync.adapters.bitrix24.oauth import (
     Bitrix24OAuth,
     Bitrix24Tokens,
     parse_tokens,
-    redact_url,
 )
 from clinicsync.adapters.http.oauth import SecretsManagerTokenStore, lease_lock
+from clinicsync.adapters.http.redaction import redact_url
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
 from tests.conftest import LogCapture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,25 +15,24 @@ import pytest
 from defusedxml.ElementTree import fromstring as safe_fromstring
 from werkzeug.test import Client, TestResponse
 
-from clinicsync.adapters.infoclinica.source import (
+from clinicsync.adapters.infoclinica.api import (
     InfoClinicaApi,
     InfoClinicaError,
     InfoClinicaRefused,
-    InfoClinicaSource,
     UnsafeXml,
     child,
     children,
-    parse_ic_date,
-    parse_ic_datetime,
     parse_xml,
     record,
     text_at,
 )
+from clinicsync.adapters.infoclinica.source import InfoClinicaSource, parse_ic_date, parse_ic_datetime
 from clinicsync.application.poll import Poller
 from clinicsync.domain.config import ClinicConfig, MisConnection
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import AppointmentStatus, PatientChanges
 from clinicsync.domain.ports import ChangePage
+from clinicsync_cli.memory_store import MemoryStore
 from sandbox.emulators.base import Clock
 from sandbox.emulators.infoclinica import NS, STATUSES, InfoClinicaEmulator, serve_tls
 from sandbox.seed import CLINIC_TZ, SampleClinic, build_sample_clinic
@@ -385,34 +383,9 @@ def test_a_booking_changed_twice_is_read_once_and_both_entries_acknowledged(
 # --- with the real poller ---------------------------------------------------------------------
 
 
-class FakeStore:
-    """The parts of DynamoStore the poller uses; cursors go through JSON like the real item does."""
-
-    def __init__(self) -> None:
-        self.cursors: dict[str, Any] = {}
-        self.leases: set[str] = set()
-        self.phones: list[tuple[str, str]] = []
-
-    def acquire_lease(self, name: str, owner: str, seconds: int, now: int) -> bool:
-        if name in self.leases:
-            return False
-        self.leases.add(name)
-        return True
-
-    def release_lease(self, name: str, owner: str) -> None:
-        self.leases.discard(name)
-
-    def get_cursor(self, source: str) -> Any:
-        return self.cursors.get(source)
-
-    def put_cursor(self, source: str, cursor: Any) -> None:
-        self.cursors[source] = json.loads(json.dumps(cursor))
-
-    def index_phones(self, entries: list[tuple[str, str]]) -> None:
-        self.phones.extend(entries)
-
-    def index_emails(self, entries: list[tuple[str, str]]) -> None:
-        pass
+def _lease_free(store: MemoryStore) -> bool:
+    """Nobody holds the poll lease (the poller's would outlive time 0)."""
+    return store.acquire_lease("poll:infoclinica", "probe", 1, now=0)
 
 
 class FakeQueue:
@@ -426,30 +399,30 @@ class FakeQueue:
         self.sent.extend(messages)
 
 
-def poller(source: InfoClinicaSource, store: FakeStore, queue: FakeQueue) -> Poller:
+def poller(source: InfoClinicaSource, store: MemoryStore, queue: FakeQueue) -> Poller:
     return Poller(ic_config(), source, store, queue, KeyedHasher(b"k" * 32))  # type: ignore[arg-type]
 
 
 def test_poller_acknowledges_only_after_the_changes_are_enqueued(
     emu: InfoClinicaEmulator, clinic: SampleClinic
 ) -> None:
-    source, store = make_source(emu), FakeStore()
+    source, store = make_source(emu), MemoryStore()
     visit = emu.book(clinic.patients[1].id, clinic.doctors[0].id, 1, emu.at(1, "09:00"))
     with pytest.raises(RuntimeError, match="SQS"):
         poller(source, store, FakeQueue(fail=True)).poll(lambda: 900_000)
-    assert len(emu.pending_changes()) == 1 and store.cursors == {} and store.leases == set()
+    assert len(emu.pending_changes()) == 1 and store.get_cursor("infoclinica") is None and _lease_free(store)
 
     queue = FakeQueue()
     report = poller(source, store, queue).poll(lambda: 900_000)
     assert (report.appointments, report.rejected) == (1, 0)
     assert [a.mis_id for m in queue.sent for c in m.changes for a in c.appointments] == [str(visit)]
     assert emu.pending_changes() == []
-    assert store.cursors["infoclinica"]["mode"] == "queue"
+    assert (store.get_cursor("infoclinica") or {})["mode"] == "queue"
     assert poller(source, store, FakeQueue()).poll(lambda: 900_000).messages == 0
 
 
 def test_hostile_xml_is_refused_and_the_poller_recovers(emu: InfoClinicaEmulator, clinic: SampleClinic) -> None:
-    source, store, queue = make_source(emu), FakeStore(), FakeQueue()
+    source, store, queue = make_source(emu), MemoryStore(), FakeQueue()
     emu.update_client(clinic.patients[2].id, REFUSESMS=True)
     for payload in (BILLION_LAUGHS, XXE):
         emu.faults.respond_next(payload, method="CLIENTS_CHANGE_LIST")
@@ -457,7 +430,7 @@ def test_hostile_xml_is_refused_and_the_poller_recovers(emu: InfoClinicaEmulator
         with pytest.raises(UnsafeXml, match=r"CLIENTS_CHANGE_LIST: unsafe XML refused \((DTD|Entities)Forbidden\)"):
             poller(source, store, queue).poll(lambda: 900_000)
         assert time.monotonic() - started < 2
-        assert store.leases == set() and store.cursors == {} and queue.sent == []
+        assert _lease_free(store) and store.get_cursor("infoclinica") is None and queue.sent == []
     report = poller(source, store, queue).poll(lambda: 900_000)
     assert report.patients == 1 and emu.pending_changes("clients") == []
     (message,) = queue.sent

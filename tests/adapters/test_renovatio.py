@@ -26,6 +26,7 @@ from clinicsync.domain.config import ClinicConfig, MisConnection
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import Appointment, AppointmentStatus
 from clinicsync.domain.ports import ChangePage
+from clinicsync_cli.memory_store import MemoryStore
 from sandbox.emulators.base import Clock
 from sandbox.emulators.renovatio import STATUSES, RenovatioEmulator
 from sandbox.seed import CLINIC_TZ, SampleClinic, build_sample_clinic
@@ -386,33 +387,6 @@ def test_chunk_size_is_bounded_by_the_api_limit(emu: RenovatioEmulator) -> None:
 # --- with the real poller ---------------------------------------------------------------------
 
 
-class FakeStore:
-    def __init__(self) -> None:
-        self.cursors: dict[str, Any] = {}
-        self.leases: set[str] = set()
-
-    def acquire_lease(self, name: str, owner: str, seconds: int, now: int) -> bool:
-        if name in self.leases:
-            return False
-        self.leases.add(name)
-        return True
-
-    def release_lease(self, name: str, owner: str) -> None:
-        self.leases.discard(name)
-
-    def get_cursor(self, source: str) -> Any:
-        return self.cursors.get(source)
-
-    def put_cursor(self, source: str, cursor: Any) -> None:
-        self.cursors[source] = json.loads(json.dumps(cursor))
-
-    def index_phones(self, entries: list[tuple[str, str]]) -> None:
-        pass
-
-    def index_emails(self, entries: list[tuple[str, str]]) -> None:
-        pass
-
-
 class FakeQueue:
     def __init__(self) -> None:
         self.sent: list[Any] = []
@@ -422,7 +396,7 @@ class FakeQueue:
 
 
 def test_poller_sends_each_change_once(emu: RenovatioEmulator, clinic: SampleClinic) -> None:
-    source, store = make_source(emu), FakeStore()
+    source, store = make_source(emu), MemoryStore()
 
     def poll() -> tuple[Any, FakeQueue]:
         queue = FakeQueue()

@@ -1,4 +1,5 @@
-"""The DynamoDB store on moto, with the table created from template.yaml's own definition."""
+"""The DynamoDB store on moto, with the table created from template.yaml's own definition: what only the table
+shows (requests per write, audit items). The rules both stores keep are in test_store_contract.py."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ from typing import Any
 
 import boto3
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from moto import mock_aws
 
 from clinicsync.adapters.aws.store import DynamoStore
@@ -61,49 +60,6 @@ def _save(store: DynamoStore, state: PatientState) -> None:
     store.save_patients([(state, ["a1"])], store.load_patients({state.patient_id: ["a1"]}))
 
 
-def test_patient_state_round_trips(store: DynamoStore) -> None:
-    _save(store, _state())
-    loaded = store.load_patients({"p1": ["a1"], "p2": []})
-    assert loaded["p1"] == _state()
-    assert loaded["p2"] == PatientState(patient_id="p2")
-    assert store.patient_for_crm("deal", "20") == {"patient_id": "p1", "appointment_id": "a1"}
-    assert store.patient_for_crm("contact", "10") == {"patient_id": "p1"}
-
-
-def test_older_versions_never_overwrite_newer_ones(store: DynamoStore) -> None:
-    _save(store, _state(version=5))
-    older = _state(version=4)
-    older.appointments["a1"].stage = "PREPARATION"
-    _save(store, older)
-    loaded = store.load_patients({"p1": ["a1"]})["p1"]
-    assert loaded.version == 5
-    assert loaded.appointments["a1"].stage == "PREPAYMENT_INVOICE"
-
-
-def test_delete_patient_removes_every_trace(store: DynamoStore) -> None:
-    _save(store, _state())
-    store.index_phone("k1", "p1", None)
-    store.delete_patient("p1")
-    assert store.load_patients({"p1": ["a1"]})["p1"] == PatientState(patient_id="p1")
-    assert store.patients_by_phone("k1") == []
-    assert store.patient_for_crm("deal", "20") is None
-
-
-def test_phone_index_moves_with_the_phone(store: DynamoStore) -> None:
-    store.index_phone("k1", "p1", None)
-    store.index_phone("k1", "p2", None)  # a family sharing one phone: two patients, one key
-    assert sorted(store.patients_by_phone("k1")) == ["p1", "p2"]
-    store.index_phone("k2", "p1", "k1")
-    assert store.patients_by_phone("k1") == ["p2"]
-    assert store.patients_by_phone("k2") == ["p1"]
-
-
-def test_cursor_round_trip(store: DynamoStore) -> None:
-    assert store.get_cursor("medods") is None
-    store.put_cursor("medods", {"appointments": 17, "seen": {"a1": 17}})
-    assert store.get_cursor("medods") == {"appointments": 17, "seen": {"a1": 17}}
-
-
 def test_opt_outs_are_sticky_and_audited(store: DynamoStore) -> None:
     store.record_opt_outs("pat:p1", ["email", "sms"], "mis", 1000)
     store.record_opt_outs("pat:p1", ["email"], "crm", 2000)  # a repeat changes nothing
@@ -114,17 +70,6 @@ def test_opt_outs_are_sticky_and_audited(store: DynamoStore) -> None:
     table = boto3.resource("dynamodb", region_name="eu-central-1").Table("clinic-table")
     audit = [i for i in table.scan()["Items"] if str(i["sk"]).startswith("AUDIT#")]
     assert len(audit) == 2 and all(i["source"] == "mis" and "expires_at" in i for i in audit)
-
-
-def test_lease_admits_one_holder_until_released_or_expired(store: DynamoStore) -> None:
-    assert store.acquire_lease("poll:medods", "run-1", 300, now=1000)
-    assert not store.acquire_lease("poll:medods", "run-2", 300, now=1100)
-    assert store.acquire_lease("poll:medods", "run-1", 300, now=1100)  # the holder may renew
-    assert store.acquire_lease("poll:medods", "run-2", 300, now=1401)  # expired: taken over
-    store.release_lease("poll:medods", "run-1")  # not the holder any more: no effect
-    assert not store.acquire_lease("poll:medods", "run-3", 300, now=1402)
-    store.release_lease("poll:medods", "run-2")
-    assert store.acquire_lease("poll:medods", "run-3", 300, now=1403)
 
 
 def test_saving_known_patients_costs_one_request_per_hundred_items_and_keeps_newer_versions(
@@ -177,22 +122,3 @@ def test_a_subjects_new_opt_outs_and_their_audit_cost_one_request(store: DynamoS
         ("marketing", "crm"),
         ("sms", "mis"),
     ]
-
-
-@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(moves=st.lists(st.integers(min_value=1, max_value=2**40), min_size=1, max_size=8))
-def test_the_crm_phone_index_cursor_only_moves_forward_whatever_the_order_containers_report(
-    store: DynamoStore, moves: list[int]
-) -> None:
-    """Containers store how far they read in any order: a slower one never moves the cursor back, or a
-    new container would skip the contacts changed in between."""
-    store._table.delete_item(Key={"pk": "CRMPHONES", "sk": "CURSOR"})
-    for seen_to in moves:
-        store.advance_crm_phones(seen_to)
-    assert store.crm_phone_index()[0] == max(moves)
-
-
-def test_crm_phone_index_entries_are_added_and_dropped_per_contact(store: DynamoStore) -> None:
-    store.update_crm_phones(add=[("11", "k1"), ("11", "k2"), ("12", "k1")], drop=[])
-    store.update_crm_phones(add=[("11", "k3")], drop=[("11", "k1"), ("13", "k9")])  # dropping a missing one is fine
-    assert store.crm_phone_index() == (None, {"11": {"k2", "k3"}, "12": {"k1"}})

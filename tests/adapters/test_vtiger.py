@@ -16,10 +16,17 @@ from pydantic import ValidationError
 
 from clinicsync.adapters.lis.source import LisApi, LisSource, to_record
 from clinicsync.adapters.vtiger.client import VtigerClient, VtigerDirectory, VtigerError, quote
-from clinicsync.application.directory import DirectoryState, DirectorySync, merge_fields
+from clinicsync.application.directory import DirectorySync
 from clinicsync.domain.config import DirectorySettings, parse_clinic_config
 from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.directory_records import CrmRecord, CrmWriteSpec, DirectoryPage, DirectoryRecord
+from clinicsync.domain.directory_records import (
+    CrmRecord,
+    CrmWriteSpec,
+    DirectoryPage,
+    DirectoryRecord,
+    DirectoryState,
+    merge_fields,
+)
 from clinicsync.domain.ports import Cursor
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.lis import LisEmulator

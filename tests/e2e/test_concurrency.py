@@ -54,7 +54,7 @@ class PausingGateway:
 
 def _syncer(clinic: LocalClinic, after_find: Callable[[], None] = lambda: None) -> Syncer:
     with clinic.stack.environment():
-        real = wiring.syncer()
+        real = wiring.container().syncer()
     gateway = PausingGateway(real._gateway, after_find)
     return Syncer(real._config, real._store, gateway, real._hasher, claim_wait=0.3)  # type: ignore[arg-type]
 

@@ -50,10 +50,12 @@ def test_the_bitrix24_receiver_queues_exactly_the_events_discovery_binds(
     assert clinic.stack.queue_depth("CrmEventQueue") == len(BITRIX24_EVENTS)
 
 
-def test_a_contact_a_manager_adds_is_not_an_event_we_bind() -> None:
+def test_a_contact_a_manager_adds_is_not_an_event_we_bind_on_either_crm() -> None:
     """Only a contact we created and mapped speaks for a patient; ours come back as echoes."""
     assert "ONCRMCONTACTADD" not in BITRIX24_EVENTS
     assert "ONCRMCONTACTUPDATE" in BITRIX24_EVENTS
+    assert "add_contact" not in AMOCRM_EVENTS
+    assert "update_contact" in AMOCRM_EVENTS
 
 
 ENTITY_GROUPS = ("leads", "contacts", "companies", "customers", "tasks")

@@ -79,3 +79,18 @@ def test_metrics_and_health_counts_are_written_by_observe_only() -> None:
         if re.search(r"add_metric\(|\.health\(\)\.record_", path.read_text(encoding="utf-8"))
     }
     assert writers == {"layers/shared/clinicsync/runtime/observe.py", *ADAPTER_METRICS}
+
+
+MAX_MODULE_LINES = 400
+DEPLOYED = sorted((ROOT / "layers" / "shared" / "clinicsync").rglob("*.py"))
+
+
+def test_there_are_deployed_modules_to_check() -> None:
+    assert len(DEPLOYED) > 50
+
+
+@pytest.mark.parametrize("module", DEPLOYED, ids=lambda p: str(p.relative_to(ROOT / "layers" / "shared")))
+def test_no_deployed_module_exceeds_400_lines(module: Path) -> None:
+    """A module past 400 lines has grown a second job: split it along the seam it already has."""
+    lines = len(module.read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{module.name}: {lines} lines"

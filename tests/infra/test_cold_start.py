@@ -25,6 +25,7 @@ ADAPTERS = (
     "bitrix24.gateway",
     "medods.source",
     "lis.source",
+    "infoclinica.api",
     "infoclinica.source",
     "renovatio.source",
     "vtiger.client",
@@ -61,7 +62,7 @@ def test_importing_a_handler_loads_no_mis_or_crm_adapter(handler: str) -> None:
     loaded = _loaded_after(handler, "import app")
     assert "clinicsync.runtime.wiring" in loaded  # the handler really reached the wiring
     assert {f"clinicsync.adapters.{name}" for name in ADAPTERS} & loaded == set()
-    # The HTTP stack loads with the first adapter that calls an API (wiring.http_client), not at import.
+    # The HTTP stack loads with the first adapter that calls an API (Container.http_client), not at import.
     assert {"httpx", "clinicsync.adapters.mailchimp.client"} & loaded == set()
 
 
@@ -78,12 +79,12 @@ def test_building_a_clinics_crm_gateway_loads_that_crm_only(crm: str, wanted: st
 from clinicsync.runtime import wiring
 from clinicsync.domain.config import parse_clinic_config
 config = parse_clinic_config(open({str(config)!r}, encoding="utf-8").read().replace("kind: bitrix24", "kind: {crm}"))
-wiring._bitrix_client = wiring._amocrm_client = lambda *args: object()  # no secret, no network
-wiring.secret = lambda arn: {{}}
-wiring.store = lambda: None  # the amoCRM gateway keeps its phone index in the table: not reached here
-wiring.settings = lambda: wiring.Settings.model_construct(crm_secret_arn="arn")
+# No network: a webhook secret (Bitrix24) or a token pair (amoCRM) built in memory, nothing called.
+secret = {{"webhook_url": "https://portal.invalid/rest/1/key/", "access_token": "a", "refresh_token": "r"}}
+settings = wiring.Settings.model_construct(crm_secret_arn="arn", table_name="t")
+parts = wiring.Container(settings, secrets=lambda arn: secret, store=object())  # the amoCRM phone index: unused
 try:
-    wiring.crm_gateway(config)
+    parts.crm_gateway(config)
 except ValueError:  # amoCRM's field ids are not in the demo config; its gateway module is loaded by then
     pass
 """

@@ -618,7 +618,7 @@ def check_token_writers_outlive_a_refresh(t: Template) -> None:
     from clinicsync.runtime import wiring
 
     lease_wait = float(inspect.signature(oauth.lease_lock).parameters["timeout"].default)
-    refresh_call = float(wiring.http_client().timeout.read or 0)
+    refresh_call = float(wiring.Container(wiring.Settings.model_construct()).http_client().timeout.read or 0)
     write_margin = 10.0
     writers = [name for name in _functions(t) if ("secretsmanager:PutSecretValue", "CrmSecretArn") in _grants(t, name)]
     assert writers

@@ -8,10 +8,10 @@ from typing import Any, cast, get_args
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.application.consent import ConsentLedger, ConsentQueue
 from clinicsync.domain.audience import AudienceEvent, AudienceKind
 from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.ports import LedgerStore
 
 OURS = frozenset({"our-audience"})
 
@@ -25,7 +25,7 @@ class Untouchable:
 
 def _ledger() -> ConsentLedger:
     return ConsentLedger(
-        cast(DynamoStore, Untouchable()), cast(ConsentQueue, Untouchable()), "c1", KeyedHasher(b"k" * 32)
+        cast(LedgerStore, Untouchable()), cast(ConsentQueue, Untouchable()), "c1", KeyedHasher(b"k" * 32)
     )
 
 

@@ -24,13 +24,8 @@ from urllib3 import encode_multipart_formdata
 
 from clinicsync.adapters.http.forms import MAX_BODY_BYTES, MAX_DEPTH, FormError, parse_form, parse_php_form
 from clinicsync.adapters.ident.contract import ConnectorBatch, TicketQuery, TimeTable, parse_ident_datetime
-from clinicsync.adapters.infoclinica.source import (
-    InfoClinicaApi,
-    InfoClinicaError,
-    InfoClinicaSource,
-    UnsafeXml,
-    parse_xml,
-)
+from clinicsync.adapters.infoclinica.api import InfoClinicaApi, InfoClinicaError, UnsafeXml, parse_xml
+from clinicsync.adapters.infoclinica.source import InfoClinicaSource
 from clinicsync.adapters.medods.source import MedodsApi, MedodsError, MedodsSource
 from clinicsync.domain.config import MisConnection
 from clinicsync.domain.dates import parse_mis_date, parse_mis_datetime

@@ -1,11 +1,12 @@
-"""The dry run's stand-ins: values masked, store writes dropped, CRM writes recorded instead of sent."""
+"""The dry run's stand-ins: values masked, store writes kept in memory, CRM writes recorded instead of sent."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from clinicsync.domain.ports import ContactWrite, DealWrite
-from clinicsync_cli.planning import DryRunGateway, ReadOnlyTable, masked_fields
+from clinicsync_cli.memory_store import MemoryStore
+from clinicsync_cli.planning import DryRunGateway, masked_fields
 
 
 def test_pii_is_masked_and_other_values_are_shown() -> None:
@@ -28,34 +29,25 @@ def test_pii_is_masked_and_other_values_are_shown() -> None:
     assert shown["status"] == "booked" and shown["is_dms"] == "False" and shown["opt_outs"] == "email,sms"
 
 
-class _Table:
-    name = "t"
-
-    class meta:
-        client = object()
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def get_item(self, **_: Any) -> dict[str, Any]:
-        self.calls.append("get_item")
-        return {}
-
-    def put_item(self, **_: Any) -> None:
-        raise AssertionError("a plan must not write")
-
-
-def test_the_read_only_table_reads_and_drops_every_write() -> None:
-    inner = _Table()
-    table = ReadOnlyTable(inner)
-    table.get_item(Key={"pk": "x", "sk": "y"})
-    table.put_item(Item={})
-    table.update_item(Key={})
-    table.delete_item(Key={})
-    with table.batch_writer() as batch:
-        batch.put_item(Item={})
-    assert inner.calls == ["get_item"] and table.dropped_writes == 4
-    assert table.meta.client.transact_write_items(TransactItems=[]) == {}
+def test_the_dry_run_store_reads_what_is_stored_and_writes_nowhere() -> None:
+    stored = MemoryStore()
+    stored.index_phones([("k1", "p1")])
+    stored.record_opt_outs("pat:p1", ["sms"], "mis", 1000)
+    stored.write_intents(["P#p1"], 1000)
+    stored.put_cursor("medods", {"since": 5})
+    before = stored.writes
+    dry = MemoryStore(below=stored)
+    assert dry.patients_by_phone("k1") == ["p1"] and dry.load_intents(["P#p1"]) == {"P#p1": 1000}
+    assert dry.opted_out_many(["pat:p1"], ["sms", "email"]) == {"pat:p1": {"sms"}}
+    dry.index_phone("k2", "p1", "k1")
+    assert dry.record_opt_outs("pat:p1", ["sms", "email"], "link", 2000) == ["email"]  # sms: out already below
+    dry.clear_intents(["P#p1"])
+    dry.put_cursor("medods", {"since": 9})
+    assert dry.patients_by_phone("k1") == [] and dry.load_intents(["P#p1"]) == {}  # the dry run sees its writes
+    assert dry.get_cursor("medods") == {"since": 9} and dry.writes == 4
+    assert stored.writes == before and stored.patients_by_phone("k1") == ["p1"]  # and nothing reached below
+    assert stored.opted_out_many(["pat:p1"], ["email"]) == {"pat:p1": set()}
+    assert stored.get_cursor("medods") == {"since": 5}
 
 
 class _Gateway:

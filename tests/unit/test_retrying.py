@@ -16,11 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clinicsync.adapters.amocrm.client import AmoCrmClient, AmoCrmOutcomeUnknown, AmoCrmUnavailable
-from clinicsync.adapters.aws.store import batch_get
+from clinicsync.adapters.aws.table import batch_get
 from clinicsync.adapters.bitrix24.client import Bitrix24Client, Bitrix24OutcomeUnknown, Bitrix24Unavailable
 from clinicsync.adapters.http.pacing import Pacer
 from clinicsync.adapters.http.retrying import Replay, Transient, call_with_retries, exponential, poll
-from clinicsync.adapters.infoclinica.source import InfoClinicaApi, InfoClinicaError
+from clinicsync.adapters.infoclinica.api import InfoClinicaApi, InfoClinicaError
 from clinicsync.adapters.lis.source import LisApi, LisError
 from clinicsync.adapters.mailchimp.client import MailchimpClient, MailchimpError
 from clinicsync.adapters.medods.source import MedodsApi, MedodsError

@@ -17,13 +17,19 @@ from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.domain.audience import MAILCHIMP_CHANNELS, AudienceEvent, MailchimpMembers, subscriber_hash
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import email_subject, patient_subject, subject_patient
 from clinicsync.domain.models import Channel, ConsentJob, ConsentTarget
-from clinicsync.domain.ports import ConsentSource, ContactWrite, CrmGateway, MisConsentWriter
+from clinicsync.domain.ports import (
+    ConsentOutputStore,
+    ConsentSource,
+    ContactWrite,
+    CrmGateway,
+    LedgerStore,
+    MisConsentWriter,
+)
 from clinicsync.domain.unsubscribe_links import LinkClaim
 from clinicsync.observability import logger
 
@@ -59,7 +65,7 @@ class ConsentLedger:
 
     def __init__(
         self,
-        store: DynamoStore,
+        store: LedgerStore,
         queue: ConsentQueue,
         clinic_id: str,
         hasher: KeyedHasher,
@@ -185,7 +191,7 @@ class ConsentOutputs:
     def __init__(
         self,
         config: ClinicConfig,
-        store: DynamoStore,
+        store: ConsentOutputStore,
         gateway: CrmGateway | None,
         mis: MisConsentWriter | None,
         mailchimp: MailchimpMembers | None,

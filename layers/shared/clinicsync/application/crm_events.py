@@ -13,15 +13,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from clinicsync.adapters.aws.queue import shard_of
-from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.application.consent import ConsentLedger
 from clinicsync.application.poll import ChangeQueue
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.keys import patient_subject
+from clinicsync.domain.keys import patient_subject, shard_of
 from clinicsync.domain.models import Channel, CrmEvent, CrmObservation, SyncMessage
-from clinicsync.domain.ports import CrmGateway, CrmPaused, CrmUnavailable
+from clinicsync.domain.ports import CrmEventStore, CrmGateway, CrmPaused, CrmUnavailable, Cursors
 from clinicsync.domain.rules import deal_observation
 from clinicsync.observability import logger
 
@@ -49,7 +47,7 @@ class CrmEventProcessor:
     def __init__(
         self,
         config: ClinicConfig,
-        store: DynamoStore,
+        store: CrmEventStore,
         gateway: CrmGateway,
         hasher: KeyedHasher,
         queue: ChangeQueue,
@@ -212,7 +210,7 @@ def _channels(snapshot: dict[str, str], name: str) -> list[str]:
 class CrmCatchUp:
     """The CRM never retries an event, so a schedule reads what changed since the last run."""
 
-    def __init__(self, store: DynamoStore, gateway: CrmGateway, processor: CrmEventProcessor) -> None:
+    def __init__(self, store: Cursors, gateway: CrmGateway, processor: CrmEventProcessor) -> None:
         self._store = store
         self._gateway = gateway
         self._processor = processor

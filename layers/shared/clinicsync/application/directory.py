@@ -1,7 +1,7 @@
 """The lab's directory (case A): referring doctors and funds/clinics, two-way between the LIS and vTiger,
 one-way into two Mailchimp audiences.
 
-The rule lives here, once:
+The use case (the field-by-field merge itself is ``domain.directory_records.merge_fields``):
 
 - LIS -> CRM: every doctor becomes a Contact, every organisation an Account; a doctor's Contact is linked
   to their organisation's Account. The LIS's "do not send marketing" flag becomes the record's e-mail
@@ -21,11 +21,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
 
-from clinicsync.adapters.aws.store import batch_get
 from clinicsync.application.consent import ConsentLedger
-from clinicsync.domain.audience import AudienceMember, MemberBook, MemberStore, audience_member, note_accepted_members
+from clinicsync.domain.audience import AudienceMember, MemberBook, audience_member, note_accepted_members
 from clinicsync.domain.config import ClinicConfig, DirectorySettings
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.directory_records import (
@@ -38,111 +36,19 @@ from clinicsync.domain.directory_records import (
     DirectoryCrm,
     DirectoryRecord,
     DirectorySource,
+    DirectoryState,
+    DirectoryStateStore,
     Kind,
     directory_subject,
+    merge_fields,
 )
-from clinicsync.domain.ports import Cursor
+from clinicsync.domain.ports import Cursor, Cursors, Leases, MemberStore
 from clinicsync.observability import logger
-
-Owner = Literal["lis", "crm"]
-
 
 # --- the rule ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Conflict:
-    field: str
-    winner: Owner
-
-
-@dataclass(frozen=True)
-class Merge:
-    values: dict[str, str | None]  # what both sides hold after this sync
-    to_lis: dict[str, str | None]  # CRM edits that flow back
-    conflicts: tuple[Conflict, ...]
-
-
-def merge_fields(
-    kind: Kind,
-    lis: DirectoryRecord,
-    crm: CrmRecord | None,
-    base: Mapping[str, str],
-    digest: Callable[[str | None], str],
-    owner: Callable[[str], Owner],
-) -> Merge:
-    """Field by field: equal values stay; one side changed since the base: that side wins; both changed:
-    the configured owner wins. Without a base (never synced) the LIS, the register, wins."""
-    values: dict[str, str | None] = {}
-    to_lis: dict[str, str | None] = {}
-    conflicts: list[Conflict] = []
-    for name in TWO_WAY[kind]:
-        ours = lis.fields.get(name)
-        if crm is None or name in crm.invalid:
-            values[name] = ours
-            continue
-        theirs = crm.fields.get(name)
-        if ours == theirs:
-            values[name] = ours
-            continue
-        known = base.get(name)
-        lis_changed = known is None or digest(ours) != known
-        crm_changed = known is not None and digest(theirs) != known
-        if lis_changed and crm_changed:
-            winner = owner(name)
-            conflicts.append(Conflict(name, winner))
-        else:
-            winner = "crm" if crm_changed else "lis"
-        values[name] = theirs if winner == "crm" else ours
-        if winner == "crm":
-            to_lis[name] = theirs
-    return Merge(values, to_lis, tuple(conflicts))
-
-
 # --- state ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DirectoryState:
-    kind: Kind
-    lis_id: str
-    crm_id: str | None = None
-    hashes: dict[str, str] = field(default_factory=dict)
-    audience: str | None = None  # hash of what the Mailchimp member was last sent
-
-
-class DirectoryStore:
-    """``DIR#<kind>#<lis id>`` / ``STATE``: the CRM id and keyed hashes of the last synced values."""
-
-    def __init__(self, table: Any) -> None:
-        self._table = table
-
-    @staticmethod
-    def _pk(kind: str, lis_id: str) -> str:
-        return f"DIR#{kind}#{lis_id}"
-
-    def load(self, kind: Kind, lis_ids: Sequence[str]) -> dict[str, DirectoryState]:
-        states = {i: DirectoryState(kind, i) for i in dict.fromkeys(lis_ids)}
-        keys = [{"pk": self._pk(kind, i), "sk": "STATE"} for i in states]
-        for item in batch_get(self._table, keys):
-            lis_id = str(item["pk"]).split("#", 2)[2]
-            state = states[lis_id]
-            state.crm_id = str(item["crm_id"]) if item.get("crm_id") else None
-            state.hashes = {str(k): str(v) for k, v in (item.get("hashes") or {}).items()}
-            state.audience = str(item["audience"]) if item.get("audience") else None
-        return states
-
-    def save(self, states: Sequence[DirectoryState], now: int) -> None:
-        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
-            for s in states:
-                item: dict[str, Any] = {"pk": self._pk(s.kind, s.lis_id), "sk": "STATE", "updated_at": now}
-                if s.crm_id:
-                    item["crm_id"] = s.crm_id
-                if s.hashes:
-                    item["hashes"] = dict(s.hashes)
-                if s.audience:
-                    item["audience"] = s.audience
-                batch.put_item(Item=item)
 
 
 # --- the use case --------------------------------------------------------------------------------------
@@ -165,18 +71,6 @@ class DirectoryReport:
     failed: dict[str, str] = field(default_factory=dict)  # "<kind>:<lis id>" -> reason (no PII)
 
 
-class Cursors(Protocol):
-    def get_cursor(self, source: str) -> Cursor | None: ...
-
-    def put_cursor(self, source: str, cursor: Cursor) -> None: ...
-
-
-class Leases(Protocol):
-    def acquire_lease(self, name: str, owner: str, seconds: int, now: int) -> bool: ...
-
-    def release_lease(self, name: str, owner: str) -> None: ...
-
-
 LEASE = "directory"
 
 
@@ -189,7 +83,7 @@ class DirectorySync:
         settings: DirectorySettings,
         lis: DirectorySource,
         crm: DirectoryCrm,
-        states: DirectoryStore,
+        states: DirectoryStateStore,
         cursors: Cursors,
         hasher: KeyedHasher,
         ledger: ConsentLedger | None = None,

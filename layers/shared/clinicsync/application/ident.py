@@ -12,9 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
-
-from boto3.dynamodb.conditions import Key
+from typing import Any
 
 from clinicsync.adapters.ident.contract import (
     MAX_BATCH_BYTES,
@@ -26,14 +24,9 @@ from clinicsync.adapters.ident.contract import (
     fill_names,
 )
 from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.ident import ConnectorQueue, IdentNames
 from clinicsync.domain.models import PatientChanges
 from clinicsync.domain.ports import CrmGateway
-
-if TYPE_CHECKING:
-    from mypy_boto3_dynamodb.service_resource import Table
-    from mypy_boto3_sqs.client import SQSClient
-
-DIRECTORY_PK = "IDENT#DIRECTORY"
 
 
 class BatchTooLarge(ValueError):
@@ -63,75 +56,40 @@ def tickets(gateway: CrmGateway, query: TicketQuery) -> list[Ticket]:
 
 
 class IdentDirectory:
-    """Doctors' and branches' names from IDENT's timetable (staff and branch names, no patient data)."""
+    """Names the visits the connector sends without names, from IDENT's last timetable."""
 
-    def __init__(self, table: Table) -> None:
-        self._table = table
+    def __init__(self, names: IdentNames) -> None:
+        self._names = names
 
     def save(self, timetable: TimeTable, now: int) -> dict[str, int]:
-        names = {
-            **{f"DOCTOR#{k}": v for k, v in directory_names(timetable.Doctors).items()},
-            **{f"BRANCH#{k}": v for k, v in directory_names(timetable.Branches).items()},
-        }
-        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
-            for sk, name in names.items():
-                batch.put_item(Item={"pk": DIRECTORY_PK, "sk": sk, "name": name, "updated_at": now})
-            busy = sum(1 for i in timetable.Intervals if i.IsBusy)
-            batch.put_item(
-                Item={
-                    "pk": DIRECTORY_PK,
-                    "sk": "TIMETABLE",
-                    "intervals": len(timetable.Intervals),
-                    "busy": busy,
-                    "updated_at": now,
-                }
-            )
+        busy = sum(1 for i in timetable.Intervals if i.IsBusy)
+        doctors, branches = directory_names(timetable.Doctors), directory_names(timetable.Branches)
+        self._names.save(doctors, branches, len(timetable.Intervals), busy, now)
         return {
             "doctors": len(timetable.Doctors),
             "branches": len(timetable.Branches),
             "intervals": len(timetable.Intervals),
         }
 
-    def names(self) -> tuple[dict[str, str], dict[str, str]]:
-        doctors: dict[str, str] = {}
-        branches: dict[str, str] = {}
-        kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(DIRECTORY_PK)}
-        while True:
-            page = self._table.query(**kwargs)
-            for item in page.get("Items", []):
-                sk = str(item["sk"])
-                if sk.startswith("DOCTOR#"):
-                    doctors[sk.removeprefix("DOCTOR#")] = str(item["name"])
-                elif sk.startswith("BRANCH#"):
-                    branches[sk.removeprefix("BRANCH#")] = str(item["name"])
-            if "LastEvaluatedKey" not in page:
-                return doctors, branches
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-
     def enrich(self, changes: Sequence[PatientChanges]) -> list[PatientChanges]:
         if not any(a.doctor_name is None or a.branch_name is None for c in changes for a in c.appointments):
             return list(changes)
-        doctors, branches = self.names()
+        doctors, branches = self._names.load()
         return fill_names(changes, doctors, branches)
 
 
 class ConnectorInbox:
-    """Where verified connector batches wait for the poller (one SQS message per batch)."""
+    """Checks a connector batch and puts it where the poller reads it."""
 
-    def __init__(self, sqs: SQSClient, queue_url: str) -> None:
-        self._sqs = sqs
-        self._queue_url = queue_url
+    def __init__(self, queue: ConnectorQueue) -> None:
+        self._queue = queue
 
     def accept(self, body: bytes) -> ConnectorBatch:
         """Validate and enqueue; raises ``BatchTooLarge`` or pydantic's ``ValidationError``."""
         if len(body) > MAX_BATCH_BYTES:
             raise BatchTooLarge(f"batch is {len(body)} bytes; the limit is {MAX_BATCH_BYTES}, send smaller batches")
         batch = ConnectorBatch.model_validate_json(body)
-        self._sqs.send_message(
-            QueueUrl=self._queue_url,
-            MessageBody=body.decode(),
-            MessageAttributes={"batch_id": {"DataType": "String", "StringValue": batch.batch_id}},
-        )
+        self._queue.send(body.decode(), batch.batch_id)
         return batch
 
 

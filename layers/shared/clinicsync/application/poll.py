@@ -11,14 +11,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from clinicsync.adapters.aws.queue import shard_of
-from clinicsync.adapters.aws.store import DynamoStore
-from clinicsync.application.backfill import BackfillCheckpoint, BackfillState
+from clinicsync.domain.backfill import BackfillCheckpoint, BackfillState
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.keys import patient_subject
+from clinicsync.domain.keys import patient_subject, shard_of
 from clinicsync.domain.models import PatientChanges, SyncMessage
-from clinicsync.domain.ports import ChangePage, MisSource
+from clinicsync.domain.ports import ChangePage, MisSource, PollStore
 from clinicsync.observability import logger
 
 
@@ -43,7 +41,7 @@ class Poller:
     SAFETY_MS = 20_000  # stop this long before the Lambda deadline; the next run resumes
 
     def __init__(
-        self, config: ClinicConfig, source: MisSource, store: DynamoStore, queue: ChangeQueue, hasher: KeyedHasher
+        self, config: ClinicConfig, source: MisSource, store: PollStore, queue: ChangeQueue, hasher: KeyedHasher
     ) -> None:
         self._config = config
         self._source = source

@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.adapters.http.retrying import exponential, poll
 from clinicsync.application.consent import ConsentLedger, CrmContactReader
 from clinicsync.application.sync_consent import SyncConsent
@@ -27,6 +26,7 @@ from clinicsync.domain.ports import (
     CrmWrite,
     DealWrite,
     LeadWrite,
+    SyncStore,
     WriteOutcome,
 )
 from clinicsync.domain.rules import (
@@ -78,7 +78,7 @@ class Syncer:
     def __init__(
         self,
         config: ClinicConfig,
-        store: DynamoStore,
+        store: SyncStore,
         gateway: CrmGateway,
         hasher: KeyedHasher,
         ledger: ConsentLedger | None = None,

@@ -9,7 +9,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.application.consent import ConsentLedger, CrmContactReader, ledger_digest
 from clinicsync.domain.audience import AudienceMember, audience_member, note_accepted_members
 from clinicsync.domain.config import ClinicConfig
@@ -17,7 +16,7 @@ from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import email_subject, patient_subject
 from clinicsync.domain.models import Channel, PatientChanges
 from clinicsync.domain.payloads import audience_merge_fields, contact_fields, may_join_audience
-from clinicsync.domain.ports import ContactWrite, WriteOutcome
+from clinicsync.domain.ports import ContactWrite, SyncConsentStore, WriteOutcome
 from clinicsync.domain.rules import PatientPlan
 from clinicsync.observability import logger
 
@@ -29,7 +28,7 @@ class SyncConsent:
     def __init__(
         self,
         config: ClinicConfig,
-        store: DynamoStore,
+        store: SyncConsentStore,
         hasher: KeyedHasher,
         ledger: ConsentLedger | None,
         audience: MailchimpAudience | None,

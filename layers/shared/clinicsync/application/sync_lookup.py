@@ -6,17 +6,24 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import contact_intent, deal_intent
 from clinicsync.domain.models import PatientChanges
-from clinicsync.domain.ports import ContactWrite, CrmGateway, CrmMatches, CrmWrite, DealWrite, WriteOutcome
+from clinicsync.domain.ports import (
+    ContactWrite,
+    CrmGateway,
+    CrmMatches,
+    CrmWrite,
+    DealWrite,
+    SyncLookupStore,
+    WriteOutcome,
+)
 from clinicsync.domain.rules import Adoption, changed_multifields
 from clinicsync.domain.state import PatientState
 
 
 class SyncLookup:
-    def __init__(self, store: DynamoStore, gateway: CrmGateway, hasher: KeyedHasher) -> None:
+    def __init__(self, store: SyncLookupStore, gateway: CrmGateway, hasher: KeyedHasher) -> None:
         self._store = store
         self._gateway = gateway
         self._hasher = hasher

@@ -5,12 +5,16 @@ Mailchimp's audience webhook says. Plain data and rules: the ledger (``consent``
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from clinicsync.domain.emails import lower_keeping_look_alikes
 from clinicsync.domain.models import Channel
+
+if TYPE_CHECKING:  # the port names MemberBook, defined here
+    from clinicsync.domain.ports import MemberStore
 
 
 @dataclass
@@ -24,6 +28,10 @@ class MemberBook:
 
 # Mailchimp must stop mailing anyone who refused e-mail or marketing.
 MAILCHIMP_CHANNELS = frozenset({Channel.EMAIL.value, Channel.MARKETING.value})
+
+
+def is_subscriber_hash(value: str) -> bool:
+    return re.fullmatch(r"[0-9a-f]{32}", value) is not None
 
 
 def subscriber_hash(email: str) -> str:
@@ -61,12 +69,6 @@ def audience_member(
     if book.current and book.current != own:
         return AudienceMember(patient_id, email, merge_fields, book.current)
     return AudienceMember(patient_id, email, merge_fields)
-
-
-class MemberStore(Protocol):
-    def mailchimp_members_many(self, subjects: Sequence[str]) -> dict[str, MemberBook]: ...
-
-    def note_mailchimp_member(self, subject: str, member: str, moved_from: str | None = None) -> None: ...
 
 
 def note_accepted_members(store: MemberStore, accepted: Mapping[str, AudienceMember]) -> None:

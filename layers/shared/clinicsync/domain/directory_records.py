@@ -1,11 +1,11 @@
-"""The lab directory's records and ports (case A): LIS register entries, vTiger records, what the sync
-writes, and how a field value is normalised. Plain data: the LIS and vTiger adapters and the directory
-sync (``directory``) all speak these types."""
+"""The lab directory's records, rule and ports (case A): LIS register entries, vTiger records, what the
+sync writes, how a field value is normalised, and the field-by-field merge of a two-way record. Plain
+data: the LIS and vTiger adapters and the directory sync (``directory``) all speak these types."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -131,3 +131,72 @@ def parse_directory_key(key: str) -> tuple[Kind, str] | None:
     if kind in ("doctor", "organisation") and lis_id:
         return kind, lis_id  # type: ignore[return-value]
     return None
+
+
+Owner = Literal["lis", "crm"]
+
+
+@dataclass(frozen=True)
+class Conflict:
+    field: str
+    winner: Owner
+
+
+@dataclass(frozen=True)
+class Merge:
+    values: dict[str, str | None]  # what both sides hold after this sync
+    to_lis: dict[str, str | None]  # CRM edits that flow back
+    conflicts: tuple[Conflict, ...]
+
+
+def merge_fields(
+    kind: Kind,
+    lis: DirectoryRecord,
+    crm: CrmRecord | None,
+    base: Mapping[str, str],
+    digest: Callable[[str | None], str],
+    owner: Callable[[str], Owner],
+) -> Merge:
+    """Field by field: equal values stay; one side changed since the base: that side wins; both changed:
+    the configured owner wins. Without a base (never synced) the LIS, the register, wins."""
+    values: dict[str, str | None] = {}
+    to_lis: dict[str, str | None] = {}
+    conflicts: list[Conflict] = []
+    for name in TWO_WAY[kind]:
+        ours = lis.fields.get(name)
+        if crm is None or name in crm.invalid:
+            values[name] = ours
+            continue
+        theirs = crm.fields.get(name)
+        if ours == theirs:
+            values[name] = ours
+            continue
+        known = base.get(name)
+        lis_changed = known is None or digest(ours) != known
+        crm_changed = known is not None and digest(theirs) != known
+        if lis_changed and crm_changed:
+            winner = owner(name)
+            conflicts.append(Conflict(name, winner))
+        else:
+            winner = "crm" if crm_changed else "lis"
+        values[name] = theirs if winner == "crm" else ours
+        if winner == "crm":
+            to_lis[name] = theirs
+    return Merge(values, to_lis, tuple(conflicts))
+
+
+@dataclass
+class DirectoryState:
+    kind: Kind
+    lis_id: str
+    crm_id: str | None = None
+    hashes: dict[str, str] = field(default_factory=dict)
+    audience: str | None = None  # hash of what the Mailchimp member was last sent
+
+
+class DirectoryStateStore(Protocol):
+    """Where the directory sync keeps each record's CRM id and last synced hashes."""
+
+    def load(self, kind: Kind, lis_ids: Sequence[str]) -> dict[str, DirectoryState]: ...
+
+    def save(self, states: Sequence[DirectoryState], now: int) -> None: ...

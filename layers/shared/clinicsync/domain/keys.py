@@ -7,6 +7,8 @@ created: ``P#<patient id>`` for a contact, ``A#<appointment id>`` for a deal.
 
 from __future__ import annotations
 
+import hashlib
+
 _PATIENT = "pat:"
 _EMAIL = "email:"
 # What a consent job may name: a MIS id as the MIS spells it, or the hasher's 40 hex digits.
@@ -35,3 +37,9 @@ def contact_intent(patient_id: str) -> str:
 
 def deal_intent(appointment_id: str) -> str:
     return f"{_DEAL_INTENT}{appointment_id}"
+
+
+def shard_of(patient_id: str, shards: int) -> int:
+    """A patient's shard (its sync queue's FIFO group): stable across processes and deploys (Python's
+    hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(patient_id.encode()).digest()[:4], "big") % shards

@@ -55,7 +55,7 @@ class BatchJob(Protocol):
 def remember_failure(queue: str, message_id: str, error: Exception) -> None:
     """Keep why it failed under the message id: if it ends in the DLQ, `clinicsync dlq list` shows it."""
     try:
-        wiring.failure_log().record(queue, message_id, describe(error), int(time.time()))
+        wiring.container().failure_log().record(queue, message_id, describe(error), int(time.time()))
         observe(Failed())
     except Exception:  # never let the bookkeeping hide the real failure
         logger.exception("could not record a failure reason", extra={"message_id": message_id})
@@ -132,9 +132,9 @@ class SyncJob:
         self.oldest = 0.0  # when the poll read the batch's oldest change (epoch seconds)
 
     def run(self, bodies: list[SyncMessage]) -> None:
-        before = wiring.crm_counters()
+        before = wiring.container().crm_counters()
         self._sync(bodies)
-        self.throttles = wiring.crm_counters()[1] - before[1]
+        self.throttles = wiring.container().crm_counters()[1] - before[1]
         observe(Counted({"CrmThrottles": self.throttles}))
 
     def _sync(self, messages: list[SyncMessage]) -> None:
@@ -143,7 +143,7 @@ class SyncJob:
         if not changes and not observations:
             return
         try:
-            self.report = wiring.syncer().sync(changes, observations)
+            self.report = wiring.container().syncer().sync(changes, observations)
             self.oldest = min(m.produced_at.timestamp() for m in messages)
         except SyncIncomplete as exc:
             self.failed = exc.failed
@@ -179,12 +179,12 @@ class CrmEventJob:
     queue = "crm-events"
 
     def __init__(self) -> None:
-        self.processor = wiring.crm_events()
+        self.processor = wiring.container().crm_events()
         self.report = EventReport()
         self.before = (0, 0)
 
     def run(self, bodies: list[CrmEvent]) -> None:
-        self.before = wiring.crm_counters()
+        self.before = wiring.container().crm_counters()
         self.processor.prefetch(bodies)  # one batched re-fetch for the whole SQS batch
 
     def judge(self, record: CrmEventRecord) -> None:
@@ -207,8 +207,8 @@ class ConsentJobs:
 
     def run(self, bodies: list[ConsentJob]) -> None:
         self.jobs = bodies
-        outputs = wiring.consent_outputs()
-        before = wiring.crm_counters()
+        outputs = wiring.container().consent_outputs()
+        before = wiring.container().crm_counters()
         self.report = outputs.push(bodies)  # one CRM write and one e-mail read for the batch
         observe(CrmUse.since(before))
 
@@ -226,7 +226,7 @@ class ConsentJobs:
 
 def processor_for(source_arn: str) -> WholeBatch:
     """The queue's processor, by the event source's ARN as the template configures it (never by its name)."""
-    settings = wiring.settings()
+    settings = wiring.container().settings
     if source_arn == settings.sync_queue_arn:
         return WholeFifoBatch(SyncJob(), SyncRecord)
     if source_arn == settings.crm_event_queue_arn:

@@ -24,7 +24,7 @@ from clinicsync.runtime.middlewares import Refused, raw_body
 
 
 def _ident_clinic() -> None:
-    if wiring.clinic_config().mis.kind != "ident":
+    if wiring.container().clinic_config().mis.kind != "ident":
         raise Refused(404, "IDENT is not this clinic's MIS")
 
 
@@ -35,7 +35,7 @@ def ident_caller(app: ApiGatewayResolver, next_middleware: NextMiddleware) -> Re
     given = headers.get(KEY_HEADER.lower()) or headers.get(KEY_HEADER)
     if not given:
         raise Refused(401, f"missing {KEY_HEADER} header", "IdentCallsRefused")
-    integration_key = wiring.mis_credentials().get("integration_key")
+    integration_key = wiring.container().mis_credentials().get("integration_key")
     if weak_integration_key(integration_key):  # fail closed: a guessable key would serve patients' leads
         raise Refused(
             503, "the clinic's integration_key is too weak; the operator must set a new one", "IdentCallsRefused"
@@ -50,7 +50,7 @@ def connector_caller(app: ApiGatewayResolver, next_middleware: NextMiddleware) -
     event = app.current_event
     body = raw_body(app) if event.http_method == "POST" else b""
     _ident_clinic()
-    key = str(wiring.mis_credentials().get("connector_key", "")).encode()
+    key = str(wiring.container().mis_credentials().get("connector_key", "")).encode()
     refusal = verify_request(key, dict(event.headers), event.http_method, event.path, body, time.time())
     if refusal is not None or len(key) < 32:
         reason = refusal.reason if refusal else "connector key is not configured for this clinic"
@@ -82,7 +82,7 @@ def timetable(app: ApiGatewayResolver) -> TimeTable:
 
 def queue_connector_batch(app: ApiGatewayResolver) -> ConnectorBatch:
     try:
-        return wiring.ident_inbox().accept(app.context["body"])
+        return wiring.container().ident_inbox().accept(app.context["body"])
     except ident.BatchTooLarge as exc:
         raise Refused(413, str(exc)) from None
     except ValidationError as exc:

@@ -19,7 +19,7 @@ from clinicsync.runtime.observe import Counted, observe
 def crm_events(events: list[CrmEvent]) -> int:
     """Queues the webhook's events (amoCRM batches several; an event we do not sync gives none)."""
     if events:
-        wiring.event_queue().send(events)
+        wiring.container().event_queue().send(events)
     observe(Counted({"WebhooksQueued": len(events)}))
     logger.info(
         "webhooks queued", extra={"crm_events": [e.event for e in events], "crm_ids": [e.crm_id for e in events]}
@@ -29,13 +29,13 @@ def crm_events(events: list[CrmEvent]) -> int:
 
 def tickets_json(query: TicketQuery) -> str:
     """IDENT's tickets as the JSON array it reads (Cyrillic kept as is)."""
-    found = ident.tickets(wiring.crm_gateway(wiring.clinic_config()), query)
+    found = ident.tickets(wiring.container().crm_gateway(wiring.container().clinic_config()), query)
     observe(Counted({"IdentTicketsServed": len(found)}))
     return json.dumps([t.model_dump(mode="json", exclude_none=True) for t in found], ensure_ascii=False)
 
 
 def timetable(table: TimeTable) -> None:
-    logger.info("IDENT timetable stored", extra=wiring.ident_directory().save(table, int(time.time())))
+    logger.info("IDENT timetable stored", extra=wiring.container().ident_directory().save(table, int(time.time())))
 
 
 def connector_batch(batch: ConnectorBatch) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def bitrix24_sender(app: ApiGatewayResolver, next_middleware: NextMiddleware) ->
         raise _malformed(exc) from None
     except ValidationError as exc:
         raise _invalid(exc) from None
-    expected = wiring.crm_credentials()
+    expected = wiring.container().crm_credentials()
     if not credential_matches(event.auth.application_token, expected.get("application_token")):
         raise Refused(401, {"error": "bad_application_token"}, WEBHOOKS_REFUSED)
     if not credential_matches(event.auth.member_id, expected.get("member_id")):
@@ -97,7 +97,7 @@ def bitrix24_sender(app: ApiGatewayResolver, next_middleware: NextMiddleware) ->
 
 def amocrm_sender(app: ApiGatewayResolver, next_middleware: NextMiddleware) -> Response[Any]:
     """amoCRM signs nothing: the unguessable path secret and the account id are the whole check."""
-    expected = wiring.crm_credentials()
+    expected = wiring.container().crm_credentials()
     if not credential_matches(app.context["_route_args"].get("secret"), expected.get("webhook_secret")):
         raise Refused(401, {"error": "bad_secret"}, WEBHOOKS_REFUSED)
     try:
@@ -115,7 +115,7 @@ def amocrm_sender(app: ApiGatewayResolver, next_middleware: NextMiddleware) -> R
 
 def mailchimp_sender(app: ApiGatewayResolver, next_middleware: NextMiddleware) -> Response[Any]:
     """Mailchimp signs nothing either: the path secret is the check. The event goes to app.context["event"]."""
-    configured = str(wiring.clinic_secret().get("mailchimp_webhook_secret") or "\x00")
+    configured = str(wiring.container().clinic_secret().get("mailchimp_webhook_secret") or "\x00")
     if not constant_time_equals(app.context["_route_args"].get("secret"), configured):
         raise Refused(401, {"error": "bad_secret"}, WEBHOOKS_REFUSED)
     try:

@@ -15,12 +15,12 @@ from clinicsync.observability import logger, metrics
 from clinicsync.runtime import wiring
 
 if TYPE_CHECKING:
-    from clinicsync.application.backfill import BackfillState
     from clinicsync.application.consent import ConsentReport
     from clinicsync.application.crm_events import EventReport
     from clinicsync.application.directory import DirectoryReport
     from clinicsync.application.poll import PollReport
     from clinicsync.application.sync import SyncReport
+    from clinicsync.domain.backfill import BackfillState
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class CrmUse:
 
     @classmethod
     def since(cls, before: tuple[int, int]) -> CrmUse:
-        now = wiring.crm_counters()
+        now = wiring.container().crm_counters()
         return cls(now[0] - before[0], now[1] - before[1])
 
 
@@ -101,7 +101,7 @@ def _count(name: str, value: float, unit: MetricUnit = MetricUnit.Count) -> None
 def _crm_use(crm: CrmUse) -> None:
     _count("CrmRequests", crm.requests)
     _count("CrmThrottles", crm.throttles)
-    wiring.health().record_crm_calls(crm.requests, crm.throttles)
+    wiring.container().health().record_crm_calls(crm.requests, crm.throttles)
 
 
 def observe(report: Report) -> None:
@@ -117,7 +117,7 @@ def observe(report: Report) -> None:
             _count("DealsWritten", deals)
             _count("CrmRequests", sync.crm_requests)
             _count("SyncLagSeconds", max(0.0, lag), MetricUnit.Seconds)
-            wiring.health().record_sync(
+            wiring.container().health().record_sync(
                 patients=sync.patients,
                 contacts=contacts,
                 deals=deals,
@@ -135,7 +135,7 @@ def observe(report: Report) -> None:
         case ConsentBatch(consent, latencies):
             for latency in latencies:
                 _count("UnsubscribeLatencySeconds", max(0.0, latency), MetricUnit.Seconds)
-            wiring.health().record_unsubscribes(latencies)
+            wiring.container().health().record_unsubscribes(latencies)
             _count("ConsentCrmWrites", consent.crm_written)
             _count("ConsentMisWrites", consent.mis_written)
             _count("ConsentMailchimpUnsubscribes", consent.mailchimp_unsubscribed)
@@ -149,11 +149,11 @@ def observe(report: Report) -> None:
             _count("PatientsEnqueued", poll.patients)
             _count("MisRecordsRejected", poll.rejected)
             if not poll.skipped_busy:
-                wiring.health().record_poll(poll.patients, poll.rejected)
+                wiring.container().health().record_poll(poll.patients, poll.rejected)
             logger.info("poll finished", extra=asdict(poll))
         case Backfill(state):
             _count("PatientsEnqueued", state.step_patients)
-            wiring.health().record_poll(state.step_patients, 0)
+            wiring.container().health().record_poll(state.step_patients, 0)
             logger.info("backfill step", extra=state.as_dict())
         case Directory(directory):
             _count("DirectoryConflicts", directory.conflicts)
@@ -161,7 +161,7 @@ def observe(report: Report) -> None:
             extra: dict[str, Any] = {k: v for k, v in asdict(directory).items() if k != "failed"}
             logger.info("directory sync", extra=extra | {"failed": len(directory.failed)})
         case Failed():
-            wiring.health().record_error()
+            wiring.container().health().record_error()
 
 
 def _event_counts(report: EventReport) -> dict[str, int]:

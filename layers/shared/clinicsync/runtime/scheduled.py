@@ -31,10 +31,10 @@ def run(
 
 
 def _run(job: Job, context: LambdaContext, window_days: int, restart: bool, max_pages: int) -> dict[str, Any]:
-    if wiring.clinic_config().directory is not None:
+    if wiring.container().clinic_config().directory is not None:
         return _directory(job, context)
     if job == "catchup":
-        caught = wiring.crm_catch_up().run()
+        caught = wiring.container().crm_catch_up().run()
         observe(CatchUp(caught))
         return {
             "events": caught.events,
@@ -42,10 +42,10 @@ def _run(job: Job, context: LambdaContext, window_days: int, restart: bool, max_
             "echoes": caught.echoes,
             "paused": caught.paused,
         }
-    poller = wiring.poller()
+    poller = wiring.container().poller()
     remaining = context.get_remaining_time_in_millis
     if job == "backfill":
-        state = poller.backfill(remaining, wiring.backfill_checkpoint(), window_days, restart, max_pages)
+        state = poller.backfill(remaining, wiring.container().backfill_checkpoint(), window_days, restart, max_pages)
         observe(Backfill(state))
         return state.as_dict()
     window = window_days * 86400
@@ -61,6 +61,7 @@ def _directory(job: Job, context: LambdaContext) -> dict[str, Any]:
     in vTiger, ``updated_since`` in the LIS); ``resync`` reads both registers in full (unchanged records
     cost no write)."""
     lease = context.get_remaining_time_in_millis() // 1000 + 1  # held at most until this invocation ends
-    report = wiring.directory_sync().run(full=job == "resync", owner=context.aws_request_id, lease_seconds=lease)
+    directory = wiring.container().directory_sync()
+    report = directory.run(full=job == "resync", owner=context.aws_request_id, lease_seconds=lease)
     observe(Directory(report))
     return asdict(report)

@@ -25,12 +25,13 @@ from clinicsync.adapters.amocrm.client import PAGE_LIMIT as PAGE
 from clinicsync.adapters.amocrm.client import AmoCrmClient, main_contact
 from clinicsync.adapters.amocrm.client import embedded as _embedded
 from clinicsync.adapters.amocrm.fields import LOST, WON, AmoFields, deal_match
-from clinicsync.adapters.amocrm.phones import PhoneBook, PhoneLookup
+from clinicsync.adapters.amocrm.phones import PhoneLookup
 from clinicsync.adapters.amocrm.writes import AmoCrmWriter
 from clinicsync.domain.config import ClinicConfig, Pipeline
 from clinicsync.domain.phones import normalise_phone
 from clinicsync.domain.ports import (
     CrmMatches,
+    CrmPhoneBook,
     CrmWrite,
     DealMatch,
     OpenLead,
@@ -59,7 +60,7 @@ class AmoCrmGateway(AmoFields):
         client: AmoCrmClient,
         config: ClinicConfig,
         user_id: str = "",
-        phone_book: PhoneBook | None = None,
+        phone_book: CrmPhoneBook | None = None,
         phone_key: Callable[[str], str] | None = None,
     ) -> None:
         """``phone_book`` keeps the phone index between containers, under ``phone_key`` (a keyed hash):

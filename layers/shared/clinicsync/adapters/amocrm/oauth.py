@@ -40,9 +40,9 @@ from clinicsync.adapters.http.oauth import (
     json_object,
     parse_model,
     rotated_values,
-    scrub,
     send_token_request,
 )
+from clinicsync.adapters.http.redaction import scrub
 from clinicsync.observability import logger
 
 __all__ = [

@@ -13,14 +13,14 @@ import dataclasses
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from clinicsync.adapters.amocrm.client import AmoCrmClient
 from clinicsync.adapters.amocrm.client import embedded as _embedded
 from clinicsync.adapters.amocrm.fields import LOST, WON, AmoFields
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.phones import normalise_phone
-from clinicsync.domain.ports import PhoneCandidates
+from clinicsync.domain.ports import CrmPhoneBook, PhoneCandidates
 
 
 @dataclass
@@ -46,17 +46,6 @@ class _PhoneIndex:
         return out
 
 
-class PhoneBook(Protocol):
-    """The phone index as stored between containers (``clinicsync.adapters.aws.store.DynamoStore``): contact ids and
-    keyed hashes of their phones, and the ``updated_at`` the index has read the account up to."""
-
-    def crm_phone_index(self) -> tuple[int | None, dict[str, set[str]]]: ...
-
-    def update_crm_phones(self, add: Sequence[tuple[str, str]], drop: Sequence[tuple[str, str]]) -> None: ...
-
-    def advance_crm_phones(self, seen_to: int) -> None: ...
-
-
 # One index per client: wiring keeps one client per container, so the index survives warm invocations.
 _INDEXES: weakref.WeakKeyDictionary[AmoCrmClient, _PhoneIndex] = weakref.WeakKeyDictionary()
 
@@ -66,7 +55,7 @@ class PhoneLookup(AmoFields):
         self,
         client: AmoCrmClient,
         config: ClinicConfig,
-        phone_book: PhoneBook | None,
+        phone_book: CrmPhoneBook | None,
         phone_key: Callable[[str], str] | None,
     ) -> None:
         self._client = client

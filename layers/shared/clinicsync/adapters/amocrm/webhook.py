@@ -1,6 +1,8 @@
 """amoCRM's webhooks as they arrive: a PHP-style form (``leads[status][0][id]``, ``account[id]``), several
 entities per POST. ``ACTIONS`` is the one list of what the stack syncs: the receiver reads these and
-``discovery`` registers ``EVENTS``, derived from it."""
+``discovery`` registers ``EVENTS``, derived from it. ``add_contact`` is not among them (as Bitrix24's
+ONCRMCONTACTADD): only the contact we created and mapped speaks for a patient's consent, and our own
+creations come back as echoes, so a contact a manager adds can never change anything."""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ ACTIONS: dict[tuple[str, str], Literal["deal", "lead", "contact"]] = {
     ("leads", "add"): "lead",
     ("leads", "update"): "deal",
     ("leads", "status"): "deal",
-    ("contacts", "add"): "contact",
     ("contacts", "update"): "contact",
 }
 

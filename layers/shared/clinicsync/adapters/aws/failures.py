@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from clinicsync.adapters.aws.store import batch_get
+from clinicsync.adapters.aws.table import batch_get
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table

@@ -33,11 +33,6 @@ def batches(entries: Sequence[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]
         yield chunk
 
 
-def shard_of(patient_id: str, shards: int) -> int:
-    """Stable across processes and deploys (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.sha256(patient_id.encode()).digest()[:4], "big") % shards
-
-
 class SqsChangeQueue:
     def __init__(self, sqs: SQSClient, queue_url: str) -> None:
         self._sqs = sqs
@@ -104,3 +99,18 @@ class SqsConsentQueue:
                 again = self._sqs.send_message_batch(QueueUrl=self._url, Entries=retry)  # type: ignore[arg-type]
                 if again.get("Failed"):
                     raise RuntimeError(f"{len(again['Failed'])} consent jobs could not be enqueued")
+
+
+class SqsConnectorInbox:
+    """The IDENT inbox queue: one message per connector batch, its id as an attribute."""
+
+    def __init__(self, sqs: SQSClient, queue_url: str) -> None:
+        self._sqs = sqs
+        self._url = queue_url
+
+    def send(self, body: str, batch_id: str) -> None:
+        self._sqs.send_message(
+            QueueUrl=self._url,
+            MessageBody=body,
+            MessageAttributes={"batch_id": {"DataType": "String", "StringValue": batch_id}},
+        )

@@ -26,7 +26,6 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from clinicsync.adapters.http import oauth
 from clinicsync.adapters.http.oauth import (
     LockFactory,
     OAuthError,
@@ -34,16 +33,14 @@ from clinicsync.adapters.http.oauth import (
     TokenStore,
     json_object,
     parse_model,
-    redact_url,
     rotated_values,
-    scrub,
     send_token_request,
 )
+from clinicsync.adapters.http.redaction import scrub
 
 __all__ = [
     "DEFAULT_SERVER_ENDPOINT",
     "ROTATED_KEYS",
-    "SENSITIVE_PARAMS",
     "Bitrix24AuthError",
     "Bitrix24OAuth",
     "Bitrix24Tokens",
@@ -51,12 +48,10 @@ __all__ = [
     "LockFactory",
     "TokenStore",
     "parse_tokens",
-    "redact_url",
 ]
 
 VENDOR = "bitrix24"
 DEFAULT_SERVER_ENDPOINT = "https://oauth.bitrix.info/rest/"
-SENSITIVE_PARAMS = oauth.SENSITIVE_PARAMS
 # Keys of the CRM secret JSON that a refresh rewrites; every other key is left as it was.
 ROTATED_KEYS = ("access_token", "refresh_token", "expires", "client_endpoint", "server_endpoint")
 

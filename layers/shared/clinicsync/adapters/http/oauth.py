@@ -20,38 +20,33 @@ that turns the stored pair into a new one (``grant``). The vendor modules
 (``clinicsync.adapters.bitrix24.oauth``, ``clinicsync.adapters.amocrm.oauth``) hold those; the token
 store and the lease here take the vendor as their only vendor-specific part.
 
-Token values never reach a log line or an exception message. The ``httpx`` logger prints request URLs
-at INFO and some token endpoints take the secrets in the query string, so this module installs a filter
-on that logger that masks token-like query parameters.
+Token values never reach a log line or an exception message: importing this module installs
+``redaction``'s filter on the ``httpx`` logger, which masks token-like query parameters.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 from pydantic import BaseModel, SecretStr, ValidationError
 
+from clinicsync.adapters.http.redaction import install_httpx_filter
 from clinicsync.adapters.http.retrying import exponential, poll
 from clinicsync.domain.crypto import constant_time_equals
+from clinicsync.domain.ports import Leases
 from clinicsync.observability import logger
 
 if TYPE_CHECKING:
     from mypy_boto3_secretsmanager import SecretsManagerClient
 
-# Secrets, and PII that search URLs carry (amoCRM's ``query`` holds a phone's digits): httpx logs URLs at INFO.
-SENSITIVE_PARAMS = frozenset(
-    {"auth", "access_token", "refresh_token", "client_secret", "code", "long_lived_token", "query", "phone", "email"}
-)
 
 LockFactory = Callable[[], AbstractContextManager[object]]
 
@@ -190,16 +185,8 @@ class SecretsManagerTokenStore[T: OAuthTokens]:
         self._client.put_secret_value(SecretId=self._secret_id, SecretString=json.dumps(data))
 
 
-class LeaseStore(Protocol):
-    """What :func:`lease_lock` needs; ``clinicsync.adapters.aws.store.DynamoStore`` provides it."""
-
-    def acquire_lease(self, name: str, owner: str, seconds: int, now: int) -> bool: ...
-
-    def release_lease(self, name: str, owner: str) -> None: ...
-
-
 def lease_lock(
-    store: LeaseStore,
+    store: Leases,
     vendor: OAuthVendor[Any],
     *,
     owner: str | None = None,
@@ -391,41 +378,6 @@ def json_object(response: httpx.Response, vendor: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise OAuthError("bad_response", "not a JSON object", response.status_code, vendor=vendor)
     return body
-
-
-def scrub(text: str, secrets: list[str]) -> str:
-    """``text`` with every non-empty value of ``secrets`` replaced by ``***``."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-def redact_url(url: str) -> str:
-    """The URL with token-like query values masked (``auth``, ``refresh_token``, ``client_secret`` …)."""
-    parts = urlsplit(url)
-    if not parts.query:
-        return url
-    pairs = [(k, "***" if k in SENSITIVE_PARAMS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    return urlunsplit(parts._replace(query=urlencode(pairs, safe="*")))
-
-
-class RedactQuerySecrets(logging.Filter):
-    """httpx logs ``HTTP Request: GET <url> …`` at INFO; mask secrets carried in the query string."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and record.args:
-            record.args = tuple(
-                redact_url(str(arg)) if isinstance(arg, httpx.URL) and arg.query else arg for arg in record.args
-            )
-        return True
-
-
-def install_httpx_filter() -> None:
-    """Put :class:`RedactQuerySecrets` on the ``httpx`` logger (idempotent; done on import)."""
-    httpx_logger = logging.getLogger("httpx")
-    if not any(isinstance(f, RedactQuerySecrets) for f in httpx_logger.filters):
-        httpx_logger.addFilter(RedactQuerySecrets())
 
 
 install_httpx_filter()

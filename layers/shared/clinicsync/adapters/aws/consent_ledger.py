@@ -1,0 +1,241 @@
+"""The consent ledger on the table (``ConsentRecords``, ``ConsentOutputMarks``), with the e-mail index
+(``EmailIndex``) and the Mailchimp members a subject has had (``MemberStore``). Subjects are
+``domain.keys`` subjects (a MIS id or an e-mail HMAC); nothing here holds an address."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from clinicsync.adapters.aws import keys as tk
+from clinicsync.adapters.aws.table import TRANSACT_LIMIT, TableRepository, cancelled, failed_condition
+from clinicsync.domain.audience import MemberBook, is_subscriber_hash
+from clinicsync.domain.ports import ConsentSource
+
+AUDIT_TTL_SECONDS = 400 * 24 * 3600  # keep the opt-out audit trail for 400 days
+
+
+def _audit_item(subject: str, channel: str, event: str, source: str, at: int, detail: str) -> dict[str, Any]:
+    return {
+        **tk.consent_audit(subject, at, channel, event),
+        "event": event,
+        "channel": channel,
+        "source": source,
+        "detail": detail,
+        "at": at,
+        "expires_at": at + AUDIT_TTL_SECONDS,
+    }
+
+
+def _opt_out_put(subject: str, channel: str, source: ConsentSource, at: int) -> dict[str, Any]:
+    return {
+        "Item": {**tk.consent_channel(subject, channel), "opted_out": True, "source": source, "at": at},
+        # New, or an earlier opt-in that this later opt-out overrides.
+        "ConditionExpression": "attribute_not_exists(pk) OR (opted_out = :no AND #at <= :at)",
+        "ExpressionAttributeNames": {"#at": "at"},
+        "ExpressionAttributeValues": {":no": False, ":at": at},
+    }
+
+
+class DynamoConsentRecords(TableRepository):
+    def record_opt_outs(
+        self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str = ""
+    ) -> list[str]:
+        """Opt-outs are sticky: recording one again is a no-op, and only a newer explicit opt-in (see
+        ``record_opt_ins``) ever lifts one. Returns the channels that changed (they need outputs).
+
+        Every channel and its audit entry go in one transaction (one request, not two per channel);
+        if a channel is already out, the transaction is cancelled and the channels go one by one."""
+        wanted = list(dict.fromkeys(channels))
+        if not wanted:
+            return []
+        items: list[dict[str, Any]] = []
+        for channel in wanted:
+            items.append({"Put": {"TableName": self._table.name, **_opt_out_put(subject, channel, source, at)}})
+            audit = _audit_item(subject, channel, "opt_out", source, at, detail)
+            items.append({"Put": {"TableName": self._table.name, "Item": audit}})
+        try:
+            self._transact(items)
+            return wanted
+        except ClientError as exc:
+            if not cancelled(exc):
+                raise
+        changed = []
+        for channel in wanted:
+            try:
+                self._table.put_item(**_opt_out_put(subject, channel, source, at))
+            except ClientError as exc:
+                if not failed_condition(exc):
+                    raise
+                continue
+            self._table.put_item(Item=_audit_item(subject, channel, "opt_out", source, at, detail))
+            changed.append(channel)
+        return changed
+
+    def record_opt_ins(
+        self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str = ""
+    ) -> list[str]:
+        """An explicit opt-in from the MIS or the CRM lifts an opt-out only if it is newer than it."""
+        if source not in ("mis", "crm"):
+            raise ValueError("only the MIS or the CRM can record an opt-in")
+        changed = []
+        for channel in channels:
+            try:
+                self._table.put_item(
+                    Item={**tk.consent_channel(subject, channel), "opted_out": False, "source": source, "at": at},
+                    ConditionExpression="opted_out = :yes AND #at < :at",
+                    ExpressionAttributeNames={"#at": "at"},
+                    ExpressionAttributeValues={":yes": True, ":at": at},
+                )
+            except ClientError as exc:
+                if not failed_condition(exc):
+                    raise
+                continue
+            self._table.put_item(Item=_audit_item(subject, channel, "opt_in", source, at, detail))
+            changed.append(channel)
+        return changed
+
+    def observe_crm_opt_ins(
+        self, subject: str, contact_id: str, opt_ins: Sequence[str], at: int, held: Sequence[str] = ()
+    ) -> list[str]:
+        """Note the mapped CRM contact's opt-in field as seen at ``at`` (its modification time) and return
+        the channels it gained since the last observation. Nothing is gained on the first observation of
+        a contact, nor from a snapshot older than the last one: an unchanged field is never an opt-in,
+        however recently the record was touched. A gained channel in ``held`` (the opt-out field still
+        lists it) is not noted as seen, so it counts once that field is cleared."""
+        key = tk.crm_opt_ins_seen(subject)
+        old = self._table.get_item(Key=key, ConsistentRead=True).get("Item")
+        same = old is not None and old.get("contact_id") == contact_id
+        if old is not None and same and int(str(old["at"])) > at:
+            return []  # older than what we already saw
+        before = set(str(old["channels"]).split(",")) if old is not None and same else set(opt_ins)
+        gained = set(opt_ins) - before
+        waiting = gained & set(held)
+        seen = ",".join(sorted(set(opt_ins) - waiting)) or "-"
+        item: dict[str, Any] = {**key, "contact_id": contact_id, "channels": seen, "at": at}
+        try:
+            if old is None:
+                self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(pk)")
+            else:  # unchanged since our read, or a concurrent observation decides
+                self._table.put_item(
+                    Item=item,
+                    ConditionExpression="channels = :c AND contact_id = :k AND #at = :at",
+                    ExpressionAttributeNames={"#at": "at"},
+                    ExpressionAttributeValues={":c": old["channels"], ":k": old["contact_id"], ":at": old["at"]},
+                )
+        except ClientError as exc:
+            if not failed_condition(exc):
+                raise
+            return []
+        return sorted(gained - waiting)
+
+    def opted_out_many(self, subjects: Sequence[str], channels: Sequence[str]) -> dict[str, set[str]]:
+        wanted = [tk.consent_channel(s, c) for s in dict.fromkeys(subjects) for c in channels]
+        found: dict[str, set[str]] = {s: set() for s in subjects}
+        for item in self._batch_get(wanted):
+            if item.get("opted_out"):
+                found[tk.subject_of(str(item["pk"]))].add(tk.channel_of(str(item["sk"])))
+        return found
+
+    def consent_items(self, subject: str) -> list[dict[str, Any]]:
+        """Everything the ledger holds for one subject: channels, audit trail, identity, outputs (for
+        inspection: no use case reads the table's items)."""
+        return list(self._query(tk.consent_pk(subject)))
+
+    def note_identity(self, subject: str, keys: Mapping[str, str | None]) -> None:
+        """Which keyed hashes and system ids a subject is known by (never the values themselves)."""
+        values = {k: v for k, v in keys.items() if v}
+        if not values:
+            return
+        names = {f"#k{i}": k for i, k in enumerate(values)}
+        sets = ", ".join(f"#k{i} = :v{i}" for i in range(len(values)))
+        self._table.update_item(
+            Key=tk.consent_identity(subject),
+            UpdateExpression=f"SET {sets}",
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues={f":v{i}": v for i, v in enumerate(values.values())},
+        )
+
+
+class DynamoConsentOutputMarks(TableRepository):
+    def output_done(self, subject: str) -> dict[str, str]:
+        """Per output target, the ledger digest it last reached (a retried job skips finished targets)."""
+        item = self._table.get_item(Key=tk.consent_outputs(subject)).get("Item") or {}
+        return {str(k): str(v) for k, v in item.items() if k not in ("pk", "sk")}
+
+    def mark_output(self, subject: str, target: str, digest: str) -> None:
+        self._table.update_item(**self._mark(subject, target, digest))
+
+    @staticmethod
+    def _mark(subject: str, target: str, digest: str) -> dict[str, Any]:
+        return {
+            "Key": tk.consent_outputs(subject),
+            "UpdateExpression": "SET #t = :d",
+            "ExpressionAttributeNames": {"#t": target},
+            "ExpressionAttributeValues": {":d": digest},
+        }
+
+    def mark_outputs(self, target: str, digests: Mapping[str, str]) -> None:
+        """``mark_output`` for many subjects (subject -> digest): up to 100 per transaction. A transaction
+        cancelled by a concurrent update of one of them (a consent job) is marked one by one instead."""
+        subjects = list(digests)
+        for start in range(0, len(subjects), TRANSACT_LIMIT):
+            chunk = subjects[start : start + TRANSACT_LIMIT]
+            items = [
+                {"Update": {"TableName": self._table.name, **self._mark(subject, target, digests[subject])}}
+                for subject in chunk
+            ]
+            try:
+                self._transact(items)
+            except ClientError as exc:
+                if not cancelled(exc):
+                    raise
+                for subject in chunk:
+                    self.mark_output(subject, target, digests[subject])
+
+
+class DynamoEmailIndex(TableRepository):
+    def index_emails(self, entries: Sequence[tuple[str, str]]) -> None:
+        """(e-mail key, subject) pairs: a Mailchimp event names an e-mail, the ledger needs the person."""
+        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+            for email_key, subject in dict.fromkeys(entries):
+                batch.put_item(Item=tk.email(email_key, subject))
+
+    def subjects_by_email(self, email_key: str) -> list[str]:
+        return [tk.email_subject_of(str(item["sk"])) for item in self._query(tk.email_pk(email_key))]
+
+
+class DynamoMemberStore(TableRepository):
+    def mailchimp_members_many(self, subjects: Sequence[str]) -> dict[str, MemberBook]:
+        books = {s: MemberBook() for s in subjects}
+        for item in self._batch_get([tk.members(s) for s in dict.fromkeys(subjects)]):
+            book = books[tk.members_subject_of(str(item["pk"]))]
+            book.current = str(item["current"]) if item.get("current") else None
+            for name, value in item.items():
+                if name.startswith(tk.MEMBER_PREFIX):
+                    member = name.removeprefix(tk.MEMBER_PREFIX)
+                    book.known.add(member)
+                    if value != "-":
+                        book.moved[member] = str(value)
+        return books
+
+    def note_mailchimp_member(self, subject: str, member: str, moved_from: str | None = None) -> None:
+        """``member`` is now the subject's member; ``moved_from``, if given, was moved to it (upemail, or
+        our address change). Old members stay listed: an opt-out still reaches them."""
+        hashes = [h for h in (member, moved_from) if h]
+        if not all(is_subscriber_hash(h) for h in hashes):
+            raise ValueError("not a subscriber hash")
+        names = {"#m": tk.MEMBER_PREFIX + member, "#cur": "current"}
+        values = {":m": member, ":dash": "-"}
+        sets = ["#cur = :m", "#m = :dash"]
+        if moved_from and moved_from != member:
+            names["#o"] = tk.MEMBER_PREFIX + moved_from
+            sets.append("#o = :m")
+        self._table.update_item(
+            Key=tk.members(subject),
+            UpdateExpression="SET " + ", ".join(sets),
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+        )

@@ -1,0 +1,82 @@
+"""The composition root is a container: a test gives it parts (config, store, CRM gateway, secrets…) through
+its constructor or ``replace_parts``, never by patching the wiring module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from clinicsync.runtime import wiring
+from clinicsync.settings import Settings
+from clinicsync_cli.memory_store import MemoryStore
+from tests.helpers import demo_config
+
+SECRETS = {"hash_key": "k" * 32, "mailchimp_api_key": "key-us1", "identity_key": "i", "secret": "s"}
+
+
+class _QuietCrm:
+    """A CRM gateway where nothing changed; counts its start-up checks."""
+
+    kind = "bitrix24"
+    lookups_need_intents = False
+
+    def __init__(self) -> None:
+        self.verified = 0
+
+    def verify_pipelines(self, pipelines: Mapping[Any, Any]) -> frozenset[str]:
+        self.verified += 1
+        return frozenset()
+
+    def changed_since(self, entity: str, since: str, limit: int) -> list[dict[str, str]]:
+        return []
+
+    def fetch(self, entity: str, crm_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        return {}
+
+    def integration_user(self) -> str:
+        return "1"
+
+
+def _settings() -> Settings:
+    return Settings.model_construct(**dict.fromkeys(Settings.model_fields, "x"))  # names only: nothing is called
+
+
+@pytest.fixture(autouse=True)
+def _region(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")  # queue clients are built, never called
+    yield
+    wiring.replace_parts()
+
+
+def test_a_container_builds_its_use_cases_on_the_parts_it_is_given() -> None:
+    store, crm = MemoryStore(), _QuietCrm()
+    parts = wiring.Container(
+        _settings(), config=demo_config(), store=store, crm_gateway=crm, secrets=lambda arn: SECRETS
+    )
+    now = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
+    parts.crm_catch_up().run(now)
+    assert store.get_cursor("crm-catchup") == {"since": (now - timedelta(hours=1)).isoformat()}
+    parts.syncer()
+    parts.consent_outputs()
+    assert crm.verified == 1  # the stages are checked once per container and config
+
+
+def test_the_process_serves_the_container_a_test_installs() -> None:
+    parts = wiring.Container(_settings(), config=demo_config())
+    wiring.use(parts)
+    assert wiring.container() is parts
+    wiring.reset()
+    wiring.replace_parts(settings=_settings(), config=demo_config())
+    assert wiring.container() is not parts
+
+
+def test_every_container_built_after_replace_parts_takes_them() -> None:
+    store = MemoryStore()
+    wiring.replace_parts(settings=_settings(), store=store)
+    first = wiring.container()
+    assert first.store() is store and wiring.container() is first  # one per process until reset
+    wiring.reset()  # a cold start (the local runtime switching clinics) keeps the replaced parts
+    assert wiring.container() is not first and wiring.container().store() is store

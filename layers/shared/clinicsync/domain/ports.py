@@ -92,9 +92,7 @@ class ContactWrite:
     # On update, PHONE/EMAIL are multifields: a changed value edits our entry by its id (or is appended).
     changed_multifields: frozenset[str] = frozenset()  # {"phone", "email"}
     multifield_ids: Mapping[str, str] = field(default_factory=dict)  # {"phone": entry id}
-    # Only if we are still the contact's last modifier (a gateway that ``guards_writes``); otherwise the
-    # patient fails with CHANGED_SINCE_READ (see there).
-    expect_ours: bool = False
+    expect_ours: bool = False  # write only if we are still its last modifier (``guards_writes``)
 
 
 @dataclass(frozen=True)
@@ -109,9 +107,7 @@ class DealWrite:
     lead_id: str | None = None  # the lead this deal grew from (adoption keeps the lead's origin)
     link_contact: bool = False  # an adopted deal is linked to the patient's contact
     lead_source: str | None = None  # the adopted lead's source, copied once with lead_id (Bitrix24 SOURCE_ID)
-    # Only if the deal is still open at this stage or at ``stage`` (a gateway that ``guards_writes``);
-    # otherwise the patient fails with CHANGED_SINCE_READ (see there).
-    expect_stage: str | None = None
+    expect_stage: str | None = None  # write only if the deal is open at this stage or at ``stage``
 
 
 @dataclass(frozen=True)
@@ -148,9 +144,7 @@ class PipelineMismatch(Exception):
         self.problems = list(problems)
 
 
-# A guarded write found its record changed since we last wrote it, so it was not applied, nor were the
-# patient's creates and unguarded writes; its other guarded updates may have been (same fields: they are
-# sent again). The syncer reads the records, plans the patient again and writes unguarded.
+# A guarded write found its record changed since we wrote it (none of the patient's creates ran): read, plan again.
 CHANGED_SINCE_READ = "changed_since_read"
 
 
@@ -181,12 +175,10 @@ class OpenLead:
 
 class CrmGateway(Protocol):
     kind: str
-    # True when a look-up by MIS id costs requests of its own (amoCRM: a scan; Bitrix24: a batch when no
-    # phone is looked up): the syncer then records create intents, and only ids with an intent (an
-    # earlier attempt whose response may be lost) or of a patient new to us are looked up.
+    # True when a look-up by MIS id costs requests of its own: the syncer then records create intents, and
+    # looks up only ids with an intent (a lost response) or of a patient new to us (``sync_lookup``).
     lookups_need_intents: bool
-    # True when ``apply`` checks a write's ``expect_ours``/``expect_stage`` in the same request as the
-    # write (Bitrix24 ``batch`` result references): the syncer then reads nothing before writing.
+    # True when ``apply`` checks ``expect_ours``/``expect_stage`` in the write's own request: no read first.
     guards_writes: bool
 
     def find(

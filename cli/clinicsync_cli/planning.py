@@ -46,6 +46,7 @@ class DryRunGateway:
         self._inner = inner
         self.kind = inner.kind
         self.lookups_need_intents = inner.lookups_need_intents
+        self.guards_writes = False  # a dry run reads, as a gateway without guards would
         self.writes: list[CrmWrite] = []
         self.matches: list[CrmMatches] = []
         self._new = 0

@@ -51,6 +51,7 @@ class FamilyCrm:
     stale_reads: bool = False
     kind: str = "fake"
     lookups_need_intents: bool = False
+    guards_writes: bool = False
     lead_open: bool = True
     deal_owner: str | None = None  # appointment id once adopted
     contacts: dict[str, str | None] = field(default_factory=lambda: {FORM_CONTACT: None})  # id -> owner

@@ -17,7 +17,7 @@ from clinicsync.adapters.bitrix24.client import Bitrix24Client, Bitrix24MethodBl
 from clinicsync.adapters.bitrix24.gateway import Bitrix24Gateway
 from clinicsync.adapters.bitrix24.oauth import Bitrix24OAuth, Bitrix24Tokens
 from clinicsync.adapters.http.pacing import Pacer
-from clinicsync.domain.ports import ContactWrite, DealWrite, PipelineMismatch
+from clinicsync.domain.ports import CHANGED_SINCE_READ, ContactWrite, DealWrite, PipelineMismatch
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import OPERATING_LIMIT_PAGE, Bitrix24Emulator
 from tests.helpers import demo_config
@@ -288,3 +288,50 @@ def test_oauth_client_refreshes_once_on_expiry_and_keeps_writing(emu: tuple[Bitr
     assert outcome.failed == {} and len(emulator.contacts) == 2  # no write lost across the refresh
     assert store.saves == 1
     assert store.tokens.refresh_token.get_secret_value() != old_refresh  # rotated and persisted
+
+
+def _moved(deal_id: str | None, contact_id: str | None, stage: str) -> list[ContactWrite | DealWrite]:
+    """p0's guarded writes: a contact update that expects us as its last modifier, a stage change."""
+    return [
+        ContactWrite("p0", contact_id, {"full_name": {"last": "Тест", "first": "Т", "middle": ""}}, expect_ours=True),
+        DealWrite("a0", "p0", deal_id, "0", stage, {"title": "Приём"}, expect_stage="PREPARATION"),
+    ]
+
+
+@pytest.mark.parametrize("manager_did", ["closed the deal", "moved the deal", "edited the contact"])
+def test_a_guarded_write_over_a_managers_change_fails_as_changed_since_read_and_never_writes_over_it(
+    emu: tuple[Bitrix24Emulator, str], manager_did: str
+) -> None:
+    """A deal a manager closed or moved is never moved back, and a contact a manager edited is never written
+    over, even before their webhooks: the guard in the write's own batch fails, the patient comes back as
+    CHANGED_SINCE_READ, and the other patients in that batch are written."""
+    emulator, base = emu
+    gateway = Bitrix24Gateway(_client(emulator, base), CONFIG)
+    created = gateway.apply(_writes(2))
+    deal, contact = int(created.deal_ids["a0"]), int(created.contact_ids["p0"])
+    if manager_did == "closed the deal":
+        emulator.manager_update_deal(deal, STAGE_ID="LOSE")
+    elif manager_did == "moved the deal":
+        emulator.manager_update_deal(deal, STAGE_ID="EXECUTING")
+    else:
+        emulator.manager_update_contact(contact, NAME="Тома")
+    managers = dict(emulator.contacts[contact] if manager_did == "edited the contact" else emulator.deals[deal])
+    other = DealWrite("a1", "p1", created.deal_ids["a1"], "0", "WON", {"title": "Приём"}, expect_stage="PREPARATION")
+    emulator.reset_stats()
+    outcome = gateway.apply([*_moved(str(deal), str(contact), "WON"), other])
+    assert outcome.failed == {"p0": CHANGED_SINCE_READ}
+    assert (emulator.contacts[contact] if manager_did == "edited the contact" else emulator.deals[deal]) == managers
+    assert emulator.deals[int(created.deal_ids["a1"])]["STAGE_ID"] == "WON"  # sent again after the halt
+    assert emulator.stats()["requests"] == 2
+
+
+def test_guarded_writes_over_records_as_we_left_them_cost_no_read(emu: tuple[Bitrix24Emulator, str]) -> None:
+    """The steady day near the floor: the stage and last-modifier checks ride in the write's own batch."""
+    emulator, base = emu
+    gateway = Bitrix24Gateway(_client(emulator, base), CONFIG)
+    created = gateway.apply(_writes(1))
+    emulator.reset_stats()
+    outcome = gateway.apply(_moved(created.deal_ids["a0"], created.contact_ids["p0"], "WON"))
+    assert outcome.failed == {} and outcome.deal_ids == {"a0": created.deal_ids["a0"]}
+    assert emulator.deals[int(created.deal_ids["a0"])]["STAGE_ID"] == "WON"
+    assert emulator.stats()["requests"] == 1

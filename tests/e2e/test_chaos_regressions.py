@@ -27,6 +27,7 @@ class HalfFailingGateway:
 
     kind = "amocrm"
     lookups_need_intents = True
+    guards_writes = False
 
     def __init__(self) -> None:
         self.applies: list[list[CrmWrite]] = []

@@ -73,9 +73,11 @@ def test_confirm_visit_and_complete_move_the_same_deal(clinic: LocalClinic) -> N
         run = clinic.sync()
         deal = _deal(clinic, appointment)
         assert (deal["id"], deal["stage"]) == (deal_id, _stage(clinic, status, repeat)), status
-        # A known appointment whose status changed costs one write, and one read of the deal's current
-        # stage when the stage changes (a manager may have closed the deal, its webhook not heard yet).
-        assert run.crm_requests == (1 if deal["stage"] == stage else 2), status
+        # A known appointment whose status changed costs one write. A stage change is checked against the
+        # deal's current stage (a manager may have closed it, its webhook not heard yet): in the write's own
+        # batch on Bitrix24, by a read first on amoCRM, which has no conditional write.
+        read_first = clinic.crm.kind == "amocrm" and deal["stage"] != stage
+        assert run.crm_requests == 1 + read_first, status
         stage = deal["stage"]
 
 

@@ -53,6 +53,7 @@ def test_the_dry_run_store_reads_what_is_stored_and_writes_nowhere() -> None:
 class _Gateway:
     kind = "bitrix24"
     lookups_need_intents = False
+    guards_writes = False
 
     def apply(self, writes: Any) -> Any:
         raise AssertionError("a plan must not send writes")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from clinicsync.adapters.http.retrying import exponential, poll
@@ -19,6 +19,7 @@ from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import CrmObservation, PatientChanges
 from clinicsync.domain.ports import (
+    CHANGED_SINCE_READ,
     ContactWrite,
     CrmGateway,
     CrmMatches,
@@ -154,15 +155,27 @@ class Syncer:
 
         matches = self._lookup.look_up(live, states)
         plans = self._plan(live, states, matches, ledger)
-        moved = self._read_stages(plans, states, report)
-        if moved:  # a manager moved or closed a deal we were about to move: plan again, respecting it
-            for pid, appointment_ids in moved.items():
-                observed.setdefault(pid, []).extend(appointment_ids)
-            plans = self._plan(live, states, matches, ledger)
-        self._consent.keep_managers_opt_outs(plans, live, ledger, own_opt_outs)
-        writes = [w for plan in plans for w in plan.writes] + self._lead_links(observations, states)
+        links = self._lead_links(observations, states)
+        if self._gateway.guards_writes:  # the checks ride in the write request: no read before it
+            plans = [self._guarded(plan, states[plan.patient_id]) for plan in plans]
+        else:
+            plans = self._read_then_plan(live, states, matches, ledger, own_opt_outs, plans, observed, report)
+        writes = [w for plan in plans for w in plan.writes] + links
         intents = self._lookup.record_intents(writes)
         outcome = self._gateway.apply(writes) if writes else WriteOutcome()
+        changed = sorted(pid for pid, why in outcome.failed.items() if why == CHANGED_SINCE_READ)
+        if changed:  # a guard found a manager's change: read those records, plan again, write unguarded
+            ids = set(changed)
+            for pid in changed:
+                del outcome.failed[pid]
+            again = [item for item in live if item.patient.mis_id in ids]
+            old = [_unguarded(plan) for plan in plans if plan.patient_id in ids]
+            new = self._read_then_plan(again, states, matches, ledger, own_opt_outs, old, observed, report)
+            more = [w for plan in new for w in plan.writes] + [w for w in links if w.patient_id in ids]
+            _merge_outcome(outcome, self._gateway.apply(more) if more else WriteOutcome())
+            by_patient = {plan.patient_id: plan for plan in new}
+            plans = [by_patient.get(plan.patient_id, plan) for plan in plans]
+            writes += more
         report.audience_members += self._consent.sync_audience(plans, live, ledger, outcome)
         self._persist(plans, live, states, outcome, report, observed)
         self._consent.note_crm_consent(plans, outcome, own_opt_outs)
@@ -212,6 +225,41 @@ class Syncer:
                 return plans
             logger.info("records adopted by another sync; planning without them", extra={"records": len(lost)})
             taken |= lost
+
+    def _read_then_plan(
+        self,
+        live: Sequence[PatientChanges],
+        states: dict[str, PatientState],
+        matches: CrmMatches,
+        ledger: dict[str, set[str]],
+        own_opt_outs: dict[str, set[str]],
+        plans: list[PatientPlan],
+        observed: dict[str, list[str]],
+        report: SyncReport,
+    ) -> list[PatientPlan]:
+        """Read what a manager may have changed on the records the plans write over, and plan again if
+        they did (a gateway that cannot check in its write request, or a guard that failed)."""
+        moved = self._read_stages(plans, states, report)
+        if moved:  # a manager moved or closed a deal we were about to move: plan again, respecting it
+            for pid, appointment_ids in moved.items():
+                observed.setdefault(pid, []).extend(appointment_ids)
+            plans = self._plan(live, states, matches, ledger)
+        self._consent.keep_managers_opt_outs(plans, live, ledger, own_opt_outs)
+        return plans
+
+    def _guarded(self, plan: PatientPlan, state: PatientState) -> PatientPlan:
+        """The plan's updates made conditional on finding their records as we left them: a stage change
+        on the deal's stage (``stage_to_check``), a contact update on our being its last modifier."""
+        writes: list[CrmWrite] = []
+        for write in plan.writes:
+            if isinstance(write, DealWrite) and stage_to_check(write, state):
+                writes.append(replace(write, expect_stage=state.appointment(write.appointment_id).stage))
+            elif isinstance(write, ContactWrite) and write.contact_id and self._consent.reads_contacts:
+                writes.append(replace(write, expect_ours=True))
+            else:
+                writes.append(write)
+        plan.writes = writes
+        return plan
 
     def _read_stages(
         self, plans: Sequence[PatientPlan], states: dict[str, PatientState], report: SyncReport
@@ -314,6 +362,24 @@ class Syncer:
             self._store.index_phones(first_keys)  # a patient's first phone: batched, nothing to remove
         if saves:
             self._store.save_patients(saves, states)
+
+
+def _unguarded(plan: PatientPlan) -> PatientPlan:
+    plan.writes = [
+        replace(w, expect_ours=False)
+        if isinstance(w, ContactWrite)
+        else replace(w, expect_stage=None)
+        if isinstance(w, DealWrite)
+        else w
+        for w in plan.writes
+    ]
+    return plan
+
+
+def _merge_outcome(outcome: WriteOutcome, more: WriteOutcome) -> None:
+    outcome.contact_ids.update(more.contact_ids)
+    outcome.deal_ids.update(more.deal_ids)
+    outcome.failed.update(more.failed)
 
 
 def _merge_by_patient(changes: Sequence[PatientChanges]) -> list[PatientChanges]:

@@ -41,6 +41,11 @@ class SyncConsent:
         self._audience = audience
         self._crm_contacts = crm_contacts
 
+    @property
+    def reads_contacts(self) -> bool:
+        """Whether a contact update must first take in what a manager changed on it."""
+        return self._crm_contacts is not None
+
     def ledger(self, live: Sequence[PatientChanges]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
         """Record the MIS's refusal flags; return every patient's opt-outs, and the patient's own
         subject's (without the address's). The ledger is sticky: an opt-out once recorded stays,

@@ -29,9 +29,14 @@ class SyncLookup:
         self._hasher = hasher
 
     def look_up(self, live: Sequence[PatientChanges], states: dict[str, PatientState]) -> CrmMatches:
-        """One look-up per message. Always by MIS id before creating (a create whose response was lost
-        must not repeat), by phone for patients without a deal yet (adopt open leads and deals, never
-        duplicate), and the phone/e-mail entry ids of contacts whose phone or e-mail changed."""
+        """One look-up per message. By MIS id before creating (a create whose response was lost must not
+        repeat), by phone for patients without a deal yet (adopt open leads and deals, never duplicate),
+        and the phone/e-mail entry ids of contacts whose phone or e-mail changed.
+
+        A gateway whose look-ups by MIS id cost requests of their own (``lookups_need_intents``) looks up
+        only what may exist unknown to us: records with a create intent (noted before every create) and
+        everything of a patient we know no contact of (new, or whose state was dropped; their look-up by
+        phone goes out anyway). A known patient's new visit then costs no look-up."""
         unknown_patients = [c.patient.mis_id for c in live if states[c.patient.mis_id].contact_id is None]
         unknown_appointments = [
             a.mis_id
@@ -50,13 +55,20 @@ class SyncLookup:
             if states[c.patient.mis_id].contact_id
             and changed_multifields(c.patient, states[c.patient.mis_id], self._hasher)
         ]
+        since = None
+        if self._gateway.lookups_need_intents and (unknown_patients or unknown_appointments):
+            keys = [contact_intent(p) for p in unknown_patients] + [deal_intent(a) for a in unknown_appointments]
+            intents = self._store.load_intents(keys)
+            since = min(intents.values()) if intents else None
+            new, unknown = set(unknown_patients), set(unknown_appointments)
+            unknown_appointments = [
+                a.mis_id
+                for c in live
+                for a in c.appointments
+                if a.mis_id in unknown and (c.patient.mis_id in new or deal_intent(a.mis_id) in intents)
+            ]
         if not (unknown_patients or unknown_appointments or changed_contacts or phones):
             return CrmMatches()
-        since = None
-        if self._gateway.lookups_need_intents:
-            keys = [contact_intent(p) for p in unknown_patients] + [deal_intent(a) for a in unknown_appointments]
-            intents = self._store.load_intents(keys) if keys else {}
-            since = min(intents.values()) if intents else None
         return self._gateway.find(unknown_patients, unknown_appointments, phones, changed_contacts, since)
 
     def record_intents(self, writes: Sequence[CrmWrite]) -> list[str]:

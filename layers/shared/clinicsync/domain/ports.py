@@ -92,6 +92,7 @@ class ContactWrite:
     # On update, PHONE/EMAIL are multifields: a changed value edits our entry by its id (or is appended).
     changed_multifields: frozenset[str] = frozenset()  # {"phone", "email"}
     multifield_ids: Mapping[str, str] = field(default_factory=dict)  # {"phone": entry id}
+    expect_ours: bool = False  # write only if we are still its last modifier (``guards_writes``)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class DealWrite:
     lead_id: str | None = None  # the lead this deal grew from (adoption keeps the lead's origin)
     link_contact: bool = False  # an adopted deal is linked to the patient's contact
     lead_source: str | None = None  # the adopted lead's source, copied once with lead_id (Bitrix24 SOURCE_ID)
+    expect_stage: str | None = None  # write only if the deal is open at this stage or at ``stage``
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,10 @@ class PipelineMismatch(Exception):
         self.problems = list(problems)
 
 
+# A guarded write found its record changed since we wrote it (none of the patient's creates ran): read, plan again.
+CHANGED_SINCE_READ = "changed_since_read"
+
+
 @dataclass
 class WriteOutcome:
     contact_ids: dict[str, str] = field(default_factory=dict)  # patient id -> contact id
@@ -169,9 +175,11 @@ class OpenLead:
 
 class CrmGateway(Protocol):
     kind: str
-    # True when a look-up by MIS id costs a request per id (amoCRM): the syncer then records create
-    # intents, and only ids with an intent (an earlier attempt whose response may be lost) are looked up.
+    # True when a look-up by MIS id costs requests of its own: the syncer then records create intents, and
+    # looks up only ids with an intent (a lost response) or of a patient new to us (``sync_lookup``).
     lookups_need_intents: bool
+    # True when ``apply`` checks ``expect_ours``/``expect_stage`` in the write's own request: no read first.
+    guards_writes: bool
 
     def find(
         self,

@@ -53,6 +53,7 @@ class _Person:
 class AmoCrmGateway(AmoFields):
     kind = "amocrm"
     lookups_need_intents = True
+    guards_writes = False  # no conditional update in API v4: the syncer reads before it writes
 
     def __init__(
         self,

@@ -66,13 +66,17 @@ def _rows(value: Any) -> list[dict[str, Any]]:
 
 class Bitrix24Gateway:
     kind = "bitrix24"
-    lookups_need_intents = False  # a batch looks up 50 MIS ids per command: always look up
+    # A look-up by MIS id costs a request when nothing else is looked up (a known patient's new visit):
+    # only records with a create intent, or of a patient new to us, are looked up.
+    lookups_need_intents = True
 
     def __init__(self, client: Bitrix24Client, config: ClinicConfig) -> None:
         self._client = client
         self._config = config
         self._originator = config.crm.originator_id
         self._writer = Bitrix24Writer(client, config)
+        # A contact's guard compares its last modifier with our user: without one, read before writing.
+        self.guards_writes = bool(client.user_id)
 
     def requests_made(self) -> int:
         return self._client.requests
@@ -122,7 +126,7 @@ class Bitrix24Gateway:
         appointment_ids: Sequence[str],
         phones: Sequence[str] = (),
         multifield_contacts: Sequence[str] = (),
-        intended_since: int | None = None,  # noqa: ARG002 - Bitrix24 always looks up, it is cheap
+        intended_since: int | None = None,  # noqa: ARG002 - a MIS id filter, not a scan: no start time
     ) -> CrmMatches:
         commands: dict[str, tuple[str, Mapping[str, Any]]] = {}
         for n, ids in enumerate(_chunks(list(dict.fromkeys(patient_ids)), PAGE_SIZE)):

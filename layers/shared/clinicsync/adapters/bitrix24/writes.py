@@ -18,7 +18,7 @@ from clinicsync.adapters.bitrix24.client import (
 )
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.fieldtypes import FieldValueError, crm_value, default_type
-from clinicsync.domain.ports import ContactWrite, CrmWrite, DealWrite, LeadWrite, WriteOutcome
+from clinicsync.domain.ports import CHANGED_SINCE_READ, ContactWrite, CrmWrite, DealWrite, LeadWrite, WriteOutcome
 
 # Canonical fields with a native Bitrix24 field. Everything else goes to a UF_CRM_* field, named by
 # the clinic's fields.crm_names or, by default, UF_CRM_CS_<NAME>. visit_at is one of those (a datetime
@@ -41,6 +41,8 @@ class _Command:
     params: dict[str, Any]
     patient_id: str
     write: CrmWrite
+    guard: str | None = None  # an update's guard: the key of the read whose first row's ID it writes to
+    is_guard: bool = False  # a guard's read: its rows are not a write's result
 
 
 class Bitrix24Writer:
@@ -84,9 +86,12 @@ class Bitrix24Writer:
                 room = BATCH_LIMIT - len(chunk)
                 if len(queue[0]) <= room:
                     chunk.extend(queue.pop(0))
-                else:
-                    chunk.extend(queue[0][:room])
-                    queue[0] = queue[0][room:]
+                    continue
+                cut = room - 1 if queue[0][room - 1].is_guard else room  # a guard stays with its update
+                if cut == 0:
+                    break
+                chunk.extend(queue[0][:cut])
+                queue[0] = queue[0][cut:]
             leftovers = self._run_chunk(chunk, outcome)
             if leftovers:
                 queue.insert(0, leftovers)
@@ -121,14 +126,20 @@ class Bitrix24Writer:
         for index, command in enumerate(chunk):
             if command.key in result.errors:
                 error = result.errors[command.key]
-                outcome.failed[command.patient_id] = str(
-                    error.get("error") or error.get("error_description") or "error"
-                )
-                self._client.note_blocked(command.method, error)
+                if command.guard is not None and result.result.get(command.guard) == []:
+                    # The guard found the record changed since we wrote it, so the update had no ID to
+                    # write to. Guarded updates come first: none of the patient's creates has run.
+                    outcome.failed[command.patient_id] = CHANGED_SINCE_READ
+                else:
+                    outcome.failed[command.patient_id] = str(
+                        error.get("error") or error.get("error_description") or "error"
+                    )
+                    self._client.note_blocked(command.method, error)
                 return self._unrun(chunk, index, outcome)
             if command.key not in result.result:
                 return self._unrun(chunk, index, outcome)
-            self._record(command, result.result[command.key], outcome)
+            if not command.is_guard:
+                self._record(command, result.result[command.key], outcome)
         return []
 
     @staticmethod
@@ -146,10 +157,11 @@ class Bitrix24Writer:
             outcome.deal_ids[write.appointment_id] = str(value) if write.deal_id is None else write.deal_id
 
     def _commands(self, patient_id: str, writes: Sequence[CrmWrite]) -> list[_Command]:
+        guarded = self._guarded(patient_id, writes)  # first: when a guard fails, no create has run
         commands: list[_Command] = []
         contact_ref: str | None = None
         for write in writes:
-            if isinstance(write, ContactWrite):
+            if isinstance(write, ContactWrite) and not _is_guarded(write):
                 key = f"c_{patient_id}"
                 params: dict[str, Any] = {
                     "fields": self._contact_fields(write),
@@ -163,7 +175,7 @@ class Bitrix24Writer:
                         _Command(key, "crm.contact.update", {"id": write.contact_id, **params}, patient_id, write)
                     )
         for write in writes:
-            if isinstance(write, DealWrite):
+            if isinstance(write, DealWrite) and not _is_guarded(write):
                 key = f"d_{write.appointment_id}"
                 fields = self._deal_fields(write)
                 contact = write.contact_id or contact_ref
@@ -192,6 +204,41 @@ class Bitrix24Writer:
                         write,
                     )
                 )
+        return guarded + commands
+
+    def _guarded(self, patient_id: str, writes: Sequence[CrmWrite]) -> list[_Command]:
+        """Updates that run only if their record is as we left it, in the same ``batch``: a read filtered
+        by that condition, then the update with ``id`` = ``$result[<read>][0][ID]`` (b24restdocs,
+        api-reference/how-to-call-rest-api/batch.md: a command may use earlier commands' results as
+        ``$result[key][field]``, list results by row as ``[0][ID]``). When the read finds no row the
+        reference has nothing to resolve to and the update fails for want of an ID ("ID is not defined
+        or invalid."), whether the portal leaves the reference as text or empty; halt=1 stops the batch
+        there, and the caller reads the record and plans again. No read request when nothing changed."""
+        commands: list[_Command] = []
+        for write in writes:
+            if isinstance(write, ContactWrite) and _is_guarded(write):
+                # Still last modified by us: a manager's edit since (an opt-out tick whose webhook is on
+                # its way) is taken in before we write over it or become its last modifier.
+                condition: dict[str, Any] = {"ID": write.contact_id, "MODIFY_BY_ID": self._client.user_id}
+                method, key = "crm.contact", f"c_{patient_id}"
+                params: dict[str, Any] = {
+                    "fields": self._contact_fields(write),
+                    "params": {"REGISTER_SONET_EVENT": "N"},
+                }
+            elif isinstance(write, DealWrite) and write.expect_stage is not None and _is_guarded(write):
+                # Still open at the stage we last wrote (or already at the one we write): a deal a manager
+                # moved or closed since is never moved back or reopened.
+                stages = list(dict.fromkeys([write.expect_stage, *([write.stage] if write.stage else [])]))
+                condition = {"ID": write.deal_id, "CLOSED": "N", "@STAGE_ID": stages}
+                method, key = "crm.deal", f"d_{write.appointment_id}"
+                params = {"fields": self._deal_fields(write)}
+            else:
+                continue
+            guard = f"g{key}"
+            read = {"filter": condition, "select": ["ID"]}
+            commands.append(_Command(guard, f"{method}.list", read, patient_id, write, is_guard=True))
+            params = {"id": f"$result[{guard}][0][ID]", **params}
+            commands.append(_Command(key, f"{method}.update", params, patient_id, write, guard=guard))
         return commands
 
     def _contact_fields(self, write: ContactWrite) -> dict[str, Any]:
@@ -234,6 +281,13 @@ class Bitrix24Writer:
         if write.fields.get("visit_at"):
             out["BEGINDATE"] = str(write.fields["visit_at"])[:10]  # the local date: BEGINDATE has no time
         return out
+
+
+def _is_guarded(write: CrmWrite) -> bool:
+    """An update of a record we know that must find it as we left it (creates have nothing to guard)."""
+    if isinstance(write, ContactWrite):
+        return write.expect_ours and write.contact_id is not None
+    return isinstance(write, DealWrite) and write.expect_stage is not None and write.deal_id is not None
 
 
 def _bitrix_value(value: Any) -> Any:

@@ -18,8 +18,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from clinicsync.domain.audience import MemberBook, is_subscriber_hash
-from clinicsync.domain.ports import ConsentSource, Cursor, Store
+from clinicsync.domain.ports import Cursor
 from clinicsync.domain.state import AppointmentState, PatientState
+from clinicsync.domain.store_ports import ConsentSource, Store
 
 _SEEN = "-"  # the CRM opt-in field as seen, with no channel
 

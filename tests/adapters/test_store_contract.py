@@ -20,8 +20,8 @@ from moto import mock_aws
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.domain.audience import MemberBook, subscriber_hash
 from clinicsync.domain.models import AppointmentStatus
-from clinicsync.domain.ports import Store
 from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState
+from clinicsync.domain.store_ports import Store
 from clinicsync_cli.memory_store import MemoryStore
 from sandbox.cfn_yaml import load_template
 from tests.helpers import MSK, ROOT

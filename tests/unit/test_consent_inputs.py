@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from clinicsync.application.consent import ConsentLedger, ConsentQueue
 from clinicsync.domain.audience import AudienceEvent, AudienceKind
 from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.ports import LedgerStore
+from clinicsync.domain.store_ports import LedgerStore
 
 OURS = frozenset({"our-audience"})
 

@@ -22,14 +22,8 @@ from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import email_subject, patient_subject, subject_patient
 from clinicsync.domain.models import Channel, ConsentJob, ConsentTarget
-from clinicsync.domain.ports import (
-    ConsentOutputStore,
-    ConsentSource,
-    ContactWrite,
-    CrmGateway,
-    LedgerStore,
-    MisConsentWriter,
-)
+from clinicsync.domain.ports import ContactWrite, CrmGateway, MisConsentWriter
+from clinicsync.domain.store_ports import ConsentOutputStore, ConsentSource, LedgerStore
 from clinicsync.domain.unsubscribe_links import LinkClaim
 from clinicsync.observability import logger
 

@@ -42,7 +42,8 @@ from clinicsync.domain.directory_records import (
     directory_subject,
     merge_fields,
 )
-from clinicsync.domain.ports import Cursor, Cursors, Leases, MemberStore
+from clinicsync.domain.ports import Cursor
+from clinicsync.domain.store_ports import Cursors, Leases, MemberStore
 from clinicsync.observability import logger
 
 # --- the rule ------------------------------------------------------------------------------------------

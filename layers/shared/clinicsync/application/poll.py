@@ -16,7 +16,8 @@ from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import patient_subject, shard_of
 from clinicsync.domain.models import PatientChanges, SyncMessage
-from clinicsync.domain.ports import ChangePage, MisSource, PollStore
+from clinicsync.domain.ports import ChangePage, MisSource
+from clinicsync.domain.store_ports import PollStore
 from clinicsync.observability import logger
 
 

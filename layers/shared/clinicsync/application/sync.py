@@ -26,7 +26,6 @@ from clinicsync.domain.ports import (
     CrmWrite,
     DealWrite,
     LeadWrite,
-    SyncStore,
     WriteOutcome,
 )
 from clinicsync.domain.rules import (
@@ -37,6 +36,7 @@ from clinicsync.domain.rules import (
     stage_to_check,
 )
 from clinicsync.domain.state import PatientState
+from clinicsync.domain.store_ports import SyncStore
 from clinicsync.observability import logger
 
 if TYPE_CHECKING:  # the Mailchimp client (and httpx) load where wiring builds them

@@ -16,8 +16,9 @@ from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import email_subject, patient_subject
 from clinicsync.domain.models import Channel, PatientChanges
 from clinicsync.domain.payloads import audience_merge_fields, contact_fields, may_join_audience
-from clinicsync.domain.ports import ContactWrite, SyncConsentStore, WriteOutcome
+from clinicsync.domain.ports import ContactWrite, WriteOutcome
 from clinicsync.domain.rules import PatientPlan
+from clinicsync.domain.store_ports import SyncConsentStore
 from clinicsync.observability import logger
 
 if TYPE_CHECKING:  # the Mailchimp client (and httpx) load where wiring builds them

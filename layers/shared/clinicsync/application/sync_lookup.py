@@ -9,17 +9,10 @@ from collections.abc import Sequence
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import contact_intent, deal_intent
 from clinicsync.domain.models import PatientChanges
-from clinicsync.domain.ports import (
-    ContactWrite,
-    CrmGateway,
-    CrmMatches,
-    CrmWrite,
-    DealWrite,
-    SyncLookupStore,
-    WriteOutcome,
-)
+from clinicsync.domain.ports import ContactWrite, CrmGateway, CrmMatches, CrmWrite, DealWrite, WriteOutcome
 from clinicsync.domain.rules import Adoption, changed_multifields
 from clinicsync.domain.state import PatientState
+from clinicsync.domain.store_ports import SyncLookupStore
 
 
 class SyncLookup:
@@ -39,10 +32,7 @@ class SyncLookup:
         phone goes out anyway). A known patient's new visit then costs no look-up."""
         unknown_patients = [c.patient.mis_id for c in live if states[c.patient.mis_id].contact_id is None]
         unknown_appointments = [
-            a.mis_id
-            for c in live
-            for a in c.appointments
-            if states[c.patient.mis_id].own_deal(a.mis_id) is None
+            a.mis_id for c in live for a in c.appointments if states[c.patient.mis_id].own_deal(a.mis_id) is None
         ]
         phones = [
             c.patient.phone

@@ -14,7 +14,7 @@ from clinicsync.domain.emails import lower_keeping_look_alikes
 from clinicsync.domain.models import Channel
 
 if TYPE_CHECKING:  # the port names MemberBook, defined here
-    from clinicsync.domain.ports import MemberStore
+    from clinicsync.domain.store_ports import MemberStore
 
 
 @dataclass

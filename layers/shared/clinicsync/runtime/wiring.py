@@ -30,7 +30,8 @@ from clinicsync.application.sync import Syncer
 from clinicsync.domain.audience import MailchimpMembers
 from clinicsync.domain.config import ClinicConfig, parse_clinic_config
 from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.ports import CrmGateway, MisConsentWriter, MisSource, Store
+from clinicsync.domain.ports import CrmGateway, MisConsentWriter, MisSource
+from clinicsync.domain.store_ports import Store
 from clinicsync.domain.unsubscribe_links import UnsubscribeTokens
 from clinicsync.settings import Settings
 

@@ -29,15 +29,8 @@ from clinicsync.adapters.amocrm.phones import PhoneLookup
 from clinicsync.adapters.amocrm.writes import AmoCrmWriter
 from clinicsync.domain.config import ClinicConfig, Pipeline
 from clinicsync.domain.phones import normalise_phone
-from clinicsync.domain.ports import (
-    CrmMatches,
-    CrmPhoneBook,
-    CrmWrite,
-    DealMatch,
-    OpenLead,
-    PipelineMismatch,
-    WriteOutcome,
-)
+from clinicsync.domain.ports import CrmMatches, CrmWrite, DealMatch, OpenLead, PipelineMismatch, WriteOutcome
+from clinicsync.domain.store_ports import CrmPhoneBook
 
 UTM_CODES = ("SOURCE", "MEDIUM", "CAMPAIGN", "TERM", "CONTENT")  # amoCRM tracking fields UTM_<code>
 SCAN_OVERLAP = 120  # seconds before the earliest intent that the MIS-id scan starts from

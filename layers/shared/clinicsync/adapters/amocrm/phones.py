@@ -20,7 +20,8 @@ from clinicsync.adapters.amocrm.client import embedded as _embedded
 from clinicsync.adapters.amocrm.fields import LOST, WON, AmoFields
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.phones import normalise_phone
-from clinicsync.domain.ports import CrmPhoneBook, PhoneCandidates
+from clinicsync.domain.ports import PhoneCandidates
+from clinicsync.domain.store_ports import CrmPhoneBook
 
 
 @dataclass

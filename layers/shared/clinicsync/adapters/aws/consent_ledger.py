@@ -18,7 +18,7 @@ from clinicsync.adapters.aws.table import (
     set_attributes,
 )
 from clinicsync.domain.audience import MemberBook, is_subscriber_hash
-from clinicsync.domain.ports import ConsentSource
+from clinicsync.domain.store_ports import ConsentSource
 
 AUDIT_TTL_SECONDS = 400 * 24 * 3600  # keep the opt-out audit trail for 400 days
 

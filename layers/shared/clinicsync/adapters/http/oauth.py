@@ -41,7 +41,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from clinicsync.adapters.http.redaction import install_httpx_filter
 from clinicsync.adapters.http.retrying import exponential, poll
 from clinicsync.domain.crypto import constant_time_equals
-from clinicsync.domain.ports import Leases
+from clinicsync.domain.store_ports import Leases
 from clinicsync.observability import logger
 
 if TYPE_CHECKING:

@@ -1,0 +1,195 @@
+"""Ports of the store: what the use cases keep between runs, one protocol per seam they really have.
+
+``adapters/aws`` implements each on the table (``DynamoStore`` composes them) and
+``clinicsync_cli.memory_store`` in memory; both pass tests/adapters/test_store_contract.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal, Protocol
+
+from clinicsync.domain.audience import MemberBook
+from clinicsync.domain.ports import Cursor
+from clinicsync.domain.state import PatientState
+
+ConsentSource = Literal["mis", "crm", "link", "mailchimp"]
+
+
+class PatientStates(Protocol):
+    """What we remember per patient (CRM ids, versions, hashes), never older over newer."""
+
+    def load_patients(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, PatientState]:
+        """Each patient's state with the named appointments (patient id -> appointment ids)."""
+        ...
+
+    def save_patients(
+        self, saves: Sequence[tuple[PatientState, Sequence[str]]], loaded: Mapping[str, PatientState]
+    ) -> None:
+        """Persist after the CRM accepted the writes; an item stored with a newer version is kept."""
+        ...
+
+    def delete_patient(self, patient_id: str) -> None: ...
+
+
+class CrmIdMaps(Protocol):
+    """Reverse maps written with the patient state: which patient (and visit) a CRM record is."""
+
+    def patient_for_crm(self, entity: str, crm_id: str) -> dict[str, str] | None: ...
+
+
+class CreateIntents(Protocol):
+    """A create about to be sent: if its response is lost, the retry knows to look it up."""
+
+    def write_intents(self, intent_keys: Sequence[str], at: int) -> None: ...
+
+    def load_intents(self, intent_keys: Sequence[str]) -> dict[str, int]: ...
+
+    def clear_intents(self, intent_keys: Sequence[str]) -> None: ...
+
+
+class Cursors(Protocol):
+    def get_cursor(self, source: str) -> Cursor | None: ...
+
+    def put_cursor(self, source: str, cursor: Cursor) -> None: ...
+
+
+class Leases(Protocol):
+    """At most one holder per name; an expired lease is taken over, its owner may take it again."""
+
+    def acquire_lease(self, name: str, owner: str, seconds: int, now: int) -> bool: ...
+
+    def release_lease(self, name: str, owner: str) -> None: ...
+
+
+class Claims(Protocol):
+    """The syncer's claims: a patient written by one invocation at a time, a CRM record adopted once."""
+
+    def claim_patients(self, patient_ids: Sequence[str], owner: str, now: int, seconds: int) -> set[str]:
+        """The patients claimed; the rest are held by another live owner."""
+        ...
+
+    def release_claims(self, patient_ids: Sequence[str]) -> None: ...
+
+    def claim_adoptions(self, claims: Mapping[str, str], now: int, seconds: int) -> set[str]:
+        """Claim CRM records (key -> adopting appointment); returns the keys another appointment holds."""
+        ...
+
+
+class PhoneIndex(Protocol):
+    """Phone key (keyed HMAC) -> patients: family members who share a phone see each other."""
+
+    def index_phone(self, phone_key: str, patient_id: str, previous_key: str | None) -> None: ...
+
+    def index_phones(self, entries: Sequence[tuple[str, str]]) -> None: ...
+
+    def patients_by_phone(self, phone_key: str) -> list[str]: ...
+
+
+class CrmPhoneBook(Protocol):
+    """The CRM account's contacts by phone key (amoCRM cannot search phones), and how far it was read."""
+
+    def crm_phone_index(self) -> tuple[int | None, dict[str, set[str]]]: ...
+
+    def update_crm_phones(self, add: Sequence[tuple[str, str]], drop: Sequence[tuple[str, str]]) -> None: ...
+
+    def advance_crm_phones(self, seen_to: int) -> None:
+        """Forward only: a slower container never moves it back."""
+        ...
+
+
+class ConsentRecords(Protocol):
+    """The consent ledger: opt-outs are sticky, only a newer MIS or CRM opt-in lifts one; each change audited."""
+
+    def record_opt_outs(
+        self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str = ""
+    ) -> list[str]:
+        """The channels that changed (they need outputs)."""
+        ...
+
+    def record_opt_outs_many(
+        self, opt_outs: Mapping[str, Sequence[str]], source: ConsentSource, at: int, detail: str = ""
+    ) -> dict[str, list[str]]:
+        """``record_opt_outs`` for many subjects (subject -> channels) in as few requests as the store allows;
+        every subject asked about -> the channels that changed."""
+        ...
+
+    def record_opt_ins(
+        self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str = ""
+    ) -> list[str]: ...
+
+    def observe_crm_opt_ins(
+        self, subject: str, contact_id: str, opt_ins: Sequence[str], at: int, held: Sequence[str] = ()
+    ) -> list[str]:
+        """The channels the mapped contact's opt-in field gained since it was last seen or written."""
+        ...
+
+    def opted_out_many(self, subjects: Sequence[str], channels: Sequence[str]) -> dict[str, set[str]]: ...
+
+    def note_identity(self, subject: str, keys: Mapping[str, str | None]) -> None: ...
+
+    def note_identities(self, identities: Mapping[str, Mapping[str, str | None]]) -> None:
+        """``note_identity`` for many subjects (subject -> keys) in as few requests as the store allows."""
+        ...
+
+
+class ConsentOutputMarks(Protocol):
+    """Per subject and output (crm, mis, mailchimp), the ledger digest it last reached."""
+
+    def output_done(self, subject: str) -> dict[str, str]: ...
+
+    def outputs_done_many(self, subjects: Sequence[str]) -> dict[str, dict[str, str]]:
+        """``output_done`` for many subjects in one read (every subject asked about is in the answer)."""
+        ...
+
+    def mark_output(self, subject: str, target: str, digest: str) -> None: ...
+
+    def mark_outputs(self, target: str, digests: Mapping[str, str]) -> None: ...
+
+    def mark_outputs_many(self, marks: Mapping[str, Mapping[str, str]]) -> None:
+        """Subject -> {target: digest}, every target of a subject in one update, few requests in all."""
+        ...
+
+
+class EmailIndex(Protocol):
+    """E-mail key -> consent subjects: a Mailchimp event names an address, the ledger needs the person."""
+
+    def index_emails(self, entries: Sequence[tuple[str, str]]) -> None: ...
+
+    def subjects_by_email(self, email_key: str) -> list[str]: ...
+
+
+class MemberStore(Protocol):
+    """The Mailchimp members (subscriber hashes) a subject has had."""
+
+    def mailchimp_members_many(self, subjects: Sequence[str]) -> dict[str, MemberBook]: ...
+
+    def note_mailchimp_member(self, subject: str, member: str, moved_from: str | None = None) -> None: ...
+
+
+# What each use case takes: the union of the seams it uses, nothing more.
+
+
+class PollStore(Cursors, Leases, PhoneIndex, EmailIndex, Protocol): ...
+
+
+class SyncLookupStore(CreateIntents, PhoneIndex, Protocol): ...
+
+
+class SyncConsentStore(ConsentRecords, ConsentOutputMarks, MemberStore, Protocol): ...
+
+
+class SyncStore(PatientStates, Claims, SyncLookupStore, SyncConsentStore, Protocol): ...
+
+
+class CrmEventStore(CrmIdMaps, PhoneIndex, ConsentRecords, Protocol): ...
+
+
+class LedgerStore(ConsentRecords, ConsentOutputMarks, EmailIndex, MemberStore, Protocol): ...
+
+
+class ConsentOutputStore(PatientStates, ConsentRecords, ConsentOutputMarks, MemberStore, Protocol): ...
+
+
+class Store(SyncStore, PollStore, CrmEventStore, LedgerStore, CrmPhoneBook, Protocol):
+    """Every store port: what ``DynamoStore`` and ``MemoryStore`` implement."""

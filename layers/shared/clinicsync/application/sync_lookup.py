@@ -34,10 +34,7 @@ class SyncLookup:
         duplicate), and the phone/e-mail entry ids of contacts whose phone or e-mail changed."""
         unknown_patients = [c.patient.mis_id for c in live if states[c.patient.mis_id].contact_id is None]
         unknown_appointments = [
-            a.mis_id
-            for c in live
-            for a in c.appointments
-            if states[c.patient.mis_id].own_deal(a.mis_id) is None
+            a.mis_id for c in live for a in c.appointments if states[c.patient.mis_id].own_deal(a.mis_id) is None
         ]
         phones = [
             c.patient.phone
@@ -50,13 +47,17 @@ class SyncLookup:
             if states[c.patient.mis_id].contact_id
             and changed_multifields(c.patient, states[c.patient.mis_id], self._hasher)
         ]
-        if not (unknown_patients or unknown_appointments or changed_contacts or phones):
-            return CrmMatches()
         since = None
         if self._gateway.lookups_need_intents:
-            keys = [contact_intent(p) for p in unknown_patients] + [deal_intent(a) for a in unknown_appointments]
+            # Every visit's intent: a create whose response was lost is looked up even when the (stale)
+            # state holds another deal for that visit (a re-booking took its old one over, also lost).
+            visits = [a.mis_id for c in live for a in c.appointments]
+            keys = [contact_intent(p) for p in unknown_patients] + [deal_intent(a) for a in visits]
             intents = self._store.load_intents(keys) if keys else {}
             since = min(intents.values()) if intents else None
+            unknown_appointments += [a for a in visits if a not in unknown_appointments and deal_intent(a) in intents]
+        if not (unknown_patients or unknown_appointments or changed_contacts or phones):
+            return CrmMatches()
         return self._gateway.find(unknown_patients, unknown_appointments, phones, changed_contacts, since)
 
     def record_intents(self, writes: Sequence[CrmWrite]) -> list[str]:

@@ -51,6 +51,8 @@ from sandbox.seed import SampleClinic, build_sample_clinic
 from sandbox.tls import loopback_pki
 
 CLINICS = Path(__file__).resolve().parent / "clinics"
+# Our local API runs a handler per request; a cold one on a loaded CI machine can take seconds (httpx waits 5).
+LOCAL_API_TIMEOUT = 30.0
 WEBHOOK_EVENTS = tuple(bitrix24_webhook.EVENTS)  # what discovery binds on a real portal
 
 
@@ -182,6 +184,7 @@ class LocalClinic:
             f"{self.api_url}/unsubscribe/{token}",
             content=body,
             headers={"content-type": "application/x-www-form-urlencoded"},
+            timeout=LOCAL_API_TIMEOUT,
         )
 
     def deliver_mailchimp(self) -> int:

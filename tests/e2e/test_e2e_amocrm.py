@@ -10,7 +10,7 @@ import boto3
 import httpx
 import pytest
 
-from sandbox.local import LocalClinic
+from sandbox.local import LOCAL_API_TIMEOUT, LocalClinic
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def _body(account: str, *pairs: tuple[str, str]) -> str:
 def _post(clinic: LocalClinic, secret: str, body: str) -> httpx.Response:
     api = clinic.servers[-1].base_url
     headers = {"content-type": "application/x-www-form-urlencoded"}
-    return httpx.post(f"{api}/webhooks/amocrm/{secret}", content=body, headers=headers)
+    return httpx.post(f"{api}/webhooks/amocrm/{secret}", content=body, headers=headers, timeout=LOCAL_API_TIMEOUT)
 
 
 def test_every_event_of_one_post_is_queued(clinic: LocalClinic) -> None:

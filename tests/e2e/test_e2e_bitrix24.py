@@ -14,7 +14,7 @@ import pytest
 
 from clinicsync_cli.connect import Credentials, bitrix24_client
 from clinicsync_cli.discovery import check_fields, create_bitrix24_fields, discover_crm
-from sandbox.local import LocalClinic
+from sandbox.local import LOCAL_API_TIMEOUT, LocalClinic
 from tests.helpers import ROOT
 
 
@@ -81,7 +81,9 @@ def test_crm_opt_out_on_a_contact_with_a_mis_id_reaches_the_ledger(clinic: Local
 
 def _post(clinic: LocalClinic, body: str, content_type: str = "application/x-www-form-urlencoded") -> httpx.Response:
     api = clinic.servers[-1].base_url
-    return httpx.post(f"{api}/webhooks/bitrix24", content=body, headers={"content-type": content_type})
+    return httpx.post(
+        f"{api}/webhooks/bitrix24", content=body, headers={"content-type": content_type}, timeout=LOCAL_API_TIMEOUT
+    )
 
 
 def _form(

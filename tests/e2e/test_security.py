@@ -16,7 +16,7 @@ import botocore.client
 import httpx
 import pytest
 
-from sandbox.local import LocalClinic
+from sandbox.local import LOCAL_API_TIMEOUT, LocalClinic
 from sandbox.runtime import ClinicStack
 from tests.helpers import ROOT
 
@@ -131,8 +131,8 @@ def test_secrets_never_reach_env_vars_or_logs(
     clinic.deliver_webhooks()
     clinic.catch_up()
     api = clinic.servers[-1].base_url
-    httpx.post(f"{api}/webhooks/amocrm/forged", content=b"account[id]=1")  # refusals log too
-    httpx.post(f"{api}/webhooks/bitrix24", content=b"auth[application_token]=forged")
+    httpx.post(f"{api}/webhooks/amocrm/forged", content=b"account[id]=1", timeout=LOCAL_API_TIMEOUT)  # refusals log too
+    httpx.post(f"{api}/webhooks/bitrix24", content=b"auth[application_token]=forged", timeout=LOCAL_API_TIMEOUT)
     logged = captured_logs.text + capsys.readouterr().out
     assert len(logged) > 1000, "the flow logged almost nothing: the scan would prove nothing"
     leaked = [s[:6] + "…" for s in secrets if s in logged]

@@ -42,6 +42,9 @@ def ledger_digest(opted_out: Sequence[str]) -> str:
     return ",".join(sorted(set(opted_out))) or "-"
 
 
+MEMBER_MOVED = "member-moved"  # an output mark no ledger digest equals: the target is due again
+
+
 # --- one-click links (RFC 8058) --------------------------------------------------------------------------
 
 
@@ -88,6 +91,13 @@ class ConsentLedger:
         self._store.index_emails([(self._hasher.email_key(new_email), s) for s in subjects])
         for s in subjects:
             self._store.note_mailchimp_member(s, subscriber_hash(new_email), moved_from=subscriber_hash(old_email))
+        # An opt-out pushed before this webhook reached only the members known then (Mailchimp may move a
+        # member first): the person's Mailchimp target is due again, now with the moved member.
+        opted_out = self._store.opted_out_many(subjects, sorted(MAILCHIMP_CHANNELS))
+        refusing = [s for s in subjects if opted_out[s]]
+        for s in refusing:
+            self._store.mark_output(s, "mailchimp", MEMBER_MOVED)
+        self._enqueue(refusing, "mailchimp:upemail", {}, ())
         return subjects
 
     def opt_out(

@@ -47,13 +47,16 @@ class AudienceMember:
 
     ``member``: the subscriber hash to write when it is not the address's own (the person's member under
     another address). ``keep_address``: Mailchimp moved that member (``upemail``): only its merge fields
-    are updated, the address the person chose stays."""
+    are updated, the address the person chose stays. ``new``: the person has no member yet; only then is
+    one created. A member the person has is only updated, so one Mailchimp moved before its ``upemail``
+    webhook reached us (or deleted) is never re-created."""
 
     patient_id: str
     email: str
     merge_fields: Mapping[str, str]
     member: str | None = None
     keep_address: bool = False
+    new: bool = True
 
 
 def audience_member(
@@ -61,14 +64,17 @@ def audience_member(
 ) -> AudienceMember | None:
     """The one rule for the audience sync: a person has one member. An address Mailchimp moved away is
     never re-created (the person's current member gets the merge fields); an address the MIS changed
-    moves the person's member to it (its status, an unsubscribe included, stays)."""
+    moves the person's member to it (its status, an unsubscribe included, stays). Only a person without
+    a member gets a new one: Mailchimp may move a member before its ``upemail`` webhook reaches us."""
     own = subscriber_hash(email)
     if own in book.moved:
         current = book.current if book.current != own else None
-        return AudienceMember(patient_id, email, merge_fields, current, keep_address=True) if current else None
+        return (
+            AudienceMember(patient_id, email, merge_fields, current, keep_address=True, new=False) if current else None
+        )
     if book.current and book.current != own:
-        return AudienceMember(patient_id, email, merge_fields, book.current)
-    return AudienceMember(patient_id, email, merge_fields)
+        return AudienceMember(patient_id, email, merge_fields, book.current, new=False)
+    return AudienceMember(patient_id, email, merge_fields, new=book.current is None)
 
 
 def note_accepted_members(store: MemberStore, accepted: Mapping[str, AudienceMember]) -> None:

@@ -129,24 +129,27 @@ class MailchimpAudience:
         member = m.member or subscriber_hash(m.email)
         if m.keep_address:  # Mailchimp moved this member to the address the person chose: merge fields only
             body: dict[str, Any] = {"merge_fields": dict(m.merge_fields)}
-        else:  # a new member, or the person's member moved to the MIS's new address; its status stays
+        elif m.new:  # the person's first member
             body = {
                 "email_address": m.email.strip(),
                 "status_if_new": "subscribed",
                 "merge_fields": dict(m.merge_fields),
             }
+        else:  # the person's member, maybe moved to the MIS's new address; a PATCH never creates one
+            body = {"email_address": m.email.strip(), "merge_fields": dict(m.merge_fields)}
         return {
-            "method": "PATCH" if m.keep_address else "PUT",
+            "method": "PUT" if m.new else "PATCH",
             "path": self._member_path(member),
             "operation_id": m.patient_id,
             "body": json.dumps(body, ensure_ascii=False),
         }
 
     def upsert(self, members: Sequence[AudienceMember]) -> set[str]:
-        """PUT every member with ``status_if_new: subscribed`` (an existing member's status is never
-        changed, so nobody unsubscribed is ever re-subscribed), or PATCH the merge fields of a member
-        Mailchimp moved (``AudienceMember``), in batches of at most 500 operations.
-        Returns the patient ids Mailchimp accepted; the rest are retried on their next sync."""
+        """PUT a person's first member with ``status_if_new: subscribed``; PATCH a member the person has
+        (its address and merge fields; never its status, so nobody unsubscribed is ever re-subscribed, and
+        a member Mailchimp moved or deleted meanwhile answers 404 instead of being re-created), in batches
+        of at most 500 operations. Returns the patient ids Mailchimp accepted; the rest are retried on
+        their next sync."""
         accepted: set[str] = set()
         for start in range(0, len(members), BATCH_OPERATIONS):
             chunk = members[start : start + BATCH_OPERATIONS]

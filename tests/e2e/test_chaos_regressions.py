@@ -12,6 +12,7 @@ from moto import mock_aws
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.application.sync import Syncer, SyncIncomplete
 from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.keys import deal_intent
 from clinicsync.domain.models import AppointmentStatus, PatientChanges
 from clinicsync.domain.ports import ContactWrite, CrmMatches, CrmWrite, DealMatch, DealWrite, WriteOutcome
 from sandbox.local import LocalClinic
@@ -81,6 +82,58 @@ def test_creates_that_landed_for_a_failed_patient_stay_findable_by_mis_id(store:
     assert gateway.lookups[-1] is not None  # the intents were kept, so the retry looked the records up
     creates = [w for w in gateway.applies[-1] if isinstance(w, DealWrite | ContactWrite) and _is_create(w)]
     assert creates == []  # found, so updated, never created twice
+
+
+class LookupRecordingGateway:
+    """Like amoCRM: records which visits each look-up by MIS id asks for; creates land as ``d-<visit>``."""
+
+    kind = "amocrm"
+    lookups_need_intents = True
+
+    def __init__(self) -> None:
+        self.lookups: list[list[str]] = []
+        self.created: dict[str, str] = {}
+
+    def find(
+        self,
+        patient_ids: Sequence[str],
+        appointment_ids: Sequence[str],
+        phones: Sequence[str] = (),
+        multifield_contacts: Sequence[str] = (),
+        intended_since: int | None = None,
+    ) -> CrmMatches:
+        self.lookups.append(list(appointment_ids))
+        found = {
+            a: DealMatch(self.created[a], "0", "PREPARATION", closed=False)
+            for a in appointment_ids
+            if a in self.created
+        }
+        return CrmMatches(contacts={"p1": "c1"} if self.created else {}, deals=found)
+
+    def apply(self, writes: Sequence[CrmWrite]) -> WriteOutcome:
+        deals = {w.appointment_id: w.deal_id or f"d-{w.appointment_id}" for w in writes if isinstance(w, DealWrite)}
+        self.created |= deals
+        contacts = {w.patient_id: "c1" for w in writes if isinstance(w, ContactWrite)}
+        return WriteOutcome(contact_ids=contacts, deal_ids=deals)
+
+    def requests_made(self) -> int:
+        return 0
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(name)
+
+
+def test_a_visit_with_a_create_intent_is_looked_up_by_mis_id_whatever_deal_our_state_holds(store: DynamoStore) -> None:
+    """Shrunk in tests/unit/test_rebooking.py: a re-booking took a visit's deal over, the response was lost,
+    then the visit, booked again, was given a new deal whose response was lost too. Our state still holds
+    the visit's old deal; only the create intent tells the retry that a new deal may exist under its id."""
+    gateway = LookupRecordingGateway()
+    syncer = Syncer(demo_config(), store, gateway, KeyedHasher(b"k" * 32))  # type: ignore[arg-type]
+    syncer.sync([PatientChanges(patient=patient(), appointments=(appointment("a1"),))])
+    store.write_intents([deal_intent("a1")], 1000)  # the lost attempt noted its create before sending it
+    gateway.lookups.clear()
+    syncer.sync([PatientChanges(patient=patient(), appointments=(appointment("a1", version=2),))])
+    assert gateway.lookups == [["a1"]]
 
 
 def _is_create(write: CrmWrite) -> bool:

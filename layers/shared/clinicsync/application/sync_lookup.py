@@ -27,7 +27,8 @@ class SyncLookup:
         and the phone/e-mail entry ids of contacts whose phone or e-mail changed.
 
         A gateway whose look-ups by MIS id cost requests of their own (``lookups_need_intents``) looks up
-        only what may exist unknown to us: records with a create intent (noted before every create) and
+        only what may exist unknown to us: visits with a create intent (noted before every create; looked
+        up whatever deal our stale state holds for them) and
         everything of a patient we know no contact of (new, or whose state was dropped; their look-up by
         phone goes out anyway). A known patient's new visit then costs no look-up."""
         unknown_patients = [c.patient.mis_id for c in live if states[c.patient.mis_id].contact_id is None]
@@ -46,16 +47,19 @@ class SyncLookup:
             and changed_multifields(c.patient, states[c.patient.mis_id], self._hasher)
         ]
         since = None
-        if self._gateway.lookups_need_intents and (unknown_patients or unknown_appointments):
-            keys = [contact_intent(p) for p in unknown_patients] + [deal_intent(a) for a in unknown_appointments]
-            intents = self._store.load_intents(keys)
+        if self._gateway.lookups_need_intents:
+            # Every visit's intent: a create whose response was lost is looked up even when the (stale)
+            # state holds another deal for that visit (a re-booking took its old one over, also lost).
+            visits = [a.mis_id for c in live for a in c.appointments]
+            keys = [contact_intent(p) for p in unknown_patients] + [deal_intent(a) for a in visits]
+            intents = self._store.load_intents(keys) if keys else {}
             since = min(intents.values()) if intents else None
             new, unknown = set(unknown_patients), set(unknown_appointments)
             unknown_appointments = [
                 a.mis_id
                 for c in live
                 for a in c.appointments
-                if a.mis_id in unknown and (c.patient.mis_id in new or deal_intent(a.mis_id) in intents)
+                if (a.mis_id in unknown and c.patient.mis_id in new) or deal_intent(a.mis_id) in intents
             ]
         if not (unknown_patients or unknown_appointments or changed_contacts or phones):
             return CrmMatches()

@@ -7,11 +7,24 @@ from collections.abc import Mapping
 
 from clinicsync.domain.config import Pipeline
 from clinicsync.domain.models import Appointment, AppointmentStatus
+from clinicsync.domain.ports import DealMatch
 from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState
 
 ACTIVE_STATUSES = frozenset({AppointmentStatus.BOOKED, AppointmentStatus.CONFIRMED})
 # A visit the MIS has booked again (a reschedule included): it wants a deal of its own.
 BOOKED_AGAIN = ACTIVE_STATUSES | {AppointmentStatus.RESCHEDULED}
+
+
+def note_lost_continuations(state: PatientState, found: Mapping[str, DealMatch]) -> None:
+    """A look-up by MIS id that finds a visit under the deal we hold for another visit of the patient: a
+    re-booking took that deal over in an attempt whose response was lost (only a continuation writes one
+    visit's id on another's deal). Noted as the continuation it is, as that attempt would have, so the
+    old visit's events go through ``after_continuation`` (booked again: a deal of its own)."""
+    holders = {a.deal_id: aid for aid, a in state.appointments.items() if a.deal_id and aid not in state.continued}
+    for aid, match in found.items():
+        holder = holders.get(match.deal_id)
+        if holder is not None and holder != aid:
+            state.continued[holder] = aid
 
 
 def after_continuation(appointment: Appointment, state: PatientState) -> str | None:

@@ -15,7 +15,7 @@ from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import Appointment, AppointmentStatus, CrmObservation, Patient, PatientChanges
 from clinicsync.domain.payloads import appointment_excluded, contact_fields, deal_fields, patient_excluded
 from clinicsync.domain.ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, LeadWrite, PhoneCandidates
-from clinicsync.domain.rebooking import after_continuation, continued_deal
+from clinicsync.domain.rebooking import after_continuation, continued_deal, note_lost_continuations
 from clinicsync.domain.state import AppointmentState, PatientState
 
 
@@ -161,6 +161,7 @@ def plan_patient(
         next_state.content_hash = digest
 
     polled = {a.mis_id: a for a in changes.appointments}
+    note_lost_continuations(next_state, matches.deals)
     for appointment in sorted(changes.appointments, key=lambda a: (a.starts_at, a.mis_id)):
         _plan_deal(appointment, plan, next_state, matches, config, hasher, contact_id, adoption, polled)
         if appointment.mis_id in next_state.appointments:

@@ -89,6 +89,7 @@ class LookupRecordingGateway:
 
     kind = "amocrm"
     lookups_need_intents = True
+    guards_writes = False
 
     def __init__(self) -> None:
         self.lookups: list[list[str]] = []

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -121,17 +122,8 @@ class DynamoConsentRecords(TableRepository):
     def _record_one_by_one(
         self, subject: str, wanted: Sequence[str], source: ConsentSource, at: int, detail: str
     ) -> list[str]:
-        changed = []
-        for channel in wanted:
-            try:
-                self._table.put_item(**_opt_out_put(subject, channel, source, at))
-            except ClientError as exc:
-                if not failed_condition(exc):
-                    raise
-                continue
-            self._table.put_item(Item=_audit_item(subject, channel, "opt_out", source, at, detail))
-            changed.append(channel)
-        return changed
+        audit = functools.partial(_audit_item, subject, event="opt_out", source=source, at=at, detail=detail)
+        return [c for c in wanted if self._put_audited(_opt_out_put(subject, c, source, at), audit(channel=c))]
 
     def record_opt_ins(
         self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str = ""
@@ -139,22 +131,31 @@ class DynamoConsentRecords(TableRepository):
         """An explicit opt-in from the MIS or the CRM lifts an opt-out only if it is newer than it."""
         if source not in ("mis", "crm"):
             raise ValueError("only the MIS or the CRM can record an opt-in")
-        changed = []
-        for channel in channels:
-            try:
-                self._table.put_item(
-                    Item={**tk.consent_channel(subject, channel), "opted_out": False, "source": source, "at": at},
-                    ConditionExpression="opted_out = :yes AND #at < :at",
-                    ExpressionAttributeNames={"#at": "at"},
-                    ExpressionAttributeValues={":yes": True, ":at": at},
-                )
-            except ClientError as exc:
-                if not failed_condition(exc):
-                    raise
-                continue
-            self._table.put_item(Item=_audit_item(subject, channel, "opt_in", source, at, detail))
-            changed.append(channel)
-        return changed
+        audit = functools.partial(_audit_item, subject, event="opt_in", source=source, at=at, detail=detail)
+        return [
+            channel
+            for channel in channels
+            if self._put_audited(
+                {
+                    "Item": {**tk.consent_channel(subject, channel), "opted_out": False, "source": source, "at": at},
+                    "ConditionExpression": "opted_out = :yes AND #at < :at",
+                    "ExpressionAttributeNames": {"#at": "at"},
+                    "ExpressionAttributeValues": {":yes": True, ":at": at},
+                },
+                audit(channel=channel),
+            )
+        ]
+
+    def _put_audited(self, conditional_put: dict[str, Any], audit: dict[str, Any]) -> bool:
+        """One channel's change, then its audit entry; False when the condition says nothing changed."""
+        try:
+            self._table.put_item(**conditional_put)
+        except ClientError as exc:
+            if not failed_condition(exc):
+                raise
+            return False
+        self._table.put_item(Item=audit)
+        return True
 
     def observe_crm_opt_ins(
         self, subject: str, contact_id: str, opt_ins: Sequence[str], at: int, held: Sequence[str] = ()

@@ -4,7 +4,7 @@ values take the shape of the CRM field's type, and a value the CRM refuses fails
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -186,9 +186,24 @@ def test_a_date_is_midnight_in_the_clinics_zone_on_both_crms(day: date, tz: Zone
     midnight = datetime.combine(day, time(0, 0), tz)
     for field_type in ("date", "birthday", "date_time"):
         assert crm_value("amocrm", "birth_date", field_type, day.isoformat(), tz) == int(midnight.timestamp())
-    iso = crm_value("bitrix24", "birth_date", "date", day.isoformat(), tz)
-    assert datetime.fromisoformat(iso) == midnight and datetime.fromisoformat(iso).utcoffset() == midnight.utcoffset()
+    written = datetime.fromisoformat(crm_value("bitrix24", "birth_date", "date", day.isoformat(), tz))
+    # Compare instants: == between zones is False for a midnight in a transition gap (PEP 495).
+    assert timedelta(0) <= written.astimezone(UTC) - midnight.astimezone(UTC) < timedelta(minutes=1)
+    assert written.astimezone(tz).date() == day
+    assert written.utcoffset() == _floored_to_minute(midnight.utcoffset())
     assert crm_value("amocrm", "birth_date", "text", day.isoformat(), tz) == day.isoformat()
+
+
+def _floored_to_minute(offset: timedelta | None) -> timedelta:
+    assert offset is not None
+    return offset - offset % timedelta(minutes=1)
+
+
+def test_regression_a_birth_date_in_a_zone_still_on_local_mean_time_has_a_whole_minute_offset() -> None:
+    # Hypothesis drew it: Vladivostok kept +08:47:31 until 1922-11-15, whose midnight begins the switch to +09.
+    written = crm_value("bitrix24", "birth_date", "date", "1922-11-15", ZoneInfo("Asia/Vladivostok"))
+    assert written == "1922-11-15T00:00:00+08:47"
+    assert datetime.fromisoformat(written).astimezone(ZoneInfo("Asia/Vladivostok")).date() == date(1922, 11, 15)
 
 
 @given(

@@ -8,7 +8,7 @@ The one place for field typing: the gateways convert with :func:`crm_value`, ``c
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import date, datetime, time, tzinfo
+from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
@@ -129,6 +129,20 @@ def _moment(value: Any, tz: tzinfo) -> datetime:
     return moment
 
 
+def iso_with_minute_offset(moment: datetime) -> str:
+    """ISO 8601 with an offset in whole minutes, as Bitrix24 parses it.
+
+    Zones kept local mean time into the 1920s (Vladivostok: +08:47:31), so a birth date's midnight can carry
+    seconds in its offset, which ISO 8601 has no place for. The offset is floored to the minute: the instant moves
+    later by under a minute, so it stays on the same calendar day in the clinic's zone.
+    """
+    offset = moment.utcoffset()
+    if offset is None or offset % timedelta(minutes=1) == timedelta(0):
+        return moment.isoformat()
+    whole_minutes = timezone(offset - offset % timedelta(minutes=1))
+    return moment.replace(tzinfo=whole_minutes).isoformat()
+
+
 def _number(value: Any) -> int | float:
     try:
         number = Decimal(str(value))
@@ -191,7 +205,7 @@ def _convert(crm: str, kind: Kind, field_type: str, value: Any, tz: tzinfo) -> A
         moment = datetime.combine(_day(value), time(0, 0), tz) if kind == "date" else _moment(value, tz).astimezone(tz)
         if crm == "amocrm":
             return int(moment.timestamp())
-        return moment.isoformat()
+        return iso_with_minute_offset(moment)
     if kind in ("number", "money"):
         number = _number(value)
         if field_type == "integer":

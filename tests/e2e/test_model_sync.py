@@ -1088,6 +1088,23 @@ def test_regression_a_booking_after_a_no_show_takes_over_its_open_deal(
     assert deals[str(second)]["stage"] == clinic.config.crm.pipelines["primary"].stages[AppointmentStatus.BOOKED]
 
 
+@pytest.mark.parametrize("clinic_at_rest", [CASES[0], CASES[1]], indirect=True)  # the MEDODS clinics: rule on
+def test_regression_a_no_show_first_seen_with_its_rebooking_keeps_an_adopted_deal_of_its_own(
+    clinic_at_rest: LocalClinic,
+) -> None:
+    """Shrunk by the machine (amoCRM and MEDODS, large profile: "appointment …: no deal" at quiescence): an
+    amoCRM inquiry (a lead: a deal) is open for the patient's phone; the MIS books a visit, marks it a
+    no-show and books again, all before one poll. The no-show adopted the inquiry, and the re-booking in
+    the same poll took that deal over, leaving the no-show none. A no-show first seen with its re-booking
+    keeps its own deal (docs/statuses.md); only a deal a visit held before the poll is continued."""
+    state = _machine(clinic_at_rest)()
+    patient = state.first_patient(fmt=0, email=False)
+    state.inquiry_from_a_patient(fmt=0, person=patient)
+    first = state.book(days=12, hour=18, person=patient)
+    state.no_show_called_back(days=14, hour=9, visit=first)
+    state.teardown()  # quiescence: each visit has its own deal, and the inquiry went to the no-show's
+
+
 @pytest.mark.parametrize("clinic_at_rest", CASES, indirect=True)
 def test_regression_a_managers_opt_out_reaches_every_system_when_we_update_the_contact_before_its_webhook(
     clinic_at_rest: LocalClinic,

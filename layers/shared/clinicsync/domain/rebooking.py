@@ -53,6 +53,7 @@ def after_continuation(appointment: Appointment, state: PatientState) -> str | N
 
 def continued_deal(
     state: PatientState,
+    before: PatientState,
     pipeline: Pipeline,
     appointment: Appointment,
     status: AppointmentStatus,
@@ -63,9 +64,16 @@ def continued_deal(
     Only the patient's latest deal in the funnel the booking goes to, only while it is open at one of
     the pipeline's continue stages (default: no-show), and only for a later visit that is active. When
     the same poll brings a newer event of the latest visit, that visit is judged by what the MIS says
-    now (a no-show booked again keeps its own deal), whichever of the two is planned first."""
+    now (a no-show booked again keeps its own deal), whichever of the two is planned first.
+
+    Only a deal that was already the funnel's latest before this poll (``before``: the state the plan
+    started from): a no-show first seen with its re-booking keeps a deal of its own, also one it adopts
+    by phone now, or one an earlier attempt at this poll's message created and a retry finds by MIS id."""
     latest = state.latest_deals.get(pipeline.category_id)
     if status not in ACTIVE_STATUSES or latest is None or latest.deal_id is None or latest.closed:
+        return None
+    held = before.latest_deals.get(pipeline.category_id)
+    if held is None or held.deal_id != latest.deal_id:
         return None
     if latest.appointment_id == appointment.mis_id or latest.stage not in pipeline.continuing_stages:
         return None

@@ -163,7 +163,7 @@ def plan_patient(
     polled = {a.mis_id: a for a in changes.appointments}
     note_lost_continuations(next_state, matches.deals)
     for appointment in sorted(changes.appointments, key=lambda a: (a.starts_at, a.mis_id)):
-        _plan_deal(appointment, plan, next_state, matches, config, hasher, contact_id, adoption, polled)
+        _plan_deal(appointment, plan, state, next_state, matches, config, hasher, contact_id, adoption, polled)
         if appointment.mis_id in next_state.appointments:
             next_state.track_deal(next_state.appointments[appointment.mis_id])
 
@@ -184,6 +184,7 @@ def _note_visit(appointment: Appointment, state: PatientState) -> None:
 def _plan_deal(
     appointment: Appointment,
     plan: PatientPlan,
+    state: PatientState,
     next_state: PatientState,
     matches: CrmMatches,
     config: ClinicConfig,
@@ -226,7 +227,7 @@ def _plan_deal(
     pipeline = _pipeline_by_category(config, category_id) if category_id else None
     pipeline = pipeline or config.pipeline(repeat=repeat)
     category_id = category_id or pipeline.category_id
-    deal_id = _continue_deal(appointment, status, pipeline, deal_id, plan, next_state, polled)
+    deal_id = _continue_deal(appointment, status, pipeline, deal_id, plan, state, next_state, polled)
     stage: str | None = pipeline.stages[status]
 
     updated = known.model_copy(
@@ -289,11 +290,13 @@ def _continue_deal(
     pipeline: Pipeline,
     deal_id: str | None,
     plan: PatientPlan,
+    before: PatientState,
     state: PatientState,
     polled: Mapping[str, Appointment],
 ) -> str | None:
     """The deal this visit writes: its own, or the re-booked no-show's it continues."""
-    if deal_id is None and (continued := continued_deal(state, pipeline, appointment, status, polled)) is not None:
+    continued = None if deal_id is not None else continued_deal(state, before, pipeline, appointment, status, polled)
+    if continued is not None:
         deal_id = continued.deal_id
     latest = state.latest_deals.get(pipeline.category_id)
     if (

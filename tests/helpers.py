@@ -12,11 +12,18 @@ import httpx
 
 from clinicsync.domain.config import ClinicConfig, parse_clinic_config
 from clinicsync.domain.models import Appointment, AppointmentStatus, Consent, Patient
+from sandbox.cfn_yaml import load_template
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "sandbox" / "clinics" / "demo-dental.yaml"
 MSK = ZoneInfo("Europe/Moscow")
 T0 = datetime(2026, 11, 20, 10, 0, tzinfo=MSK)
+
+
+def template_table_spec(name: str = "clinic-table") -> dict[str, Any]:
+    """``create_table`` arguments for the stack's table as template.yaml defines it."""
+    props = load_template(ROOT / "template.yaml")["Resources"]["Table"]["Properties"]
+    return {"TableName": name, **{k: props[k] for k in ("AttributeDefinitions", "KeySchema", "BillingMode")}}
 
 
 def demo_config(**overrides: Any) -> ClinicConfig:

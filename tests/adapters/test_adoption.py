@@ -33,8 +33,7 @@ from clinicsync.domain.ports import (
     PhoneCandidates,
     WriteOutcome,
 )
-from tests.adapters.test_store import _table_from_template
-from tests.helpers import T0, appointment, demo_config, patient
+from tests.helpers import T0, appointment, demo_config, patient, template_table_spec
 
 PHONE = "+79250000008"
 LEAD, DEAL, FORM_CONTACT = "L1", "D1", "C1"  # what a website form left in the CRM before the cards
@@ -181,7 +180,7 @@ def table_factory(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         dynamodb = boto3.resource("dynamodb", region_name="eu-central-1")
 
         def make() -> DynamoStore:
-            spec = {**_table_from_template(), "TableName": f"adoption-{next(names)}"}
+            spec = template_table_spec(f"adoption-{next(names)}")
             return DynamoStore(dynamodb.create_table(**spec))
 
         yield make

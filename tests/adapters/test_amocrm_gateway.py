@@ -33,7 +33,7 @@ from sandbox.emulators.amocrm import (
     AmoCrmEmulator,
 )
 from sandbox.emulators.base import Clock, ServedApp
-from tests.helpers import demo_config
+from tests.helpers import demo_config, template_table_spec
 
 FAST = Pacer(rate=1000, burst=1000)
 
@@ -534,13 +534,11 @@ def test_a_leads_contact_is_its_main_contact_not_the_first_listed(amo: tuple[Amo
 
 @pytest.fixture
 def table_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[DynamoStore]:
-    from tests.adapters.test_store import _table_from_template
-
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     with mock_aws():
         resource = boto3.resource("dynamodb", region_name="eu-central-1")
-        yield DynamoStore(resource.create_table(**_table_from_template()))
+        yield DynamoStore(resource.create_table(**template_table_spec()))
 
 
 HASHER = KeyedHasher(b"clinic-key-for-the-tests")
@@ -612,14 +610,12 @@ def test_the_stored_phone_index_follows_phone_changes_and_deletions_and_holds_no
 @pytest.fixture(scope="module")
 def shared_table() -> Iterator[DynamoStore]:
     """One moto table for every example of a property test (the index partition is the account's)."""
-    from tests.adapters.test_store import _table_from_template
-
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
         patch.delenv("AWS_ENDPOINT_URL", raising=False)
         with mock_aws():
             resource = boto3.resource("dynamodb", region_name="eu-central-1")
-            yield DynamoStore(resource.create_table(**_table_from_template()))
+            yield DynamoStore(resource.create_table(**template_table_spec()))
 
 
 @given(stored=_stored_formats(), others=st.integers(min_value=0, max_value=6))

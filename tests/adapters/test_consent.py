@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from clinicsync.adapters.aws.queue import SqsConsentQueue
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.adapters.mailchimp.client import AudienceMember, MailchimpAudience, MailchimpClient, api_root
-from clinicsync.application.consent import ConsentLedger, ConsentOutputs, consent_contact_write
+from clinicsync.application.consent import MEMBER_MOVED, ConsentLedger, ConsentOutputs, consent_contact_write
 from clinicsync.application.crm_events import CrmEventProcessor, EventReport
 from clinicsync.application.sync_consent import SyncConsent
 from clinicsync.domain.audience import MemberBook, audience_member, note_accepted_members, subscriber_hash
@@ -600,3 +600,25 @@ def test_a_batch_of_consent_jobs_reads_and_marks_its_outputs_in_one_request_each
     calls.clear()
     again = outputs.push(jobs.sent)
     assert again.crm_written == 0 and calls.count("TransactWriteItems") == 1  # the identities only
+
+
+def test_an_upemail_makes_the_mailchimp_target_due_again_for_every_opted_out_holder_in_one_write(
+    store: DynamoStore,  # noqa: F811
+) -> None:
+    """A family sharing an address: the moved member must be unsubscribed for each member who opted out,
+    and their Mailchimp marks are written together (one transaction), not one update per person."""
+    hasher = KeyedHasher(KEY)
+    jobs = _Jobs()
+    ledger = ConsentLedger(store, jobs, "demo", hasher, clock=lambda: 1_000_000.0)
+    family = [f"pat:fam{i}" for i in range(4)]
+    store.index_emails([(hasher.email_key("home@example.org"), s) for s in family])
+    ledger.opt_out(family[:3], ["email"], "mis", "mis:refusal_flag", skip=("mis",))
+    store.mark_outputs("mailchimp", dict.fromkeys(family[:3], "email"))  # the opt-outs reached the old member
+    jobs.sent.clear()
+    calls = _dynamo_calls(store)
+    assert sorted(ledger.address_moved("home@example.org", "moved@example.org")) == family
+
+    assert calls.count("TransactWriteItems") == 1 and calls.count("UpdateItem") == len(family)  # marks; members
+    done = store.outputs_done_many(family)
+    assert [done[s].get("mailchimp") for s in family] == [MEMBER_MOVED] * 3 + [None]
+    assert sorted(j.subject for j in jobs.sent) == family[:3]

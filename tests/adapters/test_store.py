@@ -3,39 +3,21 @@ shows (requests per write, audit items). The rules both stores keep are in test_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
-import boto3
 import pytest
-from moto import mock_aws
+from mypy_boto3_dynamodb.service_resource import Table
 
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.domain.models import AppointmentStatus
 from clinicsync.domain.state import AppointmentState, PatientState
-from sandbox.cfn_yaml import load_template
-from tests.helpers import MSK, ROOT
-
-
-def _table_from_template() -> dict[str, Any]:
-    props = load_template(ROOT / "template.yaml")["Resources"]["Table"]["Properties"]
-    return {
-        "TableName": "clinic-table",
-        "AttributeDefinitions": props["AttributeDefinitions"],
-        "KeySchema": props["KeySchema"],
-        "BillingMode": props["BillingMode"],
-    }
+from tests.helpers import MSK
 
 
 @pytest.fixture
-def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[DynamoStore]:
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with mock_aws():
-        resource = boto3.resource("dynamodb", region_name="eu-central-1")
-        table = resource.create_table(**_table_from_template())
-        yield DynamoStore(table)
+def store(template_tables: Callable[[], Table]) -> DynamoStore:
+    return DynamoStore(template_tables())
 
 
 def _state(version: int = 3) -> PatientState:
@@ -67,8 +49,7 @@ def test_opt_outs_are_sticky_and_audited(store: DynamoStore) -> None:
         "pat:p1": {"email", "sms"},
         "pat:p2": set(),
     }
-    table = boto3.resource("dynamodb", region_name="eu-central-1").Table("clinic-table")
-    audit = [i for i in table.scan()["Items"] if str(i["sk"]).startswith("AUDIT#")]
+    audit = [i for i in store._table.scan()["Items"] if str(i["sk"]).startswith("AUDIT#")]
     assert len(audit) == 2 and all(i["source"] == "mis" and "expires_at" in i for i in audit)
 
 

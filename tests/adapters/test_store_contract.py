@@ -6,16 +6,14 @@ The last test drives both with the same random sequence of conditional writes an
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-import boto3
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from moto import mock_aws
+from mypy_boto3_dynamodb.service_resource import Table
 
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.domain.audience import MemberBook, subscriber_hash
@@ -23,31 +21,16 @@ from clinicsync.domain.models import AppointmentStatus
 from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState
 from clinicsync.domain.store_ports import Store
 from clinicsync_cli.memory_store import MemoryStore
-from sandbox.cfn_yaml import load_template
-from tests.helpers import MSK, ROOT
+from tests.helpers import MSK
 
 StoreFactory = Callable[[], Store]
 
 
-@pytest.fixture(scope="module")
-def dynamo_factory() -> Iterator[StoreFactory]:
-    props = load_template(ROOT / "template.yaml")["Resources"]["Table"]["Properties"]
-    names = itertools.count()
-    with pytest.MonkeyPatch.context() as patch, mock_aws():
-        patch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
-        patch.delenv("AWS_ENDPOINT_URL", raising=False)
-        dynamodb = boto3.resource("dynamodb", region_name="eu-central-1")
-
-        def make() -> Store:
-            spec = {k: props[k] for k in ("AttributeDefinitions", "KeySchema", "BillingMode")}
-            return DynamoStore(dynamodb.create_table(TableName=f"contract-{next(names)}", **spec))
-
-        yield make
-
-
 @pytest.fixture(params=["dynamo", "memory"])
-def new_store(request: pytest.FixtureRequest, dynamo_factory: StoreFactory) -> StoreFactory:
-    return dynamo_factory if request.param == "dynamo" else MemoryStore
+def new_store(request: pytest.FixtureRequest, template_tables: Callable[[], Table]) -> StoreFactory:
+    if request.param == "memory":
+        return MemoryStore
+    return lambda: DynamoStore(template_tables())
 
 
 @pytest.fixture
@@ -347,9 +330,9 @@ def _answer(value: Any) -> Any:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(_ops, min_size=1, max_size=25))
 def test_both_stores_answer_every_sequence_of_conditional_writes_alike(
-    dynamo_factory: StoreFactory, ops: list[tuple[Any, ...]]
+    template_tables: Callable[[], Table], ops: list[tuple[Any, ...]]
 ) -> None:
-    dynamo, memory = dynamo_factory(), MemoryStore()
+    dynamo, memory = DynamoStore(template_tables()), MemoryStore()
     for name, *args in ops:
         answers = [_answer(getattr(store, name)(*args)) for store in (dynamo, memory)]
         assert answers[0] == answers[1], (name, args)

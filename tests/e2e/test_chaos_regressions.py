@@ -16,8 +16,7 @@ from clinicsync.domain.keys import deal_intent
 from clinicsync.domain.models import AppointmentStatus, PatientChanges
 from clinicsync.domain.ports import ContactWrite, CrmMatches, CrmWrite, DealMatch, DealWrite, WriteOutcome
 from sandbox.local import LocalClinic
-from tests.adapters.test_store import _table_from_template
-from tests.helpers import appointment, demo_config, patient
+from tests.helpers import appointment, demo_config, patient, template_table_spec
 
 
 class HalfFailingGateway:
@@ -68,7 +67,7 @@ def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[DynamoStore]:
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     with mock_aws():
-        table = boto3.resource("dynamodb", region_name="eu-central-1").create_table(**_table_from_template())
+        table = boto3.resource("dynamodb", region_name="eu-central-1").create_table(**template_table_spec())
         yield DynamoStore(table)
 
 

@@ -5,7 +5,6 @@ and asserts no timing (the figures live in `make bench`)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -29,12 +28,7 @@ FIGURE_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _environment_restored(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The bench points boto3 at its own moto process through os.environ and stops it at the end; the
-    next test in this worker must find the session's moto again."""
-    for name in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION"):
-        monkeypatch.setenv(name, os.environ.get(name, ""))
+pytestmark = pytest.mark.usefixtures("bench_environment_restored")
 
 
 def test_a_reduced_bench_run_twice_writes_a_well_formed_report_with_the_same_simulated_figures(

@@ -19,7 +19,14 @@ from clinicsync.adapters.amocrm.client import AmoCrmClient, AmoCrmOutcomeUnknown
 from clinicsync.adapters.aws.table import batch_get
 from clinicsync.adapters.bitrix24.client import Bitrix24Client, Bitrix24OutcomeUnknown, Bitrix24Unavailable
 from clinicsync.adapters.http.pacing import Pacer
-from clinicsync.adapters.http.retrying import Replay, Transient, call_with_retries, exponential, poll
+from clinicsync.adapters.http.retrying import (
+    Replay,
+    Transient,
+    call_with_retries,
+    exponential,
+    poll,
+    send_with_retries,
+)
 from clinicsync.adapters.infoclinica.api import InfoClinicaApi, InfoClinicaError
 from clinicsync.adapters.lis.source import LisApi, LisError
 from clinicsync.adapters.mailchimp.client import MailchimpClient, MailchimpError
@@ -86,6 +93,73 @@ def test_only_transient_and_replayed_attempts_are_repeated_and_only_transient_on
             run()
     assert calls == list(range(1, end + 2))
     assert sleeps == expected_sleeps
+
+
+class VendorRefused(Exception):
+    """Stands for a vendor's own error, raised by its reader for an answer it refuses."""
+
+
+_answers = st.lists(
+    st.one_of(st.just("transport"), st.sampled_from([200, 204, 301, 400, 401, 404, 409, 422, 429, 500, 501, 503, 520])),
+    min_size=1,
+    max_size=6,
+)
+
+
+@given(_answers, st.integers(min_value=1, max_value=5))
+def test_a_request_safe_to_repeat_is_sent_again_only_after_a_transport_error_a_429_or_a_5xx(
+    script: list[str | int], attempts: int
+) -> None:
+    """The classification every MIS, LIS, Mailchimp and vTiger client shares: a transport error, 429 or a
+    5xx is retried with the backoff, then the vendor's error names the last failure; any other answer
+    goes to the reader once (which may refuse it: not retried)."""
+    sent: list[int] = []
+    read: list[int] = []
+    sleeps: list[float] = []
+    request = httpx.Request("GET", "https://mis.test/x")
+
+    def send() -> httpx.Response:
+        sent.append(len(sent) + 1)
+        answer = script[min(len(sent), len(script)) - 1]
+        if answer == "transport":
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(int(answer), request=request)
+
+    def reader(response: httpx.Response) -> int:
+        read.append(response.status_code)
+        if response.status_code >= 400:
+            raise VendorRefused(response.status_code)
+        return response.status_code
+
+    def run() -> int:
+        return send_with_retries(
+            send,
+            reader,
+            vendor="mis",
+            attempts=attempts,
+            wait=exponential(0.5),
+            sleep=sleeps.append,
+            exhausted=lambda reason: RuntimeError(f"exhausted: {reason}"),
+        )
+
+    ran = [script[min(n, len(script)) - 1] for n in range(1, attempts + 1)]
+    retried = [answer == "transport" or int(answer) == 429 or int(answer) >= 500 for answer in ran]
+    end = retried.index(False) if False in retried else attempts - 1
+    last = ran[end]
+    if retried[end]:
+        reason = "ConnectError" if last == "transport" else f"HTTP {last}"
+        with pytest.raises(RuntimeError, match=f"^exhausted: {reason}$"):
+            run()
+        assert read == []
+    elif int(last) >= 400:
+        with pytest.raises(VendorRefused):
+            run()
+        assert read == [last]
+    else:
+        assert run() == last
+        assert read == [last]
+    assert len(sent) == end + 1
+    assert sleeps == [0.5 * 2 ** (n - 1) for n in range(1, end + 1)]
 
 
 @given(st.integers(min_value=1, max_value=12), st.floats(min_value=0.0, max_value=8.0))

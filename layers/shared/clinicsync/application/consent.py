@@ -89,8 +89,7 @@ class ConsentLedger:
         # member first): the person's Mailchimp target is due again, now with the moved member.
         opted_out = self._store.opted_out_many(subjects, sorted(MAILCHIMP_CHANNELS))
         refusing = [s for s in subjects if opted_out[s]]
-        for s in refusing:
-            self._store.mark_output(s, "mailchimp", MEMBER_MOVED)
+        self._store.mark_outputs_many({s: {"mailchimp": MEMBER_MOVED} for s in refusing})
         self._enqueue(refusing, "mailchimp:upemail", {}, ())
         return subjects
 

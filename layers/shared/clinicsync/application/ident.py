@@ -1,58 +1,31 @@
-"""IDENT use cases behind the stack's ``/ident/*`` routes.
+"""IDENT use cases behind the stack's ``/ident/*`` routes (IDENT's wire shapes stay in
+``adapters.ident.contract``; the routes parse and shape them).
 
-- ``GetTickets``: open CRM leads become IDENT tickets, so a call-centre lead reaches the MIS without
-  being retyped. Leads are read from the CRM when IDENT asks (PII is served, never stored here).
-- ``PostTimeTable``: IDENT's doctors and branches are kept as a directory that names the visits the
-  connector sends without names; free and busy intervals are counted, not kept (nothing books slots).
-- Connector batches: checked, then put on the IDENT inbox queue that the poller's ``IdentSource`` reads.
+- Tickets: open CRM leads, so a call-centre lead reaches the MIS without being retyped. Leads are read
+  from the CRM when IDENT asks (PII is served, never stored here).
+- The directory: IDENT's doctors and branches are kept to name the visits the connector sends without
+  names; free and busy intervals are counted, not kept (nothing books slots).
+- Connector batches: put on the IDENT inbox queue that the poller's ``IdentSource`` reads.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from clinicsync.adapters.ident.contract import (
-    MAX_BATCH_BYTES,
-    ConnectorBatch,
-    Ticket,
-    TicketQuery,
-    TimeTable,
-    directory_names,
-    fill_names,
-)
 from clinicsync.domain.config import ClinicConfig
-from clinicsync.domain.ident import ConnectorQueue, IdentNames
+from clinicsync.domain.ident import ConnectorQueue, IdentNames, fill_names
 from clinicsync.domain.models import PatientChanges
-from clinicsync.domain.ports import CrmGateway
+from clinicsync.domain.ports import CrmGateway, OpenLead
 
 
-class BatchTooLarge(ValueError):
-    pass
-
-
-def tickets(gateway: CrmGateway, query: TicketQuery) -> list[Ticket]:
-    leads = gateway.open_leads(query.date_time_from, query.date_time_to, query.limit, query.offset)
-    return [
-        Ticket(
-            id=lead.crm_id,
-            date_and_time=lead.created_at,
-            client_phone=lead.phone,
-            client_email=lead.email,
-            client_full_name=lead.full_name,
-            form_name=lead.form_name,
-            comment=lead.comment,
-            utm_source=lead.utm.get("source"),
-            utm_medium=lead.utm.get("medium"),
-            utm_campaign=lead.utm.get("campaign"),
-            utm_term=lead.utm.get("term"),
-            utm_content=lead.utm.get("content"),
-            http_referer=lead.referer,
-        )
-        for lead in leads
-    ]
+def open_leads(
+    gateway: CrmGateway, created_from: datetime, created_to: datetime, limit: int, offset: int
+) -> list[OpenLead]:
+    """The CRM's open leads created in the window, one page of them: what IDENT books from."""
+    return gateway.open_leads(created_from, created_to, limit, offset)
 
 
 class IdentDirectory:
@@ -61,15 +34,10 @@ class IdentDirectory:
     def __init__(self, names: IdentNames) -> None:
         self._names = names
 
-    def save(self, timetable: TimeTable, now: int) -> dict[str, int]:
-        busy = sum(1 for i in timetable.Intervals if i.IsBusy)
-        doctors, branches = directory_names(timetable.Doctors), directory_names(timetable.Branches)
-        self._names.save(doctors, branches, len(timetable.Intervals), busy, now)
-        return {
-            "doctors": len(timetable.Doctors),
-            "branches": len(timetable.Branches),
-            "intervals": len(timetable.Intervals),
-        }
+    def save(
+        self, doctors: Mapping[str, str], branches: Mapping[str, str], intervals: int, busy: int, now: int
+    ) -> None:
+        self._names.save(doctors, branches, intervals, busy, now)
 
     def enrich(self, changes: Sequence[PatientChanges]) -> list[PatientChanges]:
         if not any(a.doctor_name is None or a.branch_name is None for c in changes for a in c.appointments):
@@ -79,18 +47,13 @@ class IdentDirectory:
 
 
 class ConnectorInbox:
-    """Checks a connector batch and puts it where the poller reads it."""
+    """Puts a checked connector batch where the poller reads it."""
 
     def __init__(self, queue: ConnectorQueue) -> None:
         self._queue = queue
 
-    def accept(self, body: bytes) -> ConnectorBatch:
-        """Validate and enqueue; raises ``BatchTooLarge`` or pydantic's ``ValidationError``."""
-        if len(body) > MAX_BATCH_BYTES:
-            raise BatchTooLarge(f"batch is {len(body)} bytes; the limit is {MAX_BATCH_BYTES}, send smaller batches")
-        batch = ConnectorBatch.model_validate_json(body)
-        self._queue.send(body.decode(), batch.batch_id)
-        return batch
+    def accept(self, body: str, batch_id: str) -> None:
+        self._queue.send(body, batch_id)
 
 
 def connector_settings(config: ClinicConfig, now: float | None = None) -> dict[str, Any]:

@@ -42,9 +42,16 @@ class Poller:
     SAFETY_MS = 20_000  # stop this long before the Lambda deadline; the next run resumes
 
     def __init__(
-        self, config: ClinicConfig, source: MisSource, store: PollStore, queue: ChangeQueue, hasher: KeyedHasher
+        self,
+        config: ClinicConfig,
+        source: MisSource,
+        store: PollStore,
+        queue: ChangeQueue,
+        hasher: KeyedHasher,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
+        self._clock = clock
         self._source = source
         self._store = store
         self._queue = queue
@@ -52,7 +59,7 @@ class Poller:
 
     def poll(self, remaining_ms: Callable[[], int], owner: str = "poller", max_pages: int = 1000) -> PollReport:
         lease = f"poll:{self._source.kind}"
-        if not self._store.acquire_lease(lease, owner, remaining_ms() // 1000 + 1, int(time.time())):
+        if not self._store.acquire_lease(lease, owner, remaining_ms() // 1000 + 1, int(self._clock())):
             logger.info("previous poll still running; skipping this run")
             return PollReport(skipped_busy=True)
         try:
@@ -83,7 +90,7 @@ class Poller:
         The regular cursor is left alone, so a resync never makes the incremental feed skip anything.
         """
         report = PollReport()
-        cursor = self._source.resync_cursor(window_seconds, time.time())
+        cursor = self._source.resync_cursor(window_seconds, self._clock())
         while True:
             page = self._source.fetch_changes(cursor)
             self._enqueue(page, report)
@@ -104,8 +111,8 @@ class Poller:
         enqueued page, so an interrupted import (deadline, crash, operator) resumes where it stopped."""
         state = None if restart else checkpoint.load()
         if state is None:
-            state = BackfillState(window_days=window_days, started_at=int(time.time()))
-            state.cursor = dict(self._source.resync_cursor(window_days * 86400, time.time()))
+            state = BackfillState(window_days=window_days, started_at=int(self._clock()))
+            state.cursor = dict(self._source.resync_cursor(window_days * 86400, self._clock()))
             checkpoint.save(state)
         elif not state.done:
             state.resumed = state.pages > 0
@@ -154,7 +161,7 @@ class Poller:
         by_shard: dict[int, list[PatientChanges]] = {}
         for item in changes:
             by_shard.setdefault(shard_of(item.patient.mis_id, self._config.shards), []).append(item)
-        now = datetime.now(UTC)
+        now = datetime.fromtimestamp(self._clock(), UTC)
         size = self._config.patients_per_message
         return [
             SyncMessage(

@@ -86,12 +86,14 @@ class Syncer:
         claim_wait: float = CLAIM_WAIT_SECONDS,
         sleep: Callable[[float], None] = time.sleep,
         crm_contacts: CrmContactReader | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
+        self._clock = clock
         self._store = store
         self._gateway = gateway
         self._hasher = hasher
-        self._lookup = SyncLookup(store, gateway, hasher)
+        self._lookup = SyncLookup(store, gateway, hasher, clock)
         self._consent = SyncConsent(config, store, hasher, ledger, audience, crm_contacts)
         self._claim_wait = claim_wait
         self._sleep = sleep
@@ -125,7 +127,7 @@ class Syncer:
             pending = [pid for pid in patient_ids if pid not in claimed]
             if pending:
                 try:
-                    claimed.update(self._store.claim_patients(pending, owner, int(time.time()), CLAIM_SECONDS))
+                    claimed.update(self._store.claim_patients(pending, owner, int(self._clock()), CLAIM_SECONDS))
                 except Exception:
                     if claimed:  # ours from an earlier round: they must not stay held for CLAIM_SECONDS
                         self._store.release_claims(sorted(claimed))
@@ -220,7 +222,7 @@ class Syncer:
             }
             if not adoptions:
                 return plans
-            lost = self._store.claim_adoptions(adoptions, int(time.time()), ADOPTION_CLAIM_SECONDS) - taken
+            lost = self._store.claim_adoptions(adoptions, int(self._clock()), ADOPTION_CLAIM_SECONDS) - taken
             if not lost:
                 return plans
             logger.info("records adopted by another sync; planning without them", extra={"records": len(lost)})

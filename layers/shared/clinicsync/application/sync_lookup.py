@@ -4,7 +4,7 @@ adoption), the create intents that make a lost create findable, and who may adop
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import contact_intent, deal_intent
@@ -16,7 +16,14 @@ from clinicsync.domain.store_ports import SyncLookupStore
 
 
 class SyncLookup:
-    def __init__(self, store: SyncLookupStore, gateway: CrmGateway, hasher: KeyedHasher) -> None:
+    def __init__(
+        self,
+        store: SyncLookupStore,
+        gateway: CrmGateway,
+        hasher: KeyedHasher,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._clock = clock
         self._store = store
         self._gateway = gateway
         self._hasher = hasher
@@ -72,7 +79,7 @@ class SyncLookup:
         keys = [contact_intent(w.patient_id) for w in writes if isinstance(w, ContactWrite) and w.contact_id is None]
         keys += [deal_intent(w.appointment_id) for w in writes if isinstance(w, DealWrite) and w.deal_id is None]
         if keys:
-            self._store.write_intents(keys, int(time.time()))
+            self._store.write_intents(keys, int(self._clock()))
         return keys
 
     def phones_in_batch(self, live: Sequence[PatientChanges]) -> dict[str, set[str]]:

@@ -16,8 +16,15 @@ from aws_lambda_powertools.event_handler.middlewares import NextMiddleware
 from pydantic import ValidationError
 
 from clinicsync.adapters.http.signing import verify_request
-from clinicsync.adapters.ident.contract import KEY_HEADER, ConnectorBatch, TicketQuery, TimeTable, weak_integration_key
-from clinicsync.application import ident
+from clinicsync.adapters.ident.contract import (
+    KEY_HEADER,
+    BatchTooLarge,
+    ConnectorBatch,
+    TicketQuery,
+    TimeTable,
+    parse_connector_batch,
+    weak_integration_key,
+)
 from clinicsync.domain.crypto import credential_matches
 from clinicsync.runtime import wiring
 from clinicsync.runtime.middlewares import Refused, raw_body
@@ -82,8 +89,10 @@ def timetable(app: ApiGatewayResolver) -> TimeTable:
 
 def queue_connector_batch(app: ApiGatewayResolver) -> ConnectorBatch:
     try:
-        return wiring.container().ident_inbox().accept(app.context["body"])
-    except ident.BatchTooLarge as exc:
+        batch = parse_connector_batch(app.context["body"])
+    except BatchTooLarge as exc:
         raise Refused(413, str(exc)) from None
     except ValidationError as exc:
         raise Refused(400, f"not a valid change batch: {_where(exc, 3)}") from None
+    wiring.container().ident_inbox().accept(app.context["body"].decode(), batch.batch_id)
+    return batch

@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any
 
-from clinicsync.adapters.ident.contract import ConnectorBatch, TicketQuery, TimeTable
+from clinicsync.adapters.ident.contract import ConnectorBatch, TicketQuery, TimeTable, directory_names, tickets_of
 from clinicsync.application import ident
 from clinicsync.domain.models import CrmEvent
 from clinicsync.observability import logger
@@ -29,13 +29,19 @@ def crm_events(events: list[CrmEvent]) -> int:
 
 def tickets_json(query: TicketQuery) -> str:
     """IDENT's tickets as the JSON array it reads (Cyrillic kept as is)."""
-    found = ident.tickets(wiring.container().crm_gateway(wiring.container().clinic_config()), query)
+    gateway = wiring.container().crm_gateway(wiring.container().clinic_config())
+    found = tickets_of(ident.open_leads(gateway, query.date_time_from, query.date_time_to, query.limit, query.offset))
     observe(Counted({"IdentTicketsServed": len(found)}))
     return json.dumps([t.model_dump(mode="json", exclude_none=True) for t in found], ensure_ascii=False)
 
 
 def timetable(table: TimeTable) -> None:
-    logger.info("IDENT timetable stored", extra=wiring.container().ident_directory().save(table, int(time.time())))
+    busy = sum(1 for i in table.Intervals if i.IsBusy)
+    wiring.container().ident_directory().save(
+        directory_names(table.Doctors), directory_names(table.Branches), len(table.Intervals), busy, int(time.time())
+    )
+    counts = {"doctors": len(table.Doctors), "branches": len(table.Branches), "intervals": len(table.Intervals)}
+    logger.info("IDENT timetable stored", extra=counts)
 
 
 def connector_batch(batch: ConnectorBatch) -> dict[str, Any]:

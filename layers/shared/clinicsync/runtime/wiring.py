@@ -303,7 +303,7 @@ class Container:
 
     def poller(self) -> Poller:
         config = self.clinic_config()
-        return Poller(config, self.mis_source(config), self.store(), self.change_queue(), self.hasher())
+        return Poller(config, self.mis_source(config), self.store(), self.change_queue(), self.hasher(), self.clock)
 
     def syncer(self) -> Syncer:
         config = self.verified_config()
@@ -316,6 +316,7 @@ class Container:
             self.consent_ledger(),
             audience,
             crm_contacts=self.crm_events(),
+            clock=self.clock,
         )
 
     def crm_events(self) -> CrmEventProcessor:

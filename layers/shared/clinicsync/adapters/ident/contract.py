@@ -16,13 +16,14 @@ BranchId, StartDateTime, LengthInMinutes, IsBusy}]``.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
 from clinicsync.domain.models import PatientChanges
+from clinicsync.domain.ports import OpenLead
 
 KEY_HEADER = "IDENT-Integration-Key"
 # IDENT's shared key guards patients' leads: at least 32 random bytes as url-safe text (secrets.token_urlsafe(32)).
@@ -162,19 +163,34 @@ def directory_names(items: Sequence[NamedItem]) -> dict[str, str]:
     return {item.Id: item.Name for item in items if item.Name}
 
 
-def fill_names(
-    changes: Sequence[PatientChanges], doctors: Mapping[str, str], branches: Mapping[str, str]
-) -> list[PatientChanges]:
-    """Doctor and branch names from IDENT's timetable, for visits the connector sent without them."""
-    out: list[PatientChanges] = []
-    for item in changes:
-        visits = []
-        for appt in item.appointments:
-            update: dict[str, Any] = {}
-            if appt.doctor_name is None and appt.doctor_id and appt.doctor_id in doctors:
-                update["doctor_name"] = doctors[appt.doctor_id]
-            if appt.branch_name is None and appt.branch_id and appt.branch_id in branches:
-                update["branch_name"] = branches[appt.branch_id]
-            visits.append(appt.model_copy(update=update) if update else appt)
-        out.append(item.model_copy(update={"appointments": tuple(visits)}))
-    return out
+class BatchTooLarge(ValueError):
+    pass
+
+
+def parse_connector_batch(body: bytes) -> ConnectorBatch:
+    """A connector batch from its request body; raises ``BatchTooLarge`` or pydantic's ``ValidationError``."""
+    if len(body) > MAX_BATCH_BYTES:
+        raise BatchTooLarge(f"batch is {len(body)} bytes; the limit is {MAX_BATCH_BYTES}, send smaller batches")
+    return ConnectorBatch.model_validate_json(body)
+
+
+def tickets_of(leads: Sequence[OpenLead]) -> list[Ticket]:
+    """Open CRM leads as IDENT's tickets."""
+    return [
+        Ticket(
+            id=lead.crm_id,
+            date_and_time=lead.created_at,
+            client_phone=lead.phone,
+            client_email=lead.email,
+            client_full_name=lead.full_name,
+            form_name=lead.form_name,
+            comment=lead.comment,
+            utm_source=lead.utm.get("source"),
+            utm_medium=lead.utm.get("medium"),
+            utm_campaign=lead.utm.get("campaign"),
+            utm_term=lead.utm.get("term"),
+            utm_content=lead.utm.get("content"),
+            http_referer=lead.referer,
+        )
+        for lead in leads
+    ]

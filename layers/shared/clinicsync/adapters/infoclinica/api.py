@@ -27,8 +27,7 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import ParseError
 from defusedxml.ElementTree import fromstring as _defused_fromstring
 
-from clinicsync.adapters.http.retrying import Transient, call_with_retries, exponential
-from clinicsync.observability import logger
+from clinicsync.adapters.http.retrying import exponential, send_with_retries
 
 if TYPE_CHECKING:
     from xml.etree.ElementTree import Element
@@ -249,21 +248,15 @@ class InfoClinicaApi:
         if self._clinic_host:
             headers["X-Forwarded-Host"] = self._clinic_host
 
-        def attempt(_: int) -> Element:
+        def send() -> httpx.Response:
             self.requests += 1
-            try:
-                response = self._http.post(self._url, content=payload, headers=headers)
-            except httpx.TransportError as exc:
-                failure = type(exc).__name__
-                logger.warning("infoclinica transport error", extra={"method": method, "error": failure})
-                raise Transient(failure) from None
-            if response.status_code < 500 and response.status_code != 429:
-                return self._read(method, message_id, response)
-            logger.warning("infoclinica server error", extra={"method": method, "status": response.status_code})
-            raise Transient(f"HTTP {response.status_code}")
+            return self._http.post(self._url, content=payload, headers=headers)
 
-        return call_with_retries(
-            attempt,
+        return send_with_retries(
+            send,
+            lambda response: self._read(method, message_id, response),
+            vendor="infoclinica",
+            context={"method": method},
             attempts=self._max_attempts,
             wait=exponential(0.5, cap=8.0),
             sleep=self._sleep,

@@ -20,14 +20,13 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from clinicsync.adapters.http.retrying import Transient, call_with_retries, exponential
+from clinicsync.adapters.http.retrying import exponential, send_with_retries
 from clinicsync.domain.directory_records import DirectoryPage, DirectoryRecord, Kind, normalise, parse_directory_key
 from clinicsync.domain.ports import ChangePage, Cursor
 from clinicsync.observability import logger
 
 PATHS: dict[Kind, str] = {"doctor": "doctors", "organisation": "organisations"}
 LIS_ID = re.compile(r"^[A-Za-z0-9]{1,16}$")
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 OPT_OUT_CHANNELS = frozenset({"email", "marketing"})
 
 
@@ -101,36 +100,33 @@ class LisApi:
     def call(self, method: str, path: str, params: Mapping[str, Any] | None = None, body: Any = None) -> Any:
         """JSON answer; 429/5xx and transport errors retried (PATCH writes absolute values: safe to repeat)."""
 
-        def attempt(number: int) -> Any:
+        def send() -> httpx.Response:
             self.requests += 1
-            try:
-                response = self._http.request(
-                    method, self._root + path, params=params, json=body, headers=self._headers
-                )
-            except httpx.TransportError as exc:
-                logger.warning("lis transport error", extra={"attempt": number - 1})
-                raise Transient(type(exc).__name__) from None
-            if response.status_code in RETRY_STATUSES:
-                raise Transient(f"HTTP {response.status_code}")
-            if response.status_code >= 400:
-                try:
-                    code = str(response.json().get("error", "error"))[:64]
-                except ValueError:
-                    code = "error"
-                raise LisError(response.status_code, code)
-            try:
-                return response.json()
-            except ValueError as exc:
-                raise LisError(response.status_code, "not_json") from exc
+            return self._http.request(method, self._root + path, params=params, json=body, headers=self._headers)
 
-        return call_with_retries(
-            attempt,
+        return send_with_retries(
+            send,
+            _read,
+            vendor="lis",
             attempts=self._attempts,
             wait=exponential(0.5, cap=4.0),
             sleep=self._sleep,
             exhausted=lambda _: LisError(503, "retries_exhausted"),
             wait_after_last=True,
         )
+
+
+def _read(response: httpx.Response) -> Any:
+    if response.status_code >= 400:
+        try:
+            code = str(response.json().get("error", "error"))[:64]
+        except ValueError:
+            code = "error"
+        raise LisError(response.status_code, code)
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise LisError(response.status_code, "not_json") from exc
 
 
 def to_record(kind: Kind, raw: Any, region: str) -> DirectoryRecord:

@@ -19,12 +19,11 @@ from typing import Any
 
 import httpx
 
-from clinicsync.adapters.http.retrying import Transient, call_with_retries, exponential, poll
+from clinicsync.adapters.http.retrying import exponential, poll, send_with_retries
 from clinicsync.domain.audience import AudienceMember, subscriber_hash
 from clinicsync.observability import logger
 
 BATCH_OPERATIONS = 500  # operations per POST /batches; we stay well under the documented ceiling
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 class MailchimpError(Exception):
@@ -64,22 +63,19 @@ class MailchimpClient:
     def call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> tuple[int, Any]:
         """(status, JSON body). 429 and 5xx are retried with backoff; 4xx come back to the caller."""
 
-        def attempt(_: int) -> tuple[int, Any]:
+        def send() -> httpx.Response:
             self.requests += 1
             try:
-                response = self._http.request(method, self._root + path, json=body, auth=self._auth)
+                return self._http.request(method, self._root + path, json=body, auth=self._auth)
             except httpx.TransportError as exc:
                 if method == "POST" and path == "/batches":
                     raise MailchimpError(0, "batch outcome unknown") from exc  # never submit a batch twice
-                logger.warning("mailchimp transport error", extra={"error": type(exc).__name__})
-                raise Transient(type(exc).__name__) from None
-            if response.status_code in RETRY_STATUSES:
-                logger.warning("mailchimp busy", extra={"status": response.status_code})
-                raise Transient(f"HTTP {response.status_code}")
-            return response.status_code, response.json() if response.content else None
+                raise
 
-        return call_with_retries(
-            attempt,
+        return send_with_retries(
+            send,
+            lambda response: (response.status_code, response.json() if response.content else None),
+            vendor="mailchimp",
             attempts=self._attempts,
             wait=exponential(0.5, cap=8.0),
             sleep=self._sleep,

@@ -19,7 +19,7 @@ import httpx
 import jwt
 from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, ValidationError
 
-from clinicsync.adapters.http.retrying import Transient, call_with_retries, exponential
+from clinicsync.adapters.http.retrying import exponential, send_with_retries
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.dates import parse_mis_datetime
 from clinicsync.domain.emails import normalise_email
@@ -98,7 +98,7 @@ class MedodsError(Exception):
 
 
 class MedodsApi:
-    """HTTP access with a fresh short-lived JWT per request and retries on 5xx and timeouts."""
+    """HTTP access with a fresh short-lived JWT per request and retries on 429, 5xx and transport errors."""
 
     def __init__(
         self,
@@ -141,24 +141,20 @@ class MedodsApi:
         return response.json()
 
     def _send(self, method: str, path: str, **request: Any) -> httpx.Response:
-        """The first answer under 500; transport errors and 5xx are retried (reads, idempotent writes)."""
+        """The first answer that is not 429 or 5xx; retried after those and transport errors (reads,
+        idempotent writes)."""
 
-        def attempt(_: int) -> httpx.Response:
+        def send() -> httpx.Response:
             self.requests += 1
-            headers = {"Authorization": f"Bearer {self._token()}"}
-            try:
-                send = self._http.get if method == "GET" else self._http.put
-                response = send(self._base + path, headers=headers, **request)
-            except (httpx.TimeoutException, httpx.TransportError) as exc:
-                logger.warning("medods transport error", extra={"path": path, "error": type(exc).__name__})
-                raise Transient(type(exc).__name__) from None
-            if response.status_code < 500:
-                return response
-            logger.warning("medods server error", extra={"path": path, "status": response.status_code})
-            raise Transient(f"HTTP {response.status_code}")
+            headers = {"Authorization": f"Bearer {self._token()}"}  # a fresh JWT per attempt
+            by_method = self._http.get if method == "GET" else self._http.put
+            return by_method(self._base + path, headers=headers, **request)
 
-        return call_with_retries(
-            attempt,
+        return send_with_retries(
+            send,
+            lambda response: response,
+            vendor="medods",
+            context={"path": path},
             attempts=self._max_attempts,
             wait=exponential(0.5, cap=8.0),
             sleep=self._sleep,

@@ -56,7 +56,7 @@ from typing import Any
 
 import httpx
 
-from clinicsync.adapters.http.retrying import Transient, call_with_retries, exponential
+from clinicsync.adapters.http.retrying import exponential, send_with_retries
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.dates import parse_mis_date, parse_mis_datetime
 from clinicsync.domain.emails import normalise_email
@@ -144,21 +144,15 @@ class RenovatioApi:
     def call(self, method: str, **params: str | int) -> Any:
         form = {"api_key": self._key, **{k: str(v) for k, v in params.items()}}
 
-        def attempt(_: int) -> Any:
+        def send() -> httpx.Response:
             self.requests += 1
-            try:
-                response = self._http.post(f"{self._base}/{method}", data=form)
-            except httpx.TransportError as exc:
-                failure = type(exc).__name__
-                logger.warning("renovatio transport error", extra={"method": method, "error": failure})
-                raise Transient(failure) from None
-            if response.status_code < 500 and response.status_code != 429:
-                return self._unwrap(method, response)
-            logger.warning("renovatio server error", extra={"method": method, "status": response.status_code})
-            raise Transient(f"HTTP {response.status_code}")
+            return self._http.post(f"{self._base}/{method}", data=form)
 
-        return call_with_retries(
-            attempt,
+        return send_with_retries(
+            send,
+            lambda response: self._unwrap(method, response),
+            vendor="renovatio",
+            context={"method": method},
             attempts=self._max_attempts,
             wait=exponential(0.5, cap=8.0),
             sleep=self._sleep,

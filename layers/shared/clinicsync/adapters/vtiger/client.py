@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from clinicsync.adapters.aws.budget import RequestPacer
-from clinicsync.adapters.http.retrying import Transient, call_with_retries, exponential
+from clinicsync.adapters.http.retrying import exponential, send_with_retries
 from clinicsync.domain.config import DirectorySettings
 from clinicsync.domain.directory_records import CrmRecord, CrmWriteSpec, Kind, normalise
 from clinicsync.observability import logger
@@ -37,7 +37,6 @@ from clinicsync.observability import logger
 MODULES: dict[Kind, str] = {"doctor": "Contacts", "organisation": "Accounts"}
 PAGE_ROWS = 100  # vTiger's ceiling per query
 SESSION_ERRORS = frozenset({"INVALID_SESSIONID", "SESSION_EXPIRED", "AUTHENTICATION_REQUIRED"})
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _MODIFIED = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")  # only such stamps become the cursor
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.: -]{0,64}$")
 
@@ -48,6 +47,20 @@ class VtigerError(Exception):
     def __init__(self, code: str, message: str = "") -> None:
         super().__init__(f"vTiger {code}: {message[:120]}")
         self.code = code
+
+
+def _read(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise VtigerError("NOT_JSON", f"HTTP {response.status_code}") from exc
+    if not isinstance(body, dict) or "success" not in body:
+        raise VtigerError("BAD_ENVELOPE", f"HTTP {response.status_code}")
+    if body["success"] is True:
+        return body.get("result")
+    raw_error = body.get("error")
+    error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
+    raise VtigerError(str(error.get("code", "UNKNOWN"))[:64], str(error.get("message", "")))
 
 
 def quote(value: str) -> str:
@@ -89,42 +102,23 @@ class VtigerClient:
     def _send(self, method: str, params: Mapping[str, str], retry_transport: bool) -> Any:
         attempts = self._attempts if retry_transport else 1
 
-        def attempt(number: int) -> Any:
+        def send() -> httpx.Response:
             if self._pacer is not None:
                 self._pacer.wait()
             self.requests += 1
-            try:
-                if method == "GET":
-                    response = self._http.get(self._url, params=dict(params))
-                else:
-                    response = self._http.post(self._url, data=dict(params))
-            except httpx.TransportError as exc:
-                if number == attempts:  # the last one (the only one for a write) says what failed
-                    raise VtigerError("TRANSPORT", type(exc).__name__) from exc
-                logger.warning("vtiger transport error", extra={"attempt": number - 1})
-                raise Transient(type(exc).__name__) from None
-            if response.status_code in RETRY_STATUSES:
-                if number == attempts:
-                    raise VtigerError("HTTP", str(response.status_code))
-                raise Transient(f"HTTP {response.status_code}")
-            try:
-                body = response.json()
-            except ValueError as exc:
-                raise VtigerError("NOT_JSON", f"HTTP {response.status_code}") from exc
-            if not isinstance(body, dict) or "success" not in body:
-                raise VtigerError("BAD_ENVELOPE", f"HTTP {response.status_code}")
-            if body["success"] is True:
-                return body.get("result")
-            raw_error = body.get("error")
-            error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
-            raise VtigerError(str(error.get("code", "UNKNOWN"))[:64], str(error.get("message", "")))
+            if method == "GET":
+                return self._http.get(self._url, params=dict(params))
+            return self._http.post(self._url, data=dict(params))
 
-        return call_with_retries(
-            attempt,
+        return send_with_retries(
+            send,
+            _read,
+            vendor="vtiger",
             attempts=attempts,
             wait=exponential(0.5, cap=4.0),
             sleep=self._sleep,
-            exhausted=lambda _: VtigerError("RETRIES_EXHAUSTED"),
+            # The last failure (the only one for a write) says what failed: a transport error or a status.
+            exhausted=lambda reason: VtigerError("UNAVAILABLE", reason),
         )
 
     def login(self) -> None:

@@ -1,0 +1,105 @@
+"""The poller and the syncer read the time from the container's clock, never the wall clock, so a test or
+the bench that gives a container its clock controls every time they write."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from clinicsync.application.sync import SyncIncomplete
+from clinicsync.domain.keys import contact_intent, deal_intent
+from clinicsync.domain.models import PatientChanges, SyncMessage
+from clinicsync.domain.ports import ChangePage, ContactWrite, CrmMatches, CrmWrite, Cursor, WriteOutcome
+from clinicsync.runtime import wiring
+from clinicsync.settings import Settings
+from clinicsync_cli.memory_store import MemoryStore
+from tests.helpers import appointment, demo_config, patient
+
+# A fixed instant years away from any wall clock a run may have (pinned runs included).
+NOW = datetime(2031, 5, 17, 3, 0, tzinfo=UTC)
+CHANGES = [PatientChanges(patient=patient(), appointments=(appointment(),))]
+
+
+class _OnePage:
+    kind = "medods"
+
+    def __init__(self) -> None:
+        self.resync_asked_at: list[float] = []
+
+    def resync_cursor(self, window_seconds: int, now: float) -> Cursor:
+        self.resync_asked_at.append(now)
+        return {}
+
+    def fetch_changes(self, cursor: Cursor | None) -> ChangePage:
+        return ChangePage(changes=CHANGES, cursor={"page": 1})
+
+    def acknowledge(self, page: ChangePage) -> None:
+        pass
+
+
+class _FailingCreates:
+    """A CRM whose look-ups need create intents and whose every write for the patient fails."""
+
+    kind = "amocrm"
+    lookups_need_intents = True
+    guards_writes = False
+
+    def verify_pipelines(self, pipelines: Mapping[Any, Any]) -> frozenset[str]:
+        return frozenset()
+
+    def find(self, *args: Any, **kwargs: Any) -> CrmMatches:
+        return CrmMatches()
+
+    def apply(self, writes: Sequence[CrmWrite]) -> WriteOutcome:
+        return WriteOutcome(failed={w.patient_id: "server_error" for w in writes if isinstance(w, ContactWrite)})
+
+    def requests_made(self) -> int:
+        return 0
+
+
+class _Parts(wiring.Container):
+    """The container with an in-memory change queue (a part the constructor does not take)."""
+
+    sent: list[SyncMessage]
+
+    def change_queue(self) -> Any:
+        self.sent = []
+        return self
+
+    def send(self, messages: Sequence[SyncMessage]) -> None:
+        self.sent.extend(messages)
+
+
+def _parts(store: MemoryStore, source: _OnePage | None = None) -> _Parts:
+    settings = Settings.model_construct(**dict.fromkeys(Settings.model_fields, "x"))  # names only
+    return _Parts(
+        settings,
+        config=demo_config(),
+        store=store,
+        mis_source=source,
+        crm_gateway=_FailingCreates(),  # type: ignore[arg-type]
+        secrets=lambda arn: {"hash_key": "k" * 32, "mailchimp_api_key": "key-us1"},
+        clock=NOW.timestamp,
+    )
+
+
+def test_the_poller_stamps_its_messages_and_resync_windows_with_the_containers_clock() -> None:
+    source = _OnePage()
+    parts = _parts(MemoryStore(), source)
+    poller = parts.poller()
+    assert poller.poll(lambda: 60_000).messages == 1
+    poller.resync(lambda: 60_000)
+    assert [m.produced_at for m in parts.sent] == [NOW, NOW]
+    assert source.resync_asked_at == [NOW.timestamp()]
+
+
+def test_the_syncer_dates_its_create_intents_with_the_containers_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")  # its queue clients are built, never called
+    store = MemoryStore()
+    with pytest.raises(SyncIncomplete):
+        _parts(store).syncer().sync(CHANGES)
+    intents = [contact_intent("p1"), deal_intent("a1")]
+    assert store.load_intents(intents) == dict.fromkeys(intents, int(NOW.timestamp()))

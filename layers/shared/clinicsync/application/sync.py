@@ -1,7 +1,4 @@
-"""Use cases: poll a MIS into the queue, and sync queued change sets into the CRM.
-
-Handlers call these; these call the rules, the ports and the store. Nothing here knows a vendor.
-"""
+"""Use case: sync queued change sets into the CRM through the rules, ports and store; no vendor here."""
 
 from __future__ import annotations
 

@@ -103,3 +103,16 @@ def test_the_syncer_dates_its_create_intents_with_the_containers_clock(monkeypat
         _parts(store).syncer().sync(CHANGES)
     intents = [contact_intent("p1"), deal_intent("a1")]
     assert store.load_intents(intents) == dict.fromkeys(intents, int(NOW.timestamp()))
+
+
+def test_the_consent_ledger_dates_its_opt_outs_and_jobs_with_the_containers_clock() -> None:
+    parts = _parts(MemoryStore())
+    jobs: list[Any] = []
+
+    class Jobs:
+        def send(self, sent: Sequence[Any]) -> None:
+            jobs.extend(sent)
+
+    parts.consent_queue = Jobs  # type: ignore[assignment,method-assign]
+    assert parts.consent_ledger().opt_out(["pat:p1"], ["sms"], "mis", "mis:refusal_flag") == ["pat:p1"]
+    assert [job.produced_at for job in jobs] == [int(NOW.timestamp())]

@@ -9,7 +9,6 @@ job's outcome, keeping Powertools' partial-failure reply (and FIFO group skippin
 
 from __future__ import annotations
 
-import time
 from typing import Any, Protocol
 
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, SqsFifoPartialProcessor
@@ -55,7 +54,7 @@ class BatchJob(Protocol):
 def remember_failure(queue: str, message_id: str, error: Exception) -> None:
     """Keep why it failed under the message id: if it ends in the DLQ, `clinicsync dlq list` shows it."""
     try:
-        wiring.container().failure_log().record(queue, message_id, describe(error), int(time.time()))
+        wiring.container().failure_log().record(queue, message_id, describe(error), int(wiring.container().clock()))
         observe(Failed())
     except Exception:  # never let the bookkeeping hide the real failure
         logger.exception("could not record a failure reason", extra={"message_id": message_id})
@@ -169,7 +168,7 @@ class SyncJob:
 
     def finish(self) -> None:
         if self.report is not None:  # lag: from the poll that read the oldest change to the CRM write
-            observe(SyncBatch(self.report, self.throttles, time.time() - self.oldest))
+            observe(SyncBatch(self.report, self.throttles, wiring.container().clock() - self.oldest))
 
 
 class CrmEventJob:
@@ -219,7 +218,7 @@ class ConsentJobs:
 
     def finish(self) -> None:
         if self.report is not None:  # unsubscribe latency: from the opt-out recorded to every output showing it
-            now = time.time()
+            now = wiring.container().clock()
             latencies = [now - job.produced_at for job in self.jobs if job.subject not in self.report.failed]
             observe(ConsentBatch(self.report, latencies))
 

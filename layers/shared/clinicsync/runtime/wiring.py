@@ -330,7 +330,9 @@ class Container:
         return CrmCatchUp(self.store(), self.crm_gateway(self.verified_config()), self.crm_events())
 
     def consent_ledger(self) -> ConsentLedger:
-        return ConsentLedger(self.store(), self.consent_queue(), self.settings.clinic_id, self.hasher())
+        return ConsentLedger(
+            self.store(), self.consent_queue(), self.settings.clinic_id, self.hasher(), clock=self.clock
+        )
 
     def consent_outputs(self) -> ConsentOutputs:
         if self.clinic_config().crm.kind == "vtiger":

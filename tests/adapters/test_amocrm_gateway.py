@@ -107,6 +107,43 @@ def test_a_new_patient_and_visit_is_one_complex_item(amo: tuple[AmoCrmEmulator, 
         assert emulator.lead_contact_ids(int(lead_id)) == [int(outcome.contact_ids[appointment.replace("a", "p")])]
 
 
+@given(visits=st.lists(st.integers(min_value=1, max_value=4), min_size=1, max_size=90))
+@example(visits=[3] * 60)  # 60 first visits, 120 further ones: 4 requests, not 2 complex + 3 bulk
+@example(visits=[1] * 50 + [4] * 10)  # only the last request's patients have further visits: none ready
+def test_a_new_patients_further_visits_top_up_the_part_filled_complex_request(visits: list[int]) -> None:
+    """Backfill near the floor: the creates of new patients and their visits go out in full requests of
+    50 items, the last complex request topped up with further visits whose contact an earlier one made;
+    every lead hangs on its own patient's contact."""
+    emulator = AmoCrmEmulator()
+    server = ServedApp(emulator).start()
+    try:
+        visit = datetime(2026, 12, 1, 10, 0, tzinfo=ZoneInfo("Europe/Moscow")).isoformat()
+        writes: list[ContactWrite | DealWrite] = []
+        for i, n in enumerate(visits):
+            writes.append(ContactWrite(f"p{i}", None, {"full_name": {"last": "Тест", "first": "Т", "middle": ""}}))
+            writes += [
+                DealWrite(f"a{i}_{k}", f"p{i}", None, str(MAIN_PIPELINE_ID), str(STATUS_BOOKED), {"visit_at": visit})
+                for k in range(n)
+            ]
+        store = _store(emulator, server.base_url)
+        gateway = AmoCrmGateway(AmoCrmClient(_session(store), httpx.Client(), FAST), _config())
+        before = sum(emulator.stats()["endpoints"].values())
+        outcome = gateway.apply(writes)
+        requests = sum(emulator.stats()["endpoints"].values()) - before
+    finally:
+        server.stop()
+    assert outcome.failed == {}
+    first, further = len(visits), sum(visits) - len(visits)
+    # Complex requests of 50 until the first visits are sent, then the further visits left, 50 a request.
+    complex_requests = -(-first // 50)
+    earlier = visits[: 50 * (complex_requests - 1)]  # patients whose contact exists before the last one
+    topped_up = min(complex_requests * 50 - first, sum(earlier) - len(earlier))
+    assert requests == complex_requests + -(-(further - topped_up) // 50)
+    for appointment, lead_id in outcome.deal_ids.items():
+        patient = appointment.split("_")[0].replace("a", "p")
+        assert emulator.lead_contact_ids(int(lead_id)) == [int(outcome.contact_ids[patient])]
+
+
 def test_a_polls_new_visits_of_known_and_new_patients_are_created_in_one_request(
     amo: tuple[AmoCrmEmulator, str],
 ) -> None:

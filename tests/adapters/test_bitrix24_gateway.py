@@ -119,6 +119,39 @@ def test_find_uses_one_request_for_mis_ids_and_phones(emu: tuple[Bitrix24Emulato
     assert emulator.stats()["requests"] == 1
 
 
+def test_a_look_up_of_an_invocations_new_patients_is_one_request(emu: tuple[Bitrix24Emulator, str]) -> None:
+    """Backfill near the floor: MIS ids cost a command per 500, not per 50, so the look-up of a full
+    invocation (500 new patients, 1,000 visits, their phones at 20 per findbycomm) fits one ``batch``."""
+    emulator, base = emu
+    gateway = Bitrix24Gateway(_client(emulator, base), CONFIG)
+    patients = [f"p{i}" for i in range(500)]
+    visits = [f"a{i}_{k}" for i in range(500) for k in range(2)]
+    phones = [f"+7999{i:07d}" for i in range(500)]
+    matches = gateway.find(patients, visits, phones=phones)
+    assert matches.contacts == {} and matches.deals == {}
+    assert emulator.stats()["requests"] == 1
+
+
+@given(found=st.integers(min_value=0, max_value=130), missing=st.integers(min_value=1, max_value=30))
+def test_a_look_up_by_mis_id_finds_every_existing_record_whatever_its_pages(found: int, missing: int) -> None:
+    """Look-ups by MIS id before any create: rows beyond a list's first page of 50 are read too, and
+    only the lists that answered ``next`` cost more requests."""
+    emulator = Bitrix24Emulator()
+    server = ServedApp(emulator).start()
+    try:
+        gateway = Bitrix24Gateway(_client(emulator, server.base_url), CONFIG)
+        if found:
+            assert gateway.apply(_writes(found)).failed == {}
+        emulator.reset_stats()
+        ids = range(found + missing)
+        matches = gateway.find([f"p{i}" for i in ids], [f"a{i}" for i in ids])
+    finally:
+        server.stop()
+    assert set(matches.contacts) == {f"p{i}" for i in range(found)}
+    assert set(matches.deals) == {f"a{i}" for i in range(found)}
+    assert emulator.stats()["requests"] == max(1, -(-found // 50))
+
+
 def test_html_error_pages_on_reads_are_retried(emu: tuple[Bitrix24Emulator, str]) -> None:
     emulator, base = emu
     gateway = Bitrix24Gateway(_client(emulator, base), CONFIG)

@@ -19,20 +19,14 @@ from clinicsync.adapters.amocrm.client import AmoCrmClient, AmoCrmOutcomeUnknown
 from clinicsync.adapters.aws.table import batch_get
 from clinicsync.adapters.bitrix24.client import Bitrix24Client, Bitrix24OutcomeUnknown, Bitrix24Unavailable
 from clinicsync.adapters.http.pacing import Pacer
-from clinicsync.adapters.http.retrying import (
-    Replay,
-    Transient,
-    call_with_retries,
-    exponential,
-    poll,
-    send_with_retries,
-)
+from clinicsync.adapters.http.retrying import send_with_retries
 from clinicsync.adapters.infoclinica.api import InfoClinicaApi, InfoClinicaError
 from clinicsync.adapters.lis.source import LisApi, LisError
 from clinicsync.adapters.mailchimp.client import MailchimpClient, MailchimpError
 from clinicsync.adapters.medods.source import MedodsApi, MedodsError
 from clinicsync.adapters.renovatio.source import RenovatioApi, RenovatioError
 from clinicsync.adapters.vtiger.client import VtigerClient, VtigerError
+from clinicsync.retrying import Replay, Transient, call_with_retries, exponential, poll
 
 ROOT = Path(__file__).resolve().parents[2]
 

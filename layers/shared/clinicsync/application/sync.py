@@ -1,7 +1,4 @@
-"""Use cases: poll a MIS into the queue, and sync queued change sets into the CRM.
-
-Handlers call these; these call the rules, the ports and the store. Nothing here knows a vendor.
-"""
+"""Use case: sync queued change sets into the CRM through the rules, ports and store; no vendor here."""
 
 from __future__ import annotations
 
@@ -9,12 +6,11 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
-from clinicsync.adapters.http.retrying import exponential, poll
 from clinicsync.application.consent import ConsentLedger, CrmContactReader
 from clinicsync.application.sync_consent import SyncConsent
 from clinicsync.application.sync_lookup import SyncLookup, settled_intents
+from clinicsync.domain.audience import AudienceUpserts
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import CrmObservation, PatientChanges
@@ -38,9 +34,7 @@ from clinicsync.domain.rules import (
 from clinicsync.domain.state import PatientState
 from clinicsync.domain.store_ports import SyncStore
 from clinicsync.observability import logger
-
-if TYPE_CHECKING:  # the Mailchimp client (and httpx) load where wiring builds them
-    from clinicsync.adapters.mailchimp.client import MailchimpAudience
+from clinicsync.retrying import exponential, poll
 
 # A claim outlives the syncer's Lambda timeout (120 s), so a live invocation never loses it, and ends
 # before the sync queue's visibility timeout (720 s), so a killed invocation's retry finds it expired.
@@ -82,7 +76,7 @@ class Syncer:
         gateway: CrmGateway,
         hasher: KeyedHasher,
         ledger: ConsentLedger | None = None,
-        audience: MailchimpAudience | None = None,
+        audience: AudienceUpserts | None = None,
         claim_wait: float = CLAIM_WAIT_SECONDS,
         sleep: Callable[[float], None] = time.sleep,
         crm_contacts: CrmContactReader | None = None,

@@ -7,10 +7,9 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from clinicsync.application.consent import ConsentLedger, CrmContactReader, ledger_digest
-from clinicsync.domain.audience import AudienceMember, audience_member, note_accepted_members
+from clinicsync.domain.audience import AudienceMember, AudienceUpserts, audience_member, note_accepted_members
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import email_subject, patient_subject
@@ -21,9 +20,6 @@ from clinicsync.domain.rules import PatientPlan
 from clinicsync.domain.store_ports import SyncConsentStore
 from clinicsync.observability import logger
 
-if TYPE_CHECKING:  # the Mailchimp client (and httpx) load where wiring builds them
-    from clinicsync.adapters.mailchimp.client import MailchimpAudience
-
 
 class SyncConsent:
     def __init__(
@@ -32,7 +28,7 @@ class SyncConsent:
         store: SyncConsentStore,
         hasher: KeyedHasher,
         ledger: ConsentLedger | None,
-        audience: MailchimpAudience | None,
+        audience: AudienceUpserts | None,
         crm_contacts: CrmContactReader | None,
     ) -> None:
         self._config = config

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -96,6 +96,12 @@ class AudienceEvent:
     email: str = ""
     new_email: str = ""
     reason: str = ""
+
+
+class AudienceUpserts(Protocol):
+    def upsert(self, members: Sequence[AudienceMember]) -> set[str]:
+        """Create or update the members (never re-subscribing one); the patient ids Mailchimp accepted."""
+        ...
 
 
 class MailchimpMembers(Protocol):

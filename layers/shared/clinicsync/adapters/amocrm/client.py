@@ -21,9 +21,9 @@ from aws_lambda_powertools.metrics import MetricUnit
 
 from clinicsync.adapters.aws.budget import BudgetTimeout, RequestPacer
 from clinicsync.adapters.http.oauth import OAuthError
-from clinicsync.adapters.http.retrying import Replay, Transient, call_with_retries
 from clinicsync.domain.ports import CrmUnavailable
 from clinicsync.observability import logger, metrics
+from clinicsync.retrying import Replay, Transient, call_with_retries
 
 READ_METHODS = frozenset({"GET"})
 # amoCRM's largest page. A list read without ``limit`` gets 50 rows, even for 250 ``filter[id][]``.

@@ -2,13 +2,15 @@
 
 - A new patient with a new visit is one item of ``POST /api/v4/leads/complex`` (≤50 per request); so is
   a new visit on a contact we already know (an ``{id}`` reference), so a poll's creates share requests.
-- Other creates (a new patient's further visits, which need its new contact id) and all updates are bulk
+- A new patient's further visits need its new contact's id: they top up the last complex request, which
+  has room, once an earlier request made that contact; the rest, and all updates, are bulk
   ``POST``/``PATCH`` of up to 50 leads or contacts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from clinicsync.adapters.amocrm.client import AmoCrmClient, AmoCrmError, AmoCrmOutcomeUnknown
@@ -45,9 +47,12 @@ class AmoCrmWriter(AmoFields):
             elif contact and contact.contact_id is None and deal.patient_id not in paired:
                 complex_items.append((contact, deal))
                 paired.add(deal.patient_id)
-        self._complex(complex_items, outcome)
+        # A new patient's further visits need its new contact's id: they top up the last, part-filled
+        # complex request once an earlier request gave that id (the rest go in bulk below).
+        first = {d.appointment_id for _, d in complex_items}
+        later = [d for d in deals if d.deal_id is None and d.patient_id in paired and d.appointment_id not in first]
+        done = self._complex(complex_items, later, outcome)
         self._contacts([c for pid, c in contacts.items() if pid not in paired], outcome)
-        done = {d.appointment_id for _, d in complex_items}
         remaining = [d for d in deals if d.appointment_id not in done and d.patient_id not in outcome.failed]
         self._leads([d for d in remaining if d.deal_id is None], outcome, create=True)
         self._leads([d for d in remaining if d.deal_id is not None], outcome, create=False)
@@ -124,10 +129,21 @@ class AmoCrmWriter(AmoFields):
             out.append(f"{kind} on {label}")
         return "; ".join(out)
 
-    def _complex(self, pairs: list[tuple[ContactWrite | None, DealWrite]], outcome: WriteOutcome) -> None:
+    def _complex(
+        self, pairs: list[tuple[ContactWrite | None, DealWrite]], later: list[DealWrite], outcome: WriteOutcome
+    ) -> set[str]:
         """``(new contact, its deal)`` items, or ``(None, deal)`` for a deal on a known contact (an ``{id}``
-        reference, which amoCRM's complex add takes as well as a new contact)."""
-        for chunk in chunks(pairs, BULK):
+        reference, which amoCRM's complex add takes as well as a new contact). A request with room left
+        takes ``later`` deals whose contact an earlier request created. Returns the visits sent."""
+        sent: set[str] = set()
+        queue = list(pairs)
+        while queue:
+            chunk, queue = queue[:BULK], queue[BULK:]
+            ready = [d for d in later if d.patient_id in outcome.contact_ids and d.patient_id not in outcome.failed]
+            for deal in ready[: BULK - len(chunk)]:
+                later.remove(deal)
+                chunk.append((None, replace(deal, contact_id=outcome.contact_ids[deal.patient_id])))
+            sent |= {deal.appointment_id for _, deal in chunk}
             items = []
             new_contact: set[str] = set()
             for contact, deal in chunk:
@@ -154,6 +170,7 @@ class AmoCrmWriter(AmoFields):
                         outcome.deal_ids[str(request_id).removeprefix("d:")] = str(row["id"])
                         if request_id in new_contact:
                             outcome.contact_ids[patients[request_id]] = str(row["contact_id"])
+        return sent
 
     def _contacts(self, writes: list[ContactWrite], outcome: WriteOutcome) -> None:
         for create in (True, False):

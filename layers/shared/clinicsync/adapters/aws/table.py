@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 
-from clinicsync.adapters.http.retrying import Transient, call_with_retries, exponential
+from clinicsync.retrying import Transient, call_with_retries, exponential
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table

@@ -17,9 +17,9 @@ import httpx
 from clinicsync.adapters.aws.budget import BudgetTimeout, RequestPacer
 from clinicsync.adapters.bitrix24.oauth import Bitrix24OAuth
 from clinicsync.adapters.http.pacing import Pacer
-from clinicsync.adapters.http.retrying import Replay, Transient, call_with_retries, exponential
 from clinicsync.domain.ports import CrmPaused, CrmUnavailable
 from clinicsync.observability import logger
+from clinicsync.retrying import Replay, Transient, call_with_retries, exponential
 
 BATCH_LIMIT = 50
 PAGE_SIZE = 50

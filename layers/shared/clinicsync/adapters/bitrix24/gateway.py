@@ -30,6 +30,10 @@ from clinicsync.domain.ports import (
 
 PAGE_SIZE = 50
 FINDBYCOMM_LIMIT = 20  # crm.duplicate.findbycomm takes at most 20 values
+# MIS ids per look-up command: a first import finds nothing, so an invocation's ids cost one command per
+# entity, not one per 50, and its look-up stays one ``batch``; rows found are paged on ``next``. 500
+# values keep a command's parsed variables under PHP's default max_input_vars (1000).
+ORIGIN_IDS_PER_COMMAND = 500
 
 
 UTM_FIELDS = ("UTM_SOURCE", "UTM_MEDIUM", "UTM_CAMPAIGN", "UTM_TERM", "UTM_CONTENT")
@@ -129,16 +133,16 @@ class Bitrix24Gateway:
         intended_since: int | None = None,  # noqa: ARG002 - a MIS id filter, not a scan: no start time
     ) -> CrmMatches:
         commands: dict[str, tuple[str, Mapping[str, Any]]] = {}
-        for n, ids in enumerate(_chunks(list(dict.fromkeys(patient_ids)), PAGE_SIZE)):
+        for n, ids in enumerate(_chunks(list(dict.fromkeys(patient_ids)), ORIGIN_IDS_PER_COMMAND)):
             commands[f"c{n}"] = ("crm.contact.list", self._origin_filter(ids, ["ID", "ORIGIN_ID"]))
-        for n, ids in enumerate(_chunks(list(dict.fromkeys(appointment_ids)), PAGE_SIZE)):
+        for n, ids in enumerate(_chunks(list(dict.fromkeys(appointment_ids)), ORIGIN_IDS_PER_COMMAND)):
             commands[f"d{n}"] = ("crm.deal.list", self._origin_filter(ids, SELECT["deal"]))
         for n, values in enumerate(_chunks(list(dict.fromkeys(phones)), FINDBYCOMM_LIMIT)):
             commands[f"p{n}"] = ("crm.duplicate.findbycomm", {"type": "PHONE", "values": list(values)})
         for n, ids in enumerate(_chunks(list(dict.fromkeys(multifield_contacts)), PAGE_SIZE)):
             params = {"filter": {"@ID": list(ids)}, "select": ["ID", "PHONE", "EMAIL"]}
             commands[f"m{n}"] = ("crm.contact.list", params)
-        results = self._run_reads(commands)
+        results = self._run_reads(commands, paged=("c", "d"))
 
         contacts: dict[str, str] = {}
         deals: dict[str, DealMatch] = {}
@@ -232,14 +236,26 @@ class Bitrix24Gateway:
             for number in set(leads) | set(contacts) | set(deals)
         }
 
-    def _run_reads(self, commands: Mapping[str, tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    def _run_reads(
+        self, commands: Mapping[str, tuple[str, Mapping[str, Any]]], paged: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """The reads in ``batch`` requests of 50. A list read whose key starts with one of ``paged`` is
+        read to its last page (``start`` = the ``next`` it answered); its rows come back in page order."""
         results: dict[str, Any] = {}
-        keys = list(commands)
-        for chunk in _chunks(keys, BATCH_LIMIT):
-            result = self._client.batch({k: commands[k] for k in chunk})
-            if result.errors:
-                raise Bitrix24Error("LOOKUP_FAILED", ",".join(sorted(result.errors)), 400)
-            results.update(result.result)
+        pending = {key: (key, command) for key, command in commands.items()}  # key -> (first page's key, command)
+        while pending:
+            follow: dict[str, tuple[str, tuple[str, Mapping[str, Any]]]] = {}
+            for chunk in _chunks(list(pending), BATCH_LIMIT):
+                result = self._client.batch({k: pending[k][1] for k in chunk})
+                if result.errors:
+                    raise Bitrix24Error("LOOKUP_FAILED", ",".join(sorted(result.errors)), 400)
+                for key, value in result.result.items():
+                    first, (method, params) = pending[key]
+                    results[first] = [*_rows(results[first]), *_rows(value)] if first != key else value
+                    if first.startswith(paged) and key in result.next:
+                        start = result.next[key]
+                        follow[f"{first}s{start}"] = (first, (method, {**params, "start": start}))
+            pending = follow
         return results
 
     def _origin_filter(self, ids: Sequence[str], select: list[str]) -> dict[str, Any]:

@@ -39,10 +39,10 @@ import httpx
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from clinicsync.adapters.http.redaction import install_httpx_filter
-from clinicsync.adapters.http.retrying import exponential, poll
 from clinicsync.domain.crypto import constant_time_equals
 from clinicsync.domain.store_ports import Leases
 from clinicsync.observability import logger
+from clinicsync.retrying import exponential, poll
 
 if TYPE_CHECKING:
     from mypy_boto3_secretsmanager import SecretsManagerClient

@@ -27,7 +27,8 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import ParseError
 from defusedxml.ElementTree import fromstring as _defused_fromstring
 
-from clinicsync.adapters.http.retrying import exponential, send_with_retries
+from clinicsync.adapters.http.retrying import send_with_retries
+from clinicsync.retrying import exponential
 
 if TYPE_CHECKING:
     from xml.etree.ElementTree import Element

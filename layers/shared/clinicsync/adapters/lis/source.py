@@ -20,10 +20,11 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from clinicsync.adapters.http.retrying import exponential, send_with_retries
+from clinicsync.adapters.http.retrying import send_with_retries
 from clinicsync.domain.directory_records import DirectoryPage, DirectoryRecord, Kind, normalise, parse_directory_key
 from clinicsync.domain.ports import ChangePage, Cursor
 from clinicsync.observability import logger
+from clinicsync.retrying import exponential
 
 PATHS: dict[Kind, str] = {"doctor": "doctors", "organisation": "organisations"}
 LIS_ID = re.compile(r"^[A-Za-z0-9]{1,16}$")

@@ -19,9 +19,10 @@ from typing import Any
 
 import httpx
 
-from clinicsync.adapters.http.retrying import exponential, poll, send_with_retries
+from clinicsync.adapters.http.retrying import send_with_retries
 from clinicsync.domain.audience import AudienceMember, subscriber_hash
 from clinicsync.observability import logger
+from clinicsync.retrying import exponential, poll
 
 BATCH_OPERATIONS = 500  # operations per POST /batches; we stay well under the documented ceiling
 

@@ -19,7 +19,7 @@ import httpx
 import jwt
 from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, ValidationError
 
-from clinicsync.adapters.http.retrying import exponential, send_with_retries
+from clinicsync.adapters.http.retrying import send_with_retries
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.dates import parse_mis_datetime
 from clinicsync.domain.emails import normalise_email
@@ -28,6 +28,7 @@ from clinicsync.domain.phones import normalise_phone
 from clinicsync.domain.ports import ChangePage, Cursor
 from clinicsync.domain.statuses import UnknownStatus, canonical_status
 from clinicsync.observability import logger
+from clinicsync.retrying import exponential
 
 JWT_LIFETIME = 60
 JWT_BACKDATE = 10  # MIS clocks drift; an iat slightly in the past is accepted, one in the future is not

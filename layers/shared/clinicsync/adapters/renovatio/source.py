@@ -56,7 +56,7 @@ from typing import Any
 
 import httpx
 
-from clinicsync.adapters.http.retrying import exponential, send_with_retries
+from clinicsync.adapters.http.retrying import send_with_retries
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.dates import parse_mis_date, parse_mis_datetime
 from clinicsync.domain.emails import normalise_email
@@ -65,6 +65,7 @@ from clinicsync.domain.phones import normalise_phone
 from clinicsync.domain.ports import ChangePage, Cursor
 from clinicsync.domain.statuses import UnknownStatus, canonical_status
 from clinicsync.observability import logger
+from clinicsync.retrying import exponential
 
 PAST_DAYS = 45
 AHEAD_DAYS = 30

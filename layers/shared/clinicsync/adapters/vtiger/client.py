@@ -29,10 +29,11 @@ from typing import Any
 import httpx
 
 from clinicsync.adapters.aws.budget import RequestPacer
-from clinicsync.adapters.http.retrying import exponential, send_with_retries
+from clinicsync.adapters.http.retrying import send_with_retries
 from clinicsync.domain.config import DirectorySettings
 from clinicsync.domain.directory_records import CrmRecord, CrmWriteSpec, Kind, normalise
 from clinicsync.observability import logger
+from clinicsync.retrying import exponential
 
 MODULES: dict[Kind, str] = {"doctor": "Contacts", "organisation": "Accounts"}
 PAGE_ROWS = 100  # vTiger's ceiling per query

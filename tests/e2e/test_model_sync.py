@@ -820,8 +820,9 @@ class ClinicMachine(RuleBasedStateMachine):
             if self.clinic.bitrix is not None:
                 self.clinic.bitrix.faults.clear()
                 self.clinic.bitrix.clear_pending_events()
-            if self.clinic.amocrm is not None:
+            if self.clinic.amocrm is not None:  # its scheduled webhook retries must not reach the next example
                 self.clinic.amocrm.faults.clear()
+                self.clinic.amocrm.clear_pending_webhooks()
 
 
 def _machine(clinic: LocalClinic) -> type[ClinicMachine]:

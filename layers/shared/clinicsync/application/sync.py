@@ -13,7 +13,7 @@ from clinicsync.application.sync_lookup import SyncLookup, settled_intents
 from clinicsync.domain.audience import AudienceUpserts
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.models import CrmObservation, PatientChanges
+from clinicsync.domain.models import CrmObservation, PatientChanges, merge_by_patient
 from clinicsync.domain.ports import (
     CHANGED_SINCE_READ,
     ContactWrite,
@@ -27,6 +27,7 @@ from clinicsync.domain.ports import (
 from clinicsync.domain.rules import (
     PatientPlan,
     apply_observation,
+    held_stage,
     plan_patient,
     stage_read_observation,
     stage_to_check,
@@ -95,7 +96,7 @@ class Syncer:
     def sync(self, changes: Sequence[PatientChanges], observations: Sequence[CrmObservation] = ()) -> SyncReport:
         """Sync one message. Each patient is claimed first (single writer, whatever delivered the
         message); a patient another invocation holds is deferred: the message is retried for it."""
-        merged = _merge_by_patient(changes)
+        merged = merge_by_patient(changes)
         wanted = list(dict.fromkeys([c.patient.mis_id for c in merged] + [o.patient_id for o in observations]))
         owner = uuid.uuid4().hex
         claimed = self._claim(wanted, owner)
@@ -249,7 +250,7 @@ class Syncer:
         writes: list[CrmWrite] = []
         for write in plan.writes:
             if isinstance(write, DealWrite) and stage_to_check(write, state):
-                writes.append(replace(write, expect_stage=state.appointment(write.appointment_id).stage))
+                writes.append(replace(write, expect_stage=held[1]) if (held := held_stage(write, state)) else write)
             elif isinstance(write, ContactWrite) and write.contact_id and self._consent.reads_contacts:
                 writes.append(replace(write, expect_ours=True))
             else:
@@ -270,6 +271,7 @@ class Syncer:
         }
         if not checks:
             return {}
+        self._load_holders(checks, states)
         current = self._gateway.fetch("deal", sorted(checks))
         observations = [
             observation
@@ -277,6 +279,19 @@ class Syncer:
             if (observation := stage_read_observation(write, states[pid], current.get(deal_id))) is not None
         ]
         return self._observe(observations, states, report)
+
+    def _load_holders(self, checks: dict[str, tuple[str, DealWrite]], states: dict[str, PatientState]) -> None:
+        """A re-booking's deal is held by an earlier visit this message may not carry: load it, so a close
+        the stage read finds is learnt on that visit (one read, only for such a continuation)."""
+        wanted: dict[str, list[str]] = {}
+        for pid, write in checks.values():
+            held = held_stage(write, states[pid])
+            if held is not None and held[0] not in states[pid].appointments:
+                wanted.setdefault(pid, []).append(held[0])
+        for pid, loaded in (self._store.load_patients(wanted) if wanted else {}).items():
+            for aid in wanted[pid]:
+                if aid in loaded.appointments:
+                    states[pid].appointments[aid] = loaded.appointments[aid]
 
     def _observe(
         self, observations: Sequence[CrmObservation], states: dict[str, PatientState], report: SyncReport
@@ -376,21 +391,3 @@ def _merge_outcome(outcome: WriteOutcome, more: WriteOutcome) -> None:
     outcome.contact_ids.update(more.contact_ids)
     outcome.deal_ids.update(more.deal_ids)
     outcome.failed.update(more.failed)
-
-
-def _merge_by_patient(changes: Sequence[PatientChanges]) -> list[PatientChanges]:
-    """Several messages may carry the same patient; keep the newest patient record and every visit."""
-    merged: dict[str, PatientChanges] = {}
-    for item in changes:
-        pid = item.patient.mis_id
-        current = merged.get(pid)
-        if current is None:
-            merged[pid] = item
-            continue
-        patient = item.patient if item.patient.version >= current.patient.version else current.patient
-        visits = {a.mis_id: a for a in current.appointments}
-        for appt in item.appointments:
-            if appt.mis_id not in visits or appt.version >= visits[appt.mis_id].version:
-                visits[appt.mis_id] = appt
-        merged[pid] = PatientChanges(patient=patient, appointments=tuple(visits.values()))
-    return list(merged.values())

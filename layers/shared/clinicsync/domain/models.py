@@ -7,6 +7,7 @@ not guessed here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -196,3 +197,21 @@ class ConsentJob(Strict):
     emails: tuple[str, ...] = Field(default=(), max_length=5)
     skip: tuple[ConsentTarget, ...] = ()
     produced_at: int = Field(ge=0)
+
+
+def merge_by_patient(changes: Sequence[PatientChanges]) -> list[PatientChanges]:
+    """Several messages may carry the same patient; keep the newest patient record and every visit."""
+    merged: dict[str, PatientChanges] = {}
+    for item in changes:
+        pid = item.patient.mis_id
+        current = merged.get(pid)
+        if current is None:
+            merged[pid] = item
+            continue
+        patient = item.patient if item.patient.version >= current.patient.version else current.patient
+        visits = {a.mis_id: a for a in current.appointments}
+        for appt in item.appointments:
+            if appt.mis_id not in visits or appt.version >= visits[appt.mis_id].version:
+                visits[appt.mis_id] = appt
+        merged[pid] = PatientChanges(patient=patient, appointments=tuple(visits.values()))
+    return list(merged.values())

@@ -331,10 +331,28 @@ def stage_to_check(write: CrmWrite, state: PatientState) -> str | None:
     A stage change over a deal we wrote before: a manager may have moved or closed it since, and the
     webhook saying so may come late or never (Bitrix24 does not retry; the catch-up runs every 10
     minutes). New and adopted deals were just read by the look-up; a write without a stage moves nothing."""
-    if not isinstance(write, DealWrite) or write.stage is None or write.deal_id is None:
+    if not isinstance(write, DealWrite) or write.stage is None:
+        return None
+    return write.deal_id if held_stage(write, state) is not None else None
+
+
+def held_stage(write: DealWrite, state: PatientState) -> tuple[str, str] | None:
+    """(the visit holding the write's deal, the stage we last wrote on it), for a deal we wrote before: the
+    visit's own, or the funnel's latest deal that a re-booking takes over (a manager may have closed it
+    before its webhook, and a closed deal is never continued)."""
+    if write.deal_id is None:
         return None
     known = state.appointment(write.appointment_id)
-    return write.deal_id if known.deal_id == write.deal_id and known.stage is not None else None
+    if known.deal_id == write.deal_id and known.stage is not None:
+        return write.appointment_id, known.stage
+    for latest in state.latest_deals.values():
+        if (
+            latest.deal_id == write.deal_id
+            and latest.stage is not None
+            and latest.appointment_id != write.appointment_id
+        ):
+            return latest.appointment_id, latest.stage
+    return None
 
 
 def stage_read_observation(
@@ -344,9 +362,10 @@ def stage_read_observation(
     one we are about to write is a manager's move, respected exactly as its webhook would be
     (``apply_observation``). A deal gone from the CRM, or at either of those stages, teaches nothing."""
     stage = snapshot.get("stage") if snapshot is not None else None
-    if snapshot is None or not stage or stage in (state.appointment(write.appointment_id).stage, write.stage):
+    held = held_stage(write, state)
+    if snapshot is None or held is None or not stage or stage in (held[1], write.stage):
         return None
-    return deal_observation(snapshot, state.patient_id, write.appointment_id)
+    return deal_observation(snapshot, state.patient_id, held[0])  # the manager's move, on the visit holding it
 
 
 def apply_observation(state: PatientState, observation: CrmObservation, config: ClinicConfig) -> list[str]:

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from datetime import UTC, datetime
+from typing import Any, get_args
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
-from clinicsync.adapters.aws.queue import MAX_BODY_BYTES
+from clinicsync.adapters.aws.queue import MAX_BODY_BYTES, SqsChangeQueue
 from clinicsync.application.poll import Poller
 from clinicsync.domain.backfill import BackfillState
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import shard_of
-from clinicsync.domain.models import PatientChanges
+from clinicsync.domain.models import PatientChanges, SyncMessage, lean_json
 from clinicsync.domain.ports import ChangePage, Cursor
 from clinicsync_cli.memory_store import MemoryStore
 from tests.e2e.test_poller_guarantees import ListQueue
@@ -108,6 +111,57 @@ def test_a_message_is_cut_by_size_before_sqs_would_refuse_it() -> None:
     changes = _page(200, comment_bytes=6_000)
     for job in ("poll", "resync"):
         sent = _queued(config, changes, job).sent
-        assert all(len(m.model_dump_json().encode()) <= MAX_BODY_BYTES for m in sent)
+        assert all(len(lean_json(m).encode()) <= MAX_BODY_BYTES for m in sent)
         assert [c.patient.mis_id for m in sent for c in m.changes] == [c.patient.mis_id for c in changes]
         assert len(sent) >= 2
+
+
+def test_a_lean_message_body_reads_back_as_the_same_message() -> None:
+    """Leaving None out of a body is lossless only while no field that allows None defaults to anything else."""
+    seen: set[type[BaseModel]] = set()
+
+    def walk(model: type[BaseModel]) -> None:
+        if model in seen:
+            return
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            args = [b for a in get_args(info.annotation) or (info.annotation,) for b in get_args(a) or (a,)]
+            assert not (type(None) in args and default is not None), f"{model.__name__}.{name}"
+            for arg in args:
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    walk(arg)
+
+    walk(SyncMessage)
+    assert {m.__name__ for m in seen} >= {"Patient", "Appointment", "Consent", "CrmObservation"}
+    message = SyncMessage(
+        clinic_id="c",
+        shard=1,
+        produced_at=datetime(2026, 12, 6, tzinfo=UTC),
+        changes=tuple(_page(3, comment_bytes=10)),
+    )
+    body = lean_json(message)
+    assert SyncMessage.model_validate_json(body) == message
+    assert len(body) < 0.6 * len(message.model_dump_json())  # most optional fields are unset
+
+
+class CapturingSqs:
+    def __init__(self) -> None:
+        self.bodies: list[str] = []
+
+    def send_message_batch(self, QueueUrl: str, Entries: list[dict[str, Any]]) -> dict[str, Any]:
+        self.bodies.extend(str(e["MessageBody"]) for e in Entries)
+        return {"Successful": [{"Id": e["Id"]} for e in Entries]}
+
+
+def test_the_queue_sends_the_body_the_poller_cut_by_size() -> None:
+    """The poller sizes messages by their lean body; the queue must send exactly that body, or a full
+    message would pass SQS's limit and stall the import."""
+    config = demo_config(shards=1, bulk_patients_per_message=200)
+    changes = _page(200, comment_bytes=1_000)
+    sqs = CapturingSqs()
+    queue = SqsChangeQueue(sqs, "url")  # type: ignore[arg-type]
+    Poller(config, OnePage(changes), MemoryStore(), queue, HASHER, clock=lambda: 1_700_000_000.0).resync(lambda: 10**6)
+    sent = [SyncMessage.model_validate_json(body) for body in sqs.bodies]
+    assert all(len(body.encode()) <= MAX_BODY_BYTES for body in sqs.bodies)
+    assert [c for m in sent for c in m.changes] == changes

@@ -15,7 +15,7 @@ from clinicsync.domain.backfill import BackfillCheckpoint, BackfillState
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import patient_subject, shard_of
-from clinicsync.domain.models import PatientChanges, SyncMessage
+from clinicsync.domain.models import PatientChanges, SyncMessage, lean_json
 from clinicsync.domain.ports import ChangePage, MisSource
 from clinicsync.domain.store_ports import PollStore
 from clinicsync.observability import logger
@@ -186,7 +186,7 @@ def _chunks(group: Sequence[PatientChanges], size: int, clinic_id: str) -> list[
     envelope = ENVELOPE_BYTES + len(clinic_id.encode())
     used = envelope
     for item in group:
-        weight = len(item.model_dump_json().encode()) + 1
+        weight = len(lean_json(item).encode()) + 1
         if chunk and (len(chunk) == size or used + weight > MESSAGE_BYTES):
             chunks.append(chunk)
             chunk, used = [], envelope

@@ -251,7 +251,7 @@ class ClinicConfig(Section):
     shards: int = Field(default=4, ge=1, le=256, description="FIFO message groups; a patient stays in one")
     patients_per_message: int = Field(default=50, ge=1, le=200, description="Incremental polls: patients per message")
     bulk_patients_per_message: int = Field(
-        default=100,
+        default=200,
         ge=1,
         le=200,
         description="Resync and first import: patients per message, so an invocation (10 messages) fills CRM batches",

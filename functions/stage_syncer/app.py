@@ -8,7 +8,7 @@
   is judged on its own (echo, manual move, new lead, opt-out).
 - The consent queue carries consent jobs: the whole batch's outputs (CRM opt-out fields, MIS flags,
   Mailchimp members) are pushed at once; a job whose outputs are not all done is reported failed and
-  comes back after the visibility timeout, until done (then the DLQ alarm).
+  comes back after a growing delay (``runtime.batch.retry_delay``), until done (then the DLQ alarm).
 
 The queue is told by the event source's ARN, as the template configures it.
 """

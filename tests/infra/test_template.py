@@ -144,7 +144,7 @@ EXPECTED_GRANTS: dict[str, set[tuple[str, str]]] = {
     | {("sqs:SendMessage", "SyncQueue"), ("sqs:SendMessage", "ConsentQueue")}
     | {
         (f"sqs:{a}", q)
-        for a in ("ReceiveMessage", "DeleteMessage", "GetQueueAttributes")
+        for a in ("ReceiveMessage", "DeleteMessage", "GetQueueAttributes", "ChangeMessageVisibility")
         for q in ("SyncQueue", "CrmEventQueue", "ConsentQueue")
     },
     # The receiver only queues CRM events and IDENT batches; it never touches the per-patient sync queue

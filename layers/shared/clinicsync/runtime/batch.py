@@ -60,13 +60,26 @@ def remember_failure(queue: str, message_id: str, error: Exception) -> None:
         logger.exception("could not record a failure reason", extra={"message_id": message_id})
 
 
-class WholeBatch(BatchProcessor):
-    """Parses each record once, runs the job on the whole batch, then judges record by record."""
+RETRY_FIRST_SECONDS = 120
+RETRY_MAX_SECONDS = 1800
 
-    def __init__(self, job: BatchJob, model: type[SqsRecordModel]) -> None:
+
+def retry_delay(receive_count: int) -> int:
+    """When a failed message is received again: 2, 6, 18, then 30 minutes. The first retry comes soon
+    (a FIFO shard waits behind it), and a sync or CRM event's five receives still span about an hour of a
+    CRM's outage before the DLQ. The queues' own visibility timeout (6 x the syncer's) is the fallback."""
+    return int(min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 3 ** (max(receive_count, 1) - 1)))
+
+
+class WholeBatch(BatchProcessor):
+    """Parses each record once, runs the job on the whole batch, then judges record by record; failed
+    records come back after :func:`retry_delay`, not after the queue's long visibility timeout."""
+
+    def __init__(self, job: BatchJob, model: type[SqsRecordModel], queue_url: str) -> None:
         self._init_processor(model)
         self._record_model = model
         self.job = job
+        self._queue_url = queue_url
         self._parsed: dict[int, SqsRecordModel | ValidationError] = {}
 
     def _init_processor(self, model: type[SqsRecordModel]) -> None:
@@ -91,8 +104,19 @@ class WholeBatch(BatchProcessor):
         return parsed
 
     def _clean(self) -> None:
+        self._schedule_retries()  # before the base class raises when every record failed
         super()._clean()  # type: ignore[no-untyped-call]
         self.job.finish()
+
+    def _schedule_retries(self) -> None:
+        failed = {f["itemIdentifier"] for f in self._collect_sqs_failures()}  # type: ignore[no-untyped-call]
+        delays = [
+            (str(r["receiptHandle"]), retry_delay(int((r.get("attributes") or {}).get("ApproximateReceiveCount", 1))))
+            for r in self.records
+            if r.get("messageId") in failed and r.get("receiptHandle")
+        ]
+        if delays:
+            wiring.container().retry_timer(self._queue_url).come_back_after(delays)
 
     def judge(self, record: Any) -> None:
         try:
@@ -196,7 +220,7 @@ class CrmEventJob:
 
 class ConsentJobs:
     """Consent jobs: the batch's outputs (CRM opt-out fields, MIS flags, Mailchimp members) pushed at once;
-    a job whose outputs are not all done fails and comes back after the visibility timeout."""
+    a job whose outputs are not all done fails and comes back after :func:`retry_delay`."""
 
     queue = "consent"
 
@@ -227,9 +251,9 @@ def processor_for(source_arn: str) -> WholeBatch:
     """The queue's processor, by the event source's ARN as the template configures it (never by its name)."""
     settings = wiring.container().settings
     if source_arn == settings.sync_queue_arn:
-        return WholeFifoBatch(SyncJob(), SyncRecord)
+        return WholeFifoBatch(SyncJob(), SyncRecord, settings.sync_queue_url)
     if source_arn == settings.crm_event_queue_arn:
-        return WholeBatch(CrmEventJob(), CrmEventRecord)
+        return WholeBatch(CrmEventJob(), CrmEventRecord, settings.crm_event_queue_url)
     if source_arn == settings.consent_queue_arn:
-        return WholeBatch(ConsentJobs(), ConsentRecord)
+        return WholeBatch(ConsentJobs(), ConsentRecord, settings.consent_queue_url)
     raise ValueError("the event comes from a queue this function is not configured to read")

@@ -21,7 +21,7 @@ from aws_lambda_powertools.utilities import parameters
 from clinicsync.adapters.aws.budget import RequestPacer, SharedLeakyBucket
 from clinicsync.adapters.aws.failures import FailureLog
 from clinicsync.adapters.aws.health import HealthLog
-from clinicsync.adapters.aws.queue import SqsChangeQueue, SqsConsentQueue, SqsEventQueue
+from clinicsync.adapters.aws.queue import SqsChangeQueue, SqsConsentQueue, SqsEventQueue, SqsRetryTimer
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.application.consent import ConsentLedger, ConsentOutputs
 from clinicsync.application.crm_events import CrmCatchUp, CrmEventProcessor
@@ -186,6 +186,9 @@ class Container:
 
     def consent_queue(self) -> SqsConsentQueue:
         return SqsConsentQueue(self.sqs(), self.settings.consent_queue_url)
+
+    def retry_timer(self, queue_url: str) -> SqsRetryTimer:
+        return SqsRetryTimer(self.sqs(), queue_url)
 
     # --- the MIS ----------------------------------------------------------------------------------------
 

@@ -8,9 +8,11 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from clinicsync.domain.models import ConsentJob, CrmEvent, SyncMessage, lean_json
+from clinicsync.observability import logger
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs.client import SQSClient
+    from mypy_boto3_sqs.type_defs import ChangeMessageVisibilityBatchRequestEntryTypeDef
 
 SQS_BATCH = 10
 MAX_BODY_BYTES = 240_000  # SQS caps a message at 256 KiB; keep a margin for attributes
@@ -114,3 +116,30 @@ class SqsConnectorInbox:
             MessageBody=body,
             MessageAttributes={"batch_id": {"DataType": "String", "StringValue": batch_id}},
         )
+
+
+class SqsRetryTimer:
+    """Sets when failed messages of one queue are received again (ChangeMessageVisibilityBatch, 10 a call).
+
+    Best effort: a message whose visibility cannot be changed comes back after the queue's own visibility
+    timeout, which stays long enough for the longest invocation."""
+
+    def __init__(self, sqs: SQSClient, queue_url: str) -> None:
+        self._sqs = sqs
+        self._url = queue_url
+
+    def come_back_after(self, delays: Sequence[tuple[str, int]]) -> int:
+        """``delays``: (receipt handle, seconds) per failed message. Returns how many were not set."""
+        missed = 0
+        for start in range(0, len(delays), SQS_BATCH):
+            entries: list[ChangeMessageVisibilityBatchRequestEntryTypeDef] = [
+                {"Id": str(n), "ReceiptHandle": handle, "VisibilityTimeout": seconds}
+                for n, (handle, seconds) in enumerate(delays[start : start + SQS_BATCH])
+            ]
+            try:
+                answer = self._sqs.change_message_visibility_batch(QueueUrl=self._url, Entries=entries)
+                missed += len(answer.get("Failed", []))
+            except Exception:
+                logger.exception("could not set when failed messages come back")
+                missed += len(entries)
+        return missed

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from clinicsync.domain.audience import MemberBook, is_subscriber_hash
 from clinicsync.domain.ports import Cursor
 from clinicsync.domain.state import AppointmentState, PatientState
-from clinicsync.domain.store_ports import ConsentSource, Store
+from clinicsync.domain.store_ports import ConsentSource, Store, SyncReads
 
 _SEEN = "-"  # the CRM opt-in field as seen, with no channel
 
@@ -101,6 +101,17 @@ class MemoryStore:
                     state.appointments[aid] = appt.model_copy(deep=True)
             states[pid] = state
         return states
+
+    def read_for_sync(
+        self,
+        wanted: Mapping[str, Sequence[str]],
+        intent_keys: Sequence[str],
+        subjects: Sequence[str],
+        channels: Sequence[str],
+    ) -> SyncReads:
+        return SyncReads(
+            self.load_patients(wanted), self.load_intents(intent_keys), self.opted_out_many(subjects, channels)
+        )
 
     def save_patients(
         self, saves: Sequence[tuple[PatientState, Sequence[str]]], loaded: Mapping[str, PatientState]

@@ -140,6 +140,22 @@ def test_create_intents_are_written_read_and_cleared(store: Store) -> None:
     assert store.load_intents(["P#p1", "A#a1"]) == {"A#a1": 1005}
 
 
+def test_a_syncs_read_answers_what_the_three_reads_answer(store: Store) -> None:
+    """``read_for_sync`` is ``load_patients``, ``load_intents`` and ``opted_out_many`` at once."""
+    _save(store, _state("p1"))
+    store.write_intents(["P#p2", "A#a1"], 1000)
+    store.record_opt_outs("pat:p1", ["email"], "mis", 1000)
+    store.record_opt_outs("email:e1", ["sms"], "mailchimp", 1000)
+    wanted = {"p1": ["a1", "a9"], "p2": []}
+    intents = ["P#p1", "P#p2", "A#a1", "A#a9"]
+    subjects, channels = ["pat:p1", "pat:p2", "email:e1"], ["email", "sms", "call", "marketing"]
+    read = store.read_for_sync(wanted, intents, subjects, channels)
+    assert read.states == store.load_patients(wanted)
+    assert read.intents == store.load_intents(intents) == {"P#p2": 1000, "A#a1": 1000}
+    assert read.opted_out == store.opted_out_many(subjects, channels)
+    assert read.opted_out == {"pat:p1": {"email"}, "pat:p2": set(), "email:e1": {"sms"}}
+
+
 def test_a_cursor_round_trips_and_is_a_copy(store: Store) -> None:
     assert store.get_cursor("medods") is None
     cursor: dict[str, Any] = {"appointments": 17, "seen": {"a1": 17}}

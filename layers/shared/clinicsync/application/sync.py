@@ -143,14 +143,16 @@ class Syncer:
         report = SyncReport(patients=len(changes))
         requests_before = self._gateway.requests_made()
         live = self._drop_archived(list(changes), report)
-        ledger, own_opt_outs = self._consent.ledger(live)
         wanted: dict[str, list[str]] = {c.patient.mis_id: [a.mis_id for a in c.appointments] for c in live}
         for obs in observations:
             wanted.setdefault(obs.patient_id, []).extend([obs.appointment_id] if obs.appointment_id else [])
-        states = self._store.load_patients(wanted)
+        # States, create intents and consent ledger in one batched read, not one request (or more) each.
+        read = self._store.read_for_sync(wanted, self._lookup.intent_keys(live), *self._consent.subjects(live))
+        states = read.states
+        ledger, own_opt_outs = self._consent.ledger(live, read.opted_out)
         observed = self._observe(observations, states, report)
 
-        matches = self._lookup.look_up(live, states)
+        matches = self._lookup.look_up(live, states, read.intents)
         plans = self._plan(live, states, matches, ledger)
         links = self._lead_links(observations, states)
         if self._gateway.guards_writes:  # the checks ride in the write request: no read before it

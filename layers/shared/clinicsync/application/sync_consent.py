@@ -43,20 +43,34 @@ class SyncConsent:
         """Whether a contact update must first take in what a manager changed on it."""
         return self._crm_contacts is not None
 
-    def ledger(self, live: Sequence[PatientChanges]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-        """Record the MIS's refusal flags; return every patient's opt-outs, and the patient's own
-        subject's (without the address's). The ledger is sticky: an opt-out once recorded stays,
-        whatever the MIS says later. An address unsubscribed before we knew whose it was
-        (``email:<HMAC>``) counts for the patient who has it now."""
-        now = int(time.time())
+    def subjects(self, live: Sequence[PatientChanges]) -> tuple[list[str], list[str]]:
+        """The ledger subjects and channels ``ledger`` reads for ``live`` (the caller may read them ahead,
+        with the rest of what a sync reads)."""
+        subjects, by_email = self._subjects(live)
+        return [*subjects.values(), *by_email.values()], [c.value for c in Channel]
+
+    def _subjects(self, live: Sequence[PatientChanges]) -> tuple[dict[str, str], dict[str, str]]:
         subjects = {item.patient.mis_id: patient_subject(item.patient.mis_id) for item in live}
         by_email = {
             item.patient.mis_id: email_subject(self._hasher.email_key(item.patient.email))
             for item in live
             if item.patient.email
         }
-        channels = [c.value for c in Channel]
-        ledger = self._store.opted_out_many([*subjects.values(), *by_email.values()], channels)
+        return subjects, by_email
+
+    def ledger(
+        self, live: Sequence[PatientChanges], read: Mapping[str, set[str]] | None = None
+    ) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+        """Record the MIS's refusal flags; return every patient's opt-outs, and the patient's own
+        subject's (without the address's). The ledger is sticky: an opt-out once recorded stays,
+        whatever the MIS says later. An address unsubscribed before we knew whose it was
+        (``email:<HMAC>``) counts for the patient who has it now. ``read``: the ledger of
+        ``subjects(live)`` as the caller just read it (otherwise it is read here)."""
+        now = int(time.time())
+        subjects, by_email = self._subjects(live)
+        if read is None:
+            read = self._store.opted_out_many(*self.subjects(live))
+        ledger = {subject: set(read.get(subject, ())) for subject in [*subjects.values(), *by_email.values()]}
         refusals: dict[str, list[str]] = {}
         emails: dict[str, tuple[str, ...]] = {}
         for item in live:

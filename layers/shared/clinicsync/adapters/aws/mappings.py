@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -102,22 +102,36 @@ def _items_for(state: PatientState, changed_appointments: Sequence[str]) -> list
     return [{k: v for k, v in item.items() if v is not None} for item in items]
 
 
+def state_keys(wanted: Mapping[str, Sequence[str]]) -> list[dict[str, str]]:
+    """The keys ``load_patients`` reads: each patient's STATE and the named appointments."""
+    wanted_keys = []
+    for pid, appointment_ids in wanted.items():
+        wanted_keys.append({"pk": keys.patient_pk(pid), "sk": keys.STATE})
+        wanted_keys.extend(
+            {"pk": keys.patient_pk(pid), "sk": keys.appointment_sk(aid)} for aid in dict.fromkeys(appointment_ids)
+        )
+    return wanted_keys
+
+
+def states_from(wanted: Mapping[str, Sequence[str]], items: Iterable[Mapping[str, Any]]) -> dict[str, PatientState]:
+    """The states of ``wanted`` from the items read at ``state_keys(wanted)``."""
+    states = {pid: PatientState(patient_id=pid) for pid in wanted}
+    for item in items:
+        _apply_item(states[keys.patient_of(str(item["pk"]))], item)
+    return states
+
+
+def intents_from(items: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    return {keys.intent_of(str(i["pk"])): int(i["at"]) for i in items}
+
+
 class DynamoPatientStates(TableRepository):
     def load_patients(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, PatientState]:
         """Each patient's STATE plus the named appointments, in BatchGetItem calls of 100 keys.
 
         ``wanted`` maps a patient id to the appointment ids the caller is about to touch.
         """
-        wanted_keys = []
-        for pid, appointment_ids in wanted.items():
-            wanted_keys.append({"pk": keys.patient_pk(pid), "sk": keys.STATE})
-            wanted_keys.extend(
-                {"pk": keys.patient_pk(pid), "sk": keys.appointment_sk(aid)} for aid in dict.fromkeys(appointment_ids)
-            )
-        states = {pid: PatientState(patient_id=pid) for pid in wanted}
-        for item in self._batch_get(wanted_keys):
-            _apply_item(states[keys.patient_of(str(item["pk"]))], item)
-        return states
+        return states_from(wanted, self._batch_get(state_keys(wanted)))
 
     def _load_patient(self, patient_id: str) -> PatientState:
         state = PatientState(patient_id=patient_id)
@@ -213,8 +227,7 @@ class DynamoCreateIntents(TableRepository):
                 batch.put_item(Item={**keys.intent(key), "at": at, "expires_at": at + INTENT_SECONDS})
 
     def load_intents(self, intent_keys: Sequence[str]) -> dict[str, int]:
-        found = self._batch_get([keys.intent(k) for k in dict.fromkeys(intent_keys)])
-        return {keys.intent_of(str(i["pk"])): int(i["at"]) for i in found}
+        return intents_from(self._batch_get([keys.intent(k) for k in dict.fromkeys(intent_keys)]))
 
     def clear_intents(self, intent_keys: Sequence[str]) -> None:
         with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:

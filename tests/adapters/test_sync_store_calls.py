@@ -1,0 +1,85 @@
+"""What a sync costs in DynamoDB requests: the real syncer on moto with a CRM that answers at once, every
+store request counted by operation. The CPU per event is mostly the AWS SDK's, per request and per item."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mypy_boto3_dynamodb.service_resource import Table
+
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.application.sync import Syncer
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.models import AppointmentStatus, PatientChanges
+from clinicsync.domain.ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, WriteOutcome
+from tests.helpers import appointment, demo_config, patient
+
+CRM = "crm"  # the marker a CRM call leaves in the request log
+
+
+@dataclass
+class InstantCrm:
+    """A CRM that finds nothing and accepts every write; it notes its calls in the store's request log."""
+
+    log: list[str]
+    kind: str = "fake"
+    lookups_need_intents: bool = True
+    guards_writes: bool = True
+    ids: Iterator[int] = field(default_factory=lambda: itertools.count(100))
+
+    def find(self, *args: Any, **kwargs: Any) -> CrmMatches:
+        self.log.append(CRM)
+        return CrmMatches()
+
+    def apply(self, writes: Sequence[CrmWrite]) -> WriteOutcome:
+        self.log.append(CRM)
+        outcome = WriteOutcome()
+        for w in writes:
+            if isinstance(w, ContactWrite):
+                outcome.contact_ids[w.patient_id] = w.contact_id or f"C{next(self.ids)}"
+            elif isinstance(w, DealWrite):
+                outcome.deal_ids[w.appointment_id] = w.deal_id or f"D{next(self.ids)}"
+        return outcome
+
+    def requests_made(self) -> int:
+        return 0
+
+
+def _store_with_log(template_tables: Callable[[], Table]) -> tuple[DynamoStore, list[str]]:
+    store = DynamoStore(template_tables())
+    log: list[str] = []
+    store._table.meta.client.meta.events.register("before-call.dynamodb", lambda model, **_: log.append(model.name))
+    return store, log
+
+
+def _message(patients: int, status: AppointmentStatus, version: int = 1) -> list[PatientChanges]:
+    return [
+        PatientChanges(
+            patient=patient(f"p{n}", email=f"p{n}@example.org"),
+            appointments=(appointment(f"a{n}", f"p{n}", status=status, version=version),),
+        )
+        for n in range(patients)
+    ]
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(patients=st.integers(1, 8), known=st.booleans())
+def test_a_sync_reads_states_intents_and_ledger_in_one_request(
+    template_tables: Callable[[], Table], patients: int, known: bool
+) -> None:
+    """Before it plans, a message's states, create intents and consent ledger (patient and address
+    subjects, every channel) are read together: one BatchGetItem while they fit in 100 keys."""
+    store, log = _store_with_log(template_tables)
+    syncer = Syncer(demo_config(), store, InstantCrm(log), KeyedHasher(b"k" * 32))
+    if known:
+        syncer.sync(_message(patients, AppointmentStatus.BOOKED))
+    log.clear()
+    syncer.sync(_message(patients, AppointmentStatus.CONFIRMED, version=2))
+    before_crm = log[: log.index(CRM)] if CRM in log else log
+    assert before_crm.count("BatchGetItem") == 1
+    assert "GetItem" not in log and "Query" not in before_crm

@@ -130,12 +130,13 @@ class MemoryStore:
             self._put_patient_item(state, item, only_if_not_older=True)
         for state, item in fresh:
             self._put_patient_item(state, item, only_if_not_older=False)
-        for state, changed in saves:  # reverse maps: always written
+        for state, changed in saves:  # reverse maps: written when the id is new to the loaded state
+            before = loaded.get(state.patient_id, PatientState(patient_id=state.patient_id))
             for aid in dict.fromkeys(changed):
                 deal_id = state.appointments[aid].deal_id
-                if deal_id and aid not in state.continued:
+                if deal_id and aid not in state.continued and before.appointment(aid).deal_id != deal_id:
                     self._maps[("deal", deal_id)] = {"patient_id": state.patient_id, "appointment_id": aid}
-            if state.contact_id:
+            if state.contact_id and state.contact_id != before.contact_id:
                 self._maps[("contact", state.contact_id)] = {"patient_id": state.patient_id}
 
     def _put_patient_item(self, state: PatientState, aid: str | None, only_if_not_older: bool) -> None:

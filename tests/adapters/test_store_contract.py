@@ -79,6 +79,23 @@ def test_a_patient_state_round_trips_with_its_reverse_maps(store: Store) -> None
     assert store.patient_for_crm("deal", "21") is None
 
 
+def test_a_reverse_map_follows_a_new_crm_id_and_stays_for_an_unchanged_one(store: Store) -> None:
+    _save(store, _state())
+    for _ in range(2):  # the second save holds the same ids as loaded: the maps stay as they are
+        moved = store.load_patients({"p1": ["a1"]})["p1"]
+        moved.version += 1
+        moved.appointments["a1"].version += 1
+        _save(store, moved)
+    assert store.patient_for_crm("contact", "10") == {"patient_id": "p1"}
+    assert store.patient_for_crm("deal", "20") == {"patient_id": "p1", "appointment_id": "a1"}
+    moved = store.load_patients({"p1": ["a1"]})["p1"]
+    moved.version += 1
+    moved.contact_id, moved.appointments["a1"].deal_id = "11", "21"
+    _save(store, moved)
+    assert store.patient_for_crm("contact", "11") == {"patient_id": "p1"}
+    assert store.patient_for_crm("deal", "21") == {"patient_id": "p1", "appointment_id": "a1"}
+
+
 def test_a_loaded_state_is_a_copy(store: Store) -> None:
     _save(store, _state())
     loaded = store.load_patients({"p1": ["a1"]})["p1"]

@@ -83,3 +83,23 @@ def test_a_sync_reads_states_intents_and_ledger_in_one_request(
     before_crm = log[: log.index(CRM)] if CRM in log else log
     assert before_crm.count("BatchGetItem") == 1
     assert "GetItem" not in log and "Query" not in before_crm
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(patients=st.integers(1, 8))
+def test_a_known_patients_status_change_costs_one_request_each_to_claim_read_save_and_release(
+    template_tables: Callable[[], Table], patients: int
+) -> None:
+    """The steady day's common message: known patients whose visit moved. Their reverse maps name the same
+    CRM ids as before, so nothing but the state and the visit is written, in one transaction."""
+    store, log = _store_with_log(template_tables)
+    syncer = Syncer(demo_config(), store, InstantCrm(log), KeyedHasher(b"k" * 32))
+    syncer.sync(_message(patients, AppointmentStatus.BOOKED))
+    log.clear()
+    syncer.sync(_message(patients, AppointmentStatus.CONFIRMED, version=2))
+    aws = [call for call in log if call != CRM]
+    assert aws == ["TransactWriteItems", "BatchGetItem", "TransactWriteItems", "BatchWriteItem"]
+    states = store.load_patients({f"p{n}": [f"a{n}"] for n in range(patients)})
+    for n in range(patients):
+        deal_id = str(states[f"p{n}"].appointments[f"a{n}"].deal_id)
+        assert store.patient_for_crm("deal", deal_id) == {"patient_id": f"p{n}", "appointment_id": f"a{n}"}

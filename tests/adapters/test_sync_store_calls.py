@@ -103,3 +103,32 @@ def test_a_known_patients_status_change_costs_one_request_each_to_claim_read_sav
     for n in range(patients):
         deal_id = str(states[f"p{n}"].appointments[f"a{n}"].deal_id)
         assert store.patient_for_crm("deal", deal_id) == {"patient_id": f"p{n}", "appointment_id": f"a{n}"}
+
+
+def test_a_new_patients_phone_is_indexed_once_by_the_poller_not_again_by_the_syncer(
+    template_tables: Callable[[], Table],
+) -> None:
+    """The poller indexes every page's phones before it queues them (family members in other shards see
+    each other); the syncer writes the index only when a known patient's phone changed."""
+    store = DynamoStore(template_tables())
+    phone_writes: list[str] = []
+
+    def note(model: Any, params: dict[str, Any], **_: Any) -> None:
+        if model.name in ("BatchWriteItem", "PutItem", "DeleteItem", "TransactWriteItems") and "PHONE#" in str(params):
+            phone_writes.append(model.name)
+
+    store._table.meta.client.meta.events.register("before-call.dynamodb", note)
+    hasher = KeyedHasher(b"k" * 32)
+    syncer = Syncer(demo_config(), store, InstantCrm([]), hasher)
+    message = _message(3, AppointmentStatus.BOOKED)
+    store.index_phones([(hasher.phone_key(str(c.patient.phone)), c.patient.mis_id) for c in message])  # the poller
+    syncer.sync(message)
+    assert phone_writes == ["BatchWriteItem"]  # the poller's
+    moved = [
+        c.model_copy(update={"patient": c.patient.model_copy(update={"phone": "+79160000001", "version": 2})})
+        for c in message[:1]
+    ]
+    syncer.sync(moved)
+    assert phone_writes == ["BatchWriteItem", "DeleteItem", "PutItem"]  # the old key goes, the new one comes
+    assert store.patients_by_phone(hasher.phone_key("+79160000001")) == ["p0"]
+    assert store.patients_by_phone(hasher.phone_key(str(message[0].patient.phone))) == ["p1", "p2"]

@@ -335,7 +335,6 @@ class Syncer:
         observed: dict[str, list[str]],
     ) -> None:
         saves: list[tuple[PatientState, list[str]]] = []
-        first_keys: list[tuple[str, str]] = []
         planned = {plan.patient_id for plan in plans}
         for pid, appointment_ids in observed.items():
             if pid not in planned and pid not in outcome.failed:
@@ -363,16 +362,12 @@ class Syncer:
             phone = item.patient.phone
             new_key = self._hasher.phone_key(phone) if phone else None
             previous_key = states[plan.patient_id].phone_key
-            if new_key and new_key != previous_key:
-                if previous_key:
-                    self._store.index_phone(new_key, plan.patient_id, previous_key)  # the old key goes too
-                else:
-                    first_keys.append((new_key, plan.patient_id))
+            # A first phone was indexed by the poller before it queued the change; a changed one moves here.
+            if new_key and previous_key and new_key != previous_key:
+                self._store.index_phone(new_key, plan.patient_id, previous_key)
             state.phone_key = new_key
             state.email_key = self._hasher.email_key(item.patient.email) if item.patient.email else None
             saves.append((state, plan.changed_appointments + observed.get(plan.patient_id, [])))
-        if first_keys:
-            self._store.index_phones(first_keys)  # a patient's first phone: batched, nothing to remove
         if saves:
             self._store.save_patients(saves, states)
 

@@ -106,12 +106,12 @@ class MemoryStore:
         self,
         wanted: Mapping[str, Sequence[str]],
         intent_keys: Sequence[str],
-        subjects: Sequence[str],
-        channels: Sequence[str],
+        ledger: Mapping[str, Sequence[str]],
     ) -> SyncReads:
-        return SyncReads(
-            self.load_patients(wanted), self.load_intents(intent_keys), self.opted_out_many(subjects, channels)
-        )
+        opted_out: dict[str, set[str]] = {}
+        for subject, channels in ledger.items():
+            opted_out |= self.opted_out_many([subject], channels)
+        return SyncReads(self.load_patients(wanted), self.load_intents(intent_keys), opted_out)
 
     def save_patients(
         self, saves: Sequence[tuple[PatientState, Sequence[str]]], loaded: Mapping[str, PatientState]

@@ -165,12 +165,14 @@ def test_a_syncs_read_answers_what_the_three_reads_answer(store: Store) -> None:
     store.record_opt_outs("email:e1", ["sms"], "mailchimp", 1000)
     wanted = {"p1": ["a1", "a9"], "p2": []}
     intents = ["P#p1", "P#p2", "A#a1", "A#a9"]
-    subjects, channels = ["pat:p1", "pat:p2", "email:e1"], ["email", "sms", "call", "marketing"]
-    read = store.read_for_sync(wanted, intents, subjects, channels)
+    channels = ["email", "sms", "call", "marketing"]
+    ledger = {"pat:p1": channels, "pat:p2": channels, "email:e1": channels, "email:e2": ["email"]}
+    store.record_opt_outs("email:e2", ["sms"], "mailchimp", 1000)  # a channel not asked about
+    read = store.read_for_sync(wanted, intents, ledger)
     assert read.states == store.load_patients(wanted)
     assert read.intents == store.load_intents(intents) == {"P#p2": 1000, "A#a1": 1000}
-    assert read.opted_out == store.opted_out_many(subjects, channels)
-    assert read.opted_out == {"pat:p1": {"email"}, "pat:p2": set(), "email:e1": {"sms"}}
+    assert read.opted_out == {"pat:p1": {"email"}, "pat:p2": set(), "email:e1": {"sms"}, "email:e2": set()}
+    assert read.opted_out == {s: store.opted_out_many([s], ledger[s])[s] for s in ledger}
 
 
 def test_a_cursor_round_trips_and_is_a_copy(store: Store) -> None:

@@ -4,6 +4,7 @@ store request counted by operation. The CPU per event is mostly the AWS SDK's, p
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,3 +133,22 @@ def test_a_new_patients_phone_is_indexed_once_by_the_poller_not_again_by_the_syn
     assert phone_writes == ["BatchWriteItem", "DeleteItem", "PutItem"]  # the old key goes, the new one comes
     assert store.patients_by_phone(hasher.phone_key("+79160000001")) == ["p0"]
     assert store.patients_by_phone(hasher.phone_key(str(message[0].patient.phone))) == ["p1", "p2"]
+
+
+def test_a_sync_reads_only_the_e_mail_channel_of_an_address(template_tables: Callable[[], Table]) -> None:
+    """An address's own ledger subject holds only what a Mailchimp unsubscribe records (its e-mail
+    channel), so that is all a sync reads of it; the patient's subject is read whole."""
+    store = DynamoStore(template_tables())
+    asked: list[str] = []
+
+    def note(model: Any, params: dict[str, Any], **_: Any) -> None:
+        if model.name == "BatchGetItem":  # the request as sent: each key's partition named once
+            asked.extend(re.findall(r"CONSENT#(?:pat|email):[^\"]+", params["body"].decode()))
+
+    store._table.meta.client.meta.events.register("before-call.dynamodb", note)
+    syncer = Syncer(demo_config(), store, InstantCrm([]), KeyedHasher(b"k" * 32))
+    syncer.sync(_message(3, AppointmentStatus.BOOKED))
+    address = [pk for pk in asked if pk.startswith("CONSENT#email:")]
+    patients = [pk for pk in asked if pk.startswith("CONSENT#pat:")]
+    assert len(address) == 3 and len(set(address)) == 3
+    assert len(patients) == 3 * 4

@@ -147,7 +147,7 @@ class Syncer:
         for obs in observations:
             wanted.setdefault(obs.patient_id, []).extend([obs.appointment_id] if obs.appointment_id else [])
         # States, create intents and consent ledger in one batched read, not one request (or more) each.
-        read = self._store.read_for_sync(wanted, self._lookup.intent_keys(live), *self._consent.subjects(live))
+        read = self._store.read_for_sync(wanted, self._lookup.intent_keys(live), self._consent.subjects(live))
         states = read.states
         ledger, own_opt_outs = self._consent.ledger(live, read.opted_out)
         observed = self._observe(observations, states, report)

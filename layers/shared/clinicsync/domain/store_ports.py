@@ -184,11 +184,10 @@ class SyncReader(Protocol):
         self,
         wanted: Mapping[str, Sequence[str]],
         intent_keys: Sequence[str],
-        subjects: Sequence[str],
-        channels: Sequence[str],
+        ledger: Mapping[str, Sequence[str]],
     ) -> SyncReads:
-        """``load_patients(wanted)``, ``load_intents(intent_keys)`` and ``opted_out_many(subjects,
-        channels)`` at once, in as few requests as the store allows."""
+        """``load_patients(wanted)``, ``load_intents(intent_keys)`` and ``opted_out_many`` of each subject's
+        channels (``ledger``: subject -> channels) at once, in as few requests as the store allows."""
         ...
 
 

@@ -19,13 +19,12 @@ class DynamoSyncReader(TableRepository):
         self,
         wanted: Mapping[str, Sequence[str]],
         intent_keys: Sequence[str],
-        subjects: Sequence[str],
-        channels: Sequence[str],
+        ledger: Mapping[str, Sequence[str]],
     ) -> SyncReads:
         parts = {
             "state": state_keys(wanted),
             "intent": [keys.intent(k) for k in dict.fromkeys(intent_keys)],
-            "consent": channel_keys(subjects, channels),
+            "consent": [key for subject, channels in ledger.items() for key in channel_keys([subject], channels)],
         }
         part_of = {(key["pk"], key["sk"]): part for part, part_keys in parts.items() for key in part_keys}
         found: dict[str, list[dict[str, Any]]] = {part: [] for part in parts}
@@ -34,7 +33,7 @@ class DynamoSyncReader(TableRepository):
         return SyncReads(
             states=states_from(wanted, found["state"]),
             intents=intents_from(found["intent"]),
-            opted_out=opted_out_from(subjects, found["consent"]),
+            opted_out=opted_out_from(list(ledger), found["consent"]),
         )
 
 

@@ -17,7 +17,7 @@ SAM := $(SAM_VENV)/bin/sam
 MIS ?= medods
 CRM ?= bitrix24
 
-.PHONY: help venv sam-venv layer-venv lock exports package-check lint typecheck pytest test-unit validate build test demo schema docs clean check-python connector chaos browser bench bench-scale bench-scale-50k test-pinned model-large fleet-50
+.PHONY: help venv sam-venv layer-venv lock exports package-check lint typecheck pytest test-unit validate build test demo schema docs clean check-python connector chaos browser bench bench-readme bench-scale bench-scale-50k test-pinned model-large fleet-50
 
 help:
 	@echo "make demo   - local runtime against the emulators (MIS=$(MIS) CRM=$(CRM))"
@@ -27,6 +27,7 @@ help:
 	@echo "make chaos  - the full chaos-convergence run (800 patients, 2,000 MIS events, both CRMs); figures in chaos-report.json"
 	@echo "make docs   - regenerate docs/clinic-config.schema.json and docs/config-reference.md"
 	@echo "make bench  - clinicsync vs fast_bitrix24, the per-record loop and amocrm-api at the CRMs' rate limits; bench/report.json"
+	@echo "make bench-readme - README.md's Performance tables from bench/report.json (recorded in docs/bench/)"
 	@echo "make bench-scale - clinicsync's backfill at 1k and 5k appointments, both CRMs, linearity check; bench/scale.json"
 	@echo "make bench-scale-50k - the same at 1k and 50k appointments (long); bench/scale-50k.json"
 	@echo "make model-large - the model-based test of the whole system for MODEL_MINUTES (default 20) per CRM/MIS pair"
@@ -173,6 +174,11 @@ bench: venv layer-venv
 
 # The backfill's scale curve (README Performance, "Scale curve"): clinicsync alone, a fresh process per
 # size and CRM; every deal checked in the CRM. BENCH_ARGS=--twice fails unless the simulated figures repeat.
+# README.md's Performance tables from the last `make bench` (and, with SCALE=bench/scale.json, a scale run):
+# the run is recorded in docs/bench/, and make test fails if the README's tables differ from that record.
+bench-readme: venv
+	$(PY) -m sandbox.bench.readme --from-report bench/report.json $(if $(SCALE),--from-scale $(SCALE))
+
 bench-scale: venv
 	$(PY) -m sandbox.bench --scale 1000,5000 --report bench/scale.json $(BENCH_ARGS)
 

@@ -1,4 +1,8 @@
-"""Talking to the clinic's stack: signed requests, retried on what is worth retrying."""
+"""Talking to the clinic's stack: signed requests, retried on what is worth retrying.
+
+The retry mechanics are the core's (``clinicsync.retrying``, tenacity); the classification is the
+connector's own: a clinic's desktop on a flaky line also retries 408 and 425, and both routes are safe to
+send again (settings is a read; a re-sent batch re-applies records that carry their IDENT version)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 import httpx
 
 from clinicsync.adapters.http.signing import sign_request
+from clinicsync.retrying import Transient, call_with_retries, exponential
 
 RETRYABLE = {408, 425, 429, 500, 502, 503, 504}
 
@@ -45,8 +50,7 @@ class StackClient:
         self._sleep = sleep
 
     def _send(self, method: str, route: str, body: bytes = b"") -> httpx.Response:
-        last: str = ""
-        for attempt in range(self._attempts):
+        def attempt(_: int) -> httpx.Response:
             # Signed afresh on every attempt: a retry minutes later must not fail the freshness check.
             headers = sign_request(self._key, int(self._clock()), method, self._prefix + route, body)
             if body:
@@ -54,15 +58,24 @@ class StackClient:
             try:
                 response = self._http.request(method, self._base + route, content=body, headers=headers)
             except httpx.TransportError as exc:
-                last = type(exc).__name__
-            else:
-                if response.status_code < 300:
-                    return response
-                if response.status_code not in RETRYABLE:
-                    raise StackRefused(response.status_code, response.text[:500])
-                last = f"HTTP {response.status_code}"
-            self._sleep(min(2**attempt, 30))
-        raise StackUnavailable(f"{method} {route} failed after {self._attempts} attempts ({last})")
+                raise Transient(type(exc).__name__) from None
+            if response.status_code < 300:
+                return response
+            if response.status_code in RETRYABLE:
+                raise Transient(f"HTTP {response.status_code}")
+            raise StackRefused(response.status_code, response.text[:500])
+
+        def exhausted(reason: str) -> Exception:
+            return StackUnavailable(f"{method} {route} failed after {self._attempts} attempts ({reason})")
+
+        return call_with_retries(
+            attempt,
+            attempts=self._attempts,
+            wait=exponential(1.0, cap=30.0),
+            sleep=self._sleep,
+            exhausted=exhausted,
+            wait_after_last=True,
+        )
 
     def settings(self) -> dict[str, Any]:
         body = self._send("GET", "/ident/connector/settings").json()

@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sandbox.bench.report import print_report, print_scale
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.crm:
         sizes.crms = tuple(args.crm)
     log = functools.partial(print, file=sys.__stderr__, flush=True)
+    started = _provenance()
     try:
         if args.scale:
             report = run_scale(
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidRun as exc:
         log(f"bench FAILED, no report: {exc}")
         return 2
+    report["provenance"] = started | {"load_end": round(os.getloadavg()[0], 1)}
     path = Path(args.report or ("bench/scale.json" if args.scale else "bench/report.json"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -66,6 +71,22 @@ def main(argv: list[str] | None = None) -> int:
         log(f"bench FAILED: the second run's simulated figures differ:\n  {diffs}")
         return 3
     return 0
+
+
+def _provenance() -> dict[str, object]:
+    """Which code ran, when and on how loaded a machine: the README quotes a run by these."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+        "load_start": round(os.getloadavg()[0], 1),
+    }
 
 
 def _appointment_counts(text: str) -> list[int]:

@@ -30,8 +30,9 @@ Emulator assumptions where Bitrix is undocumented or only observed (also listed 
 * ``crm.deal.update`` silently ignores CATEGORY_ID (immutable). A STAGE_ID that is not a stage of the
   deal's category is rejected with a 400 (the emulator is strict here so sync bugs surface).
 * ``crm.deal.contact.add/items.set/...`` fire ONCRMDEALUPDATE and bump DATE_MODIFY.
-* A batch sub-command that references an unknown ``$result[...]`` keeps the literal text (so an ``id``
-  parameter then fails with "ID is not defined or invalid.").
+* ``$result[...]`` references resolve as the portal's rest module does (``CRestUtil::processBatchElement``):
+  the path stops at its first missing key and keeps the deepest value reached; a parameter that is exactly
+  a reference takes that value whole (a list too), a reference inside text only a string or number.
 * Faults match the top-level REST method or, for ``batch``, any sub-command's method; a matching fault
   replaces the whole HTTP response.
 * ``limits.operating_html`` (off by default): a ``batch`` with a sub-command whose method is over its
@@ -2509,7 +2510,11 @@ def _match_plain(item: Mapping[str, Any], filt: Any) -> bool:
 
 
 def _substitute(value: Any, sections: Mapping[str, Mapping[Any, Any]]) -> Any:
-    """Replace ``$result[key][FIELD]…`` references in batch sub-command parameters."""
+    """Replace ``$result[key][FIELD]…`` references in batch sub-command parameters, as the portal does
+    (``CRestUtil::processBatchElement`` in the rest module): the path is walked while each key is set and
+    stops at the first missing one, keeping the deepest value reached. A parameter that is exactly one
+    reference becomes that value, whatever it is (a list of ids included); a reference inside longer text
+    is replaced only by a string or number, and otherwise stays as written."""
     if isinstance(value, dict):
         return {k: _substitute(v, sections) for k, v in value.items()}
     if isinstance(value, list):
@@ -2518,36 +2523,32 @@ def _substitute(value: Any, sections: Mapping[str, Mapping[Any, Any]]) -> Any:
         return value
     whole = _REF_RE.fullmatch(value)
     if whole is not None:
-        found, resolved = _resolve_ref(whole, sections)
-        return copy.deepcopy(resolved) if found else value
+        return copy.deepcopy(_resolve_ref(whole, sections))
 
     def replace(match: re.Match[str]) -> str:
-        found, resolved = _resolve_ref(match, sections)
-        return php_str(resolved) if found else match.group(0)
+        resolved = _resolve_ref(match, sections)
+        if isinstance(resolved, bool) or not isinstance(resolved, str | int | float):
+            return match.group(0)
+        return php_str(resolved)
 
     return _REF_RE.sub(replace, value)
 
 
-def _resolve_ref(match: re.Match[str], sections: Mapping[str, Mapping[Any, Any]]) -> tuple[bool, Any]:
-    section = sections.get(match.group(1), {})
-    key = match.group(2)
-    current: Any = None
-    for candidate, stored in section.items():
-        if str(candidate) == key:
-            current = stored
-            break
-    else:
-        return False, None
-    for segment in _PHP_SEG_RE.findall(match.group(3)):
-        if isinstance(current, dict) and segment in current:
-            current = current[segment]
+def _resolve_ref(match: re.Match[str], sections: Mapping[str, Mapping[Any, Any]]) -> Any:
+    current: Any = sections.get(match.group(1), {})
+    for segment in [match.group(2), *_PHP_SEG_RE.findall(match.group(3))]:
+        if isinstance(current, dict):
+            stored = next((v for k, v in current.items() if str(k) == segment), None)
         elif (
             isinstance(current, list) and segment.lstrip("-").isdigit() and -len(current) <= int(segment) < len(current)
         ):
-            current = current[int(segment)]
+            stored = current[int(segment)]
         else:
-            return False, None
-    return True, current
+            stored = None
+        if stored is None:  # PHP's isset(): a missing key or a null stops the walk
+            break
+        current = stored
+    return current
 
 
 def _request_params(request: Request) -> JsonDict:

@@ -10,14 +10,15 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from clinicsync.adapters.http.signing import sign_request, verify_request
+from clinicsync.adapters.http.signing import TIMESTAMP_HEADER, sign_request, verify_request
 from clinicsync.adapters.ident.contract import MAX_BATCH_BYTES, ConnectorBatch, parse_ident_datetime
 from clinicsync.domain.models import AppointmentStatus as S
 from clinicsync.domain.models import PatientChanges
 from clinicsync_ident.db import IdentDatabase
-from clinicsync_ident.push import StackUnavailable
+from clinicsync_ident.push import StackClient, StackRefused, StackUnavailable
 from clinicsync_ident.runner import Connector
 from clinicsync_ident.state import ConnectorState, load_state, save_state
 from sandbox.emulators.base import Clock
@@ -279,3 +280,46 @@ def test_the_connector_reads_price_policy_card_and_branch_for_case_b(ident: Iden
     assert stack.visit(booked).price is None  # IDENT prices the visit, not the booking
     branch = ident.rows("SELECT Name, Address FROM Branches WHERE ID = 1")[0]
     assert (visit.branch_name, visit.branch_address) == (branch["Name"], branch["Address"])
+
+
+@pytest.mark.parametrize(
+    ("answers", "sent", "outcome"),
+    [
+        ((503, 429, 200), 3, "ok"),
+        ((408, 425, 200), 3, "ok"),  # a desktop on a flaky line: request timeout and too-early are retried
+        ((400,), 1, "refused"),  # a refusal is never sent again
+        ((500, 500, 500), 3, "unavailable"),
+    ],
+)
+def test_the_stack_client_retries_what_is_worth_retrying_and_signs_each_attempt_afresh(
+    answers: tuple[int, ...], sent: int, outcome: str
+) -> None:
+    now = [1_800_000_000.0]
+    dates: list[str] = []
+    waits: list[float] = []
+    replies = iter(answers)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        dates.append(request.headers[TIMESTAMP_HEADER])
+        return httpx.Response(next(replies), json={"filters": {}})
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    stack = StackClient(
+        "https://stack.example/prod",
+        b"k" * 32,
+        httpx.Client(transport=httpx.MockTransport(handler)),
+        clock=lambda: now[0],
+        attempts=3,
+        sleep=sleep,
+    )
+    if outcome == "ok":
+        assert stack.settings() == {"filters": {}}
+    else:
+        with pytest.raises(StackRefused if outcome == "refused" else StackUnavailable):
+            stack.settings()
+    assert len(dates) == sent
+    assert len(set(dates)) == sent  # each attempt carries its own timestamp
+    assert waits == [1.0, 2.0, 4.0][: sent - 1] + ([4.0] if outcome == "unavailable" else [])

@@ -15,6 +15,16 @@ from clinicsync.adapters.bitrix24.client import (
     Bitrix24Client,
     Bitrix24Error,
 )
+from clinicsync.adapters.bitrix24.phones import (
+    CHAINED,
+    FoundRows,
+    chained_reads,
+    chained_rows,
+    findbycomm_commands,
+    found_ids,
+    readback_commands,
+)
+from clinicsync.adapters.bitrix24.phones import candidates as phone_candidates
 from clinicsync.adapters.bitrix24.writes import Bitrix24Writer, custom_field
 from clinicsync.domain.config import ClinicConfig, Pipeline
 from clinicsync.domain.phones import normalise_phone
@@ -29,7 +39,6 @@ from clinicsync.domain.ports import (
 )
 
 PAGE_SIZE = 50
-FINDBYCOMM_LIMIT = 20  # crm.duplicate.findbycomm takes at most 20 values
 # MIS ids per look-up command: a first import finds nothing, so an invocation's ids cost one command per
 # entity, not one per 50, and its look-up stays one ``batch``; rows found are paged on ``next``. 500
 # values keep a command's parsed variables under PHP's default max_input_vars (1000).
@@ -137,17 +146,20 @@ class Bitrix24Gateway:
             commands[f"c{n}"] = ("crm.contact.list", self._origin_filter(ids, ["ID", "ORIGIN_ID"]))
         for n, ids in enumerate(_chunks(list(dict.fromkeys(appointment_ids)), ORIGIN_IDS_PER_COMMAND)):
             commands[f"d{n}"] = ("crm.deal.list", self._origin_filter(ids, SELECT["deal"]))
-        for n, values in enumerate(_chunks(list(dict.fromkeys(phones)), FINDBYCOMM_LIMIT)):
-            commands[f"p{n}"] = ("crm.duplicate.findbycomm", {"type": "PHONE", "values": list(values)})
         for n, ids in enumerate(_chunks(list(dict.fromkeys(multifield_contacts)), PAGE_SIZE)):
             params = {"filter": {"@ID": list(ids)}, "select": ["ID", "PHONE", "EMAIL"]}
             commands[f"m{n}"] = ("crm.contact.list", params)
-        results = self._run_reads(commands, paged=("c", "d"))
+        finds = findbycomm_commands(phones)
+        # The read-back rides in the look-up's own batch when all of it fits in one (a poll's few new patients).
+        chain = bool(finds) and len(commands) + 4 * len(finds) <= BATCH_LIMIT
+        for key, command in finds.items():
+            commands[key] = command
+            if chain:
+                commands |= chained_reads([key], self._config.matching, SELECT["deal"])
+        results = self._run_reads(commands, paged=("c", "d"), chained=CHAINED)
 
         contacts: dict[str, str] = {}
         deals: dict[str, DealMatch] = {}
-        found_leads: set[str] = set()
-        found_contacts: set[str] = set()
         multifields: dict[str, dict[str, str]] = {}
         for key, value in results.items():
             if key.startswith("c"):
@@ -157,100 +169,50 @@ class Bitrix24Gateway:
             elif key.startswith("d"):
                 for row in _rows(value):
                     deals.setdefault(str(row["ORIGIN_ID"]), _deal_match(row))
-            elif key.startswith("p") and isinstance(value, dict):
-                found_leads |= {str(i) for i in value.get("LEAD", [])}
-                found_contacts |= {str(i) for i in value.get("CONTACT", [])}
             elif key.startswith("m"):
                 for row in _rows(value):
                     multifields[str(row["ID"])] = {
                         kind.lower(): str(row[kind][0]["ID"]) for kind in ("PHONE", "EMAIL") if row.get(kind)
                     }
-        candidates = self._phone_candidates(set(phones), found_leads, found_contacts) if phones else {}
+        candidates = self._phone_candidates(set(phones), results, list(finds), chain) if phones else {}
         return CrmMatches(contacts=contacts, deals=deals, phones=candidates, multifields=multifields)
 
     def _phone_candidates(
-        self, phones: set[str], lead_ids: set[str], contact_ids: set[str]
+        self, phones: set[str], results: Mapping[str, Any], finds: list[str], chained: bool
     ) -> dict[str, PhoneCandidates]:
-        """findbycomm answers ids for all values at once; read them back to learn which phone each has."""
-        if not lead_ids and not contact_ids:
-            return {}
-        matching = self._config.matching
-        commands: dict[str, tuple[str, Mapping[str, Any]]] = {}
-        for n, ids in enumerate(_chunks(sorted(lead_ids, key=int), PAGE_SIZE)):
-            params = {
-                "filter": {"@ID": list(ids), "@STATUS_ID": list(matching.adopt_lead_statuses)},
-                "select": ["ID", "PHONE", "SOURCE_ID"],  # the source a deal adopting the lead keeps
-                "order": {"ID": "ASC"},
-            }
-            commands[f"l{n}"] = ("crm.lead.list", params)
-        for n, ids in enumerate(_chunks(sorted(contact_ids, key=int), PAGE_SIZE)):
-            select = ["ID", "ORIGINATOR_ID", "ORIGIN_ID", "PHONE"]
-            commands[f"k{n}"] = (
-                "crm.contact.list",
-                {"filter": {"@ID": list(ids)}, "select": select, "order": {"ID": "ASC"}},
-            )
-            deal_filter = {"@CONTACT_ID": list(ids), "CLOSED": "N", "@STAGE_ID": list(matching.adopt_deal_stages)}
-            commands[f"q{n}"] = (
-                "crm.deal.list",
-                {"filter": deal_filter, "select": SELECT["deal"], "order": {"ID": "ASC"}},
-            )
-        results = self._run_reads(commands)
-        region = matching.default_region
-        leads: dict[str, list[str]] = {}
-        contacts: dict[str, list[tuple[str, str | None]]] = {}
-        contact_phones: dict[str, set[str]] = {}
-        deals: dict[str, list[tuple[str, str, str]]] = {}
-        sources: dict[str, str] = {}
-        for key, value in sorted(results.items()):
-            for row in _rows(value):
-                numbers = {
-                    num for p in row.get("PHONE") or [] if (num := normalise_phone(str(p.get("VALUE", "")), region))
-                }
-                numbers &= phones
-                if key.startswith("l"):
-                    if row.get("SOURCE_ID"):
-                        sources[str(row["ID"])] = str(row["SOURCE_ID"])
-                    for number in numbers:
-                        leads.setdefault(number, []).append(str(row["ID"]))
-                elif key.startswith("k"):
-                    owner = str(row["ORIGIN_ID"]) if row.get("ORIGINATOR_ID") == self._originator else None
-                    contact_phones[str(row["ID"])] = numbers
-                    for number in numbers:
-                        contacts.setdefault(number, []).append((str(row["ID"]), owner or None))
-        for key, value in sorted(results.items()):
-            if key.startswith("q"):
-                for row in _rows(value):
-                    if row.get("ORIGINATOR_ID") == self._originator and row.get("ORIGIN_ID"):
-                        continue  # already one of ours
-                    for number in contact_phones.get(str(row.get("CONTACT_ID")), set()):
-                        deals.setdefault(number, []).append(
-                            (str(row["ID"]), str(row.get("CATEGORY_ID", "0")), str(row.get("STAGE_ID")))
-                        )
-        return {
-            number: PhoneCandidates(
-                leads=tuple(leads.get(number, [])),
-                contacts=tuple(contacts.get(number, [])),
-                deals=tuple(deals.get(number, [])),
-                lead_sources={lid: sources[lid] for lid in leads.get(number, []) if lid in sources},
-            )
-            for number in set(leads) | set(contacts) | set(deals)
-        }
+        """findbycomm answers ids for all values at once; read them back (unless the chained reads proved
+        themselves) to learn which phone each has."""
+        found = chained_rows(results, finds) if chained else FoundRows()
+        lead_ids, contact_ids = (found.missing_leads, found.missing_contacts) if chained else found_ids(results, finds)
+        if lead_ids or contact_ids:
+            commands = readback_commands(lead_ids, contact_ids, self._config.matching, SELECT["deal"])
+            found.add_readback(self._run_reads(commands))
+        return phone_candidates(phones, found, self._config.matching, self._originator)
 
     def _run_reads(
-        self, commands: Mapping[str, tuple[str, Mapping[str, Any]]], paged: tuple[str, ...] = ()
+        self,
+        commands: Mapping[str, tuple[str, Mapping[str, Any]]],
+        paged: tuple[str, ...] = (),
+        chained: str | None = None,
     ) -> dict[str, Any]:
         """The reads in ``batch`` requests of 50. A list read whose key starts with one of ``paged`` is
-        read to its last page (``start`` = the ``next`` it answered); its rows come back in page order."""
+        read to its last page (``start`` = the ``next`` it answered); its rows come back in page order.
+        A read whose key starts with ``chained`` may fail or be cut by paging: it is then left out."""
         results: dict[str, Any] = {}
         pending = {key: (key, command) for key, command in commands.items()}  # key -> (first page's key, command)
         while pending:
             follow: dict[str, tuple[str, tuple[str, Mapping[str, Any]]]] = {}
             for chunk in _chunks(list(pending), BATCH_LIMIT):
                 result = self._client.batch({k: pending[k][1] for k in chunk})
-                if result.errors:
-                    raise Bitrix24Error("LOOKUP_FAILED", ",".join(sorted(result.errors)), 400)
+                failed = sorted(k for k in result.errors if chained is None or not k.startswith(chained))
+                if failed:
+                    raise Bitrix24Error("LOOKUP_FAILED", ",".join(failed), 400)
                 for key, value in result.result.items():
                     first, (method, params) = pending[key]
+                    if chained is not None and key.startswith(chained):
+                        if key not in result.next and key not in result.errors:
+                            results[key] = value
+                        continue
                     results[first] = [*_rows(results[first]), *_rows(value)] if first != key else value
                     if first.startswith(paged) and key in result.next:
                         start = result.next[key]

@@ -224,10 +224,13 @@ class MemoryStore:
         self._wrote()
         return {pid for pid in dict.fromkeys(patient_ids) if self._take(self._claims, pid, owner, now, seconds)}
 
-    def release_claims(self, patient_ids: Sequence[str]) -> None:
+    def release_claims(self, patient_ids: Sequence[str], settled_intents: Sequence[str] = ()) -> None:
         self._wrote()
         for pid in patient_ids:
             self._claims.pop(pid, None)
+        for key in settled_intents:
+            self._asked.add(("intent", key))
+            self._intents.pop(key, None)
 
     def claim_adoptions(self, claims: Mapping[str, str], now: int, seconds: int) -> set[str]:
         self._wrote()

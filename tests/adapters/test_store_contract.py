@@ -175,6 +175,14 @@ def test_a_syncs_read_answers_what_the_three_reads_answer(store: Store) -> None:
     assert read.opted_out == {s: store.opted_out_many([s], ledger[s])[s] for s in ledger}
 
 
+def test_releasing_claims_also_forgets_the_settled_intents_given(store: Store) -> None:
+    store.write_intents(["P#p1", "A#a1", "A#a2"], 1000)
+    assert store.claim_patients(["p1"], "one", 1000, 300) == {"p1"}
+    store.release_claims(["p1"], ["P#p1", "A#a1"])
+    assert store.load_intents(["P#p1", "A#a1", "A#a2"]) == {"A#a2": 1000}
+    assert store.claim_patients(["p1"], "two", 1000, 300) == {"p1"}
+
+
 def test_a_cursor_round_trips_and_is_a_copy(store: Store) -> None:
     assert store.get_cursor("medods") is None
     cursor: dict[str, Any] = {"appointments": 17, "seen": {"a1": 17}}

@@ -16,6 +16,7 @@ from mypy_boto3_dynamodb.service_resource import Table
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.application.sync import Syncer
 from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.keys import contact_intent, deal_intent
 from clinicsync.domain.models import AppointmentStatus, PatientChanges
 from clinicsync.domain.ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, WriteOutcome
 from tests.helpers import appointment, demo_config, patient
@@ -152,3 +153,21 @@ def test_a_sync_reads_only_the_e_mail_channel_of_an_address(template_tables: Cal
     patients = [pk for pk in asked if pk.startswith("CONSENT#pat:")]
     assert len(address) == 3 and len(set(address)) == 3
     assert len(patients) == 3 * 4
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(patients=st.integers(1, 8))
+def test_new_patients_settled_intents_go_in_the_request_that_releases_their_claims(
+    template_tables: Callable[[], Table], patients: int
+) -> None:
+    """After the CRM accepted the creates: the new states in one batch, then one batch that forgets the
+    settled create intents and releases the claims, not one request each."""
+    store, log = _store_with_log(template_tables)
+    syncer = Syncer(demo_config(), store, InstantCrm(log), KeyedHasher(b"k" * 32))
+    syncer.sync(_message(patients, AppointmentStatus.BOOKED))
+    after_apply = log[len(log) - log[::-1].index(CRM) :]
+    new_items = 4 * patients  # each patient's STATE, visit, contact map and deal map
+    assert after_apply == ["BatchWriteItem"] * (-(-new_items // 25) + 1)  # 25 items a batch, then one
+    intents = [contact_intent(f"p{n}") for n in range(patients)] + [deal_intent(f"a{n}") for n in range(patients)]
+    assert store.load_intents(intents) == {}
+    assert store.claim_patients([f"p{n}" for n in range(patients)], "next", 0, 60) == {f"p{n}" for n in range(patients)}

@@ -100,6 +100,7 @@ class Syncer:
         wanted = list(dict.fromkeys([c.patient.mis_id for c in merged] + [o.patient_id for o in observations]))
         owner = uuid.uuid4().hex
         claimed = self._claim(wanted, owner)
+        settled: list[str] = []  # create intents to forget, in the request that releases the claims
         try:
             busy = {pid: BUSY for pid in wanted if pid not in claimed}
             if busy:
@@ -108,10 +109,11 @@ class Syncer:
                 [c for c in merged if c.patient.mis_id in claimed],
                 [o for o in observations if o.patient_id in claimed],
                 busy,
+                settled,
             )
         finally:
             if claimed:
-                self._store.release_claims(sorted(claimed))
+                self._store.release_claims(sorted(claimed), settled)
         report.patients = len(changes)
         return report
 
@@ -138,7 +140,11 @@ class Syncer:
         )
 
     def _sync(
-        self, changes: Sequence[PatientChanges], observations: Sequence[CrmObservation], busy: dict[str, str]
+        self,
+        changes: Sequence[PatientChanges],
+        observations: Sequence[CrmObservation],
+        busy: dict[str, str],
+        settled: list[str],
     ) -> SyncReport:
         report = SyncReport(patients=len(changes))
         requests_before = self._gateway.requests_made()
@@ -179,7 +185,7 @@ class Syncer:
         self._persist(plans, live, states, outcome, report, observed)
         self._consent.note_crm_consent(plans, outcome, own_opt_outs)
         if intents:
-            self._store.clear_intents(settled_intents(intents, writes, outcome))
+            settled.extend(settled_intents(intents, writes, outcome))
         report.crm_requests = self._gateway.requests_made() - requests_before
         if outcome.failed or busy:
             raise SyncIncomplete({**busy, **outcome.failed})

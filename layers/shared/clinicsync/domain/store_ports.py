@@ -70,7 +70,10 @@ class Claims(Protocol):
         """The patients claimed; the rest are held by another live owner."""
         ...
 
-    def release_claims(self, patient_ids: Sequence[str]) -> None: ...
+    def release_claims(self, patient_ids: Sequence[str], settled_intents: Sequence[str] = ()) -> None:
+        """Release the claims; with them, forget create intents whose records and states are stored
+        (``CreateIntents.clear_intents``) in the same requests."""
+        ...
 
     def claim_adoptions(self, claims: Mapping[str, str], now: int, seconds: int) -> set[str]:
         """Claim CRM records (key -> adopting appointment); returns the keys another appointment holds."""

@@ -38,7 +38,7 @@ Template = dict[str, Any]
 # logical id -> (CodeUri, Timeout)
 FUNCTIONS: dict[str, tuple[str, int]] = {
     "MisPollerFunction": ("functions/mis_poller/", 300),
-    "StageSyncerFunction": ("functions/stage_syncer/", 120),
+    "StageSyncerFunction": ("functions/stage_syncer/", 300),
     "CrmWebhookFunction": ("functions/crm_webhook/", 75),
     "UnsubscribeFunction": ("functions/unsubscribe/", 10),
 }
@@ -432,6 +432,11 @@ def check_sync_queue(t: Template) -> None:
         assert "RedrivePolicy" in source, f"{fn}.{event_name}: source queue without DLQ"
         timeout = int(function_properties(t, fn).get("Timeout", 3))
         assert int(source.get("VisibilityTimeout", 30)) >= 6 * timeout, f"{fn}: visibility < 6x timeout"
+    # a patient's claim outlives a live invocation and expires before a killed one's retry
+    from clinicsync.application.sync import CLAIM_SECONDS
+
+    syncer_timeout = int(function_properties(t, "StageSyncerFunction")["Timeout"])
+    assert syncer_timeout < CLAIM_SECONDS < int(queue["VisibilityTimeout"]), (syncer_timeout, CLAIM_SECONDS)
 
 
 def check_dlqs(t: Template) -> None:
@@ -788,7 +793,7 @@ MUTATIONS: list[tuple[Callable[[Template], None], str, Callable[[Template], None
     (check_sync_queue, "maxReceive 3", _set("Resources.SyncQueue.Properties.RedrivePolicy.maxReceiveCount", 3)),
     (check_sync_queue, "no redrive", _set("Resources.SyncQueue.Properties.RedrivePolicy", _DELETE)),
     (check_sync_queue, "visibility 700", _set("Resources.SyncQueue.Properties.VisibilityTimeout", 700)),
-    (check_sync_queue, "syncer 200 s", _set("Resources.StageSyncerFunction.Properties.Timeout", 200)),
+    (check_sync_queue, "syncer 400 s", _set("Resources.StageSyncerFunction.Properties.Timeout", 400)),
     (check_sync_queue, "no SSE", _set("Resources.SyncQueue.Properties.SqsManagedSseEnabled", False)),
     (check_dlqs, "standard DLQ", _set("Resources.SyncDLQ.Properties.FifoQueue", _DELETE)),
     (check_dlqs, "short retention", _set("Resources.SyncDLQ.Properties.MessageRetentionPeriod", 345600)),
@@ -1079,7 +1084,7 @@ def test_state_resources_create_in_moto(template: Template, local_aws: LocalAws)
     attrs = sqs.get_queue_attributes(QueueUrl=physical["SyncQueue"], AttributeNames=["All"])["Attributes"]
     assert attrs["FifoQueue"] == "true"
     assert physical["SyncQueue"].endswith(".fifo")
-    assert int(attrs["VisibilityTimeout"]) == 720
+    assert int(attrs["VisibilityTimeout"]) == 1800
     redrive = json.loads(attrs["RedrivePolicy"])
     assert int(redrive["maxReceiveCount"]) == 5
     assert redrive["deadLetterTargetArn"].endswith(physical["SyncDLQ"].rsplit("/", 1)[-1])

@@ -15,10 +15,15 @@ from clinicsync.domain.backfill import BackfillCheckpoint, BackfillState
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import patient_subject, shard_of
-from clinicsync.domain.models import PatientChanges, SyncMessage
+from clinicsync.domain.models import PatientChanges, SyncMessage, lean_json
 from clinicsync.domain.ports import ChangePage, MisSource
 from clinicsync.domain.store_ports import PollStore
 from clinicsync.observability import logger
+
+# A message body stays under SQS's 256 KiB (the queue adapter refuses above 240,000 bytes): whatever
+# the patient count, a message is cut before its changes pass this many bytes.
+MESSAGE_BYTES = 230_000
+ENVELOPE_BYTES = 200  # kind, shard, timestamp and the JSON around the changes, besides the clinic id
 
 
 class ChangeQueue(Protocol):
@@ -93,7 +98,7 @@ class Poller:
         cursor = self._source.resync_cursor(window_seconds, self._clock())
         while True:
             page = self._source.fetch_changes(cursor)
-            self._enqueue(page, report)
+            self._enqueue(page, report, bulk=True)
             cursor = page.cursor
             if not page.more or remaining_ms() < self.SAFETY_MS:
                 report.stopped_early = page.more
@@ -121,7 +126,7 @@ class Poller:
                 break
             report = PollReport()
             page = self._source.fetch_changes(state.cursor)
-            self._enqueue(page, report)
+            self._enqueue(page, report, bulk=True)
             state.cursor = dict(page.cursor)
             state.pages += 1
             state.patients += report.patients
@@ -134,10 +139,14 @@ class Poller:
                 break
         return state
 
-    def _enqueue(self, page: ChangePage, report: PollReport) -> None:
+    def _enqueue(self, page: ChangePage, report: PollReport, bulk: bool = False) -> None:
+        """``bulk`` (resync, first import): bigger messages, so the import takes fewer syncer invocations
+        and pays their fixed costs (look-ups, part-filled last batches) fewer times; an incremental
+        poll keeps small messages for latency."""
         report.pages += 1
         report.rejected += page.rejected
-        messages = self._pack(page.changes)
+        size = self._config.bulk_patients_per_message if bulk else self._config.patients_per_message
+        messages = self._pack(page.changes, size)
         # Index phones before anyone syncs: family members in different shards then see each other,
         # so neither adopts a contact found by their shared phone.
         self._store.index_phones(
@@ -157,19 +166,32 @@ class Poller:
         report.patients += len(page.changes)
         report.appointments += sum(len(c.appointments) for c in page.changes)
 
-    def _pack(self, changes: Sequence[PatientChanges]) -> list[SyncMessage]:
+    def _pack(self, changes: Sequence[PatientChanges], size: int) -> list[SyncMessage]:
         by_shard: dict[int, list[PatientChanges]] = {}
         for item in changes:
             by_shard.setdefault(shard_of(item.patient.mis_id, self._config.shards), []).append(item)
         now = datetime.fromtimestamp(self._clock(), UTC)
-        size = self._config.patients_per_message
         return [
-            SyncMessage(
-                clinic_id=self._config.clinic_id,
-                shard=shard,
-                produced_at=now,
-                changes=tuple(group[i : i + size]),
-            )
+            SyncMessage(clinic_id=self._config.clinic_id, shard=shard, produced_at=now, changes=tuple(chunk))
             for shard, group in sorted(by_shard.items())
-            for i in range(0, len(group), size)
+            for chunk in _chunks(group, size, self._config.clinic_id)
         ]
+
+
+def _chunks(group: Sequence[PatientChanges], size: int, clinic_id: str) -> list[list[PatientChanges]]:
+    """In order: at most ``size`` patients and MESSAGE_BYTES of changes per chunk (one patient alone may
+    exceed it: the queue then refuses that message loudly rather than losing it)."""
+    chunks: list[list[PatientChanges]] = []
+    chunk: list[PatientChanges] = []
+    envelope = ENVELOPE_BYTES + len(clinic_id.encode())
+    used = envelope
+    for item in group:
+        weight = len(lean_json(item).encode()) + 1
+        if chunk and (len(chunk) == size or used + weight > MESSAGE_BYTES):
+            chunks.append(chunk)
+            chunk, used = [], envelope
+        chunk.append(item)
+        used += weight
+    if chunk:
+        chunks.append(chunk)
+    return chunks

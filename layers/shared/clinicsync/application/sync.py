@@ -37,9 +37,9 @@ from clinicsync.domain.store_ports import SyncStore
 from clinicsync.observability import logger
 from clinicsync.retrying import exponential, poll
 
-# A claim outlives the syncer's Lambda timeout (120 s), so a live invocation never loses it, and ends
-# before the sync queue's visibility timeout (720 s), so a killed invocation's retry finds it expired.
-CLAIM_SECONDS = 300
+# A claim outlives the syncer's Lambda timeout (300 s), so a live invocation never loses it, and ends
+# before the sync queue's visibility timeout (1800 s), so a killed invocation's retry finds it expired.
+CLAIM_SECONDS = 600
 CLAIM_WAIT_SECONDS = 3.0  # how long to wait for another invocation to finish a patient before deferring it
 # An adoption claim outlives its message, a redrive from the DLQ (14 days) included; by the time it
 # expires, the CRM itself shows the lead converted or the deal ours, or nobody wrote it and it is free.

@@ -249,7 +249,13 @@ class ClinicConfig(Section):
         default=None, description="Lab directory sync (LIS doctors and organisations with vTiger); null = off"
     )
     shards: int = Field(default=4, ge=1, le=256, description="FIFO message groups; a patient stays in one")
-    patients_per_message: int = Field(default=50, ge=1, le=200)
+    patients_per_message: int = Field(default=50, ge=1, le=200, description="Incremental polls: patients per message")
+    bulk_patients_per_message: int = Field(
+        default=200,
+        ge=1,
+        le=200,
+        description="Resync and first import: patients per message, so an invocation (10 messages) fills CRM batches",
+    )
 
     @field_validator("timezone")
     @classmethod

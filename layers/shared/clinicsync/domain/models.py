@@ -24,6 +24,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
 
 
+def lean_json(model: BaseModel) -> str:
+    """A queue message's body: None fields left out, the reader's defaults give them back (no field of a
+    message defaults to anything but None where None is allowed): a MIS patient's change set is 2-3x smaller."""
+    return model.model_dump_json(exclude_none=True)
+
+
 class AppointmentStatus(StrEnum):
     """The canonical appointment lifecycle; every MIS vocabulary maps onto it via the clinic config."""
 

@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from clinicsync.domain.models import ConsentJob, CrmEvent, SyncMessage
+from clinicsync.domain.models import ConsentJob, CrmEvent, SyncMessage, lean_json
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs.client import SQSClient
@@ -43,7 +43,7 @@ class SqsChangeQueue:
         """Send all messages or raise; the caller advances its cursor only after this returns."""
         entries: list[dict[str, Any]] = []
         for index, message in enumerate(messages):
-            body = message.model_dump_json()
+            body = lean_json(message)
             if len(body.encode()) > MAX_BODY_BYTES:
                 raise ValueError("sync message too large; lower patients_per_message")
             entries.append(

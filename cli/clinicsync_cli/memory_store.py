@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from clinicsync.domain.audience import MemberBook, is_subscriber_hash
 from clinicsync.domain.ports import Cursor
 from clinicsync.domain.state import AppointmentState, PatientState
-from clinicsync.domain.store_ports import ConsentSource, Store
+from clinicsync.domain.store_ports import ConsentSource, Store, SyncReads
 
 _SEEN = "-"  # the CRM opt-in field as seen, with no channel
 
@@ -102,6 +102,17 @@ class MemoryStore:
             states[pid] = state
         return states
 
+    def read_for_sync(
+        self,
+        wanted: Mapping[str, Sequence[str]],
+        intent_keys: Sequence[str],
+        ledger: Mapping[str, Sequence[str]],
+    ) -> SyncReads:
+        opted_out: dict[str, set[str]] = {}
+        for subject, channels in ledger.items():
+            opted_out |= self.opted_out_many([subject], channels)
+        return SyncReads(self.load_patients(wanted), self.load_intents(intent_keys), opted_out)
+
     def save_patients(
         self, saves: Sequence[tuple[PatientState, Sequence[str]]], loaded: Mapping[str, PatientState]
     ) -> None:
@@ -119,12 +130,13 @@ class MemoryStore:
             self._put_patient_item(state, item, only_if_not_older=True)
         for state, item in fresh:
             self._put_patient_item(state, item, only_if_not_older=False)
-        for state, changed in saves:  # reverse maps: always written
+        for state, changed in saves:  # reverse maps: written when the id is new to the loaded state
+            before = loaded.get(state.patient_id, PatientState(patient_id=state.patient_id))
             for aid in dict.fromkeys(changed):
                 deal_id = state.appointments[aid].deal_id
-                if deal_id and aid not in state.continued:
+                if deal_id and aid not in state.continued and before.appointment(aid).deal_id != deal_id:
                     self._maps[("deal", deal_id)] = {"patient_id": state.patient_id, "appointment_id": aid}
-            if state.contact_id:
+            if state.contact_id and state.contact_id != before.contact_id:
                 self._maps[("contact", state.contact_id)] = {"patient_id": state.patient_id}
 
     def _put_patient_item(self, state: PatientState, aid: str | None, only_if_not_older: bool) -> None:
@@ -212,10 +224,13 @@ class MemoryStore:
         self._wrote()
         return {pid for pid in dict.fromkeys(patient_ids) if self._take(self._claims, pid, owner, now, seconds)}
 
-    def release_claims(self, patient_ids: Sequence[str]) -> None:
+    def release_claims(self, patient_ids: Sequence[str], settled_intents: Sequence[str] = ()) -> None:
         self._wrote()
         for pid in patient_ids:
             self._claims.pop(pid, None)
+        for key in settled_intents:
+            self._asked.add(("intent", key))
+            self._intents.pop(key, None)
 
     def claim_adoptions(self, claims: Mapping[str, str], now: int, seconds: int) -> set[str]:
         self._wrote()

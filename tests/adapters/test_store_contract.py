@@ -79,6 +79,23 @@ def test_a_patient_state_round_trips_with_its_reverse_maps(store: Store) -> None
     assert store.patient_for_crm("deal", "21") is None
 
 
+def test_a_reverse_map_follows_a_new_crm_id_and_stays_for_an_unchanged_one(store: Store) -> None:
+    _save(store, _state())
+    for _ in range(2):  # the second save holds the same ids as loaded: the maps stay as they are
+        moved = store.load_patients({"p1": ["a1"]})["p1"]
+        moved.version += 1
+        moved.appointments["a1"].version += 1
+        _save(store, moved)
+    assert store.patient_for_crm("contact", "10") == {"patient_id": "p1"}
+    assert store.patient_for_crm("deal", "20") == {"patient_id": "p1", "appointment_id": "a1"}
+    moved = store.load_patients({"p1": ["a1"]})["p1"]
+    moved.version += 1
+    moved.contact_id, moved.appointments["a1"].deal_id = "11", "21"
+    _save(store, moved)
+    assert store.patient_for_crm("contact", "11") == {"patient_id": "p1"}
+    assert store.patient_for_crm("deal", "21") == {"patient_id": "p1", "appointment_id": "a1"}
+
+
 def test_a_loaded_state_is_a_copy(store: Store) -> None:
     _save(store, _state())
     loaded = store.load_patients({"p1": ["a1"]})["p1"]
@@ -138,6 +155,32 @@ def test_create_intents_are_written_read_and_cleared(store: Store) -> None:
     assert store.load_intents(["P#p1", "A#a1", "A#a2"]) == {"P#p1": 1000, "A#a1": 1005}
     store.clear_intents(["P#p1", "A#a2"])
     assert store.load_intents(["P#p1", "A#a1"]) == {"A#a1": 1005}
+
+
+def test_a_syncs_read_answers_what_the_three_reads_answer(store: Store) -> None:
+    """``read_for_sync`` is ``load_patients``, ``load_intents`` and ``opted_out_many`` at once."""
+    _save(store, _state("p1"))
+    store.write_intents(["P#p2", "A#a1"], 1000)
+    store.record_opt_outs("pat:p1", ["email"], "mis", 1000)
+    store.record_opt_outs("email:e1", ["sms"], "mailchimp", 1000)
+    wanted = {"p1": ["a1", "a9"], "p2": []}
+    intents = ["P#p1", "P#p2", "A#a1", "A#a9"]
+    channels = ["email", "sms", "call", "marketing"]
+    ledger = {"pat:p1": channels, "pat:p2": channels, "email:e1": channels, "email:e2": ["email"]}
+    store.record_opt_outs("email:e2", ["sms"], "mailchimp", 1000)  # a channel not asked about
+    read = store.read_for_sync(wanted, intents, ledger)
+    assert read.states == store.load_patients(wanted)
+    assert read.intents == store.load_intents(intents) == {"P#p2": 1000, "A#a1": 1000}
+    assert read.opted_out == {"pat:p1": {"email"}, "pat:p2": set(), "email:e1": {"sms"}, "email:e2": set()}
+    assert read.opted_out == {s: store.opted_out_many([s], ledger[s])[s] for s in ledger}
+
+
+def test_releasing_claims_also_forgets_the_settled_intents_given(store: Store) -> None:
+    store.write_intents(["P#p1", "A#a1", "A#a2"], 1000)
+    assert store.claim_patients(["p1"], "one", 1000, 300) == {"p1"}
+    store.release_claims(["p1"], ["P#p1", "A#a1"])
+    assert store.load_intents(["P#p1", "A#a1", "A#a2"]) == {"A#a2": 1000}
+    assert store.claim_patients(["p1"], "two", 1000, 300) == {"p1"}
 
 
 def test_a_cursor_round_trips_and_is_a_copy(store: Store) -> None:

@@ -30,6 +30,9 @@ from clinicsync.observability import logger
 ALL_CHANNELS = tuple(c.value for c in Channel)
 # What an e-mail unsubscribe (link or Mailchimp) refuses: e-mail, the channel the person clicked in.
 EMAIL_UNSUBSCRIBE = (Channel.EMAIL.value,)
+# The channels an address's own subject (``email:<HMAC>``) can hold: only a Mailchimp unsubscribe of an
+# address nobody had yet is recorded there, so a sync reads no other channel of it.
+ADDRESS_CHANNELS = EMAIL_UNSUBSCRIBE
 
 
 def ledger_digest(opted_out: Sequence[str]) -> str:

@@ -100,6 +100,7 @@ class Syncer:
         wanted = list(dict.fromkeys([c.patient.mis_id for c in merged] + [o.patient_id for o in observations]))
         owner = uuid.uuid4().hex
         claimed = self._claim(wanted, owner)
+        settled: list[str] = []  # create intents to forget, in the request that releases the claims
         try:
             busy = {pid: BUSY for pid in wanted if pid not in claimed}
             if busy:
@@ -108,10 +109,11 @@ class Syncer:
                 [c for c in merged if c.patient.mis_id in claimed],
                 [o for o in observations if o.patient_id in claimed],
                 busy,
+                settled,
             )
         finally:
             if claimed:
-                self._store.release_claims(sorted(claimed))
+                self._store.release_claims(sorted(claimed), settled)
         report.patients = len(changes)
         return report
 
@@ -138,19 +140,25 @@ class Syncer:
         )
 
     def _sync(
-        self, changes: Sequence[PatientChanges], observations: Sequence[CrmObservation], busy: dict[str, str]
+        self,
+        changes: Sequence[PatientChanges],
+        observations: Sequence[CrmObservation],
+        busy: dict[str, str],
+        settled: list[str],
     ) -> SyncReport:
         report = SyncReport(patients=len(changes))
         requests_before = self._gateway.requests_made()
         live = self._drop_archived(list(changes), report)
-        ledger, own_opt_outs = self._consent.ledger(live)
         wanted: dict[str, list[str]] = {c.patient.mis_id: [a.mis_id for a in c.appointments] for c in live}
         for obs in observations:
             wanted.setdefault(obs.patient_id, []).extend([obs.appointment_id] if obs.appointment_id else [])
-        states = self._store.load_patients(wanted)
+        # States, create intents and consent ledger in one batched read, not one request (or more) each.
+        read = self._store.read_for_sync(wanted, self._lookup.intent_keys(live), self._consent.subjects(live))
+        states = read.states
+        ledger, own_opt_outs = self._consent.ledger(live, read.opted_out)
         observed = self._observe(observations, states, report)
 
-        matches = self._lookup.look_up(live, states)
+        matches = self._lookup.look_up(live, states, read.intents)
         plans = self._plan(live, states, matches, ledger)
         links = self._lead_links(observations, states)
         if self._gateway.guards_writes:  # the checks ride in the write request: no read before it
@@ -177,7 +185,7 @@ class Syncer:
         self._persist(plans, live, states, outcome, report, observed)
         self._consent.note_crm_consent(plans, outcome, own_opt_outs)
         if intents:
-            self._store.clear_intents(settled_intents(intents, writes, outcome))
+            settled.extend(settled_intents(intents, writes, outcome))
         report.crm_requests = self._gateway.requests_made() - requests_before
         if outcome.failed or busy:
             raise SyncIncomplete({**busy, **outcome.failed})
@@ -333,7 +341,6 @@ class Syncer:
         observed: dict[str, list[str]],
     ) -> None:
         saves: list[tuple[PatientState, list[str]]] = []
-        first_keys: list[tuple[str, str]] = []
         planned = {plan.patient_id for plan in plans}
         for pid, appointment_ids in observed.items():
             if pid not in planned and pid not in outcome.failed:
@@ -361,16 +368,12 @@ class Syncer:
             phone = item.patient.phone
             new_key = self._hasher.phone_key(phone) if phone else None
             previous_key = states[plan.patient_id].phone_key
-            if new_key and new_key != previous_key:
-                if previous_key:
-                    self._store.index_phone(new_key, plan.patient_id, previous_key)  # the old key goes too
-                else:
-                    first_keys.append((new_key, plan.patient_id))
+            # A first phone was indexed by the poller before it queued the change; a changed one moves here.
+            if new_key and previous_key and new_key != previous_key:
+                self._store.index_phone(new_key, plan.patient_id, previous_key)
             state.phone_key = new_key
             state.email_key = self._hasher.email_key(item.patient.email) if item.patient.email else None
             saves.append((state, plan.changed_appointments + observed.get(plan.patient_id, [])))
-        if first_keys:
-            self._store.index_phones(first_keys)  # a patient's first phone: batched, nothing to remove
         if saves:
             self._store.save_patients(saves, states)
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from clinicsync.application.consent import ConsentLedger, CrmContactReader, ledger_digest
+from clinicsync.application.consent import ADDRESS_CHANNELS, ConsentLedger, CrmContactReader, ledger_digest
 from clinicsync.domain.audience import AudienceMember, AudienceUpserts, audience_member, note_accepted_members
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
@@ -43,20 +43,38 @@ class SyncConsent:
         """Whether a contact update must first take in what a manager changed on it."""
         return self._crm_contacts is not None
 
-    def ledger(self, live: Sequence[PatientChanges]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-        """Record the MIS's refusal flags; return every patient's opt-outs, and the patient's own
-        subject's (without the address's). The ledger is sticky: an opt-out once recorded stays,
-        whatever the MIS says later. An address unsubscribed before we knew whose it was
-        (``email:<HMAC>``) counts for the patient who has it now."""
-        now = int(time.time())
+    def subjects(self, live: Sequence[PatientChanges]) -> dict[str, list[str]]:
+        """The ledger items ``ledger`` reads for ``live``, subject -> channels (the caller may read them
+        ahead, with the rest of what a sync reads): a patient's every channel; an address's only those an
+        address alone can refuse (``ADDRESS_CHANNELS``: a Mailchimp unsubscribe before we knew whose)."""
+        subjects, by_email = self._subjects(live)
+        wanted = {subject: list(ADDRESS_CHANNELS) for subject in by_email.values()}
+        return wanted | {subject: [c.value for c in Channel] for subject in subjects.values()}
+
+    def _subjects(self, live: Sequence[PatientChanges]) -> tuple[dict[str, str], dict[str, str]]:
         subjects = {item.patient.mis_id: patient_subject(item.patient.mis_id) for item in live}
         by_email = {
             item.patient.mis_id: email_subject(self._hasher.email_key(item.patient.email))
             for item in live
             if item.patient.email
         }
-        channels = [c.value for c in Channel]
-        ledger = self._store.opted_out_many([*subjects.values(), *by_email.values()], channels)
+        return subjects, by_email
+
+    def ledger(
+        self, live: Sequence[PatientChanges], read: Mapping[str, set[str]] | None = None
+    ) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+        """Record the MIS's refusal flags; return every patient's opt-outs, and the patient's own
+        subject's (without the address's). The ledger is sticky: an opt-out once recorded stays,
+        whatever the MIS says later. An address unsubscribed before we knew whose it was
+        (``email:<HMAC>``) counts for the patient who has it now. ``read``: the ledger of
+        ``subjects(live)`` as the caller just read it (otherwise it is read here)."""
+        now = int(time.time())
+        subjects, by_email = self._subjects(live)
+        if read is None:
+            read = {}
+            for subject, channels in self.subjects(live).items():
+                read |= self._store.opted_out_many([subject], channels)
+        ledger = {subject: set(read.get(subject, ())) for subject in [*subjects.values(), *by_email.values()]}
         refusals: dict[str, list[str]] = {}
         emails: dict[str, tuple[str, ...]] = {}
         for item in live:

@@ -4,7 +4,7 @@ adoption), the create intents that make a lost create findable, and who may adop
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import contact_intent, deal_intent
@@ -28,7 +28,17 @@ class SyncLookup:
         self._gateway = gateway
         self._hasher = hasher
 
-    def look_up(self, live: Sequence[PatientChanges], states: dict[str, PatientState]) -> CrmMatches:
+    def intent_keys(self, live: Sequence[PatientChanges]) -> list[str]:
+        """Every intent ``look_up`` may read for ``live`` (every patient's and visit's), for a caller that
+        reads them ahead with the patients' states; none if the gateway's look-ups need none."""
+        if not self._gateway.lookups_need_intents:
+            return []
+        patients = [contact_intent(c.patient.mis_id) for c in live]
+        return patients + [deal_intent(a.mis_id) for c in live for a in c.appointments]
+
+    def look_up(
+        self, live: Sequence[PatientChanges], states: dict[str, PatientState], read: Mapping[str, int] | None = None
+    ) -> CrmMatches:
         """One look-up per message. By MIS id before creating (a create whose response was lost must not
         repeat), by phone for patients without a deal yet (adopt open leads and deals, never duplicate),
         and the phone/e-mail entry ids of contacts whose phone or e-mail changed.
@@ -59,7 +69,9 @@ class SyncLookup:
             # state holds another deal for that visit (a re-booking took its old one over, also lost).
             visits = [a.mis_id for c in live for a in c.appointments]
             keys = [contact_intent(p) for p in unknown_patients] + [deal_intent(a) for a in visits]
-            intents = self._store.load_intents(keys) if keys else {}
+            if read is None:
+                read = self._store.load_intents(keys) if keys else {}
+            intents = {k: read[k] for k in keys if k in read}
             since = min(intents.values()) if intents else None
             new, unknown = set(unknown_patients), set(unknown_appointments)
             unknown_appointments = [

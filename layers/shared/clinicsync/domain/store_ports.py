@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from clinicsync.domain.audience import MemberBook
@@ -69,7 +70,10 @@ class Claims(Protocol):
         """The patients claimed; the rest are held by another live owner."""
         ...
 
-    def release_claims(self, patient_ids: Sequence[str]) -> None: ...
+    def release_claims(self, patient_ids: Sequence[str], settled_intents: Sequence[str] = ()) -> None:
+        """Release the claims; with them, forget create intents whose records and states are stored
+        (``CreateIntents.clear_intents``) in the same requests."""
+        ...
 
     def claim_adoptions(self, claims: Mapping[str, str], now: int, seconds: int) -> set[str]:
         """Claim CRM records (key -> adopting appointment); returns the keys another appointment holds."""
@@ -167,6 +171,29 @@ class MemberStore(Protocol):
     def note_mailchimp_member(self, subject: str, member: str, moved_from: str | None = None) -> None: ...
 
 
+@dataclass
+class SyncReads:
+    """What a sync reads before it plans, answered together (``SyncReader``)."""
+
+    states: dict[str, PatientState] = field(default_factory=dict)
+    intents: dict[str, int] = field(default_factory=dict)
+    opted_out: dict[str, set[str]] = field(default_factory=dict)
+
+
+class SyncReader(Protocol):
+    """A sync's reads of three seams in one pass: the table answers them in the same batched requests."""
+
+    def read_for_sync(
+        self,
+        wanted: Mapping[str, Sequence[str]],
+        intent_keys: Sequence[str],
+        ledger: Mapping[str, Sequence[str]],
+    ) -> SyncReads:
+        """``load_patients(wanted)``, ``load_intents(intent_keys)`` and ``opted_out_many`` of each subject's
+        channels (``ledger``: subject -> channels) at once, in as few requests as the store allows."""
+        ...
+
+
 # What each use case takes: the union of the seams it uses, nothing more.
 
 
@@ -179,7 +206,7 @@ class SyncLookupStore(CreateIntents, PhoneIndex, Protocol): ...
 class SyncConsentStore(ConsentRecords, ConsentOutputMarks, MemberStore, Protocol): ...
 
 
-class SyncStore(PatientStates, Claims, SyncLookupStore, SyncConsentStore, Protocol): ...
+class SyncStore(PatientStates, Claims, SyncLookupStore, SyncConsentStore, SyncReader, Protocol): ...
 
 
 class CrmEventStore(CrmIdMaps, PhoneIndex, ConsentRecords, Protocol): ...

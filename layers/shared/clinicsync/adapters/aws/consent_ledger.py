@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -57,6 +57,20 @@ def _already_out(chunk: Mapping[str, Sequence[Any]], exc: ClientError) -> list[s
             failed.append(subject)
         start += len(items)
     return failed
+
+
+def channel_keys(subjects: Sequence[str], channels: Sequence[str]) -> list[dict[str, str]]:
+    """The keys ``opted_out_many`` reads: each subject's channel items."""
+    return [tk.consent_channel(s, c) for s in dict.fromkeys(subjects) for c in channels]
+
+
+def opted_out_from(subjects: Sequence[str], items: Iterable[Mapping[str, Any]]) -> dict[str, set[str]]:
+    """Each subject's opted-out channels from the items read at ``channel_keys``."""
+    found: dict[str, set[str]] = {s: set() for s in subjects}
+    for item in items:
+        if item.get("opted_out"):
+            found[tk.subject_of(str(item["pk"]))].add(tk.channel_of(str(item["sk"])))
+    return found
 
 
 class DynamoConsentRecords(TableRepository):
@@ -192,12 +206,7 @@ class DynamoConsentRecords(TableRepository):
         return sorted(gained - waiting)
 
     def opted_out_many(self, subjects: Sequence[str], channels: Sequence[str]) -> dict[str, set[str]]:
-        wanted = [tk.consent_channel(s, c) for s in dict.fromkeys(subjects) for c in channels]
-        found: dict[str, set[str]] = {s: set() for s in subjects}
-        for item in self._batch_get(wanted):
-            if item.get("opted_out"):
-                found[tk.subject_of(str(item["pk"]))].add(tk.channel_of(str(item["sk"])))
-        return found
+        return opted_out_from(subjects, self._batch_get(channel_keys(subjects, channels)))
 
     def consent_items(self, subject: str) -> list[dict[str, Any]]:
         """Everything the ledger holds for one subject: channels, audit trail, identity, outputs (for

@@ -92,10 +92,13 @@ class DynamoClaims(TableRepository):
                 break
         return claimed
 
-    def release_claims(self, patient_ids: Sequence[str]) -> None:
+    def release_claims(self, patient_ids: Sequence[str], settled_intents: Sequence[str] = ()) -> None:
         """Unconditional deletes in batches: a claim outlives the syncer's timeout, so while its owner
-        runs nobody else can have taken it over."""
+        runs nobody else can have taken it over. Settled create intents go in the same batches (either
+        delete landing alone is harmless: an intent kept costs a look-up, a claim kept expires)."""
         with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+            for key in dict.fromkeys(settled_intents):
+                batch.delete_item(Key=keys.intent(key))
             for pid in dict.fromkeys(patient_ids):
                 batch.delete_item(Key=keys.claim(pid))
 

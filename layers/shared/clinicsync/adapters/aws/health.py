@@ -7,8 +7,9 @@ Items (single table, see docs/storage.md)::
 
     pk="HEALTH"  sk="B#<YYYY-MM-DDTHH:M0>"   counters ADDed atomically (messages, patients, contacts, deals,
                                               crm_requests, crm_throttles, lag_sum, errors, polls, enqueued,
-                                              rejected, unsub_jobs, unsub_latency_sum), expires after 90 days
-    pk="HEALTH"  sk="LAST"                    last_sync_at, last_lag, last_poll_at
+                                              rejected, unsub_jobs, unsub_latency_sum), expires after 90 days;
+                                              last_sync_at, last_lag, last_poll_at SET in the same request
+    pk="HEALTH"  sk="LAST"                    last_* as written before they moved onto the buckets (read only)
 
 Counts and seconds only: nothing here names a patient.
 """
@@ -16,7 +17,7 @@ Counts and seconds only: nothing here names a patient.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -48,6 +49,7 @@ COUNTERS = (
     "unsub_jobs",
     "unsub_latency_sum",
 )
+LAST = ("last_sync_at", "last_lag", "last_poll_at")  # SET on the bucket beside its counters
 
 
 def bucket_key(at: float) -> str:
@@ -96,29 +98,25 @@ class HealthLog:
             logger.warning("health counters not recorded", extra={"error": type(exc).__name__})
 
     def _write(self, counts: Mapping[str, float], last: Mapping[str, float] | None) -> None:
+        """One UpdateItem on the current bucket: the counters ADDed, the ``last_*`` figures SET beside them
+        (a LAST item of their own cost every invocation a second request)."""
         now = self._clock()
         values = {k: v for k, v in counts.items() if v}
-        if values:
-            names = {f"#c{i}": k for i, k in enumerate(values)}
-            adds = ", ".join(f"#c{i} :v{i}" for i in range(len(values)))
-            self._table.update_item(
-                Key={"pk": HEALTH_PK, "sk": bucket_key(now)},
-                UpdateExpression=f"ADD {adds} SET expires_at = :exp",
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues={
-                    **{f":v{i}": _number(v) for i, v in enumerate(values.values())},
-                    ":exp": int(now) + KEEP_SECONDS,
-                },
-            )
-        if last:
-            names = {f"#l{i}": k for i, k in enumerate(last)}
-            sets = ", ".join(f"#l{i} = :l{i}" for i in range(len(last)))
-            self._table.update_item(
-                Key={"pk": HEALTH_PK, "sk": "LAST"},
-                UpdateExpression=f"SET {sets}",
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues={f":l{i}": _number(v) for i, v in enumerate(last.values())},
-            )
+        if not values and not last:
+            return
+        names = {f"#c{i}": k for i, k in enumerate(values)} | {f"#l{i}": k for i, k in enumerate(last or {})}
+        adds = ", ".join(f"#c{i} :v{i}" for i in range(len(values)))
+        sets = ", ".join(["expires_at = :exp", *(f"#l{i} = :l{i}" for i in range(len(last or {})))])
+        self._table.update_item(
+            Key={"pk": HEALTH_PK, "sk": bucket_key(now)},
+            UpdateExpression=(f"ADD {adds} " if adds else "") + f"SET {sets}",
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues={
+                **{f":v{i}": _number(v) for i, v in enumerate(values.values())},
+                **{f":l{i}": _number(v) for i, v in enumerate((last or {}).values())},
+                ":exp": int(now) + KEEP_SECONDS,
+            },
+        )
 
     def record_sync(
         self, *, patients: int, contacts: int, deals: int, crm_requests: int, crm_throttles: int, lag_seconds: float
@@ -152,27 +150,48 @@ class HealthLog:
             self._add({"unsub_jobs": len(latencies), "unsub_latency_sum": sum(max(0.0, x) for x in latencies)})
 
     def summary(self, since: datetime) -> HealthSummary:
-        kwargs: dict[str, Any] = {
-            "KeyConditionExpression": Key("pk").eq(HEALTH_PK) & Key("sk").between(bucket_key(since.timestamp()), "B#~")
-        }
+        """The buckets since ``since``; the ``last_*`` figures from the newest bucket holding each, looked
+        for before ``since`` too (newest first) and, for a table written before they moved onto the
+        buckets, in the old LAST item."""
         buckets: list[Bucket] = []
+        last: dict[str, float] = {}
+        for item in self._buckets(Key("sk").between(bucket_key(since.timestamp()), "B#~"), forward=True):
+            counts = {k: float(v) for k, v in item.items() if k in COUNTERS and isinstance(v, Decimal | int)}
+            buckets.append(Bucket(bucket_time(str(item["sk"])), counts))
+            _take_last(last, item, newer=True)
+        if any(name not in last for name in LAST):
+            for item in self._buckets(Key("sk").between("B#", bucket_key(since.timestamp())), forward=False):
+                _take_last(last, item, newer=False)
+                if all(name in last for name in LAST):
+                    break
+        if any(name not in last for name in LAST):
+            _take_last(last, self._table.get_item(Key={"pk": HEALTH_PK, "sk": "LAST"}).get("Item") or {}, newer=False)
+        return HealthSummary(
+            sorted(buckets, key=lambda b: b.start),
+            last.get("last_sync_at"),
+            last.get("last_lag"),
+            last.get("last_poll_at"),
+        )
+
+    def _buckets(self, condition: Any, forward: bool) -> Iterator[dict[str, Any]]:
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": Key("pk").eq(HEALTH_PK) & condition,
+            "ScanIndexForward": forward,
+        }
         while True:
             page = self._table.query(**kwargs)
-            for item in page.get("Items", []):
-                counts = {k: float(v) for k, v in item.items() if k in COUNTERS and isinstance(v, Decimal | int)}
-                buckets.append(Bucket(bucket_time(str(item["sk"])), counts))
+            yield from page.get("Items", [])
             if "LastEvaluatedKey" not in page:
-                break
+                return
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-        last = self._table.get_item(Key={"pk": HEALTH_PK, "sk": "LAST"}).get("Item") or {}
 
-        def opt(name: str) -> float | None:
-            value = last.get(name)
-            return float(value) if isinstance(value, Decimal | int) else None
 
-        return HealthSummary(
-            sorted(buckets, key=lambda b: b.start), opt("last_sync_at"), opt("last_lag"), opt("last_poll_at")
-        )
+def _take_last(last: dict[str, float], item: Mapping[str, Any], newer: bool) -> None:
+    """Note ``item``'s ``last_*`` figures: over what is noted if ``item`` is newer, else only where none is."""
+    for name in LAST:
+        value = item.get(name)
+        if isinstance(value, Decimal | int) and (newer or name not in last):
+            last[name] = float(value)
 
 
 def hours_ago(hours: float, now: datetime | None = None) -> datetime:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -54,7 +54,7 @@ def _apply_item(state: PatientState, item: Mapping[str, Any]) -> None:
         )
 
 
-def _items_for(state: PatientState, changed_appointments: Sequence[str]) -> list[dict[str, Any]]:
+def _items_for(state: PatientState, changed_appointments: Sequence[str], before: PatientState) -> list[dict[str, Any]]:
     pk = keys.patient_pk(state.patient_id)
     items: list[dict[str, Any]] = [
         {
@@ -95,11 +95,35 @@ def _items_for(state: PatientState, changed_appointments: Sequence[str]) -> list
                 "lead_source": appt.lead_source,
             }
         )
-        if appt.deal_id and aid not in state.continued:  # the deal's map now names its new appointment
+        # The deal's map now names its new appointment (not again for a deal the loaded state held there).
+        if appt.deal_id and aid not in state.continued and before.appointment(aid).deal_id != appt.deal_id:
             items.append({**keys.crm_map("deal", appt.deal_id), "patient_id": state.patient_id, "appointment_id": aid})
-    if state.contact_id:
+    if state.contact_id and state.contact_id != before.contact_id:
         items.append({**keys.crm_map("contact", state.contact_id), "patient_id": state.patient_id})
     return [{k: v for k, v in item.items() if v is not None} for item in items]
+
+
+def state_keys(wanted: Mapping[str, Sequence[str]]) -> list[dict[str, str]]:
+    """The keys ``load_patients`` reads: each patient's STATE and the named appointments."""
+    wanted_keys = []
+    for pid, appointment_ids in wanted.items():
+        wanted_keys.append({"pk": keys.patient_pk(pid), "sk": keys.STATE})
+        wanted_keys.extend(
+            {"pk": keys.patient_pk(pid), "sk": keys.appointment_sk(aid)} for aid in dict.fromkeys(appointment_ids)
+        )
+    return wanted_keys
+
+
+def states_from(wanted: Mapping[str, Sequence[str]], items: Iterable[Mapping[str, Any]]) -> dict[str, PatientState]:
+    """The states of ``wanted`` from the items read at ``state_keys(wanted)``."""
+    states = {pid: PatientState(patient_id=pid) for pid in wanted}
+    for item in items:
+        _apply_item(states[keys.patient_of(str(item["pk"]))], item)
+    return states
+
+
+def intents_from(items: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    return {keys.intent_of(str(i["pk"])): int(i["at"]) for i in items}
 
 
 class DynamoPatientStates(TableRepository):
@@ -108,16 +132,7 @@ class DynamoPatientStates(TableRepository):
 
         ``wanted`` maps a patient id to the appointment ids the caller is about to touch.
         """
-        wanted_keys = []
-        for pid, appointment_ids in wanted.items():
-            wanted_keys.append({"pk": keys.patient_pk(pid), "sk": keys.STATE})
-            wanted_keys.extend(
-                {"pk": keys.patient_pk(pid), "sk": keys.appointment_sk(aid)} for aid in dict.fromkeys(appointment_ids)
-            )
-        states = {pid: PatientState(patient_id=pid) for pid in wanted}
-        for item in self._batch_get(wanted_keys):
-            _apply_item(states[keys.patient_of(str(item["pk"]))], item)
-        return states
+        return states_from(wanted, self._batch_get(state_keys(wanted)))
 
     def _load_patient(self, patient_id: str) -> PatientState:
         state = PatientState(patient_id=patient_id)
@@ -132,33 +147,42 @@ class DynamoPatientStates(TableRepository):
 
         Items that already existed when ``loaded`` was read are replaced with a condition on their
         version (never older over newer), up to 100 per TransactWriteItems request rather than one
-        request each. New items and reverse maps go in BatchWriteItem calls: nobody else can be
-        creating them, since a patient's shard is a FIFO group served by one invocation at a time.
+        request each. New items go in BatchWriteItem calls: nobody else can be creating them, since a
+        patient's shard is a FIFO group served by one invocation at a time. A reverse map is written
+        only when its CRM id is new to the loaded state (an id a state holds was mapped before it was
+        stored); with the versioned items, ahead of them in their transaction, else ahead of the new items.
         """
         fresh: list[dict[str, Any]] = []
+        maps: dict[tuple[str, str], dict[str, Any]] = {}
         versioned: dict[tuple[str, str], dict[str, Any]] = {}
         for state, changed in saves:
             before = loaded.get(state.patient_id, PatientState(patient_id=state.patient_id))
-            for item in _items_for(state, changed):
+            for item in _items_for(state, changed, before):
                 sk = str(item["sk"])
                 aid = keys.appointment_of(sk)
                 existed = (sk == keys.STATE and before.version >= 0) or (
                     aid is not None and before.appointment(aid).version >= 0
                 )
-                if existed and "version" in item:
+                if "version" not in item:
+                    maps[(str(item["pk"]), sk)] = item
+                elif existed:
                     versioned[(str(item["pk"]), sk)] = item
                 else:
                     fresh.append(item)
-        items = list(versioned.values())
-        for start in range(0, len(items), TRANSACT_LIMIT):
-            self._put_if_not_older(items[start : start + TRANSACT_LIMIT])
-        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
-            for item in fresh:
-                batch.put_item(Item=item)
+        if versioned:
+            items = [*maps.values(), *versioned.values()]
+            for start in range(0, len(items), TRANSACT_LIMIT):
+                self._put_if_not_older(items[start : start + TRANSACT_LIMIT])
+        else:
+            fresh = [*maps.values(), *fresh]
+        if fresh:
+            with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+                for item in fresh:
+                    batch.put_item(Item=item)
 
     def _put_if_not_older(self, items: list[dict[str, Any]]) -> None:
-        """Conditional puts in one transaction; an item whose stored version is newer is dropped on
-        purpose (the transaction is cancelled for it and sent again without it)."""
+        """Conditional puts (reverse maps: plain puts) in one transaction; an item whose stored version
+        is newer is dropped on purpose (the transaction is cancelled for it and sent again without it)."""
         while items:
             transact = [
                 {
@@ -169,6 +193,8 @@ class DynamoPatientStates(TableRepository):
                         "ExpressionAttributeValues": {":v": item["version"]},
                     }
                 }
+                if "version" in item
+                else {"Put": {"TableName": self._table.name, "Item": item}}  # a reverse map: unconditional
                 for item in items
             ]
             try:
@@ -213,8 +239,7 @@ class DynamoCreateIntents(TableRepository):
                 batch.put_item(Item={**keys.intent(key), "at": at, "expires_at": at + INTENT_SECONDS})
 
     def load_intents(self, intent_keys: Sequence[str]) -> dict[str, int]:
-        found = self._batch_get([keys.intent(k) for k in dict.fromkeys(intent_keys)])
-        return {keys.intent_of(str(i["pk"])): int(i["at"]) for i in found}
+        return intents_from(self._batch_get([keys.intent(k) for k in dict.fromkeys(intent_keys)]))
 
     def clear_intents(self, intent_keys: Sequence[str]) -> None:
         with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:

@@ -1,0 +1,173 @@
+"""What a sync costs in DynamoDB requests: the real syncer on moto with a CRM that answers at once, every
+store request counted by operation. The CPU per event is mostly the AWS SDK's, per request and per item."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mypy_boto3_dynamodb.service_resource import Table
+
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.application.sync import Syncer
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.keys import contact_intent, deal_intent
+from clinicsync.domain.models import AppointmentStatus, PatientChanges
+from clinicsync.domain.ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, WriteOutcome
+from tests.helpers import appointment, demo_config, patient
+
+CRM = "crm"  # the marker a CRM call leaves in the request log
+
+
+@dataclass
+class InstantCrm:
+    """A CRM that finds nothing and accepts every write; it notes its calls in the store's request log."""
+
+    log: list[str]
+    kind: str = "fake"
+    lookups_need_intents: bool = True
+    guards_writes: bool = True
+    ids: Iterator[int] = field(default_factory=lambda: itertools.count(100))
+
+    def find(self, *args: Any, **kwargs: Any) -> CrmMatches:
+        self.log.append(CRM)
+        return CrmMatches()
+
+    def apply(self, writes: Sequence[CrmWrite]) -> WriteOutcome:
+        self.log.append(CRM)
+        outcome = WriteOutcome()
+        for w in writes:
+            if isinstance(w, ContactWrite):
+                outcome.contact_ids[w.patient_id] = w.contact_id or f"C{next(self.ids)}"
+            elif isinstance(w, DealWrite):
+                outcome.deal_ids[w.appointment_id] = w.deal_id or f"D{next(self.ids)}"
+        return outcome
+
+    def requests_made(self) -> int:
+        return 0
+
+
+def _store_with_log(template_tables: Callable[[], Table]) -> tuple[DynamoStore, list[str]]:
+    store = DynamoStore(template_tables())
+    log: list[str] = []
+    store._table.meta.client.meta.events.register("before-call.dynamodb", lambda model, **_: log.append(model.name))
+    return store, log
+
+
+def _message(patients: int, status: AppointmentStatus, version: int = 1) -> list[PatientChanges]:
+    return [
+        PatientChanges(
+            patient=patient(f"p{n}", email=f"p{n}@example.org"),
+            appointments=(appointment(f"a{n}", f"p{n}", status=status, version=version),),
+        )
+        for n in range(patients)
+    ]
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(patients=st.integers(1, 8), known=st.booleans())
+def test_a_sync_reads_states_intents_and_ledger_in_one_request(
+    template_tables: Callable[[], Table], patients: int, known: bool
+) -> None:
+    """Before it plans, a message's states, create intents and consent ledger (patient and address
+    subjects, every channel) are read together: one BatchGetItem while they fit in 100 keys."""
+    store, log = _store_with_log(template_tables)
+    syncer = Syncer(demo_config(), store, InstantCrm(log), KeyedHasher(b"k" * 32))
+    if known:
+        syncer.sync(_message(patients, AppointmentStatus.BOOKED))
+    log.clear()
+    syncer.sync(_message(patients, AppointmentStatus.CONFIRMED, version=2))
+    before_crm = log[: log.index(CRM)] if CRM in log else log
+    assert before_crm.count("BatchGetItem") == 1
+    assert "GetItem" not in log and "Query" not in before_crm
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(patients=st.integers(1, 8))
+def test_a_known_patients_status_change_costs_one_request_each_to_claim_read_save_and_release(
+    template_tables: Callable[[], Table], patients: int
+) -> None:
+    """The steady day's common message: known patients whose visit moved. Their reverse maps name the same
+    CRM ids as before, so nothing but the state and the visit is written, in one transaction."""
+    store, log = _store_with_log(template_tables)
+    syncer = Syncer(demo_config(), store, InstantCrm(log), KeyedHasher(b"k" * 32))
+    syncer.sync(_message(patients, AppointmentStatus.BOOKED))
+    log.clear()
+    syncer.sync(_message(patients, AppointmentStatus.CONFIRMED, version=2))
+    aws = [call for call in log if call != CRM]
+    assert aws == ["TransactWriteItems", "BatchGetItem", "TransactWriteItems", "BatchWriteItem"]
+    states = store.load_patients({f"p{n}": [f"a{n}"] for n in range(patients)})
+    for n in range(patients):
+        deal_id = str(states[f"p{n}"].appointments[f"a{n}"].deal_id)
+        assert store.patient_for_crm("deal", deal_id) == {"patient_id": f"p{n}", "appointment_id": f"a{n}"}
+
+
+def test_a_new_patients_phone_is_indexed_once_by_the_poller_not_again_by_the_syncer(
+    template_tables: Callable[[], Table],
+) -> None:
+    """The poller indexes every page's phones before it queues them (family members in other shards see
+    each other); the syncer writes the index only when a known patient's phone changed."""
+    store = DynamoStore(template_tables())
+    phone_writes: list[str] = []
+
+    def note(model: Any, params: dict[str, Any], **_: Any) -> None:
+        if model.name in ("BatchWriteItem", "PutItem", "DeleteItem", "TransactWriteItems") and "PHONE#" in str(params):
+            phone_writes.append(model.name)
+
+    store._table.meta.client.meta.events.register("before-call.dynamodb", note)
+    hasher = KeyedHasher(b"k" * 32)
+    syncer = Syncer(demo_config(), store, InstantCrm([]), hasher)
+    message = _message(3, AppointmentStatus.BOOKED)
+    store.index_phones([(hasher.phone_key(str(c.patient.phone)), c.patient.mis_id) for c in message])  # the poller
+    syncer.sync(message)
+    assert phone_writes == ["BatchWriteItem"]  # the poller's
+    moved = [
+        c.model_copy(update={"patient": c.patient.model_copy(update={"phone": "+79160000001", "version": 2})})
+        for c in message[:1]
+    ]
+    syncer.sync(moved)
+    assert phone_writes == ["BatchWriteItem", "DeleteItem", "PutItem"]  # the old key goes, the new one comes
+    assert store.patients_by_phone(hasher.phone_key("+79160000001")) == ["p0"]
+    assert store.patients_by_phone(hasher.phone_key(str(message[0].patient.phone))) == ["p1", "p2"]
+
+
+def test_a_sync_reads_only_the_e_mail_channel_of_an_address(template_tables: Callable[[], Table]) -> None:
+    """An address's own ledger subject holds only what a Mailchimp unsubscribe records (its e-mail
+    channel), so that is all a sync reads of it; the patient's subject is read whole."""
+    store = DynamoStore(template_tables())
+    asked: list[str] = []
+
+    def note(model: Any, params: dict[str, Any], **_: Any) -> None:
+        if model.name == "BatchGetItem":  # the request as sent: each key's partition named once
+            asked.extend(re.findall(r"CONSENT#(?:pat|email):[^\"]+", params["body"].decode()))
+
+    store._table.meta.client.meta.events.register("before-call.dynamodb", note)
+    syncer = Syncer(demo_config(), store, InstantCrm([]), KeyedHasher(b"k" * 32))
+    syncer.sync(_message(3, AppointmentStatus.BOOKED))
+    address = [pk for pk in asked if pk.startswith("CONSENT#email:")]
+    patients = [pk for pk in asked if pk.startswith("CONSENT#pat:")]
+    assert len(address) == 3 and len(set(address)) == 3
+    assert len(patients) == 3 * 4
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(patients=st.integers(1, 8))
+def test_new_patients_settled_intents_go_in_the_request_that_releases_their_claims(
+    template_tables: Callable[[], Table], patients: int
+) -> None:
+    """After the CRM accepted the creates: the new states in one batch, then one batch that forgets the
+    settled create intents and releases the claims, not one request each."""
+    store, log = _store_with_log(template_tables)
+    syncer = Syncer(demo_config(), store, InstantCrm(log), KeyedHasher(b"k" * 32))
+    syncer.sync(_message(patients, AppointmentStatus.BOOKED))
+    after_apply = log[len(log) - log[::-1].index(CRM) :]
+    new_items = 4 * patients  # each patient's STATE, visit, contact map and deal map
+    assert after_apply == ["BatchWriteItem"] * (-(-new_items // 25) + 1)  # 25 items a batch, then one
+    intents = [contact_intent(f"p{n}") for n in range(patients)] + [deal_intent(f"a{n}") for n in range(patients)]
+    assert store.load_intents(intents) == {}
+    assert store.claim_patients([f"p{n}" for n in range(patients)], "next", 0, 60) == {f"p{n}" for n in range(patients)}

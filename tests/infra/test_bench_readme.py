@@ -97,3 +97,14 @@ def test_the_backfill_is_judged_against_the_fastest_peer_of_its_own_crm() -> Non
     assert readme._fastest_peer(report, crm).met is True
     peers[-1]["sim_seconds_at_rate_limit"] = ours["sim_seconds_at_rate_limit"] - 1
     assert readme._fastest_peer(report, crm).met is False
+
+
+def test_a_cpu_figure_the_run_could_not_measure_is_never_met() -> None:
+    report = copy.deepcopy(_recorded())
+    for crm in report["ours"]:
+        report["ours"][crm]["cpu_ms_per_event"] |= {"backfill": None, "steady_day": 1.5}
+    row = _row(readme.render(report, None), "CPU ≤ 2 ms per event")
+    assert "— (backfill)" in row and row.endswith("| not measured |")
+    for crm in report["ours"]:
+        report["ours"][crm]["cpu_ms_per_event"]["steady_day"] = 2.5
+    assert _row(readme.render(report, None), "CPU ≤ 2 ms per event").endswith("| **short** |")

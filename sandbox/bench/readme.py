@@ -304,7 +304,7 @@ def scale_table(scale: Report) -> list[str]:
                     f"{f['sim_seconds_at_rate_limit']:g} s ({_ratio(f['time_ratio_to_floor'])})",
                     f"{f['refused_503_429']:g}",
                     f"{point['syncer_peak_mib']:g} MiB",
-                    f"{point['cpu_ms_per_event']:g} ms",
+                    "—" if point["cpu_ms_per_event"] is None else f"{point['cpu_ms_per_event']:g} ms",
                     f"{point['backfill_wall_seconds']:g} s",
                 )
             )

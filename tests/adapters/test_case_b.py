@@ -147,7 +147,7 @@ def test_the_lead_look_up_reads_the_source_in_the_request_adoption_already_makes
     assert matches.phones["+79165550001"].lead_sources == {str(lead): "WEB"}
     assert matches.phones["+79165550002"].lead_sources == {}
     assert matches.phones["+79165550002"].leads == (str(unsourced),)
-    assert gateway.requests_made() == 1  # the read-back (with the source) rides in the look-up's batch: no extra request
+    assert gateway.requests_made() == 1  # the read-back, with the source, rides in the look-up's batch
 
     fields = {"title": "Приём", "lead_source": "WEB"}
     deal = DealWrite("a1", "p1", None, "0", "PREPARATION", fields, None, str(lead), lead_source="WEB")

@@ -128,18 +128,17 @@ class SqsRetryTimer:
         self._sqs = sqs
         self._url = queue_url
 
-    def come_back_after(self, delays: Sequence[tuple[str, int]]) -> int:
-        """``delays``: (receipt handle, seconds) per failed message. Returns how many were not set."""
-        missed = 0
+    def come_back_after(self, delays: Sequence[tuple[str, int]]) -> None:
+        """``delays``: (receipt handle, seconds) per failed message."""
         for start in range(0, len(delays), SQS_BATCH):
             entries: list[ChangeMessageVisibilityBatchRequestEntryTypeDef] = [
                 {"Id": str(n), "ReceiptHandle": handle, "VisibilityTimeout": seconds}
                 for n, (handle, seconds) in enumerate(delays[start : start + SQS_BATCH])
             ]
             try:
-                answer = self._sqs.change_message_visibility_batch(QueueUrl=self._url, Entries=entries)
-                missed += len(answer.get("Failed", []))
+                missed = self._sqs.change_message_visibility_batch(QueueUrl=self._url, Entries=entries).get("Failed")
             except Exception:
                 logger.exception("could not set when failed messages come back")
-                missed += len(entries)
-        return missed
+                continue
+            if missed:
+                logger.warning("failed messages keep the queue's visibility timeout", extra={"messages": len(missed)})

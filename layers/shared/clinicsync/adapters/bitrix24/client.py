@@ -7,7 +7,7 @@ The gateway never decides anything: it turns the domain's ContactWrite/DealWrite
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -23,6 +23,16 @@ from clinicsync.retrying import Replay, Transient, call_with_retries, exponentia
 
 BATCH_LIMIT = 50
 PAGE_SIZE = 50
+
+
+def chunks[T](items: Sequence[T], size: int) -> list[Sequence[T]]:
+    """``items`` in runs of at most ``size`` (commands per ``batch``, ids per list filter)."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def rows(value: Any) -> list[dict[str, Any]]:
+    """A list method's rows (a failed or non-list answer has none)."""
+    return [row for row in value if isinstance(row, dict)] if isinstance(value, list) else []
 
 
 def portal_budget_key(creds: Mapping[str, Any]) -> str:

@@ -6,17 +6,21 @@ how Bitrix24 spells that (UPPER_SNAKE fields, multifields, ORIGINATOR_ID/ORIGIN_
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from clinicsync.adapters.bitrix24.client import (
     BATCH_LIMIT,
+    PAGE_SIZE,
     Bitrix24Client,
     Bitrix24Error,
 )
+from clinicsync.adapters.bitrix24.client import chunks as _chunks
+from clinicsync.adapters.bitrix24.client import rows as _rows
 from clinicsync.adapters.bitrix24.phones import (
     CHAINED,
+    COMMANDS_PER_FIND,
     FoundRows,
     chained_reads,
     chained_rows,
@@ -38,7 +42,6 @@ from clinicsync.domain.ports import (
     WriteOutcome,
 )
 
-PAGE_SIZE = 50
 # MIS ids per look-up command: a first import finds nothing, so an invocation's ids cost one command per
 # entity, not one per 50, and its look-up stays one ``batch``; rows found are paged on ``next``. 500
 # values keep a command's parsed variables under PHP's default max_input_vars (1000).
@@ -66,15 +69,6 @@ SELECT = {
     "lead": ["ID", "STATUS_ID", "ORIGINATOR_ID", "ORIGIN_ID", "MODIFY_BY_ID", "DATE_MODIFY", "CONTACT_ID", "PHONE"],
     "contact": ["ID", "ORIGINATOR_ID", "ORIGIN_ID", "MODIFY_BY_ID", "DATE_MODIFY"],
 }
-
-
-def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _rows(value: Any) -> list[dict[str, Any]]:
-    return [row for row in value if isinstance(row, dict)] if isinstance(value, list) else []
 
 
 class Bitrix24Gateway:
@@ -151,7 +145,7 @@ class Bitrix24Gateway:
             commands[f"m{n}"] = ("crm.contact.list", params)
         finds = findbycomm_commands(phones)
         # The read-back rides in the look-up's own batch when all of it fits in one (a poll's few new patients).
-        chain = bool(finds) and len(commands) + 4 * len(finds) <= BATCH_LIMIT
+        chain = bool(finds) and len(commands) + COMMANDS_PER_FIND * len(finds) <= BATCH_LIMIT
         for key, command in finds.items():
             commands[key] = command
             if chain:

@@ -16,24 +16,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from clinicsync.adapters.bitrix24.client import PAGE_SIZE, chunks, rows
 from clinicsync.domain.config import Matching
 from clinicsync.domain.phones import normalise_phone
 from clinicsync.domain.ports import PhoneCandidates
 
 FINDBYCOMM_LIMIT = 20  # crm.duplicate.findbycomm takes at most 20 values
-PAGE_SIZE = 50
 CHAINED = "x"  # key prefix of the reads chained to a findbycomm command in the same batch
+COMMANDS_PER_FIND = 4  # a findbycomm command and its chained_reads (leads, contacts, their deals)
 
 Command = tuple[str, Mapping[str, Any]]
 Row = dict[str, Any]
-
-
-def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
-    return [items[start : start + size] for start in range(0, len(items), size)]
-
-
-def rows(value: Any) -> list[Row]:
-    return [row for row in value if isinstance(row, dict)] if isinstance(value, list) else []
 
 
 def _lead_read(ids: Any, matching: Matching, *, by_status: bool) -> Command:
@@ -61,7 +54,7 @@ def _deal_read(contact_ids: Any, matching: Matching, select: list[str]) -> Comma
 def findbycomm_commands(phones: Sequence[str]) -> dict[str, Command]:
     return {
         f"p{n}": ("crm.duplicate.findbycomm", {"type": "PHONE", "values": list(values)})
-        for n, values in enumerate(_chunks(list(dict.fromkeys(phones)), FINDBYCOMM_LIMIT))
+        for n, values in enumerate(chunks(list(dict.fromkeys(phones)), FINDBYCOMM_LIMIT))
     }
 
 
@@ -80,9 +73,9 @@ def readback_commands(
 ) -> dict[str, Command]:
     """The separate read-back of the ids findbycomm answered, in pages of 50 ids."""
     commands: dict[str, Command] = {}
-    for n, ids in enumerate(_chunks(sorted(lead_ids, key=int), PAGE_SIZE)):
+    for n, ids in enumerate(chunks(sorted(lead_ids, key=int), PAGE_SIZE)):
         commands[f"l{n}"] = _lead_read(list(ids), matching, by_status=True)
-    for n, ids in enumerate(_chunks(sorted(contact_ids, key=int), PAGE_SIZE)):
+    for n, ids in enumerate(chunks(sorted(contact_ids, key=int), PAGE_SIZE)):
         commands[f"k{n}"] = _contact_read(list(ids))
         commands[f"q{n}"] = _deal_read(list(ids), matching, deal_select)
     return commands

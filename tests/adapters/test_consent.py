@@ -566,6 +566,20 @@ def test_a_messages_refusal_flags_cost_one_transaction_and_one_job_send_per_ten(
     assert sync.ledger(live)[1] == own and len(sends) == -(-refusing // 10)  # a repeat changes and sends nothing
 
 
+def test_a_ledger_read_without_a_prefetch_costs_a_batched_read_per_channel_set(
+    store: DynamoStore,  # noqa: F811
+) -> None:
+    """The contact-update re-read reads the ledger itself: every patient's channels in one batched read
+    (100 keys a request), their address's e-mail channel in another, never one request per subject."""
+    n = next(_EXAMPLES)
+    sync = SyncConsent(_CONFIG(), store, KeyedHasher(KEY), None, None, None)
+    live = [PatientChanges(patient=patient(f"q{n}x{i}")) for i in range(30)]  # one shared address
+    calls = _dynamo_calls(store)
+    ledger, _ = sync.ledger(live)
+    assert all(ledger[f"q{n}x{i}"] == set() for i in range(30))
+    assert calls == ["BatchGetItem"] * (-(-30 * len(Channel) // 100) + 1)
+
+
 def _drain(sqs: Any, queue: SqsConsentQueue) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     while batch := sqs.receive_message(QueueUrl=queue._url, MaxNumberOfMessages=10).get("Messages", []):

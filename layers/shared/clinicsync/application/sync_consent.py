@@ -70,10 +70,13 @@ class SyncConsent:
         ``subjects(live)`` as the caller just read it (otherwise it is read here)."""
         now = int(time.time())
         subjects, by_email = self._subjects(live)
-        if read is None:
+        if read is None:  # one read per channel set (a patient's, an address's), not one per subject
+            by_channels: dict[tuple[str, ...], list[str]] = {}
+            for subject, wanted in self.subjects(live).items():
+                by_channels.setdefault(tuple(wanted), []).append(subject)
             read = {}
-            for subject, channels in self.subjects(live).items():
-                read |= self._store.opted_out_many([subject], channels)
+            for channel_set, subjects_read in by_channels.items():
+                read |= self._store.opted_out_many(subjects_read, list(channel_set))
         ledger = {subject: set(read.get(subject, ())) for subject in [*subjects.values(), *by_email.values()]}
         refusals: dict[str, list[str]] = {}
         emails: dict[str, tuple[str, ...]] = {}

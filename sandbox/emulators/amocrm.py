@@ -700,6 +700,10 @@ class AmoCrmEmulator:
         self.companies: dict[int, JsonDict] = {}
         self._next_id = {"leads": 25400001, "contacts": 33100001, "companies": 33900001}
         self._lead_contacts: dict[int, dict[int, bool]] = {}  # lead id → {contact id: is_main}
+        # contact id → its lead ids in _lead_contacts' order, rebuilt after a link changes: rendering a
+        # contact's leads scanned every lead's links (quadratic over a 50k import's contact reads).
+        self._links_version = 0
+        self._leads_by_contact: tuple[int, dict[int, list[int]]] = (-1, {})
         self._lead_company: dict[int, int] = {}
         self._tags: dict[int, JsonDict] = {}
         self._tag_index: dict[tuple[str, str], int] = {}
@@ -780,7 +784,18 @@ class AmoCrmEmulator:
 
     def contact_lead_ids(self, contact_id: int) -> list[int]:
         with self._lock:
-            return [lid for lid, links in self._lead_contacts.items() if contact_id in links]
+            return self._leads_of(contact_id)
+
+    def _leads_of(self, contact_id: int) -> list[int]:
+        """The leads linked to a contact, in the order a scan of ``_lead_contacts`` finds them."""
+        version, by_contact = self._leads_by_contact
+        if version != self._links_version:
+            by_contact = {}
+            for lid, links in self._lead_contacts.items():
+                for cid in links:
+                    by_contact.setdefault(cid, []).append(lid)
+            self._leads_by_contact = (self._links_version, by_contact)
+        return list(by_contact.get(contact_id, ()))
 
     def cf_value(self, entity: str, record_id: int, field: int | str) -> list[JsonDict] | None:
         """The stored values of one custom field (by id or code), or None when the field is empty."""
@@ -1533,7 +1548,7 @@ class AmoCrmEmulator:
                 limit = min(max(limit, 1), MAX_PAGE_LIMIT)
             else:
                 raise ApiProblem(400, f"Invalid limit: must be between 1 and {MAX_PAGE_LIMIT}")
-        rows = [r for r in self._records[entity].values() if self._matches(entity, r, args.get("filter"))]
+        rows = [r for r in self._candidates(entity, args.get("filter")) if self._matches(entity, r, args.get("filter"))]
         query = args.get("query")
         if isinstance(query, (str, int)) and str(query) != "":
             needle = str(query).lower()
@@ -1653,6 +1668,7 @@ class AmoCrmEmulator:
         for lead_id, contact_id in pairs:
             links = self._lead_contacts.get(lead_id, {})
             if contact_id in links:
+                self._links_version += 1
                 was_main = links.pop(contact_id)
                 if was_main and links:
                     links[next(iter(links))] = True
@@ -1668,7 +1684,7 @@ class AmoCrmEmulator:
             for contact_id, is_main in self._lead_contacts.get(record_id, {}).items():
                 rendered.append(_link_row("leads", record_id, "contacts", contact_id, {"is_main": is_main}))
         else:
-            for lead_id in [lid for lid, links in self._lead_contacts.items() if record_id in links]:
+            for lead_id in self._leads_of(record_id):
                 rendered.append(_link_row("contacts", record_id, "leads", lead_id, None))
         if not rendered:
             return _no_content()
@@ -2335,6 +2351,7 @@ class AmoCrmEmulator:
         return int(max(candidates, key=lambda r: (r["updated_at"], r["id"]))["id"])
 
     def _link(self, lead_id: int, contact_id: int, is_main: bool) -> bool:
+        self._links_version += 1
         links = self._lead_contacts.setdefault(lead_id, {})
         before = dict(links)
         if is_main or not links:
@@ -2355,6 +2372,7 @@ class AmoCrmEmulator:
     def _delete(self, entity: str, record_id: int) -> None:
         rec = self._records[entity].pop(record_id)
         self._entity_tags.pop((entity, record_id), None)
+        self._links_version += 1
         if entity == "leads":
             self._lead_contacts.pop(record_id, None)
             self._lead_company.pop(record_id, None)
@@ -2397,11 +2415,8 @@ class AmoCrmEmulator:
             )
             embedded["companies"] = [{"id": c, "_links": _self_link(base, "companies", c)} for c in company_ids]
             if "leads" in with_:
-                embedded["leads"] = [
-                    {"id": lid, "_links": _self_link(base, "leads", lid)}
-                    for lid, links in self._lead_contacts.items()
-                    if rec["id"] in links
-                ]
+                leads = self._leads_of(rec["id"])
+                embedded["leads"] = [{"id": lid, "_links": _self_link(base, "leads", lid)} for lid in leads]
         out["_embedded"] = embedded
         return out
 
@@ -2435,6 +2450,15 @@ class AmoCrmEmulator:
                 if contact is not None:
                     out += self._search_strings("contacts", contact)
         return out
+
+    def _candidates(self, entity: str, filt: Any) -> list[JsonDict]:
+        """The records a filter naming ids can match (looked up, not scanned), else every record; the
+        caller applies the whole filter, and orders the rows itself."""
+        records = self._records[entity]
+        wanted = _int_set(filt["id"]) if isinstance(filt, dict) and "id" in filt else None
+        if wanted is None:
+            return list(records.values())
+        return [records[i] for i in sorted(wanted) if i in records]
 
     def _matches(self, entity: str, rec: JsonDict, filt: Any) -> bool:
         if not isinstance(filt, dict):

@@ -49,6 +49,7 @@ import copy
 import http
 import json
 import logging
+import math
 import random
 import re
 import secrets
@@ -480,6 +481,79 @@ def normalize_email(value: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
+_IndexSpec = tuple[str, str]  # ("field", name) for list filters, ("comm", "PHONE"/"EMAIL") for findbycomm
+
+
+class _ValueIndex:
+    """Key → ids of the records holding it, and each record's keys (to drop them when it changes)."""
+
+    __slots__ = ("by_key", "keys_of")
+
+    def __init__(self) -> None:
+        self.by_key: dict[Any, set[int]] = {}
+        self.keys_of: dict[int, set[Any]] = {}
+
+    def ids(self, key: Any) -> set[int]:
+        return self.by_key.get(key, set())
+
+    def put(self, record_id: int, keys: set[Any]) -> None:
+        for key in self.keys_of.pop(record_id, set()) - keys:
+            held = self.by_key[key]
+            held.discard(record_id)
+            if not held:
+                del self.by_key[key]
+        for key in keys:
+            self.by_key.setdefault(key, set()).add(record_id)
+        if keys:
+            self.keys_of[record_id] = keys
+
+
+class _OperatingWindow:
+    """One method's operating time spent in the sliding window: its charges, oldest first, and their sum.
+
+    The sum is kept as commands are charged instead of re-added per command (that was quadratic in the
+    commands of a window: at 10k appointments the emulator spent most of its time there). It is the same
+    number ``sum(cost for _, cost in records)`` gives: CPython sums floats with Neumaier's compensation,
+    which this continues charge by charge; the window is summed afresh when charges leave it, and with
+    ``sum`` itself while a cost is not a float."""
+
+    __slots__ = ("_compensation", "_floats", "_sum", "records")
+
+    def __init__(self) -> None:
+        self.records: deque[tuple[float, float]] = deque()
+        self._sum = self._compensation = 0.0
+        self._floats = True
+
+    def add(self, at: float, cost: float) -> None:
+        self.records.append((at, cost))
+        self._step(cost)
+
+    def used(self, cutoff: float) -> float:
+        if self.records and self.records[0][0] <= cutoff:
+            while self.records and self.records[0][0] <= cutoff:
+                self.records.popleft()
+            self._sum = self._compensation = 0.0
+            self._floats = True
+            for _, cost in self.records:
+                self._step(cost)
+        if not self._floats or not self.records:
+            return sum(cost for _, cost in self.records)
+        if self._compensation and math.isfinite(self._compensation):
+            return self._sum + self._compensation
+        return self._sum
+
+    def _step(self, cost: float) -> None:
+        if type(cost) is not float:
+            self._floats = False
+            return
+        total = self._sum + cost
+        if abs(self._sum) >= abs(cost):
+            self._compensation += (self._sum - total) + cost
+        else:
+            self._compensation += (cost - total) + self._sum
+        self._sum = total
+
+
 @dataclass
 class RateLimits:
     """Configurable limits. ``enabled`` switches both mechanisms off at once."""
@@ -776,7 +850,8 @@ class Bitrix24Emulator:
         self._next_status_id = 1
         self._bucket = 0.0
         self._bucket_ts: float | None = None
-        self._operating: dict[tuple[str, str], deque[tuple[float, float]]] = {}
+        self._operating: dict[tuple[str, str], _OperatingWindow] = {}
+        self._indexes: dict[str, dict[_IndexSpec, _ValueIndex]] = {e: {} for e in ENTITIES}
         self._access_tokens: dict[str, _AccessToken] = {}
         self._refresh_tokens: dict[str, _RefreshToken] = {}
         self._auth_codes: dict[str, tuple[int, float]] = {}
@@ -1238,17 +1313,14 @@ class Bitrix24Emulator:
         return True
 
     def _operating_used(self, key: tuple[str, str], now: float) -> float:
-        records = self._operating.get(key)
-        if not records:
+        window = self._operating.get(key)
+        if window is None or not window.records:
             return 0.0
-        cutoff = now - self.limits.operating_window
-        while records and records[0][0] <= cutoff:
-            records.popleft()
-        return sum(cost for _, cost in records)
+        return window.used(now - self.limits.operating_window)
 
     def _operating_reset_at(self, key: tuple[str, str], now: float) -> int:
-        records = self._operating.get(key)
-        oldest = records[0][0] if records else now
+        window = self._operating.get(key)
+        oldest = window.records[0][0] if window is not None and window.records else now
         return int(oldest + self.limits.operating_window)
 
     def _time_block(self, start: float, cost: float, operating: float, reset_at: int) -> JsonDict:
@@ -1298,7 +1370,7 @@ class Bitrix24Emulator:
         except ApiError as exc:
             outcome = _Outcome(False, status=exc.status, error=exc.code, description=exc.description)
         cost = self.limits.cost(method)
-        self._operating.setdefault(key, deque()).append((now, cost))
+        self._operating.setdefault(key, _OperatingWindow()).add(now, cost)
         outcome.time = self._time_block(now, cost, self._operating_used(key, now), self._operating_reset_at(key, now))
         if outcome.ok and method in WRITE_METHODS:
             self._stats.writes += 1
@@ -1544,7 +1616,7 @@ class Bitrix24Emulator:
                 raise legacy_error("Parameter 'filter' must be array.")
             select = p.array("select")
             start = php_intval(p.scalar("start"))
-            rows = [rec for rec in self._records[entity].values() if self._matches(entity, rec, filt)]
+            rows = [rec for rec in self._candidates(entity, filt) if self._matches(entity, rec, filt)]
             rows = self._sorted(entity, rows, order)
             chosen = _select_set(select)
             if start == -1:
@@ -1726,11 +1798,8 @@ class Bitrix24Emulator:
             wanted = {}
         found: dict[str, list[int]] = {}
         for type_name, entity in wanted.items():
-            ids = [
-                rid
-                for rid, rec in sorted(self._records[entity].items())
-                if any(normalize(e["VALUE"]) in keys for e in rec.get(comm_type, []))
-            ][:20]
+            index = self._index(entity, ("comm", comm_type))
+            ids = sorted({rid for key in keys for rid in index.ids(key)})[:20]
             if ids:
                 found[type_name] = ids
         return found
@@ -1971,6 +2040,7 @@ class Bitrix24Emulator:
                     self._deal_contacts[deal_id] = [b for b in links if b["CONTACT_ID"] != record_id]
                     self._fix_primary(deal_id)
                     self.deals[deal_id]["CONTACT_ID"] = self._primary_contact(deal_id)
+                    self._reindex("deal", deal_id)  # no event for the deal, yet its CONTACT_ID changed
         self._fire(entity, "DELETE", record_id)
 
     def _set_deal_contacts(self, deal_id: int, contact_ids: Any, contact_id: Any, *, contact_id_given: bool) -> None:
@@ -2138,6 +2208,66 @@ class Bitrix24Emulator:
 
     # ----- list filtering and ordering --------------------------------------------------------------------
 
+    # ----- indexes: what a list filter or findbycomm would find by scanning every record ----------------
+
+    def _index_keys(self, entity: str, spec: _IndexSpec, rec: JsonDict) -> set[Any]:
+        """The keys ``rec`` is found under: a field's values as ``_match_condition`` compares them for
+        ``=`` and ``@``, or a communication type's values as ``crm.duplicate.findbycomm`` normalises them."""
+        what, name = spec
+        if what == "comm":
+            normalize = normalize_phone if name == "PHONE" else normalize_email
+            return {normalize(e["VALUE"]) for e in rec.get(name, [])}
+        kind = self._field_kind(entity, name)
+        stored = [e["VALUE"] for e in rec.get(name) or []] if kind == "multi" else [rec.get(name)]
+        norm_kind = "str" if kind == "multi" else str(kind)
+        return {_norm(norm_kind, v, self._parse_dt) for v in stored if v not in (None, "")}
+
+    def _index(self, entity: str, spec: _IndexSpec) -> _ValueIndex:
+        """Built on first use, then kept by :meth:`_reindex` on every change of the entity's records."""
+        index = self._indexes[entity].get(spec)
+        if index is None:
+            index = self._indexes[entity][spec] = _ValueIndex()
+            for rid, rec in self._records[entity].items():
+                index.put(rid, self._index_keys(entity, spec, rec))
+        return index
+
+    def _reindex(self, entity: str, record_id: int) -> None:
+        rec = self._records[entity].get(record_id)
+        for spec, index in self._indexes[entity].items():
+            index.put(record_id, set() if rec is None else self._index_keys(entity, spec, rec))
+
+    def _candidates(self, entity: str, filt: Any) -> list[JsonDict]:
+        """The records a list filter can match: those its narrowest ``=``/``@`` condition on an indexable
+        field finds in the index, or every record. The caller still applies the whole filter, so this
+        only saves scanning records that one condition already rules out."""
+        records = self._records[entity]
+        best: set[int] | None = None
+        for raw_key, fval in filt.items() if isinstance(filt, dict) else ():
+            if not isinstance(raw_key, str):
+                continue
+            op, name = _split_filter_key(raw_key)
+            kind = self._field_kind(entity, name)
+            # Dates are left out: a stored date that cannot be read makes the condition skipped (a match).
+            if op not in ("=", "@") or kind not in ("str", "num", "char", "multi"):
+                continue
+            if op == "=" and not isinstance(fval, (list, dict)):
+                if fval is None or fval == "" or (fval is False and kind != "char"):
+                    continue  # matches the empty values, which the index leaves out
+                targets = [fval]
+            else:
+                targets = as_list(fval)
+            norm_kind = "str" if kind == "multi" else str(kind)
+            wanted = {_norm(norm_kind, t, self._parse_dt) for t in targets}
+            if any(w is None or w != w for w in wanted):
+                continue  # NaN or no value: left to the scan
+            index = self._index(entity, ("field", name))
+            ids = {rid for w in wanted for rid in index.ids(w)}
+            if best is None or len(ids) < len(best):
+                best = ids
+        if best is None:
+            return list(records.values())
+        return [records[rid] for rid in sorted(best)]
+
     def _field_kind(self, entity: str, name: str) -> str | None:
         if name.startswith("UF_CRM_"):
             return "str"
@@ -2258,6 +2388,7 @@ class Bitrix24Emulator:
         return binding.id
 
     def _fire(self, entity: str, action: str, record_id: int) -> None:
+        self._reindex(entity, record_id)  # every change of a record comes through here
         event = f"ONCRM{entity.upper()}{action}"
         now = self.clock.now()
         self.events_log.append((event, record_id, now))

@@ -107,6 +107,13 @@ def phone_digits(phone: str) -> str:
     return digits
 
 
+_PAGING = frozenset({"limit", "offset"})
+
+
+def _in_feed_order(rows: Iterable[Json]) -> list[Json]:
+    return sorted(rows, key=lambda r: (r.get("updatedAt", 0), r["id"]))
+
+
 # --- fault injection --------------------------------------------------------------------------
 
 
@@ -218,6 +225,10 @@ class MedodsEmulator:
                 "updatedAt": _unix(a.updated_at),
                 "deletedAt": None,
             }
+        # Bumped by every change of a row; a list's filtered, sorted rows are kept for the pages that
+        # follow at the same version (sorting the whole set per page of <=100 made a 50k read quadratic).
+        self._version = 0
+        self._ordered: dict[tuple[Any, ...], tuple[int, list[Json]]] = {}
         self._next_client_id = max(self._clients, default=10000) + 1
         self._next_appointment_id = max(self._appointments, default=500000) + 1
         self._routes: dict[str, Callable[..., Response]] = {
@@ -340,14 +351,34 @@ class MedodsEmulator:
             errors[name] = [f"must be less than or equal to {maximum}"]
         return value
 
-    def _page(self, request: Request, rows: list[Json], errors: dict[str, list[str]]) -> Response:
+    def _page(
+        self, request: Request, rows: list[Json], errors: dict[str, list[str]], ordered: bool = False
+    ) -> Response:
         limit = self._int_arg(request, "limit", errors, DEFAULT_LIMIT, 1, MAX_LIMIT)
         offset = self._int_arg(request, "offset", errors, 0)
         if errors:
             raise _ValidationError(errors)
         assert limit is not None and offset is not None
-        rows = sorted(rows, key=lambda r: (r.get("updatedAt", 0), r["id"]))
+        if not ordered:
+            rows = _in_feed_order(rows)
         return _json({"data": [dict(r) for r in rows[offset : offset + limit]], "total": len(rows)})
+
+    def _filtered(
+        self, request: Request, select: Callable[[dict[str, list[str]]], list[Json]]
+    ) -> tuple[list[Json], dict[str, list[str]]]:
+        """``select``'s rows in feed order, and its validation errors; the same filter at the same
+        version (an offset scan's next page) reuses the rows it found and ordered."""
+        key = (request.path, *sorted((k, tuple(request.args.getlist(k))) for k in request.args if k not in _PAGING))
+        kept = self._ordered.get(key)
+        if kept is not None and kept[0] == self._version:
+            return kept[1], {}
+        errors: dict[str, list[str]] = {}
+        rows = _in_feed_order(select(errors))
+        if not errors:
+            self._ordered = {k: v for k, v in self._ordered.items() if v[0] == self._version} | {
+                key: (self._version, rows)
+            }
+        return rows, errors
 
     def _changed_since(self, request: Request, rows: Iterable[Json], errors: dict[str, list[str]]) -> list[Json]:
         after = self._int_arg(request, "updatedAtAfter", errors)
@@ -356,33 +387,39 @@ class MedodsEmulator:
     # --- handlers (called under the lock) -----------------------------------------------------
 
     def _list_appointments(self, request: Request) -> Response:
-        errors: dict[str, list[str]] = {}
-        rows = self._changed_since(request, self._appointments.values(), errors)
-        if status := request.args.get("status"):
-            wanted = {s.strip() for s in status.split(",") if s.strip()}
-            if unknown := sorted(wanted - set(STATUSES)):
-                errors["status"] = [f"unknown status: {', '.join(unknown)}"]
-            rows = [r for r in rows if r["status"] in wanted]
-        for param in ("clientId", "userId", "clinicId"):
-            value = self._int_arg(request, param, errors)
-            if value is not None:
-                rows = [r for r in rows if r[param] == value]
-        return self._page(request, rows, errors)
+        def select(errors: dict[str, list[str]]) -> list[Json]:
+            rows = self._changed_since(request, self._appointments.values(), errors)
+            if status := request.args.get("status"):
+                wanted = {s.strip() for s in status.split(",") if s.strip()}
+                if unknown := sorted(wanted - set(STATUSES)):
+                    errors["status"] = [f"unknown status: {', '.join(unknown)}"]
+                rows = [r for r in rows if r["status"] in wanted]
+            for param in ("clientId", "userId", "clinicId"):
+                value = self._int_arg(request, param, errors)
+                if value is not None:
+                    rows = [r for r in rows if r[param] == value]
+            return rows
+
+        rows, errors = self._filtered(request, select)
+        return self._page(request, rows, errors, ordered=True)
 
     def _get_appointment(self, request: Request, item_id: int) -> Response:
         row = self._appointments.get(item_id)
         return _json(dict(row)) if row else _json({"error": "appointment not found"}, 404)
 
     def _list_clients(self, request: Request) -> Response:
-        errors: dict[str, list[str]] = {}
-        rows = self._changed_since(request, self._clients.values(), errors)
-        phone = request.args.get("phone")
-        if phone is not None:
-            wanted = phone_digits(phone)
-            if not wanted:
-                errors["phone"] = ["must contain digits"]
-            rows = [r for r in rows if r["phone"] and phone_digits(r["phone"]) == wanted]
-        return self._page(request, rows, errors)
+        def select(errors: dict[str, list[str]]) -> list[Json]:
+            rows = self._changed_since(request, self._clients.values(), errors)
+            phone = request.args.get("phone")
+            if phone is not None:
+                wanted = phone_digits(phone)
+                if not wanted:
+                    errors["phone"] = ["must contain digits"]
+                rows = [r for r in rows if r["phone"] and phone_digits(r["phone"]) == wanted]
+            return rows
+
+        rows, errors = self._filtered(request, select)
+        return self._page(request, rows, errors, ordered=True)
 
     def _get_client(self, request: Request, item_id: int) -> Response:
         row = self._clients.get(item_id)
@@ -434,6 +471,7 @@ class MedodsEmulator:
     def _touch(self, row: Json) -> None:
         # Whole seconds like the real API, yet strictly increasing per record even on a frozen clock.
         row["updatedAt"] = max(int(self.clock.now()), row["updatedAt"] + 1)
+        self._version += 1
 
     def book(
         self,
@@ -461,6 +499,7 @@ class MedodsEmulator:
                 raise KeyError(f"unknown branch {branch_id}")
             appt_id = self._next_appointment_id
             self._next_appointment_id += 1
+            self._version += 1
             local = _local(start)
             now = int(self.clock.now())
             self._appointments[appt_id] = {
@@ -566,6 +605,7 @@ class MedodsEmulator:
         with self._lock:
             client_id = self._next_client_id
             self._next_client_id += 1
+            self._version += 1
             now = int(self.clock.now())
             self._clients[client_id] = {
                 "id": client_id,

@@ -104,16 +104,16 @@ class LocalClinic:
         return self.mis.emulator
 
     def backfill(self, days: int = 90) -> RunSummary:
-        """A first import from scratch, as the operator's ``clinicsync backfill`` runs it: the poller's
-        checkpointed ``backfill`` job (the resync's read over ``days``, a checkpoint per page) invoked
-        until done, each invocation within the poller's deadline, then the queue drained. IDENT's database
-        is out of the cloud's reach: its connector re-sends the window instead."""
+        """A first import from scratch: the resync job over a long window, through the same path.
+        IDENT's database is out of the cloud's reach: its connector re-sends the window instead."""
         before = self.crm.stats()
         if self.ident_connector is not None:
             self.run_connector(resync_days=days)
             poll = self.stack.run_schedule(name="Poll")
         else:
-            poll = self._backfill_job(days)
+            poll = self.stack.invoke(
+                "MisPollerFunction", {**self.stack.scheduled_event(name="DeepResync"), "window_days": days}
+            )
         drain = self.stack.drain_all()
         after = self.crm.stats()
         self.note_created_deals()
@@ -124,20 +124,6 @@ class LocalClinic:
             after["writes"] - before["writes"],
             after["throttled"] - before["throttled"],
         )
-
-    def _backfill_job(self, days: int) -> dict[str, Any]:
-        """The job's invocations until it is done (the first starts over: a backfill here is always from
-        scratch); ``stopped_early`` if an invocation read no page, which would never finish."""
-        state: dict[str, Any] = {}
-        invocations = 0
-        while not state.get("done"):
-            pages = state.get("pages", 0)
-            event = {"job": "backfill", "window_days": days, "restart": not invocations}
-            state = self.stack.invoke("MisPollerFunction", event)
-            invocations += 1
-            if not state.get("done") and state.get("pages", 0) <= pages:
-                break
-        return state | {"invocations": invocations, "stopped_early": not state.get("done")}
 
     def first_import(self, on_batch: Any = None, on_polled: Any = None) -> RunSummary:
         """A change queue (InfoClinica) only carries changes made from now on: its first import is the

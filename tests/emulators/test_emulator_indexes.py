@@ -255,3 +255,74 @@ def test_amocrm_contact_leads_and_id_lists_answer_what_the_scan_answered(ops: li
             live = sorted(emu.contacts)
             emu.manager_delete_contact(live[op[1] % len(live)])
         check()
+
+
+# --- what each lookup costs: these failed on the scanning emulators -----------------------------------
+
+
+def test_bitrix24_a_list_by_origin_and_findbycomm_look_at_the_matches_not_every_contact(monkeypatch: Any) -> None:
+    emu = Bitrix24Emulator(Clock(T0))
+    emu.limits.enabled = False
+    for n in range(200):
+        emu.manager_create_contact(NAME="Тест", ORIGIN_ID=str(n), PHONE=[{"VALUE": f"+7 916 100-{n:04d}"}])
+    _bitrix_call(emu, "crm.duplicate.findbycomm", type="PHONE", values=["+79161000001"])  # builds the index
+    _bitrix_call(emu, "crm.contact.list", filter={"ORIGIN_ID": "1"})
+    matched: list[str] = []
+    real_matches = emu._matches
+    monkeypatch.setattr(emu, "_matches", lambda e, rec, f: matched.append(rec["ID"]) or real_matches(e, rec, f))
+    normalised = 0
+
+    def counting(value: str) -> str:
+        nonlocal normalised
+        normalised += 1
+        return normalize_phone(value)
+
+    monkeypatch.setattr("sandbox.emulators.bitrix24.normalize_phone", counting)
+    for n in range(10):
+        assert len(_bitrix_call(emu, "crm.contact.list", filter={"ORIGIN_ID": str(n)})) == 1
+        found = _bitrix_call(emu, "crm.duplicate.findbycomm", type="PHONE", values=[f"+7916100{n:04d}"])
+        assert len(found["CONTACT"]) == 1
+    assert len(matched) == 10  # one candidate per list, not 200
+    assert normalised == 10  # the wanted phone of each look-up, not every contact's
+
+
+def test_medods_an_offset_scan_orders_the_set_once_not_per_page(monkeypatch: Any) -> None:
+    emu = MedodsEmulator(
+        build_sample_clinic(seed=7, now=NOW, patients=20, appointments=60), KEY, SECRET, Clock(NOW.timestamp())
+    )
+    orderings = 0
+
+    def counting_sorted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal orderings
+        orderings += "key" in kwargs  # the feed order (updatedAt, id); not the sorting of query arguments
+        return sorted(*args, **kwargs)
+
+    monkeypatch.setattr("sandbox.emulators.medods.sorted", counting_sorted, raising=False)
+    token = "Bearer " + mint_token(KEY, SECRET, NOW.timestamp())
+    rows: list[Any] = []
+    for offset in range(0, 60, 10):
+        query = {"limit": 10, "offset": offset}
+        body = Client(emu).get("/api/v2/appointments", headers={"Authorization": token}, query_string=query).json
+        assert body is not None
+        rows += body["data"]
+    assert len({r["id"] for r in rows}) == 60
+    assert orderings == 1
+
+
+class _CountingLinks(dict[int, dict[int, bool]]):
+    scans = 0
+
+    def items(self) -> Any:
+        type(self).scans += 1
+        return super().items()
+
+
+def test_amocrm_a_page_of_contacts_with_their_leads_reads_the_links_once() -> None:
+    emu = AmoCrmEmulator(Clock(T0), rate_limit=False)
+    auth = {"Authorization": "Bearer " + emu.issue_tokens()["access_token"]}
+    for n in range(20):
+        emu.manager_create_lead("Визит", contact_ids=[emu.manager_create_contact(name=f"Пациент {n}")])
+    emu._lead_contacts = _CountingLinks(emu._lead_contacts)
+    response = Client(emu).get("/api/v4/contacts", headers=auth, query_string={"with": "leads", "limit": 250})
+    assert all(len(c["_embedded"]["leads"]) == 1 for c in response.get_json()["_embedded"]["contacts"])
+    assert _CountingLinks.scans == 1  # not one scan of every lead per contact

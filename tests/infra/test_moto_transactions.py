@@ -1,0 +1,105 @@
+"""The sandbox's moto rolls a cancelled DynamoDB transaction back item by item (sandbox.runtime.tune_moto):
+the table ends exactly as it was, and a transaction costs copies of the items it writes, not of the table
+(the copy per transaction made a 50k-appointment scale point quadratic)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from moto.dynamodb.models.dynamo_type import Item
+
+from sandbox.runtime import LocalAws
+
+TABLE = "t"
+KEYS = [f"k{i}" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def dynamodb() -> Iterator[Any]:
+    saved = dict(os.environ)
+    aws = LocalAws().start()
+    try:
+        client = aws.client("dynamodb")
+        client.create_table(
+            TableName=TABLE,
+            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+            AttributeDefinitions=[
+                {"AttributeName": "pk", "AttributeType": "S"},
+                {"AttributeName": "sk", "AttributeType": "S"},
+            ],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        yield client
+    finally:
+        aws.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _key(k: str) -> dict[str, Any]:
+    return {"pk": {"S": "P"}, "sk": {"S": k}}
+
+
+def _table(client: Any) -> list[dict[str, Any]]:
+    return sorted(client.scan(TableName=TABLE)["Items"], key=lambda i: i["sk"]["S"])
+
+
+def _op(kind: str, k: str, n: int) -> dict[str, Any]:
+    if kind == "put":
+        return {"Put": {"TableName": TABLE, "Item": {**_key(k), "n": {"N": str(n)}}}}
+    if kind == "delete":
+        return {"Delete": {"TableName": TABLE, "Key": _key(k)}}
+    return {
+        "Update": {
+            "TableName": TABLE,
+            "Key": _key(k),
+            "UpdateExpression": "SET n = :n, m = :n",
+            "ExpressionAttributeValues": {":n": {"N": str(n)}},
+        }
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    before=st.dictionaries(st.sampled_from(KEYS), st.integers(0, 9), max_size=6),
+    ops=st.lists(st.tuples(st.sampled_from(("put", "update", "delete")), st.sampled_from(KEYS)), max_size=5),
+    fail_at=st.integers(0, 5),
+)
+def test_a_cancelled_transaction_leaves_the_table_as_it_was(
+    dynamodb: Any, before: dict[str, int], ops: list[tuple[str, str]], fail_at: int
+) -> None:
+    for item in dynamodb.scan(TableName=TABLE)["Items"]:
+        dynamodb.delete_item(TableName=TABLE, Key={"pk": item["pk"], "sk": item["sk"]})
+    for k, n in before.items():
+        dynamodb.put_item(TableName=TABLE, Item={**_key(k), "n": {"N": str(n)}})
+    state = _table(dynamodb)
+    # One write per key: DynamoDB refuses a transaction that names an item twice.
+    items = [_op(kind, k, 100 + i) for i, (k, kind) in enumerate({k: kind for kind, k in ops}.items())]
+    failing = {
+        "ConditionCheck": {"TableName": TABLE, "Key": _key("never"), "ConditionExpression": "attribute_exists(pk)"}
+    }
+    items.insert(min(fail_at, len(items)), failing)
+    with pytest.raises(dynamodb.exceptions.TransactionCanceledException):
+        dynamodb.transact_write_items(TransactItems=items)
+    assert _table(dynamodb) == state
+
+
+def test_a_transaction_copies_the_items_it_writes_not_the_table(dynamodb: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    for n in range(200):
+        dynamodb.put_item(TableName=TABLE, Item={**_key(f"row{n:03d}"), "n": {"N": str(n)}})
+    copies = 0
+    real = Item.__deepcopy__
+
+    def counting(self: Item, memo: Any) -> Any:
+        nonlocal copies
+        copies += 1
+        return real(self, memo)
+
+    monkeypatch.setattr(Item, "__deepcopy__", counting)
+    dynamodb.transact_write_items(TransactItems=[_op("update", "row001", 1), _op("update", "row002", 2)])
+    assert copies <= 2 * 2  # per updated item: its rollback copy, and the copy moto's update_item makes itself

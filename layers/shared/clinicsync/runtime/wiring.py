@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import boto3
 from aws_lambda_powertools.utilities import parameters
+from botocore.config import Config
 
 from clinicsync.adapters.aws.budget import RequestPacer, SharedLeakyBucket
 from clinicsync.adapters.aws.failures import FailureLog
@@ -54,6 +55,9 @@ if TYPE_CHECKING:
     from clinicsync.domain.backfill import BackfillCheckpoint
 
 CACHE_SECONDS = 300
+# Our requests are built by code, not typed by a user: botocore's client-side check of every parameter
+# against the service model was the largest part of a DynamoDB call's CPU (AWS still validates them).
+_TRUSTED_PARAMS = Config(parameter_validation=False)
 
 
 def read_secret(arn: str) -> dict[str, Any]:
@@ -109,13 +113,14 @@ class Container:
         return self._once(("http",), build)
 
     def dynamodb(self) -> DynamoDBServiceResource:
-        return self._once(("dynamodb",), lambda: boto3.resource("dynamodb"))
+        return self._once(("dynamodb",), lambda: boto3.resource("dynamodb", config=_TRUSTED_PARAMS))
 
     def table(self) -> Table:
-        return self.dynamodb().Table(self.settings.table_name)
+        # One Table per container: building a resource object walks boto3's resource model every time.
+        return self._once(("table",), lambda: self.dynamodb().Table(self.settings.table_name))
 
     def sqs(self) -> SQSClient:
-        return self._once(("sqs",), lambda: boto3.client("sqs"))
+        return self._once(("sqs",), lambda: boto3.client("sqs", config=_TRUSTED_PARAMS))
 
     # --- configuration and secrets --------------------------------------------------------------------
 

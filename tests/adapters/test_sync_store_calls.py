@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from mypy_boto3_dynamodb.service_resource import Table
 
 from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.adapters.aws.table import wire_client
 from clinicsync.application.sync import Syncer
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import contact_intent, deal_intent
@@ -55,8 +56,28 @@ class InstantCrm:
 def _store_with_log(template_tables: Callable[[], Table]) -> tuple[DynamoStore, list[str]]:
     store = DynamoStore(template_tables())
     log: list[str] = []
-    store._table.meta.client.meta.events.register("before-call.dynamodb", lambda model, **_: log.append(model.name))
+    for client in (store._table.meta.client, wire_client(store._table)):  # the resource's and the plain one
+        client.meta.events.register("before-call.dynamodb", lambda model, **_: log.append(model.name))
     return store, log
+
+
+def test_a_syncs_batched_read_skips_boto3s_resource_layer(template_tables: Callable[[], Table]) -> None:
+    """The sync's read of hundreds of keys goes out in DynamoDB's own format on a plain client: none
+    through the resource's client, whose conversion of every key and item cost most of the read's CPU;
+    the states it reads back are the ones saved."""
+    store, log = _store_with_log(template_tables)
+    through_resource: list[str] = []
+    store._table.meta.client.meta.events.register(
+        "before-call.dynamodb", lambda model, **_: through_resource.append(model.name)
+    )
+    syncer = Syncer(demo_config(), store, InstantCrm(log), KeyedHasher(b"k" * 32))
+    syncer.sync(_message(3, AppointmentStatus.BOOKED))
+    through_resource.clear()
+    log.clear()
+    syncer.sync(_message(3, AppointmentStatus.CONFIRMED, version=2))
+    assert log.count("BatchGetItem") == 1 and "BatchGetItem" not in through_resource
+    states = store.load_patients({f"p{n}": [f"a{n}"] for n in range(3)})
+    assert all(states[f"p{n}"].appointments[f"a{n}"].version == 2 for n in range(3))
 
 
 def _message(patients: int, status: AppointmentStatus, version: int = 1) -> list[PatientChanges]:
@@ -146,7 +167,7 @@ def test_a_sync_reads_only_the_e_mail_channel_of_an_address(template_tables: Cal
         if model.name == "BatchGetItem":  # the request as sent: each key's partition named once
             asked.extend(re.findall(r"CONSENT#(?:pat|email):[^\"]+", params["body"].decode()))
 
-    store._table.meta.client.meta.events.register("before-call.dynamodb", note)
+    wire_client(store._table).meta.events.register("before-call.dynamodb", note)
     syncer = Syncer(demo_config(), store, InstantCrm([]), KeyedHasher(b"k" * 32))
     syncer.sync(_message(3, AppointmentStatus.BOOKED))
     address = [pk for pk in asked if pk.startswith("CONSENT#email:")]

@@ -61,10 +61,12 @@ def _store_with_log(template_tables: Callable[[], Table]) -> tuple[DynamoStore, 
     return store, log
 
 
-def test_a_syncs_batched_read_skips_boto3s_resource_layer(template_tables: Callable[[], Table]) -> None:
-    """The sync's read of hundreds of keys goes out in DynamoDB's own format on a plain client: none
-    through the resource's client, whose conversion of every key and item cost most of the read's CPU;
-    the states it reads back are the ones saved."""
+def test_a_syncs_batched_read_and_transactions_skip_boto3s_resource_layer(
+    template_tables: Callable[[], Table],
+) -> None:
+    """A sync's read of hundreds of keys and its transactions (claims, states) go out in DynamoDB's own
+    format on a plain client: none through the resource's client, whose conversion of every key and
+    item was most of their CPU; the states read back are the ones saved."""
     store, log = _store_with_log(template_tables)
     through_resource: list[str] = []
     store._table.meta.client.meta.events.register(
@@ -75,7 +77,8 @@ def test_a_syncs_batched_read_skips_boto3s_resource_layer(template_tables: Calla
     through_resource.clear()
     log.clear()
     syncer.sync(_message(3, AppointmentStatus.CONFIRMED, version=2))
-    assert log.count("BatchGetItem") == 1 and "BatchGetItem" not in through_resource
+    assert log.count("BatchGetItem") == 1 and log.count("TransactWriteItems") == 2
+    assert "BatchGetItem" not in through_resource and "TransactWriteItems" not in through_resource
     states = store.load_patients({f"p{n}": [f"a{n}"] for n in range(3)})
     assert all(states[f"p{n}"].appointments[f"a{n}"].version == 2 for n in range(3))
 

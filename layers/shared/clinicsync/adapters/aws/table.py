@@ -71,6 +71,16 @@ def _batch_get_chunk(
 
 _to_wire = TypeSerializer().serialize
 _from_wire = TypeDeserializer().deserialize
+_VALUE_MAPS = ("Item", "Key", "ExpressionAttributeValues")  # a request's parts that hold DynamoDB values
+
+
+def _wire_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        part: {name: _to_wire(v) for name, v in value.items()} if part in _VALUE_MAPS else value
+        for part, value in params.items()
+    }
+
+
 _WIRE_CLIENTS: weakref.WeakKeyDictionary[Any, DynamoDBClient] = weakref.WeakKeyDictionary()
 
 
@@ -131,7 +141,9 @@ class TableRepository:
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     def _transact(self, items: Sequence[Mapping[str, Any]]) -> None:
-        self._table.meta.client.transact_write_items(TransactItems=list(items))  # type: ignore[arg-type]
+        """One TransactWriteItems on the plain client: its items, keys and values converted here."""
+        wire = [{op: _wire_params(params) for op, params in item.items()} for item in items]
+        wire_client(self._table).transact_write_items(TransactItems=wire)  # type: ignore[arg-type]
 
     def _update_items(self, updates: Mapping[str, Mapping[str, Any]]) -> None:
         """Unconditional updates (UpdateItem arguments, one per item), up to 100 per transaction: one

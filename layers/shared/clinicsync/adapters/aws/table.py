@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import boto3
 from boto3.dynamodb.conditions import Key
+from boto3.dynamodb.table import BatchWriter
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.config import Config
 from botocore.exceptions import ClientError
@@ -82,6 +83,24 @@ def _wire_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _WIRE_CLIENTS: weakref.WeakKeyDictionary[Any, DynamoDBClient] = weakref.WeakKeyDictionary()
+
+
+class _WireBatchWriter(BatchWriter):
+    """boto3's batch writer (25 a request, unprocessed items sent again, a key written twice kept once)
+    on the plain client: each item converted here once."""
+
+    def put_item(self, Item: Mapping[str, Any]) -> None:
+        super().put_item({name: _to_wire(v) for name, v in Item.items()})
+
+    def delete_item(self, Key: Mapping[str, Any]) -> None:
+        super().delete_item({name: _to_wire(v) for name, v in Key.items()})
+
+
+def batch_writer(table: Table, overwrite_by_pkeys: Sequence[str] | None = None) -> BatchWriter:
+    """``table.batch_writer(...)`` without boto3's resource layer (see ``wire_client``)."""
+    return _WireBatchWriter(
+        table.name, wire_client(table), overwrite_by_pkeys=list(overwrite_by_pkeys) if overwrite_by_pkeys else None
+    )
 
 
 def wire_client(table: Table) -> DynamoDBClient:

@@ -3,6 +3,7 @@ transactions in chunks, and telling a failed condition from a real error."""
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -82,6 +83,7 @@ def _wire_params(params: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+_WIRE_LOCK = threading.Lock()
 _WIRE_CLIENTS: weakref.WeakKeyDictionary[Any, DynamoDBClient] = weakref.WeakKeyDictionary()
 
 
@@ -109,13 +111,16 @@ def wire_client(table: Table) -> DynamoDBClient:
     deep-copies each request and walks it against the service model to convert every value; for a
     sync's read of hundreds of keys that was the largest part of its CPU in the SDK."""
     resource_client = table.meta.client
-    client = _WIRE_CLIENTS.get(resource_client)
-    if client is None:
-        meta = resource_client.meta
-        # Its requests are built here, value by value: botocore's client-side parameter check is skipped.
-        config = meta.config.merge(Config(parameter_validation=False))
-        client = boto3.client("dynamodb", region_name=meta.region_name, endpoint_url=meta.endpoint_url, config=config)
-        _WIRE_CLIENTS[resource_client] = client
+    with _WIRE_LOCK:  # handlers may share a container's table from several threads
+        client = _WIRE_CLIENTS.get(resource_client)
+        if client is None:
+            meta = resource_client.meta
+            # Its requests are built here, value by value: botocore's client-side parameter check is skipped.
+            config = meta.config.merge(Config(parameter_validation=False))
+            client = boto3.client(
+                "dynamodb", region_name=meta.region_name, endpoint_url=meta.endpoint_url, config=config
+            )
+            _WIRE_CLIENTS[resource_client] = client
     return client
 
 

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 import boto3
 from aws_lambda_powertools.utilities import parameters
-from botocore.config import Config
 
 from clinicsync.adapters.aws.budget import RequestPacer, SharedLeakyBucket
 from clinicsync.adapters.aws.failures import FailureLog
 from clinicsync.adapters.aws.health import HealthLog
 from clinicsync.adapters.aws.queue import SqsChangeQueue, SqsConsentQueue, SqsEventQueue, SqsRetryTimer
 from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.adapters.aws.table import PLAIN_CONFIG
 from clinicsync.application.consent import ConsentLedger, ConsentOutputs
 from clinicsync.application.crm_events import CrmCatchUp, CrmEventProcessor
 from clinicsync.application.poll import Poller
@@ -55,9 +55,6 @@ if TYPE_CHECKING:
     from clinicsync.domain.backfill import BackfillCheckpoint
 
 CACHE_SECONDS = 300
-# Our requests are built by code, not typed by a user: botocore's client-side check of every parameter
-# against the service model was the largest part of a DynamoDB call's CPU (AWS still validates them).
-_TRUSTED_PARAMS = Config(parameter_validation=False)
 
 
 def read_secret(arn: str) -> dict[str, Any]:
@@ -113,14 +110,13 @@ class Container:
         return self._once(("http",), build)
 
     def dynamodb(self) -> DynamoDBServiceResource:
-        return self._once(("dynamodb",), lambda: boto3.resource("dynamodb", config=_TRUSTED_PARAMS))
+        return self._once(("dynamodb",), lambda: boto3.resource("dynamodb", config=PLAIN_CONFIG))
 
     def table(self) -> Table:
-        # One Table per container: building a resource object walks boto3's resource model every time.
-        return self._once(("table",), lambda: self.dynamodb().Table(self.settings.table_name))
+        return self._once(("table",), lambda: self.dynamodb().Table(self.settings.table_name))  # once: costly
 
     def sqs(self) -> SQSClient:
-        return self._once(("sqs",), lambda: boto3.client("sqs", config=_TRUSTED_PARAMS))
+        return self._once(("sqs",), lambda: boto3.client("sqs", config=PLAIN_CONFIG))
 
     # --- configuration and secrets --------------------------------------------------------------------
 
@@ -338,9 +334,8 @@ class Container:
         return CrmCatchUp(self.store(), self.crm_gateway(self.verified_config()), self.crm_events())
 
     def consent_ledger(self) -> ConsentLedger:
-        return ConsentLedger(
-            self.store(), self.consent_queue(), self.settings.clinic_id, self.hasher(), clock=self.clock
-        )
+        store, queue = self.store(), self.consent_queue()
+        return ConsentLedger(store, queue, self.settings.clinic_id, self.hasher(), clock=self.clock)
 
     def consent_outputs(self) -> ConsentOutputs:
         if self.clinic_config().crm.kind == "vtiger":

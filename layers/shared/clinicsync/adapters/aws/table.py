@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 TRANSACT_LIMIT = 100  # items per TransactWriteItems request
+# Our AWS requests are built by code, not typed by a user: botocore's client-side check of each one
+# against the service model is CPU spent for nothing (AWS still validates them).
+PLAIN_CONFIG = Config(parameter_validation=False)
 
 
 def batch_get(
@@ -115,8 +118,7 @@ def wire_client(table: Table) -> DynamoDBClient:
         client = _WIRE_CLIENTS.get(resource_client)
         if client is None:
             meta = resource_client.meta
-            # Its requests are built here, value by value: botocore's client-side parameter check is skipped.
-            config = meta.config.merge(Config(parameter_validation=False))
+            config = meta.config.merge(PLAIN_CONFIG)
             client = boto3.client(
                 "dynamodb", region_name=meta.region_name, endpoint_url=meta.endpoint_url, config=config
             )

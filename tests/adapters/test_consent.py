@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from clinicsync.adapters.aws.queue import SqsConsentQueue
 from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.adapters.aws.table import wire_client
 from clinicsync.adapters.mailchimp.client import AudienceMember, MailchimpAudience, MailchimpClient, api_root
 from clinicsync.application.consent import MEMBER_MOVED, ConsentLedger, ConsentOutputs, consent_contact_write
 from clinicsync.application.crm_events import CrmEventProcessor, EventReport
@@ -527,7 +528,8 @@ def test_an_opt_out_unsubscribes_every_member_the_person_ever_had(
 
 def _dynamo_calls(store: DynamoStore) -> list[str]:  # noqa: F811
     calls: list[str] = []
-    store._table.meta.client.meta.events.register("before-call.dynamodb", lambda model, **_: calls.append(model.name))
+    for client in (store._table.meta.client, wire_client(store._table)):  # the resource's and the plain one
+        client.meta.events.register("before-call.dynamodb", lambda model, **_: calls.append(model.name))
     return calls
 
 

@@ -10,6 +10,7 @@ import pytest
 from mypy_boto3_dynamodb.service_resource import Table
 
 from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.adapters.aws.table import wire_client
 from clinicsync.domain.models import AppointmentStatus
 from clinicsync.domain.state import AppointmentState, PatientState
 from tests.helpers import MSK
@@ -69,8 +70,8 @@ def test_saving_known_patients_costs_one_request_per_hundred_items_and_keeps_new
         newer[pid].version = newer[pid].appointments["a1"].version = 4 if n == 7 else 6
         newer[pid].appointments["a1"].stage = "NEW"
     calls: list[str] = []
-    client = store._table.meta.client
-    client.meta.events.register("before-call.dynamodb", lambda model, **_: calls.append(model.name))
+    for client in (store._table.meta.client, wire_client(store._table)):  # the resource's and the plain one
+        client.meta.events.register("before-call.dynamodb", lambda model, **_: calls.append(model.name))
     store.save_patients([(newer[pid], ["a1"]) for pid in ids], loaded)
 
     # 120 versioned items: two transactions, plus one retry without the refused older item.
@@ -84,8 +85,8 @@ def test_a_subjects_new_opt_outs_and_their_audit_cost_one_request(store: DynamoS
     """A backfill records a refusal per refusing patient: one transaction for every channel and its
     audit entry, not two puts per channel. A channel already out still changes nothing."""
     calls: list[str] = []
-    client = store._table.meta.client
-    client.meta.events.register("before-call.dynamodb", lambda model, **_: calls.append(model.name))
+    for client in (store._table.meta.client, wire_client(store._table)):  # the resource's and the plain one
+        client.meta.events.register("before-call.dynamodb", lambda model, **_: calls.append(model.name))
     assert store.record_opt_outs("pat:p1", ["email", "sms", "call"], "mis", 1000, "mis:refusal_flag") == [
         "email",
         "sms",
@@ -112,8 +113,8 @@ def test_many_subjects_opt_outs_cost_one_transaction_per_hundred_items(store: Dy
     store.record_opt_outs("pat:s7", ["sms"], "crm", 500)
     wanted = {f"pat:s{n}": ["email", "sms", "call"] for n in range(20)}  # 6 items each: 16 to a transaction
     calls: list[str] = []
-    client = store._table.meta.client
-    client.meta.events.register("before-call.dynamodb", lambda model, **_: calls.append(model.name))
+    for client in (store._table.meta.client, wire_client(store._table)):  # the resource's and the plain one
+        client.meta.events.register("before-call.dynamodb", lambda model, **_: calls.append(model.name))
     changed = store.record_opt_outs_many(wanted, "mis", 1000, "mis:refusal_flag")
 
     assert changed == {s: ["email", "call"] if s == "pat:s7" else ["email", "sms", "call"] for s in wanted}

@@ -18,6 +18,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.adapters.aws.table import wire_client
 from clinicsync.application.sync import BUSY, Syncer, SyncIncomplete
 from clinicsync.domain.models import SyncMessage
 from clinicsync.runtime import wiring
@@ -189,7 +190,7 @@ def test_a_claim_that_fails_half_way_releases_what_it_took(make_clinic: Callable
     clinic = make_clinic(patients=1, appointments=1, rate_limit=False)
     table = boto3.resource("dynamodb").Table(clinic.stack.table_name)
     store = DynamoStore(table)
-    client = table.meta.client
+    client = wire_client(table)
     real = client.transact_write_items
     calls = 0
 

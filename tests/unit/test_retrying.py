@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clinicsync.adapters.amocrm.client import AmoCrmClient, AmoCrmOutcomeUnknown, AmoCrmUnavailable
-from clinicsync.adapters.aws.table import batch_get
+from clinicsync.adapters.aws.table import batch_get_wire
 from clinicsync.adapters.bitrix24.client import Bitrix24Client, Bitrix24OutcomeUnknown, Bitrix24Unavailable
 from clinicsync.adapters.http.pacing import Pacer
 from clinicsync.adapters.http.retrying import send_with_retries
@@ -361,15 +361,11 @@ def test_a_write_whose_response_is_lost_is_never_resent(client: str, failure: st
 
 
 class _Throttled:
-    """A table whose ``BatchGetItem`` leaves every key but the first unprocessed ``stubborn`` times."""
-
-    name = "t"
+    """A DynamoDB client whose ``BatchGetItem`` leaves every key but the first unprocessed ``stubborn`` times."""
 
     def __init__(self, stubborn: int) -> None:
         self.stubborn = stubborn
         self.requests = 0
-        self.meta = self
-        self.client = self
 
     def batch_get_item(self, RequestItems: dict[str, Any]) -> dict[str, Any]:
         self.requests += 1
@@ -386,11 +382,12 @@ def test_unprocessed_keys_are_asked_again_with_backoff_eight_times_at_most(stubb
     table = _Throttled(stubborn)
     sleeps: list[float] = []
     if stubborn < 8:
-        assert sorted(i["pk"] for i in batch_get(table, keys, sleep=sleeps.append)) == sorted(k["pk"] for k in keys)  # type: ignore[arg-type]
+        found = batch_get_wire(table, "t", keys, sleeps.append)  # type: ignore[arg-type]
+        assert sorted(i["pk"] for i in found) == sorted(k["pk"] for k in keys)
         assert table.requests == stubborn + 1
         assert sleeps == [0.05 * 2**n for n in range(stubborn)]
     else:
         with pytest.raises(RuntimeError, match="DynamoDB kept keys unprocessed"):
-            batch_get(table, keys, sleep=sleeps.append)  # type: ignore[arg-type]
+            batch_get_wire(table, "t", keys, sleeps.append)  # type: ignore[arg-type]
         assert table.requests == 8
         assert sleeps == [0.05 * 2**n for n in range(8)]

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from botocore.stub import Stubber
 
 from clinicsync.runtime import wiring
 from clinicsync.settings import Settings
@@ -80,3 +81,17 @@ def test_every_container_built_after_replace_parts_takes_them() -> None:
     assert first.store() is store and wiring.container() is first  # one per process until reset
     wiring.reset()  # a cold start (the local runtime switching clinics) keeps the replaced parts
     assert wiring.container() is not first and wiring.container().store() is store
+
+
+def test_a_container_builds_its_table_once_and_skips_client_side_parameter_checks() -> None:
+    """Building a boto3 Table walks the resource model: once per container, not once per part. Our AWS
+    requests are built by code, so botocore's check of every parameter (most of a DynamoDB call's
+    client-side CPU) is off; AWS still validates them."""
+    parts = wiring.Container(_settings(), config=demo_config())
+    table = parts.table()
+    assert parts.table() is table
+    checks = ((table.meta.client, "list_tables", "Limit"), (parts.sqs(), "list_queues", "MaxResults"))
+    for client, operation, name in checks:
+        with Stubber(client) as stub:
+            stub.add_response(operation, {})
+            getattr(client, operation)(**{name: "ten"})  # text for a number: refused if botocore checks

@@ -23,6 +23,7 @@ from clinicsync.adapters.aws.failures import FailureLog
 from clinicsync.adapters.aws.health import HealthLog
 from clinicsync.adapters.aws.queue import SqsChangeQueue, SqsConsentQueue, SqsEventQueue, SqsRetryTimer
 from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.adapters.aws.table import PLAIN_CONFIG
 from clinicsync.application.consent import ConsentLedger, ConsentOutputs
 from clinicsync.application.crm_events import CrmCatchUp, CrmEventProcessor
 from clinicsync.application.poll import Poller
@@ -109,13 +110,13 @@ class Container:
         return self._once(("http",), build)
 
     def dynamodb(self) -> DynamoDBServiceResource:
-        return self._once(("dynamodb",), lambda: boto3.resource("dynamodb"))
+        return self._once(("dynamodb",), lambda: boto3.resource("dynamodb", config=PLAIN_CONFIG))
 
     def table(self) -> Table:
-        return self.dynamodb().Table(self.settings.table_name)
+        return self._once(("table",), lambda: self.dynamodb().Table(self.settings.table_name))  # once: costly
 
     def sqs(self) -> SQSClient:
-        return self._once(("sqs",), lambda: boto3.client("sqs"))
+        return self._once(("sqs",), lambda: boto3.client("sqs", config=PLAIN_CONFIG))
 
     # --- configuration and secrets --------------------------------------------------------------------
 
@@ -333,9 +334,8 @@ class Container:
         return CrmCatchUp(self.store(), self.crm_gateway(self.verified_config()), self.crm_events())
 
     def consent_ledger(self) -> ConsentLedger:
-        return ConsentLedger(
-            self.store(), self.consent_queue(), self.settings.clinic_id, self.hasher(), clock=self.clock
-        )
+        store, queue = self.store(), self.consent_queue()
+        return ConsentLedger(store, queue, self.settings.clinic_id, self.hasher(), clock=self.clock)
 
     def consent_outputs(self) -> ConsentOutputs:
         if self.clinic_config().crm.kind == "vtiger":

@@ -14,6 +14,7 @@ from clinicsync.adapters.aws import keys as tk
 from clinicsync.adapters.aws.table import (
     TRANSACT_LIMIT,
     TableRepository,
+    batch_writer,
     cancelled,
     failed_condition,
     set_attributes,
@@ -254,7 +255,7 @@ class DynamoConsentOutputMarks(TableRepository):
 class DynamoEmailIndex(TableRepository):
     def index_emails(self, entries: Sequence[tuple[str, str]]) -> None:
         """(e-mail key, subject) pairs: a Mailchimp event names an e-mail, the ledger needs the person."""
-        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+        with batch_writer(self._table, ["pk", "sk"]) as batch:
             for email_key, subject in dict.fromkeys(entries):
                 batch.put_item(Item=tk.email(email_key, subject))
 

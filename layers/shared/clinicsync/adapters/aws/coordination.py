@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from botocore.exceptions import ClientError
 
 from clinicsync.adapters.aws import keys
-from clinicsync.adapters.aws.table import TRANSACT_LIMIT, TableRepository, cancelled, failed_condition
+from clinicsync.adapters.aws.table import TRANSACT_LIMIT, TableRepository, batch_writer, cancelled, failed_condition
 
 _FREE = "attribute_not_exists(pk) OR expires_at < :now OR #o = :owner"
 
@@ -96,7 +96,7 @@ class DynamoClaims(TableRepository):
         """Unconditional deletes in batches: a claim outlives the syncer's timeout, so while its owner
         runs nobody else can have taken it over. Settled create intents go in the same batches (either
         delete landing alone is harmless: an intent kept costs a look-up, a claim kept expires)."""
-        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+        with batch_writer(self._table, ["pk", "sk"]) as batch:
             for key in dict.fromkeys(settled_intents):
                 batch.delete_item(Key=keys.intent(key))
             for pid in dict.fromkeys(patient_ids):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from clinicsync.adapters.aws import keys
-from clinicsync.adapters.aws.table import batch_get
+from clinicsync.adapters.aws.table import batch_get, batch_writer
 from clinicsync.domain.directory_records import DirectoryState, Kind
 
 
@@ -28,7 +28,7 @@ class DirectoryStore:
         return states
 
     def save(self, states: Sequence[DirectoryState], now: int) -> None:
-        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+        with batch_writer(self._table, ["pk", "sk"]) as batch:
             for s in states:
                 item: dict[str, Any] = {**keys.directory_state(s.kind, s.lis_id), "updated_at": now}
                 if s.crm_id:

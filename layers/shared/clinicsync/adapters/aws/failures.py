@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from clinicsync.adapters.aws.table import batch_get
+from clinicsync.adapters.aws.table import batch_get, batch_writer
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -42,7 +42,7 @@ class FailureLog:
         return out
 
     def forget(self, queue: str, message_ids: Sequence[str]) -> None:
-        with self._table.batch_writer() as batch:
+        with batch_writer(self._table) as batch:
             for mid in dict.fromkeys(message_ids):
                 batch.delete_item(Key={"pk": f"FAILURE#{queue}", "sk": mid})
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from boto3.dynamodb.conditions import Key
 
 from clinicsync.adapters.aws import keys
+from clinicsync.adapters.aws.table import batch_writer
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -25,7 +26,7 @@ class DynamoIdentNames:
         self, doctors: Mapping[str, str], branches: Mapping[str, str], intervals: int, busy: int, now: int
     ) -> None:
         names = {**{_DOCTOR + k: v for k, v in doctors.items()}, **{_BRANCH + k: v for k, v in branches.items()}}
-        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+        with batch_writer(self._table, ["pk", "sk"]) as batch:
             for sk, name in names.items():
                 batch.put_item(Item={"pk": keys.IDENT_DIRECTORY, "sk": sk, "name": name, "updated_at": now})
             batch.put_item(

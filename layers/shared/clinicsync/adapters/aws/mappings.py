@@ -10,7 +10,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from clinicsync.adapters.aws import keys
-from clinicsync.adapters.aws.table import TRANSACT_LIMIT, TableRepository, cancelled
+from clinicsync.adapters.aws.table import TRANSACT_LIMIT, TableRepository, batch_writer, cancelled
 from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState
 
 INTENT_SECONDS = 2 * 86400  # an intent outlives any retry of its message
@@ -176,7 +176,7 @@ class DynamoPatientStates(TableRepository):
         else:
             fresh = [*maps.values(), *fresh]
         if fresh:
-            with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+            with batch_writer(self._table, ["pk", "sk"]) as batch:
                 for item in fresh:
                     batch.put_item(Item=item)
 
@@ -220,7 +220,7 @@ class DynamoPatientStates(TableRepository):
             gone.append(keys.crm_map("contact", state.contact_id))
         if state.phone_key:
             gone.append(keys.phone(state.phone_key, patient_id))
-        with self._table.batch_writer() as batch:
+        with batch_writer(self._table) as batch:
             for key in gone:
                 batch.delete_item(Key=key)
 
@@ -234,7 +234,7 @@ class DynamoCrmIdMaps(TableRepository):
 class DynamoCreateIntents(TableRepository):
     def write_intents(self, intent_keys: Sequence[str], at: int) -> None:
         """Recorded before a create is sent: if its response is lost, the retry knows to look it up."""
-        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+        with batch_writer(self._table, ["pk", "sk"]) as batch:
             for key in dict.fromkeys(intent_keys):
                 batch.put_item(Item={**keys.intent(key), "at": at, "expires_at": at + INTENT_SECONDS})
 
@@ -242,6 +242,6 @@ class DynamoCreateIntents(TableRepository):
         return intents_from(self._batch_get([keys.intent(k) for k in dict.fromkeys(intent_keys)]))
 
     def clear_intents(self, intent_keys: Sequence[str]) -> None:
-        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+        with batch_writer(self._table, ["pk", "sk"]) as batch:
             for key in dict.fromkeys(intent_keys):
                 batch.delete_item(Key=keys.intent(key))

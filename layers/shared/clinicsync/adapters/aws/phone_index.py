@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from botocore.exceptions import ClientError
 
 from clinicsync.adapters.aws import keys
-from clinicsync.adapters.aws.table import TableRepository, failed_condition
+from clinicsync.adapters.aws.table import TableRepository, batch_writer, failed_condition
 
 
 class DynamoPhoneIndex(TableRepository):
@@ -20,7 +20,7 @@ class DynamoPhoneIndex(TableRepository):
 
     def index_phones(self, entries: Sequence[tuple[str, str]]) -> None:
         """(phone key, patient id) pairs, written in batches; stale keys are removed by ``index_phone``."""
-        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+        with batch_writer(self._table, ["pk", "sk"]) as batch:
             for phone_key, patient_id in dict.fromkeys(entries):
                 batch.put_item(Item=keys.phone(phone_key, patient_id))
 
@@ -45,7 +45,7 @@ class DynamoCrmPhoneBook(TableRepository):
         """Put and delete ``(contact id, phone key)`` entries, in batches; both are safe to repeat."""
         if not add and not drop:
             return
-        with self._table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
+        with batch_writer(self._table, ["pk", "sk"]) as batch:
             for contact_id, phone_key in dict.fromkeys(drop):
                 batch.delete_item(Key=keys.crm_phone(contact_id, phone_key))
             for contact_id, phone_key in dict.fromkeys(add):

@@ -3,19 +3,29 @@ transactions in chunks, and telling a failed condition from a real error."""
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import boto3
 from boto3.dynamodb.conditions import Key
+from boto3.dynamodb.table import BatchWriter
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from clinicsync.retrying import Transient, call_with_retries, exponential
 
 if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.client import DynamoDBClient
     from mypy_boto3_dynamodb.service_resource import Table
 
 TRANSACT_LIMIT = 100  # items per TransactWriteItems request
+# Our AWS requests are built by code, not typed by a user: botocore's client-side check of each one
+# against the service model is CPU spent for nothing (AWS still validates them).
+PLAIN_CONFIG = Config(parameter_validation=False)
 
 
 def batch_get(
@@ -23,24 +33,32 @@ def batch_get(
 ) -> list[dict[str, Any]]:
     """The items of ``keys``, 100 per ``BatchGetItem``. Throttled keys come back unprocessed: they are
     asked again after a backoff (0.05 s doubling), 8 requests per 100 keys at most."""
+    return batch_get_wire(wire_client(table), table.name, keys, sleep)
+
+
+def batch_get_wire(
+    client: DynamoDBClient, name: str, keys: Sequence[Mapping[str, str]], sleep: Callable[[float], None]
+) -> list[dict[str, Any]]:
+    """``batch_get`` on a client without boto3's resource layer: keys go out and items come back in
+    DynamoDB's own format, (de)serialised here value by value."""
     items: list[dict[str, Any]] = []
     for start in range(0, len(keys), 100):
-        items.extend(_batch_get_chunk(table, keys[start : start + 100], sleep))
+        items.extend(_batch_get_chunk(client, name, keys[start : start + 100], sleep))
     return items
 
 
 def _batch_get_chunk(
-    table: Table, keys: Sequence[Mapping[str, str]], sleep: Callable[[float], None]
+    client: DynamoDBClient, name: str, keys: Sequence[Mapping[str, str]], sleep: Callable[[float], None]
 ) -> list[dict[str, Any]]:
-    client = table.meta.client
     items: list[dict[str, Any]] = []
-    request: dict[str, Any] = {table.name: {"Keys": list(keys)}}
+    request: dict[str, Any] = {name: {"Keys": [{k: _to_wire(v) for k, v in key.items()} for key in keys]}}
 
     def attempt(_: int) -> list[dict[str, Any]]:
         nonlocal request
         response = client.batch_get_item(RequestItems=request)
-        # The resource's client (de)serialises DynamoDB types itself: items come back plain.
-        items.extend(response.get("Responses", {}).get(table.name, []))
+        items.extend(
+            {k: _from_wire(v) for k, v in item.items()} for item in response.get("Responses", {}).get(name, [])
+        )
         request = dict(response.get("UnprocessedKeys") or {})
         if request:
             raise Transient("unprocessed keys")
@@ -54,6 +72,58 @@ def _batch_get_chunk(
         exhausted=lambda _: RuntimeError("DynamoDB kept keys unprocessed"),
         wait_after_last=True,
     )
+
+
+_to_wire = TypeSerializer().serialize
+_from_wire = TypeDeserializer().deserialize
+_VALUE_MAPS = ("Item", "Key", "ExpressionAttributeValues")  # a request's parts that hold DynamoDB values
+
+
+def _wire_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        part: {name: _to_wire(v) for name, v in value.items()} if part in _VALUE_MAPS else value
+        for part, value in params.items()
+    }
+
+
+_WIRE_LOCK = threading.Lock()
+_WIRE_CLIENTS: weakref.WeakKeyDictionary[Any, DynamoDBClient] = weakref.WeakKeyDictionary()
+
+
+class _WireBatchWriter(BatchWriter):
+    """boto3's batch writer (25 a request, unprocessed items sent again, a key written twice kept once)
+    on the plain client: each item converted here once."""
+
+    def put_item(self, Item: Mapping[str, Any]) -> None:
+        super().put_item({name: _to_wire(v) for name, v in Item.items()})
+
+    def delete_item(self, Key: Mapping[str, Any]) -> None:
+        super().delete_item({name: _to_wire(v) for name, v in Key.items()})
+
+
+def batch_writer(table: Table, overwrite_by_pkeys: Sequence[str] | None = None) -> BatchWriter:
+    """``table.batch_writer(...)`` without boto3's resource layer (see ``wire_client``)."""
+    return _WireBatchWriter(
+        table.name, wire_client(table), overwrite_by_pkeys=list(overwrite_by_pkeys) if overwrite_by_pkeys else None
+    )
+
+
+def wire_client(table: Table) -> DynamoDBClient:
+    """A plain client beside the table's resource client (same region, endpoint and config; the default
+    credential chain, as every caller of the store uses), one per resource client. The resource's client
+    deep-copies each request and walks it against the service model to convert every value; for a
+    sync's read of hundreds of keys that was the largest part of its CPU in the SDK."""
+    resource_client = table.meta.client
+    with _WIRE_LOCK:  # handlers may share a container's table from several threads
+        client = _WIRE_CLIENTS.get(resource_client)
+        if client is None:
+            meta = resource_client.meta
+            config = meta.config.merge(PLAIN_CONFIG)
+            client = boto3.client(
+                "dynamodb", region_name=meta.region_name, endpoint_url=meta.endpoint_url, config=config
+            )
+            _WIRE_CLIENTS[resource_client] = client
+    return client
 
 
 def failed_condition(exc: ClientError) -> bool:
@@ -97,7 +167,9 @@ class TableRepository:
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     def _transact(self, items: Sequence[Mapping[str, Any]]) -> None:
-        self._table.meta.client.transact_write_items(TransactItems=list(items))  # type: ignore[arg-type]
+        """One TransactWriteItems on the plain client: its items, keys and values converted here."""
+        wire = [{op: _wire_params(params) for op, params in item.items()} for item in items]
+        wire_client(self._table).transact_write_items(TransactItems=wire)  # type: ignore[arg-type]
 
     def _update_items(self, updates: Mapping[str, Mapping[str, Any]]) -> None:
         """Unconditional updates (UpdateItem arguments, one per item), up to 100 per transaction: one

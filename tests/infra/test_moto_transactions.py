@@ -20,6 +20,19 @@ TABLE = "t"
 KEYS = [f"k{i}" for i in range(8)]
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: type, method: str) -> list[int]:
+    """Patch ``owner.method`` to count its calls; the one-element list holds the count."""
+    calls = [0]
+    real = getattr(owner, method)
+
+    def counting(self: Any, *args: Any) -> Any:
+        calls[0] += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(owner, method, counting)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def dynamodb() -> Iterator[Any]:
     saved = dict(os.environ)
@@ -93,17 +106,9 @@ def test_a_cancelled_transaction_leaves_the_table_as_it_was(
 def test_a_transaction_copies_the_items_it_writes_not_the_table(dynamodb: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     for n in range(200):
         dynamodb.put_item(TableName=TABLE, Item={**_key(f"row{n:03d}"), "n": {"N": str(n)}})
-    copies = 0
-    real = Item.__deepcopy__
-
-    def counting(self: Item, memo: Any) -> Any:
-        nonlocal copies
-        copies += 1
-        return real(self, memo)
-
-    monkeypatch.setattr(Item, "__deepcopy__", counting)
+    copies = count_calls(monkeypatch, Item, "__deepcopy__")
     dynamodb.transact_write_items(TransactItems=[_op("update", "row001", 1), _op("update", "row002", 2)])
-    assert copies <= 2 * 2  # per updated item: its rollback copy, and the copy moto's update_item makes itself
+    assert copies[0] <= 2 * 2  # per updated item: its rollback copy, and the copy moto's update_item makes itself
 
 
 @settings(max_examples=30, deadline=None)
@@ -149,17 +154,9 @@ def test_a_query_on_the_table_key_sorts_its_partition_not_the_table(
         dynamodb.put_item(TableName=TABLE, Item={"pk": {"S": f"other{n}"}, "sk": {"S": "x"}})
     for sk in ("a", "b"):
         dynamodb.put_item(TableName=TABLE, Item={"pk": {"S": "mine"}, "sk": {"S": sk}})
-    compared = 0
-    real = DynamoType.__lt__
-
-    def counting(self: DynamoType, other: DynamoType) -> bool:
-        nonlocal compared
-        compared += 1
-        return real(self, other)
-
-    monkeypatch.setattr(DynamoType, "__lt__", counting)
+    compared = count_calls(monkeypatch, DynamoType, "__lt__")
     page = dynamodb.query(
         TableName=TABLE, KeyConditionExpression="pk = :p", ExpressionAttributeValues={":p": {"S": "mine"}}
     )
     assert [item["sk"]["S"] for item in page["Items"]] == ["a", "b"]
-    assert compared < 20  # a table-wide sort of 202 items compares over a thousand times
+    assert compared[0] < 20  # a table-wide sort of 202 items compares over a thousand times

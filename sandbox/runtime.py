@@ -176,6 +176,36 @@ def tune_moto() -> None:
     Table.query = query  # type: ignore[method-assign]
     Table.all_items = all_items  # type: ignore[method-assign]
     models.DynamoDBBackend.transact_write_items = transact  # type: ignore[method-assign]
+    _serialise_cloudformation()
+
+
+def _serialise_cloudformation() -> None:
+    """moto's CloudFormation backend keeps its stacks, change sets and exports in plain dicts that a
+    change set's ``apply`` walks while it builds resources, and the server answers on several threads: a
+    fleet wave deploying four clinics at once once got a 500 on ``ExecuteChangeSet``. Here its calls run
+    one at a time (one lock for the process), as a service keeps its own bookkeeping atomic."""
+    from moto.cloudformation.models import CloudFormationBackend
+
+    lock = threading.RLock()
+    for name in (
+        "create_stack",
+        "update_stack",
+        "delete_stack",
+        "create_change_set",
+        "execute_change_set",
+        "delete_change_set",
+        "describe_change_set",
+        "describe_stacks",
+        "list_stacks",
+        "list_exports",
+    ):
+        real = getattr(CloudFormationBackend, name)
+
+        def serialised(*args: Any, _real: Callable[..., Any] = real, **kwargs: Any) -> Any:
+            with lock:
+                return _real(*args, **kwargs)
+
+        setattr(CloudFormationBackend, name, serialised)
 
 
 class LocalAws:

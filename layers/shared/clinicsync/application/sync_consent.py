@@ -47,7 +47,10 @@ class SyncConsent:
         """The ledger items ``ledger`` reads for ``live``, subject -> channels (the caller may read them
         ahead, with the rest of what a sync reads): a patient's every channel; an address's only those an
         address alone can refuse (``ADDRESS_CHANNELS``: a Mailchimp unsubscribe before we knew whose)."""
-        subjects, by_email = self._subjects(live)
+        return self._wanted(*self._subjects(live))
+
+    @staticmethod
+    def _wanted(subjects: Mapping[str, str], by_email: Mapping[str, str]) -> dict[str, list[str]]:
         wanted = {subject: list(ADDRESS_CHANNELS) for subject in by_email.values()}
         return wanted | {subject: [c.value for c in Channel] for subject in subjects.values()}
 
@@ -72,7 +75,7 @@ class SyncConsent:
         subjects, by_email = self._subjects(live)
         if read is None:  # one read per channel set (a patient's, an address's), not one per subject
             by_channels: dict[tuple[str, ...], list[str]] = {}
-            for subject, wanted in self.subjects(live).items():
+            for subject, wanted in self._wanted(subjects, by_email).items():
                 by_channels.setdefault(tuple(wanted), []).append(subject)
             read = {}
             for channel_set, subjects_read in by_channels.items():

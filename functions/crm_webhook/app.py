@@ -18,10 +18,9 @@ from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from clinicsync.application import ident
 from clinicsync.observability import logger, metrics, tracer
 from clinicsync.runtime import ident_middlewares as ident_mw
-from clinicsync.runtime import intake, wiring
+from clinicsync.runtime import intake
 from clinicsync.runtime import middlewares as mw
 
 app = APIGatewayHttpResolver()
@@ -52,7 +51,7 @@ def ident_post_timetable() -> Response[Any]:
 
 @app.get("/ident/connector/settings", middlewares=[ident_mw.connector_caller])
 def ident_connector_settings() -> Response[Any]:
-    return mw.json_reply(200, ident.connector_settings(wiring.container().clinic_config()))
+    return mw.json_reply(200, intake.connector_settings())
 
 
 @app.post("/ident/connector/batches", middlewares=[ident_mw.connector_caller])

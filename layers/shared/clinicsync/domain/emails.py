@@ -15,12 +15,13 @@ connector, the keyed hash, the lab directory).
 
 from __future__ import annotations
 
-import unicodedata
-
-import idna  # IDNA 2008 (an httpx dependency); the stdlib codec is IDNA 2003, which folds U+212A to "k"
+# unicodedata and idna are imported where a non-ASCII address needs them: plain ASCII ones (nearly all)
+# never do, so a cold start does not load the Unicode database and IDNA's tables for them.
 
 
 def _fold(text: str) -> str:
+    import unicodedata
+
     return unicodedata.normalize("NFC", unicodedata.normalize("NFKC", text).casefold())
 
 
@@ -39,6 +40,8 @@ def lower_keeping_look_alikes(text: str) -> str:
 
 
 def _domain(text: str) -> str:
+    import idna  # IDNA 2008 (an httpx dependency); the stdlib codec is IDNA 2003, which folds U+212A to "k"
+
     labels = []
     for label in _fold(text).split("."):
         try:

@@ -16,6 +16,7 @@ from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
 from aws_lambda_powertools.utilities.parser.types import Json
 from pydantic import ValidationError
 
+from clinicsync.adapters.aws import health, store  # noqa: F401 - every batch's, built on first use (wiring)
 from clinicsync.adapters.aws.failures import describe
 from clinicsync.application.consent import ConsentReport
 from clinicsync.application.crm_events import EventReport

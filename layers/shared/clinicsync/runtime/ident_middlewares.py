@@ -2,13 +2,14 @@
 
 IDENT authenticates with a shared key header; the IDENT connector signs each request. Refusals are plain
 text (``Refused`` with a str body), because IDENT writes the body into its exchange log. Kept apart from
-``middlewares`` so that a handler without IDENT routes does not load IDENT's models at a cold start.
+``middlewares``, and IDENT's models (``contract``) imported only once a request is for this clinic's
+IDENT: the webhook receiver of a clinic with another MIS never loads them at a cold start.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.api_gateway import ApiGatewayResolver
@@ -16,18 +17,12 @@ from aws_lambda_powertools.event_handler.middlewares import NextMiddleware
 from pydantic import ValidationError
 
 from clinicsync.adapters.http.signing import verify_request
-from clinicsync.adapters.ident.contract import (
-    KEY_HEADER,
-    BatchTooLarge,
-    ConnectorBatch,
-    TicketQuery,
-    TimeTable,
-    parse_connector_batch,
-    weak_integration_key,
-)
 from clinicsync.domain.crypto import credential_matches
 from clinicsync.runtime import wiring
 from clinicsync.runtime.middlewares import Refused, raw_body
+
+if TYPE_CHECKING:
+    from clinicsync.adapters.ident.contract import ConnectorBatch, TicketQuery, TimeTable
 
 
 def _ident_clinic() -> None:
@@ -38,6 +33,8 @@ def _ident_clinic() -> None:
 def ident_caller(app: ApiGatewayResolver, next_middleware: NextMiddleware) -> Response[Any]:
     """IDENT authenticates with a shared key header."""
     _ident_clinic()
+    from clinicsync.adapters.ident.contract import KEY_HEADER, weak_integration_key
+
     headers = app.current_event.headers
     given = headers.get(KEY_HEADER.lower()) or headers.get(KEY_HEADER)
     if not given:
@@ -71,6 +68,8 @@ def _where(exc: ValidationError, depth: int) -> str:
 
 
 def ticket_query(app: ApiGatewayResolver) -> TicketQuery:
+    from clinicsync.adapters.ident.contract import TicketQuery
+
     try:
         return TicketQuery.model_validate(app.current_event.query_string_parameters or {})
     except ValidationError as exc:
@@ -79,6 +78,8 @@ def ticket_query(app: ApiGatewayResolver) -> TicketQuery:
 
 
 def timetable(app: ApiGatewayResolver) -> TimeTable:
+    from clinicsync.adapters.ident.contract import TimeTable
+
     try:
         return TimeTable.model_validate_json(raw_body(app) or b"{}")
     except ValidationError as exc:
@@ -88,6 +89,8 @@ def timetable(app: ApiGatewayResolver) -> TimeTable:
 
 
 def queue_connector_batch(app: ApiGatewayResolver) -> ConnectorBatch:
+    from clinicsync.adapters.ident.contract import BatchTooLarge, parse_connector_batch
+
     try:
         batch = parse_connector_batch(app.context["body"])
     except BatchTooLarge as exc:

@@ -1,19 +1,22 @@
 """What the receiver does with a request its sender checks let through: queue it or store it, and count it.
 Webhooks are only queued, never fetched here, so the CRM is answered fast (Bitrix24 slows down slow
-receivers); only IDENT's GetTickets reads the CRM, because IDENT asks for the leads themselves."""
+receivers); only IDENT's GetTickets reads the CRM, because IDENT asks for the leads themselves.
+
+IDENT's models and use cases are imported in its routes: a clinic whose MIS is not IDENT never calls them."""
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from clinicsync.adapters.ident.contract import ConnectorBatch, TicketQuery, TimeTable, directory_names, tickets_of
-from clinicsync.application import ident
-from clinicsync.domain.models import CrmEvent
 from clinicsync.observability import logger
 from clinicsync.runtime import wiring
 from clinicsync.runtime.observe import Counted, observe
+
+if TYPE_CHECKING:
+    from clinicsync.adapters.ident.contract import ConnectorBatch, TicketQuery, TimeTable
+    from clinicsync.domain.models import CrmEvent
 
 
 def crm_events(events: list[CrmEvent]) -> int:
@@ -29,6 +32,9 @@ def crm_events(events: list[CrmEvent]) -> int:
 
 def tickets_json(query: TicketQuery) -> str:
     """IDENT's tickets as the JSON array it reads (Cyrillic kept as is)."""
+    from clinicsync.adapters.ident.contract import tickets_of
+    from clinicsync.application import ident
+
     gateway = wiring.container().crm_gateway(wiring.container().clinic_config())
     found = tickets_of(ident.open_leads(gateway, query.date_time_from, query.date_time_to, query.limit, query.offset))
     observe(Counted({"IdentTicketsServed": len(found)}))
@@ -36,12 +42,21 @@ def tickets_json(query: TicketQuery) -> str:
 
 
 def timetable(table: TimeTable) -> None:
+    from clinicsync.adapters.ident.contract import directory_names
+
     busy = sum(1 for i in table.Intervals if i.IsBusy)
     wiring.container().ident_directory().save(
         directory_names(table.Doctors), directory_names(table.Branches), len(table.Intervals), busy, int(time.time())
     )
     counts = {"doctors": len(table.Doctors), "branches": len(table.Branches), "intervals": len(table.Intervals)}
     logger.info("IDENT timetable stored", extra=counts)
+
+
+def connector_settings() -> dict[str, Any]:
+    """What the IDENT connector asks for at start: the clinic's sync settings (no secret)."""
+    from clinicsync.application import ident
+
+    return ident.connector_settings(wiring.container().clinic_config())
 
 
 def connector_batch(batch: ConnectorBatch) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from pydantic import ValidationError
 from clinicsync.adapters.amocrm import webhook as amocrm_webhook
 from clinicsync.adapters.bitrix24 import webhook as bitrix24_webhook
 from clinicsync.adapters.http.forms import FormError, http_body, parse_php_form
-from clinicsync.adapters.mailchimp import webhook as mailchimp_webhook
 from clinicsync.domain.crypto import constant_time_equals, credential_matches
 from clinicsync.runtime import wiring
 from clinicsync.runtime.observe import Counted, observe
@@ -115,6 +114,8 @@ def amocrm_sender(app: ApiGatewayResolver, next_middleware: NextMiddleware) -> R
 
 def mailchimp_sender(app: ApiGatewayResolver, next_middleware: NextMiddleware) -> Response[Any]:
     """Mailchimp signs nothing either: the path secret is the check. The event goes to app.context["event"]."""
+    from clinicsync.adapters.mailchimp import webhook as mailchimp_webhook  # the unsubscribe handler's only
+
     configured = str(wiring.container().clinic_secret().get("mailchimp_webhook_secret") or "\x00")
     if not constant_time_equals(app.context["_route_args"].get("secret"), configured):
         raise Refused(401, {"error": "bad_secret"}, WEBHOOKS_REFUSED)

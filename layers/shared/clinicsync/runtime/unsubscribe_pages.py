@@ -13,6 +13,7 @@ from aws_lambda_powertools.event_handler import Response
 from aws_lambda_powertools.event_handler.api_gateway import ApiGatewayResolver
 from aws_lambda_powertools.event_handler.middlewares import NextMiddleware
 
+from clinicsync.adapters.aws import store  # noqa: F401 - the ledger's table (wiring builds it on first use)
 from clinicsync.adapters.http.forms import FormError, parse_form
 from clinicsync.domain.unsubscribe_links import TokenError
 from clinicsync.runtime.observe import Counted, observe

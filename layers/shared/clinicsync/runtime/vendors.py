@@ -11,11 +11,14 @@ from typing import TYPE_CHECKING
 import boto3
 
 from clinicsync.domain.config import ClinicConfig
-from clinicsync.domain.ports import CrmGateway, MisSource
+from clinicsync.domain.ports import CrmGateway, MisConsentWriter, MisSource
 
 if TYPE_CHECKING:
     from clinicsync.adapters.amocrm.client import AmoCrmClient
     from clinicsync.adapters.bitrix24.client import Bitrix24Client
+    from clinicsync.adapters.lis.source import LisSource
+    from clinicsync.adapters.mailchimp.client import MailchimpAudience
+    from clinicsync.adapters.mailchimp.directory import DirectoryAudiences
     from clinicsync.adapters.vtiger.client import VtigerClient
     from clinicsync.application.directory import DirectorySync
     from clinicsync.runtime.wiring import Container
@@ -46,6 +49,25 @@ def build_mis_source(parts: Container, config: ClinicConfig) -> MisSource:
 
         return RenovatioSource(RenovatioApi.from_secret(config.mis.base_url, creds, http=parts.http_client()), config)
     raise NotImplementedError(f"MIS kind {config.mis.kind!r} is not available yet")
+
+
+def build_lis_source(parts: Container, config: ClinicConfig) -> LisSource:
+    from clinicsync.adapters.lis.source import LisApi, LisSource
+
+    api = LisApi.from_secret(config.mis.base_url, parts.mis_credentials(), parts.http_client())
+    return LisSource(api, config.matching.default_region, config.mis.page_size, config.mis.overlap_seconds)
+
+
+def build_mis_consent_writer(parts: Container, config: ClinicConfig) -> MisConsentWriter | None:
+    if config.mis.kind == "medods":
+        from clinicsync.adapters.medods.source import MedodsApi, MedodsConsentWriter
+
+        creds = parts.mis_credentials()
+        api = MedodsApi(config.mis.base_url, str(creds["identity_key"]), str(creds["secret"]), http=parts.http_client())
+        return MedodsConsentWriter(api)
+    if config.mis.kind == "lis":
+        return parts.lis_source(config)  # "do not send marketing letters" on the doctor or organisation
+    return None
 
 
 def build_crm_gateway(parts: Container, config: ClinicConfig) -> CrmGateway:
@@ -140,4 +162,31 @@ def build_directory_sync(parts: Container) -> DirectorySync:
         clock=parts.clock,
         leases=store,
         members=store,
+    )
+
+
+def build_mailchimp_audience(parts: Container, config: ClinicConfig) -> MailchimpAudience | None:
+    from clinicsync.adapters.mailchimp.client import MailchimpAudience, MailchimpClient
+
+    if config.mailchimp is None:
+        return None
+    key = str(parts.clinic_secret()["mailchimp_api_key"])
+    return MailchimpAudience(
+        MailchimpClient(key, parts.http_client(), config.mailchimp.base_url), config.mailchimp.list_id
+    )
+
+
+def build_directory_audiences(parts: Container, config: ClinicConfig) -> DirectoryAudiences | None:
+    from clinicsync.adapters.mailchimp.client import MailchimpAudience, MailchimpClient
+    from clinicsync.adapters.mailchimp.directory import DirectoryAudiences
+
+    if config.directory is None or config.directory.mailchimp is None:
+        return None
+    lists = config.directory.mailchimp
+    key = str(parts.clinic_secret()["mailchimp_api_key"])
+    doctors = MailchimpClient(key, parts.http_client(), lists.doctors_base_url)
+    organisations = MailchimpClient(key, parts.http_client(), lists.organisations_base_url)
+    return DirectoryAudiences(
+        MailchimpAudience(doctors, lists.doctors_list_id),
+        MailchimpAudience(organisations, lists.organisations_list_id),
     )

@@ -2,10 +2,10 @@
 per container (a Lambda container keeps one for its life; ``reset`` drops it).
 
 Secrets come only from Secrets Manager and the clinic config only from SSM (Powertools Parameters,
-cached for 5 minutes); environment variables carry names and ARNs, never values. AWS clients are
-created lazily so that tests and the local runtime can point them at moto first. A test or the sandbox
-replaces a part (config, store, CRM gateway, MIS source, Mailchimp, clock, HTTP client, secrets) through the
-constructor or ``replace_parts``, never by patching this module.
+cached for 5 minutes); environment variables carry names and ARNs, never values. Parts are built and
+imported on first use: tests point AWS clients at moto first, a cold start loads only what its handler
+calls (tests/infra/test_cold_start.py). A test or the sandbox replaces a part (config, store, CRM gateway,
+MIS source, Mailchimp, clock, HTTP client, secrets) by the constructor or ``replace_parts``, never by patching.
 """
 
 from __future__ import annotations
@@ -18,26 +18,9 @@ from typing import TYPE_CHECKING, Any, cast
 import boto3
 from aws_lambda_powertools.utilities import parameters
 
-from clinicsync.adapters.aws.budget import RequestPacer, SharedLeakyBucket
-from clinicsync.adapters.aws.failures import FailureLog
-from clinicsync.adapters.aws.health import HealthLog
+from clinicsync.adapters.aws.clients import PLAIN_CONFIG
 from clinicsync.adapters.aws.queue import SqsChangeQueue, SqsConsentQueue, SqsEventQueue, SqsRetryTimer
-from clinicsync.adapters.aws.store import DynamoStore
-from clinicsync.adapters.aws.table import PLAIN_CONFIG
-from clinicsync.application.consent import ConsentLedger, ConsentOutputs
-from clinicsync.application.crm_events import CrmCatchUp, CrmEventProcessor
-from clinicsync.application.poll import Poller
-from clinicsync.application.sync import Syncer
-from clinicsync.domain.audience import MailchimpMembers
-from clinicsync.domain.config import ClinicConfig, parse_clinic_config
-from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.ports import CrmGateway, MisConsentWriter, MisSource
-from clinicsync.domain.store_ports import Store
-from clinicsync.domain.unsubscribe_links import UnsubscribeTokens
 from clinicsync.settings import Settings
-
-# Adapters are imported where they are built, not here: a container loads only its clinic's MIS and
-# CRM (and the lab's directory), so a cold start does not pay for the five MIS and three CRMs it never calls.
 
 if TYPE_CHECKING:
     import httpx
@@ -45,14 +28,27 @@ if TYPE_CHECKING:
     from mypy_boto3_sqs.client import SQSClient
 
     from clinicsync.adapters.amocrm.client import AmoCrmClient
+    from clinicsync.adapters.aws.budget import RequestPacer
+    from clinicsync.adapters.aws.failures import FailureLog
+    from clinicsync.adapters.aws.health import HealthLog
     from clinicsync.adapters.bitrix24.client import Bitrix24Client
     from clinicsync.adapters.lis.source import LisSource
     from clinicsync.adapters.mailchimp.client import MailchimpAudience
     from clinicsync.adapters.mailchimp.directory import DirectoryAudiences
     from clinicsync.adapters.vtiger.client import VtigerClient
+    from clinicsync.application.consent import ConsentLedger, ConsentOutputs
+    from clinicsync.application.crm_events import CrmCatchUp, CrmEventProcessor
     from clinicsync.application.directory import DirectorySync
     from clinicsync.application.ident import ConnectorInbox, IdentDirectory
+    from clinicsync.application.poll import Poller
+    from clinicsync.application.sync import Syncer
+    from clinicsync.domain.audience import MailchimpMembers
     from clinicsync.domain.backfill import BackfillCheckpoint
+    from clinicsync.domain.config import ClinicConfig
+    from clinicsync.domain.crypto import KeyedHasher
+    from clinicsync.domain.ports import CrmGateway, MisConsentWriter, MisSource
+    from clinicsync.domain.store_ports import Store
+    from clinicsync.domain.unsubscribe_links import UnsubscribeTokens
 
 CACHE_SECONDS = 300
 
@@ -128,6 +124,8 @@ class Container:
     def _parsed(self, text: str) -> ClinicConfig:
         if self._config is not None:
             return self._config
+        from clinicsync.domain.config import parse_clinic_config
+
         return self._once(("config", text), lambda: parse_clinic_config(text))
 
     def clinic_config(self) -> ClinicConfig:
@@ -156,22 +154,34 @@ class Container:
         return self.secret(self.settings.crm_secret_arn)
 
     def hasher(self) -> KeyedHasher:
+        from clinicsync.domain.crypto import KeyedHasher
+
         return KeyedHasher(str(self.clinic_secret()["hash_key"]).encode())
 
     def unsubscribe_tokens(self) -> UnsubscribeTokens:
+        from clinicsync.domain.unsubscribe_links import UnsubscribeTokens
+
         ttl = self.clinic_config().consent.link_ttl_days
         return UnsubscribeTokens(str(self.clinic_secret()["unsubscribe_key"]).encode(), ttl * 86400 if ttl else None)
 
     # --- the table and the queues ---------------------------------------------------------------------
 
     def store(self) -> Store:
-        return self._store if self._store is not None else DynamoStore(self.table())
+        if self._store is not None:
+            return self._store
+        from clinicsync.adapters.aws.store import DynamoStore
+
+        return DynamoStore(self.table())
 
     def failure_log(self) -> FailureLog:
+        from clinicsync.adapters.aws.failures import FailureLog
+
         return FailureLog(self.table())
 
     def health(self) -> HealthLog:
         """Counters per 10-minute bucket for `clinicsync status` and the report (the dashboard has the metrics)."""
+        from clinicsync.adapters.aws.health import HealthLog
+
         return HealthLog(self.table())
 
     def backfill_checkpoint(self) -> BackfillCheckpoint:
@@ -201,10 +211,9 @@ class Container:
         return build_mis_source(self, config)
 
     def lis_source(self, config: ClinicConfig) -> LisSource:
-        from clinicsync.adapters.lis.source import LisApi, LisSource
+        from clinicsync.runtime.vendors import build_lis_source
 
-        api = LisApi.from_secret(config.mis.base_url, self.mis_credentials(), self.http_client())
-        return LisSource(api, config.matching.default_region, config.mis.page_size, config.mis.overlap_seconds)
+        return build_lis_source(self, config)
 
     def ident_directory(self) -> IdentDirectory:
         from clinicsync.adapters.aws.ident_names import DynamoIdentNames
@@ -220,17 +229,9 @@ class Container:
 
     def mis_consent_writer(self, config: ClinicConfig) -> MisConsentWriter | None:
         """Where the MIS API can hold "do not send" flags; None where it cannot (the flag stays ours)."""
-        if config.mis.kind == "medods":
-            from clinicsync.adapters.medods.source import MedodsApi, MedodsConsentWriter
+        from clinicsync.runtime.vendors import build_mis_consent_writer
 
-            creds = self.mis_credentials()
-            api = MedodsApi(
-                config.mis.base_url, str(creds["identity_key"]), str(creds["secret"]), http=self.http_client()
-            )
-            return MedodsConsentWriter(api)
-        if config.mis.kind == "lis":
-            return self.lis_source(config)  # "do not send marketing letters" on the doctor or organisation
-        return None
+        return build_mis_consent_writer(self, config)
 
     # --- the CRM --------------------------------------------------------------------------------------
 
@@ -244,6 +245,8 @@ class Container:
     def pacer(self, key: str, rate: float, burst: int, shared: bool) -> RequestPacer:
         """A DynamoDB leaky bucket shared by every concurrent container, or an in-process one."""
         if shared:
+            from clinicsync.adapters.aws.budget import SharedLeakyBucket
+
             return SharedLeakyBucket(self.table(), key, rate, burst)
         from clinicsync.adapters.http.pacing import Pacer
 
@@ -279,37 +282,26 @@ class Container:
     def mailchimp_audience(self, config: ClinicConfig) -> MailchimpAudience | None:
         if self._mailchimp is not None:
             return self._mailchimp
-        from clinicsync.adapters.mailchimp.client import MailchimpAudience, MailchimpClient
+        from clinicsync.runtime.vendors import build_mailchimp_audience
 
-        if config.mailchimp is None:
-            return None
-        key = str(self.clinic_secret()["mailchimp_api_key"])
-        return MailchimpAudience(
-            MailchimpClient(key, self.http_client(), config.mailchimp.base_url), config.mailchimp.list_id
-        )
+        return build_mailchimp_audience(self, config)
 
     def directory_audiences(self, config: ClinicConfig) -> DirectoryAudiences | None:
-        from clinicsync.adapters.mailchimp.client import MailchimpAudience, MailchimpClient
-        from clinicsync.adapters.mailchimp.directory import DirectoryAudiences
+        from clinicsync.runtime.vendors import build_directory_audiences
 
-        if config.directory is None or config.directory.mailchimp is None:
-            return None
-        lists = config.directory.mailchimp
-        key = str(self.clinic_secret()["mailchimp_api_key"])
-        doctors = MailchimpClient(key, self.http_client(), lists.doctors_base_url)
-        organisations = MailchimpClient(key, self.http_client(), lists.organisations_base_url)
-        return DirectoryAudiences(
-            MailchimpAudience(doctors, lists.doctors_list_id),
-            MailchimpAudience(organisations, lists.organisations_list_id),
-        )
+        return build_directory_audiences(self, config)
 
     # --- use cases --------------------------------------------------------------------------------------
 
     def poller(self) -> Poller:
+        from clinicsync.application.poll import Poller
+
         config = self.clinic_config()
         return Poller(config, self.mis_source(config), self.store(), self.change_queue(), self.hasher(), self.clock)
 
     def syncer(self) -> Syncer:
+        from clinicsync.application.sync import Syncer
+
         config = self.verified_config()
         gateway, audience = self.crm_gateway(config), self.mailchimp_audience(config)
         return Syncer(
@@ -324,6 +316,8 @@ class Container:
         )
 
     def crm_events(self) -> CrmEventProcessor:
+        from clinicsync.application.crm_events import CrmEventProcessor
+
         config = self.verified_config()
         gateway = self.crm_gateway(config)
         return CrmEventProcessor(
@@ -331,13 +325,19 @@ class Container:
         )
 
     def crm_catch_up(self) -> CrmCatchUp:
+        from clinicsync.application.crm_events import CrmCatchUp
+
         return CrmCatchUp(self.store(), self.crm_gateway(self.verified_config()), self.crm_events())
 
     def consent_ledger(self) -> ConsentLedger:
+        from clinicsync.application.consent import ConsentLedger
+
         store, queue = self.store(), self.consent_queue()
         return ConsentLedger(store, queue, self.settings.clinic_id, self.hasher(), clock=self.clock)
 
     def consent_outputs(self) -> ConsentOutputs:
+        from clinicsync.application.consent import ConsentOutputs
+
         if self.clinic_config().crm.kind == "vtiger":
             # The lab case: the directory sync carries opt-outs to vTiger (emailoptout); no patient contacts.
             config = self.clinic_config()

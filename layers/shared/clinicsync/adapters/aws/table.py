@@ -13,9 +13,9 @@ import boto3
 from boto3.dynamodb.conditions import Key
 from boto3.dynamodb.table import BatchWriter
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from clinicsync.adapters.aws.clients import PLAIN_CONFIG
 from clinicsync.retrying import Transient, call_with_retries, exponential
 
 if TYPE_CHECKING:
@@ -23,9 +23,6 @@ if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 TRANSACT_LIMIT = 100  # items per TransactWriteItems request
-# Our AWS requests are built by code, not typed by a user: botocore's client-side check of each one
-# against the service model is CPU spent for nothing (AWS still validates them).
-PLAIN_CONFIG = Config(parameter_validation=False)
 
 
 def batch_get(

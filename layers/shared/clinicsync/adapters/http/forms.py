@@ -7,8 +7,6 @@ import base64
 import binascii
 import re
 from collections.abc import Mapping
-from email import policy
-from email.parser import BytesParser
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -104,6 +102,10 @@ def _multipart_pairs(content_type: str, body: bytes) -> list[tuple[str, str]]:
         raise FormError(f"body larger than {MAX_BODY_BYTES} bytes")
     if not content_type.isascii() or any(c in content_type for c in "\r\n\0"):
         raise FormError("malformed content type")
+    # Imported here: the CRMs' and Mailchimp's webhooks are urlencoded, only a one-click POST may be multipart.
+    from email import policy
+    from email.parser import BytesParser
+
     message = BytesParser(policy=policy.HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
     if message.defects or not message.is_multipart() or not message.get_boundary():
         raise FormError("malformed multipart body")

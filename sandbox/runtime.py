@@ -34,6 +34,7 @@ import boto3
 from moto.server import ThreadedMotoServer
 from werkzeug.wrappers import Request, Response
 
+from clinicsync.domain.config import stored_config
 from sandbox.cfn_yaml import evaluate_conditions, function_properties, load_template, resolve, resources_of_type
 from sandbox.emulators.base import ServedApp
 
@@ -316,7 +317,8 @@ class ClinicStack:
         self._modules: dict[str, ModuleType] = {}
         ssm, sm = aws.client("ssm"), aws.client("secretsmanager")
         config_name = f"/clinicsync/{clinic_id}/config"
-        ssm.put_parameter(Name=config_name, Value=config_yaml, Type="String", Overwrite=True)
+        # Stored as `clinicsync deploy` stores it (JSON), so the functions read it as deployed.
+        ssm.put_parameter(Name=config_name, Value=stored_config(config_yaml), Type="String", Overwrite=True)
         arns = {}
         for key in ("mis", "crm", "clinic"):
             name = f"clinicsync/{clinic_id}/{key}"

@@ -15,7 +15,7 @@ import boto3
 from botocore.exceptions import ClientError
 
 from clinicsync.adapters.ident.contract import weak_integration_key
-from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.config import ClinicConfig, stored_config
 
 # Generated once per clinic and never replaced: the phone/e-mail indexes and unsubscribe links depend on them.
 CLINIC_KEYS = ("hash_key", "unsubscribe_key")
@@ -118,8 +118,9 @@ def config_exists(name: str, region: str | None = None) -> bool:
 
 
 def store_config(name: str, text: str, region: str | None = None) -> None:
+    """The config file's document, stored as the functions read it (JSON: no YAML parser at a cold start)."""
     boto3.client("ssm", region_name=region).put_parameter(
-        Name=name, Value=text, Type="String", Overwrite=True, Tier="Intelligent-Tiering"
+        Name=name, Value=stored_config(text), Type="String", Overwrite=True, Tier="Intelligent-Tiering"
     )
 
 

@@ -2,8 +2,8 @@
 it builds it, so importing a handler loads none of them, and a Bitrix24 clinic never loads amoCRM's; each
 part (config, store, use cases) is imported where it is built, so a handler loads only its own, and what
 every one of its invocations builds is loaded with it (Lambda's init), not deferred to its first call; the
-X-Ray SDK is loaded only where Powertools traces, and the layer ships the phone parser without its data
-for geocoding and carriers."""
+stored config is JSON, so no YAML parser loads; the X-Ray SDK is loaded only where Powertools traces, and
+the layer ships the phone parser without its data for geocoding and carriers."""
 
 from __future__ import annotations
 
@@ -70,8 +70,8 @@ def test_importing_a_handler_loads_no_mis_or_crm_adapter(handler: str) -> None:
 
 # What a handler never builds, so its import must not load it: the webhook receiver only checks a sender
 # and queues (no config, table, use case, retry machinery, IDENT or Mailchimp models, MIME parser); the
-# others never build another handler's use case. A plain ASCII e-mail needs neither the Unicode database
-# nor IDNA's tables.
+# others never build another handler's use case. No handler reads YAML (the stored config is JSON), and a
+# plain ASCII e-mail needs neither the Unicode database nor IDNA's tables.
 USE_CASES = {f"clinicsync.application.{name}" for name in ("sync", "crm_events", "consent", "poll", "ident")}
 NEVER_AT_IMPORT = {
     "crm_webhook": USE_CASES
@@ -111,7 +111,22 @@ AT_IMPORT = {
 def test_a_handler_imports_what_its_invocations_build_and_nothing_they_never_build(handler: str) -> None:
     loaded = _loaded_after(handler, "import app")
     assert NEVER_AT_IMPORT[handler] & loaded == set()
+    assert "yaml" not in loaded
     assert AT_IMPORT[handler] <= loaded
+
+
+def test_the_stored_config_reads_back_without_a_yaml_parser() -> None:
+    demo = ROOT / "sandbox" / "clinics" / "demo-dental.yaml"
+    statement = f"""
+from clinicsync.domain.config import parse_clinic_config, stored_config
+stored = stored_config(open({str(demo)!r}, encoding="utf-8").read())  # what a deploy puts in SSM
+for name in [m for m in sys.modules if m == "yaml" or m.startswith("yaml.")]:
+    del sys.modules[name]  # the CLI's side read the YAML file; the function's side starts here
+config = parse_clinic_config(stored)
+assert config.clinic_id
+"""
+    loaded = _loaded_after("crm_webhook", statement)
+    assert "yaml" not in loaded
 
 
 def test_an_ascii_address_is_normalised_without_the_unicode_database() -> None:

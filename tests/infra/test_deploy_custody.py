@@ -293,8 +293,10 @@ def test_config_is_stored_after_the_new_code_on_an_update(
     assert code == 0, out
     ssm = clinic.stack.aws.client("ssm")
     live = ssm.get_parameter(Name=f"/clinicsync/{cid}/config")["Parameter"]["Value"]
+    assert json.loads(live)["clinic_id"] == cid  # stored as the functions read it: JSON, no YAML parser
     # The next deploy's `sam deploy` fails: the running (old) code keeps the config it understands.
-    config_path.write_text(config_path.read_text(encoding="utf-8") + "\n# changed\n", encoding="utf-8")
+    changed = yaml.safe_load(config_path.read_text(encoding="utf-8")) | {"shards": 5}
+    config_path.write_text(yaml.safe_dump(changed, allow_unicode=True), encoding="utf-8")
     (tmp_path / "fail-update").touch()
     code, out = run(*deploy)
     assert code == 1, out
@@ -302,7 +304,7 @@ def test_config_is_stored_after_the_new_code_on_an_update(
     (tmp_path / "fail-update").unlink()
     code, out = run(*deploy)
     assert code == 0, out
-    assert ssm.get_parameter(Name=f"/clinicsync/{cid}/config")["Parameter"]["Value"].endswith("# changed\n")
+    assert json.loads(ssm.get_parameter(Name=f"/clinicsync/{cid}/config")["Parameter"]["Value"])["shards"] == 5
 
 
 def test_sam_build_finds_python313_like_the_makefile(

@@ -1,4 +1,5 @@
-"""The clinic's configuration: one YAML file per clinic, validated here, stored in SSM when deployed.
+"""The clinic's configuration: one YAML file per clinic, validated here, stored in SSM when deployed
+(as JSON, ``stored_config``, so a function's cold start never loads a YAML parser).
 
 Secrets never appear in it; connections name a secret by reference (an ARN or a local name).
 ``clinic_config_json_schema()`` exports the JSON Schema that editors and the docs use.
@@ -6,11 +7,11 @@ Secrets never appear in it; connections name a secret by reference (an ARN or a 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from pydantic import (
     Field,
     StringConstraints,
@@ -304,10 +305,36 @@ class ClinicConfig(Section):
 
 
 def parse_clinic_config(text: str) -> ClinicConfig:
-    data = yaml.safe_load(text)
+    """The operator's YAML file, or the JSON a deploy stores in SSM (a stack deployed before JSON was
+    stored keeps its YAML there until its next deploy)."""
+    data = _document(text)
     if not isinstance(data, dict):
         raise ValueError("clinic config must be a YAML mapping")
     return ClinicConfig.model_validate(data)
+
+
+def stored_config(text: str) -> str:
+    """The config as a deploy stores it in SSM: the operator's document as compact JSON, which reads back
+    as the same config (checked here), parsed by the functions with the stdlib's json."""
+    config = parse_clinic_config(text)  # a file that does not validate is refused as it is
+    try:
+        stored = json.dumps(_document(text), ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError("the clinic config holds a value JSON cannot store; quote it") from exc
+    if parse_clinic_config(stored) != config:
+        raise ValueError("the clinic config reads differently as JSON; quote its values")
+    return stored
+
+
+def _document(text: str) -> Any:
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass  # a YAML flow mapping
+    import yaml  # the operator's file (the CLI); a deployed function reads the stored JSON
+
+    return yaml.safe_load(text)
 
 
 def load_clinic_config(path: str | Path) -> ClinicConfig:

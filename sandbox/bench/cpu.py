@@ -5,7 +5,11 @@ event alone, cheaply: clinicsync's backfill and steady day on one CRM (the same 
 ``--profile`` samples the stack of the thread running a handler every millisecond and weights each sample
 by that thread's own CPU time since the last one (``pthread_getcpuclockid``), so the emulators' threads and
 the moto process never count, as in the bench's figure. The profile lists self and inclusive CPU per
-function and per file, over the backfill and the day together."""
+function and per area (``--phase``: the backfill, the day, or both). A sample lands where the thread lets
+go of the interpreter lock, so self times pile up on socket calls: read the inclusive shares. (cProfile
+is no help here: since Python 3.12 it also records threads started while it runs, i.e. the emulators'
+per-request threads.) The day's AWS calls are counted by the clinicsync function that made them, and
+httpx's requests (MIS, CRM) by their CPU on our thread."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import json
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +40,7 @@ class Sampler:
         self.incl_cpu: defaultdict[str, float] = defaultdict(float)
         self.file_cpu: defaultdict[str, float] = defaultdict(float)
         self.total = 0.0
+        self.enabled = True  # off: invocations run unsampled (e.g. only the day is profiled)
         self._target: int | None = None
         self._clock: int | None = None
         self._last = 0.0
@@ -45,6 +50,9 @@ class Sampler:
     @contextmanager
     def watching(self) -> Iterator[None]:
         """Samples the calling thread while inside."""
+        if not self.enabled:
+            yield
+            return
         self._target = threading.get_ident()
         self._clock = time.pthread_getcpuclockid(self._target)
         self._last = time.clock_gettime(self._clock)
@@ -126,17 +134,78 @@ def _area(path: str) -> str:
     return "stdlib:" + short.split("/")[0]
 
 
-def _profiled(stack: Any, sampler: Sampler) -> None:
+@contextmanager
+def _http_cpu(spent: defaultdict[str, float], calls: Counter[str]) -> Iterator[None]:
+    """Our thread's CPU inside httpx's ``Client.send`` (the MIS's and the CRM's requests), by path head."""
+    import httpx
+
+    real = httpx.Client.send
+
+    def send(client: httpx.Client, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        started = time.thread_time()
+        try:
+            return real(client, request, **kwargs)
+        finally:
+            path = request.url.path
+            kind = "crm" if "/api/v2/" not in path else "medods " + path.split("/api/v2/", 1)[1].split("/")[0]
+            kind += "/{id}" if kind.startswith("medods") and path.rstrip("/").count("/") > 3 else ""
+            spent[kind] += time.thread_time() - started
+            calls[kind] += 1
+
+    setattr(httpx.Client, "send", send)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(httpx.Client, "send", real)  # noqa: B010
+
+
+@contextmanager
+def _callers(where: Counter[str]) -> Iterator[None]:
+    """Each AWS call of our code counted by operation and the clinicsync function that made it."""
+    import botocore.client
+
+    real = getattr(botocore.client.BaseClient, "_make_api_call")  # noqa: B009 (private, untyped)
+
+    def call(client: Any, operation: str, params: dict[str, Any]) -> Any:
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None and "clinicsync/" not in frame.f_code.co_filename.replace("\\", "/"):
+            frame = frame.f_back
+        if frame is not None:
+            code = frame.f_code
+            where[f"{operation} <- {_short(code.co_filename)}:{code.co_name}"] += 1
+        return real(client, operation, params)
+
+    setattr(botocore.client.BaseClient, "_make_api_call", call)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(botocore.client.BaseClient, "_make_api_call", real)  # noqa: B010
+
+
+def _profiled(stack: Any, sampler: Sampler | None, by_function: dict[str, float]) -> None:
     real = stack.invoke
 
     def invoke(function_id: str, event: Any) -> Any:
-        with sampler.watching():
-            return real(function_id, event)
+        started = time.thread_time()
+        try:
+            if sampler is None:
+                return real(function_id, event)
+            with sampler.watching():
+                return real(function_id, event)
+        finally:
+            by_function[function_id] = by_function.get(function_id, 0.0) + time.thread_time() - started
 
     stack.invoke = invoke
 
 
-def run(crm: str, appointments: int, day_cycles: int, per_cycle: int, sampler: Sampler | None) -> dict[str, Any]:
+def run(
+    crm: str,
+    appointments: int,
+    day_cycles: int,
+    per_cycle: int,
+    sampler: Sampler | None,
+    phase: str = "both",
+) -> dict[str, Any]:
     from sandbox.local import start_local_clinic
 
     base = Sizes()
@@ -155,22 +224,33 @@ def run(crm: str, appointments: int, day_cycles: int, per_cycle: int, sampler: S
             )
         try:
             app = wired.crm
-            if sampler is not None:
-                _profiled(clinic.stack, sampler)  # inside the meter's wrapper: its clock and ours agree
+            by_function: dict[str, float] = {}
+            _profiled(clinic.stack, sampler, by_function)  # inside the meter's wrapper: its clock and ours agree
             with metered(clinic.stack) as meter, simulated(clock), _quiet():
                 meter.trace_left = 0
+                if sampler is not None:
+                    sampler.enabled = phase in ("both", "backfill")
                 backfill = measure_backfill(crm, clinic, app, clock, meter)
+                if sampler is not None:
+                    sampler.enabled = False
                 clock.advance(POLL_INTERVAL)
                 clinic.sync()
                 clock.advance(POLL_INTERVAL)
                 clinic.sync()
                 maker = ChangeMaker(clinic)
+                by_function.clear()
+                if sampler is not None:
+                    sampler.enabled = phase in ("both", "day")
                 snap = meter.snapshot()
+                callers: Counter[str] = Counter()
+                http_spent: defaultdict[str, float] = defaultdict(float)
+                http_calls: Counter[str] = Counter()
                 crm_before = sum(app.statuses.values())
-                for _ in range(day_cycles):
-                    clock.advance(POLL_INTERVAL)
-                    maker.cycle(per_cycle)
-                    clinic.sync()
+                with _callers(callers), _http_cpu(http_spent, http_calls):
+                    for _ in range(day_cycles):
+                        clock.advance(POLL_INTERVAL)
+                        maker.cycle(per_cycle)
+                        clinic.sync()
                 day = diff(meter.snapshot(), snap)
                 day_crm = sum(app.statuses.values()) - crm_before
                 mismatched = len(clinic.mismatches())
@@ -192,6 +272,11 @@ def run(crm: str, appointments: int, day_cycles: int, per_cycle: int, sampler: S
         "day_crm_requests": day_crm,
         "backfill_aws": _calls(backfill.cost),
         "day_aws": _calls(day),
+        "day_cpu_seconds_by_function": {k: round(v, 3) for k, v in by_function.items()},
+        "day_aws_callers": dict(callers.most_common()),
+        "day_aws_calls": sum(callers.values()),
+        "day_http_cpu_ms_per_call": {k: round(1000 * v / http_calls[k], 3) for k, v in http_spent.items()},
+        "day_http_calls": dict(http_calls),
         "mismatches": mismatched,
         "invocations": dict(backfill.cost["invocations"] + day["invocations"]),
     }
@@ -208,12 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--day-cycles", type=int, default=Sizes().day_cycles)
     parser.add_argument("--per-cycle", type=int, default=Sizes().day_changes // Sizes().day_cycles)
     parser.add_argument("--profile", help="write a CPU profile of our thread here")
+    parser.add_argument("--phase", choices=("both", "backfill", "day"), default="both", help="what --profile samples")
     parser.add_argument("--json", help="append the figures as one JSON line here")
     args = parser.parse_args(argv)
     sampler = Sampler().start() if args.profile else None
     started = time.perf_counter()
     try:
-        out = run(args.crm, args.appointments, args.day_cycles, args.per_cycle, sampler)
+        out = run(args.crm, args.appointments, args.day_cycles, args.per_cycle, sampler, args.phase)
     finally:
         if sampler is not None:
             sampler.stop()

@@ -75,7 +75,8 @@ def simulated(clock: SimClock) -> Iterator[Wired]:
         (pacing, "Pacer", functools.partial(pacing.Pacer, clock=clock.monotonic, sleep=clock.sleep)),
         (budget, "SharedLeakyBucket", bucket),
         (wiring, "SharedLeakyBucket", bucket),  # wiring imports it at the top
-        (bitrix24, "Bitrix24Client", functools.partial(bitrix24.Bitrix24Client, sleep=clock.sleep)),
+        # The portal's pause (operating_reset_at) is on the emulator's clock: the client reads it on the same.
+        (bitrix24, "Bitrix24Client", functools.partial(bitrix24.Bitrix24Client, sleep=clock.sleep, clock=clock.now)),
         (amocrm, "AmoCrmClient", functools.partial(amocrm.AmoCrmClient, sleep=clock.sleep)),
     ]
     with contextlib.ExitStack() as stack:

@@ -45,7 +45,7 @@ def print_report(report: dict[str, Any]) -> None:
         "  of which in boto3 (backfill)": lambda o: o["cpu_ms_per_event"]["backfill_in_aws_sdk"],
         "  of which in boto3 (day)": lambda o: o["cpu_ms_per_event"]["steady_day_in_aws_sdk"],
         "AWS calls per event (backfill)": lambda o: o["cpu_ms_per_event"]["aws_calls_per_event_backfill"],
-        "syncer peak MiB (traced)": lambda o: o["syncer_peak_mib"],
+        "syncer peak MiB (traced; the scale run)": lambda o: o["syncer_peak_mib"],
         "MIS→CRM p95 s (target ≤ 65)": lambda o: o["mis_to_crm_seconds"]["p95"],
         "  processing p95 s": lambda o: o["mis_to_crm_seconds"]["processing_p95"],
         "unsubscribe→CRM p95 s (< 60)": lambda o: o["unsubscribe_to_crm_seconds"]["p95"],

@@ -48,7 +48,7 @@ def test_a_reduced_bench_run_twice_writes_a_well_formed_report_with_the_same_sim
     for crm in CONTESTANTS:
         ours = report["ours"][crm]
         assert {"backfill", "steady_day"} <= set(ours["cpu_ms_per_event"])
-        assert ours["syncer_peak_mib"] > 0
+        assert ours["syncer_peak_mib"] is None  # not traced here (CPU per event counts every invocation)
         extra = ours["backfill_contacts_without_visits"]
         assert extra["contacts"] >= 0 and extra["ratio_to_that_floor"] > 0
         assert {"p95", "processing_p95", "poll_interval"} <= set(ours["mis_to_crm_seconds"])

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING
 
 from clinicsync.adapters.aws import keys
+from clinicsync.adapters.aws.spill import SpilledJson
 from clinicsync.domain.backfill import BackfillState
 
 if TYPE_CHECKING:
@@ -17,15 +17,17 @@ class DynamoBackfillCheckpoint:
     def __init__(self, table: Table, source: str) -> None:
         self._table = table
         self._key = keys.backfill(source)
+        self._cursor = SpilledJson(table, "cursor")  # a large first import's cursor can outgrow the item
 
     def load(self) -> BackfillState | None:
-        item = self._table.get_item(Key=self._key).get("Item")
+        item = self._table.get_item(Key=self._key, ConsistentRead=True).get("Item")
         if not item:
+            self._cursor.load(self._key, None)  # known to hold no parts
             return None
         return BackfillState(
             window_days=int(item["window_days"]),  # type: ignore[arg-type]
             started_at=int(item["started_at"]),  # type: ignore[arg-type]
-            cursor=json.loads(str(item["cursor"])) if item.get("cursor") else None,
+            cursor=self._cursor.load(self._key, item),
             pages=int(item.get("pages", 0)),  # type: ignore[arg-type]
             patients=int(item.get("patients", 0)),  # type: ignore[arg-type]
             appointments=int(item.get("appointments", 0)),  # type: ignore[arg-type]
@@ -36,20 +38,20 @@ class DynamoBackfillCheckpoint:
 
     def save(self, state: BackfillState) -> None:
         state.updated_at = int(time.time())
-        self._table.put_item(
-            Item={
-                **self._key,
+        self._cursor.store(
+            self._key,
+            state.cursor,
+            {
                 "window_days": state.window_days,
                 "started_at": state.started_at,
-                "cursor": json.dumps(state.cursor) if state.cursor is not None else "",
                 "pages": state.pages,
                 "patients": state.patients,
                 "appointments": state.appointments,
                 "messages": state.messages,
                 "done": state.done,
                 "updated_at": state.updated_at,
-            }
+            },
         )
 
     def clear(self) -> None:
-        self._table.delete_item(Key=self._key)
+        self._cursor.delete(self._key)

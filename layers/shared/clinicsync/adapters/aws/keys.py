@@ -20,6 +20,7 @@
     CONSENT#<subject>       SEEN#crm_opt_ins      the CRM opt-in field as last seen or written: contact id, channels, at
     EMAIL#<hmac>            SUBJ#<subject>        e-mail index: a Mailchimp event's address -> the subject
     BACKFILL                <MIS kind>            the first import's checkpoint: cursor, counts, done
+    CURSOR|BACKFILL         <sk>#PART#<gen>#<n>   a cursor too large for its item, compressed, in parts (spill.py)
     IDENT#DIRECTORY         DOCTOR#<id>|BRANCH#<id>|TIMETABLE   IDENT's staff and branch names, interval counts
     DIR#<kind>#<lis id>     STATE                 the lab directory's CRM id and last synced hashes
     MEMBERS#<subject>       M                     Mailchimp members the person has had: m_<subscriber hash> = "-"
@@ -80,6 +81,15 @@ def directory_state(kind: str, lis_id: str) -> Key:
 
 def cursor(source: str) -> Key:
     return {"pk": CURSOR, "sk": source}
+
+
+def spilled_prefix(head: Key, generation: int) -> str:
+    return f"{head['sk']}#PART#{generation}#"
+
+
+def spilled_part(head: Key, generation: int, index: int) -> Key:
+    """Part ``index`` of the value the item ``head`` spilled in ``generation`` (same partition)."""
+    return {"pk": head["pk"], "sk": f"{spilled_prefix(head, generation)}{index}"}
 
 
 def lease(name: str) -> Key:

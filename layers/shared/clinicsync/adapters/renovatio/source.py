@@ -17,9 +17,11 @@ Cursor (JSON, stored by the poller after the page is enqueued)::
 
 A pass starts with ``previous`` = everything known; rows move to ``hashes`` as their chunk is read; what is
 left in ``previous`` when the pass completes (visits that left the window or vanished) is dropped, so the
-cursor stays the size of the window. The hashes live in the cursor for now; a later change moves them to
-DynamoDB items (one per appointment) when large clinics outgrow the cursor item (400 KB, about 10 000
-visits in the window).
+cursor stays the size of the window: about 30 bytes a visit. Past ~10,000 visits in the window it no
+longer fits one DynamoDB item (400 KB); the store then spills it, compressed, into part items written in
+one transaction (``clinicsync.adapters.aws.spill``), up to ~250,000 visits (13 bytes a visit
+compressed). The whole cursor is still rewritten on each poll, so such a clinic pays that size in write
+units per poll.
 
 ``resync_cursor`` returns a cursor with no hashes over ``window_seconds`` back to ``ahead_days`` ahead:
 every row in it is a change.

@@ -16,7 +16,7 @@ import threading
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -75,7 +75,8 @@ def simulated(clock: SimClock) -> Iterator[Wired]:
         (pacing, "Pacer", functools.partial(pacing.Pacer, clock=clock.monotonic, sleep=clock.sleep)),
         (budget, "SharedLeakyBucket", bucket),
         (wiring, "SharedLeakyBucket", bucket),  # wiring imports it at the top
-        (bitrix24, "Bitrix24Client", functools.partial(bitrix24.Bitrix24Client, sleep=clock.sleep)),
+        # The portal's pause (operating_reset_at) is on the emulator's clock: the client reads it on the same.
+        (bitrix24, "Bitrix24Client", functools.partial(bitrix24.Bitrix24Client, sleep=clock.sleep, clock=clock.now)),
         (amocrm, "AmoCrmClient", functools.partial(amocrm.AmoCrmClient, sleep=clock.sleep)),
     ]
     with contextlib.ExitStack() as stack:
@@ -124,6 +125,7 @@ class Meter:
     shared_cpu: float = 0.0
     shared_sdk_cpu: float = 0.0
     progress: Any = None  # callable(str) for long runs, or None
+    failed_messages: list[str] = field(default_factory=list)  # sync messages an invocation failed, in order
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -162,8 +164,16 @@ def metered(stack: Any) -> Iterator[Meter]:
             meter.traced += 1
             tracemalloc.start()
         inside.invocation = True
+        records = (event.get("Records") or []) if isinstance(event, dict) else []
         try:
-            return real_invoke(function_id, event)
+            result = real_invoke(function_id, event)
+        except BaseException:
+            meter.failed_messages += [str(r.get("messageId")) for r in records]
+            raise
+        else:
+            failures = (result or {}).get("batchItemFailures", []) if isinstance(result, dict) else []
+            meter.failed_messages += [str(f.get("itemIdentifier")) for f in failures]
+            return result
         finally:
             inside.invocation = False
             spent = time.thread_time() - cpu
@@ -260,6 +270,26 @@ def diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
         "seconds": after["seconds"] - before["seconds"],
         "aws": after["aws"] - before["aws"],
     }
+
+
+def failures_told(clinic: Any, message_ids: Sequence[str], queue: str = "sync", shown: int = 3) -> str:
+    """Why a run is refused, as the operator would read it (``clinicsync dlq list``): the recorded reasons
+    of the messages that failed (the commonest first) and how many of them the queue's DLQ holds."""
+    from clinicsync_cli.dlq import dead_letters
+    from clinicsync_cli.stack import StackHandle
+
+    with clinic.stack.environment():
+        handle = StackHandle.find(clinic.stack.stack_name)
+        _, dlq_url = handle.queue_urls(queue)
+        dead = len(dead_letters(handle.sqs(), dlq_url, handle.failure_log(), queue))
+        known = handle.failure_log().reasons(queue, list(message_ids)) if message_ids else {}
+    if not message_ids and not dead:
+        return ""
+    failed = list(dict.fromkeys(message_ids))
+    reasons = Counter(known.get(mid, {}).get("reason") or "no recorded reason" for mid in failed)
+    common = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(shown))
+    more = f"; and {len(reasons) - shown} other reasons" if len(reasons) > shown else ""
+    return f"{len(failed)} messages failed, {dead} of them in the {queue} DLQ; last reasons: {common}{more}"
 
 
 # --- import time of each handler, in a fresh interpreter -----------------------------------------------

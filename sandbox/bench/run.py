@@ -32,6 +32,7 @@ from sandbox.bench.harness import (
     Meter,
     cpu_ms_per_event,
     diff,
+    failures_told,
     import_ms,
     import_python,
     metered,
@@ -212,7 +213,11 @@ def measure_backfill(crm: str, clinic: Any, app: ClockedApp, clock: SimClock, me
             f"{crm}: clinicsync's backfill poll stopped at the poller's deadline after {poll.get('pages')} pages; "
             "the import is incomplete, no figure"
         )
-    _check_deals("clinicsync", crm, clinic.crm, visits)
+    try:
+        _check_deals("clinicsync", crm, clinic.crm, visits)
+    except InvalidRun as exc:  # say why: what the DLQ holds, and which patients lack their deals
+        told = [str(exc), _missing_told(clinic.crm, visits), failures_told(clinic, meter.failed_messages)]
+        raise InvalidRun("; ".join(filter(None, told))) from None
     cost = diff(meter.snapshot(), snap)
     # One floor per workload, the same for every contestant: the eligible visits and their patients.
     visit_patients = {str(v.client["id"]) for v in visits}
@@ -444,6 +449,19 @@ def _check_deals(contestant: str, crm: str, view: Any, visits: Sequence[Visit]) 
             f"{doubled} written twice; no figure comes from such a run"
         )
     return f"CRM checked: all {len(wanted)} deals, none twice"
+
+
+def _missing_told(view: Any, visits: Sequence[Visit], shown: int = 5) -> str:
+    """The first few missing deals by MIS appointment and patient id (ids only), to trace their messages."""
+    by_origin = view.deals_by_origin()
+    missing = sorted(
+        {(int(v.client["id"]), int(v.appointment["id"])) for v in visits if str(v.appointment["id"]) not in by_origin}
+    )
+    patients = sorted({pid for pid, _ in missing})
+    if not missing:
+        return ""
+    pairs = ", ".join(f"{aid} of patient {pid}" for pid, aid in missing[:shown])
+    return f"{len(patients)} patients lack deals; first missing appointments: {pairs}"
 
 
 def _peer_runs(

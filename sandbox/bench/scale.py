@@ -19,7 +19,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sandbox.bench.harness import cpu_ms_per_event, metered, moto_transactions_copy_once, simulated
+from sandbox.bench.harness import (
+    cpu_ms_per_event,
+    failures_told,
+    metered,
+    moto_transactions_copy_once,
+    simulated,
+)
 from sandbox.bench.moto_process import ProcessAws
 from sandbox.bench.run import (
     InvalidRun,
@@ -74,6 +80,7 @@ def run_point(crm: str, appointments: int, verbose: bool = False) -> dict[str, A
                     meter.trace_every = TRACE_EVERY
                     meter.progress = _log_to_stderr if verbose else None
                     backfill = measure_backfill(crm, clinic, wired.crm, clock, meter)
+                told = failures_told(clinic, meter.failed_messages)  # why messages failed, if any did
             finally:
                 with _quiet():
                     clinic.close()
@@ -81,12 +88,11 @@ def run_point(crm: str, appointments: int, verbose: bool = False) -> dict[str, A
             aws.stop()
     failed = backfill.summary.drain.get("failed", 0)
     if failed:
-        # Nothing fails on a healthy CRM at its limits; a message that fails here most likely hit the
-        # client's wall-clock timeouts (the emulators scan every record per request), and its retried
-        # requests would make the figure depend on the machine's load.
+        # Nothing fails on a healthy CRM at its limits, and a retried message's repeated requests would
+        # make the figure depend on when it came back.
         raise InvalidRun(
-            f"{crm} {appointments:,}: {failed} syncer messages failed and were retried during the backfill "
-            "(wall-clock timeouts of an overloaded sandbox?); the figure would depend on the machine: no figure"
+            f"{crm} {appointments:,}: {failed} syncer messages failed and were retried during the backfill"
+            f"{'; ' + told if told else ''}; the figure would depend on the machine: no figure"
         )
     figure = backfill.figure
     figure.workload = f"backfill, {appointments:,} appointments seeded"

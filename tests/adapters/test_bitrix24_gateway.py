@@ -18,6 +18,7 @@ from clinicsync.adapters.bitrix24.gateway import Bitrix24Gateway
 from clinicsync.adapters.bitrix24.oauth import Bitrix24OAuth, Bitrix24Tokens
 from clinicsync.adapters.http.pacing import Pacer
 from clinicsync.domain.ports import CHANGED_SINCE_READ, ContactWrite, DealWrite, PipelineMismatch
+from sandbox.bench.simclock import SimClock
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import OPERATING_LIMIT_PAGE, Bitrix24Emulator
 from tests.helpers import demo_config
@@ -203,6 +204,52 @@ def test_writes_for_a_paused_method_wait_while_others_go_through(emu: tuple[Bitr
     outcome = gateway.apply([*_writes(1), contact_only])
     assert outcome.failed == {"p0": "method_blocked"}
     assert set(outcome.contact_ids) == {"p9"}
+
+
+def _clocked(costs: dict[str, float]) -> tuple[Bitrix24Emulator, Bitrix24Client, SimClock, ServedApp]:
+    """A portal and a client on one simulated clock: waiting costs no test time, and the portal's
+    operating-time window moves only as the client waits."""
+    clock = SimClock(start=1_800_000_000.0)
+    emulator = Bitrix24Emulator(clock=clock)
+    emulator.limits.method_costs.update(costs)
+    emulator.limits.bucket_size = 10_000  # the request bucket is not what these tests are about
+    server = ServedApp(emulator).start()
+    pacer = Pacer(rate=1000, burst=1000, clock=clock.monotonic, sleep=clock.sleep)
+    client = Bitrix24Client(
+        emulator.webhook_url(server.base_url), pacer=pacer, backoff=0.0, sleep=clock.sleep, clock=clock.now
+    )
+    return emulator, client, clock, server
+
+
+def test_an_import_larger_than_a_methods_operating_budget_is_paced_under_it_not_refused() -> None:
+    """Regression (the 20k/50k scale runs): a first import spends crm.deal.add's 480 s of any 10 minutes
+    long before it ends (at 0.05 s a command, 9,601 deals of 18,601 were written, the rest refused with
+    OPERATION_TIME_LIMIT and their messages dead-lettered). Each method's time is now spent through a
+    bucket no 10-minute window can take past the budget: every write lands, none is refused."""
+    emulator, client, clock, server = _clocked({"crm.contact.add": 0.5, "crm.deal.add": 0.5})
+    try:
+        started = clock.now()
+        outcome = Bitrix24Gateway(client, CONFIG).apply(_writes(1000))  # 500 s of each method
+        assert outcome.failed == {}
+        assert len(emulator.deals) == len(emulator.contacts) == 1000
+        stats = emulator.stats()
+        assert stats["operation_limited_commands"] == 0 and stats["rate_limited_429"] == 0
+        assert emulator.operating_time("crm.deal.add") <= 480.0
+        assert clock.now() - started >= (500.0 - 240.0) / 0.4  # the part past the burst went at 0.4 s a second
+    finally:
+        server.stop()
+
+
+def test_an_import_within_the_operating_burst_is_not_slowed() -> None:
+    """A 5,000-visit import spends ~230 s of crm.deal.add: inside the burst, so nothing waits."""
+    emulator, client, clock, server = _clocked({})
+    try:
+        started = clock.now()
+        outcome = Bitrix24Gateway(client, CONFIG).apply(_writes(300))
+        assert outcome.failed == {} and len(emulator.deals) == 300
+        assert clock.now() == started
+    finally:
+        server.stop()
 
 
 # --- the operating-time limit answered as an HTML page (fast_bitrix24 issue 216) -------------------------

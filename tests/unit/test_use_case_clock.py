@@ -73,7 +73,7 @@ class _Parts(wiring.Container):
         self.sent.extend(messages)
 
 
-def _parts(store: MemoryStore, source: _OnePage | None = None) -> _Parts:
+def _parts(store: MemoryStore, source: _OnePage | None = None, clock: Any = NOW.timestamp) -> _Parts:
     settings = Settings.model_construct(**dict.fromkeys(Settings.model_fields, "x"))  # names only
     return _Parts(
         settings,
@@ -82,7 +82,7 @@ def _parts(store: MemoryStore, source: _OnePage | None = None) -> _Parts:
         mis_source=source,
         crm_gateway=_FailingCreates(),  # type: ignore[arg-type]
         secrets=lambda arn: {"hash_key": "k" * 32, "mailchimp_api_key": "key-us1"},
-        clock=NOW.timestamp,
+        clock=clock,
     )
 
 
@@ -94,6 +94,32 @@ def test_the_poller_stamps_its_messages_and_resync_windows_with_the_containers_c
     poller.resync(lambda: 60_000)
     assert [m.produced_at for m in parts.sent] == [NOW, NOW]
     assert source.resync_asked_at == [NOW.timestamp()]
+
+
+class _ThreePages(_OnePage):
+    """A feed of three pages, one patient each; reading a page takes a minute of the container's clock."""
+
+    def __init__(self, now: list[float]) -> None:
+        super().__init__()
+        self.now = now
+
+    def fetch_changes(self, cursor: Cursor | None) -> ChangePage:
+        n = int((cursor or {}).get("page", 0)) + 1
+        self.now[0] += 60
+        changes = [PatientChanges(patient=patient(f"p{n}"), appointments=(appointment(f"a{n}", f"p{n}"),))]
+        return ChangePage(changes=changes, cursor={"page": n}, more=n < 3)
+
+
+@pytest.mark.parametrize("run", ["poll", "resync"])
+def test_every_message_of_one_poll_run_carries_the_runs_start(run: str) -> None:
+    """The syncer tells what one run read by ``produced_at`` (a no-show and its re-booking first seen in one
+    run keep two deals, whichever pages they came in: tests/unit/test_rebooking.py), so it is the run's
+    start on every page's messages, not the time each page was read."""
+    now = [NOW.timestamp()]
+    parts = _parts(MemoryStore(), _ThreePages(now), clock=lambda: now[0])
+    poller = parts.poller()
+    getattr(poller, run)(lambda: 60_000)
+    assert len(parts.sent) == 3 and {m.produced_at for m in parts.sent} == {NOW}
 
 
 def test_the_syncer_dates_its_create_intents_with_the_containers_clock(monkeypatch: pytest.MonkeyPatch) -> None:

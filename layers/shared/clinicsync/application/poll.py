@@ -74,10 +74,11 @@ class Poller:
 
     def _poll(self, remaining_ms: Callable[[], int], max_pages: int) -> PollReport:
         report = PollReport()
+        run = self._run_at(self._clock())
         cursor = self._store.get_cursor(self._source.kind)
         for _ in range(max_pages):
             page = self._source.fetch_changes(cursor)
-            self._enqueue(page, report)  # raises if SQS refuses: the cursor then stays where it was
+            self._enqueue(page, report, run=run)  # raises if SQS refuses: the cursor then stays where it was
             self._source.acknowledge(page)
             self._store.put_cursor(self._source.kind, page.cursor)
             cursor = page.cursor
@@ -95,10 +96,11 @@ class Poller:
         The regular cursor is left alone, so a resync never makes the incremental feed skip anything.
         """
         report = PollReport()
+        run = self._run_at(self._clock())
         cursor = self._source.resync_cursor(window_seconds, self._clock())
         while True:
             page = self._source.fetch_changes(cursor)
-            self._enqueue(page, report, bulk=True)
+            self._enqueue(page, report, bulk=True, run=run)
             cursor = page.cursor
             if not page.more or remaining_ms() < self.SAFETY_MS:
                 report.stopped_early = page.more
@@ -126,7 +128,7 @@ class Poller:
                 break
             report = PollReport()
             page = self._source.fetch_changes(state.cursor)
-            self._enqueue(page, report, bulk=True)
+            self._enqueue(page, report, bulk=True, run=self._run_at(state.started_at))  # one run, resumed or not
             state.cursor = dict(page.cursor)
             state.pages += 1
             state.patients += report.patients
@@ -139,14 +141,21 @@ class Poller:
                 break
         return state
 
-    def _enqueue(self, page: ChangePage, report: PollReport, bulk: bool = False) -> None:
+    @staticmethod
+    def _run_at(started: float) -> datetime:
+        """Every message of one poll run carries its start as ``produced_at``: the syncer tells by it what
+        one run read (a no-show and its re-booking first seen in one run keep two deals, whichever pages
+        they came in), and the lag it reports runs from the poll that read the change."""
+        return datetime.fromtimestamp(started, UTC)
+
+    def _enqueue(self, page: ChangePage, report: PollReport, bulk: bool = False, *, run: datetime) -> None:
         """``bulk`` (resync, first import): bigger messages, so the import takes fewer syncer invocations
         and pays their fixed costs (look-ups, part-filled last batches) fewer times; an incremental
         poll keeps small messages for latency."""
         report.pages += 1
         report.rejected += page.rejected
         size = self._config.bulk_patients_per_message if bulk else self._config.patients_per_message
-        messages = self._pack(page.changes, size)
+        messages = self._pack(page.changes, size, run)
         # Index phones before anyone syncs: family members in different shards then see each other,
         # so neither adopts a contact found by their shared phone.
         self._store.index_phones(
@@ -166,13 +175,12 @@ class Poller:
         report.patients += len(page.changes)
         report.appointments += sum(len(c.appointments) for c in page.changes)
 
-    def _pack(self, changes: Sequence[PatientChanges], size: int) -> list[SyncMessage]:
+    def _pack(self, changes: Sequence[PatientChanges], size: int, run: datetime) -> list[SyncMessage]:
         by_shard: dict[int, list[PatientChanges]] = {}
         for item in changes:
             by_shard.setdefault(shard_of(item.patient.mis_id, self._config.shards), []).append(item)
-        now = datetime.fromtimestamp(self._clock(), UTC)
         return [
-            SyncMessage(clinic_id=self._config.clinic_id, shard=shard, produced_at=now, changes=tuple(chunk))
+            SyncMessage(clinic_id=self._config.clinic_id, shard=shard, produced_at=run, changes=tuple(chunk))
             for shard, group in sorted(by_shard.items())
             for chunk in _chunks(group, size, self._config.clinic_id)
         ]

@@ -355,7 +355,7 @@ class Syncer:
                 if isinstance(write, DealWrite):
                     created = write.deal_id is None
                     state.appointments[write.appointment_id].deal_id = outcome.deal_ids.get(write.appointment_id)
-                    state.track_deal(state.appointments[write.appointment_id])  # a new deal's id, for re-bookings
+                    state.track_deal(state.appointments[write.appointment_id], item.polled_at)  # a new deal's id
                     report.deals_created += created
                     report.deals_updated += not created
                 elif isinstance(write, ContactWrite):

@@ -139,6 +139,9 @@ class PatientChanges(Strict):
 
     patient: Patient
     appointments: tuple[Appointment, ...] = ()
+    # The poll run that read it (its message's ``produced_at``), set by the syncer from the message and
+    # never sent itself: a re-booking continues only a deal an earlier run made (domain/rebooking.py).
+    polled_at: datetime | None = None
 
 
 class CrmObservation(Strict):
@@ -219,5 +222,8 @@ def merge_by_patient(changes: Sequence[PatientChanges]) -> list[PatientChanges]:
         for appt in item.appointments:
             if appt.mis_id not in visits or appt.version >= visits[appt.mis_id].version:
                 visits[appt.mis_id] = appt
-        merged[pid] = PatientChanges(patient=patient, appointments=tuple(visits.values()))
+        runs = [at for at in (current.polled_at, item.polled_at) if at is not None]
+        merged[pid] = PatientChanges(
+            patient=patient, appointments=tuple(visits.values()), polled_at=min(runs) if runs else None
+        )
     return list(merged.values())

@@ -4,6 +4,7 @@ whose deal was continued is a visit of its own again. Pure, like the rest of the
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 
 from clinicsync.domain.config import Pipeline
 from clinicsync.domain.models import Appointment, AppointmentStatus
@@ -58,6 +59,7 @@ def continued_deal(
     appointment: Appointment,
     status: AppointmentStatus,
     polled: Mapping[str, Appointment],
+    polled_at: datetime | None = None,
 ) -> LatestDeal | None:
     """The deal a new booking continues (case C: a no-show is called back and re-booked), or None.
 
@@ -68,12 +70,18 @@ def continued_deal(
 
     Only a deal that was already the funnel's latest before this poll (``before``: the state the plan
     started from): a no-show first seen with its re-booking keeps a deal of its own, also one it adopts
-    by phone now, or one an earlier attempt at this poll's message created and a retry finds by MIS id."""
+    by phone now, or one an earlier attempt at this poll's message created and a retry finds by MIS id.
+
+    Nor one that became the latest in this same poll run (``polled_at``) from another of its messages: a
+    first import of more than one page delivers a patient's no-show and re-booking in different messages,
+    and they keep two deals just as when one message carries both."""
     latest = state.latest_deals.get(pipeline.category_id)
     if status not in ACTIVE_STATUSES or latest is None or latest.deal_id is None or latest.closed:
         return None
     held = before.latest_deals.get(pipeline.category_id)
     if held is None or held.deal_id != latest.deal_id:
+        return None
+    if held.since is not None and polled_at is not None and held.since >= polled_at:
         return None
     if latest.appointment_id == appointment.mis_id or latest.stage not in pipeline.continuing_stages:
         return None

@@ -163,9 +163,10 @@ def plan_patient(
     polled = {a.mis_id: a for a in changes.appointments}
     note_lost_continuations(next_state, matches.deals)
     for appointment in sorted(changes.appointments, key=lambda a: (a.starts_at, a.mis_id)):
-        _plan_deal(appointment, plan, state, next_state, matches, config, hasher, contact_id, adoption, polled)
+        at = changes.polled_at
+        _plan_deal(appointment, plan, state, next_state, matches, config, hasher, contact_id, adoption, polled, at)
         if appointment.mis_id in next_state.appointments:
-            next_state.track_deal(next_state.appointments[appointment.mis_id])
+            next_state.track_deal(next_state.appointments[appointment.mis_id], at)
 
     plan.next_state = next_state
     return plan
@@ -192,6 +193,7 @@ def _plan_deal(
     contact_id: str | None,
     adoption: Adoption | None,
     polled: Mapping[str, Appointment],
+    polled_at: datetime | None,
 ) -> None:
     aid = appointment.mis_id
     # Visit history counts every completed visit, also those that are never sent (anonymous, filtered).
@@ -227,7 +229,7 @@ def _plan_deal(
     pipeline = _pipeline_by_category(config, category_id) if category_id else None
     pipeline = pipeline or config.pipeline(repeat=repeat)
     category_id = category_id or pipeline.category_id
-    deal_id = _continue_deal(appointment, status, pipeline, deal_id, plan, state, next_state, polled)
+    deal_id = _continue_deal(appointment, status, pipeline, deal_id, plan, state, next_state, polled, polled_at)
     stage: str | None = pipeline.stages[status]
 
     updated = known.model_copy(
@@ -293,9 +295,12 @@ def _continue_deal(
     before: PatientState,
     state: PatientState,
     polled: Mapping[str, Appointment],
+    polled_at: datetime | None,
 ) -> str | None:
     """The deal this visit writes: its own, or the re-booked no-show's it continues."""
-    continued = None if deal_id is not None else continued_deal(state, before, pipeline, appointment, status, polled)
+    continued = (
+        None if deal_id is not None else continued_deal(state, before, pipeline, appointment, status, polled, polled_at)
+    )
     if continued is not None:
         deal_id = continued.deal_id
     latest = state.latest_deals.get(pipeline.category_id)

@@ -38,6 +38,9 @@ class LatestDeal(BaseModel):
     stage: str | None = None
     closed: bool = False
     starts_at: datetime | None = None
+    since: datetime | None = Field(
+        default=None, description="The poll run in which this deal became the latest (None: before it was kept)"
+    )
 
 
 class PatientState(BaseModel):
@@ -71,22 +74,22 @@ class PatientState(BaseModel):
         the later visit's), so a deal it is given again is looked up by MIS id before it is created."""
         return None if appointment_id in self.continued else self.appointment(appointment_id).deal_id
 
-    def track_deal(self, appt: AppointmentState) -> None:
-        """Keep each funnel's latest deal: the later visit, or the same deal under its new appointment."""
+    def track_deal(self, appt: AppointmentState, polled_at: datetime | None = None) -> None:
+        """Keep each funnel's latest deal: the later visit, or the same deal under its new appointment;
+        ``polled_at`` is the poll run that made it the latest (the same deal keeps its first run)."""
         if appt.category_id is None or appt.starts_at is None or appt.appointment_id in self.continued:
             return
         current = self.latest_deals.get(appt.category_id)
-        if (
-            current is None
-            or current.appointment_id == appt.appointment_id
+        same = current is not None and (
+            current.appointment_id == appt.appointment_id
             or (appt.deal_id is not None and appt.deal_id == current.deal_id)
-            or current.starts_at is None
-            or appt.starts_at >= current.starts_at
-        ):
+        )
+        if current is None or same or current.starts_at is None or appt.starts_at >= current.starts_at:
             self.latest_deals[appt.category_id] = LatestDeal(
                 appointment_id=appt.appointment_id,
                 deal_id=appt.deal_id,
                 stage=appt.stage,
                 closed=appt.closed,
                 starts_at=appt.starts_at,
+                since=current.since if same and current is not None else polled_at,
             )

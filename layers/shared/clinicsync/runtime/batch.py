@@ -162,7 +162,8 @@ class SyncJob:
         observe(Counted({"CrmThrottles": self.throttles}))
 
     def _sync(self, messages: list[SyncMessage]) -> None:
-        changes = [c for m in messages for c in m.changes]
+        # Each change set knows its poll run: a re-booking continues only a deal an earlier run made.
+        changes = [c.model_copy(update={"polled_at": m.produced_at}) for m in messages for c in m.changes]
         observations = [o for m in messages for o in m.observations]
         if not changes and not observations:
             return

@@ -68,14 +68,26 @@ class Bitrix24OutcomeUnknown(Exception):
 class Bitrix24MethodBlocked(CrmPaused):
     """The portal's operating-time budget blocks this method until ``until``; other methods still work."""
 
-    def __init__(self, method: str, until: float) -> None:
-        super().__init__(f"{method} is blocked by the operating-time limit for {until - time.time():.0f} s", until)
+    def __init__(self, method: str, until: float, now: float) -> None:
+        super().__init__(f"{method} is blocked by the operating-time limit for {until - now:.0f} s", until)
         self.method = method
 
 
 # Errors that mean the portal refused the request before running it, so a resend is safe.
 NOT_EXECUTED = frozenset({"QUERY_LIMIT_EXCEEDED", "OVERLOAD_LIMIT"})
 OPERATING_PAUSE = 60.0  # when the portal does not say when the method's budget resets
+# Each method may run 480 s in any 10 minutes (``time.operating``); past that the portal refuses it for
+# up to 10 minutes. The client spends a method's time through a bucket that holds OPERATING_BURST and
+# refills at OPERATING_RATE, so no 10 minutes ever see more than 240 + 600 x 0.4 = 480 s of it: a large
+# first import (50,000 visits are ~2,300 s of crm.deal.add) slows to the budget instead of being refused,
+# and a 5,000-visit one (~230 s) stays inside the burst, unslowed.
+OPERATING_LIMIT = 480.0
+OPERATING_WINDOW = 600.0
+OPERATING_BURST = 240.0
+OPERATING_RATE = (OPERATING_LIMIT - OPERATING_BURST) / OPERATING_WINDOW
+# A call waits for its bucket at most this long (a batch of 50 fast commands waits seconds); a method
+# slower than the bucket can pace is sent anyway, and the portal's own refusal pauses it.
+OPERATING_MAX_WAIT = 60.0
 # Under the operating-time limit Bitrix24 has answered /batch with a text/html page instead of its JSON
 # error (fast_bitrix24 issue 216). Such a page is the limit when it names it, or when its status is 429:
 # Bitrix24 answers 429 for that limit only.
@@ -89,12 +101,25 @@ def _operating_page(response: httpx.Response) -> bool:
     return any(marker in text for marker in OPERATING_PAGE_MARKERS)
 
 
-def _methods_of(method: str, params: Mapping[str, Any] | None) -> list[str]:
-    """The methods a call spends operating time on: a batch's sub-commands, or the method itself."""
+def _commands_of(method: str, params: Mapping[str, Any] | None) -> dict[str, str]:
+    """Each command's method by its key: a batch's sub-commands, or the method itself (key "")."""
     cmd = (params or {}).get("cmd") if method == "batch" else None
-    queries = cmd.values() if isinstance(cmd, Mapping) else cmd if isinstance(cmd, list | tuple) else ()
-    names = (str(q).partition("?")[0].strip().lower().removesuffix(".json") for q in queries)
-    return list(dict.fromkeys(n for n in names if n)) or [method]
+    items = cmd.items() if isinstance(cmd, Mapping) else enumerate(cmd) if isinstance(cmd, list | tuple) else ()
+    names = {str(key): str(q).partition("?")[0].strip().lower().removesuffix(".json") for key, q in items}
+    return {key: name for key, name in names.items() if name} or {"": method}
+
+
+@dataclass
+class _OperatingBucket:
+    """One method's operating time as this client spends it: a leaky bucket (level at ``at``, draining at
+    OPERATING_RATE), and the longest a command of it took, to know what the next call will cost."""
+
+    level: float = 0.0
+    at: float = 0.0
+    cost: float = 0.0
+
+    def drained(self, now: float) -> float:
+        return max(0.0, self.level - (now - self.at) * OPERATING_RATE)
 
 
 def _operating_reset(body: Mapping[str, Any] | None) -> float | None:
@@ -157,6 +182,7 @@ class Bitrix24Client:
         *,
         oauth: Bitrix24OAuth | None = None,
         user_id: str = "",
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """Incoming webhook (``webhook_url``) or OAuth app (``oauth``): exactly one of them."""
         if (webhook_url is None) == (oauth is None):
@@ -167,7 +193,8 @@ class Bitrix24Client:
         parts = [p for p in urlsplit(self._webhook or "").path.split("/") if p]
         self.user_id = user_id or (parts[1] if len(parts) >= 3 and parts[0] == "rest" else "")
         self._blocked: dict[str, float] = {}
-        self._clock = time.time
+        self._operating: dict[str, _OperatingBucket] = {}
+        self._clock = clock
         self._http = http or httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0))
         self._pacer = pacer or Pacer()
         self._max_attempts = max_attempts
@@ -193,13 +220,42 @@ class Bitrix24Client:
             return None
         return until
 
+    def _pace_operating(self, commands: Mapping[str, str]) -> None:
+        """Wait until every method of the call has room in its bucket for its commands."""
+        counts: dict[str, int] = {}
+        for name in commands.values():
+            counts[name] = counts.get(name, 0) + 1
+        now = self._clock()
+        wait = 0.0
+        for name, n in counts.items():
+            if (bucket := self._operating.get(name)) is not None:
+                wait = max(wait, (bucket.drained(now) + n * bucket.cost - OPERATING_BURST) / OPERATING_RATE)
+        if 0 < wait <= OPERATING_MAX_WAIT:
+            self._sleep(wait)
+
+    def _spent_operating(self, commands: Mapping[str, str], body: Mapping[str, Any]) -> None:
+        """Charge each method's bucket with what its commands took (``time``, a batch's ``result_time``)."""
+        single = "" in commands
+        times = {"": body.get("time")} if single else _as_dict(_as_dict(body.get("result")).get("result_time"))
+        now = self._clock()
+        for key, name in commands.items():
+            block = times.get(key)
+            took = block.get("duration") if isinstance(block, Mapping) else None
+            if not isinstance(took, int | float):
+                continue
+            bucket = self._operating.setdefault(name, _OperatingBucket(at=now))
+            bucket.level, bucket.at = bucket.drained(now) + float(took), now
+            bucket.cost = max(bucket.cost, float(took))
+
     def call(self, method: str, params: Mapping[str, Any] | None = None, *, writes: bool = False) -> dict[str, Any]:
         """POST one method. Requests that never ran (limits, refused connections) are retried with
         backoff. A write whose response is lost (timeout, 5xx, HTML) may have been applied, so it is
         never resent blindly: ``Bitrix24OutcomeUnknown`` sends the caller back to look up by MIS id.
         A method paused by the operating-time limit is not sent until its pause ends."""
-        methods = _methods_of(method, params)
+        commands = _commands_of(method, params)
+        methods = list(dict.fromkeys(commands.values()))
         self._refuse_paused(methods)
+        self._pace_operating(commands)
         refreshed = False
 
         def attempt(number: int) -> dict[str, Any]:
@@ -220,6 +276,7 @@ class Bitrix24Client:
                 raise self._transient(method, type(exc).__name__, number) from None
             body = self._json(response)
             if response.status_code == 200 and body is not None and "error" not in body:
+                self._spent_operating(commands, body)
                 return body
             if body is None and _operating_page(response):
                 raise self._operating_refusal(method, methods, response.status_code, writes=writes)
@@ -233,7 +290,7 @@ class Bitrix24Client:
                 reset = _operating_reset(body)
                 self.note_blocked(method, {"error": code}, reset)
                 self.throttled += 1
-                raise Bitrix24MethodBlocked(method, self._blocked[method])
+                raise Bitrix24MethodBlocked(method, self._blocked[method], self._clock())
             if code in NOT_EXECUTED:
                 self.throttled += 1
                 if code == "QUERY_LIMIT_EXCEEDED":
@@ -257,7 +314,7 @@ class Bitrix24Client:
     def _refuse_paused(self, methods: list[str]) -> None:
         for name in methods:
             if (until := self.blocked_until(name)) is not None:
-                raise Bitrix24MethodBlocked(name, until)
+                raise Bitrix24MethodBlocked(name, until, self._clock())
 
     def _operating_refusal(self, method: str, methods: list[str], status: int, *, writes: bool) -> Exception:
         """An HTML page naming the operating-time limit. It does not say which sub-command is over
@@ -268,7 +325,7 @@ class Bitrix24Client:
         self.throttled += 1
         if writes and status != 429:
             return Bitrix24OutcomeUnknown(method)
-        return Bitrix24MethodBlocked(methods[0], self._blocked[methods[0]])
+        return Bitrix24MethodBlocked(methods[0], self._blocked[methods[0]], self._clock())
 
     def _target(self, method: str, params: Mapping[str, Any] | None) -> tuple[str, dict[str, Any], str | None]:
         body = dict(params or {})

@@ -73,8 +73,7 @@ def simulated(clock: SimClock) -> Iterator[Wired]:
         (local, "Bitrix24Emulator", functools.partial(Bitrix24Emulator, clock=clock)),
         (local, "AmoCrmEmulator", functools.partial(AmoCrmEmulator, clock=clock)),
         (pacing, "Pacer", functools.partial(pacing.Pacer, clock=clock.monotonic, sleep=clock.sleep)),
-        (budget, "SharedLeakyBucket", bucket),
-        (wiring, "SharedLeakyBucket", bucket),  # wiring imports it at the top
+        (budget, "SharedLeakyBucket", bucket),  # wiring imports it from here where it builds one
         # The portal's pause (operating_reset_at) is on the emulator's clock: the client reads it on the same.
         (bitrix24, "Bitrix24Client", functools.partial(bitrix24.Bitrix24Client, sleep=clock.sleep, clock=clock.now)),
         (amocrm, "AmoCrmClient", functools.partial(amocrm.AmoCrmClient, sleep=clock.sleep)),

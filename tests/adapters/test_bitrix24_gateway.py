@@ -13,7 +13,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from clinicsync.adapters.bitrix24.client import Bitrix24Client, Bitrix24MethodBlocked, php_query
+from clinicsync.adapters.bitrix24.client import DEADLINE_MARGIN, Bitrix24Client, Bitrix24MethodBlocked, php_query
 from clinicsync.adapters.bitrix24.gateway import Bitrix24Gateway
 from clinicsync.adapters.bitrix24.oauth import Bitrix24OAuth, Bitrix24Tokens
 from clinicsync.adapters.http.pacing import Pacer
@@ -236,6 +236,37 @@ def test_an_import_larger_than_a_methods_operating_budget_is_paced_under_it_not_
         assert stats["operation_limited_commands"] == 0 and stats["rate_limited_429"] == 0
         assert emulator.operating_time("crm.deal.add") <= 480.0
         assert clock.now() - started >= (500.0 - 240.0) / 0.4  # the part past the burst went at 0.4 s a second
+    finally:
+        server.stop()
+
+
+def test_a_budget_wait_that_would_outlive_the_invocation_pauses_the_method_instead() -> None:
+    """Pacing must not sleep through Lambda's deadline (the 50k run's open risk: a full invocation needs
+    ~390 s of crm.deal.add against the syncer's 300 s, and Lambda kills it mid-batch, before any state is
+    stored). A wait that would run into the invocation's last DEADLINE_MARGIN seconds is not slept: the
+    method pauses, the invocation ends in time, nothing is refused by the portal, and every patient is
+    either written whole or failed as ``method_blocked`` (its message comes back)."""
+    emulator, _, clock, server = _clocked({"crm.contact.add": 0.5, "crm.deal.add": 0.5})
+    try:
+        started = clock.now()
+        deadline = started + 300.0
+        client = Bitrix24Client(
+            emulator.webhook_url(server.base_url),
+            pacer=Pacer(rate=1000, burst=1000, clock=clock.monotonic, sleep=clock.sleep),
+            backoff=0.0,
+            sleep=clock.sleep,
+            clock=clock.now,
+            time_left=lambda: deadline - clock.now(),
+        )
+        outcome = Bitrix24Gateway(client, CONFIG).apply(_writes(1000))  # 650 s of waiting at the budget
+
+        assert clock.now() <= deadline - DEADLINE_MARGIN
+        assert emulator.stats()["operation_limited_commands"] == 0
+        assert client.blocked_until("crm.deal.add") is not None
+        written = {str(d["ORIGIN_ID"]) for d in emulator.deals.values()}
+        assert written and set(outcome.failed.values()) == {"method_blocked"}
+        assert {f"p{i}" for i in range(1000)} == {f"p{a[1:]}" for a in written} | set(outcome.failed)
+        assert not {f"p{a[1:]}" for a in written} & set(outcome.failed)
     finally:
         server.stop()
 

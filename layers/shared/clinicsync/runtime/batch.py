@@ -9,6 +9,7 @@ job's outcome, keeping Powertools' partial-failure reply (and FIFO group skippin
 
 from __future__ import annotations
 
+from contextvars import Token
 from typing import Any, Protocol
 
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, SqsFifoPartialProcessor
@@ -23,7 +24,7 @@ from clinicsync.application.crm_events import EventReport
 from clinicsync.application.sync import SyncIncomplete, SyncReport
 from clinicsync.domain.models import ConsentJob, CrmEvent, SyncMessage
 from clinicsync.observability import logger
-from clinicsync.runtime import wiring
+from clinicsync.runtime import deadline, wiring
 from clinicsync.runtime.observe import ConsentBatch, Counted, CrmUse, EventBatch, Failed, SyncBatch, observe
 
 
@@ -82,12 +83,16 @@ class WholeBatch(BatchProcessor):
         self.job = job
         self._queue_url = queue_url
         self._parsed: dict[int, SqsRecordModel | ValidationError] = {}
+        self._deadline: Token[float | None] | None = None
 
     def _init_processor(self, model: type[SqsRecordModel]) -> None:
         BatchProcessor.__init__(self, EventType.SQS, model=model)
 
     def _prepare(self) -> None:
         super()._prepare()  # type: ignore[no-untyped-call]
+        context = getattr(self, "lambda_context", None)
+        if context is not None:  # a CRM client pacing its budget stops waiting before Lambda's deadline
+            self._deadline = deadline.start(context.get_remaining_time_in_millis())
         self._parsed = {}
         for record in self.records:
             try:
@@ -105,6 +110,9 @@ class WholeBatch(BatchProcessor):
         return parsed
 
     def _clean(self) -> None:
+        if self._deadline is not None:
+            deadline.end(self._deadline)
+            self._deadline = None
         self._schedule_retries()  # before the base class raises when every record failed
         super()._clean()  # type: ignore[no-untyped-call]
         self.job.finish()

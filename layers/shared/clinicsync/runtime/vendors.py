@@ -12,6 +12,7 @@ import boto3
 
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.ports import CrmGateway, MisConsentWriter, MisSource
+from clinicsync.runtime import deadline
 
 if TYPE_CHECKING:
     from clinicsync.adapters.amocrm.client import AmoCrmClient
@@ -100,12 +101,16 @@ def build_bitrix_client(parts: Container, config: ClinicConfig) -> Bitrix24Clien
     creds = parts.secret(arn)
     pacer = parts.pacer(portal_budget_key(creds), crm.requests_per_second, crm.burst, crm.shared_budget)
     if creds.get("webhook_url"):
-        return Bitrix24Client(str(creds["webhook_url"]), http=parts.http_client(), pacer=pacer)
+        return Bitrix24Client(
+            str(creds["webhook_url"]), http=parts.http_client(), pacer=pacer, time_left=deadline.time_left
+        )
     # An OAuth app: tokens live in the same secret, are rotated there, and refreshed under a lease.
     tokens = SecretsManagerTokenStore(boto3.client("secretsmanager"), arn, BITRIX24)
     lock = lease_lock(parts.store(), BITRIX24, clock=parts.clock)
     oauth = Bitrix24OAuth(tokens, parts.http_client(), lock=lock)
-    return Bitrix24Client(http=parts.http_client(), pacer=pacer, oauth=oauth, user_id=str(creds.get("user_id", "")))
+    user = str(creds.get("user_id", ""))
+    http = parts.http_client()
+    return Bitrix24Client(http=http, pacer=pacer, oauth=oauth, user_id=user, time_left=deadline.time_left)
 
 
 def build_amocrm_client(parts: Container, config: ClinicConfig) -> AmoCrmClient:

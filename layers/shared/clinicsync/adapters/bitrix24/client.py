@@ -88,6 +88,10 @@ OPERATING_RATE = (OPERATING_LIMIT - OPERATING_BURST) / OPERATING_WINDOW
 # A call waits for its bucket at most this long (a batch of 50 fast commands waits seconds); a method
 # slower than the bucket can pace is sent anyway, and the portal's own refusal pauses it.
 OPERATING_MAX_WAIT = 60.0
+# A wait for the budget that would run into the last DEADLINE_MARGIN seconds of the invocation is not
+# slept: the method is paused instead, so the sync stores what it wrote and its other patients go on,
+# and the rest come back with their message. Sleeping on would let Lambda kill the invocation mid-batch.
+DEADLINE_MARGIN = 30.0
 # Under the operating-time limit Bitrix24 has answered /batch with a text/html page instead of its JSON
 # error (fast_bitrix24 issue 216). Such a page is the limit when it names it, or when its status is 429:
 # Bitrix24 answers 429 for that limit only.
@@ -183,8 +187,10 @@ class Bitrix24Client:
         oauth: Bitrix24OAuth | None = None,
         user_id: str = "",
         clock: Callable[[], float] = time.time,
+        time_left: Callable[[], float | None] = lambda: None,
     ) -> None:
-        """Incoming webhook (``webhook_url``) or OAuth app (``oauth``): exactly one of them."""
+        """Incoming webhook (``webhook_url``) or OAuth app (``oauth``): exactly one of them. ``time_left``:
+        seconds until the Lambda invocation's deadline, on the wall clock (None outside one)."""
         if (webhook_url is None) == (oauth is None):
             raise ValueError("give either an incoming-webhook URL or an OAuth session")
         self._oauth = oauth
@@ -195,6 +201,7 @@ class Bitrix24Client:
         self._blocked: dict[str, float] = {}
         self._operating: dict[str, _OperatingBucket] = {}
         self._clock = clock
+        self._time_left = time_left
         self._http = http or httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0))
         self._pacer = pacer or Pacer()
         self._max_attempts = max_attempts
@@ -226,12 +233,22 @@ class Bitrix24Client:
         for name in commands.values():
             counts[name] = counts.get(name, 0) + 1
         now = self._clock()
-        wait = 0.0
-        for name, n in counts.items():
-            if (bucket := self._operating.get(name)) is not None:
-                wait = max(wait, (bucket.drained(now) + n * bucket.cost - OPERATING_BURST) / OPERATING_RATE)
-        if 0 < wait <= OPERATING_MAX_WAIT:
-            self._sleep(wait)
+        waits = {
+            name: (bucket.drained(now) + n * bucket.cost - OPERATING_BURST) / OPERATING_RATE
+            for name, n in counts.items()
+            if (bucket := self._operating.get(name)) is not None
+        }
+        wait = max(waits.values(), default=0.0)
+        if not 0 < wait <= OPERATING_MAX_WAIT:
+            return
+        left = self._time_left()
+        if left is not None and wait > left - DEADLINE_MARGIN:
+            over = {name: w for name, w in waits.items() if w > left - DEADLINE_MARGIN}
+            for name, w in over.items():
+                self._blocked[name] = now + w
+            name = max(over, key=over.__getitem__)
+            raise Bitrix24MethodBlocked(name, now + over[name], now)
+        self._sleep(wait)
 
     def _spent_operating(self, commands: Mapping[str, str], body: Mapping[str, Any]) -> None:
         """Charge each method's bucket with what its commands took (``time``, a batch's ``result_time``)."""

@@ -17,7 +17,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from clinicsync.adapters.aws import health, store  # noqa: F401 - built by every poll, see below
 from clinicsync.application import poll  # noqa: F401
 from clinicsync.domain import config, crypto  # noqa: F401
-from clinicsync.runtime import wiring
+from clinicsync.runtime import deadline, wiring
 from clinicsync.runtime.observe import Backfill, CatchUp, Directory, Failed, Poll, observe
 
 # The container builds its parts on first use. What every poll (each minute) builds, the config, the poller
@@ -30,11 +30,14 @@ Job = Literal["poll", "resync", "catchup", "backfill"]
 def run(
     job: Job, context: LambdaContext, window_days: int = 3, restart: bool = False, max_pages: int = 1000
 ) -> dict[str, Any]:
+    token = deadline.start(context.get_remaining_time_in_millis())  # the catch-up's CRM pacing stops in time
     try:
         return _run(job, context, window_days, restart, max_pages)
     except Exception:
         observe(Failed())  # a MIS outage shows in `clinicsync status` (errors in the last hour)
         raise
+    finally:
+        deadline.end(token)
 
 
 def _run(job: Job, context: LambdaContext, window_days: int, restart: bool, max_pages: int) -> dict[str, Any]:

@@ -27,7 +27,8 @@ from typing import Any
 
 from sandbox.bench.harness import ChangeMaker, cpu_ms_per_event, diff, metered, simulated
 from sandbox.bench.moto_process import ProcessAws
-from sandbox.bench.run import POLL_INTERVAL, Sizes, _quiet, measure_backfill
+from sandbox.bench.run import POLL_INTERVAL, Sizes, _quiet, measure_backfill, seeded_clinic
+from sandbox.bench.scale import seeded
 from sandbox.bench.simclock import SimClock
 
 
@@ -206,22 +207,11 @@ def run(
     sampler: Sampler | None,
     phase: str = "both",
 ) -> dict[str, Any]:
-    from sandbox.local import start_local_clinic
-
-    base = Sizes()
-    patients = round(appointments * base.patients / base.appointments)
+    patients, appointments = seeded(appointments)
     clock = SimClock()
     aws = ProcessAws().start()
     try:
-        with simulated(clock) as wired, _quiet():
-            clinic = start_local_clinic(
-                patients=patients,
-                appointments=appointments,
-                crm=crm,
-                rate_limit=True,
-                clinic_id=f"cpu-{crm}",
-                aws=aws,
-            )
+        clinic, wired = seeded_clinic(crm, patients, appointments, "cpu", aws, clock)
         try:
             app = wired.crm
             by_function: dict[str, float] = {}

@@ -169,6 +169,23 @@ def _quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
+def seeded_clinic(crm: str, patients: int, appointments: int, name: str, aws: Any, clock: SimClock) -> tuple[Any, Any]:
+    """The sample clinic seeded at this size on ``aws``, its CRM emulator at the real limits on ``clock``:
+    the clinic and what ``simulated`` wired (its ``crm`` app counts the requests)."""
+    from sandbox.local import start_local_clinic
+
+    with simulated(clock) as wired, _quiet():
+        clinic = start_local_clinic(
+            patients=patients,
+            appointments=appointments,
+            crm=crm,
+            rate_limit=True,
+            clinic_id=f"{name}-{crm}",
+            aws=aws,
+        )
+    return clinic, wired
+
+
 @dataclass
 class CrmRun:
     crm: str
@@ -245,7 +262,7 @@ def measure_backfill(crm: str, clinic: Any, app: ClockedApp, clock: SimClock, me
 
 
 def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None], verbose: bool = False) -> CrmRun:
-    from sandbox.local import _amocrm_account, _bitrix24_portal, start_local_clinic
+    from sandbox.local import _amocrm_account, _bitrix24_portal
 
     out = CrmRun(crm)
     phase_started = time.perf_counter()
@@ -254,15 +271,7 @@ def run_crm(crm: str, sizes: Sizes, clock: SimClock, log: Callable[[str], None],
         log(f"{line} [{time.perf_counter() - phase_started:.0f} s wall]")
 
     aws = ProcessAws().start()
-    with simulated(clock) as wired, _quiet():
-        clinic = start_local_clinic(
-            patients=sizes.patients,
-            appointments=sizes.appointments,
-            crm=crm,
-            rate_limit=True,
-            clinic_id=f"bench-{crm}",
-            aws=aws,
-        )
+    clinic, wired = seeded_clinic(crm, sizes.patients, sizes.appointments, "bench", aws, clock)
     try:
         app = wired.crm
         with metered(clinic.stack) as meter, simulated(clock), _quiet():

@@ -34,6 +34,7 @@ from sandbox.bench.run import (
     _quiet,
     differences,
     measure_backfill,
+    seeded_clinic,
     simulated_figures,
 )
 from sandbox.bench.simclock import SimClock
@@ -57,23 +58,13 @@ def seeded(appointments: int) -> tuple[int, int]:
 
 def run_point(crm: str, appointments: int, verbose: bool = False) -> dict[str, Any]:
     """One size on one CRM, from an empty CRM and table: seed, backfill, check, price."""
-    from sandbox.local import start_local_clinic
-
     patients, appointments = seeded(appointments)
     clock = SimClock()
     started = time.perf_counter()
     with moto_transactions_copy_once():
         aws = ProcessAws().start()
         try:
-            with simulated(clock) as wired, _quiet():
-                clinic = start_local_clinic(
-                    patients=patients,
-                    appointments=appointments,
-                    crm=crm,
-                    rate_limit=True,
-                    clinic_id=f"scale-{crm}",
-                    aws=aws,
-                )
+            clinic, wired = seeded_clinic(crm, patients, appointments, "scale", aws, clock)
             seeding = time.perf_counter() - started
             try:
                 with metered(clinic.stack) as meter, simulated(clock), _quiet():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 from unittest import mock
@@ -66,11 +67,14 @@ def test_cpu_per_event_is_the_same_whichever_syncer_invocation_is_traced(
 
 @pytest.fixture
 def bench_moto() -> Iterator[ProcessAws]:
+    saved = dict(os.environ)  # start() exports the endpoint: later tests in this worker must not inherit it
     aws = ProcessAws().start()
     try:
         yield aws
     finally:
         aws.stop()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def test_the_bench_moto_server_answers_several_calls_on_one_kept_alive_connection(bench_moto: ProcessAws) -> None:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aws_lambda_powertools.utilities.batch import process_partial_response
 from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
 
@@ -30,11 +31,14 @@ class LambdaContextStub:
 class RecordingJob:
     queue = "crm-events"
 
-    def __init__(self) -> None:
+    def __init__(self, fails: bool = False) -> None:
         self.seen: list[float | None] = []
+        self.fails = fails
 
     def run(self, bodies: list[Any]) -> None:
         self.seen.append(deadline.time_left())
+        if self.fails:
+            raise RuntimeError("the job broke")
 
     def judge(self, record: Any) -> None:
         pass
@@ -56,3 +60,16 @@ def test_an_invocations_time_left_is_known_while_its_batch_runs_and_forgotten_af
     (left,) = job.seen
     assert left is not None and 119.0 < left <= 120.0
     assert deadline.time_left() is None  # the next invocation, or a part used outside one, sees none
+
+
+def test_a_batch_whose_job_raises_forgets_its_invocations_time_left_too() -> None:
+    """A stale deadline would make the next work in this thread pause every paced method."""
+    job = RecordingJob(fails=True)
+    processor = WholeBatch(job, SqsRecordModel, "https://sqs.local/crm-events")
+
+    with pytest.raises(RuntimeError):
+        process_partial_response(
+            event=EVENT, record_handler=processor.judge, processor=processor, context=LambdaContextStub(120_000)
+        )
+
+    assert job.seen[0] is not None and deadline.time_left() is None

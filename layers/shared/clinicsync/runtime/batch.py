@@ -93,13 +93,17 @@ class WholeBatch(BatchProcessor):
         context = getattr(self, "lambda_context", None)
         if context is not None:  # a CRM client pacing its budget stops waiting before Lambda's deadline
             self._deadline = deadline.start(context.get_remaining_time_in_millis())
-        self._parsed = {}
-        for record in self.records:
-            try:
-                self._parsed[id(record)] = self._record_model.model_validate(record)
-            except ValidationError as exc:  # a poison message: it fails alone, below
-                self._parsed[id(record)] = exc
-        self.job.run([p.body for p in self._parsed.values() if not isinstance(p, ValidationError)])
+        try:
+            self._parsed = {}
+            for record in self.records:
+                try:
+                    self._parsed[id(record)] = self._record_model.model_validate(record)
+                except ValidationError as exc:  # a poison message: it fails alone, below
+                    self._parsed[id(record)] = exc
+            self.job.run([p.body for p in self._parsed.values() if not isinstance(p, ValidationError)])
+        except BaseException:
+            self._end_deadline()  # _clean does not run when _prepare raises
+            raise
 
     def _to_batch_type(self, record: dict[str, Any], event_type: EventType, model: Any = None) -> Any:
         parsed = self._parsed.get(id(record)) if model is not None else None
@@ -110,12 +114,15 @@ class WholeBatch(BatchProcessor):
         return parsed
 
     def _clean(self) -> None:
-        if self._deadline is not None:
-            deadline.end(self._deadline)
-            self._deadline = None
+        self._end_deadline()
         self._schedule_retries()  # before the base class raises when every record failed
         super()._clean()  # type: ignore[no-untyped-call]
         self.job.finish()
+
+    def _end_deadline(self) -> None:
+        if self._deadline is not None:
+            deadline.end(self._deadline)
+            self._deadline = None
 
     def _schedule_retries(self) -> None:
         failed = {f["itemIdentifier"] for f in self._collect_sqs_failures()}  # type: ignore[no-untyped-call]

@@ -71,13 +71,13 @@ def run_point(crm: str, appointments: int, verbose: bool = False) -> dict[str, A
                     meter.trace_every = TRACE_EVERY
                     meter.progress = _log_to_stderr if verbose else None
                     backfill = measure_backfill(crm, clinic, wired.crm, clock, meter)
-                told = failures_told(clinic, meter.failed_messages)  # why messages failed, if any did
+                failed = backfill.summary.drain.get("failed", 0)
+                told = failures_told(clinic, meter.failed_messages) if failed else ""  # why they failed
             finally:
                 with _quiet():
                     clinic.close()
         finally:
             aws.stop()
-    failed = backfill.summary.drain.get("failed", 0)
     if failed:
         # Nothing fails on a healthy CRM at its limits, and a retried message's repeated requests would
         # make the figure depend on when it came back.

@@ -162,8 +162,8 @@ def plan_patient(
 
     polled = {a.mis_id: a for a in changes.appointments}
     note_lost_continuations(next_state, matches.deals)
+    at = changes.polled_at  # the poll run that read these changes
     for appointment in sorted(changes.appointments, key=lambda a: (a.starts_at, a.mis_id)):
-        at = changes.polled_at
         _plan_deal(appointment, plan, state, next_state, matches, config, hasher, contact_id, adoption, polled, at)
         if appointment.mis_id in next_state.appointments:
             next_state.track_deal(next_state.appointments[appointment.mis_id], at)

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from boto3.dynamodb.types import TypeDeserializer
 from botocore.exceptions import ClientError
 
+from clinicsync.adapters.aws.table import failed_condition
+
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
@@ -187,7 +189,7 @@ class SharedLeakyBucket:
                     ReturnValuesOnConditionCheckFailure="ALL_OLD",
                 )
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+            if not failed_condition(exc):
                 raise
             # The error carries the winning item in wire format (the resource layer leaves it raw).
             raw: Mapping[str, Any] | None = exc.response.get("Item")  # type: ignore[assignment]

@@ -25,11 +25,10 @@ import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from boto3.dynamodb.conditions import Key as KeyCondition
 from botocore.exceptions import ClientError
 
 from clinicsync.adapters.aws import keys
-from clinicsync.adapters.aws.table import TableRepository
+from clinicsync.adapters.aws.table import TableRepository, failed_condition
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -114,7 +113,7 @@ class SpilledJson(TableRepository):
                 Item=head, ConditionExpression="attribute_not_exists(#p)", ExpressionAttributeNames={"#p": PARTS}
             )
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+            if not failed_condition(exc):
                 raise
             return False
         return True
@@ -143,19 +142,8 @@ class SpilledJson(TableRepository):
         return known
 
     def _read_parts(self, key: keys.Key, generation: int, count: int, digest: str) -> bytes:
-        prefix = keys.spilled_part(key, generation, 0)
-        kwargs: dict[str, Any] = {
-            "KeyConditionExpression": KeyCondition("pk").eq(prefix["pk"])
-            & KeyCondition("sk").begins_with(keys.spilled_prefix(key, generation)),
-            "ConsistentRead": True,
-        }
-        found: dict[str, bytes] = {}
-        while True:
-            page = self._table.query(**kwargs)
-            found.update({str(i["sk"]): bytes(i["blob"]) for i in page.get("Items", [])})  # type: ignore[arg-type]
-            if "LastEvaluatedKey" not in page:
-                break
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        parts = self._query(key["pk"], consistent=True, sk_prefix=keys.spilled_prefix(key, generation))
+        found = {str(i["sk"]): bytes(i["blob"]) for i in parts}
         wanted = [keys.spilled_part(key, generation, n)["sk"] for n in range(count)]
         if any(sk not in found for sk in wanted):
             raise SpilledJsonError(f"{key['pk']}/{key['sk']}: generation {generation} is missing parts")

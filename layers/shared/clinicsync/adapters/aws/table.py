@@ -151,9 +151,10 @@ class TableRepository:
     def _batch_get(self, keys: Sequence[Mapping[str, str]]) -> list[dict[str, Any]]:
         return batch_get(self._table, keys)
 
-    def _query(self, pk: str, consistent: bool = False) -> Iterator[dict[str, Any]]:
-        """Every item of one partition, page after page."""
-        kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(pk)}
+    def _query(self, pk: str, consistent: bool = False, sk_prefix: str = "") -> Iterator[dict[str, Any]]:
+        """Every item of one partition (those whose sort key starts with ``sk_prefix``), page after page."""
+        condition = Key("pk").eq(pk) & Key("sk").begins_with(sk_prefix) if sk_prefix else Key("pk").eq(pk)
+        kwargs: dict[str, Any] = {"KeyConditionExpression": condition}
         if consistent:
             kwargs["ConsistentRead"] = True
         while True:

@@ -108,3 +108,52 @@ def test_every_visit_is_delivered_once_and_the_cursor_forgets_what_cannot_come_b
         for key, marker in cursor["seen"].items():
             mark = cursor["appointments" if key.startswith("a") else "clients"]
             assert int(marker.split(":", 1)[0]) >= mark - overlap, (key, marker, mark)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    first_poll_days=st.integers(1, 730),
+    ages=st.lists(st.integers(0, 3 * 365 * DAY), min_size=1, max_size=60),
+    max_records=st.integers(1, 30),
+)
+def test_the_first_poll_without_a_cursor_reads_first_poll_days_back_not_the_whole_history(
+    first_poll_days: int, ages: list[int], max_records: int
+) -> None:
+    # Visits changed up to three years ago, their clients' cards older still. Without a stored cursor the
+    # feed began at updatedAtAfter=0: a clinic's whole history through the incremental path, whatever
+    # window the operator's backfill chose.
+    clients = [{"id": 1, "surname": "X", "phone": None, "updatedAt": NOW - 4 * 365 * DAY}]
+    visits = [
+        {"id": 10_000 + i, "clientId": 1, "date": "2026-10-01", "time": "10:00", "status": "approved",
+         "updatedAt": NOW - age}
+        for i, age in enumerate(ages)
+    ]  # fmt: skip
+    api = FeedApi(visits, clients)
+    config = demo_config()
+    config = config.model_copy(update={"mis": config.mis.model_copy(update={"first_poll_days": first_poll_days})})
+    source = MedodsSource(cast(MedodsApi, api), config, max_records=max_records, clock=lambda: NOW)
+    delivered: list[str] = []
+    cursor: Cursor | None = None
+    while True:
+        page = source.fetch_changes(cursor)
+        delivered += [a.mis_id for change in page.changes for a in change.appointments]
+        cursor = page.cursor
+        if not page.more:
+            break
+    window_start = NOW - first_poll_days * DAY
+    assert sorted(delivered) == sorted(str(v["id"]) for v in visits if int(v["updatedAt"]) > window_start)
+
+
+def test_without_first_poll_days_the_first_poll_reads_every_record() -> None:
+    ages = [0, 100 * DAY, 3 * 365 * DAY]
+    visits = [
+        {"id": 10_000 + i, "clientId": 1, "date": "2026-10-01", "time": "10:00", "status": "approved",
+         "updatedAt": NOW - age}
+        for i, age in enumerate(ages)
+    ]  # fmt: skip
+    clients = [{"id": 1, "surname": "X", "phone": None, "updatedAt": NOW - 4 * 365 * DAY}]
+    source = MedodsSource(cast(MedodsApi, FeedApi(visits, clients)), demo_config(), clock=lambda: NOW)
+    page = source.fetch_changes(None)
+    assert not page.more
+    assert sorted(a.mis_id for change in page.changes for a in change.appointments) == ["10000", "10001", "10002"]
+    assert [change.patient.mis_id for change in page.changes] == ["1"]

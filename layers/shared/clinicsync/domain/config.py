@@ -37,6 +37,13 @@ class MisConnection(Section):
     )
     page_size: int = Field(default=100, ge=1, le=500)
     overlap_seconds: int = Field(default=120, ge=0, description="Cursor feeds re-read this much history")
+    first_poll_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=730,
+        description="MEDODS: the first poll (no stored cursor) reads only this many days of changes, older "
+        "history being left to `clinicsync backfill`'s window; unset, it reads every record the MIS has",
+    )
     no_show_grace_minutes: int = Field(
         default=120,
         ge=0,

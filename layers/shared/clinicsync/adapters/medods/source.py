@@ -3,7 +3,8 @@
 Offset paging over a set that changes while we read it can skip or repeat rows, so every poll
 re-reads ``overlap_seconds`` of history and drops the rows it has already sent. A row counts as sent
 when its id, ``updatedAt`` and content all match: ``updatedAt`` has one-second resolution, and two
-edits in the same second must not look like one.
+edits in the same second must not look like one. With no stored cursor (a new stack) the feed reads every
+record, unless ``mis.first_poll_days`` bounds it (as IDENT's connector's ``first_sync_days`` does).
 """
 
 from __future__ import annotations
@@ -187,10 +188,17 @@ class MedodsApi:
 class MedodsSource:
     kind = "medods"
 
-    def __init__(self, api: MedodsApi, config: ClinicConfig, max_records: int = 5000) -> None:
+    def __init__(
+        self,
+        api: MedodsApi,
+        config: ClinicConfig,
+        max_records: int = 5000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._api = api
         self._config = config
         self._max_records = max_records
+        self._clock = clock
 
     def acknowledge(self, page: ChangePage) -> None:
         """A cursor feed has nothing to confirm: the stored cursor is the acknowledgement."""
@@ -201,6 +209,9 @@ class MedodsSource:
 
     def fetch_changes(self, cursor: Cursor | None) -> ChangePage:
         # Each feed keeps its own watermark, so a capped read of one never skips rows of the other.
+        if not cursor and (days := self._config.mis.first_poll_days):
+            # A clinic with years of history bounds its first poll: the rest is the backfill's window.
+            cursor = self.resync_cursor(days * 86400, self._clock())
         state = dict(cursor or {})
         seen: dict[str, str] = {k: str(v) for k, v in dict(state.get("seen", {})).items()}
         marks: dict[str, int] = {kind: int(state.get(kind, 0)) for kind in ("appointments", "clients")}

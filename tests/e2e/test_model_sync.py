@@ -52,7 +52,7 @@ CASES = [
 
 # The MEDODS clinics pack 50 patients per message, the InfoClinica ones 1: the adoption rules must not
 # depend on the batch size. The MEDODS clinics also read their feed 2 rows per API page and queue a poll page
-# every 3 records, so a poll run's changes reach the syncer in several messages, as a large clinic's do: a
+# every 2 records, so a poll run's changes reach the syncer in several messages, as a large clinic's do: a
 # patient's no-show and its re-booking, or two family members, may come in different messages of one run.
 # Pacing is not under test here (test_budget and the gateway tests cover it).
 CONFIG = {
@@ -62,7 +62,7 @@ CONFIG = {
         "shards": 4,
         "patients_per_message": 50,
         "mis.page_size": 2,
-        "mis.poll_page_records": 3,
+        "mis.poll_page_records": 2,
     },
     "infoclinica": {"crm.requests_per_second": 50, "crm.burst": 50, "shards": 3, "patients_per_message": 1},
 }
@@ -268,7 +268,7 @@ class ClinicMachine(RuleBasedStateMachine):
 
     persons = Bundle("persons")
     visits = Bundle("visits")
-    figures: ClassVar[dict[str, int]]  # examples, steps and re-booked deals, for the large profile's report
+    figures: ClassVar[dict[str, int]]  # examples, steps, re-booked deals, split runs: the large profile's report
 
     def __init__(self) -> None:
         super().__init__()
@@ -569,7 +569,8 @@ class ClinicMachine(RuleBasedStateMachine):
     @rule()
     def poll(self) -> None:
         self._note_before_sync()
-        self.clinic.sync()
+        run = self.clinic.sync()
+        self.figures["split_runs"] += int(run.poll.get("messages", 0) > 1)  # a run read in several messages
         self._note_after_sync()
 
     @rule()
@@ -837,7 +838,7 @@ class ClinicMachine(RuleBasedStateMachine):
 
 def _machine(clinic: LocalClinic) -> type[ClinicMachine]:
     desk = DESKS[clinic.mis.kind](clinic)
-    attrs = {"clinic": clinic, "desk": desk, "figures": {"examples": 0, "steps": 0, "rebooked": 0}}
+    attrs = {"clinic": clinic, "desk": desk, "figures": {"examples": 0, "steps": 0, "rebooked": 0, "split_runs": 0}}
     return type("ClinicModel", (ClinicMachine,), attrs)
 
 

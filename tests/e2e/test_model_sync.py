@@ -51,9 +51,19 @@ CASES = [
 ]
 
 # The MEDODS clinics pack 50 patients per message, the InfoClinica ones 1: the adoption rules must not
-# depend on the batch size. Pacing is not under test here (test_budget and the gateway tests cover it).
+# depend on the batch size. The MEDODS clinics also read their feed 2 rows per API page and queue a poll page
+# every 2 records, so a poll run's changes reach the syncer in several messages, as a large clinic's do: a
+# patient's no-show and its re-booking, or two family members, may come in different messages of one run.
+# Pacing is not under test here (test_budget and the gateway tests cover it).
 CONFIG = {
-    "medods": {"crm.requests_per_second": 50, "crm.burst": 50, "shards": 4, "patients_per_message": 50},
+    "medods": {
+        "crm.requests_per_second": 50,
+        "crm.burst": 50,
+        "shards": 4,
+        "patients_per_message": 50,
+        "mis.page_size": 2,
+        "mis.poll_page_records": 2,
+    },
     "infoclinica": {"crm.requests_per_second": 50, "crm.burst": 50, "shards": 3, "patients_per_message": 1},
 }
 # Case C's re-booking rule (a booking after a no-show takes over that deal, docs/statuses.md) is a clinic's
@@ -258,7 +268,7 @@ class ClinicMachine(RuleBasedStateMachine):
 
     persons = Bundle("persons")
     visits = Bundle("visits")
-    figures: ClassVar[dict[str, int]]  # examples, steps and re-booked deals, for the large profile's report
+    figures: ClassVar[dict[str, int]]  # examples, steps, re-booked deals, split runs: the large profile's report
 
     def __init__(self) -> None:
         super().__init__()
@@ -559,7 +569,8 @@ class ClinicMachine(RuleBasedStateMachine):
     @rule()
     def poll(self) -> None:
         self._note_before_sync()
-        self.clinic.sync()
+        run = self.clinic.sync()
+        self.figures["split_runs"] += int(run.poll.get("messages", 0) > 1)  # a run read in several messages
         self._note_after_sync()
 
     @rule()
@@ -827,7 +838,7 @@ class ClinicMachine(RuleBasedStateMachine):
 
 def _machine(clinic: LocalClinic) -> type[ClinicMachine]:
     desk = DESKS[clinic.mis.kind](clinic)
-    attrs = {"clinic": clinic, "desk": desk, "figures": {"examples": 0, "steps": 0, "rebooked": 0}}
+    attrs = {"clinic": clinic, "desk": desk, "figures": {"examples": 0, "steps": 0, "rebooked": 0, "split_runs": 0}}
     return type("ClinicModel", (ClinicMachine,), attrs)
 
 
@@ -868,6 +879,22 @@ def test_the_whole_system_equals_an_independent_model(clinic_at_rest: LocalClini
     if report := os.environ.get("CLINICSYNC_MODEL_REPORT"):
         with open(report, "a", encoding="utf-8") as out:
             out.write(json.dumps(figures) + "\n")
+
+
+def test_the_medods_machine_reads_a_poll_run_in_several_pages_and_messages(
+    make_clinic: Callable[..., LocalClinic],
+) -> None:
+    """CONFIG's MEDODS paging is what makes the machine's rules cover changes that one poll run delivers
+    in different messages; this holds it to that (a larger page would quietly make every run one message)."""
+    clinic = make_clinic(
+        patients=0, appointments=0, mailchimp=False, rate_limit=False, config_overrides=CONFIG["medods"]
+    )
+    patients = [clinic.medods.add_client("Соколова", "Анна", phone=f"+7{_fresh_number()}") for _ in range(4)]
+    for patient in patients:
+        clinic.mis.book(patient, clinic.mis.at(3, "10:00"))
+    run = clinic.sync()
+    assert run.poll["pages"] >= 3 and run.poll["messages"] >= 3, run.poll
+    assert all(clinic.crm.contact_of_patient(str(patient)) is not None for patient in patients)
 
 
 # --- counterexamples the machine found, pinned ---------------------------------------------------------------

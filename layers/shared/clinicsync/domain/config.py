@@ -37,6 +37,12 @@ class MisConnection(Section):
     )
     page_size: int = Field(default=100, ge=1, le=500)
     overlap_seconds: int = Field(default=120, ge=0, description="Cursor feeds re-read this much history")
+    poll_page_records: int = Field(
+        default=5000,
+        ge=1,
+        le=50_000,
+        description="MEDODS: records one poll page reads before its changes are queued and its cursor stored",
+    )
     first_poll_days: int | None = Field(
         default=None,
         ge=1,

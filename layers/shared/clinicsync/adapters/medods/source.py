@@ -192,12 +192,12 @@ class MedodsSource:
         self,
         api: MedodsApi,
         config: ClinicConfig,
-        max_records: int = 5000,
+        max_records: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._api = api
         self._config = config
-        self._max_records = max_records
+        self._max_records = max_records or config.mis.poll_page_records
         self._clock = clock
 
     def acknowledge(self, page: ChangePage) -> None:

@@ -34,8 +34,7 @@ ADAPTERS = (
 )
 
 
-def _loaded_after(handler: str, statement: str, env_overrides: dict[str, str | None] | None = None) -> set[str]:
-    code = f"import sys, json\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
+def _env(handler: str, env_overrides: dict[str, str | None] | None = None) -> dict[str, str]:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "functions" / handler), str(ROOT / "layers" / "shared")]),
@@ -46,6 +45,12 @@ def _loaded_after(handler: str, statement: str, env_overrides: dict[str, str | N
             env.pop(name, None)
         else:
             env[name] = value
+    return env
+
+
+def _loaded_after(handler: str, statement: str, env_overrides: dict[str, str | None] | None = None) -> set[str]:
+    code = f"import sys, json\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
+    env = _env(handler, env_overrides)
     python = LAYER_PYTHON if LAYER_PYTHON.exists() else Path(sys.executable)
     done = subprocess.run(
         [str(python), "-c", code],
@@ -87,17 +92,34 @@ NEVER_AT_IMPORT = {
         "unicodedata",
     },
     "unsubscribe": {f"clinicsync.application.{name}" for name in ("sync", "crm_events", "poll", "ident")}
-    | {"idna", "unicodedata"},
+    | {"idna", "unicodedata", "tenacity", "clinicsync.runtime.crm_senders"}
+    | {f"clinicsync.adapters.{crm}.webhook" for crm in ("bitrix24", "amocrm")},
     "mis_poller": {f"clinicsync.application.{name}" for name in ("sync", "crm_events", "consent", "ident")},
-    "stage_syncer": {"clinicsync.application.ident"},
+    # Powertools' batch types import its DynamoDB, Kinesis and Kafka record models when pydantic is already
+    # loaded: the handler imports the batch utility first, so they are never built.
+    "stage_syncer": {"clinicsync.application.ident"}
+    | {f"aws_lambda_powertools.utilities.parser.models.{name}" for name in ("dynamodb", "kinesis", "kafka")},
 }
 # What every invocation builds: imported with the handler, so that moving it to the first call is not
 # counted as a saving (the bench times the import).
 AT_IMPORT = {
-    "crm_webhook": {"clinicsync.adapters.aws.queue", "clinicsync.settings", "clinicsync.adapters.bitrix24.webhook"},
+    "crm_webhook": {
+        "clinicsync.adapters.aws.queue",
+        "clinicsync.settings",
+        "clinicsync.adapters.bitrix24.webhook",
+        "clinicsync.runtime.crm_senders",
+    },
     "unsubscribe": {"clinicsync.domain.config", "clinicsync.application.consent", "clinicsync.adapters.aws.store"},
-    "mis_poller": {"clinicsync.domain.config", "clinicsync.application.poll", "clinicsync.adapters.aws.store"},
+    # Every poll's MIS requests and every batch's table reads retry through tenacity (clinicsync.retrying
+    # imports it on first use, for the HTTP handlers, whose routes never retry).
+    "mis_poller": {
+        "clinicsync.domain.config",
+        "clinicsync.application.poll",
+        "clinicsync.adapters.aws.store",
+        "tenacity",
+    },
     "stage_syncer": {
+        "tenacity",
         "clinicsync.domain.config",
         "clinicsync.application.sync",
         "clinicsync.application.crm_events",
@@ -113,6 +135,51 @@ def test_a_handler_imports_what_its_invocations_build_and_nothing_they_never_bui
     assert NEVER_AT_IMPORT[handler] & loaded == set()
     assert "yaml" not in loaded
     assert AT_IMPORT[handler] <= loaded
+
+
+# The domain's models a handler validates on every invocation are built with its import; those it never
+# validates are deferred (``defer_build``) and cost it nothing. A sync message holds the patient and visit models.
+SYNC_MESSAGE = {"Patient", "Appointment", "PatientChanges", "CrmObservation", "SyncMessage"}
+STATE = {"state.PatientState", "state.AppointmentState", "state.LatestDeal"}
+MODELS_BUILT = {
+    "mis_poller": (SYNC_MESSAGE, {"CrmEvent"} | STATE),  # the catch-up's CRM events build on use
+    "stage_syncer": (SYNC_MESSAGE | {"CrmEvent", "ConsentJob"} | STATE, set()),
+    "crm_webhook": ({"CrmEvent"}, SYNC_MESSAGE | STATE),
+    "unsubscribe": ({"ConsentJob"}, SYNC_MESSAGE | {"CrmEvent"} | STATE),
+}
+
+
+@pytest.mark.parametrize("handler", HANDLERS)
+def test_a_handler_builds_at_import_the_models_its_invocations_validate_and_no_other(handler: str) -> None:
+    built, deferred = MODELS_BUILT[handler]
+    statement = f"""
+import app
+from clinicsync.domain import models, state
+def model(name):
+    module, _, cls = name.rpartition(".")
+    return getattr(state if module == "state" else models, cls)
+built = {{name for name in {sorted(built | deferred)!r} if model(name).__pydantic_complete__}}
+assert built == set({sorted(built)!r}), sorted(built)
+"""
+    assert "clinicsync.domain.models" in _loaded_after(handler, statement)
+
+
+def test_a_deferred_model_validates_as_it_did_when_built_at_import() -> None:
+    # The unsubscribe handler never builds the patient model: the first validation builds it, same rules.
+    statement = """
+import app
+from pydantic import ValidationError
+from clinicsync.domain.models import Patient
+assert not Patient.__pydantic_complete__
+assert Patient.model_validate({"mis_id": "p-1", "version": 3}).version == 3
+try:
+    Patient.model_validate({"mis_id": "p-1", "version": "3"})  # strict: no coercion
+except ValidationError:
+    pass
+else:
+    raise AssertionError("a deferred model lost its strictness")
+"""
+    _loaded_after("unsubscribe", statement)
 
 
 def test_the_stored_config_reads_back_without_a_yaml_parser() -> None:

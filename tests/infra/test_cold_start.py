@@ -92,9 +92,14 @@ NEVER_AT_IMPORT = {
         "unicodedata",
     },
     "unsubscribe": {f"clinicsync.application.{name}" for name in ("sync", "crm_events", "poll", "ident")}
-    | {"idna", "unicodedata", "tenacity", "clinicsync.runtime.crm_senders"}
+    | {"idna", "unicodedata", "tenacity", "clinicsync.runtime.crm_senders", "clinicsync.domain.ports"}
+    | {"clinicsync.domain.crm_ports"}  # the consent outputs' CRM and MIS writes are the syncer's
     | {f"clinicsync.adapters.{crm}.webhook" for crm in ("bitrix24", "amocrm")},
-    "mis_poller": {f"clinicsync.application.{name}" for name in ("sync", "crm_events", "consent", "ident")},
+    # The poller validates its schedule's input itself: Powertools' parser package would load pydantic's
+    # network types and a TypeAdapter cache (the syncer loads it, for its SQS record model).
+    "mis_poller": {f"clinicsync.application.{name}" for name in ("sync", "crm_events", "consent", "ident")}
+    | {"aws_lambda_powertools.utilities.parser", "pydantic.networks"}
+    | {"clinicsync.domain.crm_ports"},  # the CRM port's types: the catch-up loads them with its CRM side
     # Powertools' batch types import its DynamoDB, Kinesis and Kafka record models when pydantic is already
     # loaded: the handler imports the batch utility first, so they are never built.
     "stage_syncer": {"clinicsync.application.ident"}
@@ -120,6 +125,7 @@ AT_IMPORT = {
     },
     "stage_syncer": {
         "tenacity",
+        "clinicsync.domain.crm_ports",
         "clinicsync.domain.config",
         "clinicsync.application.sync",
         "clinicsync.application.crm_events",
@@ -180,6 +186,27 @@ else:
     raise AssertionError("a deferred model lost its strictness")
 """
     _loaded_after("unsubscribe", statement)
+
+
+def test_the_poller_refuses_an_invalid_schedule_input_as_powertools_event_parser_did() -> None:
+    statement = """
+import app
+from pydantic import ValidationError
+class Context:
+    function_name = "mis-poller"
+    memory_limit_in_mb = 512
+    invoked_function_arn = "arn:aws:lambda:eu-central-1:123456789012:function:mis-poller"
+    aws_request_id = "req-1"
+    def get_remaining_time_in_millis(self):
+        return 60_000
+for bad in ({"job": "nope"}, {"window_days": 0}, '{"max_pages": 1001}'):  # a JSON string is validated as JSON
+    try:
+        app.lambda_handler(bad, Context())
+    except ValidationError:
+        continue
+    raise AssertionError(bad)
+"""
+    _loaded_after("mis_poller", statement)
 
 
 def test_the_stored_config_reads_back_without_a_yaml_parser() -> None:

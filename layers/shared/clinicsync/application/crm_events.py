@@ -16,10 +16,10 @@ from datetime import UTC, datetime, timedelta
 from clinicsync.application.consent import ConsentLedger
 from clinicsync.application.poll import ChangeQueue
 from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.crm_ports import CrmGateway, CrmPaused, CrmUnavailable
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import patient_subject, shard_of
 from clinicsync.domain.models import Channel, CrmEvent, CrmObservation, SyncMessage
-from clinicsync.domain.ports import CrmGateway, CrmPaused, CrmUnavailable
 from clinicsync.domain.rules import deal_observation
 from clinicsync.domain.store_ports import CrmEventStore, Cursors
 from clinicsync.observability import logger

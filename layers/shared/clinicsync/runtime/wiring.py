@@ -45,8 +45,9 @@ if TYPE_CHECKING:
     from clinicsync.domain.audience import MailchimpMembers
     from clinicsync.domain.backfill import BackfillCheckpoint
     from clinicsync.domain.config import ClinicConfig
+    from clinicsync.domain.crm_ports import CrmGateway
     from clinicsync.domain.crypto import KeyedHasher
-    from clinicsync.domain.ports import CrmGateway, MisConsentWriter, MisSource
+    from clinicsync.domain.ports import MisConsentWriter, MisSource
     from clinicsync.domain.store_ports import Store
     from clinicsync.domain.unsubscribe_links import UnsubscribeTokens
 

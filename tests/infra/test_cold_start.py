@@ -102,7 +102,7 @@ NEVER_AT_IMPORT = {
     | {"clinicsync.domain.crm_ports"},  # the CRM port's types: the catch-up loads them with its CRM side
     # Powertools' batch types import its DynamoDB, Kinesis and Kafka record models when pydantic is already
     # loaded: the handler imports the batch utility first, so they are never built.
-    "stage_syncer": {"clinicsync.application.ident"}
+    "stage_syncer": {"clinicsync.application.ident", "clinicsync.application.poll"}  # its queue port: typing only
     | {f"aws_lambda_powertools.utilities.parser.models.{name}" for name in ("dynamodb", "kinesis", "kafka")},
 }
 # What every invocation builds: imported with the handler, so that moving it to the first call is not
@@ -207,6 +207,20 @@ for bad in ({"job": "nope"}, {"window_days": 0}, '{"max_pages": 1001}'):  # a JS
     raise AssertionError(bad)
 """
     _loaded_after("mis_poller", statement)
+
+
+@pytest.mark.parametrize("handler", HANDLERS)
+def test_a_handler_does_not_read_the_installed_distributions_for_pydantic_plugins(handler: str) -> None:
+    statement = """
+opened = []
+sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
+import app
+assert app.__name__ == "app"
+read = [path for path in opened if path.endswith("entry_points.txt")]
+assert not read, read
+"""
+    # Not inherited from this process, where importing clinicsync already set it.
+    assert "pydantic.main" in _loaded_after(handler, statement, {"PYDANTIC_DISABLE_PLUGINS": None})
 
 
 def test_the_stored_config_reads_back_without_a_yaml_parser() -> None:

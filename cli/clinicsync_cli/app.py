@@ -22,10 +22,10 @@ from clinicsync.adapters.aws.health import HealthLog, hours_ago
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.adapters.bitrix24.client import Bitrix24Client
 from clinicsync.domain.config import ClinicConfig, parse_clinic_config
+from clinicsync.domain.crm_ports import PipelineMismatch
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.fieldmap import FIELD_PRESETS
 from clinicsync.domain.models import AppointmentStatus
-from clinicsync.domain.ports import PipelineMismatch
 from clinicsync_cli import connect, deployment
 from clinicsync_cli.clinic import (
     clinic_secret_ref,

@@ -35,7 +35,8 @@ from clinicsync.adapters.infoclinica.source import InfoClinicaSource
 from clinicsync.adapters.medods.source import MedodsApi, MedodsSource
 from clinicsync.adapters.renovatio.source import RenovatioApi, RenovatioSource
 from clinicsync.domain.config import ClinicConfig
-from clinicsync.domain.ports import CrmGateway, MisSource
+from clinicsync.domain.crm_ports import CrmGateway
+from clinicsync.domain.ports import MisSource
 from clinicsync.domain.store_ports import Leases
 
 

@@ -17,19 +17,19 @@ from typing import TYPE_CHECKING, Any
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.application.sync import Syncer
 from clinicsync.domain.config import ClinicConfig
-from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.models import PatientChanges
-from clinicsync.domain.ports import (
+from clinicsync.domain.crm_ports import (
     ContactWrite,
     CrmGateway,
     CrmMatches,
     CrmWrite,
     DealWrite,
     LeadWrite,
-    MisSource,
     OpenLead,
     WriteOutcome,
 )
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.models import PatientChanges
+from clinicsync.domain.ports import MisSource
 from clinicsync_cli.memory_store import MemoryStore
 
 if TYPE_CHECKING:

@@ -6,8 +6,8 @@
   and the IDENT connector's signed change batches (``/ident/connector/*``). Refusals are plain text,
   because IDENT writes the body into its exchange log.
 
-The middlewares (``clinicsync.runtime.middlewares``) check each sender and read the vendors' formats through the
-adapters; ``clinicsync.runtime.intake`` queues or stores what they let through.
+The middlewares (``clinicsync.runtime.middlewares``, the CRMs' in ``crm_senders``) check each sender and read
+the vendors' formats through the adapters; ``clinicsync.runtime.intake`` queues or stores what they let through.
 """
 
 from __future__ import annotations
@@ -19,21 +19,21 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from clinicsync.observability import logger, metrics, tracer
+from clinicsync.runtime import crm_senders, intake
 from clinicsync.runtime import ident_middlewares as ident_mw
-from clinicsync.runtime import intake
 from clinicsync.runtime import middlewares as mw
 
 app = APIGatewayHttpResolver()
 mw.answer_refusals(app)
 
 
-@app.post("/webhooks/bitrix24", middlewares=[mw.bitrix24_sender])
+@app.post("/webhooks/bitrix24", middlewares=[crm_senders.bitrix24_sender])
 def bitrix24() -> Response[Any]:
     # An event we do not sync is answered 200 too, so Bitrix24 does not slow us down.
     return mw.json_reply(200, {"status": "queued" if intake.crm_events(app.context["crm_events"]) else "ignored"})
 
 
-@app.post("/webhooks/amocrm/<secret>", middlewares=[mw.amocrm_sender])
+@app.post("/webhooks/amocrm/<secret>", middlewares=[crm_senders.amocrm_sender])
 def amocrm(secret: str) -> Response[Any]:  # noqa: ARG001 - checked by the middleware
     return mw.json_reply(200, {"status": "queued", "events": intake.crm_events(app.context["crm_events"])})
 

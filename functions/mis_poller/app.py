@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_lambda_powertools.utilities.parser import event_parser
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,7 +32,8 @@ class ScheduledRun(BaseModel):
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler(capture_response=False)
 @metrics.log_metrics(capture_cold_start_metric=True)
-@event_parser(model=ScheduledRun)
-def lambda_handler(event: ScheduledRun, context: LambdaContext) -> dict[str, Any]:
-    logger.append_keys(execution_id=event.execution_id, job=event.job)
-    return scheduled.run(event.job, context, event.window_days, event.restart, event.max_pages)
+def lambda_handler(event: dict[str, Any] | str, context: LambdaContext) -> dict[str, Any]:
+    # As Powertools' event_parser did (a ValidationError fails the run), without its parser package's imports.
+    run = ScheduledRun.model_validate_json(event) if isinstance(event, str) else ScheduledRun.model_validate(event)
+    logger.append_keys(execution_id=run.execution_id, job=run.job)
+    return scheduled.run(run.job, context, run.window_days, run.restart, run.max_pages)

@@ -21,9 +21,7 @@ from moto import mock_aws
 
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.application.sync import Syncer
-from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.models import PatientChanges
-from clinicsync.domain.ports import (
+from clinicsync.domain.crm_ports import (
     ContactWrite,
     CrmMatches,
     CrmWrite,
@@ -33,6 +31,8 @@ from clinicsync.domain.ports import (
     PhoneCandidates,
     WriteOutcome,
 )
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.models import PatientChanges
 from tests.helpers import T0, appointment, demo_config, patient, template_table_spec
 
 PHONE = "+79250000008"

@@ -22,8 +22,8 @@ from clinicsync.adapters.amocrm.gateway import AmoCrmGateway
 from clinicsync.adapters.amocrm.oauth import AmoCrmOAuth, AmoCrmTokens, parse_tokens
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.adapters.http.pacing import Pacer
+from clinicsync.domain.crm_ports import ContactWrite, DealWrite
 from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.ports import ContactWrite, DealWrite
 from sandbox.emulators.amocrm import (
     CONTACT_FIELD_MIS_PATIENT_ID,
     LEAD_FIELD_MIS_APPOINTMENT_ID,

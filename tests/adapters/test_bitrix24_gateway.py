@@ -17,7 +17,7 @@ from clinicsync.adapters.bitrix24.client import DEADLINE_MARGIN, Bitrix24Client,
 from clinicsync.adapters.bitrix24.gateway import Bitrix24Gateway
 from clinicsync.adapters.bitrix24.oauth import Bitrix24OAuth, Bitrix24Tokens
 from clinicsync.adapters.http.pacing import Pacer
-from clinicsync.domain.ports import CHANGED_SINCE_READ, ContactWrite, DealWrite, PipelineMismatch
+from clinicsync.domain.crm_ports import CHANGED_SINCE_READ, ContactWrite, DealWrite, PipelineMismatch
 from sandbox.bench.simclock import SimClock
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import OPERATING_LIMIT_PAGE, Bitrix24Emulator

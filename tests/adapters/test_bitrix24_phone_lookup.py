@@ -17,7 +17,7 @@ import sandbox.emulators.bitrix24 as emulator_module
 from clinicsync.adapters.bitrix24.client import Bitrix24Client
 from clinicsync.adapters.bitrix24.gateway import Bitrix24Gateway
 from clinicsync.adapters.http.pacing import Pacer
-from clinicsync.domain.ports import PhoneCandidates
+from clinicsync.domain.crm_ports import PhoneCandidates
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
 from tests.helpers import demo_config

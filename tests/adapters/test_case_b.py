@@ -17,12 +17,12 @@ from clinicsync.adapters.bitrix24.client import Bitrix24Client
 from clinicsync.adapters.bitrix24.gateway import Bitrix24Gateway
 from clinicsync.adapters.http.pacing import Pacer
 from clinicsync.domain.config import ClinicConfig, clinic_config_json_schema
+from clinicsync.domain.crm_ports import CrmMatches, DealWrite, PhoneCandidates
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.fieldmap import FIELD_PRESETS, FieldMap
 from clinicsync.domain.fieldtypes import crm_value
 from clinicsync.domain.models import AppointmentStatus as S
 from clinicsync.domain.models import PatientChanges
-from clinicsync.domain.ports import CrmMatches, DealWrite, PhoneCandidates
 from clinicsync.domain.rules import Adoption, plan_patient
 from clinicsync.domain.state import PatientState
 from clinicsync_cli.discovery import (

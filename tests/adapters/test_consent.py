@@ -27,9 +27,9 @@ from clinicsync.application.consent import MEMBER_MOVED, ConsentLedger, ConsentO
 from clinicsync.application.crm_events import CrmEventProcessor, EventReport
 from clinicsync.application.sync_consent import SyncConsent
 from clinicsync.domain.audience import MemberBook, audience_member, note_accepted_members, subscriber_hash
+from clinicsync.domain.crm_ports import ContactWrite, WriteOutcome
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import Channel, Consent, ConsentJob, CrmEvent, PatientChanges
-from clinicsync.domain.ports import ContactWrite, WriteOutcome
 from clinicsync.domain.state import PatientState
 from clinicsync.domain.unsubscribe_links import TokenError, UnsubscribeTokens, list_unsubscribe_headers
 from sandbox.emulators.base import ServedApp

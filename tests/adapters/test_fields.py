@@ -18,10 +18,10 @@ from pydantic import ValidationError
 from clinicsync.adapters.amocrm.client import AmoCrmClient, AmoCrmError
 from clinicsync.adapters.amocrm.gateway import AmoCrmGateway
 from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.crm_ports import ContactWrite, DealWrite
 from clinicsync.domain.fieldmap import FIELD_PRESETS
 from clinicsync.domain.fieldtypes import FieldValueError, crm_value
 from clinicsync.domain.models import AppointmentStatus
-from clinicsync.domain.ports import ContactWrite, DealWrite
 from clinicsync_cli.discovery import CrmDiscovery, check_fields, propose_fields
 from clinicsync_cli.discovery import CrmField as LiveField
 from sandbox.emulators.amocrm import (

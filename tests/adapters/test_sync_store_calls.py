@@ -16,10 +16,10 @@ from mypy_boto3_dynamodb.service_resource import Table
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.adapters.aws.table import wire_client
 from clinicsync.application.sync import Syncer
+from clinicsync.domain.crm_ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, WriteOutcome
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import contact_intent, deal_intent
 from clinicsync.domain.models import AppointmentStatus, PatientChanges
-from clinicsync.domain.ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, WriteOutcome
 from tests.helpers import appointment, demo_config, patient
 
 CRM = "crm"  # the marker a CRM call leaves in the request log

@@ -11,10 +11,10 @@ from moto import mock_aws
 
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.application.sync import Syncer, SyncIncomplete
+from clinicsync.domain.crm_ports import ContactWrite, CrmMatches, CrmWrite, DealMatch, DealWrite, WriteOutcome
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import deal_intent
 from clinicsync.domain.models import AppointmentStatus, PatientChanges
-from clinicsync.domain.ports import ContactWrite, CrmMatches, CrmWrite, DealMatch, DealWrite, WriteOutcome
 from sandbox.local import LocalClinic
 from tests.helpers import appointment, demo_config, patient, template_table_spec
 

@@ -34,8 +34,7 @@ ADAPTERS = (
 )
 
 
-def _loaded_after(handler: str, statement: str, env_overrides: dict[str, str | None] | None = None) -> set[str]:
-    code = f"import sys, json\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
+def _env(handler: str, env_overrides: dict[str, str | None] | None = None) -> dict[str, str]:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "functions" / handler), str(ROOT / "layers" / "shared")]),
@@ -46,6 +45,12 @@ def _loaded_after(handler: str, statement: str, env_overrides: dict[str, str | N
             env.pop(name, None)
         else:
             env[name] = value
+    return env
+
+
+def _loaded_after(handler: str, statement: str, env_overrides: dict[str, str | None] | None = None) -> set[str]:
+    code = f"import sys, json\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
+    env = _env(handler, env_overrides)
     python = LAYER_PYTHON if LAYER_PYTHON.exists() else Path(sys.executable)
     done = subprocess.run(
         [str(python), "-c", code],
@@ -87,17 +92,40 @@ NEVER_AT_IMPORT = {
         "unicodedata",
     },
     "unsubscribe": {f"clinicsync.application.{name}" for name in ("sync", "crm_events", "poll", "ident")}
-    | {"idna", "unicodedata"},
-    "mis_poller": {f"clinicsync.application.{name}" for name in ("sync", "crm_events", "consent", "ident")},
-    "stage_syncer": {"clinicsync.application.ident"},
+    | {"idna", "unicodedata", "tenacity", "clinicsync.runtime.crm_senders", "clinicsync.domain.ports"}
+    | {"clinicsync.domain.crm_ports"}  # the consent outputs' CRM and MIS writes are the syncer's
+    | {f"clinicsync.adapters.{crm}.webhook" for crm in ("bitrix24", "amocrm")},
+    # The poller validates its schedule's input itself: Powertools' parser package would load pydantic's
+    # network types and a TypeAdapter cache (the syncer loads it, for its SQS record model).
+    "mis_poller": {f"clinicsync.application.{name}" for name in ("sync", "crm_events", "consent", "ident")}
+    | {"aws_lambda_powertools.utilities.parser", "pydantic.networks"}
+    | {"clinicsync.domain.crm_ports"},  # the CRM port's types: the catch-up loads them with its CRM side
+    # Powertools' batch types import its DynamoDB, Kinesis and Kafka record models when pydantic is already
+    # loaded: the handler imports the batch utility first, so they are never built.
+    "stage_syncer": {"clinicsync.application.ident", "clinicsync.application.poll"}  # its queue port: typing only
+    | {f"aws_lambda_powertools.utilities.parser.models.{name}" for name in ("dynamodb", "kinesis", "kafka")},
 }
 # What every invocation builds: imported with the handler, so that moving it to the first call is not
 # counted as a saving (the bench times the import).
 AT_IMPORT = {
-    "crm_webhook": {"clinicsync.adapters.aws.queue", "clinicsync.settings", "clinicsync.adapters.bitrix24.webhook"},
+    "crm_webhook": {
+        "clinicsync.adapters.aws.queue",
+        "clinicsync.settings",
+        "clinicsync.adapters.bitrix24.webhook",
+        "clinicsync.runtime.crm_senders",
+    },
     "unsubscribe": {"clinicsync.domain.config", "clinicsync.application.consent", "clinicsync.adapters.aws.store"},
-    "mis_poller": {"clinicsync.domain.config", "clinicsync.application.poll", "clinicsync.adapters.aws.store"},
+    # Every poll's MIS requests and every batch's table reads retry through tenacity (clinicsync.retrying
+    # imports it on first use, for the HTTP handlers, whose routes never retry).
+    "mis_poller": {
+        "clinicsync.domain.config",
+        "clinicsync.application.poll",
+        "clinicsync.adapters.aws.store",
+        "tenacity",
+    },
     "stage_syncer": {
+        "tenacity",
+        "clinicsync.domain.crm_ports",
         "clinicsync.domain.config",
         "clinicsync.application.sync",
         "clinicsync.application.crm_events",
@@ -113,6 +141,98 @@ def test_a_handler_imports_what_its_invocations_build_and_nothing_they_never_bui
     assert NEVER_AT_IMPORT[handler] & loaded == set()
     assert "yaml" not in loaded
     assert AT_IMPORT[handler] <= loaded
+
+
+# The domain's models a handler validates on every invocation are built with its import; those it never
+# validates are deferred (``defer_build``) and cost it nothing. A sync message holds the patient and visit models.
+SYNC_MESSAGE = {"Patient", "Appointment", "PatientChanges", "CrmObservation", "SyncMessage"}
+STATE = {"state.PatientState", "state.AppointmentState", "state.LatestDeal"}
+MODELS_BUILT = {
+    "mis_poller": (SYNC_MESSAGE, {"CrmEvent"} | STATE),  # the catch-up's CRM events build on use
+    "stage_syncer": (SYNC_MESSAGE | {"CrmEvent", "ConsentJob"} | STATE, set()),
+    "crm_webhook": ({"CrmEvent"}, SYNC_MESSAGE | STATE),
+    "unsubscribe": ({"ConsentJob"}, SYNC_MESSAGE | {"CrmEvent"} | STATE),
+}
+
+
+@pytest.mark.parametrize("handler", HANDLERS)
+def test_a_handler_builds_at_import_the_models_its_invocations_validate_and_no_other(handler: str) -> None:
+    built, deferred = MODELS_BUILT[handler]
+    statement = f"""
+import app
+from clinicsync.domain import models, state
+def model(name):
+    module, _, cls = name.rpartition(".")
+    return getattr(state if module == "state" else models, cls)
+built = {{name for name in {sorted(built | deferred)!r} if model(name).__pydantic_complete__}}
+assert built == set({sorted(built)!r}), sorted(built)
+"""
+    assert "clinicsync.domain.models" in _loaded_after(handler, statement)
+
+
+def test_a_deferred_model_validates_as_it_did_when_built_at_import() -> None:
+    # The unsubscribe handler never builds the patient model: the first validation builds it, same rules.
+    statement = """
+import app
+from pydantic import ValidationError
+from clinicsync.domain.models import Patient
+assert not Patient.__pydantic_complete__
+assert Patient.model_validate({"mis_id": "p-1", "version": 3}).version == 3
+try:
+    Patient.model_validate({"mis_id": "p-1", "version": "3"})  # strict: no coercion
+except ValidationError:
+    pass
+else:
+    raise AssertionError("a deferred model lost its strictness")
+"""
+    _loaded_after("unsubscribe", statement)
+
+
+@pytest.mark.parametrize("handler", ["mis_poller", "unsubscribe", "crm_webhook"])
+def test_a_handler_that_writes_no_crm_record_creates_none_of_the_crm_ports_dataclasses(handler: str) -> None:
+    # Each frozen dataclass compiles its methods at import (~3.3 M instructions); wherever they are defined.
+    statement = """
+import app
+ours = [m for name, m in list(sys.modules.items()) if name.startswith("clinicsync") and m is not None]
+defining = sorted(m.__name__ for m in ours for cls in ("ContactWrite", "DealWrite", "WriteOutcome") if hasattr(m, cls))
+assert not defining, defining
+"""
+    _loaded_after(handler, statement)
+
+
+def test_the_poller_refuses_an_invalid_schedule_input_as_powertools_event_parser_did() -> None:
+    statement = """
+import app
+from pydantic import ValidationError
+class Context:
+    function_name = "mis-poller"
+    memory_limit_in_mb = 512
+    invoked_function_arn = "arn:aws:lambda:eu-central-1:123456789012:function:mis-poller"
+    aws_request_id = "req-1"
+    def get_remaining_time_in_millis(self):
+        return 60_000
+for bad in ({"job": "nope"}, {"window_days": 0}, '{"max_pages": 1001}'):  # a JSON string is validated as JSON
+    try:
+        app.lambda_handler(bad, Context())
+    except ValidationError:
+        continue
+    raise AssertionError(bad)
+"""
+    _loaded_after("mis_poller", statement)
+
+
+@pytest.mark.parametrize("handler", HANDLERS)
+def test_a_handler_does_not_read_the_installed_distributions_for_pydantic_plugins(handler: str) -> None:
+    statement = """
+opened = []
+sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
+import app
+assert app.__name__ == "app"
+read = [path for path in opened if path.endswith("entry_points.txt")]
+assert not read, read
+"""
+    # Not inherited from this process, where importing clinicsync already set it.
+    assert "pydantic.main" in _loaded_after(handler, statement, {"PYDANTIC_DISABLE_PLUGINS": None})
 
 
 def test_the_stored_config_reads_back_without_a_yaml_parser() -> None:

@@ -12,6 +12,7 @@ from typing import cast
 from hypothesis import given
 from hypothesis import strategies as st
 
+from clinicsync.domain.crm_ports import CrmGateway
 from clinicsync.domain.keys import (
     SUBJECT_PATTERN,
     contact_intent,
@@ -20,7 +21,6 @@ from clinicsync.domain.keys import (
     patient_subject,
     subject_patient,
 )
-from clinicsync.domain.ports import CrmGateway
 from clinicsync_cli.planning import verified
 from tests.helpers import demo_config
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from clinicsync.domain.ports import ContactWrite, DealWrite
+from clinicsync.domain.crm_ports import ContactWrite, DealWrite
 from clinicsync_cli.memory_store import MemoryStore
 from clinicsync_cli.planning import DryRunGateway, masked_fields
 

@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.crm_ports import CrmMatches, DealMatch, DealWrite, PhoneCandidates
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import Appointment, CrmObservation, PatientChanges
 from clinicsync.domain.models import AppointmentStatus as S
-from clinicsync.domain.ports import CrmMatches, DealMatch, DealWrite, PhoneCandidates
 from clinicsync.domain.rules import Adoption, apply_observation, plan_patient
 from clinicsync.domain.state import PatientState
 from tests.helpers import T0, appointment, days, demo_config, patient

@@ -7,10 +7,10 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
+from clinicsync.domain.crm_ports import ContactWrite, CrmMatches, DealMatch, DealWrite
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import AppointmentStatus as S
 from clinicsync.domain.models import PatientChanges
-from clinicsync.domain.ports import ContactWrite, CrmMatches, DealMatch, DealWrite
 from clinicsync.domain.rules import (
     apply_observation,
     deal_observation,

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from clinicsync.application.sync import SyncIncomplete
+from clinicsync.domain.crm_ports import ContactWrite, CrmMatches, CrmWrite, WriteOutcome
 from clinicsync.domain.keys import contact_intent, deal_intent
 from clinicsync.domain.models import PatientChanges, SyncMessage
-from clinicsync.domain.ports import ChangePage, ContactWrite, CrmMatches, CrmWrite, Cursor, WriteOutcome
+from clinicsync.domain.ports import ChangePage, Cursor
 from clinicsync.runtime import wiring
 from clinicsync.settings import Settings
 from clinicsync_cli.memory_store import MemoryStore

@@ -21,8 +21,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, retry_if_result, stop_after_attempt
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
+
+# tenacity (and the asyncio it imports) loads with the first retried call: the HTTP handlers' routes never
+# retry, while the poller's and the syncer's runtime modules import it with the handler (every run retries).
 
 
 class Transient(Exception):
@@ -96,6 +101,8 @@ def call_with_retries[T](
     ``attempts`` are spent. ``wait(n)`` is the pause after a transient failure of attempt n, passed to
     ``sleep`` (the client's injectable sleep). ``wait_after_last`` keeps the pause some clients have
     always made after their last attempt, before giving up."""
+    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+
     policy = _Policy(wait, sleep, exhausted, wait_after_last)
     numbers = itertools.count(1)
     retrying = Retrying(
@@ -120,6 +127,7 @@ def poll[T](
     """Call ``probe`` until ``until(answer)``, waiting ``wait(n)`` after the n-th answer that is not.
     After each such answer ``stop(waited)`` (``waited``: the seconds slept so far) may end the poll; the
     last answer is returned either way. An exception from ``probe`` ends the poll at once."""
+    from tenacity import Retrying, retry_if_result
 
     def last_answer(state: RetryCallState) -> T:
         assert state.outcome is not None  # tenacity calls this only after an attempt

@@ -15,17 +15,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from clinicsync.domain.audience import MAILCHIMP_CHANNELS, AudienceEvent, MailchimpMembers, subscriber_hash
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import email_subject, patient_subject, subject_patient
 from clinicsync.domain.models import Channel, ConsentJob, ConsentTarget
-from clinicsync.domain.ports import ContactWrite, CrmGateway, MisConsentWriter
 from clinicsync.domain.store_ports import ConsentOutputStore, ConsentSource, LedgerStore
 from clinicsync.domain.unsubscribe_links import LinkClaim
 from clinicsync.observability import logger
+
+if TYPE_CHECKING:  # the outputs' (the syncer's): the ledger's handler never writes to a CRM or a MIS
+    from clinicsync.domain.crm_ports import ContactWrite, CrmGateway
+    from clinicsync.domain.ports import MisConsentWriter
 
 ALL_CHANNELS = tuple(c.value for c in Channel)
 # What an e-mail unsubscribe (link or Mailchimp) refuses: e-mail, the channel the person clicked in.
@@ -191,6 +194,8 @@ class CrmContactReader(Protocol):
 
 def consent_contact_write(patient_id: str, contact_id: str, opted_out: Sequence[str]) -> ContactWrite:
     """The one rule for every CRM: the contact's opt-out field holds exactly the ledger's opt-outs."""
+    from clinicsync.domain.crm_ports import ContactWrite
+
     channels = sorted(set(opted_out))
     return ContactWrite(patient_id, contact_id, {"mis_patient_id": patient_id, "opt_outs": channels or None})
 

@@ -12,17 +12,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from clinicsync.application.consent import ConsentLedger
-from clinicsync.application.poll import ChangeQueue
 from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.crm_ports import CrmGateway, CrmPaused, CrmUnavailable
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import patient_subject, shard_of
 from clinicsync.domain.models import Channel, CrmEvent, CrmObservation, SyncMessage
-from clinicsync.domain.ports import CrmGateway, CrmPaused, CrmUnavailable
 from clinicsync.domain.rules import deal_observation
 from clinicsync.domain.store_ports import CrmEventStore, Cursors
 from clinicsync.observability import logger
+
+if TYPE_CHECKING:  # the sync queue's port; the poller's use case itself is not the syncer's
+    from clinicsync.application.poll import ChangeQueue
 
 CATCHUP_CURSOR = "crm-catchup"
 CATCHUP_OVERLAP = timedelta(seconds=120)  # DATE_MODIFY has one-second resolution and lags a little

@@ -16,9 +16,9 @@ from datetime import datetime
 from typing import Any
 
 from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.crm_ports import CrmGateway, OpenLead
 from clinicsync.domain.ident import ConnectorQueue, IdentNames, fill_names
 from clinicsync.domain.models import PatientChanges
-from clinicsync.domain.ports import CrmGateway, OpenLead
 
 
 def open_leads(

@@ -12,9 +12,7 @@ from clinicsync.application.sync_consent import SyncConsent
 from clinicsync.application.sync_lookup import SyncLookup, settled_intents
 from clinicsync.domain.audience import AudienceUpserts
 from clinicsync.domain.config import ClinicConfig
-from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.models import CrmObservation, PatientChanges, merge_by_patient
-from clinicsync.domain.ports import (
+from clinicsync.domain.crm_ports import (
     CHANGED_SINCE_READ,
     ContactWrite,
     CrmGateway,
@@ -24,6 +22,8 @@ from clinicsync.domain.ports import (
     LeadWrite,
     WriteOutcome,
 )
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.models import CrmObservation, PatientChanges, merge_by_patient
 from clinicsync.domain.rules import (
     PatientPlan,
     apply_observation,

@@ -11,11 +11,11 @@ from dataclasses import replace
 from clinicsync.application.consent import ADDRESS_CHANNELS, ConsentLedger, CrmContactReader, ledger_digest
 from clinicsync.domain.audience import AudienceMember, AudienceUpserts, audience_member, note_accepted_members
 from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.crm_ports import ContactWrite, WriteOutcome
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import email_subject, patient_subject
 from clinicsync.domain.models import Channel, PatientChanges
 from clinicsync.domain.payloads import audience_merge_fields, contact_fields, may_join_audience
-from clinicsync.domain.ports import ContactWrite, WriteOutcome
 from clinicsync.domain.rules import PatientPlan
 from clinicsync.domain.store_ports import SyncConsentStore
 from clinicsync.observability import logger

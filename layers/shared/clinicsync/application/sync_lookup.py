@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from clinicsync.domain.crm_ports import ContactWrite, CrmGateway, CrmMatches, CrmWrite, DealWrite, WriteOutcome
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import contact_intent, deal_intent
 from clinicsync.domain.models import PatientChanges
-from clinicsync.domain.ports import ContactWrite, CrmGateway, CrmMatches, CrmWrite, DealWrite, WriteOutcome
 from clinicsync.domain.rules import Adoption, changed_multifields
 from clinicsync.domain.state import PatientState
 from clinicsync.domain.store_ports import SyncLookupStore

@@ -24,6 +24,20 @@ class Strict(BaseModel):
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
 
 
+class BuiltOnUse(Strict):
+    """A model only some handlers validate: its validator is built where it is first used, not at import.
+    A handler that validates it on every invocation builds it with its import instead (``build_now``), so
+    that work stays in Lambda's init rather than moving to the first call."""
+
+    model_config = ConfigDict(defer_build=True)
+
+
+def build_now(*models: type[BaseModel]) -> None:
+    """Build deferred models now, the nested before the ones that hold them (a built model's schema is reused)."""
+    for model in models:
+        model.model_rebuild()
+
+
 def lean_json(model: BaseModel) -> str:
     """A queue message's body: None fields left out, the reader's defaults give them back (no field of a
     message defaults to anything but None where None is allowed): a MIS patient's change set is 2-3x smaller."""
@@ -67,7 +81,7 @@ class Consent(Strict):
         return frozenset(channel for channel, refused in flags.items() if refused)
 
 
-class Patient(Strict):
+class Patient(BuiltOnUse):
     mis_id: MisId
     last_name: str = ""
     first_name: str = ""
@@ -98,7 +112,7 @@ class Patient(Strict):
     doctors_seen: tuple[str, ...] = ()  # full names of the doctors of the patient's past visits
 
 
-class Appointment(Strict):
+class Appointment(BuiltOnUse):
     mis_id: MisId
     patient_id: MisId
     status: AppointmentStatus
@@ -134,7 +148,7 @@ class Appointment(Strict):
         return self.price is not None and self.price == 0 and bool(self.insurance_policy)
 
 
-class PatientChanges(Strict):
+class PatientChanges(BuiltOnUse):
     """Everything that changed for one patient in one poll: the unit the syncer plans CRM writes for."""
 
     patient: Patient
@@ -144,7 +158,7 @@ class PatientChanges(Strict):
     polled_at: datetime | None = None
 
 
-class CrmObservation(Strict):
+class CrmObservation(BuiltOnUse):
     """Something a manager did in the CRM that the patient's state must learn (from a webhook or the
     catch-up). It travels in the patient's shard group, so only one writer ever touches a patient."""
 
@@ -156,7 +170,7 @@ class CrmObservation(Strict):
     closed: bool = False
 
 
-class SyncMessage(Strict):
+class SyncMessage(BuiltOnUse):
     """One SQS message: many patients' change sets from one shard, so one Lambda batch fills CRM batches."""
 
     kind: str = Field(default="mis_changes", pattern=r"^mis_changes$")
@@ -173,7 +187,7 @@ class SyncMessage(Strict):
         return self
 
 
-class CrmEvent(Strict):
+class CrmEvent(BuiltOnUse):
     """A CRM entity that changed, as the webhook receiver or the catch-up saw it: ids only, no PII.
 
     ``snapshot`` holds the entity's non-PII fields when the reader already fetched them (catch-up, or
@@ -188,6 +202,9 @@ class CrmEvent(Strict):
     received_at: int = Field(ge=0)
     snapshot: dict[str, str] | None = None
 
+
+# A sync queue message and the models it holds, the nested first (the order ``build_now`` wants).
+SYNC_MESSAGE_MODELS: tuple[type[BuiltOnUse], ...] = (Patient, Appointment, PatientChanges, CrmObservation, SyncMessage)
 
 ConsentTarget = Literal["crm", "mis", "mailchimp"]
 

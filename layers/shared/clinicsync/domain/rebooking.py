@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from datetime import datetime
 
 from clinicsync.domain.config import Pipeline
+from clinicsync.domain.crm_ports import DealMatch
 from clinicsync.domain.models import Appointment, AppointmentStatus
-from clinicsync.domain.ports import DealMatch
 from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState
 
 ACTIVE_STATUSES = frozenset({AppointmentStatus.BOOKED, AppointmentStatus.CONFIRMED})

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from clinicsync.domain.config import ClinicConfig, Pipeline
+from clinicsync.domain.crm_ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, LeadWrite, PhoneCandidates
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import Appointment, AppointmentStatus, CrmObservation, Patient, PatientChanges
 from clinicsync.domain.payloads import appointment_excluded, contact_fields, deal_fields, patient_excluded
-from clinicsync.domain.ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, LeadWrite, PhoneCandidates
 from clinicsync.domain.rebooking import after_continuation, continued_deal, note_lost_continuations
 from clinicsync.domain.state import AppointmentState, PatientState
 

@@ -8,9 +8,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clinicsync.domain.models import AppointmentStatus
 
+# Built where first used (the syncer builds them with its import: ``STATE_MODELS``); the poller and the
+# HTTP handlers never read a patient's state.
+
 
 class AppointmentState(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     appointment_id: str
     deal_id: str | None = None
@@ -31,7 +34,7 @@ class AppointmentState(BaseModel):
 class LatestDeal(BaseModel):
     """A funnel's latest deal (by visit start), kept in the patient's STATE: a re-booking reads it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     appointment_id: str
     deal_id: str | None = None
@@ -44,7 +47,7 @@ class LatestDeal(BaseModel):
 
 
 class PatientState(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     patient_id: str
     contact_id: str | None = None
@@ -93,3 +96,6 @@ class PatientState(BaseModel):
                 starts_at=appt.starts_at,
                 since=current.since if same and current is not None else polled_at,
             )
+
+
+STATE_MODELS: tuple[type[BaseModel], ...] = (AppointmentState, LatestDeal, PatientState)  # the nested first

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from clinicsync.domain.audience import MemberBook
-from clinicsync.domain.ports import Cursor
 from clinicsync.domain.state import PatientState
+
+if TYPE_CHECKING:
+    from clinicsync.domain.ports import Cursor
 
 ConsentSource = Literal["mis", "crm", "link", "mailchimp"]
 

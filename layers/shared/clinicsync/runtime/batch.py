@@ -12,6 +12,7 @@ from __future__ import annotations
 from contextvars import Token
 from typing import Any, Protocol
 
+import tenacity  # noqa: F401 - every batch's table reads retry through it (clinicsync.retrying loads it on use)
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, SqsFifoPartialProcessor
 from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
 from aws_lambda_powertools.utilities.parser.types import Json
@@ -22,10 +23,15 @@ from clinicsync.adapters.aws.failures import describe
 from clinicsync.application.consent import ConsentReport
 from clinicsync.application.crm_events import EventReport
 from clinicsync.application.sync import SyncIncomplete, SyncReport
-from clinicsync.domain.models import ConsentJob, CrmEvent, SyncMessage
+from clinicsync.domain.models import SYNC_MESSAGE_MODELS, ConsentJob, CrmEvent, SyncMessage, build_now
+from clinicsync.domain.state import STATE_MODELS
 from clinicsync.observability import logger
 from clinicsync.runtime import deadline, wiring
 from clinicsync.runtime.observe import ConsentBatch, Counted, CrmUse, EventBatch, Failed, SyncBatch, observe
+
+# Every batch validates its queue's messages and the sync reads its patients' state: built with the import
+# (Lambda's init), before the records that hold them.
+build_now(*SYNC_MESSAGE_MODELS, CrmEvent, *STATE_MODELS)
 
 
 class SyncRecord(SqsRecordModel):

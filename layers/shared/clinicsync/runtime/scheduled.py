@@ -12,17 +12,20 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, Literal
 
+import tenacity  # noqa: F401 - every poll's MIS requests retry through it (clinicsync.retrying loads it on use)
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from clinicsync.adapters.aws import health, store  # noqa: F401 - built by every poll, see below
 from clinicsync.application import poll  # noqa: F401
 from clinicsync.domain import config, crypto  # noqa: F401
+from clinicsync.domain.models import SYNC_MESSAGE_MODELS, build_now
 from clinicsync.runtime import deadline, wiring
 from clinicsync.runtime.observe import Backfill, CatchUp, Directory, Failed, Poll, observe
 
 # The container builds its parts on first use. What every poll (each minute) builds, the config, the poller
 # and its table, is imported above with the handler (Lambda's init), not on the first job's clock; the
 # catch-up's CRM side, the clinic's MIS adapter and the lab's directory load where they are built.
+build_now(*SYNC_MESSAGE_MODELS)  # every poll writes its changes as sync messages; the catch-up's CRM events on use
 
 Job = Literal["poll", "resync", "catchup", "backfill"]
 

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import boto3
 
 from clinicsync.domain.config import ClinicConfig
-from clinicsync.domain.ports import CrmGateway, MisConsentWriter, MisSource
+from clinicsync.domain.crm_ports import CrmGateway
+from clinicsync.domain.ports import MisConsentWriter, MisSource
 from clinicsync.runtime import deadline
 
 if TYPE_CHECKING:

@@ -1,11 +1,10 @@
-"""Composition root: a ``Container`` built from the settings builds the use cases with their adapters, once
-per container (a Lambda container keeps one for its life; ``reset`` drops it).
-
-Secrets come only from Secrets Manager and the clinic config only from SSM (Powertools Parameters,
-cached for 5 minutes); environment variables carry names and ARNs, never values. Parts are built and
-imported on first use: tests point AWS clients at moto first, a cold start loads only what its handler
-calls (tests/infra/test_cold_start.py). A test or the sandbox replaces a part (config, store, CRM gateway,
-MIS source, Mailchimp, clock, HTTP client, secrets) by the constructor or ``replace_parts``, never by patching.
+"""Composition root: a ``Container`` built from the settings builds the use cases with their adapters, once per
+container (a Lambda container keeps one for its life; ``reset`` drops it). Secrets come only from Secrets Manager
+and the clinic config only from SSM (Powertools Parameters, cached for 5 minutes); environment variables carry names
+and ARNs, never values. Parts are built and imported on first use: tests point AWS clients at moto first, a cold
+start loads only what its handler calls (tests/infra/test_cold_start.py). A test or the sandbox replaces a part
+(config, store, CRM gateway, MIS source, Mailchimp, clock, HTTP client, secrets) by the constructor or
+``replace_parts``, never by patching.
 """
 
 from __future__ import annotations
@@ -45,8 +44,9 @@ if TYPE_CHECKING:
     from clinicsync.domain.audience import MailchimpMembers
     from clinicsync.domain.backfill import BackfillCheckpoint
     from clinicsync.domain.config import ClinicConfig
+    from clinicsync.domain.crm_ports import CrmGateway
     from clinicsync.domain.crypto import KeyedHasher
-    from clinicsync.domain.ports import CrmGateway, MisConsentWriter, MisSource
+    from clinicsync.domain.ports import MisConsentWriter, MisSource
     from clinicsync.domain.store_ports import Store
     from clinicsync.domain.unsubscribe_links import UnsubscribeTokens
 

@@ -21,7 +21,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 
 from clinicsync.adapters.aws.budget import BudgetTimeout, RequestPacer
 from clinicsync.adapters.http.oauth import OAuthError
-from clinicsync.domain.ports import CrmUnavailable
+from clinicsync.domain.crm_ports import CrmUnavailable
 from clinicsync.observability import logger, metrics
 from clinicsync.retrying import Replay, Transient, call_with_retries
 

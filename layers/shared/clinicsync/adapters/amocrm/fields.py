@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from clinicsync.domain.config import ClinicConfig
-from clinicsync.domain.ports import DealMatch
+from clinicsync.domain.crm_ports import DealMatch
 
 WON, LOST = "142", "143"  # the same in every pipeline
 

@@ -28,8 +28,8 @@ from clinicsync.adapters.amocrm.fields import LOST, WON, AmoFields, deal_match
 from clinicsync.adapters.amocrm.phones import PhoneLookup
 from clinicsync.adapters.amocrm.writes import AmoCrmWriter
 from clinicsync.domain.config import ClinicConfig, Pipeline
+from clinicsync.domain.crm_ports import CrmMatches, CrmWrite, DealMatch, OpenLead, PipelineMismatch, WriteOutcome
 from clinicsync.domain.phones import normalise_phone
-from clinicsync.domain.ports import CrmMatches, CrmWrite, DealMatch, OpenLead, PipelineMismatch, WriteOutcome
 from clinicsync.domain.store_ports import CrmPhoneBook
 
 UTM_CODES = ("SOURCE", "MEDIUM", "CAMPAIGN", "TERM", "CONTENT")  # amoCRM tracking fields UTM_<code>

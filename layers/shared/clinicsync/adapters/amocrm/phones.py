@@ -19,8 +19,8 @@ from clinicsync.adapters.amocrm.client import AmoCrmClient
 from clinicsync.adapters.amocrm.client import embedded as _embedded
 from clinicsync.adapters.amocrm.fields import LOST, WON, AmoFields
 from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.crm_ports import PhoneCandidates
 from clinicsync.domain.phones import normalise_phone
-from clinicsync.domain.ports import PhoneCandidates
 from clinicsync.domain.store_ports import CrmPhoneBook
 
 

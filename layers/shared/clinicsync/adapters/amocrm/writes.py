@@ -17,8 +17,8 @@ from clinicsync.adapters.amocrm.client import AmoCrmClient, AmoCrmError, AmoCrmO
 from clinicsync.adapters.amocrm.client import embedded as _embedded
 from clinicsync.adapters.amocrm.fields import AmoFields, chunks
 from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.crm_ports import ContactWrite, CrmWrite, DealWrite, LeadWrite, WriteOutcome
 from clinicsync.domain.fieldtypes import FieldValueError, crm_value, default_type
-from clinicsync.domain.ports import ContactWrite, CrmWrite, DealWrite, LeadWrite, WriteOutcome
 
 BULK = 50  # amoCRM accepts up to 250 per write, recommends 50, and answers 504 to what it cannot handle
 NATIVE = {"title": "name", "price": "price"}

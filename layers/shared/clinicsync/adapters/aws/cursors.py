@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from clinicsync.adapters.aws import keys
 from clinicsync.adapters.aws.spill import SpilledJson
 from clinicsync.adapters.aws.table import TableRepository
-from clinicsync.domain.ports import Cursor
+
+if TYPE_CHECKING:
+    from clinicsync.domain.ports import Cursor
 
 
 class DynamoCursors(TableRepository):

@@ -17,7 +17,7 @@ import httpx
 from clinicsync.adapters.aws.budget import BudgetTimeout, RequestPacer
 from clinicsync.adapters.bitrix24.oauth import Bitrix24OAuth
 from clinicsync.adapters.http.pacing import Pacer
-from clinicsync.domain.ports import CrmPaused, CrmUnavailable
+from clinicsync.domain.crm_ports import CrmPaused, CrmUnavailable
 from clinicsync.observability import logger
 from clinicsync.retrying import Replay, Transient, call_with_retries, exponential
 

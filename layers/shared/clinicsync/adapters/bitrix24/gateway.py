@@ -31,8 +31,7 @@ from clinicsync.adapters.bitrix24.phones import (
 from clinicsync.adapters.bitrix24.phones import candidates as phone_candidates
 from clinicsync.adapters.bitrix24.writes import Bitrix24Writer, custom_field
 from clinicsync.domain.config import ClinicConfig, Pipeline
-from clinicsync.domain.phones import normalise_phone
-from clinicsync.domain.ports import (
+from clinicsync.domain.crm_ports import (
     CrmMatches,
     CrmWrite,
     DealMatch,
@@ -41,6 +40,7 @@ from clinicsync.domain.ports import (
     PipelineMismatch,
     WriteOutcome,
 )
+from clinicsync.domain.phones import normalise_phone
 
 # MIS ids per look-up command: a first import finds nothing, so an invocation's ids cost one command per
 # entity, not one per 50, and its look-up stays one ``batch``; rows found are paged on ``next``. 500

@@ -18,8 +18,8 @@ from typing import Any
 
 from clinicsync.adapters.bitrix24.client import PAGE_SIZE, chunks, rows
 from clinicsync.domain.config import Matching
+from clinicsync.domain.crm_ports import PhoneCandidates
 from clinicsync.domain.phones import normalise_phone
-from clinicsync.domain.ports import PhoneCandidates
 
 FINDBYCOMM_LIMIT = 20  # crm.duplicate.findbycomm takes at most 20 values
 CHAINED = "x"  # key prefix of the reads chained to a findbycomm command in the same batch

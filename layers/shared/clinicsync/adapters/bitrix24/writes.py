@@ -17,8 +17,8 @@ from clinicsync.adapters.bitrix24.client import (
     Bitrix24OutcomeUnknown,
 )
 from clinicsync.domain.config import ClinicConfig
+from clinicsync.domain.crm_ports import CHANGED_SINCE_READ, ContactWrite, CrmWrite, DealWrite, LeadWrite, WriteOutcome
 from clinicsync.domain.fieldtypes import FieldValueError, crm_value, default_type
-from clinicsync.domain.ports import CHANGED_SINCE_READ, ContactWrite, CrmWrite, DealWrite, LeadWrite, WriteOutcome
 
 # Canonical fields with a native Bitrix24 field. Everything else goes to a UF_CRM_* field, named by
 # the clinic's fields.crm_names or, by default, UF_CRM_CS_<NAME>. visit_at is one of those (a datetime

@@ -22,8 +22,8 @@ from typing import Annotated
 
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
+from clinicsync.domain.crm_ports import OpenLead
 from clinicsync.domain.models import PatientChanges
-from clinicsync.domain.ports import OpenLead
 
 KEY_HEADER = "IDENT-Integration-Key"
 # IDENT's shared key guards patients' leads: at least 32 random bytes as url-safe text (secrets.token_urlsafe(32)).

@@ -310,12 +310,22 @@ class ImportTiming:
     by_package_ms: dict[str, float]  # self time summed per top-level package, the largest first
 
 
+def deployed_constants() -> dict[str, str]:
+    """The functions' environment every stack has (the template's Globals with plain values, e.g.
+    Powertools' settings and PYDANTIC_DISABLE_PLUGINS): an import is timed with it, as deployed."""
+    from sandbox.cfn_yaml import load_template
+
+    variables = load_template(ROOT / "template.yaml")["Globals"]["Function"]["Environment"]["Variables"]
+    return {name: value for name, value in variables.items() if isinstance(value, str)}
+
+
 def import_ms(handler: str, runs: int = 3, top: int = 6) -> ImportTiming:
     """``python -X importtime``: the handler module's cumulative import time, best of ``runs`` (the
     machine is shared, so the minimum is the least disturbed measurement), and where that best run
     spent it: self times summed per top-level package, so the parts add up to the whole."""
     env = {
         **os.environ,
+        **deployed_constants(),
         "PYTHONPATH": os.pathsep.join([str(ROOT / "functions" / handler), str(ROOT / "layers" / "shared")]),
         "AWS_DEFAULT_REGION": "eu-central-1",
         # As deployed: in Lambda (the X-Ray SDK's recorder takes its Lambda path; outside it builds a botocore

@@ -68,7 +68,7 @@ def test_no_secret_is_compared_with_eq() -> None:
 def test_inbound_checks_use_constant_time_comparison() -> None:
     """Each receiver's check (the routes' middlewares) calls the constant-time, fail-closed helper (the AST test
     above forbids the other way)."""
-    checks = ("middlewares.py", "ident_middlewares.py")
+    checks = ("middlewares.py", "crm_senders.py", "ident_middlewares.py")
     runtime = ROOT / "layers" / "shared" / "clinicsync" / "runtime"
     webhook = "".join((runtime / name).read_text(encoding="utf-8") for name in checks)
     for checked in ("application_token", "member_id", "webhook_secret", "account_id", "integration_key"):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.bench.harness import deployed_constants
+
 ROOT = Path(__file__).resolve().parents[2]
 # The layer's requirements only, as deployed (`make layer-venv`); the dev venv where it is not built.
 LAYER_PYTHON = ROOT / ".venv-layer" / "bin" / "python"
@@ -37,6 +39,7 @@ ADAPTERS = (
 def _env(handler: str, env_overrides: dict[str, str | None] | None = None) -> dict[str, str]:
     env = {
         **os.environ,
+        **deployed_constants(),  # the template's Globals, as every deployed function has them
         "PYTHONPATH": os.pathsep.join([str(ROOT / "functions" / handler), str(ROOT / "layers" / "shared")]),
         "AWS_DEFAULT_REGION": "eu-central-1",
     }
@@ -231,8 +234,8 @@ assert app.__name__ == "app"
 read = [path for path in opened if path.endswith("entry_points.txt")]
 assert not read, read
 """
-    # Not inherited from this process, where importing clinicsync already set it.
-    assert "pydantic.main" in _loaded_after(handler, statement, {"PYDANTIC_DISABLE_PLUGINS": None})
+    # The template's PYDANTIC_DISABLE_PLUGINS (deployed_constants) is what turns the discovery off.
+    assert "pydantic.main" in _loaded_after(handler, statement)
 
 
 def test_the_stored_config_reads_back_without_a_yaml_parser() -> None:

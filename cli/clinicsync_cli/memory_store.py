@@ -248,6 +248,11 @@ class MemoryStore:
         self._wrote()
         self._phones.update(entries)
 
+    def index_contacts(self, phones: Sequence[tuple[str, str]], emails: Sequence[tuple[str, str]]) -> None:
+        self._wrote()
+        self._phones.update(phones)
+        self._emails.update(emails)
+
     def patients_by_phone(self, phone_key: str) -> list[str]:
         if (below := self._ask("phone", phone_key)) is not None:
             self._phones.update((phone_key, pid) for pid in below.patients_by_phone(phone_key))

@@ -197,3 +197,20 @@ def test_new_patients_settled_intents_go_in_the_request_that_releases_their_clai
     intents = [contact_intent(f"p{n}") for n in range(patients)] + [deal_intent(f"a{n}") for n in range(patients)]
     assert store.load_intents(intents) == {}
     assert store.claim_patients([f"p{n}" for n in range(patients)], "next", 0, 60) == {f"p{n}" for n in range(patients)}
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(patients=st.integers(1, 60), with_email=st.integers(0, 60))
+def test_a_poll_pages_phone_and_e_mail_indexes_go_in_one_request_while_they_fit(
+    template_tables: Callable[[], Table], patients: int, with_email: int
+) -> None:
+    """The poller indexes a page's phones and e-mails before it queues the page: one transaction of up
+    to 100 puts (two batch writes of 25 before), batches beyond that; every entry findable after."""
+    store, log = _store_with_log(template_tables)
+    phones = [(f"k{n}", f"p{n}") for n in range(patients)]
+    emails = [(f"e{n}", f"pat:p{n}") for n in range(min(with_email, patients))]
+    store.index_contacts(phones, emails)
+    items = len(phones) + len(emails)
+    assert log == (["TransactWriteItems"] if items <= 100 else ["BatchWriteItem"] * -(-items // 25))
+    assert all(store.patients_by_phone(k) == [p] for k, p in phones)
+    assert all(store.subjects_by_email(e) == [s] for e, s in emails)

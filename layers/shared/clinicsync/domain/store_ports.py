@@ -197,7 +197,13 @@ class SyncReader(Protocol):
 # What each use case takes: the union of the seams it uses, nothing more.
 
 
-class PollStore(Cursors, Leases, PhoneIndex, EmailIndex, Protocol): ...
+class PollIndexes(PhoneIndex, EmailIndex, Protocol):
+    def index_contacts(self, phones: Sequence[tuple[str, str]], emails: Sequence[tuple[str, str]]) -> None:
+        """``index_phones`` and ``index_emails`` at once (a poll's page): one request while they fit."""
+        ...
+
+
+class PollStore(Cursors, Leases, PollIndexes, Protocol): ...
 
 
 class SyncLookupStore(CreateIntents, PhoneIndex, Protocol): ...

@@ -162,8 +162,9 @@ def test_a_warm_poller_reads_no_card_for_a_visit_whose_client_the_feed_shows_unc
     poller = Poller(mis, MedodsCards())
     cursor = poller.poll(mis, START)  # the container's first poll: every visit's card is read
     assert mis.card_reads == 10
-    for cycle in range(1, 6):
+    for cycle in range(1, 8):  # a client edited every minute: the feed's mark moves past the overlap
         mis.now += 60
+        mis.edit_client(cycle + 6)
         mis.move_visit(cycle)
         mis.move_visit(cycle + 3)
         reads = mis.card_reads

@@ -184,22 +184,28 @@ def test_a_sync_reads_only_the_e_mail_channel_of_an_address(template_tables: Cal
     assert len(patients) == 3 * 4
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(patients=st.integers(1, 8))
-def test_new_patients_settled_intents_go_in_the_request_that_releases_their_claims(
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(patients=st.integers(1, 20))
+def test_new_patients_states_claims_and_settled_intents_go_in_one_transaction_while_they_fit(
     template_tables: Callable[[], Table], patients: int
 ) -> None:
-    """After the CRM accepted the creates: the new states in one batch, then one batch that forgets the
-    settled create intents and releases the claims, not one request each."""
+    """After the CRM accepted the creates: the new states, the settled create intents' deletes and the
+    claims' in one transaction while they fit in 100 items (atomic: an intent never goes without its
+    state); beyond, the states in batches, then one batch that forgets the intents and releases."""
     store, log = _store_with_log(template_tables)
     syncer = Syncer(demo_config(), store, InstantCrm(log), KeyedHasher(b"k" * 32))
     syncer.sync(_message(patients, AppointmentStatus.BOOKED))
     after_apply = log[len(log) - log[::-1].index(CRM) :]
     new_items = 4 * patients  # each patient's STATE, visit, contact map and deal map
-    assert after_apply == ["BatchWriteItem"] * (-(-new_items // 25) + 1)  # 25 items a batch, then one
+    if new_items + 3 * patients <= 100:  # and each patient's claim and two intents
+        assert after_apply == ["TransactWriteItems"]
+    else:
+        assert after_apply == ["BatchWriteItem"] * (-(-new_items // 25) - (-3 * patients // 25))  # 25 a batch
     intents = [contact_intent(f"p{n}") for n in range(patients)] + [deal_intent(f"a{n}") for n in range(patients)]
     assert store.load_intents(intents) == {}
     assert store.claim_patients([f"p{n}" for n in range(patients)], "next", 0, 60) == {f"p{n}" for n in range(patients)}
+    states = store.load_patients({f"p{n}": [f"a{n}"] for n in range(patients)})
+    assert all(states[f"p{n}"].appointments[f"a{n}"].deal_id for n in range(patients))
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -156,10 +156,10 @@ class DynamoPatientStates(TableRepository):
         only when its CRM id is new to the loaded state (an id a state holds was mapped before it was
         stored); with the versioned items, ahead of them in their transaction, else ahead of the new items.
 
-        ``release`` (the sync's claims and settled intents, deletes) rides in the versioned items'
-        transaction when that is the save's only request: the steady day's message then costs one
-        request fewer. New items go in batches, which are not atomic: a settled intent must not go
-        before the state it guards is stored, so then the caller releases after them.
+        With ``release`` (the sync's claims and settled intents, deletes), when every item and delete
+        fits in one transaction, all go in it, new items too: a steady-day message's save and release
+        cost one request instead of two or three. Otherwise as above, and the caller releases after the
+        save: batches are not atomic, and a settled intent must not go before the state it guards.
         """
         fresh: list[dict[str, Any]] = []
         maps: dict[tuple[str, str], dict[str, Any]] = {}
@@ -178,15 +178,16 @@ class DynamoPatientStates(TableRepository):
                     versioned[(str(item["pk"]), sk)] = item
                 else:
                     fresh.append(item)
+        riders = _release_keys(release) if release is not None else []
+        new = {(str(i["pk"]), str(i["sk"])): i for i in fresh}  # a transaction names an item once
+        if release is not None and riders and len(maps) + len(versioned) + len(new) + len(riders) <= TRANSACT_LIMIT:
+            # All of it fits one transaction (new items too: their condition holds): one atomic request.
+            release.done = self._put_if_not_older([*maps.values(), *versioned.values(), *new.values()], riders)
+            return
         if versioned:
             items = [*maps.values(), *versioned.values()]
-            riders = _release_keys(release) if release is not None and not fresh else []
-            if len(items) + len(riders) > TRANSACT_LIMIT:
-                riders = []
             for start in range(0, len(items), TRANSACT_LIMIT):
-                released = self._put_if_not_older(items[start : start + TRANSACT_LIMIT], riders)
-            if riders and release is not None:
-                release.done = released
+                self._put_if_not_older(items[start : start + TRANSACT_LIMIT])
         else:
             fresh = [*maps.values(), *fresh]
         if fresh:

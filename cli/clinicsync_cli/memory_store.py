@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from clinicsync.domain.audience import MemberBook, is_subscriber_hash
 from clinicsync.domain.ports import Cursor
 from clinicsync.domain.state import AppointmentState, PatientState
-from clinicsync.domain.store_ports import ConsentSource, Store, SyncReads
+from clinicsync.domain.store_ports import ClaimRelease, ConsentSource, Store, SyncReads
 
 _SEEN = "-"  # the CRM opt-in field as seen, with no channel
 
@@ -114,6 +114,17 @@ class MemoryStore:
         return SyncReads(self.load_patients(wanted), self.load_intents(intent_keys), opted_out)
 
     def save_patients(
+        self,
+        saves: Sequence[tuple[PatientState, Sequence[str]]],
+        loaded: Mapping[str, PatientState],
+        release: ClaimRelease | None = None,
+    ) -> None:
+        self._save_patients(saves, loaded)
+        if release is not None:  # the states and the release as one write
+            self.release_claims(release.patients, release.intents)
+            release.done = True
+
+    def _save_patients(
         self, saves: Sequence[tuple[PatientState, Sequence[str]]], loaded: Mapping[str, PatientState]
     ) -> None:
         self._wrote()
@@ -247,6 +258,11 @@ class MemoryStore:
     def index_phones(self, entries: Sequence[tuple[str, str]]) -> None:
         self._wrote()
         self._phones.update(entries)
+
+    def index_contacts(self, phones: Sequence[tuple[str, str]], emails: Sequence[tuple[str, str]]) -> None:
+        self._wrote()
+        self._phones.update(phones)
+        self._emails.update(emails)
 
     def patients_by_phone(self, phone_key: str) -> list[str]:
         if (below := self._ask("phone", phone_key)) is not None:

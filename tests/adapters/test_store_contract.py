@@ -265,6 +265,14 @@ def test_the_email_index_finds_every_subject_of_an_address(store: Store) -> None
     assert store.subjects_by_email("e9") == []
 
 
+def test_a_poll_pages_phones_and_e_mails_are_indexed_together(store: Store) -> None:
+    phones = [("k1", "p1"), ("k1", "p2"), ("k1", "p1")]  # a family's phone, a patient twice on a page
+    store.index_contacts(phones, [("e1", "pat:p1"), ("e1", "pat:p1"), ("e2", "pat:p2")])
+    store.index_contacts([], [])
+    assert store.patients_by_phone("k1") == ["p1", "p2"]
+    assert (store.subjects_by_email("e1"), store.subjects_by_email("e2")) == (["pat:p1"], ["pat:p2"])
+
+
 # --- the consent ledger --------------------------------------------------------------------------------------------
 
 

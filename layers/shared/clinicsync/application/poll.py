@@ -157,17 +157,15 @@ class Poller:
         size = self._config.bulk_patients_per_message if bulk else self._config.patients_per_message
         messages = self._pack(page.changes, size, run)
         # Index phones before anyone syncs: family members in different shards then see each other,
-        # so neither adopts a contact found by their shared phone.
-        self._store.index_phones(
-            [(self._hasher.phone_key(c.patient.phone), c.patient.mis_id) for c in page.changes if c.patient.phone]
-        )
-        # A Mailchimp event names an address: the ledger must find the patient behind it.
-        self._store.index_emails(
+        # so neither adopts a contact found by their shared phone. A Mailchimp event names an address:
+        # the ledger must find the patient behind it.
+        self._store.index_contacts(
+            [(self._hasher.phone_key(c.patient.phone), c.patient.mis_id) for c in page.changes if c.patient.phone],
             [
                 (self._hasher.email_key(c.patient.email), patient_subject(c.patient.mis_id))
                 for c in page.changes
                 if c.patient.email
-            ]
+            ],
         )
         if messages:
             self._queue.send(messages)

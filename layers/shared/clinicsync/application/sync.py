@@ -33,7 +33,7 @@ from clinicsync.domain.rules import (
     stage_to_check,
 )
 from clinicsync.domain.state import PatientState
-from clinicsync.domain.store_ports import SyncStore
+from clinicsync.domain.store_ports import ClaimRelease, SyncStore
 from clinicsync.observability import logger
 from clinicsync.retrying import exponential, poll
 
@@ -100,7 +100,7 @@ class Syncer:
         wanted = list(dict.fromkeys([c.patient.mis_id for c in merged] + [o.patient_id for o in observations]))
         owner = uuid.uuid4().hex
         claimed = self._claim(wanted, owner)
-        settled: list[str] = []  # create intents to forget, in the request that releases the claims
+        release = ClaimRelease(sorted(claimed))  # with the states' write if it fits, else after it
         try:
             busy = {pid: BUSY for pid in wanted if pid not in claimed}
             if busy:
@@ -109,11 +109,11 @@ class Syncer:
                 [c for c in merged if c.patient.mis_id in claimed],
                 [o for o in observations if o.patient_id in claimed],
                 busy,
-                settled,
+                release,
             )
         finally:
-            if claimed:
-                self._store.release_claims(sorted(claimed), settled)
+            if claimed and not release.done:
+                self._store.release_claims(release.patients, release.intents)
         report.patients = len(changes)
         return report
 
@@ -144,7 +144,7 @@ class Syncer:
         changes: Sequence[PatientChanges],
         observations: Sequence[CrmObservation],
         busy: dict[str, str],
-        settled: list[str],
+        release: ClaimRelease,
     ) -> SyncReport:
         report = SyncReport(patients=len(changes))
         requests_before = self._gateway.requests_made()
@@ -182,10 +182,13 @@ class Syncer:
             plans = [by_patient.get(plan.patient_id, plan) for plan in plans]
             writes += more
         report.audience_members += self._consent.sync_audience(plans, live, ledger, outcome)
-        self._persist(plans, live, states, outcome, report, observed)
         self._consent.note_crm_consent(plans, outcome, own_opt_outs)
-        if intents:
-            settled.extend(settled_intents(intents, writes, outcome))
+        release.intents = settled_intents(intents, writes, outcome) if intents else []
+        try:
+            self._persist(plans, live, states, outcome, report, observed, release)  # the sync's last write
+        except Exception:
+            release.intents = []  # states not stored: the intents stay, so the retry looks the creates up
+            raise
         report.crm_requests = self._gateway.requests_made() - requests_before
         if outcome.failed or busy:
             raise SyncIncomplete({**busy, **outcome.failed})
@@ -339,6 +342,7 @@ class Syncer:
         outcome: WriteOutcome,
         report: SyncReport,
         observed: dict[str, list[str]],
+        release: ClaimRelease,
     ) -> None:
         saves: list[tuple[PatientState, list[str]]] = []
         planned = {plan.patient_id for plan in plans}
@@ -375,7 +379,7 @@ class Syncer:
             state.email_key = self._hasher.email_key(item.patient.email) if item.patient.email else None
             saves.append((state, plan.changed_appointments + observed.get(plan.patient_id, [])))
         if saves:
-            self._store.save_patients(saves, states)
+            self._store.save_patients(saves, states, release)
 
 
 def _unguarded(plan: PatientPlan) -> PatientPlan:

@@ -19,6 +19,15 @@ if TYPE_CHECKING:
 ConsentSource = Literal["mis", "crm", "link", "mailchimp"]
 
 
+@dataclass
+class ClaimRelease:
+    """A sync's claims and the create intents it settled, to release with its last write if they fit."""
+
+    patients: list[str]
+    intents: list[str] = field(default_factory=list)
+    done: bool = False  # released with the states: the caller must not release them again
+
+
 class PatientStates(Protocol):
     """What we remember per patient (CRM ids, versions, hashes), never older over newer."""
 
@@ -27,9 +36,14 @@ class PatientStates(Protocol):
         ...
 
     def save_patients(
-        self, saves: Sequence[tuple[PatientState, Sequence[str]]], loaded: Mapping[str, PatientState]
+        self,
+        saves: Sequence[tuple[PatientState, Sequence[str]]],
+        loaded: Mapping[str, PatientState],
+        release: ClaimRelease | None = None,
     ) -> None:
-        """Persist after the CRM accepted the writes; an item stored with a newer version is kept."""
+        """Persist after the CRM accepted the writes; an item stored with a newer version is kept. With
+        ``release``, the claims and settled intents go in the same atomic write when they fit (then
+        ``release.done``); never before a state they guard is stored."""
         ...
 
     def delete_patient(self, patient_id: str) -> None: ...
@@ -199,7 +213,13 @@ class SyncReader(Protocol):
 # What each use case takes: the union of the seams it uses, nothing more.
 
 
-class PollStore(Cursors, Leases, PhoneIndex, EmailIndex, Protocol): ...
+class PollIndexes(PhoneIndex, EmailIndex, Protocol):
+    def index_contacts(self, phones: Sequence[tuple[str, str]], emails: Sequence[tuple[str, str]]) -> None:
+        """``index_phones`` and ``index_emails`` at once (a poll's page): one request while they fit."""
+        ...
+
+
+class PollStore(Cursors, Leases, PollIndexes, Protocol): ...
 
 
 class SyncLookupStore(CreateIntents, PhoneIndex, Protocol): ...

@@ -36,10 +36,13 @@ def build_mis_source(parts: Container, config: ClinicConfig) -> MisSource:
         return IdentSource(parts.sqs(), parts.settings.ident_inbox_queue_url, enrich=parts.ident_directory().enrich)
     creds = parts.mis_credentials()
     if config.mis.kind == "medods":
-        from clinicsync.adapters.medods.source import MedodsApi, MedodsSource
+        from clinicsync.adapters.medods.cards import MedodsCards
+        from clinicsync.adapters.medods.source import MedodsApi, MedodsClient, MedodsSource
 
         api = MedodsApi(config.mis.base_url, str(creds["identity_key"]), str(creds["secret"]), http=parts.http_client())
-        return MedodsSource(api, config)
+        # The cards it has read outlive the invocation: a warm container reads again only those the feed changed.
+        cards = parts.once(("medods-cards", config.mis.base_url), MedodsCards[MedodsClient])
+        return MedodsSource(api, config, cards=cards)
     if config.mis.kind == "infoclinica":
         from clinicsync.adapters.infoclinica.api import InfoClinicaApi
         from clinicsync.adapters.infoclinica.source import InfoClinicaSource

@@ -85,7 +85,7 @@ class Container:
         self._built: dict[tuple[Any, ...], Any] = {}
         self._lock = threading.RLock()  # the local runtime invokes handlers from several threads
 
-    def _once[T](self, key: tuple[Any, ...], build: Callable[[], T]) -> T:
+    def once[T](self, key: tuple[Any, ...], build: Callable[[], T]) -> T:
         with self._lock:
             if key not in self._built:
                 self._built[key] = build()
@@ -103,16 +103,16 @@ class Container:
 
             return httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), limits=httpx.Limits(max_connections=10))
 
-        return self._once(("http",), build)
+        return self.once(("http",), build)
 
     def dynamodb(self) -> DynamoDBServiceResource:
-        return self._once(("dynamodb",), lambda: boto3.resource("dynamodb", config=PLAIN_CONFIG))
+        return self.once(("dynamodb",), lambda: boto3.resource("dynamodb", config=PLAIN_CONFIG))
 
     def table(self) -> Table:
-        return self._once(("table",), lambda: self.dynamodb().Table(self.settings.table_name))  # once: costly
+        return self.once(("table",), lambda: self.dynamodb().Table(self.settings.table_name))  # once: costly
 
     def sqs(self) -> SQSClient:
-        return self._once(("sqs",), lambda: boto3.client("sqs", config=PLAIN_CONFIG))
+        return self.once(("sqs",), lambda: boto3.client("sqs", config=PLAIN_CONFIG))
 
     # --- configuration and secrets --------------------------------------------------------------------
 
@@ -126,7 +126,7 @@ class Container:
             return self._config
         from clinicsync.domain.config import parse_clinic_config
 
-        return self._once(("config", text), lambda: parse_clinic_config(text))
+        return self.once(("config", text), lambda: parse_clinic_config(text))
 
     def clinic_config(self) -> ClinicConfig:
         return self._parsed(self._config_text())
@@ -139,7 +139,7 @@ class Container:
             config = self._parsed(text)
             return config.with_crm_closed_stages(self.crm_gateway(config).verify_pipelines(config.crm.pipelines))
 
-        return self._once(("verified", text), verify)
+        return self.once(("verified", text), verify)
 
     def clinic_secret(self) -> dict[str, Any]:
         """hash_key, unsubscribe_key, mailchimp_api_key, mailchimp_webhook_secret."""
@@ -255,18 +255,18 @@ class Container:
     def bitrix_client(self, config: ClinicConfig) -> Bitrix24Client:
         from clinicsync.runtime.vendors import build_bitrix_client
 
-        return self._once(("bitrix24", *_client_key(self, config)), lambda: build_bitrix_client(self, config))
+        return self.once(("bitrix24", *_client_key(self, config)), lambda: build_bitrix_client(self, config))
 
     def amocrm_client(self, config: ClinicConfig) -> AmoCrmClient:
         from clinicsync.runtime.vendors import build_amocrm_client
 
-        return self._once(("amocrm", *_client_key(self, config)), lambda: build_amocrm_client(self, config))
+        return self.once(("amocrm", *_client_key(self, config)), lambda: build_amocrm_client(self, config))
 
     def vtiger_client(self, config: ClinicConfig) -> VtigerClient:
         """One client per container: its session survives warm invocations (renewed when vTiger expires it)."""
         from clinicsync.runtime.vendors import build_vtiger_client
 
-        return self._once(("vtiger", *_client_key(self, config)), lambda: build_vtiger_client(self, config))
+        return self.once(("vtiger", *_client_key(self, config)), lambda: build_vtiger_client(self, config))
 
     def crm_counters(self) -> tuple[int, int]:
         """(requests, throttled answers) this container's CRM client has made so far; (0, 0) before its first

@@ -1,6 +1,6 @@
-"""Phone indexes on the table: MIS patients by phone key (``PhoneIndex``) and the CRM account's
-contacts by phone key with its read cursor (``CrmPhoneBook``, amoCRM: its contacts cannot be
-searched by phone). Keys are keyed HMACs, never the number."""
+"""Phone indexes on the table: MIS patients by phone key (``PhoneIndex``, written with the e-mail index
+by ``PollIndexes``) and the CRM account's contacts by phone key with its read cursor (``CrmPhoneBook``,
+amoCRM: its contacts cannot be searched by phone). Keys are keyed HMACs, never the number."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from botocore.exceptions import ClientError
 
 from clinicsync.adapters.aws import keys
-from clinicsync.adapters.aws.table import TableRepository, batch_writer, failed_condition
+from clinicsync.adapters.aws.table import TRANSACT_LIMIT, TableRepository, batch_writer, cancelled, failed_condition
 
 
 class DynamoPhoneIndex(TableRepository):
@@ -26,6 +26,25 @@ class DynamoPhoneIndex(TableRepository):
 
     def patients_by_phone(self, phone_key: str) -> list[str]:
         return [keys.patient_of(str(item["sk"])) for item in self._query(keys.phone_pk(phone_key))]
+
+
+class DynamoPollIndexes(TableRepository):
+    def index_contacts(self, phones: Sequence[tuple[str, str]], emails: Sequence[tuple[str, str]]) -> None:
+        """A poll page's phone and e-mail entries in one TransactWriteItems while they fit in 100 puts
+        (the two batch writes took two requests or more, 25 items each); more, or a transaction cancelled
+        by a concurrent write of one of its items, go in batches. Every put is safe to repeat."""
+        entries = [*(keys.phone(k, pid) for k, pid in phones), *(keys.email(k, s) for k, s in emails)]
+        items = list({(e["pk"], e["sk"]): e for e in entries}.values())  # a transaction names an item once
+        if 0 < len(items) <= TRANSACT_LIMIT:
+            try:
+                self._transact([{"Put": {"TableName": self._table.name, "Item": item}} for item in items])
+                return
+            except ClientError as exc:
+                if not cancelled(exc):
+                    raise
+        with batch_writer(self._table, ["pk", "sk"]) as batch:
+            for item in items:
+                batch.put_item(Item=item)
 
 
 class DynamoCrmPhoneBook(TableRepository):

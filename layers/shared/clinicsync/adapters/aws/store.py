@@ -17,7 +17,7 @@ from clinicsync.adapters.aws.consent_ledger import (
 from clinicsync.adapters.aws.coordination import DynamoClaims, DynamoLeases
 from clinicsync.adapters.aws.cursors import DynamoCursors
 from clinicsync.adapters.aws.mappings import DynamoCreateIntents, DynamoCrmIdMaps, DynamoPatientStates
-from clinicsync.adapters.aws.phone_index import DynamoCrmPhoneBook, DynamoPhoneIndex
+from clinicsync.adapters.aws.phone_index import DynamoCrmPhoneBook, DynamoPhoneIndex, DynamoPollIndexes
 from clinicsync.adapters.aws.sync_reads import DynamoSyncReader
 
 
@@ -29,6 +29,7 @@ class DynamoStore(
     DynamoLeases,
     DynamoClaims,
     DynamoPhoneIndex,
+    DynamoPollIndexes,
     DynamoCrmPhoneBook,
     DynamoConsentRecords,
     DynamoConsentOutputMarks,

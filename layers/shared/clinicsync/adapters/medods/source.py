@@ -5,6 +5,9 @@ re-reads ``overlap_seconds`` of history and drops the rows it has already sent. 
 when its id, ``updatedAt`` and content all match: ``updatedAt`` has one-second resolution, and two
 edits in the same second must not look like one. With no stored cursor (a new stack) the feed reads every
 record, unless ``mis.first_poll_days`` bounds it (as IDENT's connector's ``first_sync_days`` does).
+
+A visit whose client did not change needs the client's card, read one at a time (``GET /clients/{id}``);
+a warm container reuses the cards it has read while the clients feed vouches for them (``cards.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import jwt
 from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, ValidationError
 
 from clinicsync.adapters.http.retrying import send_with_retries
+from clinicsync.adapters.medods.cards import MedodsCards
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.dates import parse_mis_datetime
 from clinicsync.domain.emails import normalise_email
@@ -193,11 +197,13 @@ class MedodsSource:
         api: MedodsApi,
         config: ClinicConfig,
         max_records: int | None = None,
+        cards: MedodsCards[MedodsClient] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._api = api
         self._config = config
         self._max_records = max_records or config.mis.poll_page_records
+        self._cards = cards  # None: every card a visit needs is read (GET) again
         self._clock = clock
 
     def acknowledge(self, page: ChangePage) -> None:
@@ -220,6 +226,9 @@ class MedodsSource:
 
         appointments: list[MedodsAppointment] = []
         clients: dict[str, MedodsClient] = {}
+        read: dict[str, MedodsClient] = {}  # every client row of this read, sent before or not
+        unparsed = False  # a client row that did not parse: nobody can say whose card it was
+        clients_since: int | None = None  # the whole clients feed was read from here, every row parsed
         rejected = 0
         more = False
         for kind in ("appointments", "clients"):
@@ -235,7 +244,10 @@ class MedodsSource:
                         record = model.model_validate(row)
                     except ValidationError:
                         rejected += 1
+                        unparsed = unparsed or kind == "clients"
                         continue
+                    if isinstance(record, MedodsClient):
+                        read[str(record.id)] = record
                     key = f"{kind[0]}{record.id}"
                     marker = _sent_marker(record.updatedAt, row)
                     if seen.get(key) == marker:
@@ -249,26 +261,52 @@ class MedodsSource:
                 if len(appointments) + len(clients) >= self._max_records:
                     more = True
                     break
+            else:
+                clients_since = since if kind == "clients" and not unparsed else None
 
-        unreadable = self._fetch_missing_clients(appointments, clients)
+        unreadable = self._add_cards(appointments, clients, read, clients_since, marks["clients"])
         changes, more_rejected = self._changes(appointments, clients, unreadable)
         new_cursor = {**marks, "seen": _still_rereadable(seen, marks, overlap)}
         return ChangePage(changes=changes, cursor=new_cursor, more=more, rejected=rejected + more_rejected)
 
-    def _fetch_missing_clients(
-        self, appointments: list[MedodsAppointment], clients: dict[str, MedodsClient]
+    def _add_cards(
+        self,
+        appointments: list[MedodsAppointment],
+        clients: dict[str, MedodsClient],
+        read: dict[str, MedodsClient],
+        clients_since: int | None,
+        mark: int,
     ) -> set[str]:
-        """Cards of visits whose client did not change; the ids of cards that cannot be read."""
+        """Into ``clients``, the cards of visits whose client did not change: the row this read returned
+        (sent before), else a card the read vouches for, else ``GET /clients/{id}``; returns the unreadable."""
+        wanted = {str(a.clientId) for a in appointments} - clients.keys()
+        clients.update({client_id: read[client_id] for client_id in wanted & read.keys()})
+        wanted -= read.keys()
+        if self._cards is not None:
+            if clients_since is None:
+                self._cards.forget()
+            else:
+                clients.update(self._cards.vouched(clients_since, read, mark, wanted))
+                wanted -= clients.keys()
+        fetched, unreadable = self._fetch_cards(sorted(wanted))
+        clients.update(fetched)
+        if self._cards is not None:
+            self._cards.keep(fetched, mark)
+        return unreadable
+
+    def _fetch_cards(self, client_ids: Sequence[str]) -> tuple[dict[str, MedodsClient], set[str]]:
+        """Each card read (the API has no batch read); the ids of cards that cannot be read."""
+        fetched: dict[str, MedodsClient] = {}
         unreadable: set[str] = set()
-        for client_id in sorted({str(a.clientId) for a in appointments} - clients.keys()):
+        for client_id in client_ids:
             body = self._api.get(f"/clients/{client_id}")
             try:
-                clients[client_id] = MedodsClient.model_validate(
+                fetched[client_id] = MedodsClient.model_validate(
                     body.get("data", body) if isinstance(body, dict) else {}
                 )
             except ValidationError:
                 unreadable.add(client_id)  # its visits are rejected; one bad card never blocks the feed
-        return unreadable
+        return fetched, unreadable
 
     def _changes(
         self, appointments: list[MedodsAppointment], clients: dict[str, MedodsClient], unreadable: set[str]

@@ -65,7 +65,8 @@ def build_lis_source(parts: Container, config: ClinicConfig) -> LisSource:
 
 def build_mis_consent_writer(parts: Container, config: ClinicConfig) -> MisConsentWriter | None:
     if config.mis.kind == "medods":
-        from clinicsync.adapters.medods.source import MedodsApi, MedodsConsentWriter
+        from clinicsync.adapters.medods.consent import MedodsConsentWriter
+        from clinicsync.adapters.medods.source import MedodsApi
 
         creds = parts.mis_credentials()
         api = MedodsApi(config.mis.base_url, str(creds["identity_key"]), str(creds["secret"]), http=parts.http_client())

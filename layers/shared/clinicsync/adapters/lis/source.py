@@ -21,6 +21,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clinicsync.adapters.http.retrying import send_with_retries
+from clinicsync.adapters.lis.position import ReadPosition
 from clinicsync.domain.directory_records import DirectoryPage, DirectoryRecord, Kind, normalise, parse_directory_key
 from clinicsync.domain.ports import ChangePage, Cursor
 from clinicsync.observability import logger
@@ -153,7 +154,7 @@ class LisSource:
     def __init__(self, api: LisApi, region: str = "BG", page_size: int = 100, overlap_seconds: int = 0) -> None:
         self._api = api
         self._region = region
-        self._page = page_size
+        self._page = max(2, page_size)  # each page after a pass's first asks for the last row read again
         self._overlap = overlap_seconds
 
     # --- MisSource: the lab case sends no patients to the CRM -----------------------------------------
@@ -170,43 +171,34 @@ class LisSource:
     # --- DirectorySource ------------------------------------------------------------------------------
 
     def changed(self, kind: Kind, cursor: Cursor | None) -> DirectoryPage:
-        """One page of records updated at or after the cursor's watermark. The cursor keeps the watermark
-        and the offset within it, so a page boundary never skips a record; re-reads are harmless."""
-        state = dict(cursor or {})
-        since, offset = int(state.get("since", 0)), int(state.get("offset", 0))
-        seen = set(state.get("seen", ()))  # ids already read at exactly ``since`` by the last pass
-        newest = int(state.get("newest", since))  # this pass so far: the newest version and its ids
-        at_newest = set(state.get("at_newest", seen if newest == since else ()))
-        params = {"updated_since": max(0, since - self._overlap), "limit": self._page, "offset": offset}
-        body = self._api.call("GET", f"/api/v1/{PATHS[kind]}", params=params)
-        items = body.get("items") if isinstance(body, dict) else None
-        if not isinstance(items, list):
-            raise LisError(200, "bad_page")
+        """One page of the rows updated since the cursor, without the ones it has read unchanged (see
+        ``position``: a same-second re-edit is news, and a page boundary never skips a row)."""
+        position = ReadPosition.load(cursor)
+        items = self._list(kind, position)
+        if not position.continues(items[0] if items else None):
+            position.restart_group()  # rows moved while the pass paged: read their second again
+            items = self._list(kind, position)
         records, rejected = [], 0
         for raw in items:
+            if not position.take(raw):
+                continue  # read unchanged already (a bad row is reported once per change, too)
             try:
-                record = to_record(kind, raw, self._region)
+                records.append(to_record(kind, raw, self._region))
             except ValidationError:
                 rejected += 1
                 rid = raw.get("id") if isinstance(raw, dict) else None
                 logger.warning("lis record rejected", extra={"kind": kind, "lis_id": str(rid)[:16]})
-                continue
-            if record.version > newest:
-                newest, at_newest = record.version, set()
-            if record.version == newest:
-                at_newest.add(record.lis_id)
-            if not (record.version == since and record.lis_id in seen):
-                records.append(record)
         more = len(items) == self._page
-        # The watermark is inclusive; the ids read at it are skipped next time unless edited again (a
-        # same-second re-edit of such a record waits for the twice-daily full read, the deep resync).
-        next_cursor: dict[str, Any] = (
-            {"since": since, "offset": offset + len(items), "seen": sorted(seen), "newest": newest,
-             "at_newest": sorted(at_newest)}
-            if more
-            else {"since": newest, "offset": 0, "seen": sorted(at_newest)}
-        )  # fmt: skip
-        return DirectoryPage(records, next_cursor, more, rejected)
+        return DirectoryPage(records, position.dump(more), more, rejected)
+
+    def _list(self, kind: Kind, position: ReadPosition) -> list[Any]:
+        since, offset = position.request(self._overlap)
+        params = {"updated_since": since, "limit": self._page, "offset": offset}
+        body = self._api.call("GET", f"/api/v1/{PATHS[kind]}", params=params)
+        items = body.get("items") if isinstance(body, dict) else None
+        if not isinstance(items, list):
+            raise LisError(200, "bad_page")
+        return items
 
     def get(self, kind: Kind, lis_ids: Sequence[str]) -> dict[str, DirectoryRecord]:
         found: dict[str, DirectoryRecord] = {}

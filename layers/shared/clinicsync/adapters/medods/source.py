@@ -12,8 +12,6 @@ a warm container reuses the cards it has read while the clients feed vouches for
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal, InvalidOperation
@@ -25,6 +23,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, 
 
 from clinicsync.adapters.http.retrying import send_with_retries
 from clinicsync.adapters.medods.cards import MedodsCards
+from clinicsync.adapters.row_digest import row_digest
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.dates import parse_mis_datetime
 from clinicsync.domain.emails import normalise_email
@@ -40,9 +39,8 @@ JWT_BACKDATE = 10  # MIS clocks drift; an iat slightly in the past is accepted, 
 
 
 def _sent_marker(updated_at: int, row: Any) -> str:
-    """``updatedAt`` plus a short digest of the row: not reversible to the row, and it changes with it."""
-    digest = hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return f"{updated_at}:{digest}"
+    """``updatedAt`` plus the row's digest (``row_digest``)."""
+    return f"{updated_at}:{row_digest(row)}"
 
 
 def _marker_time(marker: str) -> int:

@@ -184,6 +184,39 @@ def test_a_new_row_in_the_second_being_paged_is_read_and_nothing_is_skipped() ->
     assert lab.last_delivered()["D1001"].fields["city"] == "Русе"
 
 
+def test_a_row_that_joins_the_second_being_paged_while_another_leaves_it_is_read() -> None:
+    """Hypothesis' counterexample to the position check alone: while a pass pages the current second, an
+    opt-out moves an older row into it (ahead of the last row read) and, a second later, an edit moves a row
+    read earlier out of it. The last row read keeps its offset; the ``total`` shows the row that joined."""
+    lab = Lab.open(doctors=2, page_size=3)
+    lab.source.write_opt_outs("doctor:D1001", ["marketing"])
+    lab.lis.add_doctor(first_name="Нов", last_name="Лекар", city="Варна")  # D1003
+    assert lab.page()  # D1002 (seeded second), then D1001 and D1003 (this second)
+    lab.source.write_opt_outs("doctor:D1002", ["marketing"])  # joins this second, ahead of D1003
+    lab.lis.clock.advance(1)
+    lab.lis.edit("doctor", "D1001", city="Варна")  # leaves it
+    lab.poll()
+    assert lab.last_delivered()["D1002"].do_not_mail is True
+
+
+def test_reading_a_second_again_twice_delivers_no_row_twice() -> None:
+    """Hypothesis' counterexample: a second read again from its start a second time forgot the rows read
+    before the first re-read, and delivered them again."""
+    lab = Lab.open(doctors=4, page_size=2)
+    lab.source.write_opt_outs("doctor:D1001", ["marketing"])
+    lab.poll()
+    lab.lis.edit("doctor", "D1003", city="Варна")
+    lab.lis.add_doctor(first_name="Нов", last_name="Лекар", city="Варна")  # D1005
+    assert lab.page() and lab.page()
+    lab.lis.edit("doctor", "D1004", city="Варна")
+    assert lab.page()
+    lab.source.write_opt_outs("doctor:D1002", ["marketing"])
+    lab.poll()
+    delivered = [(r.lis_id, r.version, r.fields["city"], r.do_not_mail) for r in lab.delivered]
+    assert len(delivered) == len(set(delivered))
+    assert sorted(lab.last_delivered()) == [f"D{n}" for n in range(1001, 1006)]
+
+
 def test_a_cursor_written_before_digests_reads_its_watermark_rows_once_more() -> None:
     """A deployed stack's cursor lists the ids read at its watermark without digests (and may be mid-pass):
     those rows are read once more, then skipped while unchanged."""

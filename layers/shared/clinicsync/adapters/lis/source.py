@@ -5,9 +5,10 @@ the consent outputs treat it as the clinic's MIS. Its patient feed is empty: in 
 patients goes to the CRM; what syncs is the directory (``DirectorySource``), two-way with vTiger.
 
 Contract (see sandbox/emulators/lis.py): ``GET /api/v1/{doctors|organisations}?updated_since=&limit=&offset=``
-(inclusive, ordered by ``(updated_at, id)``), ``GET``/``PATCH /api/v1/{kind}/{id}``, ``X-Api-Key`` header. The
-MIS secret holds ``api_key``. Records are validated with pydantic; one that cannot be read is counted in
-``rejected`` (by id, never its content) and skipped, so one bad row never blocks the register.
+(inclusive, ordered by ``(updated_at, id)``, answering ``{items, total}``), ``GET``/``PATCH
+/api/v1/{kind}/{id}``, ``X-Api-Key`` header. The MIS secret holds ``api_key``. Records are validated with
+pydantic; one that cannot be read is counted in ``rejected`` (by id, never its content) and skipped, so one bad
+row never blocks the register.
 """
 
 from __future__ import annotations
@@ -174,13 +175,15 @@ class LisSource:
         """One page of the rows updated since the cursor, without the ones it has read unchanged (see
         ``position``: a same-second re-edit is news, and a page boundary never skips a row)."""
         position = ReadPosition.load(cursor)
-        items = self._list(kind, position)
-        if not position.continues(items[0] if items else None):
-            position.restart_group()  # rows moved while the pass paged: read their second again
-            items = self._list(kind, position)
+        asked = position.request(self._overlap)
+        items, total = self._list(kind, asked)
+        if not position.continues(items, total):
+            position.restart_group()  # rows left or joined the second being paged: read it again
+            asked = position.request(self._overlap)
+            items, total = self._list(kind, asked)
         records, rejected = [], 0
-        for raw in items:
-            if not position.take(raw):
+        for raw, news in zip(items, position.read(items, total, asked), strict=True):
+            if not news:
                 continue  # read unchanged already (a bad row is reported once per change, too)
             try:
                 records.append(to_record(kind, raw, self._region))
@@ -191,14 +194,16 @@ class LisSource:
         more = len(items) == self._page
         return DirectoryPage(records, position.dump(more), more, rejected)
 
-    def _list(self, kind: Kind, position: ReadPosition) -> list[Any]:
-        since, offset = position.request(self._overlap)
+    def _list(self, kind: Kind, asked: tuple[int, int]) -> tuple[list[Any], int | None]:
+        """A page of the register and its ``total`` (None when the answer has none)."""
+        since, offset = asked
         params = {"updated_since": since, "limit": self._page, "offset": offset}
         body = self._api.call("GET", f"/api/v1/{PATHS[kind]}", params=params)
         items = body.get("items") if isinstance(body, dict) else None
         if not isinstance(items, list):
             raise LisError(200, "bad_page")
-        return items
+        total = body.get("total")
+        return items, total if isinstance(total, int) and not isinstance(total, bool) else None
 
     def get(self, kind: Kind, lis_ids: Sequence[str]) -> dict[str, DirectoryRecord]:
         found: dict[str, DirectoryRecord] = {}

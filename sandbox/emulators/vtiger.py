@@ -157,11 +157,13 @@ class VtigerEmulator:
         with self._lock:
             return str(self._create(module, {"assigned_user_id": self.admin_id, **fields}, self.admin_id)["id"])
 
-    def manager_update(self, crm_id: str, **fields: Any) -> None:
+    def manager_update(self, crm_id: str, as_user: str | None = None, **fields: Any) -> None:
+        """A person in the vTiger UI edits a record, as the admin user or ``as_user`` (a user id: a manager
+        logged in with the integration's own account)."""
         with self._lock:
             row = self._records[crm_id]
             row.update({k: "" if v is None else str(v) for k, v in fields.items()})
-            self._stamp(row, self.admin_id)
+            self._stamp(row, as_user or self.admin_id)
 
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -114,17 +114,19 @@ def test_update_replaces_the_record_so_the_gateway_retrieves_first(
     assert missing.value.code == "MANDATORY_FIELDS_MISSING"
 
 
-def test_changed_since_drops_our_own_edits_and_finds_by_lis_id(
+def test_changed_since_returns_our_rows_too_and_finds_by_lis_id(
     vtiger: tuple[VtigerEmulator, str, dict[str, str]],
 ) -> None:
+    """Who saved a row last decides nothing here: the directory sync tells our echoes by content."""
     emulator, url, user = vtiger
     client = _client(url, user)
     directory = VtigerDirectory(client, DirectorySettings(), "BG")
     ours = directory.write(CrmWriteSpec("doctor", "D7", None, {"last_name": "Наш"}, False))
     theirs = emulator.manager_create("Contacts", lastname="Чужд", mobile="не е номер")
     changed, cursor = directory.changed_since("doctor", None)
-    assert [r.crm_id for r in changed] == [theirs]
-    assert changed[0].lis_id is None and changed[0].invalid == frozenset({"phone"})
+    assert sorted(r.crm_id for r in changed) == sorted([ours, theirs])
+    manager = next(r for r in changed if r.crm_id == theirs)
+    assert manager.lis_id is None and manager.invalid == frozenset({"phone"})
     assert cursor is not None and len(cursor) == 19
     assert directory.find("doctor", ["D7", "D8"])["D7"].crm_id == ours
     with pytest.raises(ValueError):
@@ -330,3 +332,59 @@ def test_an_odd_modifiedtime_never_becomes_the_cursor() -> None:
     client = VtigerClient("http://vtiger.invalid", "u", "k", httpx.Client(transport=httpx.MockTransport(answer)))
     changed, cursor = VtigerDirectory(client, DirectorySettings(), "BG").changed_since("doctor", None)
     assert cursor == "2026-12-03 07:55:17" and len(changed) == 3
+
+
+class _FeedFakes(_Fakes):
+    """vTiger's feed re-reads every row each run, ours included (as ``modifiedtime >=`` does at its cursor);
+    the LIS reports D1 once. Counts the LIS's per-record reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mailchimp_down = False
+        self.lis_reads = 0
+        self.first_read = True
+
+    def changed(self, kind: str, cursor: Any) -> DirectoryPage:
+        records = list(self.lis.values()) if kind == "doctor" and self.first_read else []
+        self.first_read = self.first_read and kind != "doctor"
+        return DirectoryPage(records, {"done": True})
+
+    def get(self, kind: str, ids: Any) -> dict[str, DirectoryRecord]:
+        self.lis_reads += len(ids)
+        return super().get(kind, ids)
+
+    def update(self, kind: str, lis_id: str, fields: Any) -> None:
+        record = self.lis[lis_id]
+        self.lis[lis_id] = record.model_copy(update={"fields": {**record.fields, **fields}})
+
+    def changed_since(self, kind: str, since: Any) -> tuple[list[CrmRecord], str | None]:
+        return (list(self.crm.values()) if kind == "doctor" else []), since
+
+
+@given(
+    edits=st.dictionaries(
+        st.sampled_from(["first_name", "last_name", "specialty", "region", "city"]),
+        st.sampled_from(["Иван", "Иванов", "Кардиолог", "Варна", "Русе"]),
+    ),
+    opt_out=st.booleans(),
+)
+def test_a_manager_edit_is_heard_whoever_saved_it_and_our_echo_never_is(edits: dict[str, str], opt_out: bool) -> None:
+    """vTiger's feed carries our own writes back, and a manager may save under the integration's user: a row
+    is a change exactly when its content differs from what the last sync left, and after any sync the next
+    run sees no change (no loop). An echo costs no LIS read."""
+    fakes = _FeedFakes()
+    config = parse_clinic_config(
+        "clinic_id: lab-unit\nmis: {kind: lis, base_url: x, secret_ref: s}\ncrm: {kind: vtiger, secret_ref: s}\n"
+    )
+    sync = DirectorySync(config, DirectorySettings(), fakes, fakes, fakes, fakes, KeyedHasher(b"k" * 32))  # type: ignore[arg-type]
+    assert sync.run().crm_created == 1
+    echo = sync.run()
+    assert (echo.crm_changed, echo.crm_updated, fakes.lis_reads) == (0, 0, 0)
+    synced = fakes.crm["D1"]
+    fakes.crm["D1"] = CrmRecord("doctor", synced.crm_id, "D1", {**synced.fields, **edits}, opt_out)
+    differs = any(synced.fields.get(name) != value for name, value in edits.items()) or opt_out
+    heard = sync.run()
+    assert heard.crm_changed == int(differs)
+    assert all(fakes.lis["D1"].fields[name] == value for name, value in edits.items())
+    settled = sync.run()
+    assert (settled.crm_changed, settled.crm_updated) == (0, 0)

@@ -116,6 +116,26 @@ def test_a_phone_fixed_in_vtiger_reaches_the_lis(lab: LocalLab) -> None:
     assert (lab.vtiger.stats()["writes"], lab.lis.stats()["writes"]) == writes
 
 
+def test_a_manager_working_under_the_integrations_user_is_heard_and_our_echo_still_writes_nothing(
+    lab: LocalLab,
+) -> None:
+    """The lab's office set vTiger up with one login, which the integration uses too. A phone fixed by a
+    manager under that login carries our user in ``modifiedby``; it is told from our echo by content."""
+    doctor = lab.lis.all("doctor")[5]
+    contact = lab.crm_record("Contacts", doctor["id"])
+    assert contact is not None
+    integration_user = contact["modifiedby"]  # we created the Contact
+    assert integration_user != lab.vtiger.admin_id
+    lab.vtiger.manager_update(contact["id"], as_user=integration_user, mobile="+359 87 111 2233")
+    report = lab.sync()
+    assert (report["crm_changed"], report["lis_updated"]) == (1, 1)
+    assert lab.lis.get("doctor", doctor["id"])["phone"] == "+359871112233"
+    writes = (lab.vtiger.stats()["writes"], lab.lis.stats()["writes"])
+    echo = lab.sync()  # our LIS write comes back on the LIS feed; vTiger's row still holds what we synced
+    assert (echo["crm_changed"], echo["crm_updated"], echo["lis_updated"]) == (0, 0, 0)
+    assert (lab.vtiger.stats()["writes"], lab.lis.stats()["writes"]) == writes
+
+
 def test_a_vtiger_only_contact_person_stays_out_of_the_lis(lab: LocalLab) -> None:
     clinic = next(o for o in lab.lis.all("organisation") if o["type"] == "clinic")
     account = lab.crm_record("Accounts", clinic["id"])

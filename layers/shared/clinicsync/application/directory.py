@@ -27,6 +27,7 @@ from clinicsync.domain.audience import AudienceMember, MemberBook, audience_memb
 from clinicsync.domain.config import ClinicConfig, DirectorySettings
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.directory_records import (
+    ACCOUNT_KEY,
     KINDS,
     OPT_OUT_KEY,
     TWO_WAY,
@@ -40,6 +41,7 @@ from clinicsync.domain.directory_records import (
     DirectoryStateStore,
     Kind,
     directory_subject,
+    is_echo,
     merge_fields,
 )
 from clinicsync.domain.ports import Cursor
@@ -154,12 +156,16 @@ class DirectorySync:
         crm_cursor_in = None if full else self._cursors.get_cursor(f"vtiger:{kind}")
         since = str(crm_cursor_in["modifiedtime"]) if crm_cursor_in else None
         crm_rows, crm_cursor = self._crm.changed_since(kind, since)
-        crm_changed: dict[str, CrmRecord] = {}
+        crm_read: dict[str, CrmRecord] = {}
         for row in crm_rows:
             if row.lis_id:
-                crm_changed[row.lis_id] = row
+                crm_read[row.lis_id] = row
             else:
                 report.crm_only_ignored += 1
+        read = list(dict.fromkeys([*lis_changed, *crm_read]))
+        loaded = self._states.load(kind, read) if read else {}
+        # Our own writes come back on vTiger's feed: recognised by content (whoever saved the row last).
+        crm_changed = {k: row for k, row in crm_read.items() if not is_echo(row, loaded.get(k), self._digest)}
         report.lis_changed += len(lis_changed)
         report.crm_changed += len(crm_changed)
         keys = list(dict.fromkeys([*lis_changed, *crm_changed]))
@@ -167,9 +173,9 @@ class DirectorySync:
             missing_lis = [k for k in keys if k not in lis_changed]
             lis_now = {**lis_changed, **(self._lis.get(kind, missing_lis) if missing_lis else {})}
             report.unknown_lis_id += sum(1 for k in missing_lis if k not in lis_now)
-            missing_crm = [k for k in keys if k not in crm_changed and k in lis_now]
-            crm_now = {**crm_changed, **(self._crm.find(kind, missing_crm) if missing_crm else {})}
-            states = self._states.load(kind, [k for k in keys if k in lis_now])
+            missing_crm = [k for k in keys if k not in crm_read and k in lis_now]
+            crm_now = {**crm_read, **(self._crm.find(kind, missing_crm) if missing_crm else {})}
+            states = {k: loaded[k] for k in keys if k in lis_now}
             org_states = self._organisation_states(kind, lis_now)
             for lis_id, state in states.items():
                 try:
@@ -238,6 +244,8 @@ class DirectorySync:
             state.crm_id = crm.crm_id if crm else state.crm_id
         state.hashes = {n: self._digest(v) for n, v in merge.values.items()}
         state.hashes[OPT_OUT_KEY] = self._digest("1" if opted_out else "0")
+        if kind == "doctor":
+            state.hashes[ACCOUNT_KEY] = self._digest(account)
         # The LIS now holds the merged values: the audience sees the CRM's fix too.
         return lis.model_copy(update={"fields": {**lis.fields, **merge.values}}) if merge.to_lis else lis
 

@@ -30,6 +30,7 @@ TWO_WAY: dict[Kind, tuple[str, ...]] = {
 
 
 OPT_OUT_KEY = "do_not_mail"  # its base hash sits with the fields' (vTiger emailoptout <-> LIS flag)
+ACCOUNT_KEY = "account"  # a doctor's Contact: the hash of the Account id we linked it to
 
 
 class DirectoryRecord(BaseModel):
@@ -192,6 +193,18 @@ class DirectoryState:
     crm_id: str | None = None
     hashes: dict[str, str] = field(default_factory=dict)
     audience: str | None = None  # hash of what the Mailchimp member was last sent
+
+
+def is_echo(crm: CrmRecord, state: DirectoryState | None, digest: Callable[[str | None], str]) -> bool:
+    """The vTiger row holds exactly what the last sync left in both systems: our own write coming back, or
+    a save that changed nothing. Judged by content, never by who saved it last, so a manager who works in
+    vTiger under the integration's user is still heard. A hash the state lacks means "changed"."""
+    if state is None or state.crm_id != crm.crm_id or crm.invalid:
+        return False
+    known = state.hashes
+    same = all(known.get(name) == digest(crm.fields.get(name)) for name in TWO_WAY[crm.kind])
+    same = same and known.get(OPT_OUT_KEY) == digest("1" if crm.do_not_mail else "0")
+    return same and (crm.kind != "doctor" or known.get(ACCOUNT_KEY) == digest(crm.account_id or None))
 
 
 class DirectoryStateStore(Protocol):

@@ -241,9 +241,9 @@ class VtigerDirectory:
         rows = self._client.query_all(select, self._max_pages)
         stamps = (str(r.get("modifiedtime") or "") for r in rows)
         newest = max((t for t in stamps if _MODIFIED.fullmatch(t)), default="") or since
-        ours = self._client.user_id
-        changed = [self._record(kind, r) for r in rows if str(r.get("modifiedby") or "") != ours and r.get("id")]
-        return changed, newest
+        # Every row, ours too: the directory sync tells our echoes by content (``is_echo``), because a manager
+        # may work in vTiger under the integration's own user.
+        return [self._record(kind, r) for r in rows if r.get("id")], newest
 
     def find(self, kind: Kind, lis_ids: Sequence[str]) -> dict[str, CrmRecord]:
         found: dict[str, CrmRecord] = {}

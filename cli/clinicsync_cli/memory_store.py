@@ -351,6 +351,11 @@ class MemoryStore:
         self._seen[subject] = (contact_id, ",".join(sorted(set(opt_ins) - waiting)) or _SEEN, at)
         return sorted(gained - waiting)
 
+    def channels_on_record(self, subject: str, channels: Sequence[str]) -> set[str]:
+        ours = {c for c in channels if (found := self._channels.get((subject, c))) and found.source != "below"}
+        rest = [c for c in channels if c not in ours]  # the store below keeps only flags: ask it itself
+        return ours | (self._below.channels_on_record(subject, rest) if rest and self._below is not None else set())
+
     def opted_out_many(self, subjects: Sequence[str], channels: Sequence[str]) -> dict[str, set[str]]:
         self._read_channels(subjects, channels)
         return {

@@ -293,6 +293,19 @@ def test_opt_outs_are_sticky_and_only_a_newer_mis_or_crm_opt_in_lifts_one(store:
     assert store.record_opt_outs("pat:p1", [], "mis", 4000) == []
 
 
+def test_the_ledger_says_which_channels_it_has_any_record_of(store: Store) -> None:
+    """An opt-out, lifted or not, is on record; a channel never recorded, or another subject's, is not. A
+    memory store over another store asks it for what it has not seen itself."""
+    store.record_opt_outs("pat:p1", ["email", "sms"], "link", 1000)
+    store.record_opt_ins("pat:p1", ["sms"], "mis", 2000)
+    store.record_opt_outs("pat:p2", ["call"], "link", 1000)
+    assert store.channels_on_record("pat:p1", ["email", "sms", "call", "marketing"]) == {"email", "sms"}
+    assert store.channels_on_record("pat:p3", ["email"]) == set()
+    layered = MemoryStore(below=store)
+    layered.record_opt_outs("pat:p1", ["marketing"], "crm", 3000)
+    assert layered.channels_on_record("pat:p1", ["email", "sms", "call", "marketing"]) == {"email", "sms", "marketing"}
+
+
 def test_a_crm_opt_in_counts_only_once_gained_on_the_mapped_contact(store: Store) -> None:
     observe = store.observe_crm_opt_ins
     assert observe("pat:p1", "c1", ["email"], 1000) == []  # first sight: a baseline, never an opt-in

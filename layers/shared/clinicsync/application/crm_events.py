@@ -93,8 +93,9 @@ class CrmEventProcessor:
             report.not_ours += 1  # deleted since, or never visible to the integration user
             return
         if snapshot.get("modified_by") and snapshot["modified_by"] == self._gateway.integration_user():
-            report.echoes += 1  # our own write came back as a webhook
+            report.echoes += 1  # saved under our integration user: our own write, or a manager using its login
             if event.entity == "contact" and snapshot.get("owner"):
+                self._unrecorded_opt_outs(snapshot, report)
                 subject = patient_subject(snapshot["owner"])  # what we last wrote is the field's new baseline
                 self._opt_in_field_changes(subject, snapshot, held=_channels(snapshot, "opt_outs"))
             return
@@ -132,18 +133,34 @@ class CrmEventProcessor:
             CrmObservation(kind="lead_for_patient", patient_id=patients[0], crm_id=snapshot["id"])
         )
 
-    def _contact(self, snapshot: dict[str, str], report: EventReport) -> None:
+    def _unrecorded_opt_outs(self, snapshot: dict[str, str], report: EventReport) -> None:
+        """An echo's opt-out field. Our writes list only channels the ledger already holds, so a channel it
+        has no record of was ticked by a manager working under the integration's login (amoCRM acts as the
+        user who granted the token): an opt-out like any other. A channel the ledger holds, lifted or not,
+        is not taken from an echo: the field may be one we have not rewritten since an opt-in lifted it."""
+        listed = _channels(snapshot, "opt_outs")
+        subject = self._mapped_subject(snapshot) if listed else None
+        if subject is None:
+            return
+        fresh = sorted(set(listed) - self._store.channels_on_record(subject, listed))
+        if fresh and self._ledger.opt_out([subject], fresh, "crm", "crm:opt_out_field"):
+            report.opt_outs += len(fresh)
+
+    def _mapped_subject(self, snapshot: dict[str, str]) -> str | None:
+        """The patient's consent subject if this is the contact we map to them: only that contact speaks for
+        their consent, never a duplicate a manager made by hand with the same MIS id."""
         owner = snapshot.get("owner")
-        if not owner:
+        mapped = self._store.patient_for_crm("contact", snapshot["id"]) if owner else None
+        return patient_subject(owner) if owner and mapped and mapped.get("patient_id") == owner else None
+
+    def _contact(self, snapshot: dict[str, str], report: EventReport) -> None:
+        if not snapshot.get("owner"):
             report.not_ours += 1  # only contacts that carry a MIS id flow back
             return
-        mapped = self._store.patient_for_crm("contact", snapshot["id"])
-        if mapped is None or mapped.get("patient_id") != owner:
-            # Only the contact we map to the patient speaks for their consent, never a duplicate a
-            # manager made by hand with the same MIS id.
+        subject = self._mapped_subject(snapshot)
+        if subject is None:
             report.foreign_contacts += 1
             return
-        subject = patient_subject(owner)
         channels = _channels(snapshot, "opt_outs")
         if channels and self._ledger.opt_out([subject], channels, "crm", "crm:opt_out_field"):
             report.opt_outs += len(channels)

@@ -146,6 +146,10 @@ class ConsentRecords(Protocol):
 
     def opted_out_many(self, subjects: Sequence[str], channels: Sequence[str]) -> dict[str, set[str]]: ...
 
+    def channels_on_record(self, subject: str, channels: Sequence[str]) -> set[str]:
+        """The channels the ledger holds anything for (an opt-out, lifted or not): never recorded = absent."""
+        ...
+
     def note_identity(self, subject: str, keys: Mapping[str, str | None]) -> None: ...
 
     def note_identities(self, identities: Mapping[str, Mapping[str, str | None]]) -> None:

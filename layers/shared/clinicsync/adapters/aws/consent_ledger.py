@@ -209,6 +209,9 @@ class DynamoConsentRecords(TableRepository):
     def opted_out_many(self, subjects: Sequence[str], channels: Sequence[str]) -> dict[str, set[str]]:
         return opted_out_from(subjects, self._batch_get(channel_keys(subjects, channels)))
 
+    def channels_on_record(self, subject: str, channels: Sequence[str]) -> set[str]:
+        return {tk.channel_of(str(item["sk"])) for item in self._batch_get(channel_keys([subject], channels))}
+
     def consent_items(self, subject: str) -> list[dict[str, Any]]:
         """Everything the ledger holds for one subject: channels, audit trail, identity, outputs (for
         inspection: no use case reads the table's items)."""

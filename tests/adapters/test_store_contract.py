@@ -229,13 +229,15 @@ def test_a_crm_record_is_adopted_by_one_appointment(store: Store) -> None:
 
 
 def test_the_phone_index_moves_with_the_phone(store: Store) -> None:
-    store.index_phone("k1", "p1", None)
-    store.index_phones([("k1", "p2"), ("k1", "p2")])  # a family sharing one phone: two patients, one key
+    """The poll adds a page's entries; a sync moves a patient's changed phone, the poll's entry with it."""
+    store.index_contacts([("k1", "p1"), ("k1", "p2"), ("k1", "p2")], [])  # a family sharing one phone
+    store.index_contacts([("k1", "p2")], [])  # the next page holds p2 again: safe to repeat
     assert store.patients_by_phone("k1") == ["p1", "p2"]
     store.index_phone("k2", "p1", "k1")
     store.index_phone("k2", "p1", "k2")  # unchanged: safe to repeat
     assert (store.patients_by_phone("k1"), store.patients_by_phone("k2")) == (["p2"], ["p1"])
-    assert store.patients_by_phone("k3") == []
+    store.index_phone("k3", "p3", None)  # a first phone, no entry to move
+    assert (store.patients_by_phone("k3"), store.patients_by_phone("k4")) == (["p3"], [])
 
 
 def test_crm_phone_index_entries_are_added_and_dropped_per_contact(store: Store) -> None:
@@ -269,6 +271,7 @@ def test_a_poll_pages_phones_and_e_mails_are_indexed_together(store: Store) -> N
     phones = [("k1", "p1"), ("k1", "p2"), ("k1", "p1")]  # a family's phone, a patient twice on a page
     store.index_contacts(phones, [("e1", "pat:p1"), ("e1", "pat:p1"), ("e2", "pat:p2")])
     store.index_contacts([], [])
+    store.index_emails([("e2", "pat:p2")])  # consent's write of the same entry: one key format, one entry
     assert store.patients_by_phone("k1") == ["p1", "p2"]
     assert (store.subjects_by_email("e1"), store.subjects_by_email("e2")) == (["pat:p1"], ["pat:p2"])
 

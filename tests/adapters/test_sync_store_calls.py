@@ -152,15 +152,15 @@ def test_a_new_patients_phone_is_indexed_once_by_the_poller_not_again_by_the_syn
     hasher = KeyedHasher(b"k" * 32)
     syncer = Syncer(demo_config(), store, InstantCrm([]), hasher)
     message = _message(3, AppointmentStatus.BOOKED)
-    store.index_phones([(hasher.phone_key(str(c.patient.phone)), c.patient.mis_id) for c in message])  # the poller
+    store.index_contacts([(hasher.phone_key(str(c.patient.phone)), c.patient.mis_id) for c in message], [])  # poller
     syncer.sync(message)
-    assert phone_writes == ["BatchWriteItem"]  # the poller's
+    assert phone_writes == ["TransactWriteItems"]  # the poller's
     moved = [
         c.model_copy(update={"patient": c.patient.model_copy(update={"phone": "+79160000001", "version": 2})})
         for c in message[:1]
     ]
     syncer.sync(moved)
-    assert phone_writes == ["BatchWriteItem", "DeleteItem", "PutItem"]  # the old key goes, the new one comes
+    assert phone_writes == ["TransactWriteItems", "DeleteItem", "PutItem"]  # the old key goes, the new one comes
     assert store.patients_by_phone(hasher.phone_key("+79160000001")) == ["p0"]
     assert store.patients_by_phone(hasher.phone_key(str(message[0].patient.phone))) == ["p1", "p2"]
 

@@ -19,7 +19,7 @@ from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.domain.audience import MemberBook, subscriber_hash
 from clinicsync.domain.models import AppointmentStatus
 from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState
-from clinicsync.domain.store_ports import Store
+from clinicsync.domain.store_ports import ClaimRelease, Store
 from clinicsync_cli.memory_store import MemoryStore
 from tests.helpers import MSK
 
@@ -126,6 +126,25 @@ def test_an_older_version_never_overwrites_a_newer_one(store: Store, older_first
         _save(store, older)
     after = store.load_patients({"p1": ["a1"]})["p1"]
     assert (after.version, after.content_hash, after.appointments["a1"].stage) == (5, "h1", "PREPAYMENT_INVOICE")
+
+
+def test_a_save_with_release_keeps_a_newer_state_and_releases_with_the_states(store: Store) -> None:
+    """The sync's last write: its states, claims and settled intents at once. A state stored with a newer
+    version since the sync read it is kept (on the table: the transaction is cancelled for it and sent
+    again without it); the other patient's is stored, and the claims and intents go with them."""
+    _save(store, _state("p1"))
+    assert store.claim_patients(["p1", "p2"], "sync-1", 1000, 600) == {"p1", "p2"}
+    store.write_intents(["P#p2", "A#a1"], 1000)
+    loaded = store.load_patients({"p1": ["a1"], "p2": ["a1"]})
+    _save(store, _state("p1", version=5))  # written since the read
+    release = ClaimRelease(["p1", "p2"], ["P#p2", "A#a1"])
+    store.save_patients([(_state("p1", version=4), ["a1"]), (_state("p2", version=4), ["a1"])], loaded, release)
+    stored = store.load_patients({"p1": ["a1"], "p2": ["a1"]})
+    assert (stored["p1"].version, stored["p1"].appointments["a1"].version) == (5, 5)
+    assert (stored["p2"].version, stored["p2"].appointments["a1"].version) == (4, 4)
+    assert release.done  # with the states, in one write: the syncer does not release again
+    assert store.claim_patients(["p1", "p2"], "sync-2", 1001, 600) == {"p1", "p2"}
+    assert store.load_intents(["P#p2", "A#a1"]) == {}
 
 
 def test_an_equal_version_is_written_again(store: Store) -> None:

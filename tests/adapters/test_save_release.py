@@ -4,8 +4,10 @@ TransactWriteItems. Whatever the cancellation names, a state stored with a newer
 claims and intents are deleted only with the states they guard, and ``release.done`` tells the caller
 whether to release them itself.
 
-The ``ConditionalCheckFailed`` of a newer state comes from moto on a resend; the first cancellation is
-answered by ``dynamo_faults`` (moto has no concurrent transactions, so no ``TransactionConflict``)."""
+The first cancellation is answered by ``dynamo_faults``: moto has no concurrent transactions, so no
+``TransactionConflict``, and cannot name one together with a newer state's ``ConditionalCheckFailed``.
+Every resend reaches moto, which cancels again for real if a newer state is left in (the contract test
+drives moto's own cancellation for a newer state alone)."""
 
 from __future__ import annotations
 

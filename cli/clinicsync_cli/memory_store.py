@@ -255,10 +255,6 @@ class MemoryStore:
             self._phones.discard((previous_key, patient_id))
         self._phones.add((phone_key, patient_id))
 
-    def index_phones(self, entries: Sequence[tuple[str, str]]) -> None:
-        self._wrote()
-        self._phones.update(entries)
-
     def index_contacts(self, phones: Sequence[tuple[str, str]], emails: Sequence[tuple[str, str]]) -> None:
         self._wrote()
         self._phones.update(phones)

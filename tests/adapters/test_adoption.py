@@ -199,7 +199,7 @@ def run(
     syncer = Syncer(demo_config(), store, crm, hasher)  # type: ignore[arg-type]
     for n, batch in enumerate(batches(members, orders)):
         # The poller indexes a page's phones before anyone syncs it.
-        store.index_phones([(hasher.phone_key(PHONE), c.patient.mis_id) for c in batch])
+        store.index_contacts([(hasher.phone_key(PHONE), c.patient.mis_id) for c in batch], [])
         for start in range(0, len(batch), per_message):
             for _ in range(2 if n in twice else 1):
                 syncer.sync(batch[start : start + per_message])

@@ -4,8 +4,7 @@ client's card as the MIS has it at that poll, and a steady day's visit changes c
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, cast
+from typing import cast
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -13,6 +12,7 @@ from hypothesis import strategies as st
 from clinicsync.adapters.medods.cards import MedodsCards
 from clinicsync.adapters.medods.source import MedodsApi, MedodsClient, MedodsSource
 from clinicsync.domain.ports import Cursor
+from tests.adapters.medods_fake import MedodsFake
 from tests.helpers import demo_config
 
 NOW = 1_780_000_000
@@ -20,28 +20,16 @@ NOW = 1_780_000_000
 START: Cursor = {"appointments": NOW - 7200, "clients": NOW, "seen": {}}
 
 
-class LiveMis:
-    """MEDODS' list semantics in memory (``updatedAtAfter`` strict, ``updatedAt`` order, offset paging)
-    over records that change with a clock; card reads are counted."""
+class LiveMis(MedodsFake):
+    """The MIS over records that change with a clock: clients edited, visits moved, at ``now``."""
 
     def __init__(self, clients: int, visits: int) -> None:
+        visit = {"date": "2026-10-01", "time": "10:00", "status": "approved", "updatedAt": NOW - 3600}
+        super().__init__(
+            [{**visit, "id": 1000 + v, "clientId": 1 + v % clients} for v in range(visits)],
+            [{"id": c, "surname": "S0", "phone": None, "updatedAt": NOW - 3600} for c in range(1, clients + 1)],
+        )
         self.now = NOW
-        self.clients: dict[str, dict[str, Any]] = {
-            str(c): {"id": c, "surname": "S0", "phone": None, "updatedAt": NOW - 3600} for c in range(1, clients + 1)
-        }
-        self.visits: dict[str, dict[str, Any]] = {
-            str(v): {
-                "id": 1000 + v,
-                "clientId": 1 + v % clients,
-                "date": "2026-10-01",
-                "time": "10:00",
-                "status": "approved",
-                "updatedAt": NOW - 3600,
-            }
-            for v in range(visits)
-        }
-        self.card_reads = 0
-        self.broken: set[str] = set()  # client rows the feed returns unparseable
 
     def edit_client(self, n: int) -> None:
         client = self.clients[str(1 + n % len(self.clients))]
@@ -49,28 +37,9 @@ class LiveMis:
         client["updatedAt"] = self.now
 
     def move_visit(self, n: int) -> None:
-        visit = self.visits[str(n % len(self.visits))]
+        visit = list(self.visits.values())[n % len(self.visits)]
         visit["status"] = "confirmed_by_administrator" if visit["status"] == "approved" else "approved"
         visit["updatedAt"] = self.now
-
-    def pages(self, path: str, params: dict[str, Any], limit: int) -> Iterator[list[dict[str, Any]]]:
-        table = self.visits if path == "/appointments" else self.clients
-        after = int(params["updatedAtAfter"])
-        rows = sorted(
-            (dict(r) for r in table.values() if r["updatedAt"] > after), key=lambda r: (r["updatedAt"], r["id"])
-        )
-        for row in rows:
-            if path == "/clients" and str(row["id"]) in self.broken:
-                row["id"] = None  # does not parse, and names nobody
-        for offset in range(0, len(rows) + 1, limit):
-            page = rows[offset : offset + limit]
-            yield page
-            if len(page) < limit:
-                return
-
-    def get(self, path: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        self.card_reads += 1
-        return {"data": dict(self.clients[path.rsplit("/", 1)[1]])}
 
 
 def _source(mis: LiveMis, cards: MedodsCards[MedodsClient] | None, max_records: int = 5000) -> MedodsSource:

@@ -4,14 +4,14 @@ size checkpoints in one DynamoDB item, and every record is still delivered exact
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from typing import Any, cast
+from typing import cast
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clinicsync.adapters.medods.source import MedodsApi, MedodsSource
 from clinicsync.domain.ports import Cursor
+from tests.adapters.medods_fake import MedodsFake
 from tests.helpers import demo_config
 
 NOW = 1_780_000_000  # a fixed clock: the import window ends here
@@ -20,28 +20,7 @@ WINDOW_DAYS = 90
 DYNAMODB_ITEM_LIMIT = 400 * 1024
 
 
-class FeedApi:
-    """MEDODS' list semantics, in memory: ``updatedAtAfter`` is strictly greater-than, rows come in
-    ``updatedAt`` order, offset paging; ``get`` reads one client card."""
-
-    def __init__(self, appointments: list[dict[str, Any]], clients: list[dict[str, Any]]) -> None:
-        self.rows = {"/appointments": appointments, "/clients": clients}
-        self.cards = {str(c["id"]): c for c in clients}
-
-    def pages(self, path: str, params: dict[str, Any], limit: int) -> Iterator[list[dict[str, Any]]]:
-        after = int(params["updatedAtAfter"])
-        rows = sorted((r for r in self.rows[path] if r["updatedAt"] > after), key=lambda r: (r["updatedAt"], r["id"]))
-        for offset in range(0, len(rows) + 1, limit):
-            page = rows[offset : offset + limit]
-            yield page
-            if len(page) < limit:
-                return
-
-    def get(self, path: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {"data": self.cards[path.rsplit("/", 1)[1]]}
-
-
-def clinic(appointments: int, patients: int, spread: list[int]) -> FeedApi:
+def clinic(appointments: int, patients: int, spread: list[int]) -> MedodsFake:
     """``appointments`` visits of ``patients`` clients; visit i changed at ``spread[i % len(spread)]``
     seconds after the window opens, clients before the window's start (their cards did not change)."""
     start = NOW - WINDOW_DAYS * DAY
@@ -57,10 +36,10 @@ def clinic(appointments: int, patients: int, spread: list[int]) -> FeedApi:
         }
         for i in range(appointments)
     ]
-    return FeedApi(visits, clients)
+    return MedodsFake(visits, clients)
 
 
-def import_all(api: FeedApi, max_records: int, page_size: int = 100) -> tuple[list[str], list[Cursor]]:
+def import_all(api: MedodsFake, max_records: int, page_size: int = 100) -> tuple[list[str], list[Cursor]]:
     """A first import as the checkpointed backfill job reads it: page after page from the resync cursor;
     the appointment ids delivered and every cursor it would checkpoint."""
     config = demo_config()
@@ -83,7 +62,7 @@ def test_a_large_first_import_checkpoints_a_cursor_that_fits_one_dynamodb_item()
     # kept every visit's marker until the clients' feed moved: 1 MB of cursor by the sixth page.
     api = clinic(30_000, 2_000, spread=[i * (WINDOW_DAYS * DAY // 30_000) for i in range(30_000)])
     delivered, checkpoints = import_all(api, max_records=5_000)
-    assert sorted(delivered) == sorted(str(r["id"]) for r in api.rows["/appointments"])
+    assert sorted(delivered) == sorted(str(r["id"]) for r in api.visits.values())
     largest = max(len(json.dumps(c)) for c in checkpoints)
     assert largest < DYNAMODB_ITEM_LIMIT // 10, largest
 
@@ -102,7 +81,7 @@ def test_every_visit_is_delivered_once_and_the_cursor_forgets_what_cannot_come_b
     # Changes bunched within seconds of each other (the overlap is 120 s), so re-reads happen all the time.
     api = clinic(appointments, patients, spread)
     delivered, checkpoints = import_all(api, max_records=max_records, page_size=page_size)
-    assert sorted(delivered) == sorted(str(r["id"]) for r in api.rows["/appointments"])
+    assert sorted(delivered) == sorted(str(r["id"]) for r in api.visits.values())
     overlap = demo_config().mis.overlap_seconds
     for cursor in checkpoints:
         for key, marker in cursor["seen"].items():
@@ -128,7 +107,7 @@ def test_the_first_poll_without_a_cursor_reads_first_poll_days_back_not_the_whol
          "updatedAt": NOW - age}
         for i, age in enumerate(ages)
     ]  # fmt: skip
-    api = FeedApi(visits, clients)
+    api = MedodsFake(visits, clients)
     config = demo_config()
     config = config.model_copy(update={"mis": config.mis.model_copy(update={"first_poll_days": first_poll_days})})
     source = MedodsSource(cast(MedodsApi, api), config, max_records=max_records, clock=lambda: NOW)
@@ -152,7 +131,7 @@ def test_without_first_poll_days_the_first_poll_reads_every_record() -> None:
         for i, age in enumerate(ages)
     ]  # fmt: skip
     clients = [{"id": 1, "surname": "X", "phone": None, "updatedAt": NOW - 4 * 365 * DAY}]
-    source = MedodsSource(cast(MedodsApi, FeedApi(visits, clients)), demo_config(), clock=lambda: NOW)
+    source = MedodsSource(cast(MedodsApi, MedodsFake(visits, clients)), demo_config(), clock=lambda: NOW)
     page = source.fetch_changes(None)
     assert not page.more
     assert sorted(a.mis_id for change in page.changes for a in change.appointments) == ["10000", "10001", "10002"]

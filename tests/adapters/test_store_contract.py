@@ -19,7 +19,7 @@ from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.domain.audience import MemberBook, subscriber_hash
 from clinicsync.domain.models import AppointmentStatus
 from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState
-from clinicsync.domain.store_ports import Store
+from clinicsync.domain.store_ports import ClaimRelease, Store
 from clinicsync_cli.memory_store import MemoryStore
 from tests.helpers import MSK
 
@@ -128,6 +128,25 @@ def test_an_older_version_never_overwrites_a_newer_one(store: Store, older_first
     assert (after.version, after.content_hash, after.appointments["a1"].stage) == (5, "h1", "PREPAYMENT_INVOICE")
 
 
+def test_a_save_with_release_keeps_a_newer_state_and_releases_with_the_states(store: Store) -> None:
+    """The sync's last write: its states, claims and settled intents at once. A state stored with a newer
+    version since the sync read it is kept (on the table: the transaction is cancelled for it and sent
+    again without it); the other patient's is stored, and the claims and intents go with them."""
+    _save(store, _state("p1"))
+    assert store.claim_patients(["p1", "p2"], "sync-1", 1000, 600) == {"p1", "p2"}
+    store.write_intents(["P#p2", "A#a1"], 1000)
+    loaded = store.load_patients({"p1": ["a1"], "p2": ["a1"]})
+    _save(store, _state("p1", version=5))  # written since the read
+    release = ClaimRelease(["p1", "p2"], ["P#p2", "A#a1"])
+    store.save_patients([(_state("p1", version=4), ["a1"]), (_state("p2", version=4), ["a1"])], loaded, release)
+    stored = store.load_patients({"p1": ["a1"], "p2": ["a1"]})
+    assert (stored["p1"].version, stored["p1"].appointments["a1"].version) == (5, 5)
+    assert (stored["p2"].version, stored["p2"].appointments["a1"].version) == (4, 4)
+    assert release.done  # with the states, in one write: the syncer does not release again
+    assert store.claim_patients(["p1", "p2"], "sync-2", 1001, 600) == {"p1", "p2"}
+    assert store.load_intents(["P#p2", "A#a1"]) == {}
+
+
 def test_an_equal_version_is_written_again(store: Store) -> None:
     """A redelivered message repeats its write: safe, and it lands."""
     _save(store, _state())
@@ -229,13 +248,15 @@ def test_a_crm_record_is_adopted_by_one_appointment(store: Store) -> None:
 
 
 def test_the_phone_index_moves_with_the_phone(store: Store) -> None:
-    store.index_phone("k1", "p1", None)
-    store.index_phones([("k1", "p2"), ("k1", "p2")])  # a family sharing one phone: two patients, one key
+    """The poll adds a page's entries; a sync moves a patient's changed phone, the poll's entry with it."""
+    store.index_contacts([("k1", "p1"), ("k1", "p2"), ("k1", "p2")], [])  # a family sharing one phone
+    store.index_contacts([("k1", "p2")], [])  # the next page holds p2 again: safe to repeat
     assert store.patients_by_phone("k1") == ["p1", "p2"]
     store.index_phone("k2", "p1", "k1")
     store.index_phone("k2", "p1", "k2")  # unchanged: safe to repeat
     assert (store.patients_by_phone("k1"), store.patients_by_phone("k2")) == (["p2"], ["p1"])
-    assert store.patients_by_phone("k3") == []
+    store.index_phone("k3", "p3", None)  # a first phone, no entry to move
+    assert (store.patients_by_phone("k3"), store.patients_by_phone("k4")) == (["p3"], [])
 
 
 def test_crm_phone_index_entries_are_added_and_dropped_per_contact(store: Store) -> None:
@@ -269,6 +290,7 @@ def test_a_poll_pages_phones_and_e_mails_are_indexed_together(store: Store) -> N
     phones = [("k1", "p1"), ("k1", "p2"), ("k1", "p1")]  # a family's phone, a patient twice on a page
     store.index_contacts(phones, [("e1", "pat:p1"), ("e1", "pat:p1"), ("e2", "pat:p2")])
     store.index_contacts([], [])
+    store.index_emails([("e2", "pat:p2")])  # consent's write of the same entry: one key format, one entry
     assert store.patients_by_phone("k1") == ["p1", "p2"]
     assert (store.subjects_by_email("e1"), store.subjects_by_email("e2")) == (["pat:p1"], ["pat:p2"])
 

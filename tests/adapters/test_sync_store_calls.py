@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mypy_boto3_dynamodb.service_resource import Table
 
+from clinicsync.adapters.aws import keys
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.adapters.aws.table import wire_client
 from clinicsync.application.sync import Syncer
@@ -21,6 +23,7 @@ from clinicsync.domain.crm_ports import ContactWrite, CrmMatches, CrmWrite, Deal
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import contact_intent, deal_intent
 from clinicsync.domain.models import AppointmentStatus, PatientChanges
+from tests.adapters.dynamo_faults import cancel_next_transaction
 from tests.helpers import appointment, demo_config, patient
 
 CRM = "crm"  # the marker a CRM call leaves in the request log
@@ -152,15 +155,15 @@ def test_a_new_patients_phone_is_indexed_once_by_the_poller_not_again_by_the_syn
     hasher = KeyedHasher(b"k" * 32)
     syncer = Syncer(demo_config(), store, InstantCrm([]), hasher)
     message = _message(3, AppointmentStatus.BOOKED)
-    store.index_phones([(hasher.phone_key(str(c.patient.phone)), c.patient.mis_id) for c in message])  # the poller
+    store.index_contacts([(hasher.phone_key(str(c.patient.phone)), c.patient.mis_id) for c in message], [])  # poller
     syncer.sync(message)
-    assert phone_writes == ["BatchWriteItem"]  # the poller's
+    assert phone_writes == ["TransactWriteItems"]  # the poller's
     moved = [
         c.model_copy(update={"patient": c.patient.model_copy(update={"phone": "+79160000001", "version": 2})})
         for c in message[:1]
     ]
     syncer.sync(moved)
-    assert phone_writes == ["BatchWriteItem", "DeleteItem", "PutItem"]  # the old key goes, the new one comes
+    assert phone_writes == ["TransactWriteItems", "DeleteItem", "PutItem"]  # the old key goes, the new one comes
     assert store.patients_by_phone(hasher.phone_key("+79160000001")) == ["p0"]
     assert store.patients_by_phone(hasher.phone_key(str(message[0].patient.phone))) == ["p1", "p2"]
 
@@ -242,3 +245,40 @@ def test_a_sync_whose_states_are_not_stored_releases_its_claims_but_keeps_its_cr
     intents = [contact_intent(f"p{n}") for n in range(2)] + [deal_intent(f"a{n}") for n in range(2)]
     assert set(store.load_intents(intents)) == set(intents)
     assert store.claim_patients(["p0", "p1"], "next", 0, 60) == {"p0", "p1"}
+
+
+@pytest.mark.parametrize("conflict", ["claim delete", "state put"])
+def test_a_syncs_last_transaction_cancelled_by_a_concurrent_one_still_frees_its_claims(
+    template_tables: Callable[[], Table], conflict: str
+) -> None:
+    """The sync's last write (states, claims' and settled intents' deletes) cancelled by a concurrent
+    transaction on one item (moto has none: ``dynamo_faults`` answers). A raced claim delete leaves the
+    release to the syncer, after the states are stored; a conflicting state write fails the message:
+    its claims released, its create intents kept, so the retry looks the CRM's new records up."""
+    table = template_tables()
+    store = DynamoStore(table)
+    syncer = Syncer(demo_config(), store, InstantCrm([]), KeyedHasher(b"k" * 32))
+
+    def reason_for(operation: str, pk: str, sk: str) -> str | None:
+        if conflict == "claim delete":
+            cause = operation == "Delete" and {"pk": pk, "sk": sk} == keys.claim("p1")
+        else:
+            cause = operation == "Put" and (pk, sk) == (keys.patient_pk("p1"), keys.STATE)
+        return "TransactionConflict" if cause else None
+
+    with cancel_next_transaction(table, reason_for) as sent:
+        if conflict == "state put":
+            with pytest.raises(ClientError, match="TransactionCanceled"):
+                syncer.sync(_message(2, AppointmentStatus.BOOKED))
+        else:
+            syncer.sync(_message(2, AppointmentStatus.BOOKED))
+            assert not any(op == "Delete" for op, _, _ in sent[-1])  # the states resent alone
+    assert store.claim_patients(["p0", "p1"], "next", 0, 60) == {"p0", "p1"}  # released either way
+    states = store.load_patients({f"p{n}": [f"a{n}"] for n in range(2)})
+    intents = [contact_intent(f"p{n}") for n in range(2)] + [deal_intent(f"a{n}") for n in range(2)]
+    if conflict == "state put":
+        assert all(s.version < 0 for s in states.values())
+        assert set(store.load_intents(intents)) == set(intents)
+    else:
+        assert all(states[f"p{n}"].appointments[f"a{n}"].deal_id for n in range(2))
+        assert store.load_intents(intents) == {}

@@ -31,7 +31,7 @@ def test_pii_is_masked_and_other_values_are_shown() -> None:
 
 def test_the_dry_run_store_reads_what_is_stored_and_writes_nowhere() -> None:
     stored = MemoryStore()
-    stored.index_phones([("k1", "p1")])
+    stored.index_contacts([("k1", "p1")], [])
     stored.record_opt_outs("pat:p1", ["sms"], "mis", 1000)
     stored.write_intents(["P#p1"], 1000)
     stored.put_cursor("medods", {"since": 5})

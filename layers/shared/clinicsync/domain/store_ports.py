@@ -97,11 +97,10 @@ class Claims(Protocol):
 
 
 class PhoneIndex(Protocol):
-    """Phone key (keyed HMAC) -> patients: family members who share a phone see each other."""
+    """Phone key (keyed HMAC) -> patients: family members who share a phone see each other. The poll
+    adds a page's entries (``PollIndexes.index_contacts``); a sync moves a patient's changed phone."""
 
     def index_phone(self, phone_key: str, patient_id: str, previous_key: str | None) -> None: ...
-
-    def index_phones(self, entries: Sequence[tuple[str, str]]) -> None: ...
 
     def patients_by_phone(self, phone_key: str) -> list[str]: ...
 
@@ -219,7 +218,8 @@ class SyncReader(Protocol):
 
 class PollIndexes(PhoneIndex, EmailIndex, Protocol):
     def index_contacts(self, phones: Sequence[tuple[str, str]], emails: Sequence[tuple[str, str]]) -> None:
-        """``index_phones`` and ``index_emails`` at once (a poll's page): one request while they fit."""
+        """A poll page's (phone key, patient id) and (e-mail key, subject) entries, one request while they
+        fit; the only way a batch of phone entries is added. Repeated entries are written once."""
         ...
 
 

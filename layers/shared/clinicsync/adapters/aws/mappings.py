@@ -223,13 +223,13 @@ class DynamoPatientStates(TableRepository):
                 reasons = [r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])]
                 if len(reasons) != len(items) + len(deletes):
                     raise
-                if any(code != "None" for code in reasons[len(items) :]):
-                    deletes = ()  # another invocation's claim raced a delete: the caller releases after
-                    continue
                 newer = [code == "ConditionalCheckFailed" for code in reasons[: len(items)]]
-                if not any(newer):
+                raced = any(code != "None" for code in reasons[len(items) :])  # another transaction's claim
+                if not any(newer) and not raced:
                     raise  # cancelled for another reason (a conflicting transaction): the message is retried
+                # Both at once: one resend settles every reason this cancellation gave.
                 items = [item for item, dropped in zip(items, newer, strict=True) if not dropped]
+                deletes = () if raced else deletes  # the caller releases after
         return False
 
     def delete_patient(self, patient_id: str) -> None:

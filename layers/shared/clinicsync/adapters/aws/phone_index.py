@@ -18,12 +18,6 @@ class DynamoPhoneIndex(TableRepository):
             self._table.delete_item(Key=keys.phone(previous_key, patient_id))
         self._table.put_item(Item=keys.phone(phone_key, patient_id))
 
-    def index_phones(self, entries: Sequence[tuple[str, str]]) -> None:
-        """(phone key, patient id) pairs, written in batches; stale keys are removed by ``index_phone``."""
-        with batch_writer(self._table, ["pk", "sk"]) as batch:
-            for phone_key, patient_id in dict.fromkeys(entries):
-                batch.put_item(Item=keys.phone(phone_key, patient_id))
-
     def patients_by_phone(self, phone_key: str) -> list[str]:
         return [keys.patient_of(str(item["sk"])) for item in self._query(keys.phone_pk(phone_key))]
 

@@ -231,6 +231,19 @@ class MemoryStore:
         if name in self._leases and self._leases[name][0] == owner:
             del self._leases[name]
 
+    # A feed's poll: its lease and cursor, as the table's names them (nothing to save in memory).
+    def take_poll(self, source: str, owner: str, seconds: int, now: int) -> bool:
+        return self.acquire_lease(f"poll:{source}", owner, seconds, now)
+
+    def poll_cursor(self, source: str) -> Cursor | None:
+        return self.get_cursor(source)
+
+    def store_poll_cursor(self, source: str, cursor: Cursor) -> None:
+        self.put_cursor(source, cursor)
+
+    def release_poll(self, source: str, owner: str) -> None:
+        self.release_lease(f"poll:{source}", owner)
+
     def claim_patients(self, patient_ids: Sequence[str], owner: str, now: int, seconds: int) -> set[str]:
         self._wrote()
         return {pid for pid in dict.fromkeys(patient_ids) if self._take(self._claims, pid, owner, now, seconds)}

@@ -6,7 +6,7 @@
     CRM#contact#<id>        MAP                   reverse map for webhooks: patient id
     CRM#deal#<id>           MAP                   reverse map: patient id, appointment id
     CURSOR                  <source>              the poller's opaque cursor for a MIS feed
-    LEASE                   <name>                single-runner lease (overlapping scheduled polls)
+    LEASE                   <name>                single-runner lease (overlapping scheduled polls: poll:<source>)
     CLAIM#<patient id>      C                     the syncer invocation writing this patient right now
     ADOPT#<L|D><crm id>     A                     the appointment adopting a CRM lead or deal
     INTENT#<P|A>#<id>       I                     a create about to be sent (lost-response recovery)
@@ -94,6 +94,11 @@ def spilled_part(head: Key, generation: int, index: int) -> Key:
 
 def lease(name: str) -> Key:
     return {"pk": LEASE, "sk": name}
+
+
+def poll_lease(source: str) -> Key:
+    """The lease of a MIS feed's poll (one poll of the feed at a time)."""
+    return lease(f"poll:{source}")
 
 
 def claim(patient_id: str) -> Key:

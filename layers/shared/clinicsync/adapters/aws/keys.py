@@ -32,6 +32,8 @@ or an e-mail: subjects and phone keys are HMACs under the clinic's key.
 
 from __future__ import annotations
 
+from clinicsync.domain.keys import poll_lease_name
+
 Key = dict[str, str]
 
 _PATIENT = "PAT#"
@@ -97,8 +99,7 @@ def lease(name: str) -> Key:
 
 
 def poll_lease(source: str) -> Key:
-    """The lease of a MIS feed's poll (one poll of the feed at a time)."""
-    return lease(f"poll:{source}")
+    return lease(poll_lease_name(source))
 
 
 def claim(patient_id: str) -> Key:

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from clinicsync.domain.audience import MemberBook, is_subscriber_hash
+from clinicsync.domain.keys import poll_lease_name
 from clinicsync.domain.ports import Cursor
 from clinicsync.domain.state import AppointmentState, PatientState
 from clinicsync.domain.store_ports import ClaimRelease, ConsentSource, Store, SyncReads
@@ -230,6 +231,19 @@ class MemoryStore:
         self._wrote()
         if name in self._leases and self._leases[name][0] == owner:
             del self._leases[name]
+
+    # A feed's poll: its lease and cursor, named as on the table (nothing to save in memory).
+    def take_poll(self, source: str, owner: str, seconds: int, now: int) -> bool:
+        return self.acquire_lease(poll_lease_name(source), owner, seconds, now)
+
+    def poll_cursor(self, source: str) -> Cursor | None:
+        return self.get_cursor(source)
+
+    def store_poll_cursor(self, source: str, cursor: Cursor) -> None:
+        self.put_cursor(source, cursor)
+
+    def release_poll(self, source: str, owner: str) -> None:
+        self.release_lease(poll_lease_name(source), owner)
 
     def claim_patients(self, patient_ids: Sequence[str], owner: str, now: int, seconds: int) -> set[str]:
         self._wrote()

@@ -227,6 +227,28 @@ def test_a_lease_admits_one_holder_until_released_or_expired(store: Store) -> No
     assert store.acquire_lease("poll:medods", "run-3", 300, now=1403)
 
 
+def test_a_poll_holds_its_feed_alone_and_starts_from_the_cursor_stored_before(store: Store) -> None:
+    assert store.take_poll("medods", "run-1", 300, now=1000)
+    assert store.poll_cursor("medods") is None
+    assert not store.take_poll("medods", "run-2", 300, now=1100)
+    assert not store.acquire_lease("poll:medods", "run-2", 300, now=1100)  # the same lease as an older release's
+    assert store.take_poll("renovatio", "run-2", 300, now=1100)  # another feed is another lease
+    store.store_poll_cursor("medods", {"appointments": 17})
+    store.release_poll("medods", "run-2")  # not the holder: no effect
+    assert not store.take_poll("medods", "run-2", 300, now=1101)
+    store.release_poll("medods", "run-1")
+    assert store.take_poll("medods", "run-2", 300, now=1101)
+    cursor = store.poll_cursor("medods")
+    assert cursor == {"appointments": 17} and store.get_cursor("medods") == {"appointments": 17}
+    cursor["appointments"] = 99  # a copy
+    store.store_poll_cursor("medods", {"appointments": 18})  # and the holder crashes: the lease expires
+    assert not store.take_poll("medods", "run-3", 300, now=1401)
+    assert store.take_poll("medods", "run-3", 300, now=1402)
+    assert store.poll_cursor("medods") == {"appointments": 18}
+    store.release_poll("medods", "run-3")
+    assert store.acquire_lease("poll:medods", "other", 300, now=1403)  # released: free to any taker
+
+
 def test_patients_are_claimed_by_one_owner_at_a_time(store: Store) -> None:
     assert store.claim_patients(["p1", "p2", "p1"], "sync-1", 1000, 300) == {"p1", "p2"}
     assert store.claim_patients(["p2", "p3"], "sync-2", 1100, 300) == {"p3"}

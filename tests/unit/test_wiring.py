@@ -95,3 +95,10 @@ def test_a_container_builds_its_table_once_and_skips_client_side_parameter_check
         with Stubber(client) as stub:
             stub.add_response(operation, {})
             getattr(client, operation)(**{name: "ten"})  # text for a number: refused if botocore checks
+
+
+def test_a_containers_polls_share_one_store_so_a_warm_poller_keeps_the_cursor_it_stored() -> None:
+    parts = wiring.Container(_settings(), config=demo_config(), secrets=lambda arn: SECRETS)
+    first, second = parts.poller(), parts.poller()
+    assert first._store is second._store  # what the poll memory lives on (adapters/aws/cursors.py)
+    assert parts.store() is not parts.store()  # the other use cases' stores hold nothing between invocations

@@ -63,24 +63,24 @@ class Poller:
         self._hasher = hasher
 
     def poll(self, remaining_ms: Callable[[], int], owner: str = "poller", max_pages: int = 1000) -> PollReport:
-        lease = f"poll:{self._source.kind}"
-        if not self._store.acquire_lease(lease, owner, remaining_ms() // 1000 + 1, int(self._clock())):
+        kind = self._source.kind
+        if not self._store.take_poll(kind, owner, remaining_ms() // 1000 + 1, int(self._clock())):
             logger.info("previous poll still running; skipping this run")
             return PollReport(skipped_busy=True)
         try:
             return self._poll(remaining_ms, max_pages)
         finally:
-            self._store.release_lease(lease, owner)
+            self._store.release_poll(kind, owner)
 
     def _poll(self, remaining_ms: Callable[[], int], max_pages: int) -> PollReport:
         report = PollReport()
         run = self._run_at(self._clock())
-        cursor = self._store.get_cursor(self._source.kind)
+        cursor = self._store.poll_cursor(self._source.kind)
         for _ in range(max_pages):
             page = self._source.fetch_changes(cursor)
             self._enqueue(page, report, run=run)  # raises if SQS refuses: the cursor then stays where it was
             self._source.acknowledge(page)
-            self._store.put_cursor(self._source.kind, page.cursor)
+            self._store.store_poll_cursor(self._source.kind, page.cursor)
             cursor = page.cursor
             if not page.more:
                 break

@@ -39,6 +39,11 @@ def deal_intent(appointment_id: str) -> str:
     return f"{_DEAL_INTENT}{appointment_id}"
 
 
+def poll_lease_name(source: str) -> str:
+    """The lease of a MIS feed's poll (one poll of the feed at a time), in every store."""
+    return f"poll:{source}"
+
+
 def shard_of(patient_id: str, shards: int) -> int:
     """A patient's shard (its sync queue's FIFO group): stable across processes and deploys (Python's
     hash() is salted per process)."""

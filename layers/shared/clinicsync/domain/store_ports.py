@@ -79,6 +79,23 @@ class Leases(Protocol):
     def release_lease(self, name: str, owner: str) -> None: ...
 
 
+class PollLeases(Protocol):
+    """A feed's poll: one at a time (a lease, as ``Leases``), reading and storing the feed's cursor.
+
+    ``take_poll`` takes the lease, ``poll_cursor`` gives the stored cursor, ``store_poll_cursor`` stores
+    a page's (only after the page is on the queue), ``release_poll`` lets the next poll in. A store may
+    skip the read when the cursor it stored at its own last release is provably still the stored one.
+    """
+
+    def take_poll(self, source: str, owner: str, seconds: int, now: int) -> bool: ...
+
+    def poll_cursor(self, source: str) -> Cursor | None: ...
+
+    def store_poll_cursor(self, source: str, cursor: Cursor) -> None: ...
+
+    def release_poll(self, source: str, owner: str) -> None: ...
+
+
 class Claims(Protocol):
     """The syncer's claims: a patient written by one invocation at a time, a CRM record adopted once."""
 
@@ -223,7 +240,7 @@ class PollIndexes(PhoneIndex, EmailIndex, Protocol):
         ...
 
 
-class PollStore(Cursors, Leases, PollIndexes, Protocol): ...
+class PollStore(PollLeases, PollIndexes, Protocol): ...
 
 
 class SyncLookupStore(CreateIntents, PhoneIndex, Protocol): ...
@@ -244,5 +261,5 @@ class LedgerStore(ConsentRecords, ConsentOutputMarks, EmailIndex, MemberStore, P
 class ConsentOutputStore(PatientStates, ConsentRecords, ConsentOutputMarks, MemberStore, Protocol): ...
 
 
-class Store(SyncStore, PollStore, CrmEventStore, LedgerStore, CrmPhoneBook, Protocol):
+class Store(SyncStore, PollStore, Cursors, Leases, CrmEventStore, LedgerStore, CrmPhoneBook, Protocol):
     """Every store port: what ``DynamoStore`` and ``MemoryStore`` implement."""

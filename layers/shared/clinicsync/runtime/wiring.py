@@ -296,8 +296,8 @@ class Container:
     def poller(self) -> Poller:
         from clinicsync.application.poll import Poller
 
-        config = self.clinic_config()
-        return Poller(config, self.mis_source(config), self.store(), self.change_queue(), self.hasher(), self.clock)
+        config, store = self.clinic_config(), self.once(("poll-store",), self.store)  # a warm poller keeps its cursor
+        return Poller(config, self.mis_source(config), store, self.change_queue(), self.hasher(), self.clock)
 
     def syncer(self) -> Syncer:
         from clinicsync.application.sync import Syncer

@@ -11,6 +11,8 @@ from clinicsync.adapters.aws import keys
 from clinicsync.adapters.aws.table import TRANSACT_LIMIT, TableRepository, batch_writer, cancelled, failed_condition
 
 _FREE = "attribute_not_exists(pk) OR expires_at < :now OR #o = :owner"
+# A lease item may outlive its release without an owner (a poll's, see cursors.py): free as well.
+LEASE_FREE = "attribute_not_exists(#o) OR expires_at < :now OR #o = :owner"
 
 
 class DynamoLeases(TableRepository):
@@ -19,7 +21,7 @@ class DynamoLeases(TableRepository):
         try:
             self._table.put_item(
                 Item={**keys.lease(name), "owner": owner, "expires_at": now + seconds},
-                ConditionExpression=_FREE,
+                ConditionExpression=LEASE_FREE,
                 ExpressionAttributeNames={"#o": "owner"},
                 ExpressionAttributeValues={":now": now, ":owner": owner},
             )

@@ -6,7 +6,7 @@
     CRM#contact#<id>        MAP                   reverse map for webhooks: patient id
     CRM#deal#<id>           MAP                   reverse map: patient id, appointment id
     CURSOR                  <source>              the poller's opaque cursor for a MIS feed
-    LEASE                   <name>                single-runner lease (overlapping scheduled polls)
+    LEASE                   <name>                single-runner lease (overlapping scheduled polls: poll:<source>)
     CLAIM#<patient id>      C                     the syncer invocation writing this patient right now
     ADOPT#<L|D><crm id>     A                     the appointment adopting a CRM lead or deal
     INTENT#<P|A>#<id>       I                     a create about to be sent (lost-response recovery)
@@ -31,6 +31,8 @@ or an e-mail: subjects and phone keys are HMACs under the clinic's key.
 """
 
 from __future__ import annotations
+
+from clinicsync.domain.keys import poll_lease_name
 
 Key = dict[str, str]
 
@@ -94,6 +96,10 @@ def spilled_part(head: Key, generation: int, index: int) -> Key:
 
 def lease(name: str) -> Key:
     return {"pk": LEASE, "sk": name}
+
+
+def poll_lease(source: str) -> Key:
+    return lease(poll_lease_name(source))
 
 
 def claim(patient_id: str) -> Key:

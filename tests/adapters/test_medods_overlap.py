@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from clinicsync.adapters.medods import source as medods
 from clinicsync.adapters.medods.source import MedodsApi, MedodsSource
 from clinicsync.domain.ports import ChangePage, Cursor
-from tests.adapters.test_medods_cursor import FeedApi
+from tests.adapters.medods_fake import MedodsFake
 from tests.helpers import demo_config
 
 NOW = 1_780_000_000
@@ -31,12 +31,13 @@ def _visit(n: int, updated: Any, status: str = "approved", visit_id: Any = None)
     }
 
 
-class CoercingFeed(FeedApi):
+class CoercingFeed(MedodsFake):
     """The feed, ordering and filtering by ``updatedAt`` as a number even where a row spells it otherwise."""
 
     def pages(self, path: str, params: dict[str, Any], limit: int) -> Iterator[list[dict[str, Any]]]:
         after = int(params["updatedAtAfter"])
-        rows = [r for r in self.rows[path] if int(r["updatedAt"]) > after]
+        records = self.visits if path == "/appointments" else self.clients
+        rows = [dict(r) for r in records.values() if int(r["updatedAt"]) > after]
         rows.sort(key=lambda r: (int(r["updatedAt"]), str(r["id"])))
         for offset in range(0, len(rows) + 1, limit):
             page = rows[offset : offset + limit]
@@ -45,12 +46,12 @@ class CoercingFeed(FeedApi):
                 return
 
 
-def _feed(visits: list[dict[str, Any]]) -> FeedApi:
+def _feed(visits: list[dict[str, Any]]) -> CoercingFeed:
     clients = [{"id": p, "surname": "X", "phone": None, "updatedAt": NOW - 86_400} for p in range(1, 4)]
     return CoercingFeed(visits, clients)
 
 
-def _source(api: FeedApi) -> MedodsSource:
+def _source(api: MedodsFake) -> MedodsSource:
     return MedodsSource(cast(MedodsApi, api), demo_config(), max_records=10_000)
 
 
@@ -111,7 +112,7 @@ def test_skipping_sent_rows_gives_the_pages_a_full_validation_gives(reads: list[
             for edits in reads:
                 for edit in edits:
                     visits[edit["n"]] = _visit(edit["n"], edit["updated"], edit["status"], edit["id"])
-                api.rows["/appointments"] = [dict(v) for v in visits.values()]
+                api.visits = {str(key): dict(v) for key, v in visits.items()}
                 page = source.fetch_changes(cursor)
                 pages.append(page)
                 cursor = page.cursor

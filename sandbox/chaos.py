@@ -17,6 +17,12 @@ and ``clinicsync dlq replay`` must bring it home. The final check: every deal is
 oracle (``sandbox.expect``) says, no MIS id has two contacts or two deals, no queue holds anything, and
 no name, phone or e-mail of the sample clinic appears in any log line, metric or table item.
 
+A run is not exactly repeatable for a seed (timing changes how many CRM calls a sync makes, and so the
+faults the seeded generator hands out later). ``--trace <appointment id>`` (repeatable) records, for those
+visits' patients, their MIS events, the syncer invocations carrying them, the CRM calls that moved their
+deals (with the fault or crash each met) and their table items, in the report; ``--trace all`` records
+every patient and keeps those of the mismatched visits. Ids, statuses, stages and versions only.
+
 ``make chaos`` runs the full size for both CRMs and prints the figures; ``tests/e2e/test_chaos.py`` runs a
 smaller one in ``make test``.
 """
@@ -64,6 +70,7 @@ class ChaosConfig:
     crash_rate: float = 0.10
     redeliver_rate: float = 0.10
     overlap_seconds: int = 1800
+    trace: tuple[str, ...] = ()  # MIS appointment ids whose patients' story the run records (ChaosTrace)
 
 
 @dataclass
@@ -90,6 +97,7 @@ class ChaosFigures:
     queues_left: int = 0
     pii_leaks: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    trace: dict[str, Any] | None = None  # ChaosTrace.report() when the run was asked to trace
 
     @property
     def converged(self) -> bool:
@@ -132,6 +140,7 @@ class ChaosTransport(httpx.BaseTransport):
         self._figures = figures
         self.enabled = True
         self.crash_after: int | None = None  # crash the invocation after this many more CRM calls
+        self.trace: ChaosTrace | None = None
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if request.url.netloc != self._crm or not self.enabled:
@@ -147,11 +156,14 @@ class ChaosTransport(httpx.BaseTransport):
         if kind in ("limit", "server_error"):
             self._vendor_fault(kind)  # the emulator answers this request with its own error shape
         elif kind == "timeout":
+            self._traced(request, kind, False)
             raise httpx.ConnectTimeout("chaos: connect timeout", request=request)
         elif kind == "reset" and self._rng.random() < 0.5:
+            self._traced(request, "reset_before", False)
             raise httpx.RemoteProtocolError("chaos: connection reset before the request", request=request)
         response = self._inner.handle_request(request)
         response.read()  # the server has answered: whatever happens next, the request was applied
+        self._traced(request, kind, crash_now)
         if crash_now:
             self.crash_after = None
             self._figures.crashes += 1
@@ -161,6 +173,179 @@ class ChaosTransport(httpx.BaseTransport):
         if kind == "lost_response":
             raise httpx.ReadTimeout("chaos: the response was lost", request=request)
         return response
+
+    def _traced(self, request: httpx.Request, fault: str | None, crashed: bool) -> None:
+        if self.trace is not None:
+            body = request.content.decode("utf-8", "replace") + " " + request.url.query.decode("latin-1")
+            self.trace.crm_call(request.url.path.rsplit("/", 1)[-1], fault, crashed, body)
+
+
+class ChaosTrace:
+    """Opt-in (``--trace``): for the patients of chosen appointment ids, every MIS event on their visits,
+    every syncer invocation carrying them, every CRM call that changed one of their deals (with the fault
+    or crash it met) and, at the end, their table items. Ids, statuses, stages and versions only: no
+    name, phone or e-mail, so a trace can be attached to a report."""
+
+    def __init__(self, clinic: LocalClinic, appointment_ids: tuple[str, ...]) -> None:
+        self._clinic = clinic
+        # "all": every patient is recorded, and the report keeps those of the mismatched appointments
+        # (a run is not exactly repeatable: timing changes which messages meet which faults).
+        self.everyone = "all" in appointment_ids
+        self._appointments = set(appointment_ids) - {"all"}
+        self.entries: list[dict[str, Any]] = []
+        self._deals: dict[str, tuple[str, str, str]] = {}
+        self.patients: set[str] = set()
+        self._refresh_patients()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._appointments) or self.everyone
+
+    def _refresh_patients(self) -> None:
+        for row in self._clinic.mis.visits():
+            if self.everyone or row["id"] in self._appointments:
+                self.patients.add(row["client_id"])
+
+    def _visits(self) -> dict[str, dict[str, Any]]:
+        return {r["id"]: r for r in self._clinic.mis.visits() if r["client_id"] in self.patients}
+
+    def note(self, kind: str, **details: Any) -> None:
+        self.entries.append({"seq": len(self.entries), "kind": kind, **details})
+
+    def mis_event(self, action: str, appointment_id: str | None, client_id: str | None) -> None:
+        if not self.active:
+            return
+        self._refresh_patients()
+        if client_id not in self.patients and appointment_id not in self._visits():
+            return
+        row = self._visits().get(appointment_id or "")
+        self.note(
+            "mis",
+            action=action,
+            patient=client_id,
+            appointment=appointment_id,
+            status=row and row["status"],
+            start=row and row["start"].isoformat(),
+        )
+
+    def carries(self, text: str) -> bool:
+        return any(re.search(rf"(?<![0-9]){p}(?![0-9])", text) for p in self.patients)
+
+    def deals(self) -> dict[str, tuple[str, str, str]]:
+        """Deal id -> (MIS appointment id it names, category, stage), for the traced patients' visits."""
+        visits = self._visits()
+        return {
+            d["id"]: (aid, d["category"], d["stage"]) for aid, d in self._clinic.crm.deals().items() if aid in visits
+        }
+
+    def crm_call(self, method: str, fault: str | None, crashed: bool, body: str) -> None:
+        if not self.active:
+            return
+        now = self.deals()
+        changed = {did: v for did, v in now.items() if self._deals.get(did) != v}
+        mentions = self.everyone or self.carries(body) or any(re.search(rf"(?<![0-9]){d}(?![0-9])", body) for d in now)
+        if changed or (mentions and fault):
+            self.note("crm", method=method, fault=fault, crashed=crashed, deals=changed)
+        self._deals = now
+
+    def invocation(self, number: int, event: Any, crash_after: int | None) -> bool:
+        """Notes a syncer invocation whose batch carries a traced patient; True if it does."""
+        if not self.active:
+            return False
+        carried = []
+        for record in (event or {}).get("Records", []) if isinstance(event, dict) else []:
+            try:
+                body = json.loads(record.get("body") or "")
+            except ValueError:
+                continue
+            if not isinstance(body, dict):
+                continue
+            for change in body.get("changes") or ():
+                if str(change.get("patient", {}).get("mis_id")) in self.patients:
+                    carried.append(
+                        {
+                            "patient": str(change["patient"]["mis_id"]),
+                            "message": str(record.get("messageId", ""))[:8],
+                            "receive": record.get("attributes", {}).get("ApproximateReceiveCount"),
+                            "produced_at": body.get("produced_at"),
+                            "visits": [
+                                [a["mis_id"], a["status"], a["version"], a["starts_at"]]
+                                for a in change.get("appointments") or ()
+                            ],
+                        }
+                    )
+            for seen in body.get("observations") or ():
+                if str(seen.get("patient_id")) in self.patients:
+                    carried.append(
+                        {
+                            "patient": str(seen.get("patient_id")),
+                            "message": str(record.get("messageId", ""))[:8],
+                            "receive": record.get("attributes", {}).get("ApproximateReceiveCount"),
+                            "observation": {
+                                k: seen.get(k) for k in ("kind", "appointment_id", "crm_id", "stage", "closed")
+                            },
+                        }
+                    )
+        if carried:
+            self.note(
+                "invoke", number=number, crash_after=crash_after, batch=len(event.get("Records", [])), carried=carried
+            )
+        return bool(carried)
+
+    def table(self) -> dict[str, Any]:
+        stack = self._clinic.stack
+        items: dict[str, Any] = {}
+        with stack.environment():
+            table = boto3.resource("dynamodb").Table(stack.table_name)
+            for patient in sorted(self.patients):
+                found = table.query(
+                    KeyConditionExpression="pk = :p", ExpressionAttributeValues={":p": f"PAT#{patient}"}
+                )
+                for item in found["Items"]:
+                    items[f"{item['pk']}|{item['sk']}"] = {k: v for k, v in item.items() if k not in ("pk", "sk")}
+            for deal_id in sorted(self.deals()):
+                got = table.get_item(Key={"pk": f"CRM#deal#{deal_id}", "sk": "MAP"}).get("Item")
+                if got:
+                    items[f"CRM#deal#{deal_id}|MAP"] = {k: v for k, v in got.items() if k not in ("pk", "sk")}
+        return dict(json.loads(json.dumps(items, default=str)))
+
+    def narrow_to(self, appointment_ids: set[str]) -> None:
+        """With "all": keep the patients of these appointments (the mismatched ones) and the requested."""
+        if not self.everyone:
+            return
+        wanted = appointment_ids | self._appointments
+        self.patients = {r["client_id"] for r in self._clinic.mis.visits() if r["id"] in wanted}
+        visits = self._visits()
+
+        def about(entry: dict[str, Any]) -> bool:
+            if entry["kind"] == "mis":
+                return entry.get("patient") in self.patients
+            if entry["kind"] == "invoke":
+                entry["carried"] = [c for c in entry["carried"] if c["patient"] in self.patients]
+                return bool(entry["carried"])
+            if entry["kind"] == "crm":
+                entry["deals"] = {d: v for d, v in entry["deals"].items() if v[0] in visits}
+                return bool(entry["deals"]) or bool(entry["fault"]) or entry["crashed"]
+            return True
+
+        self.entries = [e for e in self.entries if about(e)]
+        kept = {e["number"] for e in self.entries if e["kind"] == "invoke"}
+        self.entries = [e for e in self.entries if e["kind"] != "invoked" or e["number"] in kept]
+
+    def report(self) -> dict[str, Any]:
+        visits = self._visits()
+        return {
+            "patients": sorted(self.patients),
+            "visits": {
+                aid: {"status": r["status"], "start": r["start"].isoformat()} for aid, r in sorted(visits.items())
+            },
+            "deals": {did: list(v) for did, v in sorted(self.deals().items())},
+            "deal_history": {
+                did: hist for did, hist in self._clinic.crm.appointment_history().items() if did in self.deals()
+            },
+            "table": self.table(),
+            "entries": self.entries,
+        }
 
 
 def _vendor_fault(clinic: LocalClinic) -> Callable[[str], None]:
@@ -237,6 +422,8 @@ class ChaosRun:
             _vendor_fault(self.clinic),
             self.figures,
         )
+        self.trace = ChaosTrace(self.clinic, config.trace)
+        self.transport.trace = self.trace if self.trace.active else None
         self._install()
 
     def _install(self) -> None:
@@ -252,8 +439,19 @@ class ChaosRun:
             crash = transport.enabled and self.rng.random() < self.config.crash_rate
             if function_id == "StageSyncerFunction" and crash:
                 transport.crash_after = self.rng.randint(1, 4)
+            traced = function_id == "StageSyncerFunction" and self.trace.invocation(
+                self.figures.invocations, event, transport.crash_after
+            )
             try:
-                return real_invoke(function_id, event)
+                result = real_invoke(function_id, event)
+                if traced:
+                    failures = len((result or {}).get("batchItemFailures", [])) if isinstance(result, dict) else None
+                    self.trace.note("invoked", number=self.figures.invocations, failures=failures)
+                return result
+            except BaseException as error:
+                if traced:
+                    self.trace.note("invoked", number=self.figures.invocations, error=type(error).__name__)
+                raise
             finally:
                 transport.crash_after = None
 
@@ -280,7 +478,8 @@ class ChaosRun:
             client = self.rng.choice(medods.all_clients())
             if client.get("archived") or client.get("denyDataProcessing"):
                 return "skipped"
-            self.clinic.mis.book(int(client["id"]), self._future_slot())
+            booked = self.clinic.mis.book(int(client["id"]), self._future_slot())
+            self.trace.mis_event("book", str(booked), str(client["id"]))
             return "book"
         if roll < 0.11:
             phone = f"+7 9{self.rng.randrange(10**8, 10**9)}"
@@ -313,6 +512,7 @@ class ChaosRun:
             medods.set_status(appt, "approved")
         else:
             getattr(medods, action)(appt)
+        self.trace.mis_event(action, str(appt), str(row["clientId"]))
         return action
 
     def _future_slot(self) -> Any:
@@ -337,11 +537,18 @@ class ChaosRun:
                         self.figures.event_kinds[kind] += 1
                 self._sync_round()
                 if self.rng.random() < 0.5:
+                    if self.trace.active:
+                        self.trace.note("webhooks")
                     self._quietly(self.clinic.deliver_webhooks)  # echoes of our own writes
                 if self.rng.random() < 0.3:
+                    if self.trace.active:
+                        self.trace.note("catch_up")
                     self._quietly(self.clinic.catch_up)
             self._heal()
             self._verify(output.getvalue())
+            if self.trace.active:
+                self.trace.narrow_to({m.split()[1].rstrip(":") for m in self.figures.mismatches})
+                self.figures.trace = self.trace.report()
         self.figures.seconds = round(time.monotonic() - started, 1)
         return self.figures
 
@@ -355,11 +562,15 @@ class ChaosRun:
             self.clinic.note_created_deals()
 
     def _sync_round(self) -> None:
+        if self.trace.active:
+            self.trace.note("sync_round")
         self._quietly(self.clinic.sync)
         self._quietly(self.clinic.stack.drain_all)
 
     def _heal(self) -> None:
         """Faults stop; what is left in the DLQs is listed with its reason and replayed by the CLI."""
+        if self.trace.active:
+            self.trace.note("heal")
         self._uninstall()
         self.clinic.sync()
         env = self.clinic.stack.environment
@@ -481,13 +692,23 @@ def main(
     patients: Annotated[int, typer.Option()] = 800,
     events: Annotated[int, typer.Option()] = 2000,
     report: Annotated[str, typer.Option(help="Where to write the figures as JSON")] = "chaos-report.json",
+    trace: Annotated[
+        list[str], typer.Option(help="MIS appointment ids whose patients' story goes into the report (ids only)")
+    ] = [],  # noqa: B006
 ) -> None:
     console = Console()
     aws = LocalAws().start()
     results = []
     try:
         for name in crm:
-            config = ChaosConfig(seed=seed, crm=name, patients=patients, appointments=patients * 9 // 8, events=events)
+            config = ChaosConfig(
+                seed=seed,
+                crm=name,
+                patients=patients,
+                appointments=patients * 9 // 8,
+                events=events,
+                trace=tuple(trace),
+            )
             with console.status(f"chaos run against {name}: {events} MIS events, faults on"):
                 results.append(run_chaos(config, aws))
     finally:

@@ -355,3 +355,34 @@ def test_a_no_show_booked_again_after_its_continuation_response_was_lost_gets_on
     steps = [("a2", "book", True), ("a1", "move", False), ("a2", "no_show", True), ("a2", again, again == "move")]
     crm, mis = _replay(steps, lost=frozenset({3, 4}))
     assert _booked_visits_without_a_deal_of_their_own(crm, mis) == set()
+
+
+def _moved_when_booked_again(steps: list[tuple[str, str, bool]]) -> list[tuple[str, str, bool]]:
+    """The steps with every booking of a visit the MIS already holds made a move to a new time, as MEDODS
+    does (a no-show is booked again by a reschedule): the visit's content changes with its status."""
+    seen: set[str] = set()
+    moved = []
+    for aid, event, poll in steps:
+        moved.append((aid, "move" if event == "book" and aid in seen else event, poll))
+        seen |= {aid} if event != "no_show" else set()
+    return moved
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=STEPS, lost=st.frozensets(st.integers(min_value=1, max_value=12)))
+def test_every_deal_is_at_the_stage_of_the_visit_it_names_whatever_lost_responses_were_overtaken(
+    steps: list[tuple[str, str, bool]], lost: frozenset[int]
+) -> None:
+    """Over any history of bookings, no-shows and moves, any poll's response lost and its message overtaken
+    by later events (the writes landed, nothing was stored, the retry carries the newer versions): after the
+    last poll every deal is at the stage of the MIS status of the visit it names. `make chaos` (seed 2026,
+    Bitrix24) found a deal left at "no-show" for a visit moved to a new time: the move's stage was the one
+    the stale state remembered, so it was not sent. (A visit booked again with exactly the content we last
+    stored is skipped as unchanged: that case needs the lost write remembered, and is left open.)"""
+    crm, mis = _replay(_moved_when_booked_again(steps), lost)
+    for deal in crm.deals.values():
+        visit = mis[str(deal["origin"])]
+        stages = {CONFIG.pipeline(repeat=False).stages[visit.status]}
+        if visit.status is S.BOOKED:
+            stages.add(CONFIG.pipeline(repeat=False).stages[S.RESCHEDULED])
+        assert deal["stage"] in stages, (deal, visit.status)

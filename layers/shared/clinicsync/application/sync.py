@@ -284,10 +284,11 @@ class Syncer:
             return {}
         self._load_holders(checks, states)
         current = self._gateway.fetch("deal", sorted(checks))
+        ours = self._gateway.integration_user()
         observations = [
             observation
             for deal_id, (pid, write) in checks.items()
-            if (observation := stage_read_observation(write, states[pid], current.get(deal_id))) is not None
+            if (observation := stage_read_observation(write, states[pid], current.get(deal_id), ours)) is not None
         ]
         return self._observe(observations, states, report)
 

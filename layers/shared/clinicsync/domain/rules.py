@@ -253,16 +253,13 @@ def _plan_deal(
     if deal_id is not None and digest == known.content_hash:
         plan.skipped[aid] = "unchanged"
         return
-    # A stage we wrote before is not sent again: a field-only update never moves a deal a manager
-    # moved (or closed) since; a stage change is checked against the deal first (``stage_to_check``).
-    sent = None if stage is not None and stage == known.stage and deal_id == known.deal_id else stage
     plan.writes.append(
         DealWrite(
             aid,
             next_state.patient_id,
             deal_id,
             category_id,
-            sent,
+            _stage_to_send(stage, known, deal_id, appointment.version),
             fields,
             contact_id,
             lead_id,
@@ -284,6 +281,18 @@ def _plan_deal(
         }
     )
     plan.changed_appointments.append(aid)
+
+
+def _stage_to_send(stage: str | None, known: AppointmentState, deal_id: str | None, version: int) -> str | None:
+    """A stage we wrote before is not sent again for the same MIS version: a field-only update never moves
+    a deal a manager moved (or closed) since. A newer version sends its stage even when we remember the
+    deal there: an attempt whose outcome was unknown (a lost response, a crash) may have written another
+    stage that no retry stored, its message overtaken by this event (a chaos run's deal left at a no-show
+    after the visit was moved). Either way a stage change is checked against the deal first
+    (``stage_to_check``), and a stage read there that we wrote ourselves is no manager's move."""
+    if stage is not None and stage == known.stage and deal_id == known.deal_id and version == known.version:
+        return None
+    return stage
 
 
 def _continue_deal(
@@ -361,15 +370,19 @@ def held_stage(write: DealWrite, state: PatientState) -> tuple[str, str] | None:
 
 
 def stage_read_observation(
-    write: DealWrite, state: PatientState, snapshot: Mapping[str, str] | None
+    write: DealWrite, state: PatientState, snapshot: Mapping[str, str] | None, ours: str | None = None
 ) -> CrmObservation | None:
     """What the read before a stage change teaches: a stage that is neither the one we last wrote nor the
     one we are about to write is a manager's move, respected exactly as its webhook would be
-    (``apply_observation``). A deal gone from the CRM, or at either of those stages, teaches nothing."""
+    (``apply_observation``). A deal gone from the CRM, or at either of those stages, teaches nothing; nor
+    does an open deal last modified by us (``ours``, the integration user), as its webhook would not (an
+    echo): that stage is our own write whose outcome was unknown and which no retry stored."""
     stage = snapshot.get("stage") if snapshot is not None else None
     held = held_stage(write, state)
     if snapshot is None or held is None or not stage or stage in (held[1], write.stage):
         return None
+    if ours and snapshot.get("modified_by") == ours and snapshot.get("closed") != "Y":
+        return None  # a deal we closed stays closed, whoever learns it: only an open one is rewritten
     return deal_observation(snapshot, state.patient_id, held[0])  # the manager's move, on the visit holding it
 
 

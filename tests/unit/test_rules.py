@@ -9,15 +9,10 @@ from hypothesis import strategies as st
 
 from clinicsync.domain.crm_ports import ContactWrite, CrmMatches, DealMatch, DealWrite
 from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.deal_stages import deal_observation, stage_read_observation, stage_to_check
 from clinicsync.domain.models import AppointmentStatus as S
 from clinicsync.domain.models import PatientChanges
-from clinicsync.domain.rules import (
-    apply_observation,
-    deal_observation,
-    plan_patient,
-    stage_read_observation,
-    stage_to_check,
-)
+from clinicsync.domain.rules import apply_observation, plan_patient
 from clinicsync.domain.state import AppointmentState, PatientState
 from tests.helpers import T0, appointment, days, demo_config, patient
 

@@ -18,9 +18,9 @@ from clinicsync.application.consent import ConsentLedger
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crm_ports import CrmGateway, CrmPaused, CrmUnavailable
 from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.deal_stages import deal_observation
 from clinicsync.domain.keys import patient_subject, shard_of
 from clinicsync.domain.models import Channel, CrmEvent, CrmObservation, SyncMessage
-from clinicsync.domain.rules import deal_observation
 from clinicsync.domain.store_ports import CrmEventStore, Cursors
 from clinicsync.observability import logger
 

@@ -23,15 +23,9 @@ from clinicsync.domain.crm_ports import (
     WriteOutcome,
 )
 from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.deal_stages import held_stage, stage_read_observation, stage_to_check
 from clinicsync.domain.models import CrmObservation, PatientChanges, merge_by_patient
-from clinicsync.domain.rules import (
-    PatientPlan,
-    apply_observation,
-    held_stage,
-    plan_patient,
-    stage_read_observation,
-    stage_to_check,
-)
+from clinicsync.domain.rules import PatientPlan, apply_observation, plan_patient
 from clinicsync.domain.state import PatientState
 from clinicsync.domain.store_ports import ClaimRelease, SyncStore
 from clinicsync.observability import logger

@@ -663,12 +663,18 @@ def test_tls_refuses_clients_without_a_certificate_from_the_clinic_ca(
 
 
 def test_adapter_presents_the_secret_certificate(
-    emu: InfoClinicaEmulator, clinic: SampleClinic, served: str, pki: LoopbackPki
+    emu: InfoClinicaEmulator,
+    clinic: SampleClinic,
+    served: str,
+    pki: LoopbackPki,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     emu.book(clinic.patients[0].id, clinic.doctors[0].id, 1, emu.at(1, "10:00"))
-    before = {p.name for p in Path(tempfile.gettempdir()).glob("clinicsync-mis-*")}
+    # This test's own temp dir: the shared one sees other workers' (and other runs') PEM dirs come and go.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     api = tls_api(served, secret_for(pki, clinic_host="demo.infoclinica.ru", filial="1"))
-    assert {p.name for p in Path(tempfile.gettempdir()).glob("clinicsync-mis-*")} == before  # PEMs not left on disk
+    assert list(tmp_path.iterdir()) == []  # the PEMs were written to a temp dir, and none is left on disk
     source = InfoClinicaSource(api, ic_config())
     page = source.fetch_changes(None)
     source.acknowledge(page)

@@ -27,7 +27,6 @@ from clinicsync.domain.audience import AudienceMember, MemberBook, audience_memb
 from clinicsync.domain.config import ClinicConfig, DirectorySettings
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.directory_records import (
-    ACCOUNT_KEY,
     KINDS,
     OPT_OUT_KEY,
     TWO_WAY,
@@ -43,6 +42,7 @@ from clinicsync.domain.directory_records import (
     directory_subject,
     is_echo,
     merge_fields,
+    synced_hashes,
 )
 from clinicsync.domain.ports import Cursor
 from clinicsync.domain.store_ports import Cursors, Leases, MemberStore
@@ -242,10 +242,7 @@ class DirectorySync:
                 report.crm_updated += 1
         else:
             state.crm_id = crm.crm_id if crm else state.crm_id
-        state.hashes = {n: self._digest(v) for n, v in merge.values.items()}
-        state.hashes[OPT_OUT_KEY] = self._digest("1" if opted_out else "0")
-        if kind == "doctor":
-            state.hashes[ACCOUNT_KEY] = self._digest(account)
+        state.hashes = synced_hashes(kind, merge.values, opted_out, account, self._digest)
         # The LIS now holds the merged values: the audience sees the CRM's fix too.
         return lis.model_copy(update={"fields": {**lis.fields, **merge.values}}) if merge.to_lis else lis
 

@@ -195,16 +195,29 @@ class DirectoryState:
     audience: str | None = None  # hash of what the Mailchimp member was last sent
 
 
+def synced_hashes(
+    kind: Kind,
+    values: Mapping[str, str | None],
+    do_not_mail: bool,
+    account: str | None,
+    digest: Callable[[str | None], str],
+) -> dict[str, str]:
+    """What a sync leaves in ``DirectoryState.hashes``: each two-way field, the opt-out, a doctor's Account."""
+    hashes = {name: digest(value) for name, value in values.items()}
+    hashes[OPT_OUT_KEY] = digest("1" if do_not_mail else "0")
+    if kind == "doctor":
+        hashes[ACCOUNT_KEY] = digest(account)
+    return hashes
+
+
 def is_echo(crm: CrmRecord, state: DirectoryState | None, digest: Callable[[str | None], str]) -> bool:
     """The vTiger row holds exactly what the last sync left in both systems: our own write coming back, or
     a save that changed nothing. Judged by content, never by who saved it last, so a manager who works in
     vTiger under the integration's user is still heard. A hash the state lacks means "changed"."""
     if state is None or state.crm_id != crm.crm_id or crm.invalid:
         return False
-    known = state.hashes
-    same = all(known.get(name) == digest(crm.fields.get(name)) for name in TWO_WAY[crm.kind])
-    same = same and known.get(OPT_OUT_KEY) == digest("1" if crm.do_not_mail else "0")
-    return same and (crm.kind != "doctor" or known.get(ACCOUNT_KEY) == digest(crm.account_id or None))
+    values = {name: crm.fields.get(name) for name in TWO_WAY[crm.kind]}
+    return state.hashes == synced_hashes(crm.kind, values, crm.do_not_mail, crm.account_id or None, digest)
 
 
 class DirectoryStateStore(Protocol):

@@ -42,6 +42,7 @@ from clinicsync.domain.directory_records import (
     directory_subject,
     is_echo,
     merge_fields,
+    opt_out_hash,
     synced_hashes,
 )
 from clinicsync.domain.ports import Cursor
@@ -252,7 +253,7 @@ class DirectorySync:
         """A manager ticked the e-mail opt-out in vTiger (it is set there and was not at the last sync): an
         opt-out like any other, recorded in the ledger, whose outputs tick the LIS flag and unsubscribe the
         Mailchimp member. Unticking it in vTiger lifts nothing (the ledger is sticky)."""
-        if crm is None or not crm.do_not_mail or state.hashes.get(OPT_OUT_KEY) == self._digest("1"):
+        if crm is None or not crm.do_not_mail or state.hashes.get(OPT_OUT_KEY) == opt_out_hash(True, self._digest):
             return False
         if self._ledger is None:
             return False  # nowhere to record it: the LIS's flag stays the truth

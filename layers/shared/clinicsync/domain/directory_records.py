@@ -204,10 +204,16 @@ def synced_hashes(
 ) -> dict[str, str]:
     """What a sync leaves in ``DirectoryState.hashes``: each two-way field, the opt-out, a doctor's Account."""
     hashes = {name: digest(value) for name, value in values.items()}
-    hashes[OPT_OUT_KEY] = digest("1" if do_not_mail else "0")
+    hashes[OPT_OUT_KEY] = opt_out_hash(do_not_mail, digest)
     if kind == "doctor":
         hashes[ACCOUNT_KEY] = digest(account)
     return hashes
+
+
+def opt_out_hash(do_not_mail: bool, digest: Callable[[str | None], str]) -> str:
+    """How the opt-out's state is hashed in ``DirectoryState.hashes[OPT_OUT_KEY]``: one encoding for the
+    sync that stores it and the checks that compare with it."""
+    return digest("1" if do_not_mail else "0")
 
 
 def is_echo(crm: CrmRecord, state: DirectoryState | None, digest: Callable[[str | None], str]) -> bool:

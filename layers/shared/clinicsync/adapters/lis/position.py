@@ -112,6 +112,11 @@ def _key(row: Any) -> str:
     return str(row.get("id") if isinstance(row, dict) else None)[:16]
 
 
+def whole_number(value: Any) -> int | None:
+    """``value`` if the LIS sent a non-negative JSON integer (``true`` is no number here), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def _version(row: Any, default: int) -> int:
-    value = row.get("updated_at") if isinstance(row, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+    value = whole_number(row.get("updated_at") if isinstance(row, dict) else None)
+    return default if value is None else value

@@ -22,7 +22,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clinicsync.adapters.http.retrying import send_with_retries
-from clinicsync.adapters.lis.position import ReadPosition
+from clinicsync.adapters.lis.position import ReadPosition, whole_number
 from clinicsync.domain.directory_records import DirectoryPage, DirectoryRecord, Kind, normalise, parse_directory_key
 from clinicsync.domain.ports import ChangePage, Cursor
 from clinicsync.observability import logger
@@ -202,8 +202,7 @@ class LisSource:
         items = body.get("items") if isinstance(body, dict) else None
         if not isinstance(items, list):
             raise LisError(200, "bad_page")
-        total = body.get("total")
-        return items, total if isinstance(total, int) and not isinstance(total, bool) else None
+        return items, whole_number(body.get("total"))
 
     def get(self, kind: Kind, lis_ids: Sequence[str]) -> dict[str, DirectoryRecord]:
         found: dict[str, DirectoryRecord] = {}

@@ -192,16 +192,34 @@ def test_each_number_finds_exactly_its_open_leads_contacts_and_unowned_open_deal
     assert requests == (1 if substitutes_lists or not matched else 2)
 
 
-def test_a_look_up_too_big_for_one_batch_reads_back_separately() -> None:
-    """Chained reads cost four commands per 20 numbers: a look-up that would not fit one batch with them
-    keeps the two-step read-back (findbycomm, then one read of what it found)."""
+@pytest.mark.parametrize("matched_command", [0, 11, 12])
+def test_a_look_up_chains_the_read_back_of_as_many_numbers_as_its_batch_has_room_for(matched_command: int) -> None:
+    """13 findbycomm commands and two look-ups by MIS id leave room for 11 commands' chained reads (three
+    each) in the one batch: a number they cover costs no more request, one of the last two a separate
+    read-back (a backfill's last invocation: most of its read-back rides in its look-up)."""
     with _portal(substitutes_lists=True) as (emulator, client):
         client.call("crm.lead.add", {"fields": {"TITLE": "x", "STATUS_ID": "NEW", "PHONE": [{"VALUE": POOL[0]}]}})
         emulator.reset_stats()
-        phones = [POOL[0]] + [f"+7988{n:07d}" for n in range(12 * 20)]  # 13 findbycomm commands
+        phones = [f"+7988{n:07d}" for n in range(13 * 20)]
+        phones[matched_command * 20 + 7] = POOL[0]
+        matches = Bitrix24Gateway(client, CONFIG).find(["p9"], ["a9"], phones=phones)
+        requests, commands = emulator.stats()["requests"], sum(emulator.stats()["batch_commands"].values())
+    assert set(matches.phones) == {POOL[0]}
+    assert matches.phones[POOL[0]].leads
+    assert requests == (1 if matched_command < 11 else 2)
+    assert commands == 2 + 13 + 3 * 11 + (0 if matched_command < 11 else 1)  # a lead's read-back: one command
+
+
+def test_a_look_up_too_big_for_one_batch_reads_back_separately() -> None:
+    """A look-up that spans two batches chains nothing (a findbycomm and its reads must share a batch):
+    findbycomm, then one read of what it found."""
+    with _portal(substitutes_lists=True) as (emulator, client):
+        client.call("crm.lead.add", {"fields": {"TITLE": "x", "STATUS_ID": "NEW", "PHONE": [{"VALUE": POOL[0]}]}})
+        emulator.reset_stats()
+        phones = [POOL[0]] + [f"+7988{n:07d}" for n in range(50 * 20)]  # 51 findbycomm commands
         matches = Bitrix24Gateway(client, CONFIG).find([], [], phones=phones)
         assert set(matches.phones) == {POOL[0]}
-        assert emulator.stats()["requests"] == 2
+        assert emulator.stats()["requests"] == 3
 
 
 @pytest.mark.parametrize("substitutes_lists", [True, False])

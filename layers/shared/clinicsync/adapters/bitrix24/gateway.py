@@ -144,11 +144,14 @@ class Bitrix24Gateway:
             params = {"filter": {"@ID": list(ids)}, "select": ["ID", "PHONE", "EMAIL"]}
             commands[f"m{n}"] = ("crm.contact.list", params)
         finds = findbycomm_commands(phones)
-        # The read-back rides in the look-up's own batch when all of it fits in one (a poll's few new patients).
-        chain = bool(finds) and len(commands) + COMMANDS_PER_FIND * len(finds) <= BATCH_LIMIT
+        # The read-back rides in the look-up's own batch, for as many numbers' commands as its room takes
+        # (a poll's few new patients: all; a backfill page's last invocation: most), when the look-up is one
+        # batch; a number of the others is read back after it only if it found something.
+        room = BATCH_LIMIT - len(commands) - len(finds)
+        chained = set(list(finds)[: max(0, room) // (COMMANDS_PER_FIND - 1)])
         for key, command in finds.items():
             commands[key] = command
-            if chain:
+            if key in chained:
                 commands |= chained_reads([key], self._config.matching, SELECT["deal"])
         results = self._run_reads(commands, paged=("c", "d"), chained=CHAINED)
 
@@ -168,7 +171,7 @@ class Bitrix24Gateway:
                     multifields[str(row["ID"])] = {
                         kind.lower(): str(row[kind][0]["ID"]) for kind in ("PHONE", "EMAIL") if row.get(kind)
                     }
-        candidates = self._phone_candidates(set(phones), results, list(finds), chain) if phones else {}
+        candidates = self._phone_candidates(set(phones), results, list(finds), bool(chained)) if phones else {}
         return CrmMatches(contacts=contacts, deals=deals, phones=candidates, multifields=multifields)
 
     def _phone_candidates(

@@ -20,6 +20,7 @@ from clinicsync.domain.crm_ports import (
     CrmWrite,
     DealWrite,
     LeadWrite,
+    LookupInWrites,
     WriteOutcome,
 )
 from clinicsync.domain.crypto import KeyedHasher
@@ -152,7 +153,10 @@ class Syncer:
         ledger, own_opt_outs = self._consent.ledger(live, read.opted_out)
         observed = self._observe(observations, states, report)
 
-        matches = self._lookup.look_up(live, states, read.intents)
+        overlap = self._gateway.guards_writes and isinstance(self._gateway, LookupInWrites)
+        matches = self._lookup.look_up(live, states, read.intents, defer_phones=overlap)
+        held = [item for item in live if item.patient.phone in matches.deferred_phones]
+        live = [item for item in live if item.patient.phone not in matches.deferred_phones]
         plans = self._plan(live, states, matches, ledger)
         links = self._lead_links(observations, states)
         if self._gateway.guards_writes:  # the checks ride in the write request: no read before it
@@ -161,7 +165,12 @@ class Syncer:
             plans = self._read_then_plan(live, states, matches, ledger, own_opt_outs, plans, observed, report)
         writes = [w for plan in plans for w in plan.writes] + links
         intents = self._lookup.record_intents(writes)
-        outcome = self._gateway.apply(writes) if writes else WriteOutcome()
+        if held and isinstance(gateway := self._gateway, LookupInWrites):  # planned once their phones' look-up
+            outcome, completed = self._apply_then(gateway, writes, intents, plans, matches, held, states, ledger)
+            if completed is not None:
+                matches, live = completed, live + held
+        else:
+            outcome = self._gateway.apply(writes) if writes else WriteOutcome()
         changed = sorted(pid for pid, why in outcome.failed.items() if why == CHANGED_SINCE_READ)
         if changed:  # a guard found a manager's change: read those records, plan again, write unguarded
             ids = set(changed)
@@ -187,6 +196,40 @@ class Syncer:
         if outcome.failed or busy:
             raise SyncIncomplete({**busy, **outcome.failed})
         return report
+
+    def _apply_then(
+        self,
+        gateway: LookupInWrites,
+        writes: list[CrmWrite],
+        intents: list[str],
+        plans: list[PatientPlan],
+        matches: CrmMatches,
+        held: list[PatientChanges],
+        states: dict[str, PatientState],
+        ledger: dict[str, set[str]],
+    ) -> tuple[WriteOutcome, CrmMatches | None]:
+        """``writes``, with the look-up of the held patients' phones riding in their first request; the
+        held patients are then planned, their creates noted as intents, and their writes (added to
+        ``plans``, ``writes`` and ``intents``) join the same batches. Their look-up failed: the outcome
+        fails them (nothing of theirs was written) and no matches come back."""
+        looked_up: list[CrmMatches] = []
+
+        def plan_held(completed: CrmMatches | None) -> list[CrmWrite]:
+            if completed is None:
+                return []
+            looked_up.append(completed)
+            later = self._plan(held, states, completed, ledger)
+            later = [self._guarded(plan, states[plan.patient_id]) for plan in later]
+            plans.extend(later)
+            more = [w for plan in later for w in plan.writes]
+            intents.extend(self._lookup.record_intents(more))
+            writes.extend(more)
+            return more
+
+        outcome = gateway.apply_then(list(writes), matches, plan_held)
+        if not looked_up:
+            outcome.failed.update({item.patient.mis_id: "lookup_failed" for item in held})
+        return outcome, looked_up[0] if looked_up else None
 
     def _plan(
         self,

@@ -6,7 +6,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from clinicsync.domain.crm_ports import ContactWrite, CrmGateway, CrmMatches, CrmWrite, DealWrite, WriteOutcome
+from clinicsync.domain.crm_ports import (
+    ContactWrite,
+    CrmGateway,
+    CrmMatches,
+    CrmWrite,
+    DealWrite,
+    LookupInWrites,
+    WriteOutcome,
+)
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import contact_intent, deal_intent
 from clinicsync.domain.models import PatientChanges
@@ -37,7 +45,12 @@ class SyncLookup:
         return patients + [deal_intent(a.mis_id) for c in live for a in c.appointments]
 
     def look_up(
-        self, live: Sequence[PatientChanges], states: dict[str, PatientState], read: Mapping[str, int] | None = None
+        self,
+        live: Sequence[PatientChanges],
+        states: dict[str, PatientState],
+        read: Mapping[str, int] | None = None,
+        *,
+        defer_phones: bool = False,
     ) -> CrmMatches:
         """One look-up per message. By MIS id before creating (a create whose response was lost must not
         repeat), by phone for patients without a deal yet (adopt open leads and deals, never duplicate),
@@ -82,6 +95,9 @@ class SyncLookup:
             ]
         if not (unknown_patients or unknown_appointments or changed_contacts or phones):
             return CrmMatches()
+        if defer_phones and isinstance(self._gateway, LookupInWrites):  # their patients are planned later
+            args = (unknown_patients, unknown_appointments, phones, changed_contacts, since)
+            return self._gateway.find_deferring_phones(*args)
         return self._gateway.find(unknown_patients, unknown_appointments, phones, changed_contacts, since)
 
     def record_intents(self, writes: Sequence[CrmWrite]) -> list[str]:

@@ -6,7 +6,8 @@ how Bitrix24 spells that (UPPER_SNAKE fields, multifields, ORIGINATOR_ID/ORIGIN_
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -33,6 +34,8 @@ from clinicsync.adapters.bitrix24.writes import Bitrix24Writer, custom_field
 from clinicsync.domain.config import ClinicConfig, Pipeline
 from clinicsync.domain.crm_ports import (
     CrmMatches,
+    CrmPaused,
+    CrmUnavailable,
     CrmWrite,
     DealMatch,
     OpenLead,
@@ -135,6 +138,50 @@ class Bitrix24Gateway:
         multifield_contacts: Sequence[str] = (),
         intended_since: int | None = None,  # noqa: ARG002 - a MIS id filter, not a scan: no start time
     ) -> CrmMatches:
+        return self._find(patient_ids, appointment_ids, phones, multifield_contacts, defer=False)
+
+    def find_deferring_phones(
+        self,
+        patient_ids: Sequence[str],
+        appointment_ids: Sequence[str],
+        phones: Sequence[str],
+        multifield_contacts: Sequence[str],
+        intended_since: int | None,  # noqa: ARG002 - as in find
+    ) -> CrmMatches:
+        return self._find(patient_ids, appointment_ids, phones, multifield_contacts, defer=True)
+
+    def apply_then(
+        self,
+        writes: Sequence[CrmWrite],
+        matches: CrmMatches,
+        more: Callable[[CrmMatches | None], Sequence[CrmWrite]],
+    ) -> WriteOutcome:
+        """The deferred numbers' findbycomm commands ride in the first write batch (after its writes, in
+        the room left for them); what they found is read back, then ``more`` plans the patients held back."""
+        finds = findbycomm_commands(sorted(matches.deferred_phones))
+        if not finds:
+            return self._writer.apply([*writes, *more(matches)])
+
+        def resume(answered: dict[str, Any]) -> Sequence[CrmWrite]:
+            try:  # a find that did not answer in the write batch (halted, refused) is sent on its own
+                missing = {key: command for key, command in finds.items() if key not in answered}
+                results = {**answered, **(self._run_reads(missing) if missing else {})}
+                found = self._phone_candidates(set(matches.deferred_phones), results, list(finds), chained=False)
+            except (Bitrix24Error, CrmUnavailable, CrmPaused):
+                return more(None)
+            return more(replace(matches, phones={**matches.phones, **found}, deferred_phones=frozenset()))
+
+        return self._writer.apply(writes, finds, resume)
+
+    def _find(
+        self,
+        patient_ids: Sequence[str],
+        appointment_ids: Sequence[str],
+        phones: Sequence[str],
+        multifield_contacts: Sequence[str],
+        *,
+        defer: bool,
+    ) -> CrmMatches:
         commands: dict[str, tuple[str, Mapping[str, Any]]] = {}
         for n, ids in enumerate(_chunks(list(dict.fromkeys(patient_ids)), ORIGIN_IDS_PER_COMMAND)):
             commands[f"c{n}"] = ("crm.contact.list", self._origin_filter(ids, ["ID", "ORIGIN_ID"]))
@@ -144,6 +191,13 @@ class Bitrix24Gateway:
             params = {"filter": {"@ID": list(ids)}, "select": ["ID", "PHONE", "EMAIL"]}
             commands[f"m{n}"] = ("crm.contact.list", params)
         finds = findbycomm_commands(phones)
+        # A look-up past one batch would end in a part-filled one: when the caller can, its findbycomm
+        # commands go in the first write batch instead (``apply_then``); the MIS ids are all looked up here.
+        tail = (len(commands) + len(finds)) % BATCH_LIMIT
+        deferred: set[str] = set()
+        if defer and len(commands) + len(finds) > BATCH_LIMIT and 0 < tail <= len(finds):
+            for key in list(finds)[-tail:]:
+                deferred.update(finds.pop(key)[1]["values"])
         # The read-back rides in the look-up's own batch, for as many numbers' commands as its room takes
         # (a poll's few new patients: all; a backfill page's last invocation: most), when the look-up is one
         # batch; a number of the others is read back after it only if it found something.
@@ -171,11 +225,18 @@ class Bitrix24Gateway:
                     multifields[str(row["ID"])] = {
                         kind.lower(): str(row[kind][0]["ID"]) for kind in ("PHONE", "EMAIL") if row.get(kind)
                     }
-        candidates = self._phone_candidates(set(phones), results, list(finds), bool(chained)) if phones else {}
-        return CrmMatches(contacts=contacts, deals=deals, phones=candidates, multifields=multifields)
+        looked_up = set(phones) - deferred
+        candidates = self._phone_candidates(looked_up, results, list(finds), chained=bool(chained)) if looked_up else {}
+        return CrmMatches(
+            contacts=contacts,
+            deals=deals,
+            phones=candidates,
+            multifields=multifields,
+            deferred_phones=frozenset(deferred),
+        )
 
     def _phone_candidates(
-        self, phones: set[str], results: Mapping[str, Any], finds: list[str], chained: bool
+        self, phones: set[str], results: Mapping[str, Any], finds: list[str], *, chained: bool
     ) -> dict[str, PhoneCandidates]:
         """findbycomm answers ids for all values at once; read them back (unless the chained reads proved
         themselves) to learn which phone each has."""

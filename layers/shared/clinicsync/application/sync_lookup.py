@@ -16,11 +16,12 @@ from clinicsync.domain.crm_ports import (
     WriteOutcome,
 )
 from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.deal_stages import held_stage
 from clinicsync.domain.keys import contact_intent, deal_intent
 from clinicsync.domain.models import PatientChanges
 from clinicsync.domain.rules import Adoption, changed_multifields
 from clinicsync.domain.state import PatientState
-from clinicsync.domain.store_ports import SyncLookupStore
+from clinicsync.domain.store_ports import SyncLookupStore, SyncStore
 
 
 class SyncLookup:
@@ -147,3 +148,17 @@ def settled_intents(intents: Sequence[str], writes: Sequence[CrmWrite], outcome:
         if isinstance(w, DealWrite) and w.appointment_id in outcome.deal_ids and w.patient_id in done
     }
     return [k for k in intents if k in created]
+
+
+def load_holders(store: SyncStore, checks: dict[str, tuple[str, DealWrite]], states: dict[str, PatientState]) -> None:
+    """A re-booking's deal is held by an earlier visit this message may not carry: load it, so a close
+    the stage read finds is learnt on that visit (one read, only for such a continuation)."""
+    wanted: dict[str, list[str]] = {}
+    for pid, write in checks.values():
+        held = held_stage(write, states[pid])
+        if held is not None and held[0] not in states[pid].appointments:
+            wanted.setdefault(pid, []).append(held[0])
+    for pid, loaded in (store.load_patients(wanted) if wanted else {}).items():
+        for aid in wanted[pid]:
+            if aid in loaded.appointments:
+                states[pid].appointments[aid] = loaded.appointments[aid]

@@ -215,3 +215,11 @@ class LookupInWrites(Protocol):
         has answered, ``more`` gets the matches completed (None if the look-up failed) and returns the writes
         of the patients it held back, which are applied in the same stream of batches."""
         ...
+
+
+@runtime_checkable
+class VerifiesInLookUp(Protocol):
+    def verify_in_look_up(self, pipelines: Mapping[Any, Pipeline]) -> Callable[[], frozenset[str]]:
+        """``verify_pipelines`` with its reads carried by the gateway's next look-up (a container's first
+        sync pays no request of its own for them); call the result for the won/lost stages."""
+        ...

@@ -30,6 +30,8 @@ from clinicsync.adapters.bitrix24.phones import (
     readback_commands,
 )
 from clinicsync.adapters.bitrix24.phones import candidates as phone_candidates
+from clinicsync.adapters.bitrix24.pipelines import closed_stages, pipeline_reads
+from clinicsync.adapters.bitrix24.tickets import TICKET_SELECT, open_lead
 from clinicsync.adapters.bitrix24.writes import Bitrix24Writer, custom_field
 from clinicsync.domain.config import ClinicConfig, Pipeline
 from clinicsync.domain.crm_ports import (
@@ -40,10 +42,11 @@ from clinicsync.domain.crm_ports import (
     DealMatch,
     OpenLead,
     PhoneCandidates,
-    PipelineMismatch,
     WriteOutcome,
 )
 from clinicsync.domain.phones import normalise_phone
+
+VERIFY = "v"  # key prefix of the pipeline reads a look-up carries (``verify_in_look_up``)
 
 # MIS ids per look-up command: a first import finds nothing, so an invocation's ids cost one command per
 # entity, not one per 50, and its look-up stays one ``batch``; rows found are paged on ``next``. 500
@@ -51,11 +54,6 @@ from clinicsync.domain.phones import normalise_phone
 ORIGIN_IDS_PER_COMMAND = 500
 
 
-UTM_FIELDS = ("UTM_SOURCE", "UTM_MEDIUM", "UTM_CAMPAIGN", "UTM_TERM", "UTM_CONTENT")
-TICKET_SELECT = [
-    "ID", "DATE_CREATE", "TITLE", "NAME", "LAST_NAME", "SECOND_NAME", "PHONE", "EMAIL", "COMMENTS",
-    "SOURCE_DESCRIPTION", *UTM_FIELDS,
-]  # fmt: skip
 SELECT = {
     "deal": [
         "ID",
@@ -87,6 +85,8 @@ class Bitrix24Gateway:
         self._writer = Bitrix24Writer(client, config)
         # A contact's guard compares its last modifier with our user: without one, read before writing.
         self.guards_writes = bool(client.user_id)
+        self._verify: dict[str, tuple[str, Mapping[str, Any]]] = {}  # reads for the next look-up to carry
+        self._verified: dict[str, Any] = {}  # what they answered
 
     def requests_made(self) -> int:
         return self._client.requests
@@ -101,32 +101,23 @@ class Bitrix24Gateway:
     def verify_pipelines(self, pipelines: Mapping[Any, Pipeline]) -> frozenset[str]:
         """Every configured stage must exist in its category; stages are matched by id, never by name
         (portals rename stages and keep ids). Returns the CRM's won/lost stages."""
-        commands: dict[str, tuple[str, Mapping[str, Any]]] = {"categories": ("crm.category.list", {"entityTypeId": 2})}
-        for name, pipeline in pipelines.items():
-            entity = "DEAL_STAGE" if pipeline.category_id == "0" else f"DEAL_STAGE_{pipeline.category_id}"
-            commands[f"stages_{name}"] = ("crm.status.list", {"filter": {"ENTITY_ID": entity}})
-        result = self._client.batch(commands)
-        categories = result.result.get("categories", {})
-        known_categories = {
-            str(c.get("id")) for c in (categories.get("categories", []) if isinstance(categories, dict) else [])
-        }
-        problems: list[str] = []
-        closed: set[str] = set()
-        for name, pipeline in pipelines.items():
-            if pipeline.category_id not in known_categories:
-                problems.append(f"pipeline {name!r}: category {pipeline.category_id} does not exist in Bitrix24")
-                continue
-            stages = {str(s.get("STATUS_ID")): s for s in _rows(result.result.get(f"stages_{name}"))}
-            closed |= {sid for sid, s in stages.items() if s.get("SEMANTICS") in ("S", "F")}
-            for status, stage in sorted(pipeline.stages.items()):
-                if stage not in stages:
-                    problems.append(
-                        f"pipeline {name!r} maps {status.value} to stage {stage!r}, which category "
-                        f"{pipeline.category_id} does not have (known: {', '.join(sorted(stages))})"
-                    )
-        if problems:
-            raise PipelineMismatch(problems)
-        return frozenset(closed)
+        return closed_stages(pipelines, self._client.batch(pipeline_reads(pipelines)).result)
+
+    def verify_in_look_up(self, pipelines: Mapping[Any, Pipeline]) -> Callable[[], frozenset[str]]:
+        """``verify_pipelines`` with its reads sent in this gateway's next look-up, which has room for them
+        (a container's first sync then pays no request for them); the returned function gives the won/lost
+        stages, verifying on its own if no look-up answered them (none was sent, or a read was cut)."""
+        self._verify = {f"{VERIFY}{key}": command for key, command in pipeline_reads(pipelines).items()}
+        keys = list(self._verify)
+
+        def closed() -> frozenset[str]:
+            self._verify = {}
+            if all(key in self._verified for key in keys):
+                answered = {key.removeprefix(VERIFY): self._verified[key] for key in keys}
+                return closed_stages(pipelines, answered)
+            return self.verify_pipelines(pipelines)
+
+        return closed
 
     # --- look-ups ----------------------------------------------------------------------------------
 
@@ -182,7 +173,7 @@ class Bitrix24Gateway:
         *,
         defer: bool,
     ) -> CrmMatches:
-        commands: dict[str, tuple[str, Mapping[str, Any]]] = {}
+        commands: dict[str, tuple[str, Mapping[str, Any]]] = dict(self._verify)
         for n, ids in enumerate(_chunks(list(dict.fromkeys(patient_ids)), ORIGIN_IDS_PER_COMMAND)):
             commands[f"c{n}"] = ("crm.contact.list", self._origin_filter(ids, ["ID", "ORIGIN_ID"]))
         for n, ids in enumerate(_chunks(list(dict.fromkeys(appointment_ids)), ORIGIN_IDS_PER_COMMAND)):
@@ -207,7 +198,9 @@ class Bitrix24Gateway:
             commands[key] = command
             if key in chained:
                 commands |= chained_reads([key], self._config.matching, SELECT["deal"])
-        results = self._run_reads(commands, paged=("c", "d"), chained=CHAINED)
+        results = self._run_reads(commands, paged=("c", "d"), chained=(CHAINED, VERIFY))
+        self._verified |= {key: value for key, value in results.items() if key.startswith(VERIFY)}
+        self._verify = {}
 
         contacts: dict[str, str] = {}
         deals: dict[str, DealMatch] = {}
@@ -251,7 +244,7 @@ class Bitrix24Gateway:
         self,
         commands: Mapping[str, tuple[str, Mapping[str, Any]]],
         paged: tuple[str, ...] = (),
-        chained: str | None = None,
+        chained: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         """The reads in ``batch`` requests of 50. A list read whose key starts with one of ``paged`` is
         read to its last page (``start`` = the ``next`` it answered); its rows come back in page order.
@@ -262,12 +255,12 @@ class Bitrix24Gateway:
             follow: dict[str, tuple[str, tuple[str, Mapping[str, Any]]]] = {}
             for chunk in _chunks(list(pending), BATCH_LIMIT):
                 result = self._client.batch({k: pending[k][1] for k in chunk})
-                failed = sorted(k for k in result.errors if chained is None or not k.startswith(chained))
+                failed = sorted(k for k in result.errors if not k.startswith(chained))
                 if failed:
                     raise Bitrix24Error("LOOKUP_FAILED", ",".join(failed), 400)
                 for key, value in result.result.items():
                     first, (method, params) = pending[key]
-                    if chained is not None and key.startswith(chained):
+                    if chained and key.startswith(chained):
                         if key not in result.next and key not in result.errors:
                             results[key] = value
                         continue
@@ -385,26 +378,7 @@ class Bitrix24Gateway:
         commands = {f"t{n}": ("crm.lead.list", {**params, "start": first + n * PAGE_SIZE}) for n in range(pages)}
         results = self._run_reads(commands)
         rows = [row for n in range(pages) for row in _rows(results.get(f"t{n}"))][skip:]
-        region = self._config.matching.default_region
-        leads: list[OpenLead] = []
-        for row in rows[:limit]:
-            phones = [normalise_phone(str(p.get("VALUE", "")), region) for p in row.get("PHONE") or []]
-            emails = [str(e.get("VALUE", "")).strip() for e in row.get("EMAIL") or []]
-            name = " ".join(str(row.get(k) or "").strip() for k in ("LAST_NAME", "NAME", "SECOND_NAME")).strip()
-            leads.append(
-                OpenLead(
-                    crm_id=str(row["ID"]),
-                    created_at=datetime.fromisoformat(str(row["DATE_CREATE"])),
-                    phone=next((p for p in phones if p), None),
-                    email=next((e for e in emails if e), None),
-                    full_name=name or None,
-                    # A CRM form's lead carries the form in SOURCE_DESCRIPTION; otherwise the lead's title.
-                    form_name=str(row.get("SOURCE_DESCRIPTION") or row.get("TITLE") or "") or None,
-                    comment=str(row.get("COMMENTS") or "") or None,
-                    utm={k.removeprefix("UTM_").lower(): str(row[k]) for k in UTM_FIELDS if row.get(k)},
-                )
-            )
-        return leads
+        return [open_lead(row, self._config.matching.default_region) for row in rows[:limit]]
 
 
 def _deal_match(row: Mapping[str, Any]) -> DealMatch:

@@ -8,8 +8,8 @@ an independent model that walks the same deliveries.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from moto import mock_aws
 
 from clinicsync.adapters.aws.store import DynamoStore
-from clinicsync.application.sync import Syncer
+from clinicsync.application.sync import Syncer, SyncIncomplete
 from clinicsync.domain.crm_ports import (
     ContactWrite,
     CrmMatches,
@@ -110,6 +110,43 @@ class FamilyCrm:
         raise AttributeError(name)
 
 
+@dataclass
+class DeferringFamilyCrm(FamilyCrm):
+    """A gateway that looks phones up in its first write request (Bitrix24's overlap, ``LookupInWrites``):
+    the family, all on one phone, is planned after the rest of the message's writes went out. With
+    ``lookup_fails`` that look-up fails."""
+
+    guards_writes: bool = True
+    lookup_fails: bool = False
+    deferred_lookups: int = 0
+
+    def find_deferring_phones(
+        self,
+        patient_ids: Sequence[str],
+        appointment_ids: Sequence[str],
+        phones: Sequence[str],
+        multifield_contacts: Sequence[str],
+        intended_since: int | None,
+    ) -> CrmMatches:
+        found = self.find(patient_ids, appointment_ids, (), multifield_contacts, intended_since)
+        return replace(found, deferred_phones=frozenset(phones))
+
+    def apply_then(
+        self,
+        writes: Sequence[CrmWrite],
+        matches: CrmMatches,
+        more: Callable[[CrmMatches | None], Sequence[CrmWrite]],
+    ) -> WriteOutcome:
+        outcome = self.apply(writes)
+        self.deferred_lookups += 1
+        phones = self.find([], [], sorted(matches.deferred_phones)).phones
+        completed = None if self.lookup_fails else replace(matches, phones=phones, deferred_phones=frozenset())
+        later = self.apply(more(completed))
+        outcome.contact_ids.update(later.contact_ids)
+        outcome.deal_ids.update(later.deal_ids)
+        return outcome
+
+
 @dataclass(frozen=True)
 class Member:
     pid: str
@@ -193,8 +230,9 @@ def run(
     twice: set[int],
     concurrent: bool = False,
     per_message: int = 50,
+    crm_type: type[FamilyCrm] = FamilyCrm,
 ) -> FamilyCrm:
-    crm = FamilyCrm(stale_reads=concurrent)
+    crm = crm_type(stale_reads=concurrent)
     hasher = KeyedHasher(b"k" * 32)
     syncer = Syncer(demo_config(), store, crm, hasher)  # type: ignore[arg-type]
     for n, batch in enumerate(batches(members, orders)):
@@ -206,12 +244,14 @@ def run(
     return crm
 
 
-@given(families())
+@pytest.mark.parametrize("crm_type", [FamilyCrm, DeferringFamilyCrm])
+@given(family=families())
 def test_the_first_new_deal_for_a_phone_adopts_its_open_lead_and_deal_once(
-    table_factory: Any, family: tuple[list[Member], list[list[str]], set[int], bool, int]
+    table_factory: Any, family: tuple[list[Member], list[list[str]], set[int], bool, int], crm_type: type[FamilyCrm]
 ) -> None:
+    """Also when the phone's look-up rides in the first write request and the family is planned after it."""
     members, orders, twice, concurrent, per_message = family
-    crm = run(table_factory(), members, orders, twice, concurrent, per_message)
+    crm = run(table_factory(), members, orders, twice, concurrent, per_message, crm_type)
     adopter = first_new_deal(members, orders)
     expected = [adopter] if adopter else []
     assert crm.lead_takers == expected  # at most once, and only by the first new deal
@@ -268,3 +308,25 @@ def test_an_adoption_claim_is_the_appointments_own_and_expires(table_factory: An
     assert store.claim_adoptions({"L1": "a2", "D2": "a2"}, now=1010, seconds=60) == {"L1"}
     assert store.claim_adoptions({"L1": "a1"}, now=1020, seconds=60) == set()  # a redelivery, a retry
     assert store.claim_adoptions({"L1": "a2"}, now=1081, seconds=60) == set()  # expired: the CRM tells now
+
+
+def test_a_failed_deferred_phone_look_up_fails_only_the_patients_it_held(table_factory: Any) -> None:
+    """The patients whose phone look-up rode in the write request and failed are not written and fail the
+    message (retried for them); the others are written and stored."""
+    store = table_factory()
+    crm = DeferringFamilyCrm(lookup_fails=True)
+    syncer = Syncer(demo_config(), store, crm, KeyedHasher(b"k" * 32))  # type: ignore[arg-type]
+    alone = PatientChanges(patient=patient("p9", phone=None, email=None), appointments=(appointment("a9", "p9"),))
+    family = PatientChanges(patient=patient("p0", phone=PHONE, email=None), appointments=(appointment("a0", "p0"),))
+    with pytest.raises(SyncIncomplete) as failed:
+        syncer.sync([alone, family])
+    assert failed.value.failed == {"p0": "lookup_failed"}
+    assert crm.deferred_lookups == 1
+    assert crm.creates == ["a9"] and "p0" not in crm.contacts.values()
+    stored = store.load_patients({"p9": ["a9"], "p0": ["a0"]})
+    assert stored["p9"].contact_id is not None
+    assert "p0" not in stored or stored["p0"].contact_id is None
+    crm.lookup_fails = False
+    syncer.sync([alone, family])
+    assert crm.creates == ["a9"]  # the retry's p9 is known: not created again
+    assert crm.lead_takers == ["a0"] and crm.deal_takers == ["a0"]  # the family's visit adopts, once

@@ -361,6 +361,34 @@ def test_stage_check_names_every_missing_stage(emu: tuple[Bitrix24Emulator, str]
         gateway.verify_pipelines({"primary": broken, "repeat": CONFIG.crm.pipelines["repeat"]})
 
 
+@pytest.mark.parametrize("look_up", [True, False])
+def test_the_stage_check_rides_in_the_first_look_up_or_goes_alone(
+    emu: tuple[Bitrix24Emulator, str], look_up: bool
+) -> None:
+    """A container's first sync checks the stages in its look-up's batch (no request of its own), with the
+    same answer and the same refusal of a missing stage; without a look-up the check is sent alone."""
+    emulator, base = emu
+    gateway = Bitrix24Gateway(_client(emulator, base), CONFIG)
+    emulator.add_stage(0, "Неявка", status_id="UC_NOSHOW")
+    emulator.add_stage(1, "Неявка", status_id="UC_NOSHOW")
+    expected = gateway.verify_pipelines(CONFIG.crm.pipelines)
+    emulator.reset_stats()
+    closed = gateway.verify_in_look_up(CONFIG.crm.pipelines)
+    if look_up:
+        gateway.find(["p1"], ["a1"], ["+79990000001"])
+    assert closed() == expected
+    assert emulator.stats()["requests"] == 1
+    gateway.find(["p1"], ["a1"])
+    assert emulator.stats()["batch_commands"]["crm.category.list"] == 1  # read once, not with every look-up
+    broken = CONFIG.crm.pipelines["primary"].model_copy(
+        update={"stages": {**CONFIG.crm.pipelines["primary"].stages, "confirmed": "UC_MISSING"}}
+    )
+    later = gateway.verify_in_look_up({"primary": broken, "repeat": CONFIG.crm.pipelines["repeat"]})
+    gateway.find(["p1"], ["a1"])
+    with pytest.raises(PipelineMismatch, match="UC_MISSING"):
+        later()
+
+
 class MemoryTokens:
     def __init__(self, tokens: Bitrix24Tokens) -> None:
         self.tokens = tokens

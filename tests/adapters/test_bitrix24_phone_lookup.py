@@ -17,7 +17,7 @@ import sandbox.emulators.bitrix24 as emulator_module
 from clinicsync.adapters.bitrix24.client import Bitrix24Client
 from clinicsync.adapters.bitrix24.gateway import Bitrix24Gateway
 from clinicsync.adapters.http.pacing import Pacer
-from clinicsync.domain.crm_ports import PhoneCandidates
+from clinicsync.domain.crm_ports import ContactWrite, CrmMatches, CrmWrite, PhoneCandidates
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
 from tests.helpers import demo_config
@@ -192,16 +192,34 @@ def test_each_number_finds_exactly_its_open_leads_contacts_and_unowned_open_deal
     assert requests == (1 if substitutes_lists or not matched else 2)
 
 
-def test_a_look_up_too_big_for_one_batch_reads_back_separately() -> None:
-    """Chained reads cost four commands per 20 numbers: a look-up that would not fit one batch with them
-    keeps the two-step read-back (findbycomm, then one read of what it found)."""
+@pytest.mark.parametrize("matched_command", [0, 11, 12])
+def test_a_look_up_chains_the_read_back_of_as_many_numbers_as_its_batch_has_room_for(matched_command: int) -> None:
+    """13 findbycomm commands and two look-ups by MIS id leave room for 11 commands' chained reads (three
+    each) in the one batch: a number they cover costs no more request, one of the last two a separate
+    read-back (a backfill's last invocation: most of its read-back rides in its look-up)."""
     with _portal(substitutes_lists=True) as (emulator, client):
         client.call("crm.lead.add", {"fields": {"TITLE": "x", "STATUS_ID": "NEW", "PHONE": [{"VALUE": POOL[0]}]}})
         emulator.reset_stats()
-        phones = [POOL[0]] + [f"+7988{n:07d}" for n in range(12 * 20)]  # 13 findbycomm commands
+        phones = [f"+7988{n:07d}" for n in range(13 * 20)]
+        phones[matched_command * 20 + 7] = POOL[0]
+        matches = Bitrix24Gateway(client, CONFIG).find(["p9"], ["a9"], phones=phones)
+        requests, commands = emulator.stats()["requests"], sum(emulator.stats()["batch_commands"].values())
+    assert set(matches.phones) == {POOL[0]}
+    assert matches.phones[POOL[0]].leads
+    assert requests == (1 if matched_command < 11 else 2)
+    assert commands == 2 + 13 + 3 * 11 + (0 if matched_command < 11 else 1)  # a lead's read-back: one command
+
+
+def test_a_look_up_too_big_for_one_batch_reads_back_separately() -> None:
+    """A look-up that spans two batches chains nothing (a findbycomm and its reads must share a batch):
+    findbycomm, then one read of what it found."""
+    with _portal(substitutes_lists=True) as (emulator, client):
+        client.call("crm.lead.add", {"fields": {"TITLE": "x", "STATUS_ID": "NEW", "PHONE": [{"VALUE": POOL[0]}]}})
+        emulator.reset_stats()
+        phones = [POOL[0]] + [f"+7988{n:07d}" for n in range(50 * 20)]  # 51 findbycomm commands
         matches = Bitrix24Gateway(client, CONFIG).find([], [], phones=phones)
         assert set(matches.phones) == {POOL[0]}
-        assert emulator.stats()["requests"] == 2
+        assert emulator.stats()["requests"] == 3
 
 
 @pytest.mark.parametrize("substitutes_lists", [True, False])
@@ -213,3 +231,86 @@ def test_a_number_that_matched_nothing_ignores_whatever_its_chained_reads_return
         client.call("crm.lead.add", {"fields": {"TITLE": "x", "STATUS_ID": "NEW", "PHONE": [{"VALUE": POOL[2]}]}})
         matches = Bitrix24Gateway(client, CONFIG).find([], [], phones=[POOL[0]])
     assert matches.phones == {}
+
+
+def _contacts(first: int, count: int) -> list[CrmWrite]:
+    return [
+        ContactWrite(f"p{n}", None, {"full_name": {"last": "Т", "first": "Т", "middle": ""}})
+        for n in range(first, first + count)
+    ]
+
+
+@pytest.mark.parametrize(("ahead", "behind", "requests"), [(60, 20, 4), (37, 0, 3), (0, 5, 4)])
+def test_a_look_up_past_one_batch_sends_its_last_findbycomm_commands_in_the_first_write_batch(
+    ahead: int, behind: int, requests: int
+) -> None:
+    """63 look-up commands (2 by MIS id, 61 findbycomm) would take a full batch and one of 13: those 13
+    findbycomm commands ride in the first write batch instead, and the writes of the patients they hold back
+    (planned when they have answered, here the lead one found) join the same batches: every request full
+    but the last when the first is (the look-up, its read-back, then the writes in (13 + writes) / 50 batches):
+    one request fewer than look-up and writes apart (2, 1, 2; 2, 1, 1) unless no writes fill the first."""
+    with _portal(substitutes_lists=True) as (emulator, client):
+        client.call("crm.lead.add", {"fields": {"TITLE": "x", "STATUS_ID": "NEW", "PHONE": [{"VALUE": POOL[0]}]}})
+        emulator.reset_stats()
+        phones = [f"+7988{n:07d}" for n in range(61 * 20)]
+        phones[-1] = POOL[0]  # in the last findbycomm command: deferred
+        gateway = Bitrix24Gateway(client, CONFIG)
+        matches = gateway.find_deferring_phones(["p0"], ["a0"], phones, [], None)
+        assert emulator.stats()["requests"] == 1
+        assert matches.deferred_phones == frozenset(phones[48 * 20 :])
+        assert not matches.phones
+        seen: list[CrmMatches | None] = []
+
+        def more(completed: CrmMatches | None) -> list[CrmWrite]:
+            seen.append(completed)
+            return _contacts(ahead, behind)
+
+        outcome = gateway.apply_then(_contacts(0, ahead), matches, more)
+        stats = emulator.stats()
+    assert len(seen) == 1 and seen[0] is not None
+    assert set(seen[0].phones) == {POOL[0]} and seen[0].phones[POOL[0]].leads
+    assert not seen[0].deferred_phones
+    assert set(outcome.contact_ids) == {f"p{n}" for n in range(ahead + behind)} and not outcome.failed
+    commands = sum(stats["batch_commands"].values())
+    assert commands == 63 + 1 + ahead + behind  # the lead's read-back: one command, in its own request
+    assert stats["requests"] == requests
+
+
+def test_a_findbycomm_the_first_write_batch_did_not_answer_is_sent_on_its_own() -> None:
+    """A write batch refused whole (a lost answer: outcome unknown) carried the deferred look-up too: the
+    look-up is sent again on its own (a read, safe to repeat) before the held patients are planned."""
+    with _portal(substitutes_lists=True) as (emulator, client):
+        client.call("crm.lead.add", {"fields": {"TITLE": "x", "STATUS_ID": "NEW", "PHONE": [{"VALUE": POOL[0]}]}})
+        phones = [f"+7988{n:07d}" for n in range(61 * 20)]
+        phones[-1] = POOL[0]
+        gateway = Bitrix24Gateway(client, CONFIG)
+        matches = gateway.find_deferring_phones(["p0"], ["a0"], phones, [], None)
+        emulator.faults.add("crm.contact.add", 500, times=None)
+        seen: list[CrmMatches | None] = []
+
+        def more(completed: CrmMatches | None) -> list[CrmWrite]:
+            seen.append(completed)
+            return []
+
+        outcome = gateway.apply_then(_contacts(0, 3), matches, more)
+    assert outcome.failed == dict.fromkeys(("p0", "p1", "p2"), "outcome_unknown")
+    assert len(seen) == 1 and seen[0] is not None and seen[0].phones[POOL[0]].leads
+
+
+def test_a_deferred_look_up_that_fails_plans_nothing_held() -> None:
+    """A findbycomm refused (here with no write to ride with: it goes as a look-up of its own) hands the
+    caller no matches: the patients held for it are not planned, so nothing of theirs is written."""
+    with _portal(substitutes_lists=True) as (emulator, client):
+        phones = [f"+7988{n:07d}" for n in range(61 * 20)]
+        gateway = Bitrix24Gateway(client, CONFIG)
+        matches = gateway.find_deferring_phones(["p0"], ["a0"], phones, [], None)
+        emulator.faults.add("crm.duplicate.findbycomm", 400, times=None, error="INVALID_ARG_VALUE")
+        seen: list[CrmMatches | None] = []
+
+        def more(completed: CrmMatches | None) -> list[CrmWrite]:
+            seen.append(completed)
+            return _contacts(10, 2) if completed is not None else []
+
+        outcome = gateway.apply_then([], matches, more)
+    assert seen == [None]
+    assert not outcome.contact_ids and not outcome.failed  # the syncer fails the held patients (lookup_failed)

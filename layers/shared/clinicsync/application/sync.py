@@ -9,7 +9,8 @@ from dataclasses import dataclass, field, replace
 
 from clinicsync.application.consent import ConsentLedger, CrmContactReader
 from clinicsync.application.sync_consent import SyncConsent
-from clinicsync.application.sync_lookup import SyncLookup, settled_intents
+from clinicsync.application.sync_lookup import SyncLookup, load_holders, settled_intents
+from clinicsync.application.sync_writes import apply_with_held, merge_outcome, unguarded
 from clinicsync.domain.audience import AudienceUpserts
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crm_ports import (
@@ -20,6 +21,7 @@ from clinicsync.domain.crm_ports import (
     CrmWrite,
     DealWrite,
     LeadWrite,
+    LookupInWrites,
     WriteOutcome,
 )
 from clinicsync.domain.crypto import KeyedHasher
@@ -76,8 +78,11 @@ class Syncer:
         sleep: Callable[[float], None] = time.sleep,
         crm_contacts: CrmContactReader | None = None,
         clock: Callable[[], float] = time.time,
+        verify: Callable[[], ClinicConfig] | None = None,
     ) -> None:
         self._config = config
+        # A container's first sync: ``verify`` gives ``config`` checked against the CRM, by its look-up's reads.
+        self._verify = verify
         self._clock = clock
         self._store = store
         self._gateway = gateway
@@ -152,7 +157,10 @@ class Syncer:
         ledger, own_opt_outs = self._consent.ledger(live, read.opted_out)
         observed = self._observe(observations, states, report)
 
-        matches = self._lookup.look_up(live, states, read.intents)
+        overlap = self._gateway.guards_writes and isinstance(self._gateway, LookupInWrites)
+        matches = self._lookup.look_up(live, states, read.intents, defer_phones=overlap)
+        held = [item for item in live if item.patient.phone in matches.deferred_phones]  # planned after it
+        live = [item for item in live if item.patient.phone not in matches.deferred_phones]
         plans = self._plan(live, states, matches, ledger)
         links = self._lead_links(observations, states)
         if self._gateway.guards_writes:  # the checks ride in the write request: no read before it
@@ -161,17 +169,17 @@ class Syncer:
             plans = self._read_then_plan(live, states, matches, ledger, own_opt_outs, plans, observed, report)
         writes = [w for plan in plans for w in plan.writes] + links
         intents = self._lookup.record_intents(writes)
-        outcome = self._gateway.apply(writes) if writes else WriteOutcome()
+        outcome, matches, live = self._apply(writes, intents, plans, matches, live, held, states, ledger)
         changed = sorted(pid for pid, why in outcome.failed.items() if why == CHANGED_SINCE_READ)
         if changed:  # a guard found a manager's change: read those records, plan again, write unguarded
             ids = set(changed)
             for pid in changed:
                 del outcome.failed[pid]
             again = [item for item in live if item.patient.mis_id in ids]
-            old = [_unguarded(plan) for plan in plans if plan.patient_id in ids]
+            old = [unguarded(plan) for plan in plans if plan.patient_id in ids]
             new = self._read_then_plan(again, states, matches, ledger, own_opt_outs, old, observed, report)
             more = [w for plan in new for w in plan.writes] + [w for w in links if w.patient_id in ids]
-            _merge_outcome(outcome, self._gateway.apply(more) if more else WriteOutcome())
+            merge_outcome(outcome, self._gateway.apply(more) if more else WriteOutcome())
             by_patient = {plan.patient_id: plan for plan in new}
             plans = [by_patient.get(plan.patient_id, plan) for plan in plans]
             writes += more
@@ -188,6 +196,31 @@ class Syncer:
             raise SyncIncomplete({**busy, **outcome.failed})
         return report
 
+    def _apply(
+        self,
+        writes: list[CrmWrite],
+        intents: list[str],
+        plans: list[PatientPlan],
+        matches: CrmMatches,
+        live: list[PatientChanges],
+        held: list[PatientChanges],
+        states: dict[str, PatientState],
+        ledger: dict[str, set[str]],
+    ) -> tuple[WriteOutcome, CrmMatches, list[PatientChanges]]:
+        """The writes; patients held for their phones' look-up are planned when it answers (``apply_with_held``)."""
+        if not (held and isinstance(gateway := self._gateway, LookupInWrites)):
+            return (self._gateway.apply(writes) if writes else WriteOutcome()), matches, live
+
+        def plan(items: list[PatientChanges], found: CrmMatches) -> list[PatientPlan]:
+            return [self._guarded(plan, states[plan.patient_id]) for plan in self._plan(items, states, found, ledger)]
+
+        done = apply_with_held(gateway, writes, intents, plans, matches, held, self._lookup.record_intents, plan)
+        return (done[0], done[1], live + held) if done[1] is not None else (done[0], matches, live)
+
+    def _verified(self) -> None:
+        if self._verify is not None:
+            self._config, self._verify = self._verify(), None
+
     def _plan(
         self,
         live: Sequence[PatientChanges],
@@ -197,6 +230,7 @@ class Syncer:
     ) -> list[PatientPlan]:
         """Plan every patient; a lead or deal that another invocation adopted first is left out and the
         batch planned again (each round takes at least one record away, so this ends)."""
+        self._verified()  # after the look-up, which carried the stages' reads
         taken: set[str] = set()
         phone_owners = self._lookup.phones_in_batch(live)
         while True:
@@ -276,7 +310,7 @@ class Syncer:
         }
         if not checks:
             return {}
-        self._load_holders(checks, states)
+        load_holders(self._store, checks, states)
         current = self._gateway.fetch("deal", sorted(checks))
         ours = self._gateway.integration_user()
         observations = [
@@ -286,23 +320,12 @@ class Syncer:
         ]
         return self._observe(observations, states, report)
 
-    def _load_holders(self, checks: dict[str, tuple[str, DealWrite]], states: dict[str, PatientState]) -> None:
-        """A re-booking's deal is held by an earlier visit this message may not carry: load it, so a close
-        the stage read finds is learnt on that visit (one read, only for such a continuation)."""
-        wanted: dict[str, list[str]] = {}
-        for pid, write in checks.values():
-            held = held_stage(write, states[pid])
-            if held is not None and held[0] not in states[pid].appointments:
-                wanted.setdefault(pid, []).append(held[0])
-        for pid, loaded in (self._store.load_patients(wanted) if wanted else {}).items():
-            for aid in wanted[pid]:
-                if aid in loaded.appointments:
-                    states[pid].appointments[aid] = loaded.appointments[aid]
-
     def _observe(
         self, observations: Sequence[CrmObservation], states: dict[str, PatientState], report: SyncReport
     ) -> dict[str, list[str]]:
         changed: dict[str, list[str]] = {}
+        if observations:
+            self._verified()
         for obs in observations:
             touched = apply_observation(states[obs.patient_id], obs, self._config)
             if touched:
@@ -375,21 +398,3 @@ class Syncer:
             saves.append((state, plan.changed_appointments + observed.get(plan.patient_id, [])))
         if saves:
             self._store.save_patients(saves, states, release)
-
-
-def _unguarded(plan: PatientPlan) -> PatientPlan:
-    plan.writes = [
-        replace(w, expect_ours=False)
-        if isinstance(w, ContactWrite)
-        else replace(w, expect_stage=None)
-        if isinstance(w, DealWrite)
-        else w
-        for w in plan.writes
-    ]
-    return plan
-
-
-def _merge_outcome(outcome: WriteOutcome, more: WriteOutcome) -> None:
-    outcome.contact_ids.update(more.contact_ids)
-    outcome.deal_ids.update(more.deal_ids)
-    outcome.failed.update(more.failed)

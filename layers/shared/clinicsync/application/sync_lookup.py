@@ -6,13 +6,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from clinicsync.domain.crm_ports import ContactWrite, CrmGateway, CrmMatches, CrmWrite, DealWrite, WriteOutcome
+from clinicsync.domain.crm_ports import (
+    ContactWrite,
+    CrmGateway,
+    CrmMatches,
+    CrmWrite,
+    DealWrite,
+    LookupInWrites,
+    WriteOutcome,
+)
 from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.deal_stages import held_stage
 from clinicsync.domain.keys import contact_intent, deal_intent
 from clinicsync.domain.models import PatientChanges
 from clinicsync.domain.rules import Adoption, changed_multifields
 from clinicsync.domain.state import PatientState
-from clinicsync.domain.store_ports import SyncLookupStore
+from clinicsync.domain.store_ports import SyncLookupStore, SyncStore
 
 
 class SyncLookup:
@@ -37,7 +46,12 @@ class SyncLookup:
         return patients + [deal_intent(a.mis_id) for c in live for a in c.appointments]
 
     def look_up(
-        self, live: Sequence[PatientChanges], states: dict[str, PatientState], read: Mapping[str, int] | None = None
+        self,
+        live: Sequence[PatientChanges],
+        states: dict[str, PatientState],
+        read: Mapping[str, int] | None = None,
+        *,
+        defer_phones: bool = False,
     ) -> CrmMatches:
         """One look-up per message. By MIS id before creating (a create whose response was lost must not
         repeat), by phone for patients without a deal yet (adopt open leads and deals, never duplicate),
@@ -82,6 +96,9 @@ class SyncLookup:
             ]
         if not (unknown_patients or unknown_appointments or changed_contacts or phones):
             return CrmMatches()
+        if defer_phones and isinstance(self._gateway, LookupInWrites):  # their patients are planned later
+            args = (unknown_patients, unknown_appointments, phones, changed_contacts, since)
+            return self._gateway.find_deferring_phones(*args)
         return self._gateway.find(unknown_patients, unknown_appointments, phones, changed_contacts, since)
 
     def record_intents(self, writes: Sequence[CrmWrite]) -> list[str]:
@@ -131,3 +148,17 @@ def settled_intents(intents: Sequence[str], writes: Sequence[CrmWrite], outcome:
         if isinstance(w, DealWrite) and w.appointment_id in outcome.deal_ids and w.patient_id in done
     }
     return [k for k in intents if k in created]
+
+
+def load_holders(store: SyncStore, checks: dict[str, tuple[str, DealWrite]], states: dict[str, PatientState]) -> None:
+    """A re-booking's deal is held by an earlier visit this message may not carry: load it, so a close
+    the stage read finds is learnt on that visit (one read, only for such a continuation)."""
+    wanted: dict[str, list[str]] = {}
+    for pid, write in checks.values():
+        held = held_stage(write, states[pid])
+        if held is not None and held[0] not in states[pid].appointments:
+            wanted.setdefault(pid, []).append(held[0])
+    for pid, loaded in (store.load_patients(wanted) if wanted else {}).items():
+        for aid in wanted[pid]:
+            if aid in loaded.appointments:
+                states[pid].appointments[aid] = loaded.appointments[aid]

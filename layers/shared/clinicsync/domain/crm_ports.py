@@ -7,10 +7,10 @@ handler that never talks to a CRM (the poller's polls, the unsubscribe pages) do
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from clinicsync.domain.config import Pipeline
 
@@ -44,6 +44,9 @@ class CrmMatches:
     deals: Mapping[str, DealMatch] = field(default_factory=dict)  # appointment mis id -> deal
     phones: Mapping[str, PhoneCandidates] = field(default_factory=dict)  # E.164 -> candidates
     multifields: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # contact -> {PHONE: entry id}
+    # Numbers not looked up yet: their look-up rides in the first write request (``LookupInWrites``), and
+    # the patients who have them are planned when it has answered.
+    deferred_phones: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -182,4 +185,41 @@ class CrmGateway(Protocol):
 
     def contact_emails(self, contact_ids: Sequence[str]) -> dict[str, list[str]]:
         """The e-mail addresses of contacts, read in bulk, used in memory only (Mailchimp opt-outs)."""
+        ...
+
+
+@runtime_checkable
+class LookupInWrites(Protocol):
+    """A gateway that can send the tail of a look-up in the first write request instead of a part-filled
+    request of its own (Bitrix24: the findbycomm commands past the look-up's last full ``batch``)."""
+
+    def find_deferring_phones(
+        self,
+        patient_ids: Sequence[str],
+        appointment_ids: Sequence[str],
+        phones: Sequence[str],
+        multifield_contacts: Sequence[str],
+        intended_since: int | None,
+    ) -> CrmMatches:
+        """``find``, except that numbers whose look-up would only part-fill a last request are left out and
+        named in ``deferred_phones`` (everything by MIS id is always looked up here)."""
+        ...
+
+    def apply_then(
+        self,
+        writes: Sequence[CrmWrite],
+        matches: CrmMatches,
+        more: Callable[[CrmMatches | None], Sequence[CrmWrite]],
+    ) -> WriteOutcome:
+        """``apply(writes)`` with the look-up of ``matches.deferred_phones`` in its first request; when that
+        has answered, ``more`` gets the matches completed (None if the look-up failed) and returns the writes
+        of the patients it held back, which are applied in the same stream of batches."""
+        ...
+
+
+@runtime_checkable
+class VerifiesInLookUp(Protocol):
+    def verify_in_look_up(self, pipelines: Mapping[Any, Pipeline]) -> Callable[[], frozenset[str]]:
+        """``verify_pipelines`` with its reads carried by the gateway's next look-up (a container's first
+        sync pays no request of its own for them); call the result for the won/lost stages."""
         ...

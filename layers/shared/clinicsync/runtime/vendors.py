@@ -6,12 +6,14 @@ adapter module only in its own branch: a Bitrix24 clinic never loads amoCRM's (t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import boto3
 
 from clinicsync.domain.config import ClinicConfig
-from clinicsync.domain.crm_ports import CrmGateway
+from clinicsync.domain.crm_ports import CrmGateway, VerifiesInLookUp
 from clinicsync.domain.ports import MisConsentWriter, MisSource
 from clinicsync.runtime import deadline
 
@@ -22,7 +24,9 @@ if TYPE_CHECKING:
     from clinicsync.adapters.mailchimp.client import MailchimpAudience
     from clinicsync.adapters.mailchimp.directory import DirectoryAudiences
     from clinicsync.adapters.vtiger.client import VtigerClient
+    from clinicsync.application.crm_events import CrmEventProcessor
     from clinicsync.application.directory import DirectorySync
+    from clinicsync.application.sync import Syncer
     from clinicsync.runtime.wiring import Container
 
 
@@ -200,3 +204,40 @@ def build_directory_audiences(parts: Container, config: ClinicConfig) -> Directo
         MailchimpAudience(doctors, lists.doctors_list_id),
         MailchimpAudience(organisations, lists.organisations_list_id),
     )
+
+
+def build_syncer(parts: Container, text: str) -> Syncer:
+    """A container's first sync with a gateway that can carry the stage check in its look-up gets the config
+    unchecked and the function that checks it (once per container and config version, as
+    ``verified_config``) from what that look-up read; otherwise the config is checked first."""
+    from clinicsync.application.sync import Syncer
+
+    config, verify = parts.unverified_config(text), None
+    gateway = parts.crm_gateway(config) if config is not None else None
+    if config is not None and isinstance(gateway, VerifiesInLookUp):
+        closed, unchecked = gateway.verify_in_look_up(config.crm.pipelines), config
+        verify = partial(parts.once, ("verified", text), lambda: unchecked.with_crm_closed_stages(closed()))
+    else:
+        config = parts.verified_config()
+        gateway = parts.crm_gateway(config)
+    return Syncer(
+        config,
+        parts.store(),
+        gateway,
+        parts.hasher(),
+        parts.consent_ledger(),
+        parts.mailchimp_audience(config),
+        crm_contacts=parts.crm_events() if verify is None else LaterContactReader(parts.crm_events),
+        clock=parts.clock,
+        verify=verify,
+    )
+
+
+class LaterContactReader:
+    """The CRM event processor, built (with the verified config) when the sync first needs it."""
+
+    def __init__(self, build: Callable[[], CrmEventProcessor]) -> None:
+        self._build = build
+
+    def take_in_contacts(self, contact_ids: Sequence[str]) -> object:
+        return self._build().take_in_contacts(contact_ids)

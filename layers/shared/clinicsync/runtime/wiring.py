@@ -300,20 +300,14 @@ class Container:
         return Poller(config, self.mis_source(config), store, self.change_queue(), self.hasher(), self.clock)
 
     def syncer(self) -> Syncer:
-        from clinicsync.application.sync import Syncer
+        from clinicsync.runtime.vendors import build_syncer
 
-        config = self.verified_config()
-        gateway, audience = self.crm_gateway(config), self.mailchimp_audience(config)
-        return Syncer(
-            config,
-            self.store(),
-            gateway,
-            self.hasher(),
-            self.consent_ledger(),
-            audience,
-            crm_contacts=self.crm_events(),
-            clock=self.clock,
-        )
+        return build_syncer(self, self._config_text())
+
+    def unverified_config(self, text: str) -> ClinicConfig | None:
+        """The config of ``text`` if this container has not checked it against the CRM yet."""
+        with self._lock:
+            return None if ("verified", text) in self._built else self._parsed(text)
 
     def crm_events(self) -> CrmEventProcessor:
         from clinicsync.application.crm_events import CrmEventProcessor

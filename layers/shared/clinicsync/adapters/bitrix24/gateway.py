@@ -6,7 +6,8 @@ how Bitrix24 spells that (UPPER_SNAKE fields, multifields, ORIGINATOR_ID/ORIGIN_
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -29,18 +30,23 @@ from clinicsync.adapters.bitrix24.phones import (
     readback_commands,
 )
 from clinicsync.adapters.bitrix24.phones import candidates as phone_candidates
+from clinicsync.adapters.bitrix24.pipelines import closed_stages, pipeline_reads
+from clinicsync.adapters.bitrix24.tickets import TICKET_SELECT, open_lead
 from clinicsync.adapters.bitrix24.writes import Bitrix24Writer, custom_field
 from clinicsync.domain.config import ClinicConfig, Pipeline
 from clinicsync.domain.crm_ports import (
     CrmMatches,
+    CrmPaused,
+    CrmUnavailable,
     CrmWrite,
     DealMatch,
     OpenLead,
     PhoneCandidates,
-    PipelineMismatch,
     WriteOutcome,
 )
 from clinicsync.domain.phones import normalise_phone
+
+VERIFY = "v"  # key prefix of the pipeline reads a look-up carries (``verify_in_look_up``)
 
 # MIS ids per look-up command: a first import finds nothing, so an invocation's ids cost one command per
 # entity, not one per 50, and its look-up stays one ``batch``; rows found are paged on ``next``. 500
@@ -48,11 +54,6 @@ from clinicsync.domain.phones import normalise_phone
 ORIGIN_IDS_PER_COMMAND = 500
 
 
-UTM_FIELDS = ("UTM_SOURCE", "UTM_MEDIUM", "UTM_CAMPAIGN", "UTM_TERM", "UTM_CONTENT")
-TICKET_SELECT = [
-    "ID", "DATE_CREATE", "TITLE", "NAME", "LAST_NAME", "SECOND_NAME", "PHONE", "EMAIL", "COMMENTS",
-    "SOURCE_DESCRIPTION", *UTM_FIELDS,
-]  # fmt: skip
 SELECT = {
     "deal": [
         "ID",
@@ -84,6 +85,8 @@ class Bitrix24Gateway:
         self._writer = Bitrix24Writer(client, config)
         # A contact's guard compares its last modifier with our user: without one, read before writing.
         self.guards_writes = bool(client.user_id)
+        self._verify: dict[str, tuple[str, Mapping[str, Any]]] = {}  # reads for the next look-up to carry
+        self._verified: dict[str, Any] = {}  # what they answered
 
     def requests_made(self) -> int:
         return self._client.requests
@@ -98,32 +101,23 @@ class Bitrix24Gateway:
     def verify_pipelines(self, pipelines: Mapping[Any, Pipeline]) -> frozenset[str]:
         """Every configured stage must exist in its category; stages are matched by id, never by name
         (portals rename stages and keep ids). Returns the CRM's won/lost stages."""
-        commands: dict[str, tuple[str, Mapping[str, Any]]] = {"categories": ("crm.category.list", {"entityTypeId": 2})}
-        for name, pipeline in pipelines.items():
-            entity = "DEAL_STAGE" if pipeline.category_id == "0" else f"DEAL_STAGE_{pipeline.category_id}"
-            commands[f"stages_{name}"] = ("crm.status.list", {"filter": {"ENTITY_ID": entity}})
-        result = self._client.batch(commands)
-        categories = result.result.get("categories", {})
-        known_categories = {
-            str(c.get("id")) for c in (categories.get("categories", []) if isinstance(categories, dict) else [])
-        }
-        problems: list[str] = []
-        closed: set[str] = set()
-        for name, pipeline in pipelines.items():
-            if pipeline.category_id not in known_categories:
-                problems.append(f"pipeline {name!r}: category {pipeline.category_id} does not exist in Bitrix24")
-                continue
-            stages = {str(s.get("STATUS_ID")): s for s in _rows(result.result.get(f"stages_{name}"))}
-            closed |= {sid for sid, s in stages.items() if s.get("SEMANTICS") in ("S", "F")}
-            for status, stage in sorted(pipeline.stages.items()):
-                if stage not in stages:
-                    problems.append(
-                        f"pipeline {name!r} maps {status.value} to stage {stage!r}, which category "
-                        f"{pipeline.category_id} does not have (known: {', '.join(sorted(stages))})"
-                    )
-        if problems:
-            raise PipelineMismatch(problems)
-        return frozenset(closed)
+        return closed_stages(pipelines, self._client.batch(pipeline_reads(pipelines)).result)
+
+    def verify_in_look_up(self, pipelines: Mapping[Any, Pipeline]) -> Callable[[], frozenset[str]]:
+        """``verify_pipelines`` with its reads sent in this gateway's next look-up, which has room for them
+        (a container's first sync then pays no request for them); the returned function gives the won/lost
+        stages, verifying on its own if no look-up answered them (none was sent, or a read was cut)."""
+        self._verify = {f"{VERIFY}{key}": command for key, command in pipeline_reads(pipelines).items()}
+        keys = list(self._verify)
+
+        def closed() -> frozenset[str]:
+            self._verify = {}
+            if all(key in self._verified for key in keys):
+                answered = {key.removeprefix(VERIFY): self._verified[key] for key in keys}
+                return closed_stages(pipelines, answered)
+            return self.verify_pipelines(pipelines)
+
+        return closed
 
     # --- look-ups ----------------------------------------------------------------------------------
 
@@ -135,7 +129,51 @@ class Bitrix24Gateway:
         multifield_contacts: Sequence[str] = (),
         intended_since: int | None = None,  # noqa: ARG002 - a MIS id filter, not a scan: no start time
     ) -> CrmMatches:
-        commands: dict[str, tuple[str, Mapping[str, Any]]] = {}
+        return self._find(patient_ids, appointment_ids, phones, multifield_contacts, defer=False)
+
+    def find_deferring_phones(
+        self,
+        patient_ids: Sequence[str],
+        appointment_ids: Sequence[str],
+        phones: Sequence[str],
+        multifield_contacts: Sequence[str],
+        intended_since: int | None,  # noqa: ARG002 - as in find
+    ) -> CrmMatches:
+        return self._find(patient_ids, appointment_ids, phones, multifield_contacts, defer=True)
+
+    def apply_then(
+        self,
+        writes: Sequence[CrmWrite],
+        matches: CrmMatches,
+        more: Callable[[CrmMatches | None], Sequence[CrmWrite]],
+    ) -> WriteOutcome:
+        """The deferred numbers' findbycomm commands ride in the first write batch (after its writes, in
+        the room left for them); what they found is read back, then ``more`` plans the patients held back."""
+        finds = findbycomm_commands(sorted(matches.deferred_phones))
+        if not finds:
+            return self._writer.apply([*writes, *more(matches)])
+
+        def resume(answered: dict[str, Any]) -> Sequence[CrmWrite]:
+            try:  # a find that did not answer in the write batch (halted, refused) is sent on its own
+                missing = {key: command for key, command in finds.items() if key not in answered}
+                results = {**answered, **(self._run_reads(missing) if missing else {})}
+                found = self._phone_candidates(set(matches.deferred_phones), results, list(finds), chained=False)
+            except (Bitrix24Error, CrmUnavailable, CrmPaused):
+                return more(None)
+            return more(replace(matches, phones={**matches.phones, **found}, deferred_phones=frozenset()))
+
+        return self._writer.apply(writes, finds, resume)
+
+    def _find(
+        self,
+        patient_ids: Sequence[str],
+        appointment_ids: Sequence[str],
+        phones: Sequence[str],
+        multifield_contacts: Sequence[str],
+        *,
+        defer: bool,
+    ) -> CrmMatches:
+        commands: dict[str, tuple[str, Mapping[str, Any]]] = dict(self._verify)
         for n, ids in enumerate(_chunks(list(dict.fromkeys(patient_ids)), ORIGIN_IDS_PER_COMMAND)):
             commands[f"c{n}"] = ("crm.contact.list", self._origin_filter(ids, ["ID", "ORIGIN_ID"]))
         for n, ids in enumerate(_chunks(list(dict.fromkeys(appointment_ids)), ORIGIN_IDS_PER_COMMAND)):
@@ -144,13 +182,25 @@ class Bitrix24Gateway:
             params = {"filter": {"@ID": list(ids)}, "select": ["ID", "PHONE", "EMAIL"]}
             commands[f"m{n}"] = ("crm.contact.list", params)
         finds = findbycomm_commands(phones)
-        # The read-back rides in the look-up's own batch when all of it fits in one (a poll's few new patients).
-        chain = bool(finds) and len(commands) + COMMANDS_PER_FIND * len(finds) <= BATCH_LIMIT
+        # A look-up past one batch would end in a part-filled one: when the caller can, its findbycomm
+        # commands go in the first write batch instead (``apply_then``); the MIS ids are all looked up here.
+        tail = (len(commands) + len(finds)) % BATCH_LIMIT
+        deferred: set[str] = set()
+        if defer and len(commands) + len(finds) > BATCH_LIMIT and 0 < tail <= len(finds):
+            for key in list(finds)[-tail:]:
+                deferred.update(finds.pop(key)[1]["values"])
+        # The read-back rides in the look-up's own batch, for as many numbers' commands as its room takes
+        # (a poll's few new patients: all; a backfill page's last invocation: most), when the look-up is one
+        # batch; a number of the others is read back after it only if it found something.
+        room = BATCH_LIMIT - len(commands) - len(finds)
+        chained = set(list(finds)[: max(0, room) // (COMMANDS_PER_FIND - 1)])
         for key, command in finds.items():
             commands[key] = command
-            if chain:
+            if key in chained:
                 commands |= chained_reads([key], self._config.matching, SELECT["deal"])
-        results = self._run_reads(commands, paged=("c", "d"), chained=CHAINED)
+        results = self._run_reads(commands, paged=("c", "d"), chained=(CHAINED, VERIFY))
+        self._verified |= {key: value for key, value in results.items() if key.startswith(VERIFY)}
+        self._verify = {}
 
         contacts: dict[str, str] = {}
         deals: dict[str, DealMatch] = {}
@@ -168,11 +218,18 @@ class Bitrix24Gateway:
                     multifields[str(row["ID"])] = {
                         kind.lower(): str(row[kind][0]["ID"]) for kind in ("PHONE", "EMAIL") if row.get(kind)
                     }
-        candidates = self._phone_candidates(set(phones), results, list(finds), chain) if phones else {}
-        return CrmMatches(contacts=contacts, deals=deals, phones=candidates, multifields=multifields)
+        looked_up = set(phones) - deferred
+        candidates = self._phone_candidates(looked_up, results, list(finds), chained=bool(chained)) if looked_up else {}
+        return CrmMatches(
+            contacts=contacts,
+            deals=deals,
+            phones=candidates,
+            multifields=multifields,
+            deferred_phones=frozenset(deferred),
+        )
 
     def _phone_candidates(
-        self, phones: set[str], results: Mapping[str, Any], finds: list[str], chained: bool
+        self, phones: set[str], results: Mapping[str, Any], finds: list[str], *, chained: bool
     ) -> dict[str, PhoneCandidates]:
         """findbycomm answers ids for all values at once; read them back (unless the chained reads proved
         themselves) to learn which phone each has."""
@@ -187,7 +244,7 @@ class Bitrix24Gateway:
         self,
         commands: Mapping[str, tuple[str, Mapping[str, Any]]],
         paged: tuple[str, ...] = (),
-        chained: str | None = None,
+        chained: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         """The reads in ``batch`` requests of 50. A list read whose key starts with one of ``paged`` is
         read to its last page (``start`` = the ``next`` it answered); its rows come back in page order.
@@ -198,12 +255,12 @@ class Bitrix24Gateway:
             follow: dict[str, tuple[str, tuple[str, Mapping[str, Any]]]] = {}
             for chunk in _chunks(list(pending), BATCH_LIMIT):
                 result = self._client.batch({k: pending[k][1] for k in chunk})
-                failed = sorted(k for k in result.errors if chained is None or not k.startswith(chained))
+                failed = sorted(k for k in result.errors if not k.startswith(chained))
                 if failed:
                     raise Bitrix24Error("LOOKUP_FAILED", ",".join(failed), 400)
                 for key, value in result.result.items():
                     first, (method, params) = pending[key]
-                    if chained is not None and key.startswith(chained):
+                    if chained and key.startswith(chained):
                         if key not in result.next and key not in result.errors:
                             results[key] = value
                         continue
@@ -321,26 +378,7 @@ class Bitrix24Gateway:
         commands = {f"t{n}": ("crm.lead.list", {**params, "start": first + n * PAGE_SIZE}) for n in range(pages)}
         results = self._run_reads(commands)
         rows = [row for n in range(pages) for row in _rows(results.get(f"t{n}"))][skip:]
-        region = self._config.matching.default_region
-        leads: list[OpenLead] = []
-        for row in rows[:limit]:
-            phones = [normalise_phone(str(p.get("VALUE", "")), region) for p in row.get("PHONE") or []]
-            emails = [str(e.get("VALUE", "")).strip() for e in row.get("EMAIL") or []]
-            name = " ".join(str(row.get(k) or "").strip() for k in ("LAST_NAME", "NAME", "SECOND_NAME")).strip()
-            leads.append(
-                OpenLead(
-                    crm_id=str(row["ID"]),
-                    created_at=datetime.fromisoformat(str(row["DATE_CREATE"])),
-                    phone=next((p for p in phones if p), None),
-                    email=next((e for e in emails if e), None),
-                    full_name=name or None,
-                    # A CRM form's lead carries the form in SOURCE_DESCRIPTION; otherwise the lead's title.
-                    form_name=str(row.get("SOURCE_DESCRIPTION") or row.get("TITLE") or "") or None,
-                    comment=str(row.get("COMMENTS") or "") or None,
-                    utm={k.removeprefix("UTM_").lower(): str(row[k]) for k in UTM_FIELDS if row.get(k)},
-                )
-            )
-        return leads
+        return [open_lead(row, self._config.matching.default_region) for row in rows[:limit]]
 
 
 def _deal_match(row: Mapping[str, Any]) -> DealMatch:

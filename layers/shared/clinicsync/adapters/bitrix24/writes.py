@@ -6,7 +6,7 @@ multifields, ORIGINATOR_ID/ORIGIN_ID, stage ids) and how a batch that fails part
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,6 +26,8 @@ from clinicsync.domain.fieldtypes import FieldValueError, crm_value, default_typ
 NATIVE_DEAL_FIELDS = {"title": "TITLE", "price": "OPPORTUNITY", "comment": "COMMENTS"}
 NATIVE_CONTACT_FIELDS = {"birth_date": "BIRTHDATE"}
 NOT_WRITTEN = {"full_name", "phone", "email", "mis_patient_id", "mis_appointment_id"}  # handled explicitly
+
+Command = tuple[str, Mapping[str, Any]]
 
 
 def custom_field(config: ClinicConfig, name: str, entity: Literal["contact", "deal"] = "contact") -> str:
@@ -62,28 +64,26 @@ class Bitrix24Writer:
         field_type = (mapped.type if mapped else None) or default_type("bitrix24", name)
         return crm_value("bitrix24", name, field_type, value, self._config.tz, mapped.values if mapped else None)
 
-    def apply(self, writes: Sequence[CrmWrite]) -> WriteOutcome:
+    def apply(
+        self,
+        writes: Sequence[CrmWrite],
+        rides: Mapping[str, Command] | None = None,
+        then: Callable[[dict[str, Any]], Sequence[CrmWrite]] | None = None,
+    ) -> WriteOutcome:
+        """The writes in batches of 50. ``rides``: reads sent after the writes of the first batch (which
+        leaves them room); ``then`` gets what they answered (a read halted or failed is absent) and returns
+        more writes, queued behind the others so that the batches stay full across both."""
         outcome = WriteOutcome()
-        groups: dict[str, list[CrmWrite]] = {}
-        for write in writes:
-            groups.setdefault(write.patient_id, []).append(write)
-        # Fill every batch to 50 commands, in order; commands run with halt=1. A patient that does not
-        # fit whole is split: its tail goes first in the next batch, which runs only if the head did
-        # and then references the contact by the id the head's reply gave (``_run_chunk``), so a deal
-        # never references a contact whose creation failed or is unknown.
-        queue: list[list[_Command]] = []
-        for pid, group in groups.items():
-            try:
-                commands = self._commands(pid, group)
-            except FieldValueError as exc:  # a value its field type cannot take: only this patient fails
-                outcome.failed[pid] = f"invalid_field: {exc}"
-                continue
-            if commands:
-                queue.append(commands)
-        while queue:
+        queue = self._queue(writes, outcome)
+        riding = dict(rides or {})
+        while queue or riding:
+            # Fill every batch to 50 commands, in order; commands run with halt=1. A patient that does not
+            # fit whole is split: its tail goes first in the next batch, which runs only if the head did
+            # and then references the contact by the id the head's reply gave (``_run_chunk``), so a deal
+            # never references a contact whose creation failed or is unknown.
             chunk: list[_Command] = []
-            while queue and len(chunk) < BATCH_LIMIT:
-                room = BATCH_LIMIT - len(chunk)
+            while queue and len(chunk) < BATCH_LIMIT - len(riding):
+                room = BATCH_LIMIT - len(riding) - len(chunk)
                 if len(queue[0]) <= room:
                     chunk.extend(queue.pop(0))
                     continue
@@ -92,12 +92,39 @@ class Bitrix24Writer:
                     break
                 chunk.extend(queue[0][:cut])
                 queue[0] = queue[0][cut:]
-            leftovers = self._run_chunk(chunk, outcome)
+            answered: dict[str, Any] = {}  # no write to ride with: ``then`` sends the reads as a look-up
+            leftovers = self._run_chunk(chunk, outcome, riding, answered) if chunk else []
             if leftovers:
                 queue.insert(0, leftovers)
+            if riding:
+                riding = {}
+                if then is not None:
+                    queue.extend(self._queue(then(answered), outcome))
         return outcome
 
-    def _run_chunk(self, chunk: list[_Command], outcome: WriteOutcome) -> list[_Command]:
+    def _queue(self, writes: Sequence[CrmWrite], outcome: WriteOutcome) -> list[list[_Command]]:
+        """Each patient's commands, in order; a patient whose values its fields cannot take fails alone."""
+        groups: dict[str, list[CrmWrite]] = {}
+        for write in writes:
+            groups.setdefault(write.patient_id, []).append(write)
+        queue: list[list[_Command]] = []
+        for pid, group in groups.items():
+            try:
+                commands = self._commands(pid, group)
+            except FieldValueError as exc:
+                outcome.failed[pid] = f"invalid_field: {exc}"
+                continue
+            if commands:
+                queue.append(commands)
+        return queue
+
+    def _run_chunk(
+        self,
+        chunk: list[_Command],
+        outcome: WriteOutcome,
+        rides: Mapping[str, Command] | None = None,
+        answered: dict[str, Any] | None = None,
+    ) -> list[_Command]:
         # A method paused by the operating-time limit holds back only the patients that need it.
         for command in chunk:
             if self._client.blocked_until(command.method) is not None:
@@ -105,6 +132,7 @@ class Bitrix24Writer:
         chunk = [c for c in chunk if c.patient_id not in outcome.failed]
         if not chunk:
             return []
+        rides = rides or {}
         keys = {c.key for c in chunk}
         for command in chunk:  # a contact created by an earlier chunk is referenced by its id
             fields = command.params.get("fields", {})
@@ -112,7 +140,8 @@ class Bitrix24Writer:
             if isinstance(ref, str) and ref.startswith("$result[") and ref[8:-1] not in keys:
                 fields["CONTACT_ID"] = outcome.contact_ids.get(command.patient_id, "")
         try:
-            result = self._client.batch({c.key: (c.method, c.params) for c in chunk}, halt=True, writes=True)
+            commands = {c.key: (c.method, c.params) for c in chunk} | dict(rides)
+            result = self._client.batch(commands, halt=True, writes=True)
         except Bitrix24OutcomeUnknown:
             # Some of these may exist now; the retry looks them up by MIS id before writing again.
             for command in chunk:
@@ -123,6 +152,8 @@ class Bitrix24Writer:
             for command in chunk:
                 outcome.failed.setdefault(command.patient_id, "method_blocked")
             return []
+        if answered is not None:  # the rides come last: a write that halted the batch leaves them out
+            answered.update({k: result.result[k] for k in rides if k in result.result and k not in result.errors})
         for index, command in enumerate(chunk):
             if command.key in result.errors:
                 error = result.errors[command.key]

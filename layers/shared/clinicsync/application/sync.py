@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -25,9 +26,9 @@ from clinicsync.domain.crm_ports import (
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.deal_stages import held_stage, stage_read_observation, stage_to_check
 from clinicsync.domain.models import CrmObservation, PatientChanges, merge_by_patient
-from clinicsync.domain.rules import PatientPlan, apply_observation, plan_patient
+from clinicsync.domain.rules import PatientPlan, apply_observation, plan_patient, unguarded
 from clinicsync.domain.state import PatientState
-from clinicsync.domain.store_ports import ClaimRelease, SyncStore
+from clinicsync.domain.store_ports import Claimed, ClaimRelease, SyncStore
 from clinicsync.observability import logger
 from clinicsync.retrying import exponential, poll
 
@@ -96,6 +97,8 @@ class Syncer:
         claimed = self._claim(wanted, owner)
         release = ClaimRelease(sorted(claimed))  # with the states' write if it fits, else after it
         try:
+            if claimed.taken_over:  # their last attempt died holding them: it may have written anything
+                self._mark_unsure(sorted(claimed.taken_over), release)
             busy = {pid: BUSY for pid in wanted if pid not in claimed}
             if busy:
                 logger.warning("patients held by another sync; deferred", extra={"patients": len(busy)})
@@ -111,14 +114,16 @@ class Syncer:
         report.patients = len(changes)
         return report
 
-    def _claim(self, patient_ids: list[str], owner: str) -> set[str]:
-        claimed: set[str] = set()
+    def _claim(self, patient_ids: list[str], owner: str) -> Claimed:
+        claimed = Claimed()
 
-        def claim_pending() -> set[str]:
+        def claim_pending() -> Claimed:
             pending = [pid for pid in patient_ids if pid not in claimed]
             if pending:
                 try:
-                    claimed.update(self._store.claim_patients(pending, owner, int(self._clock()), CLAIM_SECONDS))
+                    got = self._store.claim_patients(pending, owner, int(self._clock()), CLAIM_SECONDS)
+                    claimed.update(got)
+                    claimed.taken_over |= got.taken_over
                 except Exception:
                     if claimed:  # ours from an earlier round: they must not stay held for CLAIM_SECONDS
                         self._store.release_claims(sorted(claimed))
@@ -161,32 +166,45 @@ class Syncer:
             plans = self._read_then_plan(live, states, matches, ledger, own_opt_outs, plans, observed, report)
         writes = [w for plan in plans for w in plan.writes] + links
         intents = self._lookup.record_intents(writes)
-        outcome = self._gateway.apply(writes) if writes else WriteOutcome()
-        changed = sorted(pid for pid, why in outcome.failed.items() if why == CHANGED_SINCE_READ)
-        if changed:  # a guard found a manager's change: read those records, plan again, write unguarded
-            ids = set(changed)
-            for pid in changed:
-                del outcome.failed[pid]
-            again = [item for item in live if item.patient.mis_id in ids]
-            old = [_unguarded(plan) for plan in plans if plan.patient_id in ids]
-            new = self._read_then_plan(again, states, matches, ledger, own_opt_outs, old, observed, report)
-            more = [w for plan in new for w in plan.writes] + [w for w in links if w.patient_id in ids]
-            _merge_outcome(outcome, self._gateway.apply(more) if more else WriteOutcome())
-            by_patient = {plan.patient_id: plan for plan in new}
-            plans = [by_patient.get(plan.patient_id, plan) for plan in plans]
-            writes += more
-        report.audience_members += self._consent.sync_audience(plans, live, ledger, outcome)
-        self._consent.note_crm_consent(plans, outcome, own_opt_outs)
-        release.intents = settled_intents(intents, writes, outcome) if intents else []
         try:
+            outcome = self._gateway.apply(writes) if writes else WriteOutcome()
+            changed = sorted(pid for pid, why in outcome.failed.items() if why == CHANGED_SINCE_READ)
+            if changed:  # a guard found a manager's change: read those records, plan again, write unguarded
+                ids = set(changed)
+                for pid in changed:
+                    del outcome.failed[pid]
+                again = [item for item in live if item.patient.mis_id in ids]
+                old = [unguarded(plan) for plan in plans if plan.patient_id in ids]
+                new = self._read_then_plan(again, states, matches, ledger, own_opt_outs, old, observed, report)
+                more = [w for plan in new for w in plan.writes] + [w for w in links if w.patient_id in ids]
+                writes += more
+                outcome.merge(self._gateway.apply(more) if more else WriteOutcome())
+                by_patient = {plan.patient_id: plan for plan in new}
+                plans = [by_patient.get(plan.patient_id, plan) for plan in plans]
+            report.audience_members += self._consent.sync_audience(plans, live, ledger, outcome)
+            self._consent.note_crm_consent(plans, outcome, own_opt_outs)
+            release.intents = settled_intents(intents, writes, outcome) if intents else []
+            if outcome.failed:  # writes of unknown outcome: their digests are doubted before the claims go
+                self._mark_unsure(sorted(outcome.failed), release)
             self._persist(plans, live, states, outcome, report, observed, release)  # the sync's last write
         except Exception:
             release.intents = []  # states not stored: the intents stay, so the retry looks the creates up
+            with contextlib.suppress(Exception):  # the error that stopped the sync is the one raised
+                self._mark_unsure(sorted({w.patient_id for w in writes}), release)
             raise
         report.crm_requests = self._gateway.requests_made() - requests_before
         if outcome.failed or busy:
             raise SyncIncomplete({**busy, **outcome.failed})
         return report
+
+    def _mark_unsure(self, patient_ids: list[str], release: ClaimRelease) -> None:
+        """Doubt the patients' stored digests (``PatientState.write_epoch``). If that cannot be stored, their
+        claims stay behind, so the next attempt takes them over and doubts them then."""
+        try:
+            self._store.mark_unsure(patient_ids)
+        except Exception:
+            release.patients = [pid for pid in release.patients if pid not in set(patient_ids)]
+            raise
 
     def _plan(
         self,
@@ -375,21 +393,3 @@ class Syncer:
             saves.append((state, plan.changed_appointments + observed.get(plan.patient_id, [])))
         if saves:
             self._store.save_patients(saves, states, release)
-
-
-def _unguarded(plan: PatientPlan) -> PatientPlan:
-    plan.writes = [
-        replace(w, expect_ours=False)
-        if isinstance(w, ContactWrite)
-        else replace(w, expect_stage=None)
-        if isinstance(w, DealWrite)
-        else w
-        for w in plan.writes
-    ]
-    return plan
-
-
-def _merge_outcome(outcome: WriteOutcome, more: WriteOutcome) -> None:
-    outcome.contact_ids.update(more.contact_ids)
-    outcome.deal_ids.update(more.deal_ids)
-    outcome.failed.update(more.failed)

@@ -110,7 +110,8 @@ class _Crash(BaseException):
 
 
 class _DiesAfterTheCrmWrite(DynamoStore):
-    """The store of an invocation that dies once the CRM batch ran, before its states are saved."""
+    """The store of an invocation that dies once the CRM batch ran, before its states are saved: nothing
+    it would write after that point is written."""
 
     dying = False
 
@@ -122,6 +123,10 @@ class _DiesAfterTheCrmWrite(DynamoStore):
     def release_claims(self, *args: Any, **kwargs: Any) -> None:
         if not self.dying:
             super().release_claims(*args, **kwargs)
+
+    def mark_unsure(self, *args: Any, **kwargs: Any) -> None:
+        if not self.dying:
+            super().mark_unsure(*args, **kwargs)
 
 
 def test_a_visit_back_to_the_content_we_last_stored_after_a_crash_past_the_stage_change_is_written_again(

@@ -187,7 +187,7 @@ class Syncer:
             if outcome.failed:  # writes of unknown outcome: their digests are doubted before the claims go
                 self._mark_unsure(sorted(outcome.failed), release)
             self._persist(plans, live, states, outcome, report, observed, release)  # the sync's last write
-        except Exception:
+        except BaseException:  # whatever stops it, the claims are released (finally): doubt the digests first
             release.intents = []  # states not stored: the intents stay, so the retry looks the creates up
             with contextlib.suppress(Exception):  # the error that stopped the sync is the one raised
                 self._mark_unsure(sorted({w.patient_id for w in writes}), release)

@@ -198,3 +198,51 @@ def test_an_audience_member_back_to_the_content_we_last_stored_after_a_lost_upse
         syncer.sync([PatientChanges(patient=patient(version=version, city=city), appointments=(visit,))])
     assert audience.calls == 3
     assert audience.members["p1"]["CITY"] == "Москва"
+
+
+class _StoreDownAfterTheCrmWrite(DynamoStore):
+    """The table fails once the CRM batch ran (the states' save), and the failure's mark with it if
+    ``mark_too``; the invocation lives on and its handlers run."""
+
+    failing = False
+    mark_too = False
+
+    def save_patients(self, *args: Any, **kwargs: Any) -> None:
+        if self.failing:
+            raise RuntimeError("table down")
+        super().save_patients(*args, **kwargs)
+
+    def mark_unsure(self, *args: Any, **kwargs: Any) -> None:
+        if self.failing and self.mark_too:
+            raise RuntimeError("table down")
+        super().mark_unsure(*args, **kwargs)
+
+
+@pytest.mark.parametrize("mark_too", [False, True], ids=["mark_stored", "mark_lost"])
+def test_a_visit_back_to_the_content_we_last_stored_after_the_save_failed_past_the_stage_change_is_written_again(
+    portal: tuple[Bitrix24Emulator, str], template_tables: Callable[[], Table], mark_too: bool
+) -> None:
+    """X -> Y (the CRM took the no-show, the save failed) -> X. The error's path marks the patient's digests
+    unsure before the claim goes; when that mark cannot be stored either, the claim is kept, so the patient
+    waits for the claim to expire and the attempt that takes it over marks it then."""
+    emulator, base = portal
+    store = _StoreDownAfterTheCrmWrite(template_tables())
+    store.mark_too = mark_too
+    now = [1_000_000.0]
+    gateway = Bitrix24Gateway(_client(emulator, base), CONFIG)
+    syncer = Syncer(CONFIG, store, gateway, KeyedHasher(b"k" * 32), claim_wait=0, clock=lambda: now[0])
+    syncer.sync(_visit(AppointmentStatus.BOOKED, 1))
+    [deal_id] = emulator.deals
+
+    store.failing = True
+    with pytest.raises(RuntimeError, match="table down"):
+        syncer.sync(_visit(AppointmentStatus.NO_SHOW, 2))
+    store.failing = False
+    assert emulator.deals[deal_id]["STAGE_ID"] == PRIMARY.stages[AppointmentStatus.NO_SHOW]  # landed, unknown to us
+
+    if mark_too:
+        with pytest.raises(SyncIncomplete):  # the claim is still held: deferred
+            syncer.sync(_visit(AppointmentStatus.BOOKED, 3))
+        now[0] += CLAIM_SECONDS + 1
+    syncer.sync(_visit(AppointmentStatus.BOOKED, 3))  # the same content as version 1's
+    assert emulator.deals[deal_id]["STAGE_ID"] == PRIMARY.stages[AppointmentStatus.BOOKED]

@@ -21,7 +21,7 @@ from clinicsync.domain.audience import MemberBook, is_subscriber_hash
 from clinicsync.domain.keys import poll_lease_name
 from clinicsync.domain.ports import Cursor
 from clinicsync.domain.state import AppointmentState, PatientState
-from clinicsync.domain.store_ports import ClaimRelease, ConsentSource, Store, SyncReads
+from clinicsync.domain.store_ports import Claimed, ClaimRelease, ConsentSource, Store, SyncReads
 
 _SEEN = "-"  # the CRM opt-in field as seen, with no channel
 
@@ -163,6 +163,13 @@ class MemoryStore:
         if not (only_if_not_older and stored is not None and stored.version > new.version):
             self._appointments[(pid, aid)] = new.model_copy(deep=True)
 
+    def mark_unsure(self, patient_ids: Sequence[str]) -> None:
+        self._wrote()
+        for pid in dict.fromkeys(patient_ids):
+            self.load_patients({pid: []})  # read through: a state stored below is marked too
+            if (stored := self._states.get(pid)) is not None:
+                stored.write_epoch += 1
+
     def delete_patient(self, patient_id: str) -> None:
         self._wrote()
         self._asked.add(("state", patient_id))  # gone: nothing below speaks for it any more
@@ -245,9 +252,12 @@ class MemoryStore:
     def release_poll(self, source: str, owner: str) -> None:
         self.release_lease(poll_lease_name(source), owner)
 
-    def claim_patients(self, patient_ids: Sequence[str], owner: str, now: int, seconds: int) -> set[str]:
+    def claim_patients(self, patient_ids: Sequence[str], owner: str, now: int, seconds: int) -> Claimed:
+        """As on the table: a claim stays until released, so taking over one left behind is known."""
         self._wrote()
-        return {pid for pid in dict.fromkeys(patient_ids) if self._take(self._claims, pid, owner, now, seconds)}
+        found = {pid for pid in patient_ids if pid in self._claims and self._claims[pid][0] != owner}
+        claimed = {pid for pid in dict.fromkeys(patient_ids) if self._take(self._claims, pid, owner, now, seconds)}
+        return Claimed(claimed, found & claimed)
 
     def release_claims(self, patient_ids: Sequence[str], settled_intents: Sequence[str] = ()) -> None:
         self._wrote()

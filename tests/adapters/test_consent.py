@@ -661,3 +661,39 @@ def test_an_upemail_makes_the_mailchimp_target_due_again_for_every_opted_out_hol
     done = store.outputs_done_many(family)
     assert [done[s].get("mailchimp") for s in family] == [MEMBER_MOVED] * 3 + [None]
     assert sorted(j.subject for j in jobs.sent) == family[:3]
+
+
+class _LosingFieldCrm(_FieldCrm):
+    """Every write lands; the answer to the ``lose``-th apply is lost (its patients reported failed)."""
+
+    def __init__(self, contacts: dict[str, dict[str, str]], lose: int) -> None:
+        super().__init__(contacts)
+        self.applies, self.lose = 0, lose
+
+    def apply(self, writes: Sequence[ContactWrite]) -> WriteOutcome:
+        super().apply(writes)
+        self.applies += 1
+        lost = {w.patient_id: "outcome_unknown" for w in writes} if self.applies == self.lose else {}
+        return WriteOutcome(failed=lost)
+
+
+def test_a_consent_target_whose_write_was_lost_is_due_again_when_the_ledger_returns_to_its_mark(
+    store: DynamoStore,  # noqa: F811
+) -> None:
+    """Opted out (the CRM shows it, marked done), opted in again (the CRM write lands, its answer is lost),
+    opted out again before that job is retried: the ledger's digest is the one the CRM target was marked
+    with, yet the CRM shows the opt-in. The lost write marked the target due again, so the opt-out is
+    written."""
+    _map_contacts(store, {"p1": "801"})
+    crm = _LosingFieldCrm({"801": {"opt_outs": "", "modified_by": INTEGRATION_USER}}, lose=2)
+    outputs = ConsentOutputs(_CONFIG(), store, crm, None, None)  # type: ignore[arg-type]
+    job = ConsentJob(clinic_id="demo", subject="pat:p1", reason="test", skip=("mis",), produced_at=0)
+
+    store.record_opt_outs("pat:p1", ["sms"], "mis", 1000)
+    assert outputs.push([job]).crm_written == 1 and crm.contacts["801"]["opt_outs"] == "sms"
+    store.record_opt_ins("pat:p1", ["sms"], "mis", 2000)
+    assert outputs.push([job]).failed == {"pat:p1": "crm:outcome_unknown"}
+    assert crm.contacts["801"]["opt_outs"] == ""  # landed, unknown to us
+    store.record_opt_outs("pat:p1", ["sms"], "mis", 3000)
+    assert outputs.push([job]).crm_written == 1
+    assert crm.contacts["801"]["opt_outs"] == "sms"

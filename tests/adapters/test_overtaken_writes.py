@@ -5,14 +5,18 @@ MIS had moved to a new time, because the newer event was planned from the state 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
+import httpx
 import pytest
 from mypy_boto3_dynamodb.service_resource import Table
 
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.adapters.bitrix24.gateway import Bitrix24Gateway
-from clinicsync.application.sync import Syncer, SyncIncomplete
+from clinicsync.application.sync import CLAIM_SECONDS, Syncer, SyncIncomplete
+from clinicsync.domain.audience import AudienceMember
+from clinicsync.domain.config import MailchimpConnection
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import AppointmentStatus, PatientChanges
 from sandbox.emulators.base import ServedApp
@@ -70,3 +74,175 @@ def test_a_stage_change_whose_response_was_lost_and_whose_message_was_overtaken_
     assert emulator.deals[deal_id]["STAGE_ID"] == PRIMARY.stages[AppointmentStatus.RESCHEDULED]
     state = store.load_patients({"p1": ["a1"]})["p1"].appointments["a1"]
     assert (state.version, state.stage, state.manual_stage) == (3, PRIMARY.stages[AppointmentStatus.RESCHEDULED], None)
+
+
+def test_a_visit_back_to_the_content_we_last_stored_after_a_lost_stage_change_is_written_again(
+    portal: tuple[Bitrix24Emulator, str], template_tables: Callable[[], Table]
+) -> None:
+    """X -> Y (outcome unknown) -> X: the no-show's write lands, its response is lost; before any retry the
+    front desk books the visit again at the same time, so the newer event's synced fields are exactly those
+    of the state stored for the booking. The failed attempt marked the patient's stored digests unsure, so
+    the booking is not skipped as unchanged: it is sent, its guard fails on the no-show our lost write left,
+    the read finds that stage ours, and the deal ends at "booked"."""
+    emulator, base = portal
+    store = DynamoStore(template_tables())
+    syncer = Syncer(
+        CONFIG, store, Bitrix24Gateway(_client(emulator, base), CONFIG), KeyedHasher(b"k" * 32), claim_wait=0
+    )
+    syncer.sync(_visit(AppointmentStatus.BOOKED, 1))
+    [deal_id] = emulator.deals
+
+    emulator.faults.add(method="batch", status=504, html=True, times=1, after_apply=True)
+    with pytest.raises(SyncIncomplete):
+        syncer.sync(_visit(AppointmentStatus.NO_SHOW, 2))
+    assert emulator.deals[deal_id]["STAGE_ID"] == PRIMARY.stages[AppointmentStatus.NO_SHOW]  # landed, unknown to us
+
+    syncer.sync(_visit(AppointmentStatus.BOOKED, 3))  # the same content as version 1's
+    syncer.sync(_visit(AppointmentStatus.NO_SHOW, 2))  # the dead letter replayed: older, changes nothing
+    assert [d["ORIGIN_ID"] for d in emulator.deals.values()] == ["a1"]
+    assert emulator.deals[deal_id]["STAGE_ID"] == PRIMARY.stages[AppointmentStatus.BOOKED]
+    state = store.load_patients({"p1": ["a1"]})["p1"].appointments["a1"]
+    assert (state.version, state.stage, state.manual_stage) == (3, PRIMARY.stages[AppointmentStatus.BOOKED], None)
+
+
+class _Crash(BaseException):
+    """The invocation is killed: no handler of ours runs, nothing is released."""
+
+
+class _DiesAfterTheCrmWrite(DynamoStore):
+    """The store of an invocation that dies once the CRM batch ran, before its states are saved: nothing
+    it would write after that point is written."""
+
+    dying = False
+
+    def save_patients(self, *args: Any, **kwargs: Any) -> None:
+        if self.dying:
+            raise _Crash
+        super().save_patients(*args, **kwargs)
+
+    def release_claims(self, *args: Any, **kwargs: Any) -> None:
+        if not self.dying:
+            super().release_claims(*args, **kwargs)
+
+    def mark_unsure(self, *args: Any, **kwargs: Any) -> None:
+        if not self.dying:
+            super().mark_unsure(*args, **kwargs)
+
+
+def test_a_visit_back_to_the_content_we_last_stored_after_a_crash_past_the_stage_change_is_written_again(
+    portal: tuple[Bitrix24Emulator, str], template_tables: Callable[[], Table]
+) -> None:
+    """X -> Y (the invocation dies after its batch ran: its claim stays, nothing is marked) -> X. The next
+    attempt takes the dead one's claim over: that attempt may have written anything for the patient, so its
+    stored digests are doubted, and the booking at the old time is sent and lands over the no-show."""
+    emulator, base = portal
+    store = _DiesAfterTheCrmWrite(template_tables())
+    now = [1_000_000.0]
+    syncer = Syncer(
+        CONFIG,
+        store,
+        Bitrix24Gateway(_client(emulator, base), CONFIG),
+        KeyedHasher(b"k" * 32),
+        claim_wait=0,
+        clock=lambda: now[0],
+    )
+    syncer.sync(_visit(AppointmentStatus.BOOKED, 1))
+    [deal_id] = emulator.deals
+
+    store.dying = True
+    with pytest.raises(_Crash):
+        syncer.sync(_visit(AppointmentStatus.NO_SHOW, 2))
+    store.dying = False
+    assert emulator.deals[deal_id]["STAGE_ID"] == PRIMARY.stages[AppointmentStatus.NO_SHOW]  # landed, unknown to us
+
+    now[0] += CLAIM_SECONDS + 1  # the dead invocation's claim has expired
+    syncer.sync(_visit(AppointmentStatus.BOOKED, 3))  # the same content as version 1's
+    assert emulator.deals[deal_id]["STAGE_ID"] == PRIMARY.stages[AppointmentStatus.BOOKED]
+    assert store.claim_patients(["p1"], "next", int(now[0]), 60) == {"p1"}  # released, not left behind
+
+
+class _LosingAudience:
+    """Mailchimp's batch: every upsert lands; the ``lose``-th answer is lost (the call raises)."""
+
+    def __init__(self, lose: int) -> None:
+        self.members: dict[str, dict[str, str]] = {}
+        self.calls, self.lose = 0, lose
+
+    def upsert(self, members: Sequence[AudienceMember]) -> set[str]:
+        self.calls += 1
+        self.members |= {m.patient_id: dict(m.merge_fields) for m in members}
+        if self.calls == self.lose:
+            raise httpx.ReadTimeout("lost")
+        return {m.patient_id for m in members}
+
+
+def test_an_audience_member_back_to_the_content_we_last_stored_after_a_lost_upsert_is_sent_again(
+    portal: tuple[Bitrix24Emulator, str], template_tables: Callable[[], Table]
+) -> None:
+    """The member's city goes Moscow -> Tver (Mailchimp's answer lost: the CRM side succeeds, so the state is
+    stored) -> Moscow. The lost upsert forgets the member's stored digest, so Moscow is sent again and the
+    audience ends where the MIS is."""
+    emulator, base = portal
+    config = CONFIG.model_copy(update={"mailchimp": MailchimpConnection(list_id="L1")})
+    audience = _LosingAudience(lose=2)
+    syncer = Syncer(
+        config,
+        DynamoStore(template_tables()),
+        Bitrix24Gateway(_client(emulator, base), config),
+        KeyedHasher(b"k" * 32),
+        audience=audience,
+        claim_wait=0,
+    )
+    for version, city in enumerate(["Москва", "Тверь", "Москва"], start=1):
+        visit = appointment(version=version)
+        syncer.sync([PatientChanges(patient=patient(version=version, city=city), appointments=(visit,))])
+    assert audience.calls == 3
+    assert audience.members["p1"]["CITY"] == "Москва"
+
+
+class _StoreDownAfterTheCrmWrite(DynamoStore):
+    """The table fails once the CRM batch ran (the states' save), and the failure's mark with it if
+    ``mark_too``; the invocation lives on and its handlers run."""
+
+    failing = False
+    mark_too = False
+
+    def save_patients(self, *args: Any, **kwargs: Any) -> None:
+        if self.failing:
+            raise RuntimeError("table down")
+        super().save_patients(*args, **kwargs)
+
+    def mark_unsure(self, *args: Any, **kwargs: Any) -> None:
+        if self.failing and self.mark_too:
+            raise RuntimeError("table down")
+        super().mark_unsure(*args, **kwargs)
+
+
+@pytest.mark.parametrize("mark_too", [False, True], ids=["mark_stored", "mark_lost"])
+def test_a_visit_back_to_the_content_we_last_stored_after_the_save_failed_past_the_stage_change_is_written_again(
+    portal: tuple[Bitrix24Emulator, str], template_tables: Callable[[], Table], mark_too: bool
+) -> None:
+    """X -> Y (the CRM took the no-show, the save failed) -> X. The error's path marks the patient's digests
+    unsure before the claim goes; when that mark cannot be stored either, the claim is kept, so the patient
+    waits for the claim to expire and the attempt that takes it over marks it then."""
+    emulator, base = portal
+    store = _StoreDownAfterTheCrmWrite(template_tables())
+    store.mark_too = mark_too
+    now = [1_000_000.0]
+    gateway = Bitrix24Gateway(_client(emulator, base), CONFIG)
+    syncer = Syncer(CONFIG, store, gateway, KeyedHasher(b"k" * 32), claim_wait=0, clock=lambda: now[0])
+    syncer.sync(_visit(AppointmentStatus.BOOKED, 1))
+    [deal_id] = emulator.deals
+
+    store.failing = True
+    with pytest.raises(RuntimeError, match="table down"):
+        syncer.sync(_visit(AppointmentStatus.NO_SHOW, 2))
+    store.failing = False
+    assert emulator.deals[deal_id]["STAGE_ID"] == PRIMARY.stages[AppointmentStatus.NO_SHOW]  # landed, unknown to us
+
+    if mark_too:
+        with pytest.raises(SyncIncomplete):  # the claim is still held: deferred
+            syncer.sync(_visit(AppointmentStatus.BOOKED, 3))
+        now[0] += CLAIM_SECONDS + 1
+    syncer.sync(_visit(AppointmentStatus.BOOKED, 3))  # the same content as version 1's
+    assert emulator.deals[deal_id]["STAGE_ID"] == PRIMARY.stages[AppointmentStatus.BOOKED]

@@ -19,7 +19,7 @@ from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.domain.audience import MemberBook, subscriber_hash
 from clinicsync.domain.models import AppointmentStatus
 from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState
-from clinicsync.domain.store_ports import ClaimRelease, Store
+from clinicsync.domain.store_ports import Claimed, ClaimRelease, Store
 from clinicsync_cli.memory_store import MemoryStore
 from tests.helpers import MSK
 
@@ -40,6 +40,7 @@ def store(new_store: StoreFactory) -> Store:
 
 def _state(pid: str = "p1", version: int = 3) -> PatientState:
     state = PatientState(patient_id=pid, contact_id="10", version=version, content_hash="h1", phone_key="k1")
+    state.write_epoch, state.contact_epoch = 2, 1
     state.first_visit_at = datetime(2026, 10, 1, 9, 0, tzinfo=MSK)
     state.has_deal = True
     state.continued = {"a0": "a1"}
@@ -48,6 +49,7 @@ def _state(pid: str = "p1", version: int = 3) -> PatientState:
         deal_id="20",
         version=version,
         content_hash="h2",
+        epoch=2,
         status=AppointmentStatus.CONFIRMED,
         category_id="0",
         stage="PREPAYMENT_INVOICE",
@@ -259,6 +261,26 @@ def test_patients_are_claimed_by_one_owner_at_a_time(store: Store) -> None:
     assert store.claim_patients([], "sync-3", 1402, 300) == set()
 
 
+def test_a_claim_left_behind_is_known_to_the_attempt_that_takes_it_over(store: Store) -> None:
+    """A claim that expired without being released (its owner died) is taken over, and said so; a
+    released claim, a first claim and a retry by the owner are not."""
+    assert store.claim_patients(["p1", "p2"], "dead", 1000, 300).taken_over == set()
+    store.release_claims(["p2"])
+    assert store.claim_patients(["p1", "p3"], "next", 1200, 300).taken_over == set()  # p1 is held: not claimed
+    claimed = store.claim_patients(["p1", "p2", "p3"], "next", 1301, 300)
+    assert (claimed, claimed.taken_over) == ({"p1", "p2", "p3"}, {"p1"})
+    assert store.claim_patients(["p1"], "next", 1302, 300).taken_over == set()  # the owner's retry
+
+
+def test_marking_a_patient_unsure_raises_its_write_epoch_alone(store: Store) -> None:
+    state = _state()
+    store.save_patients([(state, ["a1"])], {})
+    store.mark_unsure(["p1", "never-stored"])
+    loaded = store.load_patients({"p1": ["a1"], "never-stored": []})
+    assert loaded["p1"] == state.model_copy(update={"write_epoch": state.write_epoch + 1})
+    assert loaded["never-stored"] == PatientState(patient_id="never-stored")
+
+
 def test_a_crm_record_is_adopted_by_one_appointment(store: Store) -> None:
     assert store.claim_adoptions({"L5": "a1", "D7": "a1"}, 1000, 60) == set()
     assert store.claim_adoptions({"L5": "a2", "L6": "a2"}, 1010, 60) == {"L5"}
@@ -428,6 +450,8 @@ _ops = st.one_of(
 
 def _answer(value: Any) -> Any:
     """Answers compared as values: a set's order, a list of channels' order, is the implementation's own."""
+    if isinstance(value, Claimed):
+        return sorted(value), sorted(value.taken_over)
     if isinstance(value, set | frozenset):
         return sorted(value)
     if isinstance(value, dict):

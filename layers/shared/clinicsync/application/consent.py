@@ -43,6 +43,7 @@ def ledger_digest(opted_out: Sequence[str]) -> str:
 
 
 MEMBER_MOVED = "member-moved"  # an output mark no ledger digest equals: the target is due again
+OUTCOME_UNKNOWN = "outcome-unknown"  # as well, for a target whose write failed (it may have landed)
 
 
 # --- one-click links (RFC 8058) --------------------------------------------------------------------------
@@ -327,11 +328,11 @@ class ConsentOutputs:
             return
         outcome = self._gateway.apply(list(writes.values()))
         for s, write in writes.items():
-            if write.patient_id in outcome.failed:
-                report.failed[s] = f"crm:{outcome.failed[write.patient_id]}"
-            else:
-                marks.setdefault(s, {})["crm"] = digests[s]
-                report.crm_written += 1
+            failed = outcome.failed.get(write.patient_id)
+            marks.setdefault(s, {})["crm"] = OUTCOME_UNKNOWN if failed else digests[s]
+            report.crm_written += not failed
+            if failed:
+                report.failed[s] = f"crm:{failed}"
 
     def _mis_flags(
         self,
@@ -355,6 +356,7 @@ class ConsentOutputs:
                     report.mis_written += 1
             except Exception as exc:  # retried with the job; the other subjects go on
                 report.failed[s] = f"mis:{type(exc).__name__}"
+                marks.setdefault(s, {})["mis"] = OUTCOME_UNKNOWN
                 continue
             marks.setdefault(s, {})["mis"] = digests[s]
 
@@ -389,6 +391,7 @@ class ConsentOutputs:
                     report.mailchimp_unsubscribed += sum(self._mailchimp.unsubscribe_member(m) for m in members)
                 except Exception as exc:
                     report.failed[s] = f"mailchimp:{type(exc).__name__}"
+                    marks.setdefault(s, {})["mailchimp"] = OUTCOME_UNKNOWN
                     continue
                 if not members and s not in from_mailchimp:
                     report.skip("mailchimp_no_address")

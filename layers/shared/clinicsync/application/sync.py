@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from clinicsync.application.consent import ConsentLedger, CrmContactReader
+from clinicsync.application.sync_claims import claim_patients, mark_unsure
 from clinicsync.application.sync_consent import SyncConsent
 from clinicsync.application.sync_lookup import SyncLookup, load_holders, settled_intents
-from clinicsync.application.sync_writes import apply_with_held, merge_outcome, unguarded
+from clinicsync.application.sync_writes import apply_with_held
 from clinicsync.domain.audience import AudienceUpserts
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crm_ports import (
@@ -27,11 +29,10 @@ from clinicsync.domain.crm_ports import (
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.deal_stages import held_stage, stage_read_observation, stage_to_check
 from clinicsync.domain.models import CrmObservation, PatientChanges, merge_by_patient
-from clinicsync.domain.rules import PatientPlan, apply_observation, plan_patient
+from clinicsync.domain.rules import PatientPlan, apply_observation, plan_patient, unguarded
 from clinicsync.domain.state import PatientState
-from clinicsync.domain.store_ports import ClaimRelease, SyncStore
+from clinicsync.domain.store_ports import Claimed, ClaimRelease, SyncStore
 from clinicsync.observability import logger
-from clinicsync.retrying import exponential, poll
 
 # A claim outlives the syncer's Lambda timeout (300 s), so a live invocation never loses it, and ends
 # before the sync queue's visibility timeout (1800 s), so a killed invocation's retry finds it expired.
@@ -98,9 +99,11 @@ class Syncer:
         merged = merge_by_patient(changes)
         wanted = list(dict.fromkeys([c.patient.mis_id for c in merged] + [o.patient_id for o in observations]))
         owner = uuid.uuid4().hex
-        claimed = self._claim(wanted, owner)
+        claimed = claim_patients(self._store, wanted, owner, CLAIM_SECONDS, self._clock, self._sleep, self._claim_wait)
         release = ClaimRelease(sorted(claimed))  # with the states' write if it fits, else after it
         try:
+            if claimed.taken_over:  # their last attempt died holding them: it may have written anything
+                mark_unsure(self._store, sorted(claimed.taken_over), release)
             busy = {pid: BUSY for pid in wanted if pid not in claimed}
             if busy:
                 logger.warning("patients held by another sync; deferred", extra={"patients": len(busy)})
@@ -116,26 +119,9 @@ class Syncer:
         report.patients = len(changes)
         return report
 
-    def _claim(self, patient_ids: list[str], owner: str) -> set[str]:
-        claimed: set[str] = set()
-
-        def claim_pending() -> set[str]:
-            pending = [pid for pid in patient_ids if pid not in claimed]
-            if pending:
-                try:
-                    claimed.update(self._store.claim_patients(pending, owner, int(self._clock()), CLAIM_SECONDS))
-                except Exception:
-                    if claimed:  # ours from an earlier round: they must not stay held for CLAIM_SECONDS
-                        self._store.release_claims(sorted(claimed))
-                    raise
-            return claimed
-
-        return poll(
-            claim_pending,
-            until=lambda held: len(held) == len(patient_ids),
-            wait=exponential(0.1, cap=1.0),
-            sleep=self._sleep,
-            stop=lambda waited: waited >= self._claim_wait,
+    def _claim(self, patient_ids: list[str], owner: str) -> Claimed:
+        return claim_patients(
+            self._store, patient_ids, owner, CLAIM_SECONDS, self._clock, self._sleep, self._claim_wait
         )
 
     def _sync(
@@ -169,27 +155,31 @@ class Syncer:
             plans = self._read_then_plan(live, states, matches, ledger, own_opt_outs, plans, observed, report)
         writes = [w for plan in plans for w in plan.writes] + links
         intents = self._lookup.record_intents(writes)
-        outcome, matches, live = self._apply(writes, intents, plans, matches, live, held, states, ledger)
-        changed = sorted(pid for pid, why in outcome.failed.items() if why == CHANGED_SINCE_READ)
-        if changed:  # a guard found a manager's change: read those records, plan again, write unguarded
-            ids = set(changed)
-            for pid in changed:
-                del outcome.failed[pid]
-            again = [item for item in live if item.patient.mis_id in ids]
-            old = [unguarded(plan) for plan in plans if plan.patient_id in ids]
-            new = self._read_then_plan(again, states, matches, ledger, own_opt_outs, old, observed, report)
-            more = [w for plan in new for w in plan.writes] + [w for w in links if w.patient_id in ids]
-            merge_outcome(outcome, self._gateway.apply(more) if more else WriteOutcome())
-            by_patient = {plan.patient_id: plan for plan in new}
-            plans = [by_patient.get(plan.patient_id, plan) for plan in plans]
-            writes += more
-        report.audience_members += self._consent.sync_audience(plans, live, ledger, outcome)
-        self._consent.note_crm_consent(plans, outcome, own_opt_outs)
-        release.intents = settled_intents(intents, writes, outcome) if intents else []
         try:
+            outcome, matches, live = self._apply(writes, intents, plans, matches, live, held, states, ledger)
+            changed = sorted(pid for pid, why in outcome.failed.items() if why == CHANGED_SINCE_READ)
+            if changed:  # a guard found a manager's change: read those records, plan again, write unguarded
+                ids = set(changed)
+                for pid in changed:
+                    del outcome.failed[pid]
+                again = [item for item in live if item.patient.mis_id in ids]
+                old = [unguarded(plan) for plan in plans if plan.patient_id in ids]
+                new = self._read_then_plan(again, states, matches, ledger, own_opt_outs, old, observed, report)
+                more = [w for plan in new for w in plan.writes] + [w for w in links if w.patient_id in ids]
+                writes += more
+                outcome.merge(self._gateway.apply(more) if more else WriteOutcome())
+                by_patient = {plan.patient_id: plan for plan in new}
+                plans = [by_patient.get(plan.patient_id, plan) for plan in plans]
+            report.audience_members += self._consent.sync_audience(plans, live, ledger, outcome)
+            self._consent.note_crm_consent(plans, outcome, own_opt_outs)
+            release.intents = settled_intents(intents, writes, outcome) if intents else []
+            if outcome.failed:  # writes of unknown outcome: their digests are doubted before the claims go
+                mark_unsure(self._store, sorted(outcome.failed), release)
             self._persist(plans, live, states, outcome, report, observed, release)  # the sync's last write
-        except Exception:
+        except BaseException:  # whatever stops it, the claims are released (finally): doubt the digests first
             release.intents = []  # states not stored: the intents stay, so the retry looks the creates up
+            with contextlib.suppress(Exception):  # the error that stopped the sync is the one raised
+                mark_unsure(self._store, sorted({w.patient_id for w in writes}), release)
             raise
         report.crm_requests = self._gateway.requests_made() - requests_before
         if outcome.failed or busy:

@@ -194,6 +194,9 @@ class SyncConsent:
         except Exception as exc:  # Mailchimp down: the CRM side is done, members go next time
             logger.warning("mailchimp audience sync failed", extra={"error": type(exc).__name__})
             accepted = set()
+            for plan in plans:  # the batch may have landed: a member back to its stored content is sent again
+                if plan.patient_id in members and plan.next_state is not None:
+                    plan.next_state.audience_hash = None
         note_accepted_members(self._store, {patient_subject(pid): members[pid] for pid in accepted if pid in members})
         for plan in plans:
             if plan.patient_id in accepted and plan.next_state is not None:

@@ -1,12 +1,11 @@
 """The write side of a sync beyond one ``apply``: patients held for a look-up that rides in the first
-write request (``LookupInWrites``), and the unguarded writes after a guard found a manager's change."""
+write request (``LookupInWrites``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
-from clinicsync.domain.crm_ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, LookupInWrites, WriteOutcome
+from clinicsync.domain.crm_ports import CrmMatches, CrmWrite, LookupInWrites, WriteOutcome
 from clinicsync.domain.models import PatientChanges
 from clinicsync.domain.rules import PatientPlan
 
@@ -42,21 +41,3 @@ def apply_with_held(
     if not looked_up:
         outcome.failed.update({item.patient.mis_id: "lookup_failed" for item in held})
     return outcome, looked_up[0] if looked_up else None
-
-
-def unguarded(plan: PatientPlan) -> PatientPlan:
-    plan.writes = [
-        replace(w, expect_ours=False)
-        if isinstance(w, ContactWrite)
-        else replace(w, expect_stage=None)
-        if isinstance(w, DealWrite)
-        else w
-        for w in plan.writes
-    ]
-    return plan
-
-
-def merge_outcome(outcome: WriteOutcome, more: WriteOutcome) -> None:
-    outcome.contact_ids.update(more.contact_ids)
-    outcome.deal_ids.update(more.deal_ids)
-    outcome.failed.update(more.failed)

@@ -119,6 +119,11 @@ class WriteOutcome:
     deal_ids: dict[str, str] = field(default_factory=dict)  # appointment id -> deal id
     failed: dict[str, str] = field(default_factory=dict)  # patient id -> reason (no PII)
 
+    def merge(self, more: WriteOutcome) -> None:
+        self.contact_ids.update(more.contact_ids)
+        self.deal_ids.update(more.deal_ids)
+        self.failed.update(more.failed)
+
 
 @dataclass(frozen=True)
 class OpenLead:

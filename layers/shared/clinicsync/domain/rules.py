@@ -7,7 +7,7 @@ already holds, it decides which contact and deal writes to make and what to reme
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from clinicsync.domain.config import ClinicConfig, Pipeline
@@ -30,6 +30,19 @@ class PatientPlan:
     @property
     def contact_write(self) -> ContactWrite | None:
         return next((w for w in self.writes if isinstance(w, ContactWrite)), None)
+
+
+def unguarded(plan: PatientPlan) -> PatientPlan:
+    """The plan with its writes' guards dropped: written over records that were just read."""
+    plan.writes = [
+        replace(w, expect_ours=False)
+        if isinstance(w, ContactWrite)
+        else replace(w, expect_stage=None)
+        if isinstance(w, DealWrite)
+        else w
+        for w in plan.writes
+    ]
+    return plan
 
 
 # How far a visit has progressed: a manager's manual stage holds until the MIS moves past it.
@@ -151,7 +164,7 @@ def plan_patient(
     else:
         fields = contact_fields(patient, config, ledger_opt_outs)
         digest = hasher.content_hash(fields)
-        if contact_id is not None and digest == state.content_hash:
+        if contact_id is not None and digest == state.content_hash and not state.unsure(state.contact_epoch):
             plan.skipped[patient.mis_id] = "unchanged"
         else:
             changed = changed_multifields(patient, state, hasher)
@@ -159,6 +172,7 @@ def plan_patient(
             plan.writes.append(ContactWrite(patient.mis_id, contact_id, fields, changed, ids))
         next_state.version = patient.version
         next_state.content_hash = digest
+        next_state.contact_epoch = state.write_epoch
 
     polled = {a.mis_id: a for a in changes.appointments}
     note_lost_continuations(next_state, matches.deals)
@@ -250,7 +264,8 @@ def _plan_deal(
 
     fields = deal_fields(appointment, status, config, repeat=repeat, lead_source=lead_source or known.lead_source)
     digest = hasher.content_hash({"fields": fields, "stage": stage, "category": category_id})
-    if deal_id is not None and digest == known.content_hash:
+    unsure = next_state.unsure(known.epoch)  # an attempt of unknown outcome may have written it since
+    if deal_id is not None and digest == known.content_hash and not unsure:
         plan.skipped[aid] = "unchanged"
         return
     plan.writes.append(
@@ -259,7 +274,7 @@ def _plan_deal(
             next_state.patient_id,
             deal_id,
             category_id,
-            _stage_to_send(stage, known, deal_id, appointment.version),
+            _stage_to_send(stage, known, deal_id, appointment.version, unsure),
             fields,
             contact_id,
             lead_id,
@@ -274,6 +289,7 @@ def _plan_deal(
         update={
             "deal_id": deal_id,
             "content_hash": digest,
+            "epoch": next_state.write_epoch,
             "category_id": category_id,
             "stage": current,
             "closed": current in pipeline.closed_stages,
@@ -283,14 +299,19 @@ def _plan_deal(
     plan.changed_appointments.append(aid)
 
 
-def _stage_to_send(stage: str | None, known: AppointmentState, deal_id: str | None, version: int) -> str | None:
+def _stage_to_send(
+    stage: str | None, known: AppointmentState, deal_id: str | None, version: int, unsure: bool
+) -> str | None:
     """A stage we wrote before is not sent again for the same MIS version: a field-only update never moves
     a deal a manager moved (or closed) since. A newer version sends its stage even when we remember the
     deal there: an attempt whose outcome was unknown (a lost response, a crash) may have written another
     stage that no retry stored, its message overtaken by this event (a chaos run's deal left at a no-show
     after the visit was moved). Either way a stage change is checked against the deal first
-    (``stage_to_check``), and a stage read there that we wrote ourselves is no manager's move."""
-    if stage is not None and stage == known.stage and deal_id == known.deal_id and version == known.version:
+    (``stage_to_check``), and a stage read there that we wrote ourselves is no manager's move. A record
+    whose digest is ``unsure`` sends its stage too: the same version's content may have been overwritten by a
+    newer one whose outcome was unknown (X -> Y lost -> X again)."""
+    same = stage == known.stage and deal_id == known.deal_id and version == known.version
+    if stage is not None and same and not unsure:
         return None
     return stage
 

@@ -19,6 +19,7 @@ class AppointmentState(BaseModel):
     deal_id: str | None = None
     version: int = -1
     content_hash: str | None = None
+    epoch: int = 0  # the patient's ``write_epoch`` when ``content_hash`` was stored
     status: AppointmentStatus | None = None
     category_id: str | None = None
     stage: str | None = None
@@ -53,6 +54,13 @@ class PatientState(BaseModel):
     contact_id: str | None = None
     version: int = -1
     content_hash: str | None = None
+    contact_epoch: int = Field(default=0, description="The write_epoch when the contact's content_hash was stored")
+    write_epoch: int = Field(
+        default=0,
+        description="Raised when an attempt's CRM writes may have landed unrecorded (a failure after a write"
+        " was sent, a claim left by a crash): a content hash stored in an earlier epoch no longer proves what"
+        " the CRM holds, so that record is written again (checked as usual) rather than skipped as unchanged",
+    )
     phone_key: str | None = Field(default=None, description="HMAC of the E.164 phone, for the phone index")
     email_key: str | None = Field(default=None, description="HMAC of the e-mail: tells a changed e-mail")
     first_visit_at: datetime | None = Field(default=None, description="Earliest completed visit: repeat funnel")
@@ -68,6 +76,10 @@ class PatientState(BaseModel):
     continued: dict[str, str] = Field(
         default_factory=dict, description="Appointment id -> the later appointment that took over its deal"
     )
+
+    def unsure(self, stored_epoch: int) -> bool:
+        """A record whose digest was stored before the latest attempt of unknown outcome (``write_epoch``)."""
+        return stored_epoch != self.write_epoch
 
     def appointment(self, appointment_id: str) -> AppointmentState:
         return self.appointments.get(appointment_id) or AppointmentState(appointment_id=appointment_id)

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -28,6 +28,15 @@ class ClaimRelease:
     done: bool = False  # released with the states: the caller must not release them again
 
 
+class Claimed(set[str]):
+    """The patients claimed. ``taken_over``: those whose claim another owner had left behind (it died with
+    it, or could not store its failure's mark): that attempt may have written anything for them."""
+
+    def __init__(self, claimed: Iterable[str] = (), taken_over: Iterable[str] = ()) -> None:
+        super().__init__(claimed)
+        self.taken_over = set(taken_over)
+
+
 class PatientStates(Protocol):
     """What we remember per patient (CRM ids, versions, hashes), never older over newer."""
 
@@ -44,6 +53,11 @@ class PatientStates(Protocol):
         """Persist after the CRM accepted the writes; an item stored with a newer version is kept. With
         ``release``, the claims and settled intents go in the same atomic write when they fit (then
         ``release.done``); never before a state they guard is stored."""
+        ...
+
+    def mark_unsure(self, patient_ids: Sequence[str]) -> None:
+        """Raise each stored patient's ``write_epoch``, alone (an atomic add: nothing else of the state is
+        written): its stored digests no longer prove what the CRM holds. A patient never stored has none."""
         ...
 
     def delete_patient(self, patient_id: str) -> None: ...
@@ -99,8 +113,9 @@ class PollLeases(Protocol):
 class Claims(Protocol):
     """The syncer's claims: a patient written by one invocation at a time, a CRM record adopted once."""
 
-    def claim_patients(self, patient_ids: Sequence[str], owner: str, now: int, seconds: int) -> set[str]:
-        """The patients claimed; the rest are held by another live owner."""
+    def claim_patients(self, patient_ids: Sequence[str], owner: str, now: int, seconds: int) -> Claimed:
+        """The patients claimed; the rest are held by another live owner. A claim outlives its expiry
+        until it is released or taken over, so a take-over is known (``Claimed.taken_over``)."""
         ...
 
     def release_claims(self, patient_ids: Sequence[str], settled_intents: Sequence[str] = ()) -> None:

@@ -9,8 +9,15 @@ from botocore.exceptions import ClientError
 
 from clinicsync.adapters.aws import keys
 from clinicsync.adapters.aws.table import TRANSACT_LIMIT, TableRepository, batch_writer, cancelled, failed_condition
+from clinicsync.domain.store_ports import Claimed
 
 _FREE = "attribute_not_exists(pk) OR expires_at < :now OR #o = :owner"
+# A patient's claim is held until ``held_until``; its item stays (``expires_at``: the table's TTL) past the
+# dead-letter queue's retention, so a later attempt knows it takes over a claim its owner left behind.
+# (A claim stored before ``held_until`` existed is held until its ``expires_at``.)
+_UNCLAIMED = "attribute_not_exists(pk) OR #o = :owner"
+_LEFT_BEHIND = "held_until < :now OR (attribute_not_exists(held_until) AND expires_at < :now)"
+CLAIM_ITEM_SECONDS = 15 * 24 * 3600
 # A lease item may outlive its release without an owner (a poll's, see cursors.py): free as well.
 LEASE_FREE = "attribute_not_exists(#o) OR expires_at < :now OR #o = :owner"
 
@@ -45,23 +52,36 @@ class DynamoLeases(TableRepository):
 
 
 class DynamoClaims(TableRepository):
-    def claim_patients(self, patient_ids: Sequence[str], owner: str, now: int, seconds: int) -> set[str]:
+    def claim_patients(self, patient_ids: Sequence[str], owner: str, now: int, seconds: int) -> Claimed:
         """Claim patients for one syncer invocation; returns those claimed (the rest are held by another).
 
-        Conditional puts in TransactWriteItems of 100: one request per message in the normal case. A
-        cancelled transaction names the held items; the others are claimed again without them. If a
-        request fails otherwise half-way, the claims already taken are released before the error goes
-        up: nobody may stay locked out for ``seconds`` by a sync that never ran.
+        Conditional puts in TransactWriteItems of 100: one request per message in the normal case (no claim
+        item: every released claim is deleted). A cancelled transaction names the items found; those are
+        tried again as left behind (expired), a second request only then: the ones taken so are
+        ``taken_over``, the rest are held. The others are claimed again without them. If a request fails
+        otherwise half-way, the claims already taken are released before the error goes up: nobody may stay
+        locked out for ``seconds`` by a sync that never ran.
         """
-        claimed: set[str] = set()
+        claimed = Claimed()
         try:
-            return self._claim_chunks(list(dict.fromkeys(patient_ids)), owner, now, seconds, claimed)
+            found = self._claim_chunks(list(dict.fromkeys(patient_ids)), owner, now, seconds, claimed, _UNCLAIMED)
+            if found:
+                held = self._claim_chunks(sorted(found), owner, now, seconds, claimed, _LEFT_BEHIND)
+                claimed.taken_over = found - held
+            return claimed
         except Exception:
             if claimed:
                 self.release_claims(sorted(claimed))
             raise
 
-    def _claim_chunks(self, pending: list[str], owner: str, now: int, seconds: int, claimed: set[str]) -> set[str]:
+    def _claim_chunks(
+        self, pending: list[str], owner: str, now: int, seconds: int, claimed: set[str], condition: str
+    ) -> set[str]:
+        """Claim ``pending`` where their items meet ``condition``; returns those whose items failed it."""
+        failed: set[str] = set()
+        names = {"ExpressionAttributeNames": {"#o": "owner"}} if "#o" in condition else {}
+        values = {":now": now, **({":owner": owner} if ":owner" in condition else {})}
+        item = {"owner": owner, "held_until": now + seconds, "expires_at": now + CLAIM_ITEM_SECONDS}
         while pending:
             chunk, pending = pending[:TRANSACT_LIMIT], pending[TRANSACT_LIMIT:]
             while chunk:
@@ -69,10 +89,10 @@ class DynamoClaims(TableRepository):
                     {
                         "Put": {
                             "TableName": self._table.name,
-                            "Item": {**keys.claim(pid), "owner": owner, "expires_at": now + seconds},
-                            "ConditionExpression": _FREE,
-                            "ExpressionAttributeNames": {"#o": "owner"},
-                            "ExpressionAttributeValues": {":now": now, ":owner": owner},
+                            "Item": {**keys.claim(pid), **item},
+                            "ConditionExpression": condition,
+                            "ExpressionAttributeValues": values,
+                            **names,
                         }
                     }
                     for pid in chunk
@@ -88,11 +108,12 @@ class DynamoClaims(TableRepository):
                     held = {pid for pid, r in zip(chunk, reasons, strict=False) if r.get("Code") in busy}
                     if not held:
                         raise  # cancelled for another reason (a conflicting transaction): the caller retries
+                    failed |= held
                     chunk = [pid for pid in chunk if pid not in held]
                     continue
                 claimed.update(chunk)
                 break
-        return claimed
+        return failed
 
     def release_claims(self, patient_ids: Sequence[str], settled_intents: Sequence[str] = ()) -> None:
         """Unconditional deletes in batches: a claim outlives the syncer's timeout, so while its owner

@@ -10,7 +10,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from clinicsync.adapters.aws import keys
-from clinicsync.adapters.aws.table import TRANSACT_LIMIT, TableRepository, batch_writer, cancelled
+from clinicsync.adapters.aws.table import TRANSACT_LIMIT, TableRepository, batch_writer, cancelled, failed_condition
 from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState
 from clinicsync.domain.store_ports import ClaimRelease
 
@@ -27,6 +27,8 @@ def _apply_item(state: PatientState, item: Mapping[str, Any]) -> None:
         state.contact_id = item.get("contact_id")
         state.version = int(item.get("version", -1))
         state.content_hash = item.get("content_hash")
+        state.contact_epoch = int(item.get("contact_epoch", 0))
+        state.write_epoch = int(item.get("write_epoch", 0))
         state.phone_key = item.get("phone_key")
         state.email_key = item.get("email_key")
         state.first_visit_at = _opt_dt(item.get("first_visit_at"))
@@ -44,6 +46,7 @@ def _apply_item(state: PatientState, item: Mapping[str, Any]) -> None:
             deal_id=item.get("deal_id"),
             version=int(item.get("version", -1)),
             content_hash=item.get("content_hash"),
+            epoch=int(item.get("epoch", 0)),
             status=item.get("status"),
             category_id=item.get("category_id"),
             stage=item.get("stage"),
@@ -64,6 +67,8 @@ def _items_for(state: PatientState, changed_appointments: Sequence[str], before:
             "contact_id": state.contact_id,
             "version": state.version,
             "content_hash": state.content_hash,
+            "contact_epoch": state.contact_epoch,
+            "write_epoch": state.write_epoch,
             "phone_key": state.phone_key,
             "email_key": state.email_key,
             "first_visit_at": state.first_visit_at.isoformat() if state.first_visit_at else None,
@@ -86,6 +91,7 @@ def _items_for(state: PatientState, changed_appointments: Sequence[str], before:
                 "deal_id": appt.deal_id,
                 "version": appt.version,
                 "content_hash": appt.content_hash,
+                "epoch": appt.epoch,
                 "status": appt.status.value if appt.status else None,
                 "category_id": appt.category_id,
                 "stage": appt.stage,
@@ -231,6 +237,20 @@ class DynamoPatientStates(TableRepository):
                 items = [item for item, dropped in zip(items, newer, strict=True) if not dropped]
                 deletes = () if raced else deletes  # the caller releases after
         return False
+
+    def mark_unsure(self, patient_ids: Sequence[str]) -> None:
+        """One conditional UpdateItem per stored patient (a failure's path only): ``write_epoch`` + 1."""
+        for pid in dict.fromkeys(patient_ids):
+            try:
+                self._table.update_item(
+                    Key={"pk": keys.patient_pk(pid), "sk": keys.STATE},
+                    UpdateExpression="ADD write_epoch :one",
+                    ConditionExpression="attribute_exists(pk)",
+                    ExpressionAttributeValues={":one": 1},
+                )
+            except ClientError as exc:
+                if not failed_condition(exc):
+                    raise
 
     def delete_patient(self, patient_id: str) -> None:
         state = self._load_patient(patient_id)

@@ -1,0 +1,88 @@
+"""X -> Y (outcome unknown) -> X on amoCRM: the real syncer on moto and the amoCRM emulator, which has no
+conditional write, so a stage change is read first (one list read per message) and a status found there
+that our integration user set last is our own earlier write. See test_overtaken_writes.py (Bitrix24)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from mypy_boto3_dynamodb.service_resource import Table
+
+from clinicsync.adapters.amocrm.client import AmoCrmClient
+from clinicsync.adapters.amocrm.gateway import AmoCrmGateway
+from clinicsync.adapters.aws.store import DynamoStore
+from clinicsync.application.sync import Syncer, SyncIncomplete
+from clinicsync.domain.config import ClinicConfig, parse_clinic_config
+from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.models import AppointmentStatus, PatientChanges
+from sandbox.emulators.amocrm import (
+    CONTACT_FIELD_MIS_PATIENT_ID,
+    LEAD_FIELD_MIS_APPOINTMENT_ID,
+    LOST_STATUS_ID,
+    MAIN_PIPELINE_ID,
+    STATUS_BOOKED,
+    STATUS_IN_WORK,
+    STATUS_VISITED,
+    WON_STATUS_ID,
+    AmoCrmEmulator,
+)
+from sandbox.emulators.base import ServedApp
+from tests.adapters.test_amocrm_gateway import FAST, _session, _store
+from tests.helpers import DEMO_CONFIG, appointment, patient
+
+
+def _config() -> ClinicConfig:
+    """The InfoClinica->amoCRM case's funnel (sandbox/local.py), on the demo clinic."""
+    data: dict[str, Any] = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
+    booked, visited = str(STATUS_BOOKED), str(STATUS_VISITED)
+    stages = {"booked": booked, "rescheduled": booked, "confirmed": booked, "arrived": visited}
+    stages |= {"completed": visited, "no_show": str(STATUS_IN_WORK), "cancelled": str(LOST_STATUS_ID)}
+    pipeline = {
+        "category_id": str(MAIN_PIPELINE_ID),
+        "stages": stages,
+        "closed_stages": [str(WON_STATUS_ID), str(LOST_STATUS_ID)],
+    }
+    data["crm"] |= {"kind": "amocrm", "pipelines": {"primary": pipeline, "repeat": pipeline}}
+    names = {"mis_patient_id": CONTACT_FIELD_MIS_PATIENT_ID, "mis_appointment_id": LEAD_FIELD_MIS_APPOINTMENT_ID}
+    data["fields"] = {**data.get("fields", {}), "crm_names": {k: str(v) for k, v in names.items()}}
+    return parse_clinic_config(yaml.safe_dump(data, allow_unicode=True))
+
+
+@pytest.fixture
+def amo() -> Iterator[tuple[AmoCrmEmulator, str]]:
+    emulator = AmoCrmEmulator(rate_limit=False)
+    server = ServedApp(emulator).start()
+    yield emulator, server.base_url
+    server.stop()
+
+
+def _visit(status: AppointmentStatus, version: int) -> list[PatientChanges]:
+    return [PatientChanges(patient=patient(), appointments=(appointment(status=status, version=version),))]
+
+
+def test_a_visit_back_to_the_content_we_last_stored_after_a_lost_status_change_is_written_again(
+    amo: tuple[AmoCrmEmulator, str], template_tables: Callable[[], Table]
+) -> None:
+    """Booked, then a no-show whose PATCH lands but whose answer is lost, then booked again at the same time
+    before any retry: the lead ends at «Записан на прием», read first and found set by us, not a manager."""
+    emulator, base = amo
+    config = _config()
+    client = AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST)
+    gateway = AmoCrmGateway(client, config, user_id=str(emulator.api_user_id))
+    syncer = Syncer(config, DynamoStore(template_tables()), gateway, KeyedHasher(b"k" * 32), claim_wait=0)
+    syncer.sync(_visit(AppointmentStatus.BOOKED, 1))
+    [lead_id] = emulator.leads
+    assert emulator.leads[lead_id]["status_id"] == STATUS_BOOKED
+
+    emulator.faults.add(path_prefix="/api/v4/leads", method="PATCH", status=504, html=True, after_apply=True)
+    with pytest.raises(SyncIncomplete):
+        syncer.sync(_visit(AppointmentStatus.NO_SHOW, 2))
+    assert emulator.leads[lead_id]["status_id"] == STATUS_IN_WORK  # landed, unknown to us
+
+    syncer.sync(_visit(AppointmentStatus.BOOKED, 3))  # the same content as version 1's
+    assert list(emulator.leads) == [lead_id]
+    assert emulator.leads[lead_id]["status_id"] == STATUS_BOOKED

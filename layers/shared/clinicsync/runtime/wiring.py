@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import boto3
-from aws_lambda_powertools.utilities import parameters
 
 from clinicsync.adapters.aws.clients import PLAIN_CONFIG
 from clinicsync.adapters.aws.queue import SqsChangeQueue, SqsConsentQueue, SqsEventQueue, SqsRetryTimer
+from clinicsync.adapters.aws.sessions import drop_providers, secrets_provider, ssm_provider
 from clinicsync.settings import Settings
 
 if TYPE_CHECKING:
@@ -53,29 +53,8 @@ if TYPE_CHECKING:
 CACHE_SECONDS = 300
 
 
-def aws_session() -> boto3.session.Session:
-    """boto3's default session (``boto3.client`` uses it), also for Powertools' parameter providers, which would
-    each make their own: one botocore loader parses the endpoints, retry rules and service models once per cold
-    start instead of once per session (~270 M instructions, a sixth of a handler's import, for each extra one)."""
-    if boto3.DEFAULT_SESSION is None:
-        boto3.setup_default_session()
-    assert boto3.DEFAULT_SESSION is not None
-    return boto3.DEFAULT_SESSION
-
-
-# Powertools' providers, kept as its get_secret/get_parameter keep them (one of each, dropped by ``reset``).
-_providers: dict[str, Any] = {}
-
-
-def _provider[P](kind: str, build: Callable[[], P]) -> P:
-    if kind not in _providers:
-        _providers[kind] = build()
-    return cast("P", _providers[kind])
-
-
 def read_secret(arn: str) -> dict[str, Any]:
-    secrets = _provider("secrets", lambda: parameters.SecretsProvider(boto3_session=aws_session()))
-    value = secrets.get(arn, transform="json", max_age=CACHE_SECONDS)
+    value = secrets_provider().get(arn, transform="json", max_age=CACHE_SECONDS)
     if not isinstance(value, dict):
         raise ValueError("secret must be a JSON object")
     return value
@@ -140,8 +119,7 @@ class Container:
     def _config_text(self) -> str:
         if self._config is not None:
             return "given"  # names the given config in the caches below
-        ssm = _provider("ssm", lambda: parameters.SSMProvider(boto3_session=aws_session()))
-        return str(ssm.get(self.settings.config_parameter_name, max_age=CACHE_SECONDS))
+        return str(ssm_provider().get(self.settings.config_parameter_name, max_age=CACHE_SECONDS))
 
     def _parsed(self, text: str) -> ClinicConfig:
         if self._config is not None:
@@ -419,5 +397,4 @@ def reset() -> None:
     """Forget the container and every cached value (tests switch clinics and endpoints)."""
     with _process.lock:
         _process.current = None
-    _providers.clear()  # as Powertools' clear_caches drops its own providers
-    parameters.clear_caches()  # type: ignore[no-untyped-call]
+    drop_providers()  # the secrets' and the config's cached values (Powertools' own providers are unused)

@@ -85,7 +85,7 @@ def test_inbound_checks_use_constant_time_comparison() -> None:
 
 
 def test_handlers_read_settings_from_env_in_one_place_only() -> None:
-    """Env vars carry names and ARNs, read once by settings.Settings.from_env; secrets come via
+    """Env vars carry names and ARNs, read once by settings.Settings (pydantic-settings); secrets come via
     Powertools' SecretsProvider (adapters.aws.sessions), read in the composition root."""
     readers = [
         f"{p.relative_to(ROOT)}"
@@ -96,7 +96,7 @@ def test_handlers_read_settings_from_env_in_one_place_only() -> None:
     wiring = (ROOT / "layers" / "shared" / "clinicsync" / "runtime" / "wiring.py").read_text(encoding="utf-8")
     assert "secrets_provider().get(" in wiring
     settings = (ROOT / "layers" / "shared" / "clinicsync" / "settings.py").read_text(encoding="utf-8")
-    assert re.search(r"class Settings\(BaseModel\).*?def from_env", settings, re.S)
+    assert re.search(r"class Settings\(BaseSettings\).*?def from_env", settings, re.S)
     fields = re.findall(r"^    (\w+): str = Field", settings, re.M)
     assert all(f.endswith(("_arn", "_url", "_name", "_id")) for f in fields), fields
 

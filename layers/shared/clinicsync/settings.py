@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
 
     clinic_id: str = Field(min_length=1)
     table_name: str = Field(min_length=1)
@@ -31,10 +32,7 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls) -> Settings:
-        """Each field from the variable of its name in any case, as pydantic-settings read them: that package
-        imported asyncio, argparse and dotenv with every handler (~10 % of an import) for 13 strings."""
-        environ = {name.lower(): value for name, value in os.environ.items()}
-        return cls.model_validate({name: environ[name] for name in cls.model_fields if name in environ})
+        return cls()
 
 
 def current_clinic_id() -> str:

@@ -86,7 +86,7 @@ def test_inbound_checks_use_constant_time_comparison() -> None:
 
 def test_handlers_read_settings_from_env_in_one_place_only() -> None:
     """Env vars carry names and ARNs, read once by settings.Settings (pydantic-settings); secrets come via
-    parameters.get_secret in the composition root."""
+    Powertools' SecretsProvider (adapters.aws.sessions), read in the composition root."""
     readers = [
         f"{p.relative_to(ROOT)}"
         for p in SOURCES
@@ -94,7 +94,7 @@ def test_handlers_read_settings_from_env_in_one_place_only() -> None:
     ]
     assert readers == ["layers/shared/clinicsync/settings.py"]
     wiring = (ROOT / "layers" / "shared" / "clinicsync" / "runtime" / "wiring.py").read_text(encoding="utf-8")
-    assert "parameters.get_secret(" in wiring
+    assert "secrets_provider().get(" in wiring
     settings = (ROOT / "layers" / "shared" / "clinicsync" / "settings.py").read_text(encoding="utf-8")
     assert re.search(r"class Settings\(BaseSettings\).*?def from_env", settings, re.S)
     fields = re.findall(r"^    (\w+): str = Field", settings, re.M)

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import boto3
-from aws_lambda_powertools.utilities import parameters
 
 from clinicsync.adapters.aws.clients import PLAIN_CONFIG
 from clinicsync.adapters.aws.queue import SqsChangeQueue, SqsConsentQueue, SqsEventQueue, SqsRetryTimer
+from clinicsync.adapters.aws.sessions import drop_providers, secrets_provider, ssm_provider
 from clinicsync.settings import Settings
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ CACHE_SECONDS = 300
 
 
 def read_secret(arn: str) -> dict[str, Any]:
-    value = parameters.get_secret(arn, transform="json", max_age=CACHE_SECONDS)
+    value = secrets_provider().get(arn, transform="json", max_age=CACHE_SECONDS)
     if not isinstance(value, dict):
         raise ValueError("secret must be a JSON object")
     return value
@@ -119,7 +119,7 @@ class Container:
     def _config_text(self) -> str:
         if self._config is not None:
             return "given"  # names the given config in the caches below
-        return str(parameters.get_parameter(self.settings.config_parameter_name, max_age=CACHE_SECONDS))
+        return str(ssm_provider().get(self.settings.config_parameter_name, max_age=CACHE_SECONDS))
 
     def _parsed(self, text: str) -> ClinicConfig:
         if self._config is not None:
@@ -391,4 +391,4 @@ def reset() -> None:
     """Forget the container and every cached value (tests switch clinics and endpoints)."""
     with _process.lock:
         _process.current = None
-    parameters.clear_caches()  # type: ignore[no-untyped-call]
+    drop_providers()  # the secrets' and the config's cached values (Powertools' own providers are unused)

@@ -120,6 +120,7 @@ class VtigerEmulator:
         self._seq = itertools.count(100)
         self._custom = tuple(custom_fields)
         self._lost_creates = 0
+        self._lost_updates = 0
         self.requests = 0
         self.writes = 0
         self.logins = 0
@@ -141,6 +142,11 @@ class VtigerEmulator:
         """The next create is applied, but its answer never arrives (the connection drops)."""
         with self._lock:
             self._lost_creates += 1
+
+    def lose_update_responses(self, count: int) -> None:
+        """The next ``count`` updates are applied, but their answers never arrive (a 502 after they ran)."""
+        with self._lock:
+            self._lost_updates += count
 
     def records(self, module: str) -> list[Json]:
         prefix = MODULE_IDS[module] + "x"
@@ -214,7 +220,11 @@ class VtigerEmulator:
                     raise _LostResponse
                 return row
             self.writes += 1
-            return self._update(element, user_id)
+            updated = self._update(element, user_id)
+            if self._lost_updates:
+                self._lost_updates -= 1
+                raise _LostResponse
+            return updated
         if operation == "logout" and request.method == "POST":
             self._sessions.pop(params.get("sessionName", ""), None)
             return {"message": "successfull"}

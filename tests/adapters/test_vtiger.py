@@ -25,6 +25,7 @@ from clinicsync.domain.directory_records import (
     DirectoryPage,
     DirectoryRecord,
     DirectoryState,
+    directory_subject,
     merge_fields,
 )
 from clinicsync.domain.ports import Cursor
@@ -388,3 +389,185 @@ def test_a_manager_edit_is_heard_whoever_saved_it_and_our_echo_never_is(edits: d
     assert all(fakes.lis["D1"].fields[name] == value for name, value in edits.items())
     settled = sync.run()
     assert (settled.crm_changed, settled.crm_updated) == (0, 0)
+
+
+class _LostWriteFakes(_FeedFakes):
+    """The LIS reports a record each time its content changes (and again while a run failed on it: the
+    cursor stays); vTiger's feed re-reads every row. ``crm_write_fails`` / ``lose_upsert``: the next write fails
+    (the caller sees an error, the outcome is unknown to it), after it ran or before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending = {"D1"}
+        self.crm_write_fails: str | None = None  # "before" it ran (refused) or "after" (its answer lost)
+        self.lose_upsert: str | None = None  # "answer": its answer is lost; "unconfirmed": still running
+        self.audience: dict[str, dict[str, str]] = {}
+        self.crm_opt_outs: list[str] = []
+
+    def edit_lis(self, do_not_mail: bool | None = None, **fields: str | None) -> None:
+        record = self.lis["D1"]
+        flag = record.do_not_mail if do_not_mail is None else do_not_mail
+        self.lis["D1"] = record.model_copy(update={"fields": {**record.fields, **fields}, "do_not_mail": flag})
+        self.pending.add("D1")
+
+    # ConsentLedger (the CRM's opt-outs only: the LIS flag's are recorded from the audience step)
+    def opt_out(self, subjects: Any, channels: Any, source: str, detail: str, **_: Any) -> list[str]:
+        if source == "crm":
+            self.crm_opt_outs += list(subjects)
+        return list(subjects)
+
+    def changed(self, kind: str, cursor: Any) -> DirectoryPage:
+        records = [self.lis[i] for i in sorted(self.pending)] if kind == "doctor" else []
+        if kind == "doctor":
+            self.pending = set()
+        return DirectoryPage(records, {"done": True})
+
+    def run(self, sync: DirectorySync) -> Any:
+        report = sync.run()
+        if "doctor:D1" in report.failed or "doctor:audience" in report.failed:
+            self.pending.add("D1")  # the LIS cursor stayed: the record is read again
+        return report
+
+    def write(self, spec: CrmWriteSpec) -> str:
+        fails, self.crm_write_fails = self.crm_write_fails, None
+        if fails == "before":
+            raise TimeoutError("the connection failed before the update ran")
+        crm_id = super().write(spec)
+        if fails == "after":
+            raise TimeoutError("the update ran; its answer never came")
+        return crm_id
+
+    def upsert(self, kind: str, members: Any) -> set[str]:
+        for m in members:
+            self.audience[m.patient_id] = dict(m.merge_fields)
+        lost, self.lose_upsert = self.lose_upsert, None
+        if lost == "answer":
+            raise TimeoutError("the batch ran; its answer never came")
+        return set() if lost == "unconfirmed" else {m.patient_id for m in members}
+
+
+def _lost_write_sync(fakes: _LostWriteFakes, mailchimp: bool = False, ledger: bool = False) -> DirectorySync:
+    config = parse_clinic_config(
+        "clinic_id: lab-unit\nmis: {kind: lis, base_url: x, secret_ref: s}\ncrm: {kind: vtiger, secret_ref: s}\n"
+    )
+    settings = (
+        DirectorySettings(mailchimp={"doctors_list_id": "d1", "organisations_list_id": "o1"})
+        if mailchimp
+        else DirectorySettings()
+    )
+    return DirectorySync(
+        config,
+        settings,
+        fakes,  # type: ignore[arg-type]
+        fakes,  # type: ignore[arg-type]
+        fakes,  # type: ignore[arg-type]
+        fakes,  # type: ignore[arg-type]
+        KeyedHasher(b"k" * 32),
+        audiences=fakes if mailchimp else None,  # type: ignore[arg-type]
+        ledger=fakes if ledger else None,  # type: ignore[arg-type]
+    )
+
+
+_CITIES = st.sampled_from(["Варна", "Русе", "Сливен", "Бургас"])
+
+
+@given(
+    attempted=_CITIES,
+    applied=st.booleans(),
+    lis_next=_CITIES,
+    manager=st.none() | _CITIES,
+)
+@example(attempted="Русе", applied=True, lis_next="Варна", manager=None)  # X -> Y (lost) -> X
+def test_a_vtiger_write_of_unknown_outcome_is_never_taken_for_a_managers_edit(
+    attempted: str, applied: bool, lis_next: str, manager: str | None
+) -> None:
+    """The LIS moves a field X -> ``attempted``; our vTiger update of it runs (``applied``) or not, and its
+    answer is lost. Then the LIS holds ``lis_next`` and a manager may set a value in vTiger. The next runs
+    never copy our own write back into the LIS (the lab's data overwritten by our stale write): the LIS
+    keeps ``lis_next`` unless a manager set a value different from both X and our attempt, and vTiger ends
+    at what the LIS holds."""
+    fakes = _LostWriteFakes()
+    sync = _lost_write_sync(fakes)
+    assert fakes.run(sync).crm_created == 1
+    before = fakes.crm["D1"]
+    original = before.fields["city"]
+    fakes.edit_lis(city=attempted)
+    fakes.crm_write_fails = ("after" if applied else "before") if attempted != original else None
+    lost = fakes.run(sync)
+    assert ("doctor:D1" in lost.failed) == (attempted != original)
+    assert fakes.crm["D1"].fields["city"] == (attempted if applied else original)
+    fakes.edit_lis(city=lis_next)
+    row = fakes.crm["D1"]
+    if manager is not None:
+        fakes.crm["D1"] = CrmRecord("doctor", row.crm_id, "D1", {**row.fields, "city": manager}, row.do_not_mail)
+    for _ in range(2):
+        assert fakes.run(sync).failed == {}
+    # A value that is neither the last synced one nor our attempt is a manager's edit; if the LIS changed
+    # too, it is a conflict and the LIS (the default owner) wins.
+    heard = manager is not None and manager not in (original, attempted) and lis_next == original
+    expected = manager if heard else lis_next
+    assert fakes.lis["D1"].fields["city"] == expected
+    assert fakes.crm["D1"].fields["city"] == expected
+    settled = fakes.run(sync)
+    assert (settled.crm_changed, settled.crm_updated, settled.lis_updated) == (0, 0, 0)
+
+
+def test_after_two_writes_of_unknown_outcome_either_is_ours() -> None:
+    """X -> Y (ran, answer lost) -> Z (failed before it ran) -> X: vTiger shows Y, which the second failed run
+    read and judged ours; it stays ours, so the LIS keeps X."""
+    fakes = _LostWriteFakes()
+    sync = _lost_write_sync(fakes)
+    fakes.run(sync)
+    original = fakes.lis["D1"].fields["city"]
+    for city, fails in (("Русе", "after"), ("Сливен", "before")):
+        fakes.edit_lis(city=city)
+        fakes.crm_write_fails = fails
+        assert "doctor:D1" in fakes.run(sync).failed
+    assert fakes.crm["D1"].fields["city"] == "Русе"
+    fakes.edit_lis(city=original)
+    assert fakes.run(sync).failed == {}
+    assert fakes.lis["D1"].fields["city"] == fakes.crm["D1"].fields["city"] == original
+
+
+@pytest.mark.parametrize("lost", ["answer", "unconfirmed"])
+def test_a_lost_mailchimp_upsert_is_sent_again_when_the_content_returns(lost: str) -> None:
+    """X is in the audience; an upsert of Y runs but its answer is lost (or its batch is still running when
+    we stop waiting); the LIS returns to X, whose digest is the stored one: without forgetting that digest
+    the audience kept Y."""
+    fakes = _LostWriteFakes()
+    sync = _lost_write_sync(fakes, mailchimp=True)
+    assert fakes.run(sync).audience_upserted == 1
+    synced = dict(fakes.audience["D1"])
+    fakes.edit_lis(city="Русе")
+    fakes.lose_upsert = lost
+    failed = {"doctor:audience": "TimeoutError"} if lost == "answer" else {}
+    assert fakes.run(sync).failed == failed
+    assert fakes.audience["D1"] != synced  # the lost upsert ran
+    fakes.edit_lis(city="Варна")  # what the audience was sent first
+    back = fakes.run(sync)
+    assert back.failed == {} and back.audience_upserted == 1
+    assert fakes.audience["D1"] == synced
+    again = fakes.run(sync)
+    assert again.audience_upserted == 0  # settled: the same content is not sent twice
+
+
+def test_an_opt_out_tick_of_unknown_outcome_is_ours_and_a_managers_tick_is_still_heard() -> None:
+    """The LIS flag is written to vTiger's ``emailoptout``; the write runs, its answer is lost, and the clerk
+    lifts the flag. The tick vTiger shows is our write, not a manager's opt-out: nothing is recorded from it
+    and vTiger follows the LIS. After a lost write that left the box unticked, a manager's tick is heard."""
+    fakes = _LostWriteFakes()
+    sync = _lost_write_sync(fakes, ledger=True)
+    assert fakes.run(sync).crm_created == 1
+    fakes.edit_lis(do_not_mail=True)
+    fakes.crm_write_fails = "after"
+    assert "doctor:D1" in fakes.run(sync).failed and fakes.crm["D1"].do_not_mail
+    fakes.edit_lis(do_not_mail=False)
+    assert fakes.run(sync).failed == {}
+    assert fakes.crm_opt_outs == [] and not fakes.crm["D1"].do_not_mail
+    fakes.edit_lis(city="Русе")
+    fakes.crm_write_fails = "after"
+    assert "doctor:D1" in fakes.run(sync).failed
+    row = fakes.crm["D1"]
+    fakes.crm["D1"] = CrmRecord("doctor", row.crm_id, "D1", row.fields, do_not_mail=True)  # a manager ticks it
+    fakes.run(sync)
+    assert fakes.crm_opt_outs == [directory_subject("doctor", "D1")] and fakes.crm["D1"].do_not_mail

@@ -310,3 +310,25 @@ def test_one_run_at_a_time(lab: LocalLab) -> None:
     store.release_lease("directory", "a-long-run")
     done = lab.sync()
     assert done["skipped_busy"] is False and lab.crm_record("Contacts", new) is not None
+
+
+def test_a_lost_vtiger_update_is_not_copied_back_into_the_lis(lab: LocalLab) -> None:
+    """The LIS's city goes X -> Y; our vTiger update of Y runs, but its answers (the first try and the
+    retries) are lost. The clerk puts X back. The Contact's Y is our own write, not a manager's edit: the LIS
+    keeps X and vTiger is written back to X (the state's ``unsure`` hashes, stored in DynamoDB)."""
+    doctor = lab.lis.all("doctor")[2]
+    contact = lab.crm_record("Contacts", doctor["id"])
+    assert contact is not None
+    original = doctor["city"]
+    lab.lis.edit("doctor", doctor["id"], city="Габрово")
+    lab.vtiger.lose_update_responses(3)  # the client's attempts at a write of unknown outcome
+    lost = lab.sync()
+    assert list(lost["failed"]) == [f"doctor:{doctor['id']}"]
+    assert lab.vtiger.record(contact["id"])["mailingcity"] == "Габрово"  # it ran
+    lab.lis.edit("doctor", doctor["id"], city=original)
+    back = lab.sync()
+    assert (back["failed"], back["lis_updated"], back["conflicts"]) == ({}, 0, 0)
+    assert lab.lis.get("doctor", doctor["id"])["city"] == original
+    assert lab.vtiger.record(contact["id"])["mailingcity"] == original
+    settled = lab.sync()
+    assert (settled["crm_changed"], settled["crm_updated"], settled["lis_updated"]) == (0, 0, 0)

@@ -44,6 +44,7 @@ from clinicsync.domain.directory_records import (
     merge_fields,
     opt_out_hash,
     synced_hashes,
+    unsure_hashes,
 )
 from clinicsync.domain.ports import Cursor
 from clinicsync.domain.store_ports import Cursors, Leases, MemberStore
@@ -212,7 +213,7 @@ class DirectorySync:
         orgs: Mapping[str, DirectoryState],
         report: DirectoryReport,
     ) -> DirectoryRecord:
-        merge = merge_fields(kind, lis, crm, state.hashes, self._digest, self._settings.owner)
+        merge = merge_fields(kind, lis, crm, state.hashes, self._digest, self._settings.owner, state.unsure)
         for conflict in merge.conflicts:
             report.conflicts += 1
             logger.info(
@@ -234,16 +235,23 @@ class DirectorySync:
             or crm.do_not_mail != opted_out
             or (kind == "doctor" and (crm.account_id or None) != account)
         )
+        hashes = synced_hashes(kind, merge.values, opted_out, account, self._digest)
         if needs_write:
             spec = CrmWriteSpec(kind, lis.lis_id, crm.crm_id if crm else None, merge.values, opted_out, account)
-            state.crm_id = self._crm.write(spec)
+            try:
+                state.crm_id = self._crm.write(spec)
+            except Exception:
+                # It may have run: what it sent must not come back as a manager's edit (saved with the state).
+                state.unsure = unsure_hashes(hashes, crm, self._digest)
+                raise
             if crm is None:
                 report.crm_created += 1
             else:
                 report.crm_updated += 1
         else:
             state.crm_id = crm.crm_id if crm else state.crm_id
-        state.hashes = synced_hashes(kind, merge.values, opted_out, account, self._digest)
+        state.hashes = hashes
+        state.unsure = {}  # vTiger holds ``hashes`` now: written, or read equal to them
         # The LIS now holds the merged values: the audience sees the CRM's fix too.
         return lis.model_copy(update={"fields": {**lis.fields, **merge.values}}) if merge.to_lis else lis
 
@@ -252,8 +260,11 @@ class DirectorySync:
     ) -> bool:
         """A manager ticked the e-mail opt-out in vTiger (it is set there and was not at the last sync): an
         opt-out like any other, recorded in the ledger, whose outputs tick the LIS flag and unsubscribe the
-        Mailchimp member. Unticking it in vTiger lifts nothing (the ledger is sticky)."""
-        if crm is None or not crm.do_not_mail or state.hashes.get(OPT_OUT_KEY) == opt_out_hash(True, self._digest):
+        Mailchimp member. Unticking it in vTiger lifts nothing (the ledger is sticky). A tick our own write of
+        unknown outcome may have set is not a manager's: it came from the LIS flag, whose own rule records it."""
+        ticked = opt_out_hash(True, self._digest)
+        ours = ticked == state.hashes.get(OPT_OUT_KEY) or ticked in state.unsure.get(OPT_OUT_KEY, ())
+        if crm is None or not crm.do_not_mail or ours:
             return False
         if self._ledger is None:
             return False  # nowhere to record it: the LIS's flag stays the truth
@@ -326,9 +337,17 @@ class DirectorySync:
                 digests[r.lis_id] = digest
         if not members:
             return
-        accepted = self._audiences.upsert(kind, list(members.values()))
+        try:
+            accepted = self._audiences.upsert(kind, list(members.values()))
+        except Exception:
+            # The batch may have run: the stored digests no longer say what the audience holds, so content
+            # returning to one of them is sent again (saved with the states, no extra request).
+            for lis_id in members:
+                states[lis_id].audience = None
+            raise
         if self._members is not None:
             note_accepted_members(self._members, {subjects[i]: members[i] for i in accepted if i in members})
-        for lis_id in accepted & set(digests):
-            states[lis_id].audience = digests[lis_id]
+        for lis_id, digest in digests.items():
+            # A member not accepted may still be applied later (a batch still running): its digest is unsure.
+            states[lis_id].audience = digest if lis_id in accepted else None
         report.audience_upserted += len(accepted)

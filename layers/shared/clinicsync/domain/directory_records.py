@@ -157,9 +157,11 @@ def merge_fields(
     base: Mapping[str, str],
     digest: Callable[[str | None], str],
     owner: Callable[[str], Owner],
+    unsure: Mapping[str, Sequence[str]] | None = None,
 ) -> Merge:
     """Field by field: equal values stay; one side changed since the base: that side wins; both changed:
-    the configured owner wins. Without a base (never synced) the LIS, the register, wins."""
+    the configured owner wins. Without a base (never synced) the LIS, the register, wins. ``unsure``: per field,
+    the hashes vTiger may hold of ours after a write of unknown outcome; a CRM value among them is no edit."""
     values: dict[str, str | None] = {}
     to_lis: dict[str, str | None] = {}
     conflicts: list[Conflict] = []
@@ -174,7 +176,9 @@ def merge_fields(
             continue
         known = base.get(name)
         lis_changed = known is None or digest(ours) != known
-        crm_changed = known is not None and digest(theirs) != known
+        crm_changed = (
+            known is not None and digest(theirs) != known and digest(theirs) not in (unsure or {}).get(name, ())
+        )
         if lis_changed and crm_changed:
             winner = owner(name)
             conflicts.append(Conflict(name, winner))
@@ -193,6 +197,9 @@ class DirectoryState:
     crm_id: str | None = None
     hashes: dict[str, str] = field(default_factory=dict)
     audience: str | None = None  # hash of what the Mailchimp member was last sent
+    # After a vTiger write of unknown outcome (see ``unsure_hashes``): per key of ``hashes``, what vTiger may
+    # hold of ours besides it. Set on the write's failure path only; a completed sync clears it.
+    unsure: dict[str, list[str]] = field(default_factory=dict)
 
 
 def synced_hashes(
@@ -216,14 +223,31 @@ def opt_out_hash(do_not_mail: bool, digest: Callable[[str | None], str]) -> str:
     return digest("1" if do_not_mail else "0")
 
 
+def row_hashes(crm: CrmRecord, digest: Callable[[str | None], str]) -> dict[str, str]:
+    """A vTiger row hashed the way ``synced_hashes`` hashes what a sync leaves."""
+    values = {name: crm.fields.get(name) for name in TWO_WAY[crm.kind]}
+    return synced_hashes(crm.kind, values, crm.do_not_mail, crm.account_id or None, digest)
+
+
+def unsure_hashes(
+    sent: Mapping[str, str], read: CrmRecord | None, digest: Callable[[str | None], str]
+) -> dict[str, list[str]]:
+    """A vTiger write failed after it may have run (a timeout, a reset, a 5xx): the row now holds, per key,
+    either what we sent (``sent``: its ``synced_hashes``) or what it held when this run read it (``read``:
+    already judged by this run's merge). Either value seen later is ours, not a manager's edit; without this
+    the sent values, differing from the stored hashes, were copied back into the LIS."""
+    held = row_hashes(read, digest) if read is not None else {}
+    return {key: sorted({value, held.get(key, value)}) for key, value in sent.items()}
+
+
 def is_echo(crm: CrmRecord, state: DirectoryState | None, digest: Callable[[str | None], str]) -> bool:
     """The vTiger row holds exactly what the last sync left in both systems: our own write coming back, or
     a save that changed nothing. Judged by content, never by who saved it last, so a manager who works in
-    vTiger under the integration's user is still heard. A hash the state lacks means "changed"."""
+    vTiger under the integration's user is still heard. A hash the state lacks means "changed". A row that
+    holds a write of unknown outcome (``DirectoryState.unsure``) is synced again: the merge knows it is ours."""
     if state is None or state.crm_id != crm.crm_id or crm.invalid:
         return False
-    values = {name: crm.fields.get(name) for name in TWO_WAY[crm.kind]}
-    return state.hashes == synced_hashes(crm.kind, values, crm.do_not_mail, crm.account_id or None, digest)
+    return state.hashes == row_hashes(crm, digest)
 
 
 class DirectoryStateStore(Protocol):

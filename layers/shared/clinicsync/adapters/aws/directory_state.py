@@ -1,5 +1,6 @@
 """The lab directory's sync state in DynamoDB: ``DIR#<kind>#<lis id>`` / ``STATE`` holds the CRM id and
-keyed hashes of the last synced values (never a value in clear). Implements ``DirectoryStateStore``."""
+keyed hashes of the last synced values (never a value in clear), and after a vTiger write of unknown outcome
+the hashes it may have left (``unsure``). Implements ``DirectoryStateStore``."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class DirectoryStore:
             state.crm_id = str(item["crm_id"]) if item.get("crm_id") else None
             state.hashes = {str(k): str(v) for k, v in (item.get("hashes") or {}).items()}
             state.audience = str(item["audience"]) if item.get("audience") else None
+            state.unsure = {str(k): [str(h) for h in v] for k, v in (item.get("unsure") or {}).items()}
         return states
 
     def save(self, states: Sequence[DirectoryState], now: int) -> None:
@@ -37,4 +39,6 @@ class DirectoryStore:
                     item["hashes"] = dict(s.hashes)
                 if s.audience:
                     item["audience"] = s.audience
+                if s.unsure:
+                    item["unsure"] = {k: list(v) for k, v in s.unsure.items()}
                 batch.put_item(Item=item)

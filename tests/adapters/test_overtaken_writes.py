@@ -277,3 +277,37 @@ def test_a_booking_polled_with_the_retry_of_a_lost_continuation_gets_a_deal_of_i
     assert sorted(origins) == ["a2", "a3"] and len(emulator.deals) == 2
     saved = store.load_patients({"p1": ["a1", "a2", "a3"]})["p1"]
     assert {aid: saved.own_deal(aid) for aid in ("a2", "a3")} == {aid: origins[aid] for aid in ("a2", "a3")}
+
+
+def test_a_continued_no_show_booked_again_with_a_lost_response_then_a_no_show_again_moves_its_own_deal(
+    portal: tuple[Bitrix24Emulator, str], template_tables: Callable[[], Table]
+) -> None:
+    """The rebooking property's shrunk history on the real syncer: a2 continued a1's no-show deal; a1 is booked
+    again and its new deal is created, the response lost; a1 is a no-show again. The retry looks a1 up (its
+    create intent), finds it under that new deal, not the one it handed on: the deal moves to "no-show"."""
+    emulator, base = portal
+    store = DynamoStore(template_tables())
+    syncer = Syncer(
+        CONFIG, store, Bitrix24Gateway(_client(emulator, base), CONFIG), KeyedHasher(b"k" * 32), claim_wait=0
+    )
+
+    def visit(aid: str, status: AppointmentStatus, version: int) -> list[PatientChanges]:
+        start = T0 + days(2 * int(aid[1]))
+        return [
+            PatientChanges(
+                patient=patient(), appointments=(appointment(aid, status=status, start=start, version=version),)
+            )
+        ]
+
+    syncer.sync(visit("a1", AppointmentStatus.NO_SHOW, 2))
+    syncer.sync(visit("a2", AppointmentStatus.BOOKED, 3))
+    [continued] = emulator.deals
+    emulator.faults.add(method="batch", status=504, html=True, times=1, after_apply=True)
+    with pytest.raises(SyncIncomplete):
+        syncer.sync(visit("a1", AppointmentStatus.BOOKED, 4))
+    [own] = set(emulator.deals) - {continued}  # landed, unknown to us
+
+    syncer.sync(visit("a1", AppointmentStatus.NO_SHOW, 5))
+    stages = {d["ORIGIN_ID"]: (did, d["STAGE_ID"]) for did, d in emulator.deals.items()}
+    no_show, booked = PRIMARY.stages[AppointmentStatus.NO_SHOW], PRIMARY.stages[AppointmentStatus.BOOKED]
+    assert stages == {"a2": (continued, booked), "a1": (own, no_show)}

@@ -21,7 +21,15 @@ def note_lost_continuations(state: PatientState, found: Mapping[str, DealMatch])
     re-booking took that deal over in an attempt whose response was lost (only a continuation writes one
     visit's id on another's deal). Noted as the continuation it is, as that attempt would have, so the
     old visit's events go through ``after_continuation`` (booked again: a deal of its own), and no other
-    booking continues that deal again (``continued_deal``)."""
+    booking continues that deal again (``continued_deal``).
+
+    The other way round: a visit whose deal was continued, found under a deal other than the one it handed
+    on, was booked again in an attempt whose response was lost and got that deal of its own (its create
+    intent made it looked up). It is a visit of its own again, as that attempt would have stored, so its
+    later events (a no-show again) move that deal rather than being skipped as ``deal_continued``."""
+    for aid, match in found.items():
+        if aid in state.continued and match.deal_id != state.appointment(aid).deal_id:
+            _own_visit_again(state, aid)
     holders = {a.deal_id: aid for aid, a in state.appointments.items() if a.deal_id and aid not in state.continued}
     for aid, match in found.items():
         holder = holders.get(match.deal_id)
@@ -40,8 +48,15 @@ def after_continuation(appointment: Appointment, state: PatientState) -> str | N
     known = state.appointment(aid)
     if appointment.version <= known.version or appointment.status not in BOOKED_AGAIN:
         return "deal_continued"
+    _own_visit_again(state, aid)
+    return None
+
+
+def _own_visit_again(state: PatientState, aid: str) -> None:
+    """The visit no longer hands its deal on: its funnel, time and status stay (a moved booking reads as
+    rescheduled); its own deal is to be made, or is the one a look-up by MIS id found."""
     del state.continued[aid]
-    # Its funnel, time and status stay (a moved booking reads as rescheduled); the deal is to be made.
+    known = state.appointment(aid)
     state.appointments[aid] = AppointmentState(
         appointment_id=aid,
         version=known.version,
@@ -50,7 +65,6 @@ def after_continuation(appointment: Appointment, state: PatientState) -> str | N
         starts_at=known.starts_at,
         lead_source=known.lead_source,
     )
-    return None
 
 
 def continued_deal(

@@ -246,3 +246,68 @@ def test_a_visit_back_to_the_content_we_last_stored_after_the_save_failed_past_t
         now[0] += CLAIM_SECONDS + 1
     syncer.sync(_visit(AppointmentStatus.BOOKED, 3))  # the same content as version 1's
     assert emulator.deals[deal_id]["STAGE_ID"] == PRIMARY.stages[AppointmentStatus.BOOKED]
+
+
+def test_a_booking_polled_with_the_retry_of_a_lost_continuation_gets_a_deal_of_its_own(
+    portal: tuple[Bitrix24Emulator, str], template_tables: Callable[[], Table]
+) -> None:
+    """The rebooking property's shrunk history (tests/unit/test_rebooking.py) on the real syncer: a1 is first
+    seen as a no-show; a3's re-booking continues its deal, the response is lost; the retry carries a3 with a2,
+    booked earlier than a3. Bitrix24 looks up by MIS id only visits with a create intent, and a continuation
+    notes none, so the retry plans from the stale state: a2, planned first, continues the no-show's deal and
+    a3 gets a deal of its own. Either way every booked visit ends with one deal naming it, as stored."""
+    emulator, base = portal
+    store = DynamoStore(template_tables())
+    syncer = Syncer(
+        CONFIG, store, Bitrix24Gateway(_client(emulator, base), CONFIG), KeyedHasher(b"k" * 32), claim_wait=0
+    )
+    no_show = appointment("a1", status=AppointmentStatus.NO_SHOW, start=T0 + days(2), version=5)
+    syncer.sync([PatientChanges(patient=patient(), appointments=(no_show,))])
+    [deal_id] = emulator.deals
+
+    rebooked = appointment("a3", start=T0 + days(6), version=6)
+    emulator.faults.add(method="batch", status=504, html=True, times=1, after_apply=True)
+    with pytest.raises(SyncIncomplete):
+        syncer.sync([PatientChanges(patient=patient(), appointments=(rebooked,))])
+    assert emulator.deals[deal_id]["ORIGIN_ID"] == "a3"  # landed, unknown to us
+
+    other = appointment("a2", start=T0 + days(4), version=7)
+    syncer.sync([PatientChanges(patient=patient(), appointments=(rebooked, other))])
+    origins = {d["ORIGIN_ID"]: str(did) for did, d in emulator.deals.items()}
+    assert sorted(origins) == ["a2", "a3"] and len(emulator.deals) == 2
+    saved = store.load_patients({"p1": ["a1", "a2", "a3"]})["p1"]
+    assert {aid: saved.own_deal(aid) for aid in ("a2", "a3")} == {aid: origins[aid] for aid in ("a2", "a3")}
+
+
+def test_a_continued_no_show_booked_again_with_a_lost_response_then_a_no_show_again_moves_its_own_deal(
+    portal: tuple[Bitrix24Emulator, str], template_tables: Callable[[], Table]
+) -> None:
+    """The rebooking property's shrunk history on the real syncer: a2 continued a1's no-show deal; a1 is booked
+    again and its new deal is created, the response lost; a1 is a no-show again. The retry looks a1 up (its
+    create intent), finds it under that new deal, not the one it handed on: the deal moves to "no-show"."""
+    emulator, base = portal
+    store = DynamoStore(template_tables())
+    syncer = Syncer(
+        CONFIG, store, Bitrix24Gateway(_client(emulator, base), CONFIG), KeyedHasher(b"k" * 32), claim_wait=0
+    )
+
+    def visit(aid: str, status: AppointmentStatus, version: int) -> list[PatientChanges]:
+        start = T0 + days(2 * int(aid[1]))
+        return [
+            PatientChanges(
+                patient=patient(), appointments=(appointment(aid, status=status, start=start, version=version),)
+            )
+        ]
+
+    syncer.sync(visit("a1", AppointmentStatus.NO_SHOW, 2))
+    syncer.sync(visit("a2", AppointmentStatus.BOOKED, 3))
+    [continued] = emulator.deals
+    emulator.faults.add(method="batch", status=504, html=True, times=1, after_apply=True)
+    with pytest.raises(SyncIncomplete):
+        syncer.sync(visit("a1", AppointmentStatus.BOOKED, 4))
+    [own] = set(emulator.deals) - {continued}  # landed, unknown to us
+
+    syncer.sync(visit("a1", AppointmentStatus.NO_SHOW, 5))
+    stages = {d["ORIGIN_ID"]: (did, d["STAGE_ID"]) for did, d in emulator.deals.items()}
+    no_show, booked = PRIMARY.stages[AppointmentStatus.NO_SHOW], PRIMARY.stages[AppointmentStatus.BOOKED]
+    assert stages == {"a2": (continued, booked), "a1": (own, no_show)}

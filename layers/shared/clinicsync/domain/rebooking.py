@@ -20,7 +20,16 @@ def note_lost_continuations(state: PatientState, found: Mapping[str, DealMatch])
     """A look-up by MIS id that finds a visit under the deal we hold for another visit of the patient: a
     re-booking took that deal over in an attempt whose response was lost (only a continuation writes one
     visit's id on another's deal). Noted as the continuation it is, as that attempt would have, so the
-    old visit's events go through ``after_continuation`` (booked again: a deal of its own)."""
+    old visit's events go through ``after_continuation`` (booked again: a deal of its own), and no other
+    booking continues that deal again (``continued_deal``).
+
+    The other way round: a visit whose deal was continued, found under a deal other than the one it handed
+    on, was booked again in an attempt whose response was lost and got that deal of its own (its create
+    intent made it looked up). It is a visit of its own again, as that attempt would have stored, so its
+    later events (a no-show again) move that deal rather than being skipped as ``deal_continued``."""
+    for aid, match in found.items():
+        if aid in state.continued and match.deal_id != state.appointment(aid).deal_id:
+            _own_visit_again(state, aid)
     holders = {a.deal_id: aid for aid, a in state.appointments.items() if a.deal_id and aid not in state.continued}
     for aid, match in found.items():
         holder = holders.get(match.deal_id)
@@ -39,8 +48,15 @@ def after_continuation(appointment: Appointment, state: PatientState) -> str | N
     known = state.appointment(aid)
     if appointment.version <= known.version or appointment.status not in BOOKED_AGAIN:
         return "deal_continued"
+    _own_visit_again(state, aid)
+    return None
+
+
+def _own_visit_again(state: PatientState, aid: str) -> None:
+    """The visit no longer hands its deal on: its funnel, time and status stay (a moved booking reads as
+    rescheduled); its own deal is to be made, or is the one a look-up by MIS id found."""
     del state.continued[aid]
-    # Its funnel, time and status stay (a moved booking reads as rescheduled); the deal is to be made.
+    known = state.appointment(aid)
     state.appointments[aid] = AppointmentState(
         appointment_id=aid,
         version=known.version,
@@ -49,7 +65,6 @@ def after_continuation(appointment: Appointment, state: PatientState) -> str | N
         starts_at=known.starts_at,
         lead_source=known.lead_source,
     )
-    return None
 
 
 def continued_deal(
@@ -74,10 +89,16 @@ def continued_deal(
 
     Nor one that became the latest in this same poll run (``polled_at``) from another of its messages: a
     first import of more than one page delivers a patient's no-show and re-booking in different messages,
-    and they keep two deals just as when one message carries both."""
+    and they keep two deals just as when one message carries both.
+
+    Nor a deal the CRM already shows under another re-booking (``note_lost_continuations``: an attempt
+    whose response was lost continued it): a no-show's deal moves on to one re-booking only, and another
+    booking of the same poll gets a deal of its own rather than taking that one over again."""
     latest = state.latest_deals.get(pipeline.category_id)
     if status not in ACTIVE_STATUSES or latest is None or latest.deal_id is None or latest.closed:
         return None
+    if latest.appointment_id in state.continued:
+        return None  # its deal moved on to a re-booking already (a lost response's, the look-up showed)
     held = before.latest_deals.get(pipeline.category_id)
     if held is None or held.deal_id != latest.deal_id:
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -18,6 +19,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "sandbox" / "clinics" / "demo-dental.yaml"
 MSK = ZoneInfo("Europe/Moscow")
 T0 = datetime(2026, 11, 20, 10, 0, tzinfo=MSK)
+
+
+# `CLINICSYNC_HYPOTHESIS=large` (tests/conftest.py) runs 20x the small profile's examples; a property that
+# sets its own count takes it through here, so the large profile deepens it too.
+EXAMPLES_SCALE = 20 if os.environ.get("CLINICSYNC_HYPOTHESIS") == "large" else 1
+
+
+def examples(small: int) -> int:
+    """``small`` examples in `make test`, 20 times as many under the large profile."""
+    return small * EXAMPLES_SCALE
 
 
 def template_table_spec(name: str = "clinic-table") -> dict[str, Any]:

@@ -23,7 +23,7 @@ from clinicsync.domain.models import PatientChanges, SyncMessage, lean_json
 from clinicsync.domain.ports import ChangePage, Cursor
 from clinicsync_cli.memory_store import MemoryStore
 from tests.e2e.test_poller_guarantees import ListQueue
-from tests.helpers import appointment, demo_config, patient
+from tests.helpers import appointment, demo_config, examples, patient
 
 HASHER = KeyedHasher(b"k" * 32)
 
@@ -77,7 +77,7 @@ def _queued(config: ClinicConfig, changes: list[PatientChanges], job: str) -> Li
     return queue
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(
     patients=st.integers(min_value=1, max_value=700),
     shards=st.integers(min_value=1, max_value=8),

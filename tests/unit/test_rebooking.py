@@ -21,7 +21,7 @@ from clinicsync.domain.models import Appointment, CrmObservation, PatientChanges
 from clinicsync.domain.models import AppointmentStatus as S
 from clinicsync.domain.rules import Adoption, apply_observation, plan_patient
 from clinicsync.domain.state import PatientState
-from tests.helpers import T0, appointment, days, demo_config, patient
+from tests.helpers import T0, appointment, days, demo_config, examples, patient
 
 HASHER = KeyedHasher(b"k" * 32)
 CONFIG = demo_config()
@@ -178,7 +178,7 @@ def test_an_earlier_or_finished_visit_does_not_continue_the_no_show() -> None:
 EVENTS = st.lists(st.sampled_from(["old_booked", "old_no_show", "rebooked", "old_cancelled"]), max_size=6)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(adopt=st.booleans(), failed=st.lists(st.integers(min_value=0, max_value=2), max_size=2))
 def test_a_no_show_and_its_rebooking_first_seen_in_one_poll_keep_two_deals(adopt: bool, failed: list[int]) -> None:
     """Shrunk by the model-based test (amoCRM and MEDODS): only a deal that a visit held before this poll is
@@ -199,7 +199,7 @@ def test_a_no_show_and_its_rebooking_first_seen_in_one_poll_keep_two_deals(adopt
     assert all(state.appointments[a].deal_id for a in ("a1", "a2"))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(pages=st.permutations([[0], [1]]) | st.just([[0, 1]]), between=st.integers(min_value=0, max_value=3))
 def test_a_no_show_and_its_rebooking_first_seen_in_one_poll_run_keep_two_deals_whichever_messages_carry_them(
     pages: list[list[int]], between: int
@@ -230,7 +230,7 @@ def test_a_rebooking_polled_in_a_later_run_than_the_no_show_still_continues_its_
     assert [d["origin"] for d in crm.deals.values()] == ["a2"] and state.continued == {"a1": "a2"}
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     lost=st.lists(st.booleans(), min_size=1, max_size=4),
     look_up=st.booleans(),
@@ -278,7 +278,7 @@ def test_a_continued_no_show_booked_again_gets_a_deal_of_its_own() -> None:
     assert len(crm.writes) == writes
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(moved_to=st.integers(min_value=-2, max_value=12), same_poll=st.booleans())
 def test_a_no_show_booked_again_keeps_its_deal_whichever_visit_is_planned_first(moved_to: int, same_poll: bool) -> None:
     """The no-show is moved to a new time and another visit is booked, in one poll or moved first: the
@@ -341,7 +341,7 @@ _LOST_CONTINUATION_RETRIED_WITH_ANOTHER_BOOKING = [("a1", "book", False)] * 4 + 
 ]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(steps=STEPS, lost=st.frozensets(st.integers(min_value=1, max_value=12)))
 @example(steps=_LOST_CONTINUATION_RETRIED_WITH_ANOTHER_BOOKING, lost=frozenset({1, 6}))
 def test_every_visit_the_mis_has_booked_is_carried_by_a_deal_of_its_own(
@@ -389,7 +389,7 @@ def _moved_when_booked_again(steps: list[tuple[str, str, bool]]) -> list[tuple[s
     return moved
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(steps=STEPS, lost=st.frozensets(st.integers(min_value=1, max_value=12)))
 def test_every_deal_is_at_the_stage_of_the_visit_it_names_whatever_lost_responses_were_overtaken(
     steps: list[tuple[str, str, bool]], lost: frozenset[int]
@@ -427,7 +427,7 @@ _BOOKED_AGAIN_LOST_THEN_NO_SHOW = [
 ]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(steps=RETURNS)
 @example(steps=[("a1", "book", "poll"), ("a1", "no_show", "lost"), ("a1", "book", "")])
 @example(steps=_BOOKED_AGAIN_LOST_THEN_NO_SHOW)

@@ -22,13 +22,16 @@ from clinicsync.adapters.amocrm.gateway import AmoCrmGateway
 from clinicsync.adapters.amocrm.oauth import AmoCrmOAuth, AmoCrmTokens, parse_tokens
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.adapters.http.pacing import Pacer
-from clinicsync.domain.crm_ports import ContactWrite, DealWrite
+from clinicsync.domain.config import Pipeline
+from clinicsync.domain.crm_ports import ContactWrite, DealWrite, PipelineMismatch
 from clinicsync.domain.crypto import KeyedHasher
 from sandbox.emulators.amocrm import (
     CONTACT_FIELD_MIS_PATIENT_ID,
     LEAD_FIELD_MIS_APPOINTMENT_ID,
+    LOST_STATUS_ID,
     MAIN_PIPELINE_ID,
     STATUS_BOOKED,
+    STATUS_IN_WORK,
     STATUS_NEW_REQUEST,
     AmoCrmEmulator,
 )
@@ -653,3 +656,35 @@ def test_a_new_container_finds_a_phone_in_any_stored_format_from_the_stored_inde
     finally:
         emulator.manager_delete_lead(lead)
         emulator.manager_delete_contact(contact)
+
+
+def test_a_config_stage_the_amocrm_pipeline_lacks_is_refused_by_name(amo: tuple[AmoCrmEmulator, str]) -> None:
+    """The start-up check names the pipeline, the MIS status and the missing status id, and passes the
+    pipelines amoCRM has (the same wording as Bitrix24's check, `crm_ports.missing_stages`)."""
+    emulator, base = amo
+    _unlimited(emulator)
+    config = _config()
+    gateway = _gateway(emulator, base, config)
+    booked, kept = str(STATUS_BOOKED), {"no_show": str(STATUS_IN_WORK), "cancelled": str(LOST_STATUS_ID)}
+    stages = {
+        "booked": booked,
+        "rescheduled": booked,
+        "confirmed": booked,
+        "arrived": booked,
+        "completed": booked,
+        **kept,
+    }
+    primary = Pipeline.model_validate({"category_id": str(MAIN_PIPELINE_ID), "stages": stages})
+    pipelines = {"primary": primary, "repeat": primary}
+    gateway.verify_pipelines(pipelines)
+    broken = Pipeline.model_validate(
+        {"category_id": str(MAIN_PIPELINE_ID), "stages": {**stages, "confirmed": "999999"}}
+    )
+    with pytest.raises(PipelineMismatch) as refused:
+        gateway.verify_pipelines({**pipelines, "primary": broken})
+    [problem] = refused.value.problems
+    assert problem.startswith(
+        f"pipeline 'primary' maps confirmed to status '999999', which pipeline {primary.category_id} does not have"
+    )
+    known = problem.split("(known: ")[1].rstrip(")").split(", ")
+    assert "999999" not in known and set(primary.stages.values()) - {"999999"} <= set(known)

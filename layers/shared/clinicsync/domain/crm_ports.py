@@ -7,7 +7,7 @@ handler that never talks to a CRM (the poller's polls, the unsubscribe pages) do
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
@@ -107,6 +107,17 @@ class PipelineMismatch(Exception):
     def __init__(self, problems: Sequence[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = list(problems)
+
+
+def missing_stages(name: str, pipeline: Pipeline, known: Collection[str], stage_word: str) -> list[str]:
+    """What the start-up check says of each stage the clinic config maps in ``pipeline`` that the CRM's
+    funnel (its ids in ``known``) does not have; ``stage_word`` is the CRM's name for a stage."""
+    return [
+        f"pipeline {name!r} maps {status.value} to {stage_word} {stage!r}, which pipeline "
+        f"{pipeline.category_id} does not have (known: {', '.join(sorted(known))})"
+        for status, stage in sorted(pipeline.stages.items())
+        if stage not in known
+    ]
 
 
 # A guarded write found its record changed since we wrote it (none of the patient's creates ran): read, plan again.

@@ -28,7 +28,15 @@ from clinicsync.adapters.amocrm.fields import LOST, WON, AmoFields, deal_match
 from clinicsync.adapters.amocrm.phones import PhoneLookup
 from clinicsync.adapters.amocrm.writes import AmoCrmWriter
 from clinicsync.domain.config import ClinicConfig, Pipeline
-from clinicsync.domain.crm_ports import CrmMatches, CrmWrite, DealMatch, OpenLead, PipelineMismatch, WriteOutcome
+from clinicsync.domain.crm_ports import (
+    CrmMatches,
+    CrmWrite,
+    DealMatch,
+    OpenLead,
+    PipelineMismatch,
+    WriteOutcome,
+    missing_stages,
+)
 from clinicsync.domain.phones import normalise_phone
 from clinicsync.domain.store_ports import CrmPhoneBook
 
@@ -90,12 +98,7 @@ class AmoCrmGateway(AmoFields):
             if statuses is None:
                 problems.append(f"pipeline {name!r}: amoCRM has no pipeline {pipeline.category_id}")
                 continue
-            for status, stage in sorted(pipeline.stages.items()):
-                if stage not in statuses:
-                    problems.append(
-                        f"pipeline {name!r} maps {status.value} to status {stage}, which pipeline "
-                        f"{pipeline.category_id} does not have (known: {', '.join(sorted(statuses))})"
-                    )
+            problems += missing_stages(name, pipeline, statuses, "status")
         if problems:
             raise PipelineMismatch(problems)
         return frozenset({WON, LOST})

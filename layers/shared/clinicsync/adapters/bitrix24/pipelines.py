@@ -8,7 +8,7 @@ from typing import Any
 
 from clinicsync.adapters.bitrix24.client import rows
 from clinicsync.domain.config import Pipeline
-from clinicsync.domain.crm_ports import PipelineMismatch
+from clinicsync.domain.crm_ports import PipelineMismatch, missing_stages
 
 
 def pipeline_reads(pipelines: Mapping[Any, Pipeline]) -> dict[str, tuple[str, Mapping[str, Any]]]:
@@ -32,12 +32,7 @@ def closed_stages(pipelines: Mapping[Any, Pipeline], result: Mapping[str, Any]) 
             continue
         stages = {str(s.get("STATUS_ID")): s for s in rows(result.get(f"stages_{name}"))}
         closed |= {sid for sid, s in stages.items() if s.get("SEMANTICS") in ("S", "F")}
-        for status, stage in sorted(pipeline.stages.items()):
-            if stage not in stages:
-                problems.append(
-                    f"pipeline {name!r} maps {status.value} to stage {stage!r}, which category "
-                    f"{pipeline.category_id} does not have (known: {', '.join(sorted(stages))})"
-                )
+        problems += missing_stages(name, pipeline, stages, "stage")
     if problems:
         raise PipelineMismatch(problems)
     return frozenset(closed)

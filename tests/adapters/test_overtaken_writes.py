@@ -38,6 +38,11 @@ def portal() -> Iterator[tuple[Bitrix24Emulator, str]]:
     server.stop()
 
 
+def _syncer(emulator: Bitrix24Emulator, base: str, store: DynamoStore) -> Syncer:
+    """The real syncer on the portal and the moto table, with no wait for claims."""
+    return Syncer(CONFIG, store, Bitrix24Gateway(_client(emulator, base), CONFIG), KeyedHasher(b"k" * 32), claim_wait=0)
+
+
 def _visit(status: AppointmentStatus, version: int, moved: int = 0) -> list[PatientChanges]:
     return [
         PatientChanges(
@@ -56,9 +61,7 @@ def test_a_stage_change_whose_response_was_lost_and_whose_message_was_overtaken_
     own lost write, not a manager's move to respect. The deal ends where the MIS says."""
     emulator, base = portal
     store = DynamoStore(template_tables())
-    syncer = Syncer(
-        CONFIG, store, Bitrix24Gateway(_client(emulator, base), CONFIG), KeyedHasher(b"k" * 32), claim_wait=0
-    )
+    syncer = _syncer(emulator, base, store)
     syncer.sync(_visit(AppointmentStatus.BOOKED, 1))
     [deal_id] = emulator.deals
     assert emulator.deals[deal_id]["STAGE_ID"] == PRIMARY.stages[AppointmentStatus.BOOKED]
@@ -86,9 +89,7 @@ def test_a_visit_back_to_the_content_we_last_stored_after_a_lost_stage_change_is
     the read finds that stage ours, and the deal ends at "booked"."""
     emulator, base = portal
     store = DynamoStore(template_tables())
-    syncer = Syncer(
-        CONFIG, store, Bitrix24Gateway(_client(emulator, base), CONFIG), KeyedHasher(b"k" * 32), claim_wait=0
-    )
+    syncer = _syncer(emulator, base, store)
     syncer.sync(_visit(AppointmentStatus.BOOKED, 1))
     [deal_id] = emulator.deals
 
@@ -258,9 +259,7 @@ def test_a_booking_polled_with_the_retry_of_a_lost_continuation_gets_a_deal_of_i
     a3 gets a deal of its own. Either way every booked visit ends with one deal naming it, as stored."""
     emulator, base = portal
     store = DynamoStore(template_tables())
-    syncer = Syncer(
-        CONFIG, store, Bitrix24Gateway(_client(emulator, base), CONFIG), KeyedHasher(b"k" * 32), claim_wait=0
-    )
+    syncer = _syncer(emulator, base, store)
     no_show = appointment("a1", status=AppointmentStatus.NO_SHOW, start=T0 + days(2), version=5)
     syncer.sync([PatientChanges(patient=patient(), appointments=(no_show,))])
     [deal_id] = emulator.deals
@@ -287,9 +286,7 @@ def test_a_continued_no_show_booked_again_with_a_lost_response_then_a_no_show_ag
     create intent), finds it under that new deal, not the one it handed on: the deal moves to "no-show"."""
     emulator, base = portal
     store = DynamoStore(template_tables())
-    syncer = Syncer(
-        CONFIG, store, Bitrix24Gateway(_client(emulator, base), CONFIG), KeyedHasher(b"k" * 32), claim_wait=0
-    )
+    syncer = _syncer(emulator, base, store)
 
     def visit(aid: str, status: AppointmentStatus, version: int) -> list[PatientChanges]:
         start = T0 + days(2 * int(aid[1]))

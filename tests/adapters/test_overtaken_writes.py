@@ -106,6 +106,31 @@ def test_a_visit_back_to_the_content_we_last_stored_after_a_lost_stage_change_is
     assert (state.version, state.stage, state.manual_stage) == (3, PRIMARY.stages[AppointmentStatus.BOOKED], None)
 
 
+def test_a_managers_move_made_under_the_integration_login_holds_against_a_reschedule(
+    portal: tuple[Bitrix24Emulator, str], template_tables: Callable[[], Table]
+) -> None:
+    """A manager working under the webhook's user moves the deal to "in work", so the portal records our
+    integration user as its last modifier. Every write of ours was answered, so that stage cannot be our own
+    lost write: the reschedule's guard fails, the read takes the stage for the manager's move it is, and it
+    holds until the MIS moves forward (it was once written over with "rescheduled")."""
+    emulator, base = portal
+    store = DynamoStore(template_tables())
+    syncer = _syncer(emulator, base, store)
+    syncer.sync(_visit(AppointmentStatus.BOOKED, 1))
+    [deal_id] = emulator.deals
+    in_work = PRIMARY.stages[AppointmentStatus.NO_SHOW]
+    emulator.manager_update("deal", int(deal_id), {"STAGE_ID": in_work}, user_id=emulator.user_id)  # no webhook yet
+    assert emulator.deals[deal_id]["MODIFY_BY_ID"] == str(emulator.user_id)
+
+    syncer.sync(_visit(AppointmentStatus.BOOKED, 2, moved=1))  # a reschedule: no move forward
+    assert emulator.deals[deal_id]["STAGE_ID"] == in_work
+    state = store.load_patients({"p1": ["a1"]})["p1"].appointments["a1"]
+    assert (state.version, state.manual_stage) == (2, in_work)
+
+    syncer.sync(_visit(AppointmentStatus.COMPLETED, 3, moved=1))  # the MIS moves forward: the sync moves on
+    assert emulator.deals[deal_id]["STAGE_ID"] == PRIMARY.stages[AppointmentStatus.COMPLETED]
+
+
 class _Crash(BaseException):
     """The invocation is killed: no handler of ours runs, nothing is released."""
 

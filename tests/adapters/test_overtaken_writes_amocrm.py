@@ -32,7 +32,7 @@ from sandbox.emulators.amocrm import (
 )
 from sandbox.emulators.base import ServedApp
 from tests.adapters.test_amocrm_gateway import FAST, _session, _store
-from tests.helpers import DEMO_CONFIG, appointment, patient
+from tests.helpers import DEMO_CONFIG, T0, appointment, days, patient
 
 
 def _config() -> ClinicConfig:
@@ -86,3 +86,24 @@ def test_a_visit_back_to_the_content_we_last_stored_after_a_lost_status_change_i
     syncer.sync(_visit(AppointmentStatus.BOOKED, 3))  # the same content as version 1's
     assert list(emulator.leads) == [lead_id]
     assert emulator.leads[lead_id]["status_id"] == STATUS_BOOKED
+
+
+def test_a_managers_move_made_under_the_integration_login_holds_against_a_reschedule(
+    amo: tuple[AmoCrmEmulator, str], template_tables: Callable[[], Table]
+) -> None:
+    """amoCRM acts as the user who granted the token, so a manager working in that account moves leads as
+    our integration user. Every write of ours was answered, so «В работе» cannot be our own lost write: the
+    reschedule's read takes it for the manager's move it is, and the stage holds (it was once written over)."""
+    emulator, base = amo
+    config = _config()
+    client = AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST)
+    gateway = AmoCrmGateway(client, config, user_id=str(emulator.api_user_id))
+    syncer = Syncer(config, DynamoStore(template_tables()), gateway, KeyedHasher(b"k" * 32), claim_wait=0)
+    syncer.sync(_visit(AppointmentStatus.BOOKED, 1))
+    [lead_id] = emulator.leads
+    emulator.manager_move_lead(lead_id, STATUS_IN_WORK, user_id=emulator.api_user_id)  # no webhook heard yet
+
+    moved = appointment(version=2, start=T0 + days(1))  # a reschedule: no move forward
+    syncer.sync([PatientChanges(patient=patient(), appointments=(moved,))])
+    assert list(emulator.leads) == [lead_id]
+    assert emulator.leads[lead_id]["status_id"] == STATUS_IN_WORK

@@ -330,20 +330,46 @@ def test_the_read_before_a_stage_change_respects_a_manager_as_the_webhook_would(
         assert _deal_ends_at(crm_stage, p) == crm_stage  # never reopened
 
 
-@given(before=STATUSES, after=STATUSES, crm_stage=CRM_STAGES, modifier=st.sampled_from(["7", "8"]))
-def test_a_stage_read_on_an_open_deal_we_modified_last_is_no_managers_move(
-    before: S, after: S, crm_stage: str, modifier: str
+@given(
+    before=STATUSES,
+    after=STATUSES,
+    crm_stage=CRM_STAGES,
+    modifier=st.sampled_from(["7", "8"]),
+    unsure=st.booleans(),
+)
+def test_a_stage_read_on_an_open_deal_we_modified_last_is_ours_only_after_a_write_of_unknown_outcome(
+    before: S, after: S, crm_stage: str, modifier: str, unsure: bool
 ) -> None:
     """The read before a stage change finds deal 20 at ``crm_stage``, last modified by ``modifier``; we are
-    user 7. Our own write whose outcome was unknown (never stored) is no manager's move, as its webhook
-    would be an echo; a deal that is closed stays closed whoever closed it; anyone else's move is learnt."""
+    user 7. Told by content, not by modifier: only when a write of unknown outcome touched the patient since
+    the held stage was stored (``unsure``) can that stage be our own write, never stored, and it is not a
+    manager's move. Otherwise every write of ours left the held stage, so another one is a manager's move
+    made under the integration's login, learnt as anyone's; a closed deal stays closed whoever closed it."""
     closed = crm_stage in PRIMARY.closed_stages
     snapshot = {"id": "20", "stage": crm_stage, "closed": "Y" if closed else "N", "modified_by": modifier}
     changes = PatientChanges(patient=patient(), appointments=(appointment(status=after, version=2),))
     state = _synced(before)
+    if unsure:
+        state.write_epoch += 1  # an attempt's response was lost after the state above was stored
     for write in deals(plan(changes, state)):
         if stage_to_check(write, state) != "20":
             continue
         anyones = stage_read_observation(write, state, snapshot)
         ours = stage_read_observation(write, state, snapshot, ours="7")
-        assert ours == (anyones if modifier != "7" or closed else None)
+        assert ours == (None if modifier == "7" and not closed and unsure else anyones)
+
+
+def test_regression_a_managers_open_stage_under_the_integration_login_holds_against_a_reschedule() -> None:
+    """A manager working under the integration's login moves the booked deal to "in work"; the MIS then
+    reschedules the visit (no move forward). Every write of ours was stored, so the stage is the manager's
+    and holds; it was once taken for our own lost write and overwritten with "rescheduled"."""
+    state = _synced(S.BOOKED)
+    in_work = PRIMARY.stages[S.NO_SHOW]
+    assert in_work not in (PRIMARY.stages[S.BOOKED], PRIMARY.stages[S.RESCHEDULED])
+    snapshot = {"id": "20", "stage": in_work, "closed": "N", "modified_by": "7"}
+    changes = PatientChanges(patient=patient(), appointments=(appointment(version=2, start=T0 + days(1)),))
+    p = plan(changes, state)
+    [write] = [w for w in deals(p) if stage_to_check(w, state) == "20"]
+    observation = stage_read_observation(write, state, snapshot, ours="7")
+    assert observation is not None and apply_observation(state, observation, CONFIG) == ["a1"]
+    assert _deal_ends_at(in_work, plan(changes, state)) == in_work

@@ -58,13 +58,22 @@ def stage_read_observation(
 ) -> CrmObservation | None:
     """What the read before a stage change teaches: a stage that is neither the one we last wrote nor the
     one we are about to write is a manager's move, respected exactly as its webhook would be
-    (``apply_observation``). A deal gone from the CRM, or at either of those stages, teaches nothing; nor
-    does an open deal last modified by us (``ours``, the integration user), as its webhook would not (an
-    echo): that stage is our own write whose outcome was unknown and which no retry stored."""
+    (``apply_observation``). A deal gone from the CRM, or at either of those stages, teaches nothing.
+
+    An open deal last modified by us (``ours``, the integration user) is told by its content, not its
+    modifier: its stage can be our own write only if a write of unknown outcome touched the patient since
+    the held stage was stored (``PatientState.unsure``); that stage is then ours, one no retry stored, and
+    is rewritten. Otherwise every write of ours since is known and left the held stage, so another stage is
+    a manager's move made under the integration's login, and is respected like anyone's."""
     stage = snapshot.get("stage") if snapshot is not None else None
     held = held_stage(write, state)
     if snapshot is None or held is None or not stage or stage in (held[1], write.stage):
         return None
-    if ours and snapshot.get("modified_by") == ours and snapshot.get("closed") != "Y":
-        return None  # a deal we closed stays closed, whoever learns it: only an open one is rewritten
+    if (
+        ours
+        and snapshot.get("modified_by") == ours
+        and snapshot.get("closed") != "Y"  # a deal we closed stays closed, whoever learns it
+        and state.unsure(state.appointment(held[0]).epoch)
+    ):
+        return None
     return deal_observation(snapshot, state.patient_id, held[0])  # the manager's move, on the visit holding it

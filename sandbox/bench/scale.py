@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import resource
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,6 +51,13 @@ LINEAR_WITHIN = 1.15
 MEMORY_BOUNDED = 1.5
 
 
+def batch_commands(crm_app: Any) -> dict[str, int]:
+    """The commands the CRM emulator has run inside ``batch`` requests so far, by method (Bitrix24's
+    counter; an emulator without one gives none)."""
+    stats = getattr(crm_app, "stats", None)
+    return dict(stats().get("batch_commands", {})) if callable(stats) else {}
+
+
 def seeded(appointments: int) -> tuple[int, int]:
     """Patients and appointments for a clinic of ``appointments``: the main bench's mix."""
     base = Sizes()
@@ -70,7 +78,11 @@ def run_point(crm: str, appointments: int, verbose: bool = False) -> dict[str, A
                 with metered(clinic.stack) as meter, simulated(clock), _quiet():
                     meter.trace_every = TRACE_EVERY
                     meter.progress = _log_to_stderr if verbose else None
+                    commands_before = batch_commands(wired.crm.app)
                     backfill = measure_backfill(crm, clinic, wired.crm, clock, meter)
+                    commands = Counter(batch_commands(wired.crm.app))
+                    commands.subtract(commands_before)
+                    contacts = len(clinic.crm.contacts_by_origin())
                 failed = backfill.summary.drain.get("failed", 0)
                 told = failures_told(clinic, meter.failed_messages) if failed else ""  # why they failed
             finally:
@@ -93,6 +105,9 @@ def run_point(crm: str, appointments: int, verbose: bool = False) -> dict[str, A
         "seeded_patients": patients,
         "figure": figure.as_dict(),
         "contacts_without_visits": backfill.without_visits["contacts"],
+        "contacts_in_crm": contacts,
+        # Bitrix24: the import's commands by method, all of its requests being ``batch`` (amoCRM: none).
+        "crm_batch_commands": {method: n for method, n in sorted(commands.items()) if n},
         "syncer_invocations": backfill.cost["invocations"]["StageSyncerFunction"],
         "syncer_peak_mib": round(backfill.peak_bytes / 2**20, 1),
         "syncer_invocations_traced": meter.traced,

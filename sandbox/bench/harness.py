@@ -47,7 +47,8 @@ class Wired:
 @contextlib.contextmanager
 def simulated(clock: SimClock) -> Iterator[Wired]:
     """CRM emulators built in here run on ``clock`` behind a :class:`ClockedApp`; clinicsync's pacers,
-    shared budget and back-off sleeps wait in simulated time. Everything else is untouched."""
+    shared budget and back-off sleeps wait in simulated time; the emulators keep connections alive.
+    Everything else is untouched."""
     import sandbox.local as local
     from clinicsync.adapters.amocrm import client as amocrm
     from clinicsync.adapters.aws import budget
@@ -64,7 +65,9 @@ def simulated(clock: SimClock) -> Iterator[Wired]:
         if isinstance(app, Bitrix24Emulator | AmoCrmEmulator):
             app = ClockedApp(app, clock)
             wired.crm_apps.append(app)
-        return real_served(app, *args, **kwargs)
+        # The vendors' endpoints keep connections alive, as AWS's do (moto_process.KeepAliveHandler): a
+        # warm container's pooled connection is not a TCP connect per request on our thread.
+        return real_served(app, *args, keep_alive=True, **kwargs)
 
     # wiring imports the adapters where it builds them, so patching the modules reaches it.
     bucket = functools.partial(budget.SharedLeakyBucket, clock=clock.now, sleep=clock.sleep)

@@ -5,7 +5,6 @@ transaction backup made affordable, see :func:`sandbox.bench.harness.moto_transa
 
 from __future__ import annotations
 
-import io
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from typing import Any
 
 from moto.moto_server.werkzeug_app import MotoRequestHandler
 
+from sandbox.emulators.base import KeepAliveRequestHandler
 from sandbox.runtime import LocalAws
 
 
@@ -60,49 +60,8 @@ class ProcessAws(LocalAws):
         return super().client(service)
 
 
-class KeepAliveHandler(MotoRequestHandler):
-    """HTTP/1.1 with keep-alive, as AWS's endpoints answer. werkzeug's dev server sends ``Connection: close``
-    on every response and then drains whatever the socket holds (it could not tell an unread body from the
-    next request), so each AWS call of ours paid a TCP connect and a new urllib3 connection on our thread,
-    which a Lambda container reusing its pooled connections does not pay. Here the body is read whole
-    first, and werkzeug's drain is handed an empty stream, so the socket is left at the next request. A
-    chunked body (boto3 sends none to these services) is served as before and closes the connection."""
-
-    disable_nagle_algorithm = True  # headers and body are two writes: no delayed-ACK stall between calls
-    _eof: socket.socket | None = None  # always readable, never read: werkzeug's drain selects on it
-
-    def run_wsgi(self) -> None:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            super().run_wsgi()
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        self.body = self.rfile.read(length) if length > 0 else b""
-        real = self.rfile, self.connection
-        self.rfile, self.connection = io.BytesIO(), _eof_socket()
-        try:
-            super().run_wsgi()
-        finally:
-            self.rfile, self.connection = real
-
-    def make_environ(self) -> dict[str, Any]:
-        environ = super().make_environ()
-        if hasattr(self, "body"):
-            environ["wsgi.input"] = io.BytesIO(self.body)
-        return environ
-
-    def send_header(self, keyword: str, value: str) -> None:
-        if keyword.lower() == "connection" and value.lower() == "close" and hasattr(self, "body"):
-            return  # the client's own Connection header (parse_request) still decides
-        super().send_header(keyword, value)
-
-
-def _eof_socket() -> socket.socket:
-    """One socket whose peer has closed: a select on it returns at once (shared; nobody reads it)."""
-    if KeepAliveHandler._eof is None:
-        mine, peer = socket.socketpair()
-        peer.close()
-        KeepAliveHandler._eof = mine
-    return KeepAliveHandler._eof
+class KeepAliveHandler(KeepAliveRequestHandler, MotoRequestHandler):
+    """moto's request handler with keep-alive (:class:`sandbox.emulators.base.KeepAliveRequestHandler`)."""
 
 
 def serve(port: int) -> None:

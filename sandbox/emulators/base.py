@@ -7,7 +7,9 @@ in-process (werkzeug's test client) or on a real loopback port (``serve``) for r
 from __future__ import annotations
 
 import functools
+import io
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 
 class Clock:
@@ -57,11 +59,60 @@ def webhook_sender() -> httpx.Client:
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no per-request access lines: paths can carry PII
 
 
+class KeepAliveRequestHandler(WSGIRequestHandler):
+    """HTTP/1.1 with keep-alive, as AWS's and the vendors' endpoints answer. werkzeug's dev server sends
+    ``Connection: close`` on every response and then drains whatever the socket holds (it could not tell an
+    unread body from the next request), so each request of ours paid a TCP connect and a new connection on
+    our thread, which a Lambda container reusing its pooled connections does not pay. Here the body is read
+    whole first, and werkzeug's drain is handed an empty stream, so the socket is left at the next request.
+    A chunked body (boto3 sends none to these services) is served as before and closes the connection."""
+
+    disable_nagle_algorithm = True  # headers and body are two writes: no delayed-ACK stall between calls
+    _eof: socket.socket | None = None  # always readable, never read: werkzeug's drain selects on it
+
+    def run_wsgi(self) -> None:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.__dict__.pop("body", None)  # an earlier request's on this connection
+            super().run_wsgi()
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        self.body = self.rfile.read(length) if length > 0 else b""
+        real = self.rfile, self.connection
+        self.rfile, self.connection = io.BytesIO(), _eof_socket()
+        try:
+            super().run_wsgi()
+        finally:
+            self.rfile, self.connection = real
+
+    def make_environ(self) -> dict[str, Any]:
+        environ = super().make_environ()
+        if hasattr(self, "body"):
+            environ["wsgi.input"] = io.BytesIO(self.body)
+        return environ
+
+    def send_header(self, keyword: str, value: str) -> None:
+        if keyword.lower() == "connection" and value.lower() == "close" and hasattr(self, "body"):
+            return  # the client's own Connection header (parse_request) still decides
+        super().send_header(keyword, value)
+
+
+def _eof_socket() -> socket.socket:
+    """One socket whose peer has closed: a select on it returns at once (shared; nobody reads it)."""
+    if KeepAliveRequestHandler._eof is None:
+        mine, peer = socket.socketpair()
+        peer.close()
+        KeepAliveRequestHandler._eof = mine
+    return KeepAliveRequestHandler._eof
+
+
 class ServedApp:
     """Runs a WSGI app on 127.0.0.1 on a free port in a daemon thread."""
 
-    def __init__(self, app: WsgiApp, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server: BaseWSGIServer = make_server(host, port, app, threaded=True)
+    def __init__(self, app: WsgiApp, host: str = "127.0.0.1", port: int = 0, *, keep_alive: bool = False) -> None:
+        # Keep-alive for the bench, whose CPU per event should not count a TCP connect per request; the
+        # tests keep werkzeug's close-per-response, under which their faults (dropped answers) were written.
+        handler = KeepAliveRequestHandler if keep_alive else None
+        self._server: BaseWSGIServer = make_server(host, port, app, threaded=True, request_handler=handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property

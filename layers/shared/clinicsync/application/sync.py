@@ -216,6 +216,8 @@ class Syncer:
         return outcome, added.matches, live + held, plans + added.plans, writes + added.writes, intents + added.intents
 
     def _verified(self) -> None:
+        # Two callers, not one after the look-up: a message's observations are applied before it and need the
+        # CRM's closed stages (the check then goes alone); _plan's call comes after it (test_first_sync_check.py).
         if self._verify is not None:
             self._config, self._verify = self._verify(), None
 

@@ -330,3 +330,36 @@ def test_a_failed_deferred_phone_look_up_fails_only_the_patients_it_held(table_f
     syncer.sync([alone, family])
     assert crm.creates == ["a9"]  # the retry's p9 is known: not created again
     assert crm.lead_takers == ["a0"] and crm.deal_takers == ["a0"]  # the family's visit adopts, once
+
+
+@dataclass
+class LostAnswerDeferringCrm(DeferringFamilyCrm):
+    """The held patients' writes go out with the rest; then the request's answer is lost."""
+
+    def apply_then(
+        self,
+        writes: Sequence[CrmWrite],
+        matches: CrmMatches,
+        more: Callable[[CrmMatches | None], Sequence[CrmWrite]],
+    ) -> WriteOutcome:
+        super().apply_then(writes, matches, more)
+        raise TimeoutError("the write request's answer was lost")
+
+
+def test_a_sync_that_fails_after_the_held_patients_writes_went_out_doubts_their_digests(table_factory: Any) -> None:
+    """A patient held for the phone look-up in the write request is planned and written while that request
+    runs; if the sync then fails, those writes are of unknown outcome like the others: the patient's stored
+    digests are doubted (``write_epoch``) before its claim goes."""
+    store = table_factory()
+    card = patient("p0", phone=PHONE, email=None)
+    Syncer(demo_config(), store, FamilyCrm(), KeyedHasher(b"k" * 32)).sync(  # type: ignore[arg-type]
+        [PatientChanges(patient=card, appointments=())]  # the card before its first booking: no deal yet
+    )
+    before = store.load_patients({"p0": []})["p0"]
+    assert before.contact_id is not None and not before.has_deal
+    crm = LostAnswerDeferringCrm()
+    syncer = Syncer(demo_config(), store, crm, KeyedHasher(b"k" * 32))  # type: ignore[arg-type]
+    with pytest.raises(TimeoutError):
+        syncer.sync([PatientChanges(patient=card, appointments=(appointment("a0", "p0"),))])
+    assert crm.deferred_lookups == 1 and crm.deal_takers == ["a0"]  # held, then written (adopting the deal)
+    assert store.load_patients({"p0": []})["p0"].write_epoch == before.write_epoch + 1

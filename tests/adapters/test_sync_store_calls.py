@@ -19,6 +19,7 @@ from clinicsync.adapters.aws import keys
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.adapters.aws.table import wire_client
 from clinicsync.application.sync import Syncer
+from clinicsync.application.sync_claims import claim_patients
 from clinicsync.domain.crm_ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, WriteOutcome
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import contact_intent, deal_intent
@@ -282,3 +283,56 @@ def test_a_syncs_last_transaction_cancelled_by_a_concurrent_one_still_frees_its_
     else:
         assert all(states[f"p{n}"].appointments[f"a{n}"].deal_id for n in range(2))
         assert store.load_intents(intents) == {}
+
+
+def _claim_item(table: Table, pid: str, owner: str, hold_ends: int, legacy: bool) -> None:
+    """A claim as the syncer leaves it (held until ``held_until``), or one stored before ``held_until``
+    existed (held until its ``expires_at``)."""
+    hold = {"expires_at": hold_ends} if legacy else {"held_until": hold_ends, "expires_at": hold_ends + 10**6}
+    table.put_item(Item={**keys.claim(pid), "owner": owner, **hold})
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(live=st.integers(1, 3), left=st.integers(0, 2), free=st.integers(0, 3), legacy=st.booleans())
+def test_each_wait_round_on_a_patient_another_invocation_holds_costs_one_request(
+    template_tables: Callable[[], Table], live: int, left: int, free: int, legacy: bool
+) -> None:
+    """The cancelled claim transaction returns each item it failed on (``ALL_OLD``): a live hold is known
+    from it, so a wait round is that one request (a read, or a take-over attempt, after it was a second).
+    Only the first round costs more: the free patients' claims sent again without the held ones, and the
+    take-over of claims their owners left behind, which are reported as such."""
+    store, log = _store_with_log(template_tables)
+    now = 1_000_000
+    held = [f"h{n}" for n in range(live)]
+    dead = [f"d{n}" for n in range(left)]
+    for pid in held:
+        _claim_item(store._table, pid, "other", now + 300, legacy)
+    for pid in dead:
+        _claim_item(store._table, pid, "died", now - 1, legacy)
+    log.clear()
+    claimed = claim_patients(
+        store, held + dead + [f"f{n}" for n in range(free)], "me", 600, lambda: now, lambda _: log.append("sleep"), 3.0
+    )
+    rounds = " ".join(log).split(" sleep ")
+    assert len(rounds) > 2  # it waited, more than once, for the live holds
+    assert rounds[0].split() == ["TransactWriteItems"] * (1 + (free > 0) + (left > 0))
+    assert all(later.split() == ["TransactWriteItems"] for later in rounds[1:])
+    assert claimed == set(dead) | {f"f{n}" for n in range(free)} and claimed.taken_over == set(dead)
+
+
+def test_a_cancellation_that_does_not_return_the_item_still_takes_a_claim_left_behind_over(
+    template_tables: Callable[[], Table],
+) -> None:
+    """A reason without its item (a ``TransactionConflict`` never has one) says nothing of the hold: the
+    patient is tried as left behind, as before the items came back, never held until the item's TTL."""
+    table = template_tables()
+    store = DynamoStore(table)
+    _claim_item(table, "p1", "died", 999, legacy=False)
+
+    def reason_for(operation: str, pk: str, sk: str) -> str | None:
+        return "ConditionalCheckFailed" if {"pk": pk, "sk": sk} == keys.claim("p1") else None
+
+    with cancel_next_transaction(table, reason_for) as sent:
+        claimed = store.claim_patients(["p0", "p1"], "next", 1000, 600)
+    assert (claimed, claimed.taken_over) == ({"p0", "p1"}, {"p1"})
+    assert len(sent) == 3  # cancelled without items, p0 alone, p1 taken over

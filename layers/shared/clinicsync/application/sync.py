@@ -12,7 +12,7 @@ from clinicsync.application.consent import ConsentLedger, CrmContactReader
 from clinicsync.application.sync_claims import claim_patients, mark_unsure
 from clinicsync.application.sync_consent import SyncConsent
 from clinicsync.application.sync_lookup import SyncLookup, load_holders, settled_intents
-from clinicsync.application.sync_writes import apply_with_held
+from clinicsync.application.sync_writes import HeldPlans, apply_with_held
 from clinicsync.domain.audience import AudienceUpserts
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crm_ports import (
@@ -155,8 +155,11 @@ class Syncer:
             plans = self._read_then_plan(live, states, matches, ledger, own_opt_outs, plans, observed, report)
         writes = [w for plan in plans for w in plan.writes] + links
         intents = self._lookup.record_intents(writes)
+        added = HeldPlans()  # the held patients' share, once their look-up answers
         try:
-            outcome, matches, live = self._apply(writes, intents, plans, matches, live, held, states, ledger)
+            outcome, matches, live, plans, writes, intents = self._apply(
+                writes, intents, plans, matches, live, held, states, ledger, added
+            )
             changed = sorted(pid for pid, why in outcome.failed.items() if why == CHANGED_SINCE_READ)
             if changed:  # a guard found a manager's change: read those records, plan again, write unguarded
                 ids = set(changed)
@@ -179,7 +182,7 @@ class Syncer:
         except BaseException:  # whatever stops it, the claims are released (finally): doubt the digests first
             release.intents = []  # states not stored: the intents stay, so the retry looks the creates up
             with contextlib.suppress(Exception):  # the error that stopped the sync is the one raised
-                mark_unsure(self._store, sorted({w.patient_id for w in writes}), release)
+                mark_unsure(self._store, sorted({w.patient_id for w in [*writes, *added.writes]}), release)
             raise
         report.crm_requests = self._gateway.requests_made() - requests_before
         if outcome.failed or busy:
@@ -196,18 +199,25 @@ class Syncer:
         held: list[PatientChanges],
         states: dict[str, PatientState],
         ledger: dict[str, set[str]],
-    ) -> tuple[WriteOutcome, CrmMatches, list[PatientChanges]]:
-        """The writes; patients held for their phones' look-up are planned when it answers (``apply_with_held``)."""
+        added: HeldPlans,
+    ) -> tuple[WriteOutcome, CrmMatches, list[PatientChanges], list[PatientPlan], list[CrmWrite], list[str]]:
+        """The writes; patients held for their phones' look-up are planned when it answers (``apply_with_held``,
+        into ``added``). Returns the outcome and the sync's matches, patients, plans, writes and intents, the
+        held patients' joined to them if their look-up answered."""
         if not (held and isinstance(gateway := self._gateway, LookupInWrites)):
-            return (self._gateway.apply(writes) if writes else WriteOutcome()), matches, live
+            return (self._gateway.apply(writes) if writes else WriteOutcome()), matches, live, plans, writes, intents
 
         def plan(items: list[PatientChanges], found: CrmMatches) -> list[PatientPlan]:
             return [self._guarded(plan, states[plan.patient_id]) for plan in self._plan(items, states, found, ledger)]
 
-        done = apply_with_held(gateway, writes, intents, plans, matches, held, self._lookup.record_intents, plan)
-        return (done[0], done[1], live + held) if done[1] is not None else (done[0], matches, live)
+        outcome = apply_with_held(gateway, writes, matches, held, self._lookup.record_intents, plan, added)
+        if added.matches is None:
+            return outcome, matches, live, plans, writes, intents
+        return outcome, added.matches, live + held, plans + added.plans, writes + added.writes, intents + added.intents
 
     def _verified(self) -> None:
+        # Two callers, not one after the look-up: a message's observations are applied before it and need the
+        # CRM's closed stages (the check then goes alone); _plan's call comes after it (test_first_sync_check.py).
         if self._verify is not None:
             self._config, self._verify = self._verify(), None
 

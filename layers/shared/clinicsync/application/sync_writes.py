@@ -4,40 +4,50 @@ write request (``LookupInWrites``)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from clinicsync.domain.crm_ports import CrmMatches, CrmWrite, LookupInWrites, WriteOutcome
 from clinicsync.domain.models import PatientChanges
 from clinicsync.domain.rules import PatientPlan
 
 
+@dataclass
+class HeldPlans:
+    """What the held patients add to a sync once their look-up answers: the matches completed, their plans
+    (in the held patients' order), their writes and the create intents noted for them. Filled as the
+    writes run, so a sync that fails after the held writes were sent still knows they may have landed."""
+
+    matches: CrmMatches | None = None  # None: the look-up failed (or never answered)
+    plans: list[PatientPlan] = field(default_factory=list)
+    writes: list[CrmWrite] = field(default_factory=list)
+    intents: list[str] = field(default_factory=list)
+
+
 def apply_with_held(
     gateway: LookupInWrites,
-    writes: list[CrmWrite],
-    intents: list[str],
-    plans: list[PatientPlan],
+    writes: Sequence[CrmWrite],
     matches: CrmMatches,
-    held: list[PatientChanges],
+    held: Sequence[PatientChanges],
     record_intents: Callable[[Sequence[CrmWrite]], list[str]],
     plan: Callable[[list[PatientChanges], CrmMatches], list[PatientPlan]],
-) -> tuple[WriteOutcome, CrmMatches | None]:
+    added: HeldPlans,
+) -> WriteOutcome:
     """``writes``, with the look-up of the held patients' phones riding in their first request; the held
-    patients are then planned, their creates noted as intents, and their writes (added to ``plans``,
-    ``writes`` and ``intents``) join the same batches. If their look-up failed, the outcome fails them
-    (nothing of theirs was written) and no matches come back."""
-    looked_up: list[CrmMatches] = []
+    patients are then planned, their creates noted as intents, and their writes join the same batches:
+    all of that goes in ``added``, never in the caller's lists. If their look-up failed, the outcome
+    fails them (nothing of theirs was written) and ``added`` stays empty."""
 
     def plan_held(completed: CrmMatches | None) -> list[CrmWrite]:
         if completed is None:
             return []
-        looked_up.append(completed)
-        later = plan(held, completed)
-        plans.extend(later)
+        later = plan(list(held), completed)
         more = [w for p in later for w in p.writes]
-        intents.extend(record_intents(more))  # before any of their creates is sent
-        writes.extend(more)
+        added.matches, added.plans = completed, later
+        added.intents = record_intents(more)  # before any of their creates is sent
+        added.writes = more
         return more
 
     outcome = gateway.apply_then(list(writes), matches, plan_held)
-    if not looked_up:
+    if added.matches is None:
         outcome.failed.update({item.patient.mis_id: "lookup_failed" for item in held})
-    return outcome, looked_up[0] if looked_up else None
+    return outcome

@@ -4,22 +4,39 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from botocore.exceptions import ClientError
 
 from clinicsync.adapters.aws import keys
-from clinicsync.adapters.aws.table import TRANSACT_LIMIT, TableRepository, batch_writer, cancelled, failed_condition
+from clinicsync.adapters.aws.table import (
+    TRANSACT_LIMIT,
+    TableRepository,
+    batch_writer,
+    cancelled,
+    failed_condition,
+    item_from_wire,
+)
 from clinicsync.domain.store_ports import Claimed
 
-_FREE = "attribute_not_exists(pk) OR expires_at < :now OR #o = :owner"
 # A patient's claim is held until ``held_until``; its item stays (``expires_at``: the table's TTL) past the
 # dead-letter queue's retention, so a later attempt knows it takes over a claim its owner left behind.
-# (A claim stored before ``held_until`` existed is held until its ``expires_at``.)
+# (A claim stored before ``held_until`` existed is held until its ``expires_at``.) Two conditions, tried
+# in turn, not one: a transaction's put does not say what it replaced, so a take-over is known only as a
+# put that failed ``_UNCLAIMED`` and then met ``_LEFT_BEHIND``.
 _UNCLAIMED = "attribute_not_exists(pk) OR #o = :owner"
 _LEFT_BEHIND = "held_until < :now OR (attribute_not_exists(held_until) AND expires_at < :now)"
+# An adoption claim (no ``held_until``: held until its ``expires_at``) needs no take-over to be known: either.
+_FREE = f"{_UNCLAIMED} OR {_LEFT_BEHIND}"
 CLAIM_ITEM_SECONDS = 15 * 24 * 3600
 # A lease item may outlive its release without an owner (a poll's, see cursors.py): free as well.
 LEASE_FREE = "attribute_not_exists(#o) OR expires_at < :now OR #o = :owner"
+
+
+def _hold_passed(claim: Mapping[str, Any], now: int) -> bool:
+    """``_LEFT_BEHIND`` read from an item a cancellation returned (the conditional put still decides)."""
+    held_until = claim.get("held_until", claim.get("expires_at"))
+    return held_until is not None and int(str(held_until)) < now
 
 
 class DynamoLeases(TableRepository):
@@ -56,18 +73,21 @@ class DynamoClaims(TableRepository):
         """Claim patients for one syncer invocation; returns those claimed (the rest are held by another).
 
         Conditional puts in TransactWriteItems of 100: one request per message in the normal case (no claim
-        item: every released claim is deleted). A cancelled transaction names the items found; those are
-        tried again as left behind (expired), a second request only then: the ones taken so are
-        ``taken_over``, the rest are held. The others are claimed again without them. If a request fails
-        otherwise half-way, the claims already taken are released before the error goes up: nobody may stay
-        locked out for ``seconds`` by a sync that never ran.
+        item: every released claim is deleted). A cancelled transaction names the items found, with each
+        one's hold (``ALL_OLD``): a live one is held, so a wait round on another invocation's patient costs
+        this one request. Those whose hold has passed (or were not returned: a conflict) are tried again as
+        left behind, a second request only then: the ones taken so are ``taken_over``, the rest are held.
+        The others are claimed again without them. If a request fails otherwise half-way, the claims
+        already taken are released before the error goes up: nobody may stay locked out for ``seconds`` by
+        a sync that never ran.
         """
         claimed = Claimed()
         try:
             found = self._claim_chunks(list(dict.fromkeys(patient_ids)), owner, now, seconds, claimed, _UNCLAIMED)
-            if found:
-                held = self._claim_chunks(sorted(found), owner, now, seconds, claimed, _LEFT_BEHIND)
-                claimed.taken_over = found - held
+            left = sorted(pid for pid, item in found.items() if item is None or _hold_passed(item, now))
+            if left:
+                held = self._claim_chunks(left, owner, now, seconds, claimed, _LEFT_BEHIND)
+                claimed.taken_over = set(left) - held.keys()
             return claimed
         except Exception:
             if claimed:
@@ -76,9 +96,10 @@ class DynamoClaims(TableRepository):
 
     def _claim_chunks(
         self, pending: list[str], owner: str, now: int, seconds: int, claimed: set[str], condition: str
-    ) -> set[str]:
-        """Claim ``pending`` where their items meet ``condition``; returns those whose items failed it."""
-        failed: set[str] = set()
+    ) -> dict[str, Mapping[str, Any] | None]:
+        """Claim ``pending`` where their items meet ``condition``; returns those whose items failed it, each
+        with the item found (None when the cancellation did not return it: a conflict)."""
+        failed: dict[str, Mapping[str, Any] | None] = {}
         names = {"ExpressionAttributeNames": {"#o": "owner"}} if "#o" in condition else {}
         values = {":now": now, **({":owner": owner} if ":owner" in condition else {})}
         item = {"owner": owner, "held_until": now + seconds, "expires_at": now + CLAIM_ITEM_SECONDS}
@@ -92,6 +113,7 @@ class DynamoClaims(TableRepository):
                             "Item": {**keys.claim(pid), **item},
                             "ConditionExpression": condition,
                             "ExpressionAttributeValues": values,
+                            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
                             **names,
                         }
                     }
@@ -105,10 +127,10 @@ class DynamoClaims(TableRepository):
                     reasons = exc.response.get("CancellationReasons", [])
                     # A live claim fails its condition; two claims racing for one item conflict instead.
                     busy = ("ConditionalCheckFailed", "TransactionConflict")
-                    held = {pid for pid, r in zip(chunk, reasons, strict=False) if r.get("Code") in busy}
+                    held = {pid: r for pid, r in zip(chunk, reasons, strict=False) if r.get("Code") in busy}
                     if not held:
                         raise  # cancelled for another reason (a conflicting transaction): the caller retries
-                    failed |= held
+                    failed.update({pid: item_from_wire(r["Item"]) if "Item" in r else None for pid, r in held.items()})
                     chunk = [pid for pid in chunk if pid not in held]
                     continue
                 claimed.update(chunk)

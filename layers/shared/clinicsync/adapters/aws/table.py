@@ -53,9 +53,7 @@ def _batch_get_chunk(
     def attempt(_: int) -> list[dict[str, Any]]:
         nonlocal request
         response = client.batch_get_item(RequestItems=request)
-        items.extend(
-            {k: _from_wire(v) for k, v in item.items()} for item in response.get("Responses", {}).get(name, [])
-        )
+        items.extend(item_from_wire(item) for item in response.get("Responses", {}).get(name, []))
         request = dict(response.get("UnprocessedKeys") or {})
         if request:
             raise Transient("unprocessed keys")
@@ -73,6 +71,13 @@ def _batch_get_chunk(
 
 _to_wire = TypeSerializer().serialize
 _from_wire = TypeDeserializer().deserialize
+
+
+def item_from_wire(item: Mapping[str, Any]) -> dict[str, Any]:
+    """An item in DynamoDB's own format (a read on the plain client, a cancellation reason's ``Item``)."""
+    return {name: _from_wire(value) for name, value in item.items()}
+
+
 _VALUE_MAPS = ("Item", "Key", "ExpressionAttributeValues")  # a request's parts that hold DynamoDB values
 
 

@@ -21,7 +21,7 @@ from clinicsync.domain.audience import MemberBook, is_subscriber_hash
 from clinicsync.domain.keys import poll_lease_name
 from clinicsync.domain.ports import Cursor
 from clinicsync.domain.state import AppointmentState, PatientState
-from clinicsync.domain.store_ports import Claimed, ClaimRelease, ConsentSource, Store, SyncReads
+from clinicsync.domain.store_ports import Claimed, ClaimRelease, ConsentSource, OptInsSeen, Store, SyncReads
 
 _SEEN = "-"  # the CRM opt-in field as seen, with no channel
 
@@ -359,17 +359,17 @@ class MemoryStore:
 
     def observe_crm_opt_ins(
         self, subject: str, contact_id: str, opt_ins: Sequence[str], at: int, held: Sequence[str] = ()
-    ) -> list[str]:
+    ) -> OptInsSeen:
         self._wrote()
         old = self._seen.get(subject)
         same = old is not None and old[0] == contact_id
         if old is not None and same and old[2] > at:
-            return []  # older than what we already saw
+            return OptInsSeen([])  # older than what we already saw
         before = set(old[1].split(",")) if old is not None and same else set(opt_ins)
         gained = set(opt_ins) - before
         waiting = gained & set(held)
         self._seen[subject] = (contact_id, ",".join(sorted(set(opt_ins) - waiting)) or _SEEN, at)
-        return sorted(gained - waiting)
+        return OptInsSeen(sorted(gained - waiting), old[2] if old is not None and same else None)
 
     def channels_on_record(self, subject: str, channels: Sequence[str]) -> set[str]:
         ours = {c for c in channels if (found := self._channels.get((subject, c))) and found.source != "below"}

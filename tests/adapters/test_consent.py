@@ -319,6 +319,35 @@ def test_our_own_write_is_the_baseline_so_a_managers_first_opt_in_counts(store: 
     assert not _opted_out(store)
 
 
+def test_an_opt_in_ticked_under_our_login_lifts_only_an_opt_out_older_than_the_field_last_seen_without_it(
+    store: DynamoStore,  # noqa: F811
+) -> None:
+    """We never write the opt-in field, so a tick in it saved under the integration's login is a manager's
+    (amoCRM acts as the user who granted the token). The save's time may be a later write of ours, so it is
+    dated when the field was last seen without the channel: it lifts an opt-out from before that sighting,
+    never one that may have come after the tick."""
+    now = [1_000_000.0]
+    ledger = _ledger(store, now)
+    _map_contacts(store, {"p1": "501", "p2": "502"})
+    ledger.opt_out(["pat:p1", "pat:p2"], ["email"], "link", "link:one-click")  # at 1 000 000
+    report = EventReport()
+    for contact, owner in (("501", "p1"), ("502", "p2")):  # our consent write's echo: the baseline
+        _handle(store, _contact_event(contact, owner, 1_000_010, opt_outs="email", by=INTEGRATION_USER), report)
+    assert store.record_opt_ins("pat:p2", ["email"], "mis", 1_000_020, "mis:consent") == ["email"]
+    now[0] = 1_000_050.0
+    ledger.opt_out(["pat:p2"], ["email"], "link", "link:one-click")  # p2 opts out again after that sighting
+    for contact, owner in (("501", "p1"), ("502", "p2")):  # a manager ticks "email" under our login
+        _handle(store, _contact_event(contact, owner, 1_000_100, opt_ins="email", by=INTEGRATION_USER), report)
+    assert not _opted_out(store, "p1") and report.opt_ins == 1
+    audit = [i for i in store.consent_items("pat:p1") if str(i["sk"]).startswith("AUDIT#")]
+    assert (int(audit[-1]["at"]), audit[-1]["event"], audit[-1]["detail"]) == (
+        1_000_010,
+        "opt_in",
+        "crm:opt_in_field:echo",
+    )
+    assert _opted_out(store, "p2")  # last seen without it at 1 000 010: the tick may predate 1 000 050
+
+
 def test_an_opt_out_saved_under_our_login_counts_unless_the_ledger_holds_the_channel(store: DynamoStore) -> None:  # noqa: F811
     """A manager working under the integration's login ticks "email": it is never our write (the ledger has
     no record of it), so it is an opt-out. Once an opt-in lifted "sms", a save under our login still listing
@@ -352,9 +381,11 @@ def test_consent_changes_only_from_the_contact_we_map_to_the_patient(store: Dyna
 # A save under our integration user ("echo": our own write, or a manager using its login) counts its
 # opt-out field only for a channel the ledger has never recorded (our writes list only recorded ones).
 # A manager's edit of the mapped contact, or an echo, shows the opt-in field; it is an
-# opt-in only on a manager's edit where the field gained "email" since the previous, not older, sighting
-# (never the first), the opt-out field does not list it at that moment (then it waits for that field to be
-# cleared), and t is newer than the opt-out. A duplicate contact carrying the MIS id has no say at all.
+# opt-in only where the field gained "email" since the previous, not older, sighting (never the first), and
+# the opt-out field does not list it at that moment (then it waits for that field to be cleared). A
+# manager's edit is dated t and lifts an opt-out older than t. We never write the opt-in field, so an echo's
+# gain is a manager's tick under our login, dated at the previous sighting (the save may be a later write of
+# ours): it lifts only an opt-out older than that. A duplicate contact carrying the MIS id has no say at all.
 _EVENT = st.tuples(
     st.sampled_from(["link", "manager", "echo"]),
     st.integers(-5, 20),  # minutes after the previous event's time (negative: it arrives out of order)
@@ -389,11 +420,15 @@ class _Model:
             self._opt_out(t)  # never recorded: a manager ticked it under our login
         if self.seen is not None and t < self.seen[1]:
             return
-        gained = self.seen is not None and opt_in and not self.seen[0]
+        before = self.seen
+        gained = before is not None and opt_in and not before[0]
         waiting = gained and opt_out
         self.seen = (opt_in and not waiting, t)
-        if kind == "manager" and gained and not waiting and self.out is not None and self.out[0] and self.out[1] < t:
-            self.out = (False, t)
+        if not gained or waiting or before is None or self.out is None or not self.out[0]:
+            return
+        dated = t if kind == "manager" else before[1]
+        if self.out[1] < dated:
+            self.out = (False, dated)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -424,7 +459,7 @@ def test_ledger_rules_match_an_independent_model_in_any_order(
         was_out, seen_before = model.opted_out(), model.seen
         model.apply(kind, t, opt_in, opt_out, contact)
         assert _opted_out(store, pid) == model.opted_out()
-        unchanged_field = seen_before is None or not opt_in or seen_before[0] or kind != "manager"
+        unchanged_field = seen_before is None or not opt_in or seen_before[0] or kind == "link"
         if was_out and unchanged_field:
             assert _opted_out(store, pid)  # opt-out wins over any observation of an unchanged field
 

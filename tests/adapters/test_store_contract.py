@@ -373,16 +373,19 @@ def test_the_ledger_says_which_channels_it_has_any_record_of(store: Store) -> No
 
 
 def test_a_crm_opt_in_counts_only_once_gained_on_the_mapped_contact(store: Store) -> None:
-    observe = store.observe_crm_opt_ins
-    assert observe("pat:p1", "c1", ["email"], 1000) == []  # first sight: a baseline, never an opt-in
-    assert observe("pat:p1", "c1", ["email", "sms"], 2000) == ["sms"]
-    assert observe("pat:p1", "c1", ["email", "sms", "call"], 1500) == []  # older than the last snapshot
-    assert observe("pat:p1", "c1", ["email", "sms", "call"], 3000, held=["call"]) == []  # still opted out there
-    assert observe("pat:p1", "c1", ["email", "sms", "call"], 3100) == ["call"]  # counted once released
-    assert observe("pat:p1", "c2", ["email", "sms", "call", "marketing"], 3200) == []  # another contact: baseline
-    assert observe("pat:p1", "c2", [], 3300) == []
-    assert observe("pat:p1", "c2", ["sms"], 3400) == ["sms"]
-    assert observe("pat:p1", "c2", ["sms", "call"], 3400) == ["call"]  # as new as the last one: not older
+    def observe(*args: Any, **kwargs: Any) -> tuple[list[str], int | None]:
+        seen = store.observe_crm_opt_ins(*args, **kwargs)
+        return seen.gained, seen.last_seen_at
+
+    assert observe("pat:p1", "c1", ["email"], 1000) == ([], None)  # first sight: a baseline, never an opt-in
+    assert observe("pat:p1", "c1", ["email", "sms"], 2000) == (["sms"], 1000)  # gained after the sighting at 1000
+    assert observe("pat:p1", "c1", ["email", "sms", "call"], 1500)[0] == []  # older than the last snapshot
+    assert observe("pat:p1", "c1", ["email", "sms", "call"], 3000, held=["call"]) == ([], 2000)  # opted out there
+    assert observe("pat:p1", "c1", ["email", "sms", "call"], 3100) == (["call"], 3000)  # counted once released
+    assert observe("pat:p1", "c2", ["email", "sms", "call", "marketing"], 3200) == ([], None)  # another contact
+    assert observe("pat:p1", "c2", [], 3300) == ([], 3200)
+    assert observe("pat:p1", "c2", ["sms"], 3400) == (["sms"], 3300)
+    assert observe("pat:p1", "c2", ["sms", "call"], 3400) == (["call"], 3400)  # as new as the last one: not older
 
 
 def test_outputs_remember_the_digest_each_target_reached(store: Store) -> None:

@@ -21,7 +21,7 @@ from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.deal_stages import deal_observation
 from clinicsync.domain.keys import patient_subject, shard_of
 from clinicsync.domain.models import Channel, CrmEvent, CrmObservation, SyncMessage
-from clinicsync.domain.store_ports import CrmEventStore, Cursors
+from clinicsync.domain.store_ports import CrmEventStore, Cursors, OptInsSeen
 from clinicsync.observability import logger
 
 if TYPE_CHECKING:  # the sync queue's port; the poller's use case itself is not the syncer's
@@ -96,8 +96,7 @@ class CrmEventProcessor:
             report.echoes += 1  # saved under our integration user: our own write, or a manager using its login
             if event.entity == "contact" and snapshot.get("owner"):
                 self._unrecorded_opt_outs(snapshot, report)
-                subject = patient_subject(snapshot["owner"])  # what we last wrote is the field's new baseline
-                self._opt_in_field_changes(subject, snapshot, held=_channels(snapshot, "opt_outs"))
+                self._opt_ins_under_our_login(snapshot, report)
             return
         if event.entity == "deal":
             self._deal(snapshot, report)
@@ -146,6 +145,18 @@ class CrmEventProcessor:
         if fresh and self._ledger.opt_out([subject], fresh, "crm", "crm:opt_out_field"):
             report.opt_outs += len(fresh)
 
+    def _opt_ins_under_our_login(self, snapshot: dict[str, str], report: EventReport) -> None:
+        """An echo's opt-in field. We never write that field, so a channel it gained was ticked by a manager
+        working under the integration's login. The save's time may be a later write of ours, so the opt-in is
+        dated when the field was last seen without it: never later than the tick, it lifts only an opt-out
+        older than that sighting (an opt-out since stands, as the rules want of any doubt)."""
+        subject = patient_subject(snapshot["owner"])  # the field as saved is the new baseline either way
+        seen = self._opt_in_field_changes(subject, snapshot, held=_channels(snapshot, "opt_outs"))
+        if not seen.gained or seen.last_seen_at is None or self._mapped_subject(snapshot) is None:
+            return
+        if self._ledger.opt_in(subject, seen.gained, "crm", seen.last_seen_at, "crm:opt_in_field:echo"):
+            report.opt_ins += len(seen.gained)
+
     def _mapped_subject(self, snapshot: dict[str, str]) -> str | None:
         """The patient's consent subject if this is the contact we map to them: only that contact speaks for
         their consent, never a duplicate a manager made by hand with the same MIS id."""
@@ -166,19 +177,19 @@ class CrmEventProcessor:
             report.opt_outs += len(channels)
         # An opt-in counts only when the field itself changed to it, never because the record was touched
         # (its modification time moves with any edit); it then lifts only an older opt-out.
-        opt_ins = self._opt_in_field_changes(subject, snapshot, held=channels)
+        opt_ins = self._opt_in_field_changes(subject, snapshot, held=channels).gained
         modified = snapshot.get("modified_at")
         if opt_ins and modified:
             at = int(datetime.fromisoformat(modified).timestamp())
             if self._ledger.opt_in(subject, opt_ins, "crm", at, "crm:opt_in_field"):
                 report.opt_ins += len(opt_ins)
 
-    def _opt_in_field_changes(self, subject: str, snapshot: dict[str, str], held: Sequence[str] = ()) -> list[str]:
+    def _opt_in_field_changes(self, subject: str, snapshot: dict[str, str], held: Sequence[str] = ()) -> OptInsSeen:
         """Channels the contact's opt-in field gained since we last saw or wrote it (see the store); a
         channel the opt-out field still lists waits until that field is cleared."""
         modified = snapshot.get("modified_at")
         if not modified:
-            return []
+            return OptInsSeen([])
         at = int(datetime.fromisoformat(modified).timestamp())
         return self._store.observe_crm_opt_ins(subject, snapshot["id"], _channels(snapshot, "opt_ins"), at, held)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 from clinicsync.domain.audience import MemberBook
 from clinicsync.domain.state import PatientState
@@ -26,6 +26,14 @@ class ClaimRelease:
     patients: list[str]
     intents: list[str] = field(default_factory=list)
     done: bool = False  # released with the states: the caller must not release them again
+
+
+class OptInsSeen(NamedTuple):
+    """What an observation of a contact's opt-in field taught: the channels it gained, and when the field was
+    last seen without them (None: the first sighting): a gain happened after that, whoever saved it."""
+
+    gained: list[str]
+    last_seen_at: int | None = None
 
 
 class Claimed(set[str]):
@@ -171,7 +179,7 @@ class ConsentRecords(Protocol):
 
     def observe_crm_opt_ins(
         self, subject: str, contact_id: str, opt_ins: Sequence[str], at: int, held: Sequence[str] = ()
-    ) -> list[str]:
+    ) -> OptInsSeen:
         """The channels the mapped contact's opt-in field gained since it was last seen or written."""
         ...
 

@@ -20,7 +20,7 @@ from clinicsync.adapters.aws.table import (
     set_attributes,
 )
 from clinicsync.domain.audience import MemberBook, is_subscriber_hash
-from clinicsync.domain.store_ports import ConsentSource
+from clinicsync.domain.store_ports import ConsentSource, OptInsSeen
 
 AUDIT_TTL_SECONDS = 400 * 24 * 3600  # keep the opt-out audit trail for 400 days
 
@@ -174,7 +174,7 @@ class DynamoConsentRecords(TableRepository):
 
     def observe_crm_opt_ins(
         self, subject: str, contact_id: str, opt_ins: Sequence[str], at: int, held: Sequence[str] = ()
-    ) -> list[str]:
+    ) -> OptInsSeen:
         """Note the mapped CRM contact's opt-in field as seen at ``at`` (its modification time) and return
         the channels it gained since the last observation. Nothing is gained on the first observation of
         a contact, nor from a snapshot older than the last one: an unchanged field is never an opt-in,
@@ -184,7 +184,7 @@ class DynamoConsentRecords(TableRepository):
         old = self._table.get_item(Key=key, ConsistentRead=True).get("Item")
         same = old is not None and old.get("contact_id") == contact_id
         if old is not None and same and int(str(old["at"])) > at:
-            return []  # older than what we already saw
+            return OptInsSeen([])  # older than what we already saw
         before = set(str(old["channels"]).split(",")) if old is not None and same else set(opt_ins)
         gained = set(opt_ins) - before
         waiting = gained & set(held)
@@ -203,8 +203,8 @@ class DynamoConsentRecords(TableRepository):
         except ClientError as exc:
             if not failed_condition(exc):
                 raise
-            return []
-        return sorted(gained - waiting)
+            return OptInsSeen([])
+        return OptInsSeen(sorted(gained - waiting), int(str(old["at"])) if old is not None and same else None)
 
     def opted_out_many(self, subjects: Sequence[str], channels: Sequence[str]) -> dict[str, set[str]]:
         return opted_out_from(subjects, self._batch_get(channel_keys(subjects, channels)))

@@ -253,10 +253,10 @@ def test_a_booking_polled_with_the_retry_of_a_lost_continuation_gets_a_deal_of_i
     portal: tuple[Bitrix24Emulator, str], template_tables: Callable[[], Table]
 ) -> None:
     """The rebooking property's shrunk history (tests/unit/test_rebooking.py) on the real syncer: a1 is first
-    seen as a no-show; a3's re-booking continues its deal, the response is lost; the retry carries a3 with a2,
-    booked earlier than a3. Bitrix24 looks up by MIS id only visits with a create intent, and a continuation
-    notes none, so the retry plans from the stale state: a2, planned first, continues the no-show's deal and
-    a3 gets a deal of its own. Either way every booked visit ends with one deal naming it, as stored."""
+    seen as a no-show; a3's re-booking continues its deal D, the response is lost; the retry carries a3 with
+    a2, booked earlier than a3. The continuation noted an intent for a3 as a create does, so the retry looks
+    a3 up by MIS id and finds D under it: D stays a3's (a manager saw it there), and a2, planned first, gets a
+    deal of its own rather than taking D over again."""
     emulator, base = portal
     store = DynamoStore(template_tables())
     syncer = _syncer(emulator, base, store)
@@ -274,8 +274,10 @@ def test_a_booking_polled_with_the_retry_of_a_lost_continuation_gets_a_deal_of_i
     syncer.sync([PatientChanges(patient=patient(), appointments=(rebooked, other))])
     origins = {d["ORIGIN_ID"]: str(did) for did, d in emulator.deals.items()}
     assert sorted(origins) == ["a2", "a3"] and len(emulator.deals) == 2
+    assert origins["a3"] == str(deal_id)  # the deal the CRM put under a3 stays there
     saved = store.load_patients({"p1": ["a1", "a2", "a3"]})["p1"]
     assert {aid: saved.own_deal(aid) for aid in ("a2", "a3")} == {aid: origins[aid] for aid in ("a2", "a3")}
+    assert saved.continued == {"a1": "a3"}
 
 
 def test_a_continued_no_show_booked_again_with_a_lost_response_then_a_no_show_again_moves_its_own_deal(

@@ -244,6 +244,20 @@ def test_a_lost_complex_response_is_reported_and_found_by_the_intent_scan(amo: t
     assert set(found.contacts) == {"p0", "p1"} and set(found.deals) == {"a0", "a1"}
 
 
+def test_an_intent_scan_reads_only_the_entities_whose_ids_are_wanted(amo: tuple[AmoCrmEmulator, str]) -> None:
+    """A re-booking's lost continuation is retried with its visit's intent only: its patient is known, so
+    the scan reads the leads changed since the intent and not the contacts (one request, not two)."""
+    emulator, base = amo
+    gateway = AmoCrmGateway(AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST), _config())
+    since = int(emulator.clock.now())
+    gateway.apply(_writes(0, 1))
+    before = gateway.requests_made()
+    found = gateway.find([], ["a0"], intended_since=since)
+    assert set(found.deals) == {"a0"} and found.contacts == {}
+    assert gateway.requests_made() - before == 1
+    assert [path for path, _ in emulator.list_reads()[-1:]] == ["/api/v4/leads"]
+
+
 def test_a_phone_look_up_never_puts_the_phone_in_a_url(
     amo: tuple[AmoCrmEmulator, str], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -18,6 +18,7 @@ from clinicsync.application.sync import CLAIM_SECONDS, Syncer, SyncIncomplete
 from clinicsync.domain.audience import AudienceMember
 from clinicsync.domain.config import MailchimpConnection
 from clinicsync.domain.crypto import KeyedHasher
+from clinicsync.domain.keys import deal_intent
 from clinicsync.domain.models import AppointmentStatus, PatientChanges
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
@@ -278,10 +279,10 @@ def test_a_booking_polled_with_the_retry_of_a_lost_continuation_gets_a_deal_of_i
     portal: tuple[Bitrix24Emulator, str], template_tables: Callable[[], Table]
 ) -> None:
     """The rebooking property's shrunk history (tests/unit/test_rebooking.py) on the real syncer: a1 is first
-    seen as a no-show; a3's re-booking continues its deal, the response is lost; the retry carries a3 with a2,
-    booked earlier than a3. Bitrix24 looks up by MIS id only visits with a create intent, and a continuation
-    notes none, so the retry plans from the stale state: a2, planned first, continues the no-show's deal and
-    a3 gets a deal of its own. Either way every booked visit ends with one deal naming it, as stored."""
+    seen as a no-show; a3's re-booking continues its deal D, the response is lost; the retry carries a3 with
+    a2, booked earlier than a3. The continuation noted an intent for a3 as a create does, so the retry looks
+    a3 up by MIS id and finds D under it: D stays a3's (a manager saw it there), and a2, planned first, gets a
+    deal of its own rather than taking D over again."""
     emulator, base = portal
     store = DynamoStore(template_tables())
     syncer = _syncer(emulator, base, store)
@@ -299,8 +300,10 @@ def test_a_booking_polled_with_the_retry_of_a_lost_continuation_gets_a_deal_of_i
     syncer.sync([PatientChanges(patient=patient(), appointments=(rebooked, other))])
     origins = {d["ORIGIN_ID"]: str(did) for did, d in emulator.deals.items()}
     assert sorted(origins) == ["a2", "a3"] and len(emulator.deals) == 2
+    assert origins["a3"] == str(deal_id)  # the deal the CRM put under a3 stays there
     saved = store.load_patients({"p1": ["a1", "a2", "a3"]})["p1"]
     assert {aid: saved.own_deal(aid) for aid in ("a2", "a3")} == {aid: origins[aid] for aid in ("a2", "a3")}
+    assert saved.continued == {"a1": "a3"}
 
 
 def test_a_continued_no_show_booked_again_with_a_lost_response_then_a_no_show_again_moves_its_own_deal(
@@ -333,3 +336,25 @@ def test_a_continued_no_show_booked_again_with_a_lost_response_then_a_no_show_ag
     stages = {d["ORIGIN_ID"]: (did, d["STAGE_ID"]) for did, d in emulator.deals.items()}
     no_show, booked = PRIMARY.stages[AppointmentStatus.NO_SHOW], PRIMARY.stages[AppointmentStatus.BOOKED]
     assert stages == {"a2": (continued, booked), "a1": (own, no_show)}
+
+
+def test_the_retry_of_a_lost_create_settles_its_intent_so_the_visits_next_change_looks_nothing_up(
+    portal: tuple[Bitrix24Emulator, str], template_tables: Callable[[], Table]
+) -> None:
+    """A known patient's new visit: its create lands, the response is lost; the retry finds the deal by MIS
+    id (its intent) and updates it. That update writes a deal our table did not hold for the visit, so it
+    notes the intent again and settles it once the state is stored: the visit's next change costs its one
+    guarded write and no look-up (the intent had stayed until it expired, two days of look-ups)."""
+    emulator, base = portal
+    store = DynamoStore(template_tables())
+    syncer = _syncer(emulator, base, store)
+    syncer.sync([PatientChanges(patient=patient(), appointments=(appointment("a0"),))])
+    visit = appointment("a2", start=T0 + days(9))
+    emulator.faults.add(method="batch", status=504, html=True, times=1, after_apply=True)
+    with pytest.raises(SyncIncomplete):
+        syncer.sync([PatientChanges(patient=patient(), appointments=(visit,))])
+    syncer.sync([PatientChanges(patient=patient(), appointments=(visit,))])
+    assert sorted(d["ORIGIN_ID"] for d in emulator.deals.values()) == ["a0", "a2"]
+    assert store.load_intents([deal_intent("a2")]) == {}
+    confirmed = visit.model_copy(update={"status": AppointmentStatus.CONFIRMED, "version": 2})
+    assert syncer.sync([PatientChanges(patient=patient(), appointments=(confirmed,))]).crm_requests == 1

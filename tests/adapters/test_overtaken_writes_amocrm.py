@@ -107,3 +107,42 @@ def test_a_managers_move_made_under_the_integration_login_holds_against_a_resche
     syncer.sync([PatientChanges(patient=patient(), appointments=(moved,))])
     assert list(emulator.leads) == [lead_id]
     assert emulator.leads[lead_id]["status_id"] == STATUS_IN_WORK
+
+
+def test_a_booking_polled_with_the_retry_of_a_lost_continuation_gets_a_deal_of_its_own(
+    amo: tuple[AmoCrmEmulator, str], template_tables: Callable[[], Table]
+) -> None:
+    """test_overtaken_writes.py's lost continuation on amoCRM: a1 is first seen as a no-show; a3's re-booking
+    continues its lead, the PATCH lands and its answer is lost; the retry carries a3 with a2, booked earlier.
+    The continuation noted an intent for a3, so the retry scans the leads changed since then, finds the lead
+    under a3 and leaves it there; a2 gets a lead of its own."""
+    emulator, base = amo
+    config = _config()
+    client = AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST)
+    gateway = AmoCrmGateway(client, config, user_id=str(emulator.api_user_id))
+    store = DynamoStore(template_tables())
+    syncer = Syncer(config, store, gateway, KeyedHasher(b"k" * 32), claim_wait=0)
+    no_show = appointment("a1", status=AppointmentStatus.NO_SHOW, start=T0 + days(2), version=5)
+    syncer.sync([PatientChanges(patient=patient(), appointments=(no_show,))])
+    [lead_id] = emulator.leads
+
+    rebooked = appointment("a3", start=T0 + days(6), version=6)
+    emulator.faults.add(path_prefix="/api/v4/leads", method="PATCH", status=504, html=True, after_apply=True)
+    with pytest.raises(SyncIncomplete):
+        syncer.sync([PatientChanges(patient=patient(), appointments=(rebooked,))])
+    assert _visit_of(emulator, lead_id) == "a3"  # landed, unknown to us
+
+    other = appointment("a2", start=T0 + days(4), version=7)
+    syncer.sync([PatientChanges(patient=patient(), appointments=(rebooked, other))])
+    visits = {_visit_of(emulator, lid): lid for lid in emulator.leads}
+    assert sorted(visits) == ["a2", "a3"] and len(emulator.leads) == 2
+    assert visits["a3"] == lead_id  # the lead the CRM put under a3 stays there
+    saved = store.load_patients({"p1": ["a1", "a2", "a3"]})["p1"]
+    assert {aid: saved.own_deal(aid) for aid in ("a2", "a3")} == {aid: str(visits[aid]) for aid in ("a2", "a3")}
+    assert saved.continued == {"a1": "a3"}
+
+
+def _visit_of(emulator: AmoCrmEmulator, lead_id: int) -> str:
+    """The MIS appointment id the lead names (its custom field)."""
+    values = emulator.cf_value("leads", lead_id, LEAD_FIELD_MIS_APPOINTMENT_ID)
+    return str(values[0]["value"]) if values else ""

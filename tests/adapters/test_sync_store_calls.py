@@ -25,7 +25,7 @@ from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import contact_intent, deal_intent
 from clinicsync.domain.models import AppointmentStatus, PatientChanges
 from tests.adapters.dynamo_faults import cancel_next_transaction
-from tests.helpers import appointment, demo_config, patient
+from tests.helpers import T0, appointment, days, demo_config, patient
 
 CRM = "crm"  # the marker a CRM call leaves in the request log
 
@@ -137,6 +137,34 @@ def test_a_known_patients_status_change_costs_one_request_each_to_claim_read_and
     for n in range(patients):
         deal_id = str(states[f"p{n}"].appointments[f"a{n}"].deal_id)
         assert store.patient_for_crm("deal", deal_id) == {"patient_id": f"p{n}", "appointment_id": f"a{n}"}
+
+
+@pytest.mark.parametrize("with_create", [False, True], ids=["alone", "with_a_create"])
+def test_a_continuation_notes_its_intent_with_the_creates_and_settles_it_with_the_states(
+    template_tables: Callable[[], Table], with_create: bool
+) -> None:
+    """A re-booking's continuation writes the visit's id on the no-show's deal, so its intent is noted before
+    the CRM write (a lost response is looked up on the retry, docs/statuses.md): in the one BatchWriteItem
+    that notes the message's creates, and deleted with the claims in the states' transaction. No CRM request
+    is added, now or by the next message of the patient (nothing is left to look up)."""
+    store, log = _store_with_log(template_tables)
+    syncer = Syncer(demo_config(), store, InstantCrm(log), KeyedHasher(b"k" * 32))
+    syncer.sync(_message(1, AppointmentStatus.NO_SHOW))
+    rebooked = appointment("r0", "p0", start=T0 + days(3))
+    message = [PatientChanges(patient=patient("p0", email="p0@example.org"), appointments=(rebooked,))]
+    message += _message(2, AppointmentStatus.BOOKED)[1:] if with_create else []  # a new patient: looked up, created
+    log.clear()
+    syncer.sync(message)
+    look_up = [CRM] if with_create else []  # the new patient's; none for the re-booking
+    assert log == ["TransactWriteItems", "BatchGetItem", *look_up, "BatchWriteItem", CRM, "TransactWriteItems"]
+    state = store.load_patients({"p0": ["a0", "r0"]})["p0"]
+    assert state.continued == {"a0": "r0"} and state.appointments["r0"].deal_id == state.appointments["a0"].deal_id
+    assert store.load_intents([deal_intent("r0"), deal_intent("a1")]) == {}
+
+    log.clear()
+    confirmed = rebooked.model_copy(update={"status": AppointmentStatus.CONFIRMED, "version": 2})
+    syncer.sync([PatientChanges(patient=patient("p0", email="p0@example.org"), appointments=(confirmed,))])
+    assert log.count(CRM) == 1  # the write; no look-up
 
 
 def test_a_new_patients_phone_is_indexed_once_by_the_poller_not_again_by_the_syncer(

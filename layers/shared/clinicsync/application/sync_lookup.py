@@ -58,8 +58,9 @@ class SyncLookup:
         and the phone/e-mail entry ids of contacts whose phone or e-mail changed.
 
         A gateway whose look-ups by MIS id cost requests of their own (``lookups_need_intents``) looks up
-        only what may exist unknown to us: visits with a create intent (noted before every create; looked
-        up whatever deal our stale state holds for them) and
+        only what may exist unknown to us: visits with an intent (noted before every create and every write
+        of a deal our table holds under another visit, such as a continuation; looked up whatever deal our
+        stale state holds for them) and
         everything of a patient we know no contact of (new, or whose state was dropped; their look-up by
         phone goes out anyway). A known patient's new visit then costs no look-up."""
         unknown_patients = [c.patient.mis_id for c in live if states[c.patient.mis_id].contact_id is None]
@@ -102,11 +103,18 @@ class SyncLookup:
         return self._gateway.find(unknown_patients, unknown_appointments, phones, changed_contacts, since)
 
     def record_intents(self, writes: Sequence[CrmWrite]) -> list[str]:
-        """Before any create is sent, note it; a lost response is then found by MIS id on the retry."""
+        """Before any create is sent, note it; a lost response is then found by MIS id on the retry. So too a
+        write that puts a visit's id on a deal our table holds under another visit or none (a re-booking's
+        continuation, ``DealWrite.new_to_visit``): its retry finds the deal under the visit the CRM put it
+        under, rather than planning from the stale state (another booking would take that deal over)."""
         if not self._gateway.lookups_need_intents:
             return []
         keys = [contact_intent(w.patient_id) for w in writes if isinstance(w, ContactWrite) and w.contact_id is None]
-        keys += [deal_intent(w.appointment_id) for w in writes if isinstance(w, DealWrite) and w.deal_id is None]
+        keys += [
+            deal_intent(w.appointment_id)
+            for w in writes
+            if isinstance(w, DealWrite) and (w.deal_id is None or w.new_to_visit)
+        ]
         if keys:
             self._store.write_intents(keys, int(self._clock()))
         return keys

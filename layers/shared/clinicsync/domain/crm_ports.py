@@ -73,6 +73,10 @@ class DealWrite:
     link_contact: bool = False  # an adopted deal is linked to the patient's contact
     lead_source: str | None = None  # the adopted lead's source, copied once with lead_id (Bitrix24 SOURCE_ID)
     expect_stage: str | None = None  # write only if the deal is open at this stage or at ``stage``
+    # The deal is not this visit's in our table (a re-booking continues another visit's deal, a deal adopted
+    # by phone or found by MIS id): like a create, the write puts the visit's id where our table does not
+    # know it, so an intent is noted before it and a lost response is looked up by MIS id on the retry.
+    new_to_visit: bool = False
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Consent subjects name the person the ledger answers for: ``pat:<MIS id>`` for a known patient,
 ``email:<HMAC>`` for an address we cannot tie to one. Create intents name a CRM record about to be
-created: ``P#<patient id>`` for a contact, ``A#<appointment id>`` for a deal.
+created, or a deal about to be written under a visit it is not ours for yet (a re-booking's continuation):
+``P#<patient id>`` for a contact, ``A#<appointment id>`` for a deal.
 """
 
 from __future__ import annotations

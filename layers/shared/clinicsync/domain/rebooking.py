@@ -19,9 +19,10 @@ BOOKED_AGAIN = ACTIVE_STATUSES | {AppointmentStatus.RESCHEDULED}
 def note_lost_continuations(state: PatientState, found: Mapping[str, DealMatch]) -> None:
     """A look-up by MIS id that finds a visit under the deal we hold for another visit of the patient: a
     re-booking took that deal over in an attempt whose response was lost (only a continuation writes one
-    visit's id on another's deal). Noted as the continuation it is, as that attempt would have, so the
-    old visit's events go through ``after_continuation`` (booked again: a deal of its own), and no other
-    booking continues that deal again (``continued_deal``).
+    visit's id on another's deal; it notes an intent, so the retry looks the re-booking up). Noted as the
+    continuation it is, as that attempt would have, so the old visit's events go through
+    ``after_continuation`` (booked again: a deal of its own), and no other booking continues that deal
+    again (``continued_deal``): the deal stays under the visit the CRM shows it under.
 
     The other way round: a visit whose deal was continued, found under a deal other than the one it handed
     on, was booked again in an attempt whose response was lost and got that deal of its own (its create
@@ -30,7 +31,11 @@ def note_lost_continuations(state: PatientState, found: Mapping[str, DealMatch])
     for aid, match in found.items():
         if aid in state.continued and match.deal_id != state.appointment(aid).deal_id:
             _own_visit_again(state, aid)
-    holders = {a.deal_id: aid for aid, a in state.appointments.items() if a.deal_id and aid not in state.continued}
+    # A continuation takes a funnel's latest deal, and the syncer loads only the visits its message carries:
+    # the no-show holding that deal is known by the patient's latest deals even when its visit is not loaded.
+    held = [(latest.deal_id, latest.appointment_id) for latest in state.latest_deals.values()]
+    held += [(a.deal_id, aid) for aid, a in state.appointments.items()]
+    holders = {deal_id: aid for deal_id, aid in held if deal_id and aid not in state.continued}
     for aid, match in found.items():
         holder = holders.get(match.deal_id)
         if holder is not None and holder != aid:

@@ -280,6 +280,7 @@ def _plan_deal(
             lead_id,
             adopted_deal,
             lead_source,
+            new_to_visit=deal_id is not None and deal_id != known.deal_id,
         )
     )
     if lead_id is not None:

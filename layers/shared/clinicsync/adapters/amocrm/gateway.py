@@ -119,11 +119,12 @@ class AmoCrmGateway(AmoFields):
             # An earlier create may have landed with its response lost: find it by its MIS id.
             since = intended_since - SCAN_OVERLAP
             wanted_patients, wanted_visits = set(patient_ids), set(appointment_ids)
-            for row in self._scan("contacts", since):
+            # An entity none of whose ids is wanted is not scanned (a re-booking's retry wants only its lead).
+            for row in self._scan("contacts", since) if wanted_patients else ():
                 owner = self._value(row, self._field("mis_patient_id"))
                 if owner in wanted_patients:
                     contacts.setdefault(owner, str(row["id"]))
-            for row in self._scan("leads", since):
+            for row in self._scan("leads", since) if wanted_visits else ():
                 owner = self._value(row, self._field("mis_appointment_id"))
                 if owner in wanted_visits:
                     deals.setdefault(owner, deal_match(row))

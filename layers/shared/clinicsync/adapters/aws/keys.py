@@ -9,7 +9,7 @@
     LEASE                   <name>                single-runner lease (overlapping scheduled polls: poll:<source>)
     CLAIM#<patient id>      C                     the syncer invocation writing this patient right now
     ADOPT#<L|D><crm id>     A                     the appointment adopting a CRM lead or deal
-    INTENT#<P|A>#<id>       I                     a create about to be sent (lost-response recovery)
+    INTENT#<P|A>#<id>       I                     a create or a continuation about to be sent (lost responses)
     PHONE#<hmac>            PAT#<patient id>      phone index (keyed HMAC, never the number)
     CRMPHONES               E#<contact>#<hmac>    the CRM account's contacts by phone key (amoCRM look-up)
     CRMPHONES               CURSOR                how far that index has read the CRM (``updated_at``)

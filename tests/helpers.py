@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -12,6 +15,7 @@ from zoneinfo import ZoneInfo
 import httpx
 
 from clinicsync.domain.config import ClinicConfig, parse_clinic_config
+from clinicsync.domain.crm_ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, WriteOutcome
 from clinicsync.domain.models import Appointment, AppointmentStatus, Consent, Patient
 from sandbox.cfn_yaml import load_template
 
@@ -75,3 +79,37 @@ def days(n: int) -> timedelta:
 # Calls to the local HTTP API: the first one imports a handler (a cold start), which takes seconds on a
 # loaded two-core machine, so allow more than httpx's default 5 s.
 HTTP = httpx.Client(timeout=30.0)
+
+
+CRM_CALL = "crm"  # the marker a CRM call of :class:`InstantCrm` leaves in its log
+
+
+@dataclass
+class InstantCrm:
+    """A CRM that finds nothing and accepts every write: it keeps the writes, and notes each call in ``log``
+    (a store's request log, to see the order of CRM and table requests)."""
+
+    log: list[str] = field(default_factory=list)
+    kind: str = "fake"
+    lookups_need_intents: bool = True
+    guards_writes: bool = True
+    writes: list[CrmWrite] = field(default_factory=list)
+    ids: Iterator[int] = field(default_factory=lambda: itertools.count(100))
+
+    def find(self, *args: Any, **kwargs: Any) -> CrmMatches:
+        self.log.append(CRM_CALL)
+        return CrmMatches()
+
+    def apply(self, writes: Sequence[CrmWrite]) -> WriteOutcome:
+        self.log.append(CRM_CALL)
+        self.writes.extend(writes)
+        outcome = WriteOutcome()
+        for w in writes:
+            if isinstance(w, ContactWrite):
+                outcome.contact_ids[w.patient_id] = w.contact_id or f"C{next(self.ids)}"
+            elif isinstance(w, DealWrite):
+                outcome.deal_ids[w.appointment_id] = w.deal_id or f"D{next(self.ids)}"
+        return outcome
+
+    def requests_made(self) -> int:
+        return 0

@@ -60,6 +60,14 @@ def amo() -> Iterator[tuple[AmoCrmEmulator, str]]:
     server.stop()
 
 
+def _syncer(emulator: AmoCrmEmulator, base: str, store: DynamoStore) -> Syncer:
+    """The real syncer on the account and the moto table, with no wait for claims."""
+    config = _config()
+    client = AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST)
+    gateway = AmoCrmGateway(client, config, user_id=str(emulator.api_user_id))
+    return Syncer(config, store, gateway, KeyedHasher(b"k" * 32), claim_wait=0)
+
+
 def _visit(status: AppointmentStatus, version: int) -> list[PatientChanges]:
     return [PatientChanges(patient=patient(), appointments=(appointment(status=status, version=version),))]
 
@@ -70,10 +78,7 @@ def test_a_visit_back_to_the_content_we_last_stored_after_a_lost_status_change_i
     """Booked, then a no-show whose PATCH lands but whose answer is lost, then booked again at the same time
     before any retry: the lead ends at «Записан на прием», read first and found set by us, not a manager."""
     emulator, base = amo
-    config = _config()
-    client = AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST)
-    gateway = AmoCrmGateway(client, config, user_id=str(emulator.api_user_id))
-    syncer = Syncer(config, DynamoStore(template_tables()), gateway, KeyedHasher(b"k" * 32), claim_wait=0)
+    syncer = _syncer(emulator, base, DynamoStore(template_tables()))
     syncer.sync(_visit(AppointmentStatus.BOOKED, 1))
     [lead_id] = emulator.leads
     assert emulator.leads[lead_id]["status_id"] == STATUS_BOOKED
@@ -95,10 +100,7 @@ def test_a_managers_move_made_under_the_integration_login_holds_against_a_resche
     our integration user. Every write of ours was answered, so «В работе» cannot be our own lost write: the
     reschedule's read takes it for the manager's move it is, and the stage holds (it was once written over)."""
     emulator, base = amo
-    config = _config()
-    client = AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST)
-    gateway = AmoCrmGateway(client, config, user_id=str(emulator.api_user_id))
-    syncer = Syncer(config, DynamoStore(template_tables()), gateway, KeyedHasher(b"k" * 32), claim_wait=0)
+    syncer = _syncer(emulator, base, DynamoStore(template_tables()))
     syncer.sync(_visit(AppointmentStatus.BOOKED, 1))
     [lead_id] = emulator.leads
     emulator.manager_move_lead(lead_id, STATUS_IN_WORK, user_id=emulator.api_user_id)  # no webhook heard yet
@@ -117,11 +119,8 @@ def test_a_booking_polled_with_the_retry_of_a_lost_continuation_gets_a_deal_of_i
     The continuation noted an intent for a3, so the retry scans the leads changed since then, finds the lead
     under a3 and leaves it there; a2 gets a lead of its own."""
     emulator, base = amo
-    config = _config()
-    client = AmoCrmClient(_session(_store(emulator, base)), httpx.Client(), FAST)
-    gateway = AmoCrmGateway(client, config, user_id=str(emulator.api_user_id))
     store = DynamoStore(template_tables())
-    syncer = Syncer(config, store, gateway, KeyedHasher(b"k" * 32), claim_wait=0)
+    syncer = _syncer(emulator, base, store)
     no_show = appointment("a1", status=AppointmentStatus.NO_SHOW, start=T0 + days(2), version=5)
     syncer.sync([PatientChanges(patient=patient(), appointments=(no_show,))])
     [lead_id] = emulator.leads

@@ -3,10 +3,8 @@ store request counted by operation. The CPU per event is mostly the AWS SDK's, p
 
 from __future__ import annotations
 
-import itertools
 import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,42 +18,12 @@ from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.adapters.aws.table import wire_client
 from clinicsync.application.sync import Syncer
 from clinicsync.application.sync_claims import claim_patients
-from clinicsync.domain.crm_ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, WriteOutcome
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import contact_intent, deal_intent
 from clinicsync.domain.models import AppointmentStatus, PatientChanges
 from tests.adapters.dynamo_faults import cancel_next_transaction
-from tests.helpers import T0, appointment, days, demo_config, patient
-
-CRM = "crm"  # the marker a CRM call leaves in the request log
-
-
-@dataclass
-class InstantCrm:
-    """A CRM that finds nothing and accepts every write; it notes its calls in the store's request log."""
-
-    log: list[str]
-    kind: str = "fake"
-    lookups_need_intents: bool = True
-    guards_writes: bool = True
-    ids: Iterator[int] = field(default_factory=lambda: itertools.count(100))
-
-    def find(self, *args: Any, **kwargs: Any) -> CrmMatches:
-        self.log.append(CRM)
-        return CrmMatches()
-
-    def apply(self, writes: Sequence[CrmWrite]) -> WriteOutcome:
-        self.log.append(CRM)
-        outcome = WriteOutcome()
-        for w in writes:
-            if isinstance(w, ContactWrite):
-                outcome.contact_ids[w.patient_id] = w.contact_id or f"C{next(self.ids)}"
-            elif isinstance(w, DealWrite):
-                outcome.deal_ids[w.appointment_id] = w.deal_id or f"D{next(self.ids)}"
-        return outcome
-
-    def requests_made(self) -> int:
-        return 0
+from tests.helpers import CRM_CALL as CRM
+from tests.helpers import T0, InstantCrm, appointment, days, demo_config, patient
 
 
 def _store_with_log(template_tables: Callable[[], Table]) -> tuple[DynamoStore, list[str]]:

@@ -4,48 +4,18 @@ message's observations are applied before that look-up, so they must already see
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from clinicsync.application.sync import Syncer
-from clinicsync.domain.crm_ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, WriteOutcome
+from clinicsync.domain.crm_ports import DealWrite
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.models import AppointmentStatus, CrmObservation, PatientChanges
 from clinicsync_cli.memory_store import MemoryStore
-from tests.helpers import appointment, demo_config, patient
+from tests.helpers import InstantCrm, appointment, demo_config, patient
 
 CONFIG = demo_config()
 HASHER = KeyedHasher(b"k" * 32)
 WON_IN_CRM = "C0:WON_BY_MANAGER"  # a won stage of the CRM's that the config does not list as closed
-
-
-@dataclass
-class _Crm:
-    """Finds nothing, accepts every write and keeps them."""
-
-    kind: str = "fake"
-    lookups_need_intents: bool = False
-    guards_writes: bool = True
-    writes: list[CrmWrite] = field(default_factory=list)
-    ids: Iterator[int] = field(default_factory=lambda: itertools.count(100))
-
-    def find(self, *args: Any, **kwargs: Any) -> CrmMatches:
-        return CrmMatches()
-
-    def apply(self, writes: Sequence[CrmWrite]) -> WriteOutcome:
-        self.writes.extend(writes)
-        outcome = WriteOutcome()
-        for w in writes:
-            if isinstance(w, ContactWrite):
-                outcome.contact_ids[w.patient_id] = w.contact_id or f"C{next(self.ids)}"
-            elif isinstance(w, DealWrite):
-                outcome.deal_ids[w.appointment_id] = w.deal_id or f"D{next(self.ids)}"
-        return outcome
-
-    def requests_made(self) -> int:
-        return 0
 
 
 def _visit(status: AppointmentStatus, version: int) -> list[PatientChanges]:
@@ -57,7 +27,7 @@ def test_a_containers_first_sync_applies_its_messages_observations_with_the_crms
     the first sync of a new container, whose config is checked on its first use, records the deal closed,
     and the visit's next change never moves it out of that stage."""
     assert WON_IN_CRM not in CONFIG.pipeline(repeat=False).closed_stages
-    store, crm = MemoryStore(), _Crm()
+    store, crm = MemoryStore(), InstantCrm(lookups_need_intents=False)
     Syncer(CONFIG, store, crm, HASHER).sync(_visit(AppointmentStatus.BOOKED, 1))
     deal_id = store.load_patients({"p1": ["a1"]})["p1"].appointments["a1"].deal_id
     assert deal_id is not None

@@ -53,7 +53,7 @@ BUDGET_PK = "BUDGET"
 ITEM_TTL_SECONDS = 7 * 24 * 3600
 MAX_CONFLICTS = 100  # lost conditional writes in a row before giving up (each one is someone else's progress)
 MAX_BOOKED = 50  # slots one write may book: a gateway's step rarely knows more requests ahead than that
-ROUNDING = 1e-6  # levels are stored to the microsecond (``_decimal``)
+ROUNDING = 1e-3  # of a request: times of ~1.8e9 s lose ~1e-7 s to floats, levels are stored to 1e-6
 
 
 @runtime_checkable

@@ -52,7 +52,9 @@ if TYPE_CHECKING:
 BUDGET_PK = "BUDGET"
 ITEM_TTL_SECONDS = 7 * 24 * 3600
 MAX_CONFLICTS = 100  # lost conditional writes in a row before giving up (each one is someone else's progress)
-MAX_BOOKED = 50  # slots one write may book: a gateway's step rarely knows more requests ahead than that
+# Slots one write may book: bounds what a container holds and may drop (5 s of Bitrix24, 1.5 s of amoCRM)
+# when its requests are slower than the rate (a real portal's batch can take a second or more).
+MAX_BOOKED = 10
 ROUNDING = 1e-3  # of a request: times of ~1.8e9 s lose ~1e-7 s to floats, levels are stored to 1e-6
 
 

@@ -235,14 +235,18 @@ def run(
                 callers: Counter[str] = Counter()
                 http_spent: defaultdict[str, float] = defaultdict(float)
                 http_calls: Counter[str] = Counter()
-                crm_before = sum(app.statuses.values())
+                crm_before, refused_before = sum(app.statuses.values()), app.refused
+                day_sim_seconds = 0.0  # at the CRM's limits, as the bench's day figure counts it
                 with _callers(callers), _http_cpu(http_spent, http_calls):
                     for _ in range(day_cycles):
                         clock.advance(POLL_INTERVAL)
                         maker.cycle(per_cycle)
+                        started = clock.now()
                         clinic.sync()
+                        day_sim_seconds += clock.now() - started
                 day = diff(meter.snapshot(), snap)
                 day_crm = sum(app.statuses.values()) - crm_before
+                day_refused = app.refused - refused_before
                 mismatched = len(clinic.mismatches())
         finally:
             with _quiet():
@@ -260,6 +264,9 @@ def run(
         "day_events": day["events"],
         "backfill_crm_requests": backfill.figure.requests,
         "day_crm_requests": day_crm,
+        "backfill_sim_seconds": round(backfill.figure.sim_seconds, 3),
+        "day_sim_seconds": round(day_sim_seconds, 3),
+        "refused": backfill.figure.refused + day_refused,
         "backfill_aws": _calls(backfill.cost),
         "day_aws": _calls(day),
         "day_cpu_seconds_by_function": {k: round(v, 3) for k, v in by_function.items()},

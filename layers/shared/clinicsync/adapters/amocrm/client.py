@@ -14,12 +14,13 @@ import random
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import httpx
 from aws_lambda_powertools.metrics import MetricUnit
 
-from clinicsync.adapters.aws.budget import BudgetTimeout, RequestPacer
+from clinicsync.adapters.aws.budget import BudgetTimeout, RequestPacer, expecting
 from clinicsync.adapters.http.oauth import OAuthError
 from clinicsync.domain.crm_ports import CrmUnavailable
 from clinicsync.observability import logger, metrics
@@ -150,6 +151,11 @@ class AmoCrmClient:
         self._sleep = sleep
         self.requests = 0
         self.throttled = 0
+
+    def expecting(self, requests: int) -> AbstractContextManager[None]:
+        """For a step that knows it sends ``requests`` requests one after another: the shared budget
+        books their slots in one write (``clinicsync.adapters.aws.budget``). Steps do not nest."""
+        return expecting(self._pacer, requests)
 
     def request(
         self,

@@ -51,12 +51,14 @@ class AmoCrmWriter(AmoFields):
         # complex request once an earlier request gave that id (the rest go in bulk below).
         first = {d.appointment_id for _, d in complex_items}
         later = [d for d in deals if d.deal_id is None and d.patient_id in paired and d.appointment_id not in first]
-        done = self._complex(complex_items, later, outcome)
-        self._contacts([c for pid, c in contacts.items() if pid not in paired], outcome)
-        remaining = [d for d in deals if d.appointment_id not in done and d.patient_id not in outcome.failed]
-        self._leads([d for d in remaining if d.deal_id is None], outcome, create=True)
-        self._leads([d for d in remaining if d.deal_id is not None], outcome, create=False)
-        self._link_leads([w for w in writes if isinstance(w, LeadWrite)], outcome)
+        unpaired = [c for pid, c in contacts.items() if pid not in paired]
+        with self._client.expecting(_planned_requests(complex_items, unpaired, deals, writes)):
+            done = self._complex(complex_items, later, outcome)
+            self._contacts(unpaired, outcome)
+            remaining = [d for d in deals if d.appointment_id not in done and d.patient_id not in outcome.failed]
+            self._leads([d for d in remaining if d.deal_id is None], outcome, create=True)
+            self._leads([d for d in remaining if d.deal_id is not None], outcome, create=False)
+            self._link_leads([w for w in writes if isinstance(w, LeadWrite)], outcome)
         return outcome
 
     def _send(self, method: str, path: str, items: list[tuple[str, str, dict[str, Any]]], outcome: WriteOutcome) -> Any:
@@ -284,6 +286,28 @@ class AmoCrmWriter(AmoFields):
         converted = crm_value("amocrm", name, field_type, value, self._config.tz, mapped.values if mapped else None)
         values = converted if isinstance(converted, list) else [converted]
         return {"field_id": field_id, "values": [{"value": v} for v in values]}
+
+
+def _planned_requests(
+    complex_items: Sequence[object],
+    contacts: Sequence[ContactWrite],
+    deals: Sequence[DealWrite],
+    writes: Sequence[CrmWrite],
+) -> int:
+    """The requests ``apply`` will send at least (a new patient's later visits may need one more): the
+    complex creates, contact creates and updates, lead updates and links, 50 a request."""
+
+    def requests(n: int) -> int:
+        return -(-n // BULK)
+
+    new_contacts = sum(1 for c in contacts if c.contact_id is None)
+    return (
+        requests(len(complex_items))
+        + requests(new_contacts)
+        + requests(len(contacts) - new_contacts)
+        + requests(sum(1 for d in deals if d.deal_id is not None))
+        + requests(sum(1 for w in writes if isinstance(w, LeadWrite)))
+    )
 
 
 def _merge(first: Any, second: Any) -> Any:

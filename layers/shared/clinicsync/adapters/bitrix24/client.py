@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httpx
 
-from clinicsync.adapters.aws.budget import BudgetTimeout, RequestPacer
+from clinicsync.adapters.aws.budget import BudgetTimeout, RequestPacer, expecting
 from clinicsync.adapters.bitrix24.oauth import Bitrix24OAuth
 from clinicsync.adapters.http.pacing import Pacer
 from clinicsync.domain.crm_ports import CrmPaused, CrmUnavailable
@@ -209,6 +210,11 @@ class Bitrix24Client:
         self._sleep = sleep
         self.requests = 0
         self.throttled = 0
+
+    def expecting(self, requests: int) -> AbstractContextManager[None]:
+        """For a step that knows it sends ``requests`` requests one after another: the shared budget
+        books their slots in one write (``clinicsync.adapters.aws.budget``). Steps do not nest."""
+        return expecting(self._pacer, requests)
 
     @property
     def is_oauth(self) -> bool:

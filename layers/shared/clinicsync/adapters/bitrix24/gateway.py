@@ -253,23 +253,36 @@ class Bitrix24Gateway:
         pending = {key: (key, command) for key, command in commands.items()}  # key -> (first page's key, command)
         while pending:
             follow: dict[str, tuple[str, tuple[str, Mapping[str, Any]]]] = {}
-            for chunk in _chunks(list(pending), BATCH_LIMIT):
-                result = self._client.batch({k: pending[k][1] for k in chunk})
-                failed = sorted(k for k in result.errors if not k.startswith(chained))
-                if failed:
-                    raise Bitrix24Error("LOOKUP_FAILED", ",".join(failed), 400)
-                for key, value in result.result.items():
-                    first, (method, params) = pending[key]
-                    if chained and key.startswith(chained):
-                        if key not in result.next and key not in result.errors:
-                            results[key] = value
-                        continue
-                    results[first] = [*_rows(results[first]), *_rows(value)] if first != key else value
-                    if first.startswith(paged) and key in result.next:
-                        start = result.next[key]
-                        follow[f"{first}s{start}"] = (first, (method, {**params, "start": start}))
+            chunks = _chunks(list(pending), BATCH_LIMIT)
+            with self._client.expecting(len(chunks)):  # one round's batches go back to back
+                for chunk in chunks:
+                    self._read_chunk({k: pending[k] for k in chunk}, results, follow, paged, chained)
             pending = follow
         return results
+
+    def _read_chunk(
+        self,
+        pending: Mapping[str, tuple[str, tuple[str, Mapping[str, Any]]]],
+        results: dict[str, Any],
+        follow: dict[str, tuple[str, tuple[str, Mapping[str, Any]]]],
+        paged: tuple[str, ...],
+        chained: tuple[str, ...],
+    ) -> None:
+        """One ``batch`` of :meth:`_run_reads`: its rows into ``results``, its next pages into ``follow``."""
+        result = self._client.batch({k: command for k, (_, command) in pending.items()})
+        failed = sorted(k for k in result.errors if not k.startswith(chained))
+        if failed:
+            raise Bitrix24Error("LOOKUP_FAILED", ",".join(failed), 400)
+        for key, value in result.result.items():
+            first, (method, params) = pending[key]
+            if chained and key.startswith(chained):
+                if key not in result.next and key not in result.errors:
+                    results[key] = value
+                continue
+            results[first] = [*_rows(results[first]), *_rows(value)] if first != key else value
+            if first.startswith(paged) and key in result.next:
+                start = result.next[key]
+                follow[f"{first}s{start}"] = (first, (method, {**params, "start": start}))
 
     def _origin_filter(self, ids: Sequence[str], select: list[str]) -> dict[str, Any]:
         return {

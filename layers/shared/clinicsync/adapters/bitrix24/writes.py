@@ -76,6 +76,18 @@ class Bitrix24Writer:
         outcome = WriteOutcome()
         queue = self._queue(writes, outcome)
         riding = dict(rides or {})
+        commands = sum(len(group) for group in queue) + len(riding)
+        with self._client.expecting(-(-commands // BATCH_LIMIT)):
+            self._apply_queue(queue, riding, outcome, then)
+        return outcome
+
+    def _apply_queue(
+        self,
+        queue: list[list[_Command]],
+        riding: dict[str, Command],
+        outcome: WriteOutcome,
+        then: Callable[[dict[str, Any]], Sequence[CrmWrite]] | None,
+    ) -> None:
         while queue or riding:
             # Fill every batch to 50 commands, in order; commands run with halt=1. A patient that does not
             # fit whole is split: its tail goes first in the next batch, which runs only if the head did
@@ -100,7 +112,6 @@ class Bitrix24Writer:
                 riding = {}
                 if then is not None:
                     queue.extend(self._queue(then(answered), outcome))
-        return outcome
 
     def _queue(self, writes: Sequence[CrmWrite], outcome: WriteOutcome) -> list[list[_Command]]:
         """Each patient's commands, in order; a patient whose values its fields cannot take fails alone."""

@@ -46,6 +46,9 @@ class Pacer:
                 self._at = now + delay
             self._level += 1
 
+    def expect(self, count: int) -> None:
+        """Nothing to book ahead: the level is in memory, so each wait() costs no I/O anyway."""
+
     def penalise(self) -> None:
         """The CRM said it is overloaded (a 503): assume its bucket is full and let it drain before the next call."""
         with self._lock:

@@ -31,7 +31,7 @@ from clinicsync.adapters.bitrix24.phones import (
 )
 from clinicsync.adapters.bitrix24.phones import candidates as phone_candidates
 from clinicsync.adapters.bitrix24.pipelines import closed_stages, pipeline_reads
-from clinicsync.adapters.bitrix24.tickets import TICKET_SELECT, open_lead
+from clinicsync.adapters.bitrix24.tickets import open_lead, open_lead_pages
 from clinicsync.adapters.bitrix24.writes import Bitrix24Writer, custom_field
 from clinicsync.domain.config import ClinicConfig, Pipeline
 from clinicsync.domain.crm_ports import (
@@ -375,22 +375,10 @@ class Bitrix24Gateway:
 
     def open_leads(self, created_from: datetime, created_to: datetime, limit: int, offset: int) -> list[OpenLead]:
         """One ``batch`` request (up to 11 pages of 50): the window's leads from ``offset``, ``limit`` of them."""
-        params: dict[str, Any] = {
-            "filter": {
-                ">=DATE_CREATE": created_from.isoformat(),
-                "<=DATE_CREATE": created_to.isoformat(),
-                "@STATUS_ID": list(self._config.matching.adopt_lead_statuses),
-            },
-            "select": TICKET_SELECT,
-            "order": {"DATE_CREATE": "ASC", "ID": "ASC"},
-        }
-        # Bitrix24 rounds ``start`` down to a multiple of 50: read from that page and skip the rest.
-        first = offset // PAGE_SIZE * PAGE_SIZE
-        skip = offset - first
-        pages = -(-(skip + limit) // PAGE_SIZE)
-        commands = {f"t{n}": ("crm.lead.list", {**params, "start": first + n * PAGE_SIZE}) for n in range(pages)}
+        statuses = self._config.matching.adopt_lead_statuses
+        commands, skip = open_lead_pages(statuses, created_from, created_to, limit, offset)
         results = self._run_reads(commands)
-        rows = [row for n in range(pages) for row in _rows(results.get(f"t{n}"))][skip:]
+        rows = [row for key in commands for row in _rows(results.get(key))][skip:]
         return [open_lead(row, self._config.matching.default_region) for row in rows[:limit]]
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from clinicsync.adapters.bitrix24.client import PAGE_SIZE
 from clinicsync.domain.crm_ports import OpenLead
 from clinicsync.domain.phones import normalise_phone
 
@@ -14,6 +15,26 @@ TICKET_SELECT = [
     "ID", "DATE_CREATE", "TITLE", "NAME", "LAST_NAME", "SECOND_NAME", "PHONE", "EMAIL", "COMMENTS",
     "SOURCE_DESCRIPTION", *UTM_FIELDS,
 ]  # fmt: skip
+
+
+def open_lead_pages(
+    statuses: Sequence[str], created_from: datetime, created_to: datetime, limit: int, offset: int
+) -> tuple[dict[str, tuple[str, Mapping[str, Any]]], int]:
+    """The ``crm.lead.list`` pages holding the window's open leads from ``offset`` on, ``limit`` of them, and
+    how many rows of the first page come before ``offset``: Bitrix24 rounds ``start`` down to a multiple of 50."""
+    params: dict[str, Any] = {
+        "filter": {
+            ">=DATE_CREATE": created_from.isoformat(),
+            "<=DATE_CREATE": created_to.isoformat(),
+            "@STATUS_ID": list(statuses),
+        },
+        "select": TICKET_SELECT,
+        "order": {"DATE_CREATE": "ASC", "ID": "ASC"},
+    }
+    first = offset // PAGE_SIZE * PAGE_SIZE
+    skip = offset - first
+    pages = -(-(skip + limit) // PAGE_SIZE)
+    return {f"t{n}": ("crm.lead.list", {**params, "start": first + n * PAGE_SIZE}) for n in range(pages)}, skip
 
 
 def open_lead(row: Mapping[str, Any], region: str) -> OpenLead:

@@ -132,6 +132,40 @@ def test_a_managers_move_made_under_the_integration_login_holds_against_a_resche
     assert emulator.deals[deal_id]["STAGE_ID"] == PRIMARY.stages[AppointmentStatus.COMPLETED]
 
 
+def test_a_no_show_whose_continuation_and_own_booking_were_both_lost_moves_its_own_deal(
+    portal: tuple[Bitrix24Emulator, str], template_tables: Callable[[], Table]
+) -> None:
+    """The re-booking property's drawn history on the real syncer: a1 is booked (deal D1); a lost attempt
+    carries a1's no-show and a2's booking, and a2 continues D1; another lost attempt books a1 again and
+    creates its own deal D2 (each attempt's save fails after its batch); a1 is then a no-show again. The retry
+    finds a2 under D1 and a1 under D2 (both noted intents): D2 moves to "no-show" (it stayed at "booked", a1
+    skipped as ``deal_continued``)."""
+    emulator, base = portal
+    store = _StoreDownAfterTheCrmWrite(template_tables())
+    syncer = _syncer(emulator, base, store)
+
+    def visits(a1: AppointmentStatus, version: int) -> list[PatientChanges]:
+        first = appointment("a1", status=a1, start=T0 + days(2), version=version)
+        return [
+            PatientChanges(patient=patient(), appointments=(appointment("a2", start=T0 + days(4), version=2), first))
+        ]
+
+    syncer.sync([PatientChanges(patient=patient(), appointments=(appointment("a1", start=T0 + days(2), version=1),))])
+    [d1] = emulator.deals
+    store.failing = True  # each attempt's writes land, its save fails: nothing of it is remembered
+    for status, version in ((AppointmentStatus.NO_SHOW, 3), (AppointmentStatus.BOOKED, 4)):
+        with pytest.raises(RuntimeError, match="table down"):
+            syncer.sync(visits(status, version))
+    store.failing = False
+    [d2] = set(emulator.deals) - {d1}  # landed, unknown to us
+    assert (emulator.deals[d1]["ORIGIN_ID"], emulator.deals[d2]["ORIGIN_ID"]) == ("a2", "a1")
+
+    syncer.sync(visits(AppointmentStatus.NO_SHOW, 5))
+    stages = {d["ORIGIN_ID"]: (did, d["STAGE_ID"]) for did, d in emulator.deals.items()}
+    no_show, booked = PRIMARY.stages[AppointmentStatus.NO_SHOW], PRIMARY.stages[AppointmentStatus.BOOKED]
+    assert stages == {"a2": (d1, booked), "a1": (d2, no_show)}
+
+
 class _Crash(BaseException):
     """The invocation is killed: no handler of ours runs, nothing is released."""
 

@@ -28,9 +28,6 @@ def note_lost_continuations(state: PatientState, found: Mapping[str, DealMatch])
     on, was booked again in an attempt whose response was lost and got that deal of its own (its create
     intent made it looked up). It is a visit of its own again, as that attempt would have stored, so its
     later events (a no-show again) move that deal rather than being skipped as ``deal_continued``."""
-    for aid, match in found.items():
-        if aid in state.continued and match.deal_id != state.appointment(aid).deal_id:
-            _own_visit_again(state, aid)
     # A continuation takes a funnel's latest deal, and the syncer loads only the visits its message carries:
     # the no-show holding that deal is known by the patient's latest deals even when its visit is not loaded.
     held = [(latest.deal_id, latest.appointment_id) for latest in state.latest_deals.values()]
@@ -40,6 +37,22 @@ def note_lost_continuations(state: PatientState, found: Mapping[str, DealMatch])
         holder = holders.get(match.deal_id)
         if holder is not None and holder != aid:
             state.continued[holder] = aid
+            _latest_moved_on(state, match, aid)
+    # After those: a visit just noted as handing its deal on may have been booked again since, in another
+    # lost attempt, and be found under a deal of its own.
+    for aid, match in found.items():
+        if aid in state.continued and match.deal_id != state.appointment(aid).deal_id:
+            _own_visit_again(state, aid)
+
+
+def _latest_moved_on(state: PatientState, match: DealMatch, taker: str) -> None:
+    """The funnel's latest deal is the re-booking's now, at the stage the CRM shows: a visit planned in this
+    pass that holds that deal takes nothing over from the old visit, and nothing continues it again unless
+    the CRM shows it at a continuing stage."""
+    for category, latest in state.latest_deals.items():
+        if latest.deal_id == match.deal_id and latest.appointment_id != taker:
+            moved = {"appointment_id": taker, "stage": match.stage or latest.stage, "closed": match.closed}
+            state.latest_deals[category] = latest.model_copy(update=moved)
 
 
 def after_continuation(appointment: Appointment, state: PatientState) -> str | None:

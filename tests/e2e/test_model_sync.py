@@ -481,10 +481,15 @@ class ClinicMachine(RuleBasedStateMachine):
         """A manager working under the integration's login moves an open deal to another open stage of its
         funnel. Its echo is dropped; the stage read before our next stage write finds a stage we never wrote
         and respects it as the manager's until the MIS moves the visit forward (README, Loops). Done once the
-        sync has seen the visit's status (the status the move is judged against); never onto a stage a
-        re-booking continues (the re-booking rule has its own rules)."""
+        sync has seen the visit's status (the status the move is judged against: the system is brought to
+        rest first if need be); never onto a stage a re-booking continues (the re-booking rule has its own)."""
+        if visit.continued_by or visit.closed_stage or visit.aid not in self.model.synced:
+            return
+        if not visit.settled:  # the sync has not surely seen the visit's status: bring the system to rest first
+            self._quiesce()
+            self.check_quiescent()
         deal = self.crm.deals().get(visit.aid)
-        if deal is None or deal["closed"] or visit.continued_by or visit.closed_stage or not visit.settled:
+        if deal is None or deal["closed"] or visit.continued_by or visit.closed_stage:
             return
         pipeline = self._pipelines()[deal["category"]]
         stages = {*pipeline.stages.values(), self.crm.manual_stage(deal["category"])}

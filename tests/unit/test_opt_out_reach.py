@@ -6,8 +6,9 @@ the memory store; the expected state comes from an independent model of the rule
 
 - an opt-out is the person's for good: no later sync, whatever the MIS card says, undoes it; an address
   unsubscribed before it was anyone's is the refusal of whoever has it later, and stays theirs;
-- it reaches every system: the CRM contact's field, the MIS flags, and every Mailchimp member at an
-  address the person has had (an address shared with a family member who did not opt out may stay);
+- it reaches every system: the CRM contact's field, the MIS flags (not written back when the MIS was the
+  source; a flag staff cleared there stays cleared), and every Mailchimp member at an address the person
+  has had (an address shared with a family member who did not opt out may stay);
 - a family member's opt-out is never another's (an address's own unsubscribe is every holder's).
 """
 

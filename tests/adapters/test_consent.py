@@ -35,7 +35,7 @@ from clinicsync.domain.unsubscribe_links import TokenError, UnsubscribeTokens, l
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.mailchimp import MailchimpEmulator
 from tests.adapters.test_store import store  # noqa: F401 - the moto-backed store fixture
-from tests.helpers import demo_config, examples, patient
+from tests.helpers import demo_config, patient
 
 KEY = b"k" * 32
 _EXAMPLES = itertools.count()
@@ -431,9 +431,7 @@ class _Model:
             self.out = (False, dated)
 
 
-@settings(
-    max_examples=min(examples(80), 600), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(_EVENT, min_size=1, max_size=14))
 def test_ledger_rules_match_an_independent_model_in_any_order(
     store: DynamoStore,  # noqa: F811
@@ -487,9 +485,7 @@ class _FieldCrm(_Gateway):
 _CHANNELS = st.sets(st.sampled_from([c.value for c in Channel]), min_size=1)
 
 
-@settings(
-    max_examples=min(examples(40), 600), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ours=_CHANNELS, ticked=_CHANNELS, manager=st.sampled_from(["7", INTEGRATION_USER]))
 def test_a_consent_write_keeps_every_channel_a_manager_ticked_before_its_webhook(
     store: DynamoStore,  # noqa: F811

@@ -21,7 +21,7 @@ from clinicsync.domain.models import AppointmentStatus
 from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState
 from clinicsync.domain.store_ports import Claimed, ClaimRelease, Store
 from clinicsync_cli.memory_store import MemoryStore
-from tests.helpers import MSK
+from tests.helpers import MSK, examples
 
 StoreFactory = Callable[[], Store]
 
@@ -462,7 +462,9 @@ def _answer(value: Any) -> Any:
     return value
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=min(examples(60), 600), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(ops=st.lists(_ops, min_size=1, max_size=25))
 def test_both_stores_answer_every_sequence_of_conditional_writes_alike(
     template_tables: Callable[[], Table], ops: list[tuple[Any, ...]]

@@ -5,9 +5,8 @@ Every input (a one-click link, a Mailchimp event, a CRM opt-out field, a MIS ref
 ``ConsentLedger``: the opt-out is recorded under the person's subject and, only if it changed something,
 a ``ConsentJob`` is queued. ``ConsentOutputs`` then pushes the ledger's *current* state to the CRM
 contact, the MIS and Mailchimp, marking each target done per ledger digest, so a retried job skips
-finished targets and a repeated input changes nothing (that is also what stops loops).
-
-Subjects (``keys.patient_subject``/``keys.email_subject``) name a known patient or an address we cannot tie to one.
+finished targets and a repeated input changes nothing (that is also what stops loops). Subjects
+(``keys.patient_subject``/``keys.email_subject``) name a known patient or an address we cannot tie to one.
 """
 
 from __future__ import annotations
@@ -44,9 +43,6 @@ def ledger_digest(opted_out: Sequence[str]) -> str:
 
 MEMBER_MOVED = "member-moved"  # an output mark no ledger digest equals: the target is due again
 OUTCOME_UNKNOWN = "outcome-unknown"  # as well, for a target whose write failed (it may have landed)
-
-
-# --- one-click links (RFC 8058) --------------------------------------------------------------------------
 
 
 # --- recording -----------------------------------------------------------------------------------------------
@@ -89,16 +85,21 @@ class ConsentLedger:
         """Mailchimp ``upemail``: the person keeps their consent and their member under the new address;
         the old address is theirs for good (an opt-out still reaches it) and is never re-created."""
         subjects = self.subjects_for_email(old_email)
+        had_it = self._store.subjects_by_email(self._hasher.email_key(new_email))  # people who had the new one
         self._store.index_emails([(self._hasher.email_key(new_email), s) for s in subjects])
         for s in subjects:
             self._store.note_mailchimp_member(s, subscriber_hash(new_email), moved_from=subscriber_hash(old_email))
-        # An opt-out pushed before this webhook reached only the members known then (Mailchimp may move a
-        # member first): the person's Mailchimp target is due again, now with the moved member.
-        opted_out = self._store.opted_out_many(subjects, sorted(MAILCHIMP_CHANNELS))
-        refusing = [s for s in subjects if opted_out[s]]
-        self._store.mark_outputs_many({s: {"mailchimp": MEMBER_MOVED} for s in refusing})
-        self._enqueue(refusing, "mailchimp:upemail", {}, ())
+        # Opt-outs pushed before this webhook reached the members known then (Mailchimp may move one first): a
+        # refusing person's target is due again, with the moved member (or, if they had it, the new address).
+        opted_out = self._store.opted_out_many(list(dict.fromkeys(subjects + had_it)), sorted(MAILCHIMP_CHANNELS))
+        refusing = {s: () if s in subjects else (new_email,) for s, out in opted_out.items() if out}
+        self.members_due(refusing, "mailchimp:upemail")
         return subjects
+
+    def members_due(self, emails: Mapping[str, Sequence[str]], reason: str) -> None:
+        """The people's Mailchimp target is due again (a member moved, a new address), these in transit."""
+        self._store.mark_outputs_many({s: {"mailchimp": MEMBER_MOVED} for s in emails})
+        self._enqueue(list(emails), reason, emails, ())
 
     def opt_out(
         self,
@@ -123,9 +124,8 @@ class ConsentLedger:
         emails: Mapping[str, Sequence[str]] | None = None,
         skip: Sequence[ConsentTarget] = (),
     ) -> dict[str, list[str]]:
-        """Each subject's own channels (a sync message's refusal flags): recorded in as few store
-        requests as it allows, and the jobs of every subject that changed sent together. Returns
-        those subjects and their changed channels."""
+        """Each subject's own channels (a sync message's refusal flags): recorded in as few store requests
+        as it allows, the jobs of every subject that changed sent together. Returns their changed channels."""
         when = int(at if at is not None else self._clock())
         recorded = self._store.record_opt_outs_many(opt_outs, source, when, detail)
         changed = {s: channels for s, channels in recorded.items() if channels}

@@ -9,15 +9,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from clinicsync.application.consent import ADDRESS_CHANNELS, ConsentLedger, CrmContactReader, ledger_digest
-from clinicsync.domain.audience import AudienceMember, AudienceUpserts, audience_member, note_accepted_members
+from clinicsync.domain.audience import (
+    MAILCHIMP_CHANNELS,
+    AudienceMember,
+    AudienceUpserts,
+    audience_member,
+    note_accepted_members,
+)
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crm_ports import ContactWrite, WriteOutcome
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import email_subject, patient_subject
-from clinicsync.domain.models import Channel, PatientChanges
+from clinicsync.domain.models import Channel, ConsentTarget, PatientChanges
 from clinicsync.domain.payloads import audience_merge_fields, contact_fields, may_join_audience
 from clinicsync.domain.rules import PatientPlan
-from clinicsync.domain.store_ports import SyncConsentStore
+from clinicsync.domain.store_ports import ConsentSource, SyncConsentStore
 from clinicsync.observability import logger
 
 
@@ -69,8 +75,9 @@ class SyncConsent:
         """Record the MIS's refusal flags; return every patient's opt-outs, and the patient's own
         subject's (without the address's). The ledger is sticky: an opt-out once recorded stays,
         whatever the MIS says later. An address unsubscribed before we knew whose it was
-        (``email:<HMAC>``) counts for the patient who has it now. ``read``: the ledger of
-        ``subjects(live)`` as the caller just read it (otherwise it is read here)."""
+        (``email:<HMAC>``) is the refusal of the patient who has it now: recorded as theirs, so it
+        follows them to their other addresses and systems, and stays when the address changes.
+        ``read``: the ledger of ``subjects(live)`` as the caller just read it (otherwise it is read here)."""
         now = int(time.time())
         subjects, by_email = self._subjects(live)
         if read is None:  # one read per channel set (a patient's, an address's), not one per subject
@@ -82,25 +89,39 @@ class SyncConsent:
                 read |= self._store.opted_out_many(subjects_read, list(channel_set))
         ledger = {subject: set(read.get(subject, ())) for subject in [*subjects.values(), *by_email.values()]}
         refusals: dict[str, list[str]] = {}
+        held: dict[str, list[str]] = {}  # the address's opt-outs its holder has not recorded yet
         emails: dict[str, tuple[str, ...]] = {}
         for item in live:
-            subject = subjects[item.patient.mis_id]
+            pid, subject = item.patient.mis_id, subjects[item.patient.mis_id]
             new = sorted({c.value for c in item.patient.consent.opted_out()} - ledger[subject])
-            if new:
-                refusals[subject] = new
-                emails[subject] = (item.patient.email,) if item.patient.email else ()
+            address = sorted(ledger[by_email[pid]] - ledger[subject] - set(new)) if pid in by_email else []
+            refusals.update({subject: new} if new else {})
+            held.update({subject: address} if address else {})
+            emails[subject] = (item.patient.email,) if item.patient.email else ()
         # The message's refusals together: one transaction and one job send, not one each per patient.
-        if refusals and self._ledger is not None:
-            self._ledger.opt_out_each(refusals, "mis", "mis:refusal_flag", now, emails, skip=("mis",))
-        elif refusals:
-            self._store.record_opt_outs_many(refusals, "mis", now, "mis:refusal_flag")
-        for subject, new in refusals.items():
+        self._record(refusals, "mis", "mis:refusal_flag", now, emails, skip=("mis",))
+        self._record(held, "mailchimp", "mailchimp:held_address", now, emails, skip=())
+        for subject, new in [*refusals.items(), *held.items()]:
             ledger[subject] |= set(new)
         merged = {
             pid: ledger[subject] | (ledger[by_email[pid]] if pid in by_email else set())
             for pid, subject in subjects.items()
         }
         return merged, {pid: ledger[subject] for pid, subject in subjects.items()}
+
+    def _record(
+        self,
+        opt_outs: Mapping[str, Sequence[str]],
+        source: ConsentSource,
+        detail: str,
+        at: int,
+        emails: Mapping[str, Sequence[str]],
+        skip: Sequence[ConsentTarget],
+    ) -> None:
+        if opt_outs and self._ledger is not None:
+            self._ledger.opt_out_each(opt_outs, source, detail, at, emails, skip=skip)
+        elif opt_outs:
+            self._store.record_opt_outs_many(opt_outs, source, at, detail)
 
     def keep_managers_opt_outs(
         self,
@@ -153,6 +174,25 @@ class SyncConsent:
         if done:
             self._store.mark_outputs("crm", done)  # one request per 100 patients, not one each
 
+    def _refusers_new_addresses(
+        self,
+        plans: Sequence[PatientPlan],
+        live: Sequence[PatientChanges],
+        ledger: Mapping[str, set[str]],
+        outcome: WriteOutcome,
+    ) -> None:
+        """A known patient who refuses e-mail has another address in the MIS: its member (the audience may
+        have had it before us) is unsubscribed too. A first sync's refusal job carries the address already."""
+        given: dict[str, tuple[str]] = {}
+        for plan, item in zip(plans, live, strict=True):
+            state, email = plan.next_state, item.patient.email
+            if state is None or state.contact_id is None or plan.patient_id in outcome.failed or not email:
+                continue
+            if self._hasher.email_key(email) != state.email_key and ledger[plan.patient_id] & MAILCHIMP_CHANNELS:
+                given[patient_subject(plan.patient_id)] = (email,)
+        if given and self._ledger is not None:
+            self._ledger.members_due(given, "mis:new_address")
+
     def sync_audience(
         self,
         plans: Sequence[PatientPlan],
@@ -164,6 +204,7 @@ class SyncConsent:
         skipped by hash. A Mailchimp failure never fails the CRM sync; those members are sent next time."""
         if self._audience is None:
             return 0
+        self._refusers_new_addresses(plans, live, ledger, outcome)
         wanted: list[tuple[str, str, dict[str, str], str]] = []
         for plan, item in zip(plans, live, strict=True):
             state = plan.next_state

@@ -33,12 +33,17 @@ class CrmView(Protocol):
     def appointment_history(self) -> dict[str, list[str]]: ...  # deal id -> MIS appointment ids it named, in order
     def stats(self) -> dict[str, int]: ...
     def won_stage(self, category: str) -> str: ...
-    def manager_move(self, deal_id: str, stage: str) -> None: ...
+    # as_integration: the manager works under the integration's own login (amoCRM acts as the user who
+    # granted the token; a small clinic may share one Bitrix24 login), so the CRM records our user as modifier.
+    def manager_move(self, deal_id: str, stage: str, *, as_integration: bool = False) -> None: ...
     def manager_create_inquiry(self, phone: str) -> str: ...  # an open lead/deal for a phone, as a call makes
     def manager_create_contact(self, phone: str) -> str: ...
     def manager_create_deal(self, contact_id: str, stage: str | None = None) -> str: ...
     def manager_set_opt_outs(self, contact_id: str, channels: str) -> None: ...
-    def manager_set_opt_ins(self, contact_id: str, channels: str) -> None: ...
+    def manager_set_opt_ins(self, contact_id: str, channels: str, *, as_integration: bool = False) -> None: ...
+    def manager_set_consent_fields(  # both fields in one save
+        self, contact_id: str, opt_outs: str, opt_ins: str, *, as_integration: bool = False
+    ) -> None: ...
     def manager_touch_contact(self, contact_id: str) -> None: ...  # an unrelated edit (a comment)
     def manager_duplicate_contact(self, contact_id: str) -> str: ...  # a copy carrying the same MIS id
     def advance_clock(self, seconds: float) -> None: ...
@@ -109,8 +114,9 @@ class Bitrix24View:
     def won_stage(self, category: str) -> str:
         return "WON" if category == "0" else f"C{category}:WON"
 
-    def manager_move(self, deal_id: str, stage: str) -> None:
-        self.emu.manager_update_deal(int(deal_id), STAGE_ID=stage)
+    def manager_move(self, deal_id: str, stage: str, *, as_integration: bool = False) -> None:
+        user = self.emu.user_id if as_integration else None  # the inbound webhook's user is the integration's
+        self.emu.manager_update("deal", int(deal_id), {"STAGE_ID": stage}, user_id=user)
 
     def manager_create_inquiry(self, phone: str) -> str:
         return str(
@@ -128,8 +134,16 @@ class Bitrix24View:
     def manager_set_opt_outs(self, contact_id: str, channels: str) -> None:
         self.emu.manager_update_contact(int(contact_id), UF_CRM_CS_OPT_OUTS=channels)
 
-    def manager_set_opt_ins(self, contact_id: str, channels: str) -> None:
-        self.emu.manager_update_contact(int(contact_id), UF_CRM_CS_OPT_INS=channels)
+    def manager_set_opt_ins(self, contact_id: str, channels: str, *, as_integration: bool = False) -> None:
+        user = self.emu.user_id if as_integration else None
+        self.emu.manager_update("contact", int(contact_id), {"UF_CRM_CS_OPT_INS": channels}, user_id=user)
+
+    def manager_set_consent_fields(
+        self, contact_id: str, opt_outs: str, opt_ins: str, *, as_integration: bool = False
+    ) -> None:
+        fields = {"UF_CRM_CS_OPT_OUTS": opt_outs, "UF_CRM_CS_OPT_INS": opt_ins}
+        user = self.emu.user_id if as_integration else None
+        self.emu.manager_update("contact", int(contact_id), fields, user_id=user)
 
     def manager_touch_contact(self, contact_id: str) -> None:
         self.emu.manager_update_contact(int(contact_id), COMMENTS=f"звонок {self.emu.clock.now():.0f}")
@@ -249,8 +263,9 @@ class AmoCrmView:
     def won_stage(self, category: str) -> str:
         return str(WON_STATUS_ID)
 
-    def manager_move(self, deal_id: str, stage: str) -> None:
-        self.emu.manager_move_lead(int(deal_id), int(stage))
+    def manager_move(self, deal_id: str, stage: str, *, as_integration: bool = False) -> None:
+        user = self.emu.api_user_id if as_integration else None  # the user who granted our token
+        self.emu.manager_move_lead(int(deal_id), int(stage), user_id=user)
 
     def manager_create_inquiry(self, phone: str) -> str:
         # In amoCRM an inquiry is a lead at «Новая заявка» with the caller's contact.
@@ -277,9 +292,20 @@ class AmoCrmView:
         field = {"field_id": self.fields["opt_outs"], "values": [{"value": channels}]}
         self.emu.manager_update_contact(int(contact_id), custom_fields_values=[field])
 
-    def manager_set_opt_ins(self, contact_id: str, channels: str) -> None:
+    def manager_set_opt_ins(self, contact_id: str, channels: str, *, as_integration: bool = False) -> None:
         field = {"field_id": self.fields["opt_ins"], "values": [{"value": channels}]}
-        self.emu.manager_update_contact(int(contact_id), custom_fields_values=[field])
+        user = self.emu.api_user_id if as_integration else None
+        self.emu.manager_update_contact(int(contact_id), custom_fields_values=[field], user_id=user)
+
+    def manager_set_consent_fields(
+        self, contact_id: str, opt_outs: str, opt_ins: str, *, as_integration: bool = False
+    ) -> None:
+        fields = [
+            {"field_id": self.fields[name], "values": [{"value": value}] if value else None}  # None clears it
+            for name, value in (("opt_outs", opt_outs), ("opt_ins", opt_ins))
+        ]
+        user = self.emu.api_user_id if as_integration else None
+        self.emu.manager_update_contact(int(contact_id), custom_fields_values=fields, user_id=user)
 
     def manager_touch_contact(self, contact_id: str) -> None:
         self.emu.manager_update_contact(int(contact_id), name=f"Анна (звонок {self.emu.clock.now():.0f})")

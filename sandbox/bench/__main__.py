@@ -15,6 +15,7 @@ from pathlib import Path
 from sandbox.bench.report import print_report, print_scale
 from sandbox.bench.run import InvalidRun, Sizes, run
 from sandbox.bench.scale import run_scale
+from sandbox.bench.simclock import BENCH_INSTANT
 
 SMOKE = Sizes(
     patients=24,
@@ -44,16 +45,28 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: clinicsync's backfill of clinics seeded with N appointments each (e.g. 1000,5000)",
     )
     parser.add_argument("--serial", action="store_true", help="with --scale: every point in this process (tests)")
+    parser.add_argument(
+        "--at",
+        default=BENCH_INSTANT,
+        help="the wall clock every run starts at (ISO 8601 with offset; default: the recorded run's), or 'now'",
+    )
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else Sizes()
     if args.crm:
         sizes.crms = tuple(args.crm)
+    sizes.wall_clock = None if args.at == "now" else args.at
     log = functools.partial(print, file=sys.__stderr__, flush=True)
     started = _provenance()
     try:
         if args.scale:
             report = run_scale(
-                args.scale, sizes.crms, log=log, parallel=not args.serial, twice=args.twice, verbose=args.verbose
+                args.scale,
+                sizes.crms,
+                log=log,
+                parallel=not args.serial,
+                twice=args.twice,
+                verbose=args.verbose,
+                wall_clock=sizes.wall_clock,
             )
         else:
             report = run(sizes, log=log, verbose=args.verbose, twice=args.twice)

@@ -29,7 +29,7 @@ from sandbox.bench.harness import ChangeMaker, cpu_ms_per_event, diff, metered, 
 from sandbox.bench.moto_process import ProcessAws
 from sandbox.bench.run import POLL_INTERVAL, Sizes, _quiet, measure_backfill, seeded_clinic
 from sandbox.bench.scale import seeded
-from sandbox.bench.simclock import SimClock
+from sandbox.bench.simclock import BENCH_INSTANT, SimClock, pinned_wall_clock
 
 
 class Sampler:
@@ -292,11 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", help="write a CPU profile of our thread here")
     parser.add_argument("--phase", choices=("both", "backfill", "day"), default="both", help="what --profile samples")
     parser.add_argument("--json", help="append the figures as one JSON line here")
+    parser.add_argument("--at", default=BENCH_INSTANT, help="pin the wall clock here (ISO 8601 with offset), or 'now'")
     args = parser.parse_args(argv)
     sampler = Sampler().start() if args.profile else None
     started = time.perf_counter()
     try:
-        out = run(args.crm, args.appointments, args.day_cycles, args.per_cycle, sampler, args.phase)
+        with pinned_wall_clock(None if args.at == "now" else args.at):
+            out = run(args.crm, args.appointments, args.day_cycles, args.per_cycle, sampler, args.phase)
     finally:
         if sampler is not None:
             sampler.stop()

@@ -60,6 +60,7 @@ def simulated(clock: SimClock) -> Iterator[Wired]:
 
     wired = Wired(clock)
     real_served = local.ServedApp
+    real_breaker = amocrm.StoreCircuitBreaker
 
     def served(app: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(app, Bitrix24Emulator | AmoCrmEmulator):
@@ -80,6 +81,8 @@ def simulated(clock: SimClock) -> Iterator[Wired]:
         # The portal's pause (operating_reset_at) is on the emulator's clock: the client reads it on the same.
         (bitrix24, "Bitrix24Client", functools.partial(bitrix24.Bitrix24Client, sleep=clock.sleep, clock=clock.now)),
         (amocrm, "AmoCrmClient", functools.partial(amocrm.AmoCrmClient, sleep=clock.sleep)),
+        # Its one read per 10 s follows the clock the requests run on: the AWS calls repeat run after run.
+        (amocrm, "StoreCircuitBreaker", lambda *args, **kw: real_breaker(*args, **(kw | {"clock": clock.now}))),
     ]
     with contextlib.ExitStack() as stack:
         for module, name, replacement in patches:

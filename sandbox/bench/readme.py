@@ -322,7 +322,9 @@ def _provenance(report: Report, what: str) -> str:
     dirty = " with uncommitted changes" if p["dirty"] else ""
     load = f"load average {p['load_start']:.1f} → {p['load_end']:.1f} on {p['cpus']} cores"
     wall = f"{report['wall_seconds'] / 60:.1f} min wall time"
-    return f"{what}: {p['date']}, commit {p['commit'][:7]}{dirty}, {wall}, {load}."
+    pinned = report.get("wall_clock")  # absent from records made before the bench pinned it
+    clock = f", the product's wall clock pinned at {pinned}" if pinned else ""
+    return f"{what}: {p['date']}, commit {p['commit'][:7]}{dirty}, {wall}, {load}{clock}."
 
 
 def render(report: Report, scale: Report | None) -> str:

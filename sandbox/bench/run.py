@@ -50,10 +50,12 @@ from sandbox.bench.peers import (
     virtualise_fast_bitrix24,
 )
 from sandbox.bench.simclock import (
+    BENCH_INSTANT,
     LATENCY,
     ClockedApp,
     SimClock,
     leaky_bucket_floor_seconds,
+    pinned_wall_clock,
     sliding_window_floor_seconds,
 )
 
@@ -88,6 +90,7 @@ class Sizes:
     import_runs: int = 3  # best of n imports per handler
     crms: tuple[str, ...] = ("bitrix24", "amocrm")
     parallel: bool = True  # each CRM's run in its own process
+    wall_clock: str | None = BENCH_INSTANT  # where each CRM's process pins its wall clock; None: the real one
 
 
 class InvalidRun(RuntimeError):
@@ -679,7 +682,7 @@ def _log_to_stderr(line: str) -> None:
 
 def _run_crm_alone(crm: str, sizes: Sizes, verbose: bool) -> CrmRun:
     """One CRM's contestants in a process of their own, on their own simulated clock."""
-    with moto_transactions_copy_once():
+    with moto_transactions_copy_once(), pinned_wall_clock(sizes.wall_clock):
         return run_crm(crm, sizes, SimClock(), _log_to_stderr, verbose)
 
 
@@ -712,8 +715,8 @@ def _run_crms(sizes: Sizes, log: Callable[[str], None], verbose: bool) -> list[C
         with concurrent.futures.ProcessPoolExecutor(len(sizes.crms), mp_context=context) as pool:
             futures = [pool.submit(_run_crm_alone, crm, sizes, verbose) for crm in sizes.crms]
             return [f.result() for f in futures]
-    clock = SimClock()
-    with moto_transactions_copy_once():
+    with moto_transactions_copy_once(), pinned_wall_clock(sizes.wall_clock):
+        clock = SimClock()
         return [run_crm(crm, sizes, clock, log, verbose) for crm in sizes.crms]
 
 
@@ -733,6 +736,7 @@ def run(sizes: Sizes, log: Callable[[str], None] = print, verbose: bool = False,
     return {
         "sizes": sizes.__dict__ | {"crms": list(sizes.crms)},
         "clock": {"kind": "simulated, shared by all contestants of a CRM", "latency_per_request_s": LATENCY},
+        "wall_clock": sizes.wall_clock,  # where each run's wall clock was pinned (None: the real one)
         "figures": figures,
         "determinism": determinism,
         "ours": {r.crm: r.ours for r in runs},

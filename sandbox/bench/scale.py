@@ -38,7 +38,7 @@ from sandbox.bench.run import (
     seeded_clinic,
     simulated_figures,
 )
-from sandbox.bench.simclock import SimClock
+from sandbox.bench.simclock import BENCH_INSTANT, SimClock, pinned_wall_clock
 
 SCALE_SIZES = (1_000, 5_000)  # make bench-scale; make bench-scale-50k runs 50_000 alone
 # The 1st, 11th, 21st... syncer invocation is traced: the peak covers the end of a large import too (a
@@ -64,12 +64,16 @@ def seeded(appointments: int) -> tuple[int, int]:
     return round(appointments * base.patients / base.appointments), appointments
 
 
-def run_point(crm: str, appointments: int, verbose: bool = False) -> dict[str, Any]:
-    """One size on one CRM, from an empty CRM and table: seed, backfill, check, price."""
+def run_point(
+    crm: str, appointments: int, verbose: bool = False, wall_clock: str | None = BENCH_INSTANT
+) -> dict[str, Any]:
+    """One size on one CRM, from an empty CRM and table: seed, backfill, check, price. The wall clock is
+    pinned at ``wall_clock`` (:func:`~sandbox.bench.simclock.pinned_wall_clock`), so the point is the same
+    on any day."""
     patients, appointments = seeded(appointments)
-    clock = SimClock()
     started = time.perf_counter()
-    with moto_transactions_copy_once():
+    with moto_transactions_copy_once(), pinned_wall_clock(wall_clock):
+        clock = SimClock()
         aws = ProcessAws().start()
         try:
             clinic, wired = seeded_clinic(crm, patients, appointments, "scale", aws, clock)
@@ -123,18 +127,23 @@ def run_point(crm: str, appointments: int, verbose: bool = False) -> dict[str, A
 
 
 def _points(
-    sizes: Sequence[int], crms: Sequence[str], parallel: bool, log: Callable[[str], None], verbose: bool
+    sizes: Sequence[int],
+    crms: Sequence[str],
+    parallel: bool,
+    log: Callable[[str], None],
+    verbose: bool,
+    wall_clock: str | None,
 ) -> list[dict[str, Any]]:
     wanted = [(n, crm) for n in sizes for crm in crms]
     if not parallel:
-        return [_logged(run_point(crm, n, verbose), log) for n, crm in wanted]
+        return [_logged(run_point(crm, n, verbose, wall_clock), log) for n, crm in wanted]
     # The spawned points take PYTHONHASHSEED=0, so every run orders its sets alike (as make bench's do);
     # one process per point (max_tasks_per_child=1), the CRMs of a size side by side on the two cores.
     os.environ["PYTHONHASHSEED"] = "0"
     context = multiprocessing.get_context("spawn")
     out = []
     with concurrent.futures.ProcessPoolExecutor(len(crms), mp_context=context, max_tasks_per_child=1) as pool:
-        futures = [pool.submit(run_point, crm, n, verbose) for n, crm in wanted]
+        futures = [pool.submit(run_point, crm, n, verbose, wall_clock) for n, crm in wanted]
         for future in futures:
             out.append(_logged(future.result(), log))
     return out
@@ -211,13 +220,14 @@ def run_scale(
     parallel: bool = True,
     twice: bool = False,
     verbose: bool = False,
+    wall_clock: str | None = BENCH_INSTANT,
 ) -> dict[str, Any]:
     """Every (size, CRM) point; with ``twice`` all of them again, and the simulated figures compared."""
     started = time.perf_counter()
-    points = _points(sizes, crms, parallel, log, verbose)
+    points = _points(sizes, crms, parallel, log, verbose, wall_clock)
     determinism = None
     if twice:
-        again = _points(sizes, crms, parallel, log, verbose)
+        again = _points(sizes, crms, parallel, log, verbose, wall_clock)
         diffs = differences(
             simulated_figures([p["figure"] for p in points]), simulated_figures([p["figure"] for p in again])
         )
@@ -226,6 +236,7 @@ def run_scale(
         "kind": "scale curve: clinicsync's backfill from an empty CRM, one fresh process per size and CRM",
         "sizes": list(sizes),
         "crms": list(crms),
+        "wall_clock": wall_clock,
         "patients_per_appointment": Sizes().patients / Sizes().appointments,
         "syncer_memory": (
             f"tracemalloc peak of the 1st, {TRACE_EVERY + 1}th, {2 * TRACE_EVERY + 1}st... syncer invocation; "

@@ -13,17 +13,43 @@ until a slot move the clock to the latest of their slots, not to the sum of thei
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
 from typing import Any
+
+import time_machine
 
 from sandbox.emulators.base import Clock
 
 LATENCY = 0.05  # seconds of simulated network + server time per CRM request (same region, small bodies)
 GRAIN = 2.0**16  # the clock starts on a multiple of this (about 18 h): see :func:`deterministic_start`
 PHASE = 2.0**15  # each contestant starts on a multiple of this after the start: see SimClock.next_phase
+
+
+# The wall clock every bench run starts at: the instant the run recorded in docs/bench began (Moscow 13:46).
+BENCH_INSTANT = "2026-12-07T13:46:00+03:00"
+
+
+@contextlib.contextmanager
+def pinned_wall_clock(at: str | None) -> Iterator[None]:
+    """This process's wall clock (``time.time``, ``datetime.now``...) set to ``at`` and ticking on from there;
+    ``None`` leaves the real clock. The seeded clinic is built relative to today in Moscow and the product
+    reads its windows (the poller's, eligibility) from the wall clock, so on the real clock the simulated
+    figures moved from one day to the next; pinned, a run on any day repeats the recorded one. Monotonic and
+    CPU clocks stay real (the wall-time and CPU figures), and so does every other process (moto's, which
+    only ever compares times we send it or its own)."""
+    if at is None:
+        yield
+        return
+    moment = datetime.fromisoformat(at)
+    if moment.tzinfo is None:
+        raise ValueError(f"a pinned wall clock needs a UTC offset: {at!r}")
+    with time_machine.travel(moment, tick=True):
+        yield
 
 
 def deterministic_start(wall: float | None = None) -> float:

@@ -365,6 +365,26 @@ def test_an_opt_out_saved_under_our_login_counts_unless_the_ledger_holds_the_cha
     assert report.opt_outs == 1  # a hand-made duplicate has no say, under any login
 
 
+def test_an_echo_with_an_opt_out_and_an_opt_in_reads_the_contacts_mapping_once(
+    store: DynamoStore,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both of an echo's consent fields ask whether the contact is the one we map to the patient: one read."""
+    now = [1_000_000.0]
+    _ledger(store, now).opt_out(["pat:p4"], ["sms"], "link", "link:one-click")
+    _map_contacts(store, {"p4": "504", "p5": "505"})
+    report = EventReport()
+    _handle(store, _contact_event("504", "p4", 1_000_010, opt_outs="sms", by=INTEGRATION_USER), report)  # our write
+    reads: list[str] = []
+    lookup = store.patient_for_crm
+    monkeypatch.setattr(store, "patient_for_crm", lambda kind, crm_id: reads.append(crm_id) or lookup(kind, crm_id))
+    ticked = _contact_event("504", "p4", 1_000_100, opt_ins="sms", opt_outs="email", by=INTEGRATION_USER)
+    _handle(store, ticked, report)
+    assert (report.opt_outs, report.opt_ins, reads) == (1, 1, ["504"])
+    _handle(store, _contact_event("505", "p5", 1_000_100, opt_outs="email", by="p4"), report)  # not an echo
+    assert reads == ["504", "505"]
+
+
 def test_consent_changes_only_from_the_contact_we_map_to_the_patient(store: DynamoStore) -> None:  # noqa: F811
     _map_contacts(store, {"p1": "501", "p2": "502"})
     report = EventReport()

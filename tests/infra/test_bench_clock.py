@@ -5,18 +5,29 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import pytest
+import time_machine
 from hypothesis import given
 from hypothesis import strategies as st
 
 from clinicsync.adapters.aws.budget import _decimal
 from sandbox.bench.peers import InProcessSession, Visit, virtualise_fast_bitrix24
 from sandbox.bench.run import InvalidRun, _check_deals, differences, simulated_figures
-from sandbox.bench.simclock import GRAIN, PHASE, ClockedApp, SimClock, deterministic_start
+from sandbox.bench.simclock import (
+    BENCH_INSTANT,
+    GRAIN,
+    PHASE,
+    ClockedApp,
+    SimClock,
+    deterministic_start,
+    pinned_wall_clock,
+)
 from sandbox.emulators.bitrix24 import Bitrix24Emulator
+from sandbox.seed import build_sample_clinic
 
 
 def test_concurrent_backoffs_overlap_in_simulated_time() -> None:
@@ -157,3 +168,21 @@ def test_a_backfill_with_a_deal_missing_or_written_twice_gives_no_figure() -> No
         _check_deals("peer", "bitrix24", View({"10": 1, "11": 1}), visits)
     with pytest.raises(InvalidRun, match="1 written twice"):
         _check_deals("peer", "bitrix24", View({"10": 1, "11": 2, "12": 1}), visits)
+
+
+def _bench_start_seen_on(day: str, pinned: str | None) -> tuple[Any, float]:
+    """What a bench process started on ``day`` (the machine's real date) seeds and where its simulated clock
+    starts, with the wall clock pinned at ``pinned`` (None: the real one)."""
+    with time_machine.travel(datetime.fromisoformat(day), tick=False), pinned_wall_clock(pinned):
+        clinic = build_sample_clinic(patients=40, appointments=60)
+        return tuple((a.id, a.start, a.status) for a in clinic.appointments), SimClock().started
+
+
+def test_a_pinned_wall_clock_gives_every_day_the_same_seeded_clinic_and_clock() -> None:
+    """The seed is built relative to today in Moscow and the simulated clock starts after the wall clock:
+    pinned, a run on any day (and either side of a Moscow midnight) seeds and starts as the recorded one."""
+    days = ("2026-12-07T10:46:00+00:00", "2026-12-07T21:30:00+00:00", "2027-05-19T03:00:00+00:00")
+    pinned = {_bench_start_seen_on(day, BENCH_INSTANT) for day in days}
+    assert len(pinned) == 1
+    real = {_bench_start_seen_on(day, None) for day in days}
+    assert len(real) == len(days)  # the real clock's seed and start move with the day: what the pin removes

@@ -1,6 +1,7 @@
 """The first import's packing, counted on the Bitrix24 emulator at the simulated limits: a guard for the
 backfill's request figure (`make bench`'s 142 at 5k), which no timed test may hold. Counts only, so it does
-not depend on the machine, and rules, not the day's figures: the seeded clinic moves with the date."""
+not depend on the machine; `run_point` pins the wall clock, so the seeded clinic is the same on any day, but
+the checks are rules (full batches, one create each, few look-ups), not that clinic's figures."""
 
 from __future__ import annotations
 

@@ -108,3 +108,10 @@ def test_a_cpu_figure_the_run_could_not_measure_is_never_met() -> None:
     for crm in report["ours"]:
         report["ours"][crm]["cpu_ms_per_event"]["steady_day"] = 2.5
     assert _row(readme.render(report, None), "CPU ≤ 2 ms per event").endswith("| **short** |")
+
+
+def test_a_run_with_a_pinned_wall_clock_says_where_it_was_pinned() -> None:
+    report = _recorded()
+    assert "pinned" not in readme.render(report, None)  # a record from before the pin says nothing of it
+    report["wall_clock"] = "2026-12-07T13:46:00+03:00"
+    assert "the product's wall clock pinned at 2026-12-07T13:46:00+03:00." in readme.render(report, None)

@@ -531,3 +531,27 @@ def _assert_deals_at_their_visits_stages(crm: Crm, mis: dict[str, Appointment]) 
         if visit.status is S.BOOKED:
             stages.add(CONFIG.pipeline(repeat=False).stages[S.RESCHEDULED])
         assert deal["stage"] in stages, (deal, visit.status)
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(moved_to=st.integers(min_value=4, max_value=12), same_poll=st.booleans(), moved_first=st.booleans())
+def test_a_booking_after_a_no_show_gets_its_own_deal_when_another_visit_moved_past_the_no_show(
+    moved_to: int, same_poll: bool, moved_first: bool
+) -> None:
+    """Shrunk by the model-based test (amoCRM and MEDODS, large profile: "took over the deal of …, the model
+    says a deal of its own"): a patient's deal at the no-show is the funnel's latest until the MIS moves
+    another visit of theirs past it; a booking after the no-show, in the same poll as that move, then
+    continued the no-show's deal, since the funnel's latest was judged as before the poll. By what the MIS
+    says now the latest deal is the moved visit's, not at a continue stage: the booking gets its own deal,
+    in one poll or two, whichever is planned first."""
+    crm = Crm()
+    state, _, _ = no_show_then_rebooked(crm)
+    state = sync(crm, state, [appointment("a3", start=T0 - days(2))])  # an earlier visit, a deal of its own
+    moved = appointment("a3", start=T0 + days(moved_to) + timedelta(hours=2), version=2)
+    booked = appointment("a2", start=T0 + days(3))  # after the no-show, before the moved visit
+    ordered = [moved, booked] if moved_first else [booked, moved]
+    polls = [ordered] if same_poll else [[moved], [booked]]
+    for poll in polls:
+        state = sync(crm, state, poll)
+    assert sorted(str(d["origin"]) for d in crm.deals.values()) == ["a1", "a2", "a3"]
+    assert state.continued == {}

@@ -102,3 +102,24 @@ def test_a_containers_polls_share_one_store_so_a_warm_poller_keeps_the_cursor_it
     first, second = parts.poller(), parts.poller()
     assert first._store is second._store  # what the poll memory lives on (adapters/aws/cursors.py)
     assert parts.store() is not parts.store()  # the other use cases' stores hold nothing between invocations
+
+
+def test_the_amocrm_breaker_reads_its_shared_item_once_per_ten_seconds_of_the_containers_clock() -> None:
+    """Every container honours a tripped breaker; it reads the shared item at most every 10 s by the
+    container's clock (the one tests and the bench control), not by the process's wall clock."""
+    from clinicsync.runtime.vendors import build_amocrm_client
+
+    now = [1_000_000.0]
+    secrets = {**SECRETS, "account_id": "31", "base_url": "https://clinic.amocrm.ru", "access_token": "t"}
+    parts = wiring.Container(_settings(), config=demo_config(), secrets=lambda arn: secrets, clock=lambda: now[0])
+    breaker = build_amocrm_client(parts, demo_config())._breaker
+    item = {"Item": {"pk": {"S": "CIRCUIT"}, "sk": {"S": "amocrm:31"}, "open_until": {"N": "1000030"}}}
+    with Stubber(parts.table().meta.client) as stub:  # a call without a queued answer fails the test
+        stub.add_response("get_item", item)
+        assert breaker.is_open()
+        now[0] += 9
+        assert breaker.is_open()  # the same reading
+        stub.add_response("get_item", {})
+        now[0] += 2
+        assert not breaker.is_open()  # 11 s on: read again, and a manager reset it
+        stub.assert_no_pending_responses()

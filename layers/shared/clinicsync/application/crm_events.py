@@ -8,6 +8,7 @@ MIS id flow back; everything else in the CRM is left alone.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -95,8 +96,9 @@ class CrmEventProcessor:
         if snapshot.get("modified_by") and snapshot["modified_by"] == self._gateway.integration_user():
             report.echoes += 1  # saved under our integration user: our own write, or a manager using its login
             if event.entity == "contact" and snapshot.get("owner"):
-                self._unrecorded_opt_outs(snapshot, report)
-                self._opt_ins_under_our_login(snapshot, report)
+                mapped = functools.cache(lambda: self._mapped_subject(snapshot))  # one mapping read for both
+                self._unrecorded_opt_outs(snapshot, mapped, report)
+                self._opt_ins_under_our_login(snapshot, mapped, report)
             return
         if event.entity == "deal":
             self._deal(snapshot, report)
@@ -132,27 +134,31 @@ class CrmEventProcessor:
             CrmObservation(kind="lead_for_patient", patient_id=patients[0], crm_id=snapshot["id"])
         )
 
-    def _unrecorded_opt_outs(self, snapshot: dict[str, str], report: EventReport) -> None:
+    def _unrecorded_opt_outs(
+        self, snapshot: dict[str, str], mapped: Callable[[], str | None], report: EventReport
+    ) -> None:
         """An echo's opt-out field. Our writes list only channels the ledger already holds, so a channel it
         has no record of was ticked by a manager working under the integration's login (amoCRM acts as the
         user who granted the token): an opt-out like any other. A channel the ledger holds, lifted or not,
         is not taken from an echo: the field may be one we have not rewritten since an opt-in lifted it."""
         listed = _channels(snapshot, "opt_outs")
-        subject = self._mapped_subject(snapshot) if listed else None
+        subject = mapped() if listed else None
         if subject is None:
             return
         fresh = sorted(set(listed) - self._store.channels_on_record(subject, listed))
         if fresh and self._ledger.opt_out([subject], fresh, "crm", "crm:opt_out_field"):
             report.opt_outs += len(fresh)
 
-    def _opt_ins_under_our_login(self, snapshot: dict[str, str], report: EventReport) -> None:
+    def _opt_ins_under_our_login(
+        self, snapshot: dict[str, str], mapped: Callable[[], str | None], report: EventReport
+    ) -> None:
         """An echo's opt-in field. We never write that field, so a channel it gained was ticked by a manager
         working under the integration's login. The save's time may be a later write of ours, so the opt-in is
         dated when the field was last seen without it: never later than the tick, it lifts only an opt-out
         older than that sighting (an opt-out since stands, as the rules want of any doubt)."""
         subject = patient_subject(snapshot["owner"])  # the field as saved is the new baseline either way
         seen = self._opt_in_field_changes(subject, snapshot, held=_channels(snapshot, "opt_outs"))
-        if not seen.gained or seen.last_seen_at is None or self._mapped_subject(snapshot) is None:
+        if not seen.gained or seen.last_seen_at is None or mapped() is None:
             return
         if self._ledger.opt_in(subject, seen.gained, "crm", seen.last_seen_at, "crm:opt_in_field:echo"):
             report.opt_ins += len(seen.gained)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, replace
 from clinicsync.application.consent import ConsentLedger, CrmContactReader
 from clinicsync.application.sync_claims import claim_patients, mark_unsure
 from clinicsync.application.sync_consent import SyncConsent
-from clinicsync.application.sync_lookup import SyncLookup, load_holders, settled_intents
-from clinicsync.application.sync_writes import HeldPlans, apply_with_held
+from clinicsync.application.sync_lookup import Known, SyncLookup, load_holders, settled_intents
+from clinicsync.application.sync_writes import SyncWork, apply_with_held
 from clinicsync.domain.audience import AudienceUpserts
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crm_ports import (
@@ -31,7 +31,7 @@ from clinicsync.domain.deal_stages import held_stage, stage_read_observation, st
 from clinicsync.domain.models import CrmObservation, PatientChanges, merge_by_patient
 from clinicsync.domain.rules import PatientPlan, apply_observation, plan_patient, unguarded
 from clinicsync.domain.state import PatientState
-from clinicsync.domain.store_ports import Claimed, ClaimRelease, SyncStore
+from clinicsync.domain.store_ports import ClaimRelease, SyncStore
 from clinicsync.observability import logger
 
 # A claim outlives the syncer's Lambda timeout (300 s), so a live invocation never loses it, and ends
@@ -119,11 +119,6 @@ class Syncer:
         report.patients = len(changes)
         return report
 
-    def _claim(self, patient_ids: list[str], owner: str) -> Claimed:
-        return claim_patients(
-            self._store, patient_ids, owner, CLAIM_SECONDS, self._clock, self._sleep, self._claim_wait
-        )
-
     def _sync(
         self,
         changes: Sequence[PatientChanges],
@@ -131,89 +126,94 @@ class Syncer:
         busy: dict[str, str],
         release: ClaimRelease,
     ) -> SyncReport:
+        """The claimed patients' sync, in steps: read, look up, plan, check before writing (guards or a read),
+        write, plan again what a guard refused, consent and audience, persist (``release`` goes with it)."""
         report = SyncReport(patients=len(changes))
         requests_before = self._gateway.requests_made()
         live = self._drop_archived(list(changes), report)
-        wanted: dict[str, list[str]] = {c.patient.mis_id: [a.mis_id for a in c.appointments] for c in live}
-        for obs in observations:
-            wanted.setdefault(obs.patient_id, []).extend([obs.appointment_id] if obs.appointment_id else [])
-        # States, create intents and consent ledger in one batched read, not one request (or more) each.
-        read = self._store.read_for_sync(wanted, self._lookup.intent_keys(live), self._consent.subjects(live))
-        states = read.states
-        ledger, own_opt_outs = self._consent.ledger(live, read.opted_out)
-        observed = self._observe(observations, states, report)
-
-        overlap = self._gateway.guards_writes and isinstance(self._gateway, LookupInWrites)
-        matches = self._lookup.look_up(live, states, read.intents, defer_phones=overlap)
-        held = [item for item in live if item.patient.phone in matches.deferred_phones]  # planned after it
-        live = [item for item in live if item.patient.phone not in matches.deferred_phones]
-        plans = self._plan(live, states, matches, ledger)
-        links = self._lead_links(observations, states)
-        if self._gateway.guards_writes:  # the checks ride in the write request: no read before it
-            plans = [self._guarded(plan, states[plan.patient_id]) for plan in plans]
-        else:
-            plans = self._read_then_plan(live, states, matches, ledger, own_opt_outs, plans, observed, report)
-        writes = [w for plan in plans for w in plan.writes] + links
-        intents = self._lookup.record_intents(writes)
-        added = HeldPlans()  # the held patients' share, once their look-up answers
+        known = self._read(live, observations, report)
+        work = self._look_up(live, known)
+        work.plans = self._plan(work.live, known.states, work.matches, known.ledger)
+        work.links = self._lead_links(observations, known.states)
+        self._check_before_writing(work, known, report)
+        work.intents = self._lookup.record_intents(work.writes)  # before any create is sent
         try:
-            outcome, matches, live, plans, writes, intents = self._apply(
-                writes, intents, plans, matches, live, held, states, ledger, added
-            )
-            changed = sorted(pid for pid, why in outcome.failed.items() if why == CHANGED_SINCE_READ)
-            if changed:  # a guard found a manager's change: read those records, plan again, write unguarded
-                ids = set(changed)
-                for pid in changed:
-                    del outcome.failed[pid]
-                again = [item for item in live if item.patient.mis_id in ids]
-                old = [unguarded(plan) for plan in plans if plan.patient_id in ids]
-                new = self._read_then_plan(again, states, matches, ledger, own_opt_outs, old, observed, report)
-                more = [w for plan in new for w in plan.writes] + [w for w in links if w.patient_id in ids]
-                writes += more
-                outcome.merge(self._gateway.apply(more) if more else WriteOutcome())
-                by_patient = {plan.patient_id: plan for plan in new}
-                plans = [by_patient.get(plan.patient_id, plan) for plan in plans]
-            report.audience_members += self._consent.sync_audience(plans, live, ledger, outcome)
-            self._consent.note_crm_consent(plans, outcome, own_opt_outs)
-            release.intents = settled_intents(intents, writes, outcome) if intents else []
-            if outcome.failed:  # writes of unknown outcome: their digests are doubted before the claims go
-                mark_unsure(self._store, sorted(outcome.failed), release)
-            self._persist(plans, live, states, outcome, report, observed, release)  # the sync's last write
+            outcome = self._apply(work, known)
+            self._replan_refused(work, outcome, known, report)
+            report.audience_members += self._consent.sync_audience(work.plans, work.live, known.ledger, outcome)
+            self._consent.note_crm_consent(work.plans, outcome, known.own_opt_outs)
+            self._persist(work, outcome, known, report, release)  # the sync's last write
         except BaseException:  # whatever stops it, the claims are released (finally): doubt the digests first
             release.intents = []  # states not stored: the intents stay, so the retry looks the creates up
             with contextlib.suppress(Exception):  # the error that stopped the sync is the one raised
-                mark_unsure(self._store, sorted({w.patient_id for w in [*writes, *added.writes]}), release)
+                mark_unsure(self._store, work.maybe_sent(), release)
             raise
         report.crm_requests = self._gateway.requests_made() - requests_before
         if outcome.failed or busy:
             raise SyncIncomplete({**busy, **outcome.failed})
         return report
 
-    def _apply(
-        self,
-        writes: list[CrmWrite],
-        intents: list[str],
-        plans: list[PatientPlan],
-        matches: CrmMatches,
-        live: list[PatientChanges],
-        held: list[PatientChanges],
-        states: dict[str, PatientState],
-        ledger: dict[str, set[str]],
-        added: HeldPlans,
-    ) -> tuple[WriteOutcome, CrmMatches, list[PatientChanges], list[PatientPlan], list[CrmWrite], list[str]]:
-        """The writes; patients held for their phones' look-up are planned when it answers (``apply_with_held``,
-        into ``added``). Returns the outcome and the sync's matches, patients, plans, writes and intents, the
-        held patients' joined to them if their look-up answered."""
-        if not (held and isinstance(gateway := self._gateway, LookupInWrites)):
-            return (self._gateway.apply(writes) if writes else WriteOutcome()), matches, live, plans, writes, intents
+    def _read(self, live: list[PatientChanges], observations: Sequence[CrmObservation], report: SyncReport) -> Known:
+        """States, create intents and consent ledgers in one batched read, not one request (or more) each;
+        then the MIS's refusals recorded in the ledger and the message's CRM observations applied."""
+        wanted: dict[str, list[str]] = {c.patient.mis_id: [a.mis_id for a in c.appointments] for c in live}
+        for obs in observations:
+            wanted.setdefault(obs.patient_id, []).extend([obs.appointment_id] if obs.appointment_id else [])
+        read = self._store.read_for_sync(wanted, self._lookup.intent_keys(live), self._consent.subjects(live))
+        ledger, own_opt_outs = self._consent.ledger(live, read.opted_out)
+        observed = self._observe(observations, read.states, report)
+        return Known(read.states, ledger, own_opt_outs, observed, read.intents)
+
+    def _look_up(self, live: list[PatientChanges], known: Known) -> SyncWork:
+        """One look-up per message. A gateway that guards its writes and can carry the look-up's last phones
+        in its first write request defers them: their patients are held, planned when it answers (``_apply``)."""
+        overlap = self._gateway.guards_writes and isinstance(self._gateway, LookupInWrites)
+        matches = self._lookup.look_up(live, known.states, known.intents, defer_phones=overlap)
+        held = [item for item in live if item.patient.phone in matches.deferred_phones]
+        live = [item for item in live if item.patient.phone not in matches.deferred_phones]
+        return SyncWork(live, held, matches)
+
+    def _check_before_writing(self, work: SyncWork, known: Known, report: SyncReport) -> None:
+        """A manager's change is never written over: a gateway that guards its writes carries the checks in
+        the write request (no read before it); any other reads the records first and plans again."""
+        if self._gateway.guards_writes:
+            work.plans = [self._guarded(plan, known.states[plan.patient_id]) for plan in work.plans]
+        else:
+            work.plans = self._read_then_plan(work.live, work.plans, work.matches, known, report)
+        work.writes = [w for plan in work.plans for w in plan.writes] + work.links
+
+    def _apply(self, work: SyncWork, known: Known) -> WriteOutcome:
+        """The writes. Patients held for their phones' look-up are planned (guarded) when it answers; their
+        share fills ``work.added`` as the writes run, and joins the working set if the look-up answered."""
+        if not (work.held and isinstance(gateway := self._gateway, LookupInWrites)):
+            return self._gateway.apply(work.writes) if work.writes else WriteOutcome()
 
         def plan(items: list[PatientChanges], found: CrmMatches) -> list[PatientPlan]:
-            return [self._guarded(plan, states[plan.patient_id]) for plan in self._plan(items, states, found, ledger)]
+            plans = self._plan(items, known.states, found, known.ledger)
+            return [self._guarded(plan, known.states[plan.patient_id]) for plan in plans]
 
-        outcome = apply_with_held(gateway, writes, matches, held, self._lookup.record_intents, plan, added)
-        if added.matches is None:
-            return outcome, matches, live, plans, writes, intents
-        return outcome, added.matches, live + held, plans + added.plans, writes + added.writes, intents + added.intents
+        record = self._lookup.record_intents
+        outcome = apply_with_held(gateway, work.writes, work.matches, work.held, record, plan, work.added)
+        work.join_held()
+        return outcome
+
+    def _replan_refused(self, work: SyncWork, outcome: WriteOutcome, known: Known, report: SyncReport) -> None:
+        """A guard found a manager's change (``CHANGED_SINCE_READ``): read those records, plan those patients
+        again respecting it, and write them unguarded (the records were just read)."""
+        changed = sorted(pid for pid, why in outcome.failed.items() if why == CHANGED_SINCE_READ)
+        if not changed:
+            return
+        ids = set(changed)
+        for pid in changed:
+            del outcome.failed[pid]
+        again = [item for item in work.live if item.patient.mis_id in ids]
+        old = [unguarded(plan) for plan in work.plans if plan.patient_id in ids]
+        new = self._read_then_plan(again, old, work.matches, known, report)
+        more = [w for plan in new for w in plan.writes] + [w for w in work.links if w.patient_id in ids]
+        work.writes += more  # before they are sent: the failure path and the settled intents see every write
+        outcome.merge(self._gateway.apply(more) if more else WriteOutcome())
+        by_patient = {plan.patient_id: plan for plan in new}
+        work.plans = [by_patient.get(plan.patient_id, plan) for plan in work.plans]
 
     def _verified(self) -> None:
         # Two callers, not one after the look-up: a message's observations are applied before it and need the
@@ -265,22 +265,19 @@ class Syncer:
     def _read_then_plan(
         self,
         live: Sequence[PatientChanges],
-        states: dict[str, PatientState],
-        matches: CrmMatches,
-        ledger: dict[str, set[str]],
-        own_opt_outs: dict[str, set[str]],
         plans: list[PatientPlan],
-        observed: dict[str, list[str]],
+        matches: CrmMatches,
+        known: Known,
         report: SyncReport,
     ) -> list[PatientPlan]:
         """Read what a manager may have changed on the records the plans write over, and plan again if
         they did (a gateway that cannot check in its write request, or a guard that failed)."""
-        moved = self._read_stages(plans, states, report)
+        moved = self._read_stages(plans, known.states, report)
         if moved:  # a manager moved or closed a deal we were about to move: plan again, respecting it
             for pid, appointment_ids in moved.items():
-                observed.setdefault(pid, []).extend(appointment_ids)
-            plans = self._plan(live, states, matches, ledger)
-        self._consent.keep_managers_opt_outs(plans, live, ledger, own_opt_outs)
+                known.observed.setdefault(pid, []).extend(appointment_ids)
+            plans = self._plan(live, known.states, matches, known.ledger)
+        self._consent.keep_managers_opt_outs(plans, live, known.ledger, known.own_opt_outs)
         return plans
 
     def _guarded(self, plan: PatientPlan, state: PatientState) -> PatientPlan:
@@ -353,21 +350,18 @@ class Syncer:
         return live
 
     def _persist(
-        self,
-        plans: Sequence[PatientPlan],
-        live: Sequence[PatientChanges],
-        states: dict[str, PatientState],
-        outcome: WriteOutcome,
-        report: SyncReport,
-        observed: dict[str, list[str]],
-        release: ClaimRelease,
+        self, work: SyncWork, outcome: WriteOutcome, known: Known, report: SyncReport, release: ClaimRelease
     ) -> None:
+        """The states' write, with the create intents it settles (their records exist and are stored)."""
+        release.intents = settled_intents(work.intents, work.writes, outcome) if work.intents else []
+        if outcome.failed:  # writes of unknown outcome: their digests are doubted before the claims go
+            mark_unsure(self._store, sorted(outcome.failed), release)
         saves: list[tuple[PatientState, list[str]]] = []
-        planned = {plan.patient_id for plan in plans}
-        for pid, appointment_ids in observed.items():
+        planned = {plan.patient_id for plan in work.plans}
+        for pid, appointment_ids in known.observed.items():
             if pid not in planned and pid not in outcome.failed:
-                saves.append((states[pid], appointment_ids))
-        for plan, item in zip(plans, live, strict=True):
+                saves.append((known.states[pid], appointment_ids))
+        for plan, item in zip(work.plans, work.live, strict=True):
             for reason in plan.skipped.values():
                 report.skipped[reason] = report.skipped.get(reason, 0) + 1
             if plan.next_state is None or plan.patient_id in outcome.failed:
@@ -389,12 +383,12 @@ class Syncer:
                     report.leads_adopted += write.convert
             phone = item.patient.phone
             new_key = self._hasher.phone_key(phone) if phone else None
-            previous_key = states[plan.patient_id].phone_key
+            previous_key = known.states[plan.patient_id].phone_key
             # A first phone was indexed by the poller before it queued the change; a changed one moves here.
             if new_key and previous_key and new_key != previous_key:
                 self._store.index_phone(new_key, plan.patient_id, previous_key)
             state.phone_key = new_key
             state.email_key = self._hasher.email_key(item.patient.email) if item.patient.email else None
-            saves.append((state, plan.changed_appointments + observed.get(plan.patient_id, [])))
+            saves.append((state, plan.changed_appointments + known.observed.get(plan.patient_id, [])))
         if saves:
-            self._store.save_patients(saves, states, release)
+            self._store.save_patients(saves, known.states, release)

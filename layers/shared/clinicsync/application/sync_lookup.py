@@ -1,10 +1,12 @@
-"""The read side of a sync: one look-up per message (by MIS id before any create, by phone for
-adoption), the create intents that make a lost create findable, and who may adopt what a phone found."""
+"""The read side of a sync: what it knows of its patients (``Known``), one look-up per message (by MIS id
+before any create, by phone for adoption), the create intents that make a lost create findable, and who may
+adopt what a phone found."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from clinicsync.domain.crm_ports import (
     ContactWrite,
@@ -22,6 +24,20 @@ from clinicsync.domain.models import PatientChanges
 from clinicsync.domain.rules import Adoption, changed_multifields
 from clinicsync.domain.state import PatientState
 from clinicsync.domain.store_ports import SyncLookupStore, SyncStore
+
+
+@dataclass
+class Known:
+    """What a sync knows of its patients before it writes, kept as it learns more: their states (the CRM's
+    observations applied), their opt-outs (``ledger``: with their address's; ``own_opt_outs``: their own
+    subject's), the visits whose manager's move was recorded (``observed``: stored even without a write),
+    and the create intents read for the look-up."""
+
+    states: dict[str, PatientState]
+    ledger: dict[str, set[str]]
+    own_opt_outs: dict[str, set[str]]
+    observed: dict[str, list[str]]
+    intents: dict[str, int]
 
 
 class SyncLookup:

@@ -1,5 +1,5 @@
-"""The write side of a sync beyond one ``apply``: patients held for a look-up that rides in the first
-write request (``LookupInWrites``)."""
+"""The write side of a sync beyond one ``apply``: its working set (``SyncWork``), and the patients held for a
+look-up that rides in the first write request (``LookupInWrites``)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,38 @@ class HeldPlans:
     plans: list[PatientPlan] = field(default_factory=list)
     writes: list[CrmWrite] = field(default_factory=list)
     intents: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SyncWork:
+    """A sync's working set from its look-up to its last write: the patients planned (``live``) and those
+    held for their phones' look-up (``held``), the matches, the plans (in ``live``'s order), the new leads'
+    links, the writes (the plans' and the links') and the create intents noted for them. ``added`` is the
+    held patients' share, filled while the writes run (``apply_with_held``), joined when their look-up
+    answered (``join_held``)."""
+
+    live: list[PatientChanges]
+    held: list[PatientChanges]
+    matches: CrmMatches
+    plans: list[PatientPlan] = field(default_factory=list)
+    links: list[CrmWrite] = field(default_factory=list)
+    writes: list[CrmWrite] = field(default_factory=list)
+    intents: list[str] = field(default_factory=list)
+    added: HeldPlans = field(default_factory=HeldPlans)
+
+    def join_held(self) -> None:
+        """The held patients join the sync if their look-up answered (if not, the outcome failed them)."""
+        if self.added.matches is not None:
+            self.matches = self.added.matches
+            self.live = self.live + self.held
+            self.plans = self.plans + self.added.plans
+            self.writes = self.writes + self.added.writes
+            self.intents = self.intents + self.added.intents
+
+    def maybe_sent(self) -> list[str]:
+        """The patients a write may have been sent for: the held patients' too, joined yet or not (a sync
+        that stops after their writes went out must still doubt their digests)."""
+        return sorted({w.patient_id for w in [*self.writes, *self.added.writes]})
 
 
 def apply_with_held(

@@ -132,4 +132,26 @@ def continued_deal(
         latest_start = now.starts_at
     if latest_start is not None and appointment.starts_at <= latest_start:
         return None
+    skip = {appointment.mis_id, latest.appointment_id}
+    if latest_start is not None and _moved_past(state, pipeline, polled, latest_start, skip):
+        return None  # another visit's deal is the funnel's latest now: the MIS moved that visit past the no-show
     return latest
+
+
+def _moved_past(
+    state: PatientState, pipeline: Pipeline, polled: Mapping[str, Appointment], start: datetime, skip: set[str]
+) -> bool:
+    """Whether this poll brings a visit holding a deal of the funnel at a start later than ``start``: by what
+    the MIS says now, that deal is the funnel's latest, though it is tracked as such only once planned (in
+    start order, so after the booking judged here)."""
+    for aid, now in polled.items():
+        known = state.appointment(aid)
+        if (
+            aid not in skip
+            and aid not in state.continued
+            and known.deal_id is not None
+            and known.category_id == pipeline.category_id
+            and now.starts_at > start
+        ):
+            return True
+    return False

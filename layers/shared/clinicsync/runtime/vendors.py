@@ -136,7 +136,7 @@ def build_amocrm_client(parts: Container, config: ClinicConfig) -> AmoCrmClient:
     pacer = parts.pacer(key, crm.requests_per_second, crm.burst, crm.shared_budget)
     tokens = SecretsManagerTokenStore(boto3.client("secretsmanager"), arn, AMOCRM)
     auth = AmoCrmOAuth(tokens, parts.http_client(), lock=lease_lock(parts.store(), AMOCRM, clock=parts.clock))
-    return AmoCrmClient(auth, parts.http_client(), pacer, StoreCircuitBreaker(parts.table(), key))
+    return AmoCrmClient(auth, parts.http_client(), pacer, StoreCircuitBreaker(parts.table(), key, clock=parts.clock))
 
 
 def build_vtiger_client(parts: Container, config: ClinicConfig) -> VtigerClient:

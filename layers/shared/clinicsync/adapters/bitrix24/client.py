@@ -23,6 +23,7 @@ from clinicsync.observability import logger
 from clinicsync.retrying import Replay, Transient, call_with_retries, exponential
 
 BATCH_LIMIT = 50
+Command = tuple[str, Mapping[str, Any]]  # one `batch` command: the method and its parameters
 PAGE_SIZE = 50
 
 
@@ -372,9 +373,7 @@ class Bitrix24Client:
             return None
         return body if isinstance(body, dict) else None
 
-    def batch(
-        self, commands: Mapping[str, tuple[str, Mapping[str, Any]]], halt: bool = False, *, writes: bool = False
-    ) -> BatchResult:
+    def batch(self, commands: Mapping[str, Command], halt: bool = False, *, writes: bool = False) -> BatchResult:
         if len(commands) > BATCH_LIMIT:
             raise ValueError(f"batch takes at most {BATCH_LIMIT} commands")
         cmd = {key: f"{method}?{php_query(params)}" for key, (method, params) in commands.items()}

@@ -16,6 +16,7 @@ from clinicsync.adapters.bitrix24.client import (
     PAGE_SIZE,
     Bitrix24Client,
     Bitrix24Error,
+    Command,
 )
 from clinicsync.adapters.bitrix24.client import chunks as _chunks
 from clinicsync.adapters.bitrix24.client import rows as _rows
@@ -85,7 +86,7 @@ class Bitrix24Gateway:
         self._writer = Bitrix24Writer(client, config)
         # A contact's guard compares its last modifier with our user: without one, read before writing.
         self.guards_writes = bool(client.user_id)
-        self._verify: dict[str, tuple[str, Mapping[str, Any]]] = {}  # reads for the next look-up to carry
+        self._verify: dict[str, Command] = {}  # reads for the next look-up to carry
         self._verified: dict[str, Any] = {}  # what they answered
 
     def requests_made(self) -> int:
@@ -173,7 +174,7 @@ class Bitrix24Gateway:
         *,
         defer: bool,
     ) -> CrmMatches:
-        commands: dict[str, tuple[str, Mapping[str, Any]]] = dict(self._verify)
+        commands: dict[str, Command] = dict(self._verify)
         for n, ids in enumerate(_chunks(list(dict.fromkeys(patient_ids)), ORIGIN_IDS_PER_COMMAND)):
             commands[f"c{n}"] = ("crm.contact.list", self._origin_filter(ids, ["ID", "ORIGIN_ID"]))
         for n, ids in enumerate(_chunks(list(dict.fromkeys(appointment_ids)), ORIGIN_IDS_PER_COMMAND)):
@@ -242,7 +243,7 @@ class Bitrix24Gateway:
 
     def _run_reads(
         self,
-        commands: Mapping[str, tuple[str, Mapping[str, Any]]],
+        commands: Mapping[str, Command],
         paged: tuple[str, ...] = (),
         chained: tuple[str, ...] = (),
     ) -> dict[str, Any]:
@@ -252,7 +253,7 @@ class Bitrix24Gateway:
         results: dict[str, Any] = {}
         pending = {key: (key, command) for key, command in commands.items()}  # key -> (first page's key, command)
         while pending:
-            follow: dict[str, tuple[str, tuple[str, Mapping[str, Any]]]] = {}
+            follow: dict[str, tuple[str, Command]] = {}
             chunks = _chunks(list(pending), BATCH_LIMIT)
             with self._client.expecting(len(chunks)):  # one round's batches go back to back
                 for chunk in chunks:
@@ -262,9 +263,9 @@ class Bitrix24Gateway:
 
     def _read_chunk(
         self,
-        pending: Mapping[str, tuple[str, tuple[str, Mapping[str, Any]]]],
+        pending: Mapping[str, tuple[str, Command]],
         results: dict[str, Any],
-        follow: dict[str, tuple[str, tuple[str, Mapping[str, Any]]]],
+        follow: dict[str, tuple[str, Command]],
         paged: tuple[str, ...],
         chained: tuple[str, ...],
     ) -> None:

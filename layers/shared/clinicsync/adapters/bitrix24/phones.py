@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from clinicsync.adapters.bitrix24.client import PAGE_SIZE, chunks, rows
+from clinicsync.adapters.bitrix24.client import PAGE_SIZE, Command, chunks, rows
 from clinicsync.domain.config import Matching
 from clinicsync.domain.crm_ports import PhoneCandidates
 from clinicsync.domain.phones import normalise_phone
@@ -25,7 +25,6 @@ FINDBYCOMM_LIMIT = 20  # crm.duplicate.findbycomm takes at most 20 values
 CHAINED = "x"  # key prefix of the reads chained to a findbycomm command in the same batch
 COMMANDS_PER_FIND = 4  # a findbycomm command and its chained_reads (leads, contacts, their deals)
 
-Command = tuple[str, Mapping[str, Any]]
 Row = dict[str, Any]
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from clinicsync.adapters.bitrix24.client import rows
+from clinicsync.adapters.bitrix24.client import Command, rows
 from clinicsync.domain.config import Pipeline
 from clinicsync.domain.crm_ports import PipelineMismatch, missing_stages
 
 
-def pipeline_reads(pipelines: Mapping[Any, Pipeline]) -> dict[str, tuple[str, Mapping[str, Any]]]:
-    commands: dict[str, tuple[str, Mapping[str, Any]]] = {"categories": ("crm.category.list", {"entityTypeId": 2})}
+def pipeline_reads(pipelines: Mapping[Any, Pipeline]) -> dict[str, Command]:
+    commands: dict[str, Command] = {"categories": ("crm.category.list", {"entityTypeId": 2})}
     for name, pipeline in pipelines.items():
         entity = "DEAL_STAGE" if pipeline.category_id == "0" else f"DEAL_STAGE_{pipeline.category_id}"
         commands[f"stages_{name}"] = ("crm.status.list", {"filter": {"ENTITY_ID": entity}})

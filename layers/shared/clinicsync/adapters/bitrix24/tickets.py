@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from clinicsync.adapters.bitrix24.client import PAGE_SIZE
+from clinicsync.adapters.bitrix24.client import PAGE_SIZE, Command
 from clinicsync.domain.crm_ports import OpenLead
 from clinicsync.domain.phones import normalise_phone
 
@@ -19,7 +19,7 @@ TICKET_SELECT = [
 
 def open_lead_pages(
     statuses: Sequence[str], created_from: datetime, created_to: datetime, limit: int, offset: int
-) -> tuple[dict[str, tuple[str, Mapping[str, Any]]], int]:
+) -> tuple[dict[str, Command], int]:
     """The ``crm.lead.list`` pages holding the window's open leads from ``offset`` on, ``limit`` of them, and
     how many rows of the first page come before ``offset``: Bitrix24 rounds ``start`` down to a multiple of 50."""
     params: dict[str, Any] = {

@@ -15,6 +15,7 @@ from clinicsync.adapters.bitrix24.client import (
     Bitrix24Client,
     Bitrix24MethodBlocked,
     Bitrix24OutcomeUnknown,
+    Command,
 )
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crm_ports import CHANGED_SINCE_READ, ContactWrite, CrmWrite, DealWrite, LeadWrite, WriteOutcome
@@ -26,8 +27,6 @@ from clinicsync.domain.fieldtypes import FieldValueError, crm_value, default_typ
 NATIVE_DEAL_FIELDS = {"title": "TITLE", "price": "OPPORTUNITY", "comment": "COMMENTS"}
 NATIVE_CONTACT_FIELDS = {"birth_date": "BIRTHDATE"}
 NOT_WRITTEN = {"full_name", "phone", "email", "mis_patient_id", "mis_appointment_id"}  # handled explicitly
-
-Command = tuple[str, Mapping[str, Any]]
 
 
 def custom_field(config: ClinicConfig, name: str, entity: Literal["contact", "deal"] = "contact") -> str:

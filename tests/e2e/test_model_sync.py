@@ -540,8 +540,6 @@ class ClinicMachine(RuleBasedStateMachine):
         contact = self.crm.contact_of_patient(person.pid)
         if contact is None or "email" not in person.opt_outs or person.opt_in_field:
             return  # an opt-in field that already lists "email" gains nothing
-        if self.desk.email_refused(int(person.pid)) is not None:
-            return  # a lift never reaches MEDODS's deny flag: open, pinned by an xfail regression test below
         self._lift_email_opt_out(person, contact)
 
     def _lift_email_opt_out(self, person: Person, contact: str) -> None:
@@ -1477,15 +1475,14 @@ def test_the_model_holds_a_stage_a_manager_chose_under_our_login_until_the_mis_m
     assert moved.manual_stage is None
 
 
-@pytest.mark.xfail(strict=True, reason="open: an opt-in lifted in the ledger is never written to MEDODS's deny flags")
 @pytest.mark.parametrize("clinic_at_rest", [CASES[0], CASES[1]], indirect=True)  # the MEDODS clinics
 def test_regression_an_opt_in_ticked_under_our_login_reaches_the_medods_deny_flag(clinic_at_rest: LocalClinic) -> None:
     """Found by the machine (MEDODS, both CRMs, small profile: "MIS e-mail flag True" at rest): a patient opts
     out by the one-click link, so the consent job sets MEDODS's denyEmail; a manager working under the
     integration's login then clears the e-mail opt-out and ticks "e-mail allowed". The ledger lifts the
-    opt-out and the CRM follows, but the consent job writes MEDODS's deny flags only ever to true, so the
-    MIS keeps refusing e-mail (README: the syncer pushes the ledger's current state to the MIS). Left open
-    for a decision (clearing a flag may undo a front desk's refusal the poller has not read yet)."""
+    opt-out and the CRM follows, but the consent job wrote MEDODS's deny flags only ever to true, so the
+    MIS kept refusing e-mail. The job now carries the channels the opt-in lifted and clears those flags only
+    (a flag the desk set and the poller has not read is the MIS's own: tests/unit/test_mis_flags.py)."""
     state = _machine(clinic_at_rest)()
     patient = state.first_patient(fmt=0, email=True)
     state.quiesce()

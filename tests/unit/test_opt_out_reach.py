@@ -145,8 +145,8 @@ class Mis:
     def __init__(self) -> None:
         self.flags: dict[str, set[str]] = {pid: set() for pid in PEOPLE}
 
-    def write_opt_outs(self, patient_id: str, channels: Sequence[str]) -> None:
-        self.flags[patient_id] |= set(channels)
+    def write_opt_outs(self, patient_id: str, channels: Sequence[str], cleared: Sequence[str] = ()) -> None:
+        self.flags[patient_id] = (self.flags[patient_id] - set(cleared)) | set(channels)
 
 
 # --- the model ---------------------------------------------------------------------------------------------

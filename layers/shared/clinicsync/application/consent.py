@@ -52,14 +52,6 @@ class ConsentQueue(Protocol):
     def send(self, jobs: Sequence[ConsentJob]) -> None: ...
 
 
-def our_audiences(config: ClinicConfig) -> set[str]:
-    """The Mailchimp audiences whose events speak for this clinic's people (the lab has two)."""
-    audiences = {config.mailchimp.list_id} if config.mailchimp is not None else set()
-    if config.directory is not None and config.directory.mailchimp is not None:
-        audiences |= {config.directory.mailchimp.doctors_list_id, config.directory.mailchimp.organisations_list_id}
-    return audiences
-
-
 class ConsentLedger:
     """Records what an input says and queues the outputs, once per real change."""
 
@@ -133,9 +125,9 @@ class ConsentLedger:
         return changed
 
     def opt_in(self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str) -> bool:
-        changed = bool(self._store.record_opt_ins(subject, channels, source, at, detail))
-        self._enqueue([subject] if changed else [], detail, {}, ())
-        return changed
+        lifted = self._store.record_opt_ins(subject, channels, source, at, detail)
+        self._enqueue([subject] if lifted else [], detail, {}, ("mis",) if source == "mis" else (), lifted)
+        return bool(lifted)
 
     def unsubscribe_link(self, claim: LinkClaim) -> bool:
         """A one-click unsubscribe (RFC 8058): the link's patient refuses the link's channel."""
@@ -164,6 +156,7 @@ class ConsentLedger:
         reason: str,
         emails: Mapping[str, Sequence[str]],
         skip: Sequence[ConsentTarget],
+        lifted: Sequence[str] = (),
     ) -> None:
         """One send for all the subjects' jobs (the queue packs them ten to a request)."""
         if not subjects:
@@ -177,6 +170,7 @@ class ConsentLedger:
                     reason=reason,
                     emails=tuple(emails.get(s, ())),
                     skip=tuple(skip),
+                    lifted=tuple(Channel(c) for c in lifted),
                     produced_at=now,
                 )
                 for s in subjects
@@ -296,7 +290,8 @@ class ConsentOutputs:
         if identities:
             self._store.note_identities(identities)
         self._crm(subjects, ledger, done, digests, contacts, marks, report)
-        self._mis_flags(patients, ledger, done, digests, marks, report)
+        lifted = {s: {c.value for j in js for c in j.lifted} for s, js in by_subject.items()}
+        self._mis_flags(patients, ledger, lifted, done, digests, marks, report)
         emails = {s: [e for j in js for e in j.emails] for s, js in by_subject.items()}
         from_mailchimp = {s for s in subjects if "mailchimp" in skips[s]}
         self._mailchimp_members(subjects, ledger, done, digests, contacts, emails, from_mailchimp, marks, report)
@@ -338,11 +333,14 @@ class ConsentOutputs:
         self,
         patients: Mapping[str, str],
         ledger: Mapping[str, set[str]],
+        lifted: Mapping[str, set[str]],
         done: Mapping[str, Mapping[str, str]],
         digests: Mapping[str, str],
         marks: dict[str, dict[str, str]],
         report: ConsentReport,
     ) -> None:
+        """The ledger's opt-outs as the MIS's flags; a flag an opt-in lifted is cleared (only those: a flag
+        set at the front desk and not polled yet is the MIS's own, and stays)."""
         for s, pid in patients.items():
             if done[s].get("mis") == digests[s]:
                 continue
@@ -350,9 +348,10 @@ class ConsentOutputs:
                 report.skip("mis_not_writable")
                 continue
             writable = self._mis.writable_channels & ledger[s]
+            cleared = self._mis.writable_channels & (lifted[s] - ledger[s])
             try:
-                if writable:
-                    self._mis.write_opt_outs(pid, sorted(writable))
+                if writable or cleared:
+                    self._mis.write_opt_outs(pid, sorted(writable), sorted(cleared))
                     report.mis_written += 1
             except Exception as exc:  # retried with the job; the other subjects go on
                 report.failed[s] = f"mis:{type(exc).__name__}"

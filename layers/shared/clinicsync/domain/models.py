@@ -222,6 +222,7 @@ class ConsentJob(Strict):
     reason: str = Field(max_length=64)
     emails: tuple[str, ...] = Field(default=(), max_length=5)
     skip: tuple[ConsentTarget, ...] = ()
+    lifted: tuple[Channel, ...] = ()  # an opt-in lifted these: a "do not send" flag we set in the MIS is cleared
     produced_at: int = Field(ge=0)
 
 

@@ -48,4 +48,6 @@ class MisConsentWriter(Protocol):
 
     writable_channels: frozenset[str]
 
-    def write_opt_outs(self, patient_id: str, channels: Sequence[str]) -> None: ...
+    def write_opt_outs(self, patient_id: str, channels: Sequence[str], cleared: Sequence[str] = ()) -> None:
+        """Set the flags of ``channels``; clear those of ``cleared`` (opt-outs an opt-in lifted)."""
+        ...

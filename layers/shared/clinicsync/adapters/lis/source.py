@@ -224,9 +224,10 @@ class LisSource:
 
     # --- MisConsentWriter: "do not send marketing letters" ---------------------------------------------
 
-    def write_opt_outs(self, patient_id: str, channels: Sequence[str]) -> None:
+    def write_opt_outs(self, patient_id: str, channels: Sequence[str], cleared: Sequence[str] = ()) -> None:
         key = parse_directory_key(patient_id)
-        if key is None or not OPT_OUT_CHANNELS & set(channels):
+        refuses = bool(OPT_OUT_CHANNELS & set(channels))  # one flag for them all: cleared only if none is refused
+        if key is None or not (refuses or OPT_OUT_CHANNELS & set(cleared)):
             return
         kind, lis_id = key
-        self._api.call("PATCH", f"/api/v1/{PATHS[kind]}/{lis_id}", body={"do_not_send_marketing": True})
+        self._api.call("PATCH", f"/api/v1/{PATHS[kind]}/{lis_id}", body={"do_not_send_marketing": refuses})

@@ -24,7 +24,8 @@ class MedodsConsentWriter:
     def __init__(self, api: MedodsApi) -> None:
         self._api = api
 
-    def write_opt_outs(self, patient_id: str, channels: Sequence[str]) -> None:
-        flags = {MEDODS_FLAGS[c]: True for c in channels if c in MEDODS_FLAGS}
+    def write_opt_outs(self, patient_id: str, channels: Sequence[str], cleared: Sequence[str] = ()) -> None:
+        flags = {MEDODS_FLAGS[c]: False for c in cleared if c in MEDODS_FLAGS and c not in channels}
+        flags |= {MEDODS_FLAGS[c]: True for c in channels if c in MEDODS_FLAGS}
         if flags:
             self._api.put(f"/clients/{patient_id}", flags)

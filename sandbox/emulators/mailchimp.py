@@ -6,7 +6,7 @@ Modelled on Mailchimp's public behaviour (docs/consent.md lists the facts and ho
   ``Authorization: apikey <key>``). A wrong key is ``401 API Key Invalid``. Errors are
   ``application/problem+json`` documents ``{type, title, status, detail, instance}``.
 * At most 10 simultaneous connections per account: the 11th concurrent request gets ``429 Too Many
-  Requests`` (``max_connections``; tests can lower it or hold requests open with ``slow_next``).
+  Requests`` (``max_connections``; tests can lower it or hold requests open with ``hold_next``).
 * Members live at ``/lists/{list_id}/members/{subscriber_hash}``, the hash being the MD5 of the
   lower-cased address (the address itself is accepted too). GET/PATCH need an existing member (404
   otherwise); PUT upserts and needs ``status_if_new`` for a new member. Setting an unsubscribed or
@@ -32,7 +32,6 @@ import json
 import re
 import tarfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -116,7 +115,7 @@ class MailchimpEmulator:
         self.requests = 0
         self.writes = 0
         self.throttled = 0
-        self._slow: list[float] = []
+        self._held: list[threading.Event] = []  # the next requests are held open until their event is set
         self._web_ids = iter(range(1000, 10**9))
 
     # --- admin / test helpers ----------------------------------------------------------------------
@@ -151,10 +150,13 @@ class MailchimpEmulator:
             self._webhooks.append(hook)
         return hook.id
 
-    def slow_next(self, seconds: float, n: int = 1) -> None:
-        """Hold the next ``n`` requests open for ``seconds`` (to exercise the connection limit)."""
+    def hold_next(self, n: int = 1) -> threading.Event:
+        """Hold the next ``n`` requests open until the returned event is set (at most 30 s): a test of the
+        connection limit that does not depend on how fast a loaded machine sends its next request."""
+        release = threading.Event()
         with self._lock:
-            self._slow.extend([seconds] * n)
+            self._held.extend([release] * n)
+        return release
 
     def member_unsubscribes(self, email: str, campaign_id: str = "c0ffee1234") -> None:
         """The recipient clicks "unsubscribe" in a campaign (source ``user``)."""
@@ -231,10 +233,10 @@ class MailchimpEmulator:
                 )
                 return response(environ, start_response)
             self._in_flight += 1
-            delay = self._slow.pop(0) if self._slow else 0.0
+            held = self._held.pop(0) if self._held else None
         try:
-            if delay:
-                time.sleep(delay)
+            if held is not None:
+                held.wait(30)
             response = self._dispatch(request)
         except _Problem as exc:
             response = self._problem(exc)

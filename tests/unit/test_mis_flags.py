@@ -1,5 +1,6 @@
 """An opt-in that lifts an opt-out reaches the MIS: the "do not send" flag we set is cleared, and only that
-one. A flag the front desk set and the poller has not read yet is the MIS's own and stays."""
+one. A flag the front desk set and the poller has not read yet is the MIS's own and stays. A flag read in a
+sync is dated by the syncer's clock, which the ledger's order runs on."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from hypothesis import strategies as st
 from clinicsync.adapters.lis.source import LisSource
 from clinicsync.adapters.medods.consent import MEDODS_FLAGS, MedodsConsentWriter
 from clinicsync.application.consent import ALL_CHANNELS, ConsentLedger, ConsentOutputs
+from clinicsync.application.sync_consent import SyncConsent
 from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.models import ConsentJob
+from clinicsync.domain.models import Consent, ConsentJob, PatientChanges
 from clinicsync_cli.memory_store import MemoryStore
-from tests.helpers import demo_config
+from tests.helpers import demo_config, patient
 
 CHANNELS = sorted(ALL_CHANNELS)
 
@@ -111,3 +113,11 @@ def test_the_labs_one_marketing_flag_is_cleared_only_when_no_channel_it_covers_i
     lis.write_opt_outs("doctor:5", [], cleared=["email"])
     lis.write_opt_outs("doctor:5", ["marketing"], cleared=["email"])
     assert [body for _, body in api.calls] == [{"do_not_send_marketing": False}, {"do_not_send_marketing": True}]
+
+
+def test_a_refusal_flag_read_in_a_sync_is_dated_by_the_syncers_clock() -> None:
+    """The ledger's order (an opt-in lifts only an older opt-out) runs on the clock the sync is given."""
+    store = MemoryStore()
+    sync = SyncConsent(demo_config(), store, KeyedHasher(b"k" * 32), None, None, None, clock=lambda: 1_234_567.0)
+    sync.ledger([PatientChanges(patient=patient("p9", consent=Consent(sms_opt_out=True)))])
+    assert [(e.subject, e.channel, e.event, e.at) for e in store.audit] == [("pat:p9", "sms", "opt_out", 1_234_567)]

@@ -89,7 +89,7 @@ class Syncer:
         self._gateway = gateway
         self._hasher = hasher
         self._lookup = SyncLookup(store, gateway, hasher, clock)
-        self._consent = SyncConsent(config, store, hasher, ledger, audience, crm_contacts)
+        self._consent = SyncConsent(config, store, hasher, ledger, audience, crm_contacts, clock)
         self._claim_wait = claim_wait
         self._sleep = sleep
 

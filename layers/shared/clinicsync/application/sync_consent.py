@@ -5,7 +5,7 @@ calls these around its CRM writes."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from clinicsync.application.consent import ADDRESS_CHANNELS, ConsentLedger, CrmContactReader, ledger_digest
@@ -36,8 +36,10 @@ class SyncConsent:
         ledger: ConsentLedger | None,
         audience: AudienceUpserts | None,
         crm_contacts: CrmContactReader | None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
+        self._clock = clock  # the syncer's: a refusal flag is dated by the clock the rest of the sync runs on
         self._store = store
         self._hasher = hasher
         self._ledger = ledger
@@ -78,7 +80,7 @@ class SyncConsent:
         (``email:<HMAC>``) is the refusal of the patient who has it now: recorded as theirs, so it
         follows them to their other addresses and systems, and stays when the address changes.
         ``read``: the ledger of ``subjects(live)`` as the caller just read it (otherwise it is read here)."""
-        now = int(time.time())
+        now = int(self._clock())
         subjects, by_email = self._subjects(live)
         if read is None:  # one read per channel set (a patient's, an address's), not one per subject
             by_channels: dict[tuple[str, ...], list[str]] = {}

@@ -1515,7 +1515,9 @@ def test_regression_a_booking_after_a_no_show_gets_its_own_deal_when_another_vis
 
 
 @pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="open: a re-booking's outcome depends on how a poll run splits into messages"
+    strict=True,
+    raises=AssertionError,
+    reason="open: a re-booking's outcome depends on how a poll run splits into messages",
 )
 @pytest.mark.parametrize("clinic_at_rest", [CASES[0]], indirect=True)  # MEDODS: 2 records a page, many messages a run
 def test_regression_a_rebooking_continues_the_deal_that_was_latest_before_the_poll_run(

@@ -16,7 +16,7 @@ import httpx
 
 from clinicsync.domain.config import ClinicConfig, parse_clinic_config
 from clinicsync.domain.crm_ports import ContactWrite, CrmMatches, CrmWrite, DealWrite, WriteOutcome
-from clinicsync.domain.models import Appointment, AppointmentStatus, Consent, Patient
+from clinicsync.domain.models import Appointment, AppointmentStatus, Consent, ConsentJob, Patient
 from sandbox.cfn_yaml import load_template
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,3 +113,13 @@ class InstantCrm:
 
     def requests_made(self) -> int:
         return 0
+
+
+class QueuedJobs:
+    """A consent queue that keeps what was sent, for tests of the ledger and its outputs."""
+
+    def __init__(self) -> None:
+        self.sent: list[ConsentJob] = []
+
+    def send(self, jobs: Sequence[ConsentJob]) -> None:
+        self.sent.extend(jobs)

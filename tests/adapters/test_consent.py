@@ -35,7 +35,7 @@ from clinicsync.domain.unsubscribe_links import TokenError, UnsubscribeTokens, l
 from sandbox.emulators.base import ServedApp
 from sandbox.emulators.mailchimp import MailchimpEmulator
 from tests.adapters.test_store import store  # noqa: F401 - the moto-backed store fixture
-from tests.helpers import demo_config, patient
+from tests.helpers import QueuedJobs, demo_config, patient
 
 KEY = b"k" * 32
 _EXAMPLES = itertools.count()
@@ -232,16 +232,8 @@ class _Gateway:
         return {}
 
 
-class _Jobs:
-    def __init__(self) -> None:
-        self.sent: list[ConsentJob] = []
-
-    def send(self, jobs: Sequence[ConsentJob]) -> None:
-        self.sent.extend(jobs)
-
-
 def _ledger(store: DynamoStore, now: list[float]) -> ConsentLedger:  # noqa: F811
-    return ConsentLedger(store, _Jobs(), "demo", KeyedHasher(KEY), clock=lambda: now[0])
+    return ConsentLedger(store, QueuedJobs(), "demo", KeyedHasher(KEY), clock=lambda: now[0])
 
 
 def _handle(
@@ -252,7 +244,7 @@ def _handle(
 ) -> None:
     """One webhook batch: a fresh processor, as each syncer invocation builds; ``now`` times a field opt-out."""
     ledger = _ledger(store, [now])
-    processor = CrmEventProcessor(_CONFIG(), store, _Gateway(), KeyedHasher(KEY), _Jobs(), ledger)  # type: ignore[arg-type]
+    processor = CrmEventProcessor(_CONFIG(), store, _Gateway(), KeyedHasher(KEY), QueuedJobs(), ledger)  # type: ignore[arg-type]
     processor.handle(event, report or EventReport())
 
 
@@ -523,10 +515,10 @@ def test_a_consent_write_keeps_every_channel_a_manager_ticked_before_its_webhook
     snapshot = _contact_event(contact, pid, 999_000, opt_outs=",".join(sorted(ticked)), by=manager).snapshot
     assert snapshot is not None
     crm = _FieldCrm({contact: snapshot})  # the manager's edit; its webhook is still on its way
-    jobs = _Jobs()
+    jobs = QueuedJobs()
     ledger = ConsentLedger(store, jobs, "demo", KeyedHasher(KEY), clock=lambda: 1_000_000.0)
     ledger.opt_out([subject], sorted(ours), "mis", "mis:refusal_flag", skip=("mis",))
-    processor = CrmEventProcessor(_CONFIG(), store, crm, KeyedHasher(KEY), _Jobs(), ledger)  # type: ignore[arg-type]
+    processor = CrmEventProcessor(_CONFIG(), store, crm, KeyedHasher(KEY), QueuedJobs(), ledger)  # type: ignore[arg-type]
     outputs = ConsentOutputs(_CONFIG(), store, crm, None, None, crm_contacts=processor)  # type: ignore[arg-type]
     report = outputs.push(jobs.sent)
     assert set(crm.contacts[contact]["opt_outs"].split(",")) == ours | ticked
@@ -580,7 +572,7 @@ def test_an_opt_out_unsubscribes_every_member_the_person_ever_had(
     emulator, base = chimp
     audience = MailchimpAudience(MailchimpClient("abc-us21", httpx.Client(), f"{base}/3.0"), emulator.list_id)
     hasher = KeyedHasher(KEY)
-    jobs = _Jobs()
+    jobs = QueuedJobs()
     ledger = ConsentLedger(store, jobs, "demo", hasher, clock=lambda: 1_000_000.0)
     store.index_emails([(hasher.email_key("old@example.org"), "pat:p1")])
     assert audience.upsert([AudienceMember("p1", "old@example.org", {})]) == {"p1"}
@@ -679,7 +671,7 @@ def test_a_batch_of_consent_jobs_reads_and_marks_its_outputs_in_one_request_each
     contacts = {f"m{i}": str(800_000 + i) for i in range(30)}
     _map_contacts(store, contacts)
     crm = _FieldCrm({c: {"opt_outs": "", "modified_by": INTEGRATION_USER} for c in contacts.values()})
-    jobs = _Jobs()
+    jobs = QueuedJobs()
     ledger = ConsentLedger(store, jobs, "demo", KeyedHasher(KEY), clock=lambda: 1_000_000.0)
     ledger.opt_out([f"pat:{pid}" for pid in contacts], ["sms"], "mis", "mis:refusal_flag", skip=("mis",))
     outputs = ConsentOutputs(_CONFIG(), store, crm, None, None)  # type: ignore[arg-type]
@@ -703,7 +695,7 @@ def test_an_upemail_makes_the_mailchimp_target_due_again_for_every_opted_out_hol
     """A family sharing an address: the moved member must be unsubscribed for each member who opted out,
     and their Mailchimp marks are written together (one transaction), not one update per person."""
     hasher = KeyedHasher(KEY)
-    jobs = _Jobs()
+    jobs = QueuedJobs()
     ledger = ConsentLedger(store, jobs, "demo", hasher, clock=lambda: 1_000_000.0)
     family = [f"pat:fam{i}" for i in range(4)]
     store.index_emails([(hasher.email_key("home@example.org"), s) for s in family])

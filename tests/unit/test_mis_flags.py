@@ -15,19 +15,11 @@ from clinicsync.adapters.medods.consent import MEDODS_FLAGS, MedodsConsentWriter
 from clinicsync.application.consent import ALL_CHANNELS, ConsentLedger, ConsentOutputs
 from clinicsync.application.sync_consent import SyncConsent
 from clinicsync.domain.crypto import KeyedHasher
-from clinicsync.domain.models import Consent, ConsentJob, PatientChanges
+from clinicsync.domain.models import Consent, PatientChanges
 from clinicsync_cli.memory_store import MemoryStore
-from tests.helpers import demo_config, patient
+from tests.helpers import QueuedJobs, demo_config, patient
 
 CHANNELS = sorted(ALL_CHANNELS)
-
-
-class Jobs:
-    def __init__(self) -> None:
-        self.sent: list[ConsentJob] = []
-
-    def send(self, jobs: Sequence[ConsentJob]) -> None:
-        self.sent.extend(jobs)
 
 
 class Mis:
@@ -43,13 +35,13 @@ class Mis:
         self.flags = (self.flags - set(cleared)) | set(channels)
 
 
-def _clinic() -> tuple[ConsentLedger, ConsentOutputs, Jobs, Mis, list[float]]:
-    store, jobs, mis, now = MemoryStore(), Jobs(), Mis(), [1_000_000.0]
+def _clinic() -> tuple[ConsentLedger, ConsentOutputs, QueuedJobs, Mis, list[float]]:
+    store, jobs, mis, now = MemoryStore(), QueuedJobs(), Mis(), [1_000_000.0]
     ledger = ConsentLedger(store, jobs, "demo", KeyedHasher(b"k" * 32), clock=lambda: now[0])
     return ledger, ConsentOutputs(demo_config(), store, None, mis, None), jobs, mis, now
 
 
-def _push(outputs: ConsentOutputs, jobs: Jobs) -> None:
+def _push(outputs: ConsentOutputs, jobs: QueuedJobs) -> None:
     sent, jobs.sent = jobs.sent, []
     outputs.push(sent)
 

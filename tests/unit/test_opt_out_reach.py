@@ -30,9 +30,9 @@ from clinicsync.domain.audience import MAILCHIMP_CHANNELS, AudienceEvent, Audien
 from clinicsync.domain.crm_ports import ContactWrite, CrmMatches, CrmWrite, WriteOutcome
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import patient_subject
-from clinicsync.domain.models import Consent, ConsentJob, CrmEvent, PatientChanges
+from clinicsync.domain.models import Consent, CrmEvent, PatientChanges
 from clinicsync_cli.memory_store import MemoryStore
-from tests.helpers import demo_config, examples, patient
+from tests.helpers import QueuedJobs, demo_config, examples, patient
 
 HASHER = KeyedHasher(b"k" * 32)
 AUDIENCE = "our-audience"
@@ -129,14 +129,6 @@ class Mailchimp:
         return found[1] if found else None
 
 
-class Jobs:
-    def __init__(self) -> None:
-        self.sent: list[ConsentJob] = []
-
-    def send(self, jobs: Sequence[ConsentJob]) -> None:
-        self.sent.extend(jobs)
-
-
 class Mis:
     """The MIS's "do not send" flags, as staff tick them and as our consent outputs write them."""
 
@@ -195,7 +187,7 @@ class Clinic:
         self.crm = Crm()
         self.chimp = Mailchimp({subscriber_hash(IMPORTED): (IMPORTED, "subscribed")})
         self.mis = Mis()
-        self.jobs = Jobs()
+        self.jobs = QueuedJobs()
         self.now = itertools.count(1_000_000, 60)
         self.ledger = ConsentLedger(self.store, self.jobs, "demo", HASHER, clock=lambda: float(next(self.now)))
         self.syncer = Syncer(_CONFIG, self.store, self.crm, HASHER, ledger=self.ledger, audience=self.chimp)  # type: ignore[arg-type]
@@ -292,7 +284,7 @@ class Clinic:
         event = CrmEvent(
             crm="bitrix24", event="ONCRMCONTACTUPDATE", entity="contact", crm_id=cid, received_at=at, snapshot=snapshot
         )
-        CrmEventProcessor(_CONFIG, self.store, self.crm, HASHER, Jobs(), self.ledger).handle(event, EventReport())  # type: ignore[arg-type]
+        CrmEventProcessor(_CONFIG, self.store, self.crm, HASHER, QueuedJobs(), self.ledger).handle(event, EventReport())  # type: ignore[arg-type]
 
 
 _people = st.sampled_from(PEOPLE)

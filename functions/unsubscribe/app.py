@@ -12,7 +12,7 @@ from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from clinicsync.domain.audience import our_audiences
+from clinicsync.application.consent import our_audiences
 from clinicsync.observability import logger, metrics, tracer
 from clinicsync.runtime import middlewares as mw
 from clinicsync.runtime import unsubscribe_pages as pages

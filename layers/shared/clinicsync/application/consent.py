@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence, Set
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from clinicsync.application.consent_report import ConsentReport
 from clinicsync.domain.audience import MAILCHIMP_CHANNELS, AudienceEvent, MailchimpMembers, subscriber_hash
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
@@ -46,6 +46,14 @@ OUTCOME_UNKNOWN = "outcome-unknown"  # as well, for a target whose write failed 
 
 
 # --- recording -----------------------------------------------------------------------------------------------
+
+
+def our_audiences(config: ClinicConfig) -> set[str]:
+    """The Mailchimp audiences whose events speak for this clinic's people (the lab has two)."""
+    audiences = {config.mailchimp.list_id} if config.mailchimp is not None else set()
+    if config.directory is not None and config.directory.mailchimp is not None:
+        audiences |= {config.directory.mailchimp.doctors_list_id, config.directory.mailchimp.organisations_list_id}
+    return audiences
 
 
 class ConsentQueue(Protocol):
@@ -193,19 +201,6 @@ def consent_contact_write(patient_id: str, contact_id: str, opted_out: Sequence[
 
     channels = sorted(set(opted_out))
     return ContactWrite(patient_id, contact_id, {"mis_patient_id": patient_id, "opt_outs": channels or None})
-
-
-@dataclass
-class ConsentReport:
-    jobs: int = 0
-    crm_written: int = 0
-    mis_written: int = 0
-    mailchimp_unsubscribed: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)  # subject -> reason (no PII)
-
-    def skip(self, why: str) -> None:
-        self.skipped[why] = self.skipped.get(why, 0) + 1
 
 
 class ConsentOutputs:

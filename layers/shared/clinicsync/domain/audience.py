@@ -14,7 +14,6 @@ from clinicsync.domain.emails import lower_keeping_look_alikes
 from clinicsync.domain.models import Channel
 
 if TYPE_CHECKING:  # the port names MemberBook, defined here
-    from clinicsync.domain.config import ClinicConfig
     from clinicsync.domain.store_ports import MemberStore
 
 
@@ -109,11 +108,3 @@ class MailchimpMembers(Protocol):
     def unsubscribe_member(self, member: str) -> bool:
         """PATCH the member (its subscriber hash) to ``unsubscribed``; False when it is not in the audience."""
         ...
-
-
-def our_audiences(config: ClinicConfig) -> set[str]:
-    """The Mailchimp audiences whose events speak for this clinic's people (the lab has two)."""
-    audiences = {config.mailchimp.list_id} if config.mailchimp is not None else set()
-    if config.directory is not None and config.directory.mailchimp is not None:
-        audiences |= {config.directory.mailchimp.doctors_list_id, config.directory.mailchimp.organisations_list_id}
-    return audiences

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from clinicsync.adapters.aws import health, store  # noqa: F401 - every batch's, built on first use (wiring)
 from clinicsync.adapters.aws.failures import describe
-from clinicsync.application.consent import ConsentReport
+from clinicsync.application.consent_report import ConsentReport
 from clinicsync.application.crm_events import EventReport
 from clinicsync.application.sync import SyncIncomplete, SyncReport
 from clinicsync.domain.models import SYNC_MESSAGE_MODELS, ConsentJob, CrmEvent, SyncMessage, build_now

@@ -15,7 +15,7 @@ from clinicsync.observability import logger, metrics
 from clinicsync.runtime import wiring
 
 if TYPE_CHECKING:
-    from clinicsync.application.consent import ConsentReport
+    from clinicsync.application.consent_report import ConsentReport
     from clinicsync.application.crm_events import EventReport
     from clinicsync.application.directory import DirectoryReport
     from clinicsync.application.poll import PollReport

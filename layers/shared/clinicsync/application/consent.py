@@ -48,16 +48,16 @@ OUTCOME_UNKNOWN = "outcome-unknown"  # as well, for a target whose write failed 
 # --- recording -----------------------------------------------------------------------------------------------
 
 
+class ConsentQueue(Protocol):
+    def send(self, jobs: Sequence[ConsentJob]) -> None: ...
+
+
 def our_audiences(config: ClinicConfig) -> set[str]:
     """The Mailchimp audiences whose events speak for this clinic's people (the lab has two)."""
     audiences = {config.mailchimp.list_id} if config.mailchimp is not None else set()
     if config.directory is not None and config.directory.mailchimp is not None:
         audiences |= {config.directory.mailchimp.doctors_list_id, config.directory.mailchimp.organisations_list_id}
     return audiences
-
-
-class ConsentQueue(Protocol):
-    def send(self, jobs: Sequence[ConsentJob]) -> None: ...
 
 
 class ConsentLedger:

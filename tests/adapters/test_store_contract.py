@@ -18,7 +18,7 @@ from mypy_boto3_dynamodb.service_resource import Table
 from clinicsync.adapters.aws.store import DynamoStore
 from clinicsync.domain.audience import MemberBook, subscriber_hash
 from clinicsync.domain.models import AppointmentStatus
-from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState
+from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState, RunStart
 from clinicsync.domain.store_ports import Claimed, ClaimRelease, Store
 from clinicsync_cli.memory_store import MemoryStore
 from tests.helpers import MSK, examples
@@ -59,6 +59,18 @@ def _state(pid: str = "p1", version: int = 3) -> PatientState:
         manual_status=AppointmentStatus.BOOKED,
     )
     state.latest_deals = {"0": LatestDeal(appointment_id="a1", deal_id="20", stage="PREPAYMENT_INVOICE")}
+    before_run = LatestDeal(
+        appointment_id="a0", deal_id="19", stage="NO_SHOW", starts_at=datetime(2026, 11, 24, 9, 0, tzinfo=MSK)
+    )
+    state.run_starts = {
+        "0": RunStart(
+            run=datetime(2026, 11, 20, 8, 0, tzinfo=MSK),
+            latest=before_run,
+            first_new_at=datetime(2026, 11, 25, 10, 0, tzinfo=MSK),
+            first_new_id="a1",
+            moved_past=True,
+        )
+    }
     return state
 
 

@@ -1514,11 +1514,6 @@ def test_regression_a_booking_after_a_no_show_gets_its_own_deal_when_another_vis
     state.teardown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: a re-booking's outcome depends on how a poll run splits into messages",
-)
 @pytest.mark.parametrize("clinic_at_rest", [CASES[0]], indirect=True)  # MEDODS: 2 records a page, many messages a run
 def test_regression_a_rebooking_continues_the_deal_that_was_latest_before_the_poll_run(
     clinic_at_rest: LocalClinic,
@@ -1527,10 +1522,10 @@ def test_regression_a_rebooking_continues_the_deal_that_was_latest_before_the_po
     model says it takes over the deal of 500002"); fails at c205e62 too. One poll run brings a patient's
     no-show of the visit holding the funnel's latest deal, several no-shows first seen (each a deal of its
     own), a later booking and, starting just after the no-show, a re-booking. In one message, planned in start
-    order, the re-booking continues the no-show's deal; split into the run's messages, earlier messages made
-    newer deals the funnel's latest (``since`` = this run), so ``continued_deal`` gives it a deal of its own.
-    The design that would meet it: judge against the funnel's latest deal as it was before the poll run,
-    unless a deal created in the run belongs to a visit starting between that deal's visit and the booking."""
+    order, the re-booking continues the no-show's deal; split into the run's messages, earlier messages had
+    made newer deals the funnel's latest, and the re-booking got a deal of its own. It is now judged against
+    the funnel's latest deal as the run began (``RunStart``), outranked only by a deal the run brought for a
+    visit between the two (``tests/unit/test_rebooking_runs.py``)."""
     state = _machine(clinic_at_rest)()
     p0 = state.first_patient(fmt=0, email=False)
     state.unrelated_contact_edit(person=p0)

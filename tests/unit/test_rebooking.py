@@ -110,7 +110,8 @@ def sync(
             new.appointments[write.appointment_id].deal_id = ids[write.appointment_id]
             new.track_deal(new.appointments[write.appointment_id], polled_at)
     stored = {aid: new.appointments[aid] for aid in plan.changed_appointments}  # the items the syncer saves
-    return new.model_copy(update={"appointments": {**state.appointments, **stored}})
+    kept = new.run_starts_to_keep()  # as the table stores the STATE item
+    return new.model_copy(update={"appointments": {**state.appointments, **stored}, "run_starts": kept})
 
 
 def no_show_then_rebooked(crm: Crm) -> tuple[PatientState, Appointment, Appointment]:

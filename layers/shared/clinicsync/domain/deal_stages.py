@@ -43,7 +43,7 @@ def held_stage(write: DealWrite, state: PatientState) -> tuple[str, str] | None:
     known = state.appointment(write.appointment_id)
     if known.deal_id == write.deal_id and known.stage is not None:
         return write.appointment_id, known.stage
-    for latest in state.latest_deals.values():
+    for latest in state.kept_deals():
         if (
             latest.deal_id == write.deal_id
             and latest.stage is not None

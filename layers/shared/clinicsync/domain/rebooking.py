@@ -30,7 +30,7 @@ def note_lost_continuations(state: PatientState, found: Mapping[str, DealMatch])
     later events (a no-show again) move that deal rather than being skipped as ``deal_continued``."""
     # A continuation takes a funnel's latest deal, and the syncer loads only the visits its message carries:
     # the no-show holding that deal is known by the patient's latest deals even when its visit is not loaded.
-    held = [(latest.deal_id, latest.appointment_id) for latest in state.latest_deals.values()]
+    held = [(latest.deal_id, latest.appointment_id) for latest in state.kept_deals()]
     held += [(a.deal_id, aid) for aid, a in state.appointments.items()]
     holders = {deal_id: aid for deal_id, aid in held if deal_id and aid not in state.continued}
     for aid, match in found.items():
@@ -53,6 +53,10 @@ def _latest_moved_on(state: PatientState, match: DealMatch, taker: str) -> None:
         if latest.deal_id == match.deal_id and latest.appointment_id != taker:
             moved = {"appointment_id": taker, "stage": match.stage or latest.stage, "closed": match.closed}
             state.latest_deals[category] = latest.model_copy(update=moved)
+    for start in state.run_starts.values():
+        if start.latest.deal_id == match.deal_id and start.latest.appointment_id != taker:
+            moved = {"appointment_id": taker, "stage": match.stage or start.latest.stage, "closed": match.closed}
+            start.latest = start.latest.model_copy(update=moved)
 
 
 def after_continuation(appointment: Appointment, state: PatientState) -> str | None:
@@ -85,6 +89,15 @@ def _own_visit_again(state: PatientState, aid: str) -> None:
     )
 
 
+def latest_before_run(state: PatientState, category_id: str, polled_at: datetime | None) -> LatestDeal | None:
+    """The funnel's latest deal as it was when this poll run began: the one a re-booking of the run may
+    continue, whichever of the run's messages made newer deals first."""
+    start = state.run_starts.get(category_id)
+    if start is not None and polled_at is not None and start.run == polled_at:
+        return start.latest
+    return state.latest_deals.get(category_id)
+
+
 def continued_deal(
     state: PatientState,
     before: PatientState,
@@ -101,26 +114,29 @@ def continued_deal(
     the same poll brings a newer event of the latest visit, that visit is judged by what the MIS says
     now (a no-show booked again keeps its own deal), whichever of the two is planned first.
 
-    Only a deal that was already the funnel's latest before this poll (``before``: the state the plan
-    started from): a no-show first seen with its re-booking keeps a deal of its own, also one it adopts
-    by phone now, or one an earlier attempt at this poll's message created and a retry finds by MIS id.
-
-    Nor one that became the latest in this same poll run (``polled_at``) from another of its messages: a
-    first import of more than one page delivers a patient's no-show and re-booking in different messages,
-    and they keep two deals just as when one message carries both.
+    "The same poll" is the poll run (``polled_at``), whichever of its messages carry the visits: the latest
+    deal is the one the run began with (``latest_before_run``), and a deal the run has brought so far for a
+    visit between that one's and the booking's outranks it (``RunStart.outranked``), as it would in one
+    message planned in start order. So a no-show first seen with its re-booking keeps a deal of its own,
+    also one it adopts by phone now, or one an earlier attempt at this poll's message created and a retry
+    finds by MIS id; and a first import of more than one page keeps both deals however it splits them.
 
     Nor a deal the CRM already shows under another re-booking (``note_lost_continuations``: an attempt
     whose response was lost continued it): a no-show's deal moves on to one re-booking only, and another
     booking of the same poll gets a deal of its own rather than taking that one over again."""
-    latest = state.latest_deals.get(pipeline.category_id)
+    category = pipeline.category_id
+    latest = latest_before_run(state, category, polled_at)
     if status not in ACTIVE_STATUSES or latest is None or latest.deal_id is None or latest.closed:
         return None
     if latest.appointment_id in state.continued:
         return None  # its deal moved on to a re-booking already (a lost response's, the look-up showed)
-    held = before.latest_deals.get(pipeline.category_id)
+    held = latest_before_run(before, category, polled_at)
     if held is None or held.deal_id != latest.deal_id:
         return None
     if held.since is not None and polled_at is not None and held.since >= polled_at:
+        return None  # became the latest in this run (kept from before the run's start was noted)
+    start = state.run_starts.get(category)
+    if start is not None and start.run == polled_at and start.outranked(appointment.starts_at, appointment.mis_id):
         return None
     if latest.appointment_id == appointment.mis_id or latest.stage not in pipeline.continuing_stages:
         return None

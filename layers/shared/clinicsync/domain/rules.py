@@ -180,7 +180,9 @@ def plan_patient(
     for appointment in sorted(changes.appointments, key=lambda a: (a.starts_at, a.mis_id)):
         _plan_deal(appointment, plan, state, next_state, matches, config, hasher, contact_id, adoption, polled, at)
         if appointment.mis_id in next_state.appointments:
-            next_state.track_deal(next_state.appointments[appointment.mis_id], at)
+            known = state.appointment(appointment.mis_id)
+            was_at = known.starts_at if known.deal_id is not None else None
+            next_state.track_deal(next_state.appointments[appointment.mis_id], at, was_at)
 
     plan.next_state = next_state
     return plan
@@ -334,18 +336,14 @@ def _continue_deal(
     )
     if continued is not None:
         deal_id = continued.deal_id
-    latest = state.latest_deals.get(pipeline.category_id)
-    if (
-        latest is not None
-        and deal_id is not None
-        and latest.deal_id == deal_id
-        and latest.appointment_id != appointment.mis_id
-    ):
-        # This visit took over the deal (now, or in an attempt whose response was lost): the old
-        # visit is done with it, and its own write in this plan, if any, is superseded.
-        state.continued[latest.appointment_id] = appointment.mis_id
-        plan.writes = [w for w in plan.writes if not (isinstance(w, DealWrite) and w.deal_id == deal_id)]
-        plan.skipped[latest.appointment_id] = "deal_continued"
+    for held in state.kept_deals(pipeline.category_id):
+        if deal_id is not None and held.deal_id == deal_id and held.appointment_id != appointment.mis_id:
+            # This visit took over the deal (now, or in an attempt whose response was lost): the old
+            # visit is done with it, and its own write in this plan, if any, is superseded.
+            state.continued[held.appointment_id] = appointment.mis_id
+            plan.writes = [w for w in plan.writes if not (isinstance(w, DealWrite) and w.deal_id == deal_id)]
+            plan.skipped[held.appointment_id] = "deal_continued"
+            break
     return deal_id
 
 

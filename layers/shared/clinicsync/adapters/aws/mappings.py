@@ -11,7 +11,7 @@ from botocore.exceptions import ClientError
 
 from clinicsync.adapters.aws import keys
 from clinicsync.adapters.aws.table import TRANSACT_LIMIT, TableRepository, batch_writer, cancelled, failed_condition
-from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState
+from clinicsync.domain.state import AppointmentState, LatestDeal, PatientState, RunStart
 from clinicsync.domain.store_ports import ClaimRelease
 
 INTENT_SECONDS = 2 * 86400  # an intent outlives any retry of its message
@@ -40,6 +40,9 @@ def _apply_item(state: PatientState, item: Mapping[str, Any]) -> None:
             str(cat): LatestDeal.model_validate(latest) for cat, latest in (item.get("latest_deals") or {}).items()
         }
         state.continued = {str(k): str(v) for k, v in (item.get("continued") or {}).items()}
+        state.run_starts = {
+            str(cat): RunStart.model_validate(start) for cat, start in (item.get("run_starts") or {}).items()
+        }
     elif (aid := keys.appointment_of(sk)) is not None:
         state.appointments[aid] = AppointmentState(
             appointment_id=aid,
@@ -80,6 +83,11 @@ def _items_for(state: PatientState, changed_appointments: Sequence[str], before:
             }
             or None,
             "continued": dict(state.continued) or None,
+            "run_starts": {
+                cat: start.model_dump(mode="json", exclude_none=True)
+                for cat, start in state.run_starts_to_keep().items()
+            }
+            or None,
         }
     ]
     for aid in dict.fromkeys(changed_appointments):

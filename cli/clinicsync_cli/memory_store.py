@@ -376,6 +376,9 @@ class MemoryStore:
         rest = [c for c in channels if c not in ours]  # the store below keeps only flags: ask it itself
         return ours | (self._below.channels_on_record(subject, rest) if rest and self._below is not None else set())
 
+    def channels_on_record_many(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, set[str]]:
+        return {subject: self.channels_on_record(subject, channels) for subject, channels in wanted.items()}
+
     def opted_out_many(self, subjects: Sequence[str], channels: Sequence[str]) -> dict[str, set[str]]:
         self._read_channels(subjects, channels)
         return {

@@ -379,6 +379,8 @@ def test_the_ledger_says_which_channels_it_has_any_record_of(store: Store) -> No
     store.record_opt_outs("pat:p2", ["call"], "link", 1000)
     assert store.channels_on_record("pat:p1", ["email", "sms", "call", "marketing"]) == {"email", "sms"}
     assert store.channels_on_record("pat:p3", ["email"]) == set()
+    wanted = {"pat:p1": ["sms", "call"], "pat:p2": ["call", "email"], "pat:p3": ["email"]}
+    assert store.channels_on_record_many(wanted) == {"pat:p1": {"sms"}, "pat:p2": {"call"}, "pat:p3": set()}
     layered = MemoryStore(below=store)
     layered.record_opt_outs("pat:p1", ["marketing"], "crm", 3000)
     assert layered.channels_on_record("pat:p1", ["email", "sms", "call", "marketing"]) == {"email", "sms", "marketing"}

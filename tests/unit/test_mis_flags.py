@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from clinicsync.adapters.lis.source import LisSource
@@ -113,3 +113,74 @@ def test_a_refusal_flag_read_in_a_sync_is_dated_by_the_syncers_clock() -> None:
     sync = SyncConsent(demo_config(), store, KeyedHasher(b"k" * 32), None, None, None, clock=lambda: 1_234_567.0)
     sync.ledger([PatientChanges(patient=patient("p9", consent=Consent(sms_opt_out=True)))])
     assert [(e.subject, e.channel, e.event, e.at) for e in store.audit] == [("pat:p9", "sms", "opt_out", 1_234_567)]
+
+
+# --- a poll between an opt-in and the job that clears the MIS flag ------------------------------------------
+
+_FLAG_EVENTS = st.lists(
+    st.tuples(st.sampled_from(["link", "lift", "desk", "clear", "poll", "push"]), st.sampled_from(["email", "sms"])),
+    max_size=16,
+)
+# Found by the whole-system model (amoCRM and MEDODS, large profile: "CRM opt-outs ['email'], model []"): the desk
+# refused e-mail, a manager's opt-in lifted it, and a poll read the card before our job had cleared the flag.
+_POLLED_BEFORE_THE_CLEAR = [("desk", "email"), ("poll", ""), ("push", ""), ("lift", "email"), ("poll", "")]
+
+
+def _card(flags: set[str]) -> PatientChanges:
+    consent = Consent(email_opt_out="email" in flags, sms_opt_out="sms" in flags)
+    return PatientChanges(patient=patient("p1", consent=consent))
+
+
+@given(events=_FLAG_EVENTS)
+@example(events=_POLLED_BEFORE_THE_CLEAR)
+def test_a_flag_an_opt_in_lifted_is_no_new_refusal_until_the_job_clears_it(events: list[tuple[str, str]]) -> None:
+    """Any order of link opt-outs, opt-ins, desk refusals and clears, polls of the card and consent jobs: the
+    ledger holds exactly the opt-outs of a model that knows nothing of the product. Consent jobs run at once,
+    but an opt-in's (which clears the flag) waits for a ``push``: the window in which a poll reads a flag the
+    opt-in lifted. Staff ticking a flag is a refusal from the poll that reads it, unless the channel was
+    refused already (the tick adds nothing) or an opt-in's clear of it is pending, or comes before a poll has
+    read the tick: that tick cannot be told from the old flag, so the channel is left out of the check until
+    a later link settles it (docs/consent.md)."""
+    ledger, outputs, jobs, mis, now = _clinic()
+    store = outputs._store
+    sync = SyncConsent(demo_config(), store, KeyedHasher(b"k" * 32), ledger, None, None, clock=lambda: now[0])
+    out: set[str] = set()
+    desk: set[str] = set()  # ticked at the desk, not polled yet
+    lifting: set[str] = set()  # lifted by an opt-in whose job has not run
+    held: list[Any] = []  # the opt-ins' jobs
+    unsure: set[str] = set()
+    for kind, channel in [*events, ("push", ""), ("poll", ""), ("poll", "")]:
+        now[0] += 10
+        if kind == "link":
+            ledger.opt_out(["pat:p1"], [channel], "link", "link:one-click")
+            out.add(channel)
+            unsure.discard(channel)
+        elif kind == "lift":
+            ledger.opt_in("pat:p1", [channel], "crm", int(now[0]), "crm:opt_in_field")
+            if channel in out:
+                out.discard(channel)
+                lifting.add(channel)
+            if channel in desk and channel in lifting:  # the job's clear meets a tick no poll has read
+                desk.discard(channel)
+                unsure.add(channel)
+            held, jobs.sent = held + jobs.sent, []
+        elif kind == "desk" and channel not in mis.flags:
+            mis.flags.add(channel)
+            if channel in lifting:
+                unsure.add(channel)
+            elif channel not in out:
+                desk.add(channel)
+        elif kind == "clear":
+            mis.flags.discard(channel)
+            desk.discard(channel)
+        elif kind == "poll":
+            sync.ledger([_card(mis.flags)])
+            out |= desk
+            desk.clear()
+        elif kind == "push":
+            jobs.sent = held + jobs.sent
+            held = []
+            lifting.clear()
+        _push(outputs, jobs)
+        recorded = store.opted_out_many(["pat:p1"], CHANNELS)["pat:p1"]
+        assert recorded - unsure == out - unsure, (kind, channel)

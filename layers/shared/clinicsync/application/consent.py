@@ -21,6 +21,7 @@ from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import email_subject, patient_subject, subject_patient
 from clinicsync.domain.models import Channel, ConsentJob, ConsentTarget
+from clinicsync.domain.output_marks import MEMBER_MOVED, OUTCOME_UNKNOWN, digest_channels, ledger_digest
 from clinicsync.domain.store_ports import ConsentOutputStore, ConsentSource, LedgerStore
 from clinicsync.domain.unsubscribe_links import LinkClaim
 from clinicsync.observability import logger
@@ -35,14 +36,6 @@ EMAIL_UNSUBSCRIBE = (Channel.EMAIL.value,)
 # The channels an address's own subject (``email:<HMAC>``) can hold: only a Mailchimp unsubscribe of an
 # address nobody had yet is recorded there, so a sync reads no other channel of it.
 ADDRESS_CHANNELS = EMAIL_UNSUBSCRIBE
-
-
-def ledger_digest(opted_out: Sequence[str]) -> str:
-    return ",".join(sorted(set(opted_out))) or "-"
-
-
-MEMBER_MOVED = "member-moved"  # an output mark no ledger digest equals: the target is due again
-OUTCOME_UNKNOWN = "outcome-unknown"  # as well, for a target whose write failed (it may have landed)
 
 
 # --- recording -----------------------------------------------------------------------------------------------
@@ -258,6 +251,8 @@ class ConsentOutputs:
         for s in subjects:
             # Mailchimp is many members: the one that sent the event shows it, the person's others do not.
             for target in skips[s] - {"mailchimp"}:
+                if target == "mis" and digest_channels(done[s].get("mis")) - ledger[s]:
+                    continue  # the MIS still shows a flag an opt-in lifted: this job clears it
                 if done[s].get(target) != digests[s]:
                     marks.setdefault(s, {})[target] = digests[s]  # the source already shows it
                     done[s][target] = digests[s]
@@ -334,8 +329,8 @@ class ConsentOutputs:
         marks: dict[str, dict[str, str]],
         report: ConsentReport,
     ) -> None:
-        """The ledger's opt-outs as the MIS's flags; a flag an opt-in lifted is cleared (only those: a flag
-        set at the front desk and not polled yet is the MIS's own, and stays)."""
+        """The ledger's opt-outs as the MIS's flags; a flag an opt-in lifted (by these jobs, or one the last
+        mark shows that the ledger no longer holds) is cleared; a desk flag not yet polled stays."""
         for s, pid in patients.items():
             if done[s].get("mis") == digests[s]:
                 continue
@@ -343,7 +338,8 @@ class ConsentOutputs:
                 report.skip("mis_not_writable")
                 continue
             writable = self._mis.writable_channels & ledger[s]
-            cleared = self._mis.writable_channels & (lifted[s] - ledger[s])
+            shown = digest_channels(done[s].get("mis"))
+            cleared = self._mis.writable_channels & ((lifted[s] | shown) - ledger[s])
             try:
                 if writable or cleared:
                     self._mis.write_opt_outs(pid, sorted(writable), sorted(cleared))

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
-from clinicsync.application.consent import ADDRESS_CHANNELS, ConsentLedger, CrmContactReader, ledger_digest
+from clinicsync.application.consent import ADDRESS_CHANNELS, ConsentLedger, CrmContactReader
 from clinicsync.domain.audience import (
     MAILCHIMP_CHANNELS,
     AudienceMember,
@@ -21,6 +21,7 @@ from clinicsync.domain.crm_ports import ContactWrite, WriteOutcome
 from clinicsync.domain.crypto import KeyedHasher
 from clinicsync.domain.keys import email_subject, patient_subject
 from clinicsync.domain.models import Channel, ConsentTarget, PatientChanges
+from clinicsync.domain.output_marks import ledger_digest
 from clinicsync.domain.payloads import audience_merge_fields, contact_fields, may_join_audience
 from clinicsync.domain.rules import PatientPlan
 from clinicsync.domain.store_ports import ConsentSource, SyncConsentStore
@@ -100,6 +101,7 @@ class SyncConsent:
             refusals.update({subject: new} if new else {})
             held.update({subject: address} if address else {})
             emails[subject] = (item.patient.email,) if item.patient.email else ()
+        refusals = self._fresh_refusals(refusals, ledger)
         # The message's refusals together: one transaction and one job send, not one each per patient.
         self._record(refusals, "mis", "mis:refusal_flag", now, emails, skip=("mis",))
         self._record(held, "mailchimp", "mailchimp:held_address", now, emails, skip=())
@@ -110,6 +112,30 @@ class SyncConsent:
             for pid, subject in subjects.items()
         }
         return merged, {pid: ledger[subject] for pid, subject in subjects.items()}
+
+    def _fresh_refusals(
+        self, refusals: Mapping[str, list[str]], ledger: Mapping[str, set[str]]
+    ) -> dict[str, list[str]]:
+        """The card's refusals that are news. A flag an opt-in lifted stays set in the MIS until the consent
+        job that clears it lands; read in that window it is the old refusal, not a new one (a poll there
+        undid the opt-in). Such a channel is on the ledger's record but not opted out, and the MIS output has
+        not reached the ledger's state yet. It is read again when that job's write changes the card; a
+        desk refusal of it in the window is lost (docs/consent.md). Reads only for cards that refuse what
+        the ledger does not hold: the lifted channels, then, if any, the outputs' marks."""
+        if not refusals:
+            return {}
+        lifted = {s: found for s, found in self._store.channels_on_record_many(refusals).items() if found}
+        if not lifted:
+            return dict(refusals)
+        done = self._store.outputs_done_many(list(lifted))
+        fresh = {}
+        for subject, channels in refusals.items():
+            waiting = lifted.get(subject, set())
+            if waiting and done[subject].get("mis") == ledger_digest(sorted(ledger[subject])):
+                waiting = set()  # the clear has landed: a flag set now is the desk's
+            if news := [c for c in channels if c not in waiting]:
+                fresh[subject] = news
+        return fresh
 
     def _record(
         self,

@@ -189,6 +189,10 @@ class ConsentRecords(Protocol):
         """The channels the ledger holds anything for (an opt-out, lifted or not): never recorded = absent."""
         ...
 
+    def channels_on_record_many(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, set[str]]:
+        """``channels_on_record`` for many subjects (subject -> channels) in one read; every subject is in it."""
+        ...
+
     def note_identity(self, subject: str, keys: Mapping[str, str | None]) -> None: ...
 
     def note_identities(self, identities: Mapping[str, Mapping[str, str | None]]) -> None:

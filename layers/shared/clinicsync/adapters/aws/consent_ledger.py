@@ -212,6 +212,13 @@ class DynamoConsentRecords(TableRepository):
     def channels_on_record(self, subject: str, channels: Sequence[str]) -> set[str]:
         return {tk.channel_of(str(item["sk"])) for item in self._batch_get(channel_keys([subject], channels))}
 
+    def channels_on_record_many(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, set[str]]:
+        keys = [tk.consent_channel(s, c) for s, channels in wanted.items() for c in channels]
+        found: dict[str, set[str]] = {s: set() for s in wanted}
+        for item in self._batch_get(keys):
+            found[tk.subject_of(str(item["pk"]))].add(tk.channel_of(str(item["sk"])))
+        return found
+
     def consent_items(self, subject: str) -> list[dict[str, Any]]:
         """Everything the ledger holds for one subject: channels, audit trail, identity, outputs (for
         inspection: no use case reads the table's items)."""

@@ -112,7 +112,8 @@ class MemoryStore:
         opted_out: dict[str, set[str]] = {}
         for subject, channels in ledger.items():
             opted_out |= self.opted_out_many([subject], channels)
-        return SyncReads(self.load_patients(wanted), self.load_intents(intent_keys), opted_out)
+        on_record = self.channels_on_record_many(ledger)
+        return SyncReads(self.load_patients(wanted), self.load_intents(intent_keys), opted_out, on_record)
 
     def save_patients(
         self,
@@ -434,6 +435,13 @@ class MemoryStore:
             book = self._members.get(s) or MemberBook()
             books[s] = MemberBook(book.current, dict(book.moved), set(book.known))
         return books
+
+    def note_mailchimp_address(self, subject: str, member: str) -> None:
+        if not is_subscriber_hash(member):
+            raise ValueError("not a subscriber hash")
+        self._wrote()
+        self.mailchimp_members_many([subject])  # read through first: old members stay listed
+        self._members.setdefault(subject, MemberBook()).known.add(member)
 
     def note_mailchimp_member(self, subject: str, member: str, moved_from: str | None = None) -> None:
         if not all(is_subscriber_hash(h) for h in (member, moved_from) if h):

@@ -191,7 +191,8 @@ def test_create_intents_are_written_read_and_cleared(store: Store) -> None:
 
 
 def test_a_syncs_read_answers_what_the_three_reads_answer(store: Store) -> None:
-    """``read_for_sync`` is ``load_patients``, ``load_intents`` and ``opted_out_many`` at once."""
+    """``read_for_sync`` is ``load_patients``, ``load_intents``, ``opted_out_many`` and
+    ``channels_on_record_many`` at once."""
     _save(store, _state("p1"))
     store.write_intents(["P#p2", "A#a1"], 1000)
     store.record_opt_outs("pat:p1", ["email"], "mis", 1000)
@@ -206,6 +207,11 @@ def test_a_syncs_read_answers_what_the_three_reads_answer(store: Store) -> None:
     assert read.intents == store.load_intents(intents) == {"P#p2": 1000, "A#a1": 1000}
     assert read.opted_out == {"pat:p1": {"email"}, "pat:p2": set(), "email:e1": {"sms"}, "email:e2": set()}
     assert read.opted_out == {s: store.opted_out_many([s], ledger[s])[s] for s in ledger}
+    store.record_opt_ins("pat:p1", ["email"], "crm", 2000)  # lifted: still on record
+    read = store.read_for_sync(wanted, intents, ledger)
+    assert read.opted_out["pat:p1"] == set()
+    assert read.on_record == store.channels_on_record_many(ledger)
+    assert read.on_record == {"pat:p1": {"email"}, "pat:p2": set(), "email:e1": {"sms"}, "email:e2": set()}
 
 
 def test_releasing_claims_also_forgets_the_settled_intents_given(store: Store) -> None:

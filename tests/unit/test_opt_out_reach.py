@@ -335,6 +335,16 @@ _UNKNOWN_MEMBER_MOVED = [
     ("unsubscribe", ADDRESSES[0]),
 ]
 
+# Found by the large profile (this session's run of make test, small profile, too): a patient's address
+# moved in the MIS to one the audience already held (imported), so Mailchimp would not move their member
+# there; the address went, and their refusal then unsubscribed only their own member.
+_MOVED_ONTO_AN_IMPORTED_ADDRESS = [
+    ("address", "p0", ADDRESSES[0]),
+    ("address", "p0", IMPORTED),
+    ("address", "p0", None),
+    ("refusal", "p0", "email", False),
+]
+
 
 @settings(max_examples=examples(100), deadline=None)
 @given(events=st.lists(EVENTS, max_size=24))
@@ -343,6 +353,7 @@ _UNKNOWN_MEMBER_MOVED = [
 @example(events=_REFUSED_THEN_NEW_ADDRESS)
 @example(events=_REFUSED_THEN_MEMBER_MOVED_IN)
 @example(events=_UNKNOWN_MEMBER_MOVED)
+@example(events=_MOVED_ONTO_AN_IMPORTED_ADDRESS)
 def test_an_opt_out_reaches_every_system_and_address_of_its_person_alone_whatever_the_order(
     events: list[tuple[Any, ...]],
 ) -> None:
@@ -417,3 +428,16 @@ def test_regression_a_member_moved_to_an_address_a_patient_who_refused_e_mail_ha
     clinic.push()
     assert clinic.chimp.status(ADDRESSES[0]) == "unsubscribed"
     assert clinic.store.opted_out_many(["pat:p1"], CHANNELS) == {"pat:p1": set()}  # the family's stays apart
+
+
+def test_regression_an_address_the_audience_held_when_a_patient_moved_onto_it_is_unsubscribed_by_their_refusal() -> (
+    None
+):
+    """The member of the patient's old address could not move onto the new one (another member had it), so
+    the member book never listed the new address; once the MIS dropped it, the refusal left it subscribed."""
+    clinic = Clinic()
+    for event in [("sync", "p0"), *_MOVED_ONTO_AN_IMPORTED_ADDRESS]:
+        clinic.apply(event)
+    clinic.push()
+    assert clinic.chimp.status(IMPORTED) == "unsubscribed"
+    assert clinic.chimp.status(ADDRESSES[0]) == "unsubscribed"

@@ -160,7 +160,7 @@ class Syncer:
         for obs in observations:
             wanted.setdefault(obs.patient_id, []).extend([obs.appointment_id] if obs.appointment_id else [])
         read = self._store.read_for_sync(wanted, self._lookup.intent_keys(live), self._consent.subjects(live))
-        ledger, own_opt_outs = self._consent.ledger(live, read.opted_out)
+        ledger, own_opt_outs = self._consent.ledger(live, read.opted_out, read.on_record)
         observed = self._observe(observations, read.states, report)
         return Known(read.states, ledger, own_opt_outs, observed, read.intents)
 

@@ -15,6 +15,7 @@ from clinicsync.domain.audience import (
     AudienceUpserts,
     audience_member,
     note_accepted_members,
+    note_held_addresses,
 )
 from clinicsync.domain.config import ClinicConfig
 from clinicsync.domain.crm_ports import ContactWrite, WriteOutcome
@@ -73,14 +74,18 @@ class SyncConsent:
         return subjects, by_email
 
     def ledger(
-        self, live: Sequence[PatientChanges], read: Mapping[str, set[str]] | None = None
+        self,
+        live: Sequence[PatientChanges],
+        read: Mapping[str, set[str]] | None = None,
+        on_record: Mapping[str, set[str]] | None = None,
     ) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
         """Record the MIS's refusal flags; return every patient's opt-outs, and the patient's own
         subject's (without the address's). The ledger is sticky: an opt-out once recorded stays,
         whatever the MIS says later. An address unsubscribed before we knew whose it was
         (``email:<HMAC>``) is the refusal of the patient who has it now: recorded as theirs, so it
         follows them to their other addresses and systems, and stays when the address changes.
-        ``read``: the ledger of ``subjects(live)`` as the caller just read it (otherwise it is read here)."""
+        ``read``: the ledger of ``subjects(live)`` as the caller just read it (otherwise it is read here), and
+        ``on_record`` the channels of those it holds any record of."""
         now = int(self._clock())
         subjects, by_email = self._subjects(live)
         if read is None:  # one read per channel set (a patient's, an address's), not one per subject
@@ -101,7 +106,7 @@ class SyncConsent:
             refusals.update({subject: new} if new else {})
             held.update({subject: address} if address else {})
             emails[subject] = (item.patient.email,) if item.patient.email else ()
-        refusals = self._fresh_refusals(refusals, ledger)
+        refusals = self._fresh_refusals(refusals, ledger, on_record)
         # The message's refusals together: one transaction and one job send, not one each per patient.
         self._record(refusals, "mis", "mis:refusal_flag", now, emails, skip=("mis",))
         self._record(held, "mailchimp", "mailchimp:held_address", now, emails, skip=())
@@ -114,17 +119,23 @@ class SyncConsent:
         return merged, {pid: ledger[subject] for pid, subject in subjects.items()}
 
     def _fresh_refusals(
-        self, refusals: Mapping[str, list[str]], ledger: Mapping[str, set[str]]
+        self,
+        refusals: Mapping[str, list[str]],
+        ledger: Mapping[str, set[str]],
+        on_record: Mapping[str, set[str]] | None,
     ) -> dict[str, list[str]]:
         """The card's refusals that are news. A flag an opt-in lifted stays set in the MIS until the consent
         job that clears it lands; read in that window it is the old refusal, not a new one (a poll there
         undid the opt-in). Such a channel is on the ledger's record but not opted out, and the MIS output has
         not reached the ledger's state yet. It is read again when that job's write changes the card; a
         desk refusal of it in the window is lost (docs/consent.md). Reads only for cards that refuse what
-        the ledger does not hold: the lifted channels, then, if any, the outputs' marks."""
+        the ledger does not hold: the lifted channels (unless the sync's own read brought them), then, if any,
+        the outputs' marks."""
         if not refusals:
             return {}
-        lifted = {s: found for s, found in self._store.channels_on_record_many(refusals).items() if found}
+        if on_record is None:
+            on_record = self._store.channels_on_record_many(refusals)
+        lifted = {s: found for s, channels in refusals.items() if (found := on_record.get(s, set()) & set(channels))}
         if not lifted:
             return dict(refusals)
         done = self._store.outputs_done_many(list(lifted))
@@ -266,6 +277,9 @@ class SyncConsent:
             for plan in plans:  # the batch may have landed: a member back to its stored content is sent again
                 if plan.patient_id in members and plan.next_state is not None:
                     plan.next_state.audience_hash = None
+        else:
+            refused = {patient_subject(pid): m for pid, m in members.items() if pid not in accepted}
+            note_held_addresses(self._store, refused, books)
         note_accepted_members(self._store, {patient_subject(pid): members[pid] for pid in accepted if pid in members})
         for plan in plans:
             if plan.patient_id in accepted and plan.next_state is not None:

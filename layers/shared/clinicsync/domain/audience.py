@@ -77,6 +77,18 @@ def audience_member(
     return AudienceMember(patient_id, email, merge_fields, new=book.current is None)
 
 
+def note_held_addresses(
+    store: MemberStore, refused: Mapping[str, AudienceMember], books: Mapping[str, MemberBook]
+) -> None:
+    """A person's member Mailchimp would not move to their new address (the address was already another
+    member's, such as one imported before us): the member at that address is listed too, since the
+    address is the person's, so their opt-out reaches it (docs/consent.md)."""
+    for subject, m in refused.items():
+        own = subscriber_hash(m.email)
+        if not m.new and not m.keep_address and m.member not in (None, own) and own not in books[subject].known:
+            store.note_mailchimp_address(subject, own)
+
+
 def note_accepted_members(store: MemberStore, accepted: Mapping[str, AudienceMember]) -> None:
     """Remember each subject's member (subscriber hashes only) once Mailchimp accepted it."""
     for subject, m in accepted.items():

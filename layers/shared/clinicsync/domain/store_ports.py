@@ -233,6 +233,11 @@ class MemberStore(Protocol):
 
     def note_mailchimp_member(self, subject: str, member: str, moved_from: str | None = None) -> None: ...
 
+    def note_mailchimp_address(self, subject: str, member: str) -> None:
+        """The member at an address the subject has had, though not theirs in the audience (it was another
+        member's when theirs should have moved onto it): listed, so an opt-out still reaches it."""
+        ...
+
 
 @dataclass
 class SyncReads:
@@ -241,6 +246,7 @@ class SyncReads:
     states: dict[str, PatientState] = field(default_factory=dict)
     intents: dict[str, int] = field(default_factory=dict)
     opted_out: dict[str, set[str]] = field(default_factory=dict)
+    on_record: dict[str, set[str]] = field(default_factory=dict)  # channels with any record, lifted or not
 
 
 class SyncReader(Protocol):

@@ -74,6 +74,14 @@ def opted_out_from(subjects: Sequence[str], items: Iterable[Mapping[str, Any]]) 
     return found
 
 
+def on_record_from(subjects: Sequence[str], items: Iterable[Mapping[str, Any]]) -> dict[str, set[str]]:
+    """Each subject's channels with any record (an opt-out, lifted or not) from the same items."""
+    found: dict[str, set[str]] = {s: set() for s in subjects}
+    for item in items:
+        found[tk.subject_of(str(item["pk"]))].add(tk.channel_of(str(item["sk"])))
+    return found
+
+
 class DynamoConsentRecords(TableRepository):
     def record_opt_outs(
         self, subject: str, channels: Sequence[str], source: ConsentSource, at: int, detail: str = ""
@@ -214,10 +222,7 @@ class DynamoConsentRecords(TableRepository):
 
     def channels_on_record_many(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, set[str]]:
         keys = [tk.consent_channel(s, c) for s, channels in wanted.items() for c in channels]
-        found: dict[str, set[str]] = {s: set() for s in wanted}
-        for item in self._batch_get(keys):
-            found[tk.subject_of(str(item["pk"]))].add(tk.channel_of(str(item["sk"])))
-        return found
+        return on_record_from(list(wanted), self._batch_get(keys))
 
     def consent_items(self, subject: str) -> list[dict[str, Any]]:
         """Everything the ledger holds for one subject: channels, audit trail, identity, outputs (for
@@ -286,6 +291,16 @@ class DynamoMemberStore(TableRepository):
                     if value != "-":
                         book.moved[member] = str(value)
         return books
+
+    def note_mailchimp_address(self, subject: str, member: str) -> None:
+        if not is_subscriber_hash(member):
+            raise ValueError("not a subscriber hash")
+        self._table.update_item(
+            Key=tk.members(subject),
+            UpdateExpression="SET #m = if_not_exists(#m, :dash)",  # a member moved on keeps where it went
+            ExpressionAttributeNames={"#m": tk.MEMBER_PREFIX + member},
+            ExpressionAttributeValues={":dash": "-"},
+        )
 
     def note_mailchimp_member(self, subject: str, member: str, moved_from: str | None = None) -> None:
         """``member`` is now the subject's member; ``moved_from``, if given, was moved to it (upemail, or

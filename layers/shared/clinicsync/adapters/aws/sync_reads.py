@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from clinicsync.adapters.aws import keys
-from clinicsync.adapters.aws.consent_ledger import channel_keys, opted_out_from
+from clinicsync.adapters.aws.consent_ledger import channel_keys, on_record_from, opted_out_from
 from clinicsync.adapters.aws.mappings import intents_from, state_keys, states_from
 from clinicsync.adapters.aws.table import TableRepository
 from clinicsync.domain.store_ports import SyncReads
@@ -34,6 +34,7 @@ class DynamoSyncReader(TableRepository):
             states=states_from(wanted, found["state"]),
             intents=intents_from(found["intent"]),
             opted_out=opted_out_from(list(ledger), found["consent"]),
+            on_record=on_record_from(list(ledger), found["consent"]),
         )
 
 

@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 
 import boto3
 import httpx
+import phonenumbers
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -377,10 +378,17 @@ def _typed_phone(value: str) -> list[dict[str, Any]]:
     return [{"field_code": "PHONE", "values": [{"value": value}]}]
 
 
+def _assigned(national: str) -> bool:
+    return phonenumbers.is_valid_number(phonenumbers.parse("+7" + national))
+
+
 @st.composite
 def _stored_formats(draw: st.DrawFn) -> tuple[str, str]:
-    """A Russian mobile number as a person might have typed it into amoCRM, and its E.164 form."""
-    national = "9" + draw(st.text("0123456789", min_size=9, max_size=9))
+    """A Russian mobile number as a person might have typed it into amoCRM, and its E.164 form.
+
+    Only numbers phonenumbers holds valid: a few ranges of 9xx are unassigned (``+7 930 00…``), and such a
+    number is no phone on either side (``normalise_phone`` gives None for it, as for the MIS's copy)."""
+    national = draw(st.text("0123456789", min_size=9, max_size=9).map("9".__add__).filter(_assigned))
     prefix = draw(st.sampled_from(["+7", "8", "7", ""]))
     groups = draw(st.sampled_from([(3, 3, 2, 2), (3, 3, 4), (3, 7)]))
     parts, at = [], 0
@@ -408,8 +416,9 @@ NAMED_FORMATS = [
 
 @pytest.fixture(scope="module")
 def shared_amo() -> Iterator[tuple[AmoCrmEmulator, str]]:
-    """One served account for every example of a property test (each example cleans up after itself)."""
-    emulator = AmoCrmEmulator()
+    """One served account for every example of a property test (each example cleans up after itself), on a
+    pinned clock: no example depends on the wall clock's second, only on the test's own advances."""
+    emulator = AmoCrmEmulator(Clock(1_767_258_000.0))
     _unlimited(emulator)
     server = ServedApp(emulator).start()
     yield emulator, server.base_url
@@ -663,8 +672,8 @@ def test_a_new_container_finds_a_phone_in_any_stored_format_from_the_stored_inde
             for path, args in emulator.list_reads()[reads:]
             if "contacts" in path and "id" in args.get("filter", {})
         ]
+        assert match is not None, typed  # first: a number indexed nowhere also makes no re-read
         assert by_id, "found through the stored index, then re-read by id"
-        assert match is not None, typed
         assert match.contacts == ((str(contact), None),)
         assert match.deals == ((str(lead), str(MAIN_PIPELINE_ID), str(STATUS_NEW_REQUEST)),)
     finally:

@@ -153,6 +153,10 @@ class Model:
     # person ("@" + address); an upemail's new address names whom the old one named.
     names: dict[str, set[str]] = field(default_factory=lambda: {a: set() for a in ADDRESSES})
     unknown_out: set[str] = field(default_factory=set)  # unknown people who unsubscribed
+    # The addresses each unknown person has had while no patient had had them: the one they were first
+    # seen at, and each one Mailchimp moved them to (upemail, chains too). Whoever gets one of these later
+    # is taken for that person, as for the first (consent belongs to a person, not an address).
+    unknown_had: dict[str, set[str]] = field(default_factory=lambda: {"@" + a: {a} for a in ADDRESSES})
     # What the MIS card must show: we never write back to the system an opt-out came from, and a flag
     # staff cleared stays cleared there (it is no opt-in: the ledger and the CRM keep the opt-out).
     mis_shows: dict[str, set[str]] = field(default_factory=lambda: {pid: set() for pid in PEOPLE})
@@ -169,13 +173,22 @@ class Model:
         return self.names[address] or {"@" + address}
 
     def synced(self, pid: str) -> None:
-        """A sync of the card: its address names the person from now on; an unknown person's unsubscribe
-        at that address (before it was anyone's) is the person's refusal."""
+        """A sync of the card: its address names the person from now on; the unsubscribe of an unknown
+        person who had that address (before it was anyone's) is the person's refusal."""
         if (address := self.address[pid]) is not None:
             self.had[pid].add(address)
             self.names[address].add(pid)
-            if "@" + address in self.unknown_out:
+            if any(address in self.unknown_had[u] for u in self.unknown_out):
                 self.opt_out(pid, "email")
+
+    def moved(self, old: str, new: str) -> None:
+        """Mailchimp moved the member at ``old`` to ``new``: whoever ``old`` named has ``new`` too."""
+        if not self.holders(new):
+            for unknown in self.named(old) - set(PEOPLE):
+                self.unknown_had[unknown].add(new)
+        for pid in self.holders(old):
+            self.had[pid].add(new)
+        self.names[new] |= self.named(old)
 
 
 # --- the world: our use cases wired as the stack wires them, on the memory store ------------------------------
@@ -262,9 +275,10 @@ class Clinic:
                 return
             self.chimp.members[subscriber_hash(new)] = (new, self.chimp.members.pop(subscriber_hash(old))[1])
             self.ledger.audience_event(AudienceEvent("upemail", AUDIENCE, old, new), {AUDIENCE})
-            for pid in model.holders(old):
-                model.had[pid].add(new)
-            model.names[new] |= model.named(old)
+            model.moved(old, new)
+        elif kind == "upemails":  # a member moves on from an address it was itself moved to
+            for old, new in itertools.pairwise(args):
+                self.apply(("upemail", old, new))
         elif kind == "sync":  # one card, or the family's in one message
             self.sync(*args)
         elif kind == "push":
@@ -298,6 +312,7 @@ EVENTS = st.one_of(
     st.tuples(st.just("tick"), _people, _channels),
     st.tuples(st.sampled_from(["unsubscribe", "cleaned"]), _addresses),
     st.tuples(st.just("upemail"), _addresses, _addresses),
+    st.tuples(st.just("upemails"), _addresses, _addresses, _addresses),
     st.tuples(st.just("sync"), _people) | st.just(("sync", *PEOPLE)),
     st.tuples(st.just("push")),
 )
@@ -345,6 +360,20 @@ _MOVED_ONTO_AN_IMPORTED_ADDRESS = [
     ("refusal", "p0", "email", False),
 ]
 
+# An unknown member's refusal followed only the address it was first seen at (c): the member moved on
+# (c -> a -> b) and unsubscribed; a patient who later got a was not taken for them, nor was one who got a
+# after the member had unsubscribed at c and moved there (docs/consent.md: consent belongs to a person).
+_UNKNOWN_MEMBER_MOVED_ON = [
+    ("upemails", IMPORTED, ADDRESSES[0], ADDRESSES[1]),
+    ("unsubscribe", ADDRESSES[1]),
+    ("address", "p0", ADDRESSES[0]),
+]
+_UNKNOWN_REFUSED_THEN_MOVED = [
+    ("unsubscribe", IMPORTED),
+    ("upemail", IMPORTED, ADDRESSES[0]),
+    ("address", "p0", ADDRESSES[0]),
+]
+
 
 @settings(max_examples=examples(100), deadline=None)
 @given(events=st.lists(EVENTS, max_size=24))
@@ -354,6 +383,8 @@ _MOVED_ONTO_AN_IMPORTED_ADDRESS = [
 @example(events=_REFUSED_THEN_MEMBER_MOVED_IN)
 @example(events=_UNKNOWN_MEMBER_MOVED)
 @example(events=_MOVED_ONTO_AN_IMPORTED_ADDRESS)
+@example(events=_UNKNOWN_MEMBER_MOVED_ON)
+@example(events=_UNKNOWN_REFUSED_THEN_MOVED)
 def test_an_opt_out_reaches_every_system_and_address_of_its_person_alone_whatever_the_order(
     events: list[tuple[Any, ...]],
 ) -> None:
@@ -441,3 +472,26 @@ def test_regression_an_address_the_audience_held_when_a_patient_moved_onto_it_is
     clinic.push()
     assert clinic.chimp.status(IMPORTED) == "unsubscribed"
     assert clinic.chimp.status(ADDRESSES[0]) == "unsubscribed"
+
+
+def test_regression_an_unknown_members_refusal_reaches_whoever_gets_an_address_it_moved_to() -> None:
+    """The member at c (nobody's) moved to a, then to b, and unsubscribed at b; a patient who got a later
+    was not taken for that person (only a later holder of c was), and the CRM showed no refusal."""
+    clinic = Clinic()
+    for event in [("sync", "p0"), ("sync", "p1"), *_UNKNOWN_MEMBER_MOVED_ON]:
+        clinic.apply(event)
+    clinic.push()
+    assert clinic.store.opted_out_many(["pat:p0"], ["email"]) == {"pat:p0": {"email"}}
+    assert clinic.crm.contacts[str(clinic.crm.contact_of("p0"))].opt_outs == {"email"}
+    assert clinic.store.opted_out_many(["pat:p1"], CHANNELS) == {"pat:p1": set()}  # not the family's
+
+
+def test_regression_an_unknown_members_earlier_refusal_moves_with_it() -> None:
+    """The member at c unsubscribed, then moved to a: a patient who later got a kept receiving e-mail
+    in every system but the unsubscribed member (the refusal stayed with c alone)."""
+    clinic = Clinic()
+    for event in [("sync", "p0"), ("sync", "p1"), *_UNKNOWN_REFUSED_THEN_MOVED]:
+        clinic.apply(event)
+    clinic.push()
+    assert clinic.store.opted_out_many(["pat:p0"], ["email"]) == {"pat:p0": {"email"}}
+    assert "email" in clinic.mis.flags["p0"] and clinic.mis.flags["p1"] == set()

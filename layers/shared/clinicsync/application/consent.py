@@ -78,13 +78,23 @@ class ConsentLedger:
         """Mailchimp ``upemail``: the person keeps their consent and their member under the new address;
         the old address is theirs for good (an opt-out still reaches it) and is never re-created."""
         subjects = self.subjects_for_email(old_email)
-        had_it = self._store.subjects_by_email(self._hasher.email_key(new_email))  # people who had the new one
-        self._store.index_emails([(self._hasher.email_key(new_email), s) for s in subjects])
+        new_key = self._hasher.email_key(new_email)
+        had_it = self._store.subjects_by_email(new_key)  # people who had the new one
+        opted_out = self._store.opted_out_many(list(dict.fromkeys(subjects + had_it)), sorted(MAILCHIMP_CHANNELS))
+        unknown = [s for s in subjects if subject_patient(s) is None]
+        if unknown and not any(subject_patient(s) for s in had_it):
+            # An unknown person moved to an address no patient had: it is theirs as the first one was. Its
+            # own subject (what a sync reads for a later holder) joins them and carries their refusal.
+            alias = email_subject(new_key)
+            subjects = list(dict.fromkeys([*subjects, alias]))
+            carried = sorted({c for s in unknown for c in opted_out[s]} & set(ADDRESS_CHANNELS))
+            if carried:  # its job is queued here
+                self.opt_out([alias], carried, "mailchimp", "mailchimp:upemail", skip=("mailchimp",))
+        self._store.index_emails([(new_key, s) for s in subjects])
         for s in subjects:
             self._store.note_mailchimp_member(s, subscriber_hash(new_email), moved_from=subscriber_hash(old_email))
         # Opt-outs pushed before this webhook reached the members known then (Mailchimp may move one first): a
         # refusing person's target is due again, with the moved member (or, if they had it, the new address).
-        opted_out = self._store.opted_out_many(list(dict.fromkeys(subjects + had_it)), sorted(MAILCHIMP_CHANNELS))
         refusing = {s: () if s in subjects else (new_email,) for s, out in opted_out.items() if out}
         self.members_due(refusing, "mailchimp:upemail")
         return subjects

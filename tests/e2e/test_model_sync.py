@@ -646,6 +646,36 @@ class ClinicMachine(RuleBasedStateMachine):
         person.opt_in_field = True
         self.figures["echo_opt_ins"] += 1
 
+    @precondition(lambda self: bool(self._opt_ins_to_tick()))
+    @rule(which=st.integers(0, 15))
+    def crm_opt_in_under_our_login_after_a_newer_opt_out(self, which: int) -> None:
+        """A patient opts out by the one-click link after the contact was last seen, and a manager working under
+        the integration's login ticks "e-mail allowed" before anything reads the contact again. The tick is
+        dated when the field was last seen without it, before the opt-out, so the opt-out stands: an opt-in
+        lifts only an older one (docs/consent.md), whatever the time of the save that carries it."""
+        person = self._pick(self._opt_ins_to_tick(), which)
+        contact = self.crm.contact_of_patient(person.pid)
+        if contact is None:
+            return
+        self._quiesce()
+        self.check_quiescent()
+        self.crm.manager_touch_contact(contact)  # a colleague's comment: the field is seen without the tick
+        self.clinic.deliver_webhooks()
+        self.catch_up()
+        # A second between that sighting, the opt-out and the tick (the ledger dates to the second): the opt-out
+        # is newer than the sighting and older than the save. No outcome is timed.
+        time.sleep(1.05)
+        assert self.clinic.one_click(self.clinic.unsubscribe_token(person.pid)).status_code == 200
+        person.opt_outs.add("email")
+        time.sleep(1.05)
+        self.crm.manager_set_opt_ins(contact, "email", as_integration=True)
+        person.opt_in_field = True
+        self.figures["echo_opt_ins_after_opt_outs"] += 1
+
+    def _opt_ins_to_tick(self) -> list[Person]:
+        """Patients a sync has seen, without an e-mail opt-out, whose opt-in field does not list "email" yet."""
+        return [p for p in self._seen_by_a_sync() if "email" not in p.opt_outs and not p.opt_in_field]
+
     @rule(person=persons)
     def unrelated_contact_edit(self, person: Person) -> None:
         contact = self.crm.contact_of_patient(person.pid)
@@ -1086,6 +1116,7 @@ def _machine(clinic: LocalClinic) -> type[ClinicMachine]:
         "split_runs": 0,
         "echo_moves": 0,
         "echo_opt_ins": 0,
+        "echo_opt_ins_after_opt_outs": 0,
     }
     attrs = {"clinic": clinic, "desk": desk, "figures": figures}
     return type("ClinicModel", (ClinicMachine,), attrs)

@@ -1715,7 +1715,7 @@ def test_regression_a_poll_before_the_consent_job_clears_a_lifted_flag_keeps_the
     patient = state.first_patient(fmt=0, email=False)
     state.mis_refusal(person=patient)
     state.poll()
-    state.crm_opt_in_lifts_an_opt_out_under_our_login(person=patient)
+    state.crm_opt_in_lifts_an_opt_out_under_our_login(which=0)  # the one patient with an opt-out
     state.crm_fault(kind="lost")
     state.email_change(person=patient)
     state.poll_with_redelivery()

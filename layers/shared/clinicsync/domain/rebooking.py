@@ -49,14 +49,18 @@ def _latest_moved_on(state: PatientState, match: DealMatch, taker: str) -> None:
     """The funnel's latest deal is the re-booking's now, at the stage the CRM shows: a visit planned in this
     pass that holds that deal takes nothing over from the old visit, and nothing continues it again unless
     the CRM shows it at a continuing stage."""
+
+    def moved_on(latest: LatestDeal) -> LatestDeal:
+        if latest.deal_id != match.deal_id or latest.appointment_id == taker:
+            return latest
+        return latest.model_copy(
+            update={"appointment_id": taker, "stage": match.stage or latest.stage, "closed": match.closed}
+        )
+
     for category, latest in state.latest_deals.items():
-        if latest.deal_id == match.deal_id and latest.appointment_id != taker:
-            moved = {"appointment_id": taker, "stage": match.stage or latest.stage, "closed": match.closed}
-            state.latest_deals[category] = latest.model_copy(update=moved)
+        state.latest_deals[category] = moved_on(latest)
     for start in state.run_starts.values():
-        if start.latest.deal_id == match.deal_id and start.latest.appointment_id != taker:
-            moved = {"appointment_id": taker, "stage": match.stage or start.latest.stage, "closed": match.closed}
-            start.latest = start.latest.model_copy(update=moved)
+        start.latest = moved_on(start.latest)
 
 
 def after_continuation(appointment: Appointment, state: PatientState) -> str | None:
@@ -92,10 +96,8 @@ def _own_visit_again(state: PatientState, aid: str) -> None:
 def latest_before_run(state: PatientState, category_id: str, polled_at: datetime | None) -> LatestDeal | None:
     """The funnel's latest deal as it was when this poll run began: the one a re-booking of the run may
     continue, whichever of the run's messages made newer deals first."""
-    start = state.run_starts.get(category_id)
-    if start is not None and polled_at is not None and start.run == polled_at:
-        return start.latest
-    return state.latest_deals.get(category_id)
+    start = state.run_start(category_id, polled_at)
+    return start.latest if start is not None else state.latest_deals.get(category_id)
 
 
 def continued_deal(
@@ -135,8 +137,8 @@ def continued_deal(
         return None
     if held.since is not None and polled_at is not None and held.since >= polled_at:
         return None  # became the latest in this run (kept from before the run's start was noted)
-    start = state.run_starts.get(category)
-    if start is not None and start.run == polled_at and start.outranked(appointment.starts_at, appointment.mis_id):
+    start = state.run_start(category, polled_at)
+    if start is not None and start.outranked(appointment.starts_at, appointment.mis_id):
         return None
     if latest.appointment_id == appointment.mis_id or latest.stage not in pipeline.continuing_stages:
         return None

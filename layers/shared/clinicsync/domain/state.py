@@ -125,6 +125,11 @@ class PatientState(BaseModel):
         kept += [s.latest for c, s in self.run_starts.items() if category_id in (None, c)]
         return kept
 
+    def run_start(self, category_id: str, polled_at: datetime | None) -> RunStart | None:
+        """The funnel's run start if it is this poll run's (an older run's says nothing of this one)."""
+        start = self.run_starts.get(category_id)
+        return start if start is not None and polled_at is not None and start.run == polled_at else None
+
     def run_starts_to_keep(self) -> dict[str, RunStart]:
         """The run starts that say more than ``latest_deals``: a run start whose deal is still the funnel's
         latest, with nothing the run brought outranking it, is what the next message would note anyway."""
